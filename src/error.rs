@@ -15,7 +15,11 @@ pub enum Error {
     Tensor { path: PathBuf, tensor: String, msg: String },
     /// An I/O failure while reading or writing a path.
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// Bad options or arguments (names the option).
     #[error("{0}")]
     Invalid(String),
@@ -28,16 +32,30 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::File { path: path.into(), msg: msg.into() }
+        Error::File {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
     pub fn line(path: impl Into<PathBuf>, line: usize, msg: impl Into<String>) -> Self {
-        Error::Line { path: path.into(), line, msg: msg.into() }
+        Error::Line {
+            path: path.into(),
+            line,
+            msg: msg.into(),
+        }
     }
     pub fn tensor(path: impl Into<PathBuf>, tensor: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Tensor { path: path.into(), tensor: tensor.into(), msg: msg.into() }
+        Error::Tensor {
+            path: path.into(),
+            tensor: tensor.into(),
+            msg: msg.into(),
+        }
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::Invalid(msg.into())

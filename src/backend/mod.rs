@@ -1,1 +1,112 @@
-//! backend
+//! The backend interface: opaque buffers and one op per kernel family.
+//!
+//! The model (src/model) is written once against [`Backend`]. The CPU backend
+//! (src/backend/cpu, fp32) is the reference for every op; a CUDA backend implements the
+//! same trait with kernels of the same names and argument order (kernels/*.cu).
+//!
+//! Conventions, shared by every implementation:
+//! - All matrices are row-major; sizes are passed explicitly, so a buffer may be larger
+//!   than what an op uses (activations are planned once for the largest batch).
+//! - Parameter gradients are *accumulated* (`+=`) so they can be zeroed once per step;
+//!   activation gradients are *overwritten* unless an op says otherwise.
+//! - Ops return nothing to the host; `download` is the only way back, so a GPU backend
+//!   can run a whole step without synchronising.
+pub mod cpu;
+pub mod philox;
+
+pub use philox::Dropout;
+
+/// Target for tokens that carry no label (HF convention).
+pub const IGNORE_INDEX: i32 = -100;
+
+pub trait Backend {
+    /// A buffer of floats (fp32 on the CPU).
+    type Buf;
+    /// A buffer of i32 (token ids, positions, labels).
+    type IBuf;
+
+    fn name(&self) -> String;
+
+    // ---- memory -------------------------------------------------------------------
+    /// A zeroed buffer of `n` floats.
+    fn alloc(&self, n: usize) -> Self::Buf;
+    fn alloc_i32(&self, n: usize) -> Self::IBuf;
+    fn upload(&self, dst: &mut Self::Buf, src: &[f32]);
+    fn upload_i32(&self, dst: &mut Self::IBuf, src: &[i32]);
+    fn download(&self, src: &Self::Buf, n: usize) -> Vec<f32>;
+    fn zero(&self, buf: &mut Self::Buf, n: usize);
+    /// dst[..n] += src[..n]
+    fn add_inplace(&self, dst: &mut Self::Buf, src: &Self::Buf, n: usize);
+
+    // ---- linear algebra -------------------------------------------------------------
+    /// c[m,n] = alpha * op(a) op(b) + beta * c, op(a) [m,k], op(b) [k,n]; `ta`/`tb`
+    /// transpose the stored a [k,m] / b [n,k].
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self, c: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool,
+        alpha: f32, beta: f32,
+    );
+    /// out[r, :] += bias for r < rows.
+    fn add_bias(&self, out: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize);
+    /// dbias += sum over rows of dout[rows, cols].
+    fn bias_grad(&self, dbias: &mut Self::Buf, dout: &Self::Buf, rows: usize, cols: usize);
+
+    // ---- layers ---------------------------------------------------------------------
+    /// out[n,c] = wte[ids] + wpe[pos] + wtt[types].
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_fwd(
+        &self, out: &mut Self::Buf, ids: &Self::IBuf, pos: &Self::IBuf, types: &Self::IBuf, wte: &Self::Buf,
+        wpe: &Self::Buf, wtt: &Self::Buf, n: usize, c: usize,
+    );
+    /// Scatter-add dout into the three tables (deterministic order).
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_bwd(
+        &self, dwte: &mut Self::Buf, dwpe: &mut Self::Buf, dwtt: &mut Self::Buf, dout: &Self::Buf, ids: &Self::IBuf,
+        pos: &Self::IBuf, types: &Self::IBuf, n: usize, c: usize,
+    );
+    /// out = LayerNorm(inp + residual) over rows of width c; saves mean and 1/std per row.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_fwd(
+        &self, out: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, inp: &Self::Buf,
+        residual: Option<&Self::Buf>, weight: &Self::Buf, bias: &Self::Buf, n: usize, c: usize, eps: f32,
+    );
+    /// dinp = d(loss)/d(inp + residual) (overwritten); dweight, dbias accumulated.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd(
+        &self, dinp: &mut Self::Buf, dweight: &mut Self::Buf, dbias: &mut Self::Buf, dout: &Self::Buf, inp: &Self::Buf,
+        residual: Option<&Self::Buf>, weight: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, n: usize, c: usize,
+    );
+    /// out = gelu(inp + bias) (erf form), rows of width c.
+    fn bias_gelu_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, bias: &Self::Buf, n: usize, c: usize);
+    /// dinp = dout * gelu'(inp + bias) (overwritten); dbias += column sums of dinp.
+    #[allow(clippy::too_many_arguments)]
+    fn bias_gelu_bwd(
+        &self, dinp: &mut Self::Buf, dbias: &mut Self::Buf, dout: &Self::Buf, inp: &Self::Buf, bias: &Self::Buf,
+        n: usize, c: usize,
+    );
+    /// Multi-head self-attention core. q, k, v, out: [b, t, h*d] (heads interleaved as
+    /// the HF linear layers produce them); mask [b, t] (1 real, 0 padding key);
+    /// lse [b, h, t] saved for the backward pass. Dropout on the probabilities.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_fwd(
+        &self, out: &mut Self::Buf, lse: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, mask: &Self::Buf,
+        b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
+    );
+    /// Gradients of q, k, v (overwritten), recomputing probabilities from lse.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self, dq: &mut Self::Buf, dk: &mut Self::Buf, dv: &mut Self::Buf, dout: &Self::Buf, q: &Self::Buf,
+        k: &Self::Buf, v: &Self::Buf, out: &Self::Buf, lse: &Self::Buf, mask: &Self::Buf, b: usize, t: usize, h: usize,
+        d: usize, dropout: Dropout,
+    );
+    /// out = inp * mask / (1-p), mask from Philox (identity when p = 0).
+    fn dropout_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize, dropout: Dropout);
+    /// dinp = dout * mask / (1-p), the mask regenerated.
+    fn dropout_bwd(&self, dinp: &mut Self::Buf, dout: &Self::Buf, n: usize, dropout: Dropout);
+    /// losses[r] = -log softmax(logits[r])[labels[r]], 0 where labels[r] is IGNORE_INDEX.
+    fn softmax_ce_fwd(&self, losses: &mut Self::Buf, logits: &Self::Buf, labels: &Self::IBuf, n: usize, v: usize);
+    /// dlogits = scale * (softmax(logits) - onehot(label)), 0 on ignored rows.
+    fn softmax_ce_bwd(
+        &self, dlogits: &mut Self::Buf, logits: &Self::Buf, labels: &Self::IBuf, n: usize, v: usize, scale: f32,
+    );
+}

@@ -1,0 +1,78 @@
+//! GEMM and bias ops (CPU twin of the cuBLASLt wrapper).
+use rayon::prelude::*;
+
+/// c[m,n] = alpha * op(a) op(b) + beta * c (row-major; `ta`/`tb` mean a is stored [k,m],
+/// b is stored [n,k]). matrixmultiply takes arbitrary strides, so transposes cost nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32, beta: f32,
+) {
+    assert!(
+        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "gemm: buffer too small"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the asserts above bound every index the strides can reach.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// out[r, :] += bias
+pub fn add_bias(out: &mut [f32], bias: &[f32], rows: usize, cols: usize) {
+    out[..rows * cols].par_chunks_mut(cols).for_each(|row| {
+        for (o, b) in row.iter_mut().zip(&bias[..cols]) {
+            *o += b;
+        }
+    });
+}
+
+/// Rows per partial sum in column reductions. Fixed (not derived from the thread count)
+/// so the summation order, and therefore every bit of the result, is the same on any
+/// machine and any number of threads.
+pub const REDUCE_ROWS: usize = 64;
+
+/// dst[j] += sum_r src[r, j], deterministically: fixed row chunks, partials added in order.
+pub fn col_sums_into(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
+    let partials: Vec<Vec<f32>> = src[..rows * cols]
+        .par_chunks(REDUCE_ROWS * cols)
+        .map(|chunk| {
+            let mut acc = vec![0f32; cols];
+            for row in chunk.chunks(cols) {
+                for (a, x) in acc.iter_mut().zip(row) {
+                    *a += x;
+                }
+            }
+            acc
+        })
+        .collect();
+    for p in partials {
+        for (d, x) in dst[..cols].iter_mut().zip(&p) {
+            *d += x;
+        }
+    }
+}
+
+/// dbias += sum over rows of dout
+pub fn bias_grad(dbias: &mut [f32], dout: &[f32], rows: usize, cols: usize) {
+    col_sums_into(dbias, dout, rows, cols);
+}

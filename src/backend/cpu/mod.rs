@@ -1,0 +1,144 @@
+//! The CPU backend: fp32 everywhere, threads on every core (rayon for element-wise and
+//! row ops, matrixmultiply's own threads for GEMMs). It is the reference for every CUDA
+//! kernel: each op lives in a file named after its kernel family and keeps the kernel's
+//! argument order, and the free functions are what the parity tests call.
+pub mod attention;
+pub mod dropout;
+pub mod embedding;
+pub mod gelu;
+pub mod gemm;
+pub mod layernorm;
+pub mod softmax_ce;
+
+use super::{Backend, Dropout};
+
+/// fp32 CPU backend. Buffers are plain vectors.
+#[derive(Default, Clone)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+    type IBuf = Vec<i32>;
+
+    fn name(&self) -> String {
+        format!("cpu (fp32, {} threads)", rayon::current_num_threads())
+    }
+    fn alloc(&self, n: usize) -> Vec<f32> {
+        vec![0.0; n]
+    }
+    fn alloc_i32(&self, n: usize) -> Vec<i32> {
+        vec![0; n]
+    }
+    fn upload(&self, dst: &mut Vec<f32>, src: &[f32]) {
+        dst[..src.len()].copy_from_slice(src);
+    }
+    fn upload_i32(&self, dst: &mut Vec<i32>, src: &[i32]) {
+        dst[..src.len()].copy_from_slice(src);
+    }
+    fn download(&self, src: &Vec<f32>, n: usize) -> Vec<f32> {
+        src[..n].to_vec()
+    }
+    fn zero(&self, buf: &mut Vec<f32>, n: usize) {
+        buf[..n].fill(0.0);
+    }
+    fn add_inplace(&self, dst: &mut Vec<f32>, src: &Vec<f32>, n: usize) {
+        for (d, s) in dst[..n].iter_mut().zip(&src[..n]) {
+            *d += s;
+        }
+    }
+    fn gemm(
+        &self, c: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, m: usize, n: usize, k: usize, ta: bool, tb: bool,
+        alpha: f32, beta: f32,
+    ) {
+        gemm::gemm(c, a, b, m, n, k, ta, tb, alpha, beta)
+    }
+    fn add_bias(&self, out: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, cols: usize) {
+        gemm::add_bias(out, bias, rows, cols)
+    }
+    fn bias_grad(&self, dbias: &mut Vec<f32>, dout: &Vec<f32>, rows: usize, cols: usize) {
+        gemm::bias_grad(dbias, dout, rows, cols)
+    }
+    fn embedding_fwd(
+        &self, out: &mut Vec<f32>, ids: &Vec<i32>, pos: &Vec<i32>, types: &Vec<i32>, wte: &Vec<f32>, wpe: &Vec<f32>,
+        wtt: &Vec<f32>, n: usize, c: usize,
+    ) {
+        embedding::embedding_fwd(out, ids, pos, types, wte, wpe, wtt, n, c)
+    }
+    fn embedding_bwd(
+        &self, dwte: &mut Vec<f32>, dwpe: &mut Vec<f32>, dwtt: &mut Vec<f32>, dout: &Vec<f32>, ids: &Vec<i32>,
+        pos: &Vec<i32>, types: &Vec<i32>, n: usize, c: usize,
+    ) {
+        embedding::embedding_bwd(dwte, dwpe, dwtt, dout, ids, pos, types, n, c)
+    }
+    fn layernorm_fwd(
+        &self, out: &mut Vec<f32>, mean: &mut Vec<f32>, rstd: &mut Vec<f32>, inp: &Vec<f32>,
+        residual: Option<&Vec<f32>>, weight: &Vec<f32>, bias: &Vec<f32>, n: usize, c: usize, eps: f32,
+    ) {
+        layernorm::layernorm_fwd(
+            out,
+            mean,
+            rstd,
+            inp,
+            residual.map(|r| r.as_slice()),
+            weight,
+            bias,
+            n,
+            c,
+            eps,
+        )
+    }
+    fn layernorm_bwd(
+        &self, dinp: &mut Vec<f32>, dweight: &mut Vec<f32>, dbias: &mut Vec<f32>, dout: &Vec<f32>, inp: &Vec<f32>,
+        residual: Option<&Vec<f32>>, weight: &Vec<f32>, mean: &Vec<f32>, rstd: &Vec<f32>, n: usize, c: usize,
+    ) {
+        layernorm::layernorm_bwd(
+            dinp,
+            dweight,
+            dbias,
+            dout,
+            inp,
+            residual.map(|r| r.as_slice()),
+            weight,
+            mean,
+            rstd,
+            n,
+            c,
+        )
+    }
+    fn bias_gelu_fwd(&self, out: &mut Vec<f32>, inp: &Vec<f32>, bias: &Vec<f32>, n: usize, c: usize) {
+        gelu::bias_gelu_fwd(out, inp, bias, n, c)
+    }
+    fn bias_gelu_bwd(
+        &self, dinp: &mut Vec<f32>, dbias: &mut Vec<f32>, dout: &Vec<f32>, inp: &Vec<f32>, bias: &Vec<f32>, n: usize,
+        c: usize,
+    ) {
+        gelu::bias_gelu_bwd(dinp, dbias, dout, inp, bias, n, c)
+    }
+    fn attention_fwd(
+        &self, out: &mut Vec<f32>, lse: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, mask: &Vec<f32>,
+        b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
+    ) {
+        attention::attention_fwd(out, lse, q, k, v, mask, b, t, h, d, dropout)
+    }
+    fn attention_bwd(
+        &self, dq: &mut Vec<f32>, dk: &mut Vec<f32>, dv: &mut Vec<f32>, dout: &Vec<f32>, q: &Vec<f32>, k: &Vec<f32>,
+        v: &Vec<f32>, out: &Vec<f32>, lse: &Vec<f32>, mask: &Vec<f32>, b: usize, t: usize, h: usize, d: usize,
+        dropout: Dropout,
+    ) {
+        attention::attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, mask, b, t, h, d, dropout)
+    }
+    fn dropout_fwd(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize, d: Dropout) {
+        dropout::dropout_fwd(out, inp, n, d)
+    }
+    fn dropout_bwd(&self, dinp: &mut Vec<f32>, dout: &Vec<f32>, n: usize, d: Dropout) {
+        dropout::dropout_bwd(dinp, dout, n, d)
+    }
+    fn softmax_ce_fwd(&self, losses: &mut Vec<f32>, logits: &Vec<f32>, labels: &Vec<i32>, n: usize, v: usize) {
+        softmax_ce::softmax_ce_fwd(losses, logits, labels, n, v)
+    }
+    fn softmax_ce_bwd(
+        &self, dlogits: &mut Vec<f32>, logits: &Vec<f32>, labels: &Vec<i32>, n: usize, v: usize, scale: f32,
+    ) {
+        softmax_ce::softmax_ce_bwd(dlogits, logits, labels, n, v, scale)
+    }
+}

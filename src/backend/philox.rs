@@ -1,0 +1,137 @@
+//! Philox4x32-10, the counter-based generator behind every dropout mask.
+//!
+//! The CPU and the GPU evaluate the same function of (seed, stream, element index), so a
+//! training step with dropout on can be compared between backends, and backward passes
+//! regenerate masks instead of storing them (DESIGN.md, "Randomness that both backends
+//! share"). Constants are those of Salmon et al. (SC'11), as in cuRAND and PyTorch.
+
+const M0: u32 = 0xD251_1F53;
+const M1: u32 = 0xCD9E_8D57;
+const W0: u32 = 0x9E37_79B9;
+const W1: u32 = 0xBB67_AE85;
+
+#[inline(always)]
+fn mulhilo(a: u32, b: u32) -> (u32, u32) {
+    let p = (a as u64) * (b as u64);
+    ((p >> 32) as u32, p as u32)
+}
+
+/// Ten rounds of Philox4x32 on `ctr` with `key`.
+#[inline]
+pub fn philox4x32_10(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
+    for round in 0..10 {
+        if round > 0 {
+            key[0] = key[0].wrapping_add(W0);
+            key[1] = key[1].wrapping_add(W1);
+        }
+        let (hi0, lo0) = mulhilo(M0, ctr[0]);
+        let (hi1, lo1) = mulhilo(M1, ctr[2]);
+        ctr = [hi1 ^ ctr[1] ^ key[0], lo1, hi0 ^ ctr[3] ^ key[1], lo0];
+    }
+    ctr
+}
+
+/// Which dropout mask: `seed` is the run's seed, `stream` packs (step, dropout site)
+/// so that every site of every step draws an independent mask.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    /// Probability of dropping an element; 0 means identity (evaluation).
+    pub p: f32,
+    pub seed: u64,
+    pub stream: u64,
+}
+
+impl Dropout {
+    pub const OFF: Dropout = Dropout {
+        p: 0.0,
+        seed: 0,
+        stream: 0,
+    };
+
+    /// Dropout for `site` of training step `step`.
+    pub fn new(p: f32, seed: u64, step: u64, site: u32) -> Self {
+        Dropout {
+            p,
+            seed,
+            stream: (step << 20) | site as u64,
+        }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.p > 0.0
+    }
+
+    /// Scale applied to kept elements (inverted dropout, as PyTorch).
+    pub fn scale(&self) -> f32 {
+        1.0 / (1.0 - self.p)
+    }
+
+    /// The four uniform u32 words for elements 4*g .. 4*g+3.
+    #[inline]
+    pub fn words(&self, group: u64) -> [u32; 4] {
+        let ctr = [
+            group as u32,
+            (group >> 32) as u32,
+            self.stream as u32,
+            (self.stream >> 32) as u32,
+        ];
+        philox4x32_10(ctr, [self.seed as u32, (self.seed >> 32) as u32])
+    }
+
+    /// Whether element `idx` is kept. A 24-bit uniform in [0,1) is compared with p, so
+    /// the GPU can reproduce the decision exactly in fp32.
+    #[inline]
+    pub fn keep(&self, idx: u64) -> bool {
+        let w = self.words(idx >> 2)[(idx & 3) as usize];
+        let u = (w >> 8) as f32 * (1.0 / 16_777_216.0);
+        u >= self.p
+    }
+
+    /// Multiplier for element `idx`: 0 or 1/(1-p).
+    #[inline]
+    pub fn factor(&self, idx: u64) -> f32 {
+        if !self.is_on() {
+            1.0
+        } else if self.keep(idx) {
+            self.scale()
+        } else {
+            0.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_answer_from_random123() {
+        // Known-answer vectors from the Random123 distribution (kat_vectors, philox4x32_10).
+        assert_eq!(
+            philox4x32_10([0; 4], [0; 2]),
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+        );
+        assert_eq!(
+            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
+            [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
+        );
+        assert_eq!(
+            philox4x32_10(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
+            [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
+        );
+    }
+
+    #[test]
+    fn keep_rate_matches_p() {
+        let d = Dropout::new(0.1, 42, 3, 7);
+        let n = 200_000;
+        let kept = (0..n).filter(|&i| d.keep(i)).count() as f64 / n as f64;
+        assert!((kept - 0.9).abs() < 0.005, "kept {kept}");
+        let other = Dropout::new(0.1, 42, 4, 7);
+        let same = (0..1000).filter(|&i| d.keep(i) == other.keep(i)).count();
+        assert!(same < 900, "streams must differ");
+    }
+}

@@ -1,0 +1,711 @@
+//! The BERT/RoBERTa token classifier, written once against [`Backend`]: embeddings,
+//! post-LN transformer layers, dropout, classification head and cross-entropy, with an
+//! explicit forward and backward per layer. No autograd tape: every activation the
+//! backward pass needs lives in a buffer planned up front for the largest batch
+//! (`Model::new(.., max_tokens)`), and is reused by every step.
+//!
+//! Shapes: b sequences of t tokens, n = b*t rows; c hidden, h heads of d = c/h, f FFN
+//! width, l labels. Weights keep the HF layout ([out, in] for linear layers), so a linear
+//! layer is y = x W^T + bias.
+use crate::backend::{Backend, Dropout, IGNORE_INDEX};
+
+/// The sizes the model needs (from config.json or a preset).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dims {
+    pub vocab: usize,
+    pub max_pos: usize,
+    pub type_vocab: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub ffn: usize,
+    /// Number of labels of the classification head (0: encoder only).
+    pub labels: usize,
+    pub eps: f32,
+    pub hidden_dropout: f32,
+    pub attn_dropout: f32,
+    pub classifier_dropout: f32,
+}
+
+impl Dims {
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+
+    /// (canonical HF name without model prefix, shape) of every parameter, in the order
+    /// the model stores them: embeddings, layers, head.
+    pub fn param_specs(&self) -> Vec<(String, Vec<usize>)> {
+        let (c, f) = (self.hidden, self.ffn);
+        let mut v = vec![
+            ("embeddings.word_embeddings.weight".to_string(), vec![self.vocab, c]),
+            (
+                "embeddings.position_embeddings.weight".to_string(),
+                vec![self.max_pos, c],
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".to_string(),
+                vec![self.type_vocab, c],
+            ),
+            ("embeddings.LayerNorm.weight".to_string(), vec![c]),
+            ("embeddings.LayerNorm.bias".to_string(), vec![c]),
+        ];
+        for i in 0..self.layers {
+            let p = format!("encoder.layer.{i}.");
+            for (name, out, inp) in [
+                ("attention.self.query", c, c),
+                ("attention.self.key", c, c),
+                ("attention.self.value", c, c),
+                ("attention.output.dense", c, c),
+                ("attention.output.LayerNorm", c, 0),
+                ("intermediate.dense", f, c),
+                ("output.dense", c, f),
+                ("output.LayerNorm", c, 0),
+            ] {
+                let wshape = if inp == 0 { vec![out] } else { vec![out, inp] };
+                v.push((format!("{p}{name}.weight"), wshape));
+                v.push((format!("{p}{name}.bias"), vec![out]));
+            }
+        }
+        if self.labels > 0 {
+            v.push(("classifier.weight".to_string(), vec![self.labels, c]));
+            v.push(("classifier.bias".to_string(), vec![self.labels]));
+        }
+        v
+    }
+
+    /// Dropout sites, one id each so every site of a step draws its own mask.
+    fn site_embeddings() -> u32 {
+        0
+    }
+    fn site_attn_probs(layer: usize) -> u32 {
+        1 + 3 * layer as u32
+    }
+    fn site_attn_out(layer: usize) -> u32 {
+        2 + 3 * layer as u32
+    }
+    fn site_ffn_out(layer: usize) -> u32 {
+        3 + 3 * layer as u32
+    }
+    fn site_classifier(&self) -> u32 {
+        1 + 3 * self.layers as u32
+    }
+}
+
+/// A parameter: weights and their accumulated gradient.
+pub struct Param<B: Backend> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub w: B::Buf,
+    pub g: B::Buf,
+}
+
+impl<B: Backend> Param<B> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// weight + bias (a linear layer or a LayerNorm).
+pub struct Affine<B: Backend> {
+    pub w: Param<B>,
+    pub b: Param<B>,
+}
+
+pub struct LayerParams<B: Backend> {
+    pub q: Affine<B>,
+    pub k: Affine<B>,
+    pub v: Affine<B>,
+    pub attn_out: Affine<B>,
+    pub ln1: Affine<B>,
+    pub inter: Affine<B>,
+    pub out: Affine<B>,
+    pub ln2: Affine<B>,
+}
+
+pub struct Params<B: Backend> {
+    pub wte: Param<B>,
+    pub wpe: Param<B>,
+    pub wtt: Param<B>,
+    pub emb_ln: Affine<B>,
+    pub layers: Vec<LayerParams<B>>,
+    pub classifier: Option<Affine<B>>,
+}
+
+impl<B: Backend> Params<B> {
+    /// Every parameter in `Dims::param_specs` order.
+    pub fn iter(&self) -> Vec<&Param<B>> {
+        let mut v = vec![&self.wte, &self.wpe, &self.wtt, &self.emb_ln.w, &self.emb_ln.b];
+        for l in &self.layers {
+            for a in [&l.q, &l.k, &l.v, &l.attn_out, &l.ln1, &l.inter, &l.out, &l.ln2] {
+                v.push(&a.w);
+                v.push(&a.b);
+            }
+        }
+        if let Some(c) = &self.classifier {
+            v.push(&c.w);
+            v.push(&c.b);
+        }
+        v
+    }
+
+    pub fn iter_mut(&mut self) -> Vec<&mut Param<B>> {
+        let mut v = vec![
+            &mut self.wte,
+            &mut self.wpe,
+            &mut self.wtt,
+            &mut self.emb_ln.w,
+            &mut self.emb_ln.b,
+        ];
+        for l in &mut self.layers {
+            for a in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.attn_out,
+                &mut l.ln1,
+                &mut l.inter,
+                &mut l.out,
+                &mut l.ln2,
+            ] {
+                v.push(&mut a.w);
+                v.push(&mut a.b);
+            }
+        }
+        if let Some(c) = &mut self.classifier {
+            v.push(&mut c.w);
+            v.push(&mut c.b);
+        }
+        v
+    }
+}
+
+/// Activations of one transformer layer, kept for backward.
+struct LayerActs<B: Backend> {
+    q: B::Buf,       // [n, c]
+    k: B::Buf,       // [n, c]
+    v: B::Buf,       // [n, c]
+    att: B::Buf,     // [n, c] attention output before the output projection
+    lse: B::Buf,     // [b, h, t]
+    ao: B::Buf,      // [n, c] output projection (with bias)
+    ao_drop: B::Buf, // [n, c] after dropout
+    x1: B::Buf,      // [n, c] LN(ao_drop + x_in)
+    mean1: B::Buf,   // [n]
+    rstd1: B::Buf,   // [n]
+    f1: B::Buf,      // [n, f] x1 W_i^T (bias added inside bias_gelu)
+    g: B::Buf,       // [n, f] gelu(f1 + b_i)
+    f2: B::Buf,      // [n, c] g W_o^T + b_o
+    f2_drop: B::Buf, // [n, c]
+    x2: B::Buf,      // [n, c] LN(f2_drop + x1): the layer output
+    mean2: B::Buf,
+    rstd2: B::Buf,
+}
+
+struct Acts<B: Backend> {
+    ids: B::IBuf,
+    pos: B::IBuf,
+    types: B::IBuf,
+    labels: B::IBuf,
+    mask: B::Buf,
+    emb: B::Buf,      // [n, c] sum of the three embeddings
+    emb_ln: B::Buf,   // [n, c]
+    emb_mean: B::Buf, // [n]
+    emb_rstd: B::Buf, // [n]
+    x0: B::Buf,       // [n, c] after dropout: input of layer 0
+    layers: Vec<LayerActs<B>>,
+    head_in: B::Buf, // [n, c] dropout(final hidden)
+    logits: B::Buf,  // [n, l]
+    losses: B::Buf,  // [n]
+}
+
+/// Gradient scratch, overwritten every backward pass.
+struct GradScratch<B: Backend> {
+    dx: B::Buf,   // [n, c] gradient flowing into the current layer's output
+    dsum: B::Buf, // [n, c] gradient of a LayerNorm input (residual sum)
+    dtmp: B::Buf, // [n, c]
+    dq: B::Buf,
+    dk: B::Buf,
+    dv: B::Buf,
+    datt: B::Buf,
+    dg: B::Buf,      // [n, f]
+    df: B::Buf,      // [n, f]
+    dlogits: B::Buf, // [n, l]
+}
+
+/// One batch on the host: b sequences padded to t tokens.
+#[derive(Clone, Debug, Default)]
+pub struct HostBatch {
+    pub b: usize,
+    pub t: usize,
+    pub input_ids: Vec<i32>,
+    pub attention_mask: Vec<f32>,
+    pub position_ids: Vec<i32>,
+    pub type_ids: Vec<i32>,
+    /// Label id per token, IGNORE_INDEX where no loss is taken.
+    pub labels: Vec<i32>,
+}
+
+impl HostBatch {
+    pub fn tokens(&self) -> usize {
+        self.b * self.t
+    }
+    /// Number of tokens that carry a label.
+    pub fn labelled(&self) -> usize {
+        self.labels.iter().filter(|&&y| y != IGNORE_INDEX).count()
+    }
+}
+
+/// Training (dropout on, keyed by seed and step) or evaluation.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    Eval,
+    Train { seed: u64, step: u64 },
+}
+
+/// The dropout of `site` in `mode`: off in evaluation, keyed by (seed, step, site) in training.
+fn dropout_for(mode: Mode, p: f32, site: u32) -> Dropout {
+    match mode {
+        Mode::Eval => Dropout::OFF,
+        Mode::Train { seed, step } => Dropout::new(p, seed, step, site),
+    }
+}
+
+pub struct Model<B: Backend> {
+    pub be: B,
+    pub dims: Dims,
+    pub params: Params<B>,
+    acts: Acts<B>,
+    scratch: GradScratch<B>,
+    max_tokens: usize,
+    /// Shape and mode of the last forward pass (backward replays its dropout masks).
+    cur: Option<(usize, usize, Mode)>,
+}
+
+impl<B: Backend> Model<B> {
+    /// Builds the model, asking `init(name, shape)` for each parameter's values
+    /// (in `Dims::param_specs` order), and plans activations for batches of up to
+    /// `max_tokens` tokens (b * t).
+    pub fn new(be: B, dims: Dims, max_tokens: usize, mut init: impl FnMut(&str, &[usize]) -> Vec<f32>) -> Self {
+        let mut all = dims.param_specs().into_iter().map(|(name, shape)| {
+            let data = init(&name, &shape);
+            assert_eq!(data.len(), shape.iter().product::<usize>(), "init of {name}");
+            let mut w = be.alloc(data.len());
+            be.upload(&mut w, &data);
+            Param {
+                g: be.alloc(data.len()),
+                w,
+                name,
+                shape,
+            }
+        });
+        let mut next = || all.next().expect("param_specs lists every parameter");
+        let wte = next();
+        let wpe = next();
+        let wtt = next();
+        let emb_ln = Affine { w: next(), b: next() };
+        let layers = (0..dims.layers)
+            .map(|_| {
+                let mut a = || Affine { w: next(), b: next() };
+                LayerParams {
+                    q: a(),
+                    k: a(),
+                    v: a(),
+                    attn_out: a(),
+                    ln1: a(),
+                    inter: a(),
+                    out: a(),
+                    ln2: a(),
+                }
+            })
+            .collect();
+        let classifier = (dims.labels > 0).then(|| Affine { w: next(), b: next() });
+        let params = Params {
+            wte,
+            wpe,
+            wtt,
+            emb_ln,
+            layers,
+            classifier,
+        };
+
+        let (n, c, f, l) = (max_tokens, dims.hidden, dims.ffn, dims.labels.max(1));
+        let nh = n * dims.heads;
+        let layer_acts = (0..dims.layers)
+            .map(|_| LayerActs {
+                q: be.alloc(n * c),
+                k: be.alloc(n * c),
+                v: be.alloc(n * c),
+                att: be.alloc(n * c),
+                lse: be.alloc(nh),
+                ao: be.alloc(n * c),
+                ao_drop: be.alloc(n * c),
+                x1: be.alloc(n * c),
+                mean1: be.alloc(n),
+                rstd1: be.alloc(n),
+                f1: be.alloc(n * f),
+                g: be.alloc(n * f),
+                f2: be.alloc(n * c),
+                f2_drop: be.alloc(n * c),
+                x2: be.alloc(n * c),
+                mean2: be.alloc(n),
+                rstd2: be.alloc(n),
+            })
+            .collect();
+        let acts = Acts {
+            ids: be.alloc_i32(n),
+            pos: be.alloc_i32(n),
+            types: be.alloc_i32(n),
+            labels: be.alloc_i32(n),
+            mask: be.alloc(n),
+            emb: be.alloc(n * c),
+            emb_ln: be.alloc(n * c),
+            emb_mean: be.alloc(n),
+            emb_rstd: be.alloc(n),
+            x0: be.alloc(n * c),
+            layers: layer_acts,
+            head_in: be.alloc(n * c),
+            logits: be.alloc(n * l),
+            losses: be.alloc(n),
+        };
+        let scratch = GradScratch {
+            dx: be.alloc(n * c),
+            dsum: be.alloc(n * c),
+            dtmp: be.alloc(n * c),
+            dq: be.alloc(n * c),
+            dk: be.alloc(n * c),
+            dv: be.alloc(n * c),
+            datt: be.alloc(n * c),
+            dg: be.alloc(n * f),
+            df: be.alloc(n * f),
+            dlogits: be.alloc(n * l),
+        };
+        Model {
+            be,
+            dims,
+            params,
+            acts,
+            scratch,
+            max_tokens,
+            cur: None,
+        }
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Parameter values on the host, in `param_specs` order: (name, shape, data).
+    pub fn export(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        self.params
+            .iter()
+            .into_iter()
+            .map(|p| (p.name.clone(), p.shape.clone(), self.be.download(&p.w, p.numel())))
+            .collect()
+    }
+
+    /// Gradients on the host, in `param_specs` order.
+    pub fn export_grads(&self) -> Vec<(String, Vec<f32>)> {
+        self.params
+            .iter()
+            .into_iter()
+            .map(|p| (p.name.clone(), self.be.download(&p.g, p.numel())))
+            .collect()
+    }
+
+    pub fn zero_grads(&mut self) {
+        let be = &self.be;
+        for p in self.params.iter_mut() {
+            let n = p.numel();
+            be.zero(&mut p.g, n);
+        }
+    }
+
+    /// Runs the encoder (and the head, when there is one) on `batch`.
+    pub fn forward(&mut self, batch: &HostBatch, mode: Mode) {
+        let (b, t) = (batch.b, batch.t);
+        let n = b * t;
+        assert!(
+            n <= self.max_tokens,
+            "batch of {n} tokens exceeds the planned {}",
+            self.max_tokens
+        );
+        let d = &self.dims;
+        let (c, f, h, hd) = (d.hidden, d.ffn, d.heads, d.head_dim());
+        let be = &self.be;
+        let a = &mut self.acts;
+        let p = &self.params;
+        be.upload_i32(&mut a.ids, &batch.input_ids);
+        be.upload_i32(&mut a.pos, &batch.position_ids);
+        be.upload_i32(&mut a.types, &batch.type_ids);
+        be.upload_i32(&mut a.labels, &batch.labels);
+        be.upload(&mut a.mask, &batch.attention_mask);
+
+        // Embeddings -> LayerNorm -> dropout
+        be.embedding_fwd(&mut a.emb, &a.ids, &a.pos, &a.types, &p.wte.w, &p.wpe.w, &p.wtt.w, n, c);
+        be.layernorm_fwd(
+            &mut a.emb_ln,
+            &mut a.emb_mean,
+            &mut a.emb_rstd,
+            &a.emb,
+            None,
+            &p.emb_ln.w.w,
+            &p.emb_ln.b.w,
+            n,
+            c,
+            d.eps,
+        );
+        let drop = dropout_for(mode, d.hidden_dropout, Dims::site_embeddings());
+        be.dropout_fwd(&mut a.x0, &a.emb_ln, n * c, drop);
+
+        for li in 0..d.layers {
+            let (done, rest) = a.layers.split_at_mut(li);
+            let x_in = if li == 0 { &a.x0 } else { &done[li - 1].x2 };
+            let la = &mut rest[0];
+            let lp = &p.layers[li];
+            // Self-attention: q, k, v projections, fused attention core, output projection.
+            for (out, w) in [(&mut la.q, &lp.q), (&mut la.k, &lp.k), (&mut la.v, &lp.v)] {
+                be.gemm(out, x_in, &w.w.w, n, c, c, false, true, 1.0, 0.0);
+                be.add_bias(out, &w.b.w, n, c);
+            }
+            let drop_p = dropout_for(mode, d.attn_dropout, Dims::site_attn_probs(li));
+            be.attention_fwd(
+                &mut la.att,
+                &mut la.lse,
+                &la.q,
+                &la.k,
+                &la.v,
+                &a.mask,
+                b,
+                t,
+                h,
+                hd,
+                drop_p,
+            );
+            be.gemm(&mut la.ao, &la.att, &lp.attn_out.w.w, n, c, c, false, true, 1.0, 0.0);
+            be.add_bias(&mut la.ao, &lp.attn_out.b.w, n, c);
+            let drop_a = dropout_for(mode, d.hidden_dropout, Dims::site_attn_out(li));
+            be.dropout_fwd(&mut la.ao_drop, &la.ao, n * c, drop_a);
+            be.layernorm_fwd(
+                &mut la.x1,
+                &mut la.mean1,
+                &mut la.rstd1,
+                &la.ao_drop,
+                Some(x_in),
+                &lp.ln1.w.w,
+                &lp.ln1.b.w,
+                n,
+                c,
+                d.eps,
+            );
+            // Feed-forward: x1 -> gelu(x1 W_i^T + b_i) -> W_o -> dropout -> LN(+ x1)
+            be.gemm(&mut la.f1, &la.x1, &lp.inter.w.w, n, f, c, false, true, 1.0, 0.0);
+            be.bias_gelu_fwd(&mut la.g, &la.f1, &lp.inter.b.w, n, f);
+            be.gemm(&mut la.f2, &la.g, &lp.out.w.w, n, c, f, false, true, 1.0, 0.0);
+            be.add_bias(&mut la.f2, &lp.out.b.w, n, c);
+            let drop_f = dropout_for(mode, d.hidden_dropout, Dims::site_ffn_out(li));
+            be.dropout_fwd(&mut la.f2_drop, &la.f2, n * c, drop_f);
+            be.layernorm_fwd(
+                &mut la.x2,
+                &mut la.mean2,
+                &mut la.rstd2,
+                &la.f2_drop,
+                Some(&la.x1),
+                &lp.ln2.w.w,
+                &lp.ln2.b.w,
+                n,
+                c,
+                d.eps,
+            );
+        }
+
+        if let Some(cls) = &p.classifier {
+            let l = d.labels;
+            let hidden = a.layers.last().map_or(&a.x0, |la| &la.x2);
+            let drop = dropout_for(mode, d.classifier_dropout, d.site_classifier());
+            be.dropout_fwd(&mut a.head_in, hidden, n * c, drop);
+            be.gemm(&mut a.logits, &a.head_in, &cls.w.w, n, l, c, false, true, 1.0, 0.0);
+            be.add_bias(&mut a.logits, &cls.b.w, n, l);
+        }
+        self.cur = Some((b, t, mode));
+    }
+
+    fn current(&self) -> (usize, usize, Mode) {
+        self.cur.expect("forward must run before this call")
+    }
+
+    /// Final hidden states [n, c] of the last forward pass (the device buffer).
+    pub fn hidden(&self) -> &B::Buf {
+        self.acts.layers.last().map_or(&self.acts.x0, |la| &la.x2)
+    }
+
+    /// Final hidden states of the last forward pass, on the host.
+    pub fn hidden_host(&self) -> Vec<f32> {
+        let (b, t, _) = self.current();
+        self.be.download(self.hidden(), b * t * self.dims.hidden)
+    }
+
+    /// Logits [n, l] of the last forward pass, on the host.
+    pub fn logits_host(&self) -> Vec<f32> {
+        let (b, t, _) = self.current();
+        self.be.download(&self.acts.logits, b * t * self.dims.labels)
+    }
+
+    /// Per-token cross-entropy [n] of the last forward pass (0 on ignored tokens).
+    pub fn token_losses(&mut self) -> Vec<f32> {
+        let (b, t, _) = self.current();
+        let n = b * t;
+        self.be.softmax_ce_fwd(
+            &mut self.acts.losses,
+            &self.acts.logits,
+            &self.acts.labels,
+            n,
+            self.dims.labels,
+        );
+        self.be.download(&self.acts.losses, n)
+    }
+
+    /// Mean cross-entropy over labelled tokens (HF's CrossEntropyLoss(ignore_index=-100)).
+    /// Summed in f64 on the host so the value does not depend on the thread count.
+    pub fn ce_loss(&mut self, batch: &HostBatch) -> f32 {
+        let losses = self.token_losses();
+        let count = batch.labelled().max(1);
+        (losses.iter().map(|&x| x as f64).sum::<f64>() / count as f64) as f32
+    }
+
+    /// Backward pass of the last forward. The loss is `ce_scale * sum(token CE)` (pass
+    /// 1/labelled for the mean, 0 for none) plus any loss whose gradient w.r.t. the final
+    /// hidden states is `dhidden` [n, c] (the contrastive term enters here).
+    /// Parameter gradients are accumulated; call `zero_grads` first.
+    pub fn backward(&mut self, ce_scale: f32, dhidden: Option<&B::Buf>) {
+        let (b, t, mode) = self.current();
+        let n = b * t;
+        let d = self.dims.clone();
+        let (c, f, h, hd) = (d.hidden, d.ffn, d.heads, d.head_dim());
+        let be = &self.be;
+        let a = &self.acts;
+        let s = &mut self.scratch;
+        let p = &mut self.params;
+
+        be.zero(&mut s.dx, n * c);
+        if let Some(cls) = &mut p.classifier {
+            if ce_scale != 0.0 {
+                let l = d.labels;
+                be.softmax_ce_bwd(&mut s.dlogits, &a.logits, &a.labels, n, l, ce_scale);
+                // dW_c += dlogits^T head_in ; db_c += sum dlogits ; dhead_in = dlogits W_c
+                be.gemm(&mut cls.w.g, &s.dlogits, &a.head_in, l, c, n, true, false, 1.0, 1.0);
+                be.bias_grad(&mut cls.b.g, &s.dlogits, n, l);
+                be.gemm(&mut s.dtmp, &s.dlogits, &cls.w.w, n, c, l, false, false, 1.0, 0.0);
+                let drop = dropout_for(mode, d.classifier_dropout, d.site_classifier());
+                be.dropout_bwd(&mut s.dx, &s.dtmp, n * c, drop);
+            }
+        }
+        if let Some(dh) = dhidden {
+            be.add_inplace(&mut s.dx, dh, n * c);
+        }
+        let dropout = |pr: f32, site: u32| dropout_for(mode, pr, site);
+
+        for li in (0..d.layers).rev() {
+            let la = &a.layers[li];
+            let x_in = if li == 0 { &a.x0 } else { &a.layers[li - 1].x2 };
+            let lp = &mut p.layers[li];
+            // x2 = LN(f2_drop + x1)
+            be.layernorm_bwd(
+                &mut s.dsum,
+                &mut lp.ln2.w.g,
+                &mut lp.ln2.b.g,
+                &s.dx,
+                &la.f2_drop,
+                Some(&la.x1),
+                &lp.ln2.w.w,
+                &la.mean2,
+                &la.rstd2,
+                n,
+                c,
+            );
+            be.dropout_bwd(
+                &mut s.dtmp,
+                &s.dsum,
+                n * c,
+                dropout(d.hidden_dropout, Dims::site_ffn_out(li)),
+            );
+            // f2 = g W_o^T + b_o
+            be.gemm(&mut lp.out.w.g, &s.dtmp, &la.g, c, f, n, true, false, 1.0, 1.0);
+            be.bias_grad(&mut lp.out.b.g, &s.dtmp, n, c);
+            be.gemm(&mut s.dg, &s.dtmp, &lp.out.w.w, n, f, c, false, false, 1.0, 0.0);
+            // g = gelu(f1 + b_i), f1 = x1 W_i^T
+            be.bias_gelu_bwd(&mut s.df, &mut lp.inter.b.g, &s.dg, &la.f1, &lp.inter.b.w, n, f);
+            be.gemm(&mut lp.inter.w.g, &s.df, &la.x1, f, c, n, true, false, 1.0, 1.0);
+            be.gemm(&mut s.dx, &s.df, &lp.inter.w.w, n, c, f, false, false, 1.0, 0.0);
+            be.add_inplace(&mut s.dx, &s.dsum, n * c); // residual path into x1
+                                                       // x1 = LN(ao_drop + x_in)
+            be.layernorm_bwd(
+                &mut s.dsum,
+                &mut lp.ln1.w.g,
+                &mut lp.ln1.b.g,
+                &s.dx,
+                &la.ao_drop,
+                Some(x_in),
+                &lp.ln1.w.w,
+                &la.mean1,
+                &la.rstd1,
+                n,
+                c,
+            );
+            be.dropout_bwd(
+                &mut s.dtmp,
+                &s.dsum,
+                n * c,
+                dropout(d.hidden_dropout, Dims::site_attn_out(li)),
+            );
+            // ao = att W_ao^T + b_ao
+            be.gemm(&mut lp.attn_out.w.g, &s.dtmp, &la.att, c, c, n, true, false, 1.0, 1.0);
+            be.bias_grad(&mut lp.attn_out.b.g, &s.dtmp, n, c);
+            be.gemm(&mut s.datt, &s.dtmp, &lp.attn_out.w.w, n, c, c, false, false, 1.0, 0.0);
+            let drop_p = dropout(d.attn_dropout, Dims::site_attn_probs(li));
+            be.attention_bwd(
+                &mut s.dq, &mut s.dk, &mut s.dv, &s.datt, &la.q, &la.k, &la.v, &la.att, &la.lse, &a.mask, b, t, h, hd,
+                drop_p,
+            );
+            // q/k/v = x_in W^T + b: parameter grads, then dx_in = sum of the three paths
+            let mut beta = 0.0;
+            for (dy, w) in [(&s.dq, &mut lp.q), (&s.dk, &mut lp.k), (&s.dv, &mut lp.v)] {
+                be.gemm(&mut w.w.g, dy, x_in, c, c, n, true, false, 1.0, 1.0);
+                be.bias_grad(&mut w.b.g, dy, n, c);
+                be.gemm(&mut s.dx, dy, &w.w.w, n, c, c, false, false, 1.0, beta);
+                beta = 1.0;
+            }
+            be.add_inplace(&mut s.dx, &s.dsum, n * c); // residual path into x_in
+        }
+
+        // x0 = dropout(LN(emb))
+        be.dropout_bwd(
+            &mut s.dtmp,
+            &s.dx,
+            n * c,
+            dropout(d.hidden_dropout, Dims::site_embeddings()),
+        );
+        be.layernorm_bwd(
+            &mut s.dsum,
+            &mut p.emb_ln.w.g,
+            &mut p.emb_ln.b.g,
+            &s.dtmp,
+            &a.emb,
+            None,
+            &p.emb_ln.w.w,
+            &a.emb_mean,
+            &a.emb_rstd,
+            n,
+            c,
+        );
+        be.embedding_bwd(
+            &mut p.wte.g,
+            &mut p.wpe.g,
+            &mut p.wtt.g,
+            &s.dsum,
+            &a.ids,
+            &a.pos,
+            &a.types,
+            n,
+            c,
+        );
+    }
+}

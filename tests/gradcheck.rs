@@ -1,0 +1,247 @@
+//! Finite-difference checks of every CPU op's backward, and of the whole model.
+//!
+//! Each op is checked through a scalar probe L = sum(r * out) with fixed random r, so
+//! dL/dout = r: the analytic input gradient from the op's backward must match central
+//! differences of L. Ops are fp32, so differences use a step of 1e-2 and the probe is
+//! summed in f64; the tolerance (relative L2 over the whole gradient) is set well above
+//! the finite-difference error and far below what any wrong term produces.
+mod common;
+use common::{rel_l2, Rng};
+use deepcut_fast::backend::cpu::{attention, dropout, embedding, gelu, gemm, layernorm, softmax_ce};
+use deepcut_fast::backend::{Dropout, IGNORE_INDEX};
+
+const STEP: f32 = 1e-2;
+const TOL: f64 = 2e-3;
+
+fn probe(out: &[f32], r: &[f32]) -> f64 {
+    out.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
+}
+
+/// Central differences of `f` w.r.t. every element of `x`.
+fn numeric_grad(x: &[f32], mut f: impl FnMut(&[f32]) -> f64) -> Vec<f32> {
+    let mut xp = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let orig = xp[i];
+            xp[i] = orig + STEP;
+            let up = f(&xp);
+            xp[i] = orig - STEP;
+            let down = f(&xp);
+            xp[i] = orig;
+            ((up - down) / (2.0 * STEP as f64)) as f32
+        })
+        .collect()
+}
+
+fn check(name: &str, analytic: &[f32], numeric: &[f32]) {
+    let e = rel_l2(analytic, numeric);
+    assert!(
+        e < TOL,
+        "{name}: relative L2 error {e:.2e} (analytic {:?}.. numeric {:?}..)",
+        &analytic[..4.min(analytic.len())],
+        &numeric[..4.min(numeric.len())]
+    );
+}
+
+#[test]
+fn gemm_grad() {
+    let (m, n, k) = (5, 7, 3);
+    let mut rng = Rng(1);
+    let (a, b, r) = (rng.vec(m * k, 1.0), rng.vec(n * k, 1.0), rng.vec(m * n, 1.0));
+    // c = a b^T (the linear-layer form); dA = r b, dB = r^T a
+    let f = |a: &[f32], b: &[f32]| {
+        let mut c = vec![0.0; m * n];
+        gemm::gemm(&mut c, a, b, m, n, k, false, true, 1.0, 0.0);
+        probe(&c, &r)
+    };
+    let mut da = vec![0.0; m * k];
+    gemm::gemm(&mut da, &r, &b, m, k, n, false, false, 1.0, 0.0);
+    let mut db = vec![0.0; n * k];
+    gemm::gemm(&mut db, &r, &a, n, k, m, true, false, 1.0, 0.0);
+    check("gemm dA", &da, &numeric_grad(&a, |x| f(x, &b)));
+    check("gemm dB", &db, &numeric_grad(&b, |x| f(&a, x)));
+    // transposed-a path with beta accumulation: c = 2 a^T b + 1 c
+    let mut c0 = rng.vec(m * n, 1.0);
+    let at = rng.vec(k * m, 1.0);
+    let bb = rng.vec(k * n, 1.0);
+    let mut expect = c0.clone();
+    for i in 0..m {
+        for j in 0..n {
+            let s: f32 = (0..k).map(|p| at[p * m + i] * bb[p * n + j]).sum();
+            expect[i * n + j] += 2.0 * s;
+        }
+    }
+    gemm::gemm(&mut c0, &at, &bb, m, n, k, true, false, 2.0, 1.0);
+    assert!(rel_l2(&c0, &expect) < 1e-6);
+}
+
+#[test]
+fn layernorm_grad_with_residual() {
+    let (n, c) = (6, 17);
+    let mut rng = Rng(2);
+    let (x, res, w, b, r) = (
+        rng.vec(n * c, 2.0),
+        rng.vec(n * c, 1.0),
+        rng.vec(c, 1.5),
+        rng.vec(c, 0.5),
+        rng.vec(n * c, 1.0),
+    );
+    let f = |x: &[f32], res: &[f32], w: &[f32], b: &[f32]| {
+        let (mut out, mut mu, mut rs) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        layernorm::layernorm_fwd(&mut out, &mut mu, &mut rs, x, Some(res), w, b, n, c, 1e-5);
+        probe(&out, &r)
+    };
+    let (mut out, mut mu, mut rs) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+    layernorm::layernorm_fwd(&mut out, &mut mu, &mut rs, &x, Some(&res), &w, &b, n, c, 1e-5);
+    let (mut dx, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
+    layernorm::layernorm_bwd(&mut dx, &mut dw, &mut db, &r, &x, Some(&res), &w, &mu, &rs, n, c);
+    check("layernorm dx", &dx, &numeric_grad(&x, |v| f(v, &res, &w, &b)));
+    check("layernorm dresidual", &dx, &numeric_grad(&res, |v| f(&x, v, &w, &b)));
+    check("layernorm dw", &dw, &numeric_grad(&w, |v| f(&x, &res, v, &b)));
+    check("layernorm db", &db, &numeric_grad(&b, |v| f(&x, &res, &w, v)));
+}
+
+#[test]
+fn bias_gelu_grad() {
+    let (n, c) = (5, 9);
+    let mut rng = Rng(3);
+    let (x, bias, r) = (rng.vec(n * c, 3.0), rng.vec(c, 1.0), rng.vec(n * c, 1.0));
+    let f = |x: &[f32], bias: &[f32]| {
+        let mut out = vec![0.0; n * c];
+        gelu::bias_gelu_fwd(&mut out, x, bias, n, c);
+        probe(&out, &r)
+    };
+    let (mut dx, mut db) = (vec![0.0; n * c], vec![0.0; c]);
+    gelu::bias_gelu_bwd(&mut dx, &mut db, &r, &x, &bias, n, c);
+    check("gelu dx", &dx, &numeric_grad(&x, |v| f(v, &bias)));
+    check("gelu dbias", &db, &numeric_grad(&bias, |v| f(&x, v)));
+    // erf-form values (torch.nn.functional.gelu): gelu(1) = 0.8413447, gelu(-0.5) = -0.1542687
+    assert!((gelu::gelu(1.0) - 0.841_344_7).abs() < 1e-6);
+    assert!((gelu::gelu(-0.5) + 0.154_268_7).abs() < 1e-6);
+}
+
+#[test]
+fn attention_grad_with_padding_and_dropout() {
+    let (b, t, h, d) = (2, 5, 2, 3);
+    let c = h * d;
+    let mut rng = Rng(4);
+    let (q, k, v, r) = (
+        rng.vec(b * t * c, 1.0),
+        rng.vec(b * t * c, 1.0),
+        rng.vec(b * t * c, 1.0),
+        rng.vec(b * t * c, 1.0),
+    );
+    let mask: Vec<f32> = (0..b * t)
+        .map(|i| if i % t < [5, 3][i / t] { 1.0 } else { 0.0 })
+        .collect();
+    for drop in [Dropout::OFF, Dropout::new(0.3, 7, 1, 2)] {
+        let f = |q: &[f32], k: &[f32], v: &[f32]| {
+            let (mut out, mut lse) = (vec![0.0; b * t * c], vec![0.0; b * h * t]);
+            attention::attention_fwd(&mut out, &mut lse, q, k, v, &mask, b, t, h, d, drop);
+            probe(&out, &r)
+        };
+        let (mut out, mut lse) = (vec![0.0; b * t * c], vec![0.0; b * h * t]);
+        attention::attention_fwd(&mut out, &mut lse, &q, &k, &v, &mask, b, t, h, d, drop);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; b * t * c], vec![0.0; b * t * c], vec![0.0; b * t * c]);
+        attention::attention_bwd(
+            &mut dq, &mut dk, &mut dv, &r, &q, &k, &v, &out, &lse, &mask, b, t, h, d, drop,
+        );
+        check("attention dq", &dq, &numeric_grad(&q, |x| f(x, &k, &v)));
+        check("attention dk", &dk, &numeric_grad(&k, |x| f(&q, x, &v)));
+        check("attention dv", &dv, &numeric_grad(&v, |x| f(&q, &k, x)));
+        // padded keys must not influence any output
+        let mut k2 = k.clone();
+        for j in 3..t {
+            for x in &mut k2[(t + j) * c..(t + j + 1) * c] {
+                *x += 5.0;
+            }
+        }
+        let (mut out2, mut lse2) = (vec![0.0; b * t * c], vec![0.0; b * h * t]);
+        attention::attention_fwd(&mut out2, &mut lse2, &q, &k2, &v, &mask, b, t, h, d, drop);
+        assert_eq!(out, out2, "padding keys leaked into the output");
+    }
+}
+
+#[test]
+fn dropout_grad_and_rate() {
+    let n = 1000;
+    let mut rng = Rng(5);
+    let (x, r) = (rng.vec(n, 1.0), rng.vec(n, 1.0));
+    let d = Dropout::new(0.25, 3, 9, 1);
+    let mut out = vec![0.0; n];
+    dropout::dropout_fwd(&mut out, &x, n, d);
+    let mut dx = vec![0.0; n];
+    dropout::dropout_bwd(&mut dx, &r, n, d);
+    // linear op: gradient is the mask itself
+    for i in 0..n {
+        let keep = out[i] != 0.0;
+        assert_eq!(dx[i] != 0.0, keep);
+        if keep {
+            assert!((out[i] - x[i] / 0.75).abs() < 1e-6 && (dx[i] - r[i] / 0.75).abs() < 1e-6);
+        }
+    }
+    let dropped = out.iter().filter(|&&v| v == 0.0).count();
+    assert!((200..300).contains(&dropped), "dropped {dropped} of {n}");
+}
+
+#[test]
+fn embedding_grad() {
+    let (n, c, vocab, npos, ntype) = (7, 4, 5, 6, 2);
+    let mut rng = Rng(6);
+    let ids: Vec<i32> = vec![0, 3, 3, 1, 4, 3, 0];
+    let pos: Vec<i32> = (0..n as i32).map(|i| i % npos as i32).collect();
+    let types: Vec<i32> = vec![0, 1, 0, 0, 1, 1, 0];
+    let (wte, wpe, wtt, r) = (
+        rng.vec(vocab * c, 1.0),
+        rng.vec(npos * c, 1.0),
+        rng.vec(ntype * c, 1.0),
+        rng.vec(n * c, 1.0),
+    );
+    let f = |wte: &[f32], wpe: &[f32], wtt: &[f32]| {
+        let mut out = vec![0.0; n * c];
+        embedding::embedding_fwd(&mut out, &ids, &pos, &types, wte, wpe, wtt, n, c);
+        probe(&out, &r)
+    };
+    let (mut dte, mut dpe, mut dtt) = (vec![0.0; vocab * c], vec![0.0; npos * c], vec![0.0; ntype * c]);
+    embedding::embedding_bwd(&mut dte, &mut dpe, &mut dtt, &r, &ids, &pos, &types, n, c);
+    check("embedding dwte", &dte, &numeric_grad(&wte, |x| f(x, &wpe, &wtt)));
+    check("embedding dwpe", &dpe, &numeric_grad(&wpe, |x| f(&wte, x, &wtt)));
+    check("embedding dwtt", &dtt, &numeric_grad(&wtt, |x| f(&wte, &wpe, x)));
+}
+
+#[test]
+fn softmax_ce_grad_with_ignore() {
+    let (n, v) = (6, 5);
+    let mut rng = Rng(7);
+    let logits = rng.vec(n * v, 3.0);
+    let labels = vec![0, 4, IGNORE_INDEX, 2, 2, IGNORE_INDEX];
+    let f = |x: &[f32]| {
+        let mut l = vec![0.0; n];
+        softmax_ce::softmax_ce_fwd(&mut l, x, &labels, n, v);
+        l.iter().map(|&x| x as f64).sum::<f64>() / 4.0
+    };
+    let mut dl = vec![0.0; n * v];
+    softmax_ce::softmax_ce_bwd(&mut dl, &logits, &labels, n, v, 0.25);
+    check("softmax_ce dlogits", &dl, &numeric_grad(&logits, f));
+    assert!(dl[2 * v..3 * v].iter().all(|&x| x == 0.0));
+    // value check: -log softmax
+    let mut l = vec![0.0; n];
+    softmax_ce::softmax_ce_fwd(&mut l, &logits, &labels, n, v);
+    let row = &logits[v..2 * v];
+    let lse = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+    assert!((l[1] as f64 - (lse - row[4] as f64)).abs() < 1e-5);
+    assert_eq!(l[2], 0.0);
+}
+
+#[test]
+fn bias_grad_is_column_sum() {
+    let (n, c) = (150, 3); // more rows than one reduction chunk
+    let mut rng = Rng(8);
+    let dout = rng.vec(n * c, 1.0);
+    let mut db = vec![1.0; c];
+    gemm::bias_grad(&mut db, &dout, n, c);
+    for j in 0..c {
+        let s: f64 = (0..n).map(|i| dout[i * c + j] as f64).sum::<f64>() + 1.0;
+        assert!((db[j] as f64 - s).abs() < 1e-4);
+    }
+}
