@@ -87,6 +87,27 @@ impl Dropout {
         u >= self.p
     }
 
+    /// Multipliers (0 or 1/(1-p)) of elements start .. start + out.len(), one Philox call
+    /// per four elements.
+    pub fn fill_factors(&self, start: u64, out: &mut [f32]) {
+        if !self.is_on() {
+            out.fill(1.0);
+            return;
+        }
+        let scale = self.scale();
+        let mut group = u64::MAX;
+        let mut words = [0u32; 4];
+        for (i, o) in out.iter_mut().enumerate() {
+            let idx = start + i as u64;
+            if idx >> 2 != group {
+                group = idx >> 2;
+                words = self.words(group);
+            }
+            let u = (words[(idx & 3) as usize] >> 8) as f32 * (1.0 / 16_777_216.0);
+            *o = if u >= self.p { scale } else { 0.0 };
+        }
+    }
+
     /// Multiplier for element `idx`: 0 or 1/(1-p).
     #[inline]
     pub fn factor(&self, idx: u64) -> f32 {
@@ -133,5 +154,10 @@ mod tests {
         let other = Dropout::new(0.1, 42, 4, 7);
         let same = (0..1000).filter(|&i| d.keep(i) == other.keep(i)).count();
         assert!(same < 900, "streams must differ");
+        let mut f = vec![0.0; 37];
+        d.fill_factors(5, &mut f);
+        for (i, x) in f.iter().enumerate() {
+            assert_eq!(*x, d.factor(5 + i as u64));
+        }
     }
 }

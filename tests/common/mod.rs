@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 use std::path::PathBuf;
 
+pub mod golden;
+
 /// Small portable generator for test inputs (xorshift64*).
 pub struct Rng(pub u64);
 impl Rng {

@@ -6,6 +6,7 @@
 //! linear layers produce them, so no transposes are needed around the op.
 //! lse [b, h, t] is the per-row logsumexp of the scaled, masked scores; backward
 //! recomputes the probabilities from it. Scores use scale 1/sqrt(d) as in BERT.
+use super::gemm::gemm;
 use crate::backend::philox::Dropout;
 use rayon::prelude::*;
 
@@ -33,23 +34,37 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// Probabilities of row i (already multiplied by nothing: P = softmax(S)); masked keys get 0.
-fn probs_row(p: &mut [f32], qi: &[f32], kh: &[f32], mask: &[f32], d: usize, scale: f32, lse: f32) {
-    for (j, pj) in p.iter_mut().enumerate() {
-        *pj = if mask[j] > 0.5 {
-            (scale * dot(qi, &kh[j * d..(j + 1) * d]) - lse).exp()
-        } else {
-            0.0
-        };
-    }
-}
-
 /// Index of probability (i, j) of head (bi, hi), the dropout counter.
 #[inline]
 fn prob_index(bi: usize, hi: usize, i: usize, j: usize, t: usize, h: usize) -> u64 {
     (((bi * h + hi) * t + i) * t + j) as u64
 }
 
+/// Softmax of the scaled scores in place, row by row, with masked keys at exactly 0;
+/// returns per-row logsumexp. `s` is [t, t] holding q.k^T (unscaled).
+fn softmax_rows(s: &mut [f32], lse: &mut [f32], mask: &[f32], t: usize, scale: f32) {
+    for i in 0..t {
+        let row = &mut s[i * t..(i + 1) * t];
+        let mut mx = f32::NEG_INFINITY;
+        for (x, &m) in row.iter_mut().zip(mask) {
+            *x = if m > 0.5 { *x * scale } else { f32::NEG_INFINITY };
+            mx = mx.max(*x);
+        }
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = (*x - mx).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+        lse[i] = mx + sum.ln();
+    }
+}
+
+/// Per (sequence, head): S = Q K^T, P = softmax(S / sqrt(d)) over real keys, P' = P with
+/// dropout, O = P' V. The t x t block exists only inside one task.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd(
     out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32], mask: &[f32], b: usize, t: usize, h: usize,
@@ -66,34 +81,21 @@ pub fn attention_fwd(
                 gather_head(v, bi, hi, t, h, d),
             );
             let m = &mask[bi * t..(bi + 1) * t];
-            let mut oh = vec![0f32; t * d];
+            let mut s = vec![0f32; t * t];
+            gemm(&mut s, &qh, &kh, t, t, d, false, true, 1.0, 0.0);
             let mut lh = vec![0f32; t];
-            let mut s = vec![0f32; t];
-            for i in 0..t {
-                let qi = &qh[i * d..(i + 1) * d];
-                let mut mx = f32::NEG_INFINITY;
-                for j in 0..t {
-                    s[j] = if m[j] > 0.5 {
-                        scale * dot(qi, &kh[j * d..(j + 1) * d])
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                    mx = mx.max(s[j]);
-                }
-                let sum: f32 = s.iter().map(|&x| (x - mx).exp()).sum();
-                let l = mx + sum.ln();
-                lh[i] = l;
-                let oi = &mut oh[i * d..(i + 1) * d];
-                for j in 0..t {
-                    if m[j] <= 0.5 {
-                        continue;
-                    }
-                    let pj = (s[j] - l).exp() * dropout.factor(prob_index(bi, hi, i, j, t, h));
-                    for (o, x) in oi.iter_mut().zip(&vh[j * d..(j + 1) * d]) {
-                        *o += pj * x;
+            softmax_rows(&mut s, &mut lh, m, t, scale);
+            if dropout.is_on() {
+                let mut fac = vec![1f32; t];
+                for i in 0..t {
+                    dropout.fill_factors(prob_index(bi, hi, i, 0, t, h), &mut fac);
+                    for (p, f) in s[i * t..(i + 1) * t].iter_mut().zip(&fac) {
+                        *p *= f;
                     }
                 }
             }
+            let mut oh = vec![0f32; t * d];
+            gemm(&mut oh, &s, &vh, t, d, t, false, false, 1.0, 0.0);
             (oh, lh)
         })
         .collect();
@@ -104,6 +106,9 @@ pub fn attention_fwd(
     }
 }
 
+/// Backward, recomputing P from lse (FlashAttention-2): with f the dropout factors,
+/// dV = (P f)^T dO, dP = (dO V^T) f, D_i = dO_i . O_i, dS = P (dP - D) / sqrt(d),
+/// dQ = dS K, dK = dS^T Q.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], q: &[f32], k: &[f32], v: &[f32], out: &[f32],
@@ -119,34 +124,33 @@ pub fn attention_bwd(
             let (qh, kh, vh, oh, doh) = (g(q), g(k), g(v), g(out), g(dout));
             let m = &mask[bi * t..(bi + 1) * t];
             let lh = &lse[(bi * h + hi) * t..(bi * h + hi + 1) * t];
-            let (mut dqh, mut dkh, mut dvh) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
-            let mut p = vec![0f32; t];
+            // P recomputed from the saved logsumexp
+            let mut p = vec![0f32; t * t];
+            gemm(&mut p, &qh, &kh, t, t, d, false, true, 1.0, 0.0);
             for i in 0..t {
-                let qi = &qh[i * d..(i + 1) * d];
-                let doi = &doh[i * d..(i + 1) * d];
-                probs_row(&mut p, qi, &kh, m, d, scale, lh[i]);
-                // D_i = dout_i . out_i = sum_j P_ij dP_ij (FlashAttention-2, eq. for dS)
-                let di = dot(doi, &oh[i * d..(i + 1) * d]);
-                for j in 0..t {
-                    if m[j] <= 0.5 {
-                        continue;
-                    }
-                    let f = dropout.factor(prob_index(bi, hi, i, j, t, h));
-                    let vj = &vh[j * d..(j + 1) * d];
-                    // dV_j += (P_ij f_ij) dout_i
-                    for (dvx, gx) in dvh[j * d..(j + 1) * d].iter_mut().zip(doi) {
-                        *dvx += p[j] * f * gx;
-                    }
-                    let dp = dot(doi, vj) * f;
-                    let ds = p[j] * (dp - di) * scale;
-                    for (dqx, kx) in dqh[i * d..(i + 1) * d].iter_mut().zip(&kh[j * d..(j + 1) * d]) {
-                        *dqx += ds * kx;
-                    }
-                    for (dkx, qx) in dkh[j * d..(j + 1) * d].iter_mut().zip(qi) {
-                        *dkx += ds * qx;
-                    }
+                for (x, &mj) in p[i * t..(i + 1) * t].iter_mut().zip(m) {
+                    *x = if mj > 0.5 { (*x * scale - lh[i]).exp() } else { 0.0 };
                 }
             }
+            let mut fac = vec![1f32; t * t];
+            for i in 0..t {
+                dropout.fill_factors(prob_index(bi, hi, i, 0, t, h), &mut fac[i * t..(i + 1) * t]);
+            }
+            let pf: Vec<f32> = p.iter().zip(&fac).map(|(a, b)| a * b).collect();
+            let mut dvh = vec![0f32; t * d];
+            gemm(&mut dvh, &pf, &doh, t, d, t, true, false, 1.0, 0.0);
+            let mut ds = vec![0f32; t * t];
+            gemm(&mut ds, &doh, &vh, t, t, d, false, true, 1.0, 0.0);
+            for i in 0..t {
+                let di = dot(&doh[i * d..(i + 1) * d], &oh[i * d..(i + 1) * d]);
+                for j in 0..t {
+                    let idx = i * t + j;
+                    ds[idx] = p[idx] * (ds[idx] * fac[idx] - di) * scale;
+                }
+            }
+            let (mut dqh, mut dkh) = (vec![0f32; t * d], vec![0f32; t * d]);
+            gemm(&mut dqh, &ds, &kh, t, d, t, false, false, 1.0, 0.0);
+            gemm(&mut dkh, &ds, &qh, t, d, t, true, false, 1.0, 0.0);
             (dqh, dkh, dvh)
         })
         .collect();
