@@ -1,0 +1,82 @@
+//! Two-component PCA for the report's embedding picture (forget tokens before and after
+//! unlearning). Power iteration with deflation on the c x c covariance: no linear-algebra
+//! dependency, and deterministic (fixed start vector, fixed iteration count).
+
+/// Principal axes (2 x c, unit length) of the rows of x [m, c], and the mean.
+pub fn pca2_axes(x: &[f32], m: usize, c: usize) -> (Vec<f64>, [Vec<f64>; 2]) {
+    let mut mean = vec![0f64; c];
+    for row in x.chunks(c).take(m) {
+        for (a, &v) in mean.iter_mut().zip(row) {
+            *a += v as f64;
+        }
+    }
+    mean.iter_mut().for_each(|a| *a /= m.max(1) as f64);
+    let mut cov = vec![0f64; c * c];
+    for row in x.chunks(c).take(m) {
+        let d: Vec<f64> = row.iter().zip(&mean).map(|(&v, mu)| v as f64 - mu).collect();
+        for i in 0..c {
+            let di = d[i];
+            for j in 0..c {
+                cov[i * c + j] += di * d[j];
+            }
+        }
+    }
+    let first = power_iteration(&cov, c, None);
+    let second = power_iteration(&cov, c, Some(&first));
+    (mean, [first, second])
+}
+
+fn power_iteration(cov: &[f64], c: usize, orth: Option<&[f64]>) -> Vec<f64> {
+    let mut v: Vec<f64> = (0..c).map(|i| 1.0 + (i as f64 * 0.618).fract()).collect();
+    for _ in 0..200 {
+        if let Some(o) = orth {
+            let p: f64 = v.iter().zip(o).map(|(a, b)| a * b).sum();
+            v.iter_mut().zip(o).for_each(|(a, b)| *a -= p * b);
+        }
+        let mut w = vec![0f64; c];
+        for i in 0..c {
+            w[i] = cov[i * c..(i + 1) * c].iter().zip(&v).map(|(a, b)| a * b).sum();
+        }
+        let norm = w.iter().map(|a| a * a).sum::<f64>().sqrt();
+        if norm < 1e-300 {
+            break;
+        }
+        v = w.into_iter().map(|a| a / norm).collect();
+    }
+    v
+}
+
+/// Projects the rows of x [m, c] on the axes.
+pub fn project(x: &[f32], m: usize, c: usize, mean: &[f64], axes: &[Vec<f64>; 2]) -> Vec<(f64, f64)> {
+    x.chunks(c)
+        .take(m)
+        .map(|row| {
+            let d: Vec<f64> = row.iter().zip(mean).map(|(&v, mu)| v as f64 - mu).collect();
+            let p = |a: &Vec<f64>| d.iter().zip(a).map(|(x, y)| x * y).sum::<f64>();
+            (p(&axes[0]), p(&axes[1]))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_dominant_directions() {
+        // points spread along (1,1,0) strongly and (1,-1,0) weakly
+        let mut x = vec![];
+        for i in 0..50 {
+            let a = (i as f32 - 25.0) * 0.3;
+            let b = ((i * 7 % 11) as f32 - 5.0) * 0.1;
+            x.extend_from_slice(&[a + b, a - b, 0.01 * (i % 3) as f32]);
+        }
+        let (_, axes) = pca2_axes(&x, 50, 3);
+        let s = std::f64::consts::FRAC_1_SQRT_2;
+        assert!((axes[0][0].abs() - s).abs() < 1e-3 && (axes[0][1].abs() - s).abs() < 1e-3);
+        assert!(axes[0][0] * axes[0][1] > 0.0);
+        assert!(axes[1][0] * axes[1][1] < 0.0, "second axis is (1,-1,0): {:?}", axes[1]);
+        let dot: f64 = axes[0].iter().zip(&axes[1]).map(|(a, b)| a * b).sum();
+        assert!(dot.abs() < 1e-6);
+    }
+}
