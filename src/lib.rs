@@ -10,6 +10,7 @@ pub mod error;
 pub mod eval;
 pub mod model;
 pub mod report;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, Result};
