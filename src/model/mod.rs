@@ -1,1 +1,4 @@
-//! model
+//! The encoder model: its config and its weights on the host.
+pub mod config;
+
+pub use config::{ModelConfig, ModelType};
