@@ -8,6 +8,7 @@
 //! width, l labels. Weights keep the HF layout ([out, in] for linear layers), so a linear
 //! layer is y = x W^T + bias.
 use crate::backend::{Backend, Dropout, IGNORE_INDEX};
+use crate::model::config::ModelConfig;
 
 /// The sizes the model needs (from config.json or a preset).
 #[derive(Clone, Debug, PartialEq)]
@@ -28,6 +29,24 @@ pub struct Dims {
 }
 
 impl Dims {
+    /// The sizes of a model with `config` and a head of `labels` labels (0: none).
+    pub fn from_config(cfg: &ModelConfig, labels: usize) -> Dims {
+        Dims {
+            vocab: cfg.vocab_size,
+            max_pos: cfg.max_position_embeddings,
+            type_vocab: cfg.type_vocab_size,
+            hidden: cfg.hidden_size,
+            layers: cfg.num_hidden_layers,
+            heads: cfg.num_attention_heads,
+            ffn: cfg.intermediate_size,
+            labels,
+            eps: cfg.layer_norm_eps,
+            hidden_dropout: cfg.hidden_dropout_prob,
+            attn_dropout: cfg.attention_probs_dropout_prob,
+            classifier_dropout: cfg.classifier_dropout_prob(),
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads
     }
