@@ -1,1 +1,9 @@
-//! data
+//! NER data: CoNLL files, label maps, tokenisation into windows, forget/retain splits,
+//! padded batches and resumable batch streams (SPEC sections 1, 2, 4).
+//!
+//! Nothing here knows about models beyond their tokenizer and pad id.
+pub mod conll;
+pub mod labels;
+
+pub use conll::{read_conll, write_conll, Sentence};
+pub use labels::LabelMap;
