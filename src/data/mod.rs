@@ -3,7 +3,9 @@
 //!
 //! Nothing here knows about models beyond their tokenizer and pad id.
 pub mod conll;
+pub mod encode;
 pub mod labels;
 
 pub use conll::{read_conll, write_conll, Sentence};
+pub use encode::{Encoder, SpecialIds, TokenizerKind, Window, DEFAULT_MAX_LEN, IGNORE};
 pub use labels::LabelMap;
