@@ -2,10 +2,13 @@
 //! padded batches and resumable batch streams (SPEC sections 1, 2, 4).
 //!
 //! Nothing here knows about models beyond their tokenizer and pad id.
+pub mod batch;
 pub mod conll;
 pub mod encode;
 pub mod labels;
+pub mod rng;
 
+pub use batch::{bucketed_batches, sequential_batches, Batch, PositionStyle, Stream, StreamState};
 pub use conll::{read_conll, write_conll, Sentence};
 pub use encode::{Encoder, SpecialIds, TokenizerKind, Window, DEFAULT_MAX_LEN, IGNORE};
 pub use labels::LabelMap;
