@@ -7,8 +7,10 @@ pub mod conll;
 pub mod encode;
 pub mod labels;
 pub mod rng;
+pub mod split;
 
 pub use batch::{bucketed_batches, sequential_batches, Batch, PositionStyle, Stream, StreamState};
 pub use conll::{read_conll, write_conll, Sentence};
 pub use encode::{Encoder, SpecialIds, TokenizerKind, Window, DEFAULT_MAX_LEN, IGNORE};
 pub use labels::LabelMap;
+pub use split::{forget_by_ratio, read_indices, retain_indices, write_indices};
