@@ -1,12 +1,20 @@
 //! Padded batches, position ids, bucketed/sequential batch orders, resumable streams.
-use deepcut_fast::data::{bucketed_batches, sequential_batches, Batch, PositionStyle, Stream, StreamState, Window, IGNORE};
+use deepcut_fast::data::{
+    bucketed_batches, sequential_batches, Batch, PositionStyle, Stream, StreamState, Window, IGNORE,
+};
 
 fn window(ids: &[u32]) -> Window {
     let mut labels = vec![IGNORE; ids.len()];
     if ids.len() > 2 {
         labels[1] = 7;
     }
-    Window { sentence: 0, first_word: 0, ids: ids.to_vec(), labels, word_pos: vec![1] }
+    Window {
+        sentence: 0,
+        first_word: 0,
+        ids: ids.to_vec(),
+        labels,
+        word_pos: vec![1],
+    }
 }
 
 #[test]
@@ -69,10 +77,20 @@ fn data_batch_bucketed_is_a_deterministic_partition() {
     assert_ne!(a, bucketed_batches(&len, 32, 43, 0), "another seed, another order");
     // Buckets keep lengths close: far less padding than a random order.
     let pad = |bs: &[Vec<usize>]| -> usize {
-        bs.iter().map(|b| { let m = b.iter().map(|&i| len[i]).max().unwrap(); b.iter().map(|&i| m - len[i]).sum::<usize>() }).sum()
+        bs.iter()
+            .map(|b| {
+                let m = b.iter().map(|&i| len[i]).max().unwrap();
+                b.iter().map(|&i| m - len[i]).sum::<usize>()
+            })
+            .sum()
     };
     let random: Vec<Vec<usize>> = bucketed_batches(&vec![0; len.len()], 32, 42, 0);
-    assert!(pad(&a) * 10 < pad(&random), "bucketed {} vs random {}", pad(&a), pad(&random));
+    assert!(
+        pad(&a) * 10 < pad(&random),
+        "bucketed {} vs random {}",
+        pad(&a),
+        pad(&random)
+    );
 }
 
 #[test]
@@ -87,7 +105,10 @@ const PINNED_BUCKETS: [&[usize]; 4] = [&[9, 2, 0], &[4, 8, 7], &[5], &[3, 1, 6]]
 #[test]
 fn data_batch_sequential_sorted_by_length() {
     let len = [5, 1, 4, 1, 5, 9, 2, 6];
-    assert_eq!(sequential_batches(&len, 3), vec![vec![1, 3, 6], vec![2, 0, 4], vec![7, 5]]);
+    assert_eq!(
+        sequential_batches(&len, 3),
+        vec![vec![1, 3, 6], vec![2, 0, 4], vec![7, 5]]
+    );
     assert!(sequential_batches(&[], 3).is_empty());
 }
 
@@ -108,7 +129,14 @@ fn data_batch_stream_cycles_with_fixed_batch_size() {
         assert_eq!(p, items);
     }
     assert_ne!(seen[..34], seen[34..68], "each pass reshuffled");
-    assert_eq!(s.state(), StreamState { seed: 5, epoch: 4, position: 0 });
+    assert_eq!(
+        s.state(),
+        StreamState {
+            seed: 5,
+            epoch: 4,
+            position: 0
+        }
+    );
     assert_eq!(s.passes(), 4.0);
     // Batch larger than the set wraps across passes.
     let mut tiny = Stream::new(vec![1, 2, 3], 8, 0).unwrap();
@@ -134,8 +162,21 @@ fn data_batch_stream_resumes_from_saved_state() {
 
 #[test]
 fn data_batch_stream_errors() {
-    assert!(Stream::new(vec![], 8, 0).unwrap_err().to_string().contains("at least one item"));
-    assert!(Stream::new(vec![1], 0, 0).unwrap_err().to_string().contains("batch size"));
-    let state = StreamState { seed: 0, epoch: 0, position: 9 };
-    assert!(Stream::from_state(vec![1, 2], 1, state).unwrap_err().to_string().contains("position 9"));
+    assert!(Stream::new(vec![], 8, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("at least one item"));
+    assert!(Stream::new(vec![1], 0, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("batch size"));
+    let state = StreamState {
+        seed: 0,
+        epoch: 0,
+        position: 9,
+    };
+    assert!(Stream::from_state(vec![1, 2], 1, state)
+        .unwrap_err()
+        .to_string()
+        .contains("position 9"));
 }

@@ -23,7 +23,9 @@ fn tags(s: &Sentence) -> Vec<&str> {
 /// The error text, asserting that reading failed.
 fn read_err(name: &str, bytes: &[u8], require_tags: bool) -> (PathBuf, String) {
     let path = file(name, bytes);
-    let err = read_conll(&path, require_tags).expect_err("expected an error").to_string();
+    let err = read_conll(&path, require_tags)
+        .expect_err("expected an error")
+        .to_string();
     (path, err)
 }
 
@@ -34,7 +36,10 @@ fn assert_names(err: &str, path: &std::path::Path, line: usize) {
 
 #[test]
 fn data_conll_reads_tab_separated() {
-    let p = file("tab.conll", b"EU\tB-ORG\nrejects\tO\n\nPeter\tB-PER\nBlackburn\tI-PER\n\n");
+    let p = file(
+        "tab.conll",
+        b"EU\tB-ORG\nrejects\tO\n\nPeter\tB-PER\nBlackburn\tI-PER\n\n",
+    );
     let s = read_conll(&p, true).unwrap();
     assert_eq!(s.len(), 2);
     assert_eq!(words(&s[0]), ["EU", "rejects"]);
@@ -52,7 +57,11 @@ fn data_conll_reads_spaces_multicolumn_crlf_bom_docstart() {
     assert_eq!(words(&s[0]), ["EU", "rejects"]);
     assert_eq!(tags(&s[0]), ["B-ORG", "O"]);
     assert_eq!(words(&s[1]), ["German"]);
-    assert_eq!(words(&s[2]), ["call"], "missing final blank line still ends the sentence");
+    assert_eq!(
+        words(&s[2]),
+        ["call"],
+        "missing final blank line still ends the sentence"
+    );
 }
 
 #[test]
@@ -66,7 +75,10 @@ fn data_conll_tab_columns_keep_spaces_in_words() {
 
 #[test]
 fn data_conll_keeps_invisible_characters_in_words() {
-    let p = file("invisible.conll", "\u{200b}Why\tO\nDubbz\u{feff}\tB-person\n".as_bytes());
+    let p = file(
+        "invisible.conll",
+        "\u{200b}Why\tO\nDubbz\u{feff}\tB-person\n".as_bytes(),
+    );
     let s = read_conll(&p, true).unwrap();
     assert_eq!(words(&s[0]), ["\u{200b}Why", "Dubbz\u{feff}"]);
 }
@@ -108,7 +120,10 @@ fn data_conll_error_mixed_tagged_and_untagged() {
 
 #[test]
 fn data_conll_error_invalid_tags() {
-    for (i, bad) in ["B", "I-", "S-PER", "E-PER", "b-PER", "B_PER", "OO", "U-x"].iter().enumerate() {
+    for (i, bad) in ["B", "I-", "S-PER", "E-PER", "b-PER", "B_PER", "OO", "U-x"]
+        .iter()
+        .enumerate()
+    {
         let text = format!("ok\tO\n\nw\t{bad}\n");
         let (p, err) = read_err(&format!("badtag{i}.conll"), text.as_bytes(), true);
         assert_names(&err, &p, 3);
@@ -128,7 +143,11 @@ fn data_conll_error_invalid_utf8_names_line() {
 
 #[test]
 fn data_conll_error_no_sentences() {
-    for (name, bytes) in [("empty.conll", &b""[..]), ("blank.conll", b"\n\n \t\n"), ("doc.conll", b"-DOCSTART- O\n\n")] {
+    for (name, bytes) in [
+        ("empty.conll", &b""[..]),
+        ("blank.conll", b"\n\n \t\n"),
+        ("doc.conll", b"-DOCSTART- O\n\n"),
+    ] {
         let (p, err) = read_err(name, bytes, true);
         assert!(err.starts_with(&p.display().to_string()), "{err}");
         assert!(err.contains("no sentences"), "{err}");
@@ -145,8 +164,14 @@ fn data_conll_error_missing_file_names_path() {
 #[test]
 fn data_conll_write_read_roundtrip() {
     let s = vec![
-        Sentence { words: vec!["a".into(), "b c".into()], tags: vec![] },
-        Sentence { words: vec!["d".into()], tags: vec![] },
+        Sentence {
+            words: vec!["a".into(), "b c".into()],
+            tags: vec![],
+        },
+        Sentence {
+            words: vec!["d".into()],
+            tags: vec![],
+        },
     ];
     let t = vec![vec!["B-x".to_string(), "I-x".to_string()], vec!["O".to_string()]];
     let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("data_conll/written.conll");
@@ -186,11 +211,20 @@ fn data_labels_sorted_o_first() {
 
 #[test]
 fn data_labels_from_id2label_keeps_model_order_and_checks() {
-    let map: BTreeMap<usize, String> = [(0, "B-x"), (1, "O")].into_iter().map(|(i, t)| (i, t.to_string())).collect();
+    let map: BTreeMap<usize, String> = [(0, "B-x"), (1, "O")]
+        .into_iter()
+        .map(|(i, t)| (i, t.to_string()))
+        .collect();
     assert_eq!(LabelMap::from_id2label(&map).unwrap().labels, ["B-x", "O"]);
-    let gap: BTreeMap<usize, String> = [(0, "O"), (2, "B-x")].into_iter().map(|(i, t)| (i, t.to_string())).collect();
+    let gap: BTreeMap<usize, String> = [(0, "O"), (2, "B-x")]
+        .into_iter()
+        .map(|(i, t)| (i, t.to_string()))
+        .collect();
     assert!(LabelMap::from_id2label(&gap).unwrap_err().to_string().contains("id 1"));
-    let dup: BTreeMap<usize, String> = [(0, "O"), (1, "O")].into_iter().map(|(i, t)| (i, t.to_string())).collect();
+    let dup: BTreeMap<usize, String> = [(0, "O"), (1, "O")]
+        .into_iter()
+        .map(|(i, t)| (i, t.to_string()))
+        .collect();
     assert!(LabelMap::from_id2label(&dup).unwrap_err().to_string().contains("`O`"));
     // JSON id2label (string keys) deserialises straight into the map type.
     let json: BTreeMap<usize, String> = serde_json::from_str(r#"{"0":"O","1":"B-x"}"#).unwrap();
@@ -202,7 +236,13 @@ fn data_labels_check_covers_names_first_missing_tag() {
     let m = LabelMap::from_sentences(&[sent(&["O", "B-x"])]);
     let p = PathBuf::from("data/test.conll");
     assert!(m.check_covers(&[sent(&["B-x", "O"])], &p).is_ok());
-    let err = m.check_covers(&[sent(&["O"]), sent(&["B-x", "I-x", "B-y"])], &p).unwrap_err().to_string();
+    let err = m
+        .check_covers(&[sent(&["O"]), sent(&["B-x", "I-x", "B-y"])], &p)
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("data/test.conll:"), "{err}");
-    assert!(err.contains("sentence 1") && err.contains("word 1") && err.contains("`I-x`"), "{err}");
+    assert!(
+        err.contains("sentence 1") && err.contains("word 1") && err.contains("`I-x`"),
+        "{err}"
+    );
 }

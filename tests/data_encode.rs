@@ -15,7 +15,11 @@ const BPE: &str = "tests/golden/bpe/tokenizer.json";
 
 fn encoder(rel: &str) -> Encoder {
     let path = repo(rel);
-    assert!(path.exists(), "{} is missing (the BPE test tokenizer is committed with tests/golden/bpe/)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing (the BPE test tokenizer is committed with tests/golden/bpe/)",
+        path.display()
+    );
     Encoder::from_file(&path).unwrap()
 }
 
@@ -39,7 +43,10 @@ fn golden(name: &str) -> Golden {
 }
 
 fn untagged(words: &[String]) -> Sentence {
-    Sentence { words: words.to_vec(), tags: vec![] }
+    Sentence {
+        words: words.to_vec(),
+        tags: vec![],
+    }
 }
 
 /// transformers' ids with `unk` put where a word got no token at all (our documented
@@ -50,7 +57,10 @@ fn expected(g: &GoldenSentence, unk: u32) -> (Vec<u32>, Vec<usize>) {
     let mut pos = Vec::new();
     for w in 0..g.words.len() {
         pos.push(ids.len());
-        let pieces: Vec<u32> = (1..n - 1).filter(|&i| g.word_ids[i] == Some(w)).map(|i| g.ids[i]).collect();
+        let pieces: Vec<u32> = (1..n - 1)
+            .filter(|&i| g.word_ids[i] == Some(w))
+            .map(|i| g.ids[i])
+            .collect();
         if pieces.is_empty() {
             ids.push(unk);
         } else {
@@ -69,7 +79,11 @@ fn check_golden(name: &str, rel: &str, kind: TokenizerKind) {
     let sp = enc.special_ids();
     let sentences: Vec<Sentence> = g.sentences.iter().map(|s| untagged(&s.words)).collect();
     let windows = enc.encode_sentences(&sentences, None, 1 << 20).unwrap();
-    assert_eq!(windows.len(), sentences.len(), "one window per sentence without a length limit");
+    assert_eq!(
+        windows.len(),
+        sentences.len(),
+        "one window per sentence without a length limit"
+    );
     let mut n_unk = 0;
     for (i, (w, gs)) in windows.iter().zip(&g.sentences).enumerate() {
         assert_eq!(w.sentence, i);
@@ -104,7 +118,10 @@ fn data_encode_special_ids_from_tokenizer() {
     let b = enc.special_ids();
     let t = enc.tokenizer();
     let by_name = |s: &str| t.token_to_id(s).unwrap();
-    assert_eq!((b.cls, b.sep, b.unk, b.pad), (by_name("<s>"), by_name("</s>"), by_name("<unk>"), by_name("<pad>")));
+    assert_eq!(
+        (b.cls, b.sep, b.unk, b.pad),
+        (by_name("<s>"), by_name("</s>"), by_name("<unk>"), by_name("<pad>"))
+    );
     assert_eq!(enc.n_special(), 2);
 }
 
@@ -115,7 +132,10 @@ fn data_encode_bpe_prefixes_every_word_with_a_space() {
     let sub = enc.word_subwords(&words).unwrap();
     assert_eq!(sub[0], sub[1], "the first word is encoded like every other word");
     let tok = enc.tokenizer().id_to_token(sub[0][0]).unwrap();
-    assert!(tok.starts_with('\u{120}'), "byte-level space marker Ġ expected, got {tok}");
+    assert!(
+        tok.starts_with('\u{120}'),
+        "byte-level space marker Ġ expected, got {tok}"
+    );
 }
 
 /// Sentences with tags from a small tag set, for label checks.
@@ -131,7 +151,9 @@ fn data_encode_labels_on_first_subword_only() {
     let enc = encoder(MINILM);
     let s = tagged(&["Unbelievably", "Zürich", "x"], &["O", "B-loc", "I-loc"]);
     let labels = LabelMap::from_sentences(std::slice::from_ref(&s));
-    let w = &enc.encode_sentences(std::slice::from_ref(&s), Some(&labels), 128).unwrap()[0];
+    let w = &enc
+        .encode_sentences(std::slice::from_ref(&s), Some(&labels), 128)
+        .unwrap()[0];
     let sub = enc.word_subwords(&s.words).unwrap();
     assert!(sub[0].len() > 1, "test needs a multi-subword word");
     let mut want = vec![IGNORE];
@@ -195,7 +217,9 @@ fn data_encode_overlong_word_is_truncated() {
     let s = tagged(&["a", &long, "b"], &["O", "B-x", "O"]);
     let labels = LabelMap::from_sentences(std::slice::from_ref(&s));
     let max_len = 8;
-    let w = enc.encode_sentences(std::slice::from_ref(&s), Some(&labels), max_len).unwrap();
+    let w = enc
+        .encode_sentences(std::slice::from_ref(&s), Some(&labels), max_len)
+        .unwrap();
     assert_eq!(w.len(), 3, "a | long word alone | b");
     assert_eq!(w[1].ids.len(), max_len);
     assert_eq!(w[1].labels[1], labels.id("B-x").unwrap() as i32);
@@ -209,7 +233,9 @@ fn data_encode_zero_width_word_gets_unk() {
     let enc = encoder(MINILM);
     let s = tagged(&["Hello", "\u{200b}", "world"], &["O", "B-x", "O"]);
     let labels = LabelMap::from_sentences(std::slice::from_ref(&s));
-    let w = &enc.encode_sentences(std::slice::from_ref(&s), Some(&labels), 128).unwrap()[0];
+    let w = &enc
+        .encode_sentences(std::slice::from_ref(&s), Some(&labels), 128)
+        .unwrap()[0];
     assert_eq!(w.n_words(), 3);
     assert_eq!(w.ids[w.word_pos[1]], enc.special_ids().unk);
     assert_eq!(w.labels[w.word_pos[1]], labels.id("B-x").unwrap() as i32);
@@ -231,12 +257,21 @@ fn data_encode_order_is_deterministic_with_many_sentences() {
 fn data_encode_errors() {
     let enc = encoder(MINILM);
     let s = tagged(&["a"], &["B-x"]);
-    let err = enc.encode_sentences(std::slice::from_ref(&s), None, 2).unwrap_err().to_string();
+    let err = enc
+        .encode_sentences(std::slice::from_ref(&s), None, 2)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("--max-len 2"), "{err}");
     let labels = LabelMap::from_sentences(&[tagged(&["a"], &["O"])]);
-    let err = enc.encode_sentences(&[tagged(&["a"], &["O"]), s], Some(&labels), 16).unwrap_err().to_string();
+    let err = enc
+        .encode_sentences(&[tagged(&["a"], &["O"]), s], Some(&labels), 16)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("sentence 1") && err.contains("`B-x`"), "{err}");
-    let err = enc.encode_sentences(&[untagged(&["a".into()])], Some(&labels), 16).unwrap_err().to_string();
+    let err = enc
+        .encode_sentences(&[untagged(&["a".into()])], Some(&labels), 16)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("sentence 0") && err.contains("0 tags"), "{err}");
 
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("data_encode");

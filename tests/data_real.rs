@@ -7,7 +7,10 @@ const DATASETS: [&str; 4] = ["wnut16", "wnut17", "ncbi_disease", "chemu"];
 const SPLITS: [&str; 3] = ["train", "dev", "test"];
 
 fn data(dataset: &str, split: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(dataset).join(format!("{split}.conll"))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data")
+        .join(dataset)
+        .join(format!("{split}.conll"))
 }
 
 /// (sentences, words) counted straight from the text: a sentence is a maximal run of
@@ -45,7 +48,10 @@ fn data_real_label_maps() {
         let train = read_conll(&data(ds, "train"), true).unwrap();
         let labels = LabelMap::from_sentences(&train);
         assert_eq!(labels.labels[0], "O");
-        assert!(labels.labels[1..].windows(2).all(|w| w[0] < w[1]), "{ds}: sorted after O");
+        assert!(
+            labels.labels[1..].windows(2).all(|w| w[0] < w[1]),
+            "{ds}: sorted after O"
+        );
         for split in ["dev", "test"] {
             let path = data(ds, split);
             let sents = read_conll(&path, true).unwrap();
@@ -65,7 +71,10 @@ fn sample(sentences: &[Sentence]) -> Vec<Sentence> {
 
 #[test]
 fn data_real_every_word_predicted_once_at_max_len_32() {
-    let enc = Encoder::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/all-MiniLM-L6-v2/tokenizer.json")).unwrap();
+    let enc = Encoder::from_file(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/all-MiniLM-L6-v2/tokenizer.json"),
+    )
+    .unwrap();
     for ds in DATASETS {
         let train = read_conll(&data(ds, "train"), true).unwrap();
         let labels = LabelMap::from_sentences(&train);
@@ -78,12 +87,22 @@ fn data_real_every_word_predicted_once_at_max_len_32() {
                 let word = w.first_word + k;
                 predicted[w.sentence][word] += 1;
                 let tag = &sents[w.sentence].tags[word];
-                assert_eq!(w.labels[p], labels.id(tag).unwrap() as i32, "{ds}: label at first subword");
+                assert_eq!(
+                    w.labels[p],
+                    labels.id(tag).unwrap() as i32,
+                    "{ds}: label at first subword"
+                );
             }
             let n_labelled = w.labels.iter().filter(|&&l| l >= 0).count();
             assert_eq!(n_labelled, w.n_words(), "{ds}: one labelled position per word");
         }
-        assert!(predicted.iter().flatten().all(|&c| c == 1), "{ds}: every word exactly once");
-        assert!(windows.len() > sents.len(), "{ds}: the longest sentences need several windows");
+        assert!(
+            predicted.iter().flatten().all(|&c| c == 1),
+            "{ds}: every word exactly once"
+        );
+        assert!(
+            windows.len() > sents.len(),
+            "{ds}: the longest sentences need several windows"
+        );
     }
 }

@@ -36,7 +36,10 @@ fn data_split_ratio_errors_name_option() {
         assert!(err.contains("--forget-ratio"), "{err}");
     }
     let err = forget_by_ratio(2, 0.9, 0).unwrap_err().to_string();
-    assert!(err.contains("--forget-ratio") && err.contains("nothing would be retained"), "{err}");
+    assert!(
+        err.contains("--forget-ratio") && err.contains("nothing would be retained"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -63,13 +66,19 @@ fn data_split_file_errors_name_file_and_line() {
     assert!(e.starts_with(&format!("{}:4:", p.display())), "{e}");
     assert!(e.contains("lines 1 and 4"), "{e}");
     let (p, e) = err("nan.txt", "1\n-2\n", 20);
-    assert!(e.starts_with(&format!("{}:2:", p.display())) && e.contains("`-2`"), "{e}");
+    assert!(
+        e.starts_with(&format!("{}:2:", p.display())) && e.contains("`-2`"),
+        "{e}"
+    );
     let (p, e) = err("empty.txt", "# nothing\n\n", 20);
     assert!(e.starts_with(&p.display().to_string()) && e.contains("empty"), "{e}");
     let (p, e) = err("all.txt", "0\n1\n2\n", 3);
     assert!(e.starts_with(&p.display().to_string()) && e.contains("all 3"), "{e}");
     let missing = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("data_split/missing.txt");
-    assert!(read_indices(&missing, 3).unwrap_err().to_string().contains("missing.txt"));
+    assert!(read_indices(&missing, 3)
+        .unwrap_err()
+        .to_string()
+        .contains("missing.txt"));
 }
 
 #[test]

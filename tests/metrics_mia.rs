@@ -8,7 +8,13 @@ fn brute(members: &[f64], nonmembers: &[f64]) -> f64 {
     let mut score = 0.0;
     for &m in members {
         for &n in nonmembers {
-            score += if m < n { 1.0 } else if m == n { 0.5 } else { 0.0 };
+            score += if m < n {
+                1.0
+            } else if m == n {
+                0.5
+            } else {
+                0.0
+            };
         }
     }
     score / (members.len() * nonmembers.len()) as f64

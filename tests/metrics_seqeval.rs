@@ -35,7 +35,12 @@ fn check(name: &str, what: &str, got: &Prf, want: &GoldPrf) {
     assert!(
         close(got.precision, want.precision) && close(got.recall, want.recall) && close(got.f1, want.f1),
         "{name} {what}: got P {} R {} F {}, seqeval P {} R {} F {}",
-        got.precision, got.recall, got.f1, want.precision, want.recall, want.f1
+        got.precision,
+        got.recall,
+        got.f1,
+        want.precision,
+        want.recall,
+        want.f1
     );
     assert_eq!(
         (got.support, got.predicted, got.correct),
@@ -64,7 +69,11 @@ fn metrics_seqeval_golden_cases() {
             check(&c.name, ty, &r.per_type[ty], w);
         }
         if let Some(acc) = c.accuracy {
-            assert!((token_accuracy(&c.gold, &c.pred) - acc).abs() <= 1e-12, "{}: accuracy", c.name);
+            assert!(
+                (token_accuracy(&c.gold, &c.pred) - acc).abs() <= 1e-12,
+                "{}: accuracy",
+                c.name
+            );
         }
     }
 }
@@ -88,6 +97,9 @@ fn metrics_seqeval_zero_cases() {
     assert_eq!(r.micro, Prf::default());
     assert!(r.per_type.is_empty());
     let r = entity_report(&[tags("B-A O")], &[tags("O O")]);
-    assert_eq!((r.micro.precision, r.micro.recall, r.micro.f1, r.micro.support), (0.0, 0.0, 0.0, 1));
+    assert_eq!(
+        (r.micro.precision, r.micro.recall, r.micro.f1, r.micro.support),
+        (0.0, 0.0, 0.0, 1)
+    );
     assert_eq!(token_accuracy(&[], &[]), 0.0);
 }

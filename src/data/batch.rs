@@ -162,7 +162,15 @@ pub struct Stream {
 impl Stream {
     /// A stream over `items` (e.g. sentence indices) from its start.
     pub fn new(items: Vec<usize>, batch: usize, seed: u64) -> Result<Stream> {
-        Self::from_state(items, batch, StreamState { seed, epoch: 0, position: 0 })
+        Self::from_state(
+            items,
+            batch,
+            StreamState {
+                seed,
+                epoch: 0,
+                position: 0,
+            },
+        )
     }
 
     /// Continue a stream from a saved state; `items` and `batch` must be the ones it was
@@ -182,7 +190,12 @@ impl Stream {
             )));
         }
         let order = pass_order(&items, state.seed, state.epoch);
-        let mut stream = Stream { items, batch, state, order };
+        let mut stream = Stream {
+            items,
+            batch,
+            state,
+            order,
+        };
         stream.next_pass_if_done();
         Ok(stream)
     }

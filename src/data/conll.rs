@@ -87,7 +87,10 @@ pub fn parse_conll(path: &Path, bytes: &[u8], require_tags: bool) -> Result<Vec<
     }
     flush(&mut sentences, &mut current);
     if sentences.is_empty() {
-        return Err(Error::file(path, "no sentences (the file is empty or has only blank lines)"));
+        return Err(Error::file(
+            path,
+            "no sentences (the file is empty or has only blank lines)",
+        ));
     }
     Ok(sentences)
 }
@@ -113,7 +116,7 @@ fn split_line(line: &str) -> (&str, Option<&str>) {
     if line.contains('\t') {
         let mut cols = line.split('\t').map(str::trim);
         let word = cols.next().unwrap_or("");
-        let tag = cols.last();
+        let tag = cols.next_back();
         (word, tag)
     } else {
         let mut cols = line.split_whitespace();

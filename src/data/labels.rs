@@ -15,7 +15,10 @@ impl LabelMap {
     /// All tags found in `sentences`, sorted (byte order), `O` first. `O` is always
     /// present, even if no sentence uses it: it is what an untagged word means.
     pub fn from_sentences(sentences: &[Sentence]) -> LabelMap {
-        let mut set: BTreeSet<&str> = sentences.iter().flat_map(|s| s.tags.iter().map(String::as_str)).collect();
+        let mut set: BTreeSet<&str> = sentences
+            .iter()
+            .flat_map(|s| s.tags.iter().map(String::as_str))
+            .collect();
         set.remove("O");
         let mut labels = vec!["O".to_string()];
         labels.extend(set.into_iter().map(str::to_string));

@@ -46,18 +46,25 @@ pub fn read_indices(path: &Path, n_train: usize) -> Result<Vec<usize>> {
         if field.is_empty() {
             continue;
         }
-        let idx: usize = field.parse().map_err(|_| {
-            Error::line(path, line_no, format!("`{field}` is not a 0-based sentence index"))
-        })?;
+        let idx: usize = field
+            .parse()
+            .map_err(|_| Error::line(path, line_no, format!("`{field}` is not a 0-based sentence index")))?;
         if idx >= n_train {
             return Err(Error::line(
                 path,
                 line_no,
-                format!("index {idx} is out of range: train has {n_train} sentences (0..={})", n_train.saturating_sub(1)),
+                format!(
+                    "index {idx} is out of range: train has {n_train} sentences (0..={})",
+                    n_train.saturating_sub(1)
+                ),
             ));
         }
         if let Some(first) = seen.insert(idx, line_no) {
-            return Err(Error::line(path, line_no, format!("index {idx} is listed twice (lines {first} and {line_no})")));
+            return Err(Error::line(
+                path,
+                line_no,
+                format!("index {idx} is listed twice (lines {first} and {line_no})"),
+            ));
         }
         out.push(idx);
     }

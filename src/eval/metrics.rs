@@ -35,7 +35,14 @@ impl Prf {
         let recall = divide(correct, support);
         let denom = precision + recall;
         let f1 = 2.0 * precision * recall / if denom == 0.0 { 1.0 } else { denom };
-        Prf { precision, recall, f1, support, predicted, correct }
+        Prf {
+            precision,
+            recall,
+            f1,
+            support,
+            predicted,
+            correct,
+        }
     }
 }
 
@@ -55,7 +62,10 @@ type Chunk = (String, usize, usize);
 /// and is caught by a debug assertion).
 pub fn entity_report(gold: &[Vec<String>], pred: &[Vec<String>]) -> EntityReport {
     debug_assert_eq!(gold.len(), pred.len(), "gold and predicted sentence counts differ");
-    debug_assert!(gold.iter().zip(pred).all(|(g, p)| g.len() == p.len()), "sentence lengths differ");
+    debug_assert!(
+        gold.iter().zip(pred).all(|(g, p)| g.len() == p.len()),
+        "sentence lengths differ"
+    );
     let mut gold_chunks = get_entities(gold);
     let mut pred_chunks = get_entities(pred);
     gold_chunks.sort_unstable();
@@ -73,10 +83,17 @@ pub fn entity_report(gold: &[Vec<String>], pred: &[Vec<String>]) -> EntityReport
         counts.entry(chunk.0.clone()).or_default().0 += 1;
     }
 
-    let per_type: BTreeMap<String, Prf> =
-        counts.iter().map(|(ty, &(c, p, s))| (ty.clone(), Prf::from_counts(c, p, s))).collect();
-    let (c, p, s) = counts.values().fold((0, 0, 0), |acc, v| (acc.0 + v.0, acc.1 + v.1, acc.2 + v.2));
-    EntityReport { micro: Prf::from_counts(c, p, s), per_type }
+    let per_type: BTreeMap<String, Prf> = counts
+        .iter()
+        .map(|(ty, &(c, p, s))| (ty.clone(), Prf::from_counts(c, p, s)))
+        .collect();
+    let (c, p, s) = counts
+        .values()
+        .fold((0, 0, 0), |acc, v| (acc.0 + v.0, acc.1 + v.1, acc.2 + v.2));
+    EntityReport {
+        micro: Prf::from_counts(c, p, s),
+        per_type,
+    }
 }
 
 /// Chunks present in both sorted lists (each list has no duplicates: chunks of one
@@ -114,7 +131,9 @@ pub fn token_accuracy(gold: &[Vec<String>], pred: &[Vec<String>]) -> f64 {
 /// seqeval's `get_entities` on a list of sentences: flatten with an `O` after each
 /// sentence, append one more `O`, and run the chunk state machine.
 pub fn get_entities(sentences: &[Vec<String>]) -> Vec<Chunk> {
-    let flat = sentences.iter().flat_map(|s| s.iter().map(String::as_str).chain(std::iter::once("O")));
+    let flat = sentences
+        .iter()
+        .flat_map(|s| s.iter().map(String::as_str).chain(std::iter::once("O")));
     let mut chunks = Vec::new();
     // seqeval starts from prev_tag 'O' and prev_type '' (not '_', the type of a real O).
     let (mut prev_tag, mut prev_type) = ('O', String::new());
