@@ -283,3 +283,23 @@ fn data_encode_errors() {
     let err = Encoder::from_file(&dir.join("missing.json")).err().unwrap().to_string();
     assert!(err.contains("missing.json"), "{err}");
 }
+
+#[test]
+fn data_encode_bpe_file_without_prefix_space_still_matches() {
+    // roberta-base's own tokenizer.json says add_prefix_space = false; pre-split words
+    // must still be encoded with a leading space, as transformers does when loaded
+    // with add_prefix_space=True.
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo(BPE)).unwrap()).unwrap();
+    json["pre_tokenizer"]["add_prefix_space"] = serde_json::Value::Bool(false);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("data_encode");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bpe_no_prefix_space.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    let enc = Encoder::from_file(&path).unwrap();
+    let g = golden("bpe");
+    let sentences: Vec<Sentence> = g.sentences.iter().map(|s| untagged(&s.words)).collect();
+    let windows = enc.encode_sentences(&sentences, None, 1 << 20).unwrap();
+    for (w, gs) in windows.iter().zip(&g.sentences) {
+        assert_eq!(w.ids, expected(gs, enc.special_ids().unk).0, "{}", gs.source);
+    }
+}
