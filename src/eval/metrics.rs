@@ -55,7 +55,7 @@ pub struct EntityReport {
 }
 
 /// One chunk: (type, first token, last token), token offsets in the flattened corpus.
-type Chunk = (String, usize, usize);
+pub type Chunk = (String, usize, usize);
 
 /// Entity scores of `pred` against `gold`, sentence by sentence. Sentence `i` of both
 /// must have the same length (seqeval raises otherwise; here a mismatch is a caller bug
