@@ -1,0 +1,239 @@
+//! Padded batches of windows, length-bucketed batch orders, and resumable streams.
+use super::encode::{Window, IGNORE};
+use super::rng::{keyed_rng, shuffle, Purpose};
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// How position ids are numbered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PositionStyle {
+    /// BERT: 0, 1, ..., t-1 on every row, padding included.
+    Absolute,
+    /// RoBERTa: transformers' `create_position_ids_from_input_ids` — real tokens count
+    /// up from `pad_id + 1`, padding tokens get `pad_id` (the config's `pad_token_id`).
+    Roberta { pad_id: u32 },
+}
+
+/// A padded batch, row-major `[b, t]` for every per-token field.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// Rows (windows).
+    pub b: usize,
+    /// Columns: the longest window's length.
+    pub t: usize,
+    /// `[b, t]` token ids, padding = the tokenizer's pad id.
+    pub input_ids: Vec<i32>,
+    /// `[b, t]` 1.0 for real tokens, 0.0 for padding.
+    pub attention_mask: Vec<f32>,
+    /// `[b, t]` position ids (see [`PositionStyle`]).
+    pub position_ids: Vec<i32>,
+    /// `[b, t]` token type ids: all 0 (single sequences).
+    pub type_ids: Vec<i32>,
+    /// `[b, t]` class id at each word's first subword, [`IGNORE`] elsewhere and on padding.
+    pub labels: Vec<i32>,
+    /// Row r holds window `windows[r]`: an index into the caller's window list for
+    /// [`Batch::gather`], the position in the given slice for [`Batch::new`].
+    pub windows: Vec<usize>,
+}
+
+impl Batch {
+    /// Pad `windows` to the longest of them; `windows[r]` becomes row r.
+    pub fn new(windows: &[&Window], pad_id: u32, style: PositionStyle) -> Batch {
+        let index: Vec<usize> = (0..windows.len()).collect();
+        Self::build(windows, index, pad_id, style)
+    }
+
+    /// The batch of `all[idx[0]], all[idx[1]], ...`, with `windows = idx`.
+    /// Panics if an index is out of range (indices come from the batchers, not users).
+    pub fn gather(all: &[Window], idx: &[usize], pad_id: u32, style: PositionStyle) -> Batch {
+        let rows: Vec<&Window> = idx.iter().map(|&i| &all[i]).collect();
+        Self::build(&rows, idx.to_vec(), pad_id, style)
+    }
+
+    fn build(rows: &[&Window], index: Vec<usize>, pad_id: u32, style: PositionStyle) -> Batch {
+        let b = rows.len();
+        let t = rows.iter().map(|w| w.ids.len()).max().unwrap_or(0);
+        let mut batch = Batch {
+            b,
+            t,
+            input_ids: vec![pad_id as i32; b * t],
+            attention_mask: vec![0.0; b * t],
+            position_ids: vec![0; b * t],
+            type_ids: vec![0; b * t],
+            labels: vec![IGNORE; b * t],
+            windows: index,
+        };
+        for (r, w) in rows.iter().enumerate() {
+            let row = r * t..r * t + w.ids.len();
+            for (dst, &id) in batch.input_ids[row.clone()].iter_mut().zip(&w.ids) {
+                *dst = id as i32;
+            }
+            batch.attention_mask[row.clone()].fill(1.0);
+            batch.labels[row].copy_from_slice(&w.labels);
+            let pos = &mut batch.position_ids[r * t..(r + 1) * t];
+            fill_positions(pos, &batch.input_ids[r * t..(r + 1) * t], style);
+        }
+        batch
+    }
+
+    /// Number of real (non-padding) tokens.
+    pub fn n_tokens(&self) -> usize {
+        self.attention_mask.iter().filter(|&&m| m > 0.0).count()
+    }
+}
+
+/// Position ids of one row of `ids`.
+fn fill_positions(pos: &mut [i32], ids: &[i32], style: PositionStyle) {
+    match style {
+        PositionStyle::Absolute => pos.iter_mut().enumerate().for_each(|(i, p)| *p = i as i32),
+        PositionStyle::Roberta { pad_id } => {
+            // Literally transformers: mask = ids != pad; pos = cumsum(mask) * mask + pad.
+            // (So a real token whose id is the pad id is numbered as padding, as there.)
+            let pad = pad_id as i32;
+            let mut count = 0;
+            for (p, &id) in pos.iter_mut().zip(ids) {
+                let real = (id != pad) as i32;
+                count += real;
+                *p = count * real + pad;
+            }
+        }
+    }
+}
+
+/// Items per sort chunk, in batches: large enough that batches are nearly uniform in
+/// length (little padding), small enough that batch composition stays random.
+const CHUNK_BATCHES: usize = 50;
+
+/// Length-bucketed training order over items `0..lengths.len()`: shuffle, cut into
+/// chunks of `50 * batch`, sort each chunk by length, cut chunks into batches of
+/// `batch` (the last of a chunk may be smaller), shuffle the batch order. The same
+/// (seed, epoch) gives the same batches on every machine. `batch` 0 is taken as 1
+/// (callers validate the option).
+pub fn bucketed_batches(lengths: &[usize], batch: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
+    let batch = batch.max(1);
+    let mut rng = keyed_rng(seed, Purpose::Buckets, epoch);
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    shuffle(&mut rng, &mut order);
+    let mut batches = Vec::with_capacity(lengths.len().div_ceil(batch));
+    for chunk in order.chunks_mut(CHUNK_BATCHES * batch) {
+        // Stable sort: equal lengths keep their shuffled order, so the result is a
+        // function of the shuffle alone.
+        chunk.sort_by_key(|&i| lengths[i]);
+        batches.extend(chunk.chunks(batch).map(<[usize]>::to_vec));
+    }
+    shuffle(&mut rng, &mut batches);
+    batches
+}
+
+/// Evaluation order: items sorted by length (ties by index), cut into batches of
+/// `batch`. No randomness; every item once.
+pub fn sequential_batches(lengths: &[usize], batch: usize) -> Vec<Vec<usize>> {
+    let batch = batch.max(1);
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| (lengths[i], i));
+    order.chunks(batch).map(<[usize]>::to_vec).collect()
+}
+
+/// Where a [`Stream`] is: everything needed, with the same item set and batch size,
+/// to continue it exactly. Saved in checkpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamState {
+    pub seed: u64,
+    /// Completed passes over the items (the current pass is shuffled with this key).
+    pub epoch: u64,
+    /// Items of the current pass already drawn (always below the number of items).
+    pub position: usize,
+}
+
+/// An endless source of fixed-size batches over a set of items (SPEC 4: the forget and
+/// retain streams). Each pass is a fresh shuffle keyed by (seed, epoch); a batch that
+/// runs past the end of a pass is completed from the start of the next one, so a batch
+/// that straddles two passes can hold an item twice when `batch` is close to the set
+/// size.
+#[derive(Clone, Debug)]
+pub struct Stream {
+    items: Vec<usize>,
+    batch: usize,
+    state: StreamState,
+    /// `items` in the order of the current pass.
+    order: Vec<usize>,
+}
+
+impl Stream {
+    /// A stream over `items` (e.g. sentence indices) from its start.
+    pub fn new(items: Vec<usize>, batch: usize, seed: u64) -> Result<Stream> {
+        Self::from_state(
+            items,
+            batch,
+            StreamState {
+                seed,
+                epoch: 0,
+                position: 0,
+            },
+        )
+    }
+
+    /// Continue a stream from a saved state; `items` and `batch` must be the ones it was
+    /// created with.
+    pub fn from_state(items: Vec<usize>, batch: usize, state: StreamState) -> Result<Stream> {
+        if items.is_empty() {
+            return Err(Error::invalid("a batch stream needs at least one item"));
+        }
+        if batch == 0 {
+            return Err(Error::invalid("batch size must be at least 1"));
+        }
+        if state.position > items.len() {
+            return Err(Error::invalid(format!(
+                "stream state position {} is past the {} items of the stream (saved for another set?)",
+                state.position,
+                items.len()
+            )));
+        }
+        let order = pass_order(&items, state.seed, state.epoch);
+        let mut stream = Stream {
+            items,
+            batch,
+            state,
+            order,
+        };
+        stream.next_pass_if_done();
+        Ok(stream)
+    }
+
+    /// The state to save; [`Stream::from_state`] with it yields the same next batches.
+    pub fn state(&self) -> StreamState {
+        self.state
+    }
+
+    /// Completed passes plus the fraction of the current one (for stopping rules).
+    pub fn passes(&self) -> f64 {
+        self.state.epoch as f64 + self.state.position as f64 / self.items.len() as f64
+    }
+
+    /// The next `batch` items.
+    pub fn next_batch(&mut self) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.batch);
+        while out.len() < self.batch {
+            let take = (self.batch - out.len()).min(self.order.len() - self.state.position);
+            out.extend_from_slice(&self.order[self.state.position..self.state.position + take]);
+            self.state.position += take;
+            self.next_pass_if_done();
+        }
+        out
+    }
+
+    /// At the end of a pass, start the next one (so `epoch` counts completed passes).
+    fn next_pass_if_done(&mut self) {
+        if self.state.position == self.order.len() {
+            self.state.epoch += 1;
+            self.state.position = 0;
+            self.order = pass_order(&self.items, self.state.seed, self.state.epoch);
+        }
+    }
+}
+
+fn pass_order(items: &[usize], seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order = items.to_vec();
+    shuffle(&mut keyed_rng(seed, Purpose::Stream, epoch), &mut order);
+    order
+}
