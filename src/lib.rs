@@ -8,6 +8,7 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod infer;
 pub mod model;
 pub mod report;
 pub mod train;

@@ -1,4 +1,85 @@
-//! The `deepcut-fast` command line.
+//! The `deepcut-fast` command line: clap subcommands, each in its own file. Logs and
+//! progress go to stderr, results to files (and readable tables to stdout).
+mod eval;
+mod predict;
+
+use crate::error::{Error, Result};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "deepcut-fast",
+    version,
+    about = "DeepCUT machine unlearning for BERT/RoBERTa token classifiers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tag the words of a CoNLL file with a trained token classifier.
+    Predict(predict::PredictArgs),
+    /// Entity F1 (seqeval) on a dataset's splits and the membership-inference AUC.
+    Eval(eval::EvalArgs),
+}
+
+/// Options every command that runs a model shares.
+#[derive(Args, Clone, Debug)]
+pub struct DeviceArgs {
+    /// auto | cpu | cuda[:N]. auto uses a GPU when one is usable, else the CPU backend.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl DeviceArgs {
+    /// Sets up the compute backend and says which one runs.
+    pub fn init(&self) -> Result<()> {
+        if let Some(n) = self.threads {
+            if n == 0 {
+                return Err(Error::invalid("--threads must be at least 1"));
+            }
+            // The global pool can be built once per process; a second call is harmless.
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+            std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
+        }
+        match self.device.as_str() {
+            "cpu" => {}
+            "auto" => eprintln!("device: no CUDA backend in this build; using the CPU backend"),
+            d if d == "cuda" || d.starts_with("cuda:") => {
+                return Err(Error::invalid(format!(
+                    "--device {d}: this build has no CUDA backend yet; use --device cpu"
+                )))
+            }
+            d => return Err(Error::invalid(format!("--device {d}: expected auto, cpu or cuda[:N]"))),
+        }
+        eprintln!("backend: cpu (fp32, {} threads)", rayon::current_num_threads());
+        Ok(())
+    }
+}
+
+/// Runs the command line; returns the process exit status.
 pub fn main() -> i32 {
-    0
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let res = match cli.command {
+        Command::Predict(a) => predict::run(a),
+        Command::Eval(a) => eval::run(a),
+    };
+    match res {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
 }

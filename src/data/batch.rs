@@ -2,6 +2,7 @@
 use super::encode::{Window, IGNORE};
 use super::rng::{keyed_rng, shuffle, Purpose};
 use crate::error::{Error, Result};
+use crate::model::HostBatch;
 use serde::{Deserialize, Serialize};
 
 /// How position ids are numbered.
@@ -14,26 +15,23 @@ pub enum PositionStyle {
     Roberta { pad_id: u32 },
 }
 
-/// A padded batch, row-major `[b, t]` for every per-token field.
+/// A padded batch: the model's input ([`HostBatch`], row-major `[b, t]` per-token fields:
+/// ids padded with the tokenizer's pad id, mask 1.0/0.0, positions per [`PositionStyle`],
+/// type ids 0, labels at each word's first subword and [`IGNORE`] elsewhere) plus which
+/// window each row holds. Derefs to the `HostBatch`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
-    /// Rows (windows).
-    pub b: usize,
-    /// Columns: the longest window's length.
-    pub t: usize,
-    /// `[b, t]` token ids, padding = the tokenizer's pad id.
-    pub input_ids: Vec<i32>,
-    /// `[b, t]` 1.0 for real tokens, 0.0 for padding.
-    pub attention_mask: Vec<f32>,
-    /// `[b, t]` position ids (see [`PositionStyle`]).
-    pub position_ids: Vec<i32>,
-    /// `[b, t]` token type ids: all 0 (single sequences).
-    pub type_ids: Vec<i32>,
-    /// `[b, t]` class id at each word's first subword, [`IGNORE`] elsewhere and on padding.
-    pub labels: Vec<i32>,
+    pub inputs: HostBatch,
     /// Row r holds window `windows[r]`: an index into the caller's window list for
     /// [`Batch::gather`], the position in the given slice for [`Batch::new`].
     pub windows: Vec<usize>,
+}
+
+impl std::ops::Deref for Batch {
+    type Target = HostBatch;
+    fn deref(&self) -> &HostBatch {
+        &self.inputs
+    }
 }
 
 impl Batch {
@@ -53,7 +51,7 @@ impl Batch {
     fn build(rows: &[&Window], index: Vec<usize>, pad_id: u32, style: PositionStyle) -> Batch {
         let b = rows.len();
         let t = rows.iter().map(|w| w.ids.len()).max().unwrap_or(0);
-        let mut batch = Batch {
+        let mut batch = HostBatch {
             b,
             t,
             input_ids: vec![pad_id as i32; b * t],
@@ -61,7 +59,6 @@ impl Batch {
             position_ids: vec![0; b * t],
             type_ids: vec![0; b * t],
             labels: vec![IGNORE; b * t],
-            windows: index,
         };
         for (r, w) in rows.iter().enumerate() {
             let row = r * t..r * t + w.ids.len();
@@ -73,7 +70,10 @@ impl Batch {
             let pos = &mut batch.position_ids[r * t..(r + 1) * t];
             fill_positions(pos, &batch.input_ids[r * t..(r + 1) * t], style);
         }
-        batch
+        Batch {
+            inputs: batch,
+            windows: index,
+        }
     }
 
     /// Number of real (non-padding) tokens.

@@ -251,7 +251,7 @@ struct GradScratch<B: Backend> {
 }
 
 /// One batch on the host: b sequences padded to t tokens.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct HostBatch {
     pub b: usize,
     pub t: usize,

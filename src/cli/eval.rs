@@ -1,0 +1,51 @@
+//! `deepcut-fast eval`: entity F1 on forget/retain/dev/test and the MIA AUC.
+use super::DeviceArgs;
+use crate::backend::cpu::Cpu;
+use crate::data::{read_indices, DEFAULT_MAX_LEN};
+use crate::error::{Error, Result};
+use crate::eval::evaluate::{evaluate, Dataset};
+use crate::infer::Classifier;
+use crate::util::write_atomic;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model folder with a classification head.
+    #[arg(long)]
+    model: PathBuf,
+    /// Dataset folder with train.conll, dev.conll, test.conll.
+    #[arg(long)]
+    data: PathBuf,
+    /// File of 0-based train sentence indices (the forget set), one per line.
+    #[arg(long)]
+    forget: Option<PathBuf>,
+    /// Write the metrics as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
+    max_len: usize,
+    #[arg(long, default_value_t = 8192)]
+    batch_tokens: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    a.device.init()?;
+    let clf = Classifier::load(&a.model)?;
+    let data = Dataset::load(&a.data)?;
+    let forget = a
+        .forget
+        .as_ref()
+        .map(|f| read_indices(f, data.train.len()))
+        .transpose()?;
+    let mut model = clf.model(Cpu, a.batch_tokens.max(a.max_len));
+    let ev = evaluate(&clf, &mut model, &data, forget.as_deref(), true, a.max_len)?;
+    print!("{}", ev.table());
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&ev).map_err(|e| Error::file(path, e.to_string()))?;
+        write_atomic(path, text.as_bytes())?;
+    }
+    Ok(())
+}

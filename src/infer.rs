@@ -1,0 +1,173 @@
+//! Running a trained token classifier over sentences: per-word logits (the first
+//! subword's, SPEC section 2) and per-sentence mean token loss (membership inference,
+//! SPEC section 6). Shared by `predict`, `eval` and the reports of `train` and `run`.
+use crate::backend::Backend;
+use crate::data::{sequential_batches, Batch, Encoder, LabelMap, PositionStyle, Sentence, Window};
+use crate::error::{Error, Result};
+use crate::model::{load_model_dir, Dims, HostWeights, Mode, Model, ModelConfig, ModelType};
+use std::path::Path;
+
+/// A classifier ready to run: config, labels, tokenizer and weights on the host.
+pub struct Classifier {
+    pub cfg: ModelConfig,
+    pub labels: LabelMap,
+    pub encoder: Encoder,
+    pub weights: HostWeights,
+}
+
+impl Classifier {
+    /// Loads a model folder that has a token-classification head and a label map.
+    pub fn load(dir: &Path) -> Result<Classifier> {
+        let (cfg, weights, has_head) = load_model_dir(dir)?;
+        if !has_head {
+            return Err(Error::file(
+                dir,
+                "this model has no token-classification head (classifier.weight); fine-tune it first with `deepcut-fast train`",
+            ));
+        }
+        let id2label = cfg.id2label.clone().ok_or_else(|| {
+            Error::file(
+                dir.join("config.json"),
+                "no id2label: the labels of the head are unknown",
+            )
+        })?;
+        let labels = LabelMap { labels: id2label };
+        let encoder = Encoder::from_file(&dir.join("tokenizer.json"))?;
+        Ok(Classifier {
+            cfg,
+            labels,
+            encoder,
+            weights,
+        })
+    }
+
+    /// Position numbering of this model family.
+    pub fn position_style(&self) -> PositionStyle {
+        position_style(&self.cfg)
+    }
+
+    /// The model on backend `be`, planned for batches of up to `max_tokens` tokens,
+    /// with the weights of `self`.
+    pub fn model<B: Backend>(&self, be: B, max_tokens: usize) -> Model<B> {
+        model_from_weights(be, &self.cfg, &self.weights, self.labels.len(), max_tokens)
+    }
+}
+
+pub fn position_style(cfg: &ModelConfig) -> PositionStyle {
+    match cfg.model_type {
+        ModelType::Bert => PositionStyle::Absolute,
+        ModelType::Roberta => PositionStyle::Roberta {
+            pad_id: cfg.pad_token_id,
+        },
+    }
+}
+
+/// Builds a model from host weights (which must hold every tensor of the config).
+pub fn model_from_weights<B: Backend>(
+    be: B, cfg: &ModelConfig, w: &HostWeights, labels: usize, max_tokens: usize,
+) -> Model<B> {
+    Model::new(be, Dims::from_config(cfg, labels), max_tokens, |name, _| {
+        w.get(name)
+            .unwrap_or_else(|| panic!("checked by the loader: tensor {name} present"))
+            .data
+            .clone()
+    })
+}
+
+/// What a pass over a list of sentences produces.
+pub struct Outputs {
+    /// Per sentence: [words * labels] logits of each word's first subword, row-major.
+    pub logits: Vec<Vec<f32>>,
+    /// Per sentence: mean cross-entropy over its labelled words (NaN when it has none).
+    pub mean_loss: Vec<f64>,
+    /// Tokens (real, not padding) processed.
+    pub tokens: usize,
+}
+
+impl Outputs {
+    /// Predicted tag of every word (argmax of its logits; first label on ties).
+    pub fn tags(&self, labels: &LabelMap) -> Vec<Vec<String>> {
+        let l = labels.len();
+        self.logits
+            .iter()
+            .map(|s| {
+                s.chunks(l)
+                    .map(|row| {
+                        let mut best = 0;
+                        for (j, &x) in row.iter().enumerate() {
+                            if x > row[best] {
+                                best = j;
+                            }
+                        }
+                        labels.labels[best].clone()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// Runs `model` (evaluation mode: no dropout) over `windows` of `sentences`, batches of
+/// at most `model.max_tokens()` tokens sorted by length (little padding), and collects
+/// per-word logits in input order and per-sentence losses.
+pub fn run_windows<B: Backend>(
+    model: &mut Model<B>, sentences: &[Sentence], windows: &[Window], pad_id: u32, style: PositionStyle,
+) -> Outputs {
+    let l = model.dims.labels;
+    let mut logits: Vec<Vec<f32>> = sentences.iter().map(|s| vec![0.0; s.words.len() * l]).collect();
+    let mut loss_sum = vec![0f64; sentences.len()];
+    let mut loss_count = vec![0usize; sentences.len()];
+    let mut tokens = 0;
+    let max_len = windows.iter().map(|w| w.ids.len()).max().unwrap_or(1).max(1);
+    let rows = (model.max_tokens() / max_len).max(1);
+    let lengths: Vec<usize> = windows.iter().map(|w| w.ids.len()).collect();
+    for idx in sequential_batches(&lengths, rows) {
+        let batch = Batch::gather(windows, &idx, pad_id, style);
+        model.forward(&batch.inputs, Mode::Eval);
+        let out = model.logits_host();
+        let losses = model.token_losses();
+        tokens += batch.n_tokens();
+        let t = batch.inputs.t;
+        for (r, &wi) in batch.windows.iter().enumerate() {
+            let w = &windows[wi];
+            for (k, &pos) in w.word_pos.iter().enumerate() {
+                let word = w.first_word + k;
+                let src = &out[(r * t + pos) * l..(r * t + pos + 1) * l];
+                logits[w.sentence][word * l..(word + 1) * l].copy_from_slice(src);
+                if w.labels[pos] >= 0 {
+                    loss_sum[w.sentence] += losses[r * t + pos] as f64;
+                    loss_count[w.sentence] += 1;
+                }
+            }
+        }
+    }
+    let mean_loss = loss_sum
+        .iter()
+        .zip(&loss_count)
+        .map(|(s, &c)| if c == 0 { f64::NAN } else { s / c as f64 })
+        .collect();
+    Outputs {
+        logits,
+        mean_loss,
+        tokens,
+    }
+}
+
+/// Tokenises `sentences` with the classifier's tokenizer and runs them.
+pub fn run_sentences<B: Backend>(
+    clf: &Classifier, model: &mut Model<B>, sentences: &[Sentence], max_len: usize,
+) -> Result<Outputs> {
+    let with_labels = sentences
+        .iter()
+        .all(|s| s.tags.len() == s.words.len() && !s.tags.is_empty());
+    let windows = clf
+        .encoder
+        .encode_sentences(sentences, with_labels.then_some(&clf.labels), max_len)?;
+    Ok(run_windows(
+        model,
+        sentences,
+        &windows,
+        clf.encoder.special_ids().pad,
+        clf.position_style(),
+    ))
+}
