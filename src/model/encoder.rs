@@ -8,6 +8,7 @@
 //! width, l labels. Weights keep the HF layout ([out, in] for linear layers), so a linear
 //! layer is y = x W^T + bias.
 use crate::backend::{Backend, Dropout, IGNORE_INDEX};
+use crate::model::checkpoint::{HostTensor, HostWeights};
 use crate::model::config::ModelConfig;
 
 /// The sizes the model needs (from config.json or a preset).
@@ -428,6 +429,25 @@ impl<B: Backend> Model<B> {
             .into_iter()
             .map(|p| (p.name.clone(), self.be.download(&p.g, p.numel())))
             .collect()
+    }
+
+    /// Parameter values as host weights (for saving a checkpoint or a model folder).
+    pub fn to_host(&self) -> HostWeights {
+        let mut w = HostWeights::default();
+        for (name, shape, data) in self.export() {
+            w.insert(name, HostTensor { shape, data });
+        }
+        w
+    }
+
+    /// Overwrites every parameter with `get(name)` (in `param_specs` order).
+    pub fn load_params<'a>(&mut self, mut get: impl FnMut(&str) -> &'a [f32]) {
+        let be = &self.be;
+        for p in self.params.iter_mut() {
+            let data = get(&p.name);
+            assert_eq!(data.len(), p.numel(), "load_params: {}", p.name);
+            be.upload(&mut p.w, data);
+        }
     }
 
     pub fn zero_grads(&mut self) {

@@ -1,0 +1,123 @@
+//! Run checkpoints: weights, AdamW moments and the caller's JSON state (step, stream
+//! positions, history) in one safetensors file, written atomically (temp file, fsync,
+//! rename). The previous checkpoint is kept beside it; a checkpoint that does not parse
+//! or whose checksum does not match (torn or corrupted) is reported and the previous one
+//! is used instead, so an interruption at any moment loses at most one interval.
+use super::optim::Optimizer;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::util::write_atomic;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const CURRENT: &str = "checkpoint.safetensors";
+pub const PREVIOUS: &str = "checkpoint.prev.safetensors";
+
+/// FNV-1a over the tensor bytes, in a fixed order: detects a checkpoint whose data was
+/// damaged after it was written.
+fn checksum<'a>(parts: impl Iterator<Item = &'a [u8]>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for chunk in part.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            h ^= u64::from_le_bytes(w);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Saves model weights, optimiser moments and `state` into `dir` (created if needed).
+pub fn save<B: Backend>(dir: &Path, model: &Model<B>, opt: &Optimizer<B>, state: &Value) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let weights = model.export();
+    let (m, v) = opt.export(model);
+    let mut named: Vec<(String, Vec<usize>, &[f32])> = vec![];
+    for ((name, shape, w), (m, v)) in weights.iter().zip(m.iter().zip(&v)) {
+        named.push((format!("w.{name}"), shape.clone(), w));
+        named.push((format!("m.{name}"), shape.clone(), m));
+        named.push((format!("v.{name}"), shape.clone(), v));
+    }
+    let sum = checksum(named.iter().map(|(_, _, d)| bytemuck::cast_slice::<f32, u8>(d)));
+    let mut views = vec![];
+    for (name, shape, data) in &named {
+        let view = TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(data))
+            .map_err(|e| Error::tensor(dir.join(CURRENT), name, e.to_string()))?;
+        views.push((name.clone(), view));
+    }
+    let meta: HashMap<String, String> = HashMap::from([
+        ("state".to_string(), state.to_string()),
+        ("checksum".to_string(), sum.to_string()),
+        ("optimizer_step".to_string(), opt.step.to_string()),
+    ]);
+    let bytes = safetensors::serialize(views, &Some(meta)).map_err(|e| Error::file(dir.join(CURRENT), e.to_string()))?;
+    let cur = dir.join(CURRENT);
+    if cur.exists() {
+        std::fs::rename(&cur, dir.join(PREVIOUS)).map_err(|e| Error::io(&cur, e))?;
+    }
+    write_atomic(&cur, &bytes)
+}
+
+/// Reads one checkpoint file into the model and optimiser; returns its state.
+fn load_file<B: Backend>(path: &Path, model: &mut Model<B>, opt: &mut Optimizer<B>) -> Result<Value> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::file(path, format!("not a readable checkpoint: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("not a readable checkpoint: {e}")))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let get_meta = |k: &str| meta.get(k).cloned().ok_or_else(|| Error::file(path, format!("checkpoint metadata lacks `{k}`")));
+    let state: Value = serde_json::from_str(&get_meta("state")?).map_err(|e| Error::file(path, format!("checkpoint state: {e}")))?;
+    let want_sum: u64 = get_meta("checksum")?.parse().map_err(|_| Error::file(path, "checkpoint checksum is not a number"))?;
+    let step: u64 = get_meta("optimizer_step")?.parse().map_err(|_| Error::file(path, "optimizer_step is not a number"))?;
+
+    let names: Vec<(String, usize)> = model.params.iter().iter().map(|p| (p.name.clone(), p.numel())).collect();
+    let mut tensors: HashMap<String, Vec<f32>> = HashMap::new();
+    let mut order = vec![];
+    for (name, n) in &names {
+        for kind in ["w", "m", "v"] {
+            let key = format!("{kind}.{name}");
+            let t = st.tensor(&key).map_err(|_| Error::tensor(path, &key, "missing from the checkpoint (was it written by another model?)"))?;
+            if t.dtype() != Dtype::F32 || t.data().len() != n * 4 {
+                return Err(Error::tensor(path, &key, format!("expected {n} f32 values")));
+            }
+            tensors.insert(key.clone(), bytemuck::pod_collect_to_vec(t.data()));
+            order.push(key);
+        }
+    }
+    let sum = checksum(order.iter().map(|k| bytemuck::cast_slice::<f32, u8>(&tensors[k])));
+    if sum != want_sum {
+        return Err(Error::file(path, "checksum mismatch: the checkpoint is damaged"));
+    }
+    model.load_params(|name| &tensors[&format!("w.{name}")]);
+    let m: Vec<Vec<f32>> = names.iter().map(|(n, _)| tensors[&format!("m.{n}")].clone()).collect();
+    let v: Vec<Vec<f32>> = names.iter().map(|(n, _)| tensors[&format!("v.{n}")].clone()).collect();
+    opt.import(model, &m, &v, step);
+    Ok(state)
+}
+
+/// Loads the newest good checkpoint of `dir` (None when there is none). A damaged
+/// current checkpoint falls back to the previous one, and says so on stderr.
+pub fn load<B: Backend>(dir: &Path, model: &mut Model<B>, opt: &mut Optimizer<B>) -> Result<Option<(Value, PathBuf)>> {
+    let mut last_err = None;
+    for name in [CURRENT, PREVIOUS] {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        match load_file(&path, model, opt) {
+            Ok(state) => return Ok(Some((state, path))),
+            Err(e) => {
+                eprintln!("warning: {e}; trying the previous checkpoint");
+                last_err = Some(e);
+            }
+        }
+    }
+    match last_err {
+        Some(e) => Err(Error::file(dir, format!("no usable checkpoint ({e})"))),
+        None => Ok(None),
+    }
+}
