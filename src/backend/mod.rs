@@ -16,8 +16,33 @@ pub mod philox;
 
 pub use philox::Dropout;
 
+use serde::{Deserialize, Serialize};
+
 /// Target for tokens that carry no label (HF convention).
 pub const IGNORE_INDEX: i32 = -100;
+
+/// AdamW hyper-parameters of one step (the schedule sets `lr` each step).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl AdamW {
+    /// SPEC section 4's betas 0.9/0.999, eps 1e-8, weight decay 0.01 at learning rate `lr`.
+    pub fn with_lr(lr: f32) -> Self {
+        AdamW {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
 
 pub trait Backend {
     /// A buffer of floats (fp32 on the CPU).
@@ -109,4 +134,18 @@ pub trait Backend {
     fn softmax_ce_bwd(
         &self, dlogits: &mut Self::Buf, logits: &Self::Buf, labels: &Self::IBuf, n: usize, v: usize, scale: f32,
     );
+
+    // ---- optimiser --------------------------------------------------------------------
+    /// One AdamW step (PyTorch semantics) on param, m, v [n] with grad [n]; step is 1-based.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, n: usize, hp: AdamW,
+        step: u64,
+    );
+    /// sum(x[..n]^2) in f64, deterministic for any thread count. The one op that returns
+    /// a host value (the clipping decision needs it); the CUDA backend reduces on the
+    /// device and copies back one number.
+    fn sum_squares(&self, x: &Self::Buf, n: usize) -> f64;
+    /// x[..n] *= alpha.
+    fn scale(&self, x: &mut Self::Buf, n: usize, alpha: f32);
 }

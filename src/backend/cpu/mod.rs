@@ -2,6 +2,7 @@
 //! row ops, matrixmultiply's own threads for GEMMs). It is the reference for every CUDA
 //! kernel: each op lives in a file named after its kernel family and keeps the kernel's
 //! argument order, and the free functions are what the parity tests call.
+pub mod adamw;
 pub mod attention;
 pub mod dropout;
 pub mod embedding;
@@ -10,7 +11,7 @@ pub mod gemm;
 pub mod layernorm;
 pub mod softmax_ce;
 
-use super::{Backend, Dropout};
+use super::{AdamW, Backend, Dropout};
 
 /// fp32 CPU backend. Buffers are plain vectors.
 #[derive(Default, Clone)]
@@ -140,5 +141,29 @@ impl Backend for Cpu {
         &self, dlogits: &mut Vec<f32>, logits: &Vec<f32>, labels: &Vec<i32>, n: usize, v: usize, scale: f32,
     ) {
         softmax_ce::softmax_ce_bwd(dlogits, logits, labels, n, v, scale)
+    }
+    fn adamw(
+        &self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, n: usize, hp: AdamW,
+        step: u64,
+    ) {
+        adamw::adamw(
+            param,
+            grad,
+            m,
+            v,
+            n,
+            hp.lr,
+            hp.beta1,
+            hp.beta2,
+            hp.eps,
+            hp.weight_decay,
+            step,
+        )
+    }
+    fn sum_squares(&self, x: &Vec<f32>, n: usize) -> f64 {
+        adamw::sum_squares(x, n)
+    }
+    fn scale(&self, x: &mut Vec<f32>, n: usize, alpha: f32) {
+        adamw::scale_inplace(x, n, alpha)
     }
 }
