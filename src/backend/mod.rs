@@ -16,8 +16,125 @@ pub mod philox;
 
 pub use philox::Dropout;
 
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
 /// Target for tokens that carry no label (HF convention).
 pub const IGNORE_INDEX: i32 = -100;
+
+/// Which rows enter the logsumexp of an anchor (SPEC section 4, `--contrast-denominator`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Denominator {
+    /// D_i = { j != i : y_j = y_i } (the paper's form; the default).
+    SameClass,
+    /// D_i = { j != i } (SupCon form).
+    All,
+}
+
+/// What the anchor's own other dropout view is (SPEC section 4, `--own-view`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OwnView {
+    /// Kept in D_i like any other row (the default).
+    Negative,
+    /// Removed from D_i.
+    Exclude,
+}
+
+/// Options of the class-masked InfoNCE (`infonce_fwd/bwd`); recorded in a run's config.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct InfoNceOptions {
+    /// Temperature: s_ij = z_i . z_j / tau.
+    pub tau: f32,
+    pub denominator: Denominator,
+    pub own_view: OwnView,
+    /// Gradients flow into the anchors' z only; the columns are constants (SPEC 4 point 6).
+    pub detach_columns: bool,
+}
+
+impl Default for InfoNceOptions {
+    /// SPEC section 4's defaults.
+    fn default() -> Self {
+        InfoNceOptions {
+            tau: 0.1,
+            denominator: Denominator::SameClass,
+            own_view: OwnView::Negative,
+            detach_columns: true,
+        }
+    }
+}
+
+impl InfoNceOptions {
+    /// Which rows are valid anchors: anchor[i] != 0, |P_i| > 0 and |D_i| > 0 (SPEC
+    /// section 4). Host-side on purpose: the batcher knows labels, anchors and partners,
+    /// so the loss scale gamma / count is known before the forward pass, with no device
+    /// round trip. `partner[i]` is the row of the same token in the other view or -1;
+    /// with `OwnView::Exclude` it leaves D_i (P_i is defined by class alone).
+    pub fn valid_anchors(&self, labels: &[i32], anchor: &[i32], partner: &[i32], m: usize) -> Vec<bool> {
+        let mut count: HashMap<i32, usize> = HashMap::new();
+        for &y in &labels[..m] {
+            *count.entry(y).or_default() += 1;
+        }
+        (0..m)
+            .map(|i| {
+                if anchor[i] == 0 {
+                    return false;
+                }
+                let y = labels[i];
+                let same = count[&y];
+                let p = partner[i];
+                assert!(
+                    p >= -1 && (p as isize) < m as isize,
+                    "infonce: partner {p} of row {i} out of range"
+                );
+                let partner_in_d = self.own_view == OwnView::Exclude
+                    && p >= 0
+                    && p as usize != i
+                    && (self.denominator == Denominator::All || labels[p as usize] == y);
+                let d = match self.denominator {
+                    Denominator::SameClass => same - 1,
+                    Denominator::All => m - 1,
+                } - partner_in_d as usize;
+                m - same > 0 && d > 0
+            })
+            .collect()
+    }
+}
+
+/// L_f on the host from the per-row losses `infonce_fwd` wrote (0 on rows that are not
+/// valid anchors): their sum in f64 over the number of valid anchors, 0 when there are
+/// none (as `Model::ce_loss` does for cross-entropy).
+pub fn infonce_loss_host(per_row: &[f32], valid_count: usize) -> f32 {
+    if valid_count == 0 {
+        return 0.0;
+    }
+    (per_row.iter().map(|&x| x as f64).sum::<f64>() / valid_count as f64) as f32
+}
+
+/// AdamW hyper-parameters of one step (the schedule sets `lr` each step).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl AdamW {
+    /// SPEC section 4's betas 0.9/0.999, eps 1e-8, weight decay 0.01 at learning rate `lr`.
+    pub fn with_lr(lr: f32) -> Self {
+        AdamW {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
 
 pub trait Backend {
     /// A buffer of floats (fp32 on the CPU).
@@ -109,4 +226,47 @@ pub trait Backend {
     fn softmax_ce_bwd(
         &self, dlogits: &mut Self::Buf, logits: &Self::Buf, labels: &Self::IBuf, n: usize, v: usize, scale: f32,
     );
+
+    // ---- DeepCUT contrastive term ---------------------------------------------------------
+    /// out[r, :] = src[idx[r], :] for r < m (out [m, c]): labelled positions into Z.
+    fn gather_rows(&self, out: &mut Self::Buf, src: &Self::Buf, idx: &Self::IBuf, m: usize, c: usize);
+    /// dst[idx[r], :] += src[r, :] for r < m. Accumulates (dZ joins the head's gradient
+    /// of the final hidden states); deterministic even if indices repeat.
+    fn scatter_add_rows(&self, dst: &mut Self::Buf, src: &Self::Buf, idx: &Self::IBuf, m: usize, c: usize);
+    /// out = inp / max(||inp||, 1e-12) per row of width c; saves that norm [m].
+    fn l2norm_fwd(&self, out: &mut Self::Buf, norm: &mut Self::Buf, inp: &Self::Buf, m: usize, c: usize);
+    /// dinp = (dout - out (out . dout)) / norm (overwritten).
+    fn l2norm_bwd(&self, dinp: &mut Self::Buf, dout: &Self::Buf, out: &Self::Buf, norm: &Self::Buf, m: usize, c: usize);
+    /// Class-masked InfoNCE (SPEC section 4) over z [m, c] (unit rows; every row is a
+    /// column), labels [m], anchor [m] (1/0), partner [m] (row of the other view or -1).
+    /// Writes loss [m] = L_i on valid anchors and 0 elsewhere, and lse [m] (the
+    /// denominator's logsumexp, saved for backward). L_f = `infonce_loss_host(loss,
+    /// count)` with count from `InfoNceOptions::valid_anchors`.
+    #[allow(clippy::too_many_arguments)]
+    fn infonce_fwd(
+        &self, loss: &mut Self::Buf, lse: &mut Self::Buf, z: &Self::Buf, labels: &Self::IBuf, anchor: &Self::IBuf,
+        partner: &Self::IBuf, m: usize, c: usize, opts: InfoNceOptions,
+    );
+    /// dz [m, c] (overwritten) = d(scale * sum of valid L_i)/dz; pass scale = gamma /
+    /// count for gamma * L_f. Anchor-side gradient always; column-side only when
+    /// `opts.detach_columns` is false.
+    #[allow(clippy::too_many_arguments)]
+    fn infonce_bwd(
+        &self, dz: &mut Self::Buf, z: &Self::Buf, lse: &Self::Buf, labels: &Self::IBuf, anchor: &Self::IBuf,
+        partner: &Self::IBuf, m: usize, c: usize, opts: InfoNceOptions, scale: f32,
+    );
+
+    // ---- optimiser --------------------------------------------------------------------
+    /// One AdamW step (PyTorch semantics) on param, m, v [n] with grad [n]; step is 1-based.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, n: usize, hp: AdamW,
+        step: u64,
+    );
+    /// sum(x[..n]^2) in f64, deterministic for any thread count. The one op that returns
+    /// a host value (the clipping decision needs it); the CUDA backend reduces on the
+    /// device and copies back one number.
+    fn sum_squares(&self, x: &Self::Buf, n: usize) -> f64;
+    /// x[..n] *= alpha.
+    fn scale(&self, x: &mut Self::Buf, n: usize, alpha: f32);
 }

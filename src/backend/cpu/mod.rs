@@ -2,15 +2,19 @@
 //! row ops, matrixmultiply's own threads for GEMMs). It is the reference for every CUDA
 //! kernel: each op lives in a file named after its kernel family and keeps the kernel's
 //! argument order, and the free functions are what the parity tests call.
+pub mod adamw;
 pub mod attention;
 pub mod dropout;
 pub mod embedding;
 pub mod gelu;
 pub mod gemm;
+pub mod infonce;
+pub mod l2norm;
 pub mod layernorm;
+pub mod rows;
 pub mod softmax_ce;
 
-use super::{Backend, Dropout};
+use super::{AdamW, Backend, Dropout, InfoNceOptions};
 
 /// fp32 CPU backend. Buffers are plain vectors.
 #[derive(Default, Clone)]
@@ -140,5 +144,53 @@ impl Backend for Cpu {
         &self, dlogits: &mut Vec<f32>, logits: &Vec<f32>, labels: &Vec<i32>, n: usize, v: usize, scale: f32,
     ) {
         softmax_ce::softmax_ce_bwd(dlogits, logits, labels, n, v, scale)
+    }
+    fn gather_rows(&self, out: &mut Vec<f32>, src: &Vec<f32>, idx: &Vec<i32>, m: usize, c: usize) {
+        rows::gather_rows(out, src, idx, m, c)
+    }
+    fn scatter_add_rows(&self, dst: &mut Vec<f32>, src: &Vec<f32>, idx: &Vec<i32>, m: usize, c: usize) {
+        rows::scatter_add_rows(dst, src, idx, m, c)
+    }
+    fn l2norm_fwd(&self, out: &mut Vec<f32>, norm: &mut Vec<f32>, inp: &Vec<f32>, m: usize, c: usize) {
+        l2norm::l2norm_fwd(out, norm, inp, m, c)
+    }
+    fn l2norm_bwd(&self, dinp: &mut Vec<f32>, dout: &Vec<f32>, out: &Vec<f32>, norm: &Vec<f32>, m: usize, c: usize) {
+        l2norm::l2norm_bwd(dinp, dout, out, norm, m, c)
+    }
+    fn infonce_fwd(
+        &self, loss: &mut Vec<f32>, lse: &mut Vec<f32>, z: &Vec<f32>, labels: &Vec<i32>, anchor: &Vec<i32>,
+        partner: &Vec<i32>, m: usize, c: usize, opts: InfoNceOptions,
+    ) {
+        infonce::infonce_fwd(loss, lse, z, labels, anchor, partner, m, c, opts)
+    }
+    fn infonce_bwd(
+        &self, dz: &mut Vec<f32>, z: &Vec<f32>, lse: &Vec<f32>, labels: &Vec<i32>, anchor: &Vec<i32>,
+        partner: &Vec<i32>, m: usize, c: usize, opts: InfoNceOptions, scale: f32,
+    ) {
+        infonce::infonce_bwd(dz, z, lse, labels, anchor, partner, m, c, opts, scale)
+    }
+    fn adamw(
+        &self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, n: usize, hp: AdamW,
+        step: u64,
+    ) {
+        adamw::adamw(
+            param,
+            grad,
+            m,
+            v,
+            n,
+            hp.lr,
+            hp.beta1,
+            hp.beta2,
+            hp.eps,
+            hp.weight_decay,
+            step,
+        )
+    }
+    fn sum_squares(&self, x: &Vec<f32>, n: usize) -> f64 {
+        adamw::sum_squares(x, n)
+    }
+    fn scale(&self, x: &mut Vec<f32>, n: usize, alpha: f32) {
+        adamw::scale_inplace(x, n, alpha)
     }
 }

@@ -1,0 +1,68 @@
+//! AdamW and the two reductions gradient clipping needs (global norm, rescale).
+//! CPU twin of kernels/adamw.cu.
+use rayon::prelude::*;
+
+/// Elements per partial sum in `sum_squares`. Fixed (not derived from the thread count)
+/// so the summation order, and so every bit of the result, is the same on any machine;
+/// the CUDA kernel uses the same chunking (one block per chunk, partials summed in order).
+pub const REDUCE_CHUNK: usize = 4096;
+
+/// Elements per parallel task of the element-wise ops (any value gives the same result).
+const ELEMWISE_CHUNK: usize = 16384;
+
+/// One AdamW step with PyTorch semantics (torch.optim.AdamW, single-tensor path), for
+/// param, grad, m, v [n]; `step` is 1-based (the step being taken):
+/// ```text
+/// param *= 1 - lr * wd                      (decoupled weight decay)
+/// m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2
+/// param -= lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
+/// ```
+/// The scalar factors are formed in f64 as Python does, then applied in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw(
+    param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], n: usize, lr: f32, beta1: f32, beta2: f32, eps: f32,
+    weight_decay: f32, step: u64,
+) {
+    assert!(step >= 1, "adamw: step is 1-based");
+    let (lr64, b1, b2) = (lr as f64, beta1 as f64, beta2 as f64);
+    let decay = (1.0 - lr64 * weight_decay as f64) as f32;
+    let bc1 = 1.0 - b1.powf(step as f64);
+    let bc2_sqrt = (1.0 - b2.powf(step as f64)).sqrt() as f32;
+    let step_size = (lr64 / bc1) as f32;
+    let (w1, w2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
+    param[..n]
+        .par_chunks_mut(ELEMWISE_CHUNK)
+        .zip(m[..n].par_chunks_mut(ELEMWISE_CHUNK))
+        .zip(v[..n].par_chunks_mut(ELEMWISE_CHUNK))
+        .zip(grad[..n].par_chunks(ELEMWISE_CHUNK))
+        .for_each(|(((p, m), v), g)| {
+            for i in 0..p.len() {
+                let gi = g[i];
+                p[i] *= decay;
+                // torch.lerp with weight < 0.5: start + weight * (end - start)
+                m[i] += w1 * (gi - m[i]);
+                v[i] = v[i] * beta2 + w2 * gi * gi;
+                let denom = v[i].sqrt() / bc2_sqrt + eps;
+                p[i] += -step_size * (m[i] / denom);
+            }
+        });
+}
+
+/// sum(x[..n]^2) in f64: fixed chunks of REDUCE_CHUNK summed in order, then the
+/// partials summed in order, so the result does not depend on the thread count.
+pub fn sum_squares(x: &[f32], n: usize) -> f64 {
+    let partials: Vec<f64> = x[..n]
+        .par_chunks(REDUCE_CHUNK)
+        .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>())
+        .collect();
+    partials.iter().sum()
+}
+
+/// x[..n] *= alpha (gradient clipping).
+pub fn scale_inplace(x: &mut [f32], n: usize, alpha: f32) {
+    x[..n].par_chunks_mut(ELEMWISE_CHUNK).for_each(|c| {
+        for v in c {
+            *v *= alpha;
+        }
+    });
+}
