@@ -35,6 +35,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     a.device.init()?;
     let clf = Classifier::load(&a.model)?;
     let data = Dataset::load(&a.data)?;
+    data.check_labels(&clf.labels)?;
     let forget = a
         .forget
         .as_ref()

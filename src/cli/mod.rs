@@ -2,6 +2,7 @@
 //! progress go to stderr, results to files (and readable tables to stdout).
 mod eval;
 mod predict;
+mod train;
 
 use crate::error::{Error, Result};
 use clap::{Args, Parser, Subcommand};
@@ -23,6 +24,8 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Entity F1 (seqeval) on a dataset's splits and the membership-inference AUC.
     Eval(eval::EvalArgs),
+    /// Fine-tune a pretrained encoder into a token classifier.
+    Train(train::TrainArgs),
 }
 
 /// Options every command that runs a model shares.
@@ -62,6 +65,29 @@ impl DeviceArgs {
     }
 }
 
+/// Makes `out` ready for a run: refuses to write into the input model's folder, refuses
+/// an existing folder unless --force (which empties it) or --resume (which needs it).
+pub fn prepare_out_dir(out: &std::path::Path, model: &std::path::Path, resume: bool, force: bool) -> Result<()> {
+    if crate::model::same_dir(out, model) || crate::model::same_dir(&out.join("model"), model) {
+        return Err(Error::invalid(format!("--out {}: would overwrite the input model {}", out.display(), model.display())));
+    }
+    if resume && force {
+        return Err(Error::invalid("--resume and --force conflict: --force starts over, --resume continues"));
+    }
+    let exists = out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true);
+    if resume {
+        if !out.join("checkpoints").exists() {
+            return Err(Error::invalid(format!("--resume: {} has no checkpoints/ to resume from", out.display())));
+        }
+    } else if exists {
+        if !force {
+            return Err(Error::invalid(format!("--out {} exists and is not empty; pass --force to overwrite it or --resume to continue it", out.display())));
+        }
+        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))
+}
+
 /// Runs the command line; returns the process exit status.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -74,6 +100,7 @@ pub fn main() -> i32 {
     let res = match cli.command {
         Command::Predict(a) => predict::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Train(a) => train::run(a),
     };
     match res {
         Ok(()) => 0,

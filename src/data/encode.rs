@@ -85,6 +85,7 @@ struct Vocab {
 }
 
 /// A `tokenizers::Tokenizer` set up for pre-split words, plus the special token layout.
+#[derive(Clone)]
 pub struct Encoder {
     tokenizer: Tokenizer,
     kind: TokenizerKind,

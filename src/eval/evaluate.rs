@@ -4,16 +4,17 @@
 use super::metrics::{entity_report, token_accuracy, EntityReport};
 use super::mia::auc;
 use crate::backend::Backend;
-use crate::data::{read_conll, Sentence};
+use crate::data::{read_conll, LabelMap, Sentence};
 use crate::error::Result;
 use crate::infer::{run_sentences, Classifier};
 use crate::model::Model;
 use serde::Serialize;
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A dataset folder: train/dev/test CoNLL files (SPEC section 1).
 pub struct Dataset {
+    pub dir: PathBuf,
     pub train: Vec<Sentence>,
     pub dev: Vec<Sentence>,
     pub test: Vec<Sentence>,
@@ -22,10 +23,20 @@ pub struct Dataset {
 impl Dataset {
     pub fn load(dir: &Path) -> Result<Dataset> {
         Ok(Dataset {
+            dir: dir.to_path_buf(),
             train: read_conll(&dir.join("train.conll"), true)?,
             dev: read_conll(&dir.join("dev.conll"), true)?,
             test: read_conll(&dir.join("test.conll"), true)?,
         })
+    }
+
+    /// Every tag of every split must be one of the model's labels (SPEC section 1: a
+    /// missing tag is an error, never a silent remap); the error names the file.
+    pub fn check_labels(&self, labels: &LabelMap) -> Result<()> {
+        for (name, s) in [("train", &self.train), ("dev", &self.dev), ("test", &self.test)] {
+            labels.check_covers(s, &self.dir.join(format!("{name}.conll")))?;
+        }
+        Ok(())
     }
 }
 

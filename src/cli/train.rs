@@ -1,0 +1,111 @@
+//! `deepcut-fast train`: fine-tune a pretrained encoder into a token classifier (the
+//! model to be unlearned, or, with --exclude, the retrained reference).
+use super::{prepare_out_dir, DeviceArgs};
+use crate::data::{read_indices, retain_indices, LabelMap};
+use crate::error::{Error, Result};
+use crate::eval::evaluate::{evaluate_split, Dataset};
+use crate::infer::model_from_weights;
+use crate::backend::cpu::Cpu;
+use crate::train::finetune::{finetune, Base, FinetuneConfig};
+use crate::util::write_atomic;
+use clap::Args;
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Args, Clone)]
+pub struct TrainOpts {
+    /// Epochs over the training sentences.
+    #[arg(long, default_value_t = FinetuneConfig::default().epochs)]
+    pub epochs: usize,
+    /// Peak learning rate (linear warm-up over 10% of steps, then linear decay).
+    #[arg(long, default_value_t = FinetuneConfig::default().lr)]
+    pub lr: f32,
+    /// Sentences per batch.
+    #[arg(long, default_value_t = FinetuneConfig::default().batch)]
+    pub batch: usize,
+    /// Subwords per window, special tokens included.
+    #[arg(long, default_value_t = FinetuneConfig::default().max_len)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl TrainOpts {
+    pub fn config(&self) -> FinetuneConfig {
+        FinetuneConfig { epochs: self.epochs, lr: self.lr, batch: self.batch, max_len: self.max_len, seed: self.seed, ..FinetuneConfig::default() }
+    }
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Pretrained model folder (Hugging Face layout); never modified.
+    #[arg(long)]
+    model: PathBuf,
+    /// Dataset folder with train.conll, dev.conll, test.conll.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output folder: model/ (best dev F1), train.json, checkpoints/.
+    #[arg(long)]
+    out: PathBuf,
+    /// File of 0-based train sentence indices to leave out (how the retrain reference is made).
+    #[arg(long)]
+    exclude: Option<PathBuf>,
+    #[command(flatten)]
+    opts: TrainOpts,
+    /// Continue an interrupted run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Overwrite an existing --out.
+    #[arg(long)]
+    force: bool,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    a.device.init()?;
+    prepare_out_dir(&a.out, &a.model, a.resume, a.force)?;
+    let data = Dataset::load(&a.data)?;
+    let labels = LabelMap::from_sentences(&data.train);
+    data.check_labels(&labels)?;
+    let base = Base::load(&a.model)?;
+    let fc = a.opts.config();
+    let kept: Vec<usize> = match &a.exclude {
+        Some(f) => retain_indices(data.train.len(), &read_indices(f, data.train.len())?),
+        None => (0..data.train.len()).collect(),
+    };
+    if kept.is_empty() {
+        return Err(Error::invalid("--exclude leaves no training sentence"));
+    }
+    let train: Vec<_> = kept.iter().map(|&i| data.train[i].clone()).collect();
+    let clf = base.classifier(&labels, fc.seed)?;
+    if !base.head_matches(&labels) {
+        eprintln!("{}: new classification head for the {} labels of {}", a.model.display(), labels.len(), a.data.display());
+    }
+    eprintln!("fine-tuning on {} of {} train sentences: {} epochs, lr {}, batch {}", train.len(), data.train.len(), fc.epochs, fc.lr, fc.batch);
+    let (clf, rec) = finetune(clf, &a.model, &train, &data, &fc, &a.out, a.resume, a.quiet)?;
+
+    let mut model = model_from_weights(Cpu, &clf.cfg, &clf.weights, clf.labels.len(), fc.batch * fc.max_len);
+    let tr = evaluate_split(&clf, &mut model, &train, fc.max_len)?;
+    let dev = evaluate_split(&clf, &mut model, &data.dev, fc.max_len)?;
+    let test = evaluate_split(&clf, &mut model, &data.test, fc.max_len)?;
+    println!("{:<6} {:>9} {:>9} {:>9}", "split", "precision", "recall", "f1");
+    for (n, m) in [("train", &tr), ("dev", &dev), ("test", &test)] {
+        println!("{:<6} {:>9.4} {:>9.4} {:>9.4}", n, m.precision, m.recall, m.f1);
+    }
+    let report = json!({
+        "config": fc,
+        "model": a.model, "data": a.data, "exclude": a.exclude,
+        "train_sentences": train.len(),
+        "metrics": {"train": tr, "dev": dev, "test": test},
+        "record": rec,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let path = a.out.join("train.json");
+    write_atomic(&path, serde_json::to_string_pretty(&report).map_err(|e| Error::file(&path, e.to_string()))?.as_bytes())?;
+    eprintln!("best dev F1 {:.4} at epoch {}; model in {}", rec.best_dev_f1, rec.best_epoch, a.out.join("model").display());
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! Fine-tuning a token classifier with cross-entropy (the `train` command, the original
+//! model of a run, the retrain reference, and the shards of SISA). Dev F1 after every
+//! epoch, best model kept, checkpoints for --resume.
+use super::checkpoint;
+use super::optim::{OptimConfig, Optimizer};
+use crate::backend::cpu::Cpu;
+use crate::data::{bucketed_batches, Batch, Encoder, LabelMap, Sentence};
+use crate::error::{Error, Result};
+use crate::eval::evaluate::{evaluate_split, Dataset};
+use crate::infer::{model_from_weights, Classifier};
+use crate::model::{copy_tokenizer_files, init_head, save_model_dir, HostWeights, Mode, ModelConfig};
+use crate::util::progress;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// The recipe. Defaults: the measured recipe that fits WNUT17's training data with
+/// MiniLM (BENCHMARKS.md); SPEC section 5 asks the original to reach train F1 >= 95.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FinetuneConfig {
+    pub epochs: usize,
+    pub lr: f32,
+    /// Sentences (windows) per batch.
+    pub batch: usize,
+    pub max_len: usize,
+    pub seed: u64,
+    /// Fraction of all steps spent warming up.
+    pub warmup_ratio: f32,
+    pub weight_decay: f32,
+    pub clip: f32,
+    /// Write a checkpoint every this many steps (and at every epoch end).
+    pub checkpoint_every: u64,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        FinetuneConfig {
+            epochs: 12,
+            lr: 1e-4,
+            batch: 32,
+            max_len: 128,
+            seed: 0,
+            warmup_ratio: 0.1,
+            weight_decay: 0.01,
+            clip: 1.0,
+            checkpoint_every: 200,
+        }
+    }
+}
+
+/// What the pretrained model folder gives fine-tuning: config, weights (with or without
+/// a head) and tokenizer.
+pub struct Base {
+    pub dir: std::path::PathBuf,
+    pub cfg: ModelConfig,
+    pub weights: HostWeights,
+    pub has_head: bool,
+    pub encoder: Encoder,
+}
+
+impl Base {
+    pub fn load(dir: &Path) -> Result<Base> {
+        let (cfg, weights, has_head) = crate::model::load_model_dir(dir)?;
+        let encoder = Encoder::from_file(&dir.join("tokenizer.json"))?;
+        Ok(Base { dir: dir.to_path_buf(), cfg, weights, has_head, encoder })
+    }
+
+    /// Whether the head's labels are exactly `labels`.
+    pub fn head_matches(&self, labels: &LabelMap) -> bool {
+        self.has_head && self.cfg.id2label.as_ref() == Some(&labels.labels)
+    }
+
+    /// A classifier for `labels`: the existing head when it has these labels, else a
+    /// fresh head (seeded).
+    pub fn classifier(&self, labels: &LabelMap, seed: u64) -> Result<Classifier> {
+        let mut cfg = self.cfg.clone();
+        let mut weights = self.weights.clone();
+        if !self.head_matches(labels) {
+            weights.tensors.remove("classifier.weight");
+            weights.tensors.remove("classifier.bias");
+            init_head(&mut weights, &cfg, labels.len(), seed)?;
+            cfg.id2label = Some(labels.labels.clone());
+        }
+        Ok(Classifier { cfg, labels: labels.clone(), encoder: self.encoder.clone(), weights })
+    }
+}
+
+/// Per-epoch record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub dev_f1: f64,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FinetuneResult {
+    pub epochs: Vec<EpochRecord>,
+    pub best_epoch: usize,
+    pub best_dev_f1: f64,
+    pub steps: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+    /// Training loss of every step (for the report's curves).
+    pub step_losses: Vec<f32>,
+}
+
+/// Fine-tunes `clf` on `train` (sentences), keeps the best dev-F1 weights in
+/// `out/model` (Hugging Face layout), checkpoints into `out/checkpoints`.
+/// Returns the best classifier and the record.
+pub fn finetune(
+    mut clf: Classifier, tokenizer_dir: &Path, train: &[Sentence], data: &Dataset, fc: &FinetuneConfig, out: &Path,
+    resume: bool, quiet: bool,
+) -> Result<(Classifier, FinetuneResult)> {
+    if fc.batch == 0 || fc.epochs == 0 || !(fc.lr > 0.0) {
+        return Err(Error::invalid("--batch, --epochs and --lr must be positive"));
+    }
+    let windows = clf.encoder.encode_sentences(train, Some(&clf.labels), fc.max_len)?;
+    let lengths: Vec<usize> = windows.iter().map(|w| w.ids.len()).collect();
+    let pad = clf.encoder.special_ids().pad;
+    let style = clf.position_style();
+    let per_epoch = bucketed_batches(&lengths, fc.batch, fc.seed, 0).len() as u64;
+    let total = per_epoch * fc.epochs as u64;
+    let ocfg = OptimConfig {
+        lr: fc.lr,
+        weight_decay: fc.weight_decay,
+        warmup: (total as f32 * fc.warmup_ratio).round() as u64,
+        total,
+        clip: fc.clip,
+    };
+    let mut model = model_from_weights(Cpu, &clf.cfg, &clf.weights, clf.labels.len(), fc.batch * fc.max_len);
+    let mut opt = Optimizer::new(&model, ocfg);
+    let ckpt_dir = out.join("checkpoints");
+    let model_dir = out.join("model");
+
+    let config_json = serde_json::to_value(fc).map_err(|e| Error::invalid(e.to_string()))?;
+    let mut rec = FinetuneResult { epochs: vec![], best_epoch: 0, best_dev_f1: -1.0, steps: 0, tokens: 0, seconds: 0.0, step_losses: vec![] };
+    let (mut epoch, mut batch_in_epoch) = (0usize, 0usize);
+    if resume {
+        if let Some((state, path)) = checkpoint::load(&ckpt_dir, &mut model, &mut opt)? {
+            if state["config"] != config_json {
+                return Err(Error::file(path, "the checkpoint was written with other training options; rerun with the same options or without --resume"));
+            }
+            rec = serde_json::from_value(state["record"].clone()).map_err(|e| Error::invalid(format!("checkpoint record: {e}")))?;
+            epoch = state["epoch"].as_u64().unwrap_or(0) as usize;
+            batch_in_epoch = state["batch_in_epoch"].as_u64().unwrap_or(0) as usize;
+            eprintln!("resuming from {} at epoch {}, batch {}", path.display(), epoch + 1, batch_in_epoch);
+        }
+    }
+    let t_start = std::time::Instant::now();
+    let seconds_before = rec.seconds;
+    while epoch < fc.epochs {
+        let t_epoch = std::time::Instant::now();
+        let batches = bucketed_batches(&lengths, fc.batch, fc.seed, epoch as u64);
+        let pb = progress(batches.len() as u64, &format!("epoch {}", epoch + 1), quiet);
+        pb.set_position(batch_in_epoch as u64);
+        let mut loss_sum = 0f64;
+        let mut loss_n = 0usize;
+        while batch_in_epoch < batches.len() {
+            let batch = Batch::gather(&windows, &batches[batch_in_epoch], pad, style);
+            let step = opt.step;
+            model.forward(&batch.inputs, Mode::Train { seed: fc.seed, step });
+            let loss = model.ce_loss(&batch.inputs);
+            if !loss.is_finite() {
+                return Err(Error::Numeric(format!(
+                    "cross-entropy loss is {loss} at step {} (epoch {}); the last good checkpoint is in {}",
+                    step + 1,
+                    epoch + 1,
+                    ckpt_dir.display()
+                )));
+            }
+            model.zero_grads();
+            model.backward(1.0 / batch.labelled().max(1) as f32, None);
+            opt.update(&mut model)?;
+            rec.steps += 1;
+            rec.tokens += batch.n_tokens() as u64;
+            rec.step_losses.push(loss);
+            loss_sum += loss as f64;
+            loss_n += 1;
+            batch_in_epoch += 1;
+            pb.inc(1);
+            pb.set_message(format!("loss {loss:.4}"));
+            if rec.steps % fc.checkpoint_every == 0 {
+                rec.seconds = seconds_before + t_start.elapsed().as_secs_f64();
+                let state = json!({"config": config_json, "record": rec, "epoch": epoch, "batch_in_epoch": batch_in_epoch});
+                checkpoint::save(&ckpt_dir, &model, &opt, &state)?;
+            }
+        }
+        pb.finish_and_clear();
+        let dev = evaluate_split(&clf, &mut model, &data.dev, fc.max_len)?;
+        let train_loss = loss_sum / loss_n.max(1) as f64;
+        eprintln!("epoch {}: train loss {:.4}, dev F1 {:.4} ({:.0} s)", epoch + 1, train_loss, dev.f1, t_epoch.elapsed().as_secs_f64());
+        rec.epochs.push(EpochRecord { epoch: epoch + 1, train_loss, dev_f1: dev.f1, seconds: t_epoch.elapsed().as_secs_f64() });
+        if dev.f1 > rec.best_dev_f1 {
+            rec.best_dev_f1 = dev.f1;
+            rec.best_epoch = epoch + 1;
+            clf.weights = model.to_host();
+            save_model_dir(&model_dir, &clf.cfg, &clf.weights)?;
+            copy_tokenizer_files(tokenizer_dir, &model_dir)?;
+        }
+        epoch += 1;
+        batch_in_epoch = 0;
+        rec.seconds = seconds_before + t_start.elapsed().as_secs_f64();
+        let state = json!({"config": config_json, "record": rec, "epoch": epoch, "batch_in_epoch": 0});
+        checkpoint::save(&ckpt_dir, &model, &opt, &state)?;
+    }
+    // The best epoch's weights are what this returns (and what out/model holds).
+    let (_, best, _) = crate::model::load_model_dir(&model_dir)?;
+    clf.weights = best;
+    Ok((clf, rec))
+}
+
+/// The record as JSON for reports.
+pub fn record_json(rec: &FinetuneResult) -> Value {
+    serde_json::to_value(rec).unwrap_or(Value::Null)
+}
