@@ -171,3 +171,25 @@ pub fn run_sentences<B: Backend>(
         clf.position_style(),
     ))
 }
+
+/// Final hidden states [m, c] of every labelled token of `windows` (evaluation mode), with
+/// their label ids: the embeddings the report's PCA picture shows.
+pub fn labelled_hidden<B: Backend>(model: &mut Model<B>, windows: &[Window], pad_id: u32, style: PositionStyle) -> (Vec<f32>, Vec<i32>) {
+    let c = model.dims.hidden;
+    let max_len = windows.iter().map(|w| w.ids.len()).max().unwrap_or(1).max(1);
+    let rows = (model.max_tokens() / max_len).max(1);
+    let (mut out, mut labels) = (vec![], vec![]);
+    let all: Vec<usize> = (0..windows.len()).collect();
+    for idx in all.chunks(rows) {
+        let batch = Batch::gather(windows, idx, pad_id, style);
+        model.forward(&batch.inputs, Mode::Eval);
+        let h = model.hidden_host();
+        for (i, &y) in batch.inputs.labels.iter().enumerate() {
+            if y >= 0 {
+                out.extend_from_slice(&h[i * c..(i + 1) * c]);
+                labels.push(y);
+            }
+        }
+    }
+    (out, labels)
+}

@@ -12,6 +12,7 @@ pub mod infer;
 pub mod model;
 pub mod report;
 pub mod train;
+pub mod unlearn;
 pub mod util;
 
 pub use error::{Error, Result};

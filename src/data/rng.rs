@@ -15,6 +15,7 @@ pub enum Purpose {
     ForgetSplit = 1,
     Buckets = 2,
     Stream = 3,
+    RandomLabels = 4,
 }
 
 /// A generator keyed by (seed, purpose, epoch): the 32-byte ChaCha key is the three

@@ -2,4 +2,5 @@
 //! charts, the PCA picture of the forget tokens' embeddings). report.json is written by
 //! the run itself; this module only draws.
 pub mod pca;
+pub mod run_report;
 pub mod svg;

@@ -1,0 +1,146 @@
+//! One DeepCUT step (SPEC section 4): forward over [forget view a | forget view b |
+//! retain] as one batch (independent dropout masks, since the two views are different
+//! rows), CE on retain tokens, class-masked InfoNCE over the L2-normalised final hidden
+//! states of all labelled tokens with the forget tokens as anchors, one backward pass
+//! with the contrastive gradient entering at the final hidden states.
+use crate::backend::{infonce_loss_host, Backend, InfoNceOptions, IGNORE_INDEX};
+use crate::data::{Batch, PositionStyle, Window};
+use crate::model::{Mode, Model};
+use serde::{Deserialize, Serialize};
+
+/// Which forget tokens are anchors (`--anchors`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Anchors {
+    /// Every labelled forget token (the default).
+    All,
+    /// Forget tokens whose gold tag is not O.
+    Entities,
+}
+
+/// Device buffers of the contrastive term, planned once for the largest step.
+pub struct Contrast<B: Backend> {
+    idx: B::IBuf,
+    labels: B::IBuf,
+    anchor: B::IBuf,
+    partner: B::IBuf,
+    zraw: B::Buf,
+    z: B::Buf,
+    norm: B::Buf,
+    loss: B::Buf,
+    lse: B::Buf,
+    dz: B::Buf,
+    dzraw: B::Buf,
+    dhidden: B::Buf,
+}
+
+/// Host-side layout of one step's contrastive rows.
+pub struct ZRows {
+    /// Row of the flattened [b*t] batch each Z row comes from.
+    pub idx: Vec<i32>,
+    pub labels: Vec<i32>,
+    pub anchor: Vec<i32>,
+    pub partner: Vec<i32>,
+}
+
+/// Losses of one step.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct StepLosses {
+    pub ce: f32,
+    pub contrast: f32,
+    pub total: f32,
+    /// Anchors that entered L_f.
+    pub anchors: usize,
+}
+
+impl<B: Backend> Contrast<B> {
+    pub fn new(be: &B, max_rows: usize, c: usize) -> Self {
+        Contrast {
+            idx: be.alloc_i32(max_rows),
+            labels: be.alloc_i32(max_rows),
+            anchor: be.alloc_i32(max_rows),
+            partner: be.alloc_i32(max_rows),
+            zraw: be.alloc(max_rows * c),
+            z: be.alloc(max_rows * c),
+            norm: be.alloc(max_rows),
+            loss: be.alloc(max_rows),
+            lse: be.alloc(max_rows),
+            dz: be.alloc(max_rows * c),
+            dzraw: be.alloc(max_rows * c),
+            dhidden: be.alloc(max_rows * c),
+        }
+    }
+}
+
+/// The batch of a DeepCUT step and its contrastive rows. `forget` and `retain` index
+/// `windows`. Forget rows keep their gold labels for the class masks but carry no CE.
+pub fn assemble(windows: &[Window], forget: &[usize], retain: &[usize], pad: u32, style: PositionStyle, o_id: i32, anchors: Anchors) -> (Batch, ZRows) {
+    let bf = forget.len();
+    let mut rows: Vec<usize> = forget.to_vec();
+    rows.extend_from_slice(forget);
+    rows.extend_from_slice(retain);
+    let mut batch = Batch::gather(windows, &rows, pad, style);
+    let t = batch.t;
+    let gold = batch.inputs.labels.clone();
+    let mut z = ZRows { idx: vec![], labels: vec![], anchor: vec![], partner: vec![] };
+    // Z rows of view a, in order; view b repeats the same positions, so row k of view a
+    // and row k of view b are partners.
+    let mut first_view_b = 0;
+    for r in 0..rows.len() {
+        if r == bf {
+            first_view_b = z.idx.len();
+        }
+        for p in 0..t {
+            let y = gold[r * t + p];
+            if y == IGNORE_INDEX {
+                continue;
+            }
+            z.idx.push((r * t + p) as i32);
+            z.labels.push(y);
+            let is_forget = r < 2 * bf;
+            z.anchor.push((is_forget && (anchors == Anchors::All || y != o_id)) as i32);
+            z.partner.push(-1);
+        }
+    }
+    let per_view = first_view_b;
+    for k in 0..per_view.min(z.idx.len().saturating_sub(per_view)) {
+        z.partner[k] = (per_view + k) as i32;
+        z.partner[per_view + k] = k as i32;
+    }
+    // CE only on retain rows.
+    batch.inputs.labels[..2 * bf * t].fill(IGNORE_INDEX);
+    (batch, z)
+}
+
+/// Forward, losses and backward of one DeepCUT step; parameter gradients are left in the
+/// model (zeroed first). The optimiser step is the caller's.
+pub fn step<B: Backend>(model: &mut Model<B>, cb: &mut Contrast<B>, batch: &Batch, z: &ZRows, opts: InfoNceOptions, gamma: f32, mode: Mode) -> StepLosses {
+    let m = z.idx.len();
+    let c = model.dims.hidden;
+    let valid = opts.valid_anchors(&z.labels, &z.anchor, &z.partner, m);
+    let count = valid.iter().filter(|&&v| v).count();
+    model.forward(&batch.inputs, mode);
+    let ce_count = batch.labelled();
+    let ce = model.ce_loss(&batch.inputs);
+    let be = &model.be;
+    be.upload_i32(&mut cb.idx, &z.idx);
+    be.upload_i32(&mut cb.labels, &z.labels);
+    be.upload_i32(&mut cb.anchor, &z.anchor);
+    be.upload_i32(&mut cb.partner, &z.partner);
+    be.gather_rows(&mut cb.zraw, model.hidden(), &cb.idx, m, c);
+    be.l2norm_fwd(&mut cb.z, &mut cb.norm, &cb.zraw, m, c);
+    be.infonce_fwd(&mut cb.loss, &mut cb.lse, &cb.z, &cb.labels, &cb.anchor, &cb.partner, m, c, opts);
+    let lf = infonce_loss_host(&be.download(&cb.loss, m), count);
+
+    let n = batch.tokens();
+    be.zero(&mut cb.dhidden, n * c);
+    if count > 0 && gamma != 0.0 {
+        be.infonce_bwd(&mut cb.dz, &cb.z, &cb.lse, &cb.labels, &cb.anchor, &cb.partner, m, c, opts, gamma / count as f32);
+        be.l2norm_bwd(&mut cb.dzraw, &cb.dz, &cb.z, &cb.norm, m, c);
+        be.scatter_add_rows(&mut cb.dhidden, &cb.dzraw, &cb.idx, m, c);
+    }
+    model.zero_grads();
+    let ce_scale = if ce_count > 0 { 1.0 / ce_count as f32 } else { 0.0 };
+    model.backward(ce_scale, Some(&cb.dhidden));
+    StepLosses { ce, contrast: lf, total: ce + gamma * lf, anchors: count }
+}

@@ -1,0 +1,403 @@
+//! The `run` driver: original model (fine-tuned first when the given model has no head
+//! for the data's labels), forget set, reference metrics, the unlearning loop with its
+//! stopping rule and checkpoints, final metrics, the run folder.
+use super::deepcut::{self, Anchors, Contrast, StepLosses};
+use super::methods;
+use super::Method;
+use crate::backend::cpu::Cpu;
+use crate::backend::{Denominator, InfoNceOptions, OwnView};
+use crate::data::{write_indices, LabelMap, Stream, StreamState, Window};
+use crate::error::{Error, Result};
+use crate::eval::evaluate::{evaluate, evaluate_split, split_train, Dataset, Evaluation};
+use crate::eval::mia::privleak;
+use crate::infer::{labelled_hidden, model_from_weights, Classifier};
+use crate::model::{copy_tokenizer_files, save_model_dir, Mode};
+use crate::train::checkpoint;
+use crate::train::finetune::{finetune, Base, FinetuneConfig};
+use crate::train::optim::{OptimConfig, Optimizer};
+use crate::util::{peak_memory_bytes, progress, write_atomic};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Every resolved option of an unlearning run (recorded in report.json).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunConfig {
+    pub method: Method,
+    pub tau: f32,
+    pub gamma: f32,
+    pub contrast_denominator: Denominator,
+    pub own_view: OwnView,
+    pub anchors: Anchors,
+    pub detach_columns: bool,
+    pub bf: usize,
+    pub br: usize,
+    pub lr: f32,
+    pub warmup_ratio: f32,
+    pub weight_decay: f32,
+    pub clip: f32,
+    /// neggrad+'s weight of the forget term.
+    pub beta: f32,
+    pub max_forget_epochs: f64,
+    /// A fixed number of steps instead of the stopping rule.
+    pub steps: Option<u64>,
+    pub check_every: u64,
+    pub checkpoint_every: u64,
+    pub max_len: usize,
+    pub seed: u64,
+}
+
+impl RunConfig {
+    pub fn infonce(&self) -> InfoNceOptions {
+        InfoNceOptions { tau: self.tau, denominator: self.contrast_denominator, own_view: self.own_view, detach_columns: self.detach_columns }
+    }
+}
+
+/// Where everything comes from and goes.
+pub struct RunInputs {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub forget: Vec<usize>,
+    pub forget_file: Option<PathBuf>,
+    pub forget_ratio: Option<f64>,
+    pub retrain_ref: Option<PathBuf>,
+    /// Pretrained encoder for `retrain` (default: --model when it has no head).
+    pub base: Option<PathBuf>,
+    pub out: PathBuf,
+    pub train: FinetuneConfig,
+    pub resume: bool,
+    pub quiet: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct StepRecord {
+    step: u64,
+    ce: f32,
+    contrast: f32,
+    total: f32,
+    lr: f32,
+    grad_norm: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Check {
+    step: u64,
+    forget_f1: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct LoopState {
+    step: u64,
+    tokens: u64,
+    seconds: f64,
+    eval_seconds: f64,
+    forget_stream: Option<StreamState>,
+    retain_stream: Option<StreamState>,
+    steps: Vec<StepRecord>,
+    checks: Vec<Check>,
+    stop_reason: String,
+    done: bool,
+}
+
+fn metrics_json(ev: &Evaluation) -> Value {
+    let prf = |m: &crate::eval::evaluate::SplitMetrics| json!({"precision": m.precision, "recall": m.recall, "f1": m.f1});
+    let mut v = json!({"dev": prf(&ev.dev), "test": prf(&ev.test), "mia_auc": ev.mia_auc});
+    if let Some(f) = &ev.forget {
+        v["forget"] = prf(f);
+    }
+    if let Some(r) = &ev.retain {
+        v["retain"] = prf(r);
+    }
+    v
+}
+
+fn save_json(path: &Path, v: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::file(path, e.to_string()))?;
+    write_atomic(path, text.as_bytes())
+}
+
+/// The original (model to be unlearned): the given model when its head has the data's
+/// labels, else a fine-tune of it with `train` (said on stderr, record returned).
+fn original(inp: &RunInputs, base: &Base, labels: &LabelMap, data: &Dataset) -> Result<(Classifier, Option<Value>)> {
+    if base.head_matches(labels) {
+        return base.classifier(labels, inp.train.seed).map(|c| (c, None));
+    }
+    let dir = inp.out.join("original");
+    if dir.join("train.json").exists() {
+        eprintln!("original: reusing the fine-tuned model in {}", dir.display());
+        let clf = Classifier::load(&dir.join("model"))?;
+        let rec: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).map_err(|e| Error::io(dir.join("train.json"), e))?)
+            .map_err(|e| Error::file(dir.join("train.json"), e.to_string()))?;
+        return Ok((clf, Some(rec)));
+    }
+    eprintln!(
+        "{} has no classification head for the {} labels of {}: fine-tuning the original first ({} epochs, lr {}) into {}",
+        inp.model.display(),
+        labels.len(),
+        inp.data.display(),
+        inp.train.epochs,
+        inp.train.lr,
+        dir.display()
+    );
+    let resume = dir.join("checkpoints").exists();
+    let (clf, rec) = finetune(base.classifier(labels, inp.train.seed)?, &inp.model, &data.train, data, &inp.train, &dir, resume, inp.quiet)?;
+    let rec = json!({"config": inp.train, "record": rec});
+    save_json(&dir.join("train.json"), &rec)?;
+    Ok((clf, Some(rec)))
+}
+
+/// Runs unlearning end to end and writes the run folder.
+pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
+    let t_all = Instant::now();
+    let data = Dataset::load(&inp.data)?;
+    let labels = LabelMap::from_sentences(&data.train);
+    let base = Base::load(&inp.model)?;
+    if base.has_head && !base.head_matches(&labels) {
+        if let Some(l) = &base.cfg.id2label {
+            let missing: Vec<&String> = labels.labels.iter().filter(|t| !l.contains(t)).collect();
+            if !missing.is_empty() {
+                return Err(Error::file(inp.model.join("config.json"), format!("the model's labels do not cover the data: {missing:?} missing from id2label")));
+            }
+        }
+    }
+    data.check_labels(&labels)?;
+    let (orig, orig_training) = original(&inp, &base, &labels, &data)?;
+    let forget_path = inp.out.join("forget.txt");
+    write_indices(&forget_path, &inp.forget)?;
+    let (forget_sents, retain_sents) = split_train(&data.train, &inp.forget);
+    eprintln!("forget set: {} of {} train sentences -> {}", inp.forget.len(), data.train.len(), forget_path.display());
+
+    // Reference metrics of the original (cached so a resumed run does not redo them).
+    let max_tokens = (2 * cfg.bf + cfg.br).max(8) * cfg.max_len;
+    let mut model = model_from_weights(Cpu, &orig.cfg, &orig.weights, orig.labels.len(), max_tokens);
+    let ref_path = inp.out.join("checkpoints").join("original_eval.json");
+    let windows = orig.encoder.encode_sentences(&data.train, Some(&orig.labels), cfg.max_len)?;
+    let mut is_forget = vec![false; data.train.len()];
+    inp.forget.iter().for_each(|&i| is_forget[i] = true);
+    let forget_w: Vec<usize> = (0..windows.len()).filter(|&i| is_forget[windows[i].sentence]).collect();
+    let retain_w: Vec<usize> = (0..windows.len()).filter(|&i| !is_forget[windows[i].sentence]).collect();
+    let forget_windows: Vec<Window> = forget_w.iter().map(|&i| windows[i].clone()).collect();
+    let (pad, style) = (orig.encoder.special_ids().pad, orig.position_style());
+    let t_eval = Instant::now();
+    let ref_original = if inp.resume && ref_path.exists() {
+        serde_json::from_str(&std::fs::read_to_string(&ref_path).map_err(|e| Error::io(&ref_path, e))?).map_err(|e| Error::file(&ref_path, e.to_string()))?
+    } else {
+        eprintln!("evaluating the original model (forget, retain, dev, test) ...");
+        let ev = evaluate(&orig, &mut model, &data, Some(&inp.forget), true, cfg.max_len)?;
+        let v = metrics_json(&ev);
+        std::fs::create_dir_all(inp.out.join("checkpoints")).map_err(|e| Error::io(inp.out.join("checkpoints"), e))?;
+        save_json(&ref_path, &v)?;
+        v
+    };
+    let orig_eval_seconds = t_eval.elapsed().as_secs_f64();
+    let (emb_before, emb_labels) = labelled_hidden(&mut model, &forget_windows, pad, style);
+    let target = ref_original["dev"]["f1"].as_f64().unwrap_or(0.0);
+    eprintln!(
+        "original: forget F1 {:.4}, retain F1 {:.4}, dev F1 {:.4}, test F1 {:.4}, MIA AUC {:.4}",
+        ref_original["forget"]["f1"].as_f64().unwrap_or(f64::NAN),
+        ref_original["retain"]["f1"].as_f64().unwrap_or(f64::NAN),
+        target,
+        ref_original["test"]["f1"].as_f64().unwrap_or(f64::NAN),
+        ref_original["mia_auc"].as_f64().unwrap_or(f64::NAN)
+    );
+
+    let mut state = LoopState::default();
+    let final_clf: Classifier;
+    if cfg.method == Method::Retrain {
+        let base_dir = inp.base.clone().unwrap_or_else(|| inp.model.clone());
+        let rbase = Base::load(&base_dir)?;
+        if rbase.head_matches(&labels) && inp.base.is_none() {
+            return Err(Error::invalid("--method retrain needs the pretrained encoder: --model has a trained head, so pass --base DIR"));
+        }
+        let t0 = Instant::now();
+        let dir = inp.out.join("retrain");
+        let resume = dir.join("checkpoints").exists();
+        let (clf, rec) = finetune(rbase.classifier(&labels, inp.train.seed)?, &base_dir, &retain_sents, &data, &inp.train, &dir, resume, inp.quiet)?;
+        state.steps = rec.step_losses.iter().enumerate().map(|(i, &l)| StepRecord { step: i as u64 + 1, ce: l, total: l, ..Default::default() }).collect();
+        state.step = rec.steps;
+        state.tokens = rec.tokens;
+        state.seconds = t0.elapsed().as_secs_f64();
+        state.stop_reason = format!("retrained {} epochs on the retain set", inp.train.epochs);
+        final_clf = clf;
+        model = final_clf.model(Cpu, max_tokens);
+    } else {
+        final_clf = unlearn_loop(&inp, &cfg, &orig, &mut model, &windows, &forget_w, &retain_w, &forget_sents, target, &mut state)?;
+    }
+
+    // Final metrics, the retrained reference, and the run folder.
+    let t_final = Instant::now();
+    let ev = evaluate(&final_clf, &mut model, &data, Some(&inp.forget), true, cfg.max_len)?;
+    let (emb_after, _) = labelled_hidden(&mut model, &forget_windows, pad, style);
+    let metrics = metrics_json(&ev);
+    let mut reference = json!({"original": ref_original});
+    if let Some(dir) = &inp.retrain_ref {
+        let rclf = Classifier::load(dir)?;
+        let mut rmodel = rclf.model(Cpu, max_tokens);
+        let rev = evaluate(&rclf, &mut rmodel, &data, Some(&inp.forget), true, cfg.max_len)?;
+        let rm = metrics_json(&rev);
+        let gap: serde_json::Map<String, Value> = ["forget", "retain", "dev", "test"]
+            .iter()
+            .map(|s| (format!("{s}_f1"), json!(metrics[s]["f1"].as_f64().unwrap_or(f64::NAN) - rm[s]["f1"].as_f64().unwrap_or(f64::NAN))))
+            .collect();
+        reference["retrain"] = rm;
+        reference["retrain"]["model"] = json!(dir);
+        reference["gap_to_retrain"] = Value::Object(gap);
+        reference["privleak"] = json!(privleak(ev.mia_auc, rev.mia_auc));
+    }
+    let final_eval_seconds = t_final.elapsed().as_secs_f64();
+    let model_dir = inp.out.join("model");
+    save_model_dir(&model_dir, &final_clf.cfg, &final_clf.weights)?;
+    copy_tokenizer_files(&inp.model, &model_dir)?;
+
+    let report = json!({
+        "method": cfg.method.name(),
+        "config": {
+            "unlearning": cfg,
+            "original_training": inp.train,
+            "model": inp.model, "data": inp.data, "out": inp.out,
+            "retrain_ref": inp.retrain_ref,
+            "backend": format!("cpu (fp32, {} threads)", rayon::current_num_threads()),
+            "versions": {"deepcut-fast": env!("CARGO_PKG_VERSION")},
+        },
+        "forget": {"file": forget_path, "source": inp.forget_file, "ratio": inp.forget_ratio, "count": inp.forget.len(), "train_sentences": data.train.len()},
+        "metrics": metrics,
+        "reference": reference,
+        "stopping": {"rule": if cfg.steps.is_some() { "fixed steps" } else { "forget F1 <= original dev F1" }, "target_f1": target, "check_every": cfg.check_every, "reason": state.stop_reason, "steps": state.step},
+        "cost": {
+            "seconds": state.seconds,
+            "steps": state.step,
+            "tokens": state.tokens,
+            "tokens_per_second": state.tokens as f64 / state.seconds.max(1e-9),
+            "peak_memory_bytes": peak_memory_bytes(),
+            "stopping_rule_eval_seconds": state.eval_seconds,
+            "reference_eval_seconds": orig_eval_seconds + final_eval_seconds,
+            "wall_seconds": t_all.elapsed().as_secs_f64(),
+        },
+        "history": {"steps": state.steps, "checks": state.checks},
+        "original_training": orig_training,
+    });
+    save_json(&inp.out.join("report.json"), &report)?;
+    let html = crate::report::run_report::render(&report, &emb_before, &emb_after, &emb_labels, &labels.labels, orig.cfg.hidden_size);
+    write_atomic(&inp.out.join("report.html"), html.as_bytes())?;
+    eprintln!("{}", crate::report::run_report::summary(&report));
+    eprintln!("run folder: {}", inp.out.display());
+    Ok(())
+}
+
+/// The step loop of every method except retrain.
+#[allow(clippy::too_many_arguments)]
+fn unlearn_loop(
+    inp: &RunInputs, cfg: &RunConfig, orig: &Classifier, model: &mut crate::model::Model<Cpu>, windows: &[Window], forget_w: &[usize],
+    retain_w: &[usize], forget_sents: &[crate::data::Sentence], target: f64, state: &mut LoopState,
+) -> Result<Classifier> {
+    if cfg.bf == 0 || cfg.br == 0 {
+        return Err(Error::invalid("--bf and --br must be at least 1"));
+    }
+    let budget = cfg.steps.unwrap_or_else(|| (cfg.max_forget_epochs * forget_w.len() as f64 / cfg.bf as f64).ceil() as u64).max(1);
+    let ocfg = OptimConfig {
+        lr: cfg.lr,
+        weight_decay: cfg.weight_decay,
+        warmup: (budget as f32 * cfg.warmup_ratio).round() as u64,
+        total: budget,
+        clip: cfg.clip,
+    };
+    let mut opt = Optimizer::new(model, ocfg);
+    let ckpt_dir = inp.out.join("checkpoints");
+    let cfg_json = serde_json::to_value(cfg).map_err(|e| Error::invalid(e.to_string()))?;
+    let mut fs = Stream::new(forget_w.to_vec(), cfg.bf, cfg.seed)?;
+    let mut rs = Stream::new(retain_w.to_vec(), cfg.br, cfg.seed.wrapping_add(1))?;
+    if inp.resume {
+        if let Some((saved, path)) = checkpoint::load(&ckpt_dir, model, &mut opt)? {
+            if saved["config"] != cfg_json {
+                return Err(Error::file(path, "the checkpoint was written with other unlearning options; rerun with the same options or without --resume"));
+            }
+            *state = serde_json::from_value(saved["state"].clone()).map_err(|e| Error::invalid(format!("checkpoint state: {e}")))?;
+            if let Some(s) = state.forget_stream {
+                fs = Stream::from_state(forget_w.to_vec(), cfg.bf, s)?;
+            }
+            if let Some(s) = state.retain_stream {
+                rs = Stream::from_state(retain_w.to_vec(), cfg.br, s)?;
+            }
+            eprintln!("resuming from {} at step {}", path.display(), state.step);
+        }
+    }
+    let o_id = orig.labels.id("O").map_or(-1, |i| i as i32);
+    let (pad, style) = (orig.encoder.special_ids().pad, orig.position_style());
+    let mut contrast = Contrast::new(&model.be, (2 * cfg.bf + cfg.br) * cfg.max_len, model.dims.hidden);
+    let pb = progress(budget, cfg.method.name(), inp.quiet);
+    pb.set_position(state.step);
+    let t0 = Instant::now();
+    let seconds_before = state.seconds;
+    let save = |model: &crate::model::Model<Cpu>, opt: &Optimizer<Cpu>, state: &LoopState| {
+        checkpoint::save(&ckpt_dir, model, opt, &json!({"config": cfg_json, "state": state}))
+    };
+    while !state.done && state.step < budget {
+        let step = state.step;
+        let mode = Mode::Train { seed: cfg.seed, step };
+        let fb = fs.next_batch();
+        let rb = rs.next_batch();
+        let losses: StepLosses = match cfg.method {
+            Method::Deepcut => {
+                let (batch, z) = deepcut::assemble(windows, &fb, &rb, pad, style, o_id, cfg.anchors);
+                state.tokens += batch.n_tokens() as u64;
+                deepcut::step(model, &mut contrast, &batch, &z, cfg.infonce(), cfg.gamma, mode)
+            }
+            Method::Finetune => methods::finetune_step(model, windows, &rb, pad, style, mode),
+            Method::GradientAscent => methods::gradient_ascent_step(model, windows, &fb, pad, style, mode),
+            Method::NeggradPlus => methods::neggrad_plus_step(model, windows, &fb, &rb, pad, style, cfg.beta, mode),
+            Method::RandomLabels => methods::random_labels_step(model, windows, &fb, &rb, pad, style, orig.labels.len(), cfg.seed, step, mode),
+            Method::Retrain => unreachable!("retrain is handled by the caller"),
+        };
+        if cfg.method != Method::Deepcut {
+            let rows: Vec<usize> = match cfg.method {
+                Method::Finetune => rb.clone(),
+                Method::GradientAscent => fb.clone(),
+                _ => fb.iter().chain(&rb).copied().collect(),
+            };
+            state.tokens += rows.iter().map(|&i| windows[i].ids.len() as u64).sum::<u64>();
+        }
+        for (name, v) in [("cross-entropy", losses.ce), ("contrastive", losses.contrast)] {
+            if !v.is_finite() {
+                pb.finish_and_clear();
+                return Err(Error::Numeric(format!(
+                    "{name} loss is {v} at step {}; stopped, the last good checkpoint is in {}",
+                    step + 1,
+                    ckpt_dir.display()
+                )));
+            }
+        }
+        let upd = opt.update(model).map_err(|e| Error::Numeric(format!("{e}; the last good checkpoint is in {}", ckpt_dir.display())))?;
+        state.step += 1;
+        state.steps.push(StepRecord { step: state.step, ce: losses.ce, contrast: losses.contrast, total: losses.total, lr: upd.lr, grad_norm: upd.grad_norm });
+        pb.inc(1);
+        pb.set_message(format!("ce {:.4} contrast {:.4}", losses.ce, losses.contrast));
+        if cfg.steps.is_none() && state.step % cfg.check_every == 0 {
+            let te = Instant::now();
+            let f1 = evaluate_split(orig, model, forget_sents, cfg.max_len)?.f1;
+            state.eval_seconds += te.elapsed().as_secs_f64();
+            state.checks.push(Check { step: state.step, forget_f1: f1 });
+            pb.println(format!("step {}: forget F1 {:.4} (target <= {:.4})", state.step, f1, target));
+            if f1 <= target {
+                state.done = true;
+                state.stop_reason = format!("forget F1 {f1:.4} <= original dev F1 {target:.4} at step {}", state.step);
+            }
+        }
+        state.forget_stream = Some(fs.state());
+        state.retain_stream = Some(rs.state());
+        state.seconds = seconds_before + t0.elapsed().as_secs_f64();
+        if state.step % cfg.checkpoint_every == 0 || state.done || state.step == budget {
+            save(model, &opt, state)?;
+        }
+    }
+    pb.finish_and_clear();
+    if state.stop_reason.is_empty() {
+        state.stop_reason = match cfg.steps {
+            Some(n) => format!("fixed budget of {n} steps"),
+            None => format!("budget of {} passes over the forget set ({budget} steps) reached", cfg.max_forget_epochs),
+        };
+    }
+    let mut clf = Classifier { cfg: orig.cfg.clone(), labels: orig.labels.clone(), encoder: orig.encoder.clone(), weights: model.to_host() };
+    clf.cfg.id2label = Some(orig.labels.labels.clone());
+    Ok(clf)
+}
