@@ -29,8 +29,8 @@ fn batch(m: usize, c: usize) -> Batch {
     let nf = m / 6; // forget tokens per view: 2 nf = m / 3 anchors
     let mut labels = vec![0i32; m];
     let (mut anchor, mut partner) = (vec![0i32; m], vec![-1i32; m]);
-    for i in 0..m {
-        labels[i] = if next() % 5 == 0 { 1 + (next() % 12) as i32 } else { 0 };
+    for y in labels.iter_mut() {
+        *y = if next() % 5 == 0 { 1 + (next() % 12) as i32 } else { 0 };
     }
     for i in 0..nf {
         labels[nf + i] = labels[i];
