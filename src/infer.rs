@@ -174,7 +174,9 @@ pub fn run_sentences<B: Backend>(
 
 /// Final hidden states [m, c] of every labelled token of `windows` (evaluation mode), with
 /// their label ids: the embeddings the report's PCA picture shows.
-pub fn labelled_hidden<B: Backend>(model: &mut Model<B>, windows: &[Window], pad_id: u32, style: PositionStyle) -> (Vec<f32>, Vec<i32>) {
+pub fn labelled_hidden<B: Backend>(
+    model: &mut Model<B>, windows: &[Window], pad_id: u32, style: PositionStyle,
+) -> (Vec<f32>, Vec<i32>) {
     let c = model.dims.hidden;
     let max_len = windows.iter().map(|w| w.ids.len()).max().unwrap_or(1).max(1);
     let rows = (model.max_tokens() / max_len).max(1);

@@ -2,6 +2,7 @@
 //! progress go to stderr, results to files (and readable tables to stdout).
 mod eval;
 mod predict;
+mod run;
 mod train;
 
 use crate::error::{Error, Result};
@@ -26,6 +27,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Fine-tune a pretrained encoder into a token classifier.
     Train(train::TrainArgs),
+    /// Unlearn a forget set (DeepCUT or a baseline) and report what happened.
+    Run(run::RunArgs),
 }
 
 /// Options every command that runs a model shares.
@@ -69,19 +72,31 @@ impl DeviceArgs {
 /// an existing folder unless --force (which empties it) or --resume (which needs it).
 pub fn prepare_out_dir(out: &std::path::Path, model: &std::path::Path, resume: bool, force: bool) -> Result<()> {
     if crate::model::same_dir(out, model) || crate::model::same_dir(&out.join("model"), model) {
-        return Err(Error::invalid(format!("--out {}: would overwrite the input model {}", out.display(), model.display())));
+        return Err(Error::invalid(format!(
+            "--out {}: would overwrite the input model {}",
+            out.display(),
+            model.display()
+        )));
     }
     if resume && force {
-        return Err(Error::invalid("--resume and --force conflict: --force starts over, --resume continues"));
+        return Err(Error::invalid(
+            "--resume and --force conflict: --force starts over, --resume continues",
+        ));
     }
     let exists = out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true);
     if resume {
         if !out.join("checkpoints").exists() {
-            return Err(Error::invalid(format!("--resume: {} has no checkpoints/ to resume from", out.display())));
+            return Err(Error::invalid(format!(
+                "--resume: {} has no checkpoints/ to resume from",
+                out.display()
+            )));
         }
     } else if exists {
         if !force {
-            return Err(Error::invalid(format!("--out {} exists and is not empty; pass --force to overwrite it or --resume to continue it", out.display())));
+            return Err(Error::invalid(format!(
+                "--out {} exists and is not empty; pass --force to overwrite it or --resume to continue it",
+                out.display()
+            )));
         }
         std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
     }
@@ -101,6 +116,7 @@ pub fn main() -> i32 {
         Command::Predict(a) => predict::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Train(a) => train::run(a),
+        Command::Run(a) => run::run(a),
     };
     match res {
         Ok(()) => 0,

@@ -1,11 +1,11 @@
 //! `deepcut-fast train`: fine-tune a pretrained encoder into a token classifier (the
 //! model to be unlearned, or, with --exclude, the retrained reference).
 use super::{prepare_out_dir, DeviceArgs};
+use crate::backend::cpu::Cpu;
 use crate::data::{read_indices, retain_indices, LabelMap};
 use crate::error::{Error, Result};
 use crate::eval::evaluate::{evaluate_split, Dataset};
 use crate::infer::model_from_weights;
-use crate::backend::cpu::Cpu;
 use crate::train::finetune::{finetune, Base, FinetuneConfig};
 use crate::util::write_atomic;
 use clap::Args;
@@ -32,7 +32,14 @@ pub struct TrainOpts {
 
 impl TrainOpts {
     pub fn config(&self) -> FinetuneConfig {
-        FinetuneConfig { epochs: self.epochs, lr: self.lr, batch: self.batch, max_len: self.max_len, seed: self.seed, ..FinetuneConfig::default() }
+        FinetuneConfig {
+            epochs: self.epochs,
+            lr: self.lr,
+            batch: self.batch,
+            max_len: self.max_len,
+            seed: self.seed,
+            ..FinetuneConfig::default()
+        }
     }
 }
 
@@ -83,9 +90,21 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let train: Vec<_> = kept.iter().map(|&i| data.train[i].clone()).collect();
     let clf = base.classifier(&labels, fc.seed)?;
     if !base.head_matches(&labels) {
-        eprintln!("{}: new classification head for the {} labels of {}", a.model.display(), labels.len(), a.data.display());
+        eprintln!(
+            "{}: new classification head for the {} labels of {}",
+            a.model.display(),
+            labels.len(),
+            a.data.display()
+        );
     }
-    eprintln!("fine-tuning on {} of {} train sentences: {} epochs, lr {}, batch {}", train.len(), data.train.len(), fc.epochs, fc.lr, fc.batch);
+    eprintln!(
+        "fine-tuning on {} of {} train sentences: {} epochs, lr {}, batch {}",
+        train.len(),
+        data.train.len(),
+        fc.epochs,
+        fc.lr,
+        fc.batch
+    );
     let (clf, rec) = finetune(clf, &a.model, &train, &data, &fc, &a.out, a.resume, a.quiet)?;
 
     let mut model = model_from_weights(Cpu, &clf.cfg, &clf.weights, clf.labels.len(), fc.batch * fc.max_len);
@@ -105,7 +124,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "version": env!("CARGO_PKG_VERSION"),
     });
     let path = a.out.join("train.json");
-    write_atomic(&path, serde_json::to_string_pretty(&report).map_err(|e| Error::file(&path, e.to_string()))?.as_bytes())?;
-    eprintln!("best dev F1 {:.4} at epoch {}; model in {}", rec.best_dev_f1, rec.best_epoch, a.out.join("model").display());
+    write_atomic(
+        &path,
+        serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::file(&path, e.to_string()))?
+            .as_bytes(),
+    )?;
+    eprintln!(
+        "best dev F1 {:.4} at epoch {}; model in {}",
+        rec.best_dev_f1,
+        rec.best_epoch,
+        a.out.join("model").display()
+    );
     Ok(())
 }

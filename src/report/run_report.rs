@@ -51,19 +51,48 @@ fn curves(r: &Value) -> String {
     let steps = r["history"]["steps"].as_array().cloned().unwrap_or_default();
     let series = |key: &str, name: &str| Series {
         name: name.to_string(),
-        points: steps.iter().map(|s| (s["step"].as_f64().unwrap_or(0.0), s[key].as_f64().unwrap_or(f64::NAN))).collect(),
+        points: steps
+            .iter()
+            .map(|s| (s["step"].as_f64().unwrap_or(0.0), s[key].as_f64().unwrap_or(f64::NAN)))
+            .collect(),
     };
-    let mut out = line_chart("training losses", "step", "loss", &[series("ce", "cross-entropy"), series("contrast", "contrastive / forget term"), series("total", "total")]);
+    let mut out = line_chart(
+        "training losses",
+        "step",
+        "loss",
+        &[
+            series("ce", "cross-entropy"),
+            series("contrast", "contrastive / forget term"),
+            series("total", "total"),
+        ],
+    );
     let checks = r["history"]["checks"].as_array().cloned().unwrap_or_default();
     if !checks.is_empty() {
         let target = r["stopping"]["target_f1"].as_f64().unwrap_or(f64::NAN);
-        let pts: Vec<(f64, f64)> = checks.iter().map(|c| (c["step"].as_f64().unwrap_or(0.0), c["forget_f1"].as_f64().unwrap_or(f64::NAN))).collect();
+        let pts: Vec<(f64, f64)> = checks
+            .iter()
+            .map(|c| {
+                (
+                    c["step"].as_f64().unwrap_or(0.0),
+                    c["forget_f1"].as_f64().unwrap_or(f64::NAN),
+                )
+            })
+            .collect();
         let last = pts.last().map_or(1.0, |p| p.0);
         out += &line_chart(
             "stopping rule: forget F1",
             "step",
             "F1",
-            &[Series { name: "forget F1".into(), points: pts }, Series { name: "target (original dev F1)".into(), points: vec![(0.0, target), (last, target)] }],
+            &[
+                Series {
+                    name: "forget F1".into(),
+                    points: pts,
+                },
+                Series {
+                    name: "target (original dev F1)".into(),
+                    points: vec![(0.0, target), (last, target)],
+                },
+            ],
         );
     }
     out
@@ -79,7 +108,8 @@ fn embeddings(before: &[f32], after: &[f32], labels: &[i32], names: &[String], c
     let (pb, pa) = (project(before, m, c, &mean, &axes), project(after, m, c, &mean, &axes));
     let bounds = common_bounds(&[&pb, &pa]);
     let class: Vec<usize> = labels.iter().map(|&y| y.max(0) as usize).collect();
-    scatter("forget tokens, original model", &pb, &class, names, Some(bounds)) + &scatter("forget tokens, after unlearning", &pa, &class, names, Some(bounds))
+    scatter("forget tokens, original model", &pb, &class, names, Some(bounds))
+        + &scatter("forget tokens, after unlearning", &pa, &class, names, Some(bounds))
 }
 
 pub fn render(r: &Value, before: &[f32], after: &[f32], labels: &[i32], names: &[String], c: usize) -> String {
@@ -126,7 +156,19 @@ pub fn summary(r: &Value) -> String {
     );
     let rr = &r["reference"]["retrain"];
     if !rr.is_null() {
-        s += &format!("\n{:<10} {:>8} {:>8} {:>8} {:>8} {:>8}", "retrained", f(&rr["forget"]["f1"]), f(&rr["retain"]["f1"]), f(&rr["dev"]["f1"]), f(&rr["test"]["f1"]), f(&rr["mia_auc"]));
+        s += &format!(
+            "\n{:<10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "retrained",
+            f(&rr["forget"]["f1"]),
+            f(&rr["retain"]["f1"]),
+            f(&rr["dev"]["f1"]),
+            f(&rr["test"]["f1"]),
+            f(&rr["mia_auc"])
+        );
     }
-    s + &format!("\n{} steps, {:.1} s", r["cost"]["steps"], r["cost"]["seconds"].as_f64().unwrap_or(0.0))
+    s + &format!(
+        "\n{} steps, {:.1} s",
+        r["cost"]["steps"],
+        r["cost"]["seconds"].as_f64().unwrap_or(0.0)
+    )
 }

@@ -55,7 +55,8 @@ pub fn save<B: Backend>(dir: &Path, model: &Model<B>, opt: &Optimizer<B>, state:
         ("checksum".to_string(), sum.to_string()),
         ("optimizer_step".to_string(), opt.step.to_string()),
     ]);
-    let bytes = safetensors::serialize(views, &Some(meta)).map_err(|e| Error::file(dir.join(CURRENT), e.to_string()))?;
+    let bytes =
+        safetensors::serialize(views, &Some(meta)).map_err(|e| Error::file(dir.join(CURRENT), e.to_string()))?;
     let cur = dir.join(CURRENT);
     if cur.exists() {
         std::fs::rename(&cur, dir.join(PREVIOUS)).map_err(|e| Error::io(&cur, e))?;
@@ -66,21 +67,43 @@ pub fn save<B: Backend>(dir: &Path, model: &Model<B>, opt: &Optimizer<B>, state:
 /// Reads one checkpoint file into the model and optimiser; returns its state.
 fn load_file<B: Backend>(path: &Path, model: &mut Model<B>, opt: &mut Optimizer<B>) -> Result<Value> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::file(path, format!("not a readable checkpoint: {e}")))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("not a readable checkpoint: {e}")))?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| Error::file(path, format!("not a readable checkpoint: {e}")))?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("not a readable checkpoint: {e}")))?;
     let meta = meta.metadata().clone().unwrap_or_default();
-    let get_meta = |k: &str| meta.get(k).cloned().ok_or_else(|| Error::file(path, format!("checkpoint metadata lacks `{k}`")));
-    let state: Value = serde_json::from_str(&get_meta("state")?).map_err(|e| Error::file(path, format!("checkpoint state: {e}")))?;
-    let want_sum: u64 = get_meta("checksum")?.parse().map_err(|_| Error::file(path, "checkpoint checksum is not a number"))?;
-    let step: u64 = get_meta("optimizer_step")?.parse().map_err(|_| Error::file(path, "optimizer_step is not a number"))?;
+    let get_meta = |k: &str| {
+        meta.get(k)
+            .cloned()
+            .ok_or_else(|| Error::file(path, format!("checkpoint metadata lacks `{k}`")))
+    };
+    let state: Value =
+        serde_json::from_str(&get_meta("state")?).map_err(|e| Error::file(path, format!("checkpoint state: {e}")))?;
+    let want_sum: u64 = get_meta("checksum")?
+        .parse()
+        .map_err(|_| Error::file(path, "checkpoint checksum is not a number"))?;
+    let step: u64 = get_meta("optimizer_step")?
+        .parse()
+        .map_err(|_| Error::file(path, "optimizer_step is not a number"))?;
 
-    let names: Vec<(String, usize)> = model.params.iter().iter().map(|p| (p.name.clone(), p.numel())).collect();
+    let names: Vec<(String, usize)> = model
+        .params
+        .iter()
+        .iter()
+        .map(|p| (p.name.clone(), p.numel()))
+        .collect();
     let mut tensors: HashMap<String, Vec<f32>> = HashMap::new();
     let mut order = vec![];
     for (name, n) in &names {
         for kind in ["w", "m", "v"] {
             let key = format!("{kind}.{name}");
-            let t = st.tensor(&key).map_err(|_| Error::tensor(path, &key, "missing from the checkpoint (was it written by another model?)"))?;
+            let t = st.tensor(&key).map_err(|_| {
+                Error::tensor(
+                    path,
+                    &key,
+                    "missing from the checkpoint (was it written by another model?)",
+                )
+            })?;
             if t.dtype() != Dtype::F32 || t.data().len() != n * 4 {
                 return Err(Error::tensor(path, &key, format!("expected {n} f32 values")));
             }

@@ -62,7 +62,13 @@ impl Base {
     pub fn load(dir: &Path) -> Result<Base> {
         let (cfg, weights, has_head) = crate::model::load_model_dir(dir)?;
         let encoder = Encoder::from_file(&dir.join("tokenizer.json"))?;
-        Ok(Base { dir: dir.to_path_buf(), cfg, weights, has_head, encoder })
+        Ok(Base {
+            dir: dir.to_path_buf(),
+            cfg,
+            weights,
+            has_head,
+            encoder,
+        })
     }
 
     /// Whether the head's labels are exactly `labels`.
@@ -81,7 +87,12 @@ impl Base {
             init_head(&mut weights, &cfg, labels.len(), seed)?;
             cfg.id2label = Some(labels.labels.clone());
         }
-        Ok(Classifier { cfg, labels: labels.clone(), encoder: self.encoder.clone(), weights })
+        Ok(Classifier {
+            cfg,
+            labels: labels.clone(),
+            encoder: self.encoder.clone(),
+            weights,
+        })
     }
 }
 
@@ -135,17 +146,31 @@ pub fn finetune(
     let model_dir = out.join("model");
 
     let config_json = serde_json::to_value(fc).map_err(|e| Error::invalid(e.to_string()))?;
-    let mut rec = FinetuneResult { epochs: vec![], best_epoch: 0, best_dev_f1: -1.0, steps: 0, tokens: 0, seconds: 0.0, step_losses: vec![] };
+    let mut rec = FinetuneResult {
+        epochs: vec![],
+        best_epoch: 0,
+        best_dev_f1: -1.0,
+        steps: 0,
+        tokens: 0,
+        seconds: 0.0,
+        step_losses: vec![],
+    };
     let (mut epoch, mut batch_in_epoch) = (0usize, 0usize);
     if resume {
         if let Some((state, path)) = checkpoint::load(&ckpt_dir, &mut model, &mut opt)? {
             if state["config"] != config_json {
                 return Err(Error::file(path, "the checkpoint was written with other training options; rerun with the same options or without --resume"));
             }
-            rec = serde_json::from_value(state["record"].clone()).map_err(|e| Error::invalid(format!("checkpoint record: {e}")))?;
+            rec = serde_json::from_value(state["record"].clone())
+                .map_err(|e| Error::invalid(format!("checkpoint record: {e}")))?;
             epoch = state["epoch"].as_u64().unwrap_or(0) as usize;
             batch_in_epoch = state["batch_in_epoch"].as_u64().unwrap_or(0) as usize;
-            eprintln!("resuming from {} at epoch {}, batch {}", path.display(), epoch + 1, batch_in_epoch);
+            eprintln!(
+                "resuming from {} at epoch {}, batch {}",
+                path.display(),
+                epoch + 1,
+                batch_in_epoch
+            );
         }
     }
     let t_start = std::time::Instant::now();
@@ -183,15 +208,27 @@ pub fn finetune(
             pb.set_message(format!("loss {loss:.4}"));
             if rec.steps % fc.checkpoint_every == 0 {
                 rec.seconds = seconds_before + t_start.elapsed().as_secs_f64();
-                let state = json!({"config": config_json, "record": rec, "epoch": epoch, "batch_in_epoch": batch_in_epoch});
+                let state =
+                    json!({"config": config_json, "record": rec, "epoch": epoch, "batch_in_epoch": batch_in_epoch});
                 checkpoint::save(&ckpt_dir, &model, &opt, &state)?;
             }
         }
         pb.finish_and_clear();
         let dev = evaluate_split(&clf, &mut model, &data.dev, fc.max_len)?;
         let train_loss = loss_sum / loss_n.max(1) as f64;
-        eprintln!("epoch {}: train loss {:.4}, dev F1 {:.4} ({:.0} s)", epoch + 1, train_loss, dev.f1, t_epoch.elapsed().as_secs_f64());
-        rec.epochs.push(EpochRecord { epoch: epoch + 1, train_loss, dev_f1: dev.f1, seconds: t_epoch.elapsed().as_secs_f64() });
+        eprintln!(
+            "epoch {}: train loss {:.4}, dev F1 {:.4} ({:.0} s)",
+            epoch + 1,
+            train_loss,
+            dev.f1,
+            t_epoch.elapsed().as_secs_f64()
+        );
+        rec.epochs.push(EpochRecord {
+            epoch: epoch + 1,
+            train_loss,
+            dev_f1: dev.f1,
+            seconds: t_epoch.elapsed().as_secs_f64(),
+        });
         if dev.f1 > rec.best_dev_f1 {
             rec.best_dev_f1 = dev.f1;
             rec.best_epoch = epoch + 1;

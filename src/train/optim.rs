@@ -40,12 +40,23 @@ impl<B: Backend> Optimizer<B> {
     pub fn new(model: &Model<B>, cfg: OptimConfig) -> Self {
         let sizes: Vec<usize> = model.params.iter().iter().map(|p| p.numel()).collect();
         let be = &model.be;
-        Optimizer { cfg, m: sizes.iter().map(|&n| be.alloc(n)).collect(), v: sizes.iter().map(|&n| be.alloc(n)).collect(), step: 0 }
+        Optimizer {
+            cfg,
+            m: sizes.iter().map(|&n| be.alloc(n)).collect(),
+            v: sizes.iter().map(|&n| be.alloc(n)).collect(),
+            step: 0,
+        }
     }
 
     /// Global gradient norm (summed in a fixed order, so deterministic).
     pub fn grad_norm(model: &Model<B>) -> f64 {
-        model.params.iter().iter().map(|p| model.be.sum_squares(&p.g, p.numel())).sum::<f64>().sqrt()
+        model
+            .params
+            .iter()
+            .iter()
+            .map(|p| model.be.sum_squares(&p.g, p.numel()))
+            .sum::<f64>()
+            .sqrt()
     }
 
     /// Clips, then applies one AdamW update with the scheduled learning rate.
@@ -53,11 +64,18 @@ impl<B: Backend> Optimizer<B> {
     pub fn update(&mut self, model: &mut Model<B>) -> Result<UpdateStats> {
         let norm = Self::grad_norm(model);
         if !norm.is_finite() {
-            return Err(Error::Numeric(format!("gradient norm is {norm} at update {}", self.step + 1)));
+            return Err(Error::Numeric(format!(
+                "gradient norm is {norm} at update {}",
+                self.step + 1
+            )));
         }
         let lr = linear_warmup_decay(self.cfg.lr, self.step, self.cfg.warmup, self.cfg.total);
         self.step += 1;
-        let clip = if norm > self.cfg.clip as f64 { (self.cfg.clip as f64 / norm) as f32 } else { 1.0 };
+        let clip = if norm > self.cfg.clip as f64 {
+            (self.cfg.clip as f64 / norm) as f32
+        } else {
+            1.0
+        };
         let be = &model.be;
         for (i, p) in model.params.iter_mut().into_iter().enumerate() {
             let n = p.numel();
@@ -65,7 +83,10 @@ impl<B: Backend> Optimizer<B> {
                 be.scale(&mut p.g, n, clip);
             }
             let wd = if decays(&p.name) { self.cfg.weight_decay } else { 0.0 };
-            let hp = AdamW { weight_decay: wd, ..AdamW::with_lr(lr) };
+            let hp = AdamW {
+                weight_decay: wd,
+                ..AdamW::with_lr(lr)
+            };
             be.adamw(&mut p.w, &p.g, &mut self.m[i], &mut self.v[i], n, hp, self.step);
         }
         Ok(UpdateStats { lr, grad_norm: norm })

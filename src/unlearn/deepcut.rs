@@ -74,7 +74,9 @@ impl<B: Backend> Contrast<B> {
 
 /// The batch of a DeepCUT step and its contrastive rows. `forget` and `retain` index
 /// `windows`. Forget rows keep their gold labels for the class masks but carry no CE.
-pub fn assemble(windows: &[Window], forget: &[usize], retain: &[usize], pad: u32, style: PositionStyle, o_id: i32, anchors: Anchors) -> (Batch, ZRows) {
+pub fn assemble(
+    windows: &[Window], forget: &[usize], retain: &[usize], pad: u32, style: PositionStyle, o_id: i32, anchors: Anchors,
+) -> (Batch, ZRows) {
     let bf = forget.len();
     let mut rows: Vec<usize> = forget.to_vec();
     rows.extend_from_slice(forget);
@@ -82,7 +84,12 @@ pub fn assemble(windows: &[Window], forget: &[usize], retain: &[usize], pad: u32
     let mut batch = Batch::gather(windows, &rows, pad, style);
     let t = batch.t;
     let gold = batch.inputs.labels.clone();
-    let mut z = ZRows { idx: vec![], labels: vec![], anchor: vec![], partner: vec![] };
+    let mut z = ZRows {
+        idx: vec![],
+        labels: vec![],
+        anchor: vec![],
+        partner: vec![],
+    };
     // Z rows of view a, in order; view b repeats the same positions, so row k of view a
     // and row k of view b are partners.
     let mut first_view_b = 0;
@@ -98,7 +105,8 @@ pub fn assemble(windows: &[Window], forget: &[usize], retain: &[usize], pad: u32
             z.idx.push((r * t + p) as i32);
             z.labels.push(y);
             let is_forget = r < 2 * bf;
-            z.anchor.push((is_forget && (anchors == Anchors::All || y != o_id)) as i32);
+            z.anchor
+                .push((is_forget && (anchors == Anchors::All || y != o_id)) as i32);
             z.partner.push(-1);
         }
     }
@@ -114,7 +122,9 @@ pub fn assemble(windows: &[Window], forget: &[usize], retain: &[usize], pad: u32
 
 /// Forward, losses and backward of one DeepCUT step; parameter gradients are left in the
 /// model (zeroed first). The optimiser step is the caller's.
-pub fn step<B: Backend>(model: &mut Model<B>, cb: &mut Contrast<B>, batch: &Batch, z: &ZRows, opts: InfoNceOptions, gamma: f32, mode: Mode) -> StepLosses {
+pub fn step<B: Backend>(
+    model: &mut Model<B>, cb: &mut Contrast<B>, batch: &Batch, z: &ZRows, opts: InfoNceOptions, gamma: f32, mode: Mode,
+) -> StepLosses {
     let m = z.idx.len();
     let c = model.dims.hidden;
     let valid = opts.valid_anchors(&z.labels, &z.anchor, &z.partner, m);
@@ -129,18 +139,44 @@ pub fn step<B: Backend>(model: &mut Model<B>, cb: &mut Contrast<B>, batch: &Batc
     be.upload_i32(&mut cb.partner, &z.partner);
     be.gather_rows(&mut cb.zraw, model.hidden(), &cb.idx, m, c);
     be.l2norm_fwd(&mut cb.z, &mut cb.norm, &cb.zraw, m, c);
-    be.infonce_fwd(&mut cb.loss, &mut cb.lse, &cb.z, &cb.labels, &cb.anchor, &cb.partner, m, c, opts);
+    be.infonce_fwd(
+        &mut cb.loss,
+        &mut cb.lse,
+        &cb.z,
+        &cb.labels,
+        &cb.anchor,
+        &cb.partner,
+        m,
+        c,
+        opts,
+    );
     let lf = infonce_loss_host(&be.download(&cb.loss, m), count);
 
     let n = batch.tokens();
     be.zero(&mut cb.dhidden, n * c);
     if count > 0 && gamma != 0.0 {
-        be.infonce_bwd(&mut cb.dz, &cb.z, &cb.lse, &cb.labels, &cb.anchor, &cb.partner, m, c, opts, gamma / count as f32);
+        be.infonce_bwd(
+            &mut cb.dz,
+            &cb.z,
+            &cb.lse,
+            &cb.labels,
+            &cb.anchor,
+            &cb.partner,
+            m,
+            c,
+            opts,
+            gamma / count as f32,
+        );
         be.l2norm_bwd(&mut cb.dzraw, &cb.dz, &cb.z, &cb.norm, m, c);
         be.scatter_add_rows(&mut cb.dhidden, &cb.dzraw, &cb.idx, m, c);
     }
     model.zero_grads();
     let ce_scale = if ce_count > 0 { 1.0 / ce_count as f32 } else { 0.0 };
     model.backward(ce_scale, Some(&cb.dhidden));
-    StepLosses { ce, contrast: lf, total: ce + gamma * lf, anchors: count }
+    StepLosses {
+        ce,
+        contrast: lf,
+        total: ce + gamma * lf,
+        anchors: count,
+    }
 }

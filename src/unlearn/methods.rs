@@ -19,36 +19,64 @@ fn ce_pass<B: Backend>(model: &mut Model<B>, batch: &Batch, sign: f32, mode: Mod
 }
 
 /// finetune: CE on retain only.
-pub fn finetune_step<B: Backend>(model: &mut Model<B>, windows: &[Window], retain: &[usize], pad: u32, style: PositionStyle, mode: Mode) -> StepLosses {
+pub fn finetune_step<B: Backend>(
+    model: &mut Model<B>, windows: &[Window], retain: &[usize], pad: u32, style: PositionStyle, mode: Mode,
+) -> StepLosses {
     model.zero_grads();
     let ce = ce_pass(model, &Batch::gather(windows, retain, pad, style), 1.0, mode);
-    StepLosses { ce, contrast: 0.0, total: ce, anchors: 0 }
+    StepLosses {
+        ce,
+        contrast: 0.0,
+        total: ce,
+        anchors: 0,
+    }
 }
 
 /// gradient-ascent: maximise CE on forget (minimise -CE).
-pub fn gradient_ascent_step<B: Backend>(model: &mut Model<B>, windows: &[Window], forget: &[usize], pad: u32, style: PositionStyle, mode: Mode) -> StepLosses {
+pub fn gradient_ascent_step<B: Backend>(
+    model: &mut Model<B>, windows: &[Window], forget: &[usize], pad: u32, style: PositionStyle, mode: Mode,
+) -> StepLosses {
     model.zero_grads();
     let ce_f = ce_pass(model, &Batch::gather(windows, forget, pad, style), -1.0, mode);
-    StepLosses { ce: ce_f, contrast: 0.0, total: -ce_f, anchors: 0 }
+    StepLosses {
+        ce: ce_f,
+        contrast: 0.0,
+        total: -ce_f,
+        anchors: 0,
+    }
 }
 
 /// neggrad+: CE(retain) - beta * CE(forget), two passes accumulating gradients.
 #[allow(clippy::too_many_arguments)]
-pub fn neggrad_plus_step<B: Backend>(model: &mut Model<B>, windows: &[Window], forget: &[usize], retain: &[usize], pad: u32, style: PositionStyle, beta: f32, mode: Mode) -> StepLosses {
+pub fn neggrad_plus_step<B: Backend>(
+    model: &mut Model<B>, windows: &[Window], forget: &[usize], retain: &[usize], pad: u32, style: PositionStyle,
+    beta: f32, mode: Mode,
+) -> StepLosses {
     model.zero_grads();
     let ce_r = ce_pass(model, &Batch::gather(windows, retain, pad, style), 1.0, mode);
     // the second pass draws its own dropout masks (another step key)
     let mode_f = match mode {
-        Mode::Train { seed, step } => Mode::Train { seed: seed ^ 0x5eed_f0f0, step },
+        Mode::Train { seed, step } => Mode::Train {
+            seed: seed ^ 0x5eed_f0f0,
+            step,
+        },
         m => m,
     };
     let ce_f = ce_pass(model, &Batch::gather(windows, forget, pad, style), -beta, mode_f);
-    StepLosses { ce: ce_r, contrast: ce_f, total: ce_r - beta * ce_f, anchors: 0 }
+    StepLosses {
+        ce: ce_r,
+        contrast: ce_f,
+        total: ce_r - beta * ce_f,
+        anchors: 0,
+    }
 }
 
 /// random-labels: CE over [forget with uniformly random wrong labels | retain].
 #[allow(clippy::too_many_arguments)]
-pub fn random_labels_step<B: Backend>(model: &mut Model<B>, windows: &[Window], forget: &[usize], retain: &[usize], pad: u32, style: PositionStyle, n_labels: usize, seed: u64, step: u64, mode: Mode) -> StepLosses {
+pub fn random_labels_step<B: Backend>(
+    model: &mut Model<B>, windows: &[Window], forget: &[usize], retain: &[usize], pad: u32, style: PositionStyle,
+    n_labels: usize, seed: u64, step: u64, mode: Mode,
+) -> StepLosses {
     model.zero_grads();
     let mut rows = forget.to_vec();
     rows.extend_from_slice(retain);
@@ -63,5 +91,10 @@ pub fn random_labels_step<B: Backend>(model: &mut Model<B>, windows: &[Window], 
         }
     }
     let ce = ce_pass(model, &batch, 1.0, mode);
-    StepLosses { ce, contrast: 0.0, total: ce, anchors: 0 }
+    StepLosses {
+        ce,
+        contrast: 0.0,
+        total: ce,
+        anchors: 0,
+    }
 }

@@ -50,7 +50,12 @@ pub struct RunConfig {
 
 impl RunConfig {
     pub fn infonce(&self) -> InfoNceOptions {
-        InfoNceOptions { tau: self.tau, denominator: self.contrast_denominator, own_view: self.own_view, detach_columns: self.detach_columns }
+        InfoNceOptions {
+            tau: self.tau,
+            denominator: self.contrast_denominator,
+            own_view: self.own_view,
+            detach_columns: self.detach_columns,
+        }
     }
 }
 
@@ -101,7 +106,8 @@ struct LoopState {
 }
 
 fn metrics_json(ev: &Evaluation) -> Value {
-    let prf = |m: &crate::eval::evaluate::SplitMetrics| json!({"precision": m.precision, "recall": m.recall, "f1": m.f1});
+    let prf =
+        |m: &crate::eval::evaluate::SplitMetrics| json!({"precision": m.precision, "recall": m.recall, "f1": m.f1});
     let mut v = json!({"dev": prf(&ev.dev), "test": prf(&ev.test), "mia_auc": ev.mia_auc});
     if let Some(f) = &ev.forget {
         v["forget"] = prf(f);
@@ -127,8 +133,10 @@ fn original(inp: &RunInputs, base: &Base, labels: &LabelMap, data: &Dataset) -> 
     if dir.join("train.json").exists() {
         eprintln!("original: reusing the fine-tuned model in {}", dir.display());
         let clf = Classifier::load(&dir.join("model"))?;
-        let rec: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).map_err(|e| Error::io(dir.join("train.json"), e))?)
-            .map_err(|e| Error::file(dir.join("train.json"), e.to_string()))?;
+        let rec: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("train.json")).map_err(|e| Error::io(dir.join("train.json"), e))?,
+        )
+        .map_err(|e| Error::file(dir.join("train.json"), e.to_string()))?;
         return Ok((clf, Some(rec)));
     }
     eprintln!(
@@ -141,7 +149,16 @@ fn original(inp: &RunInputs, base: &Base, labels: &LabelMap, data: &Dataset) -> 
         dir.display()
     );
     let resume = dir.join("checkpoints").exists();
-    let (clf, rec) = finetune(base.classifier(labels, inp.train.seed)?, &inp.model, &data.train, data, &inp.train, &dir, resume, inp.quiet)?;
+    let (clf, rec) = finetune(
+        base.classifier(labels, inp.train.seed)?,
+        &inp.model,
+        &data.train,
+        data,
+        &inp.train,
+        &dir,
+        resume,
+        inp.quiet,
+    )?;
     let rec = json!({"config": inp.train, "record": rec});
     save_json(&dir.join("train.json"), &rec)?;
     Ok((clf, Some(rec)))
@@ -157,7 +174,10 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
         if let Some(l) = &base.cfg.id2label {
             let missing: Vec<&String> = labels.labels.iter().filter(|t| !l.contains(t)).collect();
             if !missing.is_empty() {
-                return Err(Error::file(inp.model.join("config.json"), format!("the model's labels do not cover the data: {missing:?} missing from id2label")));
+                return Err(Error::file(
+                    inp.model.join("config.json"),
+                    format!("the model's labels do not cover the data: {missing:?} missing from id2label"),
+                ));
             }
         }
     }
@@ -166,22 +186,32 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
     let forget_path = inp.out.join("forget.txt");
     write_indices(&forget_path, &inp.forget)?;
     let (forget_sents, retain_sents) = split_train(&data.train, &inp.forget);
-    eprintln!("forget set: {} of {} train sentences -> {}", inp.forget.len(), data.train.len(), forget_path.display());
+    eprintln!(
+        "forget set: {} of {} train sentences -> {}",
+        inp.forget.len(),
+        data.train.len(),
+        forget_path.display()
+    );
 
     // Reference metrics of the original (cached so a resumed run does not redo them).
     let max_tokens = (2 * cfg.bf + cfg.br).max(8) * cfg.max_len;
     let mut model = model_from_weights(Cpu, &orig.cfg, &orig.weights, orig.labels.len(), max_tokens);
     let ref_path = inp.out.join("checkpoints").join("original_eval.json");
-    let windows = orig.encoder.encode_sentences(&data.train, Some(&orig.labels), cfg.max_len)?;
+    let windows = orig
+        .encoder
+        .encode_sentences(&data.train, Some(&orig.labels), cfg.max_len)?;
     let mut is_forget = vec![false; data.train.len()];
     inp.forget.iter().for_each(|&i| is_forget[i] = true);
     let forget_w: Vec<usize> = (0..windows.len()).filter(|&i| is_forget[windows[i].sentence]).collect();
-    let retain_w: Vec<usize> = (0..windows.len()).filter(|&i| !is_forget[windows[i].sentence]).collect();
+    let retain_w: Vec<usize> = (0..windows.len())
+        .filter(|&i| !is_forget[windows[i].sentence])
+        .collect();
     let forget_windows: Vec<Window> = forget_w.iter().map(|&i| windows[i].clone()).collect();
     let (pad, style) = (orig.encoder.special_ids().pad, orig.position_style());
     let t_eval = Instant::now();
     let ref_original = if inp.resume && ref_path.exists() {
-        serde_json::from_str(&std::fs::read_to_string(&ref_path).map_err(|e| Error::io(&ref_path, e))?).map_err(|e| Error::file(&ref_path, e.to_string()))?
+        serde_json::from_str(&std::fs::read_to_string(&ref_path).map_err(|e| Error::io(&ref_path, e))?)
+            .map_err(|e| Error::file(&ref_path, e.to_string()))?
     } else {
         eprintln!("evaluating the original model (forget, retain, dev, test) ...");
         let ev = evaluate(&orig, &mut model, &data, Some(&inp.forget), true, cfg.max_len)?;
@@ -208,13 +238,34 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
         let base_dir = inp.base.clone().unwrap_or_else(|| inp.model.clone());
         let rbase = Base::load(&base_dir)?;
         if rbase.head_matches(&labels) && inp.base.is_none() {
-            return Err(Error::invalid("--method retrain needs the pretrained encoder: --model has a trained head, so pass --base DIR"));
+            return Err(Error::invalid(
+                "--method retrain needs the pretrained encoder: --model has a trained head, so pass --base DIR",
+            ));
         }
         let t0 = Instant::now();
         let dir = inp.out.join("retrain");
         let resume = dir.join("checkpoints").exists();
-        let (clf, rec) = finetune(rbase.classifier(&labels, inp.train.seed)?, &base_dir, &retain_sents, &data, &inp.train, &dir, resume, inp.quiet)?;
-        state.steps = rec.step_losses.iter().enumerate().map(|(i, &l)| StepRecord { step: i as u64 + 1, ce: l, total: l, ..Default::default() }).collect();
+        let (clf, rec) = finetune(
+            rbase.classifier(&labels, inp.train.seed)?,
+            &base_dir,
+            &retain_sents,
+            &data,
+            &inp.train,
+            &dir,
+            resume,
+            inp.quiet,
+        )?;
+        state.steps = rec
+            .step_losses
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| StepRecord {
+                step: i as u64 + 1,
+                ce: l,
+                total: l,
+                ..Default::default()
+            })
+            .collect();
         state.step = rec.steps;
         state.tokens = rec.tokens;
         state.seconds = t0.elapsed().as_secs_f64();
@@ -222,7 +273,18 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
         final_clf = clf;
         model = final_clf.model(Cpu, max_tokens);
     } else {
-        final_clf = unlearn_loop(&inp, &cfg, &orig, &mut model, &windows, &forget_w, &retain_w, &forget_sents, target, &mut state)?;
+        final_clf = unlearn_loop(
+            &inp,
+            &cfg,
+            &orig,
+            &mut model,
+            &windows,
+            &forget_w,
+            &retain_w,
+            &forget_sents,
+            target,
+            &mut state,
+        )?;
     }
 
     // Final metrics, the retrained reference, and the run folder.
@@ -238,7 +300,12 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
         let rm = metrics_json(&rev);
         let gap: serde_json::Map<String, Value> = ["forget", "retain", "dev", "test"]
             .iter()
-            .map(|s| (format!("{s}_f1"), json!(metrics[s]["f1"].as_f64().unwrap_or(f64::NAN) - rm[s]["f1"].as_f64().unwrap_or(f64::NAN))))
+            .map(|s| {
+                (
+                    format!("{s}_f1"),
+                    json!(metrics[s]["f1"].as_f64().unwrap_or(f64::NAN) - rm[s]["f1"].as_f64().unwrap_or(f64::NAN)),
+                )
+            })
             .collect();
         reference["retrain"] = rm;
         reference["retrain"]["model"] = json!(dir);
@@ -278,7 +345,14 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
         "original_training": orig_training,
     });
     save_json(&inp.out.join("report.json"), &report)?;
-    let html = crate::report::run_report::render(&report, &emb_before, &emb_after, &emb_labels, &labels.labels, orig.cfg.hidden_size);
+    let html = crate::report::run_report::render(
+        &report,
+        &emb_before,
+        &emb_after,
+        &emb_labels,
+        &labels.labels,
+        orig.cfg.hidden_size,
+    );
     write_atomic(&inp.out.join("report.html"), html.as_bytes())?;
     eprintln!("{}", crate::report::run_report::summary(&report));
     eprintln!("run folder: {}", inp.out.display());
@@ -288,13 +362,16 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
 /// The step loop of every method except retrain.
 #[allow(clippy::too_many_arguments)]
 fn unlearn_loop(
-    inp: &RunInputs, cfg: &RunConfig, orig: &Classifier, model: &mut crate::model::Model<Cpu>, windows: &[Window], forget_w: &[usize],
-    retain_w: &[usize], forget_sents: &[crate::data::Sentence], target: f64, state: &mut LoopState,
+    inp: &RunInputs, cfg: &RunConfig, orig: &Classifier, model: &mut crate::model::Model<Cpu>, windows: &[Window],
+    forget_w: &[usize], retain_w: &[usize], forget_sents: &[crate::data::Sentence], target: f64, state: &mut LoopState,
 ) -> Result<Classifier> {
     if cfg.bf == 0 || cfg.br == 0 {
         return Err(Error::invalid("--bf and --br must be at least 1"));
     }
-    let budget = cfg.steps.unwrap_or_else(|| (cfg.max_forget_epochs * forget_w.len() as f64 / cfg.bf as f64).ceil() as u64).max(1);
+    let budget = cfg
+        .steps
+        .unwrap_or_else(|| (cfg.max_forget_epochs * forget_w.len() as f64 / cfg.bf as f64).ceil() as u64)
+        .max(1);
     let ocfg = OptimConfig {
         lr: cfg.lr,
         weight_decay: cfg.weight_decay,
@@ -312,7 +389,8 @@ fn unlearn_loop(
             if saved["config"] != cfg_json {
                 return Err(Error::file(path, "the checkpoint was written with other unlearning options; rerun with the same options or without --resume"));
             }
-            *state = serde_json::from_value(saved["state"].clone()).map_err(|e| Error::invalid(format!("checkpoint state: {e}")))?;
+            *state = serde_json::from_value(saved["state"].clone())
+                .map_err(|e| Error::invalid(format!("checkpoint state: {e}")))?;
             if let Some(s) = state.forget_stream {
                 fs = Stream::from_state(forget_w.to_vec(), cfg.bf, s)?;
             }
@@ -346,7 +424,18 @@ fn unlearn_loop(
             Method::Finetune => methods::finetune_step(model, windows, &rb, pad, style, mode),
             Method::GradientAscent => methods::gradient_ascent_step(model, windows, &fb, pad, style, mode),
             Method::NeggradPlus => methods::neggrad_plus_step(model, windows, &fb, &rb, pad, style, cfg.beta, mode),
-            Method::RandomLabels => methods::random_labels_step(model, windows, &fb, &rb, pad, style, orig.labels.len(), cfg.seed, step, mode),
+            Method::RandomLabels => methods::random_labels_step(
+                model,
+                windows,
+                &fb,
+                &rb,
+                pad,
+                style,
+                orig.labels.len(),
+                cfg.seed,
+                step,
+                mode,
+            ),
             Method::Retrain => unreachable!("retrain is handled by the caller"),
         };
         if cfg.method != Method::Deepcut {
@@ -367,20 +456,38 @@ fn unlearn_loop(
                 )));
             }
         }
-        let upd = opt.update(model).map_err(|e| Error::Numeric(format!("{e}; the last good checkpoint is in {}", ckpt_dir.display())))?;
+        let upd = opt
+            .update(model)
+            .map_err(|e| Error::Numeric(format!("{e}; the last good checkpoint is in {}", ckpt_dir.display())))?;
         state.step += 1;
-        state.steps.push(StepRecord { step: state.step, ce: losses.ce, contrast: losses.contrast, total: losses.total, lr: upd.lr, grad_norm: upd.grad_norm });
+        state.steps.push(StepRecord {
+            step: state.step,
+            ce: losses.ce,
+            contrast: losses.contrast,
+            total: losses.total,
+            lr: upd.lr,
+            grad_norm: upd.grad_norm,
+        });
         pb.inc(1);
         pb.set_message(format!("ce {:.4} contrast {:.4}", losses.ce, losses.contrast));
         if cfg.steps.is_none() && state.step % cfg.check_every == 0 {
             let te = Instant::now();
             let f1 = evaluate_split(orig, model, forget_sents, cfg.max_len)?.f1;
             state.eval_seconds += te.elapsed().as_secs_f64();
-            state.checks.push(Check { step: state.step, forget_f1: f1 });
-            pb.println(format!("step {}: forget F1 {:.4} (target <= {:.4})", state.step, f1, target));
+            state.checks.push(Check {
+                step: state.step,
+                forget_f1: f1,
+            });
+            pb.println(format!(
+                "step {}: forget F1 {:.4} (target <= {:.4})",
+                state.step, f1, target
+            ));
             if f1 <= target {
                 state.done = true;
-                state.stop_reason = format!("forget F1 {f1:.4} <= original dev F1 {target:.4} at step {}", state.step);
+                state.stop_reason = format!(
+                    "forget F1 {f1:.4} <= original dev F1 {target:.4} at step {}",
+                    state.step
+                );
             }
         }
         state.forget_stream = Some(fs.state());
@@ -394,10 +501,18 @@ fn unlearn_loop(
     if state.stop_reason.is_empty() {
         state.stop_reason = match cfg.steps {
             Some(n) => format!("fixed budget of {n} steps"),
-            None => format!("budget of {} passes over the forget set ({budget} steps) reached", cfg.max_forget_epochs),
+            None => format!(
+                "budget of {} passes over the forget set ({budget} steps) reached",
+                cfg.max_forget_epochs
+            ),
         };
     }
-    let mut clf = Classifier { cfg: orig.cfg.clone(), labels: orig.labels.clone(), encoder: orig.encoder.clone(), weights: model.to_host() };
+    let mut clf = Classifier {
+        cfg: orig.cfg.clone(),
+        labels: orig.labels.clone(),
+        encoder: orig.encoder.clone(),
+        weights: model.to_host(),
+    };
     clf.cfg.id2label = Some(orig.labels.labels.clone());
     Ok(clf)
 }

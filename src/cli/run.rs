@@ -1,0 +1,183 @@
+//! `deepcut-fast run`: unlearn a forget set (DeepCUT by default, or a baseline) and write
+//! the run folder: model/, forget.txt, report.json, report.html, checkpoints/.
+use super::{prepare_out_dir, DeviceArgs};
+use crate::backend::{Denominator, OwnView};
+use crate::data::{forget_by_ratio, read_conll, read_indices};
+use crate::error::{Error, Result};
+use crate::train::finetune::FinetuneConfig;
+use crate::unlearn::deepcut::Anchors;
+use crate::unlearn::run::{run as run_unlearning, RunConfig, RunInputs};
+use crate::unlearn::Method;
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DenominatorArg {
+    SameClass,
+    All,
+}
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OwnViewArg {
+    Negative,
+    Exclude,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The model to unlearn (with a head for the data's labels), or a pretrained encoder
+    /// (fine-tuned first, as `train` would). Never modified.
+    #[arg(long)]
+    model: PathBuf,
+    /// Dataset folder with train.conll, dev.conll, test.conll.
+    #[arg(long)]
+    data: PathBuf,
+    /// Fraction of train sentences to forget, drawn with --seed.
+    #[arg(long, conflicts_with = "forget")]
+    forget_ratio: Option<f64>,
+    /// File of 0-based train sentence indices to forget, one per line.
+    #[arg(long)]
+    forget: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "deepcut")]
+    method: Method,
+    /// A model retrained without the forget set (`train --exclude`), for the gap and PrivLeak.
+    #[arg(long)]
+    retrain_ref: Option<PathBuf>,
+    /// Pretrained encoder for --method retrain (default: --model, when it has no head).
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// InfoNCE temperature.
+    #[arg(long, default_value_t = 0.1)]
+    tau: f32,
+    /// Weight of the contrastive term: L = L_CE + gamma * L_f.
+    #[arg(long, default_value_t = 0.1)]
+    gamma: f32,
+    #[arg(long, value_enum, default_value = "same-class")]
+    contrast_denominator: DenominatorArg,
+    #[arg(long, value_enum, default_value = "negative")]
+    own_view: OwnViewArg,
+    #[arg(long, value_enum, default_value = "all")]
+    anchors: Anchors,
+    /// Whether gradients of L_f stop at the columns (true: only anchors move).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    detach_columns: bool,
+    /// Forget sentences per step.
+    #[arg(long, default_value_t = 8)]
+    bf: usize,
+    /// Retain sentences per step.
+    #[arg(long, default_value_t = 32)]
+    br: usize,
+    /// Unlearning learning rate.
+    #[arg(long, default_value_t = 3e-5)]
+    lr: f32,
+    /// neggrad+'s weight of the forget term.
+    #[arg(long, default_value_t = 1.0)]
+    beta: f32,
+    /// Stop after this many passes over the forget set.
+    #[arg(long, default_value_t = 10.0)]
+    max_forget_epochs: f64,
+    /// Run exactly this many steps (no stopping rule).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Check the stopping rule every this many steps.
+    #[arg(long, default_value_t = 2)]
+    check_every: u64,
+    #[arg(long, default_value_t = 10)]
+    checkpoint_every: u64,
+    /// Epochs of the original's fine-tuning (when --model has no head) and of retrain.
+    #[arg(long, default_value_t = FinetuneConfig::default().epochs)]
+    train_epochs: usize,
+    /// Peak learning rate of that fine-tuning.
+    #[arg(long, default_value_t = FinetuneConfig::default().lr)]
+    train_lr: f32,
+    /// Sentences per batch of that fine-tuning.
+    #[arg(long, default_value_t = FinetuneConfig::default().batch)]
+    train_batch: usize,
+    /// Subwords per window, special tokens included.
+    #[arg(long, default_value_t = FinetuneConfig::default().max_len)]
+    max_len: usize,
+    /// Seed of everything: forget draw, head init, batch order, dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    a.device.init()?;
+    if a.forget.is_none() && a.forget_ratio.is_none() {
+        return Err(Error::invalid("give the forget set: --forget-ratio R or --forget FILE"));
+    }
+    if !(a.tau > 0.0) || !(a.gamma >= 0.0) || a.check_every == 0 || a.checkpoint_every == 0 || !(a.lr > 0.0) {
+        return Err(Error::invalid(
+            "--tau and --lr must be positive, --gamma non-negative, --check-every and --checkpoint-every at least 1",
+        ));
+    }
+    if a.steps == Some(0) || !(a.max_forget_epochs > 0.0) {
+        return Err(Error::invalid("--steps and --max-forget-epochs must be positive"));
+    }
+    prepare_out_dir(&a.out, &a.model, a.resume, a.force)?;
+    let n_train = read_conll(&a.data.join("train.conll"), true)?.len();
+    let forget = match (&a.forget, a.forget_ratio) {
+        (Some(f), _) => read_indices(f, n_train)?,
+        (None, Some(r)) => forget_by_ratio(n_train, r, a.seed)?,
+        (None, None) => unreachable!("checked above"),
+    };
+    let cfg = RunConfig {
+        method: a.method,
+        tau: a.tau,
+        gamma: a.gamma,
+        contrast_denominator: match a.contrast_denominator {
+            DenominatorArg::SameClass => Denominator::SameClass,
+            DenominatorArg::All => Denominator::All,
+        },
+        own_view: match a.own_view {
+            OwnViewArg::Negative => OwnView::Negative,
+            OwnViewArg::Exclude => OwnView::Exclude,
+        },
+        anchors: a.anchors,
+        detach_columns: a.detach_columns,
+        bf: a.bf,
+        br: a.br,
+        lr: a.lr,
+        warmup_ratio: 0.1,
+        weight_decay: 0.01,
+        clip: 1.0,
+        beta: a.beta,
+        max_forget_epochs: a.max_forget_epochs,
+        steps: a.steps,
+        check_every: a.check_every,
+        checkpoint_every: a.checkpoint_every,
+        max_len: a.max_len,
+        seed: a.seed,
+    };
+    let inputs = RunInputs {
+        model: a.model,
+        data: a.data,
+        forget,
+        forget_file: a.forget,
+        forget_ratio: a.forget_ratio,
+        retrain_ref: a.retrain_ref,
+        base: a.base,
+        out: a.out,
+        train: FinetuneConfig {
+            epochs: a.train_epochs,
+            lr: a.train_lr,
+            batch: a.train_batch,
+            max_len: a.max_len,
+            seed: a.seed,
+            ..FinetuneConfig::default()
+        },
+        resume: a.resume,
+        quiet: a.quiet,
+    };
+    run_unlearning(inputs, cfg)
+}
