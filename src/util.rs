@@ -63,3 +63,14 @@ pub fn peak_memory_bytes() -> u64 {
         })
         .map_or(0, |kb| kb * 1024)
 }
+
+/// Fault injection for the kill-and-resume tests: when DEEPCUT_ABORT_AFTER_STEP=N is set,
+/// the process exits abruptly (status 86, no cleanup, like a kill) after step N.
+pub fn maybe_abort_after(step: u64) {
+    if let Ok(v) = std::env::var("DEEPCUT_ABORT_AFTER_STEP") {
+        if v.parse::<u64>().ok() == Some(step) {
+            eprintln!("DEEPCUT_ABORT_AFTER_STEP={step}: aborting");
+            std::process::exit(86);
+        }
+    }
+}

@@ -28,6 +28,9 @@ pub struct TrainOpts {
     pub max_len: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Write a checkpoint every this many steps (and at every epoch end).
+    #[arg(long, default_value_t = FinetuneConfig::default().checkpoint_every)]
+    pub checkpoint_every: u64,
 }
 
 impl TrainOpts {
@@ -38,6 +41,7 @@ impl TrainOpts {
             batch: self.batch,
             max_len: self.max_len,
             seed: self.seed,
+            checkpoint_every: self.checkpoint_every.max(1),
             ..FinetuneConfig::default()
         }
     }

@@ -212,6 +212,7 @@ pub fn finetune(
                     json!({"config": config_json, "record": rec, "epoch": epoch, "batch_in_epoch": batch_in_epoch});
                 checkpoint::save(&ckpt_dir, &model, &opt, &state)?;
             }
+            crate::util::maybe_abort_after(rec.steps);
         }
         pb.finish_and_clear();
         let dev = evaluate_split(&clf, &mut model, &data.dev, fc.max_len)?;

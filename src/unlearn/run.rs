@@ -496,6 +496,7 @@ fn unlearn_loop(
         if state.step % cfg.checkpoint_every == 0 || state.done || state.step == budget {
             save(model, &opt, state)?;
         }
+        crate::util::maybe_abort_after(state.step);
     }
     pb.finish_and_clear();
     if state.stop_reason.is_empty() {

@@ -1,0 +1,334 @@
+//! `train` and `run` end to end through the real binary on a tiny BERT (random weights,
+//! MiniLM's tokenizer) and a slice of WNUT17: the run folder's contents, determinism,
+//! kill-and-resume giving the same model bytes, and clear errors for bad options.
+mod common;
+use deepcut_fast::data::{read_conll, write_conll};
+use deepcut_fast::model::{copy_tokenizer_files, random_init, save_model_dir, ModelConfig};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_deepcut-fast"))
+}
+
+fn run_ok(args: &[&str], env: Option<(&str, &str)>) -> Output {
+    let mut c = bin();
+    c.args(args);
+    if let Some((k, v)) = env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+/// A tiny encoder-only BERT with MiniLM's tokenizer, and a small dataset.
+fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
+    let minilm = common::shared().join("models/all-MiniLM-L6-v2");
+    let raw = json!({
+        "model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 128,
+        "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02
+    });
+    let cfg = ModelConfig::from_json(raw, &dir.join("config.json")).unwrap();
+    let w = random_init(&cfg, None, 7);
+    let model = dir.join("tiny-bert");
+    save_model_dir(&model, &cfg, &w).unwrap();
+    copy_tokenizer_files(&minilm, &model).unwrap();
+    let train = read_conll(&common::shared().join("data/wnut17/train.conll"), true).unwrap();
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let part = &train[..48];
+    let tags: Vec<Vec<String>> = part.iter().map(|s| s.tags.clone()).collect();
+    write_conll(&data.join("train.conll"), part, &tags).unwrap();
+    // dev/test from train so every tag is covered; the numbers are not the point here
+    write_conll(&data.join("dev.conll"), &part[..12], &tags[..12]).unwrap();
+    write_conll(&data.join("test.conll"), &part[12..24], &tags[12..24]).unwrap();
+    (model, data)
+}
+
+/// Every file under `dir` (recursively) with its bytes.
+fn hash_dir(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    v.sort();
+    v.into_iter()
+        .flat_map(|p| {
+            if p.is_dir() {
+                hash_dir(&p)
+            } else {
+                vec![(p.display().to_string(), std::fs::read(&p).unwrap())]
+            }
+        })
+        .collect()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn train_then_run_writes_the_run_folder_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = fixture(tmp.path());
+    let before = hash_dir(&model);
+
+    // train: fine-tune the tiny encoder (2 epochs), interrupted after step 3, resumed
+    let tr = tmp.path().join("trained");
+    let args = [
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--out",
+        s(&tr),
+        "--epochs",
+        "2",
+        "--batch",
+        "8",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
+        "--device",
+        "cpu",
+    ];
+    let o = run_ok(&args, Some(("DEEPCUT_ABORT_AFTER_STEP", "3")));
+    assert_eq!(o.status.code(), Some(86), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut resumed = args.to_vec();
+    resumed.push("--resume");
+    let o = run_ok(&resumed, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let full = tmp.path().join("trained-full");
+    let mut args_full = args.to_vec();
+    args_full[6] = s(&full);
+    let o = run_ok(&args_full, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(tr.join("model/model.safetensors")).unwrap(),
+        std::fs::read(full.join("model/model.safetensors")).unwrap(),
+        "a resumed train must end with the same model bytes"
+    );
+    let tj: Value = serde_json::from_str(&std::fs::read_to_string(tr.join("train.json")).unwrap()).unwrap();
+    assert!(tj["metrics"]["dev"]["f1"].is_number() && tj["record"]["epochs"].as_array().unwrap().len() == 2);
+    assert_eq!(hash_dir(&model), before, "the input model must not change");
+
+    // run: DeepCUT on the trained model, interrupted after step 3 and resumed
+    let trained = tr.join("model");
+    let out = tmp.path().join("run");
+    let args = [
+        "run",
+        "--model",
+        s(&trained),
+        "--data",
+        s(&data),
+        "--forget-ratio",
+        "0.25",
+        "--out",
+        s(&out),
+        "--steps",
+        "5",
+        "--bf",
+        "4",
+        "--br",
+        "8",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
+        "--device",
+        "cpu",
+    ];
+    let o = run_ok(&args, Some(("DEEPCUT_ABORT_AFTER_STEP", "3")));
+    assert_eq!(o.status.code(), Some(86));
+    let mut resumed = args.to_vec();
+    resumed.push("--resume");
+    let o = run_ok(&resumed, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let full = tmp.path().join("run-full");
+    let mut args_full = args.to_vec();
+    args_full[8] = s(&full);
+    let o = run_ok(&args_full, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(out.join("model/model.safetensors")).unwrap(),
+        std::fs::read(full.join("model/model.safetensors")).unwrap(),
+        "a resumed run must end with the same model bytes"
+    );
+
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let rf: Value = serde_json::from_str(&std::fs::read_to_string(full.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["metrics"], rf["metrics"], "same metrics after resume");
+    assert_eq!(r["method"], "deepcut");
+    assert_eq!(r["forget"]["count"], 12);
+    for split in ["forget", "retain", "dev", "test"] {
+        for k in ["precision", "recall", "f1"] {
+            assert!(r["metrics"][split][k].is_number(), "metrics.{split}.{k}");
+        }
+    }
+    assert!(r["metrics"]["mia_auc"].is_number() && r["reference"]["original"]["forget"]["f1"].is_number());
+    for k in ["seconds", "steps", "tokens", "tokens_per_second", "peak_memory_bytes"] {
+        assert!(r["cost"][k].is_number(), "cost.{k}");
+    }
+    assert_eq!(r["cost"]["steps"], 5);
+    assert_eq!(r["config"]["unlearning"]["tau"].as_f64().unwrap() as f32, 0.1);
+    assert_eq!(r["history"]["steps"].as_array().unwrap().len(), 5);
+    let forget_txt = std::fs::read_to_string(out.join("forget.txt")).unwrap();
+    assert_eq!(
+        forget_txt
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .count(),
+        12
+    );
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("forget tokens, after unlearning"));
+    assert!(!html.contains("<script"), "self-contained, no scripts");
+    let (_, w, head) = deepcut_fast::model::load_model_dir(&out.join("model")).unwrap();
+    assert!(head && w.num_labels().is_some());
+
+    // every baseline runs on the same split
+    let forget_file = out.join("forget.txt");
+    for method in ["finetune", "gradient-ascent", "neggrad+", "random-labels"] {
+        let o = tmp.path().join(format!("run-{method}"));
+        let a = [
+            "run",
+            "--model",
+            s(&trained),
+            "--data",
+            s(&data),
+            "--forget",
+            s(&forget_file),
+            "--out",
+            s(&o),
+            "--steps",
+            "2",
+            "--bf",
+            "4",
+            "--br",
+            "8",
+            "--quiet",
+            "--method",
+            method,
+        ];
+        let res = run_ok(&a, None);
+        assert!(
+            res.status.success(),
+            "{method}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(o.join("report.json")).unwrap()).unwrap();
+        assert_eq!(r["method"], method);
+        assert_eq!(r["forget"]["count"], 12);
+    }
+
+    // an existing output folder is refused without --force, and nothing in it changes
+    let before_out = hash_dir(&out);
+    let o = run_ok(
+        &args_full[..args_full.len()]
+            .iter()
+            .map(|x| if *x == s(&full) { s(&out) } else { x })
+            .collect::<Vec<_>>(),
+        None,
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert_eq!(hash_dir(&out), before_out);
+}
+
+#[test]
+fn bad_options_fail_with_a_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = fixture(tmp.path());
+    let bad_idx = tmp.path().join("forget.txt");
+    std::fs::write(&bad_idx, "3\n4000\n").unwrap();
+    let out = tmp.path().join("o");
+    let nope = tmp.path().join("nope");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["run", "--model", s(&model), "--data", s(&data), "--out", s(&out)],
+            "--forget",
+        ),
+        (
+            vec![
+                "run",
+                "--model",
+                s(&model),
+                "--data",
+                s(&data),
+                "--out",
+                s(&out),
+                "--forget-ratio",
+                "1.5",
+            ],
+            "ratio",
+        ),
+        (
+            vec![
+                "run",
+                "--model",
+                s(&model),
+                "--data",
+                s(&data),
+                "--out",
+                s(&out),
+                "--forget",
+                s(&bad_idx),
+            ],
+            "forget.txt:2",
+        ),
+        (
+            vec![
+                "run",
+                "--model",
+                s(&model),
+                "--data",
+                s(&data),
+                "--out",
+                s(&model),
+                "--forget-ratio",
+                "0.1",
+            ],
+            "input model",
+        ),
+        (
+            vec![
+                "run",
+                "--model",
+                s(&model),
+                "--data",
+                s(&data),
+                "--out",
+                s(&out),
+                "--forget-ratio",
+                "0.1",
+                "--tau",
+                "0",
+            ],
+            "--tau",
+        ),
+        (
+            vec!["train", "--model", s(&nope), "--data", s(&data), "--out", s(&out)],
+            "nope",
+        ),
+        (
+            vec![
+                "train",
+                "--model",
+                s(&model),
+                "--data",
+                s(&data),
+                "--out",
+                s(&out),
+                "--resume",
+                "--force",
+            ],
+            "--resume",
+        ),
+    ];
+    for (args, needle) in cases {
+        let o = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: message should name `{needle}`: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: panicked: {err}");
+    }
+}
