@@ -1,0 +1,133 @@
+//! The DeepCUT step as a whole: batch assembly (two views of each forget window, CE only
+//! on retain rows, partners pairing the views) and the gradient of
+//! L = L_CE + gamma * L_f through model -> gather -> l2norm -> InfoNCE -> backward,
+//! against finite differences (columns not detached, so the full gradient is the FD one).
+mod common;
+use common::{rel_l2, Rng};
+use deepcut_fast::backend::cpu::Cpu;
+use deepcut_fast::backend::{Denominator, InfoNceOptions, OwnView, IGNORE_INDEX};
+use deepcut_fast::data::{PositionStyle, Window};
+use deepcut_fast::model::{Dims, Mode, Model};
+use deepcut_fast::unlearn::deepcut::{assemble, step, Anchors, Contrast};
+
+fn window(sentence: usize, ids: &[u32], labels: &[i32]) -> Window {
+    let word_pos = labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &y)| y >= 0)
+        .map(|(i, _)| i)
+        .collect();
+    Window {
+        sentence,
+        first_word: 0,
+        ids: ids.to_vec(),
+        labels: labels.to_vec(),
+        word_pos,
+    }
+}
+
+fn windows() -> Vec<Window> {
+    let i = IGNORE_INDEX;
+    vec![
+        window(0, &[1, 5, 6, 7, 2], &[i, 0, 1, 2, i]),
+        window(1, &[1, 8, 9, 2], &[i, 1, 0, i]),
+        window(2, &[1, 4, 3, 5, 6, 2], &[i, 0, i, 2, 0, i]),
+        window(3, &[1, 7, 2], &[i, 2, i]),
+    ]
+}
+
+#[test]
+fn assembly_pairs_views_and_masks_forget_ce() {
+    let w = windows();
+    let (batch, z) = assemble(&w, &[0, 1], &[2, 3], 0, PositionStyle::Absolute, 0, Anchors::All);
+    assert_eq!(batch.b, 6);
+    let t = batch.t;
+    // forget rows (both views) carry no CE label; retain rows keep theirs
+    assert!(batch.inputs.labels[..4 * t].iter().all(|&y| y == IGNORE_INDEX));
+    assert_eq!(batch.inputs.labels[4 * t + 1], 0);
+    // 5 labelled forget tokens per view, 3 + 1 retain tokens
+    assert_eq!(z.idx.len(), 5 + 5 + 4);
+    for k in 0..5 {
+        assert_eq!(z.partner[k], (5 + k) as i32);
+        assert_eq!(z.partner[5 + k], k as i32);
+        assert_eq!(z.labels[k], z.labels[5 + k]);
+        assert_eq!(
+            z.idx[5 + k] as usize,
+            z.idx[k] as usize + 2 * t,
+            "view b is the same token two rows later"
+        );
+    }
+    assert!(z.anchor[..10].iter().all(|&a| a == 1) && z.anchor[10..].iter().all(|&a| a == 0));
+    assert!(z.partner[10..].iter().all(|&p| p == -1));
+    let (_, ze) = assemble(&w, &[0, 1], &[2, 3], 0, PositionStyle::Absolute, 0, Anchors::Entities);
+    assert_eq!(
+        ze.anchor.iter().sum::<i32>(),
+        6,
+        "entities: only non-O forget tokens anchor"
+    );
+}
+
+#[test]
+fn deepcut_step_gradient_matches_finite_differences() {
+    let dims = Dims {
+        vocab: 10,
+        max_pos: 8,
+        type_vocab: 2,
+        hidden: 8,
+        layers: 1,
+        heads: 2,
+        ffn: 12,
+        labels: 3,
+        eps: 1e-5,
+        hidden_dropout: 0.1,
+        attn_dropout: 0.1,
+        classifier_dropout: 0.1,
+    };
+    let mut rng = Rng(31);
+    let mut model = Model::new(Cpu, dims.clone(), 64, |name, shape| {
+        let n: usize = shape.iter().product();
+        if name.ends_with("LayerNorm.weight") {
+            (0..n).map(|_| 1.0 + 0.2 * rng.uniform()).collect()
+        } else {
+            rng.vec(n, 0.5)
+        }
+    });
+    let w = windows();
+    let (batch, z) = assemble(&w, &[0, 1], &[2, 3], 0, PositionStyle::Absolute, 0, Anchors::All);
+    let opts = InfoNceOptions {
+        tau: 0.5,
+        denominator: Denominator::SameClass,
+        own_view: OwnView::Negative,
+        detach_columns: false,
+    };
+    let gamma = 0.7;
+    let mode = Mode::Train { seed: 3, step: 1 };
+    let mut cb = Contrast::new(&model.be, 64, dims.hidden);
+    let losses = step(&mut model, &mut cb, &batch, &z, opts, gamma, mode);
+    assert!(losses.anchors > 0 && losses.contrast > 0.0 && losses.ce > 0.0);
+    let grads = model.export_grads();
+    let h = 1e-2f32;
+    let mut pick = Rng(5);
+    for (pi, (name, g)) in grads.iter().enumerate() {
+        let idx: Vec<usize> = (0..6.min(g.len())).map(|_| pick.below(g.len())).collect();
+        let (mut a, mut nmr) = (vec![], vec![]);
+        for &i in &idx {
+            let orig = model.params.iter()[pi].w[i];
+            let mut eval = |v: f32, m: &mut Model<Cpu>| {
+                m.params.iter_mut()[pi].w[i] = v;
+                let l = step(m, &mut cb, &batch, &z, opts, gamma, mode);
+                l.ce as f64 + gamma as f64 * l.contrast as f64
+            };
+            let up = eval(orig + h, &mut model);
+            let down = eval(orig - h, &mut model);
+            model.params.iter_mut()[pi].w[i] = orig;
+            a.push(g[i]);
+            nmr.push(((up - down) / (2.0 * h as f64)) as f32);
+        }
+        if a.iter().chain(&nmr).all(|x| x.abs() < 1e-4) {
+            continue; // zero in exact arithmetic (unused embedding rows, key bias)
+        }
+        let e = rel_l2(&a, &nmr);
+        assert!(e < 1e-2, "{name}: rel err {e:.2e}\n analytic {a:?}\n numeric {nmr:?}");
+    }
+}
