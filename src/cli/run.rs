@@ -111,17 +111,27 @@ pub struct RunArgs {
     device: DeviceArgs,
 }
 
+/// A finite number above zero (NaN is not).
+fn positive(x: f32) -> bool {
+    x.is_finite() && x > 0.0
+}
+
 pub fn run(a: RunArgs) -> Result<()> {
     a.device.init()?;
     if a.forget.is_none() && a.forget_ratio.is_none() {
         return Err(Error::invalid("give the forget set: --forget-ratio R or --forget FILE"));
     }
-    if !(a.tau > 0.0) || !(a.gamma >= 0.0) || a.check_every == 0 || a.checkpoint_every == 0 || !(a.lr > 0.0) {
+    if !positive(a.tau)
+        || !(positive(a.gamma) || a.gamma == 0.0)
+        || a.check_every == 0
+        || a.checkpoint_every == 0
+        || !positive(a.lr)
+    {
         return Err(Error::invalid(
             "--tau and --lr must be positive, --gamma non-negative, --check-every and --checkpoint-every at least 1",
         ));
     }
-    if a.steps == Some(0) || !(a.max_forget_epochs > 0.0) {
+    if a.steps == Some(0) || !positive(a.max_forget_epochs as f32) {
         return Err(Error::invalid("--steps and --max-forget-epochs must be positive"));
     }
     prepare_out_dir(&a.out, &a.model, a.resume, a.force)?;

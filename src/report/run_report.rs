@@ -130,7 +130,7 @@ pub fn render(r: &Value, before: &[f32], after: &[f32], labels: &[i32], names: &
         method = esc(r["method"].as_str().unwrap_or("?")),
         count = r["forget"]["count"],
         train = r["forget"]["train_sentences"],
-        file = esc(&r["forget"]["file"].as_str().unwrap_or("").to_string()),
+        file = esc(r["forget"]["file"].as_str().unwrap_or("")),
         reason = esc(r["stopping"]["reason"].as_str().unwrap_or("")),
         table = metrics_table(r),
         steps = cost["steps"],

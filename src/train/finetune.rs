@@ -120,11 +120,12 @@ pub struct FinetuneResult {
 /// Fine-tunes `clf` on `train` (sentences), keeps the best dev-F1 weights in
 /// `out/model` (Hugging Face layout), checkpoints into `out/checkpoints`.
 /// Returns the best classifier and the record.
+#[allow(clippy::too_many_arguments)]
 pub fn finetune(
     mut clf: Classifier, tokenizer_dir: &Path, train: &[Sentence], data: &Dataset, fc: &FinetuneConfig, out: &Path,
     resume: bool, quiet: bool,
 ) -> Result<(Classifier, FinetuneResult)> {
-    if fc.batch == 0 || fc.epochs == 0 || !(fc.lr > 0.0) {
+    if fc.batch == 0 || fc.epochs == 0 || !(fc.lr.is_finite() && fc.lr > 0.0) {
         return Err(Error::invalid("--batch, --epochs and --lr must be positive"));
     }
     let windows = clf.encoder.encode_sentences(train, Some(&clf.labels), fc.max_len)?;
@@ -206,7 +207,7 @@ pub fn finetune(
             batch_in_epoch += 1;
             pb.inc(1);
             pb.set_message(format!("loss {loss:.4}"));
-            if rec.steps % fc.checkpoint_every == 0 {
+            if rec.steps.is_multiple_of(fc.checkpoint_every) {
                 rec.seconds = seconds_before + t_start.elapsed().as_secs_f64();
                 let state =
                     json!({"config": config_json, "record": rec, "epoch": epoch, "batch_in_epoch": batch_in_epoch});

@@ -470,7 +470,7 @@ fn unlearn_loop(
         });
         pb.inc(1);
         pb.set_message(format!("ce {:.4} contrast {:.4}", losses.ce, losses.contrast));
-        if cfg.steps.is_none() && state.step % cfg.check_every == 0 {
+        if cfg.steps.is_none() && state.step.is_multiple_of(cfg.check_every) {
             let te = Instant::now();
             let f1 = evaluate_split(orig, model, forget_sents, cfg.max_len)?.f1;
             state.eval_seconds += te.elapsed().as_secs_f64();
@@ -493,7 +493,7 @@ fn unlearn_loop(
         state.forget_stream = Some(fs.state());
         state.retain_stream = Some(rs.state());
         state.seconds = seconds_before + t0.elapsed().as_secs_f64();
-        if state.step % cfg.checkpoint_every == 0 || state.done || state.step == budget {
+        if state.step.is_multiple_of(cfg.checkpoint_every) || state.done || state.step == budget {
             save(model, &opt, state)?;
         }
         crate::util::maybe_abort_after(state.step);
