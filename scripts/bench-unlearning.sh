@@ -29,7 +29,7 @@ for r in $ratios; do
         [ -f "$d/$m/report.json" ] && continue
         opts=""
         [ "$m" = deepcut ] && opts="${DEEPCUT_OPTS:-}"
-        "$bin" run --model "$orig" --data "$data" --forget "$d/forget.txt" --out "$d/$m" --method "$m" --retrain-ref "$d/retrain/model" --quiet --force $opts
+        "$bin" run --model "$orig" --data "$data" --forget "$d/forget.txt" --out "$d/$m" --method "$m" --retrain-ref "$d/retrain/model" --eval-cache "$out/eval-cache" --quiet --force $opts
     done
 done
 python3 - "$out" $ratios <<'PY'

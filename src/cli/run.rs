@@ -45,6 +45,10 @@ pub struct RunArgs {
     /// A model retrained without the forget set (`train --exclude`), for the gap and PrivLeak.
     #[arg(long)]
     retrain_ref: Option<PathBuf>,
+    /// Folder where reference evaluations (original, retrained) are cached and reused
+    /// across runs (default: inside this run's checkpoints/).
+    #[arg(long)]
+    eval_cache: Option<PathBuf>,
     /// Pretrained encoder for --method retrain (default: --model, when it has no head).
     #[arg(long)]
     base: Option<PathBuf>,
@@ -176,6 +180,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         forget_file: a.forget,
         forget_ratio: a.forget_ratio,
         retrain_ref: a.retrain_ref,
+        eval_cache: a.eval_cache,
         base: a.base,
         out: a.out,
         train: FinetuneConfig {

@@ -67,6 +67,8 @@ pub struct RunInputs {
     pub forget_file: Option<PathBuf>,
     pub forget_ratio: Option<f64>,
     pub retrain_ref: Option<PathBuf>,
+    /// Folder of cached reference evaluations (original, retrained), shared between runs.
+    pub eval_cache: Option<PathBuf>,
     /// Pretrained encoder for `retrain` (default: --model when it has no head).
     pub base: Option<PathBuf>,
     pub out: PathBuf,
@@ -121,6 +123,47 @@ fn metrics_json(ev: &Evaluation) -> Value {
 fn save_json(path: &Path, v: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::file(path, e.to_string()))?;
     write_atomic(path, text.as_bytes())
+}
+
+/// Metrics of a reference model (forget, retain, dev, test, MIA AUC), cached under a key
+/// of its weights, the forget set, the data folder and max_len: evaluating the retain
+/// set is the slowest part of a short run, and the same references recur across runs.
+fn cached_eval(
+    clf: &Classifier, model: &mut crate::model::Model<Cpu>, data: &Dataset, forget: &[usize], max_len: usize,
+    cache: &Path, what: &str,
+) -> Result<Value> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for (name, t) in &clf.weights.tensors {
+        eat(name.as_bytes());
+        eat(bytemuck::cast_slice(&t.data));
+    }
+    forget.iter().for_each(|i| eat(&i.to_le_bytes()));
+    eat(data
+        .dir
+        .canonicalize()
+        .unwrap_or(data.dir.clone())
+        .to_string_lossy()
+        .as_bytes());
+    eat(&max_len.to_le_bytes());
+    clf.labels.labels.iter().for_each(|l| eat(l.as_bytes()));
+    let path = cache.join(format!("{h:016x}.json"));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(v) = serde_json::from_str::<Value>(&text) {
+            eprintln!("{what}: metrics from the evaluation cache {}", path.display());
+            return Ok(v);
+        }
+    }
+    eprintln!("evaluating the {what} model (forget, retain, dev, test) ...");
+    let v = metrics_json(&evaluate(clf, model, data, Some(forget), true, max_len)?);
+    std::fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
+    save_json(&path, &v)?;
+    Ok(v)
 }
 
 /// The original (model to be unlearned): the given model when its head has the data's
@@ -196,7 +239,6 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
     // Reference metrics of the original (cached so a resumed run does not redo them).
     let max_tokens = (2 * cfg.bf + cfg.br).max(8) * cfg.max_len;
     let mut model = model_from_weights(Cpu, &orig.cfg, &orig.weights, orig.labels.len(), max_tokens);
-    let ref_path = inp.out.join("checkpoints").join("original_eval.json");
     let windows = orig
         .encoder
         .encode_sentences(&data.train, Some(&orig.labels), cfg.max_len)?;
@@ -209,17 +251,11 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
     let forget_windows: Vec<Window> = forget_w.iter().map(|&i| windows[i].clone()).collect();
     let (pad, style) = (orig.encoder.special_ids().pad, orig.position_style());
     let t_eval = Instant::now();
-    let ref_original = if inp.resume && ref_path.exists() {
-        serde_json::from_str(&std::fs::read_to_string(&ref_path).map_err(|e| Error::io(&ref_path, e))?)
-            .map_err(|e| Error::file(&ref_path, e.to_string()))?
-    } else {
-        eprintln!("evaluating the original model (forget, retain, dev, test) ...");
-        let ev = evaluate(&orig, &mut model, &data, Some(&inp.forget), true, cfg.max_len)?;
-        let v = metrics_json(&ev);
-        std::fs::create_dir_all(inp.out.join("checkpoints")).map_err(|e| Error::io(inp.out.join("checkpoints"), e))?;
-        save_json(&ref_path, &v)?;
-        v
-    };
+    let cache = inp
+        .eval_cache
+        .clone()
+        .unwrap_or_else(|| inp.out.join("checkpoints").join("eval-cache"));
+    let ref_original = cached_eval(&orig, &mut model, &data, &inp.forget, cfg.max_len, &cache, "original")?;
     let orig_eval_seconds = t_eval.elapsed().as_secs_f64();
     let (emb_before, emb_labels) = labelled_hidden(&mut model, &forget_windows, pad, style);
     let target = ref_original["dev"]["f1"].as_f64().unwrap_or(0.0);
@@ -296,8 +332,15 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
     if let Some(dir) = &inp.retrain_ref {
         let rclf = Classifier::load(dir)?;
         let mut rmodel = rclf.model(Cpu, max_tokens);
-        let rev = evaluate(&rclf, &mut rmodel, &data, Some(&inp.forget), true, cfg.max_len)?;
-        let rm = metrics_json(&rev);
+        let rm = cached_eval(
+            &rclf,
+            &mut rmodel,
+            &data,
+            &inp.forget,
+            cfg.max_len,
+            &cache,
+            "retrained reference",
+        )?;
         let gap: serde_json::Map<String, Value> = ["forget", "retain", "dev", "test"]
             .iter()
             .map(|s| {
@@ -307,10 +350,10 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
                 )
             })
             .collect();
+        reference["privleak"] = json!(privleak(ev.mia_auc, rm["mia_auc"].as_f64().unwrap_or(f64::NAN)));
         reference["retrain"] = rm;
         reference["retrain"]["model"] = json!(dir);
         reference["gap_to_retrain"] = Value::Object(gap);
-        reference["privleak"] = json!(privleak(ev.mia_auc, rev.mia_auc));
     }
     let final_eval_seconds = t_final.elapsed().as_secs_f64();
     let model_dir = inp.out.join("model");
