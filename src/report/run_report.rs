@@ -56,15 +56,13 @@ fn curves(r: &Value) -> String {
             .map(|s| (s["step"].as_f64().unwrap_or(0.0), s[key].as_f64().unwrap_or(f64::NAN)))
             .collect(),
     };
-    let mut out = line_chart(
-        "training losses",
+    // One chart per term: their scales differ by an order of magnitude.
+    let mut out = line_chart("retain cross-entropy", "step", "loss", &[series("ce", "cross-entropy")]);
+    out += &line_chart(
+        "forget term (DeepCUT: L_f; neggrad+: forget CE)",
         "step",
         "loss",
-        &[
-            series("ce", "cross-entropy"),
-            series("contrast", "contrastive / forget term"),
-            series("total", "total"),
-        ],
+        &[series("contrast", "forget term")],
     );
     let checks = r["history"]["checks"].as_array().cloned().unwrap_or_default();
     if !checks.is_empty() {

@@ -33,6 +33,8 @@ struct Frame {
 }
 
 const PAD: f64 = 48.0;
+/// Width of the legend column right of the plot area.
+const LEGEND: f64 = 150.0;
 
 impl Frame {
     fn new(w: f64, h: f64, pts: impl Iterator<Item = (f64, f64)>) -> Frame {
@@ -55,7 +57,7 @@ impl Frame {
         Frame { w, h, x0, x1, y0, y1 }
     }
     fn sx(&self, x: f64) -> f64 {
-        PAD + (x - self.x0) / (self.x1 - self.x0) * (self.w - 2.0 * PAD)
+        PAD + (x - self.x0) / (self.x1 - self.x0) * (self.w - PAD - LEGEND)
     }
     fn sy(&self, y: f64) -> f64 {
         self.h - PAD - (y - self.y0) / (self.y1 - self.y0) * (self.h - 2.0 * PAD)
@@ -74,7 +76,7 @@ impl Frame {
             w / 2.0,
             escape(title),
             h - PAD,
-            w - PAD,
+            w - LEGEND,
             h - PAD,
             h - PAD,
             w / 2.0,
@@ -85,7 +87,7 @@ impl Frame {
             escape(ylabel),
             h - PAD + 14.0,
             self.x0,
-            w - PAD,
+            w - LEGEND,
             h - PAD + 14.0,
             self.x1,
             PAD - 4.0,
@@ -104,10 +106,10 @@ fn legend(s: &mut String, w: f64, names: &[String]) {
         let _ = write!(
             s,
             r#"<rect x="{}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{}">{}</text>"#,
-            w - PAD - 110.0,
+            w - LEGEND + 12.0,
             y - 9.0,
             color(i),
-            w - PAD - 96.0,
+            w - LEGEND + 26.0,
             y,
             escape(n)
         );
@@ -116,7 +118,7 @@ fn legend(s: &mut String, w: f64, names: &[String]) {
 
 /// A line chart of several series.
 pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series]) -> String {
-    let f = Frame::new(640.0, 320.0, series.iter().flat_map(|s| s.points.iter().copied()));
+    let f = Frame::new(720.0, 300.0, series.iter().flat_map(|s| s.points.iter().copied()));
     let mut s = String::new();
     f.axes(&mut s, title, xlabel, ylabel);
     for (i, ser) in series.iter().enumerate() {
@@ -146,7 +148,7 @@ pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series]) ->
 
 /// A scatter plot; `class[i]` picks the colour of point i, `names` labels the classes.
 pub fn scatter(title: &str, pts: &[(f64, f64)], class: &[usize], names: &[String], bounds: Option<[f64; 4]>) -> String {
-    let mut f = Frame::new(420.0, 380.0, pts.iter().copied());
+    let mut f = Frame::new(520.0, 380.0, pts.iter().copied());
     if let Some([x0, x1, y0, y1]) = bounds {
         (f.x0, f.x1, f.y0, f.y1) = (x0, x1, y0, y1);
     }
