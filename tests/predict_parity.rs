@@ -118,11 +118,7 @@ fn check_dataset(golden_name: &str, dataset: &str, with_logits: bool) {
     assert!(near_ties <= 1, "{golden_name}: {near_ties} near-tie words differ");
     assert!(max_diff <= 1e-4, "{golden_name}: logits differ by up to {max_diff:e}");
     if let Some(th) = &theirs {
-        assert_eq!(
-            golden_word,
-            th.shape("logits")[0],
-            "every golden word compared"
-        );
+        assert_eq!(golden_word, th.shape("logits")[0], "every golden word compared");
     }
 
     // eval on the sentences transformers could score, as a dataset folder of its own
