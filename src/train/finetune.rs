@@ -61,7 +61,9 @@ pub struct Base {
 impl Base {
     pub fn load(dir: &Path) -> Result<Base> {
         let (cfg, weights, has_head) = crate::model::load_model_dir(dir)?;
-        let encoder = Encoder::from_file(&dir.join("tokenizer.json"))?;
+        let tok = dir.join("tokenizer.json");
+        let mut encoder = Encoder::from_file(&tok)?;
+        encoder.fit_model(&tok, cfg.vocab_size, crate::infer::max_window(&cfg))?;
         Ok(Base {
             dir: dir.to_path_buf(),
             cfg,
