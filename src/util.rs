@@ -26,6 +26,38 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Whether `name` is a temp file of [`write_atomic`]: `.NAME.tmpPID`.
+pub fn is_atomic_temp_name(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes the temp files of [`write_atomic`] under `dir` (recursively) that a killed
+/// process left behind; returns how many. Only for a folder this process owns (a run
+/// folder being resumed): a live writer's temp file would be removed too.
+pub fn remove_stale_temp_files(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
+        if kind.is_dir() {
+            removed += remove_stale_temp_files(&path)?;
+        } else if kind.is_file() && is_atomic_temp_name(&entry.file_name().to_string_lossy()) {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// A progress bar on stderr with ETA and a message (current losses), or nothing with
 /// `--quiet` (or when stderr is not a terminal, indicatif hides it by itself).
 pub fn progress(len: u64, what: &str, quiet: bool) -> indicatif::ProgressBar {
