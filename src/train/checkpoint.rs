@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 pub const CURRENT: &str = "checkpoint.safetensors";
 pub const PREVIOUS: &str = "checkpoint.prev.safetensors";
+/// Where a damaged current checkpoint is moved when the previous one is used instead.
+pub const DAMAGED: &str = "checkpoint.damaged.safetensors";
 
 /// FNV-1a over the tensor bytes, in a fixed order: detects a checkpoint whose data was
 /// damaged after it was written.
@@ -123,7 +125,9 @@ fn load_file<B: Backend>(path: &Path, model: &mut Model<B>, opt: &mut Optimizer<
 }
 
 /// Loads the newest good checkpoint of `dir` (None when there is none). A damaged
-/// current checkpoint falls back to the previous one, and says so on stderr.
+/// current checkpoint falls back to the previous one, and says so on stderr; the
+/// damaged file is moved to [`DAMAGED`], so the next save does not rotate it over the
+/// good previous one.
 pub fn load<B: Backend>(dir: &Path, model: &mut Model<B>, opt: &mut Optimizer<B>) -> Result<Option<(Value, PathBuf)>> {
     let mut last_err = None;
     for name in [CURRENT, PREVIOUS] {
@@ -132,7 +136,14 @@ pub fn load<B: Backend>(dir: &Path, model: &mut Model<B>, opt: &mut Optimizer<B>
             continue;
         }
         match load_file(&path, model, opt) {
-            Ok(state) => return Ok(Some((state, path))),
+            Ok(state) => {
+                if name == PREVIOUS && last_err.is_some() {
+                    let (cur, damaged) = (dir.join(CURRENT), dir.join(DAMAGED));
+                    std::fs::rename(&cur, &damaged).map_err(|e| Error::io(&cur, e))?;
+                    eprintln!("warning: the damaged checkpoint is kept as {}", damaged.display());
+                }
+                return Ok(Some((state, path)));
+            }
             Err(e) => {
                 eprintln!("warning: {e}; trying the previous checkpoint");
                 last_err = Some(e);
