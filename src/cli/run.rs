@@ -117,9 +117,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     if a.forget.is_none() && a.forget_ratio.is_none() {
         return Err(Error::invalid("give the forget set: --forget-ratio R or --forget FILE"));
     }
-    if !(a.tau > 0.0) || !(a.gamma >= 0.0) || a.check_every == 0 || a.checkpoint_every == 0 || !(a.lr > 0.0) {
+    let finite = [a.tau, a.gamma, a.lr].iter().all(|x| x.is_finite());
+    if !(a.tau > 0.0) || !(a.gamma >= 0.0) || a.check_every == 0 || a.checkpoint_every == 0 || !(a.lr > 0.0) || !finite
+    {
         return Err(Error::invalid(
-            "--tau and --lr must be positive, --gamma non-negative, --check-every and --checkpoint-every at least 1",
+            "--tau and --lr must be positive, --gamma non-negative (all three finite), --check-every and --checkpoint-every at least 1",
         ));
     }
     if a.steps == Some(0) || !(a.max_forget_epochs > 0.0) {

@@ -35,6 +35,8 @@ fn checksum<'a>(parts: impl Iterator<Item = &'a [u8]>) -> u64 {
 }
 
 /// Saves model weights, optimiser moments and `state` into `dir` (created if needed).
+/// A non-finite weight or moment is an error and nothing is written: the newest
+/// checkpoint on disk is always one a run can continue from.
 pub fn save<B: Backend>(dir: &Path, model: &Model<B>, opt: &Optimizer<B>, state: &Value) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let weights = model.export();
@@ -44,6 +46,15 @@ pub fn save<B: Backend>(dir: &Path, model: &Model<B>, opt: &Optimizer<B>, state:
         named.push((format!("w.{name}"), shape.clone(), w));
         named.push((format!("m.{name}"), shape.clone(), m));
         named.push((format!("v.{name}"), shape.clone(), v));
+    }
+    for (name, _, data) in &named {
+        if let Some(x) = data.iter().find(|x| !x.is_finite()) {
+            return Err(Error::Numeric(format!(
+                "step {}: `{name}` has the value {x} after the update; stopped without writing a checkpoint, {}",
+                opt.step,
+                last_good(dir)
+            )));
+        }
     }
     let sum = checksum(named.iter().map(|(_, _, d)| bytemuck::cast_slice::<f32, u8>(d)));
     let mut views = vec![];
@@ -64,6 +75,14 @@ pub fn save<B: Backend>(dir: &Path, model: &Model<B>, opt: &Optimizer<B>, state:
         std::fs::rename(&cur, dir.join(PREVIOUS)).map_err(|e| Error::io(&cur, e))?;
     }
     write_atomic(&cur, &bytes)
+}
+
+/// Where the newest checkpoint of `dir` is, for the message of a run that stops.
+pub fn last_good(dir: &Path) -> String {
+    match [CURRENT, PREVIOUS].iter().map(|n| dir.join(n)).find(|p| p.exists()) {
+        Some(p) => format!("the last good checkpoint is {}", p.display()),
+        None => format!("no checkpoint had been written to {} yet", dir.display()),
+    }
 }
 
 /// Reads one checkpoint file into the model and optimiser; returns its state.
