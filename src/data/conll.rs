@@ -61,7 +61,8 @@ pub fn parse_conll(path: &Path, bytes: &[u8], require_tags: bool) -> Result<Vec<
     for (i, raw) in text.split('\n').enumerate() {
         let line_no = i + 1;
         check_raw_line(path, line_no, raw)?;
-        let line = raw.trim();
+        // U+FEFF too: a byte-order mark where two files were concatenated is not part of a word.
+        let line = raw.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
         if line.is_empty() || is_docstart(line) {
             // A blank (or whitespace-only) line ends a sentence; so does a document marker.
             flush(&mut sentences, &mut current);
