@@ -3,8 +3,10 @@ use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
 
-/// Write `bytes` to `path` atomically: a temp file in the same folder, fsync, rename.
-/// A crash leaves either the old file or the new one, never a torn file.
+/// Write `bytes` to `path` atomically: a temp file in the same folder, fsync, rename,
+/// fsync of the folder (so the rename itself survives a power loss). A crash leaves
+/// either the old file or the new one, never a torn file; a killed process may leave
+/// its temp file (`.NAME.tmpPID`, see [`remove_stale_temp_files`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
@@ -17,6 +19,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
+        // Some file systems cannot fsync a folder; the data itself is already synced.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
         Ok(())
     })();
     if let Err(e) = res {
