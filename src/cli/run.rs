@@ -117,9 +117,13 @@ pub fn run(a: RunArgs) -> Result<()> {
     if a.forget.is_none() && a.forget_ratio.is_none() {
         return Err(Error::invalid("give the forget set: --forget-ratio R or --forget FILE"));
     }
-    let finite = [a.tau, a.gamma, a.lr].iter().all(|x| x.is_finite());
-    if !(a.tau > 0.0) || !(a.gamma >= 0.0) || a.check_every == 0 || a.checkpoint_every == 0 || !(a.lr > 0.0) || !finite
-    {
+    let positive = |x: f32| x > 0.0 && x.is_finite();
+    let options_ok = positive(a.tau)
+        && positive(a.lr)
+        && (a.gamma == 0.0 || positive(a.gamma))
+        && a.check_every > 0
+        && a.checkpoint_every > 0;
+    if !options_ok {
         return Err(Error::invalid(
             "--tau and --lr must be positive, --gamma non-negative (all three finite), --check-every and --checkpoint-every at least 1",
         ));
