@@ -774,6 +774,12 @@ fn bad_options_and_output_folders() {
         )
         .absent(&out),
         Case::new(
+            "options: --lr inf",
+            &run(&["--forget-ratio", "0.25", "--lr", "inf", "--out", &s(&out)]),
+            &["--lr", "finite"],
+        )
+        .absent(&out),
+        Case::new(
             "output: the folder exists",
             &run(&["--forget-ratio", "0.25", "--out", &s(&existing)]),
             &["--out", "earlier-run", "--force"],

@@ -55,6 +55,7 @@ fn fails(args: &[String]) -> String {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(err.lines().filter(|l| l.starts_with("error")).count(), 1, "{err}");
+    println!("{}", err.lines().find(|l| l.starts_with("error")).unwrap()); // shown with --nocapture
     err
 }
 
@@ -199,4 +200,70 @@ fn a_train_whose_loss_blows_up_stops_naming_step_and_term_and_keeps_its_checkpoi
     let err2 = fails(&resume);
     assert!(err2.contains("resuming from"), "{err2}");
     assert_eq!(failed_step(&err2), step, "{err2}");
+}
+
+/// Weights that are finite but so large that the logits overflow: the loss itself is
+/// NaN at the first step, before any checkpoint exists, and the message says both.
+#[test]
+fn a_model_whose_logits_overflow_stops_at_step_1_naming_the_cross_entropy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = fixture::build(tmp.path());
+    let huge = tmp.path().join("huge");
+    fixture::copy_dir(&fx.model, &huge);
+    let w = huge.join("model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let mut b = t.data().to_vec();
+            if n == "classifier.weight" {
+                for c in b.chunks_exact_mut(4) {
+                    let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    c.copy_from_slice(&(x.signum() * 3e38).to_le_bytes());
+                }
+            }
+            (n, t.dtype(), t.shape().to_vec(), b)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, sh, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, sh.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&w, safetensors::serialize(views, &None).unwrap()).unwrap();
+
+    let out = tmp.path().join("run");
+    let args: Vec<String> = [
+        "run",
+        "--model",
+        &s(&huge),
+        "--data",
+        &s(&fx.data),
+        "--forget-ratio",
+        "0.25",
+        "--steps",
+        "3",
+        "--bf",
+        "4",
+        "--br",
+        "8",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--out",
+        &s(&out),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let err = fails(&args);
+    assert!(names_a_loss_term(&err), "{err}");
+    assert_eq!(failed_step(&err), 1, "{err}");
+    assert!(err.contains("no checkpoint had been written"), "{err}");
 }
