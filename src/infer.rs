@@ -32,7 +32,9 @@ impl Classifier {
             )
         })?;
         let labels = LabelMap { labels: id2label };
-        let encoder = Encoder::from_file(&dir.join("tokenizer.json"))?;
+        let tok = dir.join("tokenizer.json");
+        let mut encoder = Encoder::from_file(&tok)?;
+        encoder.fit_model(&tok, cfg.vocab_size, max_window(&cfg))?;
         Ok(Classifier {
             cfg,
             labels,
@@ -59,6 +61,17 @@ pub fn position_style(cfg: &ModelConfig) -> PositionStyle {
         ModelType::Roberta => PositionStyle::Roberta {
             pad_id: cfg.pad_token_id,
         },
+    }
+}
+
+/// Most tokens per window (special tokens included) the position table holds: BERT
+/// numbers positions from 0, RoBERTa from pad_token_id + 1.
+pub fn max_window(cfg: &ModelConfig) -> usize {
+    match cfg.model_type {
+        ModelType::Bert => cfg.max_position_embeddings,
+        ModelType::Roberta => cfg
+            .max_position_embeddings
+            .saturating_sub(cfg.pad_token_id as usize + 1),
     }
 }
 

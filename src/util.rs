@@ -3,8 +3,10 @@ use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
 
-/// Write `bytes` to `path` atomically: a temp file in the same folder, fsync, rename.
-/// A crash leaves either the old file or the new one, never a torn file.
+/// Write `bytes` to `path` atomically: a temp file in the same folder, fsync, rename,
+/// fsync of the folder (so the rename itself survives a power loss). A crash leaves
+/// either the old file or the new one, never a torn file; a killed process may leave
+/// its temp file (`.NAME.tmpPID`, see [`remove_stale_temp_files`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
@@ -17,6 +19,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
+        // Some file systems cannot fsync a folder; the data itself is already synced.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
         Ok(())
     })();
     if let Err(e) = res {
@@ -24,6 +30,38 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(Error::io(path, e));
     }
     Ok(())
+}
+
+/// Whether `name` is a temp file of [`write_atomic`]: `.NAME.tmpPID`.
+pub fn is_atomic_temp_name(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes the temp files of [`write_atomic`] under `dir` (recursively) that a killed
+/// process left behind; returns how many. Only for a folder this process owns (a run
+/// folder being resumed): a live writer's temp file would be removed too.
+pub fn remove_stale_temp_files(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
+        if kind.is_dir() {
+            removed += remove_stale_temp_files(&path)?;
+        } else if kind.is_file() && is_atomic_temp_name(&entry.file_name().to_string_lossy()) {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// A progress bar on stderr with ETA and a message (current losses), or nothing with

@@ -91,6 +91,14 @@ pub fn prepare_out_dir(out: &std::path::Path, model: &std::path::Path, resume: b
                 out.display()
             )));
         }
+        // A process killed while writing leaves its temp files behind (as large as a checkpoint).
+        let stale = crate::util::remove_stale_temp_files(out)?;
+        if stale > 0 {
+            eprintln!(
+                "{}: removed {stale} temp file(s) left by an interrupted write",
+                out.display()
+            );
+        }
     } else if exists {
         if !force {
             return Err(Error::invalid(format!(
@@ -100,7 +108,10 @@ pub fn prepare_out_dir(out: &std::path::Path, model: &std::path::Path, resume: b
         }
         std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))
+    // checkpoints/ first: it marks the folder as a run that --resume may continue, even
+    // when the process is killed before its first checkpoint.
+    let ckpt = out.join("checkpoints");
+    std::fs::create_dir_all(&ckpt).map_err(|e| Error::io(&ckpt, e))
 }
 
 /// Runs the command line; returns the process exit status.

@@ -2,9 +2,10 @@
 //! the run folder: model/, forget.txt, report.json, report.html, checkpoints/.
 use super::{prepare_out_dir, DeviceArgs};
 use crate::backend::{Denominator, OwnView};
-use crate::data::{forget_by_ratio, read_conll, read_indices};
+use crate::data::{forget_by_ratio, read_indices};
 use crate::error::{Error, Result};
-use crate::train::finetune::FinetuneConfig;
+use crate::eval::evaluate::Dataset;
+use crate::train::finetune::{Base, FinetuneConfig};
 use crate::unlearn::deepcut::Anchors;
 use crate::unlearn::run::{run as run_unlearning, RunConfig, RunInputs};
 use crate::unlearn::Method;
@@ -115,36 +116,36 @@ pub struct RunArgs {
     device: DeviceArgs,
 }
 
-/// A finite number above zero (NaN is not).
-fn positive(x: f32) -> bool {
-    x.is_finite() && x > 0.0
-}
-
 pub fn run(a: RunArgs) -> Result<()> {
     a.device.init()?;
     if a.forget.is_none() && a.forget_ratio.is_none() {
         return Err(Error::invalid("give the forget set: --forget-ratio R or --forget FILE"));
     }
-    if !positive(a.tau)
-        || !(positive(a.gamma) || a.gamma == 0.0)
-        || a.check_every == 0
-        || a.checkpoint_every == 0
-        || !positive(a.lr)
-    {
+    let positive = |x: f32| x > 0.0 && x.is_finite();
+    let options_ok = positive(a.tau)
+        && positive(a.lr)
+        && (a.gamma == 0.0 || positive(a.gamma))
+        && a.check_every > 0
+        && a.checkpoint_every > 0;
+    if !options_ok {
         return Err(Error::invalid(
-            "--tau and --lr must be positive, --gamma non-negative, --check-every and --checkpoint-every at least 1",
+            "--tau and --lr must be positive, --gamma non-negative (all three finite), --check-every and --checkpoint-every at least 1",
         ));
     }
     if a.steps == Some(0) || !positive(a.max_forget_epochs as f32) {
         return Err(Error::invalid("--steps and --max-forget-epochs must be positive"));
     }
-    prepare_out_dir(&a.out, &a.model, a.resume, a.force)?;
-    let n_train = read_conll(&a.data.join("train.conll"), true)?.len();
+    // Every input is read and checked before --out is touched (--force empties it): a
+    // broken model or dataset must not cost an earlier run. The driver reads them again;
+    // next to a run, a second read costs nothing.
+    let n_train = Dataset::load(&a.data)?.train.len();
+    Base::load(&a.model)?;
     let forget = match (&a.forget, a.forget_ratio) {
         (Some(f), _) => read_indices(f, n_train)?,
         (None, Some(r)) => forget_by_ratio(n_train, r, a.seed)?,
         (None, None) => unreachable!("checked above"),
     };
+    prepare_out_dir(&a.out, &a.model, a.resume, a.force)?;
     let cfg = RunConfig {
         method: a.method,
         tau: a.tau,

@@ -78,7 +78,7 @@ pub struct TrainArgs {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     a.device.init()?;
-    prepare_out_dir(&a.out, &a.model, a.resume, a.force)?;
+    // Every input is read and checked before --out is touched (--force empties it).
     let data = Dataset::load(&a.data)?;
     let labels = LabelMap::from_sentences(&data.train);
     data.check_labels(&labels)?;
@@ -91,6 +91,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if kept.is_empty() {
         return Err(Error::invalid("--exclude leaves no training sentence"));
     }
+    prepare_out_dir(&a.out, &a.model, a.resume, a.force)?;
     let train: Vec<_> = kept.iter().map(|&i| data.train[i].clone()).collect();
     let clf = base.classifier(&labels, fc.seed)?;
     if !base.head_matches(&labels) {

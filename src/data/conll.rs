@@ -4,6 +4,10 @@
 //! tag last), a blank line between sentences. The reader is strict about what would
 //! silently change the labels (bad tags, broken bytes) and lenient about layout (CRLF,
 //! a BOM, `-DOCSTART-` lines, runs of blank lines, no final blank line).
+//!
+//! An `I-x` tag after `O` or after another type is accepted: SPEC section 6's seqeval
+//! (default mode) reads it as the start of an `x` entity, and the shared data has such
+//! tags (tests/bad_input.rs checks that the metrics count it).
 use crate::error::{Error, Result};
 use crate::util::write_atomic;
 use std::path::Path;
@@ -34,7 +38,8 @@ pub fn is_bio_tag(tag: &str) -> bool {
 /// and then every sentence has empty `tags`. A file must be one or the other.
 ///
 /// Errors name the file and the 1-based line: a malformed line, a tag that is not
-/// `O`/`B-x`/`I-x`, invalid UTF-8; a file with no sentences names the file.
+/// `O`/`B-x`/`I-x`, invalid UTF-8, a NUL byte, a line over [`MAX_LINE_BYTES`], a
+/// carriage return inside a line; a file with no sentences names the file.
 pub fn read_conll(path: &Path, require_tags: bool) -> Result<Vec<Sentence>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     parse_conll(path, &bytes, require_tags)
@@ -55,7 +60,9 @@ pub fn parse_conll(path: &Path, bytes: &[u8], require_tags: bool) -> Result<Vec<
     let mut layout: Option<Layout> = None;
     for (i, raw) in text.split('\n').enumerate() {
         let line_no = i + 1;
-        let line = raw.trim();
+        check_raw_line(path, line_no, raw)?;
+        // U+FEFF too: a byte-order mark where two files were concatenated is not part of a word.
+        let line = raw.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
         if line.is_empty() || is_docstart(line) {
             // A blank (or whitespace-only) line ends a sentence; so does a document marker.
             flush(&mut sentences, &mut current);
@@ -67,14 +74,14 @@ pub fn parse_conll(path: &Path, bytes: &[u8], require_tags: bool) -> Result<Vec<
                 return Err(Error::line(
                     path,
                     line_no,
-                    format!("expected `word<TAB>tag`, found one column `{line}`"),
+                    format!("expected `word<TAB>tag`, found one column `{}`", shown(line)),
                 ))
             }
             (Some(tag), _) if !is_bio_tag(tag) => {
                 return Err(Error::line(
                     path,
                     line_no,
-                    format!("invalid tag `{tag}`: expected O, B-<type> or I-<type> (BIO2)"),
+                    format!("invalid tag `{}`: expected O, B-<type> or I-<type> (BIO2)", shown(tag)),
                 ))
             }
             _ => {}
@@ -93,6 +100,55 @@ pub fn parse_conll(path: &Path, bytes: &[u8], require_tags: bool) -> Result<Vec<
         ));
     }
     Ok(sentences)
+}
+
+/// Longest line the reader accepts. A CoNLL line is a word and a few columns (the
+/// longest in ../shared/data is 276 bytes); a longer line is a file that is not CoNLL,
+/// or one whose line breaks are not `\n` / `\r\n`, and would otherwise reach the
+/// tokenizer as one enormous word.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// What no CoNLL line has: more than [`MAX_LINE_BYTES`], a NUL byte (a binary file, or
+/// the zero-filled tail some file systems leave after a crash), a carriage return
+/// inside it (CR-only line endings: the whole file would read as one line, with every
+/// column but the first and last silently dropped).
+fn check_raw_line(path: &Path, line_no: usize, raw: &str) -> Result<()> {
+    if raw.len() > MAX_LINE_BYTES {
+        return Err(Error::line(
+            path,
+            line_no,
+            format!(
+                "line is {} bytes long (limit {MAX_LINE_BYTES}): not a CoNLL file, or its line breaks are not \\n or \\r\\n",
+                raw.len()
+            ),
+        ));
+    }
+    if raw.contains('\0') {
+        return Err(Error::line(
+            path,
+            line_no,
+            "NUL byte: a binary file, or one whose end was zero-filled by a crash",
+        ));
+    }
+    if raw.trim_end_matches('\r').contains('\r') {
+        return Err(Error::line(
+            path,
+            line_no,
+            "carriage return inside the line: the file has CR-only (old Mac) line breaks; convert them to \\n",
+        ));
+    }
+    Ok(())
+}
+
+/// A piece of a line for an error message: control characters escaped, at most 60
+/// characters.
+fn shown(s: &str) -> String {
+    const MAX: usize = 60;
+    let mut out: String = s.chars().take(MAX).flat_map(char::escape_debug).collect();
+    if s.chars().nth(MAX).is_some() {
+        out.push_str("...");
+    }
+    out
 }
 
 /// Strip a UTF-8 BOM and decode; invalid UTF-8 names the line of the first bad byte.

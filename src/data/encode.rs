@@ -93,6 +93,9 @@ pub struct Encoder {
     /// Tokens the post-processor puts before the words (`[CLS]`) and after them (`[SEP]`).
     prefix: Vec<u32>,
     suffix: Vec<u32>,
+    /// Most tokens per window the model's position table allows, once tied to a model
+    /// by [`Encoder::fit_model`].
+    max_window: Option<usize>,
 }
 
 impl Encoder {
@@ -128,7 +131,28 @@ impl Encoder {
             special,
             prefix,
             suffix,
+            max_window: None,
         })
+    }
+
+    /// Ties the encoder to the model it feeds: every id it can produce must be a row of
+    /// the model's embedding table (`vocab_size`), and no window may be longer than
+    /// `max_window` tokens (what the position table holds). `path` names the tokenizer.
+    pub fn fit_model(&mut self, path: &Path, vocab_size: usize, max_window: usize) -> Result<()> {
+        let vocab_max = self.tokenizer.get_vocab(true).into_values().max();
+        let max_id = self.prefix.iter().chain(&self.suffix).copied().chain(vocab_max).max();
+        let max_id = max_id.unwrap_or(0).max(self.special.unk).max(self.special.pad);
+        if max_id as usize >= vocab_size {
+            return Err(Error::file(
+                path,
+                format!(
+                    "the tokenizer has ids up to {max_id}, but the model (config.json) has vocab_size {vocab_size}: \
+                     tokenizer and model do not belong together"
+                ),
+            ));
+        }
+        self.max_window = Some(max_window);
+        Ok(())
     }
 
     pub fn kind(&self) -> TokenizerKind {
@@ -175,6 +199,11 @@ impl Encoder {
             return Err(Error::invalid(format!(
                 "--max-len {max_len} is too small: a window needs {} special tokens and at least one subword",
                 self.n_special()
+            )));
+        }
+        if let Some(limit) = self.max_window.filter(|&l| max_len > l) {
+            return Err(Error::invalid(format!(
+                "--max-len {max_len} is too large for this model: its max_position_embeddings (config.json) allows at most {limit} tokens per window"
             )));
         }
         let vocab = self.sentence_vocab(sentences)?;

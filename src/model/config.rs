@@ -78,6 +78,13 @@ pub struct ModelConfig {
     pub raw: Value,
 }
 
+/// Sanity limits checked before anything is sized from a config: a config is read
+/// before its weights, and an absurd layer count or size would otherwise exhaust memory
+/// (found by fuzzing) instead of failing with a message. Real BERT/RoBERTa encoders have
+/// at most a few dozen layers and a few billion parameters.
+pub const MAX_LAYERS: usize = 1024;
+pub const MAX_PARAMETERS: u128 = 1 << 40;
+
 /// Names accepted by [`ModelConfig::preset`].
 pub const PRESETS: &[&str] = &["minilm-l6", "bert-base", "roberta-base"];
 
@@ -212,12 +219,46 @@ impl ModelConfig {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// Parameters of the encoder (no head); saturating, so absurd sizes cannot overflow.
+    fn parameter_count(&self) -> u128 {
+        let (h, f) = (self.hidden_size as u128, self.intermediate_size as u128);
+        let rows = self.vocab_size as u128 + self.max_position_embeddings as u128 + self.type_vocab_size as u128;
+        let embeddings = rows.saturating_mul(h).saturating_add(2 * h);
+        // q, k, v, output projections with biases; two LayerNorms; the feed-forward pair
+        let layer = (h.saturating_mul(h) + h)
+            .saturating_mul(4)
+            .saturating_add(4 * h)
+            .saturating_add(h.saturating_mul(f).saturating_mul(2))
+            .saturating_add(f + h);
+        embeddings.saturating_add((self.num_hidden_layers as u128).saturating_mul(layer))
+    }
+
     /// Number of labels in `id2label`, if any.
     pub fn num_labels(&self) -> Option<usize> {
         self.id2label.as_ref().map(Vec::len)
     }
 
     fn check_ranges(&self, keys: &Keys) -> Result<()> {
+        if self.num_hidden_layers > MAX_LAYERS {
+            return Err(keys.bad(
+                "num_hidden_layers",
+                format!(
+                    "{} is not a BERT/RoBERTa encoder this engine can hold (at most {MAX_LAYERS})",
+                    self.num_hidden_layers
+                ),
+            ));
+        }
+        let params = self.parameter_count();
+        if params > MAX_PARAMETERS {
+            return Err(Error::file(
+                keys.path,
+                format!(
+                    "vocab_size {}, hidden_size {}, intermediate_size {}, num_hidden_layers {} make {params} parameters, \
+                     more than this engine can hold ({MAX_PARAMETERS})",
+                    self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers
+                ),
+            ));
+        }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(keys.bad(
                 "num_attention_heads",

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 pub const CURRENT: &str = "checkpoint.safetensors";
 pub const PREVIOUS: &str = "checkpoint.prev.safetensors";
+/// Where a damaged current checkpoint is moved when the previous one is used instead.
+pub const DAMAGED: &str = "checkpoint.damaged.safetensors";
 
 /// FNV-1a over the tensor bytes, in a fixed order: detects a checkpoint whose data was
 /// damaged after it was written.
@@ -33,6 +35,8 @@ fn checksum<'a>(parts: impl Iterator<Item = &'a [u8]>) -> u64 {
 }
 
 /// Saves model weights, optimiser moments and `state` into `dir` (created if needed).
+/// A non-finite weight or moment is an error and nothing is written: the newest
+/// checkpoint on disk is always one a run can continue from.
 pub fn save<B: Backend>(dir: &Path, model: &Model<B>, opt: &Optimizer<B>, state: &Value) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let weights = model.export();
@@ -42,6 +46,15 @@ pub fn save<B: Backend>(dir: &Path, model: &Model<B>, opt: &Optimizer<B>, state:
         named.push((format!("w.{name}"), shape.clone(), w));
         named.push((format!("m.{name}"), shape.clone(), m));
         named.push((format!("v.{name}"), shape.clone(), v));
+    }
+    for (name, _, data) in &named {
+        if let Some(x) = data.iter().find(|x| !x.is_finite()) {
+            return Err(Error::Numeric(format!(
+                "step {}: `{name}` has the value {x} after the update; stopped without writing a checkpoint, {}",
+                opt.step,
+                last_good(dir)
+            )));
+        }
     }
     let sum = checksum(named.iter().map(|(_, _, d)| bytemuck::cast_slice::<f32, u8>(d)));
     let mut views = vec![];
@@ -62,6 +75,14 @@ pub fn save<B: Backend>(dir: &Path, model: &Model<B>, opt: &Optimizer<B>, state:
         std::fs::rename(&cur, dir.join(PREVIOUS)).map_err(|e| Error::io(&cur, e))?;
     }
     write_atomic(&cur, &bytes)
+}
+
+/// Where the newest checkpoint of `dir` is, for the message of a run that stops.
+pub fn last_good(dir: &Path) -> String {
+    match [CURRENT, PREVIOUS].iter().map(|n| dir.join(n)).find(|p| p.exists()) {
+        Some(p) => format!("the last good checkpoint is {}", p.display()),
+        None => format!("no checkpoint had been written to {} yet", dir.display()),
+    }
 }
 
 /// Reads one checkpoint file into the model and optimiser; returns its state.
@@ -123,7 +144,9 @@ fn load_file<B: Backend>(path: &Path, model: &mut Model<B>, opt: &mut Optimizer<
 }
 
 /// Loads the newest good checkpoint of `dir` (None when there is none). A damaged
-/// current checkpoint falls back to the previous one, and says so on stderr.
+/// current checkpoint falls back to the previous one, and says so on stderr; the
+/// damaged file is moved to [`DAMAGED`], so the next save does not rotate it over the
+/// good previous one.
 pub fn load<B: Backend>(dir: &Path, model: &mut Model<B>, opt: &mut Optimizer<B>) -> Result<Option<(Value, PathBuf)>> {
     let mut last_err = None;
     for name in [CURRENT, PREVIOUS] {
@@ -132,7 +155,14 @@ pub fn load<B: Backend>(dir: &Path, model: &mut Model<B>, opt: &mut Optimizer<B>
             continue;
         }
         match load_file(&path, model, opt) {
-            Ok(state) => return Ok(Some((state, path))),
+            Ok(state) => {
+                if name == PREVIOUS && last_err.is_some() {
+                    let (cur, damaged) = (dir.join(CURRENT), dir.join(DAMAGED));
+                    std::fs::rename(&cur, &damaged).map_err(|e| Error::io(&cur, e))?;
+                    eprintln!("warning: the damaged checkpoint is kept as {}", damaged.display());
+                }
+                return Ok(Some((state, path)));
+            }
             Err(e) => {
                 eprintln!("warning: {e}; trying the previous checkpoint");
                 last_err = Some(e);

@@ -61,7 +61,9 @@ pub struct Base {
 impl Base {
     pub fn load(dir: &Path) -> Result<Base> {
         let (cfg, weights, has_head) = crate::model::load_model_dir(dir)?;
-        let encoder = Encoder::from_file(&dir.join("tokenizer.json"))?;
+        let tok = dir.join("tokenizer.json");
+        let mut encoder = Encoder::from_file(&tok)?;
+        encoder.fit_model(&tok, cfg.vocab_size, crate::infer::max_window(&cfg))?;
         Ok(Base {
             dir: dir.to_path_buf(),
             cfg,
@@ -125,8 +127,10 @@ pub fn finetune(
     mut clf: Classifier, tokenizer_dir: &Path, train: &[Sentence], data: &Dataset, fc: &FinetuneConfig, out: &Path,
     resume: bool, quiet: bool,
 ) -> Result<(Classifier, FinetuneResult)> {
-    if fc.batch == 0 || fc.epochs == 0 || !(fc.lr.is_finite() && fc.lr > 0.0) {
-        return Err(Error::invalid("--batch, --epochs and --lr must be positive"));
+    if fc.batch == 0 || fc.epochs == 0 || !(fc.lr > 0.0 && fc.lr.is_finite()) {
+        return Err(Error::invalid(
+            "--batch, --epochs and --lr must be positive (and --lr finite)",
+        ));
     }
     let windows = clf.encoder.encode_sentences(train, Some(&clf.labels), fc.max_len)?;
     let lengths: Vec<usize> = windows.iter().map(|w| w.ids.len()).collect();
@@ -190,15 +194,22 @@ pub fn finetune(
             let loss = model.ce_loss(&batch.inputs);
             if !loss.is_finite() {
                 return Err(Error::Numeric(format!(
-                    "cross-entropy loss is {loss} at step {} (epoch {}); the last good checkpoint is in {}",
+                    "cross-entropy loss is {loss} at step {} (epoch {}); stopped, {}",
                     step + 1,
                     epoch + 1,
-                    ckpt_dir.display()
+                    checkpoint::last_good(&ckpt_dir)
                 )));
             }
             model.zero_grads();
             model.backward(1.0 / batch.labelled().max(1) as f32, None);
-            opt.update(&mut model)?;
+            opt.update(&mut model).map_err(|e| {
+                Error::Numeric(format!(
+                    "{e} (epoch {}), with a finite cross-entropy loss {loss}: the backward pass overflowed \
+                     (learning rate too high?); stopped, {}",
+                    epoch + 1,
+                    checkpoint::last_good(&ckpt_dir)
+                ))
+            })?;
             rec.steps += 1;
             rec.tokens += batch.n_tokens() as u64;
             rec.step_losses.push(loss);

@@ -65,7 +65,7 @@ impl<B: Backend> Optimizer<B> {
         let norm = Self::grad_norm(model);
         if !norm.is_finite() {
             return Err(Error::Numeric(format!(
-                "gradient norm is {norm} at update {}",
+                "gradient norm is {norm} at step {}",
                 self.step + 1
             )));
         }

@@ -493,15 +493,21 @@ fn unlearn_loop(
             if !v.is_finite() {
                 pb.finish_and_clear();
                 return Err(Error::Numeric(format!(
-                    "{name} loss is {v} at step {}; stopped, the last good checkpoint is in {}",
+                    "{name} loss is {v} at step {}; stopped, {}",
                     step + 1,
-                    ckpt_dir.display()
+                    checkpoint::last_good(&ckpt_dir)
                 )));
             }
         }
-        let upd = opt
-            .update(model)
-            .map_err(|e| Error::Numeric(format!("{e}; the last good checkpoint is in {}", ckpt_dir.display())))?;
+        let upd = opt.update(model).map_err(|e| {
+            Error::Numeric(format!(
+                "{e}, with finite losses (cross-entropy loss {}, contrastive loss {}): the backward pass \
+                     overflowed (learning rate too high?); stopped, {}",
+                losses.ce,
+                losses.contrast,
+                checkpoint::last_good(&ckpt_dir)
+            ))
+        })?;
         state.step += 1;
         state.steps.push(StepRecord {
             step: state.step,

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 use std::path::PathBuf;
 
+pub mod fixture;
 pub mod golden;
 
 /// Small portable generator for test inputs (xorshift64*).

@@ -1,0 +1,6 @@
+//! The CoNLL reader on arbitrary bytes (properties: fuzz/checks.rs).
+#![no_main]
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::conll(data));
