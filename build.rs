@@ -425,7 +425,8 @@ impl Nvrtc {
             (self.log_size)(prog, &mut n);
             let mut log = vec![0u8; n.max(1)];
             (self.log)(prog, log.as_mut_ptr() as *mut c_char);
-            let log = String::from_utf8_lossy(&log[..n.saturating_sub(1)]).into_owned();
+            // The log is NUL-terminated, and ptxas' part may carry NULs of its own.
+            let log: String = String::from_utf8_lossy(&log).chars().filter(|&c| c != '\0').collect();
             if rc != 0 {
                 (self.destroy)(&mut prog);
                 return Err(format!("{} ({})\n{log}", self.err(rc), opts.join(" ")));
