@@ -12,8 +12,9 @@
 //! - A kernel that fails to compile always fails the build, with NVRTC's log.
 //! - ptxas' per-kernel report (registers, shared memory, spills) is written to
 //!   `target/<profile>/kernel-report.txt`; its path is printed as a `cargo:warning`.
-//! - Compiled images are cached in OUT_DIR under a hash of the sources, the target, the
-//!   options and the NVRTC version, so only a changed kernel file is recompiled.
+//! - Compiled images are cached in `target/nvrtc-cache` under a hash of the sources, the
+//!   target, the options and the NVRTC version, so only a changed kernel file is
+//!   recompiled, and `cargo build`, `cargo test` and `cargo clippy` share the images.
 //!
 //! Output: `$OUT_DIR/kernels.rs`, included by `src/backend/cuda/images.rs`.
 use std::collections::hash_map::DefaultHasher;
@@ -87,7 +88,14 @@ fn main() {
         }
     }
     let header_hash = header_hash.finish();
-    let cache = out_dir.join("kernel-cache");
+    // Shared by every profile (build, test, clippy each have their own OUT_DIR): names
+    // carry the content hash, so a file is only ever written with the same bytes.
+    let cache = out_dir
+        .ancestors()
+        .nth(4)
+        .filter(|t| t.join("CACHEDIR.TAG").exists())
+        .map(|t| t.join("nvrtc-cache"))
+        .unwrap_or_else(|| out_dir.join("kernel-cache"));
     fs::create_dir_all(&cache).expect("create kernel cache");
 
     let jobs: Vec<(&String, &String, &Target)> = sources
@@ -255,10 +263,14 @@ fn locate_nvrtc() -> Result<Location, String> {
         .chain([PathBuf::from("/usr/local/cuda")]);
     for root in roots {
         let lib = first_existing(
-            ["lib64/libnvrtc.so", "lib/libnvrtc.so", "targets/x86_64-linux/lib/libnvrtc.so"]
-                .iter()
-                .map(|p| root.join(p))
-                .chain(versioned(&root.join("lib64"), "libnvrtc.so.")),
+            [
+                "lib64/libnvrtc.so",
+                "lib/libnvrtc.so",
+                "targets/x86_64-linux/lib/libnvrtc.so",
+            ]
+            .iter()
+            .map(|p| root.join(p))
+            .chain(versioned(&root.join("lib64"), "libnvrtc.so.")),
         );
         if let Some(lib) = lib {
             if root.join("include/cuda_bf16.h").exists() {
@@ -278,7 +290,10 @@ fn locate_nvrtc() -> Result<Location, String> {
             found.push(Location {
                 lib: cu12,
                 include: inc12,
-                how: format!("PyPI wheels nvidia-cuda-nvrtc-cu12 / nvidia-cuda-runtime-cu12 in {}", root.display()),
+                how: format!(
+                    "PyPI wheels nvidia-cuda-nvrtc-cu12 / nvidia-cuda-runtime-cu12 in {}",
+                    root.display()
+                ),
             });
         }
         let cu13 = root.join("cu13/lib/libnvrtc.so.13");
@@ -315,10 +330,7 @@ fn versioned(dir: &Path, prefix: &str) -> Vec<PathBuf> {
 fn python_nvidia_roots() -> Vec<PathBuf> {
     for py in ["python3", "python"] {
         let out = Command::new(py)
-            .args([
-                "-c",
-                "import nvidia, os; print(os.pathsep.join(list(nvidia.__path__)))",
-            ])
+            .args(["-c", "import nvidia, os; print(os.pathsep.join(list(nvidia.__path__)))"])
             .output();
         if let Ok(out) = out {
             if out.status.success() {
@@ -334,8 +346,14 @@ fn python_nvidia_roots() -> Vec<PathBuf> {
 
 type Program = *mut c_void;
 type VersionFn = unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int;
-type CreateFn =
-    unsafe extern "C" fn(*mut Program, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> c_int;
+type CreateFn = unsafe extern "C" fn(
+    *mut Program,
+    *const c_char,
+    *const c_char,
+    c_int,
+    *const *const c_char,
+    *const *const c_char,
+) -> c_int;
 type CompileFn = unsafe extern "C" fn(Program, c_int, *const *const c_char) -> c_int;
 type SizeFn = unsafe extern "C" fn(Program, *mut usize) -> c_int;
 type GetFn = unsafe extern "C" fn(Program, *mut c_char) -> c_int;
@@ -366,7 +384,8 @@ impl Nvrtc {
         unsafe {
             macro_rules! sym {
                 ($name:literal) => {
-                    *lib.get($name).map_err(|e| format!("{}: {e}", String::from_utf8_lossy($name)))?
+                    *lib.get($name)
+                        .map_err(|e| format!("{}: {e}", String::from_utf8_lossy($name)))?
                 };
             }
             Ok(Nvrtc {
@@ -395,7 +414,9 @@ impl Nvrtc {
 
     fn err(&self, code: c_int) -> String {
         // SAFETY: nvrtcGetErrorString returns a static C string for any code.
-        unsafe { CStr::from_ptr((self.err_str)(code)) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr((self.err_str)(code)) }
+            .to_string_lossy()
+            .into_owned()
     }
 
     /// Compiles `src` with `opts`; returns (image, log) or the log on failure.
@@ -505,12 +526,13 @@ fn compile_cached(
             bytes.push(0);
         }
     }
-    // Write under a temporary name, then rename: a build killed halfway leaves no
-    // truncated image behind.
-    let tmp = image.with_extension("tmp");
-    fs::write(&tmp, &bytes).map_err(|e| e.to_string())?;
-    fs::write(&log_path, &log).map_err(|e| e.to_string())?;
-    fs::rename(&tmp, &image).map_err(|e| e.to_string())?;
+    // Log first, image last, each through a temporary name: an image that exists has its
+    // log, and a build killed halfway (or a concurrent one) leaves no truncated file.
+    for (path, data) in [(&log_path, log.as_bytes()), (&image, &bytes[..])] {
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        fs::write(&tmp, data).map_err(|e| e.to_string())?;
+        fs::rename(&tmp, path).map_err(|e| e.to_string())?;
+    }
     Ok(Compiled {
         module: stem.to_string(),
         target: target.name.clone(),
@@ -596,7 +618,11 @@ fn report(compiled: &[Compiled], version: &str, loc: &Location) -> String {
             k.stack,
             k.spill_stores,
             k.spill_loads,
-            if k.spill_stores + k.spill_loads > 0 { "  SPILLS" } else { "" }
+            if k.spill_stores + k.spill_loads > 0 {
+                "  SPILLS"
+            } else {
+                ""
+            }
         );
     }
     let _ = writeln!(r, "\nimages:");
@@ -637,7 +663,10 @@ fn write_generated(
             None => "None".into(),
         }
     );
-    let _ = writeln!(g, "/// NVRTC version that compiled the images.\npub const NVRTC_VERSION: &str = {version:?};");
+    let _ = writeln!(
+        g,
+        "/// NVRTC version that compiled the images.\npub const NVRTC_VERSION: &str = {version:?};"
+    );
     let _ = writeln!(
         g,
         "/// Every compiled image: (kernel file, target, bytes). Cubins for sm_XY, NUL-terminated PTX for compute_XY.\n\

@@ -12,6 +12,7 @@
 //! - Ops return nothing to the host; `download` is the only way back, so a GPU backend
 //!   can run a whole step without synchronising.
 pub mod cpu;
+pub mod cuda;
 pub mod philox;
 
 pub use philox::Dropout;
