@@ -104,6 +104,7 @@ if ! has_cublas; then
     done
 fi
 export DEEPCUT_REQUIRE_GPU=1
+export NVIDIA_TF32_OVERRIDE=0  # fp32 parity: never let the driver turn sgemm into TF32
 
 echo "== gpu-check $(date -u +%Y-%m-%dT%H:%MZ)"
 GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
