@@ -26,6 +26,10 @@ pub enum Error {
     /// A numerical failure during training (names step and loss term).
     #[error("{0}")]
     Numeric(String),
+    /// No usable GPU backend: no driver, no device, kernels not compiled, a CUDA error
+    /// while setting up (says which).
+    #[error("{0}")]
+    Device(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -185,6 +185,29 @@ fn dropout_grad_and_rate() {
 }
 
 #[test]
+fn dropout_duplicate_is_dropout_of_the_doubled_input() {
+    // n not a multiple of 4 (view b starts inside a Philox counter group) nor of the chunk
+    let n = 4099;
+    let mut rng = Rng(15);
+    let (x, r) = (rng.vec(n, 1.0), rng.vec(2 * n, 1.0));
+    let d = Dropout::new(0.3, 11, 2, 5);
+    let doubled: Vec<f32> = x.iter().chain(&x).copied().collect();
+    let mut expect = vec![0.0; 2 * n];
+    dropout::dropout_fwd(&mut expect, &doubled, 2 * n, d);
+    let mut out = vec![0.0; 2 * n];
+    dropout::dropout_duplicate(&mut out, &x, n, d);
+    assert_eq!(out, expect);
+    assert_ne!(out[..n], out[n..], "the two views must have different masks");
+    // backward: the adjoint, sum over both views of r * mask
+    let mut dr = vec![0.0; 2 * n];
+    dropout::dropout_bwd(&mut dr, &r, 2 * n, d);
+    let expect: Vec<f32> = (0..n).map(|i| dr[i] + dr[n + i]).collect();
+    let mut dx = vec![0.0; n];
+    dropout::dropout_duplicate_bwd(&mut dx, &r, n, d);
+    assert_eq!(dx, expect);
+}
+
+#[test]
 fn embedding_grad() {
     let (n, c, vocab, npos, ntype) = (7, 4, 5, 6, 2);
     let mut rng = Rng(6);

@@ -12,6 +12,7 @@
 //! - Ops return nothing to the host; `download` is the only way back, so a GPU backend
 //!   can run a whole step without synchronising.
 pub mod cpu;
+pub mod cuda;
 pub mod philox;
 
 pub use philox::Dropout;
@@ -220,6 +221,13 @@ pub trait Backend {
     fn dropout_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize, dropout: Dropout);
     /// dinp = dout * mask / (1-p), the mask regenerated.
     fn dropout_bwd(&self, dinp: &mut Self::Buf, dout: &Self::Buf, n: usize, dropout: Dropout);
+    /// The two dropout views of the forget rows from one read of inp [n]: out [2n] =
+    /// `dropout_fwd` over [inp | inp], so out[..n] uses element indices 0..n and out[n..]
+    /// indices n..2n of the same mask.
+    fn dropout_duplicate(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize, dropout: Dropout);
+    /// Backward of `dropout_duplicate`: dinp [n] (overwritten) = the sum of both views'
+    /// gradients dout [2n] through their masks.
+    fn dropout_duplicate_bwd(&self, dinp: &mut Self::Buf, dout: &Self::Buf, n: usize, dropout: Dropout);
     /// losses[r] = -log softmax(logits[r])[labels[r]], 0 where labels[r] is IGNORE_INDEX.
     fn softmax_ce_fwd(&self, losses: &mut Self::Buf, logits: &Self::Buf, labels: &Self::IBuf, n: usize, v: usize);
     /// dlogits = scale * (softmax(logits) - onehot(label)), 0 on ignored rows.

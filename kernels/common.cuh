@@ -1,0 +1,150 @@
+// Device helpers shared by every kernel file: Philox dropout masks (bit-identical to
+// src/backend/philox.rs), warp and block reductions, fp32/bf16 loads and stores, and the
+// deterministic "owner computes" scatter-add.
+//
+// Conventions (as the CPU twins in src/backend/cpu): row-major, sizes passed explicitly,
+// parameter gradients accumulate (+=), activation gradients are overwritten. Activations
+// may be fp32 or bf16 (template parameter T); statistics, softmax, logsumexp, losses,
+// parameter gradients and optimiser state are fp32 (SPEC section 7).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define FULL_MASK 0xffffffffu
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+typedef __nv_bfloat16 bf16;
+
+// ---- fp32 / bf16 ------------------------------------------------------------------------
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+// ---- Philox4x32-10 (Salmon et al. SC'11), as src/backend/philox.rs ------------------------
+// Counter = [group lo, group hi, stream lo, stream hi], key = [seed lo, seed hi]; element
+// idx uses word idx & 3 of counter group idx >> 2. u = (word >> 8) * 2^-24 is exact in
+// fp32, and the element is kept iff u >= p, so both backends make the same decisions.
+struct DropoutArgs {
+    unsigned long long seed;
+    unsigned long long stream;
+    float p;      // drop probability; 0 = identity
+    float scale;  // 1 / (1 - p), computed on the host in fp32 as Dropout::scale()
+};
+
+__device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, uint2 key) {
+    const unsigned int M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+#pragma unroll
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) {
+            key.x += W0;
+            key.y += W1;
+        }
+        unsigned int hi0 = __umulhi(M0, ctr.x), lo0 = M0 * ctr.x;
+        unsigned int hi1 = __umulhi(M1, ctr.z), lo1 = M1 * ctr.z;
+        ctr = make_uint4(hi1 ^ ctr.y ^ key.x, lo1, hi0 ^ ctr.w ^ key.y, lo0);
+    }
+    return ctr;
+}
+
+// The four words of counter group `group` (elements 4*group .. 4*group+3).
+__device__ __forceinline__ uint4 dropout_words(const DropoutArgs& d, unsigned long long group) {
+    uint4 ctr = make_uint4((unsigned int)group, (unsigned int)(group >> 32), (unsigned int)d.stream,
+                           (unsigned int)(d.stream >> 32));
+    uint2 key = make_uint2((unsigned int)d.seed, (unsigned int)(d.seed >> 32));
+    return philox4x32_10(ctr, key);
+}
+
+__device__ __forceinline__ unsigned int word_at(uint4 w, int i) {
+    return i == 0 ? w.x : i == 1 ? w.y : i == 2 ? w.z : w.w;
+}
+
+// Multiplier of a word: 0 (dropped) or 1/(1-p) (kept).
+__device__ __forceinline__ float factor_of_word(const DropoutArgs& d, unsigned int w) {
+    float u = (float)(w >> 8) * (1.0f / 16777216.0f);
+    return u >= d.p ? d.scale : 0.0f;
+}
+
+// Multiplier of element idx (one Philox call; use dropout_words to share a call by four).
+__device__ __forceinline__ float dropout_factor(const DropoutArgs& d, unsigned long long idx) {
+    if (!(d.p > 0.0f)) return 1.0f;
+    uint4 w = dropout_words(d, idx >> 2);
+    return factor_of_word(d, word_at(w, (int)(idx & 3)));
+}
+
+// ---- reductions -----------------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL_MASK, x, o);
+    return x;
+}
+__device__ __forceinline__ double warp_sum(double x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL_MASK, x, o);
+    return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, o));
+    return x;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result. `scratch` holds 32 values; the call begins and ends with a barrier so it can be
+// used twice in a row.
+template <typename F>
+__device__ __forceinline__ F block_sum(F x, F* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    x = warp_sum(x);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = x;
+    __syncthreads();
+    F total = 0;
+    for (int w = 0; w < nwarps; ++w) total += scratch[w];  // same order in every thread
+    __syncthreads();
+    return total;
+}
+
+// ---- deterministic scatter-add ----------------------------------------------------------------
+// dst[idx[r], :] += src[r, :] for r < m, in increasing r for every destination row, exactly
+// the order of the CPU loop, with no atomics. One block per source row r: the block that
+// holds the first occurrence of a destination row owns it and walks every later row with
+// the same index; the others return. O(m^2) index reads, O(m c) data: fine for a batch's
+// token list (m up to a few thousand); a sort by index would replace it for much larger m.
+template <typename T>
+__device__ void scatter_add_owner(float* dst, const T* src, const int* idx, int m, int c, int r) {
+    __shared__ int found;
+    if (r >= m) return;
+    const int key = idx[r];
+    if (threadIdx.x == 0) found = 0;
+    __syncthreads();
+    for (int q = threadIdx.x; q < r; q += blockDim.x)
+        if (idx[q] == key) found = 1;
+    __syncthreads();
+    if (found) return;  // an earlier row owns this destination
+    float* d = dst + (size_t)key * c;
+    const int stride = blockDim.x * 4;
+    for (int j0 = threadIdx.x; j0 < c; j0 += stride) {
+        float acc[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            int j = j0 + u * blockDim.x;
+            acc[u] = j < c ? d[j] : 0.0f;
+        }
+        for (int q = r; q < m; ++q) {
+            if (idx[q] != key) continue;
+            const T* s = src + (size_t)q * c;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                int j = j0 + u * blockDim.x;
+                if (j < c) acc[u] += to_f32(s[j]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            int j = j0 + u * blockDim.x;
+            if (j < c) d[j] = acc[u];
+        }
+    }
+}

@@ -1,0 +1,44 @@
+// Embeddings: word + position + token type. CPU twin: src/backend/cpu/embedding.rs.
+#include "common.cuh"
+
+// out[r, :] = wte[ids[r]] + wpe[pos[r]] + wtt[types[r]] (tables fp32). One block per row.
+template <typename T>
+__device__ void embedding_fwd(T* out, const int* ids, const int* pos, const int* types, const float* wte,
+                              const float* wpe, const float* wtt, int n, int c) {
+    int r = blockIdx.x;
+    if (r >= n) return;
+    const float* a = wte + (size_t)ids[r] * c;
+    const float* b = wpe + (size_t)pos[r] * c;
+    const float* d = wtt + (size_t)types[r] * c;
+    T* o = out + (size_t)r * c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) o[j] = from_f32<T>(a[j] + b[j] + d[j]);
+}
+extern "C" __global__ void embedding_fwd_f32(float* out, const int* ids, const int* pos, const int* types,
+                                             const float* wte, const float* wpe, const float* wtt, int n, int c) {
+    embedding_fwd<float>(out, ids, pos, types, wte, wpe, wtt, n, c);
+}
+extern "C" __global__ void embedding_fwd_bf16(bf16* out, const int* ids, const int* pos, const int* types,
+                                              const float* wte, const float* wpe, const float* wtt, int n, int c) {
+    embedding_fwd<bf16>(out, ids, pos, types, wte, wpe, wtt, n, c);
+}
+
+// Scatter-add of dout [n, c] into the three tables (accumulates), deterministically: for
+// every table row, the tokens that use it are added in token order, as on the CPU, by
+// the block that holds the row's first token (scatter_add_owner in common.cuh). No float
+// atomics: atomicAdd would make the sum's order, and so its last bits, vary run to run.
+// Grid: (n, 3); blockIdx.y picks the table (0 word, 1 position, 2 type).
+template <typename T>
+__device__ void embedding_bwd(float* dwte, float* dwpe, float* dwtt, const T* dout, const int* ids, const int* pos,
+                              const int* types, int n, int c) {
+    float* dst = blockIdx.y == 0 ? dwte : blockIdx.y == 1 ? dwpe : dwtt;
+    const int* idx = blockIdx.y == 0 ? ids : blockIdx.y == 1 ? pos : types;
+    scatter_add_owner<T>(dst, dout, idx, n, c, blockIdx.x);
+}
+extern "C" __global__ void embedding_bwd_f32(float* dwte, float* dwpe, float* dwtt, const float* dout, const int* ids,
+                                             const int* pos, const int* types, int n, int c) {
+    embedding_bwd<float>(dwte, dwpe, dwtt, dout, ids, pos, types, n, c);
+}
+extern "C" __global__ void embedding_bwd_bf16(float* dwte, float* dwpe, float* dwtt, const bf16* dout, const int* ids,
+                                              const int* pos, const int* types, int n, int c) {
+    embedding_bwd<bf16>(dwte, dwpe, dwtt, dout, ids, pos, types, n, c);
+}

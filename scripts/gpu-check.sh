@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# The GPU check, one command, for a GPU machine that has the NVIDIA driver, CUDA (cuBLAS),
+# PyTorch and nvcc but no Rust toolchain. It runs test binaries built on a CPU machine
+# and carried over, and prints a short table last. Budget: under 5 minutes.
+#
+#   1. GPU-vs-CPU parity: every CUDA op against its CPU twin and a whole DeepCUT step
+#      (tests/gpu_parity.rs), with DEEPCUT_REQUIRE_GPU=1 so a missing GPU fails instead
+#      of skipping;
+#   2. throughput: the MiniLM-shape training step on GPU and CPU, the fused InfoNCE at
+#      4k and 16k rows (tests/gpu_bench.rs);
+#   3. the same InfoNCE in PyTorch on the same GPU at 4k, 16k, 64k columns
+#      (scripts/infonce_torch.py), when torch is importable;
+#   4. a short DeepCUT run on GPU and on CPU with the same seed, when the carried
+#      deepcut-fast binary accepts --device cuda and DEEPCUT_CHECK_MODEL / DEEPCUT_CHECK_DATA
+#      name a fine-tuned model and a dataset (the CLI is not wired to CUDA yet).
+#
+# Build the binaries on the machine with Rust (no GPU needed; NVRTC from the pip wheels):
+#     scripts/gpu-check.sh --build
+# which runs `cargo test --release --no-run --test gpu_parity --test gpu_bench` with
+# DEEPCUT_REQUIRE_KERNELS=1 and debug info off (the binaries land in
+# target/release/deps/gpu_parity-<hash> and gpu_bench-<hash>), and copies them to
+# target/gpu-check/ (carry that one folder, well under 64 MiB). Then, on the GPU machine,
+# from the repository root:
+#     scripts/gpu-check.sh
+# It looks for the binaries in $DEEPCUT_GPU_BIN, target/gpu-check/, then
+# target/release/deps/. Logs go to target/gpu-check-logs/ (or $OUT when set).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--build" ]; then
+    set -e
+    eval "$(scripts/nvrtc-env.sh)"
+    export DEEPCUT_REQUIRE_KERNELS=1 CARGO_PROFILE_RELEASE_DEBUG=0
+    mkdir -p target/gpu-check
+    cargo test --release --no-run --test gpu_parity --test gpu_bench --message-format=json-render-diagnostics \
+        | grep -o '"executable":"[^"]*"' | sed 's/"executable":"//; s/"$//' > target/gpu-check/.list
+    rm -f target/gpu-check/gpu_parity target/gpu-check/gpu_bench
+    while read -r exe; do
+        case "$(basename "$exe")" in
+            gpu_parity-*) cp "$exe" target/gpu-check/gpu_parity ;;
+            gpu_bench-*) cp "$exe" target/gpu-check/gpu_bench ;;
+        esac
+    done < target/gpu-check/.list
+    rm -f target/gpu-check/.list
+    # the CLI too, for the DeepCUT run of step 4 (once it accepts --device cuda)
+    cargo build --release --bin deepcut-fast
+    cp target/release/deepcut-fast target/gpu-check/
+    ls -l target/gpu-check/
+    du -sh target/gpu-check/
+    echo "carry target/gpu-check to the GPU machine, then run scripts/gpu-check.sh there"
+    exit 0
+fi
+
+T0=$(date +%s)
+LOGS="${OUT:-target/gpu-check-logs}"
+mkdir -p "$LOGS"
+ROWS=()
+row() { ROWS+=("$(printf '%-34s | %-8s | %s' "$1" "$2" "$3")"); }
+elapsed() { echo $(( $(date +%s) - T0 ))s; }
+
+# ---- the binaries ----------------------------------------------------------------------------
+find_bin() {
+    local name=$1 d
+    for d in "${DEEPCUT_GPU_BIN:-}" target/gpu-check; do
+        [ -n "$d" ] && [ -x "$d/$name" ] && { echo "$d/$name"; return 0; }
+    done
+    # newest cargo test binary, not its .d file
+    ls -t target/release/deps/"$name"-* 2>/dev/null | grep -v '\.d$' | head -1
+}
+PARITY=$(find_bin gpu_parity)
+BENCH=$(find_bin gpu_bench)
+
+# ---- libraries: the toolkit's, then the pip wheels PyTorch brings (cuBLAS) -------------------
+LIBS=""
+for d in "${CUDA_HOME:-/usr/local/cuda}/lib64" /usr/local/cuda/lib64; do
+    [ -d "$d" ] && LIBS="$LIBS:$d"
+done
+NV=$(python3 -c 'import nvidia, os; print(os.pathsep.join(nvidia.__path__))' 2>/dev/null || true)
+IFS=: read -r -a NVROOTS <<<"$NV"
+for root in "${NVROOTS[@]}"; do
+    for d in "$root"/*/lib; do [ -d "$d" ] && LIBS="$LIBS:$d"; done
+done
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$LIBS"
+# cudarc (CUDA 12 bindings) opens libcublas.so or libcublas.so.12; where only a CUDA 13
+# libcublas.so.13 exists (PyTorch cu13 wheels), offer it under the unversioned name.
+has_cublas() {
+    ldconfig -p 2>/dev/null | grep -qE 'libcublas\.so(\.12)? ' && return 0
+    local d
+    for d in ${LD_LIBRARY_PATH//:/ }; do
+        [ -e "$d/libcublas.so" ] || [ -e "$d/libcublas.so.12" ] && return 0
+    done
+    return 1
+}
+if ! has_cublas; then
+    for d in ${LD_LIBRARY_PATH//:/ }; do
+        for f in "$d"/libcublas.so.1[3-9]; do
+            if [ -e "$f" ]; then
+                mkdir -p "$LOGS/libshim" && ln -sf "$(readlink -f "$f")" "$LOGS/libshim/libcublas.so"
+                export LD_LIBRARY_PATH="$LOGS/libshim:$LD_LIBRARY_PATH"
+                echo "note: using $f as libcublas.so"
+                break 2
+            fi
+        done
+    done
+fi
+export DEEPCUT_REQUIRE_GPU=1
+export NVIDIA_TF32_OVERRIDE=0  # fp32 parity: never let the driver turn sgemm into TF32
+
+echo "== gpu-check $(date -u +%Y-%m-%dT%H:%MZ)"
+GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
+echo "GPU: ${GPU:-nvidia-smi not available}"
+command -v nvcc >/dev/null && nvcc --version | tail -1
+
+# ---- 1. parity ---------------------------------------------------------------------------------
+if [ -z "$PARITY" ]; then
+    row "parity (tests/gpu_parity.rs)" "MISSING" "no gpu_parity binary: run scripts/gpu-check.sh --build on a Rust machine"
+else
+    echo "== parity: $PARITY"
+    timeout 150 "$PARITY" --test-threads 1 --nocapture >"$LOGS/parity.log" 2>&1
+    rc=$?
+    tail -n 40 "$LOGS/parity.log"
+    # libtest's last line: "test result: ok. 13 passed; 0 failed; ..."
+    summary=$(grep '^test result:' "$LOGS/parity.log" | tail -1)
+    pass=$(sed -n 's/.* \([0-9]*\) passed.*/\1/p' <<<"$summary")
+    fail=$(sed -n 's/.* \([0-9]*\) failed.*/\1/p' <<<"$summary")
+    pass=${pass:-0} fail=${fail:-?}
+    worst=$(grep -o 'relative L2 [0-9.e+-]*' "$LOGS/parity.log" | awk '{print $3}' | sort -g | tail -1)
+    if [ "$rc" = 0 ]; then
+        row "parity (tests/gpu_parity.rs)" "PASS" "$pass tests, worst relative L2 ${worst:-n/a}"
+    elif [ "$rc" = 124 ]; then
+        row "parity (tests/gpu_parity.rs)" "TIMEOUT" "$pass passed before the 150 s limit; $LOGS/parity.log"
+    else
+        row "parity (tests/gpu_parity.rs)" "FAIL" "$pass passed, $fail failed; $LOGS/parity.log"
+        grep -E 'panicked|relative L2 error|not bit-identical|DEEPCUT_REQUIRE_GPU' "$LOGS/parity.log" | head -20
+    fi
+fi
+
+# ---- 2. throughput -------------------------------------------------------------------------------
+if [ -z "$BENCH" ]; then
+    row "bench (tests/gpu_bench.rs)" "MISSING" "no gpu_bench binary"
+else
+    echo "== bench: $BENCH"
+    timeout 90 "$BENCH" --ignored --test-threads 1 --nocapture >"$LOGS/bench.log" 2>&1
+    rc=$?
+    grep -E '^BENCH|SKIPPED|panicked' "$LOGS/bench.log"
+    while read -r _ name value unit rest; do
+        row "$name" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "$value $unit $rest"
+    done < <(grep '^BENCH' "$LOGS/bench.log")
+    if [ "$rc" != 0 ] || ! grep -q '^BENCH' "$LOGS/bench.log"; then
+        row "bench (tests/gpu_bench.rs)" "rc=$rc" "no BENCH output; $LOGS/bench.log"
+    fi
+fi
+
+# ---- 3. PyTorch reference ----------------------------------------------------------------------
+if python3 -c 'import torch' 2>/dev/null; then
+    echo "== PyTorch InfoNCE"
+    timeout 60 python3 scripts/infonce_torch.py >"$LOGS/torch.log" 2>&1
+    rc=$?
+    cat "$LOGS/torch.log"
+    while read -r _ name value rest; do
+        row "$name" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "$value $rest"
+    done < <(grep '^BENCH' "$LOGS/torch.log")
+    if [ "$rc" = 124 ]; then
+        row "torch infonce" "TIMEOUT" "60 s limit; $LOGS/torch.log"
+    elif ! grep -q '^BENCH' "$LOGS/torch.log"; then
+        row "torch infonce" "rc=$rc" "$(tail -1 "$LOGS/torch.log")"
+    fi
+else
+    row "torch infonce" "SKIP" "torch not importable"
+fi
+
+# ---- 4. a short DeepCUT run, GPU and CPU, same seed --------------------------------------------
+CLI=$(find_bin deepcut-fast)
+if [ -n "$CLI" ] && [ -n "${DEEPCUT_CHECK_MODEL:-}" ] && [ -n "${DEEPCUT_CHECK_DATA:-}" ] \
+    && "$CLI" run --help 2>&1 | grep -q 'cuda'; then
+    for dev in cuda cpu; do
+        timeout 100 "$CLI" run --model "$DEEPCUT_CHECK_MODEL" --data "$DEEPCUT_CHECK_DATA" --forget-ratio 0.01 \
+            --steps 6 --seed 0 --device "$dev" --quiet --force --out "$LOGS/run-$dev" >"$LOGS/run-$dev.log" 2>&1 \
+            || row "deepcut run --device $dev" "FAIL" "$LOGS/run-$dev.log"
+    done
+    cmp=$(python3 - "$LOGS/run-cuda/report.json" "$LOGS/run-cpu/report.json" <<'EOF' 2>&1
+import json, sys
+g, c = (json.load(open(p))["metrics"] for p in sys.argv[1:3])
+gaps = {s: abs(g[s]["f1"] - c[s]["f1"]) * 100 for s in ("forget", "retain", "dev", "test") if s in g and s in c}
+print(("PASS" if max(gaps.values()) <= 1.0 else "FAIL") + " F1 gap (points) " + " ".join(f"{k} {v:.2f}" for k, v in gaps.items()))
+EOF
+)
+    row "deepcut run gpu vs cpu (6 steps)" "${cmp%% *}" "${cmp#* }"
+else
+    row "deepcut run gpu vs cpu" "NOT RUN" "needs the CLI wired to CUDA and DEEPCUT_CHECK_MODEL/DATA"
+fi
+
+echo
+echo "== gpu-check summary ($(elapsed), ${GPU:-unknown GPU})"
+printf '%-34s | %-8s | %s\n' "check" "status" "detail"
+printf '%s\n' "-----------------------------------+----------+------------------------------------------"
+printf '%s\n' "${ROWS[@]}"

@@ -1,0 +1,137 @@
+//! GEMM through cuBLAS, and the bias / column-sum / in-place add kernels of
+//! kernels/gemm.cu. CPU twin: cpu/gemm.rs.
+use super::{check, grid_1d, int, need, Cuda, BLOCK};
+use crate::backend::cpu::gemm::REDUCE_ROWS;
+use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+use cudarc::cublas::{Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+/// c[m,n] = alpha * op(a) op(b) + beta * c, row-major; `ta`/`tb` mean a is stored [k,m],
+/// b is stored [n,k].
+///
+/// cuBLAS is column-major. A row-major [r, s] buffer read column-major is its transpose,
+/// so the row-major product C = op(A) op(B) is computed as the column-major
+/// C^T [n, m] = op(B)^T op(A)^T:
+/// - cuBLAS's first operand is b: stored [k,n] (no tb) it already reads as op(B)^T
+///   (N, lda = n); stored [n,k] (tb) it reads as op(B), so transpose it (T, lda = k);
+/// - the second is a: stored [m,k] (no ta) it reads as op(A)^T (N, ldb = k); stored
+///   [k,m] (ta) it reads as op(A) (T, ldb = m);
+/// - cuBLAS's (M, N, K) = (n, m, k) and ldc = n.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    cu: &Cuda, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, m: usize, n: usize, k: usize, ta: bool,
+    tb: bool, alpha: f32, beta: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let _r = cu.range("gemm");
+    need(c.len(), m * n, "gemm c");
+    need(a.len(), m * k, "gemm a");
+    need(b.len(), k * n, "gemm b");
+    let cfg = GemmConfig {
+        transa: if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
+        transb: if ta { CUBLAS_OP_T } else { CUBLAS_OP_N },
+        m: int(n, "gemm n"),
+        n: int(m, "gemm m"),
+        k: int(k, "gemm k"),
+        alpha,
+        lda: int(if tb { k } else { n }.max(1), "gemm lda"),
+        ldb: int(if ta { m } else { k }.max(1), "gemm ldb"),
+        beta,
+        ldc: int(n, "gemm ldc"),
+    };
+    // SAFETY: the leading dimensions and sizes above describe exactly the m*k, k*n and m*n
+    // elements the call touches, and each buffer holds at least that many (checked above).
+    check(unsafe { cu.blas.gemm(cfg, b, a, c) }, "cublasSgemm");
+}
+
+/// out[r, :] += bias for r < rows.
+pub fn add_bias(cu: &Cuda, out: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, cols: usize) {
+    let total = rows * cols;
+    if total == 0 {
+        return;
+    }
+    let _r = cu.range("add_bias");
+    need(out.len(), total, "add_bias out");
+    need(bias.len(), cols, "add_bias bias");
+    let (ri, ci) = (int(rows, "add_bias rows"), int(cols, "add_bias cols"));
+    int(total, "add_bias rows*cols");
+    let mut l = cu.stream.launch_builder(cu.func("add_bias_f32"));
+    l.arg(out).arg(bias).arg(&ri).arg(&ci);
+    // SAFETY: (float* out, const float* bias, int rows, int cols); one thread per element
+    // of out[..rows*cols], reading bias[..cols]; sizes checked above.
+    check(unsafe { l.launch(grid_1d(total, BLOCK)) }, "add_bias_f32");
+}
+
+/// dst[j] += sum over rows of src[r, j], deterministically: REDUCE_ROWS-row partials
+/// summed in row order, then added to dst in chunk order (the CPU's `col_sums_into`).
+pub(super) fn col_sums_into(cu: &Cuda, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, rows: usize, cols: usize) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    need(dst.len(), cols, "column sums dst");
+    need(src.len(), rows * cols, "column sums src");
+    let chunks = rows.div_ceil(REDUCE_ROWS);
+    let mut guard = cu.scratch.lock().unwrap();
+    let partial = super::ensure(&cu.stream, &mut guard.f32_a, chunks * cols);
+    launch_col_sum_partials(cu, partial, src, rows, cols);
+    launch_col_partials_add(cu, dst, partial, chunks, cols);
+}
+
+/// partial[k, j] = sum of src[r, j] over the k-th chunk of REDUCE_ROWS rows.
+pub(super) fn launch_col_sum_partials(
+    cu: &Cuda, partial: &mut CudaSlice<f32>, src: &CudaSlice<f32>, rows: usize, cols: usize,
+) {
+    let chunks = rows.div_ceil(REDUCE_ROWS);
+    need(partial.len(), chunks * cols, "col_sum_partials partial");
+    let (ri, ci) = (int(rows, "rows"), int(cols, "cols"));
+    int(rows * cols, "rows*cols");
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(BLOCK as usize) as u32, chunks as u32, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = cu.stream.launch_builder(cu.func("col_sum_partials_f32"));
+    l.arg(partial).arg(src).arg(&ri).arg(&ci);
+    // SAFETY: (float* partial, const float* src, int rows, int cols); thread (j, k) reads
+    // column j of rows of chunk k of src[..rows*cols] and writes partial[k*cols + j];
+    // partial holds chunks*cols floats (checked above; src by the caller).
+    check(unsafe { l.launch(cfg) }, "col_sum_partials_f32");
+}
+
+/// dst[j] += partial[0, j] + ... in chunk order.
+pub(super) fn launch_col_partials_add(
+    cu: &Cuda, dst: &mut CudaSlice<f32>, partial: &CudaSlice<f32>, chunks: usize, cols: usize,
+) {
+    need(partial.len(), chunks * cols, "col_partials_add partial");
+    need(dst.len(), cols, "col_partials_add dst");
+    let (ki, ci) = (int(chunks, "chunks"), int(cols, "cols"));
+    let mut l = cu.stream.launch_builder(cu.func("col_partials_add_f32"));
+    l.arg(dst).arg(partial).arg(&ki).arg(&ci);
+    // SAFETY: (float* dst, const float* partial, int nchunks, int cols); thread j < cols
+    // reads partial[k*cols + j] for k < chunks and updates dst[j]; sizes checked above.
+    check(unsafe { l.launch(grid_1d(cols, BLOCK)) }, "col_partials_add_f32");
+}
+
+/// dbias += sum over rows of dout.
+pub fn bias_grad(cu: &Cuda, dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, rows: usize, cols: usize) {
+    let _r = cu.range("bias_grad");
+    col_sums_into(cu, dbias, dout, rows, cols);
+}
+
+/// dst[..n] += src[..n]
+pub fn add_inplace(cu: &Cuda, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, n: usize) {
+    if n == 0 {
+        return;
+    }
+    let _r = cu.range("add_inplace");
+    need(dst.len(), n, "add_inplace dst");
+    need(src.len(), n, "add_inplace src");
+    let ni = int(n, "add_inplace n");
+    let mut l = cu.stream.launch_builder(cu.func("add_inplace_f32"));
+    l.arg(dst).arg(src).arg(&ni);
+    // SAFETY: (float* dst, const float* src, int n); one thread per element < n; both
+    // buffers hold n floats (checked above).
+    check(unsafe { l.launch(grid_1d(n, BLOCK)) }, "add_inplace_f32");
+}

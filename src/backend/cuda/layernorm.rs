@@ -1,0 +1,123 @@
+//! LayerNorm with an optional fused residual add (kernels/layernorm.cu). CPU twin:
+//! cpu/layernorm.rs.
+use super::gemm::launch_col_partials_add;
+use super::{check, ensure, int, need, Cuda};
+use crate::backend::cpu::gemm::REDUCE_ROWS;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+/// Threads per row block.
+const LN_BLOCK: u32 = 128;
+
+fn row_cfg(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (LN_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// out = LayerNorm(inp + residual) over rows of width c; mean and 1/std saved per row.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_fwd(
+    cu: &Cuda, out: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, inp: &CudaSlice<f32>,
+    residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, c: usize, eps: f32,
+) {
+    if n == 0 {
+        return;
+    }
+    let _r = cu.range("layernorm_fwd");
+    need(out.len(), n * c, "layernorm_fwd out");
+    need(inp.len(), n * c, "layernorm_fwd inp");
+    if let Some(r) = residual {
+        need(r.len(), n * c, "layernorm_fwd residual");
+    }
+    need(mean.len(), n, "layernorm_fwd mean");
+    need(rstd.len(), n, "layernorm_fwd rstd");
+    need(weight.len(), c, "layernorm_fwd weight");
+    need(bias.len(), c, "layernorm_fwd bias");
+    let (ni, ci) = (int(n, "layernorm n"), int(c, "layernorm c"));
+    int(n * c, "layernorm n*c");
+    let null: u64 = 0;
+    let mut l = cu.stream.launch_builder(cu.func("layernorm_fwd_f32"));
+    l.arg(out).arg(mean).arg(rstd).arg(inp);
+    match residual {
+        Some(r) => l.arg(r),
+        None => l.arg(&null),
+    };
+    l.arg(weight).arg(bias).arg(&ni).arg(&ci).arg(&eps);
+    // SAFETY: (float* out, float* mean, float* rstd, const float* inp, const float*
+    // residual (null: none), const float* weight, const float* bias, int n, int c, float
+    // eps); block r < n reads row r of inp (and residual), weight and bias [c], writes row
+    // r of out, mean[r], rstd[r]; sizes checked above.
+    check(unsafe { l.launch(row_cfg(n)) }, "layernorm_fwd_f32");
+}
+
+/// dinp = d loss / d(inp + residual) (overwritten); dweight, dbias accumulated, with the
+/// CPU's fixed chunking (REDUCE_ROWS rows per partial, partials added in order).
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_bwd(
+    cu: &Cuda, dinp: &mut CudaSlice<f32>, dweight: &mut CudaSlice<f32>, dbias: &mut CudaSlice<f32>,
+    dout: &CudaSlice<f32>, inp: &CudaSlice<f32>, residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>,
+    mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>, n: usize, c: usize,
+) {
+    if n == 0 {
+        return;
+    }
+    let _r = cu.range("layernorm_bwd");
+    for (len, what) in [(dinp.len(), "dinp"), (dout.len(), "dout"), (inp.len(), "inp")] {
+        need(len, n * c, what);
+    }
+    if let Some(r) = residual {
+        need(r.len(), n * c, "layernorm_bwd residual");
+    }
+    for (len, what) in [
+        (weight.len(), "weight"),
+        (dweight.len(), "dweight"),
+        (dbias.len(), "dbias"),
+    ] {
+        need(len, c, what);
+    }
+    need(mean.len(), n, "layernorm_bwd mean");
+    need(rstd.len(), n, "layernorm_bwd rstd");
+    let (ni, ci) = (int(n, "layernorm n"), int(c, "layernorm c"));
+    int(n * c, "layernorm n*c");
+    let null: u64 = 0;
+
+    let mut l = cu.stream.launch_builder(cu.func("layernorm_bwd_dinp_f32"));
+    l.arg(dinp).arg(dout).arg(inp);
+    match residual {
+        Some(r) => l.arg(r),
+        None => l.arg(&null),
+    };
+    l.arg(weight).arg(mean).arg(rstd).arg(&ni).arg(&ci);
+    // SAFETY: (float* dinp, const float* dout, const float* inp, const float* residual
+    // (null: none), const float* weight, const float* mean, const float* rstd, int n, int
+    // c); block r < n reads row r of dout, inp, residual and mean/rstd[r], writes row r of
+    // dinp; sizes checked above.
+    check(unsafe { l.launch(row_cfg(n)) }, "layernorm_bwd_dinp_f32");
+
+    let chunks = n.div_ceil(REDUCE_ROWS);
+    let mut guard = cu.scratch.lock().unwrap();
+    let s = &mut *guard;
+    let pw = ensure(&cu.stream, &mut s.f32_a, chunks * c);
+    let pb = ensure(&cu.stream, &mut s.f32_b, chunks * c);
+    let cfg = LaunchConfig {
+        grid_dim: (c.div_ceil(128) as u32, chunks as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = cu.stream.launch_builder(cu.func("layernorm_bwd_param_partials_f32"));
+    l.arg(&mut *pw).arg(&mut *pb).arg(dout).arg(inp);
+    match residual {
+        Some(r) => l.arg(r),
+        None => l.arg(&null),
+    };
+    l.arg(mean).arg(rstd).arg(&ni).arg(&ci);
+    // SAFETY: (float* pw, float* pb, const float* dout, const float* inp, const float*
+    // residual, const float* mean, const float* rstd, int n, int c); thread (j, k) reads
+    // column j of the rows of chunk k and writes pw/pb[k*c + j]; pw and pb hold chunks*c
+    // floats (ensure), the rest is checked above.
+    check(unsafe { l.launch(cfg) }, "layernorm_bwd_param_partials_f32");
+    launch_col_partials_add(cu, dweight, pw, chunks, c);
+    launch_col_partials_add(cu, dbias, pb, chunks, c);
+}

@@ -1,0 +1,497 @@
+//! The CUDA backend: the [`Backend`] trait on one GPU, fp32 mode (buffers are
+//! `CudaSlice<f32>`), kernels from kernels/*.cu (compiled by build.rs with NVRTC and
+//! embedded), GEMMs through cuBLAS.
+//!
+//! Status: written and compiled (every kernel by NVRTC, this code by rustc) but not yet
+//! run on a GPU; tests/gpu_parity.rs holds the evidence to collect. Until it has passed on
+//! a real device, treat every number this backend produces as unverified.
+//!
+//! Layout mirrors the CPU backend: one file per op family with free functions of the
+//! same name and argument order as the CPU twins (`cuda::layernorm::layernorm_fwd` <->
+//! `cpu::layernorm::layernorm_fwd` <-> `layernorm_fwd_f32` in kernels/layernorm.cu).
+//!
+//! Design notes:
+//! - cudarc with `dynamic-loading`: libcuda, libcublas and libnvToolsExt are opened on
+//!   first use, so a machine without CUDA runs the same binary on the CPU backend.
+//!   [`availability`] checks each library before anything could panic in cudarc's loader.
+//! - One stream; cudarc's per-buffer event tracking is switched off (it only matters with
+//!   several streams). Ops enqueue work and return; `download` and `sum_squares` are the
+//!   only synchronising calls, as the trait intends.
+//! - GEMMs: `cublasSgemm` with the default math mode (no TF32), so fp32 mode is fp32.
+//!   cudarc's safe cuBLASLt wrapper computes f32 in FAST_TF32 and cannot be used for
+//!   fp32 parity; the bias / GELU epilogues (cuBLASLt) belong to the bf16 path, which also
+//!   needs the trait's gemm to carry a bias. Neither exists yet.
+//! - Reductions are deterministic: fixed chunking (the CPU's), fixed trees, no float
+//!   atomics; scatter-adds use one owner block per destination row.
+//! - Ops cannot return errors (the trait has no error channel): a CUDA error during an op
+//!   panics with the op's name and CUDA's message. Setting up ([`Cuda::new`]) returns
+//!   [`Error::Device`] instead.
+//! - bf16 variants of the activation kernels are compiled (`*_bf16`) but have no
+//!   launcher: the bf16 mode needs a bf16 buffer type in the trait first.
+//! - NVTX: every op opens a range named after it when libnvToolsExt is present (NVTX v2;
+//!   CUDA 12 toolkits still ship it, header-only NVTX 3 installs do not and then there are
+//!   no ranges). Layer-level ranges belong in the model: see [`Cuda::range`].
+pub mod adamw;
+pub mod attention;
+pub mod dropout;
+pub mod embedding;
+pub mod gelu;
+pub mod gemm;
+pub mod images;
+pub mod infonce;
+pub mod l2norm;
+pub mod layernorm;
+pub mod rows;
+pub mod softmax_ce;
+
+use super::{AdamW, Backend, Dropout, InfoNceOptions};
+use crate::error::{Error, Result};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Threads per block of the element-wise kernels.
+const BLOCK: u32 = 256;
+
+/// What a usable device looks like, for messages and `Backend::name`.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub major: u32,
+    pub minor: u32,
+    pub memory_bytes: usize,
+    /// Target of the images loaded ("sm_90", or "compute_90" when the driver JIT-compiles PTX).
+    pub image_target: String,
+}
+
+/// Whether this build and this machine can run the CUDA backend, without touching a GPU
+/// more than listing devices: Ok(description of device 0) or Err(why not). Never panics.
+pub fn availability() -> std::result::Result<String, String> {
+    preflight()?;
+    let n = CudaContext::device_count().map_err(|e| format!("CUDA driver: {e}"))?;
+    if n < 1 {
+        return Err("the CUDA driver reports no device".into());
+    }
+    Ok(format!("{n} CUDA device(s)"))
+}
+
+/// [`availability`] as a yes/no.
+pub fn is_available() -> bool {
+    availability().is_ok()
+}
+
+/// The checks that need no device: kernels compiled, libraries present.
+fn preflight() -> std::result::Result<(), String> {
+    if let Some(why) = images::NOT_COMPILED {
+        return Err(format!("this binary was built without the CUDA kernels ({why})"));
+    }
+    // SAFETY: only tries to dlopen the library under its usual names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("libcuda.so not found: no NVIDIA driver on this machine".into());
+    }
+    // SAFETY: as above.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(
+            "libcublas.so not found: install the CUDA toolkit or the nvidia-cublas-cu12 wheel \
+                    and add its lib folder to LD_LIBRARY_PATH"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Scratch memory reused across ops (stream order makes reuse safe), grown on demand.
+#[derive(Default)]
+struct Scratch {
+    /// Column-sum partials; LayerNorm's weight partials.
+    f32_a: Option<CudaSlice<f32>>,
+    /// LayerNorm's bias partials; attention's D vector; InfoNCE's column accumulator.
+    f32_b: Option<CudaSlice<f32>>,
+    /// InfoNCE |P_i| and validity.
+    i32_a: Option<CudaSlice<i32>>,
+    i32_b: Option<CudaSlice<i32>>,
+    /// sum_squares partials and result.
+    f64_a: Option<CudaSlice<f64>>,
+    f64_b: Option<CudaSlice<f64>>,
+}
+
+/// A buffer of at least `n` elements in `slot`, reallocated (zeroed) when too small.
+fn ensure<'a, T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &Arc<CudaStream>, slot: &'a mut Option<CudaSlice<T>>, n: usize,
+) -> &'a mut CudaSlice<T> {
+    let n = n.max(1);
+    if slot.as_ref().is_none_or(|s| s.len() < n) {
+        *slot = None; // free first (stream-ordered), then allocate
+        *slot = Some(check(stream.alloc_zeros::<T>(n), "scratch allocation"));
+    }
+    slot.as_mut().unwrap()
+}
+
+/// The fp32 CUDA backend on one device.
+pub struct Cuda {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    funcs: HashMap<&'static str, CudaFunction>,
+    scratch: Mutex<Scratch>,
+    info: DeviceInfo,
+    nvtx: bool,
+}
+
+/// Panics unless a buffer of `len` elements holds the `need` an op will touch: the host-side
+/// bound check behind every launch's SAFETY comment.
+fn need(len: usize, need: usize, what: &str) {
+    assert!(len >= need, "{what}: buffer of {len} elements, the op needs {need}");
+}
+
+fn device_err(what: &str) -> impl Fn(DriverError) -> Error + '_ {
+    move |e| Error::Device(format!("CUDA: {what}: {e}"))
+}
+
+/// Panics with the op's name on a CUDA error inside an op (the trait has no error path).
+fn check<T, E: std::fmt::Debug>(r: std::result::Result<T, E>, what: &str) -> T {
+    r.unwrap_or_else(|e| panic!("CUDA error in {what}: {e:?}"))
+}
+
+/// A size as the i32 the kernels take.
+fn int(x: usize, what: &str) -> i32 {
+    i32::try_from(x).unwrap_or_else(|_| panic!("{what} = {x} exceeds the kernels' i32 range"))
+}
+
+/// Blocks of `block` threads covering `n` threads, 1-D.
+fn grid_1d(n: usize, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u64).div_ceil(block as u64).max(1) as u32, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The Philox key of a dropout site as the kernels take it (kernels/common.cuh DropoutArgs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DropoutArgs {
+    seed: u64,
+    stream: u64,
+    p: f32,
+    scale: f32,
+}
+// SAFETY: #[repr(C)] plain data with the field order and types of the CUDA struct.
+unsafe impl DeviceRepr for DropoutArgs {}
+
+impl From<Dropout> for DropoutArgs {
+    fn from(d: Dropout) -> Self {
+        DropoutArgs {
+            seed: d.seed,
+            stream: d.stream,
+            p: d.p,
+            scale: if d.is_on() { d.scale() } else { 1.0 },
+        }
+    }
+}
+
+impl Cuda {
+    /// Opens device `ordinal`: a context, one stream, a cuBLAS handle, every kernel module
+    /// (the cubin for the device's architecture, else PTX). A clear [`Error::Device`] when
+    /// there is no driver, no such device, or no kernel image the device can run.
+    pub fn new(ordinal: usize) -> Result<Cuda> {
+        preflight().map_err(Error::Device)?;
+        let count = CudaContext::device_count().map_err(device_err("listing devices"))?;
+        if ordinal as i64 >= count as i64 {
+            return Err(Error::Device(format!(
+                "CUDA device {ordinal} requested, the driver reports {count}"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(device_err("creating a context"))?;
+        // SAFETY: event tracking only synchronises buffers shared between streams; this
+        // backend uses one stream, and switches tracking off before allocating anything.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(device_err("creating a stream"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Device(format!("cuBLAS: {e:?}")))?;
+        // SAFETY: a valid handle; the default math mode never uses TF32 for sgemm.
+        unsafe {
+            cudarc::cublas::sys::cublasSetMathMode(
+                *blas.handle(),
+                cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
+            )
+            .result()
+            .map_err(|e| Error::Device(format!("cuBLAS math mode: {e:?}")))?;
+        }
+        let (major, minor) = ctx.compute_capability().map_err(device_err("compute capability"))?;
+        let (major, minor) = (major as u32, minor as u32);
+        let name = ctx.name().map_err(device_err("device name"))?;
+        let memory_bytes = ctx.total_mem().map_err(device_err("device memory"))?;
+
+        let mut funcs = HashMap::new();
+        let mut targets = Vec::new();
+        for module in images::modules() {
+            let img = images::select(module, major, minor).ok_or_else(|| {
+                Error::Device(format!(
+                    "no image of kernels/{module}.cu runs on {name} (sm_{major}{minor}); \
+                     rebuild with DEEPCUT_CUDA_ARCHS including sm_{major}{minor}"
+                ))
+            })?;
+            let ptx = if img.cubin {
+                cudarc::nvrtc::Ptx::from_binary(img.bytes.to_vec())
+            } else {
+                let text = img.bytes.strip_suffix(&[0]).unwrap_or(img.bytes);
+                cudarc::nvrtc::Ptx::from_src(String::from_utf8_lossy(text).into_owned())
+            };
+            let m = ctx.load_module(ptx).map_err(|e| {
+                Error::Device(format!(
+                    "loading kernels/{module}.cu ({}) on {name}: {e} (PTX needs a driver at least as new as \
+                     NVRTC {})",
+                    img.target,
+                    images::NVRTC_VERSION
+                ))
+            })?;
+            let entries = images::ENTRY_POINTS
+                .iter()
+                .find(|(m, _)| *m == module)
+                .map_or(&[][..], |(_, e)| e);
+            for &entry in entries {
+                let f = m
+                    .load_function(entry)
+                    .map_err(|e| Error::Device(format!("kernel {entry} in kernels/{module}.cu: {e}")))?;
+                funcs.insert(entry, f);
+            }
+            if !targets.contains(&img.target) {
+                targets.push(img.target);
+            }
+        }
+        // SAFETY: only tries to dlopen libnvToolsExt.
+        let nvtx = unsafe { cudarc::nvtx::sys::is_culib_present() };
+        Ok(Cuda {
+            stream,
+            blas,
+            funcs,
+            scratch: Mutex::new(Scratch::default()),
+            info: DeviceInfo {
+                ordinal,
+                name,
+                major,
+                minor,
+                memory_bytes,
+                image_target: targets.join("+"),
+            },
+            nvtx,
+        })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Waits for every enqueued op (for timing and tests; ops do not need it).
+    pub fn synchronize(&self) {
+        check(self.stream.synchronize(), "synchronize");
+    }
+
+    /// An NVTX range named `name`, closed when the returned guard drops; None without
+    /// libnvToolsExt. For the model's per-layer ranges (`nsys profile` shows them).
+    pub fn range(&self, name: &str) -> Option<cudarc::nvtx::Range> {
+        self.nvtx.then(|| cudarc::nvtx::scoped_range(name))
+    }
+
+    fn func(&self, name: &str) -> &CudaFunction {
+        self.funcs
+            .get(name)
+            .unwrap_or_else(|| panic!("CUDA kernel {name} is not in the loaded modules (kernels/*.cu)"))
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = CudaSlice<f32>;
+    type IBuf = CudaSlice<i32>;
+
+    fn name(&self) -> String {
+        let i = &self.info;
+        format!(
+            "cuda:{} ({}, sm_{}{}, {} MiB, fp32, kernels {} by NVRTC {})",
+            i.ordinal,
+            i.name,
+            i.major,
+            i.minor,
+            i.memory_bytes >> 20,
+            i.image_target,
+            images::NVRTC_VERSION
+        )
+    }
+    fn alloc(&self, n: usize) -> CudaSlice<f32> {
+        check(self.stream.alloc_zeros::<f32>(n.max(1)), "alloc")
+    }
+    fn alloc_i32(&self, n: usize) -> CudaSlice<i32> {
+        check(self.stream.alloc_zeros::<i32>(n.max(1)), "alloc_i32")
+    }
+    fn upload(&self, dst: &mut CudaSlice<f32>, src: &[f32]) {
+        if !src.is_empty() {
+            check(self.stream.memcpy_htod(src, &mut dst.slice_mut(..src.len())), "upload");
+        }
+    }
+    fn upload_i32(&self, dst: &mut CudaSlice<i32>, src: &[i32]) {
+        if !src.is_empty() {
+            check(
+                self.stream.memcpy_htod(src, &mut dst.slice_mut(..src.len())),
+                "upload_i32",
+            );
+        }
+    }
+    fn download(&self, src: &CudaSlice<f32>, n: usize) -> Vec<f32> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let v = check(self.stream.clone_dtoh(&src.slice(..n)), "download");
+        self.synchronize();
+        v
+    }
+    fn zero(&self, buf: &mut CudaSlice<f32>, n: usize) {
+        if n > 0 {
+            check(self.stream.memset_zeros(&mut buf.slice_mut(..n)), "zero");
+        }
+    }
+    fn add_inplace(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, n: usize) {
+        gemm::add_inplace(self, dst, src, n)
+    }
+    fn gemm(
+        &self, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, m: usize, n: usize, k: usize, ta: bool,
+        tb: bool, alpha: f32, beta: f32,
+    ) {
+        gemm::gemm(self, c, a, b, m, n, k, ta, tb, alpha, beta)
+    }
+    fn add_bias(&self, out: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, cols: usize) {
+        gemm::add_bias(self, out, bias, rows, cols)
+    }
+    fn bias_grad(&self, dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, rows: usize, cols: usize) {
+        gemm::bias_grad(self, dbias, dout, rows, cols)
+    }
+    fn embedding_fwd(
+        &self, out: &mut CudaSlice<f32>, ids: &CudaSlice<i32>, pos: &CudaSlice<i32>, types: &CudaSlice<i32>,
+        wte: &CudaSlice<f32>, wpe: &CudaSlice<f32>, wtt: &CudaSlice<f32>, n: usize, c: usize,
+    ) {
+        embedding::embedding_fwd(self, out, ids, pos, types, wte, wpe, wtt, n, c)
+    }
+    fn embedding_bwd(
+        &self, dwte: &mut CudaSlice<f32>, dwpe: &mut CudaSlice<f32>, dwtt: &mut CudaSlice<f32>, dout: &CudaSlice<f32>,
+        ids: &CudaSlice<i32>, pos: &CudaSlice<i32>, types: &CudaSlice<i32>, n: usize, c: usize,
+    ) {
+        embedding::embedding_bwd(self, dwte, dwpe, dwtt, dout, ids, pos, types, n, c)
+    }
+    fn layernorm_fwd(
+        &self, out: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, inp: &CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, c: usize,
+        eps: f32,
+    ) {
+        layernorm::layernorm_fwd(self, out, mean, rstd, inp, residual, weight, bias, n, c, eps)
+    }
+    fn layernorm_bwd(
+        &self, dinp: &mut CudaSlice<f32>, dweight: &mut CudaSlice<f32>, dbias: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>, inp: &CudaSlice<f32>, residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>,
+        mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>, n: usize, c: usize,
+    ) {
+        layernorm::layernorm_bwd(
+            self, dinp, dweight, dbias, dout, inp, residual, weight, mean, rstd, n, c,
+        )
+    }
+    fn bias_gelu_fwd(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, c: usize) {
+        gelu::bias_gelu_fwd(self, out, inp, bias, n, c)
+    }
+    fn bias_gelu_bwd(
+        &self, dinp: &mut CudaSlice<f32>, dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>, n: usize, c: usize,
+    ) {
+        gelu::bias_gelu_bwd(self, dinp, dbias, dout, inp, bias, n, c)
+    }
+    fn attention_fwd(
+        &self, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>, mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
+    ) {
+        attention::attention_fwd(self, out, lse, q, k, v, mask, b, t, h, d, dropout)
+    }
+    fn attention_bwd(
+        &self, dq: &mut CudaSlice<f32>, dk: &mut CudaSlice<f32>, dv: &mut CudaSlice<f32>, dout: &CudaSlice<f32>,
+        q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, out: &CudaSlice<f32>, lse: &CudaSlice<f32>,
+        mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
+    ) {
+        attention::attention_bwd(self, dq, dk, dv, dout, q, k, v, out, lse, mask, b, t, h, d, dropout)
+    }
+    fn dropout_fwd(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, n: usize, d: Dropout) {
+        dropout::dropout_fwd(self, out, inp, n, d)
+    }
+    fn dropout_bwd(&self, dinp: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, n: usize, d: Dropout) {
+        dropout::dropout_bwd(self, dinp, dout, n, d)
+    }
+    fn dropout_duplicate(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, n: usize, d: Dropout) {
+        dropout::dropout_duplicate(self, out, inp, n, d)
+    }
+    fn dropout_duplicate_bwd(&self, dinp: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, n: usize, d: Dropout) {
+        dropout::dropout_duplicate_bwd(self, dinp, dout, n, d)
+    }
+    fn softmax_ce_fwd(
+        &self, losses: &mut CudaSlice<f32>, logits: &CudaSlice<f32>, labels: &CudaSlice<i32>, n: usize, v: usize,
+    ) {
+        softmax_ce::softmax_ce_fwd(self, losses, logits, labels, n, v)
+    }
+    fn softmax_ce_bwd(
+        &self, dlogits: &mut CudaSlice<f32>, logits: &CudaSlice<f32>, labels: &CudaSlice<i32>, n: usize, v: usize,
+        scale: f32,
+    ) {
+        softmax_ce::softmax_ce_bwd(self, dlogits, logits, labels, n, v, scale)
+    }
+    fn gather_rows(&self, out: &mut CudaSlice<f32>, src: &CudaSlice<f32>, idx: &CudaSlice<i32>, m: usize, c: usize) {
+        rows::gather_rows(self, out, src, idx, m, c)
+    }
+    fn scatter_add_rows(
+        &self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, idx: &CudaSlice<i32>, m: usize, c: usize,
+    ) {
+        rows::scatter_add_rows(self, dst, src, idx, m, c)
+    }
+    fn l2norm_fwd(
+        &self, out: &mut CudaSlice<f32>, norm: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, m: usize, c: usize,
+    ) {
+        l2norm::l2norm_fwd(self, out, norm, inp, m, c)
+    }
+    fn l2norm_bwd(
+        &self, dinp: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, out: &CudaSlice<f32>, norm: &CudaSlice<f32>, m: usize,
+        c: usize,
+    ) {
+        l2norm::l2norm_bwd(self, dinp, dout, out, norm, m, c)
+    }
+    fn infonce_fwd(
+        &self, loss: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>, z: &CudaSlice<f32>, labels: &CudaSlice<i32>,
+        anchor: &CudaSlice<i32>, partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions,
+    ) {
+        infonce::infonce_fwd(self, loss, lse, z, labels, anchor, partner, m, c, opts)
+    }
+    fn infonce_bwd(
+        &self, dz: &mut CudaSlice<f32>, z: &CudaSlice<f32>, lse: &CudaSlice<f32>, labels: &CudaSlice<i32>,
+        anchor: &CudaSlice<i32>, partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions, scale: f32,
+    ) {
+        infonce::infonce_bwd(self, dz, z, lse, labels, anchor, partner, m, c, opts, scale)
+    }
+    fn adamw(
+        &self, param: &mut CudaSlice<f32>, grad: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>,
+        n: usize, hp: AdamW, step: u64,
+    ) {
+        adamw::adamw(
+            self,
+            param,
+            grad,
+            m,
+            v,
+            n,
+            hp.lr,
+            hp.beta1,
+            hp.beta2,
+            hp.eps,
+            hp.weight_decay,
+            step,
+        )
+    }
+    fn sum_squares(&self, x: &CudaSlice<f32>, n: usize) -> f64 {
+        adamw::sum_squares(self, x, n)
+    }
+    fn scale(&self, x: &mut CudaSlice<f32>, n: usize, alpha: f32) {
+        adamw::scale_inplace(self, x, n, alpha)
+    }
+}

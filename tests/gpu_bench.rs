@@ -1,0 +1,193 @@
+//! GPU throughput, for scripts/gpu-check.sh (ignored by default: `--ignored` runs them).
+//! Prints `BENCH <name> <value> <unit>` lines; nothing is asserted about speed.
+//!
+//! - minilm_step: forward + CE + backward + clipped AdamW of the MiniLM shape (6 layers,
+//!   hidden 384, 12 heads, FFN 1536) on 32 x 128 tokens, dropout on, GPU and CPU.
+//! - infonce: fused class-masked InfoNCE forward + backward (detached columns) at m = 4096
+//!   and 16384 rows of width 384, the DeepCUT batch shape of benches/infonce.rs; compare
+//!   with scripts/infonce_torch.py (the same loss in PyTorch on the same GPU).
+//!
+//! Times are wall-clock around device-synchronised loops after a warm-up.
+use deepcut_fast::backend::cpu::Cpu;
+use deepcut_fast::backend::cuda::Cuda;
+use deepcut_fast::backend::{Backend, InfoNceOptions};
+use deepcut_fast::model::{Dims, HostBatch, Mode, Model};
+use deepcut_fast::train::optim::{OptimConfig, Optimizer};
+use std::time::Instant;
+
+fn gpu() -> Option<Cuda> {
+    match Cuda::new(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            use std::io::Write;
+            if std::env::var("DEEPCUT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("DEEPCUT_REQUIRE_GPU=1 but there is no usable CUDA device: {e}");
+            }
+            let _ = writeln!(std::io::stderr(), "SKIPPED: no usable CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn minilm_dims() -> Dims {
+    Dims {
+        vocab: 30522,
+        max_pos: 512,
+        type_vocab: 2,
+        hidden: 384,
+        layers: 6,
+        heads: 12,
+        ffn: 1536,
+        labels: 13,
+        eps: 1e-12,
+        hidden_dropout: 0.1,
+        attn_dropout: 0.1,
+        classifier_dropout: 0.1,
+    }
+}
+
+fn synthetic_batch(b: usize, t: usize, vocab: usize, labels: usize) -> HostBatch {
+    let mut batch = HostBatch {
+        b,
+        t,
+        ..Default::default()
+    };
+    let mut x = 12345u64;
+    for _ in 0..b * t {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        batch.input_ids.push(((x >> 33) % vocab as u64) as i32);
+        batch.labels.push(((x >> 20) % labels as u64) as i32);
+    }
+    batch.attention_mask = vec![1.0; b * t];
+    batch.position_ids = (0..b * t).map(|i| (i % t) as i32).collect();
+    batch.type_ids = vec![0; b * t];
+    batch
+}
+
+/// Seconds per training step of the MiniLM shape on `be`.
+fn step_time<B: Backend>(be: B, steps: usize, sync: impl Fn(&B)) -> f64 {
+    let dims = minilm_dims();
+    let (b, t) = (32, 128);
+    let mut seed = 1u64;
+    let mut model = Model::new(be, dims.clone(), b * t, |_, shape| {
+        (0..shape.iter().product::<usize>())
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+            })
+            .collect()
+    });
+    let batch = synthetic_batch(b, t, dims.vocab, dims.labels);
+    let mut opt = Optimizer::new(
+        &model,
+        OptimConfig {
+            lr: 1e-4,
+            weight_decay: 0.01,
+            warmup: 0,
+            total: 1000,
+            clip: 1.0,
+        },
+    );
+    let mut one = |step: u64, model: &mut Model<B>| {
+        model.forward(&batch, Mode::Train { seed: 1, step });
+        let _ = model.ce_loss(&batch);
+        model.zero_grads();
+        model.backward(1.0 / batch.labelled() as f32, None);
+        opt.update(model).expect("finite");
+    };
+    one(1, &mut model); // warm-up (allocations, first launches)
+    sync(&model.be);
+    let t0 = Instant::now();
+    for s in 0..steps {
+        one(2 + s as u64, &mut model);
+    }
+    sync(&model.be);
+    t0.elapsed().as_secs_f64() / steps as f64
+}
+
+#[test]
+#[ignore]
+fn minilm_step() {
+    let Some(g) = gpu() else { return };
+    let name = g.name();
+    let tokens = 32.0 * 128.0;
+    let tg = step_time(g, 10, |g: &Cuda| g.synchronize());
+    println!(
+        "BENCH minilm_step_gpu {:.1} tokens/s ({:.2} ms/step, {name})",
+        tokens / tg,
+        tg * 1e3
+    );
+    let tc = step_time(Cpu, 2, |_| {});
+    println!(
+        "BENCH minilm_step_cpu {:.1} tokens/s ({:.1} ms/step, {} threads)",
+        tokens / tc,
+        tc * 1e3,
+        rayon::current_num_threads()
+    );
+}
+
+/// DeepCUT's shape (benches/infonce.rs): a third of the rows are anchors in two views.
+fn infonce_batch(m: usize, c: usize) -> (Vec<f32>, Vec<i32>, Vec<i32>, Vec<i32>) {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x >> 33
+    };
+    let nf = m / 6;
+    let mut labels = vec![0i32; m];
+    let (mut anchor, mut partner) = (vec![0i32; m], vec![-1i32; m]);
+    for y in labels.iter_mut() {
+        *y = if next() % 5 == 0 { 1 + (next() % 12) as i32 } else { 0 };
+    }
+    for i in 0..nf {
+        labels[nf + i] = labels[i];
+        (anchor[i], anchor[nf + i]) = (1, 1);
+        (partner[i], partner[nf + i]) = ((nf + i) as i32, i as i32);
+    }
+    let mut z: Vec<f32> = (0..m * c).map(|_| (next() % 2000) as f32 / 1000.0 - 1.0).collect();
+    for row in z.chunks_mut(c) {
+        let n = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|v| *v /= n);
+    }
+    (z, labels, anchor, partner)
+}
+
+#[test]
+#[ignore]
+fn infonce() {
+    let Some(g) = gpu() else { return };
+    let c = 384;
+    for m in [4096, 16384] {
+        let (z, labels, anchor, partner) = infonce_batch(m, c);
+        let mut dz_ = g.alloc(m * c);
+        g.upload(&mut dz_, &z);
+        let up_i = |x: &[i32]| {
+            let mut b = g.alloc_i32(x.len());
+            g.upload_i32(&mut b, x);
+            b
+        };
+        let (dl, da, dp) = (up_i(&labels), up_i(&anchor), up_i(&partner));
+        let (mut loss, mut lse, mut grad) = (g.alloc(m), g.alloc(m), g.alloc(m * c));
+        let opts = InfoNceOptions::default();
+        let mut run = || {
+            g.infonce_fwd(&mut loss, &mut lse, &dz_, &dl, &da, &dp, m, c, opts);
+            g.infonce_bwd(&mut grad, &dz_, &lse, &dl, &da, &dp, m, c, opts, 0.3 / 1000.0);
+        };
+        run();
+        g.synchronize();
+        let reps = if m <= 4096 { 10 } else { 3 };
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            run();
+        }
+        g.synchronize();
+        let s = t0.elapsed().as_secs_f64() / reps as f64;
+        let pairs = (m as f64) * (m as f64) / 3.0; // anchors x columns
+        println!(
+            "BENCH infonce_fwd_bwd_m{m}_c{c} {:.3} ms ({:.2e} pairs/s; memory O(m c): {} MiB of z)",
+            s * 1e3,
+            pairs / s,
+            (m * c * 4) >> 20
+        );
+    }
+}
