@@ -29,39 +29,10 @@ fn gpu() -> Option<Cuda> {
     }
 }
 
+/// The all-MiniLM-L6-v2 shape with a 13-label head (WNUT17).
 fn minilm_dims() -> Dims {
-    Dims {
-        vocab: 30522,
-        max_pos: 512,
-        type_vocab: 2,
-        hidden: 384,
-        layers: 6,
-        heads: 12,
-        ffn: 1536,
-        labels: 13,
-        eps: 1e-12,
-        hidden_dropout: 0.1,
-        attn_dropout: 0.1,
-        classifier_dropout: 0.1,
-    }
-}
-
-fn synthetic_batch(b: usize, t: usize, vocab: usize, labels: usize) -> HostBatch {
-    let mut batch = HostBatch {
-        b,
-        t,
-        ..Default::default()
-    };
-    let mut x = 12345u64;
-    for _ in 0..b * t {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        batch.input_ids.push(((x >> 33) % vocab as u64) as i32);
-        batch.labels.push(((x >> 20) % labels as u64) as i32);
-    }
-    batch.attention_mask = vec![1.0; b * t];
-    batch.position_ids = (0..b * t).map(|i| (i % t) as i32).collect();
-    batch.type_ids = vec![0; b * t];
-    batch
+    let cfg = deepcut_fast::model::ModelConfig::preset("minilm-l6").expect("built-in preset");
+    Dims::from_config(&cfg, 13)
 }
 
 /// Seconds per training step of the MiniLM shape on `be`.
@@ -77,7 +48,7 @@ fn step_time<B: Backend>(be: B, steps: usize, sync: impl Fn(&B)) -> f64 {
             })
             .collect()
     });
-    let batch = synthetic_batch(b, t, dims.vocab, dims.labels);
+    let batch = HostBatch::synthetic(b, t, dims.vocab, dims.labels, 0);
     let mut opt = Optimizer::new(
         &model,
         OptimConfig {

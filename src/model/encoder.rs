@@ -265,6 +265,26 @@ pub struct HostBatch {
 }
 
 impl HostBatch {
+    /// A full (unpadded) batch of pseudo-random tokens and labels, for benches: a step's
+    /// cost does not depend on the values (models/README.md).
+    pub fn synthetic(b: usize, t: usize, vocab: usize, labels: usize, seed: u64) -> HostBatch {
+        let mut batch = HostBatch {
+            b,
+            t,
+            ..Default::default()
+        };
+        let mut x = seed.wrapping_add(12345);
+        for _ in 0..b * t {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            batch.input_ids.push(((x >> 33) % vocab as u64) as i32);
+            batch.labels.push(((x >> 20) % labels.max(1) as u64) as i32);
+        }
+        batch.attention_mask = vec![1.0; b * t];
+        batch.position_ids = (0..b * t).map(|i| (i % t) as i32).collect();
+        batch.type_ids = vec![0; b * t];
+        batch
+    }
+
     pub fn tokens(&self) -> usize {
         self.b * self.t
     }
