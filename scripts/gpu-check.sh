@@ -10,9 +10,9 @@
 #      4k and 16k rows (tests/gpu_bench.rs);
 #   3. the same InfoNCE in PyTorch on the same GPU at 4k, 16k, 64k columns
 #      (scripts/infonce_torch.py), when torch is importable;
-#   4. a short DeepCUT run on GPU and on CPU with the same seed, when the carried
-#      deepcut-fast binary accepts --device cuda and DEEPCUT_CHECK_MODEL / DEEPCUT_CHECK_DATA
-#      name a fine-tuned model and a dataset (the CLI is not wired to CUDA yet).
+#   4. a short DeepCUT run on GPU and on CPU with the same seed (--device cuda / cpu),
+#      on DEEPCUT_CHECK_MODEL (default tests/golden/roberta-wnut17) and DEEPCUT_CHECK_DATA
+#      (default: the WNUT17 slice that --build writes to target/gpu-check/data).
 #
 # Build the binaries on the machine with Rust (no GPU needed; NVRTC from the pip wheels):
 #     scripts/gpu-check.sh --build
@@ -42,9 +42,18 @@ if [ "${1:-}" = "--build" ]; then
         esac
     done < target/gpu-check/.list
     rm -f target/gpu-check/.list
-    # the CLI too, for the DeepCUT run of step 4 (once it accepts --device cuda)
+    # the CLI too, for the DeepCUT run of step 4, with a small fine-tuned model
+    # (tests/golden/roberta-wnut17, carried with the work tree) and a WNUT17 slice
     cargo build --release --bin deepcut-fast
     cp target/release/deepcut-fast target/gpu-check/
+    mkdir -p target/gpu-check/data
+    python3 - ../shared/data/wnut17 target/gpu-check/data <<'PY'
+import sys
+src, dst = sys.argv[1:3]
+for split, n in (("train", 400), ("dev", 100), ("test", 100)):
+    sents = open(f"{src}/{split}.conll").read().split("\n\n")
+    open(f"{dst}/{split}.conll", "w").write("\n\n".join(s for s in sents[:n] if s.strip()) + "\n\n")
+PY
     ls -l target/gpu-check/
     du -sh target/gpu-check/
     echo "carry target/gpu-check to the GPU machine, then run scripts/gpu-check.sh there"
@@ -171,6 +180,8 @@ fi
 
 # ---- 4. a short DeepCUT run, GPU and CPU, same seed --------------------------------------------
 CLI=$(find_bin deepcut-fast)
+: "${DEEPCUT_CHECK_MODEL:=tests/golden/roberta-wnut17}"
+[ -d target/gpu-check/data ] && : "${DEEPCUT_CHECK_DATA:=target/gpu-check/data}"
 if [ -n "$CLI" ] && [ -n "${DEEPCUT_CHECK_MODEL:-}" ] && [ -n "${DEEPCUT_CHECK_DATA:-}" ] \
     && "$CLI" run --help 2>&1 | grep -q 'cuda'; then
     for dev in cuda cpu; do

@@ -332,3 +332,77 @@ fn bad_options_fail_with_a_clear_message() {
         assert!(!err.contains("panicked"), "{args:?}: panicked: {err}");
     }
 }
+
+/// A model with a head keeps its label map (SPEC section 1): data whose train split
+/// lacks some of the model's labels is unlearned with the existing head, and a data tag
+/// the model has no label for is an error naming it.
+#[test]
+fn a_trained_head_keeps_its_labels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::repo().join("tests/golden/roberta-wnut17");
+    let train = read_conll(&common::shared().join("data/wnut17/train.conll"), true).unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // sentences with at most one entity type, so the slice misses most of the 13 labels
+    let part: Vec<_> = train
+        .iter()
+        .filter(|s| s.tags.iter().all(|t| t == "O" || t.ends_with("person")))
+        .take(40)
+        .cloned()
+        .collect();
+    let tags: Vec<Vec<String>> = part.iter().map(|s| s.tags.clone()).collect();
+    for split in ["train", "dev", "test"] {
+        write_conll(&data.join(format!("{split}.conll")), &part, &tags).unwrap();
+    }
+    let out = tmp.path().join("run");
+    let o = run_ok(
+        &[
+            "run",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--forget-ratio",
+            "0.1",
+            "--out",
+            s(&out),
+            "--steps",
+            "2",
+            "--quiet",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        !err.contains("fine-tuning the original"),
+        "the existing head must be used: {err}"
+    );
+    let (cfg, _, _) = deepcut_fast::model::load_model_dir(&out.join("model")).unwrap();
+    assert_eq!(cfg.id2label.unwrap().len(), 13, "the model's 13 labels are kept");
+
+    let mut bad = part.clone();
+    bad[0].tags[0] = "B-spaceship".into();
+    let bad_tags: Vec<Vec<String>> = bad.iter().map(|s| s.tags.clone()).collect();
+    write_conll(&data.join("train.conll"), &bad, &bad_tags).unwrap();
+    let o = run_ok(
+        &[
+            "run",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--forget-ratio",
+            "0.1",
+            "--out",
+            s(&tmp.path().join("r2")),
+            "--steps",
+            "2",
+            "--quiet",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("B-spaceship") && err.contains("train.conll"), "{err}");
+}

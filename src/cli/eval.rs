@@ -1,6 +1,5 @@
 //! `deepcut-fast eval`: entity F1 on forget/retain/dev/test and the MIA AUC.
-use super::DeviceArgs;
-use crate::backend::cpu::Cpu;
+use super::{with_backend, DeviceArgs};
 use crate::data::{read_indices, DEFAULT_MAX_LEN};
 use crate::error::{Error, Result};
 use crate::eval::evaluate::{evaluate, Dataset};
@@ -32,7 +31,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    a.device.init()?;
+    let device = a.device.init()?;
     let clf = Classifier::load(&a.model)?;
     let data = Dataset::load(&a.data)?;
     data.check_labels(&clf.labels)?;
@@ -41,8 +40,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .as_ref()
         .map(|f| read_indices(f, data.train.len()))
         .transpose()?;
-    let mut model = clf.model(Cpu, a.batch_tokens.max(a.max_len));
-    let ev = evaluate(&clf, &mut model, &data, forget.as_deref(), true, a.max_len)?;
+    let ev = with_backend!(device, mk => {
+        let mut model = clf.model(mk()?, a.batch_tokens.max(a.max_len));
+        evaluate(&clf, &mut model, &data, forget.as_deref(), true, a.max_len)?
+    });
     print!("{}", ev.table());
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&ev).map_err(|e| Error::file(path, e.to_string()))?;

@@ -43,8 +43,8 @@ pub struct DeviceArgs {
 }
 
 impl DeviceArgs {
-    /// Sets up the compute backend and says which one runs.
-    pub fn init(&self) -> Result<()> {
+    /// Sets up threads and picks the compute backend, saying which one runs.
+    pub fn init(&self) -> Result<Device> {
         if let Some(n) = self.threads {
             if n == 0 {
                 return Err(Error::invalid("--threads must be at least 1"));
@@ -53,20 +53,61 @@ impl DeviceArgs {
             let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
             std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
         }
+        let cpu = || {
+            eprintln!("backend: cpu (fp32, {} threads)", rayon::current_num_threads());
+            Ok(Device::Cpu)
+        };
         match self.device.as_str() {
-            "cpu" => {}
-            "auto" => eprintln!("device: no CUDA backend in this build; using the CPU backend"),
-            d if d == "cuda" || d.starts_with("cuda:") => {
-                return Err(Error::invalid(format!(
-                    "--device {d}: this build has no CUDA backend yet; use --device cpu"
-                )))
+            "cpu" => cpu(),
+            // Until scripts/gpu-check.sh has passed on a GPU, auto does not pick the CUDA
+            // backend: a user must not get unverified kernels without asking for them.
+            "auto" => {
+                if crate::backend::cuda::is_available() {
+                    eprintln!("device auto: a GPU is usable, but the CUDA backend has not been verified on a GPU yet; using the CPU backend (--device cuda forces the GPU)");
+                } else {
+                    eprintln!("device auto: no usable GPU; using the CPU backend");
+                }
+                cpu()
             }
-            d => return Err(Error::invalid(format!("--device {d}: expected auto, cpu or cuda[:N]"))),
+            d if d == "cuda" || d.starts_with("cuda:") => {
+                let ordinal = match d.strip_prefix("cuda:") {
+                    Some(n) => n
+                        .parse()
+                        .map_err(|_| Error::invalid(format!("--device {d}: expected cuda:N with N a GPU index")))?,
+                    None => 0,
+                };
+                eprintln!("backend: cuda:{ordinal} (fp32; not yet verified on a GPU)");
+                Ok(Device::Cuda(ordinal))
+            }
+            d => Err(Error::invalid(format!("--device {d}: expected auto, cpu or cuda[:N]"))),
         }
-        eprintln!("backend: cpu (fp32, {} threads)", rayon::current_num_threads());
-        Ok(())
     }
 }
+
+/// The compute backend a command runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+/// Runs `$body` with `$mk` bound to a maker of backends of `$dev` (`$mk()` gives a new
+/// handle on the device, one per model; the body is compiled once per backend type).
+macro_rules! with_backend {
+    ($dev:expr, $mk:ident => $body:expr) => {
+        match $dev {
+            $crate::cli::Device::Cpu => {
+                let $mk = || -> $crate::error::Result<$crate::backend::cpu::Cpu> { Ok($crate::backend::cpu::Cpu) };
+                $body
+            }
+            $crate::cli::Device::Cuda(n) => {
+                let $mk = || $crate::backend::cuda::Cuda::new(n);
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_backend;
 
 /// Makes `out` ready for a run: refuses to write into the input model's folder, refuses
 /// an existing folder unless --force (which empties it) or --resume (which needs it).

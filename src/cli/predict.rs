@@ -1,7 +1,6 @@
 //! `deepcut-fast predict`: tag every word of a CoNLL file (first-subword rule, long
 //! sentences windowed so every word is predicted exactly once).
-use super::DeviceArgs;
-use crate::backend::cpu::Cpu;
+use super::{with_backend, DeviceArgs};
 use crate::data::{read_conll, write_conll, DEFAULT_MAX_LEN};
 use crate::error::{Error, Result};
 use crate::infer::{run_sentences, Classifier};
@@ -34,12 +33,14 @@ pub struct PredictArgs {
 }
 
 pub fn run(a: PredictArgs) -> Result<()> {
-    a.device.init()?;
+    let device = a.device.init()?;
     let clf = Classifier::load(&a.model)?;
     let sentences = read_conll(&a.input, false)?;
-    let mut model = clf.model(Cpu, a.batch_tokens.max(a.max_len));
     let t0 = std::time::Instant::now();
-    let out = run_sentences(&clf, &mut model, &sentences, a.max_len)?;
+    let out = with_backend!(device, mk => {
+        let mut model = clf.model(mk()?, a.batch_tokens.max(a.max_len));
+        run_sentences(&clf, &mut model, &sentences, a.max_len)?
+    });
     let tags = out.tags(&clf.labels);
     write_conll(&a.output, &sentences, &tags)?;
     let words: usize = sentences.iter().map(|s| s.words.len()).sum();

@@ -1,6 +1,6 @@
 //! `deepcut-fast run`: unlearn a forget set (DeepCUT by default, or a baseline) and write
 //! the run folder: model/, forget.txt, report.json, report.html, checkpoints/.
-use super::{prepare_out_dir, DeviceArgs};
+use super::{prepare_out_dir, with_backend, DeviceArgs};
 use crate::backend::{Denominator, OwnView};
 use crate::data::{forget_by_ratio, read_indices};
 use crate::error::{Error, Result};
@@ -120,7 +120,7 @@ pub struct RunArgs {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
-    a.device.init()?;
+    let device = a.device.init()?;
     if a.forget.is_none() && a.forget_ratio.is_none() {
         return Err(Error::invalid("give the forget set: --forget-ratio R or --forget FILE"));
     }
@@ -198,5 +198,5 @@ pub fn run(a: RunArgs) -> Result<()> {
         resume: a.resume,
         quiet: a.quiet,
     };
-    run_unlearning(inputs, cfg)
+    with_backend!(device, mk => run_unlearning(&mk, inputs, cfg))
 }

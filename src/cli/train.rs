@@ -1,8 +1,7 @@
 //! `deepcut-fast train`: fine-tune a pretrained encoder into a token classifier (the
 //! model to be unlearned, or, with --exclude, the retrained reference).
-use super::{prepare_out_dir, DeviceArgs};
-use crate::backend::cpu::Cpu;
-use crate::data::{read_indices, retain_indices, LabelMap};
+use super::{prepare_out_dir, with_backend, DeviceArgs};
+use crate::data::{read_indices, retain_indices};
 use crate::error::{Error, Result};
 use crate::eval::evaluate::{evaluate_split, Dataset};
 use crate::infer::model_from_weights;
@@ -77,12 +76,11 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    a.device.init()?;
+    let device = a.device.init()?;
     // Every input is read and checked before --out is touched (--force empties it).
     let data = Dataset::load(&a.data)?;
-    let labels = LabelMap::from_sentences(&data.train);
-    data.check_labels(&labels)?;
     let base = Base::load(&a.model)?;
+    let labels = base.labels_for(&data)?;
     let fc = a.opts.config();
     let kept: Vec<usize> = match &a.exclude {
         Some(f) => retain_indices(data.train.len(), &read_indices(f, data.train.len())?),
@@ -110,12 +108,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         fc.lr,
         fc.batch
     );
-    let (clf, rec) = finetune(clf, &a.model, &train, &data, &fc, &a.out, a.resume, a.quiet)?;
-
-    let mut model = model_from_weights(Cpu, &clf.cfg, &clf.weights, clf.labels.len(), fc.batch * fc.max_len);
-    let tr = evaluate_split(&clf, &mut model, &train, fc.max_len)?;
-    let dev = evaluate_split(&clf, &mut model, &data.dev, fc.max_len)?;
-    let test = evaluate_split(&clf, &mut model, &data.test, fc.max_len)?;
+    let (rec, tr, dev, test) = with_backend!(device, mk => {
+        let (clf, rec) = finetune(mk()?, clf, &a.model, &train, &data, &fc, &a.out, a.resume, a.quiet)?;
+        let mut model = model_from_weights(mk()?, &clf.cfg, &clf.weights, clf.labels.len(), fc.batch * fc.max_len);
+        let tr = evaluate_split(&clf, &mut model, &train, fc.max_len)?;
+        let dev = evaluate_split(&clf, &mut model, &data.dev, fc.max_len)?;
+        let test = evaluate_split(&clf, &mut model, &data.test, fc.max_len)?;
+        (rec, tr, dev, test)
+    });
     println!("{:<6} {:>9} {:>9} {:>9}", "split", "precision", "recall", "f1");
     for (n, m) in [("train", &tr), ("dev", &dev), ("test", &test)] {
         println!("{:<6} {:>9.4} {:>9.4} {:>9.4}", n, m.precision, m.recall, m.f1);

@@ -3,7 +3,7 @@
 //! epoch, best model kept, checkpoints for --resume.
 use super::checkpoint;
 use super::optim::{OptimConfig, Optimizer};
-use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
 use crate::data::{bucketed_batches, Batch, Encoder, LabelMap, Sentence};
 use crate::error::{Error, Result};
 use crate::eval::evaluate::{evaluate_split, Dataset};
@@ -73,6 +73,27 @@ impl Base {
         })
     }
 
+    /// The label map a run on `data` uses (SPEC section 1): the model's own when it has a
+    /// head (every tag of the data must be in it: an error naming the file otherwise),
+    /// else the tags of train, sorted, O first.
+    pub fn labels_for(&self, data: &Dataset) -> Result<LabelMap> {
+        let labels = match (&self.cfg.id2label, self.has_head) {
+            (Some(l), true) => LabelMap { labels: l.clone() },
+            _ => LabelMap::from_sentences(&data.train),
+        };
+        data.check_labels(&labels).map_err(|e| {
+            if self.has_head {
+                Error::invalid(format!(
+                    "the labels of the model in {} do not cover the data: {e}",
+                    self.dir.display()
+                ))
+            } else {
+                e
+            }
+        })?;
+        Ok(labels)
+    }
+
     /// Whether the head's labels are exactly `labels`.
     pub fn head_matches(&self, labels: &LabelMap) -> bool {
         self.has_head && self.cfg.id2label.as_ref() == Some(&labels.labels)
@@ -123,9 +144,9 @@ pub struct FinetuneResult {
 /// `out/model` (Hugging Face layout), checkpoints into `out/checkpoints`.
 /// Returns the best classifier and the record.
 #[allow(clippy::too_many_arguments)]
-pub fn finetune(
-    mut clf: Classifier, tokenizer_dir: &Path, train: &[Sentence], data: &Dataset, fc: &FinetuneConfig, out: &Path,
-    resume: bool, quiet: bool,
+pub fn finetune<B: Backend>(
+    be: B, mut clf: Classifier, tokenizer_dir: &Path, train: &[Sentence], data: &Dataset, fc: &FinetuneConfig,
+    out: &Path, resume: bool, quiet: bool,
 ) -> Result<(Classifier, FinetuneResult)> {
     if fc.batch == 0 || fc.epochs == 0 || !(fc.lr > 0.0 && fc.lr.is_finite()) {
         return Err(Error::invalid(
@@ -145,7 +166,7 @@ pub fn finetune(
         total,
         clip: fc.clip,
     };
-    let mut model = model_from_weights(Cpu, &clf.cfg, &clf.weights, clf.labels.len(), fc.batch * fc.max_len);
+    let mut model = model_from_weights(be, &clf.cfg, &clf.weights, clf.labels.len(), fc.batch * fc.max_len);
     let mut opt = Optimizer::new(&model, ocfg);
     let ckpt_dir = out.join("checkpoints");
     let model_dir = out.join("model");

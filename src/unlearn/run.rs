@@ -4,7 +4,7 @@
 use super::deepcut::{self, Anchors, Contrast, StepLosses};
 use super::methods;
 use super::Method;
-use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
 use crate::backend::{Denominator, InfoNceOptions, OwnView};
 use crate::data::{write_indices, LabelMap, Stream, StreamState, Window};
 use crate::error::{Error, Result};
@@ -128,8 +128,8 @@ fn save_json(path: &Path, v: &Value) -> Result<()> {
 /// Metrics of a reference model (forget, retain, dev, test, MIA AUC), cached under a key
 /// of its weights, the forget set, the data folder and max_len: evaluating the retain
 /// set is the slowest part of a short run, and the same references recur across runs.
-fn cached_eval(
-    clf: &Classifier, model: &mut crate::model::Model<Cpu>, data: &Dataset, forget: &[usize], max_len: usize,
+fn cached_eval<B: Backend>(
+    clf: &Classifier, model: &mut crate::model::Model<B>, data: &Dataset, forget: &[usize], max_len: usize,
     cache: &Path, what: &str,
 ) -> Result<Value> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -168,7 +168,9 @@ fn cached_eval(
 
 /// The original (model to be unlearned): the given model when its head has the data's
 /// labels, else a fine-tune of it with `train` (said on stderr, record returned).
-fn original(inp: &RunInputs, base: &Base, labels: &LabelMap, data: &Dataset) -> Result<(Classifier, Option<Value>)> {
+fn original<B: Backend>(
+    be: B, inp: &RunInputs, base: &Base, labels: &LabelMap, data: &Dataset,
+) -> Result<(Classifier, Option<Value>)> {
     if base.head_matches(labels) {
         return base.classifier(labels, inp.train.seed).map(|c| (c, None));
     }
@@ -193,6 +195,7 @@ fn original(inp: &RunInputs, base: &Base, labels: &LabelMap, data: &Dataset) -> 
     );
     let resume = dir.join("checkpoints").exists();
     let (clf, rec) = finetune(
+        be,
         base.classifier(labels, inp.train.seed)?,
         &inp.model,
         &data.train,
@@ -208,24 +211,13 @@ fn original(inp: &RunInputs, base: &Base, labels: &LabelMap, data: &Dataset) -> 
 }
 
 /// Runs unlearning end to end and writes the run folder.
-pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
+/// `mk` makes a backend handle for each model the run needs (original/unlearned, reference).
+pub fn run<B: Backend>(mk: &dyn Fn() -> Result<B>, inp: RunInputs, cfg: RunConfig) -> Result<()> {
     let t_all = Instant::now();
     let data = Dataset::load(&inp.data)?;
-    let labels = LabelMap::from_sentences(&data.train);
     let base = Base::load(&inp.model)?;
-    if base.has_head && !base.head_matches(&labels) {
-        if let Some(l) = &base.cfg.id2label {
-            let missing: Vec<&String> = labels.labels.iter().filter(|t| !l.contains(t)).collect();
-            if !missing.is_empty() {
-                return Err(Error::file(
-                    inp.model.join("config.json"),
-                    format!("the model's labels do not cover the data: {missing:?} missing from id2label"),
-                ));
-            }
-        }
-    }
-    data.check_labels(&labels)?;
-    let (orig, orig_training) = original(&inp, &base, &labels, &data)?;
+    let labels = base.labels_for(&data)?;
+    let (orig, orig_training) = original(mk()?, &inp, &base, &labels, &data)?;
     let forget_path = inp.out.join("forget.txt");
     write_indices(&forget_path, &inp.forget)?;
     let (forget_sents, retain_sents) = split_train(&data.train, &inp.forget);
@@ -238,7 +230,7 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
 
     // Reference metrics of the original (cached so a resumed run does not redo them).
     let max_tokens = (2 * cfg.bf + cfg.br).max(8) * cfg.max_len;
-    let mut model = model_from_weights(Cpu, &orig.cfg, &orig.weights, orig.labels.len(), max_tokens);
+    let mut model = model_from_weights(mk()?, &orig.cfg, &orig.weights, orig.labels.len(), max_tokens);
     let windows = orig
         .encoder
         .encode_sentences(&data.train, Some(&orig.labels), cfg.max_len)?;
@@ -282,6 +274,7 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
         let dir = inp.out.join("retrain");
         let resume = dir.join("checkpoints").exists();
         let (clf, rec) = finetune(
+            mk()?,
             rbase.classifier(&labels, inp.train.seed)?,
             &base_dir,
             &retain_sents,
@@ -307,7 +300,7 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
         state.seconds = t0.elapsed().as_secs_f64();
         state.stop_reason = format!("retrained {} epochs on the retain set", inp.train.epochs);
         final_clf = clf;
-        model = final_clf.model(Cpu, max_tokens);
+        model = final_clf.model(mk()?, max_tokens);
     } else {
         final_clf = unlearn_loop(
             &inp,
@@ -331,7 +324,7 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
     let mut reference = json!({"original": ref_original});
     if let Some(dir) = &inp.retrain_ref {
         let rclf = Classifier::load(dir)?;
-        let mut rmodel = rclf.model(Cpu, max_tokens);
+        let mut rmodel = rclf.model(mk()?, max_tokens);
         let rm = cached_eval(
             &rclf,
             &mut rmodel,
@@ -367,7 +360,7 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
             "original_training": inp.train,
             "model": inp.model, "data": inp.data, "out": inp.out,
             "retrain_ref": inp.retrain_ref,
-            "backend": format!("cpu (fp32, {} threads)", rayon::current_num_threads()),
+            "backend": model.be.name(),
             "versions": {"deepcut-fast": env!("CARGO_PKG_VERSION")},
         },
         "forget": {"file": forget_path, "source": inp.forget_file, "ratio": inp.forget_ratio, "count": inp.forget.len(), "train_sentences": data.train.len()},
@@ -404,8 +397,8 @@ pub fn run(inp: RunInputs, cfg: RunConfig) -> Result<()> {
 
 /// The step loop of every method except retrain.
 #[allow(clippy::too_many_arguments)]
-fn unlearn_loop(
-    inp: &RunInputs, cfg: &RunConfig, orig: &Classifier, model: &mut crate::model::Model<Cpu>, windows: &[Window],
+fn unlearn_loop<B: Backend>(
+    inp: &RunInputs, cfg: &RunConfig, orig: &Classifier, model: &mut crate::model::Model<B>, windows: &[Window],
     forget_w: &[usize], retain_w: &[usize], forget_sents: &[crate::data::Sentence], target: f64, state: &mut LoopState,
 ) -> Result<Classifier> {
     if cfg.bf == 0 || cfg.br == 0 {
@@ -450,7 +443,7 @@ fn unlearn_loop(
     pb.set_position(state.step);
     let t0 = Instant::now();
     let seconds_before = state.seconds;
-    let save = |model: &crate::model::Model<Cpu>, opt: &Optimizer<Cpu>, state: &LoopState| {
+    let save = |model: &crate::model::Model<B>, opt: &Optimizer<B>, state: &LoopState| {
         checkpoint::save(&ckpt_dir, model, opt, &json!({"config": cfg_json, "state": state}))
     };
     while !state.done && state.step < budget {
