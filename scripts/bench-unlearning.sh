@@ -23,7 +23,7 @@ for r in $ratios; do
         cp "$d/split/forget.txt" "$d/forget.txt"
     fi
     if [ ! -f "$d/retrain/train.json" ]; then
-        /usr/bin/time -f "%e" -o "$d/retrain.seconds" "$bin" train --model "$base" --data "$data" --exclude "$d/forget.txt" --out "$d/retrain" --quiet --force
+        /usr/bin/time -f "%e" -o "$d/retrain.seconds" "$bin" train --model "$base" --data "$data" --exclude "$d/forget.txt" --out "$d/retrain" --select last --quiet --force
     fi
     for m in $methods; do
         [ -f "$d/$m/report.json" ] && continue

@@ -406,3 +406,45 @@ fn a_trained_head_keeps_its_labels() {
     assert!(!o.status.success());
     assert!(err.contains("B-spaceship") && err.contains("train.conll"), "{err}");
 }
+
+/// `--select last` keeps the final epoch's weights (those of the final checkpoint), not
+/// the best dev epoch's.
+#[test]
+fn select_last_keeps_the_final_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = fixture(tmp.path());
+    let out = tmp.path().join("t");
+    let o = run_ok(
+        &[
+            "train",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--epochs",
+            "3",
+            "--batch",
+            "8",
+            "--select",
+            "last",
+            "--quiet",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, w, _) = deepcut_fast::model::load_model_dir(&out.join("model")).unwrap();
+    let bytes = std::fs::read(out.join("checkpoints/checkpoint.safetensors")).unwrap();
+    let ck = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let last: Vec<f32> = ck
+        .tensor("w.classifier.weight")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(w.get("classifier.weight").unwrap().data, last);
+    let tj: Value = serde_json::from_str(&std::fs::read_to_string(out.join("train.json")).unwrap()).unwrap();
+    assert_eq!(tj["config"]["select"], "last");
+}

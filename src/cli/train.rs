@@ -5,7 +5,7 @@ use crate::data::{read_indices, retain_indices};
 use crate::error::{Error, Result};
 use crate::eval::evaluate::{evaluate_split, Dataset};
 use crate::infer::model_from_weights;
-use crate::train::finetune::{finetune, Base, FinetuneConfig};
+use crate::train::finetune::{finetune, Base, FinetuneConfig, Select};
 use crate::util::write_atomic;
 use clap::Args;
 use serde_json::json;
@@ -30,6 +30,10 @@ pub struct TrainOpts {
     /// Write a checkpoint every this many steps (and at every epoch end).
     #[arg(long, default_value_t = FinetuneConfig::default().checkpoint_every)]
     pub checkpoint_every: u64,
+    /// Which epoch becomes the model: best dev F1, or the last (use `last` for retrained
+    /// references, so they fit their data as the original does).
+    #[arg(long, value_enum, default_value = "best")]
+    pub select: Select,
 }
 
 impl TrainOpts {
@@ -41,6 +45,7 @@ impl TrainOpts {
             max_len: self.max_len,
             seed: self.seed,
             checkpoint_every: self.checkpoint_every.max(1),
+            select: self.select,
             ..FinetuneConfig::default()
         }
     }
