@@ -66,6 +66,26 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Runs `args` (whose `--out` is `out`) killed after step 3 then resumed, and again
+/// uninterrupted into `full`; asserts both end with the same model bytes.
+fn interrupted_equals_uninterrupted(args: &[&str], out: &Path, full: &Path) {
+    let o = run_ok(args, Some(("DEEPCUT_ABORT_AFTER_STEP", "3")));
+    assert_eq!(o.status.code(), Some(86), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut resumed = args.to_vec();
+    resumed.push("--resume");
+    let o = run_ok(&resumed, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let args_full: Vec<&str> = args.iter().map(|a| if *a == s(out) { s(full) } else { a }).collect();
+    let o = run_ok(&args_full, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(out.join("model/model.safetensors")).unwrap(),
+        std::fs::read(full.join("model/model.safetensors")).unwrap(),
+        "{}: a resumed run must end with the same model bytes",
+        args[0]
+    );
+}
+
 #[test]
 fn train_then_run_writes_the_run_folder_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -92,22 +112,8 @@ fn train_then_run_writes_the_run_folder_and_resumes_exactly() {
         "--device",
         "cpu",
     ];
-    let o = run_ok(&args, Some(("DEEPCUT_ABORT_AFTER_STEP", "3")));
-    assert_eq!(o.status.code(), Some(86), "{}", String::from_utf8_lossy(&o.stderr));
-    let mut resumed = args.to_vec();
-    resumed.push("--resume");
-    let o = run_ok(&resumed, None);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let full = tmp.path().join("trained-full");
-    let mut args_full = args.to_vec();
-    args_full[6] = s(&full);
-    let o = run_ok(&args_full, None);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(
-        std::fs::read(tr.join("model/model.safetensors")).unwrap(),
-        std::fs::read(full.join("model/model.safetensors")).unwrap(),
-        "a resumed train must end with the same model bytes"
-    );
+    interrupted_equals_uninterrupted(&args, &tr, &full);
     let tj: Value = serde_json::from_str(&std::fs::read_to_string(tr.join("train.json")).unwrap()).unwrap();
     assert!(tj["metrics"]["dev"]["f1"].is_number() && tj["record"]["epochs"].as_array().unwrap().len() == 2);
     assert_eq!(hash_dir(&model), before, "the input model must not change");
@@ -137,22 +143,8 @@ fn train_then_run_writes_the_run_folder_and_resumes_exactly() {
         "--device",
         "cpu",
     ];
-    let o = run_ok(&args, Some(("DEEPCUT_ABORT_AFTER_STEP", "3")));
-    assert_eq!(o.status.code(), Some(86));
-    let mut resumed = args.to_vec();
-    resumed.push("--resume");
-    let o = run_ok(&resumed, None);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let full = tmp.path().join("run-full");
-    let mut args_full = args.to_vec();
-    args_full[8] = s(&full);
-    let o = run_ok(&args_full, None);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(
-        std::fs::read(out.join("model/model.safetensors")).unwrap(),
-        std::fs::read(full.join("model/model.safetensors")).unwrap(),
-        "a resumed run must end with the same model bytes"
-    );
+    interrupted_equals_uninterrupted(&args, &out, &full);
 
     let r: Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     let rf: Value = serde_json::from_str(&std::fs::read_to_string(full.join("report.json")).unwrap()).unwrap();
@@ -222,13 +214,7 @@ fn train_then_run_writes_the_run_folder_and_resumes_exactly() {
 
     // an existing output folder is refused without --force, and nothing in it changes
     let before_out = hash_dir(&out);
-    let o = run_ok(
-        &args_full[..args_full.len()]
-            .iter()
-            .map(|x| if *x == s(&full) { s(&out) } else { x })
-            .collect::<Vec<_>>(),
-        None,
-    );
+    let o = run_ok(&args, None);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
     assert_eq!(hash_dir(&out), before_out);
