@@ -212,6 +212,22 @@ fn train_then_run_writes_the_run_folder_and_resumes_exactly() {
         assert_eq!(r["forget"]["count"], 12);
     }
 
+    // one page comparing the runs
+    let page = tmp.path().join("comparison.html");
+    let mut cmp = vec!["compare", "--out", s(&page), s(&out)];
+    let dirs: Vec<PathBuf> = ["finetune", "neggrad+"]
+        .iter()
+        .map(|m| tmp.path().join(format!("run-{m}")))
+        .collect();
+    cmp.extend(dirs.iter().map(|d| s(d)));
+    let o = run_ok(&cmp, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert_eq!(html.matches("<tr><td>").count(), 3);
+    assert!(html.contains("trade-off"));
+    let o = run_ok(&["compare", "--out", s(&page), s(&data)], None);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("report.json"));
+
     // an existing output folder is refused without --force, and nothing in it changes
     let before_out = hash_dir(&out);
     let o = run_ok(&args, None);

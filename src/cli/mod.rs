@@ -1,5 +1,6 @@
 //! The `deepcut-fast` command line: clap subcommands, each in its own file. Logs and
 //! progress go to stderr, results to files (and readable tables to stdout).
+mod compare;
 mod eval;
 mod predict;
 mod run;
@@ -29,6 +30,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Unlearn a forget set (DeepCUT or a baseline) and report what happened.
     Run(run::RunArgs),
+    /// One page comparing several runs: metrics table and forget-vs-retain trade-off plot.
+    Compare(compare::CompareArgs),
 }
 
 /// Options every command that runs a model shares.
@@ -169,6 +172,7 @@ pub fn main() -> i32 {
         Command::Eval(a) => eval::run(a),
         Command::Train(a) => train::run(a),
         Command::Run(a) => run::run(a),
+        Command::Compare(a) => compare::run(a),
     };
     match res {
         Ok(()) => 0,

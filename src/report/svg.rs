@@ -148,16 +148,24 @@ pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series]) ->
 
 /// A scatter plot; `class[i]` picks the colour of point i, `names` labels the classes.
 pub fn scatter(title: &str, pts: &[(f64, f64)], class: &[usize], names: &[String], bounds: Option<[f64; 4]>) -> String {
+    scatter_with(title, ("PC 1", "PC 2"), 2.0, pts, class, names, bounds)
+}
+
+/// A scatter plot with axis labels and point radius of its own.
+pub fn scatter_with(
+    title: &str, axes: (&str, &str), radius: f64, pts: &[(f64, f64)], class: &[usize], names: &[String],
+    bounds: Option<[f64; 4]>,
+) -> String {
     let mut f = Frame::new(520.0, 380.0, pts.iter().copied());
     if let Some([x0, x1, y0, y1]) = bounds {
         (f.x0, f.x1, f.y0, f.y1) = (x0, x1, y0, y1);
     }
     let mut s = String::new();
-    f.axes(&mut s, title, "PC 1", "PC 2");
+    f.axes(&mut s, title, axes.0, axes.1);
     for (&(x, y), &k) in pts.iter().zip(class) {
         let _ = write!(
             s,
-            r#"<circle cx="{:.1}" cy="{:.1}" r="2" fill="{}" fill-opacity="0.7"/>"#,
+            r#"<circle cx="{:.1}" cy="{:.1}" r="{radius}" fill="{}" fill-opacity="0.7"/>"#,
             f.sx(x),
             f.sy(y),
             color(k)
