@@ -9,6 +9,7 @@
 //!
 //! cargo bench --bench infonce
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use deepcut_fast::backend::cpu::infonce::synthetic_rows;
 use deepcut_fast::backend::cpu::Cpu;
 use deepcut_fast::backend::{Backend, Denominator, InfoNceOptions, OwnView};
 
@@ -21,33 +22,14 @@ struct Batch {
 }
 
 fn batch(m: usize, c: usize) -> Batch {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        x >> 33
-    };
-    let nf = m / 6; // forget tokens per view: 2 nf = m / 3 anchors
-    let mut labels = vec![0i32; m];
-    let (mut anchor, mut partner) = (vec![0i32; m], vec![-1i32; m]);
-    for y in labels.iter_mut() {
-        *y = if next() % 5 == 0 { 1 + (next() % 12) as i32 } else { 0 };
-    }
-    for i in 0..nf {
-        labels[nf + i] = labels[i];
-        (anchor[i], anchor[nf + i]) = (1, 1);
-        (partner[i], partner[nf + i]) = ((nf + i) as i32, i as i32);
-    }
-    let mut z: Vec<f32> = (0..m * c).map(|_| (next() % 2000) as f32 / 1000.0 - 1.0).collect();
-    for row in z.chunks_mut(c) {
-        let n = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-        row.iter_mut().for_each(|v| *v /= n);
-    }
+    let (z, labels, anchor, partner) = synthetic_rows(m, c);
+    let anchors = anchor.iter().filter(|&&a| a == 1).count();
     Batch {
         z,
         labels,
         anchor,
         partner,
-        anchors: 2 * nf,
+        anchors,
     }
 }
 
