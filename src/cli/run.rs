@@ -141,10 +141,10 @@ pub fn run(a: RunArgs) -> Result<()> {
         return Err(Error::invalid("--steps and --max-forget-epochs must be positive"));
     }
     // Every input is read and checked before --out is touched (--force empties it): a
-    // broken model or dataset must not cost an earlier run. The driver reads them again;
-    // next to a run, a second read costs nothing.
-    let n_train = Dataset::load(&a.data)?.train.len();
-    Base::load(&a.model)?;
+    // broken model or dataset must not cost an earlier run.
+    let data = Dataset::load(&a.data)?;
+    let base = Base::load(&a.model)?;
+    let n_train = data.train.len();
     let forget = match (&a.forget, a.forget_ratio) {
         (Some(f), _) => read_indices(f, n_train)?,
         (None, Some(r)) => forget_by_ratio(n_train, r, a.seed)?,
@@ -201,5 +201,5 @@ pub fn run(a: RunArgs) -> Result<()> {
         resume: a.resume,
         quiet: a.quiet,
     };
-    with_backend!(device, mk => run_unlearning(&mk, inputs, cfg))
+    with_backend!(device, mk => run_unlearning(&mk, data, base, inputs, cfg))
 }

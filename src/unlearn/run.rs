@@ -210,12 +210,14 @@ fn original<B: Backend>(
     Ok((clf, Some(rec)))
 }
 
-/// Runs unlearning end to end and writes the run folder.
-/// `mk` makes a backend handle for each model the run needs (original/unlearned, reference).
-pub fn run<B: Backend>(mk: &dyn Fn() -> Result<B>, inp: RunInputs, cfg: RunConfig) -> Result<()> {
+/// Runs unlearning end to end and writes the run folder. `data` and `base` are the
+/// dataset and model of `inp.data` / `inp.model`, read (and so checked) by the caller
+/// before the output folder was touched. `mk` makes a backend handle for each model the
+/// run needs (original/unlearned, reference).
+pub fn run<B: Backend>(
+    mk: &dyn Fn() -> Result<B>, data: Dataset, base: Base, inp: RunInputs, cfg: RunConfig,
+) -> Result<()> {
     let t_all = Instant::now();
-    let data = Dataset::load(&inp.data)?;
-    let base = Base::load(&inp.model)?;
     let labels = base.labels_for(&data)?;
     let (orig, orig_training) = original(mk()?, &inp, &base, &labels, &data)?;
     let forget_path = inp.out.join("forget.txt");
