@@ -103,21 +103,20 @@ impl Outputs {
         let l = labels.len();
         self.logits
             .iter()
-            .map(|s| {
-                s.chunks(l)
-                    .map(|row| {
-                        let mut best = 0;
-                        for (j, &x) in row.iter().enumerate() {
-                            if x > row[best] {
-                                best = j;
-                            }
-                        }
-                        labels.labels[best].clone()
-                    })
-                    .collect()
-            })
+            .map(|s| s.chunks(l).map(|row| labels.labels[argmax(row)].clone()).collect())
             .collect()
     }
+}
+
+/// Index of the largest value of `row`, the first one on ties (a word's predicted label).
+pub fn argmax<T: PartialOrd>(row: &[T]) -> usize {
+    let mut best = 0;
+    for (j, x) in row.iter().enumerate() {
+        if *x > row[best] {
+            best = j;
+        }
+    }
+    best
 }
 
 /// Runs `model` (evaluation mode: no dropout) over `windows` of `sentences`, batches of

@@ -112,3 +112,36 @@ pub fn maybe_abort_after(step: u64) {
         }
     }
 }
+
+/// FNV-1a, 64 bits: a stable fingerprint of bytes (cache keys, manifests); not for
+/// security. The same bytes give the same value on every machine and build.
+pub struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub fn eat(&mut self, bytes: &[u8]) -> &mut Self {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self
+    }
+
+    /// A string, followed by a separator byte (so "ab","c" and "a","bc" differ).
+    pub fn eat_str(&mut self, s: &str) -> &mut Self {
+        self.eat(s.as_bytes()).eat(&[0xff])
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+
+    pub fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}

@@ -56,7 +56,9 @@ pub struct SplitMetrics {
 }
 
 impl SplitMetrics {
-    fn new(sentences: &[Sentence], pred: &[Vec<String>], losses: Vec<f64>) -> SplitMetrics {
+    /// Scores predicted tags against the gold tags of `sentences`; `losses` are the
+    /// per-sentence mean token losses (membership inference).
+    pub fn new(sentences: &[Sentence], pred: &[Vec<String>], losses: Vec<f64>) -> SplitMetrics {
         let gold: Vec<Vec<String>> = sentences.iter().map(|s| s.tags.clone()).collect();
         let rep: EntityReport = entity_report(&gold, pred);
         let finite: Vec<f64> = losses.iter().copied().filter(|x| x.is_finite()).collect();
@@ -111,24 +113,32 @@ pub struct Evaluation {
 pub fn evaluate<B: Backend>(
     clf: &Classifier, model: &mut Model<B>, data: &Dataset, forget: Option<&[usize]>, with_retain: bool, max_len: usize,
 ) -> Result<Evaluation> {
-    let dev = evaluate_split(clf, model, &data.dev, max_len)?;
-    let test = evaluate_split(clf, model, &data.test, max_len)?;
+    evaluate_with(data, forget, with_retain, &mut |s| {
+        evaluate_split(clf, model, s, max_len)
+    })
+}
+
+/// [`evaluate`] for any predictor: `split` scores one list of sentences (a single model's
+/// [`evaluate_split`], or an ensemble's). The splits, the members of membership inference
+/// and the AUC are decided here, once for every kind of model.
+pub fn evaluate_with(
+    data: &Dataset, forget: Option<&[usize]>, with_retain: bool,
+    split: &mut dyn FnMut(&[Sentence]) -> Result<SplitMetrics>,
+) -> Result<Evaluation> {
+    let dev = split(&data.dev)?;
+    let test = split(&data.test)?;
     let (forget_m, retain_m, members) = match forget {
         Some(idx) => {
             let (f, r) = split_train(&data.train, idx);
-            let fm = evaluate_split(clf, model, &f, max_len)?;
-            let rm = if with_retain {
-                Some(evaluate_split(clf, model, &r, max_len)?)
-            } else {
-                None
-            };
+            let fm = split(&f)?;
+            let rm = if with_retain { Some(split(&r)?) } else { None };
             (Some(fm), rm, "forget")
         }
         None => (None, None, "train"),
     };
     let member_losses = match &forget_m {
         Some(f) => f.sentence_losses.clone(),
-        None => evaluate_split(clf, model, &data.train, max_len)?.sentence_losses,
+        None => split(&data.train)?.sentence_losses,
     };
     let finite = |v: &[f64]| v.iter().copied().filter(|x| x.is_finite()).collect::<Vec<f64>>();
     let mia_auc = auc(&finite(&member_losses), &finite(&test.sentence_losses));
