@@ -2,6 +2,7 @@
 use super::{with_backend, DeviceArgs};
 use crate::data::{read_indices, DEFAULT_MAX_LEN};
 use crate::error::{Error, Result};
+use crate::eval::ensemble::Ensemble;
 use crate::eval::evaluate::{evaluate, Dataset};
 use crate::infer::Classifier;
 use crate::util::write_atomic;
@@ -10,7 +11,8 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Model folder with a classification head.
+    /// Model folder with a classification head, or an ensemble folder (ensemble.json, as
+    /// `run --method sisa` writes into OUT/model).
     #[arg(long)]
     model: PathBuf,
     /// Dataset folder with train.conll, dev.conll, test.conll.
@@ -32,18 +34,25 @@ pub struct EvalArgs {
 
 pub fn run(a: EvalArgs) -> Result<()> {
     let device = a.device.init()?;
-    let clf = Classifier::load(&a.model)?;
     let data = Dataset::load(&a.data)?;
-    data.check_labels(&clf.labels)?;
     let forget = a
         .forget
         .as_ref()
         .map(|f| read_indices(f, data.train.len()))
         .transpose()?;
-    let ev = with_backend!(device, mk => {
-        let mut model = clf.model(mk()?, a.batch_tokens.max(a.max_len));
-        evaluate(&clf, &mut model, &data, forget.as_deref(), true, a.max_len)?
-    });
+    let max_tokens = a.batch_tokens.max(a.max_len);
+    let ev = if Ensemble::is_ensemble_dir(&a.model) {
+        let ens = Ensemble::load(&a.model)?;
+        data.check_labels(ens.labels())?;
+        with_backend!(device, mk => ens.evaluate(&mk, &data, forget.as_deref(), true, a.max_len, max_tokens)?)
+    } else {
+        let clf = Classifier::load(&a.model)?;
+        data.check_labels(&clf.labels)?;
+        with_backend!(device, mk => {
+            let mut model = clf.model(mk()?, max_tokens);
+            evaluate(&clf, &mut model, &data, forget.as_deref(), true, a.max_len)?
+        })
+    };
     print!("{}", ev.table());
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&ev).map_err(|e| Error::file(path, e.to_string()))?;

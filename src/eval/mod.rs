@@ -1,4 +1,5 @@
 //! Evaluation: seqeval-exact entity metrics and membership inference (SPEC section 6).
+pub mod ensemble;
 pub mod evaluate;
 pub mod metrics;
 pub mod mia;
