@@ -7,8 +7,8 @@ use crate::error::{Error, Result};
 use crate::eval::evaluate::Dataset;
 use crate::train::finetune::{Base, FinetuneConfig, Select};
 use crate::unlearn::deepcut::Anchors;
-use crate::unlearn::run::{run as run_unlearning, RunConfig, RunInputs};
-use crate::unlearn::Method;
+use crate::unlearn::run::{check_pretrained, run as run_unlearning, RunConfig, RunInputs};
+use crate::unlearn::{sisa, Method};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
@@ -50,9 +50,17 @@ pub struct RunArgs {
     /// across runs (default: inside this run's checkpoints/).
     #[arg(long)]
     eval_cache: Option<PathBuf>,
-    /// Pretrained encoder for --method retrain (default: --model, when it has no head).
+    /// Pretrained encoder for --method retrain and sisa (default: --model, when it has no head).
     #[arg(long)]
     base: Option<PathBuf>,
+    /// --method sisa: number of shards of train, one model each (default 5).
+    #[arg(long)]
+    shards: Option<usize>,
+    /// --method sisa: folder of the original shard models, trained there on first use and
+    /// reused by later runs with the same base, data, seed, shards and --train-* recipe
+    /// (default: inside this run's folder, OUT/sisa/original).
+    #[arg(long)]
+    sisa_shards: Option<PathBuf>,
     /// InfoNCE temperature.
     #[arg(long, default_value_t = 0.1)]
     tau: f32,
@@ -150,6 +158,47 @@ pub fn run(a: RunArgs) -> Result<()> {
         (None, Some(r)) => forget_by_ratio(n_train, r, a.seed)?,
         (None, None) => unreachable!("checked above"),
     };
+    let labels = base.labels_for(&data)?;
+    let uses_base = matches!(a.method, Method::Retrain | Method::Sisa);
+    check_pretrained(a.method, a.base.is_some(), &base, &labels)?;
+    let pretrained = match &a.base {
+        Some(dir) if uses_base => Some(Base::load(dir)?),
+        _ => None,
+    };
+    let train = FinetuneConfig {
+        select: a.train_select,
+        epochs: a.train_epochs,
+        lr: a.train_lr,
+        batch: a.train_batch,
+        max_len: a.max_len,
+        seed: a.seed,
+        ..FinetuneConfig::default()
+    };
+    let shards = if a.method == Method::Sisa {
+        let scfg = sisa::SisaConfig {
+            shards: a.shards.unwrap_or(sisa::DEFAULT_SHARDS),
+            seed: a.seed,
+            recipe: train.clone(),
+            cache: a.sisa_shards.clone(),
+        };
+        sisa::assign_shards(n_train, scfg.shards, a.seed)?;
+        if let Some(dir) = &a.sisa_shards {
+            if crate::model::same_dir(dir, &a.out) || crate::model::same_dir(dir, &a.model) {
+                return Err(Error::invalid(format!(
+                    "--sisa-shards {}: must be a folder of its own, not --out or --model",
+                    dir.display()
+                )));
+            }
+            let manifest = sisa::Manifest::new(pretrained.as_ref().unwrap_or(&base), &labels, &data, &scfg)?;
+            sisa::check_cache(dir, &manifest)?;
+        }
+        Some(scfg.shards)
+    } else {
+        if a.shards.is_some() || a.sisa_shards.is_some() {
+            return Err(Error::invalid("--shards and --sisa-shards apply only to --method sisa"));
+        }
+        None
+    };
     prepare_out_dir(&a.out, &a.model, a.resume, a.force)?;
     let cfg = RunConfig {
         method: a.method,
@@ -178,6 +227,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         checkpoint_every: a.checkpoint_every,
         max_len: a.max_len,
         seed: a.seed,
+        shards,
     };
     let inputs = RunInputs {
         model: a.model,
@@ -187,17 +237,10 @@ pub fn run(a: RunArgs) -> Result<()> {
         forget_ratio: a.forget_ratio,
         retrain_ref: a.retrain_ref,
         eval_cache: a.eval_cache,
-        base: a.base,
+        base: pretrained,
+        sisa_shards: a.sisa_shards,
         out: a.out,
-        train: FinetuneConfig {
-            select: a.train_select,
-            epochs: a.train_epochs,
-            lr: a.train_lr,
-            batch: a.train_batch,
-            max_len: a.max_len,
-            seed: a.seed,
-            ..FinetuneConfig::default()
-        },
+        train,
         resume: a.resume,
         quiet: a.quiet,
     };

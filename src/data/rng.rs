@@ -16,6 +16,7 @@ pub enum Purpose {
     Buckets = 2,
     Stream = 3,
     RandomLabels = 4,
+    SisaShards = 5,
 }
 
 /// A generator keyed by (seed, purpose, epoch): the 32-byte ChaCha key is the three

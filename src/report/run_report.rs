@@ -17,6 +17,9 @@ fn esc(s: &str) -> String {
 /// The metrics table: rows are models, columns forget/retain/dev/test F1 and MIA AUC.
 fn metrics_table(r: &Value) -> String {
     let mut rows = vec![("original", &r["reference"]["original"])];
+    if !r["reference"]["sisa_original"].is_null() {
+        rows.push(("SISA ensemble before unlearning", &r["reference"]["sisa_original"]));
+    }
     if !r["reference"]["retrain"].is_null() {
         rows.push(("retrained (reference)", &r["reference"]["retrain"]));
     }
@@ -56,6 +59,14 @@ fn curves(r: &Value) -> String {
             .map(|s| (s["step"].as_f64().unwrap_or(0.0), s[key].as_f64().unwrap_or(f64::NAN)))
             .collect(),
     };
+    if r["method"] == "sisa" {
+        return line_chart(
+            "cross-entropy while retraining the affected shards (one after another)",
+            "step",
+            "loss",
+            &[series("ce", "cross-entropy")],
+        );
+    }
     // One chart per term: their scales differ by an order of magnitude.
     let mut out = line_chart("retain cross-entropy", "step", "loss", &[series("ce", "cross-entropy")]);
     out += &line_chart(
@@ -96,6 +107,49 @@ fn curves(r: &Value) -> String {
     out
 }
 
+/// SISA's shards: sizes, forget sentences, which were retrained, and what each cost.
+fn sisa_section(r: &Value) -> String {
+    let s = &r["sisa"];
+    let Some(shards) = s["per_shard"].as_array() else {
+        return String::new();
+    };
+    let mut t = String::from("<h2>SISA shards</h2><table><tr><th>shard</th><th>sentences</th><th>forget sentences</th><th>retrained</th><th>original: steps</th><th>original: seconds</th><th>retrain: steps</th><th>retrain: seconds</th></tr>");
+    for sh in shards {
+        t += &format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td></tr>",
+            sh["shard"],
+            sh["sentences"],
+            sh["forget_sentences"],
+            if sh["dropped"] == true {
+                "dropped (all forgotten)"
+            } else if sh["retrained"] == true {
+                "yes"
+            } else {
+                "no (kept)"
+            },
+            sh["original"]["steps"],
+            sh["original"]["seconds"].as_f64().unwrap_or(0.0),
+            sh["retrain"]["steps"].as_u64().map_or("–".into(), |x| x.to_string()),
+            sh["retrain"]["seconds"]
+                .as_f64()
+                .map_or("–".into(), |x| format!("{x:.1}")),
+        );
+    }
+    let oc = &r["cost"]["original_shards"];
+    t + &format!(
+        "</table><p>Prediction: per word, the argmax of the shards' mean softmax. The cost above is the retraining \
+         of the affected shards only; the original shard models cost {:.1} s, {} steps once ({}, folder {}).</p>",
+        oc["seconds"].as_f64().unwrap_or(0.0),
+        oc["steps"],
+        if s["original_shards"]["reused"] == true {
+            "reused from the cache by this run"
+        } else {
+            "trained by this run"
+        },
+        esc(s["original_shards"]["folder"].as_str().unwrap_or("?"))
+    )
+}
+
 /// PCA of the forget tokens' final hidden states, axes fitted on the original's.
 fn embeddings(before: &[f32], after: &[f32], labels: &[i32], names: &[String], c: usize) -> String {
     let m = labels.len();
@@ -112,6 +166,13 @@ fn embeddings(before: &[f32], after: &[f32], labels: &[i32], names: &[String], c
 
 pub fn render(r: &Value, before: &[f32], after: &[f32], labels: &[i32], names: &[String], c: usize) -> String {
     let cost = &r["cost"];
+    let emb = if r["method"] == "sisa" {
+        "<p>Not drawn for SISA: its prediction averages the softmax of several shard models, each with its own \
+         embedding space, so there is no one \"after\" embedding to set beside the original's.</p>"
+            .to_string()
+    } else {
+        embeddings(before, after, labels, names, c)
+    };
     format!(
         r#"<!DOCTYPE html><html><head><meta charset="utf-8"><title>deepcut-fast: {method}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}pre{{background:#f6f6f6;padding:8px;overflow-x:auto}}</style></head><body>
@@ -121,7 +182,7 @@ pub fn render(r: &Value, before: &[f32], after: &[f32], labels: &[i32], names: &
 <p>MIA AUC: how well per-sentence loss tells forget sentences (members) from test sentences; 0.5 = indistinguishable.</p>
 <h2>Cost</h2><table><tr><th>steps</th><th>seconds</th><th>tokens</th><th>tokens/s</th><th>peak memory (MiB)</th></tr>
 <tr><td>{steps}</td><td>{secs:.1}</td><td>{tokens}</td><td>{tps:.0}</td><td>{mem:.0}</td></tr></table>
-<h2>Losses</h2>{curves}
+{sisa}<h2>Losses</h2>{curves}
 <h2>Forget tokens' embeddings (PCA on the original's), coloured by gold class</h2>{emb}
 <h2>Resolved configuration</h2><pre>{config}</pre>
 </body></html>"#,
@@ -137,32 +198,36 @@ pub fn render(r: &Value, before: &[f32], after: &[f32], labels: &[i32], names: &
         tps = cost["tokens_per_second"].as_f64().unwrap_or(0.0),
         mem = cost["peak_memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
         curves = curves(r),
-        emb = embeddings(before, after, labels, names, c),
+        sisa = sisa_section(r),
+        emb = emb,
         config = esc(&serde_json::to_string_pretty(&r["config"]).unwrap_or_default()),
     )
 }
 
 /// A few lines for stderr at the end of a run.
 pub fn summary(r: &Value) -> String {
-    let m = &r["metrics"];
-    let o = &r["reference"]["original"];
-    let mut s = format!(
-        "{:<10} {:>8} {:>8} {:>8} {:>8} {:>8}\n{:<10} {:>8} {:>8} {:>8} {:>8} {:>8}\n{:<10} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "model", "forget", "retain", "dev", "test", "MIA",
-        "original", f(&o["forget"]["f1"]), f(&o["retain"]["f1"]), f(&o["dev"]["f1"]), f(&o["test"]["f1"]), f(&o["mia_auc"]),
-        r["method"].as_str().unwrap_or("?"), f(&m["forget"]["f1"]), f(&m["retain"]["f1"]), f(&m["dev"]["f1"]), f(&m["test"]["f1"]), f(&m["mia_auc"])
-    );
-    let rr = &r["reference"]["retrain"];
-    if !rr.is_null() {
-        s += &format!(
+    let row = |name: &str, m: &Value| {
+        format!(
             "\n{:<10} {:>8} {:>8} {:>8} {:>8} {:>8}",
-            "retrained",
-            f(&rr["forget"]["f1"]),
-            f(&rr["retain"]["f1"]),
-            f(&rr["dev"]["f1"]),
-            f(&rr["test"]["f1"]),
-            f(&rr["mia_auc"])
-        );
+            name,
+            f(&m["forget"]["f1"]),
+            f(&m["retain"]["f1"]),
+            f(&m["dev"]["f1"]),
+            f(&m["test"]["f1"]),
+            f(&m["mia_auc"])
+        )
+    };
+    let mut s = format!(
+        "{:<10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "model", "forget", "retain", "dev", "test", "MIA"
+    );
+    s += &row("original", &r["reference"]["original"]);
+    if !r["reference"]["sisa_original"].is_null() {
+        s += &row("sisa orig", &r["reference"]["sisa_original"]);
+    }
+    s += &row(r["method"].as_str().unwrap_or("?"), &r["metrics"]);
+    if !r["reference"]["retrain"].is_null() {
+        s += &row("retrained", &r["reference"]["retrain"]);
     }
     s + &format!(
         "\n{} steps, {:.1} s",

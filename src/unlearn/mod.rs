@@ -3,6 +3,7 @@
 pub mod deepcut;
 pub mod methods;
 pub mod run;
+pub mod sisa;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +19,7 @@ pub enum Method {
     NeggradPlus,
     RandomLabels,
     Retrain,
+    Sisa,
 }
 
 impl Method {
@@ -29,6 +31,7 @@ impl Method {
             Method::NeggradPlus => "neggrad+",
             Method::RandomLabels => "random-labels",
             Method::Retrain => "retrain",
+            Method::Sisa => "sisa",
         }
     }
 }

@@ -3,6 +3,7 @@
 //! stopping rule and checkpoints, final metrics, the run folder.
 use super::deepcut::{self, Anchors, Contrast, StepLosses};
 use super::methods;
+use super::sisa;
 use super::Method;
 use crate::backend::Backend;
 use crate::backend::{Denominator, InfoNceOptions, OwnView};
@@ -11,11 +12,11 @@ use crate::error::{Error, Result};
 use crate::eval::evaluate::{evaluate, evaluate_split, split_train, Dataset, Evaluation};
 use crate::eval::mia::privleak;
 use crate::infer::{labelled_hidden, model_from_weights, Classifier};
-use crate::model::{copy_tokenizer_files, save_model_dir, Mode};
+use crate::model::{copy_tokenizer_files, save_model_dir, HostWeights, Mode};
 use crate::train::checkpoint;
 use crate::train::finetune::{finetune, Base, FinetuneConfig};
 use crate::train::optim::{OptimConfig, Optimizer};
-use crate::util::{peak_memory_bytes, progress, write_atomic};
+use crate::util::{peak_memory_bytes, progress, write_atomic, Fnv};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -46,6 +47,9 @@ pub struct RunConfig {
     pub checkpoint_every: u64,
     pub max_len: usize,
     pub seed: u64,
+    /// SISA's number of shards (absent for the other methods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<usize>,
 }
 
 impl RunConfig {
@@ -69,8 +73,11 @@ pub struct RunInputs {
     pub retrain_ref: Option<PathBuf>,
     /// Folder of cached reference evaluations (original, retrained), shared between runs.
     pub eval_cache: Option<PathBuf>,
-    /// Pretrained encoder for `retrain` (default: --model when it has no head).
-    pub base: Option<PathBuf>,
+    /// Pretrained encoder for `retrain` and `sisa`, `--base` as read by the caller
+    /// (None: --model, when it has no head).
+    pub base: Option<Base>,
+    /// SISA's cache folder of original shard models (default: OUT/sisa/original).
+    pub sisa_shards: Option<PathBuf>,
     pub out: PathBuf,
     pub train: FinetuneConfig,
     pub resume: bool,
@@ -107,6 +114,37 @@ struct LoopState {
     done: bool,
 }
 
+/// What a method hands back: one model, or SISA's ensemble with its record.
+enum Final {
+    Model(Box<Classifier>),
+    Sisa(sisa::Unlearned),
+}
+
+/// History records of a fine-tune's step losses (retrain, SISA's retrained shards).
+fn step_records(losses: impl Iterator<Item = f32>) -> Vec<StepRecord> {
+    losses
+        .enumerate()
+        .map(|(i, l)| StepRecord {
+            step: i as u64 + 1,
+            ce: l,
+            total: l,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// retrain and sisa start from the pretrained encoder: `--base`, or `--model` when it has
+/// no head for the data's labels. Called by the CLI before the output folder is touched.
+pub fn check_pretrained(method: Method, has_base: bool, model: &Base, labels: &LabelMap) -> Result<()> {
+    if matches!(method, Method::Retrain | Method::Sisa) && !has_base && model.head_matches(labels) {
+        return Err(Error::invalid(format!(
+            "--method {} needs the pretrained encoder: --model has a trained head, so pass --base DIR",
+            method.name()
+        )));
+    }
+    Ok(())
+}
+
 fn metrics_json(ev: &Evaluation) -> Value {
     let prf =
         |m: &crate::eval::evaluate::SplitMetrics| json!({"precision": m.precision, "recall": m.recall, "f1": m.f1});
@@ -125,34 +163,38 @@ fn save_json(path: &Path, v: &Value) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
-/// Metrics of a reference model (forget, retain, dev, test, MIA AUC), cached under a key
-/// of its weights, the forget set, the data folder and max_len: evaluating the retain
-/// set is the slowest part of a short run, and the same references recur across runs.
-fn cached_eval<B: Backend>(
-    clf: &Classifier, model: &mut crate::model::Model<B>, data: &Dataset, forget: &[usize], max_len: usize,
-    cache: &Path, what: &str,
-) -> Result<Value> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+/// Key of a reference evaluation: the weights of the model (every member of an
+/// ensemble), the forget set, the data folder, max_len and the labels.
+fn eval_key(weights: &[&HostWeights], data: &Dataset, forget: &[usize], max_len: usize, labels: &LabelMap) -> u64 {
+    let mut h = Fnv::default();
+    for w in weights {
+        for (name, t) in &w.tensors {
+            h.eat(name.as_bytes());
+            h.eat(bytemuck::cast_slice(&t.data));
         }
-    };
-    for (name, t) in &clf.weights.tensors {
-        eat(name.as_bytes());
-        eat(bytemuck::cast_slice(&t.data));
     }
-    forget.iter().for_each(|i| eat(&i.to_le_bytes()));
-    eat(data
-        .dir
-        .canonicalize()
-        .unwrap_or(data.dir.clone())
-        .to_string_lossy()
-        .as_bytes());
-    eat(&max_len.to_le_bytes());
-    clf.labels.labels.iter().for_each(|l| eat(l.as_bytes()));
-    let path = cache.join(format!("{h:016x}.json"));
+    forget.iter().for_each(|i| {
+        h.eat(&i.to_le_bytes());
+    });
+    h.eat(
+        data.dir
+            .canonicalize()
+            .unwrap_or(data.dir.clone())
+            .to_string_lossy()
+            .as_bytes(),
+    );
+    h.eat(&max_len.to_le_bytes());
+    labels.labels.iter().for_each(|l| {
+        h.eat(l.as_bytes());
+    });
+    h.finish()
+}
+
+/// Metrics of a reference model (forget, retain, dev, test, MIA AUC), cached in `cache`
+/// under `key` ([`eval_key`]): evaluating the retain set is the slowest part of a short
+/// run, and the same references recur across runs.
+fn cached_eval(key: u64, cache: &Path, what: &str, compute: impl FnOnce() -> Result<Evaluation>) -> Result<Value> {
+    let path = cache.join(format!("{key:016x}.json"));
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Ok(v) = serde_json::from_str::<Value>(&text) {
             eprintln!("{what}: metrics from the evaluation cache {}", path.display());
@@ -160,10 +202,21 @@ fn cached_eval<B: Backend>(
         }
     }
     eprintln!("evaluating the {what} model (forget, retain, dev, test) ...");
-    let v = metrics_json(&evaluate(clf, model, data, Some(forget), true, max_len)?);
+    let v = metrics_json(&compute()?);
     std::fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
     save_json(&path, &v)?;
     Ok(v)
+}
+
+/// [`cached_eval`] of one classifier.
+fn cached_eval_model<B: Backend>(
+    clf: &Classifier, model: &mut crate::model::Model<B>, data: &Dataset, forget: &[usize], max_len: usize,
+    cache: &Path, what: &str,
+) -> Result<Value> {
+    let key = eval_key(&[&clf.weights], data, forget, max_len, &clf.labels);
+    cached_eval(key, cache, what, || {
+        evaluate(clf, model, data, Some(forget), true, max_len)
+    })
 }
 
 /// The original (model to be unlearned): the given model when its head has the data's
@@ -249,7 +302,7 @@ pub fn run<B: Backend>(
         .eval_cache
         .clone()
         .unwrap_or_else(|| inp.out.join("checkpoints").join("eval-cache"));
-    let ref_original = cached_eval(&orig, &mut model, &data, &inp.forget, cfg.max_len, &cache, "original")?;
+    let ref_original = cached_eval_model(&orig, &mut model, &data, &inp.forget, cfg.max_len, &cache, "original")?;
     let orig_eval_seconds = t_eval.elapsed().as_secs_f64();
     let (emb_before, emb_labels) = labelled_hidden(&mut model, &forget_windows, pad, style);
     let target = ref_original["dev"]["f1"].as_f64().unwrap_or(0.0);
@@ -263,48 +316,76 @@ pub fn run<B: Backend>(
     );
 
     let mut state = LoopState::default();
-    let final_clf: Classifier;
-    if cfg.method == Method::Retrain {
-        let base_dir = inp.base.clone().unwrap_or_else(|| inp.model.clone());
-        let rbase = Base::load(&base_dir)?;
-        if rbase.head_matches(&labels) && inp.base.is_none() {
-            return Err(Error::invalid(
-                "--method retrain needs the pretrained encoder: --model has a trained head, so pass --base DIR",
-            ));
+    let mut sisa_parts: Option<(sisa::Sisa, Value)> = None;
+    let mut sisa_ref_seconds = 0.0;
+    let pretrained = inp.base.as_ref().unwrap_or(&base);
+    let pretrained_dir = pretrained.dir.clone();
+    let unlearned: Final = match cfg.method {
+        Method::Retrain => {
+            check_pretrained(cfg.method, inp.base.is_some(), &base, &labels)?;
+            let t0 = Instant::now();
+            let dir = inp.out.join("retrain");
+            let resume = dir.join("checkpoints").exists();
+            let (clf, rec) = finetune(
+                mk()?,
+                pretrained.classifier(&labels, inp.train.seed)?,
+                &pretrained_dir,
+                &retain_sents,
+                &data,
+                &inp.train,
+                &dir,
+                resume,
+                inp.quiet,
+            )?;
+            state.steps = step_records(rec.step_losses.iter().copied());
+            state.step = rec.steps;
+            state.tokens = rec.tokens;
+            state.seconds = t0.elapsed().as_secs_f64();
+            state.stop_reason = format!("retrained {} epochs on the retain set", inp.train.epochs);
+            model = clf.model(mk()?, max_tokens);
+            Final::Model(Box::new(clf))
         }
-        let t0 = Instant::now();
-        let dir = inp.out.join("retrain");
-        let resume = dir.join("checkpoints").exists();
-        let (clf, rec) = finetune(
-            mk()?,
-            rbase.classifier(&labels, inp.train.seed)?,
-            &base_dir,
-            &retain_sents,
-            &data,
-            &inp.train,
-            &dir,
-            resume,
-            inp.quiet,
-        )?;
-        state.steps = rec
-            .step_losses
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| StepRecord {
-                step: i as u64 + 1,
-                ce: l,
-                total: l,
-                ..Default::default()
-            })
-            .collect();
-        state.step = rec.steps;
-        state.tokens = rec.tokens;
-        state.seconds = t0.elapsed().as_secs_f64();
-        state.stop_reason = format!("retrained {} epochs on the retain set", inp.train.epochs);
-        final_clf = clf;
-        model = final_clf.model(mk()?, max_tokens);
-    } else {
-        final_clf = unlearn_loop(
+        Method::Sisa => {
+            check_pretrained(cfg.method, inp.base.is_some(), &base, &labels)?;
+            let scfg = sisa::SisaConfig {
+                shards: cfg.shards.unwrap_or(sisa::DEFAULT_SHARDS),
+                seed: cfg.seed,
+                recipe: inp.train.clone(),
+                cache: inp.sisa_shards.clone(),
+            };
+            let sisa = sisa::Sisa::original_shards(mk, pretrained, &labels, &data, &scfg, &inp.out, inp.quiet)?;
+            let before = sisa.original_ensemble()?;
+            let weights: Vec<&HostWeights> = before.members.iter().map(|m| &m.weights).collect();
+            let key = eval_key(&weights, &data, &inp.forget, cfg.max_len, &labels);
+            let t_ref = Instant::now();
+            let ref_sisa = cached_eval(key, &cache, "SISA original ensemble", || {
+                before.evaluate(mk, &data, Some(&inp.forget), true, cfg.max_len, max_tokens)
+            })?;
+            sisa_ref_seconds = t_ref.elapsed().as_secs_f64();
+            drop(before);
+            let u = sisa.unlearn(
+                mk,
+                pretrained,
+                &labels,
+                &data,
+                &inp.train,
+                &inp.forget,
+                &inp.out,
+                inp.quiet,
+            )?;
+            state.steps = step_records(u.retrained.iter().flat_map(|r| r.record.step_losses.iter().copied()));
+            state.step = u.steps();
+            state.tokens = u.tokens();
+            state.seconds = u.seconds();
+            let retrained: Vec<usize> = u.retrained.iter().map(|r| r.shard).collect();
+            state.stop_reason = format!(
+                "retrained shard(s) {retrained:?} of {} (those holding forget sentences) on their sentences minus the forget set",
+                sisa.assignment.len()
+            );
+            sisa_parts = Some((sisa, ref_sisa));
+            Final::Sisa(u)
+        }
+        _ => Final::Model(Box::new(unlearn_loop(
             &inp,
             &cfg,
             &orig,
@@ -315,19 +396,32 @@ pub fn run<B: Backend>(
             &forget_sents,
             target,
             &mut state,
-        )?;
-    }
+        )?)),
+    };
 
     // Final metrics, the retrained reference, and the run folder.
     let t_final = Instant::now();
-    let ev = evaluate(&final_clf, &mut model, &data, Some(&inp.forget), true, cfg.max_len)?;
-    let (emb_after, _) = labelled_hidden(&mut model, &forget_windows, pad, style);
+    let (ev, emb_after) = match &unlearned {
+        Final::Model(clf) => {
+            let ev = evaluate(clf, &mut model, &data, Some(&inp.forget), true, cfg.max_len)?;
+            (ev, labelled_hidden(&mut model, &forget_windows, pad, style).0)
+        }
+        // An ensemble has no one embedding space: report.html says so instead of a picture.
+        Final::Sisa(u) => (
+            u.ensemble
+                .evaluate(mk, &data, Some(&inp.forget), true, cfg.max_len, max_tokens)?,
+            vec![],
+        ),
+    };
     let metrics = metrics_json(&ev);
     let mut reference = json!({"original": ref_original});
+    if let Some((_, ref_sisa)) = &sisa_parts {
+        reference["sisa_original"] = ref_sisa.clone();
+    }
     if let Some(dir) = &inp.retrain_ref {
         let rclf = Classifier::load(dir)?;
         let mut rmodel = rclf.model(mk()?, max_tokens);
-        let rm = cached_eval(
+        let rm = cached_eval_model(
             &rclf,
             &mut rmodel,
             &data,
@@ -351,11 +445,18 @@ pub fn run<B: Backend>(
         reference["gap_to_retrain"] = Value::Object(gap);
     }
     let final_eval_seconds = t_final.elapsed().as_secs_f64();
-    let model_dir = inp.out.join("model");
-    save_model_dir(&model_dir, &final_clf.cfg, &final_clf.weights)?;
-    copy_tokenizer_files(&inp.model, &model_dir)?;
+    if let Final::Model(clf) = &unlearned {
+        let model_dir = inp.out.join("model");
+        save_model_dir(&model_dir, &clf.cfg, &clf.weights)?;
+        copy_tokenizer_files(&inp.model, &model_dir)?;
+    }
 
-    let report = json!({
+    let rule = match (cfg.method, cfg.steps) {
+        (Method::Retrain | Method::Sisa, _) => "none: trains to the end of the recipe",
+        (_, Some(_)) => "fixed steps",
+        (_, None) => "forget F1 <= original dev F1",
+    };
+    let mut report = json!({
         "method": cfg.method.name(),
         "config": {
             "unlearning": cfg,
@@ -368,7 +469,7 @@ pub fn run<B: Backend>(
         "forget": {"file": forget_path, "source": inp.forget_file, "ratio": inp.forget_ratio, "count": inp.forget.len(), "train_sentences": data.train.len()},
         "metrics": metrics,
         "reference": reference,
-        "stopping": {"rule": if cfg.steps.is_some() { "fixed steps" } else { "forget F1 <= original dev F1" }, "target_f1": target, "check_every": cfg.check_every, "reason": state.stop_reason, "steps": state.step},
+        "stopping": {"rule": rule, "target_f1": target, "check_every": cfg.check_every, "reason": state.stop_reason, "steps": state.step},
         "cost": {
             "seconds": state.seconds,
             "steps": state.step,
@@ -376,12 +477,21 @@ pub fn run<B: Backend>(
             "tokens_per_second": state.tokens as f64 / state.seconds.max(1e-9),
             "peak_memory_bytes": peak_memory_bytes(),
             "stopping_rule_eval_seconds": state.eval_seconds,
-            "reference_eval_seconds": orig_eval_seconds + final_eval_seconds,
+            "reference_eval_seconds": orig_eval_seconds + sisa_ref_seconds + final_eval_seconds,
             "wall_seconds": t_all.elapsed().as_secs_f64(),
         },
         "history": {"steps": state.steps, "checks": state.checks},
         "original_training": orig_training,
     });
+    if let (Some((sisa, _)), Final::Sisa(u)) = (&sisa_parts, &unlearned) {
+        report["config"]["sisa"] = json!({
+            "shards": sisa.assignment.len(), "original_shards": sisa.cache, "base": pretrained_dir,
+            "recipe": inp.train, "seed": cfg.seed,
+        });
+        report["cost"]["retrained_shards"] = json!(u.retrained.iter().map(|r| r.shard).collect::<Vec<_>>());
+        report["cost"]["original_shards"] = sisa.original_cost();
+        report["sisa"] = sisa.report(u);
+    }
     save_json(&inp.out.join("report.json"), &report)?;
     let html = crate::report::run_report::render(
         &report,
@@ -397,7 +507,7 @@ pub fn run<B: Backend>(
     Ok(())
 }
 
-/// The step loop of every method except retrain.
+/// The step loop of every method except retrain and sisa.
 #[allow(clippy::too_many_arguments)]
 fn unlearn_loop<B: Backend>(
     inp: &RunInputs, cfg: &RunConfig, orig: &Classifier, model: &mut crate::model::Model<B>, windows: &[Window],
@@ -474,7 +584,7 @@ fn unlearn_loop<B: Backend>(
                 step,
                 mode,
             ),
-            Method::Retrain => unreachable!("retrain is handled by the caller"),
+            Method::Retrain | Method::Sisa => unreachable!("retrain and sisa are handled by the caller"),
         };
         if cfg.method != Method::Deepcut {
             let rows: Vec<usize> = match cfg.method {
