@@ -41,7 +41,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .map(|f| read_indices(f, data.train.len()))
         .transpose()?;
     let ev = with_backend!(device, mk => {
-        let mut model = clf.model(mk()?, a.batch_tokens.max(a.max_len));
+        let mut model = clf.model(mk()?, a.batch_tokens.max(a.max_len)).with_precision(a.device.precision);
         evaluate(&clf, &mut model, &data, forget.as_deref(), true, a.max_len)?
     });
     print!("{}", ev.table());

@@ -38,7 +38,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let sentences = read_conll(&a.input, false)?;
     let t0 = std::time::Instant::now();
     let out = with_backend!(device, mk => {
-        let mut model = clf.model(mk()?, a.batch_tokens.max(a.max_len));
+        let mut model = clf.model(mk()?, a.batch_tokens.max(a.max_len)).with_precision(a.device.precision);
         run_sentences(&clf, &mut model, &sentences, a.max_len)?
     });
     let tags = out.tags(&clf.labels);
