@@ -114,6 +114,68 @@ pub fn infonce_loss_host(per_row: &[f32], valid_count: usize) -> f32 {
     (per_row.iter().map(|&x| x as f64).sum::<f64>() / valid_count as f64) as f32
 }
 
+/// Numeric precision of a model's activations and GEMM inputs (SPEC section 7,
+/// `--precision`). Master weights, gradients, optimiser state, LayerNorm statistics,
+/// softmax, logsumexp and losses are fp32 in every mode.
+///
+/// Both backends keep fp32 buffers and *emulate* the reduced precisions: `quantize`
+/// rounds a buffer to the nearest bf16 / fp16 value (ties to even, fp16 overflow to
+/// +-inf) in place, at every point where a mixed-precision engine stores a GEMM (or
+/// attention) input in 16 bits, and the GEMMs then accumulate those values in fp32. The
+/// numbers are those of bf16-input / fp32-accumulate GEMMs; the speed and memory are fp32's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// fp32 everywhere (the reference).
+    #[default]
+    Fp32,
+    /// bf16 activations and GEMM inputs (8 exponent bits: fp32's range, 8-bit mantissa).
+    Bf16,
+    /// fp16 activations and GEMM inputs (5 exponent bits: overflow above 65504), trained
+    /// with dynamic loss scaling (`train::optim::LossScaler`).
+    Fp16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Bf16, Precision::Fp16];
+
+    /// The flag value: fp32, bf16, fp16.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        }
+    }
+
+    /// One line for logs and reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16 emulated (GEMM and attention inputs rounded to bf16, fp32 accumulation)",
+            Precision::Fp16 => {
+                "fp16 emulated (GEMM and attention inputs rounded to fp16, fp32 accumulation, dynamic loss scaling)"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown precision `{s}`: expected fp32, bf16 or fp16"))
+    }
+}
+
 /// AdamW hyper-parameters of one step (the schedule sets `lr` each step).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdamW {
@@ -155,6 +217,13 @@ pub trait Backend {
     fn zero(&self, buf: &mut Self::Buf, n: usize);
     /// dst[..n] += src[..n]
     fn add_inplace(&self, dst: &mut Self::Buf, src: &Self::Buf, n: usize);
+    /// dst[..n] = src[..n] (bit for bit).
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, n: usize);
+    /// x[..n] rounded in place to the nearest `precision` value, ties to even, as a store
+    /// to a bf16 / fp16 buffer and a load back to fp32 give: fp16 overflow (|x| >= 65520)
+    /// becomes +-inf, NaN stays NaN, fp16 subnormals are kept (no flush to zero). The
+    /// identity for `Precision::Fp32` (nothing is touched).
+    fn quantize(&self, x: &mut Self::Buf, n: usize, precision: Precision);
 
     // ---- linear algebra -------------------------------------------------------------
     /// c[m,n] = alpha * op(a) op(b) + beta * c, op(a) [m,k], op(b) [k,n]; `ta`/`tb`

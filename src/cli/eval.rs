@@ -42,14 +42,15 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .transpose()?;
     let max_tokens = a.batch_tokens.max(a.max_len);
     let ev = if Ensemble::is_ensemble_dir(&a.model) {
-        let ens = Ensemble::load(&a.model)?;
+        let mut ens = Ensemble::load(&a.model)?;
+        ens.precision = a.device.precision;
         data.check_labels(ens.labels())?;
         with_backend!(device, mk => ens.evaluate(&mk, &data, forget.as_deref(), true, a.max_len, max_tokens)?)
     } else {
         let clf = Classifier::load(&a.model)?;
         data.check_labels(&clf.labels)?;
         with_backend!(device, mk => {
-            let mut model = clf.model(mk()?, max_tokens);
+            let mut model = clf.model(mk()?, max_tokens).with_precision(a.device.precision);
             evaluate(&clf, &mut model, &data, forget.as_deref(), true, a.max_len)?
         })
     };

@@ -6,7 +6,9 @@ mod predict;
 mod run;
 mod train;
 
+use crate::backend::Precision;
 use crate::error::{Error, Result};
+use crate::train::optim::LossScaling;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -43,6 +45,40 @@ pub struct DeviceArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// fp32 | bf16 | fp16 (SPEC section 7): activations and GEMM/attention inputs rounded
+    /// to bf16/fp16 with fp32 accumulation; weights, optimiser state, LayerNorm statistics
+    /// and losses stay fp32; fp16 trains with dynamic loss scaling. Emulated on both
+    /// backends (fp32 buffers: fp32's speed and memory). Default fp32 on every device:
+    /// SPEC's bf16 default for CUDA waits for real bf16 kernels and a verified GPU run.
+    #[arg(long, default_value = "fp32", value_parser = parse_precision)]
+    pub precision: Precision,
+}
+
+fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
+    s.parse()
+}
+
+/// fp16 dynamic loss scaling options of the commands that train (`train`, `run`).
+#[derive(Args, Clone, Debug)]
+pub struct LossScaleArgs {
+    /// fp16 only: initial loss scale, a power of two (SPEC section 7: 2^16). A step whose
+    /// gradients overflow is skipped and the scale halved.
+    #[arg(long, default_value_t = LossScaling::default().init)]
+    pub loss_scale_init: f32,
+    /// fp16 only: the loss scale doubles after this many steps in a row without overflow.
+    #[arg(long, default_value_t = LossScaling::default().growth_interval)]
+    pub loss_scale_growth_interval: u64,
+}
+
+impl LossScaleArgs {
+    pub fn config(&self) -> Result<LossScaling> {
+        let ls = LossScaling {
+            init: self.loss_scale_init,
+            growth_interval: self.loss_scale_growth_interval,
+        };
+        ls.check()?;
+        Ok(ls)
+    }
 }
 
 impl DeviceArgs {
@@ -56,8 +92,15 @@ impl DeviceArgs {
             let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
             std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
         }
+        let precision = match self.precision {
+            Precision::Fp32 => String::new(),
+            p => format!("; precision {}", p.describe()),
+        };
         let cpu = || {
-            eprintln!("backend: cpu (fp32, {} threads)", rayon::current_num_threads());
+            eprintln!(
+                "backend: cpu (fp32, {} threads){precision}",
+                rayon::current_num_threads()
+            );
             Ok(Device::Cpu)
         };
         match self.device.as_str() {
@@ -79,7 +122,7 @@ impl DeviceArgs {
                         .map_err(|_| Error::invalid(format!("--device {d}: expected cuda:N with N a GPU index")))?,
                     None => 0,
                 };
-                eprintln!("backend: cuda:{ordinal} (fp32; not yet verified on a GPU)");
+                eprintln!("backend: cuda:{ordinal} (fp32; not yet verified on a GPU){precision}");
                 Ok(Device::Cuda(ordinal))
             }
             d => Err(Error::invalid(format!("--device {d}: expected auto, cpu or cuda[:N]"))),

@@ -38,7 +38,10 @@ pub struct PredictArgs {
 pub fn run(a: PredictArgs) -> Result<()> {
     let device = a.device.init()?;
     let ensemble = if Ensemble::is_ensemble_dir(&a.model) {
-        Some(Ensemble::load(&a.model)?)
+        Some(Ensemble {
+            precision: a.device.precision,
+            ..Ensemble::load(&a.model)?
+        })
     } else {
         None
     };
@@ -57,7 +60,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
         }
         (None, Some(clf)) => {
             let out = with_backend!(device, mk => {
-                let mut model = clf.model(mk()?, max_tokens);
+                let mut model = clf.model(mk()?, max_tokens).with_precision(a.device.precision);
                 run_sentences(clf, &mut model, &sentences, a.max_len)?
             });
             (out.tags(&clf.labels), out.logits.concat(), clf.labels.len(), out.tokens)

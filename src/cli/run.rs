@@ -1,6 +1,6 @@
 //! `deepcut-fast run`: unlearn a forget set (DeepCUT by default, or a baseline) and write
 //! the run folder: model/, forget.txt, report.json, report.html, checkpoints/.
-use super::{prepare_out_dir, with_backend, DeviceArgs};
+use super::{prepare_out_dir, with_backend, DeviceArgs, LossScaleArgs};
 use crate::backend::{Denominator, OwnView};
 use crate::data::{forget_by_ratio, read_indices};
 use crate::error::{Error, Result};
@@ -126,6 +126,8 @@ pub struct RunArgs {
     #[arg(long)]
     quiet: bool,
     #[command(flatten)]
+    loss_scale: LossScaleArgs,
+    #[command(flatten)]
     device: DeviceArgs,
 }
 
@@ -148,6 +150,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     if a.steps == Some(0) || !positive(a.max_forget_epochs as f32) {
         return Err(Error::invalid("--steps and --max-forget-epochs must be positive"));
     }
+    let loss_scaling = a.loss_scale.config()?;
     // Every input is read and checked before --out is touched (--force empties it): a
     // broken model or dataset must not cost an earlier run.
     let data = Dataset::load(&a.data)?;
@@ -172,6 +175,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         batch: a.train_batch,
         max_len: a.max_len,
         seed: a.seed,
+        precision: a.device.precision,
+        loss_scaling,
         ..FinetuneConfig::default()
     };
     let shards = if a.method == Method::Sisa {
@@ -228,6 +233,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         max_len: a.max_len,
         seed: a.seed,
         shards,
+        precision: a.device.precision,
+        loss_scaling,
     };
     let inputs = RunInputs {
         model: a.model,

@@ -1,11 +1,12 @@
 //! `deepcut-fast train`: fine-tune a pretrained encoder into a token classifier (the
 //! model to be unlearned, or, with --exclude, the retrained reference).
-use super::{prepare_out_dir, with_backend, DeviceArgs};
+use super::{prepare_out_dir, with_backend, DeviceArgs, LossScaleArgs};
 use crate::data::{read_indices, retain_indices};
 use crate::error::{Error, Result};
 use crate::eval::evaluate::{evaluate_split, Dataset};
 use crate::infer::model_from_weights;
 use crate::train::finetune::{finetune, Base, FinetuneConfig, Select};
+use crate::train::optim::precision_json;
 use crate::util::write_atomic;
 use clap::Args;
 use serde_json::json;
@@ -67,6 +68,8 @@ pub struct TrainArgs {
     exclude: Option<PathBuf>,
     #[command(flatten)]
     opts: TrainOpts,
+    #[command(flatten)]
+    loss_scale: LossScaleArgs,
     /// Continue an interrupted run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
@@ -86,7 +89,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let data = Dataset::load(&a.data)?;
     let base = Base::load(&a.model)?;
     let labels = base.labels_for(&data)?;
-    let fc = a.opts.config();
+    let fc = FinetuneConfig {
+        precision: a.device.precision,
+        loss_scaling: a.loss_scale.config()?,
+        ..a.opts.config()
+    };
     let kept: Vec<usize> = match &a.exclude {
         Some(f) => retain_indices(data.train.len(), &read_indices(f, data.train.len())?),
         None => (0..data.train.len()).collect(),
@@ -115,7 +122,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     );
     let (rec, tr, dev, test) = with_backend!(device, mk => {
         let (clf, rec) = finetune(mk()?, clf, &a.model, &train, &data, &fc, &a.out, a.resume, a.quiet)?;
-        let mut model = model_from_weights(mk()?, &clf.cfg, &clf.weights, clf.labels.len(), fc.batch * fc.max_len);
+        let mut model = model_from_weights(mk()?, &clf.cfg, &clf.weights, clf.labels.len(), fc.batch * fc.max_len)
+            .with_precision(fc.precision);
         let tr = evaluate_split(&clf, &mut model, &train, fc.max_len)?;
         let dev = evaluate_split(&clf, &mut model, &data.dev, fc.max_len)?;
         let test = evaluate_split(&clf, &mut model, &data.test, fc.max_len)?;
@@ -130,6 +138,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "model": a.model, "data": a.data, "exclude": a.exclude,
         "train_sentences": train.len(),
         "metrics": {"train": tr, "dev": dev, "test": test},
+        "precision": precision_json(fc.precision, rec.loss_scaler.as_ref()),
         "record": rec,
         "version": env!("CARGO_PKG_VERSION"),
     });

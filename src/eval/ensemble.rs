@@ -39,6 +39,8 @@ pub struct EnsembleManifest {
 pub struct Ensemble {
     pub names: Vec<String>,
     pub members: Vec<Classifier>,
+    /// Arithmetic every member runs in (`--precision`).
+    pub precision: crate::backend::Precision,
 }
 
 /// What a pass of the ensemble over sentences produces.
@@ -85,7 +87,11 @@ impl Ensemble {
                 )));
             }
         }
-        Ok(Ensemble { names, members })
+        Ok(Ensemble {
+            names,
+            members,
+            precision: Default::default(),
+        })
     }
 
     pub fn labels(&self) -> &LabelMap {
@@ -157,7 +163,7 @@ impl Ensemble {
             .collect();
         let mut tokens = 0;
         for clf in &self.members {
-            let mut model = clf.model(mk()?, max_tokens);
+            let mut model = clf.model(mk()?, max_tokens).with_precision(self.precision);
             let out = run_sentences(clf, &mut model, sentences, max_len)?;
             tokens += out.tokens;
             for (si, logits) in out.logits.iter().enumerate() {

@@ -7,7 +7,13 @@
 //! Shapes: b sequences of t tokens, n = b*t rows; c hidden, h heads of d = c/h, f FFN
 //! width, l labels. Weights keep the HF layout ([out, in] for linear layers), so a linear
 //! layer is y = x W^T + bias.
-use crate::backend::{Backend, Dropout, IGNORE_INDEX};
+//!
+//! Precision (SPEC section 7, `backend::Precision`): in bf16 / fp16 every buffer a GEMM
+//! or the attention core reads is rounded (`Backend::quantize`) right after it is
+//! written, activations in forward and incoming gradients in backward, and the GEMMs read
+//! a rounded copy of their weights (`Param::gemm_w`); everything else stays fp32. In fp32
+//! `quantize` touches nothing and there are no copies: the fp32 path is unchanged.
+use crate::backend::{Backend, Dropout, Precision, IGNORE_INDEX};
 use crate::model::checkpoint::{HostTensor, HostWeights};
 use crate::model::config::ModelConfig;
 
@@ -117,11 +123,19 @@ pub struct Param<B: Backend> {
     pub shape: Vec<usize>,
     pub w: B::Buf,
     pub g: B::Buf,
+    /// bf16 / fp16 mode, GEMM weights only: `w` rounded to that precision, refreshed by
+    /// every forward pass (the copy a mixed-precision GEMM reads; `w` stays the fp32 master).
+    low: Option<B::Buf>,
 }
 
 impl<B: Backend> Param<B> {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// The weights as a GEMM sees them: the rounded copy in bf16 / fp16, else `w`.
+    pub fn gemm_w(&self) -> &B::Buf {
+        self.low.as_ref().unwrap_or(&self.w)
     }
 }
 
@@ -318,6 +332,10 @@ pub struct Model<B: Backend> {
     max_tokens: usize,
     /// Shape and mode of the last forward pass (backward replays its dropout masks).
     cur: Option<(usize, usize, Mode)>,
+    precision: Precision,
+    /// What the training steps multiply their loss-gradient seeds by (fp16 dynamic loss
+    /// scaling, set each step from `Optimizer::loss_scale`); 1 otherwise.
+    loss_scale: f32,
 }
 
 impl<B: Backend> Model<B> {
@@ -335,6 +353,7 @@ impl<B: Backend> Model<B> {
                 w,
                 name,
                 shape,
+                low: None,
             }
         });
         let mut next = || all.next().expect("param_specs lists every parameter");
@@ -426,6 +445,62 @@ impl<B: Backend> Model<B> {
             scratch,
             max_tokens,
             cur: None,
+            precision: Precision::Fp32,
+            loss_scale: 1.0,
+        }
+    }
+
+    /// The model computing in `precision` (fp32 when built): in bf16 / fp16 every GEMM
+    /// weight gets a rounded copy next to its fp32 master.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        let be = &self.be;
+        let p = &mut self.params;
+        let mut gemm_weights: Vec<&mut Param<B>> = vec![];
+        for l in &mut p.layers {
+            for a in [&mut l.q, &mut l.k, &mut l.v, &mut l.attn_out, &mut l.inter, &mut l.out] {
+                gemm_weights.push(&mut a.w);
+            }
+        }
+        if let Some(c) = &mut p.classifier {
+            gemm_weights.push(&mut c.w);
+        }
+        for w in gemm_weights {
+            w.low = (precision != Precision::Fp32).then(|| be.alloc(w.numel()));
+        }
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The backend line of a report: the backend's name, and the precision unless fp32.
+    pub fn backend_line(&self) -> String {
+        match self.precision {
+            Precision::Fp32 => self.be.name(),
+            p => format!("{}; precision {}", self.be.name(), p.describe()),
+        }
+    }
+
+    /// See the field: the training loop sets it before each step.
+    pub fn set_loss_scale(&mut self, scale: f32) {
+        self.loss_scale = scale;
+    }
+
+    pub fn loss_scale(&self) -> f32 {
+        self.loss_scale
+    }
+
+    /// Rounds every GEMM weight's master into its low-precision copy (no-op in fp32).
+    fn refresh_gemm_weights(&mut self) {
+        let (be, precision) = (&self.be, self.precision);
+        for p in self.params.iter_mut() {
+            let n = p.numel();
+            if let Some(low) = &mut p.low {
+                be.copy(low, &p.w, n);
+                be.quantize(low, n, precision);
+            }
         }
     }
 
@@ -487,11 +562,15 @@ impl<B: Backend> Model<B> {
             "batch of {n} tokens exceeds the planned {}",
             self.max_tokens
         );
+        self.refresh_gemm_weights();
+        let precision = self.precision;
         let d = &self.dims;
         let (c, f, h, hd) = (d.hidden, d.ffn, d.heads, d.head_dim());
         let be = &self.be;
         let a = &mut self.acts;
         let p = &self.params;
+        // Rounds a GEMM / attention input to the model's precision (no-op in fp32).
+        let q = |x: &mut B::Buf, len: usize| be.quantize(x, len, precision);
         be.upload_i32(&mut a.ids, &batch.input_ids);
         be.upload_i32(&mut a.pos, &batch.position_ids);
         be.upload_i32(&mut a.types, &batch.type_ids);
@@ -514,6 +593,7 @@ impl<B: Backend> Model<B> {
         );
         let drop = dropout_for(mode, d.hidden_dropout, Dims::site_embeddings());
         be.dropout_fwd(&mut a.x0, &a.emb_ln, n * c, drop);
+        q(&mut a.x0, n * c);
 
         for li in 0..d.layers {
             let (done, rest) = a.layers.split_at_mut(li);
@@ -522,8 +602,9 @@ impl<B: Backend> Model<B> {
             let lp = &p.layers[li];
             // Self-attention: q, k, v projections, fused attention core, output projection.
             for (out, w) in [(&mut la.q, &lp.q), (&mut la.k, &lp.k), (&mut la.v, &lp.v)] {
-                be.gemm(out, x_in, &w.w.w, n, c, c, false, true, 1.0, 0.0);
+                be.gemm(out, x_in, w.w.gemm_w(), n, c, c, false, true, 1.0, 0.0);
                 be.add_bias(out, &w.b.w, n, c);
+                q(out, n * c);
             }
             let drop_p = dropout_for(mode, d.attn_dropout, Dims::site_attn_probs(li));
             be.attention_fwd(
@@ -539,7 +620,19 @@ impl<B: Backend> Model<B> {
                 hd,
                 drop_p,
             );
-            be.gemm(&mut la.ao, &la.att, &lp.attn_out.w.w, n, c, c, false, true, 1.0, 0.0);
+            q(&mut la.att, n * c);
+            be.gemm(
+                &mut la.ao,
+                &la.att,
+                lp.attn_out.w.gemm_w(),
+                n,
+                c,
+                c,
+                false,
+                true,
+                1.0,
+                0.0,
+            );
             be.add_bias(&mut la.ao, &lp.attn_out.b.w, n, c);
             let drop_a = dropout_for(mode, d.hidden_dropout, Dims::site_attn_out(li));
             be.dropout_fwd(&mut la.ao_drop, &la.ao, n * c, drop_a);
@@ -555,10 +648,12 @@ impl<B: Backend> Model<B> {
                 c,
                 d.eps,
             );
+            q(&mut la.x1, n * c);
             // Feed-forward: x1 -> gelu(x1 W_i^T + b_i) -> W_o -> dropout -> LN(+ x1)
-            be.gemm(&mut la.f1, &la.x1, &lp.inter.w.w, n, f, c, false, true, 1.0, 0.0);
+            be.gemm(&mut la.f1, &la.x1, lp.inter.w.gemm_w(), n, f, c, false, true, 1.0, 0.0);
             be.bias_gelu_fwd(&mut la.g, &la.f1, &lp.inter.b.w, n, f);
-            be.gemm(&mut la.f2, &la.g, &lp.out.w.w, n, c, f, false, true, 1.0, 0.0);
+            q(&mut la.g, n * f);
+            be.gemm(&mut la.f2, &la.g, lp.out.w.gemm_w(), n, c, f, false, true, 1.0, 0.0);
             be.add_bias(&mut la.f2, &lp.out.b.w, n, c);
             let drop_f = dropout_for(mode, d.hidden_dropout, Dims::site_ffn_out(li));
             be.dropout_fwd(&mut la.f2_drop, &la.f2, n * c, drop_f);
@@ -574,6 +669,7 @@ impl<B: Backend> Model<B> {
                 c,
                 d.eps,
             );
+            q(&mut la.x2, n * c);
         }
 
         if let Some(cls) = &p.classifier {
@@ -581,7 +677,19 @@ impl<B: Backend> Model<B> {
             let hidden = a.layers.last().map_or(&a.x0, |la| &la.x2);
             let drop = dropout_for(mode, d.classifier_dropout, d.site_classifier());
             be.dropout_fwd(&mut a.head_in, hidden, n * c, drop);
-            be.gemm(&mut a.logits, &a.head_in, &cls.w.w, n, l, c, false, true, 1.0, 0.0);
+            q(&mut a.head_in, n * c);
+            be.gemm(
+                &mut a.logits,
+                &a.head_in,
+                cls.w.gemm_w(),
+                n,
+                l,
+                c,
+                false,
+                true,
+                1.0,
+                0.0,
+            );
             be.add_bias(&mut a.logits, &cls.b.w, n, l);
         }
         self.cur = Some((b, t, mode));
@@ -643,16 +751,20 @@ impl<B: Backend> Model<B> {
         let a = &self.acts;
         let s = &mut self.scratch;
         let p = &mut self.params;
+        let precision = self.precision;
+        // Rounds a gradient that a GEMM or the attention core reads (no-op in fp32).
+        let q = |x: &mut B::Buf, len: usize| be.quantize(x, len, precision);
 
         be.zero(&mut s.dx, n * c);
         if let Some(cls) = &mut p.classifier {
             if ce_scale != 0.0 {
                 let l = d.labels;
                 be.softmax_ce_bwd(&mut s.dlogits, &a.logits, &a.labels, n, l, ce_scale);
+                q(&mut s.dlogits, n * l);
                 // dW_c += dlogits^T head_in ; db_c += sum dlogits ; dhead_in = dlogits W_c
                 be.gemm(&mut cls.w.g, &s.dlogits, &a.head_in, l, c, n, true, false, 1.0, 1.0);
                 be.bias_grad(&mut cls.b.g, &s.dlogits, n, l);
-                be.gemm(&mut s.dtmp, &s.dlogits, &cls.w.w, n, c, l, false, false, 1.0, 0.0);
+                be.gemm(&mut s.dtmp, &s.dlogits, cls.w.gemm_w(), n, c, l, false, false, 1.0, 0.0);
                 let drop = dropout_for(mode, d.classifier_dropout, d.site_classifier());
                 be.dropout_bwd(&mut s.dx, &s.dtmp, n * c, drop);
             }
@@ -686,14 +798,16 @@ impl<B: Backend> Model<B> {
                 n * c,
                 dropout(d.hidden_dropout, Dims::site_ffn_out(li)),
             );
+            q(&mut s.dtmp, n * c);
             // f2 = g W_o^T + b_o
             be.gemm(&mut lp.out.w.g, &s.dtmp, &la.g, c, f, n, true, false, 1.0, 1.0);
             be.bias_grad(&mut lp.out.b.g, &s.dtmp, n, c);
-            be.gemm(&mut s.dg, &s.dtmp, &lp.out.w.w, n, f, c, false, false, 1.0, 0.0);
+            be.gemm(&mut s.dg, &s.dtmp, lp.out.w.gemm_w(), n, f, c, false, false, 1.0, 0.0);
             // g = gelu(f1 + b_i), f1 = x1 W_i^T
             be.bias_gelu_bwd(&mut s.df, &mut lp.inter.b.g, &s.dg, &la.f1, &lp.inter.b.w, n, f);
+            q(&mut s.df, n * f);
             be.gemm(&mut lp.inter.w.g, &s.df, &la.x1, f, c, n, true, false, 1.0, 1.0);
-            be.gemm(&mut s.dx, &s.df, &lp.inter.w.w, n, c, f, false, false, 1.0, 0.0);
+            be.gemm(&mut s.dx, &s.df, lp.inter.w.gemm_w(), n, c, f, false, false, 1.0, 0.0);
             be.add_inplace(&mut s.dx, &s.dsum, n * c); // residual path into x1
                                                        // x1 = LN(ao_drop + x_in)
             be.layernorm_bwd(
@@ -715,21 +829,37 @@ impl<B: Backend> Model<B> {
                 n * c,
                 dropout(d.hidden_dropout, Dims::site_attn_out(li)),
             );
+            q(&mut s.dtmp, n * c);
             // ao = att W_ao^T + b_ao
             be.gemm(&mut lp.attn_out.w.g, &s.dtmp, &la.att, c, c, n, true, false, 1.0, 1.0);
             be.bias_grad(&mut lp.attn_out.b.g, &s.dtmp, n, c);
-            be.gemm(&mut s.datt, &s.dtmp, &lp.attn_out.w.w, n, c, c, false, false, 1.0, 0.0);
+            be.gemm(
+                &mut s.datt,
+                &s.dtmp,
+                lp.attn_out.w.gemm_w(),
+                n,
+                c,
+                c,
+                false,
+                false,
+                1.0,
+                0.0,
+            );
+            q(&mut s.datt, n * c);
             let drop_p = dropout(d.attn_dropout, Dims::site_attn_probs(li));
             be.attention_bwd(
                 &mut s.dq, &mut s.dk, &mut s.dv, &s.datt, &la.q, &la.k, &la.v, &la.att, &la.lse, &a.mask, b, t, h, hd,
                 drop_p,
             );
+            for dy in [&mut s.dq, &mut s.dk, &mut s.dv] {
+                q(dy, n * c);
+            }
             // q/k/v = x_in W^T + b: parameter grads, then dx_in = sum of the three paths
             let mut beta = 0.0;
             for (dy, w) in [(&s.dq, &mut lp.q), (&s.dk, &mut lp.k), (&s.dv, &mut lp.v)] {
                 be.gemm(&mut w.w.g, dy, x_in, c, c, n, true, false, 1.0, 1.0);
                 be.bias_grad(&mut w.b.g, dy, n, c);
-                be.gemm(&mut s.dx, dy, &w.w.w, n, c, c, false, false, 1.0, beta);
+                be.gemm(&mut s.dx, dy, w.w.gemm_w(), n, c, c, false, false, 1.0, beta);
                 beta = 1.0;
             }
             be.add_inplace(&mut s.dx, &s.dsum, n * c); // residual path into x_in

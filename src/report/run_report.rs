@@ -229,9 +229,17 @@ pub fn summary(r: &Value) -> String {
     if !r["reference"]["retrain"].is_null() {
         s += &row("retrained", &r["reference"]["retrain"]);
     }
-    s + &format!(
+    s += &format!(
         "\n{} steps, {:.1} s",
         r["cost"]["steps"],
         r["cost"]["seconds"].as_f64().unwrap_or(0.0)
-    )
+    );
+    let p = &r["precision"];
+    if p["precision"] == "fp16" {
+        s += &format!(
+            " (fp16: {} skipped on gradient overflow, final loss scale {})",
+            p["skipped_steps"], p["loss_scale_final"]
+        );
+    }
+    s
 }

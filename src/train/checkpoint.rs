@@ -63,11 +63,15 @@ pub fn save<B: Backend>(dir: &Path, model: &Model<B>, opt: &Optimizer<B>, state:
             .map_err(|e| Error::tensor(dir.join(CURRENT), name, e.to_string()))?;
         views.push((name.clone(), view));
     }
-    let meta: HashMap<String, String> = HashMap::from([
+    let mut meta: HashMap<String, String> = HashMap::from([
         ("state".to_string(), state.to_string()),
         ("checksum".to_string(), sum.to_string()),
         ("optimizer_step".to_string(), opt.step.to_string()),
     ]);
+    if let Some(sc) = &opt.scaler {
+        let text = serde_json::to_string(sc).map_err(|e| Error::file(dir.join(CURRENT), e.to_string()))?;
+        meta.insert("loss_scaler".to_string(), text);
+    }
     let bytes =
         safetensors::serialize(views, &Some(meta)).map_err(|e| Error::file(dir.join(CURRENT), e.to_string()))?;
     let cur = dir.join(CURRENT);
@@ -140,6 +144,10 @@ fn load_file<B: Backend>(path: &Path, model: &mut Model<B>, opt: &mut Optimizer<
     let m: Vec<Vec<f32>> = names.iter().map(|(n, _)| tensors[&format!("m.{n}")].clone()).collect();
     let v: Vec<Vec<f32>> = names.iter().map(|(n, _)| tensors[&format!("v.{n}")].clone()).collect();
     opt.import(model, &m, &v, step);
+    // fp16 loss scaling continues where it was (a checkpoint without it started fresh).
+    if let (Some(sc), Some(text)) = (&mut opt.scaler, meta.get("loss_scaler")) {
+        *sc = serde_json::from_str(text).map_err(|e| Error::file(path, format!("checkpoint loss_scaler: {e}")))?;
+    }
     Ok(state)
 }
 

@@ -2,8 +2,8 @@
 //! model of a run, the retrain reference, and the shards of SISA). Dev F1 after every
 //! epoch, best model kept, checkpoints for --resume.
 use super::checkpoint;
-use super::optim::{OptimConfig, Optimizer};
-use crate::backend::Backend;
+use super::optim::{LossScaler, LossScaling, OptimConfig, Optimizer};
+use crate::backend::{Backend, Precision};
 use crate::data::{bucketed_batches, Batch, Encoder, LabelMap, Sentence};
 use crate::error::{Error, Result};
 use crate::eval::evaluate::{evaluate_split, Dataset};
@@ -33,6 +33,12 @@ pub struct FinetuneConfig {
     /// Which epoch's weights become the model.
     #[serde(default)]
     pub select: Select,
+    /// Precision of activations and GEMM inputs (SPEC section 7, `--precision`).
+    #[serde(default)]
+    pub precision: Precision,
+    /// fp16 dynamic loss scaling (used only in fp16).
+    #[serde(default)]
+    pub loss_scaling: LossScaling,
 }
 
 /// `--select`: the epoch with the best dev F1, or the last epoch. Best-by-dev can pick an
@@ -60,6 +66,8 @@ impl Default for FinetuneConfig {
             clip: 1.0,
             checkpoint_every: 200,
             select: Select::Best,
+            precision: Precision::Fp32,
+            loss_scaling: LossScaling::default(),
         }
     }
 }
@@ -149,11 +157,16 @@ pub struct FinetuneResult {
     pub epochs: Vec<EpochRecord>,
     pub best_epoch: usize,
     pub best_dev_f1: f64,
+    /// Steps attempted (batches drawn), skipped fp16 steps included.
     pub steps: u64,
     pub tokens: u64,
     pub seconds: f64,
     /// Training loss of every step (for the report's curves).
     pub step_losses: Vec<f32>,
+    /// fp16 dynamic loss scaling at the end (final scale, skipped steps, history); None
+    /// in fp32 and bf16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// Fine-tunes `clf` on `train` (sentences), keeps the best dev-F1 weights in
@@ -182,8 +195,10 @@ pub fn finetune<B: Backend>(
         total,
         clip: fc.clip,
     };
-    let mut model = model_from_weights(be, &clf.cfg, &clf.weights, clf.labels.len(), fc.batch * fc.max_len);
-    let mut opt = Optimizer::new(&model, ocfg);
+    fc.loss_scaling.check()?;
+    let mut model = model_from_weights(be, &clf.cfg, &clf.weights, clf.labels.len(), fc.batch * fc.max_len)
+        .with_precision(fc.precision);
+    let mut opt = Optimizer::new(&model, ocfg).with_precision(fc.precision, fc.loss_scaling);
     let ckpt_dir = out.join("checkpoints");
     let model_dir = out.join("model");
 
@@ -196,6 +211,7 @@ pub fn finetune<B: Backend>(
         tokens: 0,
         seconds: 0.0,
         step_losses: vec![],
+        loss_scaler: None,
     };
     let (mut epoch, mut batch_in_epoch) = (0usize, 0usize);
     if resume {
@@ -226,7 +242,9 @@ pub fn finetune<B: Backend>(
         let mut loss_n = 0usize;
         while batch_in_epoch < batches.len() {
             let batch = Batch::gather(&windows, &batches[batch_in_epoch], pad, style);
-            let step = opt.step;
+            // Dropout is keyed by the attempted step (equal to the applied one unless an
+            // fp16 step was skipped), so a batch after a skipped step draws fresh masks.
+            let step = rec.steps;
             model.forward(&batch.inputs, Mode::Train { seed: fc.seed, step });
             let loss = model.ce_loss(&batch.inputs);
             if !loss.is_finite() {
@@ -238,8 +256,8 @@ pub fn finetune<B: Backend>(
                 )));
             }
             model.zero_grads();
-            model.backward(1.0 / batch.labelled().max(1) as f32, None);
-            opt.update(&mut model).map_err(|e| {
+            model.backward(opt.loss_scale() / batch.labelled().max(1) as f32, None);
+            let upd = opt.update(&mut model).map_err(|e| {
                 Error::Numeric(format!(
                     "{e} (epoch {}), with a finite cross-entropy loss {loss}: the backward pass overflowed \
                      (learning rate too high?); stopped, {}",
@@ -253,8 +271,9 @@ pub fn finetune<B: Backend>(
             loss_sum += loss as f64;
             loss_n += 1;
             batch_in_epoch += 1;
+            rec.loss_scaler = opt.scaler.clone();
             pb.inc(1);
-            pb.set_message(format!("loss {loss:.4}"));
+            pb.set_message(format!("loss {loss:.4}{}", scale_message(&upd, opt.scaler.as_ref())));
             if rec.steps.is_multiple_of(fc.checkpoint_every) {
                 rec.seconds = seconds_before + t_start.elapsed().as_secs_f64();
                 let state =
@@ -300,6 +319,20 @@ pub fn finetune<B: Backend>(
     let (_, best, _) = crate::model::load_model_dir(&model_dir)?;
     clf.weights = best;
     Ok((clf, rec))
+}
+
+/// The progress-bar suffix of a step with fp16 loss scaling ("" without): the scale the
+/// next step uses and the steps skipped so far, and whether this one was.
+pub fn scale_message(upd: &super::optim::UpdateStats, scaler: Option<&LossScaler>) -> String {
+    match scaler {
+        None => String::new(),
+        Some(sc) => format!(
+            " | fp16 loss scale 2^{} ({} skipped{})",
+            sc.scale.log2(),
+            sc.skipped_steps,
+            if upd.skipped { ", this step overflowed" } else { "" }
+        ),
+    }
 }
 
 /// The record as JSON for reports.

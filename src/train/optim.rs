@@ -1,8 +1,8 @@
 //! AdamW over every parameter with global-norm clipping and the linear schedule
-//! (SPEC section 4). Moments live on the backend next to the weights; master weights
-//! and moments are fp32 on every backend.
+//! (SPEC section 4), and fp16 dynamic loss scaling (SPEC section 7). Moments live on the
+//! backend next to the weights; master weights and moments are fp32 on every backend.
 use super::schedule::{decays, linear_warmup_decay};
-use crate::backend::{AdamW, Backend};
+use crate::backend::{AdamW, Backend, Precision};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use serde::{Deserialize, Serialize};
@@ -20,20 +20,121 @@ pub struct OptimConfig {
     pub clip: f32,
 }
 
+/// fp16 dynamic loss scaling settings (SPEC section 7; `--loss-scale-init`,
+/// `--loss-scale-growth-interval`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LossScaling {
+    /// Scale of the first step: a power of two, so scaling and unscaling are exact.
+    pub init: f32,
+    /// Applied steps in a row without overflow after which the scale doubles.
+    pub growth_interval: u64,
+}
+
+impl Default for LossScaling {
+    /// SPEC section 7: 2^16, doubled after 2000 clean steps (PyTorch's GradScaler defaults).
+    fn default() -> Self {
+        LossScaling {
+            init: 65536.0,
+            growth_interval: 2000,
+        }
+    }
+}
+
+impl LossScaling {
+    /// Largest scale growth goes to: fp16 holds at most 65504 < 2^16, so at 2^24 any
+    /// gradient above 2^-8 overflows anyway; this also keeps the scale far from f32's range.
+    pub const MAX_SCALE: f32 = 16_777_216.0;
+
+    pub fn check(&self) -> Result<()> {
+        let s = self.init;
+        if !(s.is_finite() && (1.0..=2f32.powi(64)).contains(&s) && s.log2().fract() == 0.0) {
+            return Err(Error::invalid(format!(
+                "--loss-scale-init {s}: expected a power of two from 1 to 2^64"
+            )));
+        }
+        if self.growth_interval == 0 {
+            return Err(Error::invalid("--loss-scale-growth-interval must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// State of dynamic loss scaling (fp16 only): the loss-gradient seed is multiplied by
+/// `scale` so small gradients survive fp16, gradients are unscaled before clipping and
+/// AdamW; a step whose gradients overflowed (inf/NaN) is skipped and the scale halved,
+/// and the scale doubles after `growth_interval` clean steps. Saved in checkpoints.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LossScaler {
+    pub cfg: LossScaling,
+    pub scale: f32,
+    /// Applied steps since the scale last changed.
+    pub clean_steps: u64,
+    /// Steps skipped because a gradient overflowed.
+    pub skipped_steps: u64,
+    /// Every change of the scale, in order.
+    pub history: Vec<ScaleChange>,
+}
+
+/// One change of the loss scale.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ScaleChange {
+    /// The attempted step (1-based, skipped steps included) after which it changed.
+    pub attempt: u64,
+    pub scale: f32,
+    /// "overflow" (halved) or "growth" (doubled).
+    pub reason: String,
+}
+
+impl LossScaler {
+    pub fn new(cfg: LossScaling) -> Self {
+        LossScaler {
+            cfg,
+            scale: cfg.init,
+            clean_steps: 0,
+            skipped_steps: 0,
+            history: vec![],
+        }
+    }
+}
+
+/// The `precision` object of a report: the precision, and for fp16 the loss scaling
+/// (final scale, skipped steps, every change of the scale).
+pub fn precision_json(precision: Precision, scaler: Option<&LossScaler>) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "precision": precision,
+        "describe": precision.describe(),
+        "skipped_steps": scaler.map_or(0, |s| s.skipped_steps),
+        "loss_scale_final": scaler.map(|s| s.scale),
+    });
+    if let Some(s) = scaler {
+        v["loss_scale_init"] = serde_json::json!(s.cfg.init);
+        v["loss_scale_growth_interval"] = serde_json::json!(s.cfg.growth_interval);
+        v["loss_scale_history"] = serde_json::json!(s.history);
+    }
+    v
+}
+
 pub struct Optimizer<B: Backend> {
     pub cfg: OptimConfig,
     m: Vec<B::Buf>,
     v: Vec<B::Buf>,
-    /// Updates done so far.
+    /// Updates applied so far (skipped fp16 steps are not counted): AdamW's bias
+    /// correction and the learning-rate schedule both follow it.
     pub step: u64,
+    /// fp16 dynamic loss scaling; None in fp32 and bf16.
+    pub scaler: Option<LossScaler>,
 }
 
 /// What one update did.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct UpdateStats {
     pub lr: f32,
-    /// Global gradient norm before clipping.
+    /// Global gradient norm before clipping (unscaled; NaN on a skipped step).
     pub grad_norm: f64,
+    /// fp16: the gradients overflowed, nothing was updated and the scale was halved.
+    pub skipped: bool,
+    /// The loss scale the step's gradients carried (1 without loss scaling).
+    pub loss_scale: f32,
 }
 
 impl<B: Backend> Optimizer<B> {
@@ -45,7 +146,19 @@ impl<B: Backend> Optimizer<B> {
             m: sizes.iter().map(|&n| be.alloc(n)).collect(),
             v: sizes.iter().map(|&n| be.alloc(n)).collect(),
             step: 0,
+            scaler: None,
         }
+    }
+
+    /// Dynamic loss scaling with `ls` when `precision` is fp16; nothing otherwise.
+    pub fn with_precision(mut self, precision: Precision, ls: LossScaling) -> Self {
+        self.scaler = (precision == Precision::Fp16).then(|| LossScaler::new(ls));
+        self
+    }
+
+    /// What the next step's loss-gradient seed is multiplied by (1 without loss scaling).
+    pub fn loss_scale(&self) -> f32 {
+        self.scaler.as_ref().map_or(1.0, |s| s.scale)
     }
 
     /// Global gradient norm (summed in a fixed order, so deterministic).
@@ -60,9 +173,63 @@ impl<B: Backend> Optimizer<B> {
     }
 
     /// Clips, then applies one AdamW update with the scheduled learning rate.
-    /// A non-finite gradient norm is an error and leaves the weights untouched.
+    /// A non-finite gradient norm is an error and leaves the weights untouched, except
+    /// with fp16 loss scaling, where it is an overflow: the step is skipped (weights,
+    /// moments and `step` untouched), the scale halved, and `Ok` says `skipped`. With loss
+    /// scaling the gradients are first unscaled (divided by the scale, exactly: a power of
+    /// two), so clipping and AdamW see the true gradients.
+    ///
+    /// The learning-rate schedule follows applied steps (`self.step`), not attempted
+    /// ones: a skipped step changes nothing, so the next batch is trained at the rate the
+    /// skipped one would have had and the warm-up is never shortened by the skips of the
+    /// first steps (while the scale comes down from 2^16), and AdamW's bias correction and
+    /// the schedule share one counter (as the transformers Trainer does, which does not
+    /// step its scheduler when the scaler skipped). The cost: after k skips the run ends
+    /// k steps short of the schedule's end, at lr * k / (total - warmup) instead of 0.
     pub fn update(&mut self, model: &mut Model<B>) -> Result<UpdateStats> {
-        let norm = Self::grad_norm(model);
+        let loss_scale = self.loss_scale();
+        let mut norm = Self::grad_norm(model);
+        if let Some(sc) = &mut self.scaler {
+            let attempt = self.step + sc.skipped_steps + 1;
+            if !norm.is_finite() {
+                if sc.scale <= 1.0 {
+                    return Err(Error::Numeric(format!(
+                        "fp16 gradients overflow (norm {norm}) even at loss scale {} at step {attempt}",
+                        sc.scale
+                    )));
+                }
+                sc.scale /= 2.0;
+                sc.clean_steps = 0;
+                sc.skipped_steps += 1;
+                sc.history.push(ScaleChange {
+                    attempt,
+                    scale: sc.scale,
+                    reason: "overflow".into(),
+                });
+                return Ok(UpdateStats {
+                    lr: linear_warmup_decay(self.cfg.lr, self.step, self.cfg.warmup, self.cfg.total),
+                    grad_norm: f64::NAN,
+                    skipped: true,
+                    loss_scale,
+                });
+            }
+            let unscale = 1.0 / loss_scale;
+            for p in model.params.iter_mut() {
+                let n = p.numel();
+                model.be.scale(&mut p.g, n, unscale);
+            }
+            norm /= loss_scale as f64;
+            sc.clean_steps += 1;
+            if sc.clean_steps >= sc.cfg.growth_interval && sc.scale < LossScaling::MAX_SCALE {
+                sc.scale *= 2.0;
+                sc.clean_steps = 0;
+                sc.history.push(ScaleChange {
+                    attempt,
+                    scale: sc.scale,
+                    reason: "growth".into(),
+                });
+            }
+        }
         if !norm.is_finite() {
             return Err(Error::Numeric(format!(
                 "gradient norm is {norm} at step {}",
@@ -89,7 +256,12 @@ impl<B: Backend> Optimizer<B> {
             };
             be.adamw(&mut p.w, &p.g, &mut self.m[i], &mut self.v[i], n, hp, self.step);
         }
-        Ok(UpdateStats { lr, grad_norm: norm })
+        Ok(UpdateStats {
+            lr,
+            grad_norm: norm,
+            skipped: false,
+            loss_scale,
+        })
     }
 
     /// Moments on the host (for checkpoints), in parameter order.

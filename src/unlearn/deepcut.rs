@@ -121,7 +121,8 @@ pub fn assemble(
 }
 
 /// Forward, losses and backward of one DeepCUT step; parameter gradients are left in the
-/// model (zeroed first). The optimiser step is the caller's.
+/// model (zeroed first), multiplied by `model.loss_scale()` (fp16 loss scaling; the
+/// optimiser unscales them). The optimiser step is the caller's.
 pub fn step<B: Backend>(
     model: &mut Model<B>, cb: &mut Contrast<B>, batch: &Batch, z: &ZRows, opts: InfoNceOptions, gamma: f32, mode: Mode,
 ) -> StepLosses {
@@ -153,6 +154,7 @@ pub fn step<B: Backend>(
     let lf = infonce_loss_host(&be.download(&cb.loss, m), count);
 
     let n = batch.tokens();
+    let loss_scale = model.loss_scale();
     be.zero(&mut cb.dhidden, n * c);
     if count > 0 && gamma != 0.0 {
         be.infonce_bwd(
@@ -165,13 +167,17 @@ pub fn step<B: Backend>(
             m,
             c,
             opts,
-            gamma / count as f32,
+            loss_scale * gamma / count as f32,
         );
         be.l2norm_bwd(&mut cb.dzraw, &cb.dz, &cb.z, &cb.norm, m, c);
         be.scatter_add_rows(&mut cb.dhidden, &cb.dzraw, &cb.idx, m, c);
     }
     model.zero_grads();
-    let ce_scale = if ce_count > 0 { 1.0 / ce_count as f32 } else { 0.0 };
+    let ce_scale = if ce_count > 0 {
+        loss_scale / ce_count as f32
+    } else {
+        0.0
+    };
     model.backward(ce_scale, Some(&cb.dhidden));
     StepLosses {
         ce,

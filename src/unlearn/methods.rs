@@ -6,14 +6,14 @@ use crate::data::{Batch, PositionStyle, Window};
 use crate::model::{Mode, Model};
 use crate::unlearn::deepcut::StepLosses;
 
-/// CE on a batch of `rows` with gradient scale `sign / labelled` accumulated into the
-/// model's gradients; returns the mean CE.
+/// CE on a batch of `rows` with gradient scale `sign / labelled` (times the fp16 loss
+/// scale, `model.loss_scale()`) accumulated into the model's gradients; returns the mean CE.
 fn ce_pass<B: Backend>(model: &mut Model<B>, batch: &Batch, sign: f32, mode: Mode) -> f32 {
     model.forward(&batch.inputs, mode);
     let ce = model.ce_loss(&batch.inputs);
     let n = batch.labelled();
     if n > 0 {
-        model.backward(sign / n as f32, None);
+        model.backward(sign * model.loss_scale() / n as f32, None);
     }
     ce
 }

@@ -6,7 +6,7 @@ use super::methods;
 use super::sisa;
 use super::Method;
 use crate::backend::Backend;
-use crate::backend::{Denominator, InfoNceOptions, OwnView};
+use crate::backend::{Denominator, InfoNceOptions, OwnView, Precision};
 use crate::data::{write_indices, LabelMap, Stream, StreamState, Window};
 use crate::error::{Error, Result};
 use crate::eval::evaluate::{evaluate, evaluate_split, split_train, Dataset, Evaluation};
@@ -14,8 +14,8 @@ use crate::eval::mia::privleak;
 use crate::infer::{labelled_hidden, model_from_weights, Classifier};
 use crate::model::{copy_tokenizer_files, save_model_dir, HostWeights, Mode};
 use crate::train::checkpoint;
-use crate::train::finetune::{finetune, Base, FinetuneConfig};
-use crate::train::optim::{OptimConfig, Optimizer};
+use crate::train::finetune::{finetune, scale_message, Base, FinetuneConfig};
+use crate::train::optim::{precision_json, LossScaler, LossScaling, OptimConfig, Optimizer};
 use crate::util::{peak_memory_bytes, progress, write_atomic, Fnv};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -47,6 +47,12 @@ pub struct RunConfig {
     pub checkpoint_every: u64,
     pub max_len: usize,
     pub seed: u64,
+    /// Precision of activations and GEMM inputs of every model of the run (SPEC section 7).
+    #[serde(default)]
+    pub precision: Precision,
+    /// fp16 dynamic loss scaling (used only in fp16).
+    #[serde(default)]
+    pub loss_scaling: LossScaling,
     /// SISA's number of shards (absent for the other methods).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards: Option<usize>,
@@ -91,7 +97,14 @@ struct StepRecord {
     contrast: f32,
     total: f32,
     lr: f32,
-    grad_norm: f64,
+    /// None (null) on a skipped fp16 step, whose gradients overflowed.
+    grad_norm: Option<f64>,
+    /// fp16: the loss scale of the step (absent in fp32 and bf16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loss_scale: Option<f32>,
+    /// fp16: the gradients overflowed and the step was skipped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    skipped: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -112,6 +125,9 @@ struct LoopState {
     checks: Vec<Check>,
     stop_reason: String,
     done: bool,
+    /// fp16 dynamic loss scaling after the last step (None in fp32 and bf16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loss_scaler: Option<LossScaler>,
 }
 
 /// What a method hands back: one model, or SISA's ensemble with its record.
@@ -165,7 +181,9 @@ fn save_json(path: &Path, v: &Value) -> Result<()> {
 
 /// Key of a reference evaluation: the weights of the model (every member of an
 /// ensemble), the forget set, the data folder, max_len and the labels.
-fn eval_key(weights: &[&HostWeights], data: &Dataset, forget: &[usize], max_len: usize, labels: &LabelMap) -> u64 {
+fn eval_key(
+    weights: &[&HostWeights], data: &Dataset, forget: &[usize], max_len: usize, labels: &LabelMap, precision: Precision,
+) -> u64 {
     let mut h = Fnv::default();
     for w in weights {
         for (name, t) in &w.tensors {
@@ -187,6 +205,10 @@ fn eval_key(weights: &[&HostWeights], data: &Dataset, forget: &[usize], max_len:
     labels.labels.iter().for_each(|l| {
         h.eat(l.as_bytes());
     });
+    // Metrics depend on the precision (fp32 keys are those written before it existed).
+    if precision != Precision::Fp32 {
+        h.eat(precision.name().as_bytes());
+    }
     h.finish()
 }
 
@@ -213,7 +235,7 @@ fn cached_eval_model<B: Backend>(
     clf: &Classifier, model: &mut crate::model::Model<B>, data: &Dataset, forget: &[usize], max_len: usize,
     cache: &Path, what: &str,
 ) -> Result<Value> {
-    let key = eval_key(&[&clf.weights], data, forget, max_len, &clf.labels);
+    let key = eval_key(&[&clf.weights], data, forget, max_len, &clf.labels, model.precision());
     cached_eval(key, cache, what, || {
         evaluate(clf, model, data, Some(forget), true, max_len)
     })
@@ -285,7 +307,8 @@ pub fn run<B: Backend>(
 
     // Reference metrics of the original (cached so a resumed run does not redo them).
     let max_tokens = (2 * cfg.bf + cfg.br).max(8) * cfg.max_len;
-    let mut model = model_from_weights(mk()?, &orig.cfg, &orig.weights, orig.labels.len(), max_tokens);
+    let mut model = model_from_weights(mk()?, &orig.cfg, &orig.weights, orig.labels.len(), max_tokens)
+        .with_precision(cfg.precision);
     let windows = orig
         .encoder
         .encode_sentences(&data.train, Some(&orig.labels), cfg.max_len)?;
@@ -342,7 +365,8 @@ pub fn run<B: Backend>(
             state.tokens = rec.tokens;
             state.seconds = t0.elapsed().as_secs_f64();
             state.stop_reason = format!("retrained {} epochs on the retain set", inp.train.epochs);
-            model = clf.model(mk()?, max_tokens);
+            state.loss_scaler = rec.loss_scaler;
+            model = clf.model(mk()?, max_tokens).with_precision(cfg.precision);
             Final::Model(Box::new(clf))
         }
         Method::Sisa => {
@@ -354,16 +378,17 @@ pub fn run<B: Backend>(
                 cache: inp.sisa_shards.clone(),
             };
             let sisa = sisa::Sisa::original_shards(mk, pretrained, &labels, &data, &scfg, &inp.out, inp.quiet)?;
-            let before = sisa.original_ensemble()?;
+            let mut before = sisa.original_ensemble()?;
+            before.precision = cfg.precision;
             let weights: Vec<&HostWeights> = before.members.iter().map(|m| &m.weights).collect();
-            let key = eval_key(&weights, &data, &inp.forget, cfg.max_len, &labels);
+            let key = eval_key(&weights, &data, &inp.forget, cfg.max_len, &labels, cfg.precision);
             let t_ref = Instant::now();
             let ref_sisa = cached_eval(key, &cache, "SISA original ensemble", || {
                 before.evaluate(mk, &data, Some(&inp.forget), true, cfg.max_len, max_tokens)
             })?;
             sisa_ref_seconds = t_ref.elapsed().as_secs_f64();
             drop(before);
-            let u = sisa.unlearn(
+            let mut u = sisa.unlearn(
                 mk,
                 pretrained,
                 &labels,
@@ -373,6 +398,7 @@ pub fn run<B: Backend>(
                 &inp.out,
                 inp.quiet,
             )?;
+            u.ensemble.precision = cfg.precision;
             state.steps = step_records(u.retrained.iter().flat_map(|r| r.record.step_losses.iter().copied()));
             state.step = u.steps();
             state.tokens = u.tokens();
@@ -420,7 +446,7 @@ pub fn run<B: Backend>(
     }
     if let Some(dir) = &inp.retrain_ref {
         let rclf = Classifier::load(dir)?;
-        let mut rmodel = rclf.model(mk()?, max_tokens);
+        let mut rmodel = rclf.model(mk()?, max_tokens).with_precision(cfg.precision);
         let rm = cached_eval_model(
             &rclf,
             &mut rmodel,
@@ -463,7 +489,8 @@ pub fn run<B: Backend>(
             "original_training": inp.train,
             "model": inp.model, "data": inp.data, "out": inp.out,
             "retrain_ref": inp.retrain_ref,
-            "backend": model.be.name(),
+            "backend": model.backend_line(),
+            "precision": cfg.precision,
             "versions": {"deepcut-fast": env!("CARGO_PKG_VERSION")},
         },
         "forget": {"file": forget_path, "source": inp.forget_file, "ratio": inp.forget_ratio, "count": inp.forget.len(), "train_sentences": data.train.len()},
@@ -479,7 +506,9 @@ pub fn run<B: Backend>(
             "stopping_rule_eval_seconds": state.eval_seconds,
             "reference_eval_seconds": orig_eval_seconds + sisa_ref_seconds + final_eval_seconds,
             "wall_seconds": t_all.elapsed().as_secs_f64(),
+            "skipped_steps": state.loss_scaler.as_ref().map_or(0, |s| s.skipped_steps),
         },
+        "precision": precision_json(cfg.precision, state.loss_scaler.as_ref()),
         "history": {"steps": state.steps, "checks": state.checks},
         "original_training": orig_training,
     });
@@ -527,7 +556,8 @@ fn unlearn_loop<B: Backend>(
         total: budget,
         clip: cfg.clip,
     };
-    let mut opt = Optimizer::new(model, ocfg);
+    cfg.loss_scaling.check()?;
+    let mut opt = Optimizer::new(model, ocfg).with_precision(cfg.precision, cfg.loss_scaling);
     let ckpt_dir = inp.out.join("checkpoints");
     let cfg_json = serde_json::to_value(cfg).map_err(|e| Error::invalid(e.to_string()))?;
     let mut fs = Stream::new(forget_w.to_vec(), cfg.bf, cfg.seed)?;
@@ -561,6 +591,7 @@ fn unlearn_loop<B: Backend>(
     while !state.done && state.step < budget {
         let step = state.step;
         let mode = Mode::Train { seed: cfg.seed, step };
+        model.set_loss_scale(opt.loss_scale());
         let fb = fs.next_batch();
         let rb = rs.next_batch();
         let losses: StepLosses = match cfg.method {
@@ -613,6 +644,8 @@ fn unlearn_loop<B: Backend>(
                 checkpoint::last_good(&ckpt_dir)
             ))
         })?;
+        // `state.step` counts attempted steps (batches drawn, skipped fp16 steps included):
+        // the budget, the stopping rule and the dropout keys follow it.
         state.step += 1;
         state.steps.push(StepRecord {
             step: state.step,
@@ -620,10 +653,18 @@ fn unlearn_loop<B: Backend>(
             contrast: losses.contrast,
             total: losses.total,
             lr: upd.lr,
-            grad_norm: upd.grad_norm,
+            grad_norm: (!upd.skipped).then_some(upd.grad_norm),
+            loss_scale: opt.scaler.is_some().then_some(upd.loss_scale),
+            skipped: upd.skipped,
         });
+        state.loss_scaler = opt.scaler.clone();
         pb.inc(1);
-        pb.set_message(format!("ce {:.4} contrast {:.4}", losses.ce, losses.contrast));
+        pb.set_message(format!(
+            "ce {:.4} contrast {:.4}{}",
+            losses.ce,
+            losses.contrast,
+            scale_message(&upd, opt.scaler.as_ref())
+        ));
         if cfg.steps.is_none() && state.step.is_multiple_of(cfg.check_every) {
             let te = Instant::now();
             let f1 = evaluate_split(orig, model, forget_sents, cfg.max_len)?.f1;

@@ -11,10 +11,11 @@ pub mod gemm;
 pub mod infonce;
 pub mod l2norm;
 pub mod layernorm;
+pub mod quantize;
 pub mod rows;
 pub mod softmax_ce;
 
-use super::{AdamW, Backend, Dropout, InfoNceOptions};
+use super::{AdamW, Backend, Dropout, InfoNceOptions, Precision};
 
 /// fp32 CPU backend. Buffers are plain vectors.
 #[derive(Default, Clone)]
@@ -49,6 +50,12 @@ impl Backend for Cpu {
         for (d, s) in dst[..n].iter_mut().zip(&src[..n]) {
             *d += s;
         }
+    }
+    fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>, n: usize) {
+        dst[..n].copy_from_slice(&src[..n]);
+    }
+    fn quantize(&self, x: &mut Vec<f32>, n: usize, precision: Precision) {
+        quantize::quantize(x, n, precision)
     }
     fn gemm(
         &self, c: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, m: usize, n: usize, k: usize, ta: bool, tb: bool,

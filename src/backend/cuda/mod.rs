@@ -27,7 +27,10 @@
 //!   panics with the op's name and CUDA's message. Setting up ([`Cuda::new`]) returns
 //!   [`Error::Device`] instead.
 //! - bf16 variants of the activation kernels are compiled (`*_bf16`) but have no
-//!   launcher: the bf16 mode needs a bf16 buffer type in the trait first.
+//!   launcher: the bf16 mode needs a bf16 buffer type in the trait first. Until then
+//!   `--precision bf16|fp16` is emulated here as on the CPU: buffers stay fp32 and
+//!   `quantize` (kernels/quantize.cu) rounds the GEMM and attention inputs; numbers of
+//!   bf16/fp16 mixed precision, speed and memory of fp32.
 //! - NVTX: every op opens a range named after it when libnvToolsExt is present (NVTX v2;
 //!   CUDA 12 toolkits still ship it, header-only NVTX 3 installs do not and then there are
 //!   no ranges). Layer-level ranges belong in the model: see [`Cuda::range`].
@@ -41,10 +44,11 @@ pub mod images;
 pub mod infonce;
 pub mod l2norm;
 pub mod layernorm;
+pub mod quantize;
 pub mod rows;
 pub mod softmax_ce;
 
-use super::{AdamW, Backend, Dropout, InfoNceOptions};
+use super::{AdamW, Backend, Dropout, InfoNceOptions, Precision};
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig};
@@ -352,6 +356,12 @@ impl Backend for Cuda {
     }
     fn add_inplace(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, n: usize) {
         gemm::add_inplace(self, dst, src, n)
+    }
+    fn copy(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, n: usize) {
+        quantize::copy(self, dst, src, n)
+    }
+    fn quantize(&self, x: &mut CudaSlice<f32>, n: usize, precision: Precision) {
+        quantize::quantize(self, x, n, precision)
     }
     fn gemm(
         &self, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, m: usize, n: usize, k: usize, ta: bool,
