@@ -12,6 +12,7 @@ pub mod infonce;
 pub mod l2norm;
 pub mod layernorm;
 pub mod rows;
+pub mod simd;
 pub mod softmax_ce;
 
 use super::{AdamW, Backend, Dropout, InfoNceOptions};
