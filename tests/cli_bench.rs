@@ -235,3 +235,41 @@ fn bad_options_fail_clearly() {
         assert!(stderr.contains(msg), "{args:?}: expected `{msg}` in: {stderr}");
     }
 }
+
+/// The AVX-512, AVX2 and baseline builds of the element-wise kernels (src/backend/cpu/simd.rs)
+/// give bit-identical steps: the losses of a step taken after an update (so every
+/// forward and backward op, dropout on) are equal to the last bit.
+#[test]
+fn simd_builds_give_identical_steps() {
+    let run = |level: &str| -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_deepcut-fast"))
+            .env("DEEPCUT_SIMD", level)
+            .args([
+                "bench",
+                "--preset",
+                "minilm-l6",
+                "--bf",
+                "2",
+                "--br",
+                "2",
+                "--seq-len",
+                "37",
+                "--steps",
+                "2",
+                "--warmup",
+                "0",
+                "--matmul-size",
+                "16",
+                "--device",
+                "cpu",
+            ])
+            .output()
+            .expect("run deepcut-fast");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+        j["losses"].clone()
+    };
+    let base = run("baseline");
+    assert_eq!(run("avx2"), base);
+    assert_eq!(run("native"), base);
+}
