@@ -16,24 +16,47 @@ pub fn gemm(
     }
     let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    // matrixmultiply packs B (k x n) on one thread and A (m x k) on all of them, so the
+    // wider operand goes on the A side: for n > m it computes C^T = B^T A^T into c seen
+    // column-major. Every element is still the same products summed in the same order
+    // (the kernel's k loop is unchanged, a*b = b*a), so both ways give identical bits.
     // SAFETY: the asserts above bound every index the strides can reach.
     unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
+        if n > m {
+            matrixmultiply::sgemm(
+                n,
+                k,
+                m,
+                alpha,
+                b.as_ptr(),
+                csb,
+                rsb,
+                a.as_ptr(),
+                csa,
+                rsa,
+                beta,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+            );
+        } else {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                alpha,
+                a.as_ptr(),
+                rsa,
+                csa,
+                b.as_ptr(),
+                rsb,
+                csb,
+                beta,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
     }
 }
 
@@ -51,17 +74,24 @@ pub fn add_bias(out: &mut [f32], bias: &[f32], rows: usize, cols: usize) {
 /// machine and any number of threads.
 pub const REDUCE_ROWS: usize = 64;
 
+super::simd::multiversion! {
+    /// acc[j] += sum of chunk[r, j] over its rows, rows in order (vectorised across j).
+    pub(crate) fn col_sums_chunk(acc: &mut [f32], chunk: &[f32]) {
+        for row in chunk.chunks(acc.len()) {
+            for (a, x) in acc.iter_mut().zip(row) {
+                *a += x;
+            }
+        }
+    }
+}
+
 /// dst[j] += sum_r src[r, j], deterministically: fixed row chunks, partials added in order.
 pub fn col_sums_into(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
     let partials: Vec<Vec<f32>> = src[..rows * cols]
         .par_chunks(REDUCE_ROWS * cols)
         .map(|chunk| {
             let mut acc = vec![0f32; cols];
-            for row in chunk.chunks(cols) {
-                for (a, x) in acc.iter_mut().zip(row) {
-                    *a += x;
-                }
-            }
+            col_sums_chunk(&mut acc, chunk);
             acc
         })
         .collect();
