@@ -3,7 +3,7 @@
 //!
 //! erf and exp are simd::erf and simd::exp (within 4.2e-7 and 1 ulp of libm), so the row
 //! loops vectorise; they run in AVX-512/AVX2 builds where the CPU has them.
-use super::gemm::col_sums_into;
+use super::gemm::{col_sums_chunk, REDUCE_ROWS};
 use super::simd::{self, multiversion};
 use rayon::prelude::*;
 use std::f32::consts::FRAC_1_SQRT_2;
@@ -36,8 +36,10 @@ multiversion! {
 multiversion! {
     /// One row: di = g * gelu'(x + bias).
     fn bias_gelu_grad_row(di: &mut [f32], g: &[f32], x: &[f32], bias: &[f32]) {
-        for (((d, g), x), b) in di.iter_mut().zip(g).zip(x).zip(bias) {
-            *d = g * gelu_grad(x + b);
+        let c = di.len();
+        let (g, x, bias) = (&g[..c], &x[..c], &bias[..c]);
+        for j in 0..c {
+            di[j] = g[j] * gelu_grad(x[j] + bias[j]);
         }
     }
 }
@@ -50,11 +52,26 @@ pub fn bias_gelu_fwd(out: &mut [f32], inp: &[f32], bias: &[f32], n: usize, c: us
         .for_each(|(o, x)| bias_gelu_row(o, x, &bias[..c]));
 }
 
-/// dinp = dout * gelu'(inp + bias); dbias += column sums of dinp.
+/// dinp = dout * gelu'(inp + bias); dbias += column sums of dinp. One pass: each chunk
+/// of REDUCE_ROWS rows is written and summed while in cache, partials added in chunk order
+/// (the same bits as `col_sums_into` over dinp).
 pub fn bias_gelu_bwd(dinp: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], bias: &[f32], n: usize, c: usize) {
-    dinp[..n * c]
-        .par_chunks_mut(c)
-        .zip(dout[..n * c].par_chunks(c).zip(inp[..n * c].par_chunks(c)))
-        .for_each(|(di, (g, x))| bias_gelu_grad_row(di, g, x, &bias[..c]));
-    col_sums_into(dbias, dinp, n, c);
+    let rows = REDUCE_ROWS * c;
+    let partials: Vec<Vec<f32>> = dinp[..n * c]
+        .par_chunks_mut(rows)
+        .zip(dout[..n * c].par_chunks(rows).zip(inp[..n * c].par_chunks(rows)))
+        .map(|(di, (g, x))| {
+            for ((di, g), x) in di.chunks_mut(c).zip(g.chunks(c)).zip(x.chunks(c)) {
+                bias_gelu_grad_row(di, g, x, &bias[..c]);
+            }
+            let mut acc = vec![0f32; c];
+            col_sums_chunk(&mut acc, di);
+            acc
+        })
+        .collect();
+    for p in partials {
+        for (d, x) in dbias[..c].iter_mut().zip(&p) {
+            *d += x;
+        }
+    }
 }
