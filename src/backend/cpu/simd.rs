@@ -155,7 +155,8 @@ pub fn exp(x: f32) -> f32 {
     } else {
         x
     };
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let shifted = xc * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let r2 = r * r;
     let mut p = 1.987_569_1e-4f32;
@@ -166,7 +167,9 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 5.000_000_1e-1;
     let er = p * r2 + r + 1.0;
     // n in [-126, 128]: 2^n = 2^n1 2^n2 with both halves in [-63, 64] (exact products).
-    let ni = n as i32;
+    // n as an integer from the bits of `shifted` (its low mantissa bits hold n + 2^22):
+    // `n as i32` would be a saturating, NaN-checked cast that does not vectorise.
+    let ni = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let n1 = ni >> 1;
     let n2 = ni - n1;
     let t1 = f32::from_bits(((n1 + 127) as u32) << 23);
