@@ -181,6 +181,13 @@ pub fn attention_bwd(
 ) {
     let scale = 1.0 / (d as f32).sqrt();
     let c = h * d;
+    // D [b*t, h] = dO . O per row and head, in one streaming pass (inside the tasks these
+    // strided reads missed the cache; the sums are the same).
+    let dvec: Vec<f32> = dout[..b * t * c]
+        .par_chunks(c)
+        .zip(out[..b * t * c].par_chunks(c))
+        .flat_map_iter(|(g, o)| g.chunks(d).zip(o.chunks(d)).map(|(g, o)| dot(g, o)))
+        .collect();
     type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
     let results: Vec<Grads> = (0..b * h)
         .into_par_iter()
@@ -214,8 +221,7 @@ pub fn attention_bwd(
                 // dP = dO_h V_h^T, then dS in place
                 gemm_view(&mut scr.ds, doh, vh.t(), t, t, d, 1.0, 0.0);
                 for i in 0..t {
-                    let row = (bi * t + i) * c + hi * d;
-                    let di = dot(&dout[row..row + d], &out[row..row + d]);
+                    let di = dvec[(bi * t + i) * h + hi];
                     let r = i * t..(i + 1) * t;
                     dscores_row(&mut scr.ds[r.clone()], &scr.p[r.clone()], &scr.fac[r], di, scale);
                 }
