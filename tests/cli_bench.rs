@@ -98,6 +98,7 @@ fn tiny_run_reports_consistent_numbers() {
         "flops_formula",
         "achieved_tflops",
         "matmul_rate",
+        "matmul_tflops_start_end",
         "other_matmul_rates",
         "mfu",
         "peak_rss_bytes",
@@ -168,6 +169,9 @@ fn tiny_run_reports_consistent_numbers() {
     assert_eq!(mm["dtype"], "fp32");
     assert_eq!(mm["shape"], serde_json::json!([64, 64, 64]));
     assert!(num(mm, "tflops") > 0.0);
+    let se = &j["matmul_tflops_start_end"];
+    let (start, end) = (se[0].as_f64().unwrap(), se[1].as_f64().unwrap());
+    assert!(start > 0.0 && end > 0.0 && num(mm, "tflops") == start.max(end), "{se}");
     assert!(close(num(&j, "mfu"), achieved / num(mm, "tflops")));
 
     assert!(num(&j, "peak_rss_bytes") > 0.0);
