@@ -210,10 +210,10 @@ pub fn attention_bwd(
                 );
                 // P recomputed from the saved logsumexp, and P with dropout
                 gemm_view(&mut scr.p, qh, kh.t(), t, t, d, scale, 0.0);
-                for i in 0..t {
+                for (i, &li) in lh.iter().enumerate() {
                     let r = i * t..(i + 1) * t;
                     dropout.fill_factors(prob_index(bi, hi, i, 0, t, h), &mut scr.fac[r.clone()]);
-                    probs_row(&mut scr.p[r.clone()], &mut scr.pf[r.clone()], m, &scr.fac[r], lh[i]);
+                    probs_row(&mut scr.p[r.clone()], &mut scr.pf[r.clone()], m, &scr.fac[r], li);
                 }
                 // dV_h = (P f)^T dO_h
                 let mut dvh = vec![0f32; t * d];

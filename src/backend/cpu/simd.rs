@@ -148,13 +148,7 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const LO: f32 = -87.336_55;
     const HI: f32 = 88.722_83;
-    let xc = if x < LO {
-        LO
-    } else if x > HI {
-        HI
-    } else {
-        x
-    };
+    let xc = x.clamp(LO, HI);
     let shifted = xc * LOG2E + ROUND;
     let n = shifted - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
@@ -164,7 +158,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let er = p * r2 + r + 1.0;
     // n in [-126, 128]: 2^n = 2^n1 2^n2 with both halves in [-63, 64] (exact products).
     // n as an integer from the bits of `shifted` (its low mantissa bits hold n + 2^22):
@@ -190,20 +184,14 @@ pub fn exp(x: f32) -> f32 {
 /// within 1e-6 of +-1; test below), so GELU changes by under 3e-7 relative.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
-    let x = if x < -4.0 {
-        -4.0
-    } else if x > 4.0 {
-        4.0
-    } else {
-        x
-    };
+    let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let mut p = -2.726_142_3e-10f32;
     p = p * x2 + 2.770_681_4e-8;
     p = p * x2 + -2.101_024e-6;
     p = p * x2 + -5.692_506_4e-5;
     p = p * x2 + -7.349_906_3e-4;
-    p = p * x2 + -2.954_600_0e-3;
+    p = p * x2 + -2.954_6e-3;
     p = p * x2 + -1.609_603_3e-2;
     let p = p * x;
     let mut q = -1.456_607_2e-5f32;
