@@ -28,16 +28,22 @@ def batch(m, c, device):
 
 
 def infonce(z, labels, anchor, tau=0.1):
+    """L_f of SPEC section 4 with its defaults: same-class denominator, own view kept as a
+    negative, detached columns. z [m, c] unit rows (every row is a column), labels [m],
+    anchor [m] bool. Only the anchor rows of the similarity matrix are formed ([A, m],
+    not [m, m]): the other rows enter no term. Also imported by scripts/compare-torch.py."""
     cols = z.detach()  # detached columns (SPEC 4 point 6)
-    s = z @ cols.T / tau
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=z.device)
-    d = same & ~eye  # same-class denominator, own view kept (negative)
+    rows = anchor.nonzero().squeeze(1)  # [A]
+    s = z[rows] @ cols.T / tau  # [A, m]
+    same = labels[rows, None] == labels[None, :]
+    own = torch.zeros_like(same)
+    own[torch.arange(len(rows), device=z.device), rows] = True
+    d = same & ~own  # same-class denominator, own view kept (negative)
     p = ~same
     lse = torch.logsumexp(s.masked_fill(~d, float("-inf")), dim=1)
     npos = p.sum(1)
     mean_p = (s * p).sum(1) / npos.clamp(min=1)
-    valid = anchor & (npos > 0) & d.any(1)
+    valid = (npos > 0) & d.any(1)
     return (lse - mean_p)[valid].mean()
 
 

@@ -1,5 +1,6 @@
 //! The `deepcut-fast` command line: clap subcommands, each in its own file. Logs and
 //! progress go to stderr, results to files (and readable tables to stdout).
+mod bench;
 mod compare;
 mod eval;
 mod predict;
@@ -34,6 +35,9 @@ enum Command {
     Run(run::RunArgs),
     /// One page comparing several runs: metrics table and forget-vs-retain trade-off plot.
     Compare(compare::CompareArgs),
+    /// Time full DeepCUT training steps on synthetic tokens (random-init weights) and
+    /// print step time, tokens/s, FLOPs, TFLOP/s, MFU and peak memory as JSON.
+    Bench(bench::BenchArgs),
 }
 
 /// Options every command that runs a model shares.
@@ -216,6 +220,7 @@ pub fn main() -> i32 {
         Command::Train(a) => train::run(a),
         Command::Run(a) => run::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match res {
         Ok(()) => 0,

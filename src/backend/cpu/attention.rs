@@ -3,31 +3,20 @@
 //! never stores the t x t matrix; here one head's t x t scores live only inside its task).
 //!
 //! Layout: q, k, v, out are [b, t, h*d], heads interleaved exactly as the HF query/key/value
-//! linear layers produce them, so no transposes are needed around the op.
+//! linear layers produce them, so no transposes are needed around the op: each head's
+//! GEMMs read its [t, d] block in place through strided views.
 //! lse [b, h, t] is the per-row logsumexp of the scaled, masked scores; backward
 //! recomputes the probabilities from it. Scores use scale 1/sqrt(d) as in BERT.
-use super::gemm::gemm;
+//!
+//! One task per (sequence, head), each with its own scratch ([t, t] blocks, reused
+//! across the tasks of a rayon split); the element-wise passes over a [t, t] block are
+//! compiled for AVX-512/AVX2 where the CPU has them (simd::multiversion) and use the
+//! vectorisable exp. Every task's result depends only on its inputs, so any thread
+//! count gives the same bits.
+use super::gemm::{gemm_view, View};
+use super::simd::{self, multiversion};
 use crate::backend::philox::Dropout;
 use rayon::prelude::*;
-
-/// Copies head `hi` of sequence `bi` out of a [b, t, h*d] tensor into a dense [t, d] block.
-fn gather_head(x: &[f32], bi: usize, hi: usize, t: usize, h: usize, d: usize) -> Vec<f32> {
-    let c = h * d;
-    let mut out = Vec::with_capacity(t * d);
-    for i in 0..t {
-        let base = (bi * t + i) * c + hi * d;
-        out.extend_from_slice(&x[base..base + d]);
-    }
-    out
-}
-
-fn scatter_head(x: &mut [f32], src: &[f32], bi: usize, hi: usize, t: usize, h: usize, d: usize) {
-    let c = h * d;
-    for i in 0..t {
-        let base = (bi * t + i) * c + hi * d;
-        x[base..base + d].copy_from_slice(&src[i * d..(i + 1) * d]);
-    }
-}
 
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -40,30 +29,79 @@ fn prob_index(bi: usize, hi: usize, i: usize, j: usize, t: usize, h: usize) -> u
     (((bi * h + hi) * t + i) * t + j) as u64
 }
 
-/// Softmax of the scaled scores in place, row by row, with masked keys at exactly 0;
-/// returns per-row logsumexp. `s` is [t, t] holding q.k^T (unscaled).
-fn softmax_rows(s: &mut [f32], lse: &mut [f32], mask: &[f32], t: usize, scale: f32) {
-    for i in 0..t {
-        let row = &mut s[i * t..(i + 1) * t];
-        let mut mx = f32::NEG_INFINITY;
-        for (x, &m) in row.iter_mut().zip(mask) {
-            *x = if m > 0.5 { *x * scale } else { f32::NEG_INFINITY };
-            mx = mx.max(*x);
-        }
-        let mut sum = 0f32;
-        for x in row.iter_mut() {
-            *x = (*x - mx).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        for x in row.iter_mut() {
-            *x *= inv;
-        }
-        lse[i] = mx + sum.ln();
+/// Head `hi` of sequence `bi` in a [b, t, h*d] tensor, as a [t, d] view.
+fn head(x: &[f32], bi: usize, hi: usize, t: usize, h: usize, d: usize) -> View<'_> {
+    View {
+        data: x,
+        offset: bi * t * h * d + hi * d,
+        row_stride: h * d,
+        col_stride: 1,
     }
 }
 
-/// Per (sequence, head): S = Q K^T, P = softmax(S / sqrt(d)) over real keys, P' = P with
+/// Copies a dense [t, d] block into head `hi` of sequence `bi` of a [b, t, h*d] tensor.
+fn scatter_head(x: &mut [f32], src: &[f32], bi: usize, hi: usize, t: usize, h: usize, d: usize) {
+    let c = h * d;
+    for i in 0..t {
+        let base = (bi * t + i) * c + hi * d;
+        x[base..base + d].copy_from_slice(&src[i * d..(i + 1) * d]);
+    }
+}
+
+multiversion! {
+    /// Row i of s [t, t] (scaled scores) becomes softmax over real keys (masked keys
+    /// exactly 0) times the dropout factors in `fac` [t]; returns the row's logsumexp.
+    fn softmax_dropout_row(row: &mut [f32], mask: &[f32], fac: &[f32], dropout_on: bool) -> f32 {
+        for (x, &m) in row.iter_mut().zip(mask) {
+            *x = if m > 0.5 { *x } else { f32::NEG_INFINITY };
+        }
+        let mx = simd::max(row);
+        for x in row.iter_mut() {
+            *x = simd::exp(*x - mx);
+        }
+        let sum = simd::sum(row);
+        let inv = 1.0 / sum;
+        if dropout_on {
+            for (x, f) in row.iter_mut().zip(fac) {
+                *x = *x * inv * f;
+            }
+        } else {
+            for x in row.iter_mut() {
+                *x *= inv;
+            }
+        }
+        mx + sum.ln()
+    }
+}
+
+multiversion! {
+    /// Backward, first pass over row i: from the recomputed scaled scores `p` (in place),
+    /// p = exp(s - lse) on real keys and 0 on masked ones, and pf = p * fac.
+    fn probs_row(p: &mut [f32], pf: &mut [f32], mask: &[f32], fac: &[f32], lse: f32) {
+        for ((x, y), (&m, &f)) in p.iter_mut().zip(pf.iter_mut()).zip(mask.iter().zip(fac)) {
+            let e = simd::exp(*x - lse);
+            *x = if m > 0.5 { e } else { 0.0 };
+            *y = *x * f;
+        }
+    }
+}
+
+multiversion! {
+    /// Backward, second pass over row i: ds = p (dp fac - D_i) scale, in place of dp.
+    fn dscores_row(dp: &mut [f32], p: &[f32], fac: &[f32], di: f32, scale: f32) {
+        for ((g, &p), &f) in dp.iter_mut().zip(p).zip(fac) {
+            *g = p * (*g * f - di) * scale;
+        }
+    }
+}
+
+/// Per-task scratch of the forward pass.
+struct FwdScratch {
+    s: Vec<f32>,
+    fac: Vec<f32>,
+}
+
+/// Per (sequence, head): S = Q K^T / sqrt(d), P = softmax(S) over real keys, P' = P with
 /// dropout, O = P' V. The t x t block exists only inside one task.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd(
@@ -71,39 +109,66 @@ pub fn attention_fwd(
     d: usize, dropout: Dropout,
 ) {
     let scale = 1.0 / (d as f32).sqrt();
+    let on = dropout.is_on();
     let results: Vec<(Vec<f32>, Vec<f32>)> = (0..b * h)
         .into_par_iter()
-        .map(|task| {
-            let (bi, hi) = (task / h, task % h);
-            let (qh, kh, vh) = (
-                gather_head(q, bi, hi, t, h, d),
-                gather_head(k, bi, hi, t, h, d),
-                gather_head(v, bi, hi, t, h, d),
-            );
-            let m = &mask[bi * t..(bi + 1) * t];
-            let mut s = vec![0f32; t * t];
-            gemm(&mut s, &qh, &kh, t, t, d, false, true, 1.0, 0.0);
-            let mut lh = vec![0f32; t];
-            softmax_rows(&mut s, &mut lh, m, t, scale);
-            if dropout.is_on() {
-                let mut fac = vec![1f32; t];
-                for i in 0..t {
-                    dropout.fill_factors(prob_index(bi, hi, i, 0, t, h), &mut fac);
-                    for (p, f) in s[i * t..(i + 1) * t].iter_mut().zip(&fac) {
-                        *p *= f;
+        .map_init(
+            || FwdScratch {
+                s: vec![0f32; t * t],
+                fac: vec![1f32; t],
+            },
+            |scr, task| {
+                let (bi, hi) = (task / h, task % h);
+                let m = &mask[bi * t..(bi + 1) * t];
+                let s = &mut scr.s;
+                // S [t, t] = scale * Q_h K_h^T
+                gemm_view(
+                    s,
+                    head(q, bi, hi, t, h, d),
+                    head(k, bi, hi, t, h, d).t(),
+                    t,
+                    t,
+                    d,
+                    scale,
+                    0.0,
+                );
+                let mut lh = vec![0f32; t];
+                for (i, row) in s.chunks_mut(t).enumerate() {
+                    if on {
+                        dropout.fill_factors(prob_index(bi, hi, i, 0, t, h), &mut scr.fac);
                     }
+                    lh[i] = softmax_dropout_row(row, m, &scr.fac, on);
                 }
-            }
-            let mut oh = vec![0f32; t * d];
-            gemm(&mut oh, &s, &vh, t, d, t, false, false, 1.0, 0.0);
-            (oh, lh)
-        })
+                // O_h [t, d] = P' V_h
+                let mut oh = vec![0f32; t * d];
+                gemm_view(
+                    &mut oh,
+                    View::rows(s, 0, t),
+                    head(v, bi, hi, t, h, d),
+                    t,
+                    d,
+                    t,
+                    1.0,
+                    0.0,
+                );
+                (oh, lh)
+            },
+        )
         .collect();
     for (task, (oh, lh)) in results.into_iter().enumerate() {
         let (bi, hi) = (task / h, task % h);
         scatter_head(out, &oh, bi, hi, t, h, d);
         lse[(bi * h + hi) * t..(bi * h + hi + 1) * t].copy_from_slice(&lh);
     }
+}
+
+/// Per-task scratch of the backward pass: P, P with dropout, the dropout factors and dP
+/// (then dS), each [t, t].
+struct BwdScratch {
+    p: Vec<f32>,
+    pf: Vec<f32>,
+    fac: Vec<f32>,
+    ds: Vec<f32>,
 }
 
 /// Backward, recomputing P from lse (FlashAttention-2): with f the dropout factors,
@@ -115,44 +180,59 @@ pub fn attention_bwd(
     lse: &[f32], mask: &[f32], b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
 ) {
     let scale = 1.0 / (d as f32).sqrt();
+    let c = h * d;
+    // D [b*t, h] = dO . O per row and head, in one streaming pass (inside the tasks these
+    // strided reads missed the cache; the sums are the same).
+    let dvec: Vec<f32> = dout[..b * t * c]
+        .par_chunks(c)
+        .zip(out[..b * t * c].par_chunks(c))
+        .flat_map_iter(|(g, o)| g.chunks(d).zip(o.chunks(d)).map(|(g, o)| dot(g, o)))
+        .collect();
     type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
     let results: Vec<Grads> = (0..b * h)
         .into_par_iter()
-        .map(|task| {
-            let (bi, hi) = (task / h, task % h);
-            let g = |x: &[f32]| gather_head(x, bi, hi, t, h, d);
-            let (qh, kh, vh, oh, doh) = (g(q), g(k), g(v), g(out), g(dout));
-            let m = &mask[bi * t..(bi + 1) * t];
-            let lh = &lse[(bi * h + hi) * t..(bi * h + hi + 1) * t];
-            // P recomputed from the saved logsumexp
-            let mut p = vec![0f32; t * t];
-            gemm(&mut p, &qh, &kh, t, t, d, false, true, 1.0, 0.0);
-            for i in 0..t {
-                for (x, &mj) in p[i * t..(i + 1) * t].iter_mut().zip(m) {
-                    *x = if mj > 0.5 { (*x * scale - lh[i]).exp() } else { 0.0 };
+        .map_init(
+            || BwdScratch {
+                p: vec![0f32; t * t],
+                pf: vec![0f32; t * t],
+                fac: vec![1f32; t * t],
+                ds: vec![0f32; t * t],
+            },
+            |scr, task| {
+                let (bi, hi) = (task / h, task % h);
+                let m = &mask[bi * t..(bi + 1) * t];
+                let lh = &lse[(bi * h + hi) * t..(bi * h + hi + 1) * t];
+                let (qh, kh, vh, doh) = (
+                    head(q, bi, hi, t, h, d),
+                    head(k, bi, hi, t, h, d),
+                    head(v, bi, hi, t, h, d),
+                    head(dout, bi, hi, t, h, d),
+                );
+                // P recomputed from the saved logsumexp, and P with dropout
+                gemm_view(&mut scr.p, qh, kh.t(), t, t, d, scale, 0.0);
+                for (i, &li) in lh.iter().enumerate() {
+                    let r = i * t..(i + 1) * t;
+                    dropout.fill_factors(prob_index(bi, hi, i, 0, t, h), &mut scr.fac[r.clone()]);
+                    probs_row(&mut scr.p[r.clone()], &mut scr.pf[r.clone()], m, &scr.fac[r], li);
                 }
-            }
-            let mut fac = vec![1f32; t * t];
-            for i in 0..t {
-                dropout.fill_factors(prob_index(bi, hi, i, 0, t, h), &mut fac[i * t..(i + 1) * t]);
-            }
-            let pf: Vec<f32> = p.iter().zip(&fac).map(|(a, b)| a * b).collect();
-            let mut dvh = vec![0f32; t * d];
-            gemm(&mut dvh, &pf, &doh, t, d, t, true, false, 1.0, 0.0);
-            let mut ds = vec![0f32; t * t];
-            gemm(&mut ds, &doh, &vh, t, t, d, false, true, 1.0, 0.0);
-            for i in 0..t {
-                let di = dot(&doh[i * d..(i + 1) * d], &oh[i * d..(i + 1) * d]);
-                for j in 0..t {
-                    let idx = i * t + j;
-                    ds[idx] = p[idx] * (ds[idx] * fac[idx] - di) * scale;
+                // dV_h = (P f)^T dO_h
+                let mut dvh = vec![0f32; t * d];
+                gemm_view(&mut dvh, View::rows(&scr.pf, 0, t).t(), doh, t, d, t, 1.0, 0.0);
+                // dP = dO_h V_h^T, then dS in place
+                gemm_view(&mut scr.ds, doh, vh.t(), t, t, d, 1.0, 0.0);
+                for i in 0..t {
+                    let di = dvec[(bi * t + i) * h + hi];
+                    let r = i * t..(i + 1) * t;
+                    dscores_row(&mut scr.ds[r.clone()], &scr.p[r.clone()], &scr.fac[r], di, scale);
                 }
-            }
-            let (mut dqh, mut dkh) = (vec![0f32; t * d], vec![0f32; t * d]);
-            gemm(&mut dqh, &ds, &kh, t, d, t, false, false, 1.0, 0.0);
-            gemm(&mut dkh, &ds, &qh, t, d, t, true, false, 1.0, 0.0);
-            (dqh, dkh, dvh)
-        })
+                // dQ_h = dS K_h, dK_h = dS^T Q_h
+                let (mut dqh, mut dkh) = (vec![0f32; t * d], vec![0f32; t * d]);
+                let ds = View::rows(&scr.ds, 0, t);
+                gemm_view(&mut dqh, ds, kh, t, d, t, 1.0, 0.0);
+                gemm_view(&mut dkh, ds.t(), qh, t, d, t, 1.0, 0.0);
+                (dqh, dkh, dvh)
+            },
+        )
         .collect();
     for (task, (dqh, dkh, dvh)) in results.into_iter().enumerate() {
         let (bi, hi) = (task / h, task % h);

@@ -28,6 +28,7 @@
 //! side's tiles through shared memory with the similarity tile in registers; lse and the
 //! per-class sums in fp32/f64 as here.
 use super::gemm::gemm;
+use super::simd::{self, multiversion};
 use crate::backend::{Denominator, InfoNceOptions, OwnView};
 use rayon::prelude::*;
 
@@ -234,6 +235,49 @@ fn score_tile_t(st: &mut [f32], g: &Group, a0: usize, a1: usize, c0: usize, c1: 
     }
 }
 
+multiversion! {
+    /// Online logsumexp over one tile s [ta, tc]: per row r, with the tile's max t_r,
+    /// mx_r' = max(mx_r, t_r) and sum_r' = sum_r e^(mx_r - mx_r') + sum_j e^(s_rj - mx_r').
+    /// Rows whose columns are all excluded (-inf) are left as they are.
+    fn online_lse_tile(s: &[f32], tc: usize, mx: &mut [f32], sum: &mut [f32]) {
+        let mut e = [0f32; COL_TILE];
+        for (r, row) in s.chunks(tc).enumerate() {
+            let tmax = simd::max(row);
+            if tmax == f32::NEG_INFINITY {
+                continue; // every column of this tile is excluded for this anchor
+            }
+            let new_mx = mx[r].max(tmax);
+            for (e, &x) in e.iter_mut().zip(row) {
+                *e = simd::exp(x - new_mx);
+            }
+            sum[r] = sum[r] * simd::exp(mx[r] - new_mx) + simd::sum(&e[..tc]);
+            mx[r] = new_mx;
+        }
+    }
+}
+
+multiversion! {
+    /// s [rows, tc]: s_rj = e^(s_rj - l_r) (probabilities from the saved logsumexp).
+    fn exp_minus_row(s: &mut [f32], tc: usize, l: &[f32]) {
+        for (row, &l) in s.chunks_mut(tc).zip(l) {
+            for x in row.iter_mut() {
+                *x = simd::exp(*x - l);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// st [rows, ta] (transposed tile): st_rj = e^(st_rj - l_j).
+    fn exp_minus_col(st: &mut [f32], ta: usize, l: &[f32]) {
+        for row in st.chunks_mut(ta) {
+            for (x, &l) in row.iter_mut().zip(l) {
+                *x = simd::exp(*x - l);
+            }
+        }
+    }
+}
+
 #[inline]
 fn dot64(a: &[f32], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(&x, y)| x as f64 * y).sum()
@@ -263,17 +307,7 @@ pub fn infonce_fwd(
                 let c1 = (c0 + COL_TILE).min(nc);
                 let tc = c1 - c0;
                 score_tile(&mut s, grp, a0, a1, c0, c1, c, inv_tau);
-                for r in 0..ta {
-                    let row = &s[r * tc..(r + 1) * tc];
-                    let tmax = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                    if tmax == f32::NEG_INFINITY {
-                        continue; // every column of this tile is excluded for this anchor
-                    }
-                    let new_mx = mx[r].max(tmax);
-                    let tile_sum: f32 = row.iter().map(|&x| (x - new_mx).exp()).sum();
-                    sum[r] = sum[r] * (mx[r] - new_mx).exp() + tile_sum;
-                    mx[r] = new_mx;
-                }
+                online_lse_tile(&s[..ta * tc], tc, &mut mx, &mut sum);
             }
             // valid anchors have |D_i| > 0, so the max term contributes exp(0) = 1 and sum >= 1
             mx.iter().zip(&sum).map(|(&a, &b)| a + b.ln()).collect()
@@ -317,11 +351,7 @@ pub fn infonce_bwd(
                 let c1 = (c0 + COL_TILE).min(nc);
                 let tc = c1 - c0;
                 score_tile(&mut s, grp, a0, a1, c0, c1, c, inv_tau);
-                for r in 0..ta {
-                    for x in &mut s[r * tc..(r + 1) * tc] {
-                        *x = (*x - l[r]).exp();
-                    }
-                }
+                exp_minus_row(&mut s[..ta * tc], tc, &l);
                 gemm(&mut dza, &s, &grp.zc[c0 * c..], ta, c, tc, false, false, 1.0, 1.0);
             }
             dza
@@ -350,15 +380,12 @@ pub fn infonce_bwd(
             let (tc, na) = (c1 - c0, grp.anchors.len());
             let mut st = vec![0f32; tc * ANCHOR_TILE];
             let mut dzc = vec![0f32; tc * c];
+            let la: Vec<f32> = grp.anchors.iter().map(|&i| lse[i]).collect();
             for a0 in (0..na).step_by(ANCHOR_TILE) {
                 let a1 = (a0 + ANCHOR_TILE).min(na);
                 let ta = a1 - a0;
                 score_tile_t(&mut st, grp, a0, a1, c0, c1, c, inv_tau);
-                for row in st[..tc * ta].chunks_mut(ta) {
-                    for (x, &i) in row.iter_mut().zip(&grp.anchors[a0..a1]) {
-                        *x = (*x - lse[i]).exp();
-                    }
-                }
+                exp_minus_col(&mut st[..tc * ta], ta, &la[a0..a1]);
                 gemm(&mut dzc, &st, &grp.za[a0 * c..], tc, c, ta, false, false, 1.0, 1.0);
             }
             dzc

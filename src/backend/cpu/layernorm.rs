@@ -1,7 +1,70 @@
 //! LayerNorm with an optional fused residual add (BERT is post-LN:
 //! x_out = LN(sublayer(x) + x)). CPU twin of kernels/layernorm.cu.
+//!
+//! Rows run in parallel; each row's loops are compiled for AVX-512/AVX2 where the CPU has
+//! them (simd::multiversion), with the statistics summed in fixed lanes (f64 for mean and
+//! variance), so the result does not depend on the thread count or the vector width.
 use super::gemm::REDUCE_ROWS;
+use super::simd::{self, multiversion};
 use rayon::prelude::*;
+
+/// Lanes of the f64 sums of the row statistics (one AVX-512 register).
+const LANES64: usize = 8;
+
+/// sum of x as f64 in LANES64 interleaved partial sums added in lane order.
+#[inline(always)]
+fn sum64(x: &[f32], shift: f64) -> (f64, f64) {
+    let mut s = [0f64; LANES64];
+    let mut q = [0f64; LANES64];
+    let mut chunks = x.chunks_exact(LANES64);
+    for ch in &mut chunks {
+        for l in 0..LANES64 {
+            let d = ch[l] as f64 - shift;
+            s[l] += d;
+            q[l] += d * d;
+        }
+    }
+    for (l, &v) in chunks.remainder().iter().enumerate() {
+        let d = v as f64 - shift;
+        s[l] += d;
+        q[l] += d * d;
+    }
+    let (mut ts, mut tq) = (0f64, 0f64);
+    for l in 0..LANES64 {
+        ts += s[l];
+        tq += q[l];
+    }
+    (ts, tq)
+}
+
+multiversion! {
+    /// One row: o = LN(x + res) * weight + bias; returns (mean, 1/std).
+    fn layernorm_fwd_row(
+        o: &mut [f32], x: &[f32], res: Option<&[f32]>, weight: &[f32], bias: &[f32], eps: f32,
+    ) -> (f32, f32) {
+        let c = o.len();
+        // The residual sum is staged in `o` so the statistics see exactly the values
+        // the backward pass will recompute.
+        match res {
+            Some(res) => {
+                for ((o, a), b) in o.iter_mut().zip(x).zip(res) {
+                    *o = a + b;
+                }
+            }
+            None => o.copy_from_slice(x),
+        }
+        let (s, _) = sum64(o, 0.0);
+        let m = s / c as f64;
+        let (_, q) = sum64(o, m);
+        let var = q / c as f64;
+        let rs = (1.0 / (var + eps as f64).sqrt()) as f32;
+        let mf = m as f32;
+        for ((o, w), b) in o.iter_mut().zip(weight).zip(bias) {
+            *o = (*o - mf) * rs * w + b;
+        }
+        (mf, rs)
+    }
+}
 
 /// out = (x - mean) * rstd * weight + bias with x = inp + residual, per row of width c.
 #[allow(clippy::too_many_arguments)]
@@ -15,26 +78,46 @@ pub fn layernorm_fwd(
         .enumerate()
         .for_each(|(r, (o, (mu, rs)))| {
             let x = &inp[r * c..(r + 1) * c];
-            // The residual sum is staged in `o` so the statistics see exactly the values
-            // the backward pass will recompute.
-            match residual {
-                Some(res) => {
-                    for ((o, a), b) in o.iter_mut().zip(x).zip(&res[r * c..(r + 1) * c]) {
-                        *o = a + b;
-                    }
-                }
-                None => o.copy_from_slice(x),
-            }
-            let m = o.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-            let var = o.iter().map(|&v| (v as f64 - m) * (v as f64 - m)).sum::<f64>() / c as f64;
-            let s = 1.0 / (var + eps as f64).sqrt();
-            *mu = m as f32;
-            *rs = s as f32;
-            let (m, s) = (m as f32, s as f32);
-            for ((o, w), b) in o.iter_mut().zip(weight).zip(bias) {
-                *o = (*o - m) * s * w + b;
-            }
+            let res = residual.map(|res| &res[r * c..(r + 1) * c]);
+            (*mu, *rs) = layernorm_fwd_row(o, x, res, &weight[..c], &bias[..c], eps);
         });
+}
+
+multiversion! {
+    /// One row of the backward pass: di (overwritten) from dout g; dw, db accumulated.
+    /// xhat is scratch of width c.
+    fn layernorm_bwd_row(
+        di: &mut [f32], dw: &mut [f32], db: &mut [f32], xhat: &mut [f32], g: &[f32], x: &[f32],
+        res: Option<&[f32]>, weight: &[f32], m: f32, s: f32,
+    ) {
+        let c = di.len();
+        match res {
+            Some(res) => {
+                for ((h, &a), &b) in xhat.iter_mut().zip(x).zip(res) {
+                    *h = (a + b - m) * s;
+                }
+            }
+            None => {
+                for (h, &a) in xhat.iter_mut().zip(x) {
+                    *h = (a - m) * s;
+                }
+            }
+        }
+        // dxhat = g * w; dx = s * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        let mut s1 = [0f32; simd::LANES];
+        let mut s2 = [0f32; simd::LANES];
+        for j in 0..c {
+            let dxh = g[j] * weight[j];
+            s1[j % simd::LANES] += dxh;
+            s2[j % simd::LANES] += dxh * xhat[j];
+            dw[j] += g[j] * xhat[j];
+            db[j] += g[j];
+        }
+        let (a, b) = (simd::sum(&s1) / c as f32, simd::sum(&s2) / c as f32);
+        for j in 0..c {
+            di[j] = s * (g[j] * weight[j] - a - xhat[j] * b);
+        }
+    }
 }
 
 /// Gradient of layernorm_fwd. dinp (overwritten) is the gradient w.r.t. inp + residual,
@@ -55,27 +138,19 @@ pub fn layernorm_bwd(
             let mut xhat = vec![0f32; c];
             for (i, di) in di_chunk.chunks_mut(c).enumerate() {
                 let r = chunk * REDUCE_ROWS + i;
-                let x = &inp[r * c..(r + 1) * c];
-                let g = &dout[r * c..(r + 1) * c];
-                let (m, s) = (mean[r], rstd[r]);
-                for j in 0..c {
-                    let v = x[j] + residual.map_or(0.0, |res| res[r * c + j]);
-                    xhat[j] = (v - m) * s;
-                }
-                // dxhat = g * w; dx = s * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-                let mut sum_dxhat = 0f32;
-                let mut sum_dxhat_xhat = 0f32;
-                for j in 0..c {
-                    let dxh = g[j] * weight[j];
-                    sum_dxhat += dxh;
-                    sum_dxhat_xhat += dxh * xhat[j];
-                    dw[j] += g[j] * xhat[j];
-                    db[j] += g[j];
-                }
-                let (a, b) = (sum_dxhat / c as f32, sum_dxhat_xhat / c as f32);
-                for j in 0..c {
-                    di[j] = s * (g[j] * weight[j] - a - xhat[j] * b);
-                }
+                let rows = r * c..(r + 1) * c;
+                layernorm_bwd_row(
+                    di,
+                    &mut dw,
+                    &mut db,
+                    &mut xhat,
+                    &dout[rows.clone()],
+                    &inp[rows.clone()],
+                    residual.map(|res| &res[rows]),
+                    &weight[..c],
+                    mean[r],
+                    rstd[r],
+                );
             }
             (dw, db)
         })

@@ -1,7 +1,9 @@
 //! The CPU backend: fp32 everywhere, threads on every core (rayon for element-wise and
 //! row ops, matrixmultiply's own threads for GEMMs). It is the reference for every CUDA
 //! kernel: each op lives in a file named after its kernel family and keeps the kernel's
-//! argument order, and the free functions are what the parity tests call.
+//! argument order, and the free functions are what the parity tests call. Hot row loops
+//! run in AVX-512/AVX2 builds picked at run time (simd.rs), bit-identical to the
+//! baseline build.
 pub mod adamw;
 pub mod attention;
 pub mod dropout;
@@ -13,6 +15,7 @@ pub mod l2norm;
 pub mod layernorm;
 pub mod quantize;
 pub mod rows;
+pub mod simd;
 pub mod softmax_ce;
 
 use super::{AdamW, Backend, Dropout, InfoNceOptions, Precision};

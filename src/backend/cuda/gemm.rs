@@ -135,3 +135,70 @@ pub fn add_inplace(cu: &Cuda, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, n:
     // buffers hold n floats (checked above).
     check(unsafe { l.launch(grid_1d(n, BLOCK)) }, "add_inplace_f32");
 }
+
+/// The bf16 tensor-core GEMM rate of this GPU in FLOP/s: C = A B^T at n x n x n with bf16
+/// inputs and output and fp32 compute (cublasGemmEx, the path a bf16 backend would use),
+/// one untimed call, then the best of `reps`. The `bench` command's MFU reference for
+/// bf16 runs. Written without a GPU to run it on: unverified until it has run on one.
+pub fn bf16_gemm_rate(cu: &Cuda, n: usize, reps: usize) -> crate::error::Result<f64> {
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    let err = |what: &str, e: String| crate::error::Error::Device(format!("bf16 GEMM rate: {what}: {e}"));
+    let ni = int(n, "bf16 gemm n");
+    // bf16 1.0 = 0x3f80 and 2^-8 = 0x3b80: finite products, no denormals.
+    let a = cu
+        .stream
+        .clone_htod(&vec![0x3f80u16; n * n])
+        .map_err(|e| err("upload", e.to_string()))?;
+    let b = cu
+        .stream
+        .clone_htod(&vec![0x3b80u16; n * n])
+        .map_err(|e| err("upload", e.to_string()))?;
+    let mut c = cu
+        .stream
+        .alloc_zeros::<u16>(n * n)
+        .map_err(|e| err("allocation", e.to_string()))?;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let mut best = f64::INFINITY;
+    for rep in 0..=reps {
+        cu.synchronize();
+        let t0 = std::time::Instant::now();
+        {
+            let (pa, _ra) = a.device_ptr(&cu.stream);
+            let (pb, _rb) = b.device_ptr(&cu.stream);
+            let (pc, _rc) = c.device_ptr_mut(&cu.stream);
+            // SAFETY: a, b, c each hold n*n bf16 elements; with (m, n, k) = (n, n, n) and
+            // every leading dimension n the call touches exactly those; alpha and beta are
+            // fp32 host scalars as CUBLAS_COMPUTE_32F requires.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *cu.blas.handle(),
+                    CUBLAS_OP_T,
+                    CUBLAS_OP_N,
+                    ni,
+                    ni,
+                    ni,
+                    (&alpha) as *const f32 as *const _,
+                    pb as *const _,
+                    cudaDataType_t::CUDA_R_16BF,
+                    ni,
+                    pa as *const _,
+                    cudaDataType_t::CUDA_R_16BF,
+                    ni,
+                    (&beta) as *const f32 as *const _,
+                    pc as *mut _,
+                    cudaDataType_t::CUDA_R_16BF,
+                    ni,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| err("cublasGemmEx", format!("{e:?}")))?;
+        }
+        cu.synchronize();
+        if rep > 0 {
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(2.0 * (n as f64).powi(3) / best)
+}

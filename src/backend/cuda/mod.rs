@@ -292,6 +292,13 @@ impl Cuda {
         check(self.stream.synchronize(), "synchronize");
     }
 
+    /// Device memory in use on this GPU (total - free, all processes), for the bench's
+    /// report; None if the driver does not answer. Unverified: not yet run on a GPU.
+    pub fn memory_used(&self) -> Option<u64> {
+        let (free, total) = self.stream.context().mem_get_info().ok()?;
+        Some(total.saturating_sub(free) as u64)
+    }
+
     /// An NVTX range named `name`, closed when the returned guard drops; None without
     /// libnvToolsExt. For the model's per-layer ranges (`nsys profile` shows them).
     pub fn range(&self, name: &str) -> Option<cudarc::nvtx::Range> {

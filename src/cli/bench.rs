@@ -1,0 +1,619 @@
+//! `deepcut-fast bench`: times full DeepCUT training steps (SPEC section 4) on synthetic
+//! tokens with random-init weights and prints one JSON object on stdout (a short line on
+//! stderr): step-time median and spread, tokens/s, model FLOPs per step, achieved
+//! TFLOP/s, MFU against the device's measured matmul rate, peak memory.
+//!
+//! A step is exactly what `run` does per step: `deepcut::assemble` (host), forward over
+//! [forget view a | forget view b | retain] with dropout on, CE on retain tokens,
+//! class-masked InfoNCE over the L2-normalised labelled tokens, one backward pass,
+//! global-norm clipping and AdamW (`Optimizer::update`), then a device synchronisation,
+//! so a GPU step is timed to its end.
+//!
+//! Synthetic data (a step's cost does not depend on the values, only on the shapes and,
+//! for the contrastive term, on how the labels split into classes): every sequence is
+//! `--seq-len` real tokens (no padding), token ids uniform over the vocabulary (the pad id
+//! avoided), the first and last position unlabelled (the special tokens), every other
+//! position labelled, `O` (class 0) with probability 0.8 and otherwise uniform over the
+//! other `--labels - 1` classes (WNUT17-like). scripts/compare-torch.py builds the same.
+use super::{with_backend, DeviceArgs};
+use crate::backend::{cpu::Cpu, cuda::Cuda, Backend, InfoNceOptions, IGNORE_INDEX};
+use crate::data::Window;
+use crate::error::{Error, Result};
+use crate::infer::{max_window, model_from_weights, position_style};
+use crate::model::{random_init, ModelConfig};
+use crate::train::optim::{OptimConfig, Optimizer};
+use crate::unlearn::deepcut::{self, Anchors, Contrast};
+use clap::Args;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model shape: minilm-l6 | bert-base | roberta-base (random-init weights).
+    #[arg(long, default_value = "minilm-l6", conflicts_with = "config")]
+    preset: String,
+    /// A config.json to take the shape from instead of a preset (weights random-init).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Forget sentences per step (each encoded twice: two dropout views).
+    #[arg(long, default_value_t = 8)]
+    bf: usize,
+    /// Retain sentences per step.
+    #[arg(long, default_value_t = 32)]
+    br: usize,
+    /// Tokens per sequence (special tokens included; no padding).
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed steps first (allocation, caches, clocks).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Classes of the token-classification head (13: WNUT17's BIO tags).
+    #[arg(long, default_value_t = 13)]
+    labels: usize,
+    /// Seed of the weights, the tokens and the dropout masks.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Size n of the n x n x n fp32 GEMM timed once at startup for the MFU reference
+    /// (default 2048 on the CPU, 8192 on a GPU).
+    #[arg(long)]
+    matmul_size: Option<usize>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// What the bench needs from a backend beyond [`Backend`]: a way to wait for queued work
+/// (timing), the device's name and memory, and the matmul rates the MFU refers to.
+pub trait BenchBackend: Backend {
+    /// Waits until every queued op has finished.
+    fn sync(&self);
+    /// The device in words (CPU model and threads, GPU name).
+    fn device_name(&self) -> String;
+    /// Device memory in use (bytes), where the backend has its own memory; None on the CPU.
+    fn device_memory_used(&self) -> Option<u64>;
+    /// Default size of the rate GEMM on this device.
+    fn default_matmul_size(&self) -> usize;
+    /// Matmul rates other than the fp32 `Backend::gemm` path (the GPU's bf16 tensor-core
+    /// rate), each measured at n x n x n.
+    fn extra_matmul_rates(&self, n: usize) -> Vec<MatmulRate>;
+    /// Whether numbers from this backend are verified (false for the CUDA backend until it
+    /// has run on a GPU).
+    fn verified(&self) -> bool;
+}
+
+/// One measured matmul rate.
+#[derive(Clone, Debug)]
+pub struct MatmulRate {
+    pub dtype: &'static str,
+    pub n: usize,
+    pub tflops: f64,
+    /// Which code path was timed.
+    pub path: String,
+    /// False where the path has never run on real hardware (the CUDA backend).
+    pub verified: bool,
+}
+
+impl MatmulRate {
+    fn to_json(&self) -> Value {
+        json!({
+            "dtype": self.dtype,
+            "shape": [self.n, self.n, self.n],
+            "tflops": self.tflops,
+            "path": self.path,
+            "verified": self.verified,
+        })
+    }
+}
+
+/// CPU model name from /proc/cpuinfo ("unknown CPU" elsewhere).
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_string())
+}
+
+impl BenchBackend for Cpu {
+    fn sync(&self) {}
+    fn device_name(&self) -> String {
+        format!("{} ({} threads)", cpu_model(), rayon::current_num_threads())
+    }
+    fn device_memory_used(&self) -> Option<u64> {
+        None
+    }
+    fn default_matmul_size(&self) -> usize {
+        2048
+    }
+    fn extra_matmul_rates(&self, _n: usize) -> Vec<MatmulRate> {
+        vec![]
+    }
+    fn verified(&self) -> bool {
+        true
+    }
+}
+
+impl BenchBackend for Cuda {
+    fn sync(&self) {
+        self.synchronize()
+    }
+    fn device_name(&self) -> String {
+        let i = self.info();
+        format!("{} (sm_{}{})", i.name, i.major, i.minor)
+    }
+    fn device_memory_used(&self) -> Option<u64> {
+        self.memory_used()
+    }
+    fn default_matmul_size(&self) -> usize {
+        8192
+    }
+    fn extra_matmul_rates(&self, n: usize) -> Vec<MatmulRate> {
+        match crate::backend::cuda::gemm::bf16_gemm_rate(self, n, 10) {
+            Ok(flops) => vec![MatmulRate {
+                dtype: "bf16",
+                n,
+                tflops: flops / 1e12,
+                path: "cublasGemmEx bf16 inputs, fp32 compute".into(),
+                verified: false,
+            }],
+            Err(e) => {
+                eprintln!("bench: bf16 GEMM rate not measured: {e}");
+                vec![]
+            }
+        }
+    }
+    fn verified(&self) -> bool {
+        false
+    }
+}
+
+/// fp32 GEMM rate (FLOP/s) of the backend's own `gemm` at n x n x n: for each operand
+/// layout the step uses (A B^T for forward passes, A B for input gradients, A^T B for
+/// weight gradients) one untimed call, then `reps` timed ones; the best of all (the peak
+/// the MFU refers to).
+pub fn gemm_rate<B: BenchBackend>(be: &B, n: usize, reps: usize) -> f64 {
+    let mut a = be.alloc(n * n);
+    let mut b = be.alloc(n * n);
+    let vals: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+    be.upload(&mut a, &vals);
+    be.upload(&mut b, &vals);
+    let mut c = be.alloc(n * n);
+    let mut best = f64::INFINITY;
+    for (ta, tb) in [(false, true), (false, false), (true, false)] {
+        for rep in 0..=reps {
+            be.sync();
+            let t0 = Instant::now();
+            be.gemm(&mut c, &a, &b, n, n, n, ta, tb, 1.0, 0.0);
+            be.sync();
+            if rep > 0 {
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+        }
+    }
+    2.0 * (n as f64).powi(3) / best
+}
+
+/// Shapes of one DeepCUT step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepShape {
+    pub layers: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub labels: usize,
+    pub bf: usize,
+    pub br: usize,
+    pub seq_len: usize,
+    /// Labelled tokens per sequence.
+    pub labelled: usize,
+}
+
+/// Model FLOPs of one step, by part.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepFlops {
+    pub linear: f64,
+    pub attention: f64,
+    pub head: f64,
+    pub contrast: f64,
+}
+
+impl StepFlops {
+    pub fn total(&self) -> f64 {
+        self.linear + self.attention + self.head + self.contrast
+    }
+}
+
+impl StepShape {
+    /// Sequences in the forward pass: both views of each forget sentence, then retain.
+    pub fn sequences(&self) -> usize {
+        2 * self.bf + self.br
+    }
+    pub fn tokens(&self) -> usize {
+        self.sequences() * self.seq_len
+    }
+    /// Contrastive anchors (labelled forget tokens, both views) and columns (every
+    /// labelled token of the step).
+    pub fn anchors_columns(&self) -> (usize, usize) {
+        (2 * self.bf * self.labelled, self.sequences() * self.labelled)
+    }
+
+    /// Model FLOPs of one training step, counted from the shapes (a multiply-add is 2
+    /// FLOPs), the convention of MFU estimates (PaLM appendix B, nanoGPT): what the model
+    /// needs, not what a kernel does; recomputation (attention backward rebuilding P)
+    /// and element-wise work (embeddings, LayerNorm, GELU, softmax, dropout, AdamW) are
+    /// not counted. With S = 2 B_f + B_r sequences of T tokens (each forget sentence
+    /// counted in both views), N = S T rows, c hidden, f FFN width, L layers, l labels:
+    /// ```text
+    /// forward, per layer:  linear     2 N (4 c^2 + 2 c f)   q, k, v, output projection, FFN up and down
+    ///                      attention  4 S T^2 c             Q K^T and P V over all heads (2 T^2 d each, h d = c)
+    /// forward, head:                  2 N c l
+    /// training = 3 x forward          backward = input gradients + weight gradients, each as large
+    ///                                 as the forward (attention: dP, dV, dQ, dK = 2 x forward)
+    /// contrastive:                    4 A M c   A anchors x M columns: the similarities Z_a Z_c^T
+    ///                                           forward, and dZ_a = P Z_c backward (columns
+    ///                                           detached, SPEC 4 point 6); counted dense, as a
+    ///                                           straightforward implementation computes them
+    ///                                           (ours skips the other classes' columns)
+    /// ```
+    pub fn flops(&self) -> StepFlops {
+        let (s, t, c, f) = (
+            self.sequences() as f64,
+            self.seq_len as f64,
+            self.hidden as f64,
+            self.ffn as f64,
+        );
+        let n = s * t;
+        let layers = self.layers as f64;
+        let (a, m) = self.anchors_columns();
+        StepFlops {
+            linear: 3.0 * layers * 2.0 * n * (4.0 * c * c + 2.0 * c * f),
+            attention: 3.0 * layers * 4.0 * s * t * t * c,
+            head: 3.0 * 2.0 * n * c * self.labels as f64,
+            contrast: 4.0 * a as f64 * m as f64 * c,
+        }
+    }
+}
+
+/// Median, spread and mean of a sample (seconds).
+#[derive(Clone, Copy, Debug)]
+pub struct Spread {
+    pub median: f64,
+    pub mean: f64,
+    pub min: f64,
+    pub max: f64,
+    pub p10: f64,
+    pub p90: f64,
+    /// Median absolute deviation from the median.
+    pub mad: f64,
+}
+
+/// Quantile q of sorted values, linear interpolation between closest ranks (numpy's default).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let pos = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+impl Spread {
+    /// Statistics of a non-empty sample.
+    pub fn of(xs: &[f64]) -> Spread {
+        let mut v = xs.to_vec();
+        v.sort_by(f64::total_cmp);
+        let median = quantile(&v, 0.5);
+        let mut dev: Vec<f64> = v.iter().map(|x| (x - median).abs()).collect();
+        dev.sort_by(f64::total_cmp);
+        Spread {
+            median,
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            min: v[0],
+            max: v[v.len() - 1],
+            p10: quantile(&v, 0.1),
+            p90: quantile(&v, 0.9),
+            mad: quantile(&dev, 0.5),
+        }
+    }
+
+    fn to_json(self) -> Value {
+        json!({
+            "median": self.median,
+            "mean": self.mean,
+            "min": self.min,
+            "max": self.max,
+            "p10": self.p10,
+            "p90": self.p90,
+            "mad": self.mad,
+        })
+    }
+}
+
+/// The synthetic windows: `rows` sequences of `t` tokens (see the module comment).
+fn synthetic_windows(rows: usize, t: usize, vocab: usize, labels: usize, pad: u32, seed: u64) -> Vec<Window> {
+    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x >> 33
+    };
+    (0..rows)
+        .map(|_| {
+            let mut ids = Vec::with_capacity(t);
+            let mut lab = Vec::with_capacity(t);
+            for p in 0..t {
+                let mut id = (next() % vocab as u64) as u32;
+                if id == pad {
+                    id = (pad + 1) % vocab as u32;
+                }
+                ids.push(id);
+                let y = if p == 0 || p + 1 == t {
+                    IGNORE_INDEX
+                } else if next() % 10 < 8 || labels == 1 {
+                    0
+                } else {
+                    1 + (next() % (labels as u64 - 1)) as i32
+                };
+                lab.push(y);
+            }
+            Window {
+                sentence: 0,
+                first_word: 0,
+                word_pos: vec![],
+                ids,
+                labels: lab,
+            }
+        })
+        .collect()
+}
+
+/// Load averages (1, 5, 15 min) from /proc/loadavg; the machine's load goes next to
+/// every timing.
+fn loadavg() -> Value {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| {
+            s.split_whitespace()
+                .take(3)
+                .filter_map(|x| x.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .filter(|v| v.len() == 3)
+        .map_or(Value::Null, |v| json!(v))
+}
+
+impl BenchArgs {
+    fn validate(&self) -> Result<ModelConfig> {
+        for (name, v) in [("--bf", self.bf), ("--br", self.br), ("--steps", self.steps)] {
+            if v == 0 {
+                return Err(Error::invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.labels < 2 {
+            return Err(Error::invalid(
+                "--labels must be at least 2 (the contrastive term needs another class)",
+            ));
+        }
+        if self.matmul_size == Some(0) {
+            return Err(Error::invalid("--matmul-size must be at least 1"));
+        }
+        let cfg = match &self.config {
+            Some(p) => ModelConfig::from_file(p)?,
+            None => ModelConfig::preset(&self.preset)?,
+        };
+        let max = max_window(&cfg);
+        if self.seq_len < 3 || self.seq_len > max {
+            return Err(Error::invalid(format!(
+                "--seq-len {}: must be between 3 (two special tokens and a labelled one) and {max} (the model's position table)",
+                self.seq_len
+            )));
+        }
+        Ok(cfg)
+    }
+
+    fn model_name(&self) -> String {
+        match &self.config {
+            Some(p) => p.display().to_string(),
+            None => self.preset.clone(),
+        }
+    }
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let cfg = args.validate()?;
+    let device = args.device.init()?;
+    with_backend!(device, mk => {
+        let be = mk()?;
+        let report = bench(&args, &cfg, be)?;
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| Error::invalid(e.to_string()))?);
+        Ok(())
+    })
+}
+
+fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<Value> {
+    let load_start = loadavg();
+    let n_mm = args.matmul_size.unwrap_or_else(|| be.default_matmul_size());
+    let rate_start = gemm_rate(&be, n_mm, 2) / 1e12;
+    let extra = be.extra_matmul_rates(n_mm);
+
+    let shape = StepShape {
+        layers: cfg.num_hidden_layers,
+        hidden: cfg.hidden_size,
+        ffn: cfg.intermediate_size,
+        labels: args.labels,
+        bf: args.bf,
+        br: args.br,
+        seq_len: args.seq_len,
+        labelled: args.seq_len - 2,
+    };
+    let weights = random_init(cfg, Some(args.labels), args.seed);
+    let params: usize = weights.tensors.values().map(|t| t.data.len()).sum();
+    let device_name = be.device_name();
+    let backend_name = be.name();
+    let mut model = model_from_weights(be, cfg, &weights, args.labels, shape.tokens());
+    drop(weights);
+    let pad = cfg.pad_token_id;
+    let windows = synthetic_windows(
+        args.bf + args.br,
+        args.seq_len,
+        cfg.vocab_size,
+        args.labels,
+        pad,
+        args.seed,
+    );
+    let forget: Vec<usize> = (0..args.bf).collect();
+    let retain: Vec<usize> = (args.bf..args.bf + args.br).collect();
+    let total = (args.warmup + args.steps) as u64;
+    let mut opt = Optimizer::new(
+        &model,
+        OptimConfig {
+            lr: 5e-5,
+            weight_decay: 0.01,
+            warmup: 0,
+            total,
+            clip: 1.0,
+        },
+    );
+    let mut contrast = Contrast::new(&model.be, shape.tokens(), model.dims.hidden);
+    let style = position_style(cfg);
+    let opts = InfoNceOptions::default();
+    let gamma = 0.3;
+    let mut times = Vec::with_capacity(args.steps);
+    let mut losses = vec![];
+    let mut anchors = 0;
+    for step in 0..total {
+        model.be.sync();
+        let t0 = Instant::now();
+        let (batch, z) = deepcut::assemble(&windows, &forget, &retain, pad, style, 0, Anchors::All);
+        let l = deepcut::step(
+            &mut model,
+            &mut contrast,
+            &batch,
+            &z,
+            opts,
+            gamma,
+            crate::model::Mode::Train { seed: args.seed, step },
+        );
+        opt.update(&mut model)?;
+        model.be.sync();
+        let dt = t0.elapsed().as_secs_f64();
+        if step >= args.warmup as u64 {
+            times.push(dt);
+        }
+        anchors = l.anchors;
+        losses.push(l);
+    }
+    let device_memory = model.be.device_memory_used();
+    // Measured again after the steps: on a shared machine one measurement can land in a
+    // busy moment; the reference is the better of the two.
+    let rate_end = gemm_rate(&model.be, n_mm, 2) / 1e12;
+    let fp32 = MatmulRate {
+        dtype: "fp32",
+        n: n_mm,
+        tflops: rate_start.max(rate_end),
+        path: format!("Backend::gemm of {}", backend_name),
+        verified: model.be.verified(),
+    };
+    let spread = Spread::of(&times);
+    let flops = shape.flops();
+    let tokens = shape.tokens();
+    let achieved = flops.total() / spread.median / 1e12;
+    let (a, m) = shape.anchors_columns();
+    let first = losses.first().copied().unwrap_or_default();
+    let last = losses.last().copied().unwrap_or_default();
+    // Several json! blocks merged in order (one block overflows the macro's recursion limit).
+    let parts = [
+        json!({
+            "command": "bench",
+            "model": args.model_name(),
+            "model_type": cfg.model_type.name(),
+            "layers": cfg.num_hidden_layers,
+            "hidden": cfg.hidden_size,
+            "heads": cfg.num_attention_heads,
+            "ffn": cfg.intermediate_size,
+            "vocab": cfg.vocab_size,
+            "labels": args.labels,
+            "parameters": params,
+            // config.json of the benched shape, so another implementation builds the same model
+            "model_config": cfg.to_json(),
+        }),
+        json!({
+            "bf": args.bf,
+            "br": args.br,
+            "seq_len": args.seq_len,
+            "sequences_per_step": shape.sequences(),
+            "tokens_per_step": tokens,
+            "labelled_per_sequence": shape.labelled,
+            "anchors": a,
+            "valid_anchors": anchors,
+            "columns": m,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "seed": args.seed,
+        }),
+        json!({
+            "device": device_name,
+            "backend": backend_name,
+            "precision": "fp32",
+            "threads": rayon::current_num_threads(),
+            "verified": model.be.verified(),
+            "step_time_s": spread.to_json(),
+            "tokens_per_s": tokens as f64 / spread.median,
+            "flops_per_step": flops.total(),
+            "flops_breakdown": {
+                "linear": flops.linear,
+                "attention": flops.attention,
+                "head": flops.head,
+                "contrast": flops.contrast,
+            },
+            "flops_formula": "3 x forward (2 N (4c^2 + 2cf) per layer + 4 S T^2 c per layer + 2 N c l) + 4 A M c; \
+                              S = 2 bf + br sequences, N = S T tokens, A anchors, M columns",
+            "achieved_tflops": achieved,
+            "matmul_rate": fp32.to_json(),
+            "matmul_tflops_start_end": [rate_start, rate_end],
+            "other_matmul_rates": extra.iter().map(MatmulRate::to_json).collect::<Vec<_>>(),
+            "mfu": achieved / fp32.tflops,
+        }),
+        json!({
+            "peak_rss_bytes": crate::util::peak_memory_bytes(),
+            "device_memory_bytes": device_memory,
+            "losses": {
+                "first": {"ce": first.ce, "contrast": first.contrast, "total": first.total},
+                "last": {"ce": last.ce, "contrast": last.contrast, "total": last.total},
+            },
+            "loadavg_start": load_start,
+            "loadavg_end": loadavg(),
+            "unix_time": crate::util::unix_time(),
+            "note": if model.be.verified() { Value::Null } else {
+                json!("the CUDA backend has not yet run on a GPU: these numbers are unverified")
+            },
+        }),
+    ];
+    let mut report = serde_json::Map::new();
+    for part in parts {
+        if let Value::Object(o) = part {
+            report.extend(o);
+        }
+    }
+    let report = Value::Object(report);
+    eprintln!(
+        "bench {} bf {} br {} seq {}: median {:.4} s/step (p10 {:.4}, p90 {:.4}), {:.0} tokens/s, {:.3} TFLOP/s, \
+         MFU {:.1}% of the measured {:.3} TFLOP/s fp32 GEMM, peak RSS {:.2} GiB, load {}",
+        args.model_name(),
+        args.bf,
+        args.br,
+        args.seq_len,
+        spread.median,
+        spread.p10,
+        spread.p90,
+        tokens as f64 / spread.median,
+        achieved,
+        100.0 * achieved / fp32.tflops,
+        fp32.tflops,
+        crate::util::peak_memory_bytes() as f64 / (1u64 << 30) as f64,
+        load_start
+    );
+    Ok(report)
+}
