@@ -12,7 +12,9 @@
 #      (scripts/infonce_torch.py), when torch is importable;
 #   4. a short DeepCUT run on GPU and on CPU with the same seed (--device cuda / cpu),
 #      on DEEPCUT_CHECK_MODEL (default tests/golden/roberta-wnut17) and DEEPCUT_CHECK_DATA
-#      (default: the WNUT17 slice that --build writes to target/gpu-check/data).
+#      (default: the WNUT17 slice that --build writes to target/gpu-check/data);
+#   5. `deepcut-fast bench` next to the same DeepCUT step in PyTorch at the roberta-base
+#      shape (scripts/compare-torch.py --device cuda), when torch and transformers import.
 #
 # Build the binaries on the machine with Rust (no GPU needed; NVRTC from the pip wheels):
 #     scripts/gpu-check.sh --build
@@ -199,6 +201,21 @@ EOF
     row "deepcut run gpu vs cpu (6 steps)" "${cmp%% *}" "${cmp#* }"
 else
     row "deepcut run gpu vs cpu" "NOT RUN" "needs the CLI wired to CUDA and DEEPCUT_CHECK_MODEL/DATA"
+fi
+
+# ---- 5. DeepCUT step throughput against PyTorch (issue #6's comparison) -------------------------
+# `deepcut-fast bench` and the same step in PyTorch (bf16 autocast, SDPA) at the roberta-base
+# shape, seq 128, bf 8, br 32. The engine runs fp32 on CUDA until real bf16 storage exists.
+if [ -n "$CLI" ] && python3 -c 'import torch, transformers' 2>/dev/null; then
+    echo "== compare-torch (roberta-base, 8/32/128)"
+    timeout 120 python3 scripts/compare-torch.py --device cuda --preset roberta-base --bf 8 --br 32 --seq-len 128 \
+        --steps 10 --warmup 3 --bin "$CLI" --json "$LOGS/compare-torch.json" >"$LOGS/compare-torch.log" 2>&1
+    rc=$?
+    tail -n 12 "$LOGS/compare-torch.log"
+    ratio=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d.get("ratio", "?"))' "$LOGS/compare-torch.json" 2>/dev/null)
+    row "step vs PyTorch (roberta-base)" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "tokens/s ratio ours/torch ${ratio:-?}; $LOGS/compare-torch.log"
+else
+    row "step vs PyTorch" "SKIP" "needs the CLI and torch+transformers"
 fi
 
 echo
