@@ -700,36 +700,7 @@ mod step {
 
     /// Six windows of 5..16 tokens, labels on most words.
     fn windows(rng: &mut Rng) -> Vec<Window> {
-        (0..6)
-            .map(|s| {
-                let len = 5 + rng.below(12);
-                let mut ids = vec![1u32];
-                let mut labels = vec![IGNORE_INDEX];
-                for _ in 1..len - 1 {
-                    ids.push(3 + rng.below(47) as u32);
-                    labels.push(if rng.below(5) == 0 {
-                        IGNORE_INDEX
-                    } else {
-                        rng.below(5) as i32
-                    });
-                }
-                ids.push(2);
-                labels.push(IGNORE_INDEX);
-                let word_pos = labels
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, &y)| y >= 0)
-                    .map(|(i, _)| i)
-                    .collect();
-                Window {
-                    sentence: s,
-                    first_word: 0,
-                    ids,
-                    labels,
-                    word_pos,
-                }
-            })
-            .collect()
+        super::common::random_windows(rng, 6, 5, 12, 47)
     }
 
     fn model<B: Backend>(be: B, seed: u64) -> Model<B> {

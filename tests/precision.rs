@@ -23,7 +23,7 @@ use common::fixture::{self, bin, s};
 use common::{rel_l2, Rng};
 use deepcut_fast::backend::cpu::quantize::round_to;
 use deepcut_fast::backend::cpu::Cpu;
-use deepcut_fast::backend::{Backend, InfoNceOptions, Precision, IGNORE_INDEX};
+use deepcut_fast::backend::{Backend, InfoNceOptions, Precision};
 use deepcut_fast::data::{PositionStyle, Window};
 use deepcut_fast::model::{Dims, Mode, Model};
 use deepcut_fast::train::checkpoint;
@@ -222,37 +222,7 @@ fn dims() -> Dims {
 
 /// Eight windows of 6..20 tokens, most words labelled.
 fn windows() -> Vec<Window> {
-    let mut rng = Rng(77);
-    (0..8)
-        .map(|s| {
-            let len = 6 + rng.below(15);
-            let mut ids = vec![1u32];
-            let mut labels = vec![IGNORE_INDEX];
-            for _ in 1..len - 1 {
-                ids.push(3 + rng.below(57) as u32);
-                labels.push(if rng.below(5) == 0 {
-                    IGNORE_INDEX
-                } else {
-                    rng.below(5) as i32
-                });
-            }
-            ids.push(2);
-            labels.push(IGNORE_INDEX);
-            let word_pos = labels
-                .iter()
-                .enumerate()
-                .filter(|(_, &y)| y >= 0)
-                .map(|(i, _)| i)
-                .collect();
-            Window {
-                sentence: s,
-                first_word: 0,
-                ids,
-                labels,
-                word_pos,
-            }
-        })
-        .collect()
+    common::random_windows(&mut Rng(77), 8, 6, 15, 57)
 }
 
 fn model(precision: Precision) -> Model<Cpu> {

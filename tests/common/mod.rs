@@ -46,3 +46,41 @@ pub fn repo() -> PathBuf {
 pub fn shared() -> PathBuf {
     repo().join("../shared")
 }
+
+/// `n` random windows of `min_len .. min_len + span` tokens: [CLS]=1, word ids in
+/// 3..3+vocab, [SEP]=2; about four words in five labelled with one of 5 classes.
+pub fn random_windows(
+    rng: &mut Rng, n: usize, min_len: usize, span: usize, vocab: usize,
+) -> Vec<deepcut_fast::data::Window> {
+    use deepcut_fast::backend::IGNORE_INDEX;
+    (0..n)
+        .map(|s| {
+            let len = min_len + rng.below(span);
+            let mut ids = vec![1u32];
+            let mut labels = vec![IGNORE_INDEX];
+            for _ in 1..len - 1 {
+                ids.push(3 + rng.below(vocab) as u32);
+                labels.push(if rng.below(5) == 0 {
+                    IGNORE_INDEX
+                } else {
+                    rng.below(5) as i32
+                });
+            }
+            ids.push(2);
+            labels.push(IGNORE_INDEX);
+            let word_pos = labels
+                .iter()
+                .enumerate()
+                .filter(|(_, &y)| y >= 0)
+                .map(|(i, _)| i)
+                .collect();
+            deepcut_fast::data::Window {
+                sentence: s,
+                first_word: 0,
+                ids,
+                labels,
+                word_pos,
+            }
+        })
+        .collect()
+}
