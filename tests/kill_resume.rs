@@ -131,33 +131,7 @@ fn run_killed_at_every_kind_of_moment_resumes_to_the_same_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let fx = fixture::build(tmp.path());
     let steps = 8u64;
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "run",
-            "--model",
-            &s(&fx.model),
-            "--data",
-            &s(&fx.data),
-            "--forget-ratio",
-            "0.25",
-            "--steps",
-            &steps.to_string(),
-            "--bf",
-            "4",
-            "--br",
-            "8",
-            "--checkpoint-every",
-            "1",
-            "--quiet",
-            "--device",
-            "cpu",
-            "--out",
-            &s(out),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
-    };
+    let args = |out: &Path| fixture::run_args(&fx.model, &fx.data, out, steps, &["--checkpoint-every", "1"]);
     let full = tmp.path().join("run-full");
     let t0 = Instant::now();
     spawn(&args(&full), &tmp.path().join("full.log")).finish();

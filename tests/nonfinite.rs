@@ -72,33 +72,13 @@ fn a_run_whose_loss_blows_up_stops_naming_step_and_term_and_keeps_its_checkpoint
     let tmp = tempfile::tempdir().unwrap();
     let fx = fixture::build(tmp.path());
     let out = tmp.path().join("run");
-    let args: Vec<String> = [
-        "run",
-        "--model",
-        &s(&fx.model),
-        "--data",
-        &s(&fx.data),
-        "--forget-ratio",
-        "0.25",
-        "--steps",
-        "40",
-        "--bf",
-        "4",
-        "--br",
-        "8",
-        "--lr",
-        "1e6",
-        "--checkpoint-every",
-        "1",
-        "--quiet",
-        "--device",
-        "cpu",
-        "--out",
-        &s(&out),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
+    let args = fixture::run_args(
+        &fx.model,
+        &fx.data,
+        &out,
+        40,
+        &["--lr", "1e6", "--checkpoint-every", "1"],
+    );
     let err = fails(&args);
     assert!(
         names_a_loss_term(&err),
@@ -239,29 +219,7 @@ fn a_model_whose_logits_overflow_stops_at_step_1_naming_the_cross_entropy() {
     std::fs::write(&w, safetensors::serialize(views, &None).unwrap()).unwrap();
 
     let out = tmp.path().join("run");
-    let args: Vec<String> = [
-        "run",
-        "--model",
-        &s(&huge),
-        "--data",
-        &s(&fx.data),
-        "--forget-ratio",
-        "0.25",
-        "--steps",
-        "3",
-        "--bf",
-        "4",
-        "--br",
-        "8",
-        "--quiet",
-        "--device",
-        "cpu",
-        "--out",
-        &s(&out),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
+    let args = fixture::run_args(&huge, &fx.data, &out, 3, &[]);
     let err = fails(&args);
     assert!(names_a_loss_term(&err), "{err}");
     assert_eq!(failed_step(&err), 1, "{err}");

@@ -630,33 +630,9 @@ fn loss_scale_settings_are_checked() {
 const ABSURD: &str = "67108864";
 
 fn run_args(fx: &fixture::Fixture, out: &std::path::Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "run",
-        "--model",
-        &s(&fx.model),
-        "--data",
-        &s(&fx.data),
-        "--forget-ratio",
-        "0.25",
-        "--steps",
-        "10",
-        "--bf",
-        "4",
-        "--br",
-        "8",
-        "--checkpoint-every",
-        "2",
-        "--quiet",
-        "--device",
-        "cpu",
-        "--out",
-        &s(out),
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
-    a.extend(extra.iter().map(|x| x.to_string()));
-    a
+    let mut a = vec!["--checkpoint-every", "2"];
+    a.extend_from_slice(extra);
+    fixture::run_args(&fx.model, &fx.data, out, 10, &a)
 }
 
 fn report(out: &std::path::Path, file: &str) -> Value {

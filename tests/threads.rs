@@ -35,28 +35,7 @@ fn run_train_and_predict_are_bit_identical_for_1_2_and_3_threads() {
     let mut runs = vec![];
     for t in threads {
         let out = tmp.path().join(format!("run-{t}"));
-        ok(&argv(&[
-            "run",
-            "--model",
-            &m,
-            "--data",
-            &d,
-            "--forget-ratio",
-            "0.25",
-            "--steps",
-            "3",
-            "--bf",
-            "4",
-            "--br",
-            "8",
-            "--quiet",
-            "--device",
-            "cpu",
-            "--threads",
-            t,
-            "--out",
-            &s(&out),
-        ]));
+        ok(&fixture::run_args(&fx.model, &fx.data, &out, 3, &["--threads", t]));
         runs.push(read(&out.join("model/model.safetensors")));
     }
     assert!(

@@ -123,3 +123,35 @@ pub fn bin() -> Command {
 pub fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
 }
+
+/// Arguments of a short `run` on the tiny fixture: `model` (any model folder; the
+/// fixture's or a doctored copy), a quarter of `data`'s train forgotten, 4 forget + 8
+/// retain sentences per step, `steps` steps, quiet, on the CPU, into `out`; `extra`
+/// options (checkpointing, learning rate, precision, threads, ...) appended.
+pub fn run_args(model: &Path, data: &Path, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "run",
+        "--model",
+        &s(model),
+        "--data",
+        &s(data),
+        "--forget-ratio",
+        "0.25",
+        "--steps",
+        &steps.to_string(),
+        "--bf",
+        "4",
+        "--br",
+        "8",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--out",
+        &s(out),
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
