@@ -143,7 +143,7 @@ fn gemm_all_transposes_body<G: Backend>(g: &G) {
         let (m, n, k) = s;
         let (da, db) = (up(be, a), up(be, b));
         let mut c = up(be, c0);
-        be.gemm(&mut c, &da, &db, m, n, k, t.0, t.1, 0.75, 0.5);
+        be.gemm(&mut c, &da, &db, m, n, k, t.0, t.1, 0.75, 0.5, Precision::Fp32);
         be.download(&c, m * n)
     }
     let mut rng = Rng(101);
@@ -156,6 +156,46 @@ fn gemm_all_transposes_body<G: Backend>(g: &G) {
                 &run(&Cpu, &a, &b, &c0, (m, n, k), t),
                 TOL_KERNEL,
             );
+        }
+    }
+}
+
+// The bf16 / fp16 GEMM path (tensor cores on the GPU: cublasGemmEx with
+// CUBLAS_COMPUTE_32F_FAST_16BF / _16F) on inputs already rounded to that precision, as
+// the encoder passes them, against the CPU's fp32 GEMM of the same values. The products
+// are exact in fp32 either way, so only the summation order differs: the fp32 bound.
+// Sizes include k not a multiple of 8 and a single row, which tensor-core kernels pad.
+parity_test!(gemm_on_rounded_inputs, gemm_on_rounded_inputs_body);
+fn gemm_on_rounded_inputs_body<G: Backend>(g: &G) {
+    fn run<B: Backend>(
+        be: &B, a: &[f32], b: &[f32], c0: &[f32], s: (usize, usize, usize), t: (bool, bool), p: Precision,
+    ) -> Vec<f32> {
+        let (m, n, k) = s;
+        let (da, db) = (up(be, a), up(be, b));
+        let mut c = up(be, c0);
+        be.gemm(&mut c, &da, &db, m, n, k, t.0, t.1, 0.75, 0.5, p);
+        be.download(&c, m * n)
+    }
+    let rounded = |x: Vec<f32>, p: Precision| {
+        let mut b = up(&Cpu, &x);
+        Cpu.quantize(&mut b, x.len(), p);
+        b.truncate(x.len());
+        b
+    };
+    let mut rng = Rng(112);
+    for p in [Precision::Bf16, Precision::Fp16] {
+        for (m, n, k) in [(37, 53, 29), (130, 67, 301), (1, 384, 48), (256, 384, 1536)] {
+            for t in [(false, false), (false, true), (true, false)] {
+                let a = rounded(rng.vec(m * k, 1.0), p);
+                let b = rounded(rng.vec(k * n, 1.0), p);
+                let c0 = rng.vec(m * n, 1.0);
+                compare(
+                    &format!("gemm {p} inputs {m}x{n}x{k} ta={} tb={}", t.0, t.1),
+                    &run(g, &a, &b, &c0, (m, n, k), t, p),
+                    &run(&Cpu, &a, &b, &c0, (m, n, k), t, Precision::Fp32),
+                    TOL_KERNEL,
+                );
+            }
         }
     }
 }

@@ -348,8 +348,20 @@ fn bf16_gemm_and_attention_ops_meet_spec_tolerance() {
         let (a, b) = (rng.vec(m * k, 1.0), rng.vec(n * k, 0.1));
         let mut want = vec![0.0; m * n];
         let mut got = vec![0.0; m * n];
-        Cpu.gemm(&mut want, &a, &b, m, n, k, false, true, 1.0, 0.0);
-        Cpu.gemm(&mut got, &q(&a, prec), &q(&b, prec), m, n, k, false, true, 1.0, 0.0);
+        Cpu.gemm(&mut want, &a, &b, m, n, k, false, true, 1.0, 0.0, Precision::Fp32);
+        Cpu.gemm(
+            &mut got,
+            &q(&a, prec),
+            &q(&b, prec),
+            m,
+            n,
+            k,
+            false,
+            true,
+            1.0,
+            0.0,
+            prec,
+        );
         let e = rel_l2(&got, &want);
         eprintln!("{prec} gemm: relative L2 {e:.2e}");
         assert!(e < TOL_SPEC && e > 1e-5, "{prec} gemm: {e:.2e}");

@@ -122,7 +122,9 @@ pub fn infonce_loss_host(per_row: &[f32], valid_count: usize) -> f32 {
 /// rounds a buffer to the nearest bf16 / fp16 value (ties to even, fp16 overflow to
 /// +-inf) in place, at every point where a mixed-precision engine stores a GEMM (or
 /// attention) input in 16 bits, and the GEMMs then accumulate those values in fp32. The
-/// numbers are those of bf16-input / fp32-accumulate GEMMs; the speed and memory are fp32's.
+/// numbers are those of bf16-input / fp32-accumulate GEMMs. The memory is fp32's; the CPU
+/// computes at fp32 speed, the CUDA backend runs those GEMMs on tensor cores (`gemm`'s
+/// `inputs`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -228,10 +230,18 @@ pub trait Backend {
     // ---- linear algebra -------------------------------------------------------------
     /// c[m,n] = alpha * op(a) op(b) + beta * c, op(a) [m,k], op(b) [k,n]; `ta`/`tb`
     /// transpose the stored a [k,m] / b [n,k].
+    ///
+    /// `inputs` is a promise about a and b: every element they hold is a value of that
+    /// precision (the caller `quantize`d them; `Precision::Fp32` promises nothing). A
+    /// backend may then multiply in that format with fp32 accumulation, which is exact for
+    /// such values (a product of two bf16 or fp16 significands fits fp32's): the CUDA
+    /// backend runs bf16 / fp16 inputs on tensor cores, the CPU computes in fp32 either
+    /// way. c, alpha and beta stay fp32. Passing a reduced precision for inputs that are
+    /// not representable rounds them, as a bf16 engine would.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self, c: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool,
-        alpha: f32, beta: f32,
+        alpha: f32, beta: f32, inputs: Precision,
     );
     /// out[r, :] += bias for r < rows.
     fn add_bias(&self, out: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize);

@@ -190,7 +190,19 @@ pub fn gemm_rate<B: BenchBackend>(be: &B, n: usize, reps: usize) -> f64 {
         for rep in 0..=reps {
             be.sync();
             let t0 = Instant::now();
-            be.gemm(&mut c, &a, &b, n, n, n, ta, tb, 1.0, 0.0);
+            be.gemm(
+                &mut c,
+                &a,
+                &b,
+                n,
+                n,
+                n,
+                ta,
+                tb,
+                1.0,
+                0.0,
+                crate::backend::Precision::Fp32,
+            );
             be.sync();
             if rep > 0 {
                 best = best.min(t0.elapsed().as_secs_f64());

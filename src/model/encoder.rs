@@ -602,7 +602,7 @@ impl<B: Backend> Model<B> {
             let lp = &p.layers[li];
             // Self-attention: q, k, v projections, fused attention core, output projection.
             for (out, w) in [(&mut la.q, &lp.q), (&mut la.k, &lp.k), (&mut la.v, &lp.v)] {
-                be.gemm(out, x_in, w.w.gemm_w(), n, c, c, false, true, 1.0, 0.0);
+                be.gemm(out, x_in, w.w.gemm_w(), n, c, c, false, true, 1.0, 0.0, precision);
                 be.add_bias(out, &w.b.w, n, c);
                 q(out, n * c);
             }
@@ -632,6 +632,7 @@ impl<B: Backend> Model<B> {
                 true,
                 1.0,
                 0.0,
+                precision,
             );
             be.add_bias(&mut la.ao, &lp.attn_out.b.w, n, c);
             let drop_a = dropout_for(mode, d.hidden_dropout, Dims::site_attn_out(li));
@@ -650,10 +651,34 @@ impl<B: Backend> Model<B> {
             );
             q(&mut la.x1, n * c);
             // Feed-forward: x1 -> gelu(x1 W_i^T + b_i) -> W_o -> dropout -> LN(+ x1)
-            be.gemm(&mut la.f1, &la.x1, lp.inter.w.gemm_w(), n, f, c, false, true, 1.0, 0.0);
+            be.gemm(
+                &mut la.f1,
+                &la.x1,
+                lp.inter.w.gemm_w(),
+                n,
+                f,
+                c,
+                false,
+                true,
+                1.0,
+                0.0,
+                precision,
+            );
             be.bias_gelu_fwd(&mut la.g, &la.f1, &lp.inter.b.w, n, f);
             q(&mut la.g, n * f);
-            be.gemm(&mut la.f2, &la.g, lp.out.w.gemm_w(), n, c, f, false, true, 1.0, 0.0);
+            be.gemm(
+                &mut la.f2,
+                &la.g,
+                lp.out.w.gemm_w(),
+                n,
+                c,
+                f,
+                false,
+                true,
+                1.0,
+                0.0,
+                precision,
+            );
             be.add_bias(&mut la.f2, &lp.out.b.w, n, c);
             let drop_f = dropout_for(mode, d.hidden_dropout, Dims::site_ffn_out(li));
             be.dropout_fwd(&mut la.f2_drop, &la.f2, n * c, drop_f);
@@ -689,6 +714,7 @@ impl<B: Backend> Model<B> {
                 true,
                 1.0,
                 0.0,
+                precision,
             );
             be.add_bias(&mut a.logits, &cls.b.w, n, l);
         }
@@ -762,9 +788,33 @@ impl<B: Backend> Model<B> {
                 be.softmax_ce_bwd(&mut s.dlogits, &a.logits, &a.labels, n, l, ce_scale);
                 q(&mut s.dlogits, n * l);
                 // dW_c += dlogits^T head_in ; db_c += sum dlogits ; dhead_in = dlogits W_c
-                be.gemm(&mut cls.w.g, &s.dlogits, &a.head_in, l, c, n, true, false, 1.0, 1.0);
+                be.gemm(
+                    &mut cls.w.g,
+                    &s.dlogits,
+                    &a.head_in,
+                    l,
+                    c,
+                    n,
+                    true,
+                    false,
+                    1.0,
+                    1.0,
+                    precision,
+                );
                 be.bias_grad(&mut cls.b.g, &s.dlogits, n, l);
-                be.gemm(&mut s.dtmp, &s.dlogits, cls.w.gemm_w(), n, c, l, false, false, 1.0, 0.0);
+                be.gemm(
+                    &mut s.dtmp,
+                    &s.dlogits,
+                    cls.w.gemm_w(),
+                    n,
+                    c,
+                    l,
+                    false,
+                    false,
+                    1.0,
+                    0.0,
+                    precision,
+                );
                 let drop = dropout_for(mode, d.classifier_dropout, d.site_classifier());
                 be.dropout_bwd(&mut s.dx, &s.dtmp, n * c, drop);
             }
@@ -800,14 +850,62 @@ impl<B: Backend> Model<B> {
             );
             q(&mut s.dtmp, n * c);
             // f2 = g W_o^T + b_o
-            be.gemm(&mut lp.out.w.g, &s.dtmp, &la.g, c, f, n, true, false, 1.0, 1.0);
+            be.gemm(
+                &mut lp.out.w.g,
+                &s.dtmp,
+                &la.g,
+                c,
+                f,
+                n,
+                true,
+                false,
+                1.0,
+                1.0,
+                precision,
+            );
             be.bias_grad(&mut lp.out.b.g, &s.dtmp, n, c);
-            be.gemm(&mut s.dg, &s.dtmp, lp.out.w.gemm_w(), n, f, c, false, false, 1.0, 0.0);
+            be.gemm(
+                &mut s.dg,
+                &s.dtmp,
+                lp.out.w.gemm_w(),
+                n,
+                f,
+                c,
+                false,
+                false,
+                1.0,
+                0.0,
+                precision,
+            );
             // g = gelu(f1 + b_i), f1 = x1 W_i^T
             be.bias_gelu_bwd(&mut s.df, &mut lp.inter.b.g, &s.dg, &la.f1, &lp.inter.b.w, n, f);
             q(&mut s.df, n * f);
-            be.gemm(&mut lp.inter.w.g, &s.df, &la.x1, f, c, n, true, false, 1.0, 1.0);
-            be.gemm(&mut s.dx, &s.df, lp.inter.w.gemm_w(), n, c, f, false, false, 1.0, 0.0);
+            be.gemm(
+                &mut lp.inter.w.g,
+                &s.df,
+                &la.x1,
+                f,
+                c,
+                n,
+                true,
+                false,
+                1.0,
+                1.0,
+                precision,
+            );
+            be.gemm(
+                &mut s.dx,
+                &s.df,
+                lp.inter.w.gemm_w(),
+                n,
+                c,
+                f,
+                false,
+                false,
+                1.0,
+                0.0,
+                precision,
+            );
             be.add_inplace(&mut s.dx, &s.dsum, n * c); // residual path into x1
                                                        // x1 = LN(ao_drop + x_in)
             be.layernorm_bwd(
@@ -831,7 +929,19 @@ impl<B: Backend> Model<B> {
             );
             q(&mut s.dtmp, n * c);
             // ao = att W_ao^T + b_ao
-            be.gemm(&mut lp.attn_out.w.g, &s.dtmp, &la.att, c, c, n, true, false, 1.0, 1.0);
+            be.gemm(
+                &mut lp.attn_out.w.g,
+                &s.dtmp,
+                &la.att,
+                c,
+                c,
+                n,
+                true,
+                false,
+                1.0,
+                1.0,
+                precision,
+            );
             be.bias_grad(&mut lp.attn_out.b.g, &s.dtmp, n, c);
             be.gemm(
                 &mut s.datt,
@@ -844,6 +954,7 @@ impl<B: Backend> Model<B> {
                 false,
                 1.0,
                 0.0,
+                precision,
             );
             q(&mut s.datt, n * c);
             let drop_p = dropout(d.attn_dropout, Dims::site_attn_probs(li));
@@ -857,9 +968,9 @@ impl<B: Backend> Model<B> {
             // q/k/v = x_in W^T + b: parameter grads, then dx_in = sum of the three paths
             let mut beta = 0.0;
             for (dy, w) in [(&s.dq, &mut lp.q), (&s.dk, &mut lp.k), (&s.dv, &mut lp.v)] {
-                be.gemm(&mut w.w.g, dy, x_in, c, c, n, true, false, 1.0, 1.0);
+                be.gemm(&mut w.w.g, dy, x_in, c, c, n, true, false, 1.0, 1.0, precision);
                 be.bias_grad(&mut w.b.g, dy, n, c);
-                be.gemm(&mut s.dx, dy, w.w.gemm_w(), n, c, c, false, false, 1.0, beta);
+                be.gemm(&mut s.dx, dy, w.w.gemm_w(), n, c, c, false, false, 1.0, beta, precision);
                 beta = 1.0;
             }
             be.add_inplace(&mut s.dx, &s.dsum, n * c); // residual path into x_in

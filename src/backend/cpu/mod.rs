@@ -62,8 +62,10 @@ impl Backend for Cpu {
     }
     fn gemm(
         &self, c: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, m: usize, n: usize, k: usize, ta: bool, tb: bool,
-        alpha: f32, beta: f32,
+        alpha: f32, beta: f32, _inputs: Precision,
     ) {
+        // fp32 on any inputs: for values of `_inputs` this equals a bf16/fp16-input GEMM
+        // with fp32 accumulation (the products are exact in fp32).
         gemm::gemm(c, a, b, m, n, k, ta, tb, alpha, beta)
     }
     fn add_bias(&self, out: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, cols: usize) {

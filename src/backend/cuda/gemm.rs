@@ -2,12 +2,19 @@
 //! kernels/gemm.cu. CPU twin: cpu/gemm.rs.
 use super::{check, grid_1d, int, need, Cuda, BLOCK};
 use crate::backend::cpu::gemm::REDUCE_ROWS;
+use crate::backend::Precision;
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 /// c[m,n] = alpha * op(a) op(b) + beta * c, row-major; `ta`/`tb` mean a is stored [k,m],
-/// b is stored [n,k].
+/// b is stored [n,k]. `inputs` (the trait's promise that a and b hold values of that
+/// precision) picks the math: fp32 is `cublasSgemm` in the default math mode (no TF32);
+/// bf16 / fp16 is `cublasGemmEx` on the same fp32 buffers with compute type
+/// CUBLAS_COMPUTE_32F_FAST_16BF / _16F: cuBLAS converts the operands to 16 bits (exact for
+/// such values) and multiplies on tensor cores with fp32 accumulation, so the product is
+/// the CPU's up to summation order, at tensor-core speed (operands still travel as fp32).
 ///
 /// cuBLAS is column-major. A row-major [r, s] buffer read column-major is its transpose,
 /// so the row-major product C = op(A) op(B) is computed as the column-major
@@ -20,12 +27,16 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     cu: &Cuda, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, m: usize, n: usize, k: usize, ta: bool,
-    tb: bool, alpha: f32, beta: f32,
+    tb: bool, alpha: f32, beta: f32, inputs: Precision,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    let _r = cu.range("gemm");
+    let _r = cu.range(match inputs {
+        Precision::Fp32 => "gemm",
+        Precision::Bf16 => "gemm_bf16_tc",
+        Precision::Fp16 => "gemm_fp16_tc",
+    });
     need(c.len(), m * n, "gemm c");
     need(a.len(), m * k, "gemm a");
     need(b.len(), k * n, "gemm b");
@@ -41,9 +52,49 @@ pub fn gemm(
         beta,
         ldc: int(n, "gemm ldc"),
     };
-    // SAFETY: the leading dimensions and sizes above describe exactly the m*k, k*n and m*n
-    // elements the call touches, and each buffer holds at least that many (checked above).
-    check(unsafe { cu.blas.gemm(cfg, b, a, c) }, "cublasSgemm");
+    let compute = match inputs {
+        Precision::Fp32 => {
+            // SAFETY: the leading dimensions and sizes above describe exactly the m*k, k*n
+            // and m*n elements the call touches, and each buffer holds at least that many
+            // (checked above).
+            check(unsafe { cu.blas.gemm(cfg, b, a, c) }, "cublasSgemm");
+            return;
+        }
+        Precision::Bf16 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        Precision::Fp16 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16F,
+    };
+    let (pb, _rb) = b.device_ptr(&cu.stream);
+    let (pa, _ra) = a.device_ptr(&cu.stream);
+    let (pc, _rc) = c.device_ptr_mut(&cu.stream);
+    let f32_t = cudaDataType_t::CUDA_R_32F;
+    // SAFETY: the same operands, sizes and leading dimensions as the Sgemm branch (checked
+    // above), all three buffers fp32 as the types say; alpha and beta are fp32 host
+    // scalars, as the CUBLAS_COMPUTE_32F_* compute types require (the handle is in host
+    // pointer mode, cudarc's default).
+    let r = unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *cu.blas.handle(),
+            cfg.transa,
+            cfg.transb,
+            cfg.m,
+            cfg.n,
+            cfg.k,
+            (&alpha) as *const f32 as *const _,
+            pb as *const _,
+            f32_t,
+            cfg.lda,
+            pa as *const _,
+            f32_t,
+            cfg.ldb,
+            (&beta) as *const f32 as *const _,
+            pc as *mut _,
+            f32_t,
+            cfg.ldc,
+            compute,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    };
+    check(r, "cublasGemmEx (tensor cores)");
 }
 
 /// out[r, :] += bias for r < rows.
@@ -141,8 +192,6 @@ pub fn add_inplace(cu: &Cuda, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, n:
 /// one untimed call, then the best of `reps`. The `bench` command's MFU reference for
 /// bf16 runs. Written without a GPU to run it on: unverified until it has run on one.
 pub fn bf16_gemm_rate(cu: &Cuda, n: usize, reps: usize) -> crate::error::Result<f64> {
-    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
-    use cudarc::driver::{DevicePtr, DevicePtrMut};
     let err = |what: &str, e: String| crate::error::Error::Device(format!("bf16 GEMM rate: {what}: {e}"));
     let ni = int(n, "bf16 gemm n");
     // bf16 1.0 = 0x3f80 and 2^-8 = 0x3b80: finite products, no denormals.

@@ -17,20 +17,22 @@
 //! - One stream; cudarc's per-buffer event tracking is switched off (it only matters with
 //!   several streams). Ops enqueue work and return; `download` and `sum_squares` are the
 //!   only synchronising calls, as the trait intends.
-//! - GEMMs: `cublasSgemm` with the default math mode (no TF32), so fp32 mode is fp32.
-//!   cudarc's safe cuBLASLt wrapper computes f32 in FAST_TF32 and cannot be used for
-//!   fp32 parity; the bias / GELU epilogues (cuBLASLt) belong to the bf16 path, which also
-//!   needs the trait's gemm to carry a bias. Neither exists yet.
+//! - GEMMs: fp32 mode is `cublasSgemm` with the default math mode (no TF32), so fp32 mode
+//!   is fp32. In bf16 / fp16 mode the encoder promises the GEMM inputs are rounded
+//!   (`Backend::gemm`'s `inputs`) and the GEMMs run on tensor cores through `cublasGemmEx`
+//!   (CUBLAS_COMPUTE_32F_FAST_16BF / _16F) on the fp32 buffers: exact products, fp32
+//!   accumulation. cuBLASLt bias / GELU epilogues need the trait's gemm to carry a bias
+//!   and bf16 storage to pay off; not done.
 //! - Reductions are deterministic: fixed chunking (the CPU's), fixed trees, no float
 //!   atomics; scatter-adds use one owner block per destination row.
 //! - Ops cannot return errors (the trait has no error channel): a CUDA error during an op
 //!   panics with the op's name and CUDA's message. Setting up ([`Cuda::new`]) returns
 //!   [`Error::Device`] instead.
 //! - bf16 variants of the activation kernels are compiled (`*_bf16`) but have no
-//!   launcher: the bf16 mode needs a bf16 buffer type in the trait first. Until then
-//!   `--precision bf16|fp16` is emulated here as on the CPU: buffers stay fp32 and
-//!   `quantize` (kernels/quantize.cu) rounds the GEMM and attention inputs; numbers of
-//!   bf16/fp16 mixed precision, speed and memory of fp32.
+//!   launcher: bf16 *storage* needs a bf16 buffer type in the trait first. Until then
+//!   `--precision bf16|fp16` keeps fp32 buffers here as on the CPU: `quantize`
+//!   (kernels/quantize.cu) rounds the GEMM and attention inputs and the GEMMs use tensor
+//!   cores on them; bf16 numbers and bf16 GEMM math, fp32 memory traffic and footprint.
 //! - NVTX: every op opens a range named after it when libnvToolsExt is present (NVTX v2;
 //!   CUDA 12 toolkits still ship it, header-only NVTX 3 installs do not and then there are
 //!   no ranges). Layer-level ranges belong in the model: see [`Cuda::range`].
@@ -372,9 +374,9 @@ impl Backend for Cuda {
     }
     fn gemm(
         &self, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, m: usize, n: usize, k: usize, ta: bool,
-        tb: bool, alpha: f32, beta: f32,
+        tb: bool, alpha: f32, beta: f32, inputs: Precision,
     ) {
-        gemm::gemm(self, c, a, b, m, n, k, ta, tb, alpha, beta)
+        gemm::gemm(self, c, a, b, m, n, k, ta, tb, alpha, beta, inputs)
     }
     fn add_bias(&self, out: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, cols: usize) {
         gemm::add_bias(self, out, bias, rows, cols)
