@@ -280,7 +280,7 @@ fn optimiser(c: &mut Criterion) {
     let mut p = data(PARAMS, 2);
     let (mut m, mut v) = (vec![0f32; PARAMS], vec![0f32; PARAMS]);
     bench(c, "adamw", "22.6M params", Throughput::Bytes(bytes(7 * PARAMS)), || {
-        adamw::adamw(&mut p, &g, &mut m, &mut v, PARAMS, 1e-5, 0.9, 0.999, 1e-8, 0.01, 3)
+        adamw::adamw(&mut p, &g, &mut m, &mut v, PARAMS, 1e-5, 0.9, 0.999, 1e-8, 0.01, 3, 1.0)
     });
     bench(
         c,

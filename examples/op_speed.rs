@@ -249,7 +249,7 @@ fn main() {
     );
     add(
         "adamw",
-        time(|| adamw::adamw(&mut p, &g, &mut m1, &mut v1, np, 1e-5, 0.9, 0.999, 1e-8, 0.01, 1)),
+        time(|| adamw::adamw(&mut p, &g, &mut m1, &mut v1, np, 1e-5, 0.9, 0.999, 1e-8, 0.01, 1, 1.0)),
         1,
     );
     add(

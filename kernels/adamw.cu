@@ -17,16 +17,15 @@ struct AdamArgs {
     float pad_;
 };
 
-// One AdamW step on fp32 master weights, moments fp32. When `param_bf16` is not null the
-// bf16 copy of the updated weight is written in the same pass (mixed precision).
+// One AdamW element: the update of adamw_f32 and adamw_multi_f32 (one definition, so the
+// fused launch is the per-tensor one element for element). g = grad * grad_scale: the
+// clipping factor (and fp16's loss-scale division) folded in, the gradient left untouched.
 //   param *= decay; m += w1 (g - m); v = beta2 v + w2 g^2;
 //   param -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
-extern "C" __global__ void adamw_f32(float* param, const float* grad, float* m, float* v, bf16* param_bf16, int n,
-                                     AdamArgs a) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float g = grad[i];
-    float p = param[i] * a.decay;
+__device__ __forceinline__ void adamw_element(float* param, const float* grad, float* m, float* v, bf16* param_bf16,
+                                              long long i, const AdamArgs& a, float decay, float grad_scale) {
+    float g = grad[i] * grad_scale;
+    float p = param[i] * decay;
     float mi = m[i];
     mi += a.w1 * (g - mi);
     float vi = v[i] * a.beta2 + a.w2 * g * g;
@@ -36,6 +35,102 @@ extern "C" __global__ void adamw_f32(float* param, const float* grad, float* m, 
     v[i] = vi;
     param[i] = p;
     if (param_bf16) param_bf16[i] = __float2bfloat16_rn(p);
+}
+
+// One AdamW step on fp32 master weights, moments fp32. When `param_bf16` is not null the
+// bf16 copy of the updated weight is written in the same pass (mixed precision).
+extern "C" __global__ void adamw_f32(float* param, const float* grad, float* m, float* v, bf16* param_bf16, int n,
+                                     AdamArgs a, float grad_scale) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    adamw_element(param, grad, m, v, param_bf16, i, a, a.decay, grad_scale);
+}
+
+// ---- one launch over every parameter tensor -------------------------------------------------
+// The host describes each tensor once (pointers are stable: the model allocates its
+// parameters, gradients and moments once) and the table stays on the device between steps.
+// Block b works on elements [c*MULTI_CHUNK, (c+1)*MULTI_CHUNK) of tensor t, where t is the
+// last tensor with first_block <= b and c = b - first_block: every block belongs to one
+// tensor, so no element is shared and the update is the per-tensor one.
+#define MULTI_CHUNK 2048
+
+struct AdamTensor {
+    float* param;
+    const float* grad;
+    float* m;
+    float* v;
+    bf16* param_bf16;  // null: no bf16 copy
+    long long n;
+    int first_block;
+    int decays;  // 1: weight decay applies (decay = 1 - lr wd); 0: decay = 1
+};
+
+// The tensor block b belongs to: binary search over first_block (increasing).
+template <typename Desc>
+__device__ __forceinline__ int tensor_of_block(const Desc* t, int nt, int b) {
+    int lo = 0, hi = nt - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (t[mid].first_block <= b) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+extern "C" __global__ void adamw_multi_f32(const AdamTensor* tensors, int nt, AdamArgs a, float grad_scale) {
+    __shared__ int ti;
+    if (threadIdx.x == 0) ti = tensor_of_block(tensors, nt, (int)blockIdx.x);
+    __syncthreads();
+    const AdamTensor& t = tensors[ti];
+    long long start = (long long)(blockIdx.x - t.first_block) * MULTI_CHUNK;
+    long long end = min(start + MULTI_CHUNK, t.n);
+    float decay = t.decays ? a.decay : 1.0f;
+    for (long long i = start + threadIdx.x; i < end; i += blockDim.x)
+        adamw_element(t.param, t.grad, t.m, t.v, t.param_bf16, i, a, decay, grad_scale);
+}
+
+// The squared norms of many tensors with one copy back: per-tensor partials over
+// REDUCE_CHUNK-element chunks (the chunks sum_squares_partials_f32 uses, aligned to each
+// tensor's start), then each tensor's partials summed in order and the tensors' sums added
+// in tensor order: bit for bit the per-tensor sum_squares calls summed on the host.
+struct SquaresTensor {
+    const float* x;
+    long long n;
+    int first_block;  // first partial of this tensor
+    int nblocks;      // its number of partials
+};
+
+extern "C" __global__ void sum_squares_multi_partials_f32(double* partials, const SquaresTensor* tensors, int nt) {
+    __shared__ double scratch[32];
+    __shared__ int ti;
+    if (threadIdx.x == 0) ti = tensor_of_block(tensors, nt, (int)blockIdx.x);
+    __syncthreads();
+    const SquaresTensor& t = tensors[ti];
+    long long base = (long long)(blockIdx.x - t.first_block) * REDUCE_CHUNK;
+    double s = 0.0;
+    for (int j = threadIdx.x; j < REDUCE_CHUNK; j += blockDim.x) {
+        long long i = base + j;
+        if (i < t.n) s += (double)t.x[i] * (double)t.x[i];
+    }
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+// out[0] = sum over tensors (in order) of the in-order sum of that tensor's partials. One
+// block: thread k sums tensors k, k + blockDim, ... (each sequentially, as
+// sum_partials_f64 does), then thread 0 adds the tensors' sums in order.
+extern "C" __global__ void sum_partials_multi_f64(double* out, double* per_tensor, const double* partials,
+                                                  const SquaresTensor* tensors, int nt) {
+    for (int k = threadIdx.x; k < nt; k += blockDim.x) {
+        double s = 0.0;
+        for (int c = 0; c < tensors[k].nblocks; ++c) s += partials[tensors[k].first_block + c];
+        per_tensor[k] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int k = 0; k < nt; ++k) s += per_tensor[k];
+        out[0] = s;
+    }
 }
 
 // partials[k] = sum of x[i]^2 over chunk k (REDUCE_CHUNK elements), in f64. One block per

@@ -21,7 +21,9 @@ mod common;
 use common::{rel_l2, Rng};
 use deepcut_fast::backend::cpu::Cpu;
 use deepcut_fast::backend::cuda::{self, Cuda};
-use deepcut_fast::backend::{AdamW, Backend, Denominator, Dropout, InfoNceOptions, OwnView, Precision, IGNORE_INDEX};
+use deepcut_fast::backend::{
+    AdamW, Backend, Denominator, Dropout, InfoNceOptions, OwnView, ParamSlot, Precision, IGNORE_INDEX,
+};
 
 const TOL_KERNEL: f64 = 1e-5;
 const TOL_STEP: f64 = 1e-4;
@@ -699,8 +701,8 @@ fn adamw_and_gradient_norm_body<G: Backend>(g: &G) {
             weight_decay: 0.01,
             ..AdamW::with_lr(3e-4)
         };
-        be.adamw(&mut p, &gr, &mut m, &mut v, n, hp, 3);
-        be.adamw(&mut p, &gr, &mut m, &mut v, n, AdamW::with_lr(1e-3), 4);
+        be.adamw(&mut p, &gr, &mut m, &mut v, n, hp, 3, 1.0);
+        be.adamw(&mut p, &gr, &mut m, &mut v, n, AdamW::with_lr(1e-3), 4, 0.625);
         (vec![be.download(&p, n), be.download(&m, n), be.download(&v, n)], ss)
     }
     let ((rg, sg), (rc, sc)) = (go(g, &p0, &g0, &m0, &v0, n), go(&Cpu, &p0, &g0, &m0, &v0, n));
@@ -710,6 +712,74 @@ fn adamw_and_gradient_norm_body<G: Backend>(g: &G) {
     let e = (sg - sc).abs() / sc;
     eprintln!("sum_squares: GPU {sg:e} CPU {sc:e} relative {e:.1e}");
     assert!(e < 1e-12, "sum_squares: GPU {sg} CPU {sc}");
+}
+
+// The fused optimiser calls (one launch of adamw_multi_f32 over every tensor; one copy back
+// for the squared norm) against the CPU's per-tensor loop, on tensors of awkward sizes (an
+// empty one, one element, chunk boundaries of both kernels, a large one), mixed weight
+// decay, a folded clipping factor, two steps so the table is reused, then a table change
+// (a tensor dropped) so it is uploaded again.
+parity_test!(
+    fused_adamw_and_norm_over_many_tensors,
+    fused_adamw_and_norm_over_many_tensors_body
+);
+fn fused_adamw_and_norm_over_many_tensors_body<G: Backend>(g: &G) {
+    let sizes = [1usize, 0, 2047, 2048, 2049, 4096, 4097, 131_071, 7];
+    let decays = [true, false, true, true, false, true, false, true, false];
+    let mut rng = Rng(113);
+    let init: Vec<[Vec<f32>; 4]> = sizes
+        .iter()
+        .map(|&n| {
+            let v: Vec<f32> = rng.vec(n, 1e-3).iter().map(|x| x.abs()).collect();
+            [rng.vec(n, 1.0), rng.vec(n, 0.1), rng.vec(n, 0.01), v]
+        })
+        .collect();
+    fn go<B: Backend>(be: &B, init: &[[Vec<f32>; 4]], sizes: &[usize], decays: &[bool]) -> (Vec<Vec<f32>>, Vec<f64>) {
+        let mut bufs: Vec<[B::Buf; 4]> = init.iter().map(|t| t.clone().map(|x| up(be, &x))).collect();
+        let mut norms = Vec::new();
+        let hp = AdamW {
+            weight_decay: 0.01,
+            ..AdamW::with_lr(3e-4)
+        };
+        for (step, keep) in [(1u64, sizes.len()), (2, sizes.len()), (3, sizes.len() - 2)] {
+            let grads: Vec<(&B::Buf, usize)> = bufs[..keep].iter().zip(sizes).map(|(b, &n)| (&b[1], n)).collect();
+            norms.push(be.sum_squares_all(&grads));
+            let mut slots: Vec<ParamSlot<'_, B::Buf>> = bufs[..keep]
+                .iter_mut()
+                .enumerate()
+                .map(|(i, [p, gr, m, v])| ParamSlot {
+                    param: p,
+                    grad: gr,
+                    m,
+                    v,
+                    n: sizes[i],
+                    decays: decays[i],
+                })
+                .collect();
+            be.adamw_all(&mut slots, hp, step, 0.37);
+        }
+        let out = bufs
+            .iter()
+            .zip(sizes)
+            .flat_map(|(b, &n)| [be.download(&b[0], n), be.download(&b[2], n), be.download(&b[3], n)])
+            .collect();
+        (out, norms)
+    }
+    let (rg, ng) = go(g, &init, &sizes, &decays);
+    let (rc, nc) = go(&Cpu, &init, &sizes, &decays);
+    for (i, (a, b)) in rg.iter().zip(&rc).enumerate() {
+        let what = ["param", "m", "v"][i % 3];
+        compare(
+            &format!("adamw_all tensor {} ({} elements) {what}", i / 3, sizes[i / 3]),
+            a,
+            b,
+            TOL_KERNEL,
+        );
+    }
+    for (a, b) in ng.iter().zip(&nc) {
+        let e = (a - b).abs() / b;
+        assert!(e < 1e-12, "sum_squares_all: GPU {a} CPU {b}");
+    }
 }
 
 // ---- a whole DeepCUT step -----------------------------------------------------------------------

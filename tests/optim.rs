@@ -2,7 +2,7 @@
 mod common;
 use common::Rng;
 use deepcut_fast::backend::cpu::{adamw, Cpu};
-use deepcut_fast::backend::{AdamW, Backend};
+use deepcut_fast::backend::{AdamW, Backend, ParamSlot};
 
 /// Three steps on a 5-vector, lr 0.01, betas (0.9, 0.999), eps 1e-8, weight decay 0.1.
 /// Expected values from torch 2.15 (CPU, fp32):
@@ -53,7 +53,7 @@ fn adamw_matches_torch() {
     let mut p = vec![0.5, -1.25, 2.0, 0.0, -0.3];
     let (mut m, mut v) = (be.alloc(n), be.alloc(n));
     for (step, (g, e)) in grads.iter().zip(&expect).enumerate() {
-        be.adamw(&mut p, &g.to_vec(), &mut m, &mut v, n, hp, step as u64 + 1);
+        be.adamw(&mut p, &g.to_vec(), &mut m, &mut v, n, hp, step as u64 + 1, 1.0);
         for (&a, &b) in p.iter().zip(e) {
             // the expected values are fp32 printed in full; compare within ~2 ulp
             assert!(
@@ -96,4 +96,82 @@ fn scale_only_touches_n() {
     let mut x = vec![1.0, -2.0, 3.0, 4.0];
     Cpu.scale(&mut x, 3, 0.5);
     assert_eq!(x, vec![0.5, -1.0, 1.5, 4.0]);
+}
+
+/// AdamW reads its gradient as grad * grad_scale: bit for bit the update after scaling the
+/// gradient in place (what clipping did before it was folded in), and grad stays untouched.
+#[test]
+fn adamw_grad_scale_equals_scaling_first() {
+    let mut rng = Rng(12);
+    let n = 20_011;
+    let (p0, g0, m0) = (rng.vec(n, 1.0), rng.vec(n, 3.0), rng.vec(n, 0.1));
+    let v0: Vec<f32> = rng.vec(n, 0.01).iter().map(|x| x.abs()).collect();
+    let hp = AdamW::with_lr(2e-4);
+    // a clipping factor, and one with fp16's loss-scale division (2^-12) folded in
+    for s in [0.3711_f32, 0.3711 * (1.0 / 4096.0)] {
+        let (mut pa, mut ma, mut va) = (p0.clone(), m0.clone(), v0.clone());
+        let mut ga = g0.clone();
+        Cpu.scale(&mut ga, n, s);
+        Cpu.adamw(&mut pa, &ga, &mut ma, &mut va, n, hp, 7, 1.0);
+        let (mut pb, mut mb, mut vb) = (p0.clone(), m0.clone(), v0.clone());
+        Cpu.adamw(&mut pb, &g0, &mut mb, &mut vb, n, hp, 7, s);
+        for (what, a, b) in [("param", &pa, &pb), ("m", &ma, &mb), ("v", &va, &vb)] {
+            let i = (0..n).find(|&i| a[i].to_bits() != b[i].to_bits());
+            assert!(i.is_none(), "scale {s}: {what} differs at {i:?}");
+        }
+    }
+}
+
+/// The fused optimiser calls against the per-tensor ops: `sum_squares_all` is the in-order
+/// sum of `sum_squares`, and `adamw_all` is `adamw` per slot with weight decay only where
+/// the slot decays (an empty slot included). The CUDA backend overrides both; its parity
+/// test (tests/gpu_parity.rs) holds it to these.
+#[test]
+fn fused_optimizer_calls_equal_per_tensor_calls() {
+    let mut rng = Rng(13);
+    let sizes = [1usize, 0, 4097, 2048, 30_000, 7];
+    let mk = |rng: &mut Rng, s: f32| -> Vec<Vec<f32>> { sizes.iter().map(|&n| rng.vec(n, s)).collect() };
+    let (p0, g0, m0) = (mk(&mut rng, 1.0), mk(&mut rng, 0.5), mk(&mut rng, 0.05));
+    let v0: Vec<Vec<f32>> = mk(&mut rng, 0.01)
+        .into_iter()
+        .map(|v| v.iter().map(|x| x.abs()).collect())
+        .collect();
+    let grads: Vec<(&Vec<f32>, usize)> = g0.iter().zip(sizes).collect();
+    let want: f64 = sizes.iter().zip(&g0).map(|(&n, g)| Cpu.sum_squares(g, n)).sum();
+    assert_eq!(Cpu.sum_squares_all(&grads).to_bits(), want.to_bits());
+
+    let hp = AdamW {
+        weight_decay: 0.05,
+        ..AdamW::with_lr(1e-3)
+    };
+    let decays = [true, true, false, true, false, false];
+    let (mut pa, mut ma, mut va) = (p0.clone(), m0.clone(), v0.clone());
+    for i in 0..sizes.len() {
+        let wd = if decays[i] { hp.weight_decay } else { 0.0 };
+        let h = AdamW { weight_decay: wd, ..hp };
+        Cpu.adamw(&mut pa[i], &g0[i], &mut ma[i], &mut va[i], sizes[i], h, 3, 0.8);
+    }
+    let (mut pb, mut mb, mut vb) = (p0.clone(), m0.clone(), v0.clone());
+    let mut slots: Vec<ParamSlot<'_, Vec<f32>>> = pb
+        .iter_mut()
+        .zip(&g0)
+        .zip(mb.iter_mut().zip(vb.iter_mut()))
+        .enumerate()
+        .map(|(i, ((param, grad), (m, v)))| ParamSlot {
+            param,
+            grad,
+            m,
+            v,
+            n: sizes[i],
+            decays: decays[i],
+        })
+        .collect();
+    Cpu.adamw_all(&mut slots, hp, 3, 0.8);
+    drop(slots);
+    assert_eq!((&pa, &ma, &va), (&pb, &mb, &vb));
+    // the non-decaying slots really took no decay: a decayed update of slot 2 differs
+    let mut pd = p0[2].clone();
+    let (mut md, mut vd) = (m0[2].clone(), v0[2].clone());
+    Cpu.adamw(&mut pd, &g0[2], &mut md, &mut vd, sizes[2], hp, 3, 0.8);
+    assert_ne!(pd, pb[2]);
 }

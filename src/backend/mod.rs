@@ -201,6 +201,18 @@ impl AdamW {
     }
 }
 
+/// One parameter tensor of a fused optimiser step (`Backend::adamw_all`): the fp32 master
+/// weights, their gradient, the two AdamW moments, the length, and whether weight decay
+/// applies (not to biases and LayerNorm weights).
+pub struct ParamSlot<'a, Buf> {
+    pub param: &'a mut Buf,
+    pub grad: &'a Buf,
+    pub m: &'a mut Buf,
+    pub v: &'a mut Buf,
+    pub n: usize,
+    pub decays: bool,
+}
+
 pub trait Backend {
     /// A buffer of floats (fp32 on the CPU).
     type Buf;
@@ -344,16 +356,36 @@ pub trait Backend {
     );
 
     // ---- optimiser --------------------------------------------------------------------
-    /// One AdamW step (PyTorch semantics) on param, m, v [n] with grad [n]; step is 1-based.
+    /// One AdamW step (PyTorch semantics) on param, m, v [n] with gradient grad[..n] *
+    /// grad_scale (clipping, and fp16's loss-scale division, folded into the read; grad
+    /// itself is not written); step is 1-based.
     #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, n: usize, hp: AdamW,
-        step: u64,
+        step: u64, grad_scale: f32,
     );
-    /// sum(x[..n]^2) in f64, deterministic for any thread count. The one op that returns
-    /// a host value (the clipping decision needs it); the CUDA backend reduces on the
-    /// device and copies back one number.
+    /// `adamw` on every slot, in order, with `hp.weight_decay` on the slots that decay and
+    /// none on the others. The default is that loop; the CUDA backend does every tensor in
+    /// one launch (kernels/adamw.cu `adamw_multi_f32`), element for element the same update.
+    fn adamw_all(&self, slots: &mut [ParamSlot<'_, Self::Buf>], hp: AdamW, step: u64, grad_scale: f32) {
+        for s in slots.iter_mut() {
+            let hp = AdamW {
+                weight_decay: if s.decays { hp.weight_decay } else { 0.0 },
+                ..hp
+            };
+            self.adamw(s.param, s.grad, s.m, s.v, s.n, hp, step, grad_scale);
+        }
+    }
+    /// sum(x[..n]^2) in f64, deterministic for any thread count. Returns a host value
+    /// (the clipping decision needs it); the CUDA backend reduces on the device and copies
+    /// back one number.
     fn sum_squares(&self, x: &Self::Buf, n: usize) -> f64;
+    /// The sum of `sum_squares` over the tensors, added in order: the squared global
+    /// gradient norm. The default is that loop; the CUDA backend computes it with one copy
+    /// back (one synchronisation per step instead of one per tensor), bit for bit the same.
+    fn sum_squares_all(&self, xs: &[(&Self::Buf, usize)]) -> f64 {
+        xs.iter().map(|&(x, n)| self.sum_squares(x, n)).sum()
+    }
     /// x[..n] *= alpha.
     fn scale(&self, x: &mut Self::Buf, n: usize, alpha: f32);
 }

@@ -2,8 +2,9 @@
 //! (SPEC section 4), and fp16 dynamic loss scaling (SPEC section 7). Moments live on the
 //! backend next to the weights; master weights and moments are fp32 on every backend.
 use super::schedule::{decays, linear_warmup_decay};
-use crate::backend::{AdamW, Backend, Precision};
+use crate::backend::{AdamW, Backend, ParamSlot, Precision};
 use crate::error::{Error, Result};
+use crate::model::encoder::Param;
 use crate::model::Model;
 use serde::{Deserialize, Serialize};
 
@@ -161,15 +162,12 @@ impl<B: Backend> Optimizer<B> {
         self.scaler.as_ref().map_or(1.0, |s| s.scale)
     }
 
-    /// Global gradient norm (summed in a fixed order, so deterministic).
+    /// Global gradient norm (summed in a fixed order, so deterministic; one device round
+    /// trip on a GPU).
     pub fn grad_norm(model: &Model<B>) -> f64 {
-        model
-            .params
-            .iter()
-            .iter()
-            .map(|p| model.be.sum_squares(&p.g, p.numel()))
-            .sum::<f64>()
-            .sqrt()
+        let params = model.params.iter();
+        let grads: Vec<(&B::Buf, usize)> = params.iter().map(|p| (&p.g, p.numel())).collect();
+        model.be.sum_squares_all(&grads).sqrt()
     }
 
     /// Clips, then applies one AdamW update with the scheduled learning rate.
@@ -213,11 +211,6 @@ impl<B: Backend> Optimizer<B> {
                     loss_scale,
                 });
             }
-            let unscale = 1.0 / loss_scale;
-            for p in model.params.iter_mut() {
-                let n = p.numel();
-                model.be.scale(&mut p.g, n, unscale);
-            }
             norm /= loss_scale as f64;
             sc.clean_steps += 1;
             if sc.clean_steps >= sc.cfg.growth_interval && sc.scale < LossScaling::MAX_SCALE {
@@ -243,19 +236,34 @@ impl<B: Backend> Optimizer<B> {
         } else {
             1.0
         };
-        let be = &model.be;
-        for (i, p) in model.params.iter_mut().into_iter().enumerate() {
-            let n = p.numel();
-            if clip != 1.0 {
-                be.scale(&mut p.g, n, clip);
-            }
-            let wd = if decays(&p.name) { self.cfg.weight_decay } else { 0.0 };
-            let hp = AdamW {
-                weight_decay: wd,
-                ..AdamW::with_lr(lr)
-            };
-            be.adamw(&mut p.w, &p.g, &mut self.m[i], &mut self.v[i], n, hp, self.step);
-        }
+        // The gradients are read as g * clip / loss_scale inside AdamW (no pass of their
+        // own). Dividing by the scale, a power of two, is exact, so this is the same f32 as
+        // unscaling, then clipping, in place.
+        let grad_scale = clip * (1.0 / loss_scale);
+        let hp = AdamW {
+            weight_decay: self.cfg.weight_decay,
+            ..AdamW::with_lr(lr)
+        };
+        let mut slots: Vec<ParamSlot<'_, B::Buf>> = model
+            .params
+            .iter_mut()
+            .into_iter()
+            .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+            .map(|(p, (m, v))| {
+                let n = p.numel();
+                let decays = decays(&p.name);
+                let Param { w, g, .. } = p;
+                ParamSlot {
+                    param: w,
+                    grad: g,
+                    m,
+                    v,
+                    n,
+                    decays,
+                }
+            })
+            .collect();
+        model.be.adamw_all(&mut slots, hp, self.step, grad_scale);
         Ok(UpdateStats {
             lr,
             grad_norm: norm,

@@ -17,11 +17,13 @@ const ELEMWISE_CHUNK: usize = 16384;
 /// m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2
 /// param -= lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
 /// ```
-/// The scalar factors are formed in f64 as Python does, then applied in f32.
+/// The scalar factors are formed in f64 as Python does, then applied in f32. The gradient
+/// is read as g = grad * grad_scale (the clipping factor folded in: the same f32 as scaling
+/// grad in place first, without the pass over memory).
 #[allow(clippy::too_many_arguments)]
 pub fn adamw(
     param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], n: usize, lr: f32, beta1: f32, beta2: f32, eps: f32,
-    weight_decay: f32, step: u64,
+    weight_decay: f32, step: u64, grad_scale: f32,
 ) {
     assert!(step >= 1, "adamw: step is 1-based");
     let (lr64, b1, b2) = (lr as f64, beta1 as f64, beta2 as f64);
@@ -37,7 +39,7 @@ pub fn adamw(
         .zip(grad[..n].par_chunks(ELEMWISE_CHUNK))
         .for_each(|(((p, m), v), g)| {
             for i in 0..p.len() {
-                let gi = g[i];
+                let gi = g[i] * grad_scale;
                 p[i] *= decay;
                 // torch.lerp with weight < 0.5: start + weight * (end - start)
                 m[i] += w1 * (gi - m[i]);

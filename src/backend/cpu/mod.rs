@@ -189,7 +189,7 @@ impl Backend for Cpu {
     }
     fn adamw(
         &self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, n: usize, hp: AdamW,
-        step: u64,
+        step: u64, grad_scale: f32,
     ) {
         adamw::adamw(
             param,
@@ -203,6 +203,7 @@ impl Backend for Cpu {
             hp.eps,
             hp.weight_decay,
             step,
+            grad_scale,
         )
     }
     fn sum_squares(&self, x: &Vec<f32>, n: usize) -> f64 {

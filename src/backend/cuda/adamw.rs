@@ -1,7 +1,8 @@
 //! AdamW, global gradient norm and rescaling (kernels/adamw.cu). CPU twin: cpu/adamw.rs.
 use super::{check, ensure, grid_1d, int, need, Cuda, BLOCK};
 use crate::backend::cpu::adamw::REDUCE_CHUNK;
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::backend::{AdamW, ParamSlot};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// Scalars of one step as kernels/adamw.cu's AdamArgs.
 #[repr(C)]
@@ -19,17 +20,33 @@ struct AdamArgs {
 // SAFETY: #[repr(C)] plain data with the field order and types of the CUDA struct.
 unsafe impl DeviceRepr for AdamArgs {}
 
-/// One AdamW step (PyTorch semantics) on param, m, v [n] with grad [n]; step is 1-based.
-/// The scalar factors are formed in f64 exactly as the CPU twin forms them. One launch per
-/// buffer: the trait hands the optimiser one parameter at a time (one fused launch over
-/// every parameter needs the parameters in one arena, a model-level change). The kernel
-/// can also write a bf16 copy of the weights in the same pass; fp32 mode passes null.
+impl AdamArgs {
+    /// The scalars of step `step` (1-based), formed in f64 exactly as the CPU twin forms them.
+    fn new(lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, step: u64) -> AdamArgs {
+        assert!(step >= 1, "adamw: step is 1-based");
+        let (lr64, b1, b2) = (lr as f64, beta1 as f64, beta2 as f64);
+        AdamArgs {
+            decay: (1.0 - lr64 * weight_decay as f64) as f32,
+            step_size: (lr64 / (1.0 - b1.powf(step as f64))) as f32,
+            bc2_sqrt: (1.0 - b2.powf(step as f64)).sqrt() as f32,
+            w1: (1.0 - b1) as f32,
+            w2: (1.0 - b2) as f32,
+            beta2,
+            eps,
+            pad: 0.0,
+        }
+    }
+}
+
+/// One AdamW step (PyTorch semantics) on param, m, v [n] with gradient grad * grad_scale;
+/// step is 1-based. The kernel can also write a bf16 copy of the weights in the same pass;
+/// fp32 master weights only here, so null.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw(
     cu: &Cuda, param: &mut CudaSlice<f32>, grad: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>,
-    n: usize, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, step: u64,
+    n: usize, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, step: u64, grad_scale: f32,
 ) {
-    assert!(step >= 1, "adamw: step is 1-based");
+    let args = AdamArgs::new(lr, beta1, beta2, eps, weight_decay, step);
     if n == 0 {
         return;
     }
@@ -42,25 +59,204 @@ pub fn adamw(
     ] {
         need(len, n, what);
     }
-    let (lr64, b1, b2) = (lr as f64, beta1 as f64, beta2 as f64);
-    let args = AdamArgs {
-        decay: (1.0 - lr64 * weight_decay as f64) as f32,
-        step_size: (lr64 / (1.0 - b1.powf(step as f64))) as f32,
-        bc2_sqrt: (1.0 - b2.powf(step as f64)).sqrt() as f32,
-        w1: (1.0 - b1) as f32,
-        w2: (1.0 - b2) as f32,
-        beta2,
-        eps,
-        pad: 0.0,
-    };
     let ni = int(n, "adamw n");
     let null: u64 = 0;
     let mut l = cu.stream.launch_builder(cu.func("adamw_f32"));
-    l.arg(param).arg(grad).arg(m).arg(v).arg(&null).arg(&ni).arg(&args);
+    l.arg(param)
+        .arg(grad)
+        .arg(m)
+        .arg(v)
+        .arg(&null)
+        .arg(&ni)
+        .arg(&args)
+        .arg(&grad_scale);
     // SAFETY: (float* param, const float* grad, float* m, float* v, bf16* param_bf16 (null:
-    // no copy), int n, AdamArgs a); one thread per element < n; all four buffers hold n
-    // floats (checked above).
+    // no copy), int n, AdamArgs a, float grad_scale); one thread per element < n; all four
+    // buffers hold n floats (checked above).
     check(unsafe { l.launch(grid_1d(n, BLOCK)) }, "adamw_f32");
+}
+
+/// Elements per block of `adamw_multi_f32` (MULTI_CHUNK in kernels/adamw.cu).
+const MULTI_CHUNK: usize = 2048;
+
+/// kernels/adamw.cu's AdamTensor: one tensor of the fused AdamW launch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct AdamTensor {
+    param: u64,
+    grad: u64,
+    m: u64,
+    v: u64,
+    param_bf16: u64,
+    n: i64,
+    first_block: i32,
+    decays: i32,
+}
+// SAFETY: #[repr(C)] plain data with the field order and types of the CUDA struct (five
+// pointers, long long, two ints: 56 bytes, 8-aligned, no padding).
+unsafe impl DeviceRepr for AdamTensor {}
+
+/// kernels/adamw.cu's SquaresTensor: one tensor of the fused squared-norm reduction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct SquaresTensor {
+    x: u64,
+    n: i64,
+    first_block: i32,
+    nblocks: i32,
+}
+// SAFETY: #[repr(C)] plain data with the field order and types of the CUDA struct (24 bytes).
+unsafe impl DeviceRepr for SquaresTensor {}
+
+/// A tensor table on the device with the host copy it was uploaded from: reused while the
+/// host table (the buffers' addresses and sizes) is unchanged, so a training loop uploads
+/// it once.
+pub(super) struct Table<T> {
+    host: Vec<T>,
+    device: CudaSlice<T>,
+}
+
+/// The device copy of `host`, uploaded only when it differs from the cached one.
+fn table<'a, T: DeviceRepr + PartialEq + Clone>(
+    cu: &Cuda, slot: &'a mut Option<Table<T>>, host: Vec<T>, what: &str,
+) -> &'a CudaSlice<T> {
+    if slot.as_ref().is_none_or(|t| t.host != host) {
+        *slot = None;
+        let device = check(cu.stream.clone_htod(&host), what);
+        *slot = Some(Table { host, device });
+    }
+    &slot.as_ref().unwrap().device
+}
+
+fn addr<T: DevicePtr<f32>>(cu: &Cuda, buf: &T) -> u64 {
+    let (p, _sync) = buf.device_ptr(&cu.stream);
+    p
+}
+
+/// `Backend::adamw_all`: every slot's AdamW step in one launch of `adamw_multi_f32`,
+/// element for element the update of `adamw` (same device function, same scalars; the
+/// non-decaying tensors use decay 1, which is what 1 - lr * 0 gives).
+pub fn adamw_all(cu: &Cuda, slots: &mut [ParamSlot<'_, CudaSlice<f32>>], hp: AdamW, step: u64, grad_scale: f32) {
+    let args = AdamArgs::new(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, step);
+    let _r = cu.range("adamw_all");
+    let mut host = Vec::with_capacity(slots.len());
+    let mut blocks = 0usize;
+    for s in slots.iter_mut().filter(|s| s.n > 0) {
+        for (len, what) in [
+            (s.param.len(), "param"),
+            (s.grad.len(), "grad"),
+            (s.m.len(), "m"),
+            (s.v.len(), "v"),
+        ] {
+            need(len, s.n, what);
+        }
+        host.push(AdamTensor {
+            param: addr_mut(cu, s.param),
+            grad: addr(cu, s.grad),
+            m: addr_mut(cu, s.m),
+            v: addr_mut(cu, s.v),
+            param_bf16: 0,
+            n: s.n as i64,
+            first_block: int(blocks, "adamw_all blocks"),
+            decays: s.decays as i32,
+        });
+        blocks += s.n.div_ceil(MULTI_CHUNK);
+    }
+    if host.is_empty() {
+        return;
+    }
+    int(blocks, "adamw_all blocks");
+    let nt = int(host.len(), "adamw_all tensors");
+    let mut guard = cu.scratch.lock().unwrap();
+    let t = table(cu, &mut guard.adam_tables, host, "adamw_all table upload");
+    let mut l = cu.stream.launch_builder(cu.func("adamw_multi_f32"));
+    l.arg(t).arg(&nt).arg(&args).arg(&grad_scale);
+    // SAFETY: (const AdamTensor* tensors, int nt, AdamArgs a, float grad_scale); block b
+    // updates elements of the one tensor whose first_block..first_block + ceil(n/2048)
+    // holds b, below its n; every pointer in the table is a live buffer of this backend
+    // holding at least n floats (checked above); the slots' borrows keep them alive and
+    // unaliased until the call returns, and freeing is stream-ordered after the kernel.
+    check(
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        },
+        "adamw_multi_f32",
+    );
+}
+
+fn addr_mut<T: DevicePtrMut<f32>>(cu: &Cuda, buf: &mut T) -> u64 {
+    let (p, _sync) = buf.device_ptr_mut(&cu.stream);
+    p
+}
+
+/// `Backend::sum_squares_all`: the partials of every tensor in one launch, their in-order
+/// sums in a second, one f64 copied back: the per-tensor `sum_squares` calls summed in
+/// order on the host, bit for bit, with one synchronisation instead of one per tensor.
+pub fn sum_squares_all(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)]) -> f64 {
+    let _r = cu.range("sum_squares_all");
+    let mut host = Vec::with_capacity(xs.len());
+    let mut blocks = 0usize;
+    for &(x, n) in xs.iter().filter(|(_, n)| *n > 0) {
+        need(x.len(), n, "sum_squares_all x");
+        let nb = n.div_ceil(REDUCE_CHUNK);
+        host.push(SquaresTensor {
+            x: addr(cu, x),
+            n: n as i64,
+            first_block: int(blocks, "sum_squares_all partials"),
+            nblocks: int(nb, "sum_squares_all partials"),
+        });
+        blocks += nb;
+    }
+    if host.is_empty() {
+        return 0.0;
+    }
+    int(blocks, "sum_squares_all partials");
+    let nt = host.len();
+    let nti = int(nt, "sum_squares_all tensors");
+    let mut guard = cu.scratch.lock().unwrap();
+    let s = &mut *guard;
+    table(cu, &mut s.squares_tables, host, "sum_squares_all table upload");
+    let t = &s.squares_tables.as_ref().unwrap().device;
+    let partials = ensure(&cu.stream, &mut s.f64_a, blocks);
+    let out = ensure(&cu.stream, &mut s.f64_b, 1);
+    let per_tensor = ensure(&cu.stream, &mut s.f64_c, nt);
+    let mut l = cu.stream.launch_builder(cu.func("sum_squares_multi_partials_f32"));
+    l.arg(&mut *partials).arg(t).arg(&nti);
+    // SAFETY: (double* partials, const SquaresTensor* tensors, int nt); block b reads
+    // REDUCE_CHUNK elements of its tensor below n (live buffers of at least n floats,
+    // checked above) and writes partials[b]; partials holds `blocks` doubles (ensure).
+    check(
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        },
+        "sum_squares_multi_partials_f32",
+    );
+    let mut l = cu.stream.launch_builder(cu.func("sum_partials_multi_f64"));
+    l.arg(&mut *out).arg(&mut *per_tensor).arg(&*partials).arg(t).arg(&nti);
+    // SAFETY: (double* out, double* per_tensor, const double* partials, const
+    // SquaresTensor* tensors, int nt); one block reads partials[..blocks] as the table
+    // says, writes per_tensor[..nt] and out[0]; sizes from ensure.
+    check(
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        },
+        "sum_partials_multi_f64",
+    );
+    let v = check(cu.stream.clone_dtoh(&out.slice(..1)), "sum_squares_all download");
+    cu.synchronize();
+    v[0]
 }
 
 /// sum(x[..n]^2) in f64: REDUCE_CHUNK-element partials (a fixed tree per block), summed in

@@ -50,7 +50,7 @@ pub mod quantize;
 pub mod rows;
 pub mod softmax_ce;
 
-use super::{AdamW, Backend, Dropout, InfoNceOptions, Precision};
+use super::{AdamW, Backend, Dropout, InfoNceOptions, ParamSlot, Precision};
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig};
@@ -118,9 +118,14 @@ struct Scratch {
     /// InfoNCE |P_i| and validity.
     i32_a: Option<CudaSlice<i32>>,
     i32_b: Option<CudaSlice<i32>>,
-    /// sum_squares partials and result.
+    /// sum_squares partials and result; the per-tensor sums of sum_squares_all.
     f64_a: Option<CudaSlice<f64>>,
     f64_b: Option<CudaSlice<f64>>,
+    f64_c: Option<CudaSlice<f64>>,
+    /// The tensor tables of the fused optimiser kernels, kept on the device while the
+    /// parameters they point to stay where they are (kernels/adamw.cu).
+    adam_tables: Option<adamw::Table<adamw::AdamTensor>>,
+    squares_tables: Option<adamw::Table<adamw::SquaresTensor>>,
 }
 
 /// A buffer of at least `n` elements in `slot`, reallocated (zeroed) when too small.
@@ -490,7 +495,7 @@ impl Backend for Cuda {
     }
     fn adamw(
         &self, param: &mut CudaSlice<f32>, grad: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>,
-        n: usize, hp: AdamW, step: u64,
+        n: usize, hp: AdamW, step: u64, grad_scale: f32,
     ) {
         adamw::adamw(
             self,
@@ -505,10 +510,17 @@ impl Backend for Cuda {
             hp.eps,
             hp.weight_decay,
             step,
+            grad_scale,
         )
+    }
+    fn adamw_all(&self, slots: &mut [ParamSlot<'_, CudaSlice<f32>>], hp: AdamW, step: u64, grad_scale: f32) {
+        adamw::adamw_all(self, slots, hp, step, grad_scale)
     }
     fn sum_squares(&self, x: &CudaSlice<f32>, n: usize) -> f64 {
         adamw::sum_squares(self, x, n)
+    }
+    fn sum_squares_all(&self, xs: &[(&CudaSlice<f32>, usize)]) -> f64 {
+        adamw::sum_squares_all(self, xs)
     }
     fn scale(&self, x: &mut CudaSlice<f32>, n: usize, alpha: f32) {
         adamw::scale_inplace(self, x, n, alpha)
