@@ -246,6 +246,10 @@ pub fn finetune<B: Backend>(
             // fp16 step was skipped), so a batch after a skipped step draws fresh masks.
             let step = rec.steps;
             model.forward(&batch.inputs, Mode::Train { seed: fc.seed, step });
+            model.zero_grads();
+            model.backward(opt.loss_scale() / batch.labelled().max(1) as f32, None);
+            // read after backward is enqueued (no device stall mid-step; backward leaves
+            // the losses as forward wrote them); a non-finite loss stops before the update
             let loss = model.ce_loss(&batch.inputs);
             if !loss.is_finite() {
                 return Err(Error::Numeric(format!(
@@ -255,8 +259,6 @@ pub fn finetune<B: Backend>(
                     checkpoint::last_good(&ckpt_dir)
                 )));
             }
-            model.zero_grads();
-            model.backward(opt.loss_scale() / batch.labelled().max(1) as f32, None);
             let upd = opt.update(&mut model).map_err(|e| {
                 Error::Numeric(format!(
                     "{e} (epoch {}), with a finite cross-entropy loss {loss}: the backward pass overflowed \

@@ -132,7 +132,6 @@ pub fn step<B: Backend>(
     let count = valid.iter().filter(|&&v| v).count();
     model.forward(&batch.inputs, mode);
     let ce_count = batch.labelled();
-    let ce = model.ce_loss(&batch.inputs);
     let be = &model.be;
     be.upload_i32(&mut cb.idx, &z.idx);
     be.upload_i32(&mut cb.labels, &z.labels);
@@ -151,7 +150,6 @@ pub fn step<B: Backend>(
         c,
         opts,
     );
-    let lf = infonce_loss_host(&be.download(&cb.loss, m), count);
 
     let n = batch.tokens();
     let loss_scale = model.loss_scale();
@@ -179,6 +177,11 @@ pub fn step<B: Backend>(
         0.0
     };
     model.backward(ce_scale, Some(&cb.dhidden));
+    // The losses come back only now, with the whole step enqueued: on a GPU reading them
+    // between forward and backward would stall the device twice per step. Neither buffer
+    // is written by the backward pass.
+    let ce = model.ce_loss(&batch.inputs);
+    let lf = infonce_loss_host(&model.be.download(&cb.loss, m), count);
     StepLosses {
         ce,
         contrast: lf,

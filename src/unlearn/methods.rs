@@ -10,12 +10,12 @@ use crate::unlearn::deepcut::StepLosses;
 /// scale, `model.loss_scale()`) accumulated into the model's gradients; returns the mean CE.
 fn ce_pass<B: Backend>(model: &mut Model<B>, batch: &Batch, sign: f32, mode: Mode) -> f32 {
     model.forward(&batch.inputs, mode);
-    let ce = model.ce_loss(&batch.inputs);
     let n = batch.labelled();
     if n > 0 {
         model.backward(sign * model.loss_scale() / n as f32, None);
     }
-    ce
+    // read after backward is enqueued (no device stall mid-step; backward leaves it)
+    model.ce_loss(&batch.inputs)
 }
 
 /// finetune: CE on retain only.
