@@ -54,7 +54,7 @@ def run_ours(a):
     cmd = [
         a.bin, "bench", "--preset", a.preset, "--bf", str(a.bf), "--br", str(a.br),
         "--seq-len", str(a.seq_len), "--steps", str(a.steps), "--warmup", str(a.warmup),
-        "--labels", str(a.labels), "--device", a.device,
+        "--labels", str(a.labels), "--device", a.device, "--precision", a.precision,
     ]
     if a.threads:
         cmd += ["--threads", str(a.threads)]
@@ -188,6 +188,8 @@ def main():
     p.add_argument("--labels", type=int, default=13)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads and the bench's --threads")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="the engine's --precision (default: bf16 on cuda, as torch's autocast; fp32 on cpu)")
     p.add_argument("--bin", default="target/release/deepcut-fast", help="the deepcut-fast binary")
     p.add_argument("--json", default=None, help="also write both results to this file")
     a = p.parse_args()
@@ -198,6 +200,8 @@ def main():
         p.error("--seq-len must be at least 3")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
+    if a.precision is None:
+        a.precision = "bf16" if a.device == "cuda" else "fp32"
     if a.threads:
         torch.set_num_threads(a.threads)
     if not os.path.exists(a.bin):

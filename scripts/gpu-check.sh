@@ -13,8 +13,10 @@
 #   4. a short DeepCUT run on GPU and on CPU with the same seed (--device cuda / cpu),
 #      on DEEPCUT_CHECK_MODEL (default tests/golden/roberta-wnut17) and DEEPCUT_CHECK_DATA
 #      (default: the WNUT17 slice that --build writes to target/gpu-check/data);
-#   5. `deepcut-fast bench` next to the same DeepCUT step in PyTorch at the roberta-base
-#      shape (scripts/compare-torch.py --device cuda), when torch and transformers import.
+#   5. `deepcut-fast bench --precision bf16` next to the same DeepCUT step in PyTorch at the
+#      roberta-base shape, bf/br 8/32 and 32/128 (scripts/compare-torch.py --device cuda),
+#      when torch and transformers import;
+#   6. three bench steps under `nsys profile`, and the NVTX range summary, when nsys exists.
 #
 # Build the binaries on the machine with Rust (no GPU needed; NVRTC from the pip wheels):
 #     scripts/gpu-check.sh --build
@@ -198,24 +200,49 @@ gaps = {s: abs(g[s]["f1"] - c[s]["f1"]) * 100 for s in ("forget", "retain", "dev
 print(("PASS" if max(gaps.values()) <= 1.0 else "FAIL") + " F1 gap (points) " + " ".join(f"{k} {v:.2f}" for k, v in gaps.items()))
 EOF
 )
-    row "deepcut run gpu vs cpu (6 steps)" "${cmp%% *}" "${cmp#* }"
+    case "$cmp" in
+        PASS*|FAIL*) row "deepcut run gpu vs cpu (6 steps)" "${cmp%% *}" "${cmp#* }" ;;
+        *) row "deepcut run gpu vs cpu (6 steps)" "FAIL" "no comparison: $(tail -1 <<<"$cmp")" ;;
+    esac
 else
     row "deepcut run gpu vs cpu" "NOT RUN" "needs the CLI wired to CUDA and DEEPCUT_CHECK_MODEL/DATA"
 fi
 
 # ---- 5. DeepCUT step throughput against PyTorch (issue #6's comparison) -------------------------
-# `deepcut-fast bench` and the same step in PyTorch (bf16 autocast, SDPA) at the roberta-base
-# shape, seq 128, bf 8, br 32. The engine runs fp32 on CUDA until real bf16 storage exists.
+# `deepcut-fast bench --precision bf16` (GEMMs on tensor cores, buffers fp32) and the same step
+# in PyTorch (bf16 autocast, SDPA) at the roberta-base shape, seq 128, bf 8 / br 32 and
+# bf 32 / br 128 (the issue's two goals).
 if [ -n "$CLI" ] && python3 -c 'import torch, transformers' 2>/dev/null; then
-    echo "== compare-torch (roberta-base, 8/32/128)"
-    timeout 120 python3 scripts/compare-torch.py --device cuda --preset roberta-base --bf 8 --br 32 --seq-len 128 \
-        --steps 10 --warmup 3 --bin "$CLI" --json "$LOGS/compare-torch.json" >"$LOGS/compare-torch.log" 2>&1
-    rc=$?
-    tail -n 12 "$LOGS/compare-torch.log"
-    ratio=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d.get("ratio", "?"))' "$LOGS/compare-torch.json" 2>/dev/null)
-    row "step vs PyTorch (roberta-base)" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "tokens/s ratio ours/torch ${ratio:-?}; $LOGS/compare-torch.log"
+    for shape in "8 32 10 3" "32 128 5 2"; do
+        read -r bf br steps warm <<<"$shape"
+        echo "== compare-torch (roberta-base, $bf/$br/128, bf16)"
+        timeout 120 python3 scripts/compare-torch.py --device cuda --precision bf16 --preset roberta-base --bf "$bf" \
+            --br "$br" --seq-len 128 --steps "$steps" --warmup "$warm" --bin "$CLI" \
+            --json "$LOGS/compare-torch-$bf-$br.json" >"$LOGS/compare-torch-$bf-$br.log" 2>&1
+        rc=$?
+        tail -n 12 "$LOGS/compare-torch-$bf-$br.log"
+        res=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); o=d.get("ours",d); print(d.get("ratio","?"), round(100*o.get("mfu",float("nan")),1))' "$LOGS/compare-torch-$bf-$br.json" 2>/dev/null)
+        [ -n "$res" ] || res="? ?"
+        row "step vs PyTorch roberta $bf/$br" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "ratio ours/torch ${res%% *}, MFU ${res#* }%; $LOGS/compare-torch-$bf-$br.log"
+    done
 else
     row "step vs PyTorch" "SKIP" "needs the CLI and torch+transformers"
+fi
+
+# ---- 6. NVTX ranges under Nsight Systems (issue #5 item 6) ---------------------------------------
+# Three bench steps under nsys; the NVTX summary should list forward / layer N fwd / backward /
+# loss / optimizer ranges. The report lands in $LOGS/step.nsys-rep for a closer look.
+if [ -n "$CLI" ] && command -v nsys >/dev/null; then
+    echo "== nsys (minilm-l6 bench, 3 steps)"
+    timeout 90 nsys profile --trace=cuda,nvtx --force-overwrite=true -o "$LOGS/step" "$CLI" bench --preset minilm-l6 \
+        --steps 3 --warmup 1 --device cuda --precision bf16 --matmul-size 1024 >"$LOGS/nsys.log" 2>&1
+    rc=$?
+    timeout 60 nsys stats --report nvtx_sum --format csv --output - "$LOGS/step.nsys-rep" >"$LOGS/nvtx.csv" 2>>"$LOGS/nsys.log"
+    head -n 25 "$LOGS/nvtx.csv"
+    ranges=$(grep -cE 'layer [0-9]+ (fwd|bwd)|optimizer: adamw|loss: infonce' "$LOGS/nvtx.csv")
+    row "nsys NVTX ranges" "$([ "$rc" = 0 ] && [ "$ranges" -gt 0 ] && echo ok || echo "rc=$rc")" "$ranges named layer/loss/optimizer ranges; $LOGS/nvtx.csv"
+else
+    row "nsys NVTX ranges" "SKIP" "nsys not on PATH"
 fi
 
 echo

@@ -101,6 +101,8 @@ fn tiny_run_reports_consistent_numbers() {
         "matmul_tflops_start_end",
         "other_matmul_rates",
         "mfu",
+        "mfu_reference",
+        "skipped_steps",
         "peak_rss_bytes",
         "device_memory_bytes",
         "losses",
@@ -173,6 +175,11 @@ fn tiny_run_reports_consistent_numbers() {
     let (start, end) = (se[0].as_f64().unwrap(), se[1].as_f64().unwrap());
     assert!(start > 0.0 && end > 0.0 && num(mm, "tflops") == start.max(end), "{se}");
     assert!(close(num(&j, "mfu"), achieved / num(mm, "tflops")));
+    assert_eq!(
+        j["mfu_reference"], j["matmul_rate"],
+        "fp32: the MFU refers to the fp32 GEMM"
+    );
+    assert_eq!(j["skipped_steps"], 0);
 
     assert!(num(&j, "peak_rss_bytes") > 0.0);
     assert!(num(&j, "parameters") > 0.0);
@@ -210,6 +217,64 @@ fn preset_names_the_model_and_runs() {
     assert_eq!(j["layers"], 6);
     assert_eq!(j["hidden"], 384);
     assert_eq!(j["tokens_per_step"], 12);
+}
+
+/// `--precision` reaches the benched step: bf16 and fp16 change the losses (the GEMM and
+/// attention inputs are rounded) but only by what 16-bit inputs can, the JSON names the
+/// precision, and on the CPU (fp32 GEMMs emulating the reduced precisions) the MFU still
+/// refers to the fp32 GEMM rate.
+#[test]
+fn precision_flag_reaches_the_step() {
+    let cfg = tiny_config();
+    let run = |p: &str| -> Value {
+        let out = bench(&[
+            "--config",
+            &cfg,
+            "--bf",
+            "2",
+            "--br",
+            "2",
+            "--seq-len",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--labels",
+            "5",
+            "--matmul-size",
+            "32",
+            "--device",
+            "cpu",
+            "--precision",
+            p,
+        ]);
+        assert!(out.status.success(), "{p}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let f32_run = run("fp32");
+    let first = |j: &Value| num(&j["losses"]["first"], "total");
+    for p in ["bf16", "fp16"] {
+        let j = run(p);
+        assert_eq!(j["precision"], p);
+        assert!(
+            j["precision_detail"].as_str().unwrap().contains(p),
+            "{}",
+            j["precision_detail"]
+        );
+        assert_eq!(j["mfu_reference"]["dtype"], "fp32", "{p} on the CPU");
+        assert!(
+            j["skipped_steps"].as_u64().is_some(),
+            "{p}: skipped_steps {}",
+            j["skipped_steps"]
+        );
+        let (a, b) = (first(&j), first(&f32_run));
+        assert!(
+            a != b,
+            "{p}: the first loss equals fp32's ({a}): precision did not reach the step"
+        );
+        assert!((a - b).abs() < 0.02 * b, "{p}: first loss {a} against fp32's {b}");
+    }
 }
 
 #[test]

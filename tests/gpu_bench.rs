@@ -2,7 +2,8 @@
 //! Prints `BENCH <name> <value> <unit>` lines; nothing is asserted about speed.
 //!
 //! - minilm_step: forward + CE + backward + clipped AdamW of the MiniLM shape (6 layers,
-//!   hidden 384, 12 heads, FFN 1536) on 32 x 128 tokens, dropout on, GPU and CPU.
+//!   hidden 384, 12 heads, FFN 1536) on 32 x 128 tokens, dropout on: GPU fp32, GPU bf16
+//!   (GEMMs on tensor cores) and CPU fp32.
 //! - infonce: fused class-masked InfoNCE forward + backward (detached columns) at m = 4096
 //!   and 16384 rows of width 384, the DeepCUT batch shape of benches/infonce.rs; compare
 //!   with scripts/infonce_torch.py (the same loss in PyTorch on the same GPU).
@@ -10,9 +11,9 @@
 //! Times are wall-clock around device-synchronised loops after a warm-up.
 use deepcut_fast::backend::cpu::Cpu;
 use deepcut_fast::backend::cuda::Cuda;
-use deepcut_fast::backend::{Backend, InfoNceOptions};
+use deepcut_fast::backend::{Backend, InfoNceOptions, Precision};
 use deepcut_fast::model::{Dims, HostBatch, Mode, Model};
-use deepcut_fast::train::optim::{OptimConfig, Optimizer};
+use deepcut_fast::train::optim::{LossScaling, OptimConfig, Optimizer};
 use std::time::Instant;
 
 fn gpu() -> Option<Cuda> {
@@ -36,7 +37,7 @@ fn minilm_dims() -> Dims {
 }
 
 /// Seconds per training step of the MiniLM shape on `be`.
-fn step_time<B: Backend>(be: B, steps: usize, sync: impl Fn(&B)) -> f64 {
+fn step_time<B: Backend>(be: B, steps: usize, sync: impl Fn(&B), precision: Precision) -> f64 {
     let dims = minilm_dims();
     let (b, t) = (32, 128);
     let mut seed = 1u64;
@@ -47,7 +48,8 @@ fn step_time<B: Backend>(be: B, steps: usize, sync: impl Fn(&B)) -> f64 {
                 ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
             })
             .collect()
-    });
+    })
+    .with_precision(precision);
     let batch = HostBatch::synthetic(b, t, dims.vocab, dims.labels, 0);
     let mut opt = Optimizer::new(
         &model,
@@ -58,12 +60,14 @@ fn step_time<B: Backend>(be: B, steps: usize, sync: impl Fn(&B)) -> f64 {
             total: 1000,
             clip: 1.0,
         },
-    );
+    )
+    .with_precision(precision, LossScaling::default());
     let mut one = |step: u64, model: &mut Model<B>| {
+        model.set_loss_scale(opt.loss_scale());
         model.forward(&batch, Mode::Train { seed: 1, step });
-        let _ = model.ce_loss(&batch);
         model.zero_grads();
-        model.backward(1.0 / batch.labelled() as f32, None);
+        model.backward(opt.loss_scale() / batch.labelled() as f32, None);
+        let _ = model.ce_loss(&batch);
         opt.update(model).expect("finite");
     };
     one(1, &mut model); // warm-up (allocations, first launches)
@@ -82,13 +86,21 @@ fn minilm_step() {
     let Some(g) = gpu() else { return };
     let name = g.name();
     let tokens = 32.0 * 128.0;
-    let tg = step_time(g, 10, |g: &Cuda| g.synchronize());
+    let tg = step_time(g, 10, |g: &Cuda| g.synchronize(), Precision::Fp32);
     println!(
-        "BENCH minilm_step_gpu {:.1} tokens/s ({:.2} ms/step, {name})",
+        "BENCH minilm_step_gpu {:.1} tokens/s ({:.2} ms/step, fp32, {name})",
         tokens / tg,
         tg * 1e3
     );
-    let tc = step_time(Cpu, 2, |_| {});
+    // bf16: GEMMs on tensor cores (inputs rounded, fp32 buffers)
+    let g = Cuda::new(0).expect("the device opened a moment ago");
+    let tb = step_time(g, 10, |g: &Cuda| g.synchronize(), Precision::Bf16);
+    println!(
+        "BENCH minilm_step_gpu_bf16 {:.1} tokens/s ({:.2} ms/step, bf16 GEMMs on tensor cores, {name})",
+        tokens / tb,
+        tb * 1e3
+    );
+    let tc = step_time(Cpu, 2, |_| {}, Precision::Fp32);
     println!(
         "BENCH minilm_step_cpu {:.1} tokens/s ({:.1} ms/step, {} threads)",
         tokens / tc,

@@ -213,6 +213,21 @@ pub struct ParamSlot<'a, Buf> {
     pub decays: bool,
 }
 
+/// An open profiler range (`Backend::profile_range`); the range ends when this drops.
+#[must_use = "the range ends when the guard drops"]
+pub struct RangeGuard(#[allow(dead_code)] Option<Box<dyn std::any::Any>>);
+
+impl RangeGuard {
+    /// No range (backends without a profiler).
+    pub fn none() -> RangeGuard {
+        RangeGuard(None)
+    }
+    /// A range held open by `inner`, whose drop closes it.
+    pub fn new(inner: Box<dyn std::any::Any>) -> RangeGuard {
+        RangeGuard(Some(inner))
+    }
+}
+
 pub trait Backend {
     /// A buffer of floats (fp32 on the CPU).
     type Buf;
@@ -220,6 +235,13 @@ pub trait Backend {
     type IBuf;
 
     fn name(&self) -> String;
+
+    /// Opens a named range around the work enqueued until the guard drops: an NVTX range on
+    /// CUDA, so `nsys profile` shows a step by layer, loss and optimiser phase; nothing on
+    /// the CPU. The name is formatted only when a profiler can see it.
+    fn profile_range(&self, _name: std::fmt::Arguments<'_>) -> RangeGuard {
+        RangeGuard::none()
+    }
 
     // ---- memory -------------------------------------------------------------------
     /// A zeroed buffer of `n` floats.

@@ -16,12 +16,12 @@
 //! position labelled, `O` (class 0) with probability 0.8 and otherwise uniform over the
 //! other `--labels - 1` classes (WNUT17-like). scripts/compare-torch.py builds the same.
 use super::{with_backend, DeviceArgs};
-use crate::backend::{cpu::Cpu, cuda::Cuda, Backend, InfoNceOptions, IGNORE_INDEX};
+use crate::backend::{cpu::Cpu, cuda::Cuda, Backend, InfoNceOptions, Precision, IGNORE_INDEX};
 use crate::data::Window;
 use crate::error::{Error, Result};
 use crate::infer::{max_window, model_from_weights, position_style};
 use crate::model::{random_init, ModelConfig};
-use crate::train::optim::{OptimConfig, Optimizer};
+use crate::train::optim::{LossScaling, OptimConfig, Optimizer};
 use crate::unlearn::deepcut::{self, Anchors, Contrast};
 use clap::Args;
 use serde_json::{json, Value};
@@ -464,7 +464,8 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
     let params: usize = weights.tensors.values().map(|t| t.data.len()).sum();
     let device_name = be.device_name();
     let backend_name = be.name();
-    let mut model = model_from_weights(be, cfg, &weights, args.labels, shape.tokens());
+    let precision = args.device.precision;
+    let mut model = model_from_weights(be, cfg, &weights, args.labels, shape.tokens()).with_precision(precision);
     drop(weights);
     let pad = cfg.pad_token_id;
     let windows = synthetic_windows(
@@ -487,7 +488,8 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             total,
             clip: 1.0,
         },
-    );
+    )
+    .with_precision(precision, LossScaling::default());
     let mut contrast = Contrast::new(&model.be, shape.tokens(), model.dims.hidden);
     let style = position_style(cfg);
     let opts = InfoNceOptions::default();
@@ -499,6 +501,7 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
         model.be.sync();
         let t0 = Instant::now();
         let (batch, z) = deepcut::assemble(&windows, &forget, &retain, pad, style, 0, Anchors::All);
+        model.set_loss_scale(opt.loss_scale());
         let l = deepcut::step(
             &mut model,
             &mut contrast,
@@ -527,6 +530,17 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
         tflops: rate_start.max(rate_end),
         path: format!("Backend::gemm of {}", backend_name),
         verified: model.be.verified(),
+    };
+    // The MFU's reference: the GEMM rate of the math the step's GEMMs use. In bf16 / fp16
+    // that is the tensor-core rate where the backend measured one (CUDA); the CPU emulates
+    // the reduced precisions with fp32 GEMMs, so fp32 stays its reference.
+    let reference = match precision {
+        Precision::Fp32 => fp32.clone(),
+        Precision::Bf16 | Precision::Fp16 => extra
+            .iter()
+            .find(|r| r.dtype == "bf16")
+            .cloned()
+            .unwrap_or_else(|| fp32.clone()),
     };
     let spread = Spread::of(&times);
     let flops = shape.flops();
@@ -568,7 +582,8 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
         json!({
             "device": device_name,
             "backend": backend_name,
-            "precision": "fp32",
+            "precision": precision.name(),
+            "precision_detail": precision.describe(),
             "threads": rayon::current_num_threads(),
             "verified": model.be.verified(),
             "step_time_s": spread.to_json(),
@@ -586,7 +601,9 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             "matmul_rate": fp32.to_json(),
             "matmul_tflops_start_end": [rate_start, rate_end],
             "other_matmul_rates": extra.iter().map(MatmulRate::to_json).collect::<Vec<_>>(),
-            "mfu": achieved / fp32.tflops,
+            "mfu": achieved / reference.tflops,
+            "mfu_reference": reference.to_json(),
+            "skipped_steps": opt.scaler.as_ref().map_or(0, |s| s.skipped_steps),
         }),
         json!({
             "peak_rss_bytes": crate::util::peak_memory_bytes(),
@@ -612,7 +629,7 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
     let report = Value::Object(report);
     eprintln!(
         "bench {} bf {} br {} seq {}: median {:.4} s/step (p10 {:.4}, p90 {:.4}), {:.0} tokens/s, {:.3} TFLOP/s, \
-         MFU {:.1}% of the measured {:.3} TFLOP/s fp32 GEMM, peak RSS {:.2} GiB, load {}",
+         MFU {:.1}% of the measured {:.3} TFLOP/s {} GEMM ({}), peak RSS {:.2} GiB, load {}",
         args.model_name(),
         args.bf,
         args.br,
@@ -622,8 +639,10 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
         spread.p90,
         tokens as f64 / spread.median,
         achieved,
-        100.0 * achieved / fp32.tflops,
-        fp32.tflops,
+        100.0 * achieved / reference.tflops,
+        reference.tflops,
+        reference.dtype,
+        precision,
         crate::util::peak_memory_bytes() as f64 / (1u64 << 30) as f64,
         load_start
     );

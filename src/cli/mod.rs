@@ -51,9 +51,10 @@ pub struct DeviceArgs {
     pub threads: Option<usize>,
     /// fp32 | bf16 | fp16 (SPEC section 7): activations and GEMM/attention inputs rounded
     /// to bf16/fp16 with fp32 accumulation; weights, optimiser state, LayerNorm statistics
-    /// and losses stay fp32; fp16 trains with dynamic loss scaling. Emulated on both
-    /// backends (fp32 buffers: fp32's speed and memory). Default fp32 on every device:
-    /// SPEC's bf16 default for CUDA waits for real bf16 kernels and a verified GPU run.
+    /// and losses stay fp32; fp16 trains with dynamic loss scaling. Buffers stay fp32 on
+    /// both backends (fp32 memory); the CPU computes at fp32 speed, CUDA runs the GEMMs on
+    /// tensor cores. Default fp32 on every device: SPEC's bf16 default for CUDA waits for
+    /// bf16 storage and a verified GPU run.
     #[arg(long, default_value = "fp32", value_parser = parse_precision)]
     pub precision: Precision,
 }

@@ -577,6 +577,8 @@ impl<B: Backend> Model<B> {
         be.upload_i32(&mut a.labels, &batch.labels);
         be.upload(&mut a.mask, &batch.attention_mask);
 
+        let _fwd = be.profile_range(format_args!("forward"));
+        let emb_range = be.profile_range(format_args!("embeddings fwd"));
         // Embeddings -> LayerNorm -> dropout
         be.embedding_fwd(&mut a.emb, &a.ids, &a.pos, &a.types, &p.wte.w, &p.wpe.w, &p.wtt.w, n, c);
         be.layernorm_fwd(
@@ -595,7 +597,9 @@ impl<B: Backend> Model<B> {
         be.dropout_fwd(&mut a.x0, &a.emb_ln, n * c, drop);
         q(&mut a.x0, n * c);
 
+        std::mem::drop(emb_range);
         for li in 0..d.layers {
+            let _layer = be.profile_range(format_args!("layer {li} fwd"));
             let (done, rest) = a.layers.split_at_mut(li);
             let x_in = if li == 0 { &a.x0 } else { &done[li - 1].x2 };
             let la = &mut rest[0];
@@ -698,6 +702,7 @@ impl<B: Backend> Model<B> {
         }
 
         if let Some(cls) = &p.classifier {
+            let _head = be.profile_range(format_args!("head fwd"));
             let l = d.labels;
             let hidden = a.layers.last().map_or(&a.x0, |la| &la.x2);
             let drop = dropout_for(mode, d.classifier_dropout, d.site_classifier());
@@ -746,6 +751,7 @@ impl<B: Backend> Model<B> {
     pub fn token_losses(&mut self) -> Vec<f32> {
         let (b, t, _) = self.current();
         let n = b * t;
+        let _r = self.be.profile_range(format_args!("loss: cross-entropy"));
         self.be.softmax_ce_fwd(
             &mut self.acts.losses,
             &self.acts.logits,
@@ -781,9 +787,11 @@ impl<B: Backend> Model<B> {
         // Rounds a gradient that a GEMM or the attention core reads (no-op in fp32).
         let q = |x: &mut B::Buf, len: usize| be.quantize(x, len, precision);
 
+        let _bwd = be.profile_range(format_args!("backward"));
         be.zero(&mut s.dx, n * c);
         if let Some(cls) = &mut p.classifier {
             if ce_scale != 0.0 {
+                let _head = be.profile_range(format_args!("head bwd"));
                 let l = d.labels;
                 be.softmax_ce_bwd(&mut s.dlogits, &a.logits, &a.labels, n, l, ce_scale);
                 q(&mut s.dlogits, n * l);
@@ -825,6 +833,7 @@ impl<B: Backend> Model<B> {
         let dropout = |pr: f32, site: u32| dropout_for(mode, pr, site);
 
         for li in (0..d.layers).rev() {
+            let _layer = be.profile_range(format_args!("layer {li} bwd"));
             let la = &a.layers[li];
             let x_in = if li == 0 { &a.x0 } else { &a.layers[li - 1].x2 };
             let lp = &mut p.layers[li];
@@ -977,6 +986,7 @@ impl<B: Backend> Model<B> {
         }
 
         // x0 = dropout(LN(emb))
+        let _emb = be.profile_range(format_args!("embeddings bwd"));
         be.dropout_bwd(
             &mut s.dtmp,
             &s.dx,

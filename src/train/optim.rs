@@ -165,6 +165,7 @@ impl<B: Backend> Optimizer<B> {
     /// Global gradient norm (summed in a fixed order, so deterministic; one device round
     /// trip on a GPU).
     pub fn grad_norm(model: &Model<B>) -> f64 {
+        let _r = model.be.profile_range(format_args!("optimizer: gradient norm"));
         let params = model.params.iter();
         let grads: Vec<(&B::Buf, usize)> = params.iter().map(|p| (&p.g, p.numel())).collect();
         model.be.sum_squares_all(&grads).sqrt()
@@ -263,6 +264,7 @@ impl<B: Backend> Optimizer<B> {
                 }
             })
             .collect();
+        let _r = model.be.profile_range(format_args!("optimizer: adamw"));
         model.be.adamw_all(&mut slots, hp, self.step, grad_scale);
         Ok(UpdateStats {
             lr,

@@ -126,6 +126,7 @@ pub fn assemble(
 pub fn step<B: Backend>(
     model: &mut Model<B>, cb: &mut Contrast<B>, batch: &Batch, z: &ZRows, opts: InfoNceOptions, gamma: f32, mode: Mode,
 ) -> StepLosses {
+    let _step = model.be.profile_range(format_args!("deepcut step"));
     let m = z.idx.len();
     let c = model.dims.hidden;
     let valid = opts.valid_anchors(&z.labels, &z.anchor, &z.partner, m);
@@ -133,6 +134,7 @@ pub fn step<B: Backend>(
     model.forward(&batch.inputs, mode);
     let ce_count = batch.labelled();
     let be = &model.be;
+    let contrast_fwd = be.profile_range(format_args!("loss: infonce fwd"));
     be.upload_i32(&mut cb.idx, &z.idx);
     be.upload_i32(&mut cb.labels, &z.labels);
     be.upload_i32(&mut cb.anchor, &z.anchor);
@@ -150,9 +152,11 @@ pub fn step<B: Backend>(
         c,
         opts,
     );
+    drop(contrast_fwd);
 
     let n = batch.tokens();
     let loss_scale = model.loss_scale();
+    let contrast_bwd = be.profile_range(format_args!("loss: infonce bwd"));
     be.zero(&mut cb.dhidden, n * c);
     if count > 0 && gamma != 0.0 {
         be.infonce_bwd(
@@ -170,6 +174,7 @@ pub fn step<B: Backend>(
         be.l2norm_bwd(&mut cb.dzraw, &cb.dz, &cb.z, &cb.norm, m, c);
         be.scatter_add_rows(&mut cb.dhidden, &cb.dzraw, &cb.idx, m, c);
     }
+    drop(contrast_bwd);
     model.zero_grads();
     let ce_scale = if ce_count > 0 {
         loss_scale / ce_count as f32

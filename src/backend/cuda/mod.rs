@@ -50,7 +50,7 @@ pub mod quantize;
 pub mod rows;
 pub mod softmax_ce;
 
-use super::{AdamW, Backend, Dropout, InfoNceOptions, ParamSlot, Precision};
+use super::{AdamW, Backend, Dropout, InfoNceOptions, ParamSlot, Precision, RangeGuard};
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig};
@@ -322,6 +322,14 @@ impl Cuda {
 impl Backend for Cuda {
     type Buf = CudaSlice<f32>;
     type IBuf = CudaSlice<i32>;
+
+    fn profile_range(&self, name: std::fmt::Arguments<'_>) -> RangeGuard {
+        if self.nvtx {
+            RangeGuard::new(Box::new(cudarc::nvtx::scoped_range(name.to_string())))
+        } else {
+            RangeGuard::none()
+        }
+    }
 
     fn name(&self) -> String {
         let i = &self.info;
