@@ -135,6 +135,103 @@ fn gpu_parity_status() {
     }
 }
 
+// ---- the CUDA backend on the CPU emulator -----------------------------------------------------
+
+/// Without a GPU, every test of this file runs again in a child process whose libcuda.so
+/// and libcublas.so are the CPU emulator of tests/cuda_emu (kernels/*.cu compiled as C++):
+/// the CUDA backend's launchers, cudarc plumbing and kernels then run for real against the
+/// CPU twins. It shows the kernels' logic and the launch geometry right; it cannot show GPU
+/// timing, real-hardware races or cuBLAS's own kernels, which scripts/gpu-check.sh does.
+#[test]
+fn cuda_backend_on_the_cpu_emulator() {
+    if std::env::var("DEEPCUT_CUDA_EMU").is_ok() {
+        return; // the child itself
+    }
+    if let Ok(d) = cuda::availability() {
+        loud(&format!(
+            "cuda_backend_on_the_cpu_emulator: not needed, a real device is present ({d})"
+        ));
+        return;
+    }
+    let dir = common::cuda_emu::build().unwrap_or_else(|e| panic!("{e}"));
+    let path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
+        _ => dir.display().to_string(),
+    };
+    let nvtx_log = dir.join("nvtx.log");
+    let _ = std::fs::remove_file(&nvtx_log);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--test-threads", "1", "--skip", "cuda_backend_on_the_cpu_emulator"])
+        .env("LD_LIBRARY_PATH", path)
+        .env("DEEPCUT_NVTX_LOG", &nvtx_log)
+        .env("DEEPCUT_REQUIRE_GPU", "1")
+        .env("DEEPCUT_CUDA_EMU", "1")
+        .output()
+        .expect("re-run this test binary");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    let summary = stdout
+        .lines()
+        .filter(|l| l.starts_with("test "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    loud(&format!(
+        "CUDA backend on the CPU emulator ({}):\n{summary}",
+        dir.display()
+    ));
+    assert!(
+        out.status.success(),
+        "the CUDA backend failed on the CPU emulator:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("CPU emulator of a CUDA device"),
+        "the child did not run on the emulator:\n{stderr}"
+    );
+    // The NVTX ranges nsys would show (issue #5): recorded by the emulator's
+    // libnvToolsExt; every range of a DeepCUT step's phases exists and every range closes.
+    let log = std::fs::read_to_string(&nvtx_log).expect("the emulator's NVTX log");
+    let starts = log.lines().filter(|l| l.starts_with("start ")).count();
+    let ends = log.lines().filter(|l| l.starts_with("end ")).count();
+    assert!(
+        starts > 0 && starts == ends,
+        "NVTX: {starts} ranges opened, {ends} closed"
+    );
+    assert!(
+        !log.contains("unclosed") && !log.contains("?unknown"),
+        "NVTX ranges left open or unmatched"
+    );
+    for name in [
+        "deepcut step",
+        "forward",
+        "embeddings fwd",
+        "layer 0 fwd",
+        "layer 1 fwd",
+        "head fwd",
+        "loss: cross-entropy",
+        "loss: infonce fwd",
+        "backward",
+        "head bwd",
+        "layer 1 bwd",
+        "layer 0 bwd",
+        "loss: infonce bwd",
+        "embeddings bwd",
+        "optimizer: gradient norm",
+        "optimizer: adamw",
+        "attention_fwd",
+        "gemm",
+    ] {
+        assert!(
+            log.lines().any(|l| l == format!("start {name}")),
+            "NVTX range `{name}` never opened"
+        );
+    }
+    loud(&format!(
+        "NVTX on the emulator: {starts} ranges, all closed, every step phase named"
+    ));
+}
+
 // ---- linear algebra -----------------------------------------------------------------------
 
 parity_test!(gemm_all_transposes, gemm_all_transposes_body);
@@ -910,12 +1007,18 @@ mod step {
                 // softmax ignores a shift) is rounding noise on both sides; a relative error
                 // means nothing there, so such tensors get an absolute bound against the
                 // global gradient norm, and their AdamW update (lr * sign of the noise) is
-                // not compared.
+                // not compared. The key bias is named: in bf16 the rounding of k breaks the
+                // shift invariance at the 2^-8 level, so its noise is far above fp32's 1e-5
+                // (found on the CPU emulator of tests/cuda_emu); it must still be noise-sized.
                 let norm = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
                 let total = gc.iter().map(|(_, b)| norm(b).powi(2)).sum::<f64>().sqrt();
                 let mut noise = vec![false; gc.len()];
                 for (i, ((name, a), (_, b))) in gg.iter().zip(gc).enumerate() {
-                    if norm(b) < 1e-5 * total {
+                    let key_bias = name.ends_with("attention.self.key.bias");
+                    if key_bias {
+                        assert!(norm(b) < tol * total, "{tag} grad {name}: not noise-sized");
+                    }
+                    if key_bias || norm(b) < 1e-5 * total {
                         let diff: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
                         let e = norm(&diff) / total;
                         eprintln!("{tag} grad {name}: ~0 in exact arithmetic; |GPU - CPU| / |all grads| = {e:.1e}");

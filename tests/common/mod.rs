@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 use std::path::PathBuf;
 
+pub mod cuda_emu;
 pub mod fixture;
 pub mod golden;
 

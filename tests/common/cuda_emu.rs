@@ -1,0 +1,145 @@
+//! Builds the CPU emulator of the CUDA driver and cuBLAS (tests/cuda_emu) with every
+//! kernels/*.cu compiled as C++ into it: a folder holding libcuda.so, libcublas.so and
+//! libnvToolsExt.so that cudarc opens in place of NVIDIA's when the folder leads
+//! LD_LIBRARY_PATH. The CUDA
+//! backend then runs unchanged on the CPU (see tests/cuda_emu/runtime.cpp for what that
+//! does and does not show).
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The emulator's folder under the cargo target dir, built (or rebuilt when a source is
+/// newer than the libraries) with the system C++ compiler (`CXX`, default c++).
+pub fn build() -> Result<PathBuf, String> {
+    let repo = super::repo();
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let emu = repo.join("tests/cuda_emu");
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir(repo.join("kernels"))
+        .map_err(|e| format!("kernels/: {e}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    kernels.sort();
+    let mut inputs: Vec<PathBuf> = kernels.clone();
+    inputs.extend(
+        [
+            "cuda_emu.h",
+            "runtime.cpp",
+            "cublas.cpp",
+            "nvtx.cpp",
+            "include/cuda_bf16.h",
+            "include/cuda_fp16.h",
+        ]
+        .iter()
+        .map(|f| emu.join(f)),
+    );
+    inputs.push(repo.join("kernels/common.cuh"));
+    let (cuda, cublas, nvtx) = (
+        out.join("libcuda.so"),
+        out.join("libcublas.so"),
+        out.join("libnvToolsExt.so"),
+    );
+    let newest = inputs.iter().filter_map(|p| mtime(p)).max();
+    let oldest_out = [&cuda, &cublas, &nvtx].iter().map(|p| mtime(p)).min().flatten();
+    if let (Some(i), Some(o)) = (newest, oldest_out) {
+        if o > i {
+            return Ok(out);
+        }
+    }
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let base = |cmd: &mut Command| {
+        cmd.args([
+            "-std=c++20",
+            "-O2",
+            "-fPIC",
+            "-pthread",
+            "-w",
+            "-fno-fast-math",
+            "-ffp-contract=off",
+        ]);
+        cmd.arg("-I")
+            .arg(emu.join("include"))
+            .arg("-I")
+            .arg(repo.join("kernels"));
+    };
+    // Each kernel file as its own translation unit: the extern __shared__ arrays become the
+    // launch's dynamic shared memory, and every entry point is registered by name.
+    let mut jobs = Vec::new();
+    let mut objects = Vec::new();
+    for k in &kernels {
+        let stem = k.file_stem().unwrap().to_string_lossy().to_string();
+        let src = std::fs::read_to_string(k).map_err(|e| format!("{}: {e}", k.display()))?;
+        let mut text = src.replace(
+            "extern __shared__ float smem[];",
+            "float* smem = (float*)emu_dyn_smem();",
+        );
+        text.push('\n');
+        for name in entry_points(&src) {
+            text.push_str(&format!("EMU_REGISTER({name})\n"));
+        }
+        let cc = out.join(format!("{stem}.cc"));
+        std::fs::write(&cc, text).map_err(|e| format!("{}: {e}", cc.display()))?;
+        let obj = out.join(format!("{stem}.o"));
+        let mut cmd = Command::new(&cxx);
+        base(&mut cmd);
+        cmd.arg("-include")
+            .arg(emu.join("cuda_emu.h"))
+            .arg("-c")
+            .arg(&cc)
+            .arg("-o")
+            .arg(&obj);
+        jobs.push((k.display().to_string(), spawn(cmd)?));
+        objects.push(obj);
+    }
+    let mut cmd = Command::new(&cxx);
+    base(&mut cmd);
+    cmd.arg("-shared").arg(emu.join("cublas.cpp")).arg("-o").arg(&cublas);
+    jobs.push(("tests/cuda_emu/cublas.cpp".into(), spawn(cmd)?));
+    let mut cmd = Command::new(&cxx);
+    base(&mut cmd);
+    cmd.arg("-shared").arg(emu.join("nvtx.cpp")).arg("-o").arg(&nvtx);
+    jobs.push(("tests/cuda_emu/nvtx.cpp".into(), spawn(cmd)?));
+    for (what, child) in jobs {
+        wait(&what, child)?;
+    }
+    let mut cmd = Command::new(&cxx);
+    base(&mut cmd);
+    cmd.arg("-shared")
+        .arg(emu.join("runtime.cpp"))
+        .args(&objects)
+        .arg("-o")
+        .arg(&cuda);
+    wait("tests/cuda_emu/runtime.cpp", spawn(cmd)?)?;
+    Ok(out)
+}
+
+/// `extern "C" __global__ void NAME(` entry points, as build.rs finds them.
+fn entry_points(src: &str) -> Vec<String> {
+    src.lines()
+        .filter_map(|l| l.trim_start().strip_prefix("extern \"C\" __global__ void "))
+        .filter_map(|rest| rest.split('(').next())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+fn mtime(p: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+fn spawn(mut cmd: Command) -> Result<std::process::Child, String> {
+    cmd.stderr(std::process::Stdio::piped());
+    cmd.spawn()
+        .map_err(|e| format!("running {cmd:?}: {e} (a C++ compiler is needed: set CXX)"))
+}
+
+fn wait(what: &str, child: std::process::Child) -> Result<(), String> {
+    let out = child.wait_with_output().map_err(|e| format!("{what}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "compiling {what} for the emulator failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}

@@ -1,0 +1,12 @@
+// CPU stand-in for CUDA's cuda_fp16.h (tests/cuda_emu): IEEE binary16 through GCC's
+// _Float16, whose conversions round to nearest even, keep subnormals and overflow to inf,
+// as __float2half_rn does.
+#pragma once
+
+struct __half {
+    _Float16 v;
+};
+typedef __half half;
+
+inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
+inline float __half2float(__half h) { return (float)h.v; }

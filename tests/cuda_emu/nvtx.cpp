@@ -1,0 +1,68 @@
+// A stand-in for libnvToolsExt (tests/cuda_emu): records the NVTX ranges the CUDA backend
+// opens (cudarc's scoped_range: nvtxRangeStartEx / nvtxRangeEnd) and, at exit, writes one
+// line per event to the file named by DEEPCUT_NVTX_LOG ("start NAME" / "end NAME"), so a
+// test can check that the ranges nsys would show exist and all close.
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+struct EventAttributes {  // nvtxEventAttributes_v2
+    uint16_t version, size;
+    uint32_t category;
+    int32_t color_type;
+    uint32_t color;
+    int32_t payload_type, reserved0;
+    uint64_t payload;
+    int32_t message_type;
+    const char* message;
+};
+
+namespace {
+struct Log {
+    std::mutex m;
+    std::map<uint64_t, std::string> open;
+    std::vector<std::string> lines;
+    uint64_t next = 1;
+    ~Log() {
+        const char* path = getenv("DEEPCUT_NVTX_LOG");
+        if (!path) return;
+        FILE* f = fopen(path, "w");
+        if (!f) return;
+        for (auto& l : lines) fprintf(f, "%s\n", l.c_str());
+        for (auto& kv : open) fprintf(f, "unclosed %s\n", kv.second.c_str());
+        fclose(f);
+    }
+};
+Log log_;
+}  // namespace
+
+extern "C" {
+uint64_t nvtxRangeStartEx(const EventAttributes* a) {
+    std::lock_guard<std::mutex> l(log_.m);
+    std::string name = a && a->message_type == 1 && a->message ? a->message : "?";
+    uint64_t id = log_.next++;
+    log_.open[id] = name;
+    log_.lines.push_back("start " + name);
+    return id;
+}
+void nvtxRangeEnd(uint64_t id) {
+    std::lock_guard<std::mutex> l(log_.m);
+    auto it = log_.open.find(id);
+    log_.lines.push_back("end " + (it == log_.open.end() ? std::string("?unknown id") : it->second));
+    if (it != log_.open.end()) log_.open.erase(it);
+}
+int nvtxRangePushA(const char* m) {
+    std::lock_guard<std::mutex> l(log_.m);
+    log_.lines.push_back(std::string("push ") + (m ? m : "?"));
+    return 0;
+}
+int nvtxRangePop() {
+    std::lock_guard<std::mutex> l(log_.m);
+    log_.lines.push_back("pop");
+    return 0;
+}
+}

@@ -1,0 +1,404 @@
+// A CPU stand-in for the part of the CUDA driver API the engine uses (through cudarc), built
+// as libcuda.so together with kernels/*.cu compiled by the C++ compiler (tests/cuda_emu,
+// driven by tests/common/cuda_emu.rs). Put its folder first on LD_LIBRARY_PATH and the
+// CUDA backend runs unchanged on the CPU: launchers, cudarc plumbing and kernels execute,
+// so tests/gpu_parity.rs checks all of them against the CPU backend without a GPU.
+//
+// Device memory is host memory (a CUdeviceptr is the host address); every call is
+// synchronous, so streams and events are no-ops; modules ignore the image they are given
+// and cuModuleGetFunction looks the kernel up by name among the compiled kernel files.
+// What it cannot show: real GPU timing, races that need true parallel warps, driver and
+// compiler behaviour of real hardware, cuBLAS's own kernels (tests/cuda_emu/cublas.cpp).
+#include <atomic>
+#include <ucontext.h>
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cuda_emu.h"
+
+thread_local EmuThreadState emu_state;
+
+// ---- kernel registry ----------------------------------------------------------------------------
+static std::map<std::string, EmuThunk>& registry() {
+    static std::map<std::string, EmuThunk> r;
+    return r;
+}
+extern "C" void emu_register(const char* name, EmuThunk thunk) { registry()[name] = thunk; }
+
+// ---- the block engine ---------------------------------------------------------------------------
+// The threads of a block are fibers (ucontext) on the launching OS thread, switched only at
+// barriers: a block runs deterministically, with no spinning and no OS scheduling.
+namespace {
+constexpr int MAX_THREADS = 1024;
+constexpr size_t STACK = 128 * 1024;
+
+struct Bar {
+    int expected = 0, arrived = 0;
+    unsigned long long gen = 0;
+};
+
+struct BlockRun {
+    EmuThunk thunk;
+    void** params;
+    emu_dim3 grid, block, bidx;
+    int nthreads;
+    Bar bar;
+    std::vector<Bar> warp_bars;
+    std::vector<uint64_t> shfl;
+    std::vector<int> or_slots;
+    std::vector<char> smem;
+};
+
+struct Fiber {
+    ucontext_t ctx;
+    char* stack = nullptr;
+    bool done = false;
+    const Bar* waiting = nullptr;  // the barrier this thread waits at, and its generation then
+    unsigned long long wait_gen = 0;
+};
+
+BlockRun* cur = nullptr;
+int cur_tid = 0;
+ucontext_t sched_ctx;
+std::vector<Fiber> fibers;
+unsigned long long progress = 0;  // arrivals at barriers and finished threads
+
+void yield() { swapcontext(&fibers[cur_tid].ctx, &sched_ctx); }
+
+void bar_wait(Bar& b) {
+    unsigned long long g = b.gen;
+    ++progress;
+    if (++b.arrived == b.expected) {
+        b.arrived = 0;
+        ++b.gen;
+        return;
+    }
+    Fiber& f = fibers[cur_tid];
+    f.waiting = &b;
+    f.wait_gen = g;
+    while (b.gen == g) yield();
+    f.waiting = nullptr;
+}
+
+void bar_drop(Bar& b) {
+    --b.expected;
+    if (b.expected > 0 && b.arrived == b.expected) {
+        b.arrived = 0;
+        ++b.gen;
+    }
+}
+
+void fiber_main() {
+    BlockRun* r = cur;
+    int tid = cur_tid;
+    r->thunk(r->params);
+    // an exited thread leaves every barrier it could still be counted in
+    r->or_slots[tid] = 0;
+    bar_drop(r->warp_bars[tid / 32]);
+    bar_drop(r->bar);
+    fibers[tid].done = true;
+    ++progress;
+}  // returns to sched_ctx through uc_link
+
+void set_thread_state(const BlockRun& r, int tid) {
+    cur_tid = tid;
+    emu_state.bdim = r.block;
+    emu_state.gdim = r.grid;
+    emu_state.bid = r.bidx;
+    emu_state.tid = emu_dim3{tid % r.block.x, (tid / r.block.x) % r.block.y, tid / (r.block.x * r.block.y)};
+}
+
+void run_block(BlockRun& r) {
+    int n = r.nthreads;
+    if ((int)fibers.size() < n) fibers.resize(n);
+    cur = &r;
+    for (int t = 0; t < n; ++t) {
+        Fiber& f = fibers[t];
+        if (!f.stack) f.stack = (char*)malloc(STACK);
+        f.done = false;
+        f.waiting = nullptr;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack;
+        f.ctx.uc_stack.ss_size = STACK;
+        f.ctx.uc_link = &sched_ctx;
+        makecontext(&f.ctx, fiber_main, 0);
+    }
+    int live = n;
+    while (live > 0) {
+        unsigned long long before = progress;
+        for (int t = 0; t < n; ++t) {
+            Fiber& f = fibers[t];
+            if (f.done || (f.waiting && f.waiting->gen == f.wait_gen)) continue;  // still blocked
+            set_thread_state(r, t);
+            swapcontext(&sched_ctx, &fibers[t].ctx);
+            if (fibers[t].done) --live;
+        }
+        if (live > 0 && progress == before) {
+            fprintf(stderr, "cuda_emu: deadlock in block (%u,%u,%u): %d threads wait at barriers that cannot complete "
+                    "(a __syncthreads or shuffle not reached by every live thread)\n", r.bidx.x, r.bidx.y, r.bidx.z, live);
+            abort();
+        }
+    }
+    cur = nullptr;
+}
+}  // namespace
+
+extern "C" void __syncthreads() { bar_wait(cur->bar); }
+
+extern "C" int __syncthreads_or(int pred) {
+    cur->or_slots[cur_tid] = pred != 0;
+    bar_wait(cur->bar);
+    int any = 0;
+    for (int i = 0; i < cur->nthreads; ++i) any |= cur->or_slots[i];
+    bar_wait(cur->bar);
+    return any;
+}
+
+extern "C" int emu_lane() { return cur_tid & 31; }
+
+extern "C" uint64_t emu_shfl64(uint64_t v, int src_lane) {
+    int warp = cur_tid / 32;
+    cur->shfl[cur_tid] = v;
+    bar_wait(cur->warp_bars[warp]);
+    uint64_t r = cur->shfl[warp * 32 + src_lane];
+    bar_wait(cur->warp_bars[warp]);
+    return r;
+}
+
+extern "C" void* emu_dyn_smem() { return cur->smem.data(); }
+
+static void launch(EmuThunk thunk, void** params, emu_dim3 grid, emu_dim3 block, size_t smem) {
+    static std::mutex one_launch_at_a_time;
+    std::lock_guard<std::mutex> lock(one_launch_at_a_time);
+    int n = (int)(block.x * block.y * block.z);
+    EmuThreadState saved = emu_state;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                BlockRun r;
+                r.thunk = thunk;
+                r.params = params;
+                r.grid = grid;
+                r.block = block;
+                r.bidx = emu_dim3{bx, by, bz};
+                r.nthreads = n;
+                r.bar.expected = n;
+                for (int w = 0; w * 32 < n; ++w) {
+                    Bar b;
+                    b.expected = std::min(32, n - w * 32);
+                    r.warp_bars.push_back(b);
+                }
+                r.shfl.assign(((n + 31) / 32) * 32, 0);
+                r.or_slots.assign(n, 0);
+                // 0xAB: uninitialised shared memory is garbage, not zeros, as on a GPU
+                r.smem.assign(smem + 16, (char)0xAB);
+                run_block(r);
+            }
+    emu_state = saved;
+}
+
+// ---- the driver API -------------------------------------------------------------------------------
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef void* CUcontext;
+typedef void* CUstream;
+typedef void* CUevent;
+typedef void* CUmodule;
+typedef void* CUfunction;
+
+enum { OK = 0, ERR_INVALID_VALUE = 1, ERR_OUT_OF_MEMORY = 2, ERR_NOT_FOUND = 500, ERR_INVALID_DEVICE = 101 };
+
+static int dummy_ctx, dummy_stream, dummy_event, dummy_module;
+
+extern "C" {
+CUresult cuInit(unsigned int) { return OK; }
+CUresult cuDriverGetVersion(int* v) {
+    *v = 12090;
+    return OK;
+}
+CUresult cuDeviceGetCount(int* n) {
+    *n = 1;
+    return OK;
+}
+CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+    if (ordinal != 0) return ERR_INVALID_DEVICE;
+    *d = 0;
+    return OK;
+}
+CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+    snprintf(name, len, "CPU emulator of a CUDA device (tests/cuda_emu, sm_90)");
+    return OK;
+}
+CUresult cuDeviceTotalMem_v2(size_t* b, CUdevice) {
+    *b = (size_t)64 << 30;
+    return OK;
+}
+CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
+    switch (attr) {
+        case 75: *v = 9; break;                       // compute capability major
+        case 76: *v = 0; break;                       // minor
+        case 1: *v = MAX_THREADS; break;              // max threads per block
+        case 2: case 3: *v = MAX_THREADS; break;      // max block dim x, y
+        case 4: *v = 64; break;                       // max block dim z
+        case 5: *v = 2147483647; break;               // max grid dim x
+        case 6: case 7: *v = 65535; break;            // max grid dim y, z
+        case 8: *v = 48 * 1024; break;                // shared memory per block
+        case 97: *v = 227 * 1024; break;              // opt-in shared memory per block
+        case 16: *v = 132; break;                     // multiprocessors
+        case 10: *v = 32; break;                      // warp size
+        default: *v = 0;
+    }
+    return OK;
+}
+CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice) {
+    *c = &dummy_ctx;
+    return OK;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return OK; }
+CUresult cuCtxSetCurrent(CUcontext) { return OK; }
+CUresult cuCtxGetCurrent(CUcontext* c) {
+    *c = &dummy_ctx;
+    return OK;
+}
+CUresult cuCtxPushCurrent_v2(CUcontext) { return OK; }
+CUresult cuCtxPopCurrent_v2(CUcontext* c) {
+    if (c) *c = &dummy_ctx;
+    return OK;
+}
+CUresult cuCtxGetDevice(CUdevice* d) {
+    *d = 0;
+    return OK;
+}
+CUresult cuCtxSynchronize() { return OK; }
+CUresult cuStreamCreate(CUstream* s, unsigned int) {
+    *s = &dummy_stream;
+    return OK;
+}
+CUresult cuStreamCreateWithPriority(CUstream* s, unsigned int, int) {
+    *s = &dummy_stream;
+    return OK;
+}
+CUresult cuStreamDestroy_v2(CUstream) { return OK; }
+CUresult cuStreamSynchronize(CUstream) { return OK; }
+CUresult cuStreamQuery(CUstream) { return OK; }
+CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned int) { return OK; }
+CUresult cuEventCreate(CUevent* e, unsigned int) {
+    *e = &dummy_event;
+    return OK;
+}
+CUresult cuEventRecord(CUevent, CUstream) { return OK; }
+CUresult cuEventRecordWithFlags(CUevent, CUstream, unsigned int) { return OK; }
+CUresult cuEventSynchronize(CUevent) { return OK; }
+CUresult cuEventQuery(CUevent) { return OK; }
+CUresult cuEventDestroy_v2(CUevent) { return OK; }
+CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
+    *ms = 0.0f;
+    return OK;
+}
+
+static CUresult alloc(CUdeviceptr* p, size_t n) {
+    void* m = aligned_alloc(256, ((n + 255) / 256) * 256 + 256);
+    if (!m) return ERR_OUT_OF_MEMORY;
+    memset(m, 0xCD, n);  // fresh device memory is garbage, not zeros
+    *p = (CUdeviceptr)m;
+    return OK;
+}
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return alloc(p, n); }
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) { return alloc(p, n); }
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    free((void*)p);
+    return OK;
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
+    free((void*)p);
+    return OK;
+}
+CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+    memset((void*)p, v, n);
+    return OK;
+}
+CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, CUstream) {
+    memset((void*)p, v, n);
+    return OK;
+}
+CUresult cuMemsetD32Async(CUdeviceptr p, unsigned int v, size_t n, CUstream) {
+    for (size_t i = 0; i < n; ++i) ((unsigned int*)p)[i] = v;
+    return OK;
+}
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
+    memcpy((void*)d, s, n);
+    return OK;
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream) {
+    memcpy((void*)d, s, n);
+    return OK;
+}
+CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
+    memcpy(d, (const void*)s, n);
+    return OK;
+}
+CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) {
+    memcpy(d, (const void*)s, n);
+    return OK;
+}
+CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
+    memmove((void*)d, (const void*)s, n);
+    return OK;
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) {
+    memmove((void*)d, (const void*)s, n);
+    return OK;
+}
+CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
+    *free_b = (size_t)60 << 30;
+    *total = (size_t)64 << 30;
+    return OK;
+}
+CUresult cuModuleLoadData(CUmodule* m, const void*) {
+    *m = &dummy_module;
+    return OK;
+}
+CUresult cuModuleUnload(CUmodule) { return OK; }
+CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+    auto it = registry().find(name);
+    if (it == registry().end()) {
+        fprintf(stderr, "cuda_emu: no kernel named %s was compiled\n", name);
+        return ERR_NOT_FOUND;
+    }
+    *f = (CUfunction)it->second;
+    return OK;
+}
+CUresult cuFuncSetAttribute(CUfunction, int, int) { return OK; }
+CUresult cuFuncGetAttribute(int* v, int, CUfunction) {
+    *v = 0;
+    return OK;
+}
+CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
+                        unsigned int by, unsigned int bz, unsigned int smem, CUstream, void** params, void**) {
+    unsigned long long threads = (unsigned long long)bx * by * bz;
+    if (threads == 0 || threads > (unsigned long long)MAX_THREADS || gx == 0 || gy == 0 || gz == 0 || gy > 65535 ||
+        gz > 65535 || smem > 227 * 1024) {
+        fprintf(stderr, "cuda_emu: invalid launch grid (%u,%u,%u) block (%u,%u,%u) smem %u\n", gx, gy, gz, bx, by,
+                bz, smem);
+        return ERR_INVALID_VALUE;
+    }
+    launch((EmuThunk)f, params, emu_dim3{gx, gy, gz}, emu_dim3{bx, by, bz}, smem);
+    return OK;
+}
+CUresult cuGetErrorString(CUresult e, const char** s) {
+    *s = e == OK ? "no error" : "cuda_emu error";
+    return OK;
+}
+CUresult cuGetErrorName(CUresult e, const char** s) {
+    *s = e == OK ? "CUDA_SUCCESS" : "CUDA_ERROR_EMU";
+    return OK;
+}
+}
