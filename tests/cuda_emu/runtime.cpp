@@ -10,7 +10,6 @@
 // What it cannot show: real GPU timing, races that need true parallel warps, driver and
 // compiler behaviour of real hardware, cuBLAS's own kernels (tests/cuda_emu/cublas.cpp).
 #include <atomic>
-#include <ucontext.h>
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -33,7 +32,7 @@ static std::map<std::string, EmuThunk>& registry() {
 extern "C" void emu_register(const char* name, EmuThunk thunk) { registry()[name] = thunk; }
 
 // ---- the block engine ---------------------------------------------------------------------------
-// The threads of a block are fibers (ucontext) on the launching OS thread, switched only at
+// The threads of a block are fibers (own stacks, emu_switch) on the launching OS thread, switched only at
 // barriers: a block runs deterministically, with no spinning and no OS scheduling.
 namespace {
 constexpr int MAX_THREADS = 1024;
@@ -57,7 +56,7 @@ struct BlockRun {
 };
 
 struct Fiber {
-    ucontext_t ctx;
+    void* sp = nullptr;  // saved stack pointer while switched out
     char* stack = nullptr;
     bool done = false;
     const Bar* waiting = nullptr;  // the barrier this thread waits at, and its generation then
@@ -66,11 +65,41 @@ struct Fiber {
 
 BlockRun* cur = nullptr;
 int cur_tid = 0;
-ucontext_t sched_ctx;
+void* sched_sp = nullptr;
 std::vector<Fiber> fibers;
 unsigned long long progress = 0;  // arrivals at barriers and finished threads
+}  // namespace
 
-void yield() { swapcontext(&fibers[cur_tid].ctx, &sched_ctx); }
+// Switches stacks: saves the callee-saved registers on the current stack, stores its
+// pointer in *from, loads `to` and restores that stack's registers (System V x86-64).
+// A few nanoseconds, where glibc's swapcontext makes a system call per switch: the
+// emulator switches threads at every barrier and shuffle, millions of times per test.
+extern "C" void emu_switch(void** from, void* to);
+asm(R"(
+    .text
+    .globl emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+
+namespace {
+void yield() { emu_switch(&fibers[cur_tid].sp, sched_sp); }
 
 void bar_wait(Bar& b) {
     unsigned long long g = b.gen;
@@ -95,7 +124,8 @@ void bar_drop(Bar& b) {
     }
 }
 
-void fiber_main() {
+// First frame of every fiber (entered by emu_switch's ret); never returns.
+void fiber_entry() {
     BlockRun* r = cur;
     int tid = cur_tid;
     r->thunk(r->params);
@@ -105,7 +135,9 @@ void fiber_main() {
     bar_drop(r->bar);
     fibers[tid].done = true;
     ++progress;
-}  // returns to sched_ctx through uc_link
+    emu_switch(&fibers[tid].sp, sched_sp);
+    abort();  // a finished fiber is never resumed
+}
 
 void set_thread_state(const BlockRun& r, int tid) {
     cur_tid = tid;
@@ -124,11 +156,14 @@ void run_block(BlockRun& r) {
         if (!f.stack) f.stack = (char*)malloc(STACK);
         f.done = false;
         f.waiting = nullptr;
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack;
-        f.ctx.uc_stack.ss_size = STACK;
-        f.ctx.uc_link = &sched_ctx;
-        makecontext(&f.ctx, fiber_main, 0);
+        // a fresh stack as emu_switch leaves it: six callee-saved registers (zero) and the
+        // return address fiber_entry, placed so that fiber_entry starts with rsp = 8 mod 16
+        // as after a call
+        uintptr_t top = ((uintptr_t)(f.stack + STACK) & ~(uintptr_t)15) - 8;
+        void** sp = (void**)top;
+        *--sp = (void*)&fiber_entry;
+        for (int k = 0; k < 6; ++k) *--sp = nullptr;
+        f.sp = sp;
     }
     int live = n;
     while (live > 0) {
@@ -137,8 +172,8 @@ void run_block(BlockRun& r) {
             Fiber& f = fibers[t];
             if (f.done || (f.waiting && f.waiting->gen == f.wait_gen)) continue;  // still blocked
             set_thread_state(r, t);
-            swapcontext(&sched_ctx, &fibers[t].ctx);
-            if (fibers[t].done) --live;
+            emu_switch(&sched_sp, f.sp);
+            if (f.done) --live;
         }
         if (live > 0 && progress == before) {
             fprintf(stderr, "cuda_emu: deadlock in block (%u,%u,%u): %d threads wait at barriers that cannot complete "

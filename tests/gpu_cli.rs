@@ -1,0 +1,185 @@
+//! The CLI with `--device cuda`: a short DeepCUT `run` on the CUDA backend against the
+//! same run on the CPU backend (same seed; SPEC section 7: F1 within 1 point), and `bench
+//! --device cuda`. On a machine with a GPU they run on it; without one, on the CPU
+//! emulator of the CUDA driver (tests/cuda_emu), which runs the CUDA backend's launchers
+//! and kernels for real but says nothing about GPU speed.
+mod common;
+use common::fixture::{self, s};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The library folder to put first on LD_LIBRARY_PATH (the emulator), or None on a GPU.
+fn device_libs() -> Option<PathBuf> {
+    if let Ok(d) = deepcut_fast::backend::cuda::availability() {
+        eprintln!("gpu_cli: on the real device ({d})");
+        return None;
+    }
+    let dir = common::cuda_emu::build().unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "gpu_cli: no GPU; on the CPU emulator of the CUDA driver ({})",
+        dir.display()
+    );
+    Some(dir)
+}
+
+fn cli(libs: &Option<PathBuf>) -> Command {
+    let mut c = fixture::bin();
+    if let Some(dir) = libs {
+        let path = match std::env::var("LD_LIBRARY_PATH") {
+            Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
+            _ => dir.display().to_string(),
+        };
+        c.env("LD_LIBRARY_PATH", path);
+    }
+    c
+}
+
+fn run(libs: &Option<PathBuf>, model: &Path, data: &Path, out: &Path, device: &str, precision: &str) -> Value {
+    let args = [
+        "run",
+        "--model",
+        &s(model),
+        "--data",
+        &s(data),
+        "--forget-ratio",
+        "0.25",
+        "--steps",
+        "4",
+        "--bf",
+        "4",
+        "--br",
+        "8",
+        "--seed",
+        "3",
+        "--quiet",
+        "--device",
+        device,
+        "--precision",
+        precision,
+        "--out",
+        &s(out),
+    ];
+    let o = cli(libs).args(args).output().expect("run deepcut-fast");
+    assert!(
+        o.status.success(),
+        "run --device {device} --precision {precision} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json")).expect("report JSON")
+}
+
+/// A 4-step DeepCUT run with dropout on, of a small fine-tuned RoBERTa on a 48-sentence
+/// WNUT17 slice, on CUDA and on the CPU, fp32 and bf16: every split's F1 within SPEC
+/// section 7's 1 point, each step's loss within 1e-4 (fp32) / 1e-2 (bf16), and the
+/// report names the backend it ran on.
+#[test]
+fn short_run_on_cuda_matches_the_cpu() {
+    let libs = device_libs();
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = fixture::build(tmp.path());
+    // a small RoBERTa fine-tuned on WNUT17 (tests/golden), so the F1s compared are not ~0
+    let model = common::repo().join("tests/golden/roberta-wnut17");
+    for precision in ["fp32", "bf16"] {
+        let g = run(
+            &libs,
+            &model,
+            &fx.data,
+            &tmp.path().join(format!("gpu-{precision}")),
+            "cuda",
+            precision,
+        );
+        let c = run(
+            &libs,
+            &model,
+            &fx.data,
+            &tmp.path().join(format!("cpu-{precision}")),
+            "cpu",
+            precision,
+        );
+        let backend = g["config"]["backend"].as_str().unwrap_or_default();
+        assert!(backend.starts_with("cuda"), "{precision}: report backend `{backend}`");
+        assert!(c["config"]["backend"].as_str().unwrap_or_default().starts_with("cpu"));
+        for split in ["forget", "retain", "dev", "test"] {
+            let (a, b) = (g["metrics"][split]["f1"].as_f64(), c["metrics"][split]["f1"].as_f64());
+            let (a, b) = (a.expect("GPU f1"), b.expect("CPU f1"));
+            eprintln!("{precision} {split} F1: cuda {a:.4} cpu {b:.4}");
+            assert!(
+                (a - b).abs() * 100.0 <= 1.0,
+                "{precision} {split} F1 cuda {a} cpu {b}: more than 1 point apart"
+            );
+        }
+        let steps = |r: &Value| -> Vec<f64> {
+            r["history"]["steps"]
+                .as_array()
+                .expect("history.steps")
+                .iter()
+                .map(|s| s["total"].as_f64().unwrap())
+                .collect()
+        };
+        let (lg, lc) = (steps(&g), steps(&c));
+        assert!(
+            !lg.is_empty() && lg.len() == lc.len(),
+            "{precision}: step counts {} and {}",
+            lg.len(),
+            lc.len()
+        );
+        let tol = if precision == "fp32" { 1e-4 } else { 1e-2 };
+        for (i, (a, b)) in lg.iter().zip(&lc).enumerate() {
+            assert!(
+                (a - b).abs() <= tol * b.abs().max(1e-3),
+                "{precision} step {i}: loss cuda {a} cpu {b}"
+            );
+        }
+    }
+}
+
+/// `bench --device cuda` reports the CUDA backend, its device memory, and in bf16 an MFU
+/// against the bf16 GEMM rate it measured.
+#[test]
+fn bench_on_cuda_reports_device_numbers() {
+    let libs = device_libs();
+    let cfg = common::repo().join("tests/golden/tiny-bert/config.json");
+    let o = cli(&libs)
+        .args([
+            "bench",
+            "--config",
+            &s(&cfg),
+            "--bf",
+            "2",
+            "--br",
+            "2",
+            "--seq-len",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--labels",
+            "5",
+            "--matmul-size",
+            "32",
+            "--device",
+            "cuda",
+            "--precision",
+            "bf16",
+        ])
+        .output()
+        .expect("run deepcut-fast");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(j["backend"].as_str().unwrap().contains("cuda"), "{}", j["backend"]);
+    assert_eq!(j["precision"], "bf16");
+    assert!(
+        j["device_memory_bytes"].as_f64().is_some_and(|m| m > 0.0),
+        "{}",
+        j["device_memory_bytes"]
+    );
+    assert_eq!(
+        j["mfu_reference"]["dtype"], "bf16",
+        "bf16 on CUDA refers to the bf16 GEMM rate"
+    );
+    for k in ["ce", "contrast", "total"] {
+        assert!(j["losses"]["last"][k].as_f64().is_some_and(f64::is_finite), "loss {k}");
+    }
+}
