@@ -36,31 +36,8 @@ fn cli(libs: &Option<PathBuf>) -> Command {
 }
 
 fn run(libs: &Option<PathBuf>, model: &Path, data: &Path, out: &Path, device: &str, precision: &str) -> Value {
-    let args = [
-        "run",
-        "--model",
-        &s(model),
-        "--data",
-        &s(data),
-        "--forget-ratio",
-        "0.25",
-        "--steps",
-        "4",
-        "--bf",
-        "4",
-        "--br",
-        "8",
-        "--seed",
-        "3",
-        "--quiet",
-        "--device",
-        device,
-        "--precision",
-        precision,
-        "--out",
-        &s(out),
-    ];
-    let o = cli(libs).args(args).output().expect("run deepcut-fast");
+    let args = fixture::run_args_on(device, model, data, out, 4, &["--seed", "3", "--precision", precision]);
+    let o = cli(libs).args(&args).output().expect("run deepcut-fast");
     assert!(
         o.status.success(),
         "run --device {device} --precision {precision} failed:\n{}",

@@ -129,6 +129,11 @@ pub fn s(p: &Path) -> String {
 /// retain sentences per step, `steps` steps, quiet, on the CPU, into `out`; `extra`
 /// options (checkpointing, learning rate, precision, threads, ...) appended.
 pub fn run_args(model: &Path, data: &Path, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
+    run_args_on("cpu", model, data, out, steps, extra)
+}
+
+/// `run_args` on `device` (cpu, cuda, ...).
+pub fn run_args_on(device: &str, model: &Path, data: &Path, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [
         "run",
         "--model",
@@ -145,7 +150,7 @@ pub fn run_args(model: &Path, data: &Path, out: &Path, steps: u64, extra: &[&str
         "8",
         "--quiet",
         "--device",
-        "cpu",
+        device,
         "--out",
         &s(out),
     ]

@@ -128,6 +128,15 @@ fn table<'a, T: DeviceRepr + PartialEq + Clone>(
     &slot.as_ref().unwrap().device
 }
 
+/// `blocks` blocks of BLOCK threads (one per tensor chunk of the fused kernels).
+fn blocks_of(blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn addr<T: DevicePtr<f32>>(cu: &Cuda, buf: &T) -> u64 {
     let (p, _sync) = buf.device_ptr(&cu.stream);
     p
@@ -176,16 +185,7 @@ pub fn adamw_all(cu: &Cuda, slots: &mut [ParamSlot<'_, CudaSlice<f32>>], hp: Ada
     // holds b, below its n; every pointer in the table is a live buffer of this backend
     // holding at least n floats (checked above); the slots' borrows keep them alive and
     // unaliased until the call returns, and freeing is stream-ordered after the kernel.
-    check(
-        unsafe {
-            l.launch(LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        },
-        "adamw_multi_f32",
-    );
+    check(unsafe { l.launch(blocks_of(blocks)) }, "adamw_multi_f32");
 }
 
 fn addr_mut<T: DevicePtrMut<f32>>(cu: &Cuda, buf: &mut T) -> u64 {
@@ -229,16 +229,7 @@ pub fn sum_squares_all(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)]) -> f64 {
     // SAFETY: (double* partials, const SquaresTensor* tensors, int nt); block b reads
     // REDUCE_CHUNK elements of its tensor below n (live buffers of at least n floats,
     // checked above) and writes partials[b]; partials holds `blocks` doubles (ensure).
-    check(
-        unsafe {
-            l.launch(LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        },
-        "sum_squares_multi_partials_f32",
-    );
+    check(unsafe { l.launch(blocks_of(blocks)) }, "sum_squares_multi_partials_f32");
     let mut l = cu.stream.launch_builder(cu.func("sum_partials_multi_f64"));
     l.arg(&mut *out).arg(&mut *per_tensor).arg(&*partials).arg(t).arg(&nti);
     // SAFETY: (double* out, double* per_tensor, const double* partials, const
