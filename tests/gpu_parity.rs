@@ -3,9 +3,11 @@
 //! AdamW update) with dropout on, Model<Cuda> against Model<Cpu> with the same weights.
 //!
 //! Without a usable GPU every test prints `SKIPPED: no usable CUDA device (reason)` to
-//! stderr and returns, and `gpu_parity_status` prints the summary, so a CI log shows that
-//! nothing was compared. With DEEPCUT_REQUIRE_GPU=1 (scripts/gpu-check.sh sets it) a
-//! missing GPU is a failure instead. When a GPU is present every test runs.
+//! stderr and runs its body CPU against CPU, and `gpu_parity_status` prints the summary, so
+//! a CI log shows that nothing was compared on a GPU; `cuda_backend_on_the_cpu_emulator`
+//! then runs every test again with the CUDA backend on the CPU emulator of the driver
+//! (tests/cuda_emu). With DEEPCUT_REQUIRE_GPU=1 (scripts/gpu-check.sh sets it) a missing
+//! GPU is a failure instead. When a GPU is present every test runs on it.
 //!
 //! Tolerances (relative L2 error of the whole tensor, `common::rel_l2`):
 //! - fp32 kernels: 1e-5 (SPEC section 7);
