@@ -10,6 +10,10 @@ use std::process::Command;
 /// The emulator's folder under the cargo target dir, built (or rebuilt when a source is
 /// newer than the libraries) with the system C++ compiler (`CXX`, default c++).
 pub fn build() -> Result<PathBuf, String> {
+    if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+        // runtime.cpp switches fiber stacks with x86-64 System V assembly
+        return Err("the CUDA emulator (tests/cuda_emu) is written for x86-64 Linux".into());
+    }
     let repo = super::repo();
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;

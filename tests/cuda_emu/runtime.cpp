@@ -22,6 +22,10 @@
 
 #include "cuda_emu.h"
 
+#if !defined(__x86_64__) || !defined(__linux__)
+#error "tests/cuda_emu switches fiber stacks with x86-64 System V assembly (emu_switch)"
+#endif
+
 thread_local EmuThreadState emu_state;
 
 // ---- kernel registry ----------------------------------------------------------------------------
