@@ -60,6 +60,7 @@ struct AdamTensor {
     float* m;
     float* v;
     bf16* param_bf16;  // null: no bf16 copy
+    float* param_low;  // null: none; else the updated weight rounded by low_mode (LOW_*)
     long long n;
     int first_block;
     int decays;  // 1: weight decay applies (decay = 1 - lr wd); 0: decay = 1
@@ -76,7 +77,14 @@ __device__ __forceinline__ int tensor_of_block(const Desc* t, int nt, int b) {
     return lo;
 }
 
-extern "C" __global__ void adamw_multi_f32(const AdamTensor* tensors, int nt, AdamArgs a, float grad_scale) {
+// How param_low rounds: as kernels/quantize.cu does (the values a GEMM reads in bf16 / fp16
+// mode), so the copy equals quantize(copy of param) bit for bit.
+#define LOW_NONE 0
+#define LOW_BF16 1
+#define LOW_FP16 2
+
+extern "C" __global__ void adamw_multi_f32(const AdamTensor* tensors, int nt, AdamArgs a, float grad_scale,
+                                           int low_mode) {
     __shared__ int ti;
     if (threadIdx.x == 0) ti = tensor_of_block(tensors, nt, (int)blockIdx.x);
     __syncthreads();
@@ -84,8 +92,15 @@ extern "C" __global__ void adamw_multi_f32(const AdamTensor* tensors, int nt, Ad
     long long start = (long long)(blockIdx.x - t.first_block) * MULTI_CHUNK;
     long long end = min(start + MULTI_CHUNK, t.n);
     float decay = t.decays ? a.decay : 1.0f;
-    for (long long i = start + threadIdx.x; i < end; i += blockDim.x)
+    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
         adamw_element(t.param, t.grad, t.m, t.v, t.param_bf16, i, a, decay, grad_scale);
+        if (t.param_low) {
+            float p = t.param[i];
+            t.param_low[i] = low_mode == LOW_BF16   ? __bfloat162float(__float2bfloat16_rn(p))
+                             : low_mode == LOW_FP16 ? __half2float(__float2half_rn(p))
+                                                    : p;
+        }
+    }
 }
 
 // The squared norms of many tensors with one copy back: per-tensor partials over

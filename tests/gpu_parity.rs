@@ -840,22 +840,36 @@ fn fused_adamw_and_norm_over_many_tensors_body<G: Backend>(g: &G) {
             weight_decay: 0.01,
             ..AdamW::with_lr(3e-4)
         };
+        // rounded GEMM copies on every other tensor, written in the update pass (bf16)
+        let mut lows: Vec<B::Buf> = sizes.iter().map(|&n| be.alloc(n + SLACK)).collect();
         for (step, keep) in [(1u64, sizes.len()), (2, sizes.len()), (3, sizes.len() - 2)] {
             let grads: Vec<(&B::Buf, usize)> = bufs[..keep].iter().zip(sizes).map(|(b, &n)| (&b[1], n)).collect();
             norms.push(be.sum_squares_all(&grads));
             let mut slots: Vec<ParamSlot<'_, B::Buf>> = bufs[..keep]
                 .iter_mut()
+                .zip(lows.iter_mut())
                 .enumerate()
-                .map(|(i, [p, gr, m, v])| ParamSlot {
+                .map(|(i, ([p, gr, m, v], low))| ParamSlot {
                     param: p,
                     grad: gr,
                     m,
                     v,
                     n: sizes[i],
                     decays: decays[i],
+                    low: (i % 2 == 0).then_some(low),
                 })
                 .collect();
-            be.adamw_all(&mut slots, hp, step, 0.37);
+            be.adamw_all(&mut slots, hp, step, 0.37, Precision::Bf16);
+        }
+        // each copy is its tensor's weights rounded to bf16, bit for bit (on this backend)
+        for (i, (b, &n)) in bufs.iter().zip(sizes).enumerate().filter(|(i, _)| i % 2 == 0) {
+            let mut want = be.download(&b[0], n);
+            Cpu.quantize(&mut want, n, Precision::Bf16);
+            let got = be.download(&lows[i], n);
+            assert!(
+                want.iter().zip(&got).all(|(a, c)| a.to_bits() == c.to_bits()),
+                "adamw_all tensor {i}: the rounded copy is not the rounded weights"
+            );
         }
         let out = bufs
             .iter()

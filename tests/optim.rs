@@ -2,7 +2,7 @@
 mod common;
 use common::Rng;
 use deepcut_fast::backend::cpu::{adamw, Cpu};
-use deepcut_fast::backend::{AdamW, Backend, ParamSlot};
+use deepcut_fast::backend::{AdamW, Backend, ParamSlot, Precision};
 
 /// Three steps on a 5-vector, lr 0.01, betas (0.9, 0.999), eps 1e-8, weight decay 0.1.
 /// Expected values from torch 2.15 (CPU, fp32):
@@ -164,9 +164,10 @@ fn fused_optimizer_calls_equal_per_tensor_calls() {
             v,
             n: sizes[i],
             decays: decays[i],
+            low: None,
         })
         .collect();
-    Cpu.adamw_all(&mut slots, hp, 3, 0.8);
+    Cpu.adamw_all(&mut slots, hp, 3, 0.8, Precision::Fp32);
     drop(slots);
     assert_eq!((&pa, &ma, &va), (&pb, &mb, &vb));
     // the non-decaying slots really took no decay: a decayed update of slot 2 differs
@@ -174,4 +175,31 @@ fn fused_optimizer_calls_equal_per_tensor_calls() {
     let (mut md, mut vd) = (m0[2].clone(), v0[2].clone());
     Cpu.adamw(&mut pd, &g0[2], &mut md, &mut vd, sizes[2], hp, 3, 0.8);
     assert_ne!(pd, pb[2]);
+}
+
+/// A slot's rounded GEMM copy (`low`) is written in the update pass: after `adamw_all` it
+/// is the updated weight rounded to bf16 / fp16, bit for bit what `quantize` gives.
+#[test]
+fn fused_update_writes_the_rounded_copy() {
+    let mut rng = Rng(14);
+    let n = 5000;
+    for prec in [Precision::Bf16, Precision::Fp16] {
+        let (mut p, g) = (rng.vec(n, 1.0), rng.vec(n, 0.5));
+        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+        let mut low = vec![f32::NAN; n];
+        let mut slots = [ParamSlot {
+            param: &mut p,
+            grad: &g,
+            m: &mut m,
+            v: &mut v,
+            n,
+            decays: true,
+            low: Some(&mut low),
+        }];
+        Cpu.adamw_all(&mut slots, AdamW::with_lr(1e-3), 1, 1.0, prec);
+        let mut want = p.clone();
+        Cpu.quantize(&mut want, n, prec);
+        assert!(want.iter().zip(&low).all(|(a, b)| a.to_bits() == b.to_bits()), "{prec}");
+        assert!(low.iter().zip(&p).any(|(a, b)| a != b), "{prec}: the copy is rounded");
+    }
 }

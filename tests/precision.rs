@@ -853,3 +853,49 @@ fn bf16_and_fp16_steps_on_the_real_minilm_are_within_tolerance_of_fp32() {
         assert!(e > 1e-5, "{prec}: logits within {e:.1e} of fp32: is the rounding on?");
     }
 }
+
+/// The optimiser writes the rounded GEMM weights in its update pass and the next forward
+/// pass then skips rounding them: training gives the same bits as rounding them anew before
+/// every forward (forced here through `params.iter_mut()`, which marks the copies stale),
+/// in bf16 and fp16; and weights loaded after an update are rounded again before use.
+#[test]
+fn rounded_gemm_weights_from_the_update_pass_equal_a_fresh_rounding() {
+    for prec in [Precision::Bf16, Precision::Fp16] {
+        let ls = LossScaling {
+            init: 1024.0,
+            growth_interval: 2000,
+        };
+        let mut a = model(prec);
+        let mut b = model(prec);
+        let (mut oa, mut ob) = (optimizer(&a, prec, ls, 1.0), optimizer(&b, prec, ls, 1.0));
+        let mut ca = Contrast::new(&a.be, 400, dims().hidden);
+        let mut cb = Contrast::new(&b.be, 400, dims().hidden);
+        for key in 1..=3 {
+            a.set_loss_scale(oa.loss_scale());
+            let la = deepcut_step(&mut a, &mut ca, key);
+            oa.update(&mut a).unwrap();
+            b.params.iter_mut(); // stale: b's forward rounds the weights itself
+            b.set_loss_scale(ob.loss_scale());
+            let lb = deepcut_step(&mut b, &mut cb, key);
+            ob.update(&mut b).unwrap();
+            assert_eq!(
+                (la.ce.to_bits(), la.contrast.to_bits()),
+                (lb.ce.to_bits(), lb.contrast.to_bits()),
+                "{prec} step {key}"
+            );
+        }
+        assert_eq!(weights(&a), weights(&b), "{prec}");
+        // other weights loaded into a: its next forward must use them, not the copies
+        let fresh = model(prec);
+        let w0 = fresh.export();
+        a.load_params(|name| &w0.iter().find(|(n, _, _)| n == name).unwrap().2);
+        let mut f = fresh;
+        let mut cf = Contrast::new(&f.be, 400, dims().hidden);
+        let (lf, la) = (deepcut_step(&mut f, &mut cf, 9), deepcut_step(&mut a, &mut ca, 9));
+        assert_eq!(
+            lf.total.to_bits(),
+            la.total.to_bits(),
+            "{prec}: loaded weights not used"
+        );
+    }
+}

@@ -211,6 +211,9 @@ pub struct ParamSlot<'a, Buf> {
     pub v: &'a mut Buf,
     pub n: usize,
     pub decays: bool,
+    /// Mixed precision: the rounded copy a GEMM reads, written in the same pass as
+    /// `quantize(copy of the updated param)` would write it.
+    pub low: Option<&'a mut Buf>,
 }
 
 /// An open profiler range (`Backend::profile_range`); the range ends when this drops.
@@ -387,15 +390,23 @@ pub trait Backend {
         step: u64, grad_scale: f32,
     );
     /// `adamw` on every slot, in order, with `hp.weight_decay` on the slots that decay and
-    /// none on the others. The default is that loop; the CUDA backend does every tensor in
-    /// one launch (kernels/adamw.cu `adamw_multi_f32`), element for element the same update.
-    fn adamw_all(&self, slots: &mut [ParamSlot<'_, Self::Buf>], hp: AdamW, step: u64, grad_scale: f32) {
+    /// none on the others, then each slot's `low` (if any) = the updated param rounded to
+    /// `low_precision`. The default is that loop (`copy` + `quantize` for the copies); the
+    /// CUDA backend does every tensor, copies included, in one launch (kernels/adamw.cu
+    /// `adamw_multi_f32`), element for element the same values.
+    fn adamw_all(
+        &self, slots: &mut [ParamSlot<'_, Self::Buf>], hp: AdamW, step: u64, grad_scale: f32, low_precision: Precision,
+    ) {
         for s in slots.iter_mut() {
             let hp = AdamW {
                 weight_decay: if s.decays { hp.weight_decay } else { 0.0 },
                 ..hp
             };
             self.adamw(s.param, s.grad, s.m, s.v, s.n, hp, step, grad_scale);
+            if let Some(low) = s.low.as_deref_mut() {
+                self.copy(low, s.param, s.n);
+                self.quantize(low, s.n, low_precision);
+            }
         }
     }
     /// sum(x[..n]^2) in f64, deterministic for any thread count. Returns a host value

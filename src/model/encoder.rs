@@ -123,8 +123,10 @@ pub struct Param<B: Backend> {
     pub shape: Vec<usize>,
     pub w: B::Buf,
     pub g: B::Buf,
-    /// bf16 / fp16 mode, GEMM weights only: `w` rounded to that precision, refreshed by
-    /// every forward pass (the copy a mixed-precision GEMM reads; `w` stays the fp32 master).
+    /// bf16 / fp16 mode, GEMM weights only: `w` rounded to that precision (the copy a
+    /// mixed-precision GEMM reads; `w` stays the fp32 master). Written by the optimiser in
+    /// its update pass, or by the next forward pass when the weights changed otherwise
+    /// (`Params::low_fresh`).
     low: Option<B::Buf>,
 }
 
@@ -136,6 +138,11 @@ impl<B: Backend> Param<B> {
     /// The weights as a GEMM sees them: the rounded copy in bf16 / fp16, else `w`.
     pub fn gemm_w(&self) -> &B::Buf {
         self.low.as_ref().unwrap_or(&self.w)
+    }
+
+    /// Weights, gradient and the rounded GEMM copy (if any) at once, for the optimiser.
+    pub fn update_parts(&mut self) -> (&mut B::Buf, &B::Buf, Option<&mut B::Buf>) {
+        (&mut self.w, &self.g, self.low.as_mut())
     }
 }
 
@@ -163,6 +170,11 @@ pub struct Params<B: Backend> {
     pub emb_ln: Affine<B>,
     pub layers: Vec<LayerParams<B>>,
     pub classifier: Option<Affine<B>>,
+    /// The rounded GEMM copies (`Param::low`) hold the current weights: set by the
+    /// optimiser after an update that wrote them, cleared by anything that may change the
+    /// weights otherwise (`iter_mut`, `Model::with_precision`). When clear, the next forward
+    /// pass rounds them anew.
+    low_fresh: bool,
 }
 
 impl<B: Backend> Params<B> {
@@ -182,7 +194,10 @@ impl<B: Backend> Params<B> {
         v
     }
 
+    /// Every parameter in `Dims::param_specs` order, writable: the rounded GEMM copies count
+    /// as stale from here on (see `low_fresh`).
     pub fn iter_mut(&mut self) -> Vec<&mut Param<B>> {
+        self.low_fresh = false;
         let mut v = vec![
             &mut self.wte,
             &mut self.wpe,
@@ -384,6 +399,7 @@ impl<B: Backend> Model<B> {
             emb_ln,
             layers,
             classifier,
+            low_fresh: false,
         };
 
         let (n, c, f, l) = (max_tokens, dims.hidden, dims.ffn, dims.labels.max(1));
@@ -468,6 +484,7 @@ impl<B: Backend> Model<B> {
         for w in gemm_weights {
             w.low = (precision != Precision::Fp32).then(|| be.alloc(w.numel()));
         }
+        p.low_fresh = false;
         self
     }
 
@@ -492,8 +509,12 @@ impl<B: Backend> Model<B> {
         self.loss_scale
     }
 
-    /// Rounds every GEMM weight's master into its low-precision copy (no-op in fp32).
+    /// Rounds every GEMM weight's master into its low-precision copy (no-op in fp32, and
+    /// when the optimiser already wrote the copies with the weights they hold).
     fn refresh_gemm_weights(&mut self) {
+        if self.params.low_fresh || self.precision == Precision::Fp32 {
+            return;
+        }
         let (be, precision) = (&self.be, self.precision);
         for p in self.params.iter_mut() {
             let n = p.numel();
@@ -502,6 +523,12 @@ impl<B: Backend> Model<B> {
                 be.quantize(low, n, precision);
             }
         }
+        self.params.low_fresh = true;
+    }
+
+    /// The optimiser wrote every rounded GEMM copy from the weights it just stored.
+    pub fn mark_gemm_weights_fresh(&mut self) {
+        self.params.low_fresh = true;
     }
 
     pub fn max_tokens(&self) -> usize {

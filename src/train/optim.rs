@@ -4,7 +4,6 @@
 use super::schedule::{decays, linear_warmup_decay};
 use crate::backend::{AdamW, Backend, ParamSlot, Precision};
 use crate::error::{Error, Result};
-use crate::model::encoder::Param;
 use crate::model::Model;
 use serde::{Deserialize, Serialize};
 
@@ -241,6 +240,7 @@ impl<B: Backend> Optimizer<B> {
         // own). Dividing by the scale, a power of two, is exact, so this is the same f32 as
         // unscaling, then clipping, in place.
         let grad_scale = clip * (1.0 / loss_scale);
+        let precision = model.precision();
         let hp = AdamW {
             weight_decay: self.cfg.weight_decay,
             ..AdamW::with_lr(lr)
@@ -253,19 +253,24 @@ impl<B: Backend> Optimizer<B> {
             .map(|(p, (m, v))| {
                 let n = p.numel();
                 let decays = decays(&p.name);
-                let Param { w, g, .. } = p;
+                let (param, grad, low) = p.update_parts();
                 ParamSlot {
-                    param: w,
-                    grad: g,
+                    param,
+                    grad,
                     m,
                     v,
                     n,
                     decays,
+                    low,
                 }
             })
             .collect();
         let _r = model.be.profile_range(format_args!("optimizer: adamw"));
-        model.be.adamw_all(&mut slots, hp, self.step, grad_scale);
+        // the rounded GEMM copies are written in the same pass, so the next forward pass
+        // need not round the weights again
+        model.be.adamw_all(&mut slots, hp, self.step, grad_scale, precision);
+        drop(slots);
+        model.mark_gemm_weights_fresh();
         Ok(UpdateStats {
             lr,
             grad_norm: norm,

@@ -1,7 +1,7 @@
 //! AdamW, global gradient norm and rescaling (kernels/adamw.cu). CPU twin: cpu/adamw.rs.
 use super::{check, ensure, grid_1d, int, need, Cuda, BLOCK};
 use crate::backend::cpu::adamw::REDUCE_CHUNK;
-use crate::backend::{AdamW, ParamSlot};
+use crate::backend::{AdamW, ParamSlot, Precision};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// Scalars of one step as kernels/adamw.cu's AdamArgs.
@@ -88,12 +88,13 @@ pub(super) struct AdamTensor {
     m: u64,
     v: u64,
     param_bf16: u64,
+    param_low: u64,
     n: i64,
     first_block: i32,
     decays: i32,
 }
-// SAFETY: #[repr(C)] plain data with the field order and types of the CUDA struct (five
-// pointers, long long, two ints: 56 bytes, 8-aligned, no padding).
+// SAFETY: #[repr(C)] plain data with the field order and types of the CUDA struct (six
+// pointers, long long, two ints: 64 bytes, 8-aligned, no padding).
 unsafe impl DeviceRepr for AdamTensor {}
 
 /// kernels/adamw.cu's SquaresTensor: one tensor of the fused squared-norm reduction.
@@ -144,8 +145,12 @@ fn addr<T: DevicePtr<f32>>(cu: &Cuda, buf: &T) -> u64 {
 
 /// `Backend::adamw_all`: every slot's AdamW step in one launch of `adamw_multi_f32`,
 /// element for element the update of `adamw` (same device function, same scalars; the
-/// non-decaying tensors use decay 1, which is what 1 - lr * 0 gives).
-pub fn adamw_all(cu: &Cuda, slots: &mut [ParamSlot<'_, CudaSlice<f32>>], hp: AdamW, step: u64, grad_scale: f32) {
+/// non-decaying tensors use decay 1, which is what 1 - lr * 0 gives), and each slot's
+/// rounded copy written in the same pass with kernels/quantize.cu's rounding.
+pub fn adamw_all(
+    cu: &Cuda, slots: &mut [ParamSlot<'_, CudaSlice<f32>>], hp: AdamW, step: u64, grad_scale: f32,
+    low_precision: Precision,
+) {
     let args = AdamArgs::new(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, step);
     let _r = cu.range("adamw_all");
     let mut host = Vec::with_capacity(slots.len());
@@ -159,12 +164,20 @@ pub fn adamw_all(cu: &Cuda, slots: &mut [ParamSlot<'_, CudaSlice<f32>>], hp: Ada
         ] {
             need(len, s.n, what);
         }
+        let param_low = match s.low.as_deref_mut() {
+            Some(low) => {
+                need(low.len(), s.n, "low");
+                addr_mut(cu, low)
+            }
+            None => 0,
+        };
         host.push(AdamTensor {
             param: addr_mut(cu, s.param),
             grad: addr(cu, s.grad),
             m: addr_mut(cu, s.m),
             v: addr_mut(cu, s.v),
             param_bf16: 0,
+            param_low,
             n: s.n as i64,
             first_block: int(blocks, "adamw_all blocks"),
             decays: s.decays as i32,
@@ -176,14 +189,21 @@ pub fn adamw_all(cu: &Cuda, slots: &mut [ParamSlot<'_, CudaSlice<f32>>], hp: Ada
     }
     int(blocks, "adamw_all blocks");
     let nt = int(host.len(), "adamw_all tensors");
+    // kernels/adamw.cu LOW_*: how param_low rounds
+    let low_mode: i32 = match low_precision {
+        Precision::Fp32 => 0,
+        Precision::Bf16 => 1,
+        Precision::Fp16 => 2,
+    };
     let mut guard = cu.scratch.lock().unwrap();
     let t = table(cu, &mut guard.adam_tables, host, "adamw_all table upload");
     let mut l = cu.stream.launch_builder(cu.func("adamw_multi_f32"));
-    l.arg(t).arg(&nt).arg(&args).arg(&grad_scale);
-    // SAFETY: (const AdamTensor* tensors, int nt, AdamArgs a, float grad_scale); block b
+    l.arg(t).arg(&nt).arg(&args).arg(&grad_scale).arg(&low_mode);
+    // SAFETY: (const AdamTensor* tensors, int nt, AdamArgs a, float grad_scale, int
+    // low_mode); block b
     // updates elements of the one tensor whose first_block..first_block + ceil(n/2048)
     // holds b, below its n; every pointer in the table is a live buffer of this backend
-    // holding at least n floats (checked above); the slots' borrows keep them alive and
+    // holding at least n floats (param_low too, or null; checked above); the slots' borrows keep them alive and
     // unaliased until the call returns, and freeing is stream-ordered after the kernel.
     check(unsafe { l.launch(blocks_of(blocks)) }, "adamw_multi_f32");
 }

@@ -521,8 +521,11 @@ impl Backend for Cuda {
             grad_scale,
         )
     }
-    fn adamw_all(&self, slots: &mut [ParamSlot<'_, CudaSlice<f32>>], hp: AdamW, step: u64, grad_scale: f32) {
-        adamw::adamw_all(self, slots, hp, step, grad_scale)
+    fn adamw_all(
+        &self, slots: &mut [ParamSlot<'_, CudaSlice<f32>>], hp: AdamW, step: u64, grad_scale: f32,
+        low_precision: Precision,
+    ) {
+        adamw::adamw_all(self, slots, hp, step, grad_scale, low_precision)
     }
     fn sum_squares(&self, x: &CudaSlice<f32>, n: usize) -> f64 {
         adamw::sum_squares(self, x, n)
