@@ -971,6 +971,98 @@ mod step {
         out
     }
 
+    /// The emulator's driver counters (tests/cuda_emu/runtime.cpp `emu_stats`): allocations,
+    /// frees, host-to-device and device-to-host copies, synchronisations, launches. None
+    /// unless this process runs on the emulator.
+    fn emu_stats() -> Option<[u64; 6]> {
+        if std::env::var("DEEPCUT_CUDA_EMU").is_err() {
+            return None;
+        }
+        // SAFETY: opens the libcuda.so this process already loaded (the emulator, first on
+        // LD_LIBRARY_PATH) and calls its emu_stats(unsigned long long[6]).
+        unsafe {
+            let lib = libloading::Library::new("libcuda.so").ok()?;
+            let f: libloading::Symbol<unsafe extern "C" fn(*mut u64)> = lib.get(b"emu_stats").ok()?;
+            let mut out = [0u64; 6];
+            f(out.as_mut_ptr());
+            Some(out)
+        }
+    }
+
+    /// Issue #6: no allocation inside a step and no needless synchronisation. After two
+    /// warm-up steps, three bf16 DeepCUT steps with their optimiser updates on the CUDA
+    /// backend allocate and free nothing on the device and copy back exactly three values
+    /// per step (the token CE losses, the InfoNCE per-row losses, the gradient norm), each
+    /// after the work it needs is enqueued. Counted by the emulator's driver, so it runs
+    /// only there (the child of cuda_backend_on_the_cpu_emulator).
+    #[test]
+    fn a_step_allocates_nothing_and_reads_back_three_values() {
+        let Some(_) = emu_stats() else {
+            loud(
+                "SKIPPED: a_step_allocates_nothing_and_reads_back_three_values counts driver calls, which only the \
+                  CPU emulator (tests/cuda_emu) can do; cuda_backend_on_the_cpu_emulator runs it there",
+            );
+            return;
+        };
+        let g = Cuda::new(0).expect("the emulated device");
+        let mut rng = Rng(77);
+        let w = windows(&mut rng);
+        let mut m = model(g, 5).with_precision(Precision::Bf16);
+        let mut cb = Contrast::new(&m.be, 256, dims().hidden);
+        let mut opt = Optimizer::new(
+            &m,
+            OptimConfig {
+                lr: 1e-3,
+                weight_decay: 0.01,
+                warmup: 0,
+                total: 10,
+                clip: 1.0,
+            },
+        );
+        let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], 0, PositionStyle::Absolute, 0, Anchors::All);
+        let mut one = |s: u64| {
+            let l = step(
+                &mut m,
+                &mut cb,
+                &batch,
+                &z,
+                InfoNceOptions::default(),
+                0.3,
+                Mode::Train { seed: 9, step: s },
+            );
+            assert!(l.anchors > 0);
+            opt.update(&mut m).expect("finite");
+        };
+        one(1);
+        one(2);
+        let a = emu_stats().unwrap();
+        for s in 3..6 {
+            one(s);
+        }
+        let b = emu_stats().unwrap();
+        let per = |i: usize| (b[i] - a[i]) as f64 / 3.0;
+        eprintln!(
+            "per bf16 DeepCUT step on the CUDA backend: {} allocations, {} frees, {} uploads, {} read-backs, {} \
+             synchronisations, {} kernel launches",
+            per(0),
+            per(1),
+            per(2),
+            per(3),
+            per(4),
+            per(5)
+        );
+        assert_eq!(
+            (b[0] - a[0], b[1] - a[1]),
+            (0, 0),
+            "device allocations / frees inside steps"
+        );
+        assert_eq!(b[3] - a[3], 9, "read-backs in three steps: three per step");
+        assert!(
+            b[4] - a[4] <= 9,
+            "synchronisations in three steps: at most one per read-back"
+        );
+    }
+
     #[test]
     fn whole_deepcut_step_matches_cpu() {
         match gpu("whole_deepcut_step_matches_cpu") {

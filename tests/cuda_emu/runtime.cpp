@@ -257,6 +257,14 @@ enum { OK = 0, ERR_INVALID_VALUE = 1, ERR_OUT_OF_MEMORY = 2, ERR_NOT_FOUND = 500
 
 static int dummy_ctx, dummy_stream, dummy_event, dummy_module;
 
+// What the engine asked of the driver, for tests that hold a step to "no allocation, a
+// bounded number of synchronisations" (tests/gpu_parity.rs): read with emu_stats.
+enum { ST_ALLOC, ST_FREE, ST_HTOD, ST_DTOH, ST_SYNC, ST_LAUNCH, ST_COUNT };
+static unsigned long long stats[ST_COUNT];
+extern "C" void emu_stats(unsigned long long* out) {
+    for (int i = 0; i < ST_COUNT; ++i) out[i] = stats[i];
+}
+
 extern "C" {
 CUresult cuInit(unsigned int) { return OK; }
 CUresult cuDriverGetVersion(int* v) {
@@ -316,7 +324,10 @@ CUresult cuCtxGetDevice(CUdevice* d) {
     *d = 0;
     return OK;
 }
-CUresult cuCtxSynchronize() { return OK; }
+CUresult cuCtxSynchronize() {
+    ++stats[ST_SYNC];
+    return OK;
+}
 CUresult cuStreamCreate(CUstream* s, unsigned int) {
     *s = &dummy_stream;
     return OK;
@@ -326,7 +337,10 @@ CUresult cuStreamCreateWithPriority(CUstream* s, unsigned int, int) {
     return OK;
 }
 CUresult cuStreamDestroy_v2(CUstream) { return OK; }
-CUresult cuStreamSynchronize(CUstream) { return OK; }
+CUresult cuStreamSynchronize(CUstream) {
+    ++stats[ST_SYNC];
+    return OK;
+}
 CUresult cuStreamQuery(CUstream) { return OK; }
 CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned int) { return OK; }
 CUresult cuEventCreate(CUevent* e, unsigned int) {
@@ -335,7 +349,10 @@ CUresult cuEventCreate(CUevent* e, unsigned int) {
 }
 CUresult cuEventRecord(CUevent, CUstream) { return OK; }
 CUresult cuEventRecordWithFlags(CUevent, CUstream, unsigned int) { return OK; }
-CUresult cuEventSynchronize(CUevent) { return OK; }
+CUresult cuEventSynchronize(CUevent) {
+    ++stats[ST_SYNC];
+    return OK;
+}
 CUresult cuEventQuery(CUevent) { return OK; }
 CUresult cuEventDestroy_v2(CUevent) { return OK; }
 CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
@@ -344,6 +361,7 @@ CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
 }
 
 static CUresult alloc(CUdeviceptr* p, size_t n) {
+    ++stats[ST_ALLOC];
     void* m = aligned_alloc(256, ((n + 255) / 256) * 256 + 256);
     if (!m) return ERR_OUT_OF_MEMORY;
     memset(m, 0xCD, n);  // fresh device memory is garbage, not zeros
@@ -353,10 +371,12 @@ static CUresult alloc(CUdeviceptr* p, size_t n) {
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return alloc(p, n); }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) { return alloc(p, n); }
 CUresult cuMemFree_v2(CUdeviceptr p) {
+    ++stats[ST_FREE];
     free((void*)p);
     return OK;
 }
 CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
+    ++stats[ST_FREE];
     free((void*)p);
     return OK;
 }
@@ -373,18 +393,22 @@ CUresult cuMemsetD32Async(CUdeviceptr p, unsigned int v, size_t n, CUstream) {
     return OK;
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
+    ++stats[ST_HTOD];
     memcpy((void*)d, s, n);
     return OK;
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream) {
+    ++stats[ST_HTOD];
     memcpy((void*)d, s, n);
     return OK;
 }
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
+    ++stats[ST_DTOH];
     memcpy(d, (const void*)s, n);
     return OK;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) {
+    ++stats[ST_DTOH];
     memcpy(d, (const void*)s, n);
     return OK;
 }
@@ -429,6 +453,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned
                 bz, smem);
         return ERR_INVALID_VALUE;
     }
+    ++stats[ST_LAUNCH];
     launch((EmuThunk)f, params, emu_dim3{gx, gy, gz}, emu_dim3{bx, by, bz}, smem);
     return OK;
 }
