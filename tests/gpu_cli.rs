@@ -47,8 +47,8 @@ fn run(libs: &Option<PathBuf>, model: &Path, data: &Path, out: &Path, device: &s
 }
 
 /// A 4-step DeepCUT run with dropout on, of a small fine-tuned RoBERTa on a 48-sentence
-/// WNUT17 slice, on CUDA and on the CPU, fp32 and bf16: every split's F1 within SPEC
-/// section 7's 1 point, each step's loss within 1e-4 (fp32) / 1e-2 (bf16), and the
+/// WNUT17 slice, on CUDA and on the CPU, fp32, bf16 and fp16: every split's F1 within SPEC
+/// section 7's 1 point, each step's loss within 1e-4 (fp32) / 1e-2 (bf16, fp16), and the
 /// report names the backend it ran on.
 #[test]
 fn short_run_on_cuda_matches_the_cpu() {
@@ -57,7 +57,7 @@ fn short_run_on_cuda_matches_the_cpu() {
     let fx = fixture::build(tmp.path());
     // a small RoBERTa fine-tuned on WNUT17 (tests/golden), so the F1s compared are not ~0
     let model = common::repo().join("tests/golden/roberta-wnut17");
-    for precision in ["fp32", "bf16"] {
+    for precision in ["fp32", "bf16", "fp16"] {
         let g = run(
             &libs,
             &model,

@@ -901,7 +901,7 @@ mod step {
     use super::*;
     use deepcut_fast::data::{PositionStyle, Window};
     use deepcut_fast::model::{Dims, Mode, Model};
-    use deepcut_fast::train::optim::{OptimConfig, Optimizer};
+    use deepcut_fast::train::optim::{LossScaling, OptimConfig, Optimizer};
     use deepcut_fast::unlearn::deepcut::{assemble, step, Anchors, Contrast};
 
     fn dims() -> Dims {
@@ -957,10 +957,19 @@ mod step {
                 total: 10,
                 clip: 1.0,
             },
+        )
+        // fp16: dynamic loss scaling, as `run` trains (a no-op in fp32 and bf16)
+        .with_precision(
+            prec,
+            LossScaling {
+                init: 1024.0,
+                growth_interval: 2000,
+            },
         );
         let mut out = Vec::new();
         for s in 1..=2u64 {
             let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], 0, PositionStyle::Absolute, 0, Anchors::All);
+            m.set_loss_scale(opt.loss_scale());
             let l = step(&mut m, &mut cb, &batch, &z, opts, 0.3, Mode::Train { seed: 9, step: s });
             assert!(l.anchors > 0, "the batch must have valid anchors");
             let grads = m.export_grads();
@@ -1094,6 +1103,24 @@ mod step {
                 )
             }
             None => whole_step(|| Cpu, Precision::Bf16, 1e-2),
+        }
+    }
+
+    /// The same in fp16 with dynamic loss scaling (scale 1024): the tensor-core GEMMs in
+    /// FAST_16F, fp16 rounding everywhere bf16 rounds, the scaled gradients and their
+    /// unscaling inside AdamW.
+    #[test]
+    fn whole_deepcut_step_in_fp16_matches_cpu() {
+        match gpu("whole_deepcut_step_in_fp16_matches_cpu") {
+            Some(g) => {
+                eprintln!("whole fp16 step on {}", g.name());
+                whole_step(
+                    || Cuda::new(0).expect("the device opened a moment ago"),
+                    Precision::Fp16,
+                    1e-2,
+                )
+            }
+            None => whole_step(|| Cpu, Precision::Fp16, 1e-2),
         }
     }
 
