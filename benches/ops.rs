@@ -291,9 +291,6 @@ fn optimiser(c: &mut Criterion) {
             std::hint::black_box(adamw::sum_squares(&g, PARAMS));
         },
     );
-    bench(c, "scale", "22.6M params", Throughput::Bytes(bytes(2 * PARAMS)), || {
-        adamw::scale_inplace(&mut m, PARAMS, 0.999)
-    });
 }
 
 criterion_group!(benches, linear_algebra, layers, contrastive, optimiser);

@@ -1,5 +1,5 @@
-// AdamW (PyTorch semantics), and the two reductions gradient clipping needs.
-// CPU twin: src/backend/cpu/adamw.rs.
+// AdamW (PyTorch semantics), per tensor and fused over all tensors, and the squared-norm
+// reductions of gradient clipping. CPU twin: src/backend/cpu/adamw.rs.
 #include "common.cuh"
 
 // Elements per partial sum of sum_squares: REDUCE_CHUNK of the CPU twin.
@@ -168,10 +168,4 @@ extern "C" __global__ void sum_partials_f64(double* out, const double* partials,
     double s = 0.0;
     for (int i = 0; i < k; ++i) s += partials[i];
     out[0] = s;
-}
-
-// x[..n] *= alpha (gradient clipping).
-extern "C" __global__ void scale_f32(float* x, int n, float alpha) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] *= alpha;
 }

@@ -419,6 +419,4 @@ pub trait Backend {
     fn sum_squares_all(&self, xs: &[(&Self::Buf, usize)]) -> f64 {
         xs.iter().map(|&(x, n)| self.sum_squares(x, n)).sum()
     }
-    /// x[..n] *= alpha.
-    fn scale(&self, x: &mut Self::Buf, n: usize, alpha: f32);
 }

@@ -1,4 +1,4 @@
-//! AdamW and the two reductions gradient clipping needs (global norm, rescale).
+//! AdamW (clipping folded into its read of the gradient) and the global gradient norm.
 //! CPU twin of kernels/adamw.cu.
 use rayon::prelude::*;
 
@@ -58,13 +58,4 @@ pub fn sum_squares(x: &[f32], n: usize) -> f64 {
         .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>())
         .collect();
     partials.iter().sum()
-}
-
-/// x[..n] *= alpha (gradient clipping).
-pub fn scale_inplace(x: &mut [f32], n: usize, alpha: f32) {
-    x[..n].par_chunks_mut(ELEMWISE_CHUNK).for_each(|c| {
-        for v in c {
-            *v *= alpha;
-        }
-    });
 }

@@ -209,7 +209,4 @@ impl Backend for Cpu {
     fn sum_squares(&self, x: &Vec<f32>, n: usize) -> f64 {
         adamw::sum_squares(x, n)
     }
-    fn scale(&self, x: &mut Vec<f32>, n: usize, alpha: f32) {
-        adamw::scale_inplace(x, n, alpha)
-    }
 }

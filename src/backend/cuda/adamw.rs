@@ -1,4 +1,5 @@
-//! AdamW, global gradient norm and rescaling (kernels/adamw.cu). CPU twin: cpu/adamw.rs.
+//! AdamW, per tensor and fused over all tensors, and the global gradient norm
+//! (kernels/adamw.cu). CPU twin: cpu/adamw.rs.
 use super::{check, ensure, grid_1d, int, need, Cuda, BLOCK};
 use crate::backend::cpu::adamw::REDUCE_CHUNK;
 use crate::backend::{AdamW, ParamSlot, Precision};
@@ -312,18 +313,4 @@ pub fn sum_squares(cu: &Cuda, x: &CudaSlice<f32>, n: usize) -> f64 {
     let v = check(cu.stream.clone_dtoh(&out.slice(..1)), "sum_squares download");
     cu.synchronize();
     v[0]
-}
-
-/// x[..n] *= alpha.
-pub fn scale_inplace(cu: &Cuda, x: &mut CudaSlice<f32>, n: usize, alpha: f32) {
-    if n == 0 {
-        return;
-    }
-    let _r = cu.range("scale");
-    need(x.len(), n, "scale x");
-    let ni = int(n, "scale n");
-    let mut l = cu.stream.launch_builder(cu.func("scale_f32"));
-    l.arg(x).arg(&ni).arg(&alpha);
-    // SAFETY: (float* x, int n, float alpha); one thread per element < n; x holds n floats.
-    check(unsafe { l.launch(grid_1d(n, BLOCK)) }, "scale_f32");
 }

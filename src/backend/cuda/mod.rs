@@ -533,7 +533,4 @@ impl Backend for Cuda {
     fn sum_squares_all(&self, xs: &[(&CudaSlice<f32>, usize)]) -> f64 {
         adamw::sum_squares_all(self, xs)
     }
-    fn scale(&self, x: &mut CudaSlice<f32>, n: usize, alpha: f32) {
-        adamw::scale_inplace(self, x, n, alpha)
-    }
 }
