@@ -225,30 +225,9 @@ fn preset_names_the_model_and_runs() {
 /// refers to the fp32 GEMM rate.
 #[test]
 fn precision_flag_reaches_the_step() {
-    let cfg = tiny_config();
     let run = |p: &str| -> Value {
-        let out = bench(&[
-            "--config",
-            &cfg,
-            "--bf",
-            "2",
-            "--br",
-            "2",
-            "--seq-len",
-            "8",
-            "--steps",
-            "2",
-            "--warmup",
-            "0",
-            "--labels",
-            "5",
-            "--matmul-size",
-            "32",
-            "--device",
-            "cpu",
-            "--precision",
-            p,
-        ]);
+        let args = common::tiny_bench_args("cpu", p, 0);
+        let out = bench(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(out.status.success(), "{p}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     };

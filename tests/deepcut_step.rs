@@ -3,28 +3,12 @@
 //! L = L_CE + gamma * L_f through model -> gather -> l2norm -> InfoNCE -> backward,
 //! against finite differences (columns not detached, so the full gradient is the FD one).
 mod common;
-use common::{rel_l2, Rng};
+use common::{rel_l2, window, Rng};
 use deepcut_fast::backend::cpu::Cpu;
 use deepcut_fast::backend::{Denominator, InfoNceOptions, OwnView, IGNORE_INDEX};
 use deepcut_fast::data::{PositionStyle, Window};
 use deepcut_fast::model::{Dims, Mode, Model};
 use deepcut_fast::unlearn::deepcut::{assemble, step, Anchors, Contrast};
-
-fn window(sentence: usize, ids: &[u32], labels: &[i32]) -> Window {
-    let word_pos = labels
-        .iter()
-        .enumerate()
-        .filter(|(_, &y)| y >= 0)
-        .map(|(i, _)| i)
-        .collect();
-    Window {
-        sentence,
-        first_word: 0,
-        ids: ids.to_vec(),
-        labels: labels.to_vec(),
-        word_pos,
-    }
-}
 
 fn windows() -> Vec<Window> {
     let i = IGNORE_INDEX;

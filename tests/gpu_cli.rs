@@ -4,7 +4,7 @@
 //! emulator of the CUDA driver (tests/cuda_emu), which runs the CUDA backend's launchers
 //! and kernels for real but says nothing about GPU speed.
 mod common;
-use common::fixture::{self, s};
+use common::fixture;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,11 +26,7 @@ fn device_libs() -> Option<PathBuf> {
 fn cli(libs: &Option<PathBuf>) -> Command {
     let mut c = fixture::bin();
     if let Some(dir) = libs {
-        let path = match std::env::var("LD_LIBRARY_PATH") {
-            Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
-            _ => dir.display().to_string(),
-        };
-        c.env("LD_LIBRARY_PATH", path);
+        c.env("LD_LIBRARY_PATH", common::cuda_emu::library_path(dir));
     }
     c
 }
@@ -116,31 +112,9 @@ fn short_run_on_cuda_matches_the_cpu() {
 #[test]
 fn bench_on_cuda_reports_device_numbers() {
     let libs = device_libs();
-    let cfg = common::repo().join("tests/golden/tiny-bert/config.json");
     let o = cli(&libs)
-        .args([
-            "bench",
-            "--config",
-            &s(&cfg),
-            "--bf",
-            "2",
-            "--br",
-            "2",
-            "--seq-len",
-            "8",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--labels",
-            "5",
-            "--matmul-size",
-            "32",
-            "--device",
-            "cuda",
-            "--precision",
-            "bf16",
-        ])
+        .arg("bench")
+        .args(common::tiny_bench_args("cuda", "bf16", 1))
         .output()
         .expect("run deepcut-fast");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -156,15 +156,11 @@ fn cuda_backend_on_the_cpu_emulator() {
         return;
     }
     let dir = common::cuda_emu::build().unwrap_or_else(|e| panic!("{e}"));
-    let path = match std::env::var("LD_LIBRARY_PATH") {
-        Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
-        _ => dir.display().to_string(),
-    };
     let nvtx_log = dir.join("nvtx.log");
     let _ = std::fs::remove_file(&nvtx_log);
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--test-threads", "1", "--skip", "cuda_backend_on_the_cpu_emulator"])
-        .env("LD_LIBRARY_PATH", path)
+        .env("LD_LIBRARY_PATH", common::cuda_emu::library_path(&dir))
         .env("DEEPCUT_NVTX_LOG", &nvtx_log)
         .env("DEEPCUT_REQUIRE_GPU", "1")
         .env("DEEPCUT_CUDA_EMU", "1")
@@ -901,6 +897,15 @@ mod step {
     use deepcut_fast::train::optim::{LossScaling, OptimConfig, Optimizer};
     use deepcut_fast::unlearn::deepcut::{assemble, step, Anchors, Contrast};
 
+    /// The optimiser of the step tests: clipped at 1, so clipping takes part.
+    const OPTIM: OptimConfig = OptimConfig {
+        lr: 1e-3,
+        weight_decay: 0.01,
+        warmup: 0,
+        total: 10,
+        clip: 1.0,
+    };
+
     fn dims() -> Dims {
         Dims {
             vocab: 50,
@@ -945,24 +950,15 @@ mod step {
         let w = windows(&mut rng);
         let mut m = model(be, 5).with_precision(prec);
         let mut cb = Contrast::new(&m.be, 256, dims().hidden);
-        let mut opt = Optimizer::new(
-            &m,
-            OptimConfig {
-                lr: 1e-3,
-                weight_decay: 0.01,
-                warmup: 0,
-                total: 10,
-                clip: 1.0,
-            },
-        )
-        // fp16: dynamic loss scaling, as `run` trains (a no-op in fp32 and bf16)
-        .with_precision(
-            prec,
-            LossScaling {
-                init: 1024.0,
-                growth_interval: 2000,
-            },
-        );
+        let mut opt = Optimizer::new(&m, OPTIM)
+            // fp16: dynamic loss scaling, as `run` trains (a no-op in fp32 and bf16)
+            .with_precision(
+                prec,
+                LossScaling {
+                    init: 1024.0,
+                    growth_interval: 2000,
+                },
+            );
         let mut out = Vec::new();
         for s in 1..=2u64 {
             let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], 0, PositionStyle::Absolute, 0, Anchors::All);
@@ -1015,16 +1011,7 @@ mod step {
         let w = windows(&mut rng);
         let mut m = model(g, 5).with_precision(Precision::Bf16);
         let mut cb = Contrast::new(&m.be, 256, dims().hidden);
-        let mut opt = Optimizer::new(
-            &m,
-            OptimConfig {
-                lr: 1e-3,
-                weight_decay: 0.01,
-                warmup: 0,
-                total: 10,
-                clip: 1.0,
-            },
-        );
+        let mut opt = Optimizer::new(&m, OPTIM);
         let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], 0, PositionStyle::Absolute, 0, Anchors::All);
         let mut one = |s: u64| {
             let l = step(
@@ -1069,19 +1056,20 @@ mod step {
         );
     }
 
+    /// `whole_step` on the GPU, or (after a loud skip) CPU against CPU to check the test.
+    fn whole_step_on_device(test: &str, prec: Precision, tol: f64) {
+        match gpu(test) {
+            Some(g) => {
+                eprintln!("whole {prec} step on {}", g.name());
+                whole_step(|| Cuda::new(0).expect("the device opened a moment ago"), prec, tol)
+            }
+            None => whole_step(|| Cpu, prec, tol),
+        }
+    }
+
     #[test]
     fn whole_deepcut_step_matches_cpu() {
-        match gpu("whole_deepcut_step_matches_cpu") {
-            Some(g) => {
-                eprintln!("whole step on {}", g.name());
-                whole_step(
-                    || Cuda::new(0).expect("the device opened a moment ago"),
-                    Precision::Fp32,
-                    TOL_STEP,
-                )
-            }
-            None => whole_step(|| Cpu, Precision::Fp32, TOL_STEP),
-        }
+        whole_step_on_device("whole_deepcut_step_matches_cpu", Precision::Fp32, TOL_STEP);
     }
 
     /// The same step with bf16 emulated on both sides (kernels/quantize.cu against
@@ -1090,17 +1078,7 @@ mod step {
     /// ulp, 2^-8 relative, on a few values), so it is held to SPEC section 7's bf16 1e-2.
     #[test]
     fn whole_deepcut_step_in_bf16_matches_cpu() {
-        match gpu("whole_deepcut_step_in_bf16_matches_cpu") {
-            Some(g) => {
-                eprintln!("whole bf16 step on {}", g.name());
-                whole_step(
-                    || Cuda::new(0).expect("the device opened a moment ago"),
-                    Precision::Bf16,
-                    1e-2,
-                )
-            }
-            None => whole_step(|| Cpu, Precision::Bf16, 1e-2),
-        }
+        whole_step_on_device("whole_deepcut_step_in_bf16_matches_cpu", Precision::Bf16, 1e-2);
     }
 
     /// The same in fp16 with dynamic loss scaling (scale 1024): the tensor-core GEMMs in
@@ -1108,17 +1086,7 @@ mod step {
     /// unscaling inside AdamW.
     #[test]
     fn whole_deepcut_step_in_fp16_matches_cpu() {
-        match gpu("whole_deepcut_step_in_fp16_matches_cpu") {
-            Some(g) => {
-                eprintln!("whole fp16 step on {}", g.name());
-                whole_step(
-                    || Cuda::new(0).expect("the device opened a moment ago"),
-                    Precision::Fp16,
-                    1e-2,
-                )
-            }
-            None => whole_step(|| Cpu, Precision::Fp16, 1e-2),
-        }
+        whole_step_on_device("whole_deepcut_step_in_fp16_matches_cpu", Precision::Fp16, 1e-2);
     }
 
     /// One model per run (the backend is not Clone): `make` gives the device backend.

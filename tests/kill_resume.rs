@@ -11,7 +11,7 @@
 //! millisecond), not by timers, so the test is not at the mercy of a slow machine: a
 //! trigger that never fires before the process ends is a failure.
 mod common;
-use common::fixture::{self, bin, s, temp_files};
+use common::fixture::{self, bin, temp_files};
 use serde_json::Value;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -210,29 +210,7 @@ fn run_killed_at_every_kind_of_moment_resumes_to_the_same_bytes() {
 fn train_killed_while_writing_resumes_to_the_same_bytes_and_skips_a_torn_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let fx = fixture::build(tmp.path());
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "train",
-            "--model",
-            &s(&fx.base),
-            "--data",
-            &s(&fx.data),
-            "--epochs",
-            "3",
-            "--batch",
-            "8",
-            "--checkpoint-every",
-            "2",
-            "--quiet",
-            "--device",
-            "cpu",
-            "--out",
-            &s(out),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
-    };
+    let args = |out: &Path| fixture::train_args(&fx.base, &fx.data, out, 3, &["--checkpoint-every", "2"]);
     let full = tmp.path().join("train-full");
     let t0 = Instant::now();
     spawn(&args(&full), &tmp.path().join("full.log")).finish();

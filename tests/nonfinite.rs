@@ -3,7 +3,7 @@
 //! its newest checkpoint is intact and finite: it loads, and a --resume from it
 //! reaches the same failure at the same step (the run is deterministic to the end).
 mod common;
-use common::fixture::{self, bin, s};
+use common::fixture::{self, bin};
 use deepcut_fast::backend::cpu::Cpu;
 use deepcut_fast::infer::model_from_weights;
 use deepcut_fast::model::{random_init, ModelConfig};
@@ -142,29 +142,7 @@ fn a_train_whose_loss_blows_up_stops_naming_step_and_term_and_keeps_its_checkpoi
     let tmp = tempfile::tempdir().unwrap();
     let fx = fixture::build(tmp.path());
     let out = tmp.path().join("train");
-    let args: Vec<String> = [
-        "train",
-        "--model",
-        &s(&fx.base),
-        "--data",
-        &s(&fx.data),
-        "--epochs",
-        "6",
-        "--batch",
-        "8",
-        "--lr",
-        "1e6",
-        "--checkpoint-every",
-        "1",
-        "--quiet",
-        "--device",
-        "cpu",
-        "--out",
-        &s(&out),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
+    let args = fixture::train_args(&fx.base, &fx.data, &out, 6, &["--lr", "1e6", "--checkpoint-every", "1"]);
     let err = fails(&args);
     assert!(
         names_a_loss_term(&err),

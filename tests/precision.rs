@@ -19,7 +19,7 @@
 //! The bit-identity of fp32 with the engine before precision existed is what
 //! tests/golden_parity.rs, tests/threads.rs and the rest of the suite keep checking.
 mod common;
-use common::fixture::{self, bin, s};
+use common::fixture::{self, bin};
 use common::{rel_l2, Rng};
 use deepcut_fast::backend::cpu::quantize::round_to;
 use deepcut_fast::backend::cpu::Cpu;
@@ -740,26 +740,13 @@ fn train_fp16_writes_the_counts_into_train_json_and_bf16_trains() {
     for (prec, init) in [("fp16", ABSURD), ("bf16", "65536")] {
         let out = tmp.path().join(prec);
         let o = bin()
-            .args([
-                "train",
-                "--model",
-                &s(&fx.base),
-                "--data",
-                &s(&fx.data),
-                "--epochs",
-                "2",
-                "--batch",
-                "8",
-                "--quiet",
-                "--device",
-                "cpu",
-                "--precision",
-                prec,
-                "--loss-scale-init",
-                init,
-                "--out",
-                &s(&out),
-            ])
+            .args(fixture::train_args(
+                &fx.base,
+                &fx.data,
+                &out,
+                2,
+                &["--precision", prec, "--loss-scale-init", init],
+            ))
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

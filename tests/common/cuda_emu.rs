@@ -117,6 +117,14 @@ pub fn build() -> Result<PathBuf, String> {
     Ok(out)
 }
 
+/// LD_LIBRARY_PATH with the emulator's folder `dir` first (cudarc then opens its libraries).
+pub fn library_path(dir: &Path) -> String {
+    match std::env::var("LD_LIBRARY_PATH") {
+        Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
+        _ => dir.display().to_string(),
+    }
+}
+
 /// `extern "C" __global__ void NAME(` entry points, as build.rs finds them.
 fn entry_points(src: &str) -> Vec<String> {
     src.lines()

@@ -132,6 +132,32 @@ pub fn run_args(model: &Path, data: &Path, out: &Path, steps: u64, extra: &[&str
     run_args_on("cpu", model, data, out, steps, extra)
 }
 
+/// Arguments of a short `train` of `model` on `data` (batches of 8, quiet, on the CPU) for
+/// `epochs` epochs into `out`; `extra` options appended.
+pub fn train_args(model: &Path, data: &Path, out: &Path, epochs: u32, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "train",
+        "--model",
+        &s(model),
+        "--data",
+        &s(data),
+        "--epochs",
+        &epochs.to_string(),
+        "--batch",
+        "8",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--out",
+        &s(out),
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
 /// `run_args` on `device` (cpu, cuda, ...).
 pub fn run_args_on(device: &str, model: &Path, data: &Path, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [

@@ -48,6 +48,56 @@ pub fn shared() -> PathBuf {
     repo().join("../shared")
 }
 
+/// Options of a tiny `bench` (after the subcommand): tests/golden/tiny-bert's shape, 2
+/// forget + 2 retain sequences of 8 tokens, 5 labels, 2 timed steps after `warmup`, a
+/// 32^3 GEMM for the rate, on `device` in `precision`.
+pub fn tiny_bench_args(device: &str, precision: &str, warmup: u32) -> Vec<String> {
+    let cfg = repo().join("tests/golden/tiny-bert/config.json");
+    [
+        "--config",
+        &cfg.display().to_string(),
+        "--bf",
+        "2",
+        "--br",
+        "2",
+        "--seq-len",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        &warmup.to_string(),
+        "--labels",
+        "5",
+        "--matmul-size",
+        "32",
+        "--device",
+        device,
+        "--precision",
+        precision,
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect()
+}
+
+/// A window of `sentence` with these token ids and labels; its words are the labelled
+/// positions.
+pub fn window(sentence: usize, ids: &[u32], labels: &[i32]) -> deepcut_fast::data::Window {
+    let word_pos = labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &y)| y >= 0)
+        .map(|(i, _)| i)
+        .collect();
+    deepcut_fast::data::Window {
+        sentence,
+        first_word: 0,
+        ids: ids.to_vec(),
+        labels: labels.to_vec(),
+        word_pos,
+    }
+}
+
 /// `n` random windows of `min_len .. min_len + span` tokens: [CLS]=1, word ids in
 /// 3..3+vocab, [SEP]=2; about four words in five labelled with one of 5 classes.
 pub fn random_windows(
@@ -69,19 +119,7 @@ pub fn random_windows(
             }
             ids.push(2);
             labels.push(IGNORE_INDEX);
-            let word_pos = labels
-                .iter()
-                .enumerate()
-                .filter(|(_, &y)| y >= 0)
-                .map(|(i, _)| i)
-                .collect();
-            deepcut_fast::data::Window {
-                sentence: s,
-                first_word: 0,
-                ids,
-                labels,
-                word_pos,
-            }
+            window(s, &ids, &labels)
         })
         .collect()
 }
