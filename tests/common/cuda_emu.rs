@@ -8,8 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The emulator's folder under the cargo target dir, built (or rebuilt when a source is
-/// newer than the libraries) with the system C++ compiler (`CXX`, default c++).
+/// newer than the libraries) with the system C++ compiler (`CXX`, default c++). Built once
+/// per process: tests running side by side must not rebuild a library another one is
+/// loading.
 pub fn build() -> Result<PathBuf, String> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_now).clone()
+}
+
+fn build_now() -> Result<PathBuf, String> {
     if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
         // runtime.cpp switches fiber stacks with x86-64 System V assembly
         return Err("the CUDA emulator (tests/cuda_emu) is written for x86-64 Linux".into());
@@ -95,13 +102,22 @@ pub fn build() -> Result<PathBuf, String> {
         jobs.push((k.display().to_string(), spawn(cmd)?));
         objects.push(obj);
     }
+    // Each library is linked under a temporary name and renamed into place once all three
+    // exist, so no process ever opens a half-written one.
+    let staged = |p: &Path| p.with_extension("so.tmp");
     let mut cmd = Command::new(&cxx);
     base(&mut cmd);
-    cmd.arg("-shared").arg(emu.join("cublas.cpp")).arg("-o").arg(&cublas);
+    cmd.arg("-shared")
+        .arg(emu.join("cublas.cpp"))
+        .arg("-o")
+        .arg(staged(&cublas));
     jobs.push(("tests/cuda_emu/cublas.cpp".into(), spawn(cmd)?));
     let mut cmd = Command::new(&cxx);
     base(&mut cmd);
-    cmd.arg("-shared").arg(emu.join("nvtx.cpp")).arg("-o").arg(&nvtx);
+    cmd.arg("-shared")
+        .arg(emu.join("nvtx.cpp"))
+        .arg("-o")
+        .arg(staged(&nvtx));
     jobs.push(("tests/cuda_emu/nvtx.cpp".into(), spawn(cmd)?));
     for (what, child) in jobs {
         wait(&what, child)?;
@@ -112,8 +128,11 @@ pub fn build() -> Result<PathBuf, String> {
         .arg(emu.join("runtime.cpp"))
         .args(&objects)
         .arg("-o")
-        .arg(&cuda);
+        .arg(staged(&cuda));
     wait("tests/cuda_emu/runtime.cpp", spawn(cmd)?)?;
+    for lib in [&cublas, &nvtx, &cuda] {
+        std::fs::rename(staged(lib), lib).map_err(|e| format!("{}: {e}", lib.display()))?;
+    }
     Ok(out)
 }
 
