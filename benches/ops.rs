@@ -15,7 +15,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use deepcut_fast::backend::cpu::{
     adamw, attention, dropout, embedding, gelu, gemm, infonce, l2norm, layernorm, rows, softmax_ce, Cpu,
 };
-use deepcut_fast::backend::{Backend, Dropout, InfoNceOptions};
+use deepcut_fast::backend::{Backend, Dropout, InfoNceOptions, Precision};
 use std::time::Duration;
 
 // The MiniLM step shape.
@@ -158,7 +158,22 @@ fn layers(c: &mut Criterion) {
         "attention_fwd",
         "b48 t128 h12 d32",
         Throughput::Elements(att_flops),
-        || attention::attention_fwd(&mut out, &mut lse, &x, &x, &x, &mask, B, T, H, D, drop()),
+        || {
+            attention::attention_fwd(
+                &mut out,
+                &mut lse,
+                &x,
+                &x,
+                &x,
+                &mask,
+                B,
+                T,
+                H,
+                D,
+                drop(),
+                Precision::Fp32,
+            )
+        },
     );
     let o = out.clone();
     let (mut dq, mut dk, mut dv) = (vec![0f32; N * C], vec![0f32; N * C], vec![0f32; N * C]);
@@ -184,6 +199,7 @@ fn layers(c: &mut Criterion) {
                 H,
                 D,
                 drop(),
+                Precision::Fp32,
             )
         },
     );

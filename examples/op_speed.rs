@@ -7,7 +7,7 @@
 use deepcut_fast::backend::cpu::{
     adamw, attention, dropout, embedding, gelu, gemm, infonce, l2norm, layernorm, rows, softmax_ce,
 };
-use deepcut_fast::backend::{Dropout, InfoNceOptions};
+use deepcut_fast::backend::{Dropout, InfoNceOptions, Precision};
 use std::time::Instant;
 
 /// Median seconds of `f` over a few calls after one warm-up.
@@ -114,7 +114,22 @@ fn main() {
     let mut lse = vec![0f32; b * h * t];
     add(
         "attention_fwd",
-        time(|| attention::attention_fwd(&mut o_nc, &mut lse, &x, &x, &x, &mask, b, t, h, d, drop)),
+        time(|| {
+            attention::attention_fwd(
+                &mut o_nc,
+                &mut lse,
+                &x,
+                &x,
+                &x,
+                &mask,
+                b,
+                t,
+                h,
+                d,
+                drop,
+                Precision::Fp32,
+            )
+        }),
         layers,
     );
     let (mut dq, mut dk, mut dv) = (vec![0f32; n * c], vec![0f32; n * c], vec![0f32; n * c]);
@@ -123,7 +138,22 @@ fn main() {
         "attention_bwd",
         time(|| {
             attention::attention_bwd(
-                &mut dq, &mut dk, &mut dv, &x, &x, &x, &x, &o2, &lse, &mask, b, t, h, d, drop,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &x,
+                &x,
+                &x,
+                &x,
+                &o2,
+                &lse,
+                &mask,
+                b,
+                t,
+                h,
+                d,
+                drop,
+                Precision::Fp32,
             )
         }),
         layers,

@@ -8,7 +8,8 @@
 // them; mask [b, t] (1 real key, 0 padding); lse [b, h, t]. Scale 1/sqrt(d). The dropout
 // counter of probability (i, j) of head (bi, hi) is ((bi*h + hi)*t + i)*t + j.
 //
-// Work split (fp32 CUDA cores; a tensor-core variant is future work):
+// Work split (fp32 on CUDA cores; the bf16 / fp16 modes run kernels/attention_mma.cu on
+// tensor cores instead):
 // - forward and dq: one warp per query row, ATT_WARPS rows per block; tiles of
 //   ATT_TILE = 32 keys, lane l owns key j0 + l of the tile for the scores, then the warp
 //   accumulates P V (or dS K) over the tile with lanes spread over the head dimension.

@@ -6,8 +6,11 @@
 #   1. GPU-vs-CPU parity: every CUDA op against its CPU twin and a whole DeepCUT step
 #      (tests/gpu_parity.rs), with DEEPCUT_REQUIRE_GPU=1 so a missing GPU fails instead
 #      of skipping;
-#   2. throughput: the MiniLM-shape training step on GPU and CPU, the fused InfoNCE at
-#      4k and 16k rows (tests/gpu_bench.rs);
+#   2. throughput (tests/gpu_bench.rs): the MiniLM-shape training step on GPU and CPU, the
+#      fused InfoNCE at 4k, 16k and 64k rows with its device memory, and every kernel
+#      family at the roberta-base step shape against its floor (copy bandwidth, or the
+#      card's measured bf16 GEMM rate), attention in fp32 (CUDA cores) and bf16 (tensor
+#      cores);
 #   3. the same InfoNCE in PyTorch on the same GPU at 4k, 16k, 64k columns
 #      (scripts/infonce_torch.py), when torch is importable;
 #   4. a short DeepCUT run on GPU and on CPU with the same seed (--device cuda / cpu),
@@ -153,7 +156,7 @@ if [ -z "$BENCH" ]; then
     row "bench (tests/gpu_bench.rs)" "MISSING" "no gpu_bench binary"
 else
     echo "== bench: $BENCH"
-    timeout 90 "$BENCH" --ignored --test-threads 1 --nocapture >"$LOGS/bench.log" 2>&1
+    timeout 150 "$BENCH" --ignored --test-threads 1 --nocapture >"$LOGS/bench.log" 2>&1
     rc=$?
     grep -E '^BENCH|SKIPPED|panicked' "$LOGS/bench.log"
     while read -r _ name value unit rest; do

@@ -152,7 +152,7 @@ fn launches() -> (Vec<Launch>, Vec<String>) {
         // Every kernel-like string literal (launchers that pick the kernel by variable name
         // pass these literals in).
         for part in src.split('"').skip(1).step_by(2) {
-            if (part.ends_with("_f32") || part.ends_with("_f64") || part.ends_with("_bf16"))
+            if (part.ends_with("_f32") || part.ends_with("_f64") || part.ends_with("_bf16") || part.contains("_mma_"))
                 && part
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
@@ -232,6 +232,15 @@ fn launchers_match_the_kernels_they_launch() {
     for k in params.keys().filter(|k| !k.ends_with("_bf16")) {
         assert!(names.contains(k), "kernel {k} has no launcher in src/backend/cuda");
     }
+    // The tensor-core kernels are launched by a computed name with their fp32 twin's
+    // arguments (src/backend/cuda/attention.rs): their parameters must be the twin's.
+    let mut mma = 0;
+    for (k, p) in params.iter().filter(|(k, _)| k.contains("_mma_")) {
+        let twin = format!("{}_f32", &k[..k.find("_mma_").unwrap()]);
+        assert_eq!(Some(p), params.get(&twin), "{k}: parameters differ from {twin}'s");
+        mma += 1;
+    }
+    assert_eq!(mma, 18, "tensor-core attention entry points");
     for s in &sites {
         let p = &params[&s.kernel];
         assert_eq!(

@@ -8,7 +8,7 @@
 mod common;
 use common::{rel_l2, Rng};
 use deepcut_fast::backend::cpu::{attention, dropout, embedding, gelu, gemm, layernorm, softmax_ce};
-use deepcut_fast::backend::{Dropout, IGNORE_INDEX};
+use deepcut_fast::backend::{Dropout, Precision, IGNORE_INDEX};
 
 const STEP: f32 = 1e-2;
 const TOL: f64 = 2e-3;
@@ -137,14 +137,29 @@ fn attention_grad_with_padding_and_dropout() {
     for drop in [Dropout::OFF, Dropout::new(0.3, 7, 1, 2)] {
         let f = |q: &[f32], k: &[f32], v: &[f32]| {
             let (mut out, mut lse) = (vec![0.0; b * t * c], vec![0.0; b * h * t]);
-            attention::attention_fwd(&mut out, &mut lse, q, k, v, &mask, b, t, h, d, drop);
+            attention::attention_fwd(&mut out, &mut lse, q, k, v, &mask, b, t, h, d, drop, Precision::Fp32);
             probe(&out, &r)
         };
         let (mut out, mut lse) = (vec![0.0; b * t * c], vec![0.0; b * h * t]);
-        attention::attention_fwd(&mut out, &mut lse, &q, &k, &v, &mask, b, t, h, d, drop);
+        attention::attention_fwd(&mut out, &mut lse, &q, &k, &v, &mask, b, t, h, d, drop, Precision::Fp32);
         let (mut dq, mut dk, mut dv) = (vec![0.0; b * t * c], vec![0.0; b * t * c], vec![0.0; b * t * c]);
         attention::attention_bwd(
-            &mut dq, &mut dk, &mut dv, &r, &q, &k, &v, &out, &lse, &mask, b, t, h, d, drop,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &r,
+            &q,
+            &k,
+            &v,
+            &out,
+            &lse,
+            &mask,
+            b,
+            t,
+            h,
+            d,
+            drop,
+            Precision::Fp32,
         );
         check("attention dq", &dq, &numeric_grad(&q, |x| f(x, &k, &v)));
         check("attention dk", &dk, &numeric_grad(&k, |x| f(&q, x, &v)));
@@ -157,7 +172,20 @@ fn attention_grad_with_padding_and_dropout() {
             }
         }
         let (mut out2, mut lse2) = (vec![0.0; b * t * c], vec![0.0; b * h * t]);
-        attention::attention_fwd(&mut out2, &mut lse2, &q, &k2, &v, &mask, b, t, h, d, drop);
+        attention::attention_fwd(
+            &mut out2,
+            &mut lse2,
+            &q,
+            &k2,
+            &v,
+            &mask,
+            b,
+            t,
+            h,
+            d,
+            drop,
+            Precision::Fp32,
+        );
         assert_eq!(out, out2, "padding keys leaked into the output");
     }
 }

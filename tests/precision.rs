@@ -39,12 +39,13 @@ const TOL_SPEC: f64 = 1e-2;
 /// bits (relative 2^-9), through every layer and back; its errors compound as the fp32
 /// step's do (kernels 1e-5, whole step 1e-4 in tests/gpu_parity.rs). Measured: worst
 /// tensor 1.1e-2 on the small random model (a layer-1 query-weight gradient; logits
-/// 5.1e-3, hidden 4.4e-3), 1.7e-2 on MiniLM (key/query-weight and embedding-LayerNorm
-/// gradients; logits 1.0e-2), and fp16 (3 more bits) 8x lower, as rounding errors scale.
-/// So SPEC's 1e-2 holds per op, not for every tensor of a whole bf16 step: this is the
-/// bound the step is held to, and the run-level criterion (F1 within 1 point) is where
-/// SPEC judges whole bf16 training.
-const TOL_BF16_STEP: f64 = 2e-2;
+/// 5.1e-3, hidden 4.4e-3), on MiniLM 2.05e-2 (a layer-1 output LayerNorm-weight gradient;
+/// query/key-weight gradients 1.5-1.9e-2; logits 1.0e-2) since attention rounds its
+/// probabilities and score gradients as the tensor cores need (1.99e-2 before), and fp16
+/// (3 more bits) 8x lower, as rounding errors scale. So SPEC's 1e-2 holds per op, not for
+/// every tensor of a whole bf16 step: this is the bound the step is held to, and the
+/// run-level criterion (F1 within 1 point) is where SPEC judges whole bf16 training.
+const TOL_BF16_STEP: f64 = 3e-2;
 
 // ---- quantize --------------------------------------------------------------------------------
 
@@ -378,7 +379,7 @@ fn bf16_gemm_and_attention_ops_meet_spec_tolerance() {
         let mask: Vec<f32> = (0..bt * t)
             .map(|i| if i % t < t - 2 * (i / t) { 1.0 } else { 0.0 })
             .collect();
-        let run = |qq: &[f32], kk: &[f32], vv: &[f32], dout: &[f32]| {
+        let run = |qq: &[f32], kk: &[f32], vv: &[f32], dout: &[f32], p: Precision| {
             let drop = deepcut_fast::backend::Dropout::OFF;
             let (mut out, mut lse) = (vec![0.0; len], vec![0.0; bt * h * t]);
             Cpu.attention_fwd(
@@ -393,6 +394,7 @@ fn bf16_gemm_and_attention_ops_meet_spec_tolerance() {
                 h,
                 d,
                 drop,
+                p,
             );
             let (mut dq, mut dk, mut dv) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
             Cpu.attention_bwd(
@@ -411,11 +413,12 @@ fn bf16_gemm_and_attention_ops_meet_spec_tolerance() {
                 h,
                 d,
                 drop,
+                p,
             );
             [out, dq, dk, dv]
         };
-        let want = run(&qq, &kk, &vv, &dout);
-        let got = run(&q(&qq, prec), &q(&kk, prec), &q(&vv, prec), &q(&dout, prec));
+        let want = run(&qq, &kk, &vv, &dout, Precision::Fp32);
+        let got = run(&q(&qq, prec), &q(&kk, prec), &q(&vv, prec), &q(&dout, prec), prec);
         for (what, (g, w)) in ["out", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
             let e = rel_l2(g, w);
             eprintln!("{prec} attention {what}: relative L2 {e:.2e}");

@@ -321,17 +321,20 @@ pub trait Backend {
     /// Multi-head self-attention core. q, k, v, out: [b, t, h*d] (heads interleaved as
     /// the HF linear layers produce them); mask [b, t] (1 real, 0 padding key);
     /// lse [b, h, t] saved for the backward pass. Dropout on the probabilities.
+    /// `inputs` bf16 / fp16: the products take 16-bit inputs (tensor cores on CUDA) and the
+    /// probabilities and score gradients are rounded before the products that read them
+    /// (cpu/attention.rs says exactly where); fp32: all fp32.
     #[allow(clippy::too_many_arguments)]
     fn attention_fwd(
         &self, out: &mut Self::Buf, lse: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, mask: &Self::Buf,
-        b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
+        b: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
     );
     /// Gradients of q, k, v (overwritten), recomputing probabilities from lse.
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(
         &self, dq: &mut Self::Buf, dk: &mut Self::Buf, dv: &mut Self::Buf, dout: &Self::Buf, q: &Self::Buf,
         k: &Self::Buf, v: &Self::Buf, out: &Self::Buf, lse: &Self::Buf, mask: &Self::Buf, b: usize, t: usize, h: usize,
-        d: usize, dropout: Dropout,
+        d: usize, dropout: Dropout, inputs: Precision,
     );
     /// out = inp * mask / (1-p), mask from Philox (identity when p = 0).
     fn dropout_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize, dropout: Dropout);

@@ -650,6 +650,7 @@ impl<B: Backend> Model<B> {
                 h,
                 hd,
                 drop_p,
+                precision,
             );
             q(&mut la.att, n * c);
             be.gemm(
@@ -996,7 +997,7 @@ impl<B: Backend> Model<B> {
             let drop_p = dropout(d.attn_dropout, Dims::site_attn_probs(li));
             be.attention_bwd(
                 &mut s.dq, &mut s.dk, &mut s.dv, &s.datt, &la.q, &la.k, &la.v, &la.att, &la.lse, &a.mask, b, t, h, hd,
-                drop_p,
+                drop_p, precision,
             );
             for dy in [&mut s.dq, &mut s.dk, &mut s.dv] {
                 q(dy, n * c);

@@ -25,13 +25,24 @@ fn build_now() -> Result<PathBuf, String> {
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let emu = repo.join("tests/cuda_emu");
-    let mut kernels: Vec<PathBuf> = std::fs::read_dir(repo.join("kernels"))
+    let sources: Vec<PathBuf> = std::fs::read_dir(repo.join("kernels"))
         .map_err(|e| format!("kernels/: {e}"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    let mut kernels: Vec<PathBuf> = sources
+        .iter()
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .cloned()
         .collect();
     kernels.sort();
     let mut inputs: Vec<PathBuf> = kernels.clone();
+    // the shared headers (common.cuh, mma.cuh, ...)
+    inputs.extend(
+        sources
+            .iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "cuh"))
+            .cloned(),
+    );
     inputs.extend(
         [
             "cuda_emu.h",
@@ -44,7 +55,6 @@ fn build_now() -> Result<PathBuf, String> {
         .iter()
         .map(|f| emu.join(f)),
     );
-    inputs.push(repo.join("kernels/common.cuh"));
     let (cuda, cublas, nvtx) = (
         out.join("libcuda.so"),
         out.join("libcublas.so"),

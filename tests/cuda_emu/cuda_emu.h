@@ -18,8 +18,12 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __shared__ static
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+// Kernels test this to swap inline PTX (mma.sync) for the emulator's version.
+#define DEEPCUT_CUDA_EMU 1
 
 struct emu_dim3 {
     unsigned int x, y, z;
@@ -38,6 +42,9 @@ extern "C" int __syncthreads_or(int pred);
 extern "C" uint64_t emu_shfl64(uint64_t v, int src_lane);
 extern "C" void* emu_dyn_smem();
 extern "C" int emu_lane();
+// Every lane of the calling warp passes `bytes` (<= 64) bytes; `all` [32][64] receives each
+// lane's bytes at lane * 64 (one warp barrier, like a shuffle).
+extern "C" void emu_warp_gather(const void* mine, int bytes, void* all);
 
 template <typename T>
 inline T __shfl_sync(unsigned int, T v, int src) {
@@ -100,3 +107,51 @@ inline void emu_call(void (*f)(A...), void** p) {
 #define EMU_REGISTER(name)                                                           \
     static void emu_thunk_##name(void** p) { emu_call(name, p); }                    \
     static int emu_reg_##name = (emu_register(#name, emu_thunk_##name), 0);
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 with c as both C and D:
+// the warp's fragments are gathered, decoded with the PTX ISA layout (kernels/mma.cuh), and
+// each lane computes its four outputs as c + (sum over k of the exact products, in fp32).
+inline float emu_b16_value(unsigned short u, bool bf16) {
+    if (bf16) {
+        uint32_t w = (uint32_t)u << 16;
+        float f;
+        memcpy(&f, &w, 4);
+        return f;
+    }
+    _Float16 h;
+    memcpy(&h, &u, 2);
+    return (float)h;
+}
+inline void emu_mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2], bool bf16) {
+    struct Frag {
+        unsigned a[4], b[2];
+    } mine;
+    static_assert(sizeof(Frag) <= 64, "gather slot");
+    memcpy(mine.a, a, sizeof mine.a);
+    memcpy(mine.b, b, sizeof mine.b);
+    unsigned char all[32][64];
+    emu_warp_gather(&mine, sizeof mine, all);
+    float A[16][16], B[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        Frag f;
+        memcpy(&f, all[lane], sizeof f);
+        const int g = lane >> 2, c2 = (lane & 3) * 2;
+        for (int r = 0; r < 4; ++r) {
+            const int row = g + (r & 1) * 8, col = c2 + (r >> 1) * 8;
+            A[row][col] = emu_b16_value((unsigned short)(f.a[r] & 0xffffu), bf16);
+            A[row][col + 1] = emu_b16_value((unsigned short)(f.a[r] >> 16), bf16);
+        }
+        for (int r = 0; r < 2; ++r) {
+            const int k = c2 + r * 8;
+            B[k][g] = emu_b16_value((unsigned short)(f.b[r] & 0xffffu), bf16);
+            B[k + 1][g] = emu_b16_value((unsigned short)(f.b[r] >> 16), bf16);
+        }
+    }
+    const int lane = emu_lane(), g = lane >> 2, c2 = (lane & 3) * 2;
+    for (int r = 0; r < 4; ++r) {
+        const int row = g + (r >> 1) * 8, col = c2 + (r & 1);
+        float sum = 0.0f;
+        for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+        c[r] += sum;
+    }
+}

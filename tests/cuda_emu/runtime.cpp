@@ -55,6 +55,7 @@ struct BlockRun {
     Bar bar;
     std::vector<Bar> warp_bars;
     std::vector<uint64_t> shfl;
+    std::vector<unsigned char> gather;  // emu_warp_gather: 64 bytes per thread
     std::vector<int> or_slots;
     std::vector<char> smem;
 };
@@ -211,6 +212,14 @@ extern "C" uint64_t emu_shfl64(uint64_t v, int src_lane) {
     return r;
 }
 
+extern "C" void emu_warp_gather(const void* mine, int bytes, void* all) {
+    int warp = cur_tid / 32;
+    memcpy(&cur->gather[(size_t)cur_tid * 64], mine, (size_t)bytes);
+    bar_wait(cur->warp_bars[warp]);
+    memcpy(all, &cur->gather[(size_t)warp * 32 * 64], 32 * 64);
+    bar_wait(cur->warp_bars[warp]);
+}
+
 extern "C" void* emu_dyn_smem() { return cur->smem.data(); }
 
 static void launch(EmuThunk thunk, void** params, emu_dim3 grid, emu_dim3 block, size_t smem) {
@@ -235,6 +244,7 @@ static void launch(EmuThunk thunk, void** params, emu_dim3 grid, emu_dim3 block,
                     r.warp_bars.push_back(b);
                 }
                 r.shfl.assign(((n + 31) / 32) * 32, 0);
+                r.gather.assign(((n + 31) / 32) * 32 * 64, 0);
                 r.or_slots.assign(n, 0);
                 // 0xAB: uninitialised shared memory is garbage, not zeros, as on a GPU
                 r.smem.assign(smem + 16, (char)0xAB);

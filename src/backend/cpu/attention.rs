@@ -8,15 +8,36 @@
 //! lse [b, h, t] is the per-row logsumexp of the scaled, masked scores; backward
 //! recomputes the probabilities from it. Scores use scale 1/sqrt(d) as in BERT.
 //!
+//! Precision (`inputs`): in fp32 the softmax is the natural-exp one above. In bf16 / fp16
+//! this is the twin of kernels/attention_mma.cu (tensor cores) and rounds where it does:
+//! q, k, v, dout are rounded to the 16-bit type; the forward pass works in log2 units with
+//! an integer row offset M = ceil(max_j s_ij log2 e), p_ij = 2^(s_ij log2 e - M), rounds
+//! p_ij f_ij before the P V product and divides by l_i = sum_j p_ij afterwards (so the GPU's
+//! online rescaling by powers of two commutes with the rounding); the backward pass rounds
+//! p f before dV and dS before dQ and dK. Softmax statistics, lse and D stay fp32 (SPEC 7).
+//!
 //! One task per (sequence, head), each with its own scratch ([t, t] blocks, reused
 //! across the tasks of a rayon split); the element-wise passes over a [t, t] block are
 //! compiled for AVX-512/AVX2 where the CPU has them (simd::multiversion) and use the
 //! vectorisable exp. Every task's result depends only on its inputs, so any thread
 //! count gives the same bits.
 use super::gemm::{gemm_view, View};
+use super::quantize::round_to;
 use super::simd::{self, multiversion};
 use crate::backend::philox::Dropout;
+use crate::backend::Precision;
 use rayon::prelude::*;
+use std::borrow::Cow;
+use std::f32::consts::{LN_2, LOG2_E};
+
+/// x rounded to `p` (borrowed unchanged in fp32).
+fn rounded(x: &[f32], p: Precision) -> Cow<'_, [f32]> {
+    if p == Precision::Fp32 {
+        Cow::Borrowed(x)
+    } else {
+        Cow::Owned(x.par_iter().map(|&v| round_to(v, p)).collect())
+    }
+}
 
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -95,6 +116,55 @@ multiversion! {
     }
 }
 
+/// Forward row in bf16 / fp16 (kernels/attention_mma.cu): the scaled scores in `row` become
+/// round(p f) with p = 2^(s log2 e - M) over real keys (0 on masked ones); returns lse and
+/// 1 / l, by which the row of P V is multiplied. A row without real keys gives zeros and
+/// lse = -inf, as the kernel.
+fn softmax_row_rounded(row: &mut [f32], mask: &[f32], fac: &[f32], dropout_on: bool, prec: Precision) -> (f32, f32) {
+    let mut mx = f32::NEG_INFINITY;
+    for (x, &m) in row.iter_mut().zip(mask) {
+        *x = if m > 0.5 { *x * LOG2_E } else { f32::NEG_INFINITY };
+        mx = mx.max(*x);
+    }
+    if mx == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return (f32::NEG_INFINITY, 0.0);
+    }
+    let big = mx.ceil();
+    let mut l = 0f32;
+    for (x, &f) in row.iter_mut().zip(fac) {
+        let p = if *x == f32::NEG_INFINITY {
+            0.0
+        } else {
+            (*x - big).exp2()
+        };
+        l += p;
+        *x = round_to(if dropout_on { p * f } else { p }, prec);
+    }
+    ((big + l.log2()) * LN_2, 1.0 / l)
+}
+
+/// Backward, first pass over row i in bf16 / fp16: p = 2^(s log2 e - lse log2 e) on real
+/// keys (in place of the scaled scores), pf = round(p f).
+fn probs_row_rounded(p: &mut [f32], pf: &mut [f32], mask: &[f32], fac: &[f32], lse: f32, prec: Precision) {
+    let ls2 = lse * LOG2_E;
+    for ((x, y), (&m, &f)) in p.iter_mut().zip(pf.iter_mut()).zip(mask.iter().zip(fac)) {
+        *x = if m > 0.5 && lse != f32::NEG_INFINITY {
+            (*x * LOG2_E - ls2).exp2()
+        } else {
+            0.0
+        };
+        *y = round_to(*x * f, prec);
+    }
+}
+
+/// Backward, second pass in bf16 / fp16: ds = round(p (dp f - D_i) scale).
+fn dscores_row_rounded(dp: &mut [f32], p: &[f32], fac: &[f32], di: f32, scale: f32, prec: Precision) {
+    for ((g, &p), &f) in dp.iter_mut().zip(p).zip(fac) {
+        *g = round_to(p * (*g * f - di) * scale, prec);
+    }
+}
+
 /// Per-task scratch of the forward pass.
 struct FwdScratch {
     s: Vec<f32>,
@@ -102,14 +172,17 @@ struct FwdScratch {
 }
 
 /// Per (sequence, head): S = Q K^T / sqrt(d), P = softmax(S) over real keys, P' = P with
-/// dropout, O = P' V. The t x t block exists only inside one task.
+/// dropout, O = P' V. The t x t block exists only inside one task. `inputs`: see the
+/// module comment.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd(
     out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32], mask: &[f32], b: usize, t: usize, h: usize,
-    d: usize, dropout: Dropout,
+    d: usize, dropout: Dropout, inputs: Precision,
 ) {
     let scale = 1.0 / (d as f32).sqrt();
     let on = dropout.is_on();
+    let (q, k, v) = (rounded(q, inputs), rounded(k, inputs), rounded(v, inputs));
+    let (q, k, v) = (&q[..], &k[..], &v[..]);
     let results: Vec<(Vec<f32>, Vec<f32>)> = (0..b * h)
         .into_par_iter()
         .map_init(
@@ -133,11 +206,16 @@ pub fn attention_fwd(
                     0.0,
                 );
                 let mut lh = vec![0f32; t];
+                let mut inv_l = vec![1f32; t];
                 for (i, row) in s.chunks_mut(t).enumerate() {
                     if on {
                         dropout.fill_factors(prob_index(bi, hi, i, 0, t, h), &mut scr.fac);
                     }
-                    lh[i] = softmax_dropout_row(row, m, &scr.fac, on);
+                    if inputs == Precision::Fp32 {
+                        lh[i] = softmax_dropout_row(row, m, &scr.fac, on);
+                    } else {
+                        (lh[i], inv_l[i]) = softmax_row_rounded(row, m, &scr.fac, on, inputs);
+                    }
                 }
                 // O_h [t, d] = P' V_h
                 let mut oh = vec![0f32; t * d];
@@ -151,6 +229,11 @@ pub fn attention_fwd(
                     1.0,
                     0.0,
                 );
+                if inputs != Precision::Fp32 {
+                    for (row, &f) in oh.chunks_mut(d).zip(&inv_l) {
+                        row.iter_mut().for_each(|x| *x *= f);
+                    }
+                }
                 (oh, lh)
             },
         )
@@ -173,11 +256,11 @@ struct BwdScratch {
 
 /// Backward, recomputing P from lse (FlashAttention-2): with f the dropout factors,
 /// dV = (P f)^T dO, dP = (dO V^T) f, D_i = dO_i . O_i, dS = P (dP - D) / sqrt(d),
-/// dQ = dS K, dK = dS^T Q.
+/// dQ = dS K, dK = dS^T Q. `inputs`: see the module comment.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], q: &[f32], k: &[f32], v: &[f32], out: &[f32],
-    lse: &[f32], mask: &[f32], b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
+    lse: &[f32], mask: &[f32], b: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
 ) {
     let scale = 1.0 / (d as f32).sqrt();
     let c = h * d;
@@ -188,6 +271,14 @@ pub fn attention_bwd(
         .zip(out[..b * t * c].par_chunks(c))
         .flat_map_iter(|(g, o)| g.chunks(d).zip(o.chunks(d)).map(|(g, o)| dot(g, o)))
         .collect();
+    // D above is fp32 over the given dout; the products below read it rounded
+    let (q, k, v, dout) = (
+        rounded(q, inputs),
+        rounded(k, inputs),
+        rounded(v, inputs),
+        rounded(dout, inputs),
+    );
+    let (q, k, v, dout) = (&q[..], &k[..], &v[..], &dout[..]);
     type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
     let results: Vec<Grads> = (0..b * h)
         .into_par_iter()
@@ -213,7 +304,12 @@ pub fn attention_bwd(
                 for (i, &li) in lh.iter().enumerate() {
                     let r = i * t..(i + 1) * t;
                     dropout.fill_factors(prob_index(bi, hi, i, 0, t, h), &mut scr.fac[r.clone()]);
-                    probs_row(&mut scr.p[r.clone()], &mut scr.pf[r.clone()], m, &scr.fac[r], li);
+                    let (p, pf, fac) = (&mut scr.p[r.clone()], &mut scr.pf[r.clone()], &scr.fac[r]);
+                    if inputs == Precision::Fp32 {
+                        probs_row(p, pf, m, fac, li);
+                    } else {
+                        probs_row_rounded(p, pf, m, fac, li, inputs);
+                    }
                 }
                 // dV_h = (P f)^T dO_h
                 let mut dvh = vec![0f32; t * d];
@@ -223,7 +319,12 @@ pub fn attention_bwd(
                 for i in 0..t {
                     let di = dvec[(bi * t + i) * h + hi];
                     let r = i * t..(i + 1) * t;
-                    dscores_row(&mut scr.ds[r.clone()], &scr.p[r.clone()], &scr.fac[r], di, scale);
+                    let (ds, p, fac) = (&mut scr.ds[r.clone()], &scr.p[r.clone()], &scr.fac[r]);
+                    if inputs == Precision::Fp32 {
+                        dscores_row(ds, p, fac, di, scale);
+                    } else {
+                        dscores_row_rounded(ds, p, fac, di, scale, inputs);
+                    }
                 }
                 // dQ_h = dS K_h, dK_h = dS^T Q_h
                 let (mut dqh, mut dkh) = (vec![0f32; t * d], vec![0f32; t * d]);

@@ -132,16 +132,16 @@ impl Backend for Cpu {
     }
     fn attention_fwd(
         &self, out: &mut Vec<f32>, lse: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, mask: &Vec<f32>,
-        b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
+        b: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
     ) {
-        attention::attention_fwd(out, lse, q, k, v, mask, b, t, h, d, dropout)
+        attention::attention_fwd(out, lse, q, k, v, mask, b, t, h, d, dropout, inputs)
     }
     fn attention_bwd(
         &self, dq: &mut Vec<f32>, dk: &mut Vec<f32>, dv: &mut Vec<f32>, dout: &Vec<f32>, q: &Vec<f32>, k: &Vec<f32>,
         v: &Vec<f32>, out: &Vec<f32>, lse: &Vec<f32>, mask: &Vec<f32>, b: usize, t: usize, h: usize, d: usize,
-        dropout: Dropout,
+        dropout: Dropout, inputs: Precision,
     ) {
-        attention::attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, mask, b, t, h, d, dropout)
+        attention::attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, mask, b, t, h, d, dropout, inputs)
     }
     fn dropout_fwd(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize, d: Dropout) {
         dropout::dropout_fwd(out, inp, n, d)

@@ -1,12 +1,63 @@
-//! Fused multi-head self-attention (kernels/attention.cu). CPU twin: cpu/attention.rs.
+//! Fused multi-head self-attention: kernels/attention.cu (fp32, CUDA cores) and
+//! kernels/attention_mma.cu (bf16 / fp16 inputs, tensor cores). CPU twin: cpu/attention.rs.
 use super::{check, ensure, int, need, Cuda, DropoutArgs};
-use crate::backend::Dropout;
+use crate::backend::{Dropout, Precision};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 /// ATT_TILE, ATT_WARPS and ATT_DMAX of kernels/attention.cu.
 const TILE: usize = 32;
 const WARPS: usize = 8;
 pub const MAX_HEAD_DIM: usize = 128;
+/// AM_ROWS and AM_WARPS of kernels/attention_mma.cu.
+const MMA_ROWS: usize = 64;
+const MMA_WARPS: usize = 4;
+
+/// Every entry point of kernels/attention_mma.cu: the parameters of each are those of its
+/// fp32 twin (`attention_fwd_mma_bf16_d64` <-> `attention_fwd_f32`; tests/cuda_build.rs
+/// checks it), so the launches below push the same arguments.
+const MMA_KERNELS: [&str; 18] = [
+    "attention_fwd_mma_bf16_d32",
+    "attention_fwd_mma_bf16_d64",
+    "attention_fwd_mma_bf16_d128",
+    "attention_fwd_mma_f16_d32",
+    "attention_fwd_mma_f16_d64",
+    "attention_fwd_mma_f16_d128",
+    "attention_bwd_dq_mma_bf16_d32",
+    "attention_bwd_dq_mma_bf16_d64",
+    "attention_bwd_dq_mma_bf16_d128",
+    "attention_bwd_dq_mma_f16_d32",
+    "attention_bwd_dq_mma_f16_d64",
+    "attention_bwd_dq_mma_f16_d128",
+    "attention_bwd_dkdv_mma_bf16_d32",
+    "attention_bwd_dkdv_mma_bf16_d64",
+    "attention_bwd_dkdv_mma_bf16_d128",
+    "attention_bwd_dkdv_mma_f16_d32",
+    "attention_bwd_dkdv_mma_f16_d64",
+    "attention_bwd_dkdv_mma_f16_d128",
+];
+
+/// The tensor-core kernel `kernel` (fwd, bwd_dq, bwd_dkdv) for 16-bit `inputs` and head dim
+/// d (padded to 32, 64 or 128, the instantiations), with its launch shape (static shared
+/// memory).
+fn mma_kernel(kernel: &str, inputs: Precision, b: usize, t: usize, h: usize, d: usize) -> (&'static str, LaunchConfig) {
+    let ty = match inputs {
+        Precision::Bf16 => "bf16",
+        Precision::Fp16 => "f16",
+        Precision::Fp32 => unreachable!("fp32 attention runs the SIMT kernels"),
+    };
+    let dp = [32, 64, 128].into_iter().find(|&p| d <= p).expect("head dim checked");
+    let cfg = LaunchConfig {
+        grid_dim: (t.div_ceil(MMA_ROWS) as u32, h as u32, b as u32),
+        block_dim: ((MMA_WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = format!("attention_{kernel}_mma_{ty}_d{dp}");
+    let name = MMA_KERNELS
+        .iter()
+        .find(|n| **n == name)
+        .expect("an instantiated kernel");
+    (name, cfg)
+}
 
 fn cfg(b: usize, t: usize, h: usize, smem_floats: usize) -> LaunchConfig {
     LaunchConfig {
@@ -32,11 +83,13 @@ fn check_sizes(what: &str, bufs: &[usize], mask: usize, b: usize, t: usize, h: u
 }
 
 /// out = softmax(q k^T / sqrt(d) + key mask) v with dropout on the probabilities; lse
-/// [b, h, t] saved. q, k, v, out [b, t, h*d]; mask [b, t].
+/// [b, h, t] saved. q, k, v, out [b, t, h*d]; mask [b, t]. `inputs` bf16 / fp16: the
+/// tensor-core kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd(
     cu: &Cuda, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>,
     v: &CudaSlice<f32>, mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
+    inputs: Precision,
 ) {
     if b * t * h == 0 {
         return;
@@ -54,6 +107,16 @@ pub fn attention_fwd(
     need(lse.len(), b * h * t, "attention_fwd lse");
     let (bi, ti, hi, di) = (int(b, "b"), int(t, "t"), int(h, "h"), int(d, "d"));
     let args = DropoutArgs::from(dropout);
+    if inputs != Precision::Fp32 {
+        let (name, cfg) = mma_kernel("fwd", inputs, b, t, h, d);
+        let mut l = cu.stream.launch_builder(cu.func(name));
+        l.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(mask);
+        l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args);
+        // SAFETY: the same signature, reads and writes as attention_fwd_f32 below; shared
+        // memory is static (< 20 KiB for d <= 128).
+        check(unsafe { l.launch(cfg) }, name);
+        return;
+    }
     let smem = 2 * TILE * (d + 1) + WARPS * d + TILE;
     let mut l = cu.stream.launch_builder(cu.func("attention_fwd_f32"));
     l.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(mask);
@@ -67,12 +130,13 @@ pub fn attention_fwd(
 }
 
 /// dq, dk, dv (overwritten) from dout, recomputing the probabilities from lse; two
-/// kernels (dq and D = rowsum(dO * O); then dk, dv), no atomics.
+/// kernels (dq and D = rowsum(dO * O); then dk, dv), no atomics; tensor cores for
+/// `inputs` bf16 / fp16.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     cu: &Cuda, dq: &mut CudaSlice<f32>, dk: &mut CudaSlice<f32>, dv: &mut CudaSlice<f32>, dout: &CudaSlice<f32>,
     q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, out: &CudaSlice<f32>, lse: &CudaSlice<f32>,
-    mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
+    mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
 ) {
     if b * t * h == 0 {
         return;
@@ -102,8 +166,18 @@ pub fn attention_bwd(
     let mut guard = cu.scratch.lock().unwrap();
     let dvec = ensure(&cu.stream, &mut guard.f32_b, b * h * t);
 
-    let smem = 2 * TILE * (d + 1) + 2 * WARPS * d + TILE;
-    let mut l = cu.stream.launch_builder(cu.func("attention_bwd_dq_f32"));
+    // (kernel name, launch shape) of the dq and the dk/dv kernel
+    let (dq_kernel, dkdv_kernel) = if inputs == Precision::Fp32 {
+        let cfg_dq = cfg(b, t, h, 2 * TILE * (d + 1) + 2 * WARPS * d + TILE);
+        let cfg_dkdv = cfg(b, t, h, 2 * TILE * (d + 1) + 2 * WARPS * d + 2 * TILE);
+        (("attention_bwd_dq_f32", cfg_dq), ("attention_bwd_dkdv_f32", cfg_dkdv))
+    } else {
+        (
+            mma_kernel("bwd_dq", inputs, b, t, h, d),
+            mma_kernel("bwd_dkdv", inputs, b, t, h, d),
+        )
+    };
+    let mut l = cu.stream.launch_builder(cu.func(dq_kernel.0));
     l.arg(dq)
         .arg(&mut *dvec)
         .arg(dout)
@@ -116,12 +190,12 @@ pub fn attention_bwd(
     l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args);
     // SAFETY: (float* dq, float* dvec, const float* dout, const float* q, const float* k,
     // const float* v, const float* out, const float* lse, const float* mask, int b, int t,
-    // int h, int d, DropoutArgs drop); each block writes its query rows of dq and dvec
-    // [b*h*t] (ensure), reads rows < t of its head; sizes checked above.
-    check(unsafe { l.launch(cfg(b, t, h, smem)) }, "attention_bwd_dq_f32");
+    // int h, int d, DropoutArgs drop), as attention_bwd_dq_mma_*; each block writes its
+    // query rows of dq and dvec [b*h*t] (ensure), reads rows < t of its head; sizes checked
+    // above.
+    check(unsafe { l.launch(dq_kernel.1) }, dq_kernel.0);
 
-    let smem = 2 * TILE * (d + 1) + 2 * WARPS * d + 2 * TILE;
-    let mut l = cu.stream.launch_builder(cu.func("attention_bwd_dkdv_f32"));
+    let mut l = cu.stream.launch_builder(cu.func(dkdv_kernel.0));
     l.arg(dk)
         .arg(dv)
         .arg(dout)
@@ -134,7 +208,8 @@ pub fn attention_bwd(
     l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args);
     // SAFETY: (float* dk, float* dv, const float* dout, const float* q, const float* k,
     // const float* v, const float* lse, const float* dvec, const float* mask, int b, int t,
-    // int h, int d, DropoutArgs drop); each block writes its key rows of dk and dv, reads
-    // rows < t of its head and dvec written by the launch before on the same stream.
-    check(unsafe { l.launch(cfg(b, t, h, smem)) }, "attention_bwd_dkdv_f32");
+    // int h, int d, DropoutArgs drop), as attention_bwd_dkdv_mma_*; each block writes its
+    // key rows of dk and dv, reads rows < t of its head and dvec written by the launch
+    // before on the same stream.
+    check(unsafe { l.launch(dkdv_kernel.1) }, dkdv_kernel.0);
 }

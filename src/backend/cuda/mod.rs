@@ -23,6 +23,9 @@
 //!   (CUBLAS_COMPUTE_32F_FAST_16BF / _16F) on the fp32 buffers: exact products, fp32
 //!   accumulation. cuBLASLt bias / GELU epilogues need the trait's gemm to carry a bias
 //!   and bf16 storage to pay off; not done.
+//! - Attention: fp32 mode runs kernels/attention.cu on CUDA cores; bf16 / fp16 mode runs
+//!   kernels/attention_mma.cu, whose every product is an mma.sync on tensor cores, with the
+//!   probabilities and score gradients rounded where cpu/attention.rs rounds them.
 //! - Reductions are deterministic: fixed chunking (the CPU's), fixed trees, no float
 //!   atomics; scatter-adds use one owner block per destination row.
 //! - Ops cannot return errors (the trait has no error channel): a CUDA error during an op
@@ -437,15 +440,18 @@ impl Backend for Cuda {
     fn attention_fwd(
         &self, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>,
         v: &CudaSlice<f32>, mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
+        inputs: Precision,
     ) {
-        attention::attention_fwd(self, out, lse, q, k, v, mask, b, t, h, d, dropout)
+        attention::attention_fwd(self, out, lse, q, k, v, mask, b, t, h, d, dropout, inputs)
     }
     fn attention_bwd(
         &self, dq: &mut CudaSlice<f32>, dk: &mut CudaSlice<f32>, dv: &mut CudaSlice<f32>, dout: &CudaSlice<f32>,
         q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, out: &CudaSlice<f32>, lse: &CudaSlice<f32>,
-        mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
+        mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
     ) {
-        attention::attention_bwd(self, dq, dk, dv, dout, q, k, v, out, lse, mask, b, t, h, d, dropout)
+        attention::attention_bwd(
+            self, dq, dk, dv, dout, q, k, v, out, lse, mask, b, t, h, d, dropout, inputs,
+        )
     }
     fn dropout_fwd(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, n: usize, d: Dropout) {
         dropout::dropout_fwd(self, out, inp, n, d)

@@ -10,3 +10,9 @@ typedef __half half;
 
 inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
 inline float __half2float(__half h) { return (float)h.v; }
+
+inline unsigned short __half_as_ushort(__half h) {
+    unsigned short u;
+    __builtin_memcpy(&u, &h.v, 2);
+    return u;
+}

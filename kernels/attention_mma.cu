@@ -1,0 +1,506 @@
+// Tensor-core attention for the bf16 and fp16 modes (SPEC section 7: 16-bit matmul inputs,
+// fp32 accumulation, fp32 softmax and logsumexp). Same contract, layout, dropout counters
+// and work split into three kernels as kernels/attention.cu (the fp32 SIMT kernels), but
+// every product runs on mma.sync m16n8k16 (kernels/mma.cuh). CPU twin:
+// src/backend/cpu/attention.rs with `inputs` bf16 / fp16, which rounds at the same places:
+//
+// Forward, per query row i, in log2 units (x = s * log2(e), s = q_i . k_j / sqrt(d)):
+//   M = ceil(max_j x_j),  p_j = 2^(x_j - M),  l = sum_j p_j (fp32),
+//   out_i = (sum_j round(p_j f_j) v_j) / l,  lse_i = (M + log2 l) ln 2,
+// where round() is to the 16-bit type and f the dropout factors. Because M is an integer,
+// the online softmax's rescaling of earlier tiles (by 2^(M_old - M_new)) is exact and
+// commutes with the rounding: the rounded probabilities, and so the result, do not depend
+// on how the keys are tiled (up to fp32 summation order).
+// Backward, with p_ij = 2^(x_ij - lse_i log2(e)) and D_i = dO_i . O_i (fp32):
+//   dV_j = sum_i round(p_ij f_ij) dO_i,  dS_ij = round(p_ij (dO_i . V_j f_ij - D_i) / sqrt(d)),
+//   dQ_i = sum_j dS_ij K_j,  dK_j = sum_i dS_ij Q_i.
+// q, k, v and dO are rounded to 16 bits as they are loaded (exact for the encoder, which
+// rounds them already).
+//
+// Work split: blocks of AM_WARPS warps; each warp owns 16 rows (query rows for forward and
+// dq, key rows for dk/dv) whose A fragments stay in registers, and the block streams tiles
+// of AM_TILE keys (or queries) through shared memory. The head dim is padded with zeros to
+// DP (32, 64 or 128; one instantiation each). Every output row is written by one warp in a
+// fixed order: deterministic, no atomics.
+#include "common.cuh"
+#include "mma.cuh"
+
+#define AM_WARPS 4
+#define AM_ROWS (16 * AM_WARPS)
+#define AM_TILE 32
+#define AM_LOG2E 1.4426950408889634f
+#define AM_LN2 0.6931471805599453f
+
+__device__ __forceinline__ size_t am_off(int bi, int i, int hi, int t, int h, int d) {
+    return ((size_t)(bi * t + i) * h + hi) * d;
+}
+// The dropout factor of probability (i, j) of head (bi, hi). Not inlined: the fully unrolled
+// tile loops would otherwise carry one copy of Philox per element (megabytes of SASS).
+__device__ __noinline__ float am_factor(const DropoutArgs& drop, int bi, int hi, int i, int j, int t, int h) {
+    return dropout_factor(drop, (((unsigned long long)(bi * h + hi) * t + i) * t) + j);
+}
+
+// Rows r0 .. r0 + AM_TILE of head (bi, hi) of x, rounded to 16 bits, into dst (zeros past
+// row t and column d).
+template <typename Tag, int DP>
+__device__ __forceinline__ void am_load_tile(unsigned short (*dst)[DP + 8], const float* x, int bi, int hi, int r0,
+                                             int t, int h, int d) {
+    for (int idx = threadIdx.x; idx < AM_TILE * DP; idx += blockDim.x) {
+        const int rr = idx / DP, e = idx - rr * DP, r = r0 + rr;
+        dst[rr][e] = to_bits(r < t && e < d ? x[am_off(bi, r, hi, t, h, d) + e] : 0.0f, Tag());
+    }
+}
+
+// The A fragments of this warp's 16 rows (row0 ..) of head (bi, hi) of x over the padded
+// head dim: a[kk] covers columns 16 kk .. 16 kk + 15.
+template <typename Tag, int DP>
+__device__ __forceinline__ void am_load_a(unsigned (&a)[DP / 16][4], const float* x, int bi, int hi, int row0, int t,
+                                          int h, int d) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int row = row0 + g + (r & 1) * 8, col = kk * 16 + c2 + (r >> 1) * 8;
+            float lo = 0.0f, hi2 = 0.0f;
+            if (row < t) {
+                const float* p = x + am_off(bi, row, hi, t, h, d);
+                if (col < d) lo = p[col];
+                if (col + 1 < d) hi2 = p[col + 1];
+            }
+            a[kk][r] = pack2<Tag>(lo, hi2);
+        }
+}
+
+// B fragment of columns n0 .. n0 + 7 and k rows k0 .. k0 + 15 of the product's right
+// operand, from a tile stored [n][k] (the operand transposed: K for Q K^T).
+template <int DP>
+__device__ __forceinline__ void am_b_nk(unsigned (&b)[2], const unsigned short (*tile)[DP + 8], int n0, int k0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+    b[0] = join2(tile[n0 + g][k0 + c2], tile[n0 + g][k0 + c2 + 1]);
+    b[1] = join2(tile[n0 + g][k0 + c2 + 8], tile[n0 + g][k0 + c2 + 9]);
+}
+// The same from a tile stored [k][n] (V for P V).
+template <int DP>
+__device__ __forceinline__ void am_b_kn(unsigned (&b)[2], const unsigned short (*tile)[DP + 8], int n0, int k0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+    b[0] = join2(tile[k0 + c2][n0 + g], tile[k0 + c2 + 1][n0 + g]);
+    b[1] = join2(tile[k0 + c2 + 8][n0 + g], tile[k0 + c2 + 9][n0 + g]);
+}
+
+// The A fragments of a 16 x AM_TILE product held as C fragments (n-tiles of 8 columns).
+template <typename Tag>
+__device__ __forceinline__ void am_c_to_a(unsigned (&a)[AM_TILE / 16][4], const float (&c)[AM_TILE / 8][4]) {
+#pragma unroll
+    for (int kk = 0; kk < AM_TILE / 16; ++kk) {
+        a[kk][0] = pack2<Tag>(c[2 * kk][0], c[2 * kk][1]);
+        a[kk][1] = pack2<Tag>(c[2 * kk][2], c[2 * kk][3]);
+        a[kk][2] = pack2<Tag>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+        a[kk][3] = pack2<Tag>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+    }
+}
+
+// acc[16 x AM_TILE] = A[16 x DP] (registers) times the tile [AM_TILE][DP] transposed.
+template <typename Tag, int DP>
+__device__ __forceinline__ void am_rows_times_tile_t(float (&acc)[AM_TILE / 8][4], const unsigned (&a)[DP / 16][4],
+                                                     const unsigned short (*tile)[DP + 8]) {
+#pragma unroll
+    for (int nt = 0; nt < AM_TILE / 8; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[nt][r] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk) {
+            unsigned b[2];
+            am_b_nk<DP>(b, tile, nt * 8, kk * 16);
+            mma_16816(acc[nt], a[kk], b, Tag());
+        }
+    }
+}
+
+// acc[16 x DP] += A[16 x AM_TILE] (registers) times the tile [AM_TILE][DP].
+template <typename Tag, int DP>
+__device__ __forceinline__ void am_acc_times_tile(float (&acc)[DP / 8][4], const unsigned (&a)[AM_TILE / 16][4],
+                                                  const unsigned short (*tile)[DP + 8]) {
+#pragma unroll
+    for (int nd = 0; nd < DP / 8; ++nd)
+#pragma unroll
+        for (int kk = 0; kk < AM_TILE / 16; ++kk) {
+            unsigned b[2];
+            am_b_kn<DP>(b, tile, nd * 8, kk * 16);
+            mma_16816(acc[nd], a[kk], b, Tag());
+        }
+}
+
+// Quad (the 4 lanes that share fragment rows) reductions.
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(FULL_MASK, x, 1);
+    return x + __shfl_xor_sync(FULL_MASK, x, 2);
+}
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 1));
+    return fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 2));
+}
+
+// Writes this warp's 16 x DP accumulator rows row0 .. (times mul[half]) to head (bi, hi)
+// of y, rows < t and columns < d.
+template <int DP>
+__device__ __forceinline__ void am_store(float* y, const float (&acc)[DP / 8][4], const float (&mul)[2], int bi,
+                                         int hi, int row0, int t, int h, int d) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = row0 + g + 8 * half;
+        if (row >= t) continue;
+        float* p = y + am_off(bi, row, hi, t, h, d);
+#pragma unroll
+        for (int nd = 0; nd < DP / 8; ++nd)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int e = nd * 8 + c2 + c;
+                if (e < d) p[e] = acc[nd][half * 2 + c] * mul[half];
+            }
+    }
+}
+
+// Grid (ceil(t / AM_ROWS), h, b), block AM_WARPS * 32 threads, static shared memory.
+template <typename Tag, int DP>
+__device__ void attention_fwd_mma(float* out, float* lse, const float* q, const float* k, const float* v,
+                                  const float* mask, int b, int t, int h, int d, DropoutArgs drop) {
+    __shared__ __align__(16) unsigned short ks[AM_TILE][DP + 8];
+    __shared__ __align__(16) unsigned short vs[AM_TILE][DP + 8];
+    __shared__ float mk[AM_TILE];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+    const int hi = blockIdx.y, bi = blockIdx.z;
+    const int row0 = blockIdx.x * AM_ROWS + warp * 16;
+    const float scale = 1.0f / sqrtf((float)d);
+    const bool dropping = drop.p > 0.0f;
+    unsigned qa[DP / 16][4];
+    am_load_a<Tag, DP>(qa, q, bi, hi, row0, t, h, d);
+    float acc[DP / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < DP / 8; ++nd)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[nd][r] = 0.0f;
+    // Per fragment row (g, g + 8): M, the integer exponent offset so far, and this lane's
+    // part of the row sum l (relative to 2^M).
+    float big[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+
+    for (int j0 = 0; j0 < t; j0 += AM_TILE) {
+        __syncthreads();  // the previous tile is consumed
+        am_load_tile<Tag, DP>(ks, k, bi, hi, j0, t, h, d);
+        am_load_tile<Tag, DP>(vs, v, bi, hi, j0, t, h, d);
+        if (threadIdx.x < AM_TILE) {
+            const int j = j0 + threadIdx.x;
+            mk[threadIdx.x] = j < t ? mask[bi * t + j] : 0.0f;
+        }
+        __syncthreads();
+        if (row0 >= t) continue;  // warp-uniform: no real row
+        float s[AM_TILE / 8][4];
+        am_rows_times_tile_t<Tag, DP>(s, qa, ks);
+        float tmax[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int nt = 0; nt < AM_TILE / 8; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const float x = mk[nt * 8 + c2 + (r & 1)] > 0.5f ? s[nt][r] * scale * AM_LOG2E : NEG_INF;
+                s[nt][r] = x;
+                tmax[r >> 1] = fmaxf(tmax[r >> 1], x);
+            }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const float nb = ceilf(quad_max(tmax[half]));
+            if (nb > big[half]) {  // false for a tile whose keys are all padding (nb = -inf)
+                if (big[half] != NEG_INF) {
+                    const float f = ldexpf(1.0f, (int)(big[half] - nb));  // exact
+                    l[half] *= f;
+#pragma unroll
+                    for (int nd = 0; nd < DP / 8; ++nd) {
+                        acc[nd][half * 2] *= f;
+                        acc[nd][half * 2 + 1] *= f;
+                    }
+                }
+                big[half] = nb;
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < AM_TILE / 8; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int half = r >> 1;
+                const float x = s[nt][r];
+                const float p = x == NEG_INF ? 0.0f : exp2f(x - big[half]);
+                l[half] += p;
+                float pf = p;
+                if (dropping && p != 0.0f)
+                    pf = p * am_factor(drop, bi, hi, row0 + g + 8 * half, j0 + nt * 8 + c2 + (r & 1), t, h);
+                s[nt][r] = pf;
+            }
+        unsigned pa[AM_TILE / 16][4];
+        am_c_to_a<Tag>(pa, s);
+        am_acc_times_tile<Tag, DP>(acc, pa, vs);
+    }
+    if (row0 >= t) return;
+    // A row whose keys are all padding has no softmax: zeros and lse = -inf (as attention.cu).
+    float inv[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        l[half] = quad_sum(l[half]);
+        inv[half] = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
+        const int row = row0 + g + 8 * half;
+        if ((lane & 3) == 0 && row < t)
+            lse[((size_t)bi * h + hi) * t + row] = l[half] > 0.0f ? (big[half] + log2f(l[half])) * AM_LN2 : NEG_INF;
+    }
+    am_store<DP>(out, acc, inv, bi, hi, row0, t, h, d);
+}
+
+// Backward, part 1: dQ (overwritten) and D = rowsum(dO * O) [b, h, t] for part 2.
+// Grid and block as the forward kernel.
+template <typename Tag, int DP>
+__device__ void attention_bwd_dq_mma(float* dq, float* dvec, const float* dout, const float* q, const float* k,
+                                     const float* v, const float* out, const float* lse, const float* mask, int b,
+                                     int t, int h, int d, DropoutArgs drop) {
+    __shared__ __align__(16) unsigned short ks[AM_TILE][DP + 8];
+    __shared__ __align__(16) unsigned short vs[AM_TILE][DP + 8];
+    __shared__ float mk[AM_TILE];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+    const int hi = blockIdx.y, bi = blockIdx.z;
+    const int row0 = blockIdx.x * AM_ROWS + warp * 16;
+    const float scale = 1.0f / sqrtf((float)d);
+    const bool dropping = drop.p > 0.0f;
+    unsigned qa[DP / 16][4], ga[DP / 16][4];
+    am_load_a<Tag, DP>(qa, q, bi, hi, row0, t, h, d);
+    am_load_a<Tag, DP>(ga, dout, bi, hi, row0, t, h, d);
+    float dd[2], ls2[2];  // D and lse * log2(e) of rows g and g + 8
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = row0 + g + 8 * half;
+        float part = 0.0f;
+        if (row < t) {
+            const size_t o = am_off(bi, row, hi, t, h, d);
+            for (int e = lane & 3; e < d; e += 4) part += dout[o + e] * out[o + e];
+        }
+        dd[half] = quad_sum(part);
+        const size_t r = ((size_t)bi * h + hi) * t + row;
+        ls2[half] = row < t ? lse[r] * AM_LOG2E : NEG_INF;
+        if ((lane & 3) == 0 && row < t) dvec[r] = dd[half];
+    }
+    float acc[DP / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < DP / 8; ++nd)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[nd][r] = 0.0f;
+
+    for (int j0 = 0; j0 < t; j0 += AM_TILE) {
+        __syncthreads();
+        am_load_tile<Tag, DP>(ks, k, bi, hi, j0, t, h, d);
+        am_load_tile<Tag, DP>(vs, v, bi, hi, j0, t, h, d);
+        if (threadIdx.x < AM_TILE) {
+            const int j = j0 + threadIdx.x;
+            mk[threadIdx.x] = j < t ? mask[bi * t + j] : 0.0f;
+        }
+        __syncthreads();
+        if (row0 >= t) continue;
+        float s[AM_TILE / 8][4], dp[AM_TILE / 8][4];
+        am_rows_times_tile_t<Tag, DP>(s, qa, ks);
+        am_rows_times_tile_t<Tag, DP>(dp, ga, vs);
+#pragma unroll
+        for (int nt = 0; nt < AM_TILE / 8; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int half = r >> 1, col = nt * 8 + c2 + (r & 1);
+                float ds = 0.0f;
+                if (mk[col] > 0.5f && ls2[half] != NEG_INF) {
+                    const float p = exp2f(s[nt][r] * scale * AM_LOG2E - ls2[half]);
+                    const float f =
+                        dropping ? am_factor(drop, bi, hi, row0 + g + 8 * half, j0 + col, t, h)
+                                 : 1.0f;
+                    ds = p * (dp[nt][r] * f - dd[half]) * scale;
+                }
+                s[nt][r] = ds;
+            }
+        unsigned sa[AM_TILE / 16][4];
+        am_c_to_a<Tag>(sa, s);
+        am_acc_times_tile<Tag, DP>(acc, sa, ks);
+    }
+    if (row0 >= t) return;
+    const float one[2] = {1.0f, 1.0f};
+    am_store<DP>(dq, acc, one, bi, hi, row0, t, h, d);
+}
+
+// Backward, part 2: dK, dV (overwritten); each warp owns 16 key rows and streams tiles of
+// AM_TILE queries. A padding key has p = 0 in every row: its dK, dV are zero.
+// Grid and block as the forward kernel.
+template <typename Tag, int DP>
+__device__ void attention_bwd_dkdv_mma(float* dk, float* dv, const float* dout, const float* q, const float* k,
+                                       const float* v, const float* lse, const float* dvec, const float* mask, int b,
+                                       int t, int h, int d, DropoutArgs drop) {
+    __shared__ __align__(16) unsigned short qs[AM_TILE][DP + 8];
+    __shared__ __align__(16) unsigned short gs[AM_TILE][DP + 8];
+    __shared__ float ls2[AM_TILE], dd[AM_TILE];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+    const int hi = blockIdx.y, bi = blockIdx.z;
+    const int row0 = blockIdx.x * AM_ROWS + warp * 16;
+    const float scale = 1.0f / sqrtf((float)d);
+    const bool dropping = drop.p > 0.0f;
+    unsigned ka[DP / 16][4], va[DP / 16][4];
+    am_load_a<Tag, DP>(ka, k, bi, hi, row0, t, h, d);
+    am_load_a<Tag, DP>(va, v, bi, hi, row0, t, h, d);
+    bool key_on[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int j = row0 + g + 8 * half;
+        key_on[half] = j < t && mask[bi * t + j] > 0.5f;
+    }
+    float adk[DP / 8][4], adv[DP / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < DP / 8; ++nd)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) adk[nd][r] = adv[nd][r] = 0.0f;
+
+    for (int i0 = 0; i0 < t; i0 += AM_TILE) {
+        __syncthreads();
+        am_load_tile<Tag, DP>(qs, q, bi, hi, i0, t, h, d);
+        am_load_tile<Tag, DP>(gs, dout, bi, hi, i0, t, h, d);
+        if (threadIdx.x < AM_TILE) {
+            const int i = i0 + threadIdx.x;
+            const size_t r = ((size_t)bi * h + hi) * t + i;
+            ls2[threadIdx.x] = i < t ? lse[r] * AM_LOG2E : NEG_INF;
+            dd[threadIdx.x] = i < t ? dvec[r] : 0.0f;
+        }
+        __syncthreads();
+        if (row0 >= t) continue;
+        float st[AM_TILE / 8][4], dpt[AM_TILE / 8][4];  // S^T and dP^T: key rows x query columns
+        am_rows_times_tile_t<Tag, DP>(st, ka, qs);
+        am_rows_times_tile_t<Tag, DP>(dpt, va, gs);
+#pragma unroll
+        for (int nt = 0; nt < AM_TILE / 8; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int half = r >> 1, col = nt * 8 + c2 + (r & 1);
+                float pf = 0.0f, ds = 0.0f;
+                if (key_on[half] && ls2[col] != NEG_INF) {
+                    const float p = exp2f(st[nt][r] * scale * AM_LOG2E - ls2[col]);
+                    const float f =
+                        dropping ? am_factor(drop, bi, hi, i0 + col, row0 + g + 8 * half, t, h)
+                                 : 1.0f;
+                    pf = p * f;
+                    ds = p * (dpt[nt][r] * f - dd[col]) * scale;
+                }
+                st[nt][r] = pf;
+                dpt[nt][r] = ds;
+            }
+        unsigned pa[AM_TILE / 16][4], sa[AM_TILE / 16][4];
+        am_c_to_a<Tag>(pa, st);
+        am_c_to_a<Tag>(sa, dpt);
+        am_acc_times_tile<Tag, DP>(adv, pa, gs);
+        am_acc_times_tile<Tag, DP>(adk, sa, qs);
+    }
+    if (row0 >= t) return;
+    const float one[2] = {1.0f, 1.0f};
+    am_store<DP>(dk, adk, one, bi, hi, row0, t, h, d);
+    am_store<DP>(dv, adv, one, bi, hi, row0, t, h, d);
+}
+
+// ---- entry points: {fwd, bwd_dq, bwd_dkdv} x {bf16, f16} x padded head dim {32, 64, 128} ----
+extern "C" __global__ void attention_fwd_mma_bf16_d32(float* out, float* lse, const float* q, const float* k,
+                                                   const float* v, const float* mask, int b, int t, int h, int d,
+                                                   DropoutArgs drop) {
+    attention_fwd_mma<Bf16Tag, 32>(out, lse, q, k, v, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_bwd_dq_mma_bf16_d32(float* dq, float* dvec, const float* dout, const float* q,
+                                                      const float* k, const float* v, const float* out,
+                                                      const float* lse, const float* mask, int b, int t, int h, int d,
+                                                      DropoutArgs drop) {
+    attention_bwd_dq_mma<Bf16Tag, 32>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_bwd_dkdv_mma_bf16_d32(float* dk, float* dv, const float* dout, const float* q,
+                                                        const float* k, const float* v, const float* lse,
+                                                        const float* dvec, const float* mask, int b, int t, int h,
+                                                        int d, DropoutArgs drop) {
+    attention_bwd_dkdv_mma<Bf16Tag, 32>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_fwd_mma_bf16_d64(float* out, float* lse, const float* q, const float* k,
+                                                   const float* v, const float* mask, int b, int t, int h, int d,
+                                                   DropoutArgs drop) {
+    attention_fwd_mma<Bf16Tag, 64>(out, lse, q, k, v, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_bwd_dq_mma_bf16_d64(float* dq, float* dvec, const float* dout, const float* q,
+                                                      const float* k, const float* v, const float* out,
+                                                      const float* lse, const float* mask, int b, int t, int h, int d,
+                                                      DropoutArgs drop) {
+    attention_bwd_dq_mma<Bf16Tag, 64>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_bwd_dkdv_mma_bf16_d64(float* dk, float* dv, const float* dout, const float* q,
+                                                        const float* k, const float* v, const float* lse,
+                                                        const float* dvec, const float* mask, int b, int t, int h,
+                                                        int d, DropoutArgs drop) {
+    attention_bwd_dkdv_mma<Bf16Tag, 64>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_fwd_mma_bf16_d128(float* out, float* lse, const float* q, const float* k,
+                                                   const float* v, const float* mask, int b, int t, int h, int d,
+                                                   DropoutArgs drop) {
+    attention_fwd_mma<Bf16Tag, 128>(out, lse, q, k, v, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_bwd_dq_mma_bf16_d128(float* dq, float* dvec, const float* dout, const float* q,
+                                                      const float* k, const float* v, const float* out,
+                                                      const float* lse, const float* mask, int b, int t, int h, int d,
+                                                      DropoutArgs drop) {
+    attention_bwd_dq_mma<Bf16Tag, 128>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_bwd_dkdv_mma_bf16_d128(float* dk, float* dv, const float* dout, const float* q,
+                                                        const float* k, const float* v, const float* lse,
+                                                        const float* dvec, const float* mask, int b, int t, int h,
+                                                        int d, DropoutArgs drop) {
+    attention_bwd_dkdv_mma<Bf16Tag, 128>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_fwd_mma_f16_d32(float* out, float* lse, const float* q, const float* k,
+                                                   const float* v, const float* mask, int b, int t, int h, int d,
+                                                   DropoutArgs drop) {
+    attention_fwd_mma<F16Tag, 32>(out, lse, q, k, v, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_bwd_dq_mma_f16_d32(float* dq, float* dvec, const float* dout, const float* q,
+                                                      const float* k, const float* v, const float* out,
+                                                      const float* lse, const float* mask, int b, int t, int h, int d,
+                                                      DropoutArgs drop) {
+    attention_bwd_dq_mma<F16Tag, 32>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_bwd_dkdv_mma_f16_d32(float* dk, float* dv, const float* dout, const float* q,
+                                                        const float* k, const float* v, const float* lse,
+                                                        const float* dvec, const float* mask, int b, int t, int h,
+                                                        int d, DropoutArgs drop) {
+    attention_bwd_dkdv_mma<F16Tag, 32>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_fwd_mma_f16_d64(float* out, float* lse, const float* q, const float* k,
+                                                   const float* v, const float* mask, int b, int t, int h, int d,
+                                                   DropoutArgs drop) {
+    attention_fwd_mma<F16Tag, 64>(out, lse, q, k, v, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_bwd_dq_mma_f16_d64(float* dq, float* dvec, const float* dout, const float* q,
+                                                      const float* k, const float* v, const float* out,
+                                                      const float* lse, const float* mask, int b, int t, int h, int d,
+                                                      DropoutArgs drop) {
+    attention_bwd_dq_mma<F16Tag, 64>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_bwd_dkdv_mma_f16_d64(float* dk, float* dv, const float* dout, const float* q,
+                                                        const float* k, const float* v, const float* lse,
+                                                        const float* dvec, const float* mask, int b, int t, int h,
+                                                        int d, DropoutArgs drop) {
+    attention_bwd_dkdv_mma<F16Tag, 64>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_fwd_mma_f16_d128(float* out, float* lse, const float* q, const float* k,
+                                                   const float* v, const float* mask, int b, int t, int h, int d,
+                                                   DropoutArgs drop) {
+    attention_fwd_mma<F16Tag, 128>(out, lse, q, k, v, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_bwd_dq_mma_f16_d128(float* dq, float* dvec, const float* dout, const float* q,
+                                                      const float* k, const float* v, const float* out,
+                                                      const float* lse, const float* mask, int b, int t, int h, int d,
+                                                      DropoutArgs drop) {
+    attention_bwd_dq_mma<F16Tag, 128>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
+}
+extern "C" __global__ void attention_bwd_dkdv_mma_f16_d128(float* dk, float* dv, const float* dout, const float* q,
+                                                        const float* k, const float* v, const float* lse,
+                                                        const float* dvec, const float* mask, int b, int t, int h,
+                                                        int d, DropoutArgs drop) {
+    attention_bwd_dkdv_mma<F16Tag, 128>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
+}
