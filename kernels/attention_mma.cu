@@ -39,6 +39,16 @@ __device__ __forceinline__ size_t am_off(int bi, int i, int hi, int t, int h, in
 __device__ __noinline__ float am_factor(const DropoutArgs& drop, int bi, int hi, int i, int j, int t, int h) {
     return dropout_factor(drop, (((unsigned long long)(bi * h + hi) * t + i) * t) + j);
 }
+// The factors of (i, j) and (i, j + 1), a fragment's column pair: one Philox call when both
+// fall in the same group of four counters (always when t is a multiple of 4 and j even).
+__device__ __noinline__ void am_factor2(const DropoutArgs& drop, int bi, int hi, int i, int j, int t, int h, float& f0,
+                                        float& f1) {
+    const unsigned long long idx = (((unsigned long long)(bi * h + hi) * t + i) * t) + j;
+    const uint4 w = dropout_words(drop, idx >> 2);
+    f0 = factor_of_word(drop, word_at(w, (int)(idx & 3)));
+    f1 = ((idx + 1) >> 2) == (idx >> 2) ? factor_of_word(drop, word_at(w, (int)((idx + 1) & 3)))
+                                         : dropout_factor(drop, idx + 1);
+}
 
 // Rows r0 .. r0 + AM_TILE of head (bi, hi) of x, rounded to 16 bits, into dst (zeros past
 // row t and column d).
@@ -73,12 +83,13 @@ __device__ __forceinline__ void am_load_a(unsigned (&a)[DP / 16][4], const float
 }
 
 // B fragment of columns n0 .. n0 + 7 and k rows k0 .. k0 + 15 of the product's right
-// operand, from a tile stored [n][k] (the operand transposed: K for Q K^T).
+// operand, from a tile stored [n][k] (the operand transposed: K for Q K^T): each register
+// is one 32-bit load (rows are DP + 8 halves, an even count, and k0 + c2 is even).
 template <int DP>
 __device__ __forceinline__ void am_b_nk(unsigned (&b)[2], const unsigned short (*tile)[DP + 8], int n0, int k0) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
-    b[0] = join2(tile[n0 + g][k0 + c2], tile[n0 + g][k0 + c2 + 1]);
-    b[1] = join2(tile[n0 + g][k0 + c2 + 8], tile[n0 + g][k0 + c2 + 9]);
+    b[0] = load2(&tile[n0 + g][k0 + c2]);
+    b[1] = load2(&tile[n0 + g][k0 + c2 + 8]);
 }
 // The same from a tile stored [k][n] (V for P V).
 template <int DP>
@@ -225,15 +236,16 @@ __device__ void attention_fwd_mma(float* out, float* lse, const float* q, const 
 #pragma unroll
         for (int nt = 0; nt < AM_TILE / 8; ++nt)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int half = r >> 1;
-                const float x = s[nt][r];
-                const float p = x == NEG_INF ? 0.0f : exp2f(x - big[half]);
-                l[half] += p;
-                float pf = p;
-                if (dropping && p != 0.0f)
-                    pf = p * am_factor(drop, bi, hi, row0 + g + 8 * half, j0 + nt * 8 + c2 + (r & 1), t, h);
-                s[nt][r] = pf;
+            for (int half = 0; half < 2; ++half) {
+                float f[2] = {1.0f, 1.0f};
+                if (dropping) am_factor2(drop, bi, hi, row0 + g + 8 * half, j0 + nt * 8 + c2, t, h, f[0], f[1]);
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const float x = s[nt][half * 2 + c];
+                    const float p = x == NEG_INF ? 0.0f : exp2f(x - big[half]);
+                    l[half] += p;
+                    s[nt][half * 2 + c] = p * f[c];
+                }
             }
         unsigned pa[AM_TILE / 16][4];
         am_c_to_a<Tag>(pa, s);
@@ -306,17 +318,19 @@ __device__ void attention_bwd_dq_mma(float* dq, float* dvec, const float* dout, 
 #pragma unroll
         for (int nt = 0; nt < AM_TILE / 8; ++nt)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int half = r >> 1, col = nt * 8 + c2 + (r & 1);
-                float ds = 0.0f;
-                if (mk[col] > 0.5f && ls2[half] != NEG_INF) {
-                    const float p = exp2f(s[nt][r] * scale * AM_LOG2E - ls2[half]);
-                    const float f =
-                        dropping ? am_factor(drop, bi, hi, row0 + g + 8 * half, j0 + col, t, h)
-                                 : 1.0f;
-                    ds = p * (dp[nt][r] * f - dd[half]) * scale;
+            for (int half = 0; half < 2; ++half) {
+                float f[2] = {1.0f, 1.0f};
+                if (dropping) am_factor2(drop, bi, hi, row0 + g + 8 * half, j0 + nt * 8 + c2, t, h, f[0], f[1]);
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int r = half * 2 + c, col = nt * 8 + c2 + c;
+                    float ds = 0.0f;
+                    if (mk[col] > 0.5f && ls2[half] != NEG_INF) {
+                        const float p = exp2f(s[nt][r] * scale * AM_LOG2E - ls2[half]);
+                        ds = p * (dp[nt][r] * f[c] - dd[half]) * scale;
+                    }
+                    s[nt][r] = ds;
                 }
-                s[nt][r] = ds;
             }
         unsigned sa[AM_TILE / 16][4];
         am_c_to_a<Tag>(sa, s);

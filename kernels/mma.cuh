@@ -33,6 +33,16 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 __device__ __forceinline__ unsigned join2(unsigned short lo, unsigned short hi) {
     return (unsigned)lo | ((unsigned)hi << 16);
 }
+// Two adjacent 16-bit values (p 4-byte aligned) in one 32-bit shared-memory load.
+__device__ __forceinline__ unsigned load2(const unsigned short* p) {
+#ifdef DEEPCUT_CUDA_EMU
+    unsigned u;
+    memcpy(&u, p, 4);  // no type punning in host C++
+    return u;
+#else
+    return *reinterpret_cast<const unsigned*>(p);
+#endif
+}
 
 // c += a b over the warp (every lane calls it with its fragments).
 __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2], Bf16Tag) {
