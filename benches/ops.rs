@@ -125,7 +125,21 @@ fn layers(c: &mut Criterion) {
         "layernorm_fwd",
         "n,c residual",
         Throughput::Bytes(bytes(3 * N * C)),
-        || layernorm::layernorm_fwd(&mut out, &mut mean, &mut rstd, &x, Some(&res), &w, &bias, N, C, 1e-12),
+        || {
+            layernorm::layernorm_fwd(
+                &mut out,
+                &mut mean,
+                &mut rstd,
+                &x,
+                Some(&res),
+                &w,
+                &bias,
+                N,
+                C,
+                1e-12,
+                Precision::Fp32,
+            )
+        },
     );
     let (mut dw, mut db) = (vec![0f32; C], vec![0f32; C]);
     let mut dinp = vec![0f32; N * C];
@@ -141,12 +155,12 @@ fn layers(c: &mut Criterion) {
     let bf = data(F, 9);
     let mut of = vec![0f32; N * F];
     bench(c, "bias_gelu_fwd", "n,f", Throughput::Bytes(bytes(2 * N * F)), || {
-        gelu::bias_gelu_fwd(&mut of, &xf, &bf, N, F)
+        gelu::bias_gelu_fwd(&mut of, &xf, &bf, N, F, Precision::Fp32)
     });
     let mut dbf = vec![0f32; F];
     let mut dxf = vec![0f32; N * F];
     bench(c, "bias_gelu_bwd", "n,f", Throughput::Bytes(bytes(3 * N * F)), || {
-        gelu::bias_gelu_bwd(&mut dxf, &mut dbf, &xf, &xf, &bf, N, F)
+        gelu::bias_gelu_bwd(&mut dxf, &mut dbf, &xf, &xf, &bf, N, F, Precision::Fp32)
     });
 
     // attention: q = k = v = x, all keys real, dropout 0.1 on the probabilities
@@ -205,10 +219,10 @@ fn layers(c: &mut Criterion) {
     );
 
     bench(c, "dropout_fwd", "n,c", Throughput::Bytes(bytes(2 * N * C)), || {
-        dropout::dropout_fwd(&mut out, &x, N * C, drop())
+        dropout::dropout_fwd(&mut out, &x, N * C, drop(), Precision::Fp32)
     });
     bench(c, "dropout_bwd", "n,c", Throughput::Bytes(bytes(2 * N * C)), || {
-        dropout::dropout_bwd(&mut dinp, &x, N * C, drop())
+        dropout::dropout_bwd(&mut dinp, &x, N * C, drop(), Precision::Fp32)
     });
     // the forget rows' two views: B_f = 8 sequences
     let nf = 8 * T * C;

@@ -160,14 +160,28 @@ fn main() {
     );
     add(
         "dropout_fwd/bwd [n,c]",
-        time(|| dropout::dropout_fwd(&mut o_nc, &x, n * c, drop)),
+        time(|| dropout::dropout_fwd(&mut o_nc, &x, n * c, drop, Precision::Fp32)),
         4 * layers + 4,
     );
     let (mut mu, mut rs) = (vec![0f32; n], vec![0f32; n]);
     let w = vec![1f32; c];
     add(
         "layernorm_fwd",
-        time(|| layernorm::layernorm_fwd(&mut o_nc, &mut mu, &mut rs, &x, Some(&x), &w, &w, n, c, 1e-12)),
+        time(|| {
+            layernorm::layernorm_fwd(
+                &mut o_nc,
+                &mut mu,
+                &mut rs,
+                &x,
+                Some(&x),
+                &w,
+                &w,
+                n,
+                c,
+                1e-12,
+                Precision::Fp32,
+            )
+        }),
         2 * layers + 1,
     );
     let (mut dw, mut dbb) = (vec![0f32; c], vec![0f32; c]);
@@ -178,14 +192,14 @@ fn main() {
     );
     add(
         "bias_gelu_fwd [n,f]",
-        time(|| gelu::bias_gelu_fwd(&mut o_nf, &xf, &bias_f, n, f)),
+        time(|| gelu::bias_gelu_fwd(&mut o_nf, &xf, &bias_f, n, f, Precision::Fp32)),
         layers,
     );
     let mut dbf = vec![0f32; f];
     let mut dxf = vec![0f32; n * f];
     add(
         "bias_gelu_bwd [n,f]",
-        time(|| gelu::bias_gelu_bwd(&mut dxf, &mut dbf, &xf, &xf, &bias_f, n, f)),
+        time(|| gelu::bias_gelu_bwd(&mut dxf, &mut dbf, &xf, &xf, &bias_f, n, f, Precision::Fp32)),
         layers,
     );
     add(

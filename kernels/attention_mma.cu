@@ -13,9 +13,10 @@
 // on how the keys are tiled (up to fp32 summation order).
 // Backward, with p_ij = 2^(x_ij - lse_i log2(e)) and D_i = dO_i . O_i (fp32):
 //   dV_j = sum_i round(p_ij f_ij) dO_i,  dS_ij = round(p_ij (dO_i . V_j f_ij - D_i) / sqrt(d)),
-//   dQ_i = sum_j dS_ij K_j,  dK_j = sum_i dS_ij Q_i.
-// q, k, v and dO are rounded to 16 bits as they are loaded (exact for the encoder, which
-// rounds them already).
+//   dQ_i = sum_j dS_ij K_j,  dK_j = sum_i dS_ij Q_i,  D_i = round(dO_i) . round(O_i).
+// q, k, v and dO are rounded to 16 bits as they are read, and out, dq, dk, dv are written
+// rounded (fp32 buffers holding 16-bit values): the products that read them next need
+// them rounded, and a separate rounding pass over each would cost a read and a write.
 //
 // Work split: blocks of AM_WARPS warps; each warp owns 16 rows (query rows for forward and
 // dq, key rows for dk/dv) whose A fragments stay in registers, and the block streams tiles
@@ -152,9 +153,9 @@ __device__ __forceinline__ float quad_max(float x) {
     return fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 2));
 }
 
-// Writes this warp's 16 x DP accumulator rows row0 .. (times mul[half]) to head (bi, hi)
-// of y, rows < t and columns < d.
-template <int DP>
+// Writes this warp's 16 x DP accumulator rows row0 .. (times mul[half]), rounded to 16
+// bits, to head (bi, hi) of y, rows < t and columns < d.
+template <typename Tag, int DP>
 __device__ __forceinline__ void am_store(float* y, const float (&acc)[DP / 8][4], const float (&mul)[2], int bi,
                                          int hi, int row0, int t, int h, int d) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
@@ -168,7 +169,7 @@ __device__ __forceinline__ void am_store(float* y, const float (&acc)[DP / 8][4]
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
                 const int e = nd * 8 + c2 + c;
-                if (e < d) p[e] = acc[nd][half * 2 + c] * mul[half];
+                if (e < d) p[e] = round16(acc[nd][half * 2 + c] * mul[half], Tag());
             }
     }
 }
@@ -262,7 +263,7 @@ __device__ void attention_fwd_mma(float* out, float* lse, const float* q, const 
         if ((lane & 3) == 0 && row < t)
             lse[((size_t)bi * h + hi) * t + row] = l[half] > 0.0f ? (big[half] + log2f(l[half])) * AM_LN2 : NEG_INF;
     }
-    am_store<DP>(out, acc, inv, bi, hi, row0, t, h, d);
+    am_store<Tag, DP>(out, acc, inv, bi, hi, row0, t, h, d);
 }
 
 // Backward, part 1: dQ (overwritten) and D = rowsum(dO * O) [b, h, t] for part 2.
@@ -289,7 +290,7 @@ __device__ void attention_bwd_dq_mma(float* dq, float* dvec, const float* dout, 
         float part = 0.0f;
         if (row < t) {
             const size_t o = am_off(bi, row, hi, t, h, d);
-            for (int e = lane & 3; e < d; e += 4) part += dout[o + e] * out[o + e];
+            for (int e = lane & 3; e < d; e += 4) part += round16(dout[o + e], Tag()) * round16(out[o + e], Tag());
         }
         dd[half] = quad_sum(part);
         const size_t r = ((size_t)bi * h + hi) * t + row;
@@ -338,7 +339,7 @@ __device__ void attention_bwd_dq_mma(float* dq, float* dvec, const float* dout, 
     }
     if (row0 >= t) return;
     const float one[2] = {1.0f, 1.0f};
-    am_store<DP>(dq, acc, one, bi, hi, row0, t, h, d);
+    am_store<Tag, DP>(dq, acc, one, bi, hi, row0, t, h, d);
 }
 
 // Backward, part 2: dK, dV (overwritten); each warp owns 16 key rows and streams tiles of
@@ -411,8 +412,8 @@ __device__ void attention_bwd_dkdv_mma(float* dk, float* dv, const float* dout, 
     }
     if (row0 >= t) return;
     const float one[2] = {1.0f, 1.0f};
-    am_store<DP>(dk, adk, one, bi, hi, row0, t, h, d);
-    am_store<DP>(dv, adv, one, bi, hi, row0, t, h, d);
+    am_store<Tag, DP>(dk, adk, one, bi, hi, row0, t, h, d);
+    am_store<Tag, DP>(dv, adv, one, bi, hi, row0, t, h, d);
 }
 
 // ---- entry points: {fwd, bwd_dq, bwd_dkdv} x {bf16, f16} x padded head dim {32, 64, 128} ----

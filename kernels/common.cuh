@@ -22,6 +22,14 @@ template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
 
+// x rounded to the precision whose code `mode` the launcher passes (0 fp32: unchanged,
+// 1 bf16, 2 fp16; src/backend/cuda/mod.rs `round_code`) and widened back, as
+// kernels/quantize.cu rounds: ops that write a buffer the next GEMM reads in 16 bits round
+// it as they store it, instead of a separate pass.
+__device__ __forceinline__ float round_as(float x, int mode) {
+    return mode == 1 ? __bfloat162float(__float2bfloat16_rn(x)) : mode == 2 ? __half2float(__float2half_rn(x)) : x;
+}
+
 // ---- Philox4x32-10 (Salmon et al. SC'11), as src/backend/philox.rs ------------------------
 // Counter = [group lo, group hi, stream lo, stream hi], key = [seed lo, seed hi]; element
 // idx uses word idx & 3 of counter group idx >> 2. u = (word >> 8) * 2^-24 is exact in

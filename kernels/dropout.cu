@@ -2,37 +2,38 @@
 // regenerated in backward, never stored. CPU twin: src/backend/cpu/dropout.rs.
 #include "common.cuh"
 
-// out[i] = inp[i] * factor(i). One thread per counter group of four elements (one Philox
-// call each). With p = 0 the factor is 1 (a copy).
+// out[i] = round_as(inp[i] * factor(i), round). One thread per counter group of four
+// elements (one Philox call each). With p = 0 the factor is 1 (a copy, rounded).
 template <typename T>
-__device__ void dropout_fwd(T* out, const T* inp, int n, DropoutArgs d) {
+__device__ void dropout_fwd(T* out, const T* inp, int n, DropoutArgs d, int round) {
     long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     long long i0 = g * 4;
     if (i0 >= n) return;
     if (!(d.p > 0.0f)) {
-        for (int u = 0; u < 4 && i0 + u < n; ++u) out[i0 + u] = inp[i0 + u];
+        for (int u = 0; u < 4 && i0 + u < n; ++u) out[i0 + u] = from_f32<T>(round_as(to_f32(inp[i0 + u]), round));
         return;
     }
     uint4 w = dropout_words(d, (unsigned long long)g);
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-        if (i0 + u < n) out[i0 + u] = from_f32<T>(factor_of_word(d, word_at(w, u)) * to_f32(inp[i0 + u]));
+        if (i0 + u < n)
+            out[i0 + u] = from_f32<T>(round_as(factor_of_word(d, word_at(w, u)) * to_f32(inp[i0 + u]), round));
     }
 }
 
-extern "C" __global__ void dropout_fwd_f32(float* out, const float* inp, int n, DropoutArgs d) {
-    dropout_fwd<float>(out, inp, n, d);
+extern "C" __global__ void dropout_fwd_f32(float* out, const float* inp, int n, DropoutArgs d, int round) {
+    dropout_fwd<float>(out, inp, n, d, round);
 }
-extern "C" __global__ void dropout_fwd_bf16(bf16* out, const bf16* inp, int n, DropoutArgs d) {
-    dropout_fwd<bf16>(out, inp, n, d);
+extern "C" __global__ void dropout_fwd_bf16(bf16* out, const bf16* inp, int n, DropoutArgs d, int round) {
+    dropout_fwd<bf16>(out, inp, n, d, round);
 }
 
 // dinp = dout * mask / (1-p) with the forward's mask: the same kernel on the gradient.
-extern "C" __global__ void dropout_bwd_f32(float* dinp, const float* dout, int n, DropoutArgs d) {
-    dropout_fwd<float>(dinp, dout, n, d);
+extern "C" __global__ void dropout_bwd_f32(float* dinp, const float* dout, int n, DropoutArgs d, int round) {
+    dropout_fwd<float>(dinp, dout, n, d, round);
 }
-extern "C" __global__ void dropout_bwd_bf16(bf16* dinp, const bf16* dout, int n, DropoutArgs d) {
-    dropout_fwd<bf16>(dinp, dout, n, d);
+extern "C" __global__ void dropout_bwd_bf16(bf16* dinp, const bf16* dout, int n, DropoutArgs d, int round) {
+    dropout_fwd<bf16>(dinp, dout, n, d, round);
 }
 
 // The two dropout views of the forget rows from one read of their input:

@@ -11,32 +11,36 @@ __device__ __forceinline__ float gelu_grad(float x) {
     return cdf + x * pdf;
 }
 
-// out = gelu(inp + bias), rows of width c. One thread per element.
+// out = round_as(gelu(inp + bias), round), rows of width c. One thread per element.
 template <typename T>
-__device__ void bias_gelu_fwd(T* out, const T* inp, const float* bias, int n, int c) {
+__device__ void bias_gelu_fwd(T* out, const T* inp, const float* bias, int n, int c, int round) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)n * c) return;
-    out[i] = from_f32<T>(gelu(to_f32(inp[i]) + bias[i % c]));
+    out[i] = from_f32<T>(round_as(gelu(to_f32(inp[i]) + bias[i % c]), round));
 }
-extern "C" __global__ void bias_gelu_fwd_f32(float* out, const float* inp, const float* bias, int n, int c) {
-    bias_gelu_fwd<float>(out, inp, bias, n, c);
+extern "C" __global__ void bias_gelu_fwd_f32(float* out, const float* inp, const float* bias, int n, int c,
+                                             int round) {
+    bias_gelu_fwd<float>(out, inp, bias, n, c, round);
 }
-extern "C" __global__ void bias_gelu_fwd_bf16(bf16* out, const bf16* inp, const float* bias, int n, int c) {
-    bias_gelu_fwd<bf16>(out, inp, bias, n, c);
+extern "C" __global__ void bias_gelu_fwd_bf16(bf16* out, const bf16* inp, const float* bias, int n, int c,
+                                              int round) {
+    bias_gelu_fwd<bf16>(out, inp, bias, n, c, round);
 }
 
-// dinp = dout * gelu'(inp + bias) (overwritten). One thread per element.
+// dinp = round_as(dout * gelu'(inp + bias), round) (overwritten). One thread per element.
+// The bias gradient is then summed from the stored (rounded) dinp, as the weight gradient
+// GEMM reads it.
 template <typename T>
-__device__ void bias_gelu_bwd_dinp(T* dinp, const T* dout, const T* inp, const float* bias, int n, int c) {
+__device__ void bias_gelu_bwd_dinp(T* dinp, const T* dout, const T* inp, const float* bias, int n, int c, int round) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)n * c) return;
-    dinp[i] = from_f32<T>(to_f32(dout[i]) * gelu_grad(to_f32(inp[i]) + bias[i % c]));
+    dinp[i] = from_f32<T>(round_as(to_f32(dout[i]) * gelu_grad(to_f32(inp[i]) + bias[i % c]), round));
 }
 extern "C" __global__ void bias_gelu_bwd_dinp_f32(float* dinp, const float* dout, const float* inp, const float* bias,
-                                                  int n, int c) {
-    bias_gelu_bwd_dinp<float>(dinp, dout, inp, bias, n, c);
+                                                  int n, int c, int round) {
+    bias_gelu_bwd_dinp<float>(dinp, dout, inp, bias, n, c, round);
 }
 extern "C" __global__ void bias_gelu_bwd_dinp_bf16(bf16* dinp, const bf16* dout, const bf16* inp, const float* bias,
-                                                   int n, int c) {
-    bias_gelu_bwd_dinp<bf16>(dinp, dout, inp, bias, n, c);
+                                                   int n, int c, int round) {
+    bias_gelu_bwd_dinp<bf16>(dinp, dout, inp, bias, n, c, round);
 }

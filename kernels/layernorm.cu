@@ -11,12 +11,12 @@ __device__ __forceinline__ float ln_input(const T* inp, const T* residual, size_
     return v;
 }
 
-// out = (x - mean) * rstd * weight + bias with x = inp + residual (residual may be null).
-// mean [n], rstd [n] saved. One block per row; two passes over the row (mean, then the
+// out = round_as((x - mean) * rstd * weight + bias, round) with x = inp + residual
+// (residual may be null). mean [n], rstd [n] saved. One block per row; two passes over the row (mean, then the
 // centred variance), reading x from global memory (L1/L2) each time.
 template <typename T>
 __device__ void layernorm_fwd(T* out, float* mean, float* rstd, const T* inp, const T* residual, const float* weight,
-                              const float* bias, int n, int c, float eps) {
+                              const float* bias, int n, int c, float eps, int round) {
     __shared__ float scratch[32];
     int r = blockIdx.x;
     if (r >= n) return;
@@ -37,18 +37,18 @@ __device__ void layernorm_fwd(T* out, float* mean, float* rstd, const T* inp, co
     }
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
         float x = ln_input(inp, residual, base + j);
-        out[base + j] = from_f32<T>((x - mu) * rs * weight[j] + bias[j]);
+        out[base + j] = from_f32<T>(round_as((x - mu) * rs * weight[j] + bias[j], round));
     }
 }
 extern "C" __global__ void layernorm_fwd_f32(float* out, float* mean, float* rstd, const float* inp,
                                              const float* residual, const float* weight, const float* bias, int n,
-                                             int c, float eps) {
-    layernorm_fwd<float>(out, mean, rstd, inp, residual, weight, bias, n, c, eps);
+                                             int c, float eps, int round) {
+    layernorm_fwd<float>(out, mean, rstd, inp, residual, weight, bias, n, c, eps, round);
 }
 extern "C" __global__ void layernorm_fwd_bf16(bf16* out, float* mean, float* rstd, const bf16* inp,
                                               const bf16* residual, const float* weight, const float* bias, int n,
-                                              int c, float eps) {
-    layernorm_fwd<bf16>(out, mean, rstd, inp, residual, weight, bias, n, c, eps);
+                                              int c, float eps, int round) {
+    layernorm_fwd<bf16>(out, mean, rstd, inp, residual, weight, bias, n, c, eps, round);
 }
 
 // dinp (overwritten) = d loss / d(inp + residual):

@@ -272,7 +272,19 @@ fn kernels() {
     );
     let (mut y, mut mean, mut rstd) = (g.alloc(n * c), g.alloc(n), g.alloc(n));
     let s = per_call(&g, 50, || {
-        g.layernorm_fwd(&mut y, &mut mean, &mut rstd, &x, Some(&res), &w, &bias, n, c, 1e-12)
+        g.layernorm_fwd(
+            &mut y,
+            &mut mean,
+            &mut rstd,
+            &x,
+            Some(&res),
+            &w,
+            &bias,
+            n,
+            c,
+            1e-12,
+            Precision::Fp32,
+        )
     });
     report_bytes("layernorm_fwd_residual", s, 4 * 3 * n * c);
     let (mut dx, mut dw, mut db) = (g.alloc(n * c), g.alloc(c), g.alloc(c));
@@ -282,11 +294,13 @@ fn kernels() {
     report_bytes("layernorm_bwd_residual", s, 4 * 4 * n * c);
     let (xf, bf) = (up(&fill(n * f, 11)), up(&fill(f, 12)));
     let (mut yf, mut dxf, mut dbf) = (g.alloc(n * f), g.alloc(n * f), g.alloc(f));
-    let s = per_call(&g, 50, || g.bias_gelu_fwd(&mut yf, &xf, &bf, n, f));
+    let s = per_call(&g, 50, || g.bias_gelu_fwd(&mut yf, &xf, &bf, n, f, Precision::Fp32));
     report_bytes("bias_gelu_fwd", s, 4 * 2 * n * f);
-    let s = per_call(&g, 50, || g.bias_gelu_bwd(&mut dxf, &mut dbf, &yf, &xf, &bf, n, f));
+    let s = per_call(&g, 50, || {
+        g.bias_gelu_bwd(&mut dxf, &mut dbf, &yf, &xf, &bf, n, f, Precision::Fp32)
+    });
     report_bytes("bias_gelu_bwd", s, 4 * 3 * n * f);
-    let s = per_call(&g, 50, || g.dropout_fwd(&mut y, &x, n * c, drop));
+    let s = per_call(&g, 50, || g.dropout_fwd(&mut y, &x, n * c, drop, Precision::Fp32));
     report_bytes("dropout_fwd", s, 4 * 2 * n * c);
     let mut y2 = g.alloc(2 * n * c);
     let s = per_call(&g, 50, || g.dropout_duplicate(&mut y2, &x, n * c, drop));

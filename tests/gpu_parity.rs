@@ -474,7 +474,19 @@ fn layernorm_with_and_without_residual_body<G: Backend>(g: &G) {
     ) -> Vec<Vec<f32>> {
         let (dx, dr, dwt, dbs) = (up(be, x), res.map(|r| up(be, r)), up(be, w), up(be, b));
         let (mut out, mut mean, mut rstd) = (be.alloc(n * c), be.alloc(n), be.alloc(n));
-        be.layernorm_fwd(&mut out, &mut mean, &mut rstd, &dx, dr.as_ref(), &dwt, &dbs, n, c, 1e-5);
+        be.layernorm_fwd(
+            &mut out,
+            &mut mean,
+            &mut rstd,
+            &dx,
+            dr.as_ref(),
+            &dwt,
+            &dbs,
+            n,
+            c,
+            1e-5,
+            Precision::Fp32,
+        );
         // backward from given statistics (the CPU's), so it is tested on its own
         let given = stats.map(|(m, r)| (up(be, m), up(be, r)));
         let (mean_in, rstd_in) = match &given {
@@ -527,9 +539,9 @@ fn bias_gelu_forward_backward_body<G: Backend>(g: &G) {
     fn go<B: Backend>(be: &B, x: &[f32], b: &[f32], dout: &[f32], db0: &[f32], n: usize, c: usize) -> Vec<Vec<f32>> {
         let (dx, dbias) = (up(be, x), up(be, b));
         let mut out = be.alloc(n * c);
-        be.bias_gelu_fwd(&mut out, &dx, &dbias, n, c);
+        be.bias_gelu_fwd(&mut out, &dx, &dbias, n, c, Precision::Fp32);
         let (mut dinp, mut db) = (be.alloc(n * c), up(be, db0));
-        be.bias_gelu_bwd(&mut dinp, &mut db, &up(be, dout), &dx, &dbias, n, c);
+        be.bias_gelu_bwd(&mut dinp, &mut db, &up(be, dout), &dx, &dbias, n, c, Precision::Fp32);
         vec![be.download(&out, n * c), be.download(&dinp, n * c), be.download(&db, c)]
     }
     let (rg, rc) = (go(g, &x, &b, &dout, &db0, n, c), go(&Cpu, &x, &b, &dout, &db0, n, c));
@@ -651,6 +663,100 @@ fn attention_forward_backward_with_padding_and_dropout_body<G: Backend>(g: &G) {
     }
 }
 
+// The ops that round their output for mixed precision (`rounding`): on each backend the
+// output is bit for bit the fp32 output followed by `quantize`, and GELU's bias gradient is
+// the column sum of the rounded dinp (what the weight-gradient GEMM reads). With the fp32
+// parity above this makes the rounded outputs the CPU's too.
+parity_test!(
+    rounding_outputs_are_the_quantized_outputs,
+    rounding_outputs_are_the_quantized_outputs_body
+);
+fn rounding_outputs_are_the_quantized_outputs_body<G: Backend>(g: &G) {
+    fn check<B: Backend>(be: &B, tag: &str) {
+        let (n, c) = (67, 96);
+        let len = n * c;
+        let mut rng = Rng(301);
+        let (x, res, w, bias, dy) = (
+            rng.vec(len, 2.0),
+            rng.vec(len, 1.0),
+            rng.vec(c, 1.0),
+            rng.vec(c, 0.5),
+            rng.vec(len, 1.0),
+        );
+        let (dx, dres, dw, dbias, ddy) = (up(be, &x), up(be, &res), up(be, &w), up(be, &bias), up(be, &dy));
+        let drop = Dropout::new(0.1, 5, 2, 7);
+        // each op's output written with `rounding`
+        let run = |rounding: Precision| -> Vec<Vec<f32>> {
+            let (mut o, mut mean, mut rstd) = (be.alloc(len), be.alloc(n), be.alloc(n));
+            let mut outs = Vec::new();
+            be.layernorm_fwd(
+                &mut o,
+                &mut mean,
+                &mut rstd,
+                &dx,
+                Some(&dres),
+                &dw,
+                &dbias,
+                n,
+                c,
+                1e-5,
+                rounding,
+            );
+            outs.push(be.download(&o, len));
+            be.bias_gelu_fwd(&mut o, &dx, &dbias, n, c, rounding);
+            outs.push(be.download(&o, len));
+            let mut gb = be.alloc(c);
+            be.bias_gelu_bwd(&mut o, &mut gb, &ddy, &dx, &dbias, n, c, rounding);
+            outs.push(be.download(&o, len));
+            outs.push(be.download(&gb, c));
+            be.dropout_fwd(&mut o, &dx, len, drop, rounding);
+            outs.push(be.download(&o, len));
+            be.dropout_bwd(&mut o, &ddy, len, drop, rounding);
+            outs.push(be.download(&o, len));
+            be.dropout_fwd(&mut o, &dx, len, Dropout::OFF, rounding);
+            outs.push(be.download(&o, len));
+            outs
+        };
+        let exact = run(Precision::Fp32);
+        for prec in [Precision::Bf16, Precision::Fp16] {
+            let got = run(prec);
+            let names = [
+                "layernorm_fwd",
+                "bias_gelu_fwd",
+                "bias_gelu_bwd dinp",
+                "",
+                "dropout_fwd",
+                "dropout_bwd",
+                "copy",
+            ];
+            for (i, name) in names.iter().enumerate() {
+                if name.is_empty() {
+                    continue;
+                }
+                let mut want = up(be, &exact[i]);
+                be.quantize(&mut want, len, prec);
+                let want = be.download(&want, len);
+                assert!(
+                    got[i].iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{tag} {name} with rounding {prec}: not the fp32 output quantized"
+                );
+                assert_ne!(got[i], exact[i], "{tag} {name}: {prec} rounding changed nothing");
+            }
+            // the bias gradient sums the rounded dinp
+            let mut want = be.alloc(c);
+            be.bias_grad(&mut want, &up(be, &got[2]), n, c);
+            assert_eq!(
+                be.download(&want, c),
+                got[3],
+                "{tag} bias_gelu_bwd dbias with rounding {prec}"
+            );
+        }
+        eprintln!("{tag}: rounded outputs of layernorm, gelu and dropout are the quantized fp32 outputs");
+    }
+    check(g, &g.name());
+    check(&Cpu, "cpu");
+}
+
 parity_test!(dropout_masks_are_the_cpu_masks, dropout_masks_are_the_cpu_masks_body);
 fn dropout_masks_are_the_cpu_masks_body<G: Backend>(g: &G) {
     let n = 4099; // not a multiple of 4: the last Philox group is partial
@@ -664,8 +770,8 @@ fn dropout_masks_are_the_cpu_masks_body<G: Backend>(g: &G) {
         fn go<B: Backend>(be: &B, x: &[f32], dy: &[f32], dy2: &[f32], n: usize, d: Dropout) -> Vec<Vec<f32>> {
             let (dx_, ddy, ddy2) = (up(be, x), up(be, dy), up(be, dy2));
             let (mut out, mut dinp, mut dup, mut ddup) = (be.alloc(n), be.alloc(n), be.alloc(2 * n), be.alloc(n));
-            be.dropout_fwd(&mut out, &dx_, n, d);
-            be.dropout_bwd(&mut dinp, &ddy, n, d);
+            be.dropout_fwd(&mut out, &dx_, n, d, Precision::Fp32);
+            be.dropout_bwd(&mut dinp, &ddy, n, d, Precision::Fp32);
             be.dropout_duplicate(&mut dup, &dx_, n, d);
             be.dropout_duplicate_bwd(&mut ddup, &ddy2, n, d);
             vec![

@@ -88,11 +88,35 @@ fn layernorm_grad_with_residual() {
     );
     let f = |x: &[f32], res: &[f32], w: &[f32], b: &[f32]| {
         let (mut out, mut mu, mut rs) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-        layernorm::layernorm_fwd(&mut out, &mut mu, &mut rs, x, Some(res), w, b, n, c, 1e-5);
+        layernorm::layernorm_fwd(
+            &mut out,
+            &mut mu,
+            &mut rs,
+            x,
+            Some(res),
+            w,
+            b,
+            n,
+            c,
+            1e-5,
+            Precision::Fp32,
+        );
         probe(&out, &r)
     };
     let (mut out, mut mu, mut rs) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-    layernorm::layernorm_fwd(&mut out, &mut mu, &mut rs, &x, Some(&res), &w, &b, n, c, 1e-5);
+    layernorm::layernorm_fwd(
+        &mut out,
+        &mut mu,
+        &mut rs,
+        &x,
+        Some(&res),
+        &w,
+        &b,
+        n,
+        c,
+        1e-5,
+        Precision::Fp32,
+    );
     let (mut dx, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
     layernorm::layernorm_bwd(&mut dx, &mut dw, &mut db, &r, &x, Some(&res), &w, &mu, &rs, n, c);
     check("layernorm dx", &dx, &numeric_grad(&x, |v| f(v, &res, &w, &b)));
@@ -108,11 +132,11 @@ fn bias_gelu_grad() {
     let (x, bias, r) = (rng.vec(n * c, 3.0), rng.vec(c, 1.0), rng.vec(n * c, 1.0));
     let f = |x: &[f32], bias: &[f32]| {
         let mut out = vec![0.0; n * c];
-        gelu::bias_gelu_fwd(&mut out, x, bias, n, c);
+        gelu::bias_gelu_fwd(&mut out, x, bias, n, c, Precision::Fp32);
         probe(&out, &r)
     };
     let (mut dx, mut db) = (vec![0.0; n * c], vec![0.0; c]);
-    gelu::bias_gelu_bwd(&mut dx, &mut db, &r, &x, &bias, n, c);
+    gelu::bias_gelu_bwd(&mut dx, &mut db, &r, &x, &bias, n, c, Precision::Fp32);
     check("gelu dx", &dx, &numeric_grad(&x, |v| f(v, &bias)));
     check("gelu dbias", &db, &numeric_grad(&bias, |v| f(&x, v)));
     // erf-form values (torch.nn.functional.gelu): gelu(1) = 0.8413447, gelu(-0.5) = -0.1542687
@@ -197,9 +221,9 @@ fn dropout_grad_and_rate() {
     let (x, r) = (rng.vec(n, 1.0), rng.vec(n, 1.0));
     let d = Dropout::new(0.25, 3, 9, 1);
     let mut out = vec![0.0; n];
-    dropout::dropout_fwd(&mut out, &x, n, d);
+    dropout::dropout_fwd(&mut out, &x, n, d, Precision::Fp32);
     let mut dx = vec![0.0; n];
-    dropout::dropout_bwd(&mut dx, &r, n, d);
+    dropout::dropout_bwd(&mut dx, &r, n, d, Precision::Fp32);
     // linear op: gradient is the mask itself
     for i in 0..n {
         let keep = out[i] != 0.0;
@@ -221,14 +245,14 @@ fn dropout_duplicate_is_dropout_of_the_doubled_input() {
     let d = Dropout::new(0.3, 11, 2, 5);
     let doubled: Vec<f32> = x.iter().chain(&x).copied().collect();
     let mut expect = vec![0.0; 2 * n];
-    dropout::dropout_fwd(&mut expect, &doubled, 2 * n, d);
+    dropout::dropout_fwd(&mut expect, &doubled, 2 * n, d, Precision::Fp32);
     let mut out = vec![0.0; 2 * n];
     dropout::dropout_duplicate(&mut out, &x, n, d);
     assert_eq!(out, expect);
     assert_ne!(out[..n], out[n..], "the two views must have different masks");
     // backward: the adjoint, sum over both views of r * mask
     let mut dr = vec![0.0; 2 * n];
-    dropout::dropout_bwd(&mut dr, &r, 2 * n, d);
+    dropout::dropout_bwd(&mut dr, &r, 2 * n, d, Precision::Fp32);
     let expect: Vec<f32> = (0..n).map(|i| dr[i] + dr[n + i]).collect();
     let mut dx = vec![0.0; n];
     dropout::dropout_duplicate_bwd(&mut dx, &r, n, d);

@@ -286,6 +286,9 @@ pub trait Backend {
     fn bias_grad(&self, dbias: &mut Self::Buf, dout: &Self::Buf, rows: usize, cols: usize);
 
     // ---- layers ---------------------------------------------------------------------
+    // `rounding` (layernorm_fwd, bias_gelu_fwd/bwd, dropout_fwd/bwd): the output is written
+    // rounded to that precision, as `quantize` would round it after the op (fp32: as
+    // computed). Mixed precision rounds what the next GEMM reads this way, without a pass.
     /// out[n,c] = wte[ids] + wpe[pos] + wtt[types].
     #[allow(clippy::too_many_arguments)]
     fn embedding_fwd(
@@ -303,6 +306,7 @@ pub trait Backend {
     fn layernorm_fwd(
         &self, out: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, inp: &Self::Buf,
         residual: Option<&Self::Buf>, weight: &Self::Buf, bias: &Self::Buf, n: usize, c: usize, eps: f32,
+        rounding: Precision,
     );
     /// dinp = d(loss)/d(inp + residual) (overwritten); dweight, dbias accumulated.
     #[allow(clippy::too_many_arguments)]
@@ -311,19 +315,23 @@ pub trait Backend {
         residual: Option<&Self::Buf>, weight: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, n: usize, c: usize,
     );
     /// out = gelu(inp + bias) (erf form), rows of width c.
-    fn bias_gelu_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, bias: &Self::Buf, n: usize, c: usize);
-    /// dinp = dout * gelu'(inp + bias) (overwritten); dbias += column sums of dinp.
+    fn bias_gelu_fwd(
+        &self, out: &mut Self::Buf, inp: &Self::Buf, bias: &Self::Buf, n: usize, c: usize, rounding: Precision,
+    );
+    /// dinp = dout * gelu'(inp + bias) (overwritten, rounded as `rounding` says); dbias +=
+    /// column sums of dinp as written.
     #[allow(clippy::too_many_arguments)]
     fn bias_gelu_bwd(
         &self, dinp: &mut Self::Buf, dbias: &mut Self::Buf, dout: &Self::Buf, inp: &Self::Buf, bias: &Self::Buf,
-        n: usize, c: usize,
+        n: usize, c: usize, rounding: Precision,
     );
     /// Multi-head self-attention core. q, k, v, out: [b, t, h*d] (heads interleaved as
     /// the HF linear layers produce them); mask [b, t] (1 real, 0 padding key);
     /// lse [b, h, t] saved for the backward pass. Dropout on the probabilities.
-    /// `inputs` bf16 / fp16: the products take 16-bit inputs (tensor cores on CUDA) and the
-    /// probabilities and score gradients are rounded before the products that read them
-    /// (cpu/attention.rs says exactly where); fp32: all fp32.
+    /// `inputs` bf16 / fp16: q, k, v (and in backward dout, out) are read rounded to 16
+    /// bits, the products take 16-bit inputs (tensor cores on CUDA), the probabilities and
+    /// score gradients are rounded before the products that read them, and out (dq, dk, dv)
+    /// are written rounded (cpu/attention.rs says exactly where); fp32: all fp32.
     #[allow(clippy::too_many_arguments)]
     fn attention_fwd(
         &self, out: &mut Self::Buf, lse: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, mask: &Self::Buf,
@@ -337,9 +345,9 @@ pub trait Backend {
         d: usize, dropout: Dropout, inputs: Precision,
     );
     /// out = inp * mask / (1-p), mask from Philox (identity when p = 0).
-    fn dropout_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize, dropout: Dropout);
+    fn dropout_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize, dropout: Dropout, rounding: Precision);
     /// dinp = dout * mask / (1-p), the mask regenerated.
-    fn dropout_bwd(&self, dinp: &mut Self::Buf, dout: &Self::Buf, n: usize, dropout: Dropout);
+    fn dropout_bwd(&self, dinp: &mut Self::Buf, dout: &Self::Buf, n: usize, dropout: Dropout, rounding: Precision);
     /// The two dropout views of the forget rows from one read of inp [n]: out [2n] =
     /// `dropout_fwd` over [inp | inp], so out[..n] uses element indices 0..n and out[n..]
     /// indices n..2n of the same mask.

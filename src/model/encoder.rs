@@ -11,8 +11,12 @@
 //! Precision (SPEC section 7, `backend::Precision`): in bf16 / fp16 every buffer a GEMM
 //! or the attention core reads is rounded (`Backend::quantize`) right after it is
 //! written, activations in forward and incoming gradients in backward, and the GEMMs read
-//! a rounded copy of their weights (`Param::gemm_w`); everything else stays fp32. In fp32
-//! `quantize` touches nothing and there are no copies: the fp32 path is unchanged.
+//! a rounded copy of their weights (`Param::gemm_w`); everything else stays fp32. Where
+//! the op that writes such a buffer can round as it stores (LayerNorm, GELU and dropout,
+//! forward and backward: their `rounding` argument), it does, and no separate pass runs;
+//! the attention core rounds what it reads (q, k, v, its incoming gradient) and writes its
+//! outputs (att, dq, dk, dv) rounded. In fp32 nothing is rounded and there are no copies:
+//! the fp32 path is unchanged.
 use crate::backend::{Backend, Dropout, Precision, IGNORE_INDEX};
 use crate::model::checkpoint::{HostTensor, HostWeights};
 use crate::model::config::ModelConfig;
@@ -596,8 +600,6 @@ impl<B: Backend> Model<B> {
         let be = &self.be;
         let a = &mut self.acts;
         let p = &self.params;
-        // Rounds a GEMM / attention input to the model's precision (no-op in fp32).
-        let q = |x: &mut B::Buf, len: usize| be.quantize(x, len, precision);
         be.upload_i32(&mut a.ids, &batch.input_ids);
         be.upload_i32(&mut a.pos, &batch.position_ids);
         be.upload_i32(&mut a.types, &batch.type_ids);
@@ -619,10 +621,10 @@ impl<B: Backend> Model<B> {
             n,
             c,
             d.eps,
+            Precision::Fp32,
         );
         let drop = dropout_for(mode, d.hidden_dropout, Dims::site_embeddings());
-        be.dropout_fwd(&mut a.x0, &a.emb_ln, n * c, drop);
-        q(&mut a.x0, n * c);
+        be.dropout_fwd(&mut a.x0, &a.emb_ln, n * c, drop, precision);
 
         std::mem::drop(emb_range);
         for li in 0..d.layers {
@@ -632,10 +634,10 @@ impl<B: Backend> Model<B> {
             let la = &mut rest[0];
             let lp = &p.layers[li];
             // Self-attention: q, k, v projections, fused attention core, output projection.
+            // (q, k, v unrounded: the attention core rounds what it reads)
             for (out, w) in [(&mut la.q, &lp.q), (&mut la.k, &lp.k), (&mut la.v, &lp.v)] {
                 be.gemm(out, x_in, w.w.gemm_w(), n, c, c, false, true, 1.0, 0.0, precision);
                 be.add_bias(out, &w.b.w, n, c);
-                q(out, n * c);
             }
             let drop_p = dropout_for(mode, d.attn_dropout, Dims::site_attn_probs(li));
             be.attention_fwd(
@@ -651,8 +653,7 @@ impl<B: Backend> Model<B> {
                 hd,
                 drop_p,
                 precision,
-            );
-            q(&mut la.att, n * c);
+            ); // att written rounded
             be.gemm(
                 &mut la.ao,
                 &la.att,
@@ -668,7 +669,7 @@ impl<B: Backend> Model<B> {
             );
             be.add_bias(&mut la.ao, &lp.attn_out.b.w, n, c);
             let drop_a = dropout_for(mode, d.hidden_dropout, Dims::site_attn_out(li));
-            be.dropout_fwd(&mut la.ao_drop, &la.ao, n * c, drop_a);
+            be.dropout_fwd(&mut la.ao_drop, &la.ao, n * c, drop_a, Precision::Fp32);
             be.layernorm_fwd(
                 &mut la.x1,
                 &mut la.mean1,
@@ -680,8 +681,8 @@ impl<B: Backend> Model<B> {
                 n,
                 c,
                 d.eps,
+                precision,
             );
-            q(&mut la.x1, n * c);
             // Feed-forward: x1 -> gelu(x1 W_i^T + b_i) -> W_o -> dropout -> LN(+ x1)
             be.gemm(
                 &mut la.f1,
@@ -696,8 +697,7 @@ impl<B: Backend> Model<B> {
                 0.0,
                 precision,
             );
-            be.bias_gelu_fwd(&mut la.g, &la.f1, &lp.inter.b.w, n, f);
-            q(&mut la.g, n * f);
+            be.bias_gelu_fwd(&mut la.g, &la.f1, &lp.inter.b.w, n, f, precision);
             be.gemm(
                 &mut la.f2,
                 &la.g,
@@ -713,7 +713,7 @@ impl<B: Backend> Model<B> {
             );
             be.add_bias(&mut la.f2, &lp.out.b.w, n, c);
             let drop_f = dropout_for(mode, d.hidden_dropout, Dims::site_ffn_out(li));
-            be.dropout_fwd(&mut la.f2_drop, &la.f2, n * c, drop_f);
+            be.dropout_fwd(&mut la.f2_drop, &la.f2, n * c, drop_f, Precision::Fp32);
             be.layernorm_fwd(
                 &mut la.x2,
                 &mut la.mean2,
@@ -725,8 +725,8 @@ impl<B: Backend> Model<B> {
                 n,
                 c,
                 d.eps,
+                precision,
             );
-            q(&mut la.x2, n * c);
         }
 
         if let Some(cls) = &p.classifier {
@@ -734,8 +734,7 @@ impl<B: Backend> Model<B> {
             let l = d.labels;
             let hidden = a.layers.last().map_or(&a.x0, |la| &la.x2);
             let drop = dropout_for(mode, d.classifier_dropout, d.site_classifier());
-            be.dropout_fwd(&mut a.head_in, hidden, n * c, drop);
-            q(&mut a.head_in, n * c);
+            be.dropout_fwd(&mut a.head_in, hidden, n * c, drop, precision);
             be.gemm(
                 &mut a.logits,
                 &a.head_in,
@@ -812,9 +811,6 @@ impl<B: Backend> Model<B> {
         let s = &mut self.scratch;
         let p = &mut self.params;
         let precision = self.precision;
-        // Rounds a gradient that a GEMM or the attention core reads (no-op in fp32).
-        let q = |x: &mut B::Buf, len: usize| be.quantize(x, len, precision);
-
         let _bwd = be.profile_range(format_args!("backward"));
         be.zero(&mut s.dx, n * c);
         if let Some(cls) = &mut p.classifier {
@@ -822,8 +818,8 @@ impl<B: Backend> Model<B> {
                 let _head = be.profile_range(format_args!("head bwd"));
                 let l = d.labels;
                 be.softmax_ce_bwd(&mut s.dlogits, &a.logits, &a.labels, n, l, ce_scale);
-                q(&mut s.dlogits, n * l);
-                // dW_c += dlogits^T head_in ; db_c += sum dlogits ; dhead_in = dlogits W_c
+                be.quantize(&mut s.dlogits, n * l, precision); // the GEMMs below read it
+                                                               // dW_c += dlogits^T head_in ; db_c += sum dlogits ; dhead_in = dlogits W_c
                 be.gemm(
                     &mut cls.w.g,
                     &s.dlogits,
@@ -852,7 +848,7 @@ impl<B: Backend> Model<B> {
                     precision,
                 );
                 let drop = dropout_for(mode, d.classifier_dropout, d.site_classifier());
-                be.dropout_bwd(&mut s.dx, &s.dtmp, n * c, drop);
+                be.dropout_bwd(&mut s.dx, &s.dtmp, n * c, drop, Precision::Fp32);
             }
         }
         if let Some(dh) = dhidden {
@@ -884,8 +880,8 @@ impl<B: Backend> Model<B> {
                 &s.dsum,
                 n * c,
                 dropout(d.hidden_dropout, Dims::site_ffn_out(li)),
+                precision,
             );
-            q(&mut s.dtmp, n * c);
             // f2 = g W_o^T + b_o
             be.gemm(
                 &mut lp.out.w.g,
@@ -915,8 +911,16 @@ impl<B: Backend> Model<B> {
                 precision,
             );
             // g = gelu(f1 + b_i), f1 = x1 W_i^T
-            be.bias_gelu_bwd(&mut s.df, &mut lp.inter.b.g, &s.dg, &la.f1, &lp.inter.b.w, n, f);
-            q(&mut s.df, n * f);
+            be.bias_gelu_bwd(
+                &mut s.df,
+                &mut lp.inter.b.g,
+                &s.dg,
+                &la.f1,
+                &lp.inter.b.w,
+                n,
+                f,
+                precision,
+            );
             be.gemm(
                 &mut lp.inter.w.g,
                 &s.df,
@@ -963,8 +967,8 @@ impl<B: Backend> Model<B> {
                 &s.dsum,
                 n * c,
                 dropout(d.hidden_dropout, Dims::site_attn_out(li)),
+                precision,
             );
-            q(&mut s.dtmp, n * c);
             // ao = att W_ao^T + b_ao
             be.gemm(
                 &mut lp.attn_out.w.g,
@@ -993,16 +997,13 @@ impl<B: Backend> Model<B> {
                 0.0,
                 precision,
             );
-            q(&mut s.datt, n * c);
+            // (datt unrounded: the attention core rounds what it reads)
             let drop_p = dropout(d.attn_dropout, Dims::site_attn_probs(li));
             be.attention_bwd(
                 &mut s.dq, &mut s.dk, &mut s.dv, &s.datt, &la.q, &la.k, &la.v, &la.att, &la.lse, &a.mask, b, t, h, hd,
                 drop_p, precision,
-            );
-            for dy in [&mut s.dq, &mut s.dk, &mut s.dv] {
-                q(dy, n * c);
-            }
-            // q/k/v = x_in W^T + b: parameter grads, then dx_in = sum of the three paths
+            ); // dq, dk, dv written rounded
+               // q/k/v = x_in W^T + b: parameter grads, then dx_in = sum of the three paths
             let mut beta = 0.0;
             for (dy, w) in [(&s.dq, &mut lp.q), (&s.dk, &mut lp.k), (&s.dv, &mut lp.v)] {
                 be.gemm(&mut w.w.g, dy, x_in, c, c, n, true, false, 1.0, 1.0, precision);
@@ -1020,6 +1021,7 @@ impl<B: Backend> Model<B> {
             &s.dx,
             n * c,
             dropout(d.hidden_dropout, Dims::site_embeddings()),
+            Precision::Fp32,
         );
         be.layernorm_bwd(
             &mut s.dsum,

@@ -10,11 +10,13 @@
 //!
 //! Precision (`inputs`): in fp32 the softmax is the natural-exp one above. In bf16 / fp16
 //! this is the twin of kernels/attention_mma.cu (tensor cores) and rounds where it does:
-//! q, k, v, dout are rounded to the 16-bit type; the forward pass works in log2 units with
-//! an integer row offset M = ceil(max_j s_ij log2 e), p_ij = 2^(s_ij log2 e - M), rounds
-//! p_ij f_ij before the P V product and divides by l_i = sum_j p_ij afterwards (so the GPU's
-//! online rescaling by powers of two commutes with the rounding); the backward pass rounds
-//! p f before dV and dS before dQ and dK. Softmax statistics, lse and D stay fp32 (SPEC 7).
+//! q, k, v, dout (and out, for D) are read rounded to the 16-bit type; the forward pass
+//! works in log2 units with an integer row offset M = ceil(max_j s_ij log2 e),
+//! p_ij = 2^(s_ij log2 e - M), rounds p_ij f_ij before the P V product and divides by
+//! l_i = sum_j p_ij afterwards (so the GPU's online rescaling by powers of two commutes
+//! with the rounding); the backward pass rounds p f before dV and dS before dQ and dK; and
+//! out, dq, dk, dv are written rounded, ready for the GEMMs that read them. Softmax
+//! statistics, lse and D stay fp32 (SPEC 7).
 //!
 //! One task per (sequence, head), each with its own scratch ([t, t] blocks, reused
 //! across the tasks of a rayon split); the element-wise passes over a [t, t] block are
@@ -231,7 +233,7 @@ pub fn attention_fwd(
                 );
                 if inputs != Precision::Fp32 {
                     for (row, &f) in oh.chunks_mut(d).zip(&inv_l) {
-                        row.iter_mut().for_each(|x| *x *= f);
+                        row.iter_mut().for_each(|x| *x = round_to(*x * f, inputs));
                     }
                 }
                 (oh, lh)
@@ -264,6 +266,14 @@ pub fn attention_bwd(
 ) {
     let scale = 1.0 / (d as f32).sqrt();
     let c = h * d;
+    let (q, k, v, dout, out) = (
+        rounded(q, inputs),
+        rounded(k, inputs),
+        rounded(v, inputs),
+        rounded(dout, inputs),
+        rounded(out, inputs),
+    );
+    let (q, k, v, dout, out) = (&q[..], &k[..], &v[..], &dout[..], &out[..]);
     // D [b*t, h] = dO . O per row and head, in one streaming pass (inside the tasks these
     // strided reads missed the cache; the sums are the same).
     let dvec: Vec<f32> = dout[..b * t * c]
@@ -271,14 +281,6 @@ pub fn attention_bwd(
         .zip(out[..b * t * c].par_chunks(c))
         .flat_map_iter(|(g, o)| g.chunks(d).zip(o.chunks(d)).map(|(g, o)| dot(g, o)))
         .collect();
-    // D above is fp32 over the given dout; the products below read it rounded
-    let (q, k, v, dout) = (
-        rounded(q, inputs),
-        rounded(k, inputs),
-        rounded(v, inputs),
-        rounded(dout, inputs),
-    );
-    let (q, k, v, dout) = (&q[..], &k[..], &v[..], &dout[..]);
     type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
     let results: Vec<Grads> = (0..b * h)
         .into_par_iter()
@@ -335,8 +337,13 @@ pub fn attention_bwd(
             },
         )
         .collect();
-    for (task, (dqh, dkh, dvh)) in results.into_iter().enumerate() {
+    for (task, (mut dqh, mut dkh, mut dvh)) in results.into_iter().enumerate() {
         let (bi, hi) = (task / h, task % h);
+        if inputs != Precision::Fp32 {
+            for x in dqh.iter_mut().chain(dkh.iter_mut()).chain(dvh.iter_mut()) {
+                *x = round_to(*x, inputs);
+            }
+        }
         scatter_head(dq, &dqh, bi, hi, t, h, d);
         scatter_head(dk, &dkh, bi, hi, t, h, d);
         scatter_head(dv, &dvh, bi, hi, t, h, d);

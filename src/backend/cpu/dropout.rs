@@ -1,28 +1,33 @@
 //! Dropout from Philox counters: the mask is a function of (seed, stream, element index),
 //! so backward regenerates it instead of storing it. CPU twin of kernels/dropout.cu.
+use super::quantize::round_to;
 use crate::backend::philox::Dropout;
+use crate::backend::Precision;
 use rayon::prelude::*;
 
 const CHUNK: usize = 4096;
 
-/// out = inp * mask / (1-p); identity copy when p = 0.
-pub fn dropout_fwd(out: &mut [f32], inp: &[f32], n: usize, d: Dropout) {
-    if !d.is_on() {
-        out[..n].copy_from_slice(&inp[..n]);
-        return;
-    }
+/// out = inp * mask / (1-p), rounded to `rounding` (a copy when p = 0).
+pub fn dropout_fwd(out: &mut [f32], inp: &[f32], n: usize, d: Dropout, rounding: Precision) {
     out[..n].par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
         let base = ci * CHUNK;
-        d.fill_factors(base as u64, o);
-        for (o, x) in o.iter_mut().zip(&inp[base..]) {
-            *o *= x;
+        if d.is_on() {
+            d.fill_factors(base as u64, o);
+            for (o, x) in o.iter_mut().zip(&inp[base..]) {
+                *o *= x;
+            }
+        } else {
+            o.copy_from_slice(&inp[base..base + o.len()]);
+        }
+        if rounding != Precision::Fp32 {
+            o.iter_mut().for_each(|x| *x = round_to(*x, rounding));
         }
     });
 }
 
-/// dinp = dout * mask / (1-p) with the same mask as the forward pass.
-pub fn dropout_bwd(dinp: &mut [f32], dout: &[f32], n: usize, d: Dropout) {
-    dropout_fwd(dinp, dout, n, d)
+/// dinp = dout * mask / (1-p) with the same mask as the forward pass, rounded to `rounding`.
+pub fn dropout_bwd(dinp: &mut [f32], dout: &[f32], n: usize, d: Dropout, rounding: Precision) {
+    dropout_fwd(dinp, dout, n, d, rounding)
 }
 
 /// Both dropout views of the forget rows from one read of their input:

@@ -4,7 +4,9 @@
 //! erf and exp are simd::erf and simd::exp (within 4.2e-7 and 1 ulp of libm), so the row
 //! loops vectorise; they run in AVX-512/AVX2 builds where the CPU has them.
 use super::gemm::{col_sums_chunk, REDUCE_ROWS};
+use super::quantize::round_to;
 use super::simd::{self, multiversion};
+use crate::backend::Precision;
 use rayon::prelude::*;
 use std::f32::consts::FRAC_1_SQRT_2;
 
@@ -44,18 +46,27 @@ multiversion! {
     }
 }
 
-/// out = gelu(inp + bias), rows of width c.
-pub fn bias_gelu_fwd(out: &mut [f32], inp: &[f32], bias: &[f32], n: usize, c: usize) {
+/// out = gelu(inp + bias), rows of width c, rounded to `rounding`.
+pub fn bias_gelu_fwd(out: &mut [f32], inp: &[f32], bias: &[f32], n: usize, c: usize, rounding: Precision) {
     out[..n * c]
         .par_chunks_mut(c)
         .zip(inp[..n * c].par_chunks(c))
-        .for_each(|(o, x)| bias_gelu_row(o, x, &bias[..c]));
+        .for_each(|(o, x)| {
+            bias_gelu_row(o, x, &bias[..c]);
+            if rounding != Precision::Fp32 {
+                o.iter_mut().for_each(|x| *x = round_to(*x, rounding));
+            }
+        });
 }
 
-/// dinp = dout * gelu'(inp + bias); dbias += column sums of dinp. One pass: each chunk
-/// of REDUCE_ROWS rows is written and summed while in cache, partials added in chunk order
-/// (the same bits as `col_sums_into` over dinp).
-pub fn bias_gelu_bwd(dinp: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], bias: &[f32], n: usize, c: usize) {
+/// dinp = dout * gelu'(inp + bias), rounded to `rounding`; dbias += column sums of dinp as
+/// written. One pass: each chunk of REDUCE_ROWS rows is written and summed while in cache,
+/// partials added in chunk order (the same bits as `col_sums_into` over dinp).
+#[allow(clippy::too_many_arguments)]
+pub fn bias_gelu_bwd(
+    dinp: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], bias: &[f32], n: usize, c: usize,
+    rounding: Precision,
+) {
     let rows = REDUCE_ROWS * c;
     let partials: Vec<Vec<f32>> = dinp[..n * c]
         .par_chunks_mut(rows)
@@ -63,6 +74,9 @@ pub fn bias_gelu_bwd(dinp: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f
         .map(|(di, (g, x))| {
             for ((di, g), x) in di.chunks_mut(c).zip(g.chunks(c)).zip(x.chunks(c)) {
                 bias_gelu_grad_row(di, g, x, &bias[..c]);
+                if rounding != Precision::Fp32 {
+                    di.iter_mut().for_each(|x| *x = round_to(*x, rounding));
+                }
             }
             let mut acc = vec![0f32; c];
             col_sums_chunk(&mut acc, di);

@@ -5,7 +5,9 @@
 //! them (simd::multiversion), with the statistics summed in fixed lanes (f64 for mean and
 //! variance), so the result does not depend on the thread count or the vector width.
 use super::gemm::REDUCE_ROWS;
+use super::quantize::round_to;
 use super::simd::{self, multiversion};
+use crate::backend::Precision;
 use rayon::prelude::*;
 
 /// Lanes of the f64 sums of the row statistics (one AVX-512 register).
@@ -70,7 +72,7 @@ multiversion! {
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_fwd(
     out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], residual: Option<&[f32]>, weight: &[f32],
-    bias: &[f32], n: usize, c: usize, eps: f32,
+    bias: &[f32], n: usize, c: usize, eps: f32, rounding: Precision,
 ) {
     out[..n * c]
         .par_chunks_mut(c)
@@ -80,6 +82,9 @@ pub fn layernorm_fwd(
             let x = &inp[r * c..(r + 1) * c];
             let res = residual.map(|res| &res[r * c..(r + 1) * c]);
             (*mu, *rs) = layernorm_fwd_row(o, x, res, &weight[..c], &bias[..c], eps);
+            if rounding != Precision::Fp32 {
+                o.iter_mut().for_each(|x| *x = round_to(*x, rounding));
+            }
         });
 }
 

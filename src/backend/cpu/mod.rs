@@ -89,6 +89,7 @@ impl Backend for Cpu {
     fn layernorm_fwd(
         &self, out: &mut Vec<f32>, mean: &mut Vec<f32>, rstd: &mut Vec<f32>, inp: &Vec<f32>,
         residual: Option<&Vec<f32>>, weight: &Vec<f32>, bias: &Vec<f32>, n: usize, c: usize, eps: f32,
+        rounding: Precision,
     ) {
         layernorm::layernorm_fwd(
             out,
@@ -101,6 +102,7 @@ impl Backend for Cpu {
             n,
             c,
             eps,
+            rounding,
         )
     }
     fn layernorm_bwd(
@@ -121,14 +123,16 @@ impl Backend for Cpu {
             c,
         )
     }
-    fn bias_gelu_fwd(&self, out: &mut Vec<f32>, inp: &Vec<f32>, bias: &Vec<f32>, n: usize, c: usize) {
-        gelu::bias_gelu_fwd(out, inp, bias, n, c)
+    fn bias_gelu_fwd(
+        &self, out: &mut Vec<f32>, inp: &Vec<f32>, bias: &Vec<f32>, n: usize, c: usize, rounding: Precision,
+    ) {
+        gelu::bias_gelu_fwd(out, inp, bias, n, c, rounding)
     }
     fn bias_gelu_bwd(
         &self, dinp: &mut Vec<f32>, dbias: &mut Vec<f32>, dout: &Vec<f32>, inp: &Vec<f32>, bias: &Vec<f32>, n: usize,
-        c: usize,
+        c: usize, rounding: Precision,
     ) {
-        gelu::bias_gelu_bwd(dinp, dbias, dout, inp, bias, n, c)
+        gelu::bias_gelu_bwd(dinp, dbias, dout, inp, bias, n, c, rounding)
     }
     fn attention_fwd(
         &self, out: &mut Vec<f32>, lse: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, mask: &Vec<f32>,
@@ -143,11 +147,11 @@ impl Backend for Cpu {
     ) {
         attention::attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, mask, b, t, h, d, dropout, inputs)
     }
-    fn dropout_fwd(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize, d: Dropout) {
-        dropout::dropout_fwd(out, inp, n, d)
+    fn dropout_fwd(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize, d: Dropout, rounding: Precision) {
+        dropout::dropout_fwd(out, inp, n, d, rounding)
     }
-    fn dropout_bwd(&self, dinp: &mut Vec<f32>, dout: &Vec<f32>, n: usize, d: Dropout) {
-        dropout::dropout_bwd(dinp, dout, n, d)
+    fn dropout_bwd(&self, dinp: &mut Vec<f32>, dout: &Vec<f32>, n: usize, d: Dropout, rounding: Precision) {
+        dropout::dropout_bwd(dinp, dout, n, d, rounding)
     }
     fn dropout_duplicate(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize, d: Dropout) {
         dropout::dropout_duplicate(out, inp, n, d)

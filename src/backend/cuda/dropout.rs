@@ -1,19 +1,25 @@
 //! Dropout from Philox counters (kernels/dropout.cu). CPU twin: cpu/dropout.rs.
-use super::{check, grid_1d, int, need, Cuda, DropoutArgs, BLOCK};
-use crate::backend::Dropout;
+use super::{check, grid_1d, int, need, round_code, Cuda, DropoutArgs, BLOCK};
+use crate::backend::{Dropout, Precision};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-/// out = inp * mask / (1-p); a copy when p = 0.
-pub fn dropout_fwd(cu: &Cuda, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, n: usize, d: Dropout) {
-    launch_elementwise(cu, "dropout_fwd_f32", out, inp, n, d);
+/// out = inp * mask / (1-p) (a copy when p = 0), rounded to `rounding`.
+pub fn dropout_fwd(
+    cu: &Cuda, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, n: usize, d: Dropout, rounding: Precision,
+) {
+    launch_elementwise(cu, "dropout_fwd_f32", out, inp, n, d, rounding);
 }
 
-/// dinp = dout * mask / (1-p), the forward's mask regenerated.
-pub fn dropout_bwd(cu: &Cuda, dinp: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, n: usize, d: Dropout) {
-    launch_elementwise(cu, "dropout_bwd_f32", dinp, dout, n, d);
+/// dinp = dout * mask / (1-p), the forward's mask regenerated, rounded to `rounding`.
+pub fn dropout_bwd(
+    cu: &Cuda, dinp: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, n: usize, d: Dropout, rounding: Precision,
+) {
+    launch_elementwise(cu, "dropout_bwd_f32", dinp, dout, n, d, rounding);
 }
 
-fn launch_elementwise(cu: &Cuda, kernel: &str, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, n: usize, d: Dropout) {
+fn launch_elementwise(
+    cu: &Cuda, kernel: &str, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, n: usize, d: Dropout, rounding: Precision,
+) {
     if n == 0 {
         return;
     }
@@ -22,8 +28,9 @@ fn launch_elementwise(cu: &Cuda, kernel: &str, out: &mut CudaSlice<f32>, inp: &C
     need(inp.len(), n, kernel);
     let (ni, args) = (int(n, "dropout n"), DropoutArgs::from(d));
     let mut l = cu.stream.launch_builder(cu.func(kernel));
-    l.arg(out).arg(inp).arg(&ni).arg(&args);
-    // SAFETY: (float* out, const float* inp, int n, DropoutArgs d); one thread per group of
+    let round = round_code(rounding);
+    l.arg(out).arg(inp).arg(&ni).arg(&args).arg(&round);
+    // SAFETY: (float* out, const float* inp, int n, DropoutArgs d, int round); one thread per group of
     // four elements reads inp[..n] and writes out[..n]; both hold n floats (checked above).
     check(unsafe { l.launch(grid_1d(n.div_ceil(4), BLOCK)) }, kernel);
 }

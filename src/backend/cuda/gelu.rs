@@ -1,11 +1,13 @@
 //! Bias + GELU (kernels/gelu.cu). CPU twin: cpu/gelu.rs.
 use super::gemm::col_sums_into;
-use super::{check, grid_1d, int, need, Cuda, BLOCK};
+use super::{check, grid_1d, int, need, round_code, Cuda, BLOCK};
+use crate::backend::Precision;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-/// out = gelu(inp + bias) (erf form), rows of width c.
+/// out = gelu(inp + bias) (erf form), rows of width c, rounded to `rounding`.
 pub fn bias_gelu_fwd(
     cu: &Cuda, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, c: usize,
+    rounding: Precision,
 ) {
     let total = n * c;
     if total == 0 {
@@ -18,17 +20,19 @@ pub fn bias_gelu_fwd(
     let (ni, ci) = (int(n, "gelu n"), int(c, "gelu c"));
     int(total, "gelu n*c");
     let mut l = cu.stream.launch_builder(cu.func("bias_gelu_fwd_f32"));
-    l.arg(out).arg(inp).arg(bias).arg(&ni).arg(&ci);
-    // SAFETY: (float* out, const float* inp, const float* bias, int n, int c); one thread
+    let round = round_code(rounding);
+    l.arg(out).arg(inp).arg(bias).arg(&ni).arg(&ci).arg(&round);
+    // SAFETY: (float* out, const float* inp, const float* bias, int n, int c, int round); one thread
     // per element < n*c, bias[..c]; sizes checked above.
     check(unsafe { l.launch(grid_1d(total, BLOCK)) }, "bias_gelu_fwd_f32");
 }
 
-/// dinp = dout * gelu'(inp + bias) (overwritten); dbias += column sums of dinp.
+/// dinp = dout * gelu'(inp + bias) (overwritten, rounded to `rounding`); dbias += column
+/// sums of dinp as written.
 #[allow(clippy::too_many_arguments)]
 pub fn bias_gelu_bwd(
     cu: &Cuda, dinp: &mut CudaSlice<f32>, dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaSlice<f32>,
-    bias: &CudaSlice<f32>, n: usize, c: usize,
+    bias: &CudaSlice<f32>, n: usize, c: usize, rounding: Precision,
 ) {
     let total = n * c;
     if total == 0 {
@@ -42,9 +46,16 @@ pub fn bias_gelu_bwd(
     let (ni, ci) = (int(n, "gelu n"), int(c, "gelu c"));
     int(total, "gelu n*c");
     let mut l = cu.stream.launch_builder(cu.func("bias_gelu_bwd_dinp_f32"));
-    l.arg(&mut *dinp).arg(dout).arg(inp).arg(bias).arg(&ni).arg(&ci);
+    let round = round_code(rounding);
+    l.arg(&mut *dinp)
+        .arg(dout)
+        .arg(inp)
+        .arg(bias)
+        .arg(&ni)
+        .arg(&ci)
+        .arg(&round);
     // SAFETY: (float* dinp, const float* dout, const float* inp, const float* bias, int n,
-    // int c); one thread per element < n*c; sizes checked above.
+    // int c, int round); one thread per element < n*c; sizes checked above.
     check(unsafe { l.launch(grid_1d(total, BLOCK)) }, "bias_gelu_bwd_dinp_f32");
     col_sums_into(cu, dbias, dinp, n, c);
 }

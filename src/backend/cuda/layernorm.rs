@@ -1,8 +1,9 @@
 //! LayerNorm with an optional fused residual add (kernels/layernorm.cu). CPU twin:
 //! cpu/layernorm.rs.
 use super::gemm::launch_col_partials_add;
-use super::{check, ensure, int, need, Cuda};
+use super::{check, ensure, int, need, round_code, Cuda};
 use crate::backend::cpu::gemm::REDUCE_ROWS;
+use crate::backend::Precision;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 /// Threads per row block.
@@ -16,11 +17,12 @@ fn row_cfg(n: usize) -> LaunchConfig {
     }
 }
 
-/// out = LayerNorm(inp + residual) over rows of width c; mean and 1/std saved per row.
+/// out = LayerNorm(inp + residual) over rows of width c (rounded to `rounding`); mean and 1/std saved per row.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_fwd(
     cu: &Cuda, out: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, inp: &CudaSlice<f32>,
     residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, c: usize, eps: f32,
+    rounding: Precision,
 ) {
     if n == 0 {
         return;
@@ -44,10 +46,11 @@ pub fn layernorm_fwd(
         Some(r) => l.arg(r),
         None => l.arg(&null),
     };
-    l.arg(weight).arg(bias).arg(&ni).arg(&ci).arg(&eps);
+    let round = round_code(rounding);
+    l.arg(weight).arg(bias).arg(&ni).arg(&ci).arg(&eps).arg(&round);
     // SAFETY: (float* out, float* mean, float* rstd, const float* inp, const float*
     // residual (null: none), const float* weight, const float* bias, int n, int c, float
-    // eps); block r < n reads row r of inp (and residual), weight and bias [c], writes row
+    // eps, int round); block r < n reads row r of inp (and residual), weight and bias [c], writes row
     // r of out, mean[r], rstd[r]; sizes checked above.
     check(unsafe { l.launch(row_cfg(n)) }, "layernorm_fwd_f32");
 }

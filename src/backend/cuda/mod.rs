@@ -169,6 +169,16 @@ fn check<T, E: std::fmt::Debug>(r: std::result::Result<T, E>, what: &str) -> T {
 }
 
 /// A size as the i32 the kernels take.
+/// The code of a rounding precision as the kernels take it (`round_as` in
+/// kernels/common.cuh): 0 fp32 (none), 1 bf16, 2 fp16.
+fn round_code(p: Precision) -> i32 {
+    match p {
+        Precision::Fp32 => 0,
+        Precision::Bf16 => 1,
+        Precision::Fp16 => 2,
+    }
+}
+
 fn int(x: usize, what: &str) -> i32 {
     i32::try_from(x).unwrap_or_else(|_| panic!("{what} = {x} exceeds the kernels' i32 range"))
 }
@@ -415,9 +425,9 @@ impl Backend for Cuda {
     fn layernorm_fwd(
         &self, out: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, inp: &CudaSlice<f32>,
         residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, c: usize,
-        eps: f32,
+        eps: f32, rounding: Precision,
     ) {
-        layernorm::layernorm_fwd(self, out, mean, rstd, inp, residual, weight, bias, n, c, eps)
+        layernorm::layernorm_fwd(self, out, mean, rstd, inp, residual, weight, bias, n, c, eps, rounding)
     }
     fn layernorm_bwd(
         &self, dinp: &mut CudaSlice<f32>, dweight: &mut CudaSlice<f32>, dbias: &mut CudaSlice<f32>,
@@ -428,14 +438,17 @@ impl Backend for Cuda {
             self, dinp, dweight, dbias, dout, inp, residual, weight, mean, rstd, n, c,
         )
     }
-    fn bias_gelu_fwd(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, c: usize) {
-        gelu::bias_gelu_fwd(self, out, inp, bias, n, c)
+    fn bias_gelu_fwd(
+        &self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, c: usize,
+        rounding: Precision,
+    ) {
+        gelu::bias_gelu_fwd(self, out, inp, bias, n, c, rounding)
     }
     fn bias_gelu_bwd(
         &self, dinp: &mut CudaSlice<f32>, dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>, n: usize, c: usize,
+        bias: &CudaSlice<f32>, n: usize, c: usize, rounding: Precision,
     ) {
-        gelu::bias_gelu_bwd(self, dinp, dbias, dout, inp, bias, n, c)
+        gelu::bias_gelu_bwd(self, dinp, dbias, dout, inp, bias, n, c, rounding)
     }
     fn attention_fwd(
         &self, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>,
@@ -453,11 +466,11 @@ impl Backend for Cuda {
             self, dq, dk, dv, dout, q, k, v, out, lse, mask, b, t, h, d, dropout, inputs,
         )
     }
-    fn dropout_fwd(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, n: usize, d: Dropout) {
-        dropout::dropout_fwd(self, out, inp, n, d)
+    fn dropout_fwd(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, n: usize, d: Dropout, rounding: Precision) {
+        dropout::dropout_fwd(self, out, inp, n, d, rounding)
     }
-    fn dropout_bwd(&self, dinp: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, n: usize, d: Dropout) {
-        dropout::dropout_bwd(self, dinp, dout, n, d)
+    fn dropout_bwd(&self, dinp: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, n: usize, d: Dropout, rounding: Precision) {
+        dropout::dropout_bwd(self, dinp, dout, n, d, rounding)
     }
     fn dropout_duplicate(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, n: usize, d: Dropout) {
         dropout::dropout_duplicate(self, out, inp, n, d)
