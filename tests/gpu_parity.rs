@@ -306,6 +306,57 @@ fn gemm_on_rounded_inputs_body<G: Backend>(g: &G) {
     }
 }
 
+// gemm_bias (cuBLASLt with the bias epilogue on CUDA) against the CPU's gemm + add_bias,
+// every transpose, fp32 and 16-bit inputs (rounded first, as Backend::gemm promises).
+parity_test!(gemm_bias_all_transposes, gemm_bias_all_transposes_body);
+fn gemm_bias_all_transposes_body<G: Backend>(g: &G) {
+    gemm_bias_check(g, "gemm_bias");
+}
+fn gemm_bias_check<G: Backend>(g: &G, what: &str) {
+    fn run<B: Backend>(
+        be: &B, a: &[f32], b: &[f32], bias: &[f32], s: (usize, usize, usize), t: (bool, bool), p: Precision,
+    ) -> Vec<f32> {
+        let (m, n, k) = s;
+        let mut c = be.alloc(m * n);
+        be.gemm_bias(&mut c, &up(be, a), &up(be, b), &up(be, bias), m, n, k, t.0, t.1, p);
+        be.download(&c, m * n)
+    }
+    let mut rng = Rng(211);
+    for p in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
+        for (m, n, k) in [(37, 29, 51), (64, 96, 48), (1, 13, 384)] {
+            let r = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|v| round_to(v, p)).collect() };
+            let (a, b, bias) = (r(rng.vec(m * k, 1.0)), r(rng.vec(k * n, 1.0)), rng.vec(n, 1.0));
+            for t in [(false, false), (false, true), (true, false), (true, true)] {
+                compare(
+                    &format!("{what} {p} m={m} n={n} k={k} ta={} tb={}", t.0, t.1),
+                    &run(g, &a, &b, &bias, (m, n, k), t, p),
+                    &run(&Cpu, &a, &b, &bias, (m, n, k), t, p),
+                    TOL_KERNEL,
+                );
+            }
+        }
+    }
+}
+
+/// On CUDA gemm_bias really ran cuBLASLt (every shape above had a plan), and the fallback
+/// (`Cuda::without_cublaslt`: cuBLAS GEMM + add_bias) gives the same products.
+#[test]
+fn gemm_bias_ran_cublaslt_and_the_fallback_agrees() {
+    let Some(g) = gpu("gemm_bias_ran_cublaslt_and_the_fallback_agrees") else {
+        return;
+    };
+    gemm_bias_check(&g, "gemm_bias (cuBLASLt)");
+    let (with, without) = g.cublaslt_plans().expect("cuBLASLt opened");
+    eprintln!("cuBLASLt plans: {with} shapes with the bias epilogue, {without} fell back");
+    assert!(with > 0, "no shape ran on cuBLASLt");
+    if std::env::var("DEEPCUT_CUDA_EMU").is_ok() {
+        assert_eq!(without, 0, "the emulator's cuBLASLt serves every shape");
+    }
+    let g = Cuda::new(0).expect("the device opened a moment ago").without_cublaslt();
+    gemm_bias_check(&g, "gemm_bias (fallback)");
+    assert_eq!(g.cublaslt_plans(), None, "the fallback opened cuBLASLt");
+}
+
 parity_test!(bias_ops_and_inplace_add, bias_ops_and_inplace_add_body);
 fn bias_ops_and_inplace_add_body<G: Backend>(g: &G) {
     let (rows, cols) = (131, 77);

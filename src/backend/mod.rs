@@ -280,6 +280,17 @@ pub trait Backend {
         &self, c: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool,
         alpha: f32, beta: f32, inputs: Precision,
     );
+    /// c[m, n] = op(a) op(b) + bias, bias [n] added to every row (a linear layer's
+    /// x W^T + b): `gemm` with alpha 1, beta 0, then `add_bias`, which is this default; the
+    /// CUDA backend adds the bias in the GEMM's epilogue (cuBLASLt) and saves the pass.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_bias(
+        &self, c: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, bias: &Self::Buf, m: usize, n: usize, k: usize,
+        ta: bool, tb: bool, inputs: Precision,
+    ) {
+        self.gemm(c, a, b, m, n, k, ta, tb, 1.0, 0.0, inputs);
+        self.add_bias(c, bias, m, n);
+    }
     /// out[r, :] += bias for r < rows.
     fn add_bias(&self, out: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize);
     /// dbias += sum over rows of dout[rows, cols].

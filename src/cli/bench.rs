@@ -82,6 +82,11 @@ pub trait BenchBackend: Backend {
     /// Whether numbers from this backend are verified (false for the CUDA backend until it
     /// has run on a GPU).
     fn verified(&self) -> bool;
+    /// Which implementation the step's GEMM-with-bias and attention ran on (after the
+    /// steps), for the JSON; null where there is one path.
+    fn paths(&self, _precision: Precision) -> Value {
+        Value::Null
+    }
 }
 
 /// One measured matmul rate.
@@ -171,6 +176,23 @@ impl BenchBackend for Cuda {
     }
     fn verified(&self) -> bool {
         false
+    }
+    fn paths(&self, precision: Precision) -> Value {
+        json!({
+            "gemm_bias": match self.cublaslt_plans() {
+                Some((with, 0)) => format!("cuBLASLt with the bias epilogue ({with} shapes)"),
+                Some((with, without)) => format!(
+                    "cuBLASLt with the bias epilogue ({with} shapes); cuBLAS GEMM + add_bias for {without} \
+                     shapes cuBLASLt had no algorithm for"
+                ),
+                None => "cuBLAS GEMM + add_bias kernel (cuBLASLt not available)".to_string(),
+            },
+            "attention": if precision == Precision::Fp32 {
+                "kernels/attention.cu, fp32 on CUDA cores"
+            } else {
+                "kernels/attention_mma.cu, mma.sync on tensor cores"
+            },
+        })
     }
 }
 
@@ -586,6 +608,7 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             "precision_detail": precision.describe(),
             "threads": rayon::current_num_threads(),
             "verified": model.be.verified(),
+            "paths": model.be.paths(precision),
             "step_time_s": spread.to_json(),
             "tokens_per_s": tokens as f64 / spread.median,
             "flops_per_step": flops.total(),

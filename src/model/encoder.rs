@@ -636,8 +636,7 @@ impl<B: Backend> Model<B> {
             // Self-attention: q, k, v projections, fused attention core, output projection.
             // (q, k, v unrounded: the attention core rounds what it reads)
             for (out, w) in [(&mut la.q, &lp.q), (&mut la.k, &lp.k), (&mut la.v, &lp.v)] {
-                be.gemm(out, x_in, w.w.gemm_w(), n, c, c, false, true, 1.0, 0.0, precision);
-                be.add_bias(out, &w.b.w, n, c);
+                be.gemm_bias(out, x_in, w.w.gemm_w(), &w.b.w, n, c, c, false, true, precision);
             }
             let drop_p = dropout_for(mode, d.attn_dropout, Dims::site_attn_probs(li));
             be.attention_fwd(
@@ -654,20 +653,18 @@ impl<B: Backend> Model<B> {
                 drop_p,
                 precision,
             ); // att written rounded
-            be.gemm(
+            be.gemm_bias(
                 &mut la.ao,
                 &la.att,
                 lp.attn_out.w.gemm_w(),
+                &lp.attn_out.b.w,
                 n,
                 c,
                 c,
                 false,
                 true,
-                1.0,
-                0.0,
                 precision,
             );
-            be.add_bias(&mut la.ao, &lp.attn_out.b.w, n, c);
             let drop_a = dropout_for(mode, d.hidden_dropout, Dims::site_attn_out(li));
             be.dropout_fwd(&mut la.ao_drop, &la.ao, n * c, drop_a, Precision::Fp32);
             be.layernorm_fwd(
@@ -698,20 +695,18 @@ impl<B: Backend> Model<B> {
                 precision,
             );
             be.bias_gelu_fwd(&mut la.g, &la.f1, &lp.inter.b.w, n, f, precision);
-            be.gemm(
+            be.gemm_bias(
                 &mut la.f2,
                 &la.g,
                 lp.out.w.gemm_w(),
+                &lp.out.b.w,
                 n,
                 c,
                 f,
                 false,
                 true,
-                1.0,
-                0.0,
                 precision,
             );
-            be.add_bias(&mut la.f2, &lp.out.b.w, n, c);
             let drop_f = dropout_for(mode, d.hidden_dropout, Dims::site_ffn_out(li));
             be.dropout_fwd(&mut la.f2_drop, &la.f2, n * c, drop_f, Precision::Fp32);
             be.layernorm_fwd(
@@ -735,20 +730,18 @@ impl<B: Backend> Model<B> {
             let hidden = a.layers.last().map_or(&a.x0, |la| &la.x2);
             let drop = dropout_for(mode, d.classifier_dropout, d.site_classifier());
             be.dropout_fwd(&mut a.head_in, hidden, n * c, drop, precision);
-            be.gemm(
+            be.gemm_bias(
                 &mut a.logits,
                 &a.head_in,
                 cls.w.gemm_w(),
+                &cls.b.w,
                 n,
                 l,
                 c,
                 false,
                 true,
-                1.0,
-                0.0,
                 precision,
             );
-            be.add_bias(&mut a.logits, &cls.b.w, n, l);
         }
         self.cur = Some((b, t, mode));
     }

@@ -55,13 +55,18 @@ fn build_now() -> Result<PathBuf, String> {
         .iter()
         .map(|f| emu.join(f)),
     );
+    let cublaslt = out.join("libcublasLt.so");
     let (cuda, cublas, nvtx) = (
         out.join("libcuda.so"),
         out.join("libcublas.so"),
         out.join("libnvToolsExt.so"),
     );
     let newest = inputs.iter().filter_map(|p| mtime(p)).max();
-    let oldest_out = [&cuda, &cublas, &nvtx].iter().map(|p| mtime(p)).min().flatten();
+    let oldest_out = [&cuda, &cublas, &cublaslt, &nvtx]
+        .iter()
+        .map(|p| mtime(p))
+        .min()
+        .flatten();
     if let (Some(i), Some(o)) = (newest, oldest_out) {
         if o > i {
             return Ok(out);
@@ -112,7 +117,7 @@ fn build_now() -> Result<PathBuf, String> {
         jobs.push((k.display().to_string(), spawn(cmd)?));
         objects.push(obj);
     }
-    // Each library is linked under a temporary name and renamed into place once all three
+    // Each library is linked under a temporary name and renamed into place once all four
     // exist, so no process ever opens a half-written one.
     let staged = |p: &Path| p.with_extension("so.tmp");
     let mut cmd = Command::new(&cxx);
@@ -122,6 +127,13 @@ fn build_now() -> Result<PathBuf, String> {
         .arg("-o")
         .arg(staged(&cublas));
     jobs.push(("tests/cuda_emu/cublas.cpp".into(), spawn(cmd)?));
+    let mut cmd = Command::new(&cxx);
+    base(&mut cmd);
+    cmd.arg("-shared")
+        .arg(emu.join("cublas.cpp"))
+        .arg("-o")
+        .arg(staged(&cublaslt));
+    jobs.push(("tests/cuda_emu/cublas.cpp (as libcublasLt)".into(), spawn(cmd)?));
     let mut cmd = Command::new(&cxx);
     base(&mut cmd);
     cmd.arg("-shared")
@@ -140,7 +152,7 @@ fn build_now() -> Result<PathBuf, String> {
         .arg("-o")
         .arg(staged(&cuda));
     wait("tests/cuda_emu/runtime.cpp", spawn(cmd)?)?;
-    for lib in [&cublas, &nvtx, &cuda] {
+    for lib in [&cublas, &cublaslt, &nvtx, &cuda] {
         std::fs::rename(staged(lib), lib).map_err(|e| format!("{}: {e}", lib.display()))?;
     }
     Ok(out)

@@ -1,5 +1,7 @@
-// A CPU stand-in for the cuBLAS calls of the engine (tests/cuda_emu): handles, stream and
-// math mode, cublasSgemm_v2 and cublasGemmEx, column-major as cuBLAS. GemmEx with a
+// A CPU stand-in for the cuBLAS and cuBLASLt calls of the engine (tests/cuda_emu): handles,
+// stream and math mode, cublasSgemm_v2 and cublasGemmEx, column-major as cuBLAS; and the
+// cuBLASLt matmul with its descriptors, layouts, heuristic and the BIAS epilogue (this file
+// is linked twice, as libcublas.so and libcublasLt.so). GemmEx with a
 // CUBLAS_COMPUTE_32F_FAST_16BF / _16F compute type rounds every A and B element to bf16 /
 // fp16 first, as tensor cores read them: a caller that passes values not representable in
 // 16 bits (breaking Backend::gemm's promise) gets a visibly different product.
@@ -34,7 +36,8 @@ static void store(void* p, int type, size_t i, float v) {
 }
 
 static cublasStatus_t gemm(int ta, int tb, int m, int n, int k, float alpha, const void* a, int at, int lda,
-                           const void* b, int bt, int ldb, float beta, void* c, int ct, int ldc, int round) {
+                           const void* b, int bt, int ldb, float beta, void* c, int ct, int ldc, int round,
+                           const float* bias = nullptr) {
     if (m < 0 || n < 0 || k < 0) return 7;
     auto rd = [round](float x) {
         if (round == COMPUTE_32F_FAST_16BF) return __bfloat162float(__float2bfloat16_rn(x));
@@ -58,6 +61,7 @@ static cublasStatus_t gemm(int ta, int tb, int m, int n, int k, float alpha, con
             size_t o = i + (size_t)j * ldc;
             float v = alpha * acc;
             if (beta != 0.0f) v += beta * load(c, ct, o);
+            if (bias) v += bias[i];  // the BIAS epilogue: one value per row of D
             store(c, ct, o, v);
         }
     return 0;
@@ -90,5 +94,100 @@ cublasStatus_t cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const vo
                             int compute, int) {
     return gemm(ta, tb, m, n, k, *(const float*)alpha, a, at, lda, b, bt, ldb, *(const float*)beta, c, ct, ldc,
                 compute);
+}
+}
+
+// ---- cuBLASLt -------------------------------------------------------------------------------
+// Descriptor attributes and values as cublasLt.h numbers them.
+enum { DESC_TRANSA = 3, DESC_TRANSB = 4, DESC_EPILOGUE = 7, DESC_BIAS_POINTER = 8 };
+enum { EPILOGUE_DEFAULT = 1, EPILOGUE_BIAS = 4 };
+
+struct LtDesc {
+    int compute, scale;
+    int transa = N_OP, transb = N_OP, epilogue = EPILOGUE_DEFAULT;
+    const float* bias = nullptr;
+};
+struct LtLayout {
+    int type;
+    uint64_t rows, cols;
+    int64_t ld;
+};
+struct LtHeuristic {  // cublasLtMatmulHeuristicResult_t
+    uint64_t algo[8];
+    size_t workspace;
+    int state;
+    float waves;
+    int reserved[4];
+};
+
+extern "C" {
+cublasStatus_t cublasLtCreate(void** h) {
+    *h = &dummy_handle;
+    return 0;
+}
+cublasStatus_t cublasLtDestroy(void*) { return 0; }
+cublasStatus_t cublasLtMatmulDescCreate(LtDesc** d, int compute, int scale) {
+    *d = new LtDesc{compute, scale};
+    return 0;
+}
+cublasStatus_t cublasLtMatmulDescDestroy(LtDesc* d) {
+    delete d;
+    return 0;
+}
+cublasStatus_t cublasLtMatmulDescSetAttribute(LtDesc* d, int attr, const void* buf, size_t size) {
+    switch (attr) {
+        case DESC_TRANSA: memcpy(&d->transa, buf, 4); return 0;
+        case DESC_TRANSB: memcpy(&d->transb, buf, 4); return 0;
+        case DESC_EPILOGUE:
+            memcpy(&d->epilogue, buf, 4);
+            return d->epilogue == EPILOGUE_DEFAULT || d->epilogue == EPILOGUE_BIAS ? 0 : 15;  // NOT_SUPPORTED
+        case DESC_BIAS_POINTER:
+            if (size != sizeof(void*)) return 7;  // INVALID_VALUE
+            memcpy(&d->bias, buf, sizeof(void*));
+            return 0;
+        default: return 15;
+    }
+}
+cublasStatus_t cublasLtMatrixLayoutCreate(LtLayout** l, int type, uint64_t rows, uint64_t cols, int64_t ld) {
+    if (ld < (int64_t)rows) return 7;
+    *l = new LtLayout{type, rows, cols, ld};
+    return 0;
+}
+cublasStatus_t cublasLtMatrixLayoutDestroy(LtLayout* l) {
+    delete l;
+    return 0;
+}
+cublasStatus_t cublasLtMatmulPreferenceCreate(void** p) {
+    *p = new int(0);
+    return 0;
+}
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(void*, int, const void*, size_t) { return 0; }
+cublasStatus_t cublasLtMatmulPreferenceDestroy(void* p) {
+    delete (int*)p;
+    return 0;
+}
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(void*, LtDesc*, LtLayout*, LtLayout*, LtLayout*, LtLayout*, void*,
+                                              int requested, LtHeuristic* results, int* returned) {
+    if (requested < 1) return 7;
+    memset(results, 0, sizeof(LtHeuristic));
+    results->waves = 1.0f;
+    *returned = 1;
+    return 0;
+}
+// D = alpha op(A) op(B) + beta C (+ bias per row with the BIAS epilogue), C and D the same
+// buffer here (the engine's only use).
+cublasStatus_t cublasLtMatmul(void*, LtDesc* d, const void* alpha, const void* a, LtLayout* la, const void* b,
+                              LtLayout* lb, const void* beta, const void* c, LtLayout* lc, void* dd, LtLayout* ld,
+                              const void* algo, void*, size_t, void*) {
+    if (!algo || c != dd || lc->rows != ld->rows || lc->cols != ld->cols) return 7;
+    const int m = (int)ld->rows, n = (int)ld->cols;
+    const int k = (int)(d->transa == N_OP ? la->cols : la->rows);
+    if ((d->transa == N_OP ? la->rows : la->cols) != (uint64_t)m) return 7;
+    if ((d->transb == N_OP ? lb->cols : lb->rows) != (uint64_t)n) return 7;
+    if ((d->transb == N_OP ? lb->rows : lb->cols) != (uint64_t)k) return 7;
+    if (d->epilogue == EPILOGUE_BIAS && !d->bias) return 7;
+    return gemm(d->transa, d->transb, m, n, k, *(const float*)alpha, a, la->type, (int)la->ld, b, lb->type,
+                (int)lb->ld, *(const float*)beta, dd, ld->type, (int)ld->ld, d->compute,
+                d->epilogue == EPILOGUE_BIAS ? d->bias : nullptr);
 }
 }

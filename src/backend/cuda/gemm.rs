@@ -1,5 +1,6 @@
 //! GEMM through cuBLAS, and the bias / column-sum / in-place add kernels of
 //! kernels/gemm.cu. CPU twin: cpu/gemm.rs.
+use super::blaslt::Lt;
 use super::{check, grid_1d, int, need, Cuda, BLOCK};
 use crate::backend::cpu::gemm::REDUCE_ROWS;
 use crate::backend::Precision;
@@ -95,6 +96,36 @@ pub fn gemm(
         )
     };
     check(r, "cublasGemmEx (tensor cores)");
+}
+
+/// c[m, n] = op(a) op(b) + bias (bias [n] added to every row): cuBLASLt with the bias in
+/// the GEMM's epilogue (blaslt.rs), else `gemm` and `add_bias`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bias(
+    cu: &Cuda, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, bias: &CudaSlice<f32>, m: usize,
+    n: usize, k: usize, ta: bool, tb: bool, inputs: Precision,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    need(c.len(), m * n, "gemm_bias c");
+    need(a.len(), m * k, "gemm_bias a");
+    need(b.len(), k * n, "gemm_bias b");
+    need(bias.len(), n, "gemm_bias bias");
+    if cu.use_lt {
+        let _r = cu.range("gemm_bias (cuBLASLt)");
+        let mut lt = cu.lt.lock().unwrap();
+        if lt.is_none() {
+            *lt = Some(Lt::new(cu));
+        }
+        if let Some(Some(lt)) = lt.as_mut() {
+            if lt.gemm_bias(cu, c, a, b, bias, m, n, k, ta, tb, inputs) {
+                return;
+            }
+        }
+    }
+    gemm(cu, c, a, b, m, n, k, ta, tb, 1.0, 0.0, inputs);
+    add_bias(cu, c, bias, m, n);
 }
 
 /// out[r, :] += bias for r < rows.

@@ -21,8 +21,8 @@
 //!   is fp32. In bf16 / fp16 mode the encoder promises the GEMM inputs are rounded
 //!   (`Backend::gemm`'s `inputs`) and the GEMMs run on tensor cores through `cublasGemmEx`
 //!   (CUBLAS_COMPUTE_32F_FAST_16BF / _16F) on the fp32 buffers: exact products, fp32
-//!   accumulation. cuBLASLt bias / GELU epilogues need the trait's gemm to carry a bias
-//!   and bf16 storage to pay off; not done.
+//!   accumulation. `gemm_bias` runs cuBLASLt with the bias epilogue (blaslt.rs; the GELU
+//!   epilogue is the tanh approximation, not BERT's erf, so GELU stays a kernel).
 //! - Attention: fp32 mode runs kernels/attention.cu on CUDA cores; bf16 / fp16 mode runs
 //!   kernels/attention_mma.cu, whose every product is an mma.sync on tensor cores, with the
 //!   probabilities and score gradients rounded where cpu/attention.rs rounds them.
@@ -41,6 +41,7 @@
 //!   no ranges). Layer-level ranges belong in the model: see [`Cuda::range`].
 pub mod adamw;
 pub mod attention;
+pub mod blaslt;
 pub mod dropout;
 pub mod embedding;
 pub mod gelu;
@@ -147,6 +148,10 @@ fn ensure<'a, T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 pub struct Cuda {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// cuBLASLt for `gemm_bias`, opened on first use (inner None: not available here);
+    /// `use_lt` false sends gemm_bias to gemm + add_bias (`Cuda::without_cublaslt`).
+    lt: Mutex<Option<Option<blaslt::Lt>>>,
+    use_lt: bool,
     funcs: HashMap<&'static str, CudaFunction>,
     scratch: Mutex<Scratch>,
     info: DeviceInfo,
@@ -168,7 +173,6 @@ fn check<T, E: std::fmt::Debug>(r: std::result::Result<T, E>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("CUDA error in {what}: {e:?}"))
 }
 
-/// A size as the i32 the kernels take.
 /// The code of a rounding precision as the kernels take it (`round_as` in
 /// kernels/common.cuh): 0 fp32 (none), 1 bf16, 2 fp16.
 fn round_code(p: Precision) -> i32 {
@@ -179,6 +183,7 @@ fn round_code(p: Precision) -> i32 {
     }
 }
 
+/// A size as the i32 the kernels take.
 fn int(x: usize, what: &str) -> i32 {
     i32::try_from(x).unwrap_or_else(|_| panic!("{what} = {x} exceeds the kernels' i32 range"))
 }
@@ -289,6 +294,8 @@ impl Cuda {
         Ok(Cuda {
             stream,
             blas,
+            lt: Mutex::new(None),
+            use_lt: true,
             funcs,
             scratch: Mutex::new(Scratch::default()),
             info: DeviceInfo {
@@ -305,6 +312,23 @@ impl Cuda {
 
     pub fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// How `gemm_bias` has run so far: None before its first call or without cuBLASLt
+    /// (then it is `gemm` + `add_bias`), else (shapes cuBLASLt ran with the bias epilogue,
+    /// shapes it had no algorithm for and that fell back).
+    pub fn cublaslt_plans(&self) -> Option<(usize, usize)> {
+        match &*self.lt.lock().unwrap() {
+            Some(Some(lt)) => Some(lt.plan_counts()),
+            _ => None,
+        }
+    }
+
+    /// This backend with `gemm_bias` as a cuBLAS GEMM followed by the `add_bias` kernel,
+    /// never cuBLASLt: the fallback path, for tests and for ruling cuBLASLt out.
+    pub fn without_cublaslt(mut self) -> Self {
+        self.use_lt = false;
+        self
     }
 
     /// Waits for every enqueued op (for timing and tests; ops do not need it).
@@ -406,6 +430,12 @@ impl Backend for Cuda {
     }
     fn add_bias(&self, out: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, cols: usize) {
         gemm::add_bias(self, out, bias, rows, cols)
+    }
+    fn gemm_bias(
+        &self, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, bias: &CudaSlice<f32>, m: usize,
+        n: usize, k: usize, ta: bool, tb: bool, inputs: Precision,
+    ) {
+        gemm::gemm_bias(self, c, a, b, bias, m, n, k, ta, tb, inputs)
     }
     fn bias_grad(&self, dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, rows: usize, cols: usize) {
         gemm::bias_grad(self, dbias, dout, rows, cols)

@@ -1,0 +1,238 @@
+//! cuBLASLt for the GEMMs whose bias can ride in the epilogue (`Backend::gemm_bias`):
+//! D = op(A) op(B) + bias in one kernel instead of a GEMM and an `add_bias` pass over D.
+//! CPU twin: the trait's default (cpu/gemm.rs `gemm`, then `add_bias`).
+//!
+//! Plans (the matmul descriptor, the three layouts and the algorithm cuBLASLt's heuristic
+//! picked) are made once per shape and kept: the heuristic query costs tens of
+//! microseconds of host time, a step repeats a handful of shapes. The bias pointer is the
+//! only per-call attribute. A shape for which cuBLASLt offers no algorithm, a machine
+//! without libcublasLt, or `Cuda::without_cublaslt` falls back to `gemm` + `add_bias`.
+//!
+//! The GELU epilogues are not used: cuBLASLt's GELU is the tanh approximation, BERT's is
+//! the erf form (kernels/gelu.cu).
+use super::Cuda;
+use crate::backend::Precision;
+use cudarc::cublaslt::{result, sys};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+/// Hopper wants 32 MiB of workspace for its best kernels, earlier cards 4 MiB (NVIDIA's
+/// recommendation, as cudarc's Workspace).
+fn workspace_bytes(major: u32) -> usize {
+    if major >= 9 {
+        32 << 20
+    } else {
+        4 << 20
+    }
+}
+
+/// (m, n, k, ta, tb, inputs) of a row-major gemm_bias call.
+type Key = (usize, usize, usize, bool, bool, Precision);
+
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    c: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+/// The cuBLASLt handle, its workspace and the plans made so far (None: no algorithm for
+/// that shape, use the fallback).
+pub struct Lt {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    plans: HashMap<Key, Option<Plan>>,
+}
+
+// SAFETY: the handle and descriptors are plain host objects that cuBLASLt allows to be used
+// from any thread, one call at a time; `Cuda` keeps `Lt` behind a Mutex.
+unsafe impl Send for Lt {}
+
+impl Lt {
+    /// A handle and its workspace, or None when libcublasLt is absent or refuses.
+    pub fn new(cu: &Cuda) -> Option<Lt> {
+        // SAFETY: only tries to dlopen the library under its usual names.
+        if !unsafe { sys::is_culib_present() } {
+            return None;
+        }
+        let handle = result::create_handle().ok()?;
+        // SAFETY: a workspace is scratch cuBLASLt overwrites; its contents never matter.
+        let workspace = match unsafe { cu.stream.alloc::<u8>(workspace_bytes(cu.info.major)) } {
+            Ok(w) => w,
+            Err(_) => {
+                // SAFETY: created just above, used by nothing yet.
+                let _ = unsafe { result::destroy_handle(handle) };
+                return None;
+            }
+        };
+        Some(Lt {
+            handle,
+            workspace,
+            plans: HashMap::new(),
+        })
+    }
+
+    /// (shapes with a cuBLASLt plan, shapes cuBLASLt had no algorithm for).
+    pub fn plan_counts(&self) -> (usize, usize) {
+        let with = self.plans.values().filter(|p| p.is_some()).count();
+        (with, self.plans.len() - with)
+    }
+
+    /// The plan of `key`, made on first use.
+    fn plan(&mut self, key: Key) -> Option<&Plan> {
+        if !self.plans.contains_key(&key) {
+            let plan = make_plan(self.handle, key, self.workspace.len());
+            self.plans.insert(key, plan);
+        }
+        self.plans.get(&key).and_then(|p| p.as_ref())
+    }
+
+    /// c[m, n] = op(a) op(b) + bias (bias [n] on every row), row-major as `gemm::gemm`
+    /// (column-major C^T = op(B)^T op(A)^T, the bias then per column-major row). false when
+    /// there is no plan for this shape: nothing was enqueued, the caller falls back.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bias(
+        &mut self, cu: &Cuda, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, bias: &CudaSlice<f32>,
+        m: usize, n: usize, k: usize, ta: bool, tb: bool, inputs: Precision,
+    ) -> bool {
+        let Some((desc, la, lb, lc, algo)) = self
+            .plan((m, n, k, ta, tb, inputs))
+            .map(|p| (p.desc, p.a, p.b, p.c, p.algo))
+        else {
+            return false;
+        };
+        let (handle, ws_len) = (self.handle, self.workspace.len());
+        let (pw, _rw) = self.workspace.device_ptr_mut(&cu.stream);
+        let (pbias, _rbias) = bias.device_ptr(&cu.stream);
+        let (pa, _ra) = a.device_ptr(&cu.stream);
+        let (pb, _rb) = b.device_ptr(&cu.stream);
+        let (pc, _rc) = c.device_ptr_mut(&cu.stream);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the bias pointer attribute is a CUdeviceptr read when the matmul is
+        // enqueued below; the layouts of the plan describe exactly the m*k, k*n and m*n
+        // fp32 elements the call touches and bias[..n] (sizes checked by the caller); alpha
+        // and beta are fp32 host scalars (host pointer mode, the default); the workspace is
+        // this handle's own and ws_len long.
+        let r = unsafe {
+            result::set_matmul_desc_attribute(
+                desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                (&pbias) as *const _ as *const c_void,
+                std::mem::size_of_val(&pbias),
+            )
+            .and_then(|()| {
+                result::matmul(
+                    handle,
+                    desc,
+                    (&alpha) as *const f32 as *const c_void,
+                    (&beta) as *const f32 as *const c_void,
+                    pb as *const c_void,
+                    lb,
+                    pa as *const c_void,
+                    la,
+                    pc as *const c_void,
+                    lc,
+                    pc as *mut c_void,
+                    lc,
+                    &algo,
+                    pw as *mut c_void,
+                    ws_len,
+                    cu.stream.cu_stream() as *mut _,
+                )
+            })
+        };
+        super::check(r, "cublasLtMatmul (bias epilogue)");
+        true
+    }
+}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        for plan in self.plans.drain().filter_map(|(_, p)| p) {
+            // SAFETY: each object was created by make_plan and is used by nothing else.
+            unsafe {
+                let _ = result::destroy_matrix_layout(plan.a);
+                let _ = result::destroy_matrix_layout(plan.b);
+                let _ = result::destroy_matrix_layout(plan.c);
+                let _ = result::destroy_matmul_desc(plan.desc);
+            }
+        }
+        // SAFETY: created in new, used by nothing else.
+        let _ = unsafe { result::destroy_handle(self.handle) };
+    }
+}
+
+/// The descriptor, layouts and best algorithm for `key`, or None if cuBLASLt has none.
+/// cuBLASLt's operand A is our b and its B our a, as in `gemm::gemm`; the names below are
+/// ours: `a` is the layout of our a.
+fn make_plan(handle: sys::cublasLtHandle_t, key: Key, workspace: usize) -> Option<Plan> {
+    let (m, n, k, ta, tb, inputs) = key;
+    let compute = match inputs {
+        Precision::Fp32 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        Precision::Bf16 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        Precision::Fp16 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16F,
+    };
+    let f32_t = sys::cudaDataType_t::CUDA_R_32F;
+    let desc = result::create_matmul_desc(compute, f32_t).ok()?;
+    let mut plan = Plan {
+        desc,
+        a: std::ptr::null_mut(),
+        b: std::ptr::null_mut(),
+        c: std::ptr::null_mut(),
+        algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+    };
+    let made = (|| -> Option<()> {
+        let set = |attr, v: i32| {
+            // SAFETY: attributes TRANSA / TRANSB / EPILOGUE take a 32-bit value.
+            unsafe { result::set_matmul_desc_attribute(desc, attr, (&v) as *const i32 as *const c_void, 4).ok() }
+        };
+        use sys::cublasLtMatmulDescAttributes_t::*;
+        let op = |t: bool| if t { 1 } else { 0 }; // CUBLAS_OP_T / CUBLAS_OP_N
+        set(CUBLASLT_MATMUL_DESC_TRANSA, op(tb))?;
+        set(CUBLASLT_MATMUL_DESC_TRANSB, op(ta))?;
+        set(
+            CUBLASLT_MATMUL_DESC_EPILOGUE,
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as i32,
+        )?;
+        // column-major as stored: our b is [n, k] (tb) or [k, n]; our a is [k, m] (ta) or
+        // [m, k]; C^T is n x m
+        let (b_rows, b_cols) = if tb { (k, n) } else { (n, k) };
+        let (a_rows, a_cols) = if ta { (m, k) } else { (k, m) };
+        plan.b = result::create_matrix_layout(f32_t, b_rows as u64, b_cols as u64, b_rows as i64).ok()?;
+        plan.a = result::create_matrix_layout(f32_t, a_rows as u64, a_cols as u64, a_rows as i64).ok()?;
+        plan.c = result::create_matrix_layout(f32_t, n as u64, m as u64, n as i64).ok()?;
+        let pref = result::create_matmul_pref().ok()?;
+        // SAFETY: the preference takes the workspace limit as a u64 (size_t); the layouts
+        // and descriptor were created above.
+        let heuristic = unsafe {
+            let ws = workspace as u64;
+            let limit = result::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&ws) as *const u64 as *const c_void,
+                8,
+            );
+            let h = limit
+                .and_then(|()| result::get_matmul_algo_heuristic(handle, desc, plan.b, plan.a, plan.c, plan.c, pref));
+            let _ = result::destroy_matmul_pref(pref);
+            h.ok()?
+        };
+        plan.algo = heuristic.algo;
+        Some(())
+    })();
+    if made.is_none() {
+        // SAFETY: created above (null layouts are skipped), used by nothing else.
+        unsafe {
+            for l in [plan.a, plan.b, plan.c] {
+                if !l.is_null() {
+                    let _ = result::destroy_matrix_layout(l);
+                }
+            }
+            let _ = result::destroy_matmul_desc(plan.desc);
+        }
+        return None;
+    }
+    Some(plan)
+}
