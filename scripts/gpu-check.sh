@@ -97,28 +97,29 @@ for root in "${NVROOTS[@]}"; do
     for d in "$root"/*/lib; do [ -d "$d" ] && LIBS="$LIBS:$d"; done
 done
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$LIBS"
-# cudarc (CUDA 12 bindings) opens libcublas.so or libcublas.so.12; where only a CUDA 13
-# libcublas.so.13 exists (PyTorch cu13 wheels), offer it under the unversioned name.
-has_cublas() {
-    ldconfig -p 2>/dev/null | grep -qE 'libcublas\.so(\.12)? ' && return 0
+# cudarc (CUDA 12 bindings) opens libcublas.so / libcublasLt.so or their .so.12; where only
+# CUDA 13's .so.13 exist (PyTorch cu13 wheels), offer them under the unversioned names.
+has_lib() {
+    ldconfig -p 2>/dev/null | grep -qE "$1\.so(\.12)? " && return 0
     local d
     for d in ${LD_LIBRARY_PATH//:/ }; do
-        [ -e "$d/libcublas.so" ] || [ -e "$d/libcublas.so.12" ] && return 0
+        [ -e "$d/$1.so" ] || [ -e "$d/$1.so.12" ] && return 0
     done
     return 1
 }
-if ! has_cublas; then
+for lib in libcublas libcublasLt; do
+    has_lib "$lib" && continue
     for d in ${LD_LIBRARY_PATH//:/ }; do
-        for f in "$d"/libcublas.so.1[3-9]; do
+        for f in "$d/$lib".so.1[3-9]; do
             if [ -e "$f" ]; then
-                mkdir -p "$LOGS/libshim" && ln -sf "$(readlink -f "$f")" "$LOGS/libshim/libcublas.so"
-                export LD_LIBRARY_PATH="$LOGS/libshim:$LD_LIBRARY_PATH"
-                echo "note: using $f as libcublas.so"
+                mkdir -p "$LOGS/libshim" && ln -sf "$(readlink -f "$f")" "$LOGS/libshim/$lib.so"
+                case ":$LD_LIBRARY_PATH:" in *":$LOGS/libshim:"*) ;; *) export LD_LIBRARY_PATH="$LOGS/libshim:$LD_LIBRARY_PATH" ;; esac
+                echo "note: using $f as $lib.so"
                 break 2
             fi
         done
     done
-fi
+done
 export DEEPCUT_REQUIRE_GPU=1
 export NVIDIA_TF32_OVERRIDE=0  # fp32 parity: never let the driver turn sgemm into TF32
 
