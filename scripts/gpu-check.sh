@@ -13,13 +13,18 @@
 #      cores);
 #   3. the same InfoNCE in PyTorch on the same GPU at 4k, 16k, 64k columns
 #      (scripts/infonce_torch.py), when torch is importable;
-#   4. a short DeepCUT run on GPU and on CPU with the same seed (--device cuda / cpu),
+#   4. a short DeepCUT run on GPU and on CPU with the same seed (--device cuda / cpu), in
+#      fp32 and in bf16 (the CPU twin of the tensor-core path),
 #      on DEEPCUT_CHECK_MODEL (default tests/golden/roberta-wnut17) and DEEPCUT_CHECK_DATA
 #      (default: the WNUT17 slice that --build writes to target/gpu-check/data);
 #   5. `deepcut-fast bench --precision bf16` next to the same DeepCUT step in PyTorch at the
 #      roberta-base shape, bf/br 8/32 and 32/128 (scripts/compare-torch.py --device cuda),
 #      when torch and transformers import;
 #   6. three bench steps under `nsys profile`, and the NVTX range summary, when nsys exists.
+#
+# Without a GPU, `LD_LIBRARY_PATH=$PWD/target/tmp/cuda-emu scripts/gpu-check.sh` runs it on the
+# CPU emulator of tests/cuda_emu (built by `cargo test --test gpu_parity`) to check the script
+# itself: parity passes there; the bench and the runs are too slow for their time limits.
 #
 # Build the binaries on the machine with Rust (no GPU needed; NVRTC from the pip wheels):
 #     scripts/gpu-check.sh --build
@@ -192,22 +197,24 @@ CLI=$(find_bin deepcut-fast)
 [ -d target/gpu-check/data ] && : "${DEEPCUT_CHECK_DATA:=target/gpu-check/data}"
 if [ -n "$CLI" ] && [ -n "${DEEPCUT_CHECK_MODEL:-}" ] && [ -n "${DEEPCUT_CHECK_DATA:-}" ] \
     && "$CLI" run --help 2>&1 | grep -q 'cuda'; then
-    for dev in cuda cpu; do
-        timeout 100 "$CLI" run --model "$DEEPCUT_CHECK_MODEL" --data "$DEEPCUT_CHECK_DATA" --forget-ratio 0.01 \
-            --steps 6 --seed 0 --device "$dev" --quiet --force --out "$LOGS/run-$dev" >"$LOGS/run-$dev.log" 2>&1 \
-            || row "deepcut run --device $dev" "FAIL" "$LOGS/run-$dev.log"
-    done
-    cmp=$(python3 - "$LOGS/run-cuda/report.json" "$LOGS/run-cpu/report.json" <<'EOF' 2>&1
+    for prec in fp32 bf16; do
+        for dev in cuda cpu; do
+            timeout 100 "$CLI" run --model "$DEEPCUT_CHECK_MODEL" --data "$DEEPCUT_CHECK_DATA" --forget-ratio 0.01 \
+                --steps 6 --seed 0 --device "$dev" --precision "$prec" --quiet --force --out "$LOGS/run-$dev-$prec" \
+                >"$LOGS/run-$dev-$prec.log" 2>&1 || row "deepcut run --device $dev --precision $prec" "FAIL" "$LOGS/run-$dev-$prec.log"
+        done
+        cmp=$(python3 - "$LOGS/run-cuda-$prec/report.json" "$LOGS/run-cpu-$prec/report.json" <<'EOF' 2>&1
 import json, sys
 g, c = (json.load(open(p))["metrics"] for p in sys.argv[1:3])
 gaps = {s: abs(g[s]["f1"] - c[s]["f1"]) * 100 for s in ("forget", "retain", "dev", "test") if s in g and s in c}
 print(("PASS" if max(gaps.values()) <= 1.0 else "FAIL") + " F1 gap (points) " + " ".join(f"{k} {v:.2f}" for k, v in gaps.items()))
 EOF
 )
-    case "$cmp" in
-        PASS*|FAIL*) row "deepcut run gpu vs cpu (6 steps)" "${cmp%% *}" "${cmp#* }" ;;
-        *) row "deepcut run gpu vs cpu (6 steps)" "FAIL" "no comparison: $(tail -1 <<<"$cmp")" ;;
-    esac
+        case "$cmp" in
+            PASS*|FAIL*) row "deepcut run gpu vs cpu ($prec, 6 steps)" "${cmp%% *}" "${cmp#* }" ;;
+            *) row "deepcut run gpu vs cpu ($prec, 6 steps)" "FAIL" "no comparison: $(tail -1 <<<"$cmp")" ;;
+        esac
+    done
 else
     row "deepcut run gpu vs cpu" "NOT RUN" "needs the CLI wired to CUDA and DEEPCUT_CHECK_MODEL/DATA"
 fi
