@@ -16,9 +16,12 @@
 //! Times are wall-clock around device-synchronised loops after a warm-up.
 use deepcut_fast::backend::cpu::Cpu;
 use deepcut_fast::backend::cuda::Cuda;
-use deepcut_fast::backend::{Backend, Dropout, InfoNceOptions, Precision};
+use deepcut_fast::backend::{Backend, InfoNceOptions, Precision};
+#[path = "common/kernel_suite.rs"]
+mod kernel_suite;
 use deepcut_fast::model::{Dims, HostBatch, Mode, Model};
 use deepcut_fast::train::optim::{LossScaling, OptimConfig, Optimizer};
+use kernel_suite::{Shape, Work};
 use std::time::Instant;
 
 fn gpu() -> Option<Cuda> {
@@ -180,33 +183,19 @@ fn kernels() {
     let Some(g) = gpu() else { return };
     // DEEPCUT_BENCH_SMALL=1: tiny shapes, to smoke-test this bench on the CPU emulator
     let small = std::env::var("DEEPCUT_BENCH_SMALL").is_ok();
-    let (b, t, h, d) = if small {
-        (2, 40, 2, 64)
-    } else {
-        (48usize, 128usize, 12usize, 64usize)
-    };
-    let (n, c, f, labels) = (b * t, h * d, 4 * h * d, 13usize);
-    let fill = |len: usize, seed: usize| -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i + seed) * 7919) % 1000) as f32 / 1000.0 - 0.5)
-            .collect()
-    };
+    let shape = if small { Shape::small() } else { Shape::roberta_step() };
+    // floors: copy bandwidth (read + write) and the bf16 / fp32 GEMM rates at the FFN shape
+    let big = if small { 1 << 16 } else { 64 << 20 };
+    let (src, mut dst) = (g.alloc(big), g.alloc(big));
+    let bw = (2 * 4 * big) as f64 / per_call(&g, 10, || g.copy(&mut dst, &src, big));
+    let (n, c, f) = (shape.b * shape.t, shape.h * shape.d, shape.f);
+    let fill = |len: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect() };
     let up = |x: &[f32]| {
         let mut buf = g.alloc(x.len());
         g.upload(&mut buf, x);
         buf
     };
-    let up_i = |x: &[i32]| {
-        let mut buf = g.alloc_i32(x.len());
-        g.upload_i32(&mut buf, x);
-        buf
-    };
-    let drop = Dropout::new(0.1, 1, 1, 1);
-    // floors: copy bandwidth (read + write) and the bf16 / fp32 GEMM rates
-    let big = if small { 1 << 16 } else { 64 << 20 };
-    let (src, mut dst) = (g.alloc(big), g.alloc(big));
-    let bw = (2 * 4 * big) as f64 / per_call(&g, 10, || g.copy(&mut dst, &src, big));
-    let (ga, gb, mut gc) = (up(&fill(n * c, 1)), up(&fill(f * c, 2)), g.alloc(n * f));
+    let (ga, gb, mut gc) = (up(&fill(n * c)), up(&fill(f * c)), g.alloc(n * f));
     let gemm_flops = 2.0 * (n * f * c) as f64;
     let mut gemm =
         |p: Precision| gemm_flops / per_call(&g, 20, || g.gemm(&mut gc, &ga, &gb, n, f, c, false, true, 1.0, 0.0, p));
@@ -220,140 +209,27 @@ fn kernels() {
         bf16_rate / 1e12
     );
     println!("BENCH floor_gemm_fp32 {:.1} TFLOP/s ({n}x{f}x{c})", fp32_rate / 1e12);
-
-    let report_bytes = |name: &str, s: f64, bytes: usize| {
-        let rate = bytes as f64 / s;
-        println!(
-            "BENCH kernel_{name} {:.3} ms ({:.0} GB/s, {:.0}% of copy bandwidth)",
-            s * 1e3,
-            rate / 1e9,
-            100.0 * rate / bw
-        );
-    };
-    let report_flops = |name: &str, s: f64, flops: f64, floor: f64| {
-        println!(
-            "BENCH kernel_{name} {:.3} ms ({:.1} TFLOP/s, {:.0}% of the bf16 GEMM rate)",
-            s * 1e3,
-            flops / s / 1e12,
-            100.0 * flops / s / floor
-        );
-    };
-
-    // attention, fp32 SIMT and bf16 tensor cores; FLOPs as benches/ops.rs counts them
-    let (q, k, v, dout) = (
-        up(&fill(n * c, 3)),
-        up(&fill(n * c, 4)),
-        up(&fill(n * c, 5)),
-        up(&fill(n * c, 6)),
-    );
-    let mask = up(&vec![1.0; n]);
-    let (mut out, mut lse) = (g.alloc(n * c), g.alloc(b * h * t));
-    let (mut dq, mut dk, mut dv) = (g.alloc(n * c), g.alloc(n * c), g.alloc(n * c));
-    let att = 4.0 * (b * t * t * c) as f64;
-    for p in [Precision::Fp32, Precision::Bf16] {
-        let s = per_call(&g, 20, || {
-            g.attention_fwd(&mut out, &mut lse, &q, &k, &v, &mask, b, t, h, d, drop, p)
-        });
-        report_flops(&format!("attention_fwd_{p}"), s, att, bf16_rate);
-        let s = per_call(&g, 20, || {
-            g.attention_bwd(
-                &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &mask, b, t, h, d, drop, p,
-            )
-        });
-        report_flops(&format!("attention_bwd_{p}"), s, 2.5 * att, bf16_rate);
-    }
-
-    // element-wise and row kernels: bytes read + written once
-    let (x, res, w, bias) = (
-        up(&fill(n * c, 7)),
-        up(&fill(n * c, 8)),
-        up(&fill(c, 9)),
-        up(&fill(c, 10)),
-    );
-    let (mut y, mut mean, mut rstd) = (g.alloc(n * c), g.alloc(n), g.alloc(n));
-    let s = per_call(&g, 50, || {
-        g.layernorm_fwd(
-            &mut y,
-            &mut mean,
-            &mut rstd,
-            &x,
-            Some(&res),
-            &w,
-            &bias,
-            n,
-            c,
-            1e-12,
-            Precision::Fp32,
-        )
+    println!("kernels at {}", shape.describe());
+    kernel_suite::kernels(&g, shape, &mut |name, work, op| {
+        let reps = if name == "embedding_bwd" { 5 } else { 20 };
+        let s = per_call(&g, reps, op);
+        let name = name.replace(['/', ' '], "_");
+        match work {
+            Work::Bytes(b) => {
+                let rate = b as f64 / s;
+                println!(
+                    "BENCH kernel_{name} {:.3} ms ({:.0} GB/s, {:.0}% of copy bandwidth)",
+                    s * 1e3,
+                    rate / 1e9,
+                    100.0 * rate / bw
+                )
+            }
+            Work::Flops(fl) => println!(
+                "BENCH kernel_{name} {:.3} ms ({:.1} TFLOP/s, {:.0}% of the bf16 GEMM rate)",
+                s * 1e3,
+                fl as f64 / s / 1e12,
+                100.0 * fl as f64 / s / bf16_rate
+            ),
+        }
     });
-    report_bytes("layernorm_fwd_residual", s, 4 * 3 * n * c);
-    let (mut dx, mut dw, mut db) = (g.alloc(n * c), g.alloc(c), g.alloc(c));
-    let s = per_call(&g, 50, || {
-        g.layernorm_bwd(&mut dx, &mut dw, &mut db, &dout, &x, Some(&res), &w, &mean, &rstd, n, c)
-    });
-    report_bytes("layernorm_bwd_residual", s, 4 * 4 * n * c);
-    let (xf, bf) = (up(&fill(n * f, 11)), up(&fill(f, 12)));
-    let (mut yf, mut dxf, mut dbf) = (g.alloc(n * f), g.alloc(n * f), g.alloc(f));
-    let s = per_call(&g, 50, || g.bias_gelu_fwd(&mut yf, &xf, &bf, n, f, Precision::Fp32));
-    report_bytes("bias_gelu_fwd", s, 4 * 2 * n * f);
-    let s = per_call(&g, 50, || {
-        g.bias_gelu_bwd(&mut dxf, &mut dbf, &yf, &xf, &bf, n, f, Precision::Fp32)
-    });
-    report_bytes("bias_gelu_bwd", s, 4 * 3 * n * f);
-    let s = per_call(&g, 50, || g.dropout_fwd(&mut y, &x, n * c, drop, Precision::Fp32));
-    report_bytes("dropout_fwd", s, 4 * 2 * n * c);
-    let mut y2 = g.alloc(2 * n * c);
-    let s = per_call(&g, 50, || g.dropout_duplicate(&mut y2, &x, n * c, drop));
-    report_bytes("dropout_duplicate", s, 4 * 3 * n * c);
-    let s = per_call(&g, 50, || g.quantize(&mut y, n * c, Precision::Bf16));
-    report_bytes("quantize_bf16", s, 4 * 2 * n * c);
-    let s = per_call(&g, 50, || g.add_bias(&mut y, &bias, n, c));
-    report_bytes("add_bias", s, 4 * 2 * n * c);
-    let s = per_call(&g, 50, || g.bias_grad(&mut db, &x, n, c));
-    report_bytes("bias_grad", s, 4 * n * c);
-    let (logits, lab) = (
-        up(&fill(n * labels, 13)),
-        up_i(&(0..n as i32).map(|i| i % labels as i32).collect::<Vec<_>>()),
-    );
-    let (mut losses, mut dlogits) = (g.alloc(n), g.alloc(n * labels));
-    let s = per_call(&g, 50, || g.softmax_ce_fwd(&mut losses, &logits, &lab, n, labels));
-    report_bytes("softmax_ce_fwd", s, 4 * (n * labels + 2 * n));
-    let s = per_call(&g, 50, || {
-        g.softmax_ce_bwd(&mut dlogits, &logits, &lab, n, labels, 1e-3)
-    });
-    report_bytes("softmax_ce_bwd", s, 4 * (2 * n * labels + n));
-    let vocab = if small { 1000 } else { 50265 };
-    let ids = up_i(&(0..n).map(|i| ((i * 7919) % vocab) as i32).collect::<Vec<_>>());
-    let pos = up_i(&(0..n).map(|i| (i % t) as i32 + 2).collect::<Vec<_>>());
-    let types = up_i(&vec![0; n]);
-    let (wte, wpe, wtt) = (up(&fill(vocab * c, 14)), up(&fill(514 * c, 15)), up(&fill(c, 16)));
-    let s = per_call(&g, 50, || {
-        g.embedding_fwd(&mut y, &ids, &pos, &types, &wte, &wpe, &wtt, n, c)
-    });
-    report_bytes("embedding_fwd", s, 4 * 4 * n * c);
-    let (mut dwte, mut dwpe, mut dwtt) = (g.alloc(vocab * c), g.alloc(514 * c), g.alloc(c));
-    let s = per_call(&g, 5, || {
-        g.embedding_bwd(&mut dwte, &mut dwpe, &mut dwtt, &dout, &ids, &pos, &types, n, c)
-    });
-    report_bytes("embedding_bwd", s, 4 * 4 * n * c);
-    // the optimiser over roberta-base's 125M parameters in one tensor: 4 reads, 3 writes
-    let np = if small { 100_000 } else { 124_645_632 };
-    let (mut pm, gr, mut m1, mut v1) = (g.alloc(np), g.alloc(np), g.alloc(np), g.alloc(np));
-    let hp = deepcut_fast::backend::AdamW {
-        lr: 1e-4,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-    };
-    let mut step = 0;
-    let s = per_call(&g, 10, || {
-        step += 1;
-        g.adamw(&mut pm, &gr, &mut m1, &mut v1, np, hp, step, 1.0)
-    });
-    report_bytes("adamw", s, 4 * 7 * np);
-    let s = per_call(&g, 10, || {
-        let _ = g.sum_squares(&gr, np);
-    });
-    report_bytes("sum_squares", s, 4 * np);
 }

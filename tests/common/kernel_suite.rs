@@ -1,0 +1,212 @@
+//! Every kernel family of the backend at one step shape, as a list of (name, work, one
+//! call): shared by tests/gpu_bench.rs `kernels` (each against its floor, for
+//! scripts/gpu-check.sh) and benches/kernels.rs (criterion). Any `Backend` runs it; the
+//! names are the `Backend` methods, with the variant after a slash.
+use deepcut_fast::backend::{AdamW, Backend, Dropout, Precision};
+
+/// What one call moves or computes: the throughput its time is divided into.
+#[derive(Clone, Copy, Debug)]
+pub enum Work {
+    /// Bytes read + written once (memory-bound kernels).
+    Bytes(u64),
+    /// Floating-point operations (matmul-bound kernels).
+    Flops(u64),
+}
+
+/// The step shape: b sequences of t tokens, h heads of d, FFN f, `labels` classes, a word
+/// table of `vocab` rows, `params` parameters for the optimiser.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub d: usize,
+    pub f: usize,
+    pub labels: usize,
+    pub vocab: usize,
+    pub params: usize,
+}
+
+impl Shape {
+    /// roberta-base at bf 8, br 32, seq 128: [forget a | forget b | retain] = 48 sequences.
+    pub fn roberta_step() -> Shape {
+        Shape {
+            b: 48,
+            t: 128,
+            h: 12,
+            d: 64,
+            f: 3072,
+            labels: 13,
+            vocab: 50265,
+            params: 124_645_632,
+        }
+    }
+    /// Tiny, for smoke tests on the CPU emulator.
+    pub fn small() -> Shape {
+        Shape {
+            b: 2,
+            t: 40,
+            h: 2,
+            d: 64,
+            f: 512,
+            labels: 13,
+            vocab: 1000,
+            params: 100_000,
+        }
+    }
+    pub fn describe(&self) -> String {
+        format!(
+            "{} x {} tokens, {} heads of {}, FFN {}",
+            self.b, self.t, self.h, self.d, self.f
+        )
+    }
+}
+
+fn fill(len: usize, seed: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| (((i + seed) * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect()
+}
+
+/// The receiver of each kernel: (name, work, a closure that enqueues one call).
+pub type Runner<'r> = dyn FnMut(&str, Work, &mut dyn FnMut()) + 'r;
+
+/// Calls `run(name, work, op)` once per kernel family, where `op()` enqueues one call of
+/// it on `be` (buffers set up before, kept across calls). Attention is timed in fp32 and
+/// in bf16 (CUDA cores and tensor cores on CUDA); FLOPs are counted as benches/ops.rs
+/// counts them (forward 4 b t^2 c, backward 2.5x that).
+pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
+    let (b, t, h, d, f, l) = (s.b, s.t, s.h, s.d, s.f, s.labels);
+    let (n, c) = (b * t, h * d);
+    let up = |x: &[f32]| {
+        let mut buf = be.alloc(x.len());
+        be.upload(&mut buf, x);
+        buf
+    };
+    let up_i = |x: &[i32]| {
+        let mut buf = be.alloc_i32(x.len());
+        be.upload_i32(&mut buf, x);
+        buf
+    };
+    let bytes = |floats: usize| Work::Bytes(4 * floats as u64);
+    let drop = Dropout::new(0.1, 1, 1, 1);
+
+    // attention
+    let (q, k, v, dout) = (
+        up(&fill(n * c, 3)),
+        up(&fill(n * c, 4)),
+        up(&fill(n * c, 5)),
+        up(&fill(n * c, 6)),
+    );
+    let mask = up(&vec![1.0; n]);
+    let (mut out, mut lse) = (be.alloc(n * c), be.alloc(b * h * t));
+    let (mut dq, mut dk, mut dv) = (be.alloc(n * c), be.alloc(n * c), be.alloc(n * c));
+    let att = 4 * (b * t * t * c) as u64;
+    for p in [Precision::Fp32, Precision::Bf16] {
+        run(&format!("attention_fwd/{p}"), Work::Flops(att), &mut || {
+            be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &mask, b, t, h, d, drop, p)
+        });
+        run(&format!("attention_bwd/{p}"), Work::Flops(att * 5 / 2), &mut || {
+            be.attention_bwd(
+                &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &mask, b, t, h, d, drop, p,
+            )
+        });
+    }
+
+    // the linear layers' GEMM + bias (cuBLASLt epilogue on CUDA), bf16 inputs
+    let (xa, wb, bias_f) = (up(&fill(n * c, 21)), up(&fill(f * c, 22)), up(&fill(f, 23)));
+    let mut yf = be.alloc(n * f);
+    run(
+        "gemm_bias/bf16 ffn-in",
+        Work::Flops(2 * (n * f * c) as u64),
+        &mut || be.gemm_bias(&mut yf, &xa, &wb, &bias_f, n, f, c, false, true, Precision::Bf16),
+    );
+
+    // element-wise and row kernels
+    let (x, res, w, bias) = (
+        up(&fill(n * c, 7)),
+        up(&fill(n * c, 8)),
+        up(&fill(c, 9)),
+        up(&fill(c, 10)),
+    );
+    let (mut y, mut mean, mut rstd) = (be.alloc(n * c), be.alloc(n), be.alloc(n));
+    run("layernorm_fwd/residual", bytes(3 * n * c), &mut || {
+        be.layernorm_fwd(
+            &mut y,
+            &mut mean,
+            &mut rstd,
+            &x,
+            Some(&res),
+            &w,
+            &bias,
+            n,
+            c,
+            1e-12,
+            Precision::Bf16,
+        )
+    });
+    let (mut dx, mut dw, mut db) = (be.alloc(n * c), be.alloc(c), be.alloc(c));
+    run("layernorm_bwd/residual", bytes(4 * n * c), &mut || {
+        be.layernorm_bwd(&mut dx, &mut dw, &mut db, &dout, &x, Some(&res), &w, &mean, &rstd, n, c)
+    });
+    let (xf, bf) = (up(&fill(n * f, 11)), up(&fill(f, 12)));
+    let (mut dxf, mut dbf) = (be.alloc(n * f), be.alloc(f));
+    run("bias_gelu_fwd", bytes(2 * n * f), &mut || {
+        be.bias_gelu_fwd(&mut yf, &xf, &bf, n, f, Precision::Bf16)
+    });
+    run("bias_gelu_bwd", bytes(3 * n * f), &mut || {
+        be.bias_gelu_bwd(&mut dxf, &mut dbf, &yf, &xf, &bf, n, f, Precision::Bf16)
+    });
+    run("dropout_fwd", bytes(2 * n * c), &mut || {
+        be.dropout_fwd(&mut y, &x, n * c, drop, Precision::Bf16)
+    });
+    let mut y2 = be.alloc(2 * n * c);
+    run("dropout_duplicate", bytes(3 * n * c), &mut || {
+        be.dropout_duplicate(&mut y2, &x, n * c, drop)
+    });
+    run("quantize/bf16", bytes(2 * n * c), &mut || {
+        be.quantize(&mut y, n * c, Precision::Bf16)
+    });
+    run("add_bias", bytes(2 * n * c), &mut || be.add_bias(&mut y, &bias, n, c));
+    run("bias_grad", bytes(n * c), &mut || be.bias_grad(&mut db, &x, n, c));
+    let logits = up(&fill(n * l, 13));
+    let lab = up_i(&(0..n as i32).map(|i| i % l as i32).collect::<Vec<_>>());
+    let (mut losses, mut dlogits) = (be.alloc(n), be.alloc(n * l));
+    run("softmax_ce_fwd", bytes(n * l + 2 * n), &mut || {
+        be.softmax_ce_fwd(&mut losses, &logits, &lab, n, l)
+    });
+    run("softmax_ce_bwd", bytes(2 * n * l + n), &mut || {
+        be.softmax_ce_bwd(&mut dlogits, &logits, &lab, n, l, 1e-3)
+    });
+    let vocab = s.vocab;
+    let ids = up_i(&(0..n).map(|i| ((i * 7919) % vocab) as i32).collect::<Vec<_>>());
+    let pos = up_i(&(0..n).map(|i| (i % t) as i32 + 2).collect::<Vec<_>>());
+    let types = up_i(&vec![0; n]);
+    let (wte, wpe, wtt) = (up(&fill(vocab * c, 14)), up(&fill((t + 2) * c, 15)), up(&fill(c, 16)));
+    run("embedding_fwd", bytes(4 * n * c), &mut || {
+        be.embedding_fwd(&mut y, &ids, &pos, &types, &wte, &wpe, &wtt, n, c)
+    });
+    let (mut dwte, mut dwpe, mut dwtt) = (be.alloc(vocab * c), be.alloc((t + 2) * c), be.alloc(c));
+    run("embedding_bwd", bytes(4 * n * c), &mut || {
+        be.embedding_bwd(&mut dwte, &mut dwpe, &mut dwtt, &dout, &ids, &pos, &types, n, c)
+    });
+
+    // the optimiser over all parameters as one tensor: 4 reads, 3 writes per element
+    let np = s.params;
+    let (mut pm, gr, mut m1, mut v1) = (be.alloc(np), be.alloc(np), be.alloc(np), be.alloc(np));
+    let hp = AdamW {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let mut step = 0;
+    run("adamw", bytes(7 * np), &mut || {
+        step += 1;
+        be.adamw(&mut pm, &gr, &mut m1, &mut v1, np, hp, step, 1.0)
+    });
+    run("sum_squares", bytes(np), &mut || {
+        let _ = be.sum_squares(&gr, np);
+    });
+}
