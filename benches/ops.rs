@@ -112,13 +112,14 @@ fn layers(c: &mut Criterion) {
     let ids: Vec<i32> = (0..N).map(|i| ((i * 7919) % VOCAB) as i32).collect();
     let pos: Vec<i32> = (0..N).map(|i| (i % T) as i32).collect();
     let types = vec![0i32; N];
+    let order = deepcut_fast::backend::embedding_order(&ids, &pos, &types);
     let (wte, wpe, wtt) = (data(VOCAB * C, 5), data(512 * C, 6), data(2 * C, 7));
     bench(c, "embedding_fwd", "n,c", Throughput::Bytes(bytes(4 * N * C)), || {
         embedding::embedding_fwd(&mut out, &ids, &pos, &types, &wte, &wpe, &wtt, N, C)
     });
     let (mut dwte, mut dwpe, mut dwtt) = (vec![0f32; VOCAB * C], vec![0f32; 512 * C], vec![0f32; 2 * C]);
     bench(c, "embedding_bwd", "n,c", Throughput::Bytes(bytes(7 * N * C)), || {
-        embedding::embedding_bwd(&mut dwte, &mut dwpe, &mut dwtt, &x, &ids, &pos, &types, N, C)
+        embedding::embedding_bwd(&mut dwte, &mut dwpe, &mut dwtt, &x, &ids, &pos, &types, &order, N, C)
     });
     bench(
         c,

@@ -214,6 +214,7 @@ fn main() {
     let ids: Vec<i32> = (0..n).map(|i| ((i * 7919) % vocab) as i32).collect();
     let pos: Vec<i32> = (0..n).map(|i| (i % t) as i32).collect();
     let types = vec![0i32; n];
+    let order = deepcut_fast::backend::embedding_order(&ids, &pos, &types);
     let wte = data(vocab * c, 7);
     let wpe = data(512 * c, 8);
     let wtt = data(2 * c, 9);
@@ -225,7 +226,7 @@ fn main() {
     let (mut dwte, mut dwpe, mut dwtt) = (vec![0f32; vocab * c], vec![0f32; 512 * c], vec![0f32; 2 * c]);
     add(
         "embedding_bwd",
-        time(|| embedding::embedding_bwd(&mut dwte, &mut dwpe, &mut dwtt, &x, &ids, &pos, &types, n, c)),
+        time(|| embedding::embedding_bwd(&mut dwte, &mut dwpe, &mut dwtt, &x, &ids, &pos, &types, &order, n, c)),
         1,
     );
     let labels: Vec<i32> = (0..n).map(|i| (i % l) as i32).collect();

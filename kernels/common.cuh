@@ -118,8 +118,9 @@ __device__ __forceinline__ F block_sum(F x, F* scratch) {
 // dst[idx[r], :] += src[r, :] for r < m, in increasing r for every destination row, exactly
 // the order of the CPU loop, with no atomics. One block per source row r: the block that
 // holds the first occurrence of a destination row owns it and walks every later row with
-// the same index; the others return. O(m^2) index reads, O(m c) data: fine for a batch's
-// token list (m up to a few thousand); a sort by index would replace it for much larger m.
+// the same index; the others return. O(m^2) index reads, O(m c) data: fine for a few
+// thousand rows (scatter_add_rows); scatter_add_sorted below is the O(m) version for
+// callers that can sort the indices on the host (the embedding backward).
 template <typename T>
 __device__ void scatter_add_owner(float* dst, const T* src, const int* idx, int m, int c, int r) {
     __shared__ int found;
@@ -143,6 +144,40 @@ __device__ void scatter_add_owner(float* dst, const T* src, const int* idx, int 
         for (int q = r; q < m; ++q) {
             if (idx[q] != key) continue;
             const T* s = src + (size_t)q * c;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                int j = j0 + u * blockDim.x;
+                if (j < c) acc[u] += to_f32(s[j]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            int j = j0 + u * blockDim.x;
+            if (j < c) d[j] = acc[u];
+        }
+    }
+}
+
+// dst[idx[r], :] += src[r, :] over the tokens r in `order` (idx's tokens sorted by (idx, r),
+// src/backend/mod.rs scatter_order), in increasing r for every destination row as the CPU
+// adds them, no atomics. Block k looks at order[k]: if it starts a run of equal indices it
+// owns that row and walks the run; the others return. O(m c) data, O(m) index reads.
+template <typename T>
+__device__ void scatter_add_sorted(float* dst, const T* src, const int* idx, const int* order, int m, int c, int k) {
+    if (k >= m) return;
+    const int key = idx[order[k]];
+    if (k > 0 && idx[order[k - 1]] == key) return;  // block-uniform: an earlier block owns the run
+    float* d = dst + (size_t)key * c;
+    const int stride = blockDim.x * 4;
+    for (int j0 = threadIdx.x; j0 < c; j0 += stride) {
+        float acc[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            int j = j0 + u * blockDim.x;
+            acc[u] = j < c ? d[j] : 0.0f;
+        }
+        for (int q = k; q < m && idx[order[q]] == key; ++q) {
+            const T* s = src + (size_t)order[q] * c;
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
                 int j = j0 + u * blockDim.x;

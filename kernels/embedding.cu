@@ -23,22 +23,23 @@ extern "C" __global__ void embedding_fwd_bf16(bf16* out, const int* ids, const i
 }
 
 // Scatter-add of dout [n, c] into the three tables (accumulates), deterministically: for
-// every table row, the tokens that use it are added in token order, as on the CPU, by
-// the block that holds the row's first token (scatter_add_owner in common.cuh). No float
-// atomics: atomicAdd would make the sum's order, and so its last bits, vary run to run.
+// every table row, the tokens that use it are added in token order, as on the CPU, by the
+// block that starts the row's run in `order` ([3n], the tokens sorted by (index, token) per
+// table, built on the host: scatter_add_sorted in common.cuh). No float atomics: atomicAdd
+// would make the sum's order, and so its last bits, vary run to run.
 // Grid: (n, 3); blockIdx.y picks the table (0 word, 1 position, 2 type).
 template <typename T>
 __device__ void embedding_bwd(float* dwte, float* dwpe, float* dwtt, const T* dout, const int* ids, const int* pos,
-                              const int* types, int n, int c) {
+                              const int* types, const int* order, int n, int c) {
     float* dst = blockIdx.y == 0 ? dwte : blockIdx.y == 1 ? dwpe : dwtt;
     const int* idx = blockIdx.y == 0 ? ids : blockIdx.y == 1 ? pos : types;
-    scatter_add_owner<T>(dst, dout, idx, n, c, blockIdx.x);
+    scatter_add_sorted<T>(dst, dout, idx, order + (size_t)blockIdx.y * n, n, c, blockIdx.x);
 }
 extern "C" __global__ void embedding_bwd_f32(float* dwte, float* dwpe, float* dwtt, const float* dout, const int* ids,
-                                             const int* pos, const int* types, int n, int c) {
-    embedding_bwd<float>(dwte, dwpe, dwtt, dout, ids, pos, types, n, c);
+                                             const int* pos, const int* types, const int* order, int n, int c) {
+    embedding_bwd<float>(dwte, dwpe, dwtt, dout, ids, pos, types, order, n, c);
 }
 extern "C" __global__ void embedding_bwd_bf16(float* dwte, float* dwpe, float* dwtt, const bf16* dout, const int* ids,
-                                              const int* pos, const int* types, int n, int c) {
-    embedding_bwd<bf16>(dwte, dwpe, dwtt, dout, ids, pos, types, n, c);
+                                              const int* pos, const int* types, const int* order, int n, int c) {
+    embedding_bwd<bf16>(dwte, dwpe, dwtt, dout, ids, pos, types, order, n, c);
 }

@@ -24,7 +24,7 @@ use common::{rel_l2, Rng};
 use deepcut_fast::backend::cpu::{quantize::round_to, Cpu};
 use deepcut_fast::backend::cuda::{self, Cuda};
 use deepcut_fast::backend::{
-    AdamW, Backend, Denominator, Dropout, InfoNceOptions, OwnView, ParamSlot, Precision, IGNORE_INDEX,
+    embedding_order, AdamW, Backend, Denominator, Dropout, InfoNceOptions, OwnView, ParamSlot, Precision, IGNORE_INDEX,
 };
 
 const TOL_KERNEL: f64 = 1e-5;
@@ -478,7 +478,8 @@ fn embedding_forward_and_deterministic_backward_body<G: Backend>(g: &G) {
         let mut out = be.alloc(n * c);
         be.embedding_fwd(&mut out, &i, &p, &t, &up(be, w[0]), &up(be, w[1]), &up(be, w[2]), n, c);
         let (mut d0, mut d1, mut d2) = (up(be, &g0[0]), up(be, &g0[1]), up(be, &g0[2]));
-        be.embedding_bwd(&mut d0, &mut d1, &mut d2, &up(be, dout), &i, &p, &t, n, c);
+        let order = up_i(be, &embedding_order(ids, pos, types));
+        be.embedding_bwd(&mut d0, &mut d1, &mut d2, &up(be, dout), &i, &p, &t, &order, n, c);
         vec![
             be.download(&out, n * c),
             be.download(&d0, g0[0].len()),

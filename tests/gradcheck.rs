@@ -8,7 +8,7 @@
 mod common;
 use common::{rel_l2, Rng};
 use deepcut_fast::backend::cpu::{attention, dropout, embedding, gelu, gemm, layernorm, softmax_ce};
-use deepcut_fast::backend::{Dropout, Precision, IGNORE_INDEX};
+use deepcut_fast::backend::{embedding_order, Dropout, Precision, IGNORE_INDEX};
 
 const STEP: f32 = 1e-2;
 const TOL: f64 = 2e-3;
@@ -278,10 +278,54 @@ fn embedding_grad() {
         probe(&out, &r)
     };
     let (mut dte, mut dpe, mut dtt) = (vec![0.0; vocab * c], vec![0.0; npos * c], vec![0.0; ntype * c]);
-    embedding::embedding_bwd(&mut dte, &mut dpe, &mut dtt, &r, &ids, &pos, &types, n, c);
+    let order = embedding_order(&ids, &pos, &types);
+    embedding::embedding_bwd(&mut dte, &mut dpe, &mut dtt, &r, &ids, &pos, &types, &order, n, c);
     check("embedding dwte", &dte, &numeric_grad(&wte, |x| f(x, &wpe, &wtt)));
     check("embedding dwpe", &dpe, &numeric_grad(&wpe, |x| f(&wte, x, &wtt)));
     check("embedding dwtt", &dtt, &numeric_grad(&wtt, |x| f(&wte, &wpe, x)));
+}
+
+/// The scatter order is every token once, sorted by (index, token); walking it, the
+/// embedding backward adds each table row's tokens in token order: bit for bit the plain
+/// per-token loop, on a batch where one id takes most tokens (padding) and the rest repeat.
+#[test]
+fn embedding_bwd_walks_the_order_in_token_order() {
+    let (n, c, vocab) = (517, 37, 60);
+    let mut rng = Rng(16);
+    let ids: Vec<i32> = (0..n)
+        .map(|r| if r % 3 == 0 { 1 } else { rng.below(vocab) as i32 })
+        .collect();
+    let pos: Vec<i32> = (0..n).map(|r| (r % 128) as i32).collect();
+    let types: Vec<i32> = (0..n).map(|r| (r % 7 == 0) as i32).collect();
+    let order = embedding_order(&ids, &pos, &types);
+    for (t, idx) in [&ids, &pos, &types].into_iter().enumerate() {
+        let o = &order[t * n..(t + 1) * n];
+        let mut seen = vec![false; n];
+        for w in o.windows(2) {
+            let (a, b) = (w[0] as usize, w[1] as usize);
+            assert!(
+                (idx[a], a) < (idx[b], b),
+                "table {t}: order not sorted by (index, token)"
+            );
+        }
+        o.iter().for_each(|&r| seen[r as usize] = true);
+        assert!(seen.iter().all(|&s| s), "table {t}: order is not a permutation");
+    }
+    let dout = rng.vec(n * c, 1.0);
+    let mut init = |rows: usize| rng.vec(rows * c, 1.0);
+    let (wte0, wpe0, wtt0) = (init(vocab), init(128), init(2));
+    let (mut a, mut b, mut d) = (wte0.clone(), wpe0.clone(), wtt0.clone());
+    embedding::embedding_bwd(&mut a, &mut b, &mut d, &dout, &ids, &pos, &types, &order, n, c);
+    let (mut a2, mut b2, mut d2) = (wte0, wpe0, wtt0);
+    for (table, idx) in [(&mut a2, &ids), (&mut b2, &pos), (&mut d2, &types)] {
+        for r in 0..n {
+            let i = idx[r] as usize;
+            for j in 0..c {
+                table[i * c + j] += dout[r * c + j];
+            }
+        }
+    }
+    assert_eq!((a, b, d), (a2, b2, d2), "not the per-token loop's bits");
 }
 
 #[test]

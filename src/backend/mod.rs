@@ -231,6 +231,23 @@ impl RangeGuard {
     }
 }
 
+/// The token indices 0..idx.len() sorted by (idx, token): every run of equal indices, in
+/// token order. What a deterministic scatter-add walks (`Backend::embedding_bwd`).
+pub fn scatter_order(idx: &[i32]) -> Vec<i32> {
+    let mut order: Vec<i32> = (0..idx.len() as i32).collect();
+    order.sort_by_key(|&r| (idx[r as usize], r)); // stable and total: the same on every run
+    order
+}
+
+/// `scatter_order` of the word, position and type indices of a batch, concatenated [3n]:
+/// the `order` argument of `Backend::embedding_bwd`.
+pub fn embedding_order(ids: &[i32], pos: &[i32], types: &[i32]) -> Vec<i32> {
+    let mut order = scatter_order(ids);
+    order.extend(scatter_order(pos));
+    order.extend(scatter_order(types));
+    order
+}
+
 pub trait Backend {
     /// A buffer of floats (fp32 on the CPU).
     type Buf;
@@ -306,11 +323,14 @@ pub trait Backend {
         &self, out: &mut Self::Buf, ids: &Self::IBuf, pos: &Self::IBuf, types: &Self::IBuf, wte: &Self::Buf,
         wpe: &Self::Buf, wtt: &Self::Buf, n: usize, c: usize,
     );
-    /// Scatter-add dout into the three tables (deterministic order).
+    /// Scatter-add dout into the three tables, each table row receiving its tokens' rows in
+    /// token order (deterministic). `order` [3n] is [`embedding_order`] of the three index
+    /// lists, built on the host where the batch is: it makes the work O(n c) on the device
+    /// (one owner per table row walks its run of tokens) instead of a search per token.
     #[allow(clippy::too_many_arguments)]
     fn embedding_bwd(
         &self, dwte: &mut Self::Buf, dwpe: &mut Self::Buf, dwtt: &mut Self::Buf, dout: &Self::Buf, ids: &Self::IBuf,
-        pos: &Self::IBuf, types: &Self::IBuf, n: usize, c: usize,
+        pos: &Self::IBuf, types: &Self::IBuf, order: &Self::IBuf, n: usize, c: usize,
     );
     /// out = LayerNorm(inp + residual) over rows of width c; saves mean and 1/std per row.
     #[allow(clippy::too_many_arguments)]

@@ -17,7 +17,7 @@
 //! the attention core rounds what it reads (q, k, v, its incoming gradient) and writes its
 //! outputs (att, dq, dk, dv) rounded. In fp32 nothing is rounded and there are no copies:
 //! the fp32 path is unchanged.
-use crate::backend::{Backend, Dropout, Precision, IGNORE_INDEX};
+use crate::backend::{embedding_order, Backend, Dropout, Precision, IGNORE_INDEX};
 use crate::model::checkpoint::{HostTensor, HostWeights};
 use crate::model::config::ModelConfig;
 
@@ -257,6 +257,8 @@ struct Acts<B: Backend> {
     ids: B::IBuf,
     pos: B::IBuf,
     types: B::IBuf,
+    /// `backend::embedding_order` of ids, pos, types [3n], for the embedding backward.
+    emb_order: B::IBuf,
     labels: B::IBuf,
     mask: B::Buf,
     emb: B::Buf,      // [n, c] sum of the three embeddings
@@ -433,6 +435,7 @@ impl<B: Backend> Model<B> {
             ids: be.alloc_i32(n),
             pos: be.alloc_i32(n),
             types: be.alloc_i32(n),
+            emb_order: be.alloc_i32(3 * n),
             labels: be.alloc_i32(n),
             mask: be.alloc(n),
             emb: be.alloc(n * c),
@@ -603,6 +606,11 @@ impl<B: Backend> Model<B> {
         be.upload_i32(&mut a.ids, &batch.input_ids);
         be.upload_i32(&mut a.pos, &batch.position_ids);
         be.upload_i32(&mut a.types, &batch.type_ids);
+        // the embedding backward's scatter order, sorted here where the indices are on the host
+        be.upload_i32(
+            &mut a.emb_order,
+            &embedding_order(&batch.input_ids, &batch.position_ids, &batch.type_ids),
+        );
         be.upload_i32(&mut a.labels, &batch.labels);
         be.upload(&mut a.mask, &batch.attention_mask);
 
@@ -1037,6 +1045,7 @@ impl<B: Backend> Model<B> {
             &a.ids,
             &a.pos,
             &a.types,
+            &a.emb_order,
             n,
             c,
         );

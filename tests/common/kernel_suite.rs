@@ -179,16 +179,18 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
         be.softmax_ce_bwd(&mut dlogits, &logits, &lab, n, l, 1e-3)
     });
     let vocab = s.vocab;
-    let ids = up_i(&(0..n).map(|i| ((i * 7919) % vocab) as i32).collect::<Vec<_>>());
-    let pos = up_i(&(0..n).map(|i| (i % t) as i32 + 2).collect::<Vec<_>>());
-    let types = up_i(&vec![0; n]);
+    let hid: Vec<i32> = (0..n).map(|i| ((i * 7919) % vocab) as i32).collect();
+    let hpos: Vec<i32> = (0..n).map(|i| (i % t) as i32 + 2).collect();
+    let htypes = vec![0; n];
+    let order = up_i(&deepcut_fast::backend::embedding_order(&hid, &hpos, &htypes));
+    let (ids, pos, types) = (up_i(&hid), up_i(&hpos), up_i(&htypes));
     let (wte, wpe, wtt) = (up(&fill(vocab * c, 14)), up(&fill((t + 2) * c, 15)), up(&fill(c, 16)));
     run("embedding_fwd", bytes(4 * n * c), &mut || {
         be.embedding_fwd(&mut y, &ids, &pos, &types, &wte, &wpe, &wtt, n, c)
     });
     let (mut dwte, mut dwpe, mut dwtt) = (be.alloc(vocab * c), be.alloc((t + 2) * c), be.alloc(c));
     run("embedding_bwd", bytes(4 * n * c), &mut || {
-        be.embedding_bwd(&mut dwte, &mut dwpe, &mut dwtt, &dout, &ids, &pos, &types, n, c)
+        be.embedding_bwd(&mut dwte, &mut dwpe, &mut dwtt, &dout, &ids, &pos, &types, &order, n, c)
     });
 
     // the optimiser over all parameters as one tensor: 4 reads, 3 writes per element

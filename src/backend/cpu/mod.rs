@@ -82,9 +82,9 @@ impl Backend for Cpu {
     }
     fn embedding_bwd(
         &self, dwte: &mut Vec<f32>, dwpe: &mut Vec<f32>, dwtt: &mut Vec<f32>, dout: &Vec<f32>, ids: &Vec<i32>,
-        pos: &Vec<i32>, types: &Vec<i32>, n: usize, c: usize,
+        pos: &Vec<i32>, types: &Vec<i32>, order: &Vec<i32>, n: usize, c: usize,
     ) {
-        embedding::embedding_bwd(dwte, dwpe, dwtt, dout, ids, pos, types, n, c)
+        embedding::embedding_bwd(dwte, dwpe, dwtt, dout, ids, pos, types, order, n, c)
     }
     fn layernorm_fwd(
         &self, out: &mut Vec<f32>, mean: &mut Vec<f32>, rstd: &mut Vec<f32>, inp: &Vec<f32>,

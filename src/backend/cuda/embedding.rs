@@ -43,11 +43,12 @@ pub fn embedding_fwd(
 }
 
 /// Scatter-add of dout into the three tables (accumulates), deterministic: each table row
-/// receives its tokens' gradients in token order from one owner block, no atomics.
+/// receives its tokens' gradients in token order from the block that starts its run in
+/// `order` ([3n], `backend::embedding_order`), no atomics.
 #[allow(clippy::too_many_arguments)]
 pub fn embedding_bwd(
     cu: &Cuda, dwte: &mut CudaSlice<f32>, dwpe: &mut CudaSlice<f32>, dwtt: &mut CudaSlice<f32>, dout: &CudaSlice<f32>,
-    ids: &CudaSlice<i32>, pos: &CudaSlice<i32>, types: &CudaSlice<i32>, n: usize, c: usize,
+    ids: &CudaSlice<i32>, pos: &CudaSlice<i32>, types: &CudaSlice<i32>, order: &CudaSlice<i32>, n: usize, c: usize,
 ) {
     if n == 0 || c == 0 {
         return;
@@ -57,8 +58,10 @@ pub fn embedding_bwd(
     for (buf, what) in [(ids, "ids"), (pos, "pos"), (types, "types")] {
         need(buf.len(), n, what);
     }
+    need(order.len(), 3 * n, "embedding_bwd order");
     let (ni, ci) = (int(n, "embedding n"), int(c, "embedding c"));
     int(n * c, "embedding n*c");
+    int(3 * n, "embedding 3n");
     let cfg = LaunchConfig {
         grid_dim: (n as u32, 3, 1),
         block_dim: (128, 1, 1),
@@ -72,11 +75,13 @@ pub fn embedding_bwd(
         .arg(ids)
         .arg(pos)
         .arg(types)
+        .arg(order)
         .arg(&ni)
         .arg(&ci);
     // SAFETY: (float* dwte, float* dwpe, float* dwtt, const float* dout, const int* ids,
-    // const int* pos, const int* types, int n, int c); block (r, table) reads dout rows < n
-    // and updates the table rows named by its index buffer (in range by contract); dout
-    // and the index buffers are checked above.
+    // const int* pos, const int* types, const int* order, int n, int c); block (k, table)
+    // reads order[table*n..][..n] (a permutation of 0..n by contract) and the dout rows it
+    // names, and updates the table rows named by its index buffer (in range by contract);
+    // dout, the index buffers and order are checked above.
     check(unsafe { l.launch(cfg) }, "embedding_bwd_f32");
 }

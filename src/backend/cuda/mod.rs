@@ -448,9 +448,9 @@ impl Backend for Cuda {
     }
     fn embedding_bwd(
         &self, dwte: &mut CudaSlice<f32>, dwpe: &mut CudaSlice<f32>, dwtt: &mut CudaSlice<f32>, dout: &CudaSlice<f32>,
-        ids: &CudaSlice<i32>, pos: &CudaSlice<i32>, types: &CudaSlice<i32>, n: usize, c: usize,
+        ids: &CudaSlice<i32>, pos: &CudaSlice<i32>, types: &CudaSlice<i32>, order: &CudaSlice<i32>, n: usize, c: usize,
     ) {
-        embedding::embedding_bwd(self, dwte, dwpe, dwtt, dout, ids, pos, types, n, c)
+        embedding::embedding_bwd(self, dwte, dwpe, dwtt, dout, ids, pos, types, order, n, c)
     }
     fn layernorm_fwd(
         &self, out: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, inp: &CudaSlice<f32>,
