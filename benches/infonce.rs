@@ -11,7 +11,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use deepcut_fast::backend::cpu::infonce::synthetic_rows;
 use deepcut_fast::backend::cpu::Cpu;
-use deepcut_fast::backend::{Backend, Denominator, InfoNceOptions, OwnView};
+use deepcut_fast::backend::{Backend, Denominator, InfoNceOptions, OwnView, Precision};
 
 struct Batch {
     z: Vec<f32>,
@@ -57,8 +57,31 @@ fn infonce(cr: &mut Criterion) {
         for (name, opts) in configs {
             g.bench_with_input(BenchmarkId::new(name, m), &m, |bench, &m| {
                 bench.iter(|| {
-                    be.infonce_fwd(&mut loss, &mut lse, &b.z, &b.labels, &b.anchor, &b.partner, m, c, opts);
-                    be.infonce_bwd(&mut dz, &b.z, &lse, &b.labels, &b.anchor, &b.partner, m, c, opts, 1.0);
+                    be.infonce_fwd(
+                        &mut loss,
+                        &mut lse,
+                        &b.z,
+                        &b.labels,
+                        &b.anchor,
+                        &b.partner,
+                        m,
+                        c,
+                        opts,
+                        Precision::Fp32,
+                    );
+                    be.infonce_bwd(
+                        &mut dz,
+                        &b.z,
+                        &lse,
+                        &b.labels,
+                        &b.anchor,
+                        &b.partner,
+                        m,
+                        c,
+                        opts,
+                        1.0,
+                        Precision::Fp32,
+                    );
                 })
             });
         }

@@ -295,14 +295,41 @@ fn contrastive(c: &mut Criterion) {
         "infonce_fwd",
         "m6048 c384 same-class",
         Throughput::Elements(2 * pairs * C as u64),
-        || infonce::infonce_fwd(&mut loss, &mut lse, &z, &labels, &anchor, &partner, m, C, opts),
+        || {
+            infonce::infonce_fwd(
+                &mut loss,
+                &mut lse,
+                &z,
+                &labels,
+                &anchor,
+                &partner,
+                m,
+                C,
+                opts,
+                Precision::Fp32,
+            )
+        },
     );
     bench(
         c,
         "infonce_bwd",
         "m6048 c384 same-class detached",
         Throughput::Elements(4 * pairs * C as u64),
-        || infonce::infonce_bwd(&mut dz, &z, &lse, &labels, &anchor, &partner, m, C, opts, 1.0),
+        || {
+            infonce::infonce_bwd(
+                &mut dz,
+                &z,
+                &lse,
+                &labels,
+                &anchor,
+                &partner,
+                m,
+                C,
+                opts,
+                1.0,
+                Precision::Fp32,
+            )
+        },
     );
 }
 

@@ -260,12 +260,12 @@ fn main() {
     let (mut il, mut ilse, mut dz) = (vec![0f32; m], vec![0f32; m], vec![0f32; m * c]);
     add(
         "infonce_fwd",
-        time(|| infonce::infonce_fwd(&mut il, &mut ilse, &z, &zl, &za, &zp, m, c, opts)),
+        time(|| infonce::infonce_fwd(&mut il, &mut ilse, &z, &zl, &za, &zp, m, c, opts, Precision::Fp32)),
         1,
     );
     add(
         "infonce_bwd",
-        time(|| infonce::infonce_bwd(&mut dz, &z, &ilse, &zl, &za, &zp, m, c, opts, 1.0)),
+        time(|| infonce::infonce_bwd(&mut dz, &z, &ilse, &zl, &za, &zp, m, c, opts, 1.0, Precision::Fp32)),
         1,
     );
     let mut dzr = vec![0f32; m * c];

@@ -1,4 +1,5 @@
-// Class-masked InfoNCE of DeepCUT (SPEC section 4), forward and backward, fp32.
+// Class-masked InfoNCE of DeepCUT (SPEC section 4), forward and backward, fp32; in the
+// bf16 / fp16 modes the similarity dot products run on tensor cores (score_tile_mma).
 // CPU twin: src/backend/cpu/infonce.rs (same loss, same options, same outputs).
 //
 // For a valid anchor i (anchor flag, |P_i| > 0, |D_i| > 0), with s_ij = z_i . z_j / tau:
@@ -28,6 +29,7 @@
 // m^2 c instead of sum_k n_k^2 c but needs no host-side grouping (and so no download of
 // the labels in the middle of a step).
 #include "common.cuh"
+#include "mma.cuh"
 
 #define NCE_TILE 32
 #define NCE_RPW 4  // tile rows per warp: 8 warps x 4 = 32
@@ -38,6 +40,7 @@ struct InfoNceArgs {
     float scale;      // backward only: gamma / count for gamma * L_f
     int denom_all;    // Denominator::All
     int own_exclude;  // OwnView::Exclude
+    int round;        // 0: fp32 dot products (CUDA cores); 1 / 2: z rounded to bf16 / fp16 (tensor cores)
 };
 
 // The partner excluded from D_i, or -1.
@@ -92,6 +95,57 @@ __device__ __forceinline__ void score_tile(float s[NCE_RPW], float* ra, float* r
     }
 }
 
+// score_tile on tensor cores, for the bf16 / fp16 modes: the products of z rounded to 16
+// bits, fp32 accumulation (the CPU twin rounds z for its similarity GEMMs the same way).
+// Each of the 8 warps computes one 16 x 8 block of the 32 x 32 tile with mma.sync over
+// the same shared chunks as score_tile, then the tile goes through `st` [32][NCE_LD] to the
+// SIMT layout the callers use (s[u]: row 4w + u, column lane).
+template <typename Tag>
+__device__ __forceinline__ void score_tile_mma(float s[NCE_RPW], float* ra, float* rc, float* st, const float* z,
+                                               int r0, int c0, int m, int c) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+    const int mr = (warp >> 2) * 16, nc = (warp & 3) * 8;  // this warp's block: rows mr.., columns nc..
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int e0 = 0; e0 < c; e0 += 32) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < NCE_TILE * 32; idx += blockDim.x) {
+            int rr = idx >> 5, ee = idx & 31, e = e0 + ee;
+            ra[rr * NCE_LD + ee] = (r0 + rr < m && e < c) ? z[(size_t)(r0 + rr) * c + e] : 0.0f;
+            rc[rr * NCE_LD + ee] = (c0 + rr < m && e < c) ? z[(size_t)(c0 + rr) * c + e] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k0 = 0; k0 < 32; k0 += 16) {
+            const float* a_lo = ra + (mr + g) * NCE_LD + k0 + c2;
+            const float* a_hi = ra + (mr + g + 8) * NCE_LD + k0 + c2;
+            const float* b_n = rc + (nc + g) * NCE_LD + k0 + c2;
+            const unsigned a[4] = {pack2<Tag>(a_lo[0], a_lo[1]), pack2<Tag>(a_hi[0], a_hi[1]),
+                                   pack2<Tag>(a_lo[8], a_lo[9]), pack2<Tag>(a_hi[8], a_hi[9])};
+            const unsigned b[2] = {pack2<Tag>(b_n[0], b_n[1]), pack2<Tag>(b_n[8], b_n[9])};
+            mma_16816(acc, a, b, Tag());
+        }
+    }
+    // st is free: its last readers (the previous call's) passed the barriers above
+    st[(mr + g) * NCE_LD + nc + c2] = acc[0];
+    st[(mr + g) * NCE_LD + nc + c2 + 1] = acc[1];
+    st[(mr + g + 8) * NCE_LD + nc + c2] = acc[2];
+    st[(mr + g + 8) * NCE_LD + nc + c2 + 1] = acc[3];
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < NCE_RPW; ++u) s[u] += st[(warp * NCE_RPW + u) * NCE_LD + lane];
+}
+
+// The tile's dot products in the precision `a.round` asks for.
+__device__ __forceinline__ void score_tile_as(float s[NCE_RPW], float* ra, float* rc, float* st, const float* z,
+                                              int r0, int c0, int m, int c, const InfoNceArgs& a) {
+    if (a.round == 1)
+        score_tile_mma<Bf16Tag>(s, ra, rc, st, z, r0, c0, m, c);
+    else if (a.round == 2)
+        score_tile_mma<F16Tag>(s, ra, rc, st, z, r0, c0, m, c);
+    else
+        score_tile(s, ra, rc, z, r0, c0, m, c);
+}
+
 // Metadata of the 32 anchor rows a0 .. a0+32 of a tile, in shared memory.
 struct AnchorMeta {
     int y[NCE_TILE];
@@ -123,7 +177,7 @@ __device__ __forceinline__ int load_anchor_meta(AnchorMeta& am, const int* label
 // Grid: ceil(m / 32) blocks of 256 threads, one per anchor tile.
 extern "C" __global__ void infonce_fwd_f32(float* loss, float* lse, const float* z, const int* labels, const int* npos,
                                            const int* valid, const int* partner, int m, int c, InfoNceArgs a) {
-    __shared__ float ra[NCE_TILE * NCE_LD], rc[NCE_TILE * NCE_LD];
+    __shared__ float ra[NCE_TILE * NCE_LD], rc[NCE_TILE * NCE_LD], st[NCE_TILE * NCE_LD];
     __shared__ AnchorMeta am;
     __shared__ int yc[NCE_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -141,7 +195,7 @@ extern "C" __global__ void infonce_fwd_f32(float* loss, float* lse, const float*
         __syncthreads();  // yc of the previous tile is read
         if (threadIdx.x < NCE_TILE) yc[threadIdx.x] = c0 + (int)threadIdx.x < m ? labels[c0 + threadIdx.x] : 0;
         float s[NCE_RPW] = {0.0f, 0.0f, 0.0f, 0.0f};
-        score_tile(s, ra, rc, z, a0, c0, m, c);  // its barriers publish yc
+        score_tile_as(s, ra, rc, st, z, a0, c0, m, c, a);  // its barriers publish yc
         const int j = c0 + lane;
 #pragma unroll
         for (int u = 0; u < NCE_RPW; ++u) {
@@ -190,7 +244,7 @@ __device__ __forceinline__ float weight_of(const AnchorMeta& am, int r, int i, i
 extern "C" __global__ void infonce_bwd_rows_f32(float* dz, const float* z, const float* lse, const int* labels,
                                                 const int* npos, const int* valid, const int* partner, int m, int c,
                                                 InfoNceArgs a) {
-    __shared__ float ra[NCE_TILE * NCE_LD], rc[NCE_TILE * NCE_LD], ws[NCE_TILE * NCE_LD];
+    __shared__ float ra[NCE_TILE * NCE_LD], rc[NCE_TILE * NCE_LD], ws[NCE_TILE * NCE_LD], st[NCE_TILE * NCE_LD];
     __shared__ AnchorMeta am;
     __shared__ int yc[NCE_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -200,7 +254,7 @@ extern "C" __global__ void infonce_bwd_rows_f32(float* dz, const float* z, const
         __syncthreads();
         if (threadIdx.x < NCE_TILE) yc[threadIdx.x] = c0 + (int)threadIdx.x < m ? labels[c0 + threadIdx.x] : 0;
         float s[NCE_RPW] = {0.0f, 0.0f, 0.0f, 0.0f};
-        score_tile(s, ra, rc, z, a0, c0, m, c);
+        score_tile_as(s, ra, rc, st, z, a0, c0, m, c, a);
 #pragma unroll
         for (int u = 0; u < NCE_RPW; ++u) {
             const int r = warp * NCE_RPW + u;
@@ -242,7 +296,7 @@ extern "C" __global__ void infonce_bwd_rows_f32(float* dz, const float* z, const
 extern "C" __global__ void infonce_bwd_cols_f32(float* dz, float* dzc, const float* z, const float* lse,
                                                 const int* labels, const int* npos, const int* valid,
                                                 const int* partner, int m, int c, InfoNceArgs a) {
-    __shared__ float ra[NCE_TILE * NCE_LD], rc[NCE_TILE * NCE_LD], ws[NCE_TILE * NCE_LD];
+    __shared__ float ra[NCE_TILE * NCE_LD], rc[NCE_TILE * NCE_LD], ws[NCE_TILE * NCE_LD], st[NCE_TILE * NCE_LD];
     __shared__ AnchorMeta am;
     __shared__ int yc[NCE_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -252,7 +306,7 @@ extern "C" __global__ void infonce_bwd_cols_f32(float* dz, float* dzc, const flo
         __syncthreads();  // am and ws of the previous anchor tile are consumed
         if (!load_anchor_meta(am, labels, npos, valid, partner, lse, a0, m, a)) continue;  // block-uniform
         float s[NCE_RPW] = {0.0f, 0.0f, 0.0f, 0.0f};
-        score_tile(s, ra, rc, z, a0, j0, m, c);  // s[u]: anchor a0 + 4w + u, column j0 + lane
+        score_tile_as(s, ra, rc, st, z, a0, j0, m, c, a);  // s[u]: anchor a0 + 4w + u, column j0 + lane
 #pragma unroll
         for (int u = 0; u < NCE_RPW; ++u) {
             const int r = warp * NCE_RPW + u;

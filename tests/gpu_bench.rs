@@ -135,11 +135,11 @@ fn infonce() {
         let (dl, da, dp) = (up_i(&labels), up_i(&anchor), up_i(&partner));
         let (mut loss, mut lse, mut grad) = (g.alloc(m), g.alloc(m), g.alloc(m * c));
         let opts = InfoNceOptions::default();
-        let mut run = || {
-            g.infonce_fwd(&mut loss, &mut lse, &dz_, &dl, &da, &dp, m, c, opts);
-            g.infonce_bwd(&mut grad, &dz_, &lse, &dl, &da, &dp, m, c, opts, 0.3 / 1000.0);
+        let mut run = |prec: Precision| {
+            g.infonce_fwd(&mut loss, &mut lse, &dz_, &dl, &da, &dp, m, c, opts, prec);
+            g.infonce_bwd(&mut grad, &dz_, &lse, &dl, &da, &dp, m, c, opts, 0.3 / 1000.0, prec);
         };
-        run();
+        run(Precision::Fp32);
         g.synchronize();
         let reps = if m <= 4096 { 10 } else { 3 };
         // device memory this size took (inputs, outputs and the kernels' scratch): O(m c)
@@ -147,19 +147,30 @@ fn infonce() {
             (Some(a), Some(b)) => format!("{} MiB on the device", b.saturating_sub(a) >> 20),
             _ => "device memory unknown".to_string(),
         };
-        let t0 = Instant::now();
-        for _ in 0..reps {
-            run();
+        // fp32 (CUDA cores, the PyTorch script's precision) and bf16 (similarities on
+        // tensor cores)
+        for prec in [Precision::Fp32, Precision::Bf16] {
+            run(prec);
+            g.synchronize();
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                run(prec);
+            }
+            g.synchronize();
+            let s = t0.elapsed().as_secs_f64() / reps as f64;
+            let pairs = (m as f64) * (m as f64) / 3.0; // anchors x columns
+            let tag = if prec == Precision::Fp32 {
+                String::new()
+            } else {
+                format!("_{prec}")
+            };
+            println!(
+                "BENCH infonce_fwd_bwd_m{m}_c{c}{tag} {:.3} ms ({:.2e} pairs/s; {used} for {} MiB of z)",
+                s * 1e3,
+                pairs / s,
+                (m * c * 4) >> 20
+            );
         }
-        g.synchronize();
-        let s = t0.elapsed().as_secs_f64() / reps as f64;
-        let pairs = (m as f64) * (m as f64) / 3.0; // anchors x columns
-        println!(
-            "BENCH infonce_fwd_bwd_m{m}_c{c} {:.3} ms ({:.2e} pairs/s; {used} for {} MiB of z)",
-            s * 1e3,
-            pairs / s,
-            (m * c * 4) >> 20
-        );
     }
 }
 

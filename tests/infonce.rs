@@ -11,7 +11,7 @@ mod common;
 use common::{rel_l2, Rng};
 use deepcut_fast::backend::cpu::infonce::{self, ANCHOR_TILE, COL_TILE};
 use deepcut_fast::backend::cpu::{l2norm, rows, Cpu};
-use deepcut_fast::backend::{infonce_loss_host, Backend, Denominator, InfoNceOptions, OwnView};
+use deepcut_fast::backend::{infonce_loss_host, Backend, Denominator, InfoNceOptions, OwnView, Precision};
 
 const FWD_TOL: f64 = 1e-5;
 const GRAD_TOL: f64 = 1e-4;
@@ -257,9 +257,32 @@ fn run_cpu(k: &Case, o: &InfoNceOptions) -> Out {
         .iter()
         .filter(|&&v| v)
         .count();
-    be.infonce_fwd(&mut per_row, &mut lse, &k.z, &k.labels, &k.anchor, &k.partner, m, c, *o);
+    be.infonce_fwd(
+        &mut per_row,
+        &mut lse,
+        &k.z,
+        &k.labels,
+        &k.anchor,
+        &k.partner,
+        m,
+        c,
+        *o,
+        Precision::Fp32,
+    );
     let scale = if count == 0 { 0.0 } else { 1.0 / count as f32 };
-    be.infonce_bwd(&mut dz, &k.z, &lse, &k.labels, &k.anchor, &k.partner, m, c, *o, scale);
+    be.infonce_bwd(
+        &mut dz,
+        &k.z,
+        &lse,
+        &k.labels,
+        &k.anchor,
+        &k.partner,
+        m,
+        c,
+        *o,
+        scale,
+        Precision::Fp32,
+    );
     assert_eq!(per_row[m], 9.0, "infonce_fwd wrote past m");
     assert!(dz[m * c..].iter().all(|&x| x == 9.0), "infonce_bwd wrote past m");
     per_row.truncate(m);
@@ -537,7 +560,18 @@ fn infonce_free_functions_match_trait() {
     let k = make_case(&mut rng, 50, 8);
     let o = InfoNceOptions::default();
     let (mut l1, mut s1) = (vec![0.0; 50], vec![0.0; 50]);
-    infonce::infonce_fwd(&mut l1, &mut s1, &k.z, &k.labels, &k.anchor, &k.partner, 50, 8, o);
+    infonce::infonce_fwd(
+        &mut l1,
+        &mut s1,
+        &k.z,
+        &k.labels,
+        &k.anchor,
+        &k.partner,
+        50,
+        8,
+        o,
+        Precision::Fp32,
+    );
     let got = run_cpu(&k, &o);
     assert_eq!(l1, got.per_row);
     assert_eq!(s1, got.lse);

@@ -407,11 +407,14 @@ pub trait Backend {
     /// column), labels [m], anchor [m] (1/0), partner [m] (row of the other view or -1).
     /// Writes loss [m] = L_i on valid anchors and 0 elsewhere, and lse [m] (the
     /// denominator's logsumexp, saved for backward). L_f = `infonce_loss_host(loss,
-    /// count)` with count from `InfoNceOptions::valid_anchors`.
+    /// count)` with count from `InfoNceOptions::valid_anchors`. `inputs` bf16 / fp16: the
+    /// similarities are products of z rounded to 16 bits (tensor cores on CUDA), fp32
+    /// accumulated; logsumexp, loss and the gradient's products with z stay fp32
+    /// (cpu/infonce.rs).
     #[allow(clippy::too_many_arguments)]
     fn infonce_fwd(
         &self, loss: &mut Self::Buf, lse: &mut Self::Buf, z: &Self::Buf, labels: &Self::IBuf, anchor: &Self::IBuf,
-        partner: &Self::IBuf, m: usize, c: usize, opts: InfoNceOptions,
+        partner: &Self::IBuf, m: usize, c: usize, opts: InfoNceOptions, inputs: Precision,
     );
     /// dz [m, c] (overwritten) = d(scale * sum of valid L_i)/dz; pass scale = gamma /
     /// count for gamma * L_f. Anchor-side gradient always; column-side only when
@@ -419,7 +422,7 @@ pub trait Backend {
     #[allow(clippy::too_many_arguments)]
     fn infonce_bwd(
         &self, dz: &mut Self::Buf, z: &Self::Buf, lse: &Self::Buf, labels: &Self::IBuf, anchor: &Self::IBuf,
-        partner: &Self::IBuf, m: usize, c: usize, opts: InfoNceOptions, scale: f32,
+        partner: &Self::IBuf, m: usize, c: usize, opts: InfoNceOptions, scale: f32, inputs: Precision,
     );
 
     // ---- optimiser --------------------------------------------------------------------

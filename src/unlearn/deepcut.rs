@@ -151,6 +151,7 @@ pub fn step<B: Backend>(
         m,
         c,
         opts,
+        model.precision(),
     );
     drop(contrast_fwd);
 
@@ -170,6 +171,7 @@ pub fn step<B: Backend>(
             c,
             opts,
             loss_scale * gamma / count as f32,
+            model.precision(),
         );
         be.l2norm_bwd(&mut cb.dzraw, &cb.dz, &cb.z, &cb.norm, m, c);
         be.scatter_add_rows(&mut cb.dhidden, &cb.dzraw, &cb.idx, m, c);

@@ -22,14 +22,20 @@
 //!   Every output row is written by exactly one task that visits tiles in a fixed order:
 //!   no atomics, and bit-identical results for any number of threads.
 //!
+//! Precision (`inputs`): in bf16 / fp16 the similarities are products of z rounded to 16
+//! bits (the tensor-core dot products of kernels/infonce.cu), accumulated in fp32: the
+//! score tiles and the forward's linear term read the rounded rows. Everything downstream
+//! stays fp32 and the gradient's products use z as given: dz_i = sum_j W_ij z_j / tau.
+//!
 //! The CUDA kernel (Inf-CL style) has the same shape: the host sorts rows by class once
 //! (groups become contiguous ranges), one thread block per anchor tile for the forward
 //! and for backward pass 1, one per column tile for pass 2, each streaming the other
 //! side's tiles through shared memory with the similarity tile in registers; lse and the
 //! per-class sums in fp32/f64 as here.
 use super::gemm::gemm;
+use super::quantize::round_to;
 use super::simd::{self, multiversion};
-use crate::backend::{Denominator, InfoNceOptions, OwnView};
+use crate::backend::{Denominator, InfoNceOptions, OwnView, Precision};
 use rayon::prelude::*;
 
 /// Anchor rows per tile (one task, one future thread block).
@@ -52,6 +58,24 @@ struct Group {
     /// Za [anchors, c] and Zc [cols, c], gathered once so tiles are contiguous.
     za: Vec<f32>,
     zc: Vec<f32>,
+    /// The same rows rounded to 16 bits for the similarities (None in fp32: za, zc).
+    sa: Option<Vec<f32>>,
+    sc: Option<Vec<f32>>,
+}
+
+impl Group {
+    /// The rows the similarities read: rounded in bf16 / fp16.
+    fn sim_a(&self) -> &[f32] {
+        self.sa.as_deref().unwrap_or(&self.za)
+    }
+    fn sim_c(&self) -> &[f32] {
+        self.sc.as_deref().unwrap_or(&self.zc)
+    }
+}
+
+/// z rounded to `p` (None in fp32).
+fn rounded(z: &[f32], p: Precision) -> Option<Vec<f32>> {
+    (p != Precision::Fp32).then(|| z.par_iter().map(|&x| round_to(x, p)).collect())
 }
 
 /// Host-side bookkeeping shared by forward and backward, O(m c).
@@ -67,6 +91,7 @@ impl Plan {
     #[allow(clippy::too_many_arguments)]
     fn new(
         z: &[f32], labels: &[i32], anchor: &[i32], partner: &[i32], m: usize, c: usize, opts: &InfoNceOptions,
+        inputs: Precision,
     ) -> Plan {
         let valid = opts.valid_anchors(labels, anchor, partner, m);
         let mut ids: Vec<i32> = labels[..m].to_vec();
@@ -122,9 +147,12 @@ impl Plan {
                         [pos[i], if excluded { pos[p as usize] } else { NONE }]
                     })
                     .collect();
+                let (za, zc) = (gather(&anchors), gather(&cols));
                 Group {
-                    za: gather(&anchors),
-                    zc: gather(&cols),
+                    sa: rounded(&za, inputs),
+                    sc: rounded(&zc, inputs),
+                    za,
+                    zc,
                     anchors,
                     cols,
                     masked,
@@ -191,8 +219,8 @@ fn score_tile(s: &mut [f32], g: &Group, a0: usize, a1: usize, c0: usize, c1: usi
     let (ta, tc) = (a1 - a0, c1 - c0);
     gemm(
         s,
-        &g.za[a0 * c..],
-        &g.zc[c0 * c..],
+        &g.sim_a()[a0 * c..],
+        &g.sim_c()[c0 * c..],
         ta,
         tc,
         c,
@@ -216,8 +244,8 @@ fn score_tile_t(st: &mut [f32], g: &Group, a0: usize, a1: usize, c0: usize, c1: 
     let (ta, tc) = (a1 - a0, c1 - c0);
     gemm(
         st,
-        &g.zc[c0 * c..],
-        &g.za[a0 * c..],
+        &g.sim_c()[c0 * c..],
+        &g.sim_a()[a0 * c..],
         tc,
         ta,
         c,
@@ -288,11 +316,11 @@ fn dot64(a: &[f32], b: &[f64]) -> f64 {
 #[allow(clippy::too_many_arguments)]
 pub fn infonce_fwd(
     loss: &mut [f32], lse: &mut [f32], z: &[f32], labels: &[i32], anchor: &[i32], partner: &[i32], m: usize, c: usize,
-    opts: InfoNceOptions,
+    opts: InfoNceOptions, inputs: Precision,
 ) {
     loss[..m].fill(0.0);
     lse[..m].fill(0.0);
-    let plan = Plan::new(z, labels, anchor, partner, m, c, &opts);
+    let plan = Plan::new(z, labels, anchor, partner, m, c, &opts, inputs);
     let inv_tau = 1.0 / opts.tau;
     let items = plan.tiles(ANCHOR_TILE, false);
     let results: Vec<Vec<f32>> = items
@@ -313,12 +341,15 @@ pub fn infonce_fwd(
             mx.iter().zip(&sum).map(|(&a, &b)| a + b.ln()).collect()
         })
         .collect();
-    let mu = plan.other_class_means(z, m, c);
+    // the linear term is a sum of similarities: over the rows they read
+    let zs = rounded(&z[..m * c], inputs);
+    let zs = zs.as_deref().unwrap_or(z);
+    let mu = plan.other_class_means(zs, m, c);
     for (&(g, a0, _), l) in items.iter().zip(results) {
         for (r, l) in l.into_iter().enumerate() {
             let i = plan.groups[g].anchors[a0 + r];
             let k = plan.class[i];
-            let lin = dot64(&z[i * c..(i + 1) * c], &mu[k * c..(k + 1) * c]) * inv_tau as f64;
+            let lin = dot64(&zs[i * c..(i + 1) * c], &mu[k * c..(k + 1) * c]) * inv_tau as f64;
             lse[i] = l;
             loss[i] = (l as f64 - lin) as f32;
         }
@@ -330,10 +361,10 @@ pub fn infonce_fwd(
 #[allow(clippy::too_many_arguments)]
 pub fn infonce_bwd(
     dz: &mut [f32], z: &[f32], lse: &[f32], labels: &[i32], anchor: &[i32], partner: &[i32], m: usize, c: usize,
-    opts: InfoNceOptions, scale: f32,
+    opts: InfoNceOptions, scale: f32, inputs: Precision,
 ) {
     dz[..m * c].fill(0.0);
-    let plan = Plan::new(z, labels, anchor, partner, m, c, &opts);
+    let plan = Plan::new(z, labels, anchor, partner, m, c, &opts, inputs);
     let inv_tau = 1.0 / opts.tau;
     let k = plan.count.len();
 

@@ -181,15 +181,15 @@ impl Backend for Cpu {
     }
     fn infonce_fwd(
         &self, loss: &mut Vec<f32>, lse: &mut Vec<f32>, z: &Vec<f32>, labels: &Vec<i32>, anchor: &Vec<i32>,
-        partner: &Vec<i32>, m: usize, c: usize, opts: InfoNceOptions,
+        partner: &Vec<i32>, m: usize, c: usize, opts: InfoNceOptions, inputs: Precision,
     ) {
-        infonce::infonce_fwd(loss, lse, z, labels, anchor, partner, m, c, opts)
+        infonce::infonce_fwd(loss, lse, z, labels, anchor, partner, m, c, opts, inputs)
     }
     fn infonce_bwd(
         &self, dz: &mut Vec<f32>, z: &Vec<f32>, lse: &Vec<f32>, labels: &Vec<i32>, anchor: &Vec<i32>,
-        partner: &Vec<i32>, m: usize, c: usize, opts: InfoNceOptions, scale: f32,
+        partner: &Vec<i32>, m: usize, c: usize, opts: InfoNceOptions, scale: f32, inputs: Precision,
     ) {
-        infonce::infonce_bwd(dz, z, lse, labels, anchor, partner, m, c, opts, scale)
+        infonce::infonce_bwd(dz, z, lse, labels, anchor, partner, m, c, opts, scale, inputs)
     }
     fn adamw(
         &self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, n: usize, hp: AdamW,

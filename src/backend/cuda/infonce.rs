@@ -1,6 +1,6 @@
 //! Class-masked InfoNCE (kernels/infonce.cu). CPU twin: cpu/infonce.rs.
-use super::{check, ensure, grid_1d, int, need, Cuda};
-use crate::backend::{Denominator, InfoNceOptions, OwnView};
+use super::{check, ensure, grid_1d, int, need, round_code, Cuda};
+use crate::backend::{Denominator, InfoNceOptions, OwnView, Precision};
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// kernels/infonce.cu's InfoNceArgs.
@@ -11,17 +11,20 @@ struct InfoNceArgs {
     scale: f32,
     denom_all: i32,
     own_exclude: i32,
+    /// 0: fp32 dot products on CUDA cores; 1 / 2: z rounded to bf16 / fp16, tensor cores.
+    round: i32,
 }
 // SAFETY: #[repr(C)] plain data with the field order and types of the CUDA struct.
 unsafe impl DeviceRepr for InfoNceArgs {}
 
 impl InfoNceArgs {
-    fn new(opts: &InfoNceOptions, scale: f32) -> Self {
+    fn new(opts: &InfoNceOptions, scale: f32, inputs: Precision) -> Self {
         InfoNceArgs {
             inv_tau: 1.0 / opts.tau,
             scale,
             denom_all: (opts.denominator == Denominator::All) as i32,
             own_exclude: (opts.own_view == OwnView::Exclude) as i32,
+            round: round_code(inputs),
         }
     }
 }
@@ -73,7 +76,7 @@ fn counts(
 #[allow(clippy::too_many_arguments)]
 pub fn infonce_fwd(
     cu: &Cuda, loss: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>, z: &CudaSlice<f32>, labels: &CudaSlice<i32>,
-    anchor: &CudaSlice<i32>, partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions,
+    anchor: &CudaSlice<i32>, partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions, inputs: Precision,
 ) {
     if m == 0 {
         return;
@@ -82,7 +85,7 @@ pub fn infonce_fwd(
     check_inputs("infonce_fwd", z, labels, anchor, partner, m, c);
     need(loss.len(), m, "infonce_fwd loss");
     need(lse.len(), m, "infonce_fwd lse");
-    let args = InfoNceArgs::new(&opts, 1.0);
+    let args = InfoNceArgs::new(&opts, 1.0, inputs);
     let (mi, ci) = (int(m, "infonce m"), int(c, "infonce c"));
     let mut guard = cu.scratch.lock().unwrap();
     let s = &mut *guard;
@@ -111,6 +114,7 @@ pub fn infonce_fwd(
 pub fn infonce_bwd(
     cu: &Cuda, dz: &mut CudaSlice<f32>, z: &CudaSlice<f32>, lse: &CudaSlice<f32>, labels: &CudaSlice<i32>,
     anchor: &CudaSlice<i32>, partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions, scale: f32,
+    inputs: Precision,
 ) {
     if m == 0 {
         return;
@@ -119,7 +123,7 @@ pub fn infonce_bwd(
     check_inputs("infonce_bwd", z, labels, anchor, partner, m, c);
     need(dz.len(), m * c, "infonce_bwd dz");
     need(lse.len(), m, "infonce_bwd lse");
-    let args = InfoNceArgs::new(&opts, scale);
+    let args = InfoNceArgs::new(&opts, scale, inputs);
     let (mi, ci) = (int(m, "infonce m"), int(c, "infonce c"));
     check(
         cu.stream.memset_zeros(&mut dz.slice_mut(..m * c)),

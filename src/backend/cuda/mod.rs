@@ -540,15 +540,16 @@ impl Backend for Cuda {
     }
     fn infonce_fwd(
         &self, loss: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>, z: &CudaSlice<f32>, labels: &CudaSlice<i32>,
-        anchor: &CudaSlice<i32>, partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions,
+        anchor: &CudaSlice<i32>, partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions, inputs: Precision,
     ) {
-        infonce::infonce_fwd(self, loss, lse, z, labels, anchor, partner, m, c, opts)
+        infonce::infonce_fwd(self, loss, lse, z, labels, anchor, partner, m, c, opts, inputs)
     }
     fn infonce_bwd(
         &self, dz: &mut CudaSlice<f32>, z: &CudaSlice<f32>, lse: &CudaSlice<f32>, labels: &CudaSlice<i32>,
         anchor: &CudaSlice<i32>, partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions, scale: f32,
+        inputs: Precision,
     ) {
-        infonce::infonce_bwd(self, dz, z, lse, labels, anchor, partner, m, c, opts, scale)
+        infonce::infonce_bwd(self, dz, z, lse, labels, anchor, partner, m, c, opts, scale, inputs)
     }
     fn adamw(
         &self, param: &mut CudaSlice<f32>, grad: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>,
