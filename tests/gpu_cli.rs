@@ -138,6 +138,8 @@ fn bench_on_cuda_reports_device_numbers() {
     // decline some, and the JSON then says so)
     let attention = j["paths"]["attention"].as_str().unwrap_or_default();
     assert!(attention.contains("tensor cores"), "{}", j["paths"]);
+    let infonce = j["paths"]["infonce"].as_str().unwrap_or_default();
+    assert!(infonce.contains("tensor cores"), "{}", j["paths"]);
     let gemm_bias = j["paths"]["gemm_bias"].as_str().unwrap_or_default();
     assert!(gemm_bias.starts_with("cuBLASLt"), "{}", j["paths"]);
 }

@@ -192,6 +192,11 @@ impl BenchBackend for Cuda {
             } else {
                 "kernels/attention_mma.cu, mma.sync on tensor cores"
             },
+            "infonce": if precision == Precision::Fp32 {
+                "kernels/infonce.cu, fp32 on CUDA cores"
+            } else {
+                "kernels/infonce.cu, similarities on tensor cores (mma.sync), gradient products fp32"
+            },
         })
     }
 }
