@@ -24,7 +24,7 @@
 //! vectorisable exp. Every task's result depends only on its inputs, so any thread
 //! count gives the same bits.
 use super::gemm::{gemm_view, View};
-use super::quantize::round_to;
+use super::quantize::{round_in_place, round_to, rounded_copy};
 use super::simd::{self, multiversion};
 use crate::backend::philox::Dropout;
 use crate::backend::Precision;
@@ -34,11 +34,7 @@ use std::f32::consts::{LN_2, LOG2_E};
 
 /// x rounded to `p` (borrowed unchanged in fp32).
 fn rounded(x: &[f32], p: Precision) -> Cow<'_, [f32]> {
-    if p == Precision::Fp32 {
-        Cow::Borrowed(x)
-    } else {
-        Cow::Owned(x.par_iter().map(|&v| round_to(v, p)).collect())
-    }
+    rounded_copy(x, p).map_or(Cow::Borrowed(x), Cow::Owned)
 }
 
 #[inline]
@@ -339,10 +335,8 @@ pub fn attention_bwd(
         .collect();
     for (task, (mut dqh, mut dkh, mut dvh)) in results.into_iter().enumerate() {
         let (bi, hi) = (task / h, task % h);
-        if inputs != Precision::Fp32 {
-            for x in dqh.iter_mut().chain(dkh.iter_mut()).chain(dvh.iter_mut()) {
-                *x = round_to(*x, inputs);
-            }
+        for g in [&mut dqh, &mut dkh, &mut dvh] {
+            round_in_place(g, inputs);
         }
         scatter_head(dq, &dqh, bi, hi, t, h, d);
         scatter_head(dk, &dkh, bi, hi, t, h, d);

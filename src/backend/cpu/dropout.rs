@@ -1,6 +1,6 @@
 //! Dropout from Philox counters: the mask is a function of (seed, stream, element index),
 //! so backward regenerates it instead of storing it. CPU twin of kernels/dropout.cu.
-use super::quantize::round_to;
+use super::quantize::round_in_place;
 use crate::backend::philox::Dropout;
 use crate::backend::Precision;
 use rayon::prelude::*;
@@ -19,9 +19,7 @@ pub fn dropout_fwd(out: &mut [f32], inp: &[f32], n: usize, d: Dropout, rounding:
         } else {
             o.copy_from_slice(&inp[base..base + o.len()]);
         }
-        if rounding != Precision::Fp32 {
-            o.iter_mut().for_each(|x| *x = round_to(*x, rounding));
-        }
+        round_in_place(o, rounding);
     });
 }
 

@@ -4,7 +4,7 @@
 //! erf and exp are simd::erf and simd::exp (within 4.2e-7 and 1 ulp of libm), so the row
 //! loops vectorise; they run in AVX-512/AVX2 builds where the CPU has them.
 use super::gemm::{col_sums_chunk, REDUCE_ROWS};
-use super::quantize::round_to;
+use super::quantize::round_in_place;
 use super::simd::{self, multiversion};
 use crate::backend::Precision;
 use rayon::prelude::*;
@@ -53,9 +53,7 @@ pub fn bias_gelu_fwd(out: &mut [f32], inp: &[f32], bias: &[f32], n: usize, c: us
         .zip(inp[..n * c].par_chunks(c))
         .for_each(|(o, x)| {
             bias_gelu_row(o, x, &bias[..c]);
-            if rounding != Precision::Fp32 {
-                o.iter_mut().for_each(|x| *x = round_to(*x, rounding));
-            }
+            round_in_place(o, rounding);
         });
 }
 
@@ -74,9 +72,7 @@ pub fn bias_gelu_bwd(
         .map(|(di, (g, x))| {
             for ((di, g), x) in di.chunks_mut(c).zip(g.chunks(c)).zip(x.chunks(c)) {
                 bias_gelu_grad_row(di, g, x, &bias[..c]);
-                if rounding != Precision::Fp32 {
-                    di.iter_mut().for_each(|x| *x = round_to(*x, rounding));
-                }
+                round_in_place(di, rounding);
             }
             let mut acc = vec![0f32; c];
             col_sums_chunk(&mut acc, di);

@@ -33,7 +33,7 @@
 //! side's tiles through shared memory with the similarity tile in registers; lse and the
 //! per-class sums in fp32/f64 as here.
 use super::gemm::gemm;
-use super::quantize::round_to;
+use super::quantize::rounded_copy;
 use super::simd::{self, multiversion};
 use crate::backend::{Denominator, InfoNceOptions, OwnView, Precision};
 use rayon::prelude::*;
@@ -73,11 +73,6 @@ impl Group {
     }
 }
 
-/// z rounded to `p` (None in fp32).
-fn rounded(z: &[f32], p: Precision) -> Option<Vec<f32>> {
-    (p != Precision::Fp32).then(|| z.par_iter().map(|&x| round_to(x, p)).collect())
-}
-
 /// Host-side bookkeeping shared by forward and backward, O(m c).
 struct Plan {
     /// Dense class id per row, and rows per class.
@@ -89,9 +84,11 @@ struct Plan {
 
 impl Plan {
     #[allow(clippy::too_many_arguments)]
+    /// `zs`: z rounded for the similarities (`rounded_copy`; None in fp32).
+    #[allow(clippy::too_many_arguments)]
     fn new(
-        z: &[f32], labels: &[i32], anchor: &[i32], partner: &[i32], m: usize, c: usize, opts: &InfoNceOptions,
-        inputs: Precision,
+        z: &[f32], zs: Option<&[f32]>, labels: &[i32], anchor: &[i32], partner: &[i32], m: usize, c: usize,
+        opts: &InfoNceOptions,
     ) -> Plan {
         let valid = opts.valid_anchors(labels, anchor, partner, m);
         let mut ids: Vec<i32> = labels[..m].to_vec();
@@ -124,7 +121,7 @@ impl Plan {
         for i in (0..m).filter(|&i| valid[i]) {
             anchors[group_of(i)].push(i);
         }
-        let gather = |rows: &[usize]| {
+        let gather = |z: &[f32], rows: &[usize]| {
             let mut out = Vec::with_capacity(rows.len() * c);
             for &r in rows {
                 out.extend_from_slice(&z[r * c..(r + 1) * c]);
@@ -147,12 +144,11 @@ impl Plan {
                         [pos[i], if excluded { pos[p as usize] } else { NONE }]
                     })
                     .collect();
-                let (za, zc) = (gather(&anchors), gather(&cols));
                 Group {
-                    sa: rounded(&za, inputs),
-                    sc: rounded(&zc, inputs),
-                    za,
-                    zc,
+                    za: gather(z, &anchors),
+                    zc: gather(z, &cols),
+                    sa: zs.map(|zs| gather(zs, &anchors)),
+                    sc: zs.map(|zs| gather(zs, &cols)),
                     anchors,
                     cols,
                     masked,
@@ -320,7 +316,8 @@ pub fn infonce_fwd(
 ) {
     loss[..m].fill(0.0);
     lse[..m].fill(0.0);
-    let plan = Plan::new(z, labels, anchor, partner, m, c, &opts, inputs);
+    let zs = rounded_copy(&z[..m * c], inputs);
+    let plan = Plan::new(z, zs.as_deref(), labels, anchor, partner, m, c, &opts);
     let inv_tau = 1.0 / opts.tau;
     let items = plan.tiles(ANCHOR_TILE, false);
     let results: Vec<Vec<f32>> = items
@@ -342,7 +339,6 @@ pub fn infonce_fwd(
         })
         .collect();
     // the linear term is a sum of similarities: over the rows they read
-    let zs = rounded(&z[..m * c], inputs);
     let zs = zs.as_deref().unwrap_or(z);
     let mu = plan.other_class_means(zs, m, c);
     for (&(g, a0, _), l) in items.iter().zip(results) {
@@ -364,7 +360,8 @@ pub fn infonce_bwd(
     opts: InfoNceOptions, scale: f32, inputs: Precision,
 ) {
     dz[..m * c].fill(0.0);
-    let plan = Plan::new(z, labels, anchor, partner, m, c, &opts, inputs);
+    let zs = rounded_copy(&z[..m * c], inputs);
+    let plan = Plan::new(z, zs.as_deref(), labels, anchor, partner, m, c, &opts);
     let inv_tau = 1.0 / opts.tau;
     let k = plan.count.len();
 

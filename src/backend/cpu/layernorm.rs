@@ -5,7 +5,7 @@
 //! them (simd::multiversion), with the statistics summed in fixed lanes (f64 for mean and
 //! variance), so the result does not depend on the thread count or the vector width.
 use super::gemm::REDUCE_ROWS;
-use super::quantize::round_to;
+use super::quantize::round_in_place;
 use super::simd::{self, multiversion};
 use crate::backend::Precision;
 use rayon::prelude::*;
@@ -82,9 +82,7 @@ pub fn layernorm_fwd(
             let x = &inp[r * c..(r + 1) * c];
             let res = residual.map(|res| &res[r * c..(r + 1) * c]);
             (*mu, *rs) = layernorm_fwd_row(o, x, res, &weight[..c], &bias[..c], eps);
-            if rounding != Precision::Fp32 {
-                o.iter_mut().for_each(|x| *x = round_to(*x, rounding));
-            }
+            round_in_place(o, rounding);
         });
 }
 

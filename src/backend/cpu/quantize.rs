@@ -25,14 +25,28 @@ pub fn round_to(x: f32, precision: Precision) -> f32 {
     }
 }
 
+/// x = round_to(x, precision) in place, on the calling thread; nothing is touched in fp32.
+/// What the ops that round their output as they write it (`rounding`) apply to each row.
+pub fn round_in_place(x: &mut [f32], precision: Precision) {
+    if precision != Precision::Fp32 {
+        x.iter_mut().for_each(|v| *v = round_to(*v, precision));
+    }
+}
+
 /// x[..n] = round_to(x[..n], precision) in place; nothing is touched in fp32.
 pub fn quantize(x: &mut [f32], n: usize, precision: Precision) {
     if precision == Precision::Fp32 {
         return;
     }
-    x[..n].par_chunks_mut(CHUNK).for_each(|c| {
-        for v in c {
-            *v = round_to(*v, precision);
-        }
-    });
+    x[..n].par_chunks_mut(CHUNK).for_each(|c| round_in_place(c, precision));
+}
+
+/// A copy of x rounded to `precision`, or None in fp32 (use x itself): the inputs an op
+/// reads in 16 bits (attention's q, k, v, InfoNCE's similarity rows).
+pub fn rounded_copy(x: &[f32], precision: Precision) -> Option<Vec<f32>> {
+    (precision != Precision::Fp32).then(|| {
+        let mut v = x.to_vec();
+        quantize(&mut v, x.len(), precision);
+        v
+    })
 }
