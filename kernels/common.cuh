@@ -115,6 +115,38 @@ __device__ __forceinline__ F block_sum(F x, F* scratch) {
 }
 
 // ---- deterministic scatter-add ----------------------------------------------------------------
+// d[0..c] += the rows src_row(q) for q = q0, q0 + 1, ... < m in that order, block-wide, each
+// thread keeping 4 columns in registers; src_row(q) is a row index, -1 to skip q, or -2
+// to stop. The common part of the two scatter-adds below.
+template <typename T, typename Rows>
+__device__ __forceinline__ void add_rows_in_order(float* d, const T* src, int c, int q0, int m, Rows src_row) {
+    const int stride = blockDim.x * 4;
+    for (int j0 = threadIdx.x; j0 < c; j0 += stride) {
+        float acc[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            int j = j0 + u * blockDim.x;
+            acc[u] = j < c ? d[j] : 0.0f;
+        }
+        for (int q = q0; q < m; ++q) {
+            const int row = src_row(q);
+            if (row == -2) break;
+            if (row < 0) continue;
+            const T* s = src + (size_t)row * c;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                int j = j0 + u * blockDim.x;
+                if (j < c) acc[u] += to_f32(s[j]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            int j = j0 + u * blockDim.x;
+            if (j < c) d[j] = acc[u];
+        }
+    }
+}
+
 // dst[idx[r], :] += src[r, :] for r < m, in increasing r for every destination row, exactly
 // the order of the CPU loop, with no atomics. One block per source row r: the block that
 // holds the first occurrence of a destination row owns it and walks every later row with
@@ -132,30 +164,7 @@ __device__ void scatter_add_owner(float* dst, const T* src, const int* idx, int 
         if (idx[q] == key) found = 1;
     __syncthreads();
     if (found) return;  // an earlier row owns this destination
-    float* d = dst + (size_t)key * c;
-    const int stride = blockDim.x * 4;
-    for (int j0 = threadIdx.x; j0 < c; j0 += stride) {
-        float acc[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            int j = j0 + u * blockDim.x;
-            acc[u] = j < c ? d[j] : 0.0f;
-        }
-        for (int q = r; q < m; ++q) {
-            if (idx[q] != key) continue;
-            const T* s = src + (size_t)q * c;
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                int j = j0 + u * blockDim.x;
-                if (j < c) acc[u] += to_f32(s[j]);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            int j = j0 + u * blockDim.x;
-            if (j < c) d[j] = acc[u];
-        }
-    }
+    add_rows_in_order(dst + (size_t)key * c, src, c, r, m, [&](int q) { return idx[q] == key ? q : -1; });
 }
 
 // dst[idx[r], :] += src[r, :] over the tokens r in `order` (idx's tokens sorted by (idx, r),
@@ -167,27 +176,6 @@ __device__ void scatter_add_sorted(float* dst, const T* src, const int* idx, con
     if (k >= m) return;
     const int key = idx[order[k]];
     if (k > 0 && idx[order[k - 1]] == key) return;  // block-uniform: an earlier block owns the run
-    float* d = dst + (size_t)key * c;
-    const int stride = blockDim.x * 4;
-    for (int j0 = threadIdx.x; j0 < c; j0 += stride) {
-        float acc[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            int j = j0 + u * blockDim.x;
-            acc[u] = j < c ? d[j] : 0.0f;
-        }
-        for (int q = k; q < m && idx[order[q]] == key; ++q) {
-            const T* s = src + (size_t)order[q] * c;
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                int j = j0 + u * blockDim.x;
-                if (j < c) acc[u] += to_f32(s[j]);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            int j = j0 + u * blockDim.x;
-            if (j < c) d[j] = acc[u];
-        }
-    }
+    add_rows_in_order(dst + (size_t)key * c, src, c, k, m,
+                      [&](int q) { return idx[order[q]] == key ? order[q] : -2; });
 }

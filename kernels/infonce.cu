@@ -73,6 +73,15 @@ extern "C" __global__ void infonce_counts_f32(int* npos, int* valid, const int* 
     valid[i] = anchor[i] != 0 && np > 0 && in_d > 0;
 }
 
+// Rows r0 .. r0 + 32 of z, elements e0 .. e0 + 32, into the shared tile dst [32][NCE_LD]
+// (zeros past row m or element c). Block-wide; the caller places the barriers.
+__device__ __forceinline__ void load_z_chunk(float* dst, const float* z, int r0, int e0, int m, int c) {
+    for (int idx = threadIdx.x; idx < NCE_TILE * 32; idx += blockDim.x) {
+        int rr = idx >> 5, ee = idx & 31, e = e0 + ee;
+        dst[rr * NCE_LD + ee] = (r0 + rr < m && e < c) ? z[(size_t)(r0 + rr) * c + e] : 0.0f;
+    }
+}
+
 // s[u] += z_{r0 + 4w + u} . z_{c0 + lane} for u < 4 (rows or columns past m count as zero
 // vectors). Begins with a barrier; ra and rc are [32][NCE_LD] shared tiles.
 __device__ __forceinline__ void score_tile(float s[NCE_RPW], float* ra, float* rc, const float* z, int r0, int c0,
@@ -80,11 +89,8 @@ __device__ __forceinline__ void score_tile(float s[NCE_RPW], float* ra, float* r
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int e0 = 0; e0 < c; e0 += 32) {
         __syncthreads();
-        for (int idx = threadIdx.x; idx < NCE_TILE * 32; idx += blockDim.x) {
-            int rr = idx >> 5, ee = idx & 31, e = e0 + ee;
-            ra[rr * NCE_LD + ee] = (r0 + rr < m && e < c) ? z[(size_t)(r0 + rr) * c + e] : 0.0f;
-            rc[rr * NCE_LD + ee] = (c0 + rr < m && e < c) ? z[(size_t)(c0 + rr) * c + e] : 0.0f;
-        }
+        load_z_chunk(ra, z, r0, e0, m, c);
+        load_z_chunk(rc, z, c0, e0, m, c);
         __syncthreads();
 #pragma unroll 8
         for (int ee = 0; ee < 32; ++ee) {
@@ -108,11 +114,8 @@ __device__ __forceinline__ void score_tile_mma(float s[NCE_RPW], float* ra, floa
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int e0 = 0; e0 < c; e0 += 32) {
         __syncthreads();
-        for (int idx = threadIdx.x; idx < NCE_TILE * 32; idx += blockDim.x) {
-            int rr = idx >> 5, ee = idx & 31, e = e0 + ee;
-            ra[rr * NCE_LD + ee] = (r0 + rr < m && e < c) ? z[(size_t)(r0 + rr) * c + e] : 0.0f;
-            rc[rr * NCE_LD + ee] = (c0 + rr < m && e < c) ? z[(size_t)(c0 + rr) * c + e] : 0.0f;
-        }
+        load_z_chunk(ra, z, r0, e0, m, c);
+        load_z_chunk(rc, z, c0, e0, m, c);
         __syncthreads();
 #pragma unroll
         for (int k0 = 0; k0 < 32; k0 += 16) {
@@ -264,10 +267,7 @@ extern "C" __global__ void infonce_bwd_rows_f32(float* dz, const float* z, const
         // elements at a time (lane = element).
         for (int e0 = 0; e0 < c; e0 += 32) {
             __syncthreads();  // ws written / rc consumed
-            for (int idx = threadIdx.x; idx < NCE_TILE * 32; idx += blockDim.x) {
-                int rr = idx >> 5, ee = idx & 31, e = e0 + ee;
-                rc[rr * NCE_LD + ee] = (c0 + rr < m && e < c) ? z[(size_t)(c0 + rr) * c + e] : 0.0f;
-            }
+            load_z_chunk(rc, z, c0, e0, m, c);
             __syncthreads();
             const int e = e0 + lane;
 #pragma unroll
@@ -314,10 +314,7 @@ extern "C" __global__ void infonce_bwd_cols_f32(float* dz, float* dzc, const flo
         }
         for (int e0 = 0; e0 < c; e0 += 32) {
             __syncthreads();
-            for (int idx = threadIdx.x; idx < NCE_TILE * 32; idx += blockDim.x) {
-                int rr = idx >> 5, ee = idx & 31, e = e0 + ee;
-                ra[rr * NCE_LD + ee] = (a0 + rr < m && e < c) ? z[(size_t)(a0 + rr) * c + e] : 0.0f;
-            }
+            load_z_chunk(ra, z, a0, e0, m, c);
             __syncthreads();
             const int e = e0 + lane;
 #pragma unroll

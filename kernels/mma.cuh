@@ -25,8 +25,8 @@ __device__ __forceinline__ unsigned short to_bits(float x, Bf16Tag) {
 __device__ __forceinline__ unsigned short to_bits(float x, F16Tag) { return __half_as_ushort(__float2half_rn(x)); }
 
 // x rounded to the 16-bit type and back: what a 16-bit store and load give.
-__device__ __forceinline__ float round16(float x, Bf16Tag) { return __bfloat162float(__float2bfloat16_rn(x)); }
-__device__ __forceinline__ float round16(float x, F16Tag) { return __half2float(__float2half_rn(x)); }
+__device__ __forceinline__ float round16(float x, Bf16Tag) { return round_as(x, 1); }
+__device__ __forceinline__ float round16(float x, F16Tag) { return round_as(x, 2); }
 
 // Two values rounded to 16 bits in one register, `lo` in the low half.
 template <typename Tag>

@@ -120,30 +120,17 @@ fn build_now() -> Result<PathBuf, String> {
     // Each library is linked under a temporary name and renamed into place once all four
     // exist, so no process ever opens a half-written one.
     let staged = |p: &Path| p.with_extension("so.tmp");
-    let mut cmd = Command::new(&cxx);
-    base(&mut cmd);
-    cmd.arg("-shared")
-        .arg(emu.join("cublas.cpp"))
-        .arg("-o")
-        .arg(staged(&cublas));
-    jobs.push(("tests/cuda_emu/cublas.cpp".into(), spawn(cmd)?));
-    let mut cmd = Command::new(&cxx);
-    base(&mut cmd);
-    cmd.arg("-shared")
-        .arg(emu.join("cublas.cpp"))
-        .arg("-o")
-        .arg(staged(&cublaslt));
-    jobs.push(("tests/cuda_emu/cublas.cpp (as libcublasLt)".into(), spawn(cmd)?));
-    let mut cmd = Command::new(&cxx);
-    base(&mut cmd);
-    cmd.arg("-shared")
-        .arg(emu.join("nvtx.cpp"))
-        .arg("-o")
-        .arg(staged(&nvtx));
-    jobs.push(("tests/cuda_emu/nvtx.cpp".into(), spawn(cmd)?));
+    for (src, lib) in [("cublas.cpp", &cublas), ("nvtx.cpp", &nvtx)] {
+        let mut cmd = Command::new(&cxx);
+        base(&mut cmd);
+        cmd.arg("-shared").arg(emu.join(src)).arg("-o").arg(staged(lib));
+        jobs.push((format!("tests/cuda_emu/{src}"), spawn(cmd)?));
+    }
     for (what, child) in jobs {
         wait(&what, child)?;
     }
+    // cublas.cpp also holds the cuBLASLt calls: the same library under cuBLASLt's name
+    std::fs::copy(staged(&cublas), staged(&cublaslt)).map_err(|e| format!("{}: {e}", cublaslt.display()))?;
     let mut cmd = Command::new(&cxx);
     base(&mut cmd);
     cmd.arg("-shared")

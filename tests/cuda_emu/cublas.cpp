@@ -1,7 +1,7 @@
 // A CPU stand-in for the cuBLAS and cuBLASLt calls of the engine (tests/cuda_emu): handles,
 // stream and math mode, cublasSgemm_v2 and cublasGemmEx, column-major as cuBLAS; and the
 // cuBLASLt matmul with its descriptors, layouts, heuristic and the BIAS epilogue (this file
-// is linked twice, as libcublas.so and libcublasLt.so). GemmEx with a
+// is built once and installed as both libcublas.so and libcublasLt.so). GemmEx with a
 // CUBLAS_COMPUTE_32F_FAST_16BF / _16F compute type rounds every A and B element to bf16 /
 // fp16 first, as tensor cores read them: a caller that passes values not representable in
 // 16 bits (breaking Backend::gemm's promise) gets a visibly different product.
