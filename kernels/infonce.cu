@@ -1,6 +1,8 @@
-// Class-masked InfoNCE of DeepCUT (SPEC section 4), forward and backward, fp32; in the
-// bf16 / fp16 modes the similarity dot products run on tensor cores (score_tile_mma).
-// CPU twin: src/backend/cpu/infonce.rs (same loss, same options, same outputs).
+// Class-masked InfoNCE of DeepCUT (SPEC section 4), forward and backward: fp32 on CUDA
+// cores, and in the bf16 / fp16 modes the products on tensor cores over z rounded to 16
+// bits (the 16-bit kernels at the end of this file).
+// CPU twin: src/backend/cpu/infonce.rs (same loss, same options, same outputs, the same
+// rounding points in the 16-bit modes).
 //
 // For a valid anchor i (anchor flag, |P_i| > 0, |D_i| > 0), with s_ij = z_i . z_j / tau:
 //   L_i = -mean_{p in P_i} s_ip + logsumexp_{n in D_i} s_in
@@ -8,20 +10,25 @@
 //   minus i's partner with own-view = exclude.
 // Memory is O(m c): the m x m similarities exist only as 32 x 32 tiles in registers and
 // shared memory. Every kernel walks the same tiles: rows a0 .. a0+32 (anchors) against
-// columns c0 .. c0+32, the dot products accumulated over the embedding in chunks of 32
-// through shared memory; 256 threads, warp w owns tile rows 4w .. 4w+3 and lane l owns
-// tile column l, so row reductions (max, sum) are warp shuffles.
+// columns c0 .. c0+32; 256 threads, warp w owns tile rows 4w .. 4w+3 and lane l owns tile
+// column l for the element-wise work, so row reductions (max, sum) are warp shuffles.
 //
 // Kernels, in launch order:
-// - infonce_counts_f32: |P_i| and validity per row (an O(m^2) label count, integer only).
-// - infonce_fwd_f32: per anchor tile, online logsumexp over column tiles (running max and
-//   sum per row, fp32) and the linear term sum_{p in P_i} s_ip (f64); writes loss, lse.
+// - infonce_counts_f32: |P_i|, validity and class representative per row (an O(m^2) label
+//   count, integer only).
+// - infonce_fwd_f32 (fp32; 16-bit where z is too wide for shared memory) and
+//   infonce_fwd16_{bf16,f16}: per anchor tile, online logsumexp over column tiles (running
+//   max and sum per row, fp32) and the linear term sum_{p in P_i} s_ip (f64); writes loss,
+//   lse. The fp32 kernels stream both sides' z through shared memory in chunks of 32
+//   elements per tile; the 16-bit ones keep the anchor rows and one column tile whole.
 // - infonce_bwd_rows_f32: per anchor tile, recomputes the tiles with
 //   W_ij = [j in D_i] exp(s_ij - lse_i) - [j in P_i] / |P_i| and accumulates
 //   dz_i = scale / tau * sum_j W_ij z_j into its own rows of dz (zeroed by the launcher).
+//   Or, 16-bit: infonce_class_sums_f32 (the linear term's per-class sums), then
+//   infonce_bwd_rows16_{bf16,f16}_nbN with the W z products on tensor cores.
 // - infonce_bwd_cols_f32 (only without detached columns): per column tile, the same W
 //   transposed, dz_j += scale / tau * sum_i W_ij z_i over valid anchors i, accumulated in a
-//   scratch [m, c] and added to dz at the end.
+//   scratch [m, c] and added to dz at the end (fp32 products in every mode).
 // Each output row is written by one block, visiting tiles in a fixed order: no atomics,
 // the same bits on every run (Inf-CL's row/column split).
 // The CPU twin instead groups rows by class and reduces the linear term to per-class sums
@@ -51,34 +58,42 @@ __device__ __forceinline__ int excluded_partner(const int* labels, const int* pa
 }
 
 // npos[i] = |P_i| = m - n_{y_i}; valid[i] = anchor[i] && |P_i| > 0 && |D_i| > 0, as
-// InfoNceOptions::valid_anchors. One thread per row; labels stream through shared memory.
-// Block: 256 threads.
-extern "C" __global__ void infonce_counts_f32(int* npos, int* valid, const int* labels, const int* anchor,
+// InfoNceOptions::valid_anchors; rep[i] = the first row of i's class (its representative,
+// which infonce_class_sums sums for). One thread per row; labels stream through shared
+// memory. Block: 256 threads.
+extern "C" __global__ void infonce_counts_f32(int* npos, int* valid, int* rep, const int* labels, const int* anchor,
                                               const int* partner, int m, InfoNceArgs a) {
     __shared__ int ys[256];
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     const int yi = i < m ? labels[i] : 0;
-    int same = 0;
+    int same = 0, first = -1;
     for (int j0 = 0; j0 < m; j0 += blockDim.x) {
         __syncthreads();
         if (j0 + (int)threadIdx.x < m) ys[threadIdx.x] = labels[j0 + threadIdx.x];
         __syncthreads();
         const int lim = min((int)blockDim.x, m - j0);
-        for (int jj = 0; jj < lim; ++jj) same += ys[jj] == yi;
+        for (int jj = 0; jj < lim; ++jj) {
+            const int eq = ys[jj] == yi;
+            same += eq;
+            if (eq && first < 0) first = j0 + jj;
+        }
     }
     if (i >= m) return;
     const int np = m - same;
     const int in_d = (a.denom_all ? m - 1 : same - 1) - (excluded_partner(labels, partner, i, a) >= 0 ? 1 : 0);
     npos[i] = np;
     valid[i] = anchor[i] != 0 && np > 0 && in_d > 0;
+    rep[i] = first;
 }
 
 // Rows r0 .. r0 + 32 of z, elements e0 .. e0 + 32, into the shared tile dst [32][NCE_LD]
-// (zeros past row m or element c). Block-wide; the caller places the barriers.
-__device__ __forceinline__ void load_z_chunk(float* dst, const float* z, int r0, int e0, int m, int c) {
+// (zeros past row m or element c), rounded as `round` says (0: as stored). Block-wide;
+// the caller places the barriers.
+__device__ __forceinline__ void load_z_chunk(float* dst, const float* z, int r0, int e0, int m, int c,
+                                             int round = 0) {
     for (int idx = threadIdx.x; idx < NCE_TILE * 32; idx += blockDim.x) {
         int rr = idx >> 5, ee = idx & 31, e = e0 + ee;
-        dst[rr * NCE_LD + ee] = (r0 + rr < m && e < c) ? z[(size_t)(r0 + rr) * c + e] : 0.0f;
+        dst[rr * NCE_LD + ee] = (r0 + rr < m && e < c) ? round_as(z[(size_t)(r0 + rr) * c + e], round) : 0.0f;
     }
 }
 
@@ -176,16 +191,16 @@ __device__ __forceinline__ int load_anchor_meta(AnchorMeta& am, const int* label
     return __syncthreads_or(v);
 }
 
-// loss[i] = L_i, lse[i] = logsumexp_{n in D_i} s_in on valid anchors, 0 elsewhere.
-// Grid: ceil(m / 32) blocks of 256 threads, one per anchor tile.
-extern "C" __global__ void infonce_fwd_f32(float* loss, float* lse, const float* z, const int* labels, const int* npos,
-                                           const int* valid, const int* partner, int m, int c, InfoNceArgs a) {
-    __shared__ float ra[NCE_TILE * NCE_LD], rc[NCE_TILE * NCE_LD], st[NCE_TILE * NCE_LD];
-    __shared__ AnchorMeta am;
-    __shared__ int yc[NCE_TILE];
+// The forward's walk over the column tiles, whatever computes a tile: `tiles.scores(s, c0)`
+// adds the dot products of the anchor tile with columns c0 .. c0+32 to s[u] (row 4w + u,
+// column lane), beginning with a barrier (which publishes yc). Online logsumexp over D_i
+// per row (running max and sum, fp32) and the linear term sum_{p in P_i} s_ip (f64);
+// writes loss and lse of the tile's rows: L_i, logsumexp on valid anchors, 0 elsewhere.
+template <typename Tiles>
+__device__ __forceinline__ void infonce_fwd_walk(Tiles& tiles, float* loss, float* lse, const int* labels,
+                                                 const int* npos, const AnchorMeta& am, int* yc, int any, int a0,
+                                                 int m, const InfoNceArgs& a) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int a0 = blockIdx.x * NCE_TILE;
-    const int any = load_anchor_meta(am, labels, npos, valid, partner, nullptr, a0, m, a);
     float mrun[NCE_RPW], lrun[NCE_RPW];
     double psum[NCE_RPW];
 #pragma unroll
@@ -198,7 +213,7 @@ extern "C" __global__ void infonce_fwd_f32(float* loss, float* lse, const float*
         __syncthreads();  // yc of the previous tile is read
         if (threadIdx.x < NCE_TILE) yc[threadIdx.x] = c0 + (int)threadIdx.x < m ? labels[c0 + threadIdx.x] : 0;
         float s[NCE_RPW] = {0.0f, 0.0f, 0.0f, 0.0f};
-        score_tile_as(s, ra, rc, st, z, a0, c0, m, c, a);  // its barriers publish yc
+        tiles.scores(s, c0);  // its barriers publish yc
         const int j = c0 + lane;
 #pragma unroll
         for (int u = 0; u < NCE_RPW; ++u) {
@@ -232,13 +247,45 @@ extern "C" __global__ void infonce_fwd_f32(float* loss, float* lse, const float*
     }
 }
 
-// W_ij of tile row r (anchor i = a0 + r) and column j, given s_ij / tau = sv.
+// Tiles of the fp32 kernels: both sides streamed from z in 32-element chunks.
+struct SimtTiles {
+    float *ra, *rc, *st;
+    const float* z;
+    int a0, m, c;
+    InfoNceArgs a;
+    __device__ __forceinline__ void scores(float s[NCE_RPW], int c0) {
+        score_tile_as(s, ra, rc, st, z, a0, c0, m, c, a);
+    }
+};
+
+// loss[i] = L_i, lse[i] = logsumexp_{n in D_i} s_in on valid anchors, 0 elsewhere.
+// Grid: ceil(m / 32) blocks of 256 threads, one per anchor tile.
+extern "C" __global__ void infonce_fwd_f32(float* loss, float* lse, const float* z, const int* labels, const int* npos,
+                                           const int* valid, const int* partner, int m, int c, InfoNceArgs a) {
+    __shared__ float ra[NCE_TILE * NCE_LD], rc[NCE_TILE * NCE_LD], st[NCE_TILE * NCE_LD];
+    __shared__ AnchorMeta am;
+    __shared__ int yc[NCE_TILE];
+    const int a0 = blockIdx.x * NCE_TILE;
+    const int any = load_anchor_meta(am, labels, npos, valid, partner, nullptr, a0, m, a);
+    SimtTiles tiles{ra, rc, st, z, a0, m, c, a};
+    infonce_fwd_walk(tiles, loss, lse, labels, npos, am, yc, any, a0, m, a);
+}
+
+// Whether column j (label yj) is in D_i for tile row r (anchor i), and in P_i.
+__device__ __forceinline__ bool in_denominator(const AnchorMeta& am, int r, int i, int j, int yj,
+                                               const InfoNceArgs& a) {
+    return j != i && j != am.excl[r] && (a.denom_all || yj == am.y[r]);
+}
+
+// W_ij of tile row r (anchor i = a0 + r) and column j, given s_ij / tau = sv; the
+// probability rounded as `round_p` says (the 16-bit anchor gradient multiplies it in 16
+// bits, as the CPU twin does; 0: fp32).
 __device__ __forceinline__ float weight_of(const AnchorMeta& am, int r, int i, int j, int yj, int m, float sv,
-                                           const InfoNceArgs& a) {
+                                           const InfoNceArgs& a, int round_p) {
     if (!am.valid[r] || j >= m) return 0.0f;
     const bool same = yj == am.y[r];
-    const bool in_d = j != i && j != am.excl[r] && (a.denom_all || same);
-    return (in_d ? expf(sv - am.lse[r]) : 0.0f) - (same ? 0.0f : am.inv_npos[r]);
+    return (in_denominator(am, r, i, j, yj, a) ? round_as(expf(sv - am.lse[r]), round_p) : 0.0f) -
+           (same ? 0.0f : am.inv_npos[r]);
 }
 
 // Anchor rows: dz_i = scale / tau * sum_j W_ij z_j, accumulated into dz (zeroed first by
@@ -261,13 +308,14 @@ extern "C" __global__ void infonce_bwd_rows_f32(float* dz, const float* z, const
 #pragma unroll
         for (int u = 0; u < NCE_RPW; ++u) {
             const int r = warp * NCE_RPW + u;
-            ws[r * NCE_LD + lane] = weight_of(am, r, a0 + r, c0 + lane, yc[lane], m, s[u] * a.inv_tau, a);
+            ws[r * NCE_LD + lane] = weight_of(am, r, a0 + r, c0 + lane, yc[lane], m, s[u] * a.inv_tau, a, a.round);
         }
-        // dz rows += W (32 x 32) times the column rows' embeddings, 32 embedding
-        // elements at a time (lane = element).
+        // dz rows += W (32 x 32) times the column rows' embeddings (rounded in the 16-bit
+        // modes, as the twin's GEMM reads them), 32 embedding elements at a time (lane =
+        // element).
         for (int e0 = 0; e0 < c; e0 += 32) {
             __syncthreads();  // ws written / rc consumed
-            load_z_chunk(rc, z, c0, e0, m, c);
+            load_z_chunk(rc, z, c0, e0, m, c, a.round);
             __syncthreads();
             const int e = e0 + lane;
 #pragma unroll
@@ -310,7 +358,7 @@ extern "C" __global__ void infonce_bwd_cols_f32(float* dz, float* dzc, const flo
 #pragma unroll
         for (int u = 0; u < NCE_RPW; ++u) {
             const int r = warp * NCE_RPW + u;
-            ws[r * NCE_LD + lane] = weight_of(am, r, a0 + r, j0 + lane, yc[lane], m, s[u] * a.inv_tau, a);
+            ws[r * NCE_LD + lane] = weight_of(am, r, a0 + r, j0 + lane, yc[lane], m, s[u] * a.inv_tau, a, 0);
         }
         for (int e0 = 0; e0 < c; e0 += 32) {
             __syncthreads();
@@ -335,4 +383,238 @@ extern "C" __global__ void infonce_bwd_cols_f32(float* dz, float* dzc, const flo
             if (j < m) dz[(size_t)j * c + e] += k * dzc[(size_t)j * c + e];
         }
     }
+}
+
+// ---- bf16 / fp16: both z tiles in shared memory, every product on tensor cores ----------
+// The launcher's default in the 16-bit modes (src/backend/cuda/infonce.rs `smem16`). A block
+// keeps its 32 anchor rows and the current 32 column rows of z in dynamic shared memory,
+// rounded to 16 bits over the whole width: [32][ldh] each, ldh = c16 + 8 halves with c16 =
+// c rounded up to 16 and zero-filled (the + 8 keeps the fragment loads free of bank
+// conflicts when c16 is a multiple of 64). Against the SIMT kernels above, a column tile
+// is read from L2 once per anchor tile instead of three times, in 16 bits, and the anchor
+// gradient's products run on tensor cores too:
+//   W_ij = round16([j in D_i] exp(s_ij - lse_i)),  acc_i = sum_j W_ij round16(z_j)  (fp32)
+//   dz_i = scale * ((acc_i - mu_i) / tau),  mu_i = mean of round16(z_p) over P_i (f64)
+// with mu from per-class sums (infonce_class_sums_f32). The SIMT rows kernel computes the
+// same in 16-bit modes (rounded p, rounded z) and the CPU twin does (cpu/infonce.rs).
+// Accumulators: the 32 x c16 block of dz stays in registers for the whole column walk,
+// warp w owning rows 16 (w & 1) .. + 16 and the NB 8-wide column blocks from (w >> 1) NB:
+// 4 NB fp32 registers per thread, so one instantiation per NB (c16 <= 32 NB).
+#define NCE16_PAD 8
+#define NCE16_WLD (NCE_TILE + 8)  // row stride of the 16-bit W tile, in halves
+
+// Rows r0 .. r0 + 32 of z rounded to 16 bits into dst [32][ldh] (zeros past row m and from
+// element c up to c16). Block-wide; the caller places the barriers.
+template <typename Tag>
+__device__ __forceinline__ void load_rows16(unsigned short* dst, const float* z, int r0, int m, int c, int c16,
+                                            int ldh) {
+    const int pairs = c16 >> 1;
+    for (int idx = threadIdx.x; idx < NCE_TILE * pairs; idx += blockDim.x) {
+        const int rr = idx / pairs, e = (idx - rr * pairs) * 2, r = r0 + rr;
+        const float* zr = z + (size_t)r * c;
+        const float lo = (r < m && e < c) ? zr[e] : 0.0f;
+        const float hi = (r < m && e + 1 < c) ? zr[e + 1] : 0.0f;
+        store2(dst + rr * ldh + e, pack2<Tag>(lo, hi));
+    }
+}
+
+// st [32][NCE_LD] = za zc^T over the 16-bit rows, fp32 accumulation: warp w computes the
+// 16 x 8 block at rows 16 (w >> 2), columns 8 (w & 3), k in steps of 16 (mma.cuh layout).
+template <typename Tag>
+__device__ __forceinline__ void score_tile16(float* st, const unsigned short* za, const unsigned short* zc, int c16,
+                                             int ldh) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+    const int mr = (warp >> 2) * 16, nc = (warp & 3) * 8;
+    const unsigned short* a_lo = za + (mr + g) * ldh + c2;
+    const unsigned short* a_hi = a_lo + 8 * ldh;
+    const unsigned short* b_n = zc + (nc + g) * ldh + c2;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k0 = 0; k0 < c16; k0 += 16) {
+        const unsigned a[4] = {load2(a_lo + k0), load2(a_hi + k0), load2(a_lo + k0 + 8), load2(a_hi + k0 + 8)};
+        const unsigned b[2] = {load2(b_n + k0), load2(b_n + k0 + 8)};
+        mma_16816(acc, a, b, Tag());
+    }
+    st[(mr + g) * NCE_LD + nc + c2] = acc[0];
+    st[(mr + g) * NCE_LD + nc + c2 + 1] = acc[1];
+    st[(mr + g + 8) * NCE_LD + nc + c2] = acc[2];
+    st[(mr + g + 8) * NCE_LD + nc + c2 + 1] = acc[3];
+}
+
+// Tiles of the 16-bit kernels: the anchor rows za are loaded once by the caller, each
+// column tile into zc; the scores go through st to the SIMT layout of the walk.
+template <typename Tag>
+struct Smem16Tiles {
+    const unsigned short* za;
+    unsigned short* zc;
+    float* st;
+    const float* z;
+    int m, c, c16, ldh;
+    __device__ __forceinline__ void scores(float s[NCE_RPW], int c0) {
+        __syncthreads();  // zc and st of the previous tile are consumed
+        load_rows16<Tag>(zc, z, c0, m, c, c16, ldh);
+        __syncthreads();
+        score_tile16<Tag>(st, za, zc, c16, ldh);
+        __syncthreads();
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+        for (int u = 0; u < NCE_RPW; ++u) s[u] += st[(warp * NCE_RPW + u) * NCE_LD + lane];
+    }
+};
+
+// As infonce_fwd_f32, the tiles from shared memory. Dynamic shared memory: 2 * 32 * ldh
+// halves. Grid: ceil(m / 32) blocks of 256 threads.
+template <typename Tag>
+__device__ void infonce_fwd16(float* loss, float* lse, const float* z, const int* labels, const int* npos,
+                              const int* valid, const int* partner, int m, int c, InfoNceArgs a) {
+    extern __shared__ float smem[];
+    __shared__ float st[NCE_TILE * NCE_LD];
+    __shared__ AnchorMeta am;
+    __shared__ int yc[NCE_TILE];
+    const int c16 = (c + 15) & ~15, ldh = c16 + NCE16_PAD;
+    unsigned short* za = reinterpret_cast<unsigned short*>(smem);
+    unsigned short* zc = za + NCE_TILE * ldh;
+    const int a0 = blockIdx.x * NCE_TILE;
+    const int any = load_anchor_meta(am, labels, npos, valid, partner, nullptr, a0, m, a);
+    if (any) load_rows16<Tag>(za, z, a0, m, c, c16, ldh);  // published by the walk's barriers
+    Smem16Tiles<Tag> tiles{za, zc, st, z, m, c, c16, ldh};
+    infonce_fwd_walk(tiles, loss, lse, labels, npos, am, yc, any, a0, m, a);
+}
+
+// Entry points (explicit parameter lists: tests/cuda_build.rs reads them).
+extern "C" __global__ void infonce_fwd16_bf16(float* loss, float* lse, const float* z, const int* labels,
+                                              const int* npos, const int* valid, const int* partner, int m, int c,
+                                              InfoNceArgs a) {
+    infonce_fwd16<Bf16Tag>(loss, lse, z, labels, npos, valid, partner, m, c, a);
+}
+extern "C" __global__ void infonce_fwd16_f16(float* loss, float* lse, const float* z, const int* labels,
+                                             const int* npos, const int* valid, const int* partner, int m, int c,
+                                             InfoNceArgs a) {
+    infonce_fwd16<F16Tag>(loss, lse, z, labels, npos, valid, partner, m, c, a);
+}
+
+// The linear term's sums for the 16-bit anchor gradient, f64 over rows in order:
+// sums[r, e] = sum of round16(z_j)[e] over the rows j of class representative r (rep[r] =
+// r; other rows are not written), and sums[m, e] = the same over every row. Grid: (m + 1,
+// ceil(c / 128)) blocks of 128 threads (thread = element).
+extern "C" __global__ void infonce_class_sums_f32(double* sums, const float* z, const int* rep, int m, int c,
+                                                  InfoNceArgs a) {
+    const int r = blockIdx.x, e = blockIdx.y * blockDim.x + threadIdx.x;
+    if (e >= c || (r < m && rep[r] != r)) return;
+    double s = 0.0;
+    for (int j = 0; j < m; ++j)
+        if (r == m || rep[j] == r) s += (double)round_as(z[(size_t)j * c + e], a.round);
+    sums[(size_t)r * c + e] = s;
+}
+
+// Anchor rows of the 16-bit backward: dz_i = scale * ((acc_i - mu_i) / tau) on valid
+// anchors (other rows are left as the launcher zeroed them). sums: infonce_class_sums_f32.
+// Dynamic shared memory: 2 * 32 * ldh halves. Grid: ceil(m / 32) blocks of 256 threads.
+template <typename Tag, int NB>
+__device__ void infonce_bwd_rows16(float* dz, const double* sums, const float* z, const float* lse, const int* labels,
+                                   const int* npos, const int* valid, const int* partner, const int* rep, int m, int c,
+                                   InfoNceArgs a) {
+    extern __shared__ float smem[];
+    __shared__ float st[NCE_TILE * NCE_LD];
+    __shared__ __align__(16) unsigned short ws[NCE_TILE * NCE16_WLD];
+    __shared__ AnchorMeta am;
+    __shared__ int yc[NCE_TILE];
+    const int c16 = (c + 15) & ~15, ldh = c16 + NCE16_PAD;
+    unsigned short* za = reinterpret_cast<unsigned short*>(smem);
+    unsigned short* zc = za + NCE_TILE * ldh;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+    const int a0 = blockIdx.x * NCE_TILE;
+    if (!load_anchor_meta(am, labels, npos, valid, partner, lse, a0, m, a)) return;  // block-uniform
+    load_rows16<Tag>(za, z, a0, m, c, c16, ldh);  // published by the first tile's barriers
+    const int mb = (warp & 1) * 16, nb0 = (warp >> 1) * NB;
+    float acc[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.0f;
+    Smem16Tiles<Tag> tiles{za, zc, st, z, m, c, c16, ldh};
+    for (int c0 = 0; c0 < m; c0 += NCE_TILE) {
+        __syncthreads();  // yc and ws of the previous tile are consumed
+        if (threadIdx.x < NCE_TILE) yc[threadIdx.x] = c0 + (int)threadIdx.x < m ? labels[c0 + threadIdx.x] : 0;
+        float s[NCE_RPW] = {0.0f, 0.0f, 0.0f, 0.0f};
+        tiles.scores(s, c0);  // zc now holds the column tile
+#pragma unroll
+        for (int u = 0; u < NCE_RPW; ++u) {
+            const int r = warp * NCE_RPW + u, i = a0 + r, j = c0 + lane;
+            const bool in_d = am.valid[r] && j < m && in_denominator(am, r, i, j, yc[lane], a);
+            ws[r * NCE16_WLD + lane] = to_bits(in_d ? expf(s[u] * a.inv_tau - am.lse[r]) : 0.0f, Tag());
+        }
+        __syncthreads();
+        // acc += W [16 rows of this warp, 32 columns] zc [32, this warp's elements]
+#pragma unroll
+        for (int k0 = 0; k0 < NCE_TILE; k0 += 16) {
+            const unsigned short* w_lo = ws + (mb + g) * NCE16_WLD + k0 + c2;
+            const unsigned short* w_hi = w_lo + 8 * NCE16_WLD;
+            const unsigned wa[4] = {load2(w_lo), load2(w_hi), load2(w_lo + 8), load2(w_hi + 8)};
+            const unsigned short* zk = zc + (k0 + c2) * ldh;  // B: k = column row, n = element
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) {
+                const int e = (nb0 + nb) * 8 + g;
+                if ((nb0 + nb) * 8 >= c16) break;  // warp-uniform
+                const unsigned b[2] = {join2(zk[e], zk[ldh + e]), join2(zk[8 * ldh + e], zk[9 * ldh + e])};
+                mma_16816(acc[nb], wa, b, Tag());
+            }
+        }
+    }
+    // Epilogue: rows mb + g and mb + g + 8, elements (nb0 + nb) 8 + c2 + {0, 1}.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = mb + g + half * 8, i = a0 + r;
+        if (!am.valid[r]) continue;
+        const double* total = sums + (size_t)m * c;
+        const double* own = sums + (size_t)rep[i] * c;
+        const double inv_np = 1.0 / (double)npos[i];
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const int e = (nb0 + nb) * 8 + c2 + q;
+                if (e >= c) continue;
+                const double mu = (total[e] - own[e]) * inv_np;
+                dz[(size_t)i * c + e] = a.scale * (float)(((double)acc[nb][half * 2 + q] - mu) * (double)a.inv_tau);
+            }
+        }
+    }
+}
+
+// Entry points, one per type and accumulator size (explicit parameter lists:
+// tests/cuda_build.rs reads them).
+#define NCE_ROWS16_CALL dz, sums, z, lse, labels, npos, valid, partner, rep, m, c, a
+extern "C" __global__ void infonce_bwd_rows16_bf16_nb12(float* dz, const double* sums, const float* z,
+                                                         const float* lse, const int* labels, const int* npos,
+                                                         const int* valid, const int* partner, const int* rep, int m,
+                                                         int c, InfoNceArgs a) {
+    infonce_bwd_rows16<Bf16Tag, 12>(NCE_ROWS16_CALL);
+}
+extern "C" __global__ void infonce_bwd_rows16_bf16_nb24(float* dz, const double* sums, const float* z,
+                                                         const float* lse, const int* labels, const int* npos,
+                                                         const int* valid, const int* partner, const int* rep, int m,
+                                                         int c, InfoNceArgs a) {
+    infonce_bwd_rows16<Bf16Tag, 24>(NCE_ROWS16_CALL);
+}
+extern "C" __global__ void infonce_bwd_rows16_bf16_nb32(float* dz, const double* sums, const float* z,
+                                                         const float* lse, const int* labels, const int* npos,
+                                                         const int* valid, const int* partner, const int* rep, int m,
+                                                         int c, InfoNceArgs a) {
+    infonce_bwd_rows16<Bf16Tag, 32>(NCE_ROWS16_CALL);
+}
+extern "C" __global__ void infonce_bwd_rows16_f16_nb12(float* dz, const double* sums, const float* z,
+                                                         const float* lse, const int* labels, const int* npos,
+                                                         const int* valid, const int* partner, const int* rep, int m,
+                                                         int c, InfoNceArgs a) {
+    infonce_bwd_rows16<F16Tag, 12>(NCE_ROWS16_CALL);
+}
+extern "C" __global__ void infonce_bwd_rows16_f16_nb24(float* dz, const double* sums, const float* z,
+                                                         const float* lse, const int* labels, const int* npos,
+                                                         const int* valid, const int* partner, const int* rep, int m,
+                                                         int c, InfoNceArgs a) {
+    infonce_bwd_rows16<F16Tag, 24>(NCE_ROWS16_CALL);
+}
+extern "C" __global__ void infonce_bwd_rows16_f16_nb32(float* dz, const double* sums, const float* z,
+                                                         const float* lse, const int* labels, const int* npos,
+                                                         const int* valid, const int* partner, const int* rep, int m,
+                                                         int c, InfoNceArgs a) {
+    infonce_bwd_rows16<F16Tag, 32>(NCE_ROWS16_CALL);
 }

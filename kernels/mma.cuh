@@ -48,6 +48,15 @@ __device__ __forceinline__ unsigned load2(const unsigned short* p) {
 #endif
 }
 
+// Stores two 16-bit values (one pack2 register) at p, 4-byte aligned, in one 32-bit store.
+__device__ __forceinline__ void store2(unsigned short* p, unsigned v) {
+#ifdef DEEPCUT_CUDA_EMU
+    memcpy(p, &v, 4);
+#else
+    *reinterpret_cast<unsigned*>(p) = v;
+#endif
+}
+
 // c += a b over the warp (every lane calls it with its fragments).
 __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2], Bf16Tag) {
 #ifdef DEEPCUT_CUDA_EMU

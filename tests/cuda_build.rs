@@ -163,10 +163,30 @@ fn launches() -> (Vec<Launch>, Vec<String>) {
         }
         let lines: Vec<&str> = src.lines().collect();
         for (i, line) in lines.iter().enumerate() {
-            let Some(pos) = line.find("launch_builder(cu.func(\"") else {
+            // `cu.func("name")`, or `cu.func(name)` with the name picked just above from
+            // literals (`"kernel_f32"`) and families (`format!("prefix_{..}")`, every entry
+            // point that starts with the prefix): each gets this site's checks.
+            let kernels: Vec<String> = if let Some(pos) = line.find("launch_builder(cu.func(\"") {
+                vec![line[pos + 24..].chars().take_while(|c| *c != '"').collect()]
+            } else if line.contains("launch_builder(cu.func(") {
+                let mut picked = Vec::new();
+                // (not from an earlier launch's `check(.., "name")`)
+                for back in lines[i.saturating_sub(4)..i].iter().filter(|l| !l.contains("check(")) {
+                    let parts: Vec<&str> = back.split('"').collect();
+                    for k in (1..parts.len()).step_by(2) {
+                        let part = parts[k];
+                        if parts[k - 1].ends_with("format!(") {
+                            let prefix: String = part.chars().take_while(|c| *c != '{').collect();
+                            picked.push(format!("{prefix}*"));
+                        } else if part.ends_with("_f32") {
+                            picked.push(part.to_string());
+                        }
+                    }
+                }
+                picked
+            } else {
                 continue;
             };
-            let kernel: String = line[pos + 24..].chars().take_while(|c| *c != '"').collect();
             let mut args = 0;
             let mut safety = String::new();
             let mut in_safety = false;
@@ -197,12 +217,14 @@ fn launches() -> (Vec<Launch>, Vec<String>) {
                     .map_or(s.len(), |(i, _)| i);
                 param_names(&s[..end])
             });
-            sites.push(Launch {
-                file: file.clone(),
-                kernel,
-                args,
-                safety: sig.unwrap_or_default(),
-            });
+            for kernel in kernels {
+                sites.push(Launch {
+                    file: file.clone(),
+                    kernel,
+                    args,
+                    safety: sig.clone().unwrap_or_default(),
+                });
+            }
         }
     }
     (sites, names)
@@ -229,8 +251,25 @@ fn launchers_match_the_kernels_they_launch() {
             "a launcher names `{name}`, which no kernels/*.cu defines"
         );
     }
+    // A family site (`prefix*`) launches every entry point with that prefix, all of which
+    // must take the same parameters.
+    let families: Vec<&str> = sites.iter().filter_map(|s| s.kernel.strip_suffix('*')).collect();
+    let family_of = |k: &str| families.iter().copied().find(|f| k.starts_with(f));
+    for f in &families {
+        let members: Vec<_> = params.iter().filter(|(k, _)| k.starts_with(f)).collect();
+        assert!(
+            !members.is_empty(),
+            "a launcher picks `{f}*`, which no kernels/*.cu defines"
+        );
+        for (k, p) in &members {
+            assert_eq!(*p, members[0].1, "{k}: parameters differ from {}'s", members[0].0);
+        }
+    }
     for k in params.keys().filter(|k| !k.ends_with("_bf16")) {
-        assert!(names.contains(k), "kernel {k} has no launcher in src/backend/cuda");
+        assert!(
+            names.contains(k) || family_of(k).is_some(),
+            "kernel {k} has no launcher in src/backend/cuda"
+        );
     }
     // The tensor-core kernels are launched by a computed name with their fp32 twin's
     // arguments (src/backend/cuda/attention.rs): their parameters must be the twin's.
@@ -242,7 +281,10 @@ fn launchers_match_the_kernels_they_launch() {
     }
     assert_eq!(mma, 18, "tensor-core attention entry points");
     for s in &sites {
-        let p = &params[&s.kernel];
+        let p = match s.kernel.strip_suffix('*') {
+            Some(f) => params.iter().find(|(k, _)| k.starts_with(f)).unwrap().1,
+            None => &params[&s.kernel],
+        };
         assert_eq!(
             s.args,
             p.len(),

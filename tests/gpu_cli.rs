@@ -133,13 +133,18 @@ fn bench_on_cuda_reports_device_numbers() {
     for k in ["ce", "contrast", "total"] {
         assert!(j["losses"]["last"][k].as_f64().is_some_and(f64::is_finite), "loss {k}");
     }
-    // the JSON says which paths ran: bf16 attention on tensor cores, and the linear layers'
+    // the JSON says which paths ran: bf16 attention on tensor cores, InfoNCE's 16-bit
+    // shared-memory kernels (the hidden size fits them on every card), and the linear layers'
     // bias in cuBLASLt's epilogue (every shape, on the emulator; a real cuBLASLt may
     // decline some, and the JSON then says so)
     let attention = j["paths"]["attention"].as_str().unwrap_or_default();
     assert!(attention.contains("tensor cores"), "{}", j["paths"]);
     let infonce = j["paths"]["infonce"].as_str().unwrap_or_default();
-    assert!(infonce.contains("tensor cores"), "{}", j["paths"]);
+    assert!(
+        infonce.contains("tensor cores") && infonce.contains("shared memory"),
+        "{}",
+        j["paths"]
+    );
     let gemm_bias = j["paths"]["gemm_bias"].as_str().unwrap_or_default();
     assert!(gemm_bias.starts_with("cuBLASLt"), "{}", j["paths"]);
 }

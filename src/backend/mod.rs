@@ -409,8 +409,9 @@ pub trait Backend {
     /// denominator's logsumexp, saved for backward). L_f = `infonce_loss_host(loss,
     /// count)` with count from `InfoNceOptions::valid_anchors`. `inputs` bf16 / fp16: the
     /// similarities are products of z rounded to 16 bits (tensor cores on CUDA), fp32
-    /// accumulated; logsumexp, loss and the gradient's products with z stay fp32
-    /// (cpu/infonce.rs).
+    /// accumulated, and so are the anchor gradient's products (the probabilities rounded
+    /// too); logsumexp, loss and the column-side gradient stay fp32 (cpu/infonce.rs says
+    /// exactly where it rounds).
     #[allow(clippy::too_many_arguments)]
     fn infonce_fwd(
         &self, loss: &mut Self::Buf, lse: &mut Self::Buf, z: &Self::Buf, labels: &Self::IBuf, anchor: &Self::IBuf,

@@ -84,7 +84,7 @@ pub trait BenchBackend: Backend {
     fn verified(&self) -> bool;
     /// Which implementation the step's GEMM-with-bias and attention ran on (after the
     /// steps), for the JSON; null where there is one path.
-    fn paths(&self, _precision: Precision) -> Value {
+    fn paths(&self, _precision: Precision, _hidden: usize) -> Value {
         Value::Null
     }
 }
@@ -177,7 +177,7 @@ impl BenchBackend for Cuda {
     fn verified(&self) -> bool {
         false
     }
-    fn paths(&self, precision: Precision) -> Value {
+    fn paths(&self, precision: Precision, hidden: usize) -> Value {
         json!({
             "gemm_bias": match self.cublaslt_plans() {
                 Some((with, 0)) => format!("cuBLASLt with the bias epilogue ({with} shapes)"),
@@ -192,11 +192,7 @@ impl BenchBackend for Cuda {
             } else {
                 "kernels/attention_mma.cu, mma.sync on tensor cores"
             },
-            "infonce": if precision == Precision::Fp32 {
-                "kernels/infonce.cu, fp32 on CUDA cores"
-            } else {
-                "kernels/infonce.cu, similarities on tensor cores (mma.sync), gradient products fp32"
-            },
+            "infonce": self.infonce_path(precision, hidden),
         })
     }
 }
@@ -613,7 +609,7 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             "precision_detail": precision.describe(),
             "threads": rayon::current_num_threads(),
             "verified": model.be.verified(),
-            "paths": model.be.paths(precision),
+            "paths": model.be.paths(precision, shape.hidden),
             "step_time_s": spread.to_json(),
             "tokens_per_s": tokens as f64 / spread.median,
             "flops_per_step": flops.total(),

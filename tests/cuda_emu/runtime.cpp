@@ -449,7 +449,21 @@ CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
     *f = (CUfunction)it->second;
     return OK;
 }
-CUresult cuFuncSetAttribute(CUfunction, int, int) { return OK; }
+// As on a GPU, a launch may ask for more than 48 KiB of dynamic shared memory only after
+// CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (8) was raised for that kernel.
+static std::map<CUfunction, int>& dyn_smem_limit() {
+    static std::map<CUfunction, int> m;
+    return m;
+}
+static std::mutex dyn_smem_mutex;
+CUresult cuFuncSetAttribute(CUfunction f, int attr, int v) {
+    if (attr == 8) {
+        if (v < 0 || v > 227 * 1024) return ERR_INVALID_VALUE;
+        std::lock_guard<std::mutex> lock(dyn_smem_mutex);
+        dyn_smem_limit()[f] = v;
+    }
+    return OK;
+}
 CUresult cuFuncGetAttribute(int* v, int, CUfunction) {
     *v = 0;
     return OK;
@@ -462,6 +476,15 @@ CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned
         fprintf(stderr, "cuda_emu: invalid launch grid (%u,%u,%u) block (%u,%u,%u) smem %u\n", gx, gy, gz, bx, by,
                 bz, smem);
         return ERR_INVALID_VALUE;
+    }
+    if (smem > 48 * 1024) {
+        std::lock_guard<std::mutex> lock(dyn_smem_mutex);
+        auto it = dyn_smem_limit().find(f);
+        if (it == dyn_smem_limit().end() || (unsigned)it->second < smem) {
+            fprintf(stderr, "cuda_emu: launch with %u bytes of dynamic shared memory, above 48 KiB, without "
+                    "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) to at least that\n", smem);
+            return ERR_INVALID_VALUE;
+        }
     }
     ++stats[ST_LAUNCH];
     launch((EmuThunk)f, params, emu_dim3{gx, gy, gz}, emu_dim3{bx, by, bz}, smem);

@@ -24,8 +24,11 @@
 //!
 //! Precision (`inputs`): in bf16 / fp16 the similarities are products of z rounded to 16
 //! bits (the tensor-core dot products of kernels/infonce.cu), accumulated in fp32: the
-//! score tiles and the forward's linear term read the rounded rows. Everything downstream
-//! stays fp32 and the gradient's products use z as given: dz_i = sum_j W_ij z_j / tau.
+//! score tiles and the forward's linear term read the rounded rows. The anchor gradient
+//! (pass 1) is a product of 16-bit inputs too, as the GPU's tensor cores compute it: p
+//! rounded to 16 bits times the rounded column rows, fp32 accumulation, minus the linear
+//! term's class mean of the rounded rows (f64). lse, losses and the column-side gradient
+//! (pass 2, only with `detach_columns` false) stay fp32 on z as given.
 //!
 //! The CUDA kernel (Inf-CL style) has the same shape: the host sorts rows by class once
 //! (groups become contiguous ranges), one thread block per anchor tile for the forward
@@ -33,7 +36,7 @@
 //! side's tiles through shared memory with the similarity tile in registers; lse and the
 //! per-class sums in fp32/f64 as here.
 use super::gemm::gemm;
-use super::quantize::rounded_copy;
+use super::quantize::{round_in_place, rounded_copy};
 use super::simd::{self, multiversion};
 use crate::backend::{Denominator, InfoNceOptions, OwnView, Precision};
 use rayon::prelude::*;
@@ -380,12 +383,14 @@ pub fn infonce_bwd(
                 let tc = c1 - c0;
                 score_tile(&mut s, grp, a0, a1, c0, c1, c, inv_tau);
                 exp_minus_row(&mut s[..ta * tc], tc, &l);
-                gemm(&mut dza, &s, &grp.zc[c0 * c..], ta, c, tc, false, false, 1.0, 1.0);
+                round_in_place(&mut s[..ta * tc], inputs); // 16-bit: p and z both GEMM inputs
+                gemm(&mut dza, &s, &grp.sim_c()[c0 * c..], ta, c, tc, false, false, 1.0, 1.0);
             }
             dza
         })
         .collect();
-    let mu = plan.other_class_means(z, m, c);
+    // the linear term's mean over the rows the products read
+    let mu = plan.other_class_means(zs.as_deref().unwrap_or(z), m, c);
     for (&(g, a0, _), dza) in items.iter().zip(rows) {
         for (r, d) in dza.chunks(c).enumerate() {
             let i = plan.groups[g].anchors[a0 + r];

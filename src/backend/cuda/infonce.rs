@@ -29,12 +29,58 @@ impl InfoNceArgs {
     }
 }
 
-/// One block of 256 threads per 32-row tile.
-fn tiles(m: usize) -> LaunchConfig {
+/// Kernels that opt in to more than 48 KiB of dynamic shared memory (`Cuda::new`).
+pub(super) const OPTS_IN_TO_SMEM: [&str; 2] = ["infonce_fwd16_", "infonce_bwd_rows16_"];
+
+/// One block of 256 threads per 32-row tile, with `smem` bytes of dynamic shared memory.
+fn tiles(m: usize, smem: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (m.div_ceil(32) as u32, 1, 1),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: smem as u32,
+    }
+}
+
+/// The 16-bit kernels' 8-wide accumulator blocks per warp, instantiated in
+/// kernels/infonce.cu (`infonce_bwd_rows16_*_nbN`): hidden sizes up to 32 N.
+const ROWS16_NB: [usize; 3] = [12, 24, 32];
+
+/// Which 16-bit shared-memory kernels run InfoNCE at width c: Some((type, nb, dynamic
+/// shared bytes)) when `inputs` is 16-bit, the path is on, c fits the widest
+/// instantiation and both z tiles fit the device's shared memory; None: the SIMT kernels
+/// (which compute the same in 16-bit modes, with 32-element chunks streamed from z).
+fn smem16(cu: &Cuda, inputs: Precision, c: usize) -> Option<(&'static str, usize, usize)> {
+    let ty = match inputs {
+        Precision::Fp32 => return None,
+        Precision::Bf16 => "bf16",
+        Precision::Fp16 => "f16",
+    };
+    let c16 = c.div_ceil(16) * 16;
+    let nb = *ROWS16_NB.iter().find(|&&nb| c16 <= 32 * nb)?;
+    let bytes = 2 * 32 * (c16 + 8) * 2; // za and zc, [32][c16 + 8] halves each
+    let room = |name: String| cu.dyn_smem.get(name.as_str()).copied().unwrap_or(0);
+    let fits = bytes <= room(format!("infonce_fwd16_{ty}")) && bytes <= room(format!("infonce_bwd_rows16_{ty}_nb{nb}"));
+    (cu.use_smem16 && fits).then_some((ty, nb, bytes))
+}
+
+/// A kernel name from the instantiated set (`Cuda::func` needs the static name).
+fn name_of(cu: &Cuda, name: String) -> &'static str {
+    cu.dyn_smem
+        .keys()
+        .find(|n| **n == name)
+        .copied()
+        .unwrap_or_else(|| panic!("CUDA kernel {name} is not instantiated in kernels/infonce.cu"))
+}
+
+/// Which InfoNCE kernels run at width c in precision `inputs` on this backend, in words
+/// (`Cuda::infonce_path`; the bench's JSON reports it).
+pub fn path(cu: &Cuda, inputs: Precision, c: usize) -> &'static str {
+    match (inputs, smem16(cu, inputs, c)) {
+        (Precision::Fp32, _) => "kernels/infonce.cu, fp32 on CUDA cores",
+        (_, Some(_)) => "kernels/infonce.cu, 16-bit z tiles in shared memory, every product on tensor cores (mma.sync)",
+        (_, None) => {
+            "kernels/infonce.cu, similarities on tensor cores (mma.sync), 16-bit gradient products on CUDA cores"
+        }
     }
 }
 
@@ -50,25 +96,26 @@ fn check_inputs(
     int(m * c, "infonce m*c");
 }
 
-/// |P_i| and validity of every row into npos, valid [m].
+/// |P_i|, validity and class representative of every row into npos, valid, rep [m].
 #[allow(clippy::too_many_arguments)]
 fn counts(
-    cu: &Cuda, npos: &mut CudaSlice<i32>, valid: &mut CudaSlice<i32>, labels: &CudaSlice<i32>, anchor: &CudaSlice<i32>,
-    partner: &CudaSlice<i32>, m: usize, args: &InfoNceArgs,
+    cu: &Cuda, npos: &mut CudaSlice<i32>, valid: &mut CudaSlice<i32>, rep: &mut CudaSlice<i32>,
+    labels: &CudaSlice<i32>, anchor: &CudaSlice<i32>, partner: &CudaSlice<i32>, m: usize, args: &InfoNceArgs,
 ) {
     let mi = int(m, "infonce m");
     let mut l = cu.stream.launch_builder(cu.func("infonce_counts_f32"));
     l.arg(npos)
         .arg(valid)
+        .arg(rep)
         .arg(labels)
         .arg(anchor)
         .arg(partner)
         .arg(&mi)
         .arg(args);
-    // SAFETY: (int* npos, int* valid, const int* labels, const int* anchor, const int*
-    // partner, int m, InfoNceArgs a); thread i < m reads labels[..m], anchor[i], partner[i]
-    // (partner in -1..m by contract, as on the CPU) and writes npos[i], valid[i]; npos and
-    // valid hold m ints (ensure), inputs checked by the caller.
+    // SAFETY: (int* npos, int* valid, int* rep, const int* labels, const int* anchor,
+    // const int* partner, int m, InfoNceArgs a); thread i < m reads labels[..m], anchor[i],
+    // partner[i] (partner in -1..m by contract, as on the CPU) and writes npos[i],
+    // valid[i], rep[i]; those hold m ints (ensure), inputs checked by the caller.
     check(unsafe { l.launch(grid_1d(m, 256)) }, "infonce_counts_f32");
 }
 
@@ -91,8 +138,13 @@ pub fn infonce_fwd(
     let s = &mut *guard;
     let npos = ensure(&cu.stream, &mut s.i32_a, m);
     let valid = ensure(&cu.stream, &mut s.i32_b, m);
-    counts(cu, npos, valid, labels, anchor, partner, m, &args);
-    let mut l = cu.stream.launch_builder(cu.func("infonce_fwd_f32"));
+    let rep = ensure(&cu.stream, &mut s.i32_c, m);
+    counts(cu, npos, valid, rep, labels, anchor, partner, m, &args);
+    let (name, smem) = match smem16(cu, inputs, c) {
+        Some((ty, _, bytes)) => (name_of(cu, format!("infonce_fwd16_{ty}")), bytes),
+        None => ("infonce_fwd_f32", 0),
+    };
+    let mut l = cu.stream.launch_builder(cu.func(name));
     l.arg(loss)
         .arg(lse)
         .arg(z)
@@ -102,10 +154,12 @@ pub fn infonce_fwd(
         .arg(partner);
     l.arg(&mi).arg(&ci).arg(&args);
     // SAFETY: (float* loss, float* lse, const float* z, const int* labels, const int* npos,
-    // const int* valid, const int* partner, int m, int c, InfoNceArgs a); block k reads z
-    // rows < m and the per-row arrays [m], writes loss and lse of its 32 rows below m;
-    // sizes checked above and by ensure.
-    check(unsafe { l.launch(tiles(m)) }, "infonce_fwd_f32");
+    // const int* valid, const int* partner, int m, int c, InfoNceArgs a), the same for the
+    // fp32 and the 16-bit kernels; block k reads z rows < m and the per-row arrays [m],
+    // writes loss and lse of its 32 rows below m; sizes checked above and by ensure. The
+    // 16-bit kernel's two [32][c16 + 8] half tiles are the `smem` bytes it is given, within
+    // the room its opt-in set (`smem16`).
+    check(unsafe { l.launch(tiles(m, smem)) }, name);
 }
 
 /// dz [m, c] (overwritten) = scale * d(sum of valid L_i)/dz from the saved lse: anchor
@@ -133,22 +187,59 @@ pub fn infonce_bwd(
     let s = &mut *guard;
     let npos = ensure(&cu.stream, &mut s.i32_a, m);
     let valid = ensure(&cu.stream, &mut s.i32_b, m);
-    counts(cu, npos, valid, labels, anchor, partner, m, &args);
+    let rep = ensure(&cu.stream, &mut s.i32_c, m);
+    counts(cu, npos, valid, rep, labels, anchor, partner, m, &args);
 
-    let mut l = cu.stream.launch_builder(cu.func("infonce_bwd_rows_f32"));
-    l.arg(&mut *dz)
-        .arg(z)
-        .arg(lse)
-        .arg(labels)
-        .arg(&*npos)
-        .arg(&*valid)
-        .arg(partner);
-    l.arg(&mi).arg(&ci).arg(&args);
-    // SAFETY: (float* dz, const float* z, const float* lse, const int* labels, const int*
-    // npos, const int* valid, const int* partner, int m, int c, InfoNceArgs a); block k
-    // reads z rows < m and writes dz rows of its own tile (zeroed just before); sizes
-    // checked above and by ensure.
-    check(unsafe { l.launch(tiles(m)) }, "infonce_bwd_rows_f32");
+    if let Some((ty, nb, smem)) = smem16(cu, inputs, c) {
+        // the linear term's per-class sums, then the anchor rows on tensor cores
+        let sums = ensure(&cu.stream, &mut s.f64_d, (m + 1) * c);
+        let mut l = cu.stream.launch_builder(cu.func("infonce_class_sums_f32"));
+        l.arg(&mut *sums).arg(z).arg(&*rep).arg(&mi).arg(&ci).arg(&args);
+        let cfg = LaunchConfig {
+            grid_dim: (m as u32 + 1, c.div_ceil(128) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (double* sums, const float* z, const int* rep, int m, int c, InfoNceArgs
+        // a); block (r, y) writes sums[r, 128y ..] for r a representative (rep[r] = r) or
+        // r = m, elements below c; sums holds (m + 1) c doubles (ensure); reads z [m, c]
+        // and rep [m], just written by `counts`.
+        check(unsafe { l.launch(cfg) }, "infonce_class_sums_f32");
+        let name = name_of(cu, format!("infonce_bwd_rows16_{ty}_nb{nb}"));
+        let mut l = cu.stream.launch_builder(cu.func(name));
+        l.arg(&mut *dz)
+            .arg(&*sums)
+            .arg(z)
+            .arg(lse)
+            .arg(labels)
+            .arg(&*npos)
+            .arg(&*valid)
+            .arg(partner)
+            .arg(&*rep);
+        l.arg(&mi).arg(&ci).arg(&args);
+        // SAFETY: (float* dz, const double* sums, const float* z, const float* lse, const
+        // int* labels, const int* npos, const int* valid, const int* partner, const int*
+        // rep, int m, int c, InfoNceArgs a); block k reads z rows < m, sums rows rep[i]
+        // and m, and writes dz rows of its own tile, elements below c; sizes checked above
+        // and by ensure; `smem` bytes of dynamic shared memory within its opt-in (`smem16`),
+        // and nb 8-wide blocks per warp cover c (`smem16`).
+        check(unsafe { l.launch(tiles(m, smem)) }, name);
+    } else {
+        let mut l = cu.stream.launch_builder(cu.func("infonce_bwd_rows_f32"));
+        l.arg(&mut *dz)
+            .arg(z)
+            .arg(lse)
+            .arg(labels)
+            .arg(&*npos)
+            .arg(&*valid)
+            .arg(partner);
+        l.arg(&mi).arg(&ci).arg(&args);
+        // SAFETY: (float* dz, const float* z, const float* lse, const int* labels, const int*
+        // npos, const int* valid, const int* partner, int m, int c, InfoNceArgs a); block k
+        // reads z rows < m and writes dz rows of its own tile (zeroed just before); sizes
+        // checked above and by ensure.
+        check(unsafe { l.launch(tiles(m, 0)) }, "infonce_bwd_rows_f32");
+    }
     if opts.detach_columns {
         return;
     }
@@ -171,5 +262,5 @@ pub fn infonce_bwd(
     // const int* npos, const int* valid, const int* partner, int m, int c, InfoNceArgs a);
     // block k owns column rows 32k.. of dzc and dz (both m*c floats, checked / ensured),
     // reads z rows < m.
-    check(unsafe { l.launch(tiles(m)) }, "infonce_bwd_cols_f32");
+    check(unsafe { l.launch(tiles(m, 0)) }, "infonce_bwd_cols_f32");
 }

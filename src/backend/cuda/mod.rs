@@ -119,13 +119,16 @@ struct Scratch {
     f32_a: Option<CudaSlice<f32>>,
     /// LayerNorm's bias partials; attention's D vector; InfoNCE's column accumulator.
     f32_b: Option<CudaSlice<f32>>,
-    /// InfoNCE |P_i| and validity.
+    /// InfoNCE |P_i|, validity and class representatives.
     i32_a: Option<CudaSlice<i32>>,
     i32_b: Option<CudaSlice<i32>>,
+    i32_c: Option<CudaSlice<i32>>,
     /// sum_squares partials and result; the per-tensor sums of sum_squares_all.
     f64_a: Option<CudaSlice<f64>>,
     f64_b: Option<CudaSlice<f64>>,
     f64_c: Option<CudaSlice<f64>>,
+    /// InfoNCE's per-class sums [m + 1, c] (16-bit backward).
+    f64_d: Option<CudaSlice<f64>>,
     /// The tensor tables of the fused optimiser kernels, kept on the device while the
     /// parameters they point to stay where they are (kernels/adamw.cu).
     adam_tables: Option<adamw::Table<adamw::AdamTensor>>,
@@ -153,6 +156,12 @@ pub struct Cuda {
     lt: Mutex<Option<Option<blaslt::Lt>>>,
     use_lt: bool,
     funcs: HashMap<&'static str, CudaFunction>,
+    /// Dynamic shared memory (bytes) a launch of each kernel that opted in may ask for: the
+    /// device's opt-in maximum less the kernel's static shared memory (infonce.rs `smem16`).
+    dyn_smem: HashMap<&'static str, usize>,
+    /// InfoNCE's 16-bit kernels with both z tiles in shared memory (the default); false
+    /// keeps the streaming SIMT kernels (`Cuda::without_infonce_smem16`).
+    use_smem16: bool,
     scratch: Mutex<Scratch>,
     info: DeviceInfo,
     nvtx: bool,
@@ -289,6 +298,27 @@ impl Cuda {
                 targets.push(img.target);
             }
         }
+        // Kernels that take more than the default 48 KiB of dynamic shared memory opt in to
+        // the device's maximum, less their static shared memory.
+        let optin = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(device_err("shared memory opt-in limit"))?
+            .max(0) as usize;
+        let mut dyn_smem = HashMap::new();
+        for (&name, f) in funcs
+            .iter()
+            .filter(|(n, _)| infonce::OPTS_IN_TO_SMEM.iter().any(|p| n.starts_with(p)))
+        {
+            use cudarc::driver::sys::CUfunction_attribute::*;
+            let fixed = f
+                .get_attribute(CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .map_err(device_err(name))?
+                .max(0) as usize;
+            let room = optin.saturating_sub(fixed);
+            f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, room as i32)
+                .map_err(device_err(name))?;
+            dyn_smem.insert(name, room);
+        }
         // SAFETY: only tries to dlopen libnvToolsExt.
         let nvtx = unsafe { cudarc::nvtx::sys::is_culib_present() };
         Ok(Cuda {
@@ -297,6 +327,8 @@ impl Cuda {
             lt: Mutex::new(None),
             use_lt: true,
             funcs,
+            dyn_smem,
+            use_smem16: true,
             scratch: Mutex::new(Scratch::default()),
             info: DeviceInfo {
                 ordinal,
@@ -328,6 +360,19 @@ impl Cuda {
     /// never cuBLASLt: the fallback path, for tests and for ruling cuBLASLt out.
     pub fn without_cublaslt(mut self) -> Self {
         self.use_lt = false;
+        self
+    }
+
+    /// Which InfoNCE kernels run at embedding width c in precision `inputs`, in words.
+    pub fn infonce_path(&self, inputs: Precision, c: usize) -> &'static str {
+        infonce::path(self, inputs, c)
+    }
+
+    /// This backend with InfoNCE's 16-bit modes on the streaming SIMT kernels (tensor-core
+    /// similarities only), never the shared-memory kernels: the path for hidden sizes too
+    /// wide for shared memory, for tests.
+    pub fn without_infonce_smem16(mut self) -> Self {
+        self.use_smem16 = false;
         self
     }
 
