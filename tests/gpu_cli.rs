@@ -134,9 +134,9 @@ fn bench_on_cuda_reports_device_numbers() {
         assert!(j["losses"]["last"][k].as_f64().is_some_and(f64::is_finite), "loss {k}");
     }
     // the JSON says which paths ran: bf16 attention on tensor cores, InfoNCE's 16-bit
-    // shared-memory kernels (the hidden size fits them on every card), and the linear layers'
-    // bias in cuBLASLt's epilogue (every shape, on the emulator; a real cuBLASLt may
-    // decline some, and the JSON then says so)
+    // shared-memory kernels (the hidden size fits them on every card), the linear layers'
+    // bias in cuBLASLt's epilogue and every other GEMM on cuBLASLt too (every shape, on the
+    // emulator; a real cuBLASLt may decline some, and the JSON then says so)
     let attention = j["paths"]["attention"].as_str().unwrap_or_default();
     assert!(attention.contains("tensor cores"), "{}", j["paths"]);
     let infonce = j["paths"]["infonce"].as_str().unwrap_or_default();
@@ -147,4 +147,6 @@ fn bench_on_cuda_reports_device_numbers() {
     );
     let gemm_bias = j["paths"]["gemm_bias"].as_str().unwrap_or_default();
     assert!(gemm_bias.starts_with("cuBLASLt"), "{}", j["paths"]);
+    let gemm = j["paths"]["gemm"].as_str().unwrap_or_default();
+    assert!(gemm.starts_with("cuBLASLt"), "{}", j["paths"]);
 }

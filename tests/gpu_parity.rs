@@ -347,23 +347,31 @@ fn gemm_bias_check<G: Backend>(g: &G, what: &str) {
     }
 }
 
-/// On CUDA gemm_bias really ran cuBLASLt (every shape above had a plan), and the fallback
-/// (`Cuda::without_cublaslt`: cuBLAS GEMM + add_bias) gives the same products.
+/// On CUDA every GEMM really ran cuBLASLt (every shape above had a plan: gemm with alpha,
+/// beta and 16-bit inputs, gemm_bias with the bias epilogue), and the fallback
+/// (`Cuda::without_cublaslt`: cuBLAS, then add_bias) gives the same products.
 #[test]
-fn gemm_bias_ran_cublaslt_and_the_fallback_agrees() {
-    let Some(g) = gpu("gemm_bias_ran_cublaslt_and_the_fallback_agrees") else {
+fn gemms_ran_cublaslt_and_the_fallback_agrees() {
+    let Some(g) = gpu("gemms_ran_cublaslt_and_the_fallback_agrees") else {
         return;
     };
-    gemm_bias_check(&g, "gemm_bias (cuBLASLt)");
-    let (with, without) = g.cublaslt_plans().expect("cuBLASLt opened");
-    eprintln!("cuBLASLt plans: {with} shapes with the bias epilogue, {without} fell back");
-    assert!(with > 0, "no shape ran on cuBLASLt");
-    if std::env::var("DEEPCUT_CUDA_EMU").is_ok() {
-        assert_eq!(without, 0, "the emulator's cuBLASLt serves every shape");
+    let check_all = |g: &Cuda, what: &str| {
+        gemm_all_transposes_body(g);
+        gemm_on_rounded_inputs_body(g);
+        gemm_bias_check(g, what);
+    };
+    check_all(&g, "gemm_bias (cuBLASLt)");
+    for (bias, kind) in [(false, "gemm"), (true, "gemm_bias")] {
+        let (with, without) = g.cublaslt_plans(bias).expect("cuBLASLt opened");
+        eprintln!("cuBLASLt plans for {kind}: {with} shapes, {without} fell back to cuBLAS");
+        assert!(with > 0, "no {kind} shape ran on cuBLASLt");
+        if std::env::var("DEEPCUT_CUDA_EMU").is_ok() {
+            assert_eq!(without, 0, "the emulator's cuBLASLt serves every shape");
+        }
     }
     let g = Cuda::new(0).expect("the device opened a moment ago").without_cublaslt();
-    gemm_bias_check(&g, "gemm_bias (fallback)");
-    assert_eq!(g.cublaslt_plans(), None, "the fallback opened cuBLASLt");
+    check_all(&g, "gemm_bias (fallback)");
+    assert_eq!(g.cublaslt_plans(false), None, "the fallback opened cuBLASLt");
 }
 
 parity_test!(bias_ops_and_inplace_add, bias_ops_and_inplace_add_body);

@@ -179,7 +179,14 @@ impl BenchBackend for Cuda {
     }
     fn paths(&self, precision: Precision, hidden: usize) -> Value {
         json!({
-            "gemm_bias": match self.cublaslt_plans() {
+            "gemm": match self.cublaslt_plans(false) {
+                Some((with, 0)) => format!("cuBLASLt ({with} shapes)"),
+                Some((with, without)) => format!(
+                    "cuBLASLt ({with} shapes); cuBLAS for {without} shapes cuBLASLt had no algorithm for"
+                ),
+                None => "cuBLAS (cuBLASLt not available)".to_string(),
+            },
+            "gemm_bias": match self.cublaslt_plans(true) {
                 Some((with, 0)) => format!("cuBLASLt with the bias epilogue ({with} shapes)"),
                 Some((with, without)) => format!(
                     "cuBLASLt with the bias epilogue ({with} shapes); cuBLAS GEMM + add_bias for {without} \

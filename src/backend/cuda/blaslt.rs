@@ -1,12 +1,13 @@
-//! cuBLASLt for the GEMMs whose bias can ride in the epilogue (`Backend::gemm_bias`):
-//! D = op(A) op(B) + bias in one kernel instead of a GEMM and an `add_bias` pass over D.
-//! CPU twin: the trait's default (cpu/gemm.rs `gemm`, then `add_bias`).
+//! cuBLASLt for every GEMM of the CUDA backend (`gemm`, and `gemm_bias` with the bias in
+//! the epilogue: D = op(A) op(B) + bias in one kernel instead of a GEMM and an `add_bias`
+//! pass over D). CPU twin: cpu/gemm.rs `gemm` (then `add_bias`, the trait's default).
 //!
 //! Plans (the matmul descriptor, the three layouts and the algorithm cuBLASLt's heuristic
-//! picked) are made once per shape and kept: the heuristic query costs tens of
-//! microseconds of host time, a step repeats a handful of shapes. The bias pointer is the
-//! only per-call attribute. A shape for which cuBLASLt offers no algorithm, a machine
-//! without libcublasLt, or `Cuda::without_cublaslt` falls back to `gemm` + `add_bias`.
+//! picked, with the workspace below) are made once per shape and kept: the heuristic query
+//! costs tens of microseconds of host time, a step repeats a handful of shapes. The bias
+//! pointer is the only per-call attribute. A shape for which cuBLASLt offers no algorithm,
+//! a machine without libcublasLt, or `Cuda::without_cublaslt` falls back to cuBLAS
+//! (`cublasSgemm` / `cublasGemmEx`, then `add_bias`).
 //!
 //! The GELU epilogues are not used: cuBLASLt's GELU is the tanh approximation, BERT's is
 //! the erf form (kernels/gelu.cu).
@@ -27,8 +28,8 @@ fn workspace_bytes(major: u32) -> usize {
     }
 }
 
-/// (m, n, k, ta, tb, inputs) of a row-major gemm_bias call.
-type Key = (usize, usize, usize, bool, bool, Precision);
+/// (m, n, k, ta, tb, inputs, bias epilogue) of a row-major GEMM.
+type Key = (usize, usize, usize, bool, bool, Precision, bool);
 
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
@@ -74,10 +75,12 @@ impl Lt {
         })
     }
 
-    /// (shapes with a cuBLASLt plan, shapes cuBLASLt had no algorithm for).
-    pub fn plan_counts(&self) -> (usize, usize) {
-        let with = self.plans.values().filter(|p| p.is_some()).count();
-        (with, self.plans.len() - with)
+    /// (shapes with a cuBLASLt plan, shapes cuBLASLt had no algorithm for), of the GEMMs
+    /// with the bias epilogue (`bias`) or without.
+    pub fn plan_counts(&self, bias: bool) -> (usize, usize) {
+        let kind = self.plans.iter().filter(|(k, _)| k.6 == bias);
+        let (with, all) = kind.fold((0, 0), |(w, a), (_, p)| (w + p.is_some() as usize, a + 1));
+        (with, all - with)
     }
 
     /// The plan of `key`, made on first use.
@@ -89,40 +92,45 @@ impl Lt {
         self.plans.get(&key).and_then(|p| p.as_ref())
     }
 
-    /// c[m, n] = op(a) op(b) + bias (bias [n] on every row), row-major as `gemm::gemm`
-    /// (column-major C^T = op(B)^T op(A)^T, the bias then per column-major row). false when
-    /// there is no plan for this shape: nothing was enqueued, the caller falls back.
+    /// c[m, n] = alpha op(a) op(b) + beta c, plus bias [n] on every row when given (then
+    /// alpha 1, beta 0), row-major as `gemm::gemm` (column-major C^T = op(B)^T op(A)^T, the
+    /// bias then per column-major row). false when there is no plan for this shape: nothing
+    /// was enqueued, the caller falls back.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm_bias(
-        &mut self, cu: &Cuda, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, bias: &CudaSlice<f32>,
-        m: usize, n: usize, k: usize, ta: bool, tb: bool, inputs: Precision,
+    pub fn matmul(
+        &mut self, cu: &Cuda, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>, m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32, beta: f32,
+        inputs: Precision,
     ) -> bool {
         let Some((desc, la, lb, lc, algo)) = self
-            .plan((m, n, k, ta, tb, inputs))
+            .plan((m, n, k, ta, tb, inputs, bias.is_some()))
             .map(|p| (p.desc, p.a, p.b, p.c, p.algo))
         else {
             return false;
         };
         let (handle, ws_len) = (self.handle, self.workspace.len());
         let (pw, _rw) = self.workspace.device_ptr_mut(&cu.stream);
-        let (pbias, _rbias) = bias.device_ptr(&cu.stream);
+        let pbias = bias.map(|b| b.device_ptr(&cu.stream));
         let (pa, _ra) = a.device_ptr(&cu.stream);
         let (pb, _rb) = b.device_ptr(&cu.stream);
         let (pc, _rc) = c.device_ptr_mut(&cu.stream);
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: the bias pointer attribute is a CUdeviceptr read when the matmul is
-        // enqueued below; the layouts of the plan describe exactly the m*k, k*n and m*n
-        // fp32 elements the call touches and bias[..n] (sizes checked by the caller); alpha
-        // and beta are fp32 host scalars (host pointer mode, the default); the workspace is
-        // this handle's own and ws_len long.
+        // SAFETY: the bias pointer attribute (a plan with the BIAS epilogue, made only for
+        // calls with a bias) is a CUdeviceptr read when the matmul is enqueued below; the
+        // layouts of the plan describe exactly the m*k, k*n and m*n fp32 elements the call
+        // touches and bias[..n] (sizes checked by the caller); alpha and beta are fp32 host
+        // scalars (host pointer mode, the default); the workspace is this handle's own and
+        // ws_len long.
         let r = unsafe {
-            result::set_matmul_desc_attribute(
-                desc,
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                (&pbias) as *const _ as *const c_void,
-                std::mem::size_of_val(&pbias),
-            )
-            .and_then(|()| {
+            let set_bias = match &pbias {
+                Some((p, _)) => result::set_matmul_desc_attribute(
+                    desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    p as *const _ as *const c_void,
+                    std::mem::size_of_val(p),
+                ),
+                None => Ok(()),
+            };
+            set_bias.and_then(|()| {
                 result::matmul(
                     handle,
                     desc,
@@ -143,7 +151,7 @@ impl Lt {
                 )
             })
         };
-        super::check(r, "cublasLtMatmul (bias epilogue)");
+        super::check(r, "cublasLtMatmul");
         true
     }
 }
@@ -168,7 +176,7 @@ impl Drop for Lt {
 /// cuBLASLt's operand A is our b and its B our a, as in `gemm::gemm`; the names below are
 /// ours: `a` is the layout of our a.
 fn make_plan(handle: sys::cublasLtHandle_t, key: Key, workspace: usize) -> Option<Plan> {
-    let (m, n, k, ta, tb, inputs) = key;
+    let (m, n, k, ta, tb, inputs, bias) = key;
     let compute = match inputs {
         Precision::Fp32 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         Precision::Bf16 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
@@ -192,10 +200,12 @@ fn make_plan(handle: sys::cublasLtHandle_t, key: Key, workspace: usize) -> Optio
         let op = |t: bool| if t { 1 } else { 0 }; // CUBLAS_OP_T / CUBLAS_OP_N
         set(CUBLASLT_MATMUL_DESC_TRANSA, op(tb))?;
         set(CUBLASLT_MATMUL_DESC_TRANSB, op(ta))?;
-        set(
-            CUBLASLT_MATMUL_DESC_EPILOGUE,
-            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as i32,
-        )?;
+        let epilogue = if bias {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        } else {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+        };
+        set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue as i32)?;
         // column-major as stored: our b is [n, k] (tb) or [k, n]; our a is [k, m] (ta) or
         // [m, k]; C^T is n x m
         let (b_rows, b_cols) = if tb { (k, n) } else { (n, k) };

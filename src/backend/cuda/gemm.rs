@@ -1,5 +1,5 @@
-//! GEMM through cuBLAS, and the bias / column-sum / in-place add kernels of
-//! kernels/gemm.cu. CPU twin: cpu/gemm.rs.
+//! GEMM through cuBLASLt (blaslt.rs; cuBLAS where it has no algorithm or is absent), and
+//! the bias / column-sum / in-place add kernels of kernels/gemm.cu. CPU twin: cpu/gemm.rs.
 use super::blaslt::Lt;
 use super::{check, grid_1d, int, need, Cuda, BLOCK};
 use crate::backend::cpu::gemm::REDUCE_ROWS;
@@ -25,6 +25,9 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKerne
 /// - the second is a: stored [m,k] (no ta) it reads as op(A)^T (N, ldb = k); stored
 ///   [k,m] (ta) it reads as op(A) (T, ldb = m);
 /// - cuBLAS's (M, N, K) = (n, m, k) and ldc = n.
+///
+/// cuBLASLt runs it (the same math: compute type 32F, or 32F_FAST_16BF / _16F, on fp32
+/// buffers) when it has a plan for the shape; this cuBLAS path is the fallback.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     cu: &Cuda, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, m: usize, n: usize, k: usize, ta: bool,
@@ -41,6 +44,36 @@ pub fn gemm(
     need(c.len(), m * n, "gemm c");
     need(a.len(), m * k, "gemm a");
     need(b.len(), k * n, "gemm b");
+    if with_lt(cu, |lt| {
+        lt.matmul(cu, c, a, b, None, m, n, k, ta, tb, alpha, beta, inputs)
+    }) {
+        return;
+    }
+    gemm_cublas(cu, c, a, b, m, n, k, ta, tb, alpha, beta, inputs);
+}
+
+/// `f` on the backend's cuBLASLt (opened on first use); false without it (no library, or
+/// `Cuda::without_cublaslt`) or when `f` finds no plan.
+fn with_lt(cu: &Cuda, f: impl FnOnce(&mut Lt) -> bool) -> bool {
+    if !cu.use_lt {
+        return false;
+    }
+    let mut lt = cu.lt.lock().unwrap();
+    if lt.is_none() {
+        *lt = Some(Lt::new(cu));
+    }
+    match lt.as_mut() {
+        Some(Some(lt)) => f(lt),
+        _ => false,
+    }
+}
+
+/// `gemm` on cuBLAS: `cublasSgemm`, or `cublasGemmEx` for 16-bit inputs.
+#[allow(clippy::too_many_arguments)]
+fn gemm_cublas(
+    cu: &Cuda, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, m: usize, n: usize, k: usize, ta: bool,
+    tb: bool, alpha: f32, beta: f32, inputs: Precision,
+) {
     let cfg = GemmConfig {
         transa: if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
         transb: if ta { CUBLAS_OP_T } else { CUBLAS_OP_N },
@@ -112,19 +145,15 @@ pub fn gemm_bias(
     need(a.len(), m * k, "gemm_bias a");
     need(b.len(), k * n, "gemm_bias b");
     need(bias.len(), n, "gemm_bias bias");
-    if cu.use_lt {
-        let _r = cu.range("gemm_bias (cuBLASLt)");
-        let mut lt = cu.lt.lock().unwrap();
-        if lt.is_none() {
-            *lt = Some(Lt::new(cu));
-        }
-        if let Some(Some(lt)) = lt.as_mut() {
-            if lt.gemm_bias(cu, c, a, b, bias, m, n, k, ta, tb, inputs) {
-                return;
-            }
+    {
+        let _r = cu.range("gemm_bias");
+        if with_lt(cu, |lt| {
+            lt.matmul(cu, c, a, b, Some(bias), m, n, k, ta, tb, 1.0, 0.0, inputs)
+        }) {
+            return;
         }
     }
-    gemm(cu, c, a, b, m, n, k, ta, tb, 1.0, 0.0, inputs);
+    gemm_cublas(cu, c, a, b, m, n, k, ta, tb, 1.0, 0.0, inputs);
     add_bias(cu, c, bias, m, n);
 }
 

@@ -151,8 +151,9 @@ fn ensure<'a, T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 pub struct Cuda {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
-    /// cuBLASLt for `gemm_bias`, opened on first use (inner None: not available here);
-    /// `use_lt` false sends gemm_bias to gemm + add_bias (`Cuda::without_cublaslt`).
+    /// cuBLASLt for every GEMM, opened on first use (inner None: not available here);
+    /// `use_lt` false sends the GEMMs to cuBLAS, gemm_bias to it + add_bias
+    /// (`Cuda::without_cublaslt`).
     lt: Mutex<Option<Option<blaslt::Lt>>>,
     use_lt: bool,
     funcs: HashMap<&'static str, CudaFunction>,
@@ -346,18 +347,20 @@ impl Cuda {
         &self.info
     }
 
-    /// How `gemm_bias` has run so far: None before its first call or without cuBLASLt
-    /// (then it is `gemm` + `add_bias`), else (shapes cuBLASLt ran with the bias epilogue,
-    /// shapes it had no algorithm for and that fell back).
-    pub fn cublaslt_plans(&self) -> Option<(usize, usize)> {
+    /// How `gemm_bias` (`bias`) or `gemm` has run so far: None before the first GEMM or
+    /// without cuBLASLt (then it is cuBLAS, and `add_bias` for the bias), else (shapes
+    /// cuBLASLt ran, with the bias epilogue for `gemm_bias`; shapes it had no algorithm for
+    /// and that fell back to cuBLAS).
+    pub fn cublaslt_plans(&self, bias: bool) -> Option<(usize, usize)> {
         match &*self.lt.lock().unwrap() {
-            Some(Some(lt)) => Some(lt.plan_counts()),
+            Some(Some(lt)) => Some(lt.plan_counts(bias)),
             _ => None,
         }
     }
 
-    /// This backend with `gemm_bias` as a cuBLAS GEMM followed by the `add_bias` kernel,
-    /// never cuBLASLt: the fallback path, for tests and for ruling cuBLASLt out.
+    /// This backend with every GEMM on cuBLAS (`gemm_bias` a cuBLAS GEMM followed by the
+    /// `add_bias` kernel), never cuBLASLt: the fallback path, for tests and for ruling
+    /// cuBLASLt out.
     pub fn without_cublaslt(mut self) -> Self {
         self.use_lt = false;
         self
