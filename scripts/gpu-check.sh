@@ -17,6 +17,8 @@
 #      fp32 and in bf16 (the CPU twin of the tensor-core path),
 #      on DEEPCUT_CHECK_MODEL (default tests/golden/roberta-wnut17) and DEEPCUT_CHECK_DATA
 #      (default: the WNUT17 slice that --build writes to target/gpu-check/data);
+#   4b. that bf16 GPU run replayed in PyTorch on the same GPU (scripts/deepcut-torch.py):
+#      end-to-end wall clock per phase, F1 side by side;
 #   5. `deepcut-fast bench --precision bf16` next to the same DeepCUT step in PyTorch at the
 #      roberta-base shape, bf/br 8/32 and 32/128 (scripts/compare-torch.py --device cuda),
 #      when torch and transformers import;
@@ -223,6 +225,24 @@ EOF
     done
 else
     row "deepcut run gpu vs cpu" "NOT RUN" "needs the CLI wired to CUDA and DEEPCUT_CHECK_MODEL/DATA"
+fi
+
+# ---- 4b. the same run replayed in PyTorch on the GPU (issue #6's end-to-end comparison) ---------
+# scripts/deepcut-torch.py reads the bf16 GPU run's report.json and does the same work with
+# transformers (reference evaluation, as many DeepCUT steps, the stopping-rule checks, final
+# evaluation): wall clock per phase and F1 side by side. With the small check model this mostly
+# times fixed costs; for issue #6's run, point DEEPCUT_CHECK_MODEL / DEEPCUT_CHECK_DATA at the
+# fine-tuned MiniLM and the full WNUT17, or replay any run: scripts/deepcut-torch.py --report R.
+if [ -f "$LOGS/run-cuda-bf16/report.json" ] && python3 -c 'import torch, transformers' 2>/dev/null; then
+    echo "== deepcut-torch (the bf16 GPU run, replayed in PyTorch)"
+    timeout 120 python3 scripts/deepcut-torch.py --report "$LOGS/run-cuda-bf16/report.json" --device cuda \
+        --json "$LOGS/e2e-torch.json" >"$LOGS/e2e-torch.log" 2>&1
+    rc=$?
+    tail -n 14 "$LOGS/e2e-torch.log"
+    res=$(grep '^E2E' "$LOGS/e2e-torch.log" | sed 's/^E2E //')
+    row "run end to end vs PyTorch (bf16)" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "${res:-no result}; $LOGS/e2e-torch.log"
+else
+    row "run end to end vs PyTorch" "SKIP" "needs the bf16 GPU run and torch+transformers"
 fi
 
 # ---- 5. DeepCUT step throughput against PyTorch (issue #6's comparison) -------------------------
