@@ -127,7 +127,9 @@ impl DeviceArgs {
                         .map_err(|_| Error::invalid(format!("--device {d}: expected cuda:N with N a GPU index")))?,
                     None => 0,
                 };
-                eprintln!("backend: cuda:{ordinal} (fp32; not yet verified on a GPU){precision}");
+                // fp32 unless a 16-bit precision was asked for (then `precision` says so)
+                let fp32 = if self.precision == Precision::Fp32 { "fp32; " } else { "" };
+                eprintln!("backend: cuda:{ordinal} ({fp32}not yet verified on a GPU){precision}");
                 Ok(Device::Cuda(ordinal))
             }
             d => Err(Error::invalid(format!("--device {d}: expected auto, cpu or cuda[:N]"))),
