@@ -128,7 +128,11 @@ impl DeviceArgs {
                     None => 0,
                 };
                 // fp32 unless a 16-bit precision was asked for (then `precision` says so)
-                let fp32 = if self.precision == Precision::Fp32 { "fp32; " } else { "" };
+                let fp32 = if self.precision == Precision::Fp32 {
+                    "fp32; "
+                } else {
+                    ""
+                };
                 eprintln!("backend: cuda:{ordinal} ({fp32}not yet verified on a GPU){precision}");
                 Ok(Device::Cuda(ordinal))
             }

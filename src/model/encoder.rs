@@ -935,8 +935,10 @@ impl<B: Backend> Model<B> {
                 1.0,
                 precision,
             );
+            // dx1 = residual path (dsum) + df W_i, the sum in the GEMM's beta term instead of
+            // a separate pass over [n, c]; dsum then holds dx1 and the two swap roles
             be.gemm(
-                &mut s.dx,
+                &mut s.dsum,
                 &s.df,
                 lp.inter.w.gemm_w(),
                 n,
@@ -945,11 +947,11 @@ impl<B: Backend> Model<B> {
                 false,
                 false,
                 1.0,
-                0.0,
+                1.0,
                 precision,
             );
-            be.add_inplace(&mut s.dx, &s.dsum, n * c); // residual path into x1
-                                                       // x1 = LN(ao_drop + x_in)
+            std::mem::swap(&mut s.dx, &mut s.dsum);
+            // x1 = LN(ao_drop + x_in)
             be.layernorm_bwd(
                 &mut s.dsum,
                 &mut lp.ln1.w.g,
@@ -1004,15 +1006,27 @@ impl<B: Backend> Model<B> {
                 &mut s.dq, &mut s.dk, &mut s.dv, &s.datt, &la.q, &la.k, &la.v, &la.att, &la.lse, &a.mask, b, t, h, hd,
                 drop_p, precision,
             ); // dq, dk, dv written rounded
-               // q/k/v = x_in W^T + b: parameter grads, then dx_in = sum of the three paths
-            let mut beta = 0.0;
+               // q/k/v = x_in W^T + b: parameter grads, then dx_in = the residual path (dsum)
+               // plus the three paths, accumulated by the GEMMs into dsum (no separate add
+               // pass), which then becomes dx
             for (dy, w) in [(&s.dq, &mut lp.q), (&s.dk, &mut lp.k), (&s.dv, &mut lp.v)] {
                 be.gemm(&mut w.w.g, dy, x_in, c, c, n, true, false, 1.0, 1.0, precision);
                 be.bias_grad(&mut w.b.g, dy, n, c);
-                be.gemm(&mut s.dx, dy, w.w.gemm_w(), n, c, c, false, false, 1.0, beta, precision);
-                beta = 1.0;
+                be.gemm(
+                    &mut s.dsum,
+                    dy,
+                    w.w.gemm_w(),
+                    n,
+                    c,
+                    c,
+                    false,
+                    false,
+                    1.0,
+                    1.0,
+                    precision,
+                );
             }
-            be.add_inplace(&mut s.dx, &s.dsum, n * c); // residual path into x_in
+            std::mem::swap(&mut s.dx, &mut s.dsum);
         }
 
         // x0 = dropout(LN(emb))
