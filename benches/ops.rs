@@ -121,17 +121,20 @@ fn layers(c: &mut Criterion) {
     bench(c, "embedding_bwd", "n,c", Throughput::Bytes(bytes(7 * N * C)), || {
         embedding::embedding_bwd(&mut dwte, &mut dwpe, &mut dwtt, &x, &ids, &pos, &types, &order, N, C)
     });
+    // The encoder's residual LayerNorms, with the hidden dropout of their input fused in.
     bench(
         c,
         "layernorm_fwd",
-        "n,c residual",
+        "n,c residual dropout",
         Throughput::Bytes(bytes(3 * N * C)),
         || {
+            let d = drop();
             layernorm::layernorm_fwd(
                 &mut out,
                 &mut mean,
                 &mut rstd,
                 &x,
+                d,
                 Some(&res),
                 &w,
                 &bias,
@@ -143,13 +146,30 @@ fn layers(c: &mut Criterion) {
         },
     );
     let (mut dw, mut db) = (vec![0f32; C], vec![0f32; C]);
-    let mut dinp = vec![0f32; N * C];
+    let (mut dsum, mut dinp) = (vec![0f32; N * C], vec![0f32; N * C]);
     bench(
         c,
         "layernorm_bwd",
-        "n,c residual",
-        Throughput::Bytes(bytes(4 * N * C)),
-        || layernorm::layernorm_bwd(&mut dinp, &mut dw, &mut db, &x, &x, Some(&res), &w, &mean, &rstd, N, C),
+        "n,c residual dropout",
+        Throughput::Bytes(bytes(5 * N * C)),
+        || {
+            layernorm::layernorm_bwd(
+                &mut dsum,
+                Some(&mut dinp),
+                &mut dw,
+                &mut db,
+                &x,
+                &x,
+                drop(),
+                Some(&res),
+                &w,
+                &mean,
+                &rstd,
+                N,
+                C,
+                Precision::Fp32,
+            )
+        },
     );
 
     let xf = data(N * F, 8);

@@ -161,18 +161,19 @@ fn main() {
     add(
         "dropout_fwd/bwd [n,c]",
         time(|| dropout::dropout_fwd(&mut o_nc, &x, n * c, drop, Precision::Fp32)),
-        4 * layers + 4,
+        4, // embeddings and head; the layers' dropouts ride in their LayerNorms
     );
     let (mut mu, mut rs) = (vec![0f32; n], vec![0f32; n]);
     let w = vec![1f32; c];
     add(
-        "layernorm_fwd",
+        "layernorm_fwd (dropout fused)",
         time(|| {
             layernorm::layernorm_fwd(
                 &mut o_nc,
                 &mut mu,
                 &mut rs,
                 &x,
+                drop,
                 Some(&x),
                 &w,
                 &w,
@@ -182,13 +183,75 @@ fn main() {
                 Precision::Fp32,
             )
         }),
-        2 * layers + 1,
+        2 * layers,
+    );
+    add(
+        "layernorm_fwd (embeddings)",
+        time(|| {
+            let off = Dropout::OFF;
+            layernorm::layernorm_fwd(
+                &mut o_nc,
+                &mut mu,
+                &mut rs,
+                &x,
+                off,
+                None,
+                &w,
+                &w,
+                n,
+                c,
+                1e-12,
+                Precision::Fp32,
+            )
+        }),
+        1,
     );
     let (mut dw, mut dbb) = (vec![0f32; c], vec![0f32; c]);
+    let mut dx2 = vec![0f32; n * c];
     add(
-        "layernorm_bwd",
-        time(|| layernorm::layernorm_bwd(&mut dq, &mut dw, &mut dbb, &x, &x, Some(&x), &w, &mu, &rs, n, c)),
-        2 * layers + 1,
+        "layernorm_bwd (dropout fused)",
+        time(|| {
+            layernorm::layernorm_bwd(
+                &mut dq,
+                Some(&mut dx2),
+                &mut dw,
+                &mut dbb,
+                &x,
+                &x,
+                drop,
+                Some(&x),
+                &w,
+                &mu,
+                &rs,
+                n,
+                c,
+                Precision::Fp32,
+            )
+        }),
+        2 * layers,
+    );
+    add(
+        "layernorm_bwd (embeddings)",
+        time(|| {
+            let off = Dropout::OFF;
+            layernorm::layernorm_bwd(
+                &mut dq,
+                None,
+                &mut dw,
+                &mut dbb,
+                &x,
+                &x,
+                off,
+                None,
+                &w,
+                &mu,
+                &rs,
+                n,
+                c,
+                Precision::Fp32,
+            )
+        }),
+        1,
     );
     add(
         "bias_gelu_fwd [n,f]",

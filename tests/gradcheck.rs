@@ -88,11 +88,13 @@ fn layernorm_grad_with_residual() {
     );
     let f = |x: &[f32], res: &[f32], w: &[f32], b: &[f32]| {
         let (mut out, mut mu, mut rs) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        let off = Dropout::OFF;
         layernorm::layernorm_fwd(
             &mut out,
             &mut mu,
             &mut rs,
             x,
+            off,
             Some(res),
             w,
             b,
@@ -104,25 +106,125 @@ fn layernorm_grad_with_residual() {
         probe(&out, &r)
     };
     let (mut out, mut mu, mut rs) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+    let (off, fp32) = (Dropout::OFF, Precision::Fp32);
     layernorm::layernorm_fwd(
         &mut out,
         &mut mu,
         &mut rs,
         &x,
+        off,
         Some(&res),
         &w,
         &b,
         n,
         c,
         1e-5,
-        Precision::Fp32,
+        fp32,
     );
     let (mut dx, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
-    layernorm::layernorm_bwd(&mut dx, &mut dw, &mut db, &r, &x, Some(&res), &w, &mu, &rs, n, c);
+    layernorm::layernorm_bwd(
+        &mut dx,
+        None,
+        &mut dw,
+        &mut db,
+        &r,
+        &x,
+        off,
+        Some(&res),
+        &w,
+        &mu,
+        &rs,
+        n,
+        c,
+        fp32,
+    );
     check("layernorm dx", &dx, &numeric_grad(&x, |v| f(v, &res, &w, &b)));
     check("layernorm dresidual", &dx, &numeric_grad(&res, |v| f(&x, v, &w, &b)));
     check("layernorm dw", &dw, &numeric_grad(&w, |v| f(&x, &res, v, &b)));
     check("layernorm db", &db, &numeric_grad(&b, |v| f(&x, &res, &w, v)));
+}
+
+/// The fused dropout + LayerNorm (the encoder's residual LayerNorms) is bit for bit
+/// dropout_fwd then layernorm_fwd, and its backward layernorm_bwd then dropout_bwd: with and
+/// without a residual and dropout, fp32 and bf16 rounding, c odd (rows start inside a Philox
+/// counter group) and rows across several of the backward's chunks.
+#[test]
+fn dropout_layernorm_is_dropout_then_layernorm() {
+    use deepcut_fast::backend::cpu::gemm::REDUCE_ROWS;
+    let (n, c) = (2 * REDUCE_ROWS + 5, 37);
+    let mut rng = Rng(21);
+    let (x, res, w, b, g) = (
+        rng.vec(n * c, 2.0),
+        rng.vec(n * c, 1.0),
+        rng.vec(c, 1.5),
+        rng.vec(c, 0.5),
+        rng.vec(n * c, 1.0),
+    );
+    for d in [Dropout::OFF, Dropout::new(0.1, 7, 3, 9)] {
+        for residual in [None, Some(&res[..])] {
+            for rounding in [Precision::Fp32, Precision::Bf16] {
+                let tag = format!("p={} residual={} {rounding}", d.p, residual.is_some());
+                let z = || vec![0f32; n * c];
+                let (mut dropped, mut out_a, mut out_b) = (z(), z(), z());
+                let (mut mu_a, mut rs_a, mut mu_b, mut rs_b) = (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+                dropout::dropout_fwd(&mut dropped, &x, n * c, d, Precision::Fp32);
+                let off = Dropout::OFF;
+                layernorm::layernorm_fwd(
+                    &mut out_a, &mut mu_a, &mut rs_a, &dropped, off, residual, &w, &b, n, c, 1e-5, rounding,
+                );
+                layernorm::layernorm_fwd(
+                    &mut out_b, &mut mu_b, &mut rs_b, &x, d, residual, &w, &b, n, c, 1e-5, rounding,
+                );
+                assert_eq!(out_a, out_b, "{tag}: forward");
+                assert_eq!((&mu_a, &rs_a), (&mu_b, &rs_b), "{tag}: statistics");
+                let (mut ds_a, mut dx_a, mut ds_b, mut dx_b) = (z(), z(), z(), z());
+                let (mut dw_a, mut db_a) = (vec![0.5; c], vec![0.25; c]);
+                let (mut dw_b, mut db_b) = (dw_a.clone(), db_a.clone());
+                layernorm::layernorm_bwd(
+                    &mut ds_a,
+                    None,
+                    &mut dw_a,
+                    &mut db_a,
+                    &g,
+                    &dropped,
+                    off,
+                    residual,
+                    &w,
+                    &mu_a,
+                    &rs_a,
+                    n,
+                    c,
+                    Precision::Fp32,
+                );
+                dropout::dropout_bwd(&mut dx_a, &ds_a, n * c, d, rounding);
+                layernorm::layernorm_bwd(
+                    &mut ds_b,
+                    Some(&mut dx_b),
+                    &mut dw_b,
+                    &mut db_b,
+                    &g,
+                    &x,
+                    d,
+                    residual,
+                    &w,
+                    &mu_b,
+                    &rs_b,
+                    n,
+                    c,
+                    rounding,
+                );
+                assert_eq!(ds_a, ds_b, "{tag}: residual gradient");
+                assert_eq!(dx_a, dx_b, "{tag}: input gradient");
+                assert_eq!((&dw_a, &db_a), (&dw_b, &db_b), "{tag}: parameter gradients");
+                if d.is_on() {
+                    assert!(
+                        dx_b.iter().filter(|v| **v == 0.0).count() > n * c / 20,
+                        "{tag}: nothing dropped"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -345,6 +345,26 @@ pub trait Backend {
         &self, dinp: &mut Self::Buf, dweight: &mut Self::Buf, dbias: &mut Self::Buf, dout: &Self::Buf, inp: &Self::Buf,
         residual: Option<&Self::Buf>, weight: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, n: usize, c: usize,
     );
+    /// out = LayerNorm(dropout(inp) + residual): `dropout_fwd` (fp32) and `layernorm_fwd`
+    /// in one pass, bit for bit the two (BERT's hidden dropout before each residual
+    /// LayerNorm). The dropped input is never stored: `dropout_layernorm_bwd` regenerates
+    /// it from inp and the same `dropout`.
+    #[allow(clippy::too_many_arguments)]
+    fn dropout_layernorm_fwd(
+        &self, out: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, inp: &Self::Buf, dropout: Dropout,
+        residual: Option<&Self::Buf>, weight: &Self::Buf, bias: &Self::Buf, n: usize, c: usize, eps: f32,
+        rounding: Precision,
+    );
+    /// Backward of `dropout_layernorm_fwd`: dsum (overwritten) = d loss / d(dropout(inp) +
+    /// residual), the residual's gradient; dinp (overwritten) = `dropout_bwd` of dsum,
+    /// rounded as `rounding` says, written in the same pass; dweight, dbias accumulated. Bit
+    /// for bit `layernorm_bwd` then `dropout_bwd`.
+    #[allow(clippy::too_many_arguments)]
+    fn dropout_layernorm_bwd(
+        &self, dsum: &mut Self::Buf, dinp: &mut Self::Buf, dweight: &mut Self::Buf, dbias: &mut Self::Buf,
+        dout: &Self::Buf, inp: &Self::Buf, dropout: Dropout, residual: Option<&Self::Buf>, weight: &Self::Buf,
+        mean: &Self::Buf, rstd: &Self::Buf, n: usize, c: usize, rounding: Precision,
+    );
     /// out = gelu(inp + bias) (erf form), rows of width c.
     fn bias_gelu_fwd(
         &self, out: &mut Self::Buf, inp: &Self::Buf, bias: &Self::Buf, n: usize, c: usize, rounding: Precision,

@@ -234,21 +234,19 @@ impl<B: Backend> Params<B> {
 
 /// Activations of one transformer layer, kept for backward.
 struct LayerActs<B: Backend> {
-    q: B::Buf,       // [n, c]
-    k: B::Buf,       // [n, c]
-    v: B::Buf,       // [n, c]
-    att: B::Buf,     // [n, c] attention output before the output projection
-    lse: B::Buf,     // [b, h, t]
-    ao: B::Buf,      // [n, c] output projection (with bias)
-    ao_drop: B::Buf, // [n, c] after dropout
-    x1: B::Buf,      // [n, c] LN(ao_drop + x_in)
-    mean1: B::Buf,   // [n]
-    rstd1: B::Buf,   // [n]
-    f1: B::Buf,      // [n, f] x1 W_i^T (bias added inside bias_gelu)
-    g: B::Buf,       // [n, f] gelu(f1 + b_i)
-    f2: B::Buf,      // [n, c] g W_o^T + b_o
-    f2_drop: B::Buf, // [n, c]
-    x2: B::Buf,      // [n, c] LN(f2_drop + x1): the layer output
+    q: B::Buf,     // [n, c]
+    k: B::Buf,     // [n, c]
+    v: B::Buf,     // [n, c]
+    att: B::Buf,   // [n, c] attention output before the output projection
+    lse: B::Buf,   // [b, h, t]
+    ao: B::Buf,    // [n, c] output projection (with bias)
+    x1: B::Buf,    // [n, c] LN(dropout(ao) + x_in); the dropped ao is never stored
+    mean1: B::Buf, // [n]
+    rstd1: B::Buf, // [n]
+    f1: B::Buf,    // [n, f] x1 W_i^T (bias added inside bias_gelu)
+    g: B::Buf,     // [n, f] gelu(f1 + b_i)
+    f2: B::Buf,    // [n, c] g W_o^T + b_o
+    x2: B::Buf,    // [n, c] LN(dropout(f2) + x1): the layer output
     mean2: B::Buf,
     rstd2: B::Buf,
 }
@@ -418,14 +416,12 @@ impl<B: Backend> Model<B> {
                 att: be.alloc(n * c),
                 lse: be.alloc(nh),
                 ao: be.alloc(n * c),
-                ao_drop: be.alloc(n * c),
                 x1: be.alloc(n * c),
                 mean1: be.alloc(n),
                 rstd1: be.alloc(n),
                 f1: be.alloc(n * f),
                 g: be.alloc(n * f),
                 f2: be.alloc(n * c),
-                f2_drop: be.alloc(n * c),
                 x2: be.alloc(n * c),
                 mean2: be.alloc(n),
                 rstd2: be.alloc(n),
@@ -674,12 +670,12 @@ impl<B: Backend> Model<B> {
                 precision,
             );
             let drop_a = dropout_for(mode, d.hidden_dropout, Dims::site_attn_out(li));
-            be.dropout_fwd(&mut la.ao_drop, &la.ao, n * c, drop_a, Precision::Fp32);
-            be.layernorm_fwd(
+            be.dropout_layernorm_fwd(
                 &mut la.x1,
                 &mut la.mean1,
                 &mut la.rstd1,
-                &la.ao_drop,
+                &la.ao,
+                drop_a,
                 Some(x_in),
                 &lp.ln1.w.w,
                 &lp.ln1.b.w,
@@ -716,12 +712,12 @@ impl<B: Backend> Model<B> {
                 precision,
             );
             let drop_f = dropout_for(mode, d.hidden_dropout, Dims::site_ffn_out(li));
-            be.dropout_fwd(&mut la.f2_drop, &la.f2, n * c, drop_f, Precision::Fp32);
-            be.layernorm_fwd(
+            be.dropout_layernorm_fwd(
                 &mut la.x2,
                 &mut la.mean2,
                 &mut la.rstd2,
-                &la.f2_drop,
+                &la.f2,
+                drop_f,
                 Some(&la.x1),
                 &lp.ln2.w.w,
                 &lp.ln2.b.w,
@@ -862,25 +858,21 @@ impl<B: Backend> Model<B> {
             let la = &a.layers[li];
             let x_in = if li == 0 { &a.x0 } else { &a.layers[li - 1].x2 };
             let lp = &mut p.layers[li];
-            // x2 = LN(f2_drop + x1)
-            be.layernorm_bwd(
+            // x2 = LN(dropout(f2) + x1): dsum to x1, dtmp (rounded) to f2
+            be.dropout_layernorm_bwd(
                 &mut s.dsum,
+                &mut s.dtmp,
                 &mut lp.ln2.w.g,
                 &mut lp.ln2.b.g,
                 &s.dx,
-                &la.f2_drop,
+                &la.f2,
+                dropout(d.hidden_dropout, Dims::site_ffn_out(li)),
                 Some(&la.x1),
                 &lp.ln2.w.w,
                 &la.mean2,
                 &la.rstd2,
                 n,
                 c,
-            );
-            be.dropout_bwd(
-                &mut s.dtmp,
-                &s.dsum,
-                n * c,
-                dropout(d.hidden_dropout, Dims::site_ffn_out(li)),
                 precision,
             );
             // f2 = g W_o^T + b_o
@@ -951,25 +943,21 @@ impl<B: Backend> Model<B> {
                 precision,
             );
             std::mem::swap(&mut s.dx, &mut s.dsum);
-            // x1 = LN(ao_drop + x_in)
-            be.layernorm_bwd(
+            // x1 = LN(dropout(ao) + x_in): dsum to x_in, dtmp (rounded) to ao
+            be.dropout_layernorm_bwd(
                 &mut s.dsum,
+                &mut s.dtmp,
                 &mut lp.ln1.w.g,
                 &mut lp.ln1.b.g,
                 &s.dx,
-                &la.ao_drop,
+                &la.ao,
+                dropout(d.hidden_dropout, Dims::site_attn_out(li)),
                 Some(x_in),
                 &lp.ln1.w.w,
                 &la.mean1,
                 &la.rstd1,
                 n,
                 c,
-            );
-            be.dropout_bwd(
-                &mut s.dtmp,
-                &s.dsum,
-                n * c,
-                dropout(d.hidden_dropout, Dims::site_attn_out(li)),
                 precision,
             );
             // ao = att W_ao^T + b_ao

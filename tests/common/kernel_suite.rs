@@ -149,6 +149,43 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
     run("layernorm_bwd/residual", bytes(4 * n * c), &mut || {
         be.layernorm_bwd(&mut dx, &mut dw, &mut db, &dout, &x, Some(&res), &w, &mean, &rstd, n, c)
     });
+    // the encoder's residual LayerNorms: the hidden dropout of their input fused in
+    let hdrop = Dropout::new(0.1, 1, 1, 2);
+    run("dropout_layernorm_fwd/residual", bytes(3 * n * c), &mut || {
+        be.dropout_layernorm_fwd(
+            &mut y,
+            &mut mean,
+            &mut rstd,
+            &x,
+            hdrop,
+            Some(&res),
+            &w,
+            &bias,
+            n,
+            c,
+            1e-12,
+            Precision::Bf16,
+        )
+    });
+    let mut dsum = be.alloc(n * c);
+    run("dropout_layernorm_bwd/residual", bytes(5 * n * c), &mut || {
+        be.dropout_layernorm_bwd(
+            &mut dsum,
+            &mut dx,
+            &mut dw,
+            &mut db,
+            &dout,
+            &x,
+            hdrop,
+            Some(&res),
+            &w,
+            &mean,
+            &rstd,
+            n,
+            c,
+            Precision::Bf16,
+        )
+    });
     let (xf, bf) = (up(&fill(n * f, 11)), up(&fill(f, 12)));
     let (mut dxf, mut dbf) = (be.alloc(n * f), be.alloc(f));
     run("bias_gelu_fwd", bytes(2 * n * f), &mut || {

@@ -1,5 +1,7 @@
 //! LayerNorm with an optional fused residual add (BERT is post-LN:
-//! x_out = LN(sublayer(x) + x)). CPU twin of kernels/layernorm.cu.
+//! x_out = LN(dropout(sublayer(x)) + x)), and optionally the dropout of its input fused
+//! in (`dropout` on): the dropped input is formed per row and never stored; the backward
+//! pass regenerates it. CPU twin of kernels/layernorm.cu.
 //!
 //! Rows run in parallel; each row's loops are compiled for AVX-512/AVX2 where the CPU has
 //! them (simd::multiversion), with the statistics summed in fixed lanes (f64 for mean and
@@ -7,7 +9,7 @@
 use super::gemm::REDUCE_ROWS;
 use super::quantize::round_in_place;
 use super::simd::{self, multiversion};
-use crate::backend::Precision;
+use crate::backend::{Dropout, Precision};
 use rayon::prelude::*;
 
 /// Lanes of the f64 sums of the row statistics (one AVX-512 register).
@@ -68,22 +70,47 @@ multiversion! {
     }
 }
 
-/// out = (x - mean) * rstd * weight + bias with x = inp + residual, per row of width c.
+/// Row r of inp as `dropout_fwd` leaves it (elements r c .. r c + c of the mask): into
+/// `buf` when the dropout is on, with the row's mask factors left in `fac`; else the row
+/// itself.
+fn input_row<'a>(
+    inp: &'a [f32], r: usize, c: usize, dropout: Dropout, fac: &mut [f32], buf: &'a mut [f32],
+) -> &'a [f32] {
+    let row = &inp[r * c..(r + 1) * c];
+    if !dropout.is_on() {
+        return row;
+    }
+    dropout.fill_factors((r * c) as u64, fac);
+    for ((b, &f), &x) in buf.iter_mut().zip(fac.iter()).zip(row) {
+        *b = f * x; // factor * x, as cpu/dropout.rs and the kernels multiply
+    }
+    buf
+}
+
+/// out = (x - mean) * rstd * weight + bias with x = dropout(inp) + residual, per row of
+/// width c (`Dropout::OFF`: x = inp + residual). Bit for bit `dropout_fwd` (fp32) then
+/// the plain LayerNorm.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_fwd(
-    out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], residual: Option<&[f32]>, weight: &[f32],
-    bias: &[f32], n: usize, c: usize, eps: f32, rounding: Precision,
+    out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], dropout: Dropout, residual: Option<&[f32]>,
+    weight: &[f32], bias: &[f32], n: usize, c: usize, eps: f32, rounding: Precision,
 ) {
     out[..n * c]
         .par_chunks_mut(c)
         .zip(mean[..n].par_iter_mut().zip(rstd[..n].par_iter_mut()))
         .enumerate()
-        .for_each(|(r, (o, (mu, rs)))| {
-            let x = &inp[r * c..(r + 1) * c];
-            let res = residual.map(|res| &res[r * c..(r + 1) * c]);
-            (*mu, *rs) = layernorm_fwd_row(o, x, res, &weight[..c], &bias[..c], eps);
-            round_in_place(o, rounding);
-        });
+        .for_each_init(
+            || {
+                let w = if dropout.is_on() { c } else { 0 };
+                (vec![0f32; w], vec![0f32; w])
+            },
+            |(fac, buf), (r, (o, (mu, rs)))| {
+                let x = input_row(inp, r, c, dropout, fac, buf);
+                let res = residual.map(|res| &res[r * c..(r + 1) * c]);
+                (*mu, *rs) = layernorm_fwd_row(o, x, res, &weight[..c], &bias[..c], eps);
+                round_in_place(o, rounding);
+            },
+        );
 }
 
 multiversion! {
@@ -123,41 +150,67 @@ multiversion! {
     }
 }
 
-/// Gradient of layernorm_fwd. dinp (overwritten) is the gradient w.r.t. inp + residual,
-/// i.e. it flows unchanged to both summands; dweight and dbias are accumulated.
+/// Gradient of layernorm_fwd. dsum (overwritten) is the gradient w.r.t. x = dropout(inp) +
+/// residual, i.e. what flows unchanged to the residual; with `dinp` given it also gets the
+/// gradient w.r.t. inp, dsum through the dropout mask rounded as `rounding` says (bit for
+/// bit `dropout_bwd` of dsum). dweight and dbias are accumulated.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_bwd(
-    dinp: &mut [f32], dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], residual: Option<&[f32]>,
-    weight: &[f32], mean: &[f32], rstd: &[f32], n: usize, c: usize,
+    dsum: &mut [f32], dinp: Option<&mut [f32]>, dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32],
+    dropout: Dropout, residual: Option<&[f32]>, weight: &[f32], mean: &[f32], rstd: &[f32], n: usize, c: usize,
+    rounding: Precision,
 ) {
-    // Row-parallel pass: dinp, plus per-chunk partial sums of dweight/dbias that are
-    // added in a fixed order afterwards (deterministic for any thread count).
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dinp[..n * c]
-        .par_chunks_mut(REDUCE_ROWS * c)
-        .enumerate()
-        .map(|(chunk, di_chunk)| {
-            let mut dw = vec![0f32; c];
-            let mut db = vec![0f32; c];
-            let mut xhat = vec![0f32; c];
-            for (i, di) in di_chunk.chunks_mut(c).enumerate() {
-                let r = chunk * REDUCE_ROWS + i;
-                let rows = r * c..(r + 1) * c;
-                layernorm_bwd_row(
-                    di,
-                    &mut dw,
-                    &mut db,
-                    &mut xhat,
-                    &dout[rows.clone()],
-                    &inp[rows.clone()],
-                    residual.map(|res| &res[rows]),
-                    &weight[..c],
-                    mean[r],
-                    rstd[r],
-                );
+    // Row-parallel pass: dsum (and dinp), plus per-chunk partial sums of dweight/dbias
+    // that are added in a fixed order afterwards (deterministic for any thread count).
+    let job = |chunk: usize, ds_chunk: &mut [f32], mut dp_chunk: Option<&mut [f32]>| {
+        let mut dw = vec![0f32; c];
+        let mut db = vec![0f32; c];
+        let mut xhat = vec![0f32; c];
+        let w = if dropout.is_on() { c } else { 0 };
+        let (mut fac, mut buf) = (vec![0f32; w], vec![0f32; w]);
+        for (i, ds) in ds_chunk.chunks_mut(c).enumerate() {
+            let r = chunk * REDUCE_ROWS + i;
+            let rows = r * c..(r + 1) * c;
+            layernorm_bwd_row(
+                ds,
+                &mut dw,
+                &mut db,
+                &mut xhat,
+                &dout[rows.clone()],
+                input_row(inp, r, c, dropout, &mut fac, &mut buf),
+                residual.map(|res| &res[rows]),
+                &weight[..c],
+                mean[r],
+                rstd[r],
+            );
+            if let Some(dp) = dp_chunk.as_deref_mut() {
+                // dinp = dropout_bwd(dsum) on this row, while it is in cache
+                let dp = &mut dp[i * c..(i + 1) * c];
+                if dropout.is_on() {
+                    for ((d, &f), &g) in dp.iter_mut().zip(&fac).zip(ds.iter()) {
+                        *d = f * g;
+                    }
+                } else {
+                    dp.copy_from_slice(ds);
+                }
+                round_in_place(dp, rounding);
             }
-            (dw, db)
-        })
-        .collect();
+        }
+        (dw, db)
+    };
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = match dinp {
+        Some(dinp) => dsum[..n * c]
+            .par_chunks_mut(REDUCE_ROWS * c)
+            .zip(dinp[..n * c].par_chunks_mut(REDUCE_ROWS * c))
+            .enumerate()
+            .map(|(k, (ds, dp))| job(k, ds, Some(dp)))
+            .collect(),
+        None => dsum[..n * c]
+            .par_chunks_mut(REDUCE_ROWS * c)
+            .enumerate()
+            .map(|(k, ds)| job(k, ds, None))
+            .collect(),
+    };
     for (dw, db) in partials {
         for j in 0..c {
             dweight[j] += dw[j];

@@ -91,12 +91,14 @@ impl Backend for Cpu {
         residual: Option<&Vec<f32>>, weight: &Vec<f32>, bias: &Vec<f32>, n: usize, c: usize, eps: f32,
         rounding: Precision,
     ) {
+        let res = residual.map(|r| r.as_slice());
         layernorm::layernorm_fwd(
             out,
             mean,
             rstd,
             inp,
-            residual.map(|r| r.as_slice()),
+            Dropout::OFF,
+            res,
             weight,
             bias,
             n,
@@ -109,18 +111,53 @@ impl Backend for Cpu {
         &self, dinp: &mut Vec<f32>, dweight: &mut Vec<f32>, dbias: &mut Vec<f32>, dout: &Vec<f32>, inp: &Vec<f32>,
         residual: Option<&Vec<f32>>, weight: &Vec<f32>, mean: &Vec<f32>, rstd: &Vec<f32>, n: usize, c: usize,
     ) {
+        let res = residual.map(|r| r.as_slice());
         layernorm::layernorm_bwd(
             dinp,
+            None,
             dweight,
             dbias,
             dout,
             inp,
-            residual.map(|r| r.as_slice()),
+            Dropout::OFF,
+            res,
             weight,
             mean,
             rstd,
             n,
             c,
+            Precision::Fp32,
+        )
+    }
+    fn dropout_layernorm_fwd(
+        &self, out: &mut Vec<f32>, mean: &mut Vec<f32>, rstd: &mut Vec<f32>, inp: &Vec<f32>, dropout: Dropout,
+        residual: Option<&Vec<f32>>, weight: &Vec<f32>, bias: &Vec<f32>, n: usize, c: usize, eps: f32,
+        rounding: Precision,
+    ) {
+        let res = residual.map(|r| r.as_slice());
+        layernorm::layernorm_fwd(out, mean, rstd, inp, dropout, res, weight, bias, n, c, eps, rounding)
+    }
+    fn dropout_layernorm_bwd(
+        &self, dsum: &mut Vec<f32>, dinp: &mut Vec<f32>, dweight: &mut Vec<f32>, dbias: &mut Vec<f32>, dout: &Vec<f32>,
+        inp: &Vec<f32>, dropout: Dropout, residual: Option<&Vec<f32>>, weight: &Vec<f32>, mean: &Vec<f32>,
+        rstd: &Vec<f32>, n: usize, c: usize, rounding: Precision,
+    ) {
+        let res = residual.map(|r| r.as_slice());
+        layernorm::layernorm_bwd(
+            dsum,
+            Some(dinp),
+            dweight,
+            dbias,
+            dout,
+            inp,
+            dropout,
+            res,
+            weight,
+            mean,
+            rstd,
+            n,
+            c,
+            rounding,
         )
     }
     fn bias_gelu_fwd(

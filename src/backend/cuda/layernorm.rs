@@ -1,9 +1,9 @@
-//! LayerNorm with an optional fused residual add (kernels/layernorm.cu). CPU twin:
-//! cpu/layernorm.rs.
+//! LayerNorm with an optional fused residual add and the input's dropout fused in
+//! (kernels/layernorm.cu). CPU twin: cpu/layernorm.rs.
 use super::gemm::launch_col_partials_add;
-use super::{check, ensure, int, need, round_code, Cuda};
+use super::{check, ensure, int, need, round_code, Cuda, DropoutArgs};
 use crate::backend::cpu::gemm::REDUCE_ROWS;
-use crate::backend::Precision;
+use crate::backend::{Dropout, Precision};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 /// Threads per row block.
@@ -17,12 +17,13 @@ fn row_cfg(n: usize) -> LaunchConfig {
     }
 }
 
-/// out = LayerNorm(inp + residual) over rows of width c (rounded to `rounding`); mean and 1/std saved per row.
+/// out = LayerNorm(dropout(inp) + residual) over rows of width c (rounded to `rounding`;
+/// `Dropout::OFF`: no dropout); mean and 1/std saved per row.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_fwd(
     cu: &Cuda, out: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, inp: &CudaSlice<f32>,
-    residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, c: usize, eps: f32,
-    rounding: Precision,
+    dropout: Dropout, residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize,
+    c: usize, eps: f32, rounding: Precision,
 ) {
     if n == 0 {
         return;
@@ -47,28 +48,41 @@ pub fn layernorm_fwd(
         None => l.arg(&null),
     };
     let round = round_code(rounding);
-    l.arg(weight).arg(bias).arg(&ni).arg(&ci).arg(&eps).arg(&round);
+    let drop = DropoutArgs::from(dropout);
+    l.arg(weight)
+        .arg(bias)
+        .arg(&ni)
+        .arg(&ci)
+        .arg(&eps)
+        .arg(&round)
+        .arg(&drop);
     // SAFETY: (float* out, float* mean, float* rstd, const float* inp, const float*
     // residual (null: none), const float* weight, const float* bias, int n, int c, float
-    // eps, int round); block r < n reads row r of inp (and residual), weight and bias [c], writes row
-    // r of out, mean[r], rstd[r]; sizes checked above.
+    // eps, int round, DropoutArgs drop); block r < n reads row r of inp (and residual),
+    // weight and bias [c], writes row r of out, mean[r], rstd[r]; sizes checked above.
     check(unsafe { l.launch(row_cfg(n)) }, "layernorm_fwd_f32");
 }
 
-/// dinp = d loss / d(inp + residual) (overwritten); dweight, dbias accumulated, with the
-/// CPU's fixed chunking (REDUCE_ROWS rows per partial, partials added in order).
+/// dsum = d loss / d(dropout(inp) + residual) (overwritten); with `dinp`, the gradient of
+/// inp through the mask too (rounded to `rounding`), in the same pass; dweight, dbias
+/// accumulated, with the CPU's fixed chunking (REDUCE_ROWS rows per partial, partials added
+/// in order).
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_bwd(
-    cu: &Cuda, dinp: &mut CudaSlice<f32>, dweight: &mut CudaSlice<f32>, dbias: &mut CudaSlice<f32>,
-    dout: &CudaSlice<f32>, inp: &CudaSlice<f32>, residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>,
-    mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>, n: usize, c: usize,
+    cu: &Cuda, dsum: &mut CudaSlice<f32>, dinp: Option<&mut CudaSlice<f32>>, dweight: &mut CudaSlice<f32>,
+    dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaSlice<f32>, dropout: Dropout,
+    residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>, n: usize,
+    c: usize, rounding: Precision,
 ) {
     if n == 0 {
         return;
     }
     let _r = cu.range("layernorm_bwd");
-    for (len, what) in [(dinp.len(), "dinp"), (dout.len(), "dout"), (inp.len(), "inp")] {
+    for (len, what) in [(dsum.len(), "dsum"), (dout.len(), "dout"), (inp.len(), "inp")] {
         need(len, n * c, what);
+    }
+    if let Some(d) = &dinp {
+        need(d.len(), n * c, "layernorm_bwd dinp");
     }
     if let Some(r) = residual {
         need(r.len(), n * c, "layernorm_bwd residual");
@@ -86,17 +100,31 @@ pub fn layernorm_bwd(
     int(n * c, "layernorm n*c");
     let null: u64 = 0;
 
+    let drop = DropoutArgs::from(dropout);
+    let round = round_code(rounding);
     let mut l = cu.stream.launch_builder(cu.func("layernorm_bwd_dinp_f32"));
-    l.arg(dinp).arg(dout).arg(inp);
+    l.arg(&mut *dsum);
+    match dinp {
+        Some(d) => l.arg(d),
+        None => l.arg(&null),
+    };
+    l.arg(dout).arg(inp);
     match residual {
         Some(r) => l.arg(r),
         None => l.arg(&null),
     };
-    l.arg(weight).arg(mean).arg(rstd).arg(&ni).arg(&ci);
-    // SAFETY: (float* dinp, const float* dout, const float* inp, const float* residual
-    // (null: none), const float* weight, const float* mean, const float* rstd, int n, int
-    // c); block r < n reads row r of dout, inp, residual and mean/rstd[r], writes row r of
-    // dinp; sizes checked above.
+    l.arg(weight)
+        .arg(mean)
+        .arg(rstd)
+        .arg(&ni)
+        .arg(&ci)
+        .arg(&drop)
+        .arg(&round);
+    // SAFETY: (float* dsum, float* dinp (null: none), const float* dout, const float* inp,
+    // const float* residual (null: none), const float* weight, const float* mean, const
+    // float* rstd, int n, int c, DropoutArgs drop, int round); block r < n reads row r of
+    // dout, inp, residual and mean/rstd[r], writes row r of dsum and dinp; sizes checked
+    // above.
     check(unsafe { l.launch(row_cfg(n)) }, "layernorm_bwd_dinp_f32");
 
     let chunks = n.div_ceil(REDUCE_ROWS);
@@ -115,9 +143,10 @@ pub fn layernorm_bwd(
         Some(r) => l.arg(r),
         None => l.arg(&null),
     };
-    l.arg(mean).arg(rstd).arg(&ni).arg(&ci);
+    l.arg(mean).arg(rstd).arg(&ni).arg(&ci).arg(&drop);
     // SAFETY: (float* pw, float* pb, const float* dout, const float* inp, const float*
-    // residual, const float* mean, const float* rstd, int n, int c); thread (j, k) reads
+    // residual, const float* mean, const float* rstd, int n, int c, DropoutArgs drop);
+    // thread (j, k) reads
     // column j of the rows of chunk k and writes pw/pb[k*c + j]; pw and pb hold chunks*c
     // floats (ensure), the rest is checked above.
     check(unsafe { l.launch(cfg) }, "layernorm_bwd_param_partials_f32");
