@@ -251,6 +251,7 @@ class Runner:
         un, dev = self.un, self.device
         bf, br = int(un["bf"]), int(un["br"])
         gen = torch.Generator().manual_seed(int(un.get("seed", 0)))
+        torch.manual_seed(int(un.get("seed", 0)))  # dropout masks: the same run twice gives the same numbers
 
         def stream(items):
             while True:
