@@ -216,10 +216,30 @@ fn kernels() {
         bw / 1e9
     );
     println!(
-        "BENCH floor_gemm_bf16 {:.1} TFLOP/s ({n}x{f}x{c}, cuBLAS tensor cores)",
+        "BENCH floor_gemm_bf16 {:.1} TFLOP/s ({n}x{f}x{c}, the backend's gemm: cuBLASLt FAST_16BF on fp32 buffers)",
         bf16_rate / 1e12
     );
     println!("BENCH floor_gemm_fp32 {:.1} TFLOP/s ({n}x{f}x{c})", fp32_rate / 1e12);
+    // The same GEMM shapes with the operands stored in bf16 (what bf16 storage would give)
+    // against the backend's gemm on fp32 buffers holding bf16 values (cuBLASLt
+    // FAST_16BF): how much of the GEMM time the fp32 storage costs.
+    for (what, mnk) in [("ffn-in", (f, n, c)), ("ffn-out", (c, n, f)), ("qkvo", (c, n, c))] {
+        let native = deepcut_fast::backend::cuda::gemm::bf16_gemm_rate_at(&g, mnk, true, 10)
+            .expect("bf16 GEMM with fp32 output");
+        let (mm, nn, kk) = mnk;
+        let (a, b, mut out) = (up(&fill(nn * kk)), up(&fill(mm * kk)), g.alloc(nn * mm));
+        let ours = 2.0 * (mm * nn * kk) as f64
+            / per_call(&g, 20, || {
+                g.gemm(&mut out, &a, &b, nn, mm, kk, false, true, 1.0, 0.0, Precision::Bf16)
+            });
+        println!(
+            "BENCH gemm_{what}_bf16_storage {:.1} TFLOP/s native bf16 operands, {:.1} TFLOP/s ours on fp32 buffers \
+             ({:.0}%; {nn}x{mm}x{kk})",
+            native / 1e12,
+            ours / 1e12,
+            100.0 * ours / native
+        );
+    }
     println!("kernels at {}", shape.describe());
     kernel_suite::kernels(&g, shape, &mut |name, work, op| {
         let reps = if name == "embedding_bwd" { 5 } else { 20 };

@@ -252,21 +252,37 @@ pub fn add_inplace(cu: &Cuda, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, n:
 /// one untimed call, then the best of `reps`. The `bench` command's MFU reference for
 /// bf16 runs. Written without a GPU to run it on: unverified until it has run on one.
 pub fn bf16_gemm_rate(cu: &Cuda, n: usize, reps: usize) -> crate::error::Result<f64> {
+    bf16_gemm_rate_at(cu, (n, n, n), false, reps)
+}
+
+/// `bf16_gemm_rate` at m x n x k (column-major C [m, n] = A^T B, A [k, m], B [k, n] in
+/// bf16), with an fp32 C when `f32_out`: what the step's GEMMs would run at with their
+/// operands stored in bf16, against this backend's `gemm` on fp32 buffers holding bf16
+/// values (tests/gpu_bench.rs `kernels` prints both).
+pub fn bf16_gemm_rate_at(
+    cu: &Cuda, (m, n, k): (usize, usize, usize), f32_out: bool, reps: usize,
+) -> crate::error::Result<f64> {
     let err = |what: &str, e: String| crate::error::Error::Device(format!("bf16 GEMM rate: {what}: {e}"));
-    let ni = int(n, "bf16 gemm n");
+    let (mi, ni, ki) = (int(m, "bf16 gemm m"), int(n, "bf16 gemm n"), int(k, "bf16 gemm k"));
     // bf16 1.0 = 0x3f80 and 2^-8 = 0x3b80: finite products, no denormals.
     let a = cu
         .stream
-        .clone_htod(&vec![0x3f80u16; n * n])
+        .clone_htod(&vec![0x3f80u16; k * m])
         .map_err(|e| err("upload", e.to_string()))?;
     let b = cu
         .stream
-        .clone_htod(&vec![0x3b80u16; n * n])
+        .clone_htod(&vec![0x3b80u16; k * n])
         .map_err(|e| err("upload", e.to_string()))?;
+    // an fp32 C takes m n floats: as many u16 pairs
     let mut c = cu
         .stream
-        .alloc_zeros::<u16>(n * n)
+        .alloc_zeros::<u16>(if f32_out { 2 * m * n } else { m * n })
         .map_err(|e| err("allocation", e.to_string()))?;
+    let c_type = if f32_out {
+        cudaDataType_t::CUDA_R_32F
+    } else {
+        cudaDataType_t::CUDA_R_16BF
+    };
     let (alpha, beta) = (1.0f32, 0.0f32);
     let mut best = f64::INFINITY;
     for rep in 0..=reps {
@@ -276,28 +292,29 @@ pub fn bf16_gemm_rate(cu: &Cuda, n: usize, reps: usize) -> crate::error::Result<
             let (pa, _ra) = a.device_ptr(&cu.stream);
             let (pb, _rb) = b.device_ptr(&cu.stream);
             let (pc, _rc) = c.device_ptr_mut(&cu.stream);
-            // SAFETY: a, b, c each hold n*n bf16 elements; with (m, n, k) = (n, n, n) and
-            // every leading dimension n the call touches exactly those; alpha and beta are
-            // fp32 host scalars as CUBLAS_COMPUTE_32F requires.
+            // SAFETY: a holds k*m and b k*n bf16 elements, c m*n elements of c_type (u16
+            // pairs for fp32); with op(A) = T, lda = k, ldb = k and ldc = m the call touches
+            // exactly those; alpha and beta are fp32 host scalars as CUBLAS_COMPUTE_32F
+            // requires.
             unsafe {
                 cudarc::cublas::result::gemm_ex(
                     *cu.blas.handle(),
                     CUBLAS_OP_T,
                     CUBLAS_OP_N,
+                    mi,
                     ni,
-                    ni,
-                    ni,
+                    ki,
                     (&alpha) as *const f32 as *const _,
-                    pb as *const _,
-                    cudaDataType_t::CUDA_R_16BF,
-                    ni,
                     pa as *const _,
                     cudaDataType_t::CUDA_R_16BF,
-                    ni,
+                    ki,
+                    pb as *const _,
+                    cudaDataType_t::CUDA_R_16BF,
+                    ki,
                     (&beta) as *const f32 as *const _,
                     pc as *mut _,
-                    cudaDataType_t::CUDA_R_16BF,
-                    ni,
+                    c_type,
+                    mi,
                     cublasComputeType_t::CUBLAS_COMPUTE_32F,
                     cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
@@ -309,5 +326,5 @@ pub fn bf16_gemm_rate(cu: &Cuda, n: usize, reps: usize) -> crate::error::Result<
             best = best.min(t0.elapsed().as_secs_f64());
         }
     }
-    Ok(2.0 * (n as f64).powi(3) / best)
+    Ok(2.0 * m as f64 * n as f64 * k as f64 / best)
 }
