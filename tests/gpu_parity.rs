@@ -262,7 +262,8 @@ fn gemm_all_transposes_body<G: Backend>(g: &G) {
         be.download(&c, m * n)
     }
     let mut rng = Rng(101);
-    for (m, n, k) in [(37, 53, 29), (130, 67, 301), (1, 384, 48)] {
+    // k = 0 too: C = beta C (cuBLAS on CUDA, an empty product)
+    for (m, n, k) in [(37, 53, 29), (130, 67, 301), (1, 384, 48), (5, 7, 0)] {
         for t in [(false, false), (false, true), (true, false), (true, true)] {
             let (a, b, c0) = (rng.vec(m * k, 1.0), rng.vec(k * n, 1.0), rng.vec(m * n, 1.0));
             compare(
