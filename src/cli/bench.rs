@@ -463,7 +463,7 @@ impl BenchArgs {
     }
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+pub fn run(mut args: BenchArgs) -> Result<()> {
     let cfg = args.validate()?;
     let device = args.device.init()?;
     with_backend!(device, mk => {

@@ -32,7 +32,7 @@ pub struct EvalArgs {
     device: DeviceArgs,
 }
 
-pub fn run(a: EvalArgs) -> Result<()> {
+pub fn run(mut a: EvalArgs) -> Result<()> {
     let device = a.device.init()?;
     let data = Dataset::load(&a.data)?;
     let forget = a

@@ -52,10 +52,13 @@ pub struct DeviceArgs {
     /// fp32 | bf16 | fp16 (SPEC section 7): activations and GEMM/attention inputs rounded
     /// to bf16/fp16 with fp32 accumulation; weights, optimiser state, LayerNorm statistics
     /// and losses stay fp32; fp16 trains with dynamic loss scaling. Buffers stay fp32 on
-    /// both backends (fp32 memory); the CPU computes at fp32 speed, CUDA runs the GEMMs on
-    /// tensor cores. Default fp32 on every device: SPEC's bf16 default for CUDA waits for
-    /// bf16 storage and a verified GPU run.
-    #[arg(long, default_value = "fp32", value_parser = parse_precision)]
+    /// both backends (fp32 memory); the CPU computes at fp32 speed, CUDA runs the GEMMs,
+    /// attention and InfoNCE on tensor cores. Default: bf16 on CUDA (SPEC), fp32 on the CPU.
+    #[arg(long = "precision", value_name = "PRECISION", value_parser = parse_precision)]
+    pub precision_flag: Option<Precision>,
+    /// The precision in force: `--precision`, else the chosen device's default; set by
+    /// `init`.
+    #[arg(skip)]
     pub precision: Precision,
 }
 
@@ -87,8 +90,9 @@ impl LossScaleArgs {
 }
 
 impl DeviceArgs {
-    /// Sets up threads and picks the compute backend, saying which one runs.
-    pub fn init(&self) -> Result<Device> {
+    /// Sets up threads, picks the compute backend and the precision (`--precision`, else
+    /// bf16 on CUDA and fp32 on the CPU), saying which.
+    pub fn init(&mut self) -> Result<Device> {
         if let Some(n) = self.threads {
             if n == 0 {
                 return Err(Error::invalid("--threads must be at least 1"));
@@ -97,19 +101,22 @@ impl DeviceArgs {
             let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
             std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
         }
-        let precision = match self.precision {
+        let flag = self.precision_flag;
+        let detail = |p: Precision| match p {
             Precision::Fp32 => String::new(),
             p => format!("; precision {}", p.describe()),
         };
-        let cpu = || {
+        let cpu = |me: &mut Self| {
+            me.precision = flag.unwrap_or(Precision::Fp32);
             eprintln!(
-                "backend: cpu (fp32, {} threads){precision}",
-                rayon::current_num_threads()
+                "backend: cpu (fp32, {} threads){}",
+                rayon::current_num_threads(),
+                detail(me.precision)
             );
             Ok(Device::Cpu)
         };
-        match self.device.as_str() {
-            "cpu" => cpu(),
+        match self.device.clone().as_str() {
+            "cpu" => cpu(self),
             // Until scripts/gpu-check.sh has passed on a GPU, auto does not pick the CUDA
             // backend: a user must not get unverified kernels without asking for them.
             "auto" => {
@@ -118,7 +125,7 @@ impl DeviceArgs {
                 } else {
                     eprintln!("device auto: no usable GPU; using the CPU backend");
                 }
-                cpu()
+                cpu(self)
             }
             d if d == "cuda" || d.starts_with("cuda:") => {
                 let ordinal = match d.strip_prefix("cuda:") {
@@ -127,13 +134,17 @@ impl DeviceArgs {
                         .map_err(|_| Error::invalid(format!("--device {d}: expected cuda:N with N a GPU index")))?,
                     None => 0,
                 };
-                // fp32 unless a 16-bit precision was asked for (then `precision` says so)
+                // SPEC section 7: bf16 is the CUDA default
+                self.precision = flag.unwrap_or(Precision::Bf16);
                 let fp32 = if self.precision == Precision::Fp32 {
                     "fp32; "
                 } else {
                     ""
                 };
-                eprintln!("backend: cuda:{ordinal} ({fp32}not yet verified on a GPU){precision}");
+                eprintln!(
+                    "backend: cuda:{ordinal} ({fp32}not yet verified on a GPU){}",
+                    detail(self.precision)
+                );
                 Ok(Device::Cuda(ordinal))
             }
             d => Err(Error::invalid(format!("--device {d}: expected auto, cpu or cuda[:N]"))),
@@ -235,5 +246,37 @@ pub fn main() -> i32 {
             eprintln!("error: {e}");
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolved(device: &str, flag: Option<Precision>) -> (Device, Precision) {
+        let mut d = DeviceArgs {
+            device: device.to_string(),
+            threads: None,
+            precision_flag: flag,
+            precision: Precision::Fp16, // overwritten by init
+        };
+        let dev = d.init().expect("a valid device string");
+        (dev, d.precision)
+    }
+
+    /// SPEC section 7: bf16 by default on CUDA, fp32 on the CPU; `--precision` wins on both.
+    /// (init does not open the device, so this runs without a GPU.)
+    #[test]
+    fn precision_defaults_by_device() {
+        assert_eq!(resolved("cpu", None), (Device::Cpu, Precision::Fp32));
+        assert_eq!(resolved("cuda", None), (Device::Cuda(0), Precision::Bf16));
+        assert_eq!(resolved("cuda:1", None), (Device::Cuda(1), Precision::Bf16));
+        assert_eq!(
+            resolved("cuda", Some(Precision::Fp32)),
+            (Device::Cuda(0), Precision::Fp32)
+        );
+        assert_eq!(resolved("cpu", Some(Precision::Fp16)), (Device::Cpu, Precision::Fp16));
+        // auto never picks the unverified CUDA backend, so it gets the CPU's default
+        assert_eq!(resolved("auto", None).1, Precision::Fp32);
     }
 }

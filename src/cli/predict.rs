@@ -35,7 +35,7 @@ pub struct PredictArgs {
     device: DeviceArgs,
 }
 
-pub fn run(a: PredictArgs) -> Result<()> {
+pub fn run(mut a: PredictArgs) -> Result<()> {
     let device = a.device.init()?;
     let ensemble = if Ensemble::is_ensemble_dir(&a.model) {
         Some(Ensemble {

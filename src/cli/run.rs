@@ -131,7 +131,7 @@ pub struct RunArgs {
     device: DeviceArgs,
 }
 
-pub fn run(a: RunArgs) -> Result<()> {
+pub fn run(mut a: RunArgs) -> Result<()> {
     let device = a.device.init()?;
     if a.forget.is_none() && a.forget_ratio.is_none() {
         return Err(Error::invalid("give the forget set: --forget-ratio R or --forget FILE"));

@@ -83,7 +83,7 @@ pub struct TrainArgs {
     device: DeviceArgs,
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
+pub fn run(mut a: TrainArgs) -> Result<()> {
     let device = a.device.init()?;
     // Every input is read and checked before --out is touched (--force empties it).
     let data = Dataset::load(&a.data)?;
