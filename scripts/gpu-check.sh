@@ -194,6 +194,7 @@ export DEEPCUT_REQUIRE_GPU=1
 export NVIDIA_TF32_OVERRIDE=0  # fp32 parity: never let the driver turn sgemm into TF32
 
 if [ "${1:-}" = "--e2e" ]; then
+    rm -rf "$LOGS"/e2e-*  # a report left by an earlier call must not stand in for this one
     [ -f target/gpu-e2e/deepcut-fast.gz ] || { echo "--e2e: no target/gpu-e2e: run scripts/gpu-check.sh --build-e2e" >&2; exit 1; }
     E2E="$LOGS/e2e-unpacked"
     rm -rf "$E2E" && mkdir -p "$E2E" && cp -r target/gpu-e2e/. "$E2E/" && chmod -R u+w "$E2E"
@@ -214,6 +215,9 @@ if [ "${1:-}" = "--e2e" ]; then
     exit 0
 fi
 
+# results of an earlier call (the machine keeps target/ between calls) must not stand in
+# for this one's
+rm -rf "$LOGS"/run-* "$LOGS"/compare-torch-* "$LOGS"/*.log "$LOGS"/*.csv "$LOGS"/step.* "$LOGS"/e2e-torch.json
 echo "== gpu-check $(date -u +%Y-%m-%dT%H:%MZ)"
 GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
 echo "GPU: ${GPU:-nvidia-smi not available}"
@@ -295,6 +299,10 @@ elif [ -n "$CLI" ] && [ -n "${DEEPCUT_CHECK_MODEL:-}" ] && [ -n "${DEEPCUT_CHECK
                 --steps 6 --seed 0 --device "$dev" --precision "$prec" --quiet --force --out "$LOGS/run-$dev-$prec" \
                 >"$LOGS/run-$dev-$prec.log" 2>&1 || row "deepcut run --device $dev --precision $prec" "FAIL" "$LOGS/run-$dev-$prec.log"
         done
+        if [ ! -f "$LOGS/run-cuda-$prec/report.json" ] || [ ! -f "$LOGS/run-cpu-$prec/report.json" ]; then
+            row "deepcut run gpu vs cpu ($prec, 6 steps)" "NOT RUN" "a run failed or was skipped (rows above)"
+            continue
+        fi
         cmp=$(python3 - "$LOGS/run-cuda-$prec/report.json" "$LOGS/run-cpu-$prec/report.json" <<'EOF' 2>&1
 import json, sys
 g, c = (json.load(open(p))["metrics"] for p in sys.argv[1:3])
