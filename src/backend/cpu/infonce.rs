@@ -86,7 +86,6 @@ struct Plan {
 }
 
 impl Plan {
-    #[allow(clippy::too_many_arguments)]
     /// `zs`: z rounded for the similarities (`rounded_copy`; None in fp32).
     #[allow(clippy::too_many_arguments)]
     fn new(

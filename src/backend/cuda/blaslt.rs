@@ -94,14 +94,18 @@ impl Lt {
 
     /// c[m, n] = alpha op(a) op(b) + beta c, plus bias [n] on every row when given (then
     /// alpha 1, beta 0), row-major as `gemm::gemm` (column-major C^T = op(B)^T op(A)^T, the
-    /// bias then per column-major row). false when there is no plan for this shape: nothing
-    /// was enqueued, the caller falls back.
+    /// bias then per column-major row). false when there is no plan for this shape, or k
+    /// is 0 (C = beta C: an empty operand is not a shape to plan for): nothing was enqueued,
+    /// the caller falls back.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &mut self, cu: &Cuda, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>,
         bias: Option<&CudaSlice<f32>>, m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32, beta: f32,
         inputs: Precision,
     ) -> bool {
+        if k == 0 {
+            return false;
+        }
         let Some((desc, la, lb, lc, algo)) = self
             .plan((m, n, k, ta, tb, inputs, bias.is_some()))
             .map(|p| (p.desc, p.a, p.b, p.c, p.algo))

@@ -44,12 +44,9 @@ pub fn gemm(
     need(c.len(), m * n, "gemm c");
     need(a.len(), m * k, "gemm a");
     need(b.len(), k * n, "gemm b");
-    // (k = 0, C = beta C, stays with cuBLAS: an empty operand is not a shape to plan for)
-    if k > 0
-        && with_lt(cu, |lt| {
-            lt.matmul(cu, c, a, b, None, m, n, k, ta, tb, alpha, beta, inputs)
-        })
-    {
+    if with_lt(cu, |lt| {
+        lt.matmul(cu, c, a, b, None, m, n, k, ta, tb, alpha, beta, inputs)
+    }) {
         return;
     }
     gemm_cublas(cu, c, a, b, m, n, k, ta, tb, alpha, beta, inputs);
@@ -150,11 +147,9 @@ pub fn gemm_bias(
     need(bias.len(), n, "gemm_bias bias");
     {
         let _r = cu.range("gemm_bias");
-        if k > 0
-            && with_lt(cu, |lt| {
-                lt.matmul(cu, c, a, b, Some(bias), m, n, k, ta, tb, 1.0, 0.0, inputs)
-            })
-        {
+        if with_lt(cu, |lt| {
+            lt.matmul(cu, c, a, b, Some(bias), m, n, k, ta, tb, 1.0, 0.0, inputs)
+        }) {
             return;
         }
     }
