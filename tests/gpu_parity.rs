@@ -637,7 +637,7 @@ fn dropout_layernorm_fused_body<G: Backend>(g: &G) {
         let g = up(be, dout);
         be.dropout_layernorm_bwd(
             &mut dsum,
-            &mut dinp,
+            Some(&mut dinp),
             &mut dw,
             &mut db,
             &g,

@@ -333,18 +333,28 @@ pub trait Backend {
         pos: &Self::IBuf, types: &Self::IBuf, order: &Self::IBuf, n: usize, c: usize,
     );
     /// out = LayerNorm(inp + residual) over rows of width c; saves mean and 1/std per row.
+    /// `dropout_layernorm_fwd` with the dropout off.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_fwd(
         &self, out: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, inp: &Self::Buf,
         residual: Option<&Self::Buf>, weight: &Self::Buf, bias: &Self::Buf, n: usize, c: usize, eps: f32,
         rounding: Precision,
-    );
+    ) {
+        let off = Dropout::OFF;
+        self.dropout_layernorm_fwd(out, mean, rstd, inp, off, residual, weight, bias, n, c, eps, rounding)
+    }
     /// dinp = d(loss)/d(inp + residual) (overwritten); dweight, dbias accumulated.
+    /// `dropout_layernorm_bwd` with the dropout off and no input gradient apart.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_bwd(
         &self, dinp: &mut Self::Buf, dweight: &mut Self::Buf, dbias: &mut Self::Buf, dout: &Self::Buf, inp: &Self::Buf,
         residual: Option<&Self::Buf>, weight: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, n: usize, c: usize,
-    );
+    ) {
+        let (off, fp32) = (Dropout::OFF, Precision::Fp32);
+        self.dropout_layernorm_bwd(
+            dinp, None, dweight, dbias, dout, inp, off, residual, weight, mean, rstd, n, c, fp32,
+        )
+    }
     /// out = LayerNorm(dropout(inp) + residual): `dropout_fwd` (fp32) and `layernorm_fwd`
     /// in one pass, bit for bit the two (BERT's hidden dropout before each residual
     /// LayerNorm). The dropped input is never stored: `dropout_layernorm_bwd` regenerates
@@ -356,12 +366,12 @@ pub trait Backend {
         rounding: Precision,
     );
     /// Backward of `dropout_layernorm_fwd`: dsum (overwritten) = d loss / d(dropout(inp) +
-    /// residual), the residual's gradient; dinp (overwritten) = `dropout_bwd` of dsum,
-    /// rounded as `rounding` says, written in the same pass; dweight, dbias accumulated. Bit
-    /// for bit `layernorm_bwd` then `dropout_bwd`.
+    /// residual), the residual's gradient; dinp, when given (overwritten) = `dropout_bwd`
+    /// of dsum, rounded as `rounding` says, written in the same pass; dweight, dbias
+    /// accumulated. Bit for bit `layernorm_bwd` then `dropout_bwd`.
     #[allow(clippy::too_many_arguments)]
     fn dropout_layernorm_bwd(
-        &self, dsum: &mut Self::Buf, dinp: &mut Self::Buf, dweight: &mut Self::Buf, dbias: &mut Self::Buf,
+        &self, dsum: &mut Self::Buf, dinp: Option<&mut Self::Buf>, dweight: &mut Self::Buf, dbias: &mut Self::Buf,
         dout: &Self::Buf, inp: &Self::Buf, dropout: Dropout, residual: Option<&Self::Buf>, weight: &Self::Buf,
         mean: &Self::Buf, rstd: &Self::Buf, n: usize, c: usize, rounding: Precision,
     );

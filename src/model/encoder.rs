@@ -861,7 +861,7 @@ impl<B: Backend> Model<B> {
             // x2 = LN(dropout(f2) + x1): dsum to x1, dtmp (rounded) to f2
             be.dropout_layernorm_bwd(
                 &mut s.dsum,
-                &mut s.dtmp,
+                Some(&mut s.dtmp),
                 &mut lp.ln2.w.g,
                 &mut lp.ln2.b.g,
                 &s.dx,
@@ -946,7 +946,7 @@ impl<B: Backend> Model<B> {
             // x1 = LN(dropout(ao) + x_in): dsum to x_in, dtmp (rounded) to ao
             be.dropout_layernorm_bwd(
                 &mut s.dsum,
-                &mut s.dtmp,
+                Some(&mut s.dtmp),
                 &mut lp.ln1.w.g,
                 &mut lp.ln1.b.g,
                 &s.dx,

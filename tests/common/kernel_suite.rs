@@ -171,7 +171,7 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
     run("dropout_layernorm_bwd/residual", bytes(5 * n * c), &mut || {
         be.dropout_layernorm_bwd(
             &mut dsum,
-            &mut dx,
+            Some(&mut dx),
             &mut dw,
             &mut db,
             &dout,

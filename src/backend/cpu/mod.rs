@@ -86,49 +86,6 @@ impl Backend for Cpu {
     ) {
         embedding::embedding_bwd(dwte, dwpe, dwtt, dout, ids, pos, types, order, n, c)
     }
-    fn layernorm_fwd(
-        &self, out: &mut Vec<f32>, mean: &mut Vec<f32>, rstd: &mut Vec<f32>, inp: &Vec<f32>,
-        residual: Option<&Vec<f32>>, weight: &Vec<f32>, bias: &Vec<f32>, n: usize, c: usize, eps: f32,
-        rounding: Precision,
-    ) {
-        let res = residual.map(|r| r.as_slice());
-        layernorm::layernorm_fwd(
-            out,
-            mean,
-            rstd,
-            inp,
-            Dropout::OFF,
-            res,
-            weight,
-            bias,
-            n,
-            c,
-            eps,
-            rounding,
-        )
-    }
-    fn layernorm_bwd(
-        &self, dinp: &mut Vec<f32>, dweight: &mut Vec<f32>, dbias: &mut Vec<f32>, dout: &Vec<f32>, inp: &Vec<f32>,
-        residual: Option<&Vec<f32>>, weight: &Vec<f32>, mean: &Vec<f32>, rstd: &Vec<f32>, n: usize, c: usize,
-    ) {
-        let res = residual.map(|r| r.as_slice());
-        layernorm::layernorm_bwd(
-            dinp,
-            None,
-            dweight,
-            dbias,
-            dout,
-            inp,
-            Dropout::OFF,
-            res,
-            weight,
-            mean,
-            rstd,
-            n,
-            c,
-            Precision::Fp32,
-        )
-    }
     fn dropout_layernorm_fwd(
         &self, out: &mut Vec<f32>, mean: &mut Vec<f32>, rstd: &mut Vec<f32>, inp: &Vec<f32>, dropout: Dropout,
         residual: Option<&Vec<f32>>, weight: &Vec<f32>, bias: &Vec<f32>, n: usize, c: usize, eps: f32,
@@ -138,14 +95,14 @@ impl Backend for Cpu {
         layernorm::layernorm_fwd(out, mean, rstd, inp, dropout, res, weight, bias, n, c, eps, rounding)
     }
     fn dropout_layernorm_bwd(
-        &self, dsum: &mut Vec<f32>, dinp: &mut Vec<f32>, dweight: &mut Vec<f32>, dbias: &mut Vec<f32>, dout: &Vec<f32>,
-        inp: &Vec<f32>, dropout: Dropout, residual: Option<&Vec<f32>>, weight: &Vec<f32>, mean: &Vec<f32>,
-        rstd: &Vec<f32>, n: usize, c: usize, rounding: Precision,
+        &self, dsum: &mut Vec<f32>, dinp: Option<&mut Vec<f32>>, dweight: &mut Vec<f32>, dbias: &mut Vec<f32>,
+        dout: &Vec<f32>, inp: &Vec<f32>, dropout: Dropout, residual: Option<&Vec<f32>>, weight: &Vec<f32>,
+        mean: &Vec<f32>, rstd: &Vec<f32>, n: usize, c: usize, rounding: Precision,
     ) {
         let res = residual.map(|r| r.as_slice());
         layernorm::layernorm_bwd(
             dsum,
-            Some(dinp),
+            dinp.map(|d| d.as_mut_slice()),
             dweight,
             dbias,
             dout,

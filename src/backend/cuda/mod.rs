@@ -500,26 +500,6 @@ impl Backend for Cuda {
     ) {
         embedding::embedding_bwd(self, dwte, dwpe, dwtt, dout, ids, pos, types, order, n, c)
     }
-    fn layernorm_fwd(
-        &self, out: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, inp: &CudaSlice<f32>,
-        residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, c: usize,
-        eps: f32, rounding: Precision,
-    ) {
-        let off = Dropout::OFF;
-        layernorm::layernorm_fwd(
-            self, out, mean, rstd, inp, off, residual, weight, bias, n, c, eps, rounding,
-        )
-    }
-    fn layernorm_bwd(
-        &self, dinp: &mut CudaSlice<f32>, dweight: &mut CudaSlice<f32>, dbias: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>, inp: &CudaSlice<f32>, residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>,
-        mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>, n: usize, c: usize,
-    ) {
-        let (off, fp32) = (Dropout::OFF, Precision::Fp32);
-        layernorm::layernorm_bwd(
-            self, dinp, None, dweight, dbias, dout, inp, off, residual, weight, mean, rstd, n, c, fp32,
-        )
-    }
     fn dropout_layernorm_fwd(
         &self, out: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, inp: &CudaSlice<f32>,
         dropout: Dropout, residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize,
@@ -530,27 +510,13 @@ impl Backend for Cuda {
         )
     }
     fn dropout_layernorm_bwd(
-        &self, dsum: &mut CudaSlice<f32>, dinp: &mut CudaSlice<f32>, dweight: &mut CudaSlice<f32>,
+        &self, dsum: &mut CudaSlice<f32>, dinp: Option<&mut CudaSlice<f32>>, dweight: &mut CudaSlice<f32>,
         dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaSlice<f32>, dropout: Dropout,
         residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>,
         n: usize, c: usize, rounding: Precision,
     ) {
         layernorm::layernorm_bwd(
-            self,
-            dsum,
-            Some(dinp),
-            dweight,
-            dbias,
-            dout,
-            inp,
-            dropout,
-            residual,
-            weight,
-            mean,
-            rstd,
-            n,
-            c,
-            rounding,
+            self, dsum, dinp, dweight, dbias, dout, inp, dropout, residual, weight, mean, rstd, n, c, rounding,
         )
     }
     fn bias_gelu_fwd(
