@@ -60,7 +60,7 @@ struct AdamTensor {
     float* m;
     float* v;
     bf16* param_bf16;  // null: no bf16 copy
-    float* param_low;  // null: none; else the updated weight rounded by low_mode (LOW_*)
+    void* param_low;   // null: none; else the updated weight rounded by low_mode (LOW_*), stored as low_t
     long long n;
     int first_block;
     int decays;  // 1: weight decay applies (decay = 1 - lr wd); 0: decay = 1
@@ -83,8 +83,10 @@ __device__ __forceinline__ int tensor_of_block(const Desc* t, int nt, int b) {
 #define LOW_BF16 1
 #define LOW_FP16 2
 
+// low_t: the storage type of every param_low (common.cuh `st`: 0 fp32 holding rounded
+// values, 1 bf16, 2 fp16, the GEMM copies of the bf16 / fp16 modes).
 extern "C" __global__ void adamw_multi_f32(const AdamTensor* tensors, int nt, AdamArgs a, float grad_scale,
-                                           int low_mode) {
+                                           int low_mode, int low_t) {
     __shared__ int ti;
     if (threadIdx.x == 0) ti = tensor_of_block(tensors, nt, (int)blockIdx.x);
     __syncthreads();
@@ -94,12 +96,7 @@ extern "C" __global__ void adamw_multi_f32(const AdamTensor* tensors, int nt, Ad
     float decay = t.decays ? a.decay : 1.0f;
     for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
         adamw_element(t.param, t.grad, t.m, t.v, t.param_bf16, i, a, decay, grad_scale);
-        if (t.param_low) {
-            float p = t.param[i];
-            t.param_low[i] = low_mode == LOW_BF16   ? __bfloat162float(__float2bfloat16_rn(p))
-                             : low_mode == LOW_FP16 ? __half2float(__float2half_rn(p))
-                                                    : p;
-        }
+        if (t.param_low) st(t.param_low, low_t, i, round_as(t.param[i], low_mode));
     }
 }
 

@@ -15,8 +15,10 @@
 //   dV_j = sum_i round(p_ij f_ij) dO_i,  dS_ij = round(p_ij (dO_i . V_j f_ij - D_i) / sqrt(d)),
 //   dQ_i = sum_j dS_ij K_j,  dK_j = sum_i dS_ij Q_i,  D_i = round(dO_i) . round(O_i).
 // q, k, v and dO are rounded to 16 bits as they are read, and out, dq, dk, dv are written
-// rounded (fp32 buffers holding 16-bit values): the products that read them next need
-// them rounded, and a separate rounding pass over each would cost a read and a write.
+// rounded: the products that read them next need them rounded, and a separate rounding
+// pass over each would cost a read and a write. `io` says how those eight buffers are
+// stored: 1, in 16 bits of the kernel's type (the engine's bf16 / fp16 modes: the loads
+// are the bits themselves, half the traffic), or 0, as fp32 holding 16-bit values.
 //
 // Work split: blocks of AM_WARPS warps; each warp owns 16 rows (query rows for forward and
 // dq, key rows for dk/dv) whose A fragments stay in registers, and the block streams tiles
@@ -51,35 +53,46 @@ __device__ __noinline__ void am_factor2(const DropoutArgs& drop, int bi, int hi,
                                          : dropout_factor(drop, idx + 1);
 }
 
+// Element i of an activation buffer as 16-bit bits of Tag's type, and as the fp32 value of
+// those bits: stored in 16 bits (io) it is read as is, stored as fp32 it is rounded.
+template <typename Tag>
+__device__ __forceinline__ unsigned short am_bits(const void* x, bool io, size_t i) {
+    return io ? ((const unsigned short*)x)[i] : to_bits(((const float*)x)[i], Tag());
+}
+template <typename Tag>
+__device__ __forceinline__ float am_val(const void* x, bool io, size_t i) {
+    return io ? ld(x, ((int)Tag::CODE), i) : round16(((const float*)x)[i], Tag());
+}
+
 // Rows r0 .. r0 + AM_TILE of head (bi, hi) of x, rounded to 16 bits, into dst (zeros past
 // row t and column d).
 template <typename Tag, int DP>
-__device__ __forceinline__ void am_load_tile(unsigned short (*dst)[DP + 8], const float* x, int bi, int hi, int r0,
-                                             int t, int h, int d) {
+__device__ __forceinline__ void am_load_tile(unsigned short (*dst)[DP + 8], const void* x, int bi, int hi, int r0,
+                                             int t, int h, int d, bool io) {
     for (int idx = threadIdx.x; idx < AM_TILE * DP; idx += blockDim.x) {
         const int rr = idx / DP, e = idx - rr * DP, r = r0 + rr;
-        dst[rr][e] = to_bits(r < t && e < d ? x[am_off(bi, r, hi, t, h, d) + e] : 0.0f, Tag());
+        dst[rr][e] = r < t && e < d ? am_bits<Tag>(x, io, am_off(bi, r, hi, t, h, d) + e) : (unsigned short)0;
     }
 }
 
 // The A fragments of this warp's 16 rows (row0 ..) of head (bi, hi) of x over the padded
 // head dim: a[kk] covers columns 16 kk .. 16 kk + 15.
 template <typename Tag, int DP>
-__device__ __forceinline__ void am_load_a(unsigned (&a)[DP / 16][4], const float* x, int bi, int hi, int row0, int t,
-                                          int h, int d) {
+__device__ __forceinline__ void am_load_a(unsigned (&a)[DP / 16][4], const void* x, int bi, int hi, int row0, int t,
+                                          int h, int d, bool io) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
 #pragma unroll
     for (int kk = 0; kk < DP / 16; ++kk)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int row = row0 + g + (r & 1) * 8, col = kk * 16 + c2 + (r >> 1) * 8;
-            float lo = 0.0f, hi2 = 0.0f;
+            unsigned short lo = 0, hi2 = 0;
             if (row < t) {
-                const float* p = x + am_off(bi, row, hi, t, h, d);
-                if (col < d) lo = p[col];
-                if (col + 1 < d) hi2 = p[col + 1];
+                const size_t o = am_off(bi, row, hi, t, h, d);
+                if (col < d) lo = am_bits<Tag>(x, io, o + col);
+                if (col + 1 < d) hi2 = am_bits<Tag>(x, io, o + col + 1);
             }
-            a[kk][r] = pack2<Tag>(lo, hi2);
+            a[kk][r] = join2(lo, hi2);
         }
 }
 
@@ -156,28 +169,33 @@ __device__ __forceinline__ float quad_max(float x) {
 // Writes this warp's 16 x DP accumulator rows row0 .. (times mul[half]), rounded to 16
 // bits, to head (bi, hi) of y, rows < t and columns < d.
 template <typename Tag, int DP>
-__device__ __forceinline__ void am_store(float* y, const float (&acc)[DP / 8][4], const float (&mul)[2], int bi,
-                                         int hi, int row0, int t, int h, int d) {
+__device__ __forceinline__ void am_store(void* y, const float (&acc)[DP / 8][4], const float (&mul)[2], int bi,
+                                         int hi, int row0, int t, int h, int d, bool io) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int row = row0 + g + 8 * half;
         if (row >= t) continue;
-        float* p = y + am_off(bi, row, hi, t, h, d);
+        const size_t o = am_off(bi, row, hi, t, h, d);
 #pragma unroll
         for (int nd = 0; nd < DP / 8; ++nd)
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
                 const int e = nd * 8 + c2 + c;
-                if (e < d) p[e] = round16(acc[nd][half * 2 + c] * mul[half], Tag());
+                if (e >= d) continue;
+                const float x = acc[nd][half * 2 + c] * mul[half];
+                if (io)
+                    ((unsigned short*)y)[o + e] = to_bits(x, Tag());
+                else
+                    ((float*)y)[o + e] = round16(x, Tag());
             }
     }
 }
 
 // Grid (ceil(t / AM_ROWS), h, b), block AM_WARPS * 32 threads, static shared memory.
 template <typename Tag, int DP>
-__device__ void attention_fwd_mma(float* out, float* lse, const float* q, const float* k, const float* v,
-                                  const float* mask, int b, int t, int h, int d, DropoutArgs drop) {
+__device__ void attention_fwd_mma(void* out, float* lse, const void* q, const void* k, const void* v,
+                                  const float* mask, int b, int t, int h, int d, DropoutArgs drop, int io) {
     __shared__ __align__(16) unsigned short ks[AM_TILE][DP + 8];
     __shared__ __align__(16) unsigned short vs[AM_TILE][DP + 8];
     __shared__ float mk[AM_TILE];
@@ -187,7 +205,7 @@ __device__ void attention_fwd_mma(float* out, float* lse, const float* q, const 
     const float scale = 1.0f / sqrtf((float)d);
     const bool dropping = drop.p > 0.0f;
     unsigned qa[DP / 16][4];
-    am_load_a<Tag, DP>(qa, q, bi, hi, row0, t, h, d);
+    am_load_a<Tag, DP>(qa, q, bi, hi, row0, t, h, d, io);
     float acc[DP / 8][4];
 #pragma unroll
     for (int nd = 0; nd < DP / 8; ++nd)
@@ -199,8 +217,8 @@ __device__ void attention_fwd_mma(float* out, float* lse, const float* q, const 
 
     for (int j0 = 0; j0 < t; j0 += AM_TILE) {
         __syncthreads();  // the previous tile is consumed
-        am_load_tile<Tag, DP>(ks, k, bi, hi, j0, t, h, d);
-        am_load_tile<Tag, DP>(vs, v, bi, hi, j0, t, h, d);
+        am_load_tile<Tag, DP>(ks, k, bi, hi, j0, t, h, d, io);
+        am_load_tile<Tag, DP>(vs, v, bi, hi, j0, t, h, d, io);
         if (threadIdx.x < AM_TILE) {
             const int j = j0 + threadIdx.x;
             mk[threadIdx.x] = j < t ? mask[bi * t + j] : 0.0f;
@@ -263,15 +281,15 @@ __device__ void attention_fwd_mma(float* out, float* lse, const float* q, const 
         if ((lane & 3) == 0 && row < t)
             lse[((size_t)bi * h + hi) * t + row] = l[half] > 0.0f ? (big[half] + log2f(l[half])) * AM_LN2 : NEG_INF;
     }
-    am_store<Tag, DP>(out, acc, inv, bi, hi, row0, t, h, d);
+    am_store<Tag, DP>(out, acc, inv, bi, hi, row0, t, h, d, io);
 }
 
 // Backward, part 1: dQ (overwritten) and D = rowsum(dO * O) [b, h, t] for part 2.
 // Grid and block as the forward kernel.
 template <typename Tag, int DP>
-__device__ void attention_bwd_dq_mma(float* dq, float* dvec, const float* dout, const float* q, const float* k,
-                                     const float* v, const float* out, const float* lse, const float* mask, int b,
-                                     int t, int h, int d, DropoutArgs drop) {
+__device__ void attention_bwd_dq_mma(void* dq, float* dvec, const void* dout, const void* q, const void* k,
+                                     const void* v, const void* out, const float* lse, const float* mask, int b,
+                                     int t, int h, int d, DropoutArgs drop, int io) {
     __shared__ __align__(16) unsigned short ks[AM_TILE][DP + 8];
     __shared__ __align__(16) unsigned short vs[AM_TILE][DP + 8];
     __shared__ float mk[AM_TILE];
@@ -281,8 +299,8 @@ __device__ void attention_bwd_dq_mma(float* dq, float* dvec, const float* dout, 
     const float scale = 1.0f / sqrtf((float)d);
     const bool dropping = drop.p > 0.0f;
     unsigned qa[DP / 16][4], ga[DP / 16][4];
-    am_load_a<Tag, DP>(qa, q, bi, hi, row0, t, h, d);
-    am_load_a<Tag, DP>(ga, dout, bi, hi, row0, t, h, d);
+    am_load_a<Tag, DP>(qa, q, bi, hi, row0, t, h, d, io);
+    am_load_a<Tag, DP>(ga, dout, bi, hi, row0, t, h, d, io);
     float dd[2], ls2[2];  // D and lse * log2(e) of rows g and g + 8
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -290,7 +308,7 @@ __device__ void attention_bwd_dq_mma(float* dq, float* dvec, const float* dout, 
         float part = 0.0f;
         if (row < t) {
             const size_t o = am_off(bi, row, hi, t, h, d);
-            for (int e = lane & 3; e < d; e += 4) part += round16(dout[o + e], Tag()) * round16(out[o + e], Tag());
+            for (int e = lane & 3; e < d; e += 4) part += am_val<Tag>(dout, io, o + e) * am_val<Tag>(out, io, o + e);
         }
         dd[half] = quad_sum(part);
         const size_t r = ((size_t)bi * h + hi) * t + row;
@@ -305,8 +323,8 @@ __device__ void attention_bwd_dq_mma(float* dq, float* dvec, const float* dout, 
 
     for (int j0 = 0; j0 < t; j0 += AM_TILE) {
         __syncthreads();
-        am_load_tile<Tag, DP>(ks, k, bi, hi, j0, t, h, d);
-        am_load_tile<Tag, DP>(vs, v, bi, hi, j0, t, h, d);
+        am_load_tile<Tag, DP>(ks, k, bi, hi, j0, t, h, d, io);
+        am_load_tile<Tag, DP>(vs, v, bi, hi, j0, t, h, d, io);
         if (threadIdx.x < AM_TILE) {
             const int j = j0 + threadIdx.x;
             mk[threadIdx.x] = j < t ? mask[bi * t + j] : 0.0f;
@@ -339,16 +357,16 @@ __device__ void attention_bwd_dq_mma(float* dq, float* dvec, const float* dout, 
     }
     if (row0 >= t) return;
     const float one[2] = {1.0f, 1.0f};
-    am_store<Tag, DP>(dq, acc, one, bi, hi, row0, t, h, d);
+    am_store<Tag, DP>(dq, acc, one, bi, hi, row0, t, h, d, io);
 }
 
 // Backward, part 2: dK, dV (overwritten); each warp owns 16 key rows and streams tiles of
 // AM_TILE queries. A padding key has p = 0 in every row: its dK, dV are zero.
 // Grid and block as the forward kernel.
 template <typename Tag, int DP>
-__device__ void attention_bwd_dkdv_mma(float* dk, float* dv, const float* dout, const float* q, const float* k,
-                                       const float* v, const float* lse, const float* dvec, const float* mask, int b,
-                                       int t, int h, int d, DropoutArgs drop) {
+__device__ void attention_bwd_dkdv_mma(void* dk, void* dv, const void* dout, const void* q, const void* k,
+                                       const void* v, const float* lse, const float* dvec, const float* mask, int b,
+                                       int t, int h, int d, DropoutArgs drop, int io) {
     __shared__ __align__(16) unsigned short qs[AM_TILE][DP + 8];
     __shared__ __align__(16) unsigned short gs[AM_TILE][DP + 8];
     __shared__ float ls2[AM_TILE], dd[AM_TILE];
@@ -358,8 +376,8 @@ __device__ void attention_bwd_dkdv_mma(float* dk, float* dv, const float* dout, 
     const float scale = 1.0f / sqrtf((float)d);
     const bool dropping = drop.p > 0.0f;
     unsigned ka[DP / 16][4], va[DP / 16][4];
-    am_load_a<Tag, DP>(ka, k, bi, hi, row0, t, h, d);
-    am_load_a<Tag, DP>(va, v, bi, hi, row0, t, h, d);
+    am_load_a<Tag, DP>(ka, k, bi, hi, row0, t, h, d, io);
+    am_load_a<Tag, DP>(va, v, bi, hi, row0, t, h, d, io);
     bool key_on[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -374,8 +392,8 @@ __device__ void attention_bwd_dkdv_mma(float* dk, float* dv, const float* dout, 
 
     for (int i0 = 0; i0 < t; i0 += AM_TILE) {
         __syncthreads();
-        am_load_tile<Tag, DP>(qs, q, bi, hi, i0, t, h, d);
-        am_load_tile<Tag, DP>(gs, dout, bi, hi, i0, t, h, d);
+        am_load_tile<Tag, DP>(qs, q, bi, hi, i0, t, h, d, io);
+        am_load_tile<Tag, DP>(gs, dout, bi, hi, i0, t, h, d, io);
         if (threadIdx.x < AM_TILE) {
             const int i = i0 + threadIdx.x;
             const size_t r = ((size_t)bi * h + hi) * t + i;
@@ -412,110 +430,111 @@ __device__ void attention_bwd_dkdv_mma(float* dk, float* dv, const float* dout, 
     }
     if (row0 >= t) return;
     const float one[2] = {1.0f, 1.0f};
-    am_store<Tag, DP>(dk, adk, one, bi, hi, row0, t, h, d);
-    am_store<Tag, DP>(dv, adv, one, bi, hi, row0, t, h, d);
+    am_store<Tag, DP>(dk, adk, one, bi, hi, row0, t, h, d, io);
+    am_store<Tag, DP>(dv, adv, one, bi, hi, row0, t, h, d, io);
 }
 
 // ---- entry points: {fwd, bwd_dq, bwd_dkdv} x {bf16, f16} x padded head dim {32, 64, 128} ----
-extern "C" __global__ void attention_fwd_mma_bf16_d32(float* out, float* lse, const float* q, const float* k,
-                                                   const float* v, const float* mask, int b, int t, int h, int d,
-                                                   DropoutArgs drop) {
-    attention_fwd_mma<Bf16Tag, 32>(out, lse, q, k, v, mask, b, t, h, d, drop);
+// The parameters of kernels/attention.cu's fp32 twins, the activations untyped, and io.
+extern "C" __global__ void attention_fwd_mma_bf16_d32(void* out, float* lse, const void* q, const void* k,
+                                                   const void* v, const float* mask, int b, int t, int h, int d,
+                                                   DropoutArgs drop, int io) {
+    attention_fwd_mma<Bf16Tag, 32>(out, lse, q, k, v, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_bwd_dq_mma_bf16_d32(float* dq, float* dvec, const float* dout, const float* q,
-                                                      const float* k, const float* v, const float* out,
+extern "C" __global__ void attention_bwd_dq_mma_bf16_d32(void* dq, float* dvec, const void* dout, const void* q,
+                                                      const void* k, const void* v, const void* out,
                                                       const float* lse, const float* mask, int b, int t, int h, int d,
-                                                      DropoutArgs drop) {
-    attention_bwd_dq_mma<Bf16Tag, 32>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
+                                                      DropoutArgs drop, int io) {
+    attention_bwd_dq_mma<Bf16Tag, 32>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_bwd_dkdv_mma_bf16_d32(float* dk, float* dv, const float* dout, const float* q,
-                                                        const float* k, const float* v, const float* lse,
+extern "C" __global__ void attention_bwd_dkdv_mma_bf16_d32(void* dk, void* dv, const void* dout, const void* q,
+                                                        const void* k, const void* v, const float* lse,
                                                         const float* dvec, const float* mask, int b, int t, int h,
-                                                        int d, DropoutArgs drop) {
-    attention_bwd_dkdv_mma<Bf16Tag, 32>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
+                                                        int d, DropoutArgs drop, int io) {
+    attention_bwd_dkdv_mma<Bf16Tag, 32>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_fwd_mma_bf16_d64(float* out, float* lse, const float* q, const float* k,
-                                                   const float* v, const float* mask, int b, int t, int h, int d,
-                                                   DropoutArgs drop) {
-    attention_fwd_mma<Bf16Tag, 64>(out, lse, q, k, v, mask, b, t, h, d, drop);
+extern "C" __global__ void attention_fwd_mma_bf16_d64(void* out, float* lse, const void* q, const void* k,
+                                                   const void* v, const float* mask, int b, int t, int h, int d,
+                                                   DropoutArgs drop, int io) {
+    attention_fwd_mma<Bf16Tag, 64>(out, lse, q, k, v, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_bwd_dq_mma_bf16_d64(float* dq, float* dvec, const float* dout, const float* q,
-                                                      const float* k, const float* v, const float* out,
+extern "C" __global__ void attention_bwd_dq_mma_bf16_d64(void* dq, float* dvec, const void* dout, const void* q,
+                                                      const void* k, const void* v, const void* out,
                                                       const float* lse, const float* mask, int b, int t, int h, int d,
-                                                      DropoutArgs drop) {
-    attention_bwd_dq_mma<Bf16Tag, 64>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
+                                                      DropoutArgs drop, int io) {
+    attention_bwd_dq_mma<Bf16Tag, 64>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_bwd_dkdv_mma_bf16_d64(float* dk, float* dv, const float* dout, const float* q,
-                                                        const float* k, const float* v, const float* lse,
+extern "C" __global__ void attention_bwd_dkdv_mma_bf16_d64(void* dk, void* dv, const void* dout, const void* q,
+                                                        const void* k, const void* v, const float* lse,
                                                         const float* dvec, const float* mask, int b, int t, int h,
-                                                        int d, DropoutArgs drop) {
-    attention_bwd_dkdv_mma<Bf16Tag, 64>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
+                                                        int d, DropoutArgs drop, int io) {
+    attention_bwd_dkdv_mma<Bf16Tag, 64>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_fwd_mma_bf16_d128(float* out, float* lse, const float* q, const float* k,
-                                                   const float* v, const float* mask, int b, int t, int h, int d,
-                                                   DropoutArgs drop) {
-    attention_fwd_mma<Bf16Tag, 128>(out, lse, q, k, v, mask, b, t, h, d, drop);
+extern "C" __global__ void attention_fwd_mma_bf16_d128(void* out, float* lse, const void* q, const void* k,
+                                                   const void* v, const float* mask, int b, int t, int h, int d,
+                                                   DropoutArgs drop, int io) {
+    attention_fwd_mma<Bf16Tag, 128>(out, lse, q, k, v, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_bwd_dq_mma_bf16_d128(float* dq, float* dvec, const float* dout, const float* q,
-                                                      const float* k, const float* v, const float* out,
+extern "C" __global__ void attention_bwd_dq_mma_bf16_d128(void* dq, float* dvec, const void* dout, const void* q,
+                                                      const void* k, const void* v, const void* out,
                                                       const float* lse, const float* mask, int b, int t, int h, int d,
-                                                      DropoutArgs drop) {
-    attention_bwd_dq_mma<Bf16Tag, 128>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
+                                                      DropoutArgs drop, int io) {
+    attention_bwd_dq_mma<Bf16Tag, 128>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_bwd_dkdv_mma_bf16_d128(float* dk, float* dv, const float* dout, const float* q,
-                                                        const float* k, const float* v, const float* lse,
+extern "C" __global__ void attention_bwd_dkdv_mma_bf16_d128(void* dk, void* dv, const void* dout, const void* q,
+                                                        const void* k, const void* v, const float* lse,
                                                         const float* dvec, const float* mask, int b, int t, int h,
-                                                        int d, DropoutArgs drop) {
-    attention_bwd_dkdv_mma<Bf16Tag, 128>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
+                                                        int d, DropoutArgs drop, int io) {
+    attention_bwd_dkdv_mma<Bf16Tag, 128>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_fwd_mma_f16_d32(float* out, float* lse, const float* q, const float* k,
-                                                   const float* v, const float* mask, int b, int t, int h, int d,
-                                                   DropoutArgs drop) {
-    attention_fwd_mma<F16Tag, 32>(out, lse, q, k, v, mask, b, t, h, d, drop);
+extern "C" __global__ void attention_fwd_mma_f16_d32(void* out, float* lse, const void* q, const void* k,
+                                                   const void* v, const float* mask, int b, int t, int h, int d,
+                                                   DropoutArgs drop, int io) {
+    attention_fwd_mma<F16Tag, 32>(out, lse, q, k, v, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_bwd_dq_mma_f16_d32(float* dq, float* dvec, const float* dout, const float* q,
-                                                      const float* k, const float* v, const float* out,
+extern "C" __global__ void attention_bwd_dq_mma_f16_d32(void* dq, float* dvec, const void* dout, const void* q,
+                                                      const void* k, const void* v, const void* out,
                                                       const float* lse, const float* mask, int b, int t, int h, int d,
-                                                      DropoutArgs drop) {
-    attention_bwd_dq_mma<F16Tag, 32>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
+                                                      DropoutArgs drop, int io) {
+    attention_bwd_dq_mma<F16Tag, 32>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_bwd_dkdv_mma_f16_d32(float* dk, float* dv, const float* dout, const float* q,
-                                                        const float* k, const float* v, const float* lse,
+extern "C" __global__ void attention_bwd_dkdv_mma_f16_d32(void* dk, void* dv, const void* dout, const void* q,
+                                                        const void* k, const void* v, const float* lse,
                                                         const float* dvec, const float* mask, int b, int t, int h,
-                                                        int d, DropoutArgs drop) {
-    attention_bwd_dkdv_mma<F16Tag, 32>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
+                                                        int d, DropoutArgs drop, int io) {
+    attention_bwd_dkdv_mma<F16Tag, 32>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_fwd_mma_f16_d64(float* out, float* lse, const float* q, const float* k,
-                                                   const float* v, const float* mask, int b, int t, int h, int d,
-                                                   DropoutArgs drop) {
-    attention_fwd_mma<F16Tag, 64>(out, lse, q, k, v, mask, b, t, h, d, drop);
+extern "C" __global__ void attention_fwd_mma_f16_d64(void* out, float* lse, const void* q, const void* k,
+                                                   const void* v, const float* mask, int b, int t, int h, int d,
+                                                   DropoutArgs drop, int io) {
+    attention_fwd_mma<F16Tag, 64>(out, lse, q, k, v, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_bwd_dq_mma_f16_d64(float* dq, float* dvec, const float* dout, const float* q,
-                                                      const float* k, const float* v, const float* out,
+extern "C" __global__ void attention_bwd_dq_mma_f16_d64(void* dq, float* dvec, const void* dout, const void* q,
+                                                      const void* k, const void* v, const void* out,
                                                       const float* lse, const float* mask, int b, int t, int h, int d,
-                                                      DropoutArgs drop) {
-    attention_bwd_dq_mma<F16Tag, 64>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
+                                                      DropoutArgs drop, int io) {
+    attention_bwd_dq_mma<F16Tag, 64>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_bwd_dkdv_mma_f16_d64(float* dk, float* dv, const float* dout, const float* q,
-                                                        const float* k, const float* v, const float* lse,
+extern "C" __global__ void attention_bwd_dkdv_mma_f16_d64(void* dk, void* dv, const void* dout, const void* q,
+                                                        const void* k, const void* v, const float* lse,
                                                         const float* dvec, const float* mask, int b, int t, int h,
-                                                        int d, DropoutArgs drop) {
-    attention_bwd_dkdv_mma<F16Tag, 64>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
+                                                        int d, DropoutArgs drop, int io) {
+    attention_bwd_dkdv_mma<F16Tag, 64>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_fwd_mma_f16_d128(float* out, float* lse, const float* q, const float* k,
-                                                   const float* v, const float* mask, int b, int t, int h, int d,
-                                                   DropoutArgs drop) {
-    attention_fwd_mma<F16Tag, 128>(out, lse, q, k, v, mask, b, t, h, d, drop);
+extern "C" __global__ void attention_fwd_mma_f16_d128(void* out, float* lse, const void* q, const void* k,
+                                                   const void* v, const float* mask, int b, int t, int h, int d,
+                                                   DropoutArgs drop, int io) {
+    attention_fwd_mma<F16Tag, 128>(out, lse, q, k, v, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_bwd_dq_mma_f16_d128(float* dq, float* dvec, const float* dout, const float* q,
-                                                      const float* k, const float* v, const float* out,
+extern "C" __global__ void attention_bwd_dq_mma_f16_d128(void* dq, float* dvec, const void* dout, const void* q,
+                                                      const void* k, const void* v, const void* out,
                                                       const float* lse, const float* mask, int b, int t, int h, int d,
-                                                      DropoutArgs drop) {
-    attention_bwd_dq_mma<F16Tag, 128>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
+                                                      DropoutArgs drop, int io) {
+    attention_bwd_dq_mma<F16Tag, 128>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop, io);
 }
-extern "C" __global__ void attention_bwd_dkdv_mma_f16_d128(float* dk, float* dv, const float* dout, const float* q,
-                                                        const float* k, const float* v, const float* lse,
+extern "C" __global__ void attention_bwd_dkdv_mma_f16_d128(void* dk, void* dv, const void* dout, const void* q,
+                                                        const void* k, const void* v, const float* lse,
                                                         const float* dvec, const float* mask, int b, int t, int h,
-                                                        int d, DropoutArgs drop) {
-    attention_bwd_dkdv_mma<F16Tag, 128>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
+                                                        int d, DropoutArgs drop, int io) {
+    attention_bwd_dkdv_mma<F16Tag, 128>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop, io);
 }

@@ -22,6 +22,26 @@ template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
 
+// ---- storage types -------------------------------------------------------------------------
+// A buffer an op may receive in 16-bit storage comes as a `void*` with a storage code next to
+// it (`int *_t`: 0 fp32, 1 bf16, 2 fp16; src/backend/cuda/mod.rs `CudaBuf::code`, the same
+// codes as `round_as` below). Arithmetic is fp32 whatever the storage: `ld` widens, `st`
+// rounds to nearest even into 16 bits (what `round_as` gives, stored). The branch is
+// uniform across a launch. A kernel's `_f32` suffix names its arithmetic, not its storage.
+__device__ __forceinline__ float ld(const void* p, int t, size_t i) {
+    return t == 0   ? ((const float*)p)[i]
+           : t == 1 ? __bfloat162float(((const bf16*)p)[i])
+                    : __half2float(((const __half*)p)[i]);
+}
+__device__ __forceinline__ void st(void* p, int t, size_t i, float v) {
+    if (t == 0)
+        ((float*)p)[i] = v;
+    else if (t == 1)
+        ((bf16*)p)[i] = __float2bfloat16_rn(v);
+    else
+        ((__half*)p)[i] = __float2half_rn(v);
+}
+
 // x rounded to the precision whose code `mode` the launcher passes (0 fp32: unchanged,
 // 1 bf16, 2 fp16; src/backend/cuda/mod.rs `round_code`) and widened back, as
 // kernels/quantize.cu rounds: ops that write a buffer the next GEMM reads in 16 bits round

@@ -11,36 +11,22 @@ __device__ __forceinline__ float gelu_grad(float x) {
     return cdf + x * pdf;
 }
 
-// out = round_as(gelu(inp + bias), round), rows of width c. One thread per element.
-template <typename T>
-__device__ void bias_gelu_fwd(T* out, const T* inp, const float* bias, int n, int c, int round) {
+// out = round_as(gelu(inp + bias), round), rows of width c. One thread per element. out
+// and inp in their storage types (common.cuh `ld` / `st`; out is 16-bit in bf16 / fp16).
+extern "C" __global__ void bias_gelu_fwd_f32(void* out, int out_t, const void* inp, int inp_t, const float* bias,
+                                             int n, int c, int round) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)n * c) return;
-    out[i] = from_f32<T>(round_as(gelu(to_f32(inp[i]) + bias[i % c]), round));
-}
-extern "C" __global__ void bias_gelu_fwd_f32(float* out, const float* inp, const float* bias, int n, int c,
-                                             int round) {
-    bias_gelu_fwd<float>(out, inp, bias, n, c, round);
-}
-extern "C" __global__ void bias_gelu_fwd_bf16(bf16* out, const bf16* inp, const float* bias, int n, int c,
-                                              int round) {
-    bias_gelu_fwd<bf16>(out, inp, bias, n, c, round);
+    st(out, out_t, i, round_as(gelu(ld(inp, inp_t, i) + bias[i % c]), round));
 }
 
 // dinp = round_as(dout * gelu'(inp + bias), round) (overwritten). One thread per element.
 // The bias gradient is then summed from the stored (rounded) dinp, as the weight gradient
 // GEMM reads it.
-template <typename T>
-__device__ void bias_gelu_bwd_dinp(T* dinp, const T* dout, const T* inp, const float* bias, int n, int c, int round) {
+extern "C" __global__ void bias_gelu_bwd_dinp_f32(void* dinp, int dinp_t, const void* dout, int dout_t,
+                                                  const void* inp, int inp_t, const float* bias, int n, int c,
+                                                  int round) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)n * c) return;
-    dinp[i] = from_f32<T>(round_as(to_f32(dout[i]) * gelu_grad(to_f32(inp[i]) + bias[i % c]), round));
-}
-extern "C" __global__ void bias_gelu_bwd_dinp_f32(float* dinp, const float* dout, const float* inp, const float* bias,
-                                                  int n, int c, int round) {
-    bias_gelu_bwd_dinp<float>(dinp, dout, inp, bias, n, c, round);
-}
-extern "C" __global__ void bias_gelu_bwd_dinp_bf16(bf16* dinp, const bf16* dout, const bf16* inp, const float* bias,
-                                                   int n, int c, int round) {
-    bias_gelu_bwd_dinp<bf16>(dinp, dout, inp, bias, n, c, round);
+    st(dinp, dinp_t, i, round_as(ld(dout, dout_t, i) * gelu_grad(ld(inp, inp_t, i) + bias[i % c]), round));
 }

@@ -8,37 +8,25 @@
 // does, so the result does not depend on the launch shape.
 #define REDUCE_ROWS 64
 
-// out[r, :] += bias, rows of width cols. One thread per element.
-template <typename T>
-__device__ void add_bias(T* out, const float* bias, int rows, int cols) {
+// out[r, :] += bias, rows of width cols, out in its storage type (common.cuh `ld` / `st`).
+// One thread per element.
+extern "C" __global__ void add_bias_f32(void* out, int out_t, const float* bias, int rows, int cols) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)rows * cols) return;
-    out[i] = from_f32<T>(to_f32(out[i]) + bias[i % cols]);
-}
-extern "C" __global__ void add_bias_f32(float* out, const float* bias, int rows, int cols) {
-    add_bias<float>(out, bias, rows, cols);
-}
-extern "C" __global__ void add_bias_bf16(bf16* out, const float* bias, int rows, int cols) {
-    add_bias<bf16>(out, bias, rows, cols);
+    st(out, out_t, i, ld(out, out_t, i) + bias[i % cols]);
 }
 
-// partial[k, j] = sum of src[r, j] over rows r of chunk k (REDUCE_ROWS rows, in order).
-// Grid: (ceil(cols / blockDim.x), ceil(rows / REDUCE_ROWS)); one thread per column.
-template <typename T>
-__device__ void col_sum_partials(float* partial, const T* src, int rows, int cols) {
+// partial[k, j] = sum of src[r, j] over rows r of chunk k (REDUCE_ROWS rows, in order),
+// src in its storage type. Grid: (ceil(cols / blockDim.x), ceil(rows / REDUCE_ROWS)); one
+// thread per column.
+extern "C" __global__ void col_sum_partials_f32(float* partial, const void* src, int src_t, int rows, int cols) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     int k = blockIdx.y;
     if (j >= cols) return;
     int r0 = k * REDUCE_ROWS, r1 = min(rows, r0 + REDUCE_ROWS);
     float acc = 0.0f;
-    for (int r = r0; r < r1; ++r) acc += to_f32(src[(size_t)r * cols + j]);
+    for (int r = r0; r < r1; ++r) acc += ld(src, src_t, (size_t)r * cols + j);
     partial[(size_t)k * cols + j] = acc;
-}
-extern "C" __global__ void col_sum_partials_f32(float* partial, const float* src, int rows, int cols) {
-    col_sum_partials<float>(partial, src, rows, cols);
-}
-extern "C" __global__ void col_sum_partials_bf16(float* partial, const bf16* src, int rows, int cols) {
-    col_sum_partials<bf16>(partial, src, rows, cols);
 }
 
 // dst[j] += partial[0, j], then += partial[1, j], ... (accumulates, as parameter
@@ -52,10 +40,7 @@ extern "C" __global__ void col_partials_add_f32(float* dst, const float* partial
 }
 
 // dst[..n] += src[..n]
-template <typename T>
-__device__ void add_inplace(T* dst, const T* src, int n) {
+extern "C" __global__ void add_inplace_f32(float* dst, const float* src, int n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] = from_f32<T>(to_f32(dst[i]) + to_f32(src[i]));
+    if (i < n) dst[i] += src[i];
 }
-extern "C" __global__ void add_inplace_f32(float* dst, const float* src, int n) { add_inplace<float>(dst, src, n); }
-extern "C" __global__ void add_inplace_bf16(bf16* dst, const bf16* src, int n) { add_inplace<bf16>(dst, src, n); }

@@ -16,8 +16,13 @@
 #pragma once
 #include "common.cuh"
 
-struct Bf16Tag {};
-struct F16Tag {};
+// CODE: the storage code of the type (common.cuh `ld` / `st`, `round_as`).
+struct Bf16Tag {
+    static constexpr int CODE = 1;
+};
+struct F16Tag {
+    static constexpr int CODE = 2;
+};
 
 __device__ __forceinline__ unsigned short to_bits(float x, Bf16Tag) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(x));

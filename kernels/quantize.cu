@@ -20,3 +20,11 @@ extern "C" __global__ void quantize_fp16_f32(float* x, int n) {
     if (i >= n) return;
     x[i] = round_as(x[i], 2);
 }
+
+// dst[i] = src[i] converted between storage types (common.cuh `ld` / `st`: rounded to
+// nearest even into 16 bits, exact into fp32). One thread per element.
+extern "C" __global__ void convert_f32(void* dst, int dst_t, const void* src, int src_t, int n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    st(dst, dst_t, i, ld(src, src_t, i));
+}

@@ -3,20 +3,14 @@
 // Indices come from the host batcher and are not checked here.
 #include "common.cuh"
 
-// out[r, :] = src[idx[r], :] for r < m. One block per output row.
-template <typename T>
-__device__ void gather_rows(float* out, const T* src, const int* idx, int m, int c) {
+// out[r, :] = src[idx[r], :] for r < m, src in its storage type (the final hidden states
+// are 16-bit in the bf16 / fp16 modes). One block per output row.
+extern "C" __global__ void gather_rows_f32(float* out, const void* src, int src_t, const int* idx, int m, int c) {
     int r = blockIdx.x;
     if (r >= m) return;
-    const T* s = src + (size_t)idx[r] * c;
+    const size_t s = (size_t)idx[r] * c;
     float* o = out + (size_t)r * c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) o[j] = to_f32(s[j]);
-}
-extern "C" __global__ void gather_rows_f32(float* out, const float* src, const int* idx, int m, int c) {
-    gather_rows<float>(out, src, idx, m, c);
-}
-extern "C" __global__ void gather_rows_bf16(float* out, const bf16* src, const int* idx, int m, int c) {
-    gather_rows<bf16>(out, src, idx, m, c);
+    for (int j = threadIdx.x; j < c; j += blockDim.x) o[j] = ld(src, src_t, s + j);
 }
 
 // dst[idx[r], :] += src[r, :] for r < m (accumulates; repeated indices added in row order

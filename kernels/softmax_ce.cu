@@ -35,33 +35,23 @@ __device__ void softmax_ce_fwd(float* losses, const T* logits, const int* labels
 extern "C" __global__ void softmax_ce_fwd_f32(float* losses, const float* logits, const int* labels, int n, int v) {
     softmax_ce_fwd<float>(losses, logits, labels, n, v);
 }
-extern "C" __global__ void softmax_ce_fwd_bf16(float* losses, const bf16* logits, const int* labels, int n, int v) {
-    softmax_ce_fwd<bf16>(losses, logits, labels, n, v);
-}
 
-// dlogits[r] = scale * (softmax(logits[r]) - onehot(label)), zero rows when ignored.
-template <typename T>
-__device__ void softmax_ce_bwd(T* dlogits, const T* logits, const int* labels, int n, int v, float scale) {
+// dlogits[r] = scale * (softmax(logits[r]) - onehot(label)), zero rows when ignored;
+// dlogits in its storage type (16-bit in bf16 / fp16: the GEMMs that read it next do).
+extern "C" __global__ void softmax_ce_bwd_f32(void* dlogits, int dlogits_t, const float* logits, const int* labels,
+                                              int n, int v, float scale) {
     int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (r >= n) return;
     int y = labels[r];
-    T* d = dlogits + (size_t)r * v;
+    const size_t d = (size_t)r * v;
     if (y == IGNORE_INDEX) {
-        for (int j = lane; j < v; j += 32) d[j] = from_f32<T>(0.0f);
+        for (int j = lane; j < v; j += 32) st(dlogits, dlogits_t, d + j, 0.0f);
         return;
     }
-    const T* row = logits + (size_t)r * v;
+    const float* row = logits + (size_t)r * v;
     float m, s;
     row_stats(row, v, &m, &s);
     for (int j = lane; j < v; j += 32)
-        d[j] = from_f32<T>(scale * (expf(to_f32(row[j]) - m) / s - (j == y ? 1.0f : 0.0f)));
-}
-extern "C" __global__ void softmax_ce_bwd_f32(float* dlogits, const float* logits, const int* labels, int n, int v,
-                                              float scale) {
-    softmax_ce_bwd<float>(dlogits, logits, labels, n, v, scale);
-}
-extern "C" __global__ void softmax_ce_bwd_bf16(bf16* dlogits, const bf16* logits, const int* labels, int n, int v,
-                                               float scale) {
-    softmax_ce_bwd<bf16>(dlogits, logits, labels, n, v, scale);
+        st(dlogits, dlogits_t, d + j, scale * (expf(row[j] - m) / s - (j == y ? 1.0f : 0.0f)));
 }

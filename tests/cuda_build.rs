@@ -272,11 +272,14 @@ fn launchers_match_the_kernels_they_launch() {
         );
     }
     // The tensor-core kernels are launched by a computed name with their fp32 twin's
-    // arguments (src/backend/cuda/attention.rs): their parameters must be the twin's.
+    // arguments and then `io`, the activations' storage (src/backend/cuda/attention.rs):
+    // their parameters must be the twin's and io.
     let mut mma = 0;
     for (k, p) in params.iter().filter(|(k, _)| k.contains("_mma_")) {
         let twin = format!("{}_f32", &k[..k.find("_mma_").unwrap()]);
-        assert_eq!(Some(p), params.get(&twin), "{k}: parameters differ from {twin}'s");
+        let mut want = params.get(&twin).cloned().unwrap_or_default();
+        want.push("io".to_string());
+        assert_eq!(p, &want, "{k}: parameters differ from {twin}'s and io");
         mma += 1;
     }
     assert_eq!(mma, 18, "tensor-core attention entry points");

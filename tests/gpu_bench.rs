@@ -100,11 +100,11 @@ fn minilm_step() {
         tokens / tg,
         tg * 1e3
     );
-    // bf16: GEMMs on tensor cores (inputs rounded, fp32 buffers)
+    // bf16: GEMMs and attention on tensor cores, their operands stored in 16 bits
     let g = Cuda::new(0).expect("the device opened a moment ago");
     let tb = step_time(g, 10, |g: &Cuda| g.synchronize(), Precision::Bf16);
     println!(
-        "BENCH minilm_step_gpu_bf16 {:.1} tokens/s ({:.2} ms/step, bf16 GEMMs on tensor cores, {name})",
+        "BENCH minilm_step_gpu_bf16 {:.1} tokens/s ({:.2} ms/step, bf16 storage, tensor cores, {name})",
         tokens / tb,
         tb * 1e3
     );
@@ -206,38 +206,59 @@ fn kernels() {
         g.upload(&mut buf, x);
         buf
     };
+    // bf16 operands stored as a bf16 step stores them (alloc_rounded: 16 bits), fp32 output
+    let lo = |x: &[f32]| {
+        let mut buf = g.alloc_rounded(x.len(), Precision::Bf16);
+        let r: Vec<f32> = x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        g.upload(&mut buf, &r);
+        buf
+    };
     let (ga, gb, mut gc) = (up(&fill(n * c)), up(&fill(f * c)), g.alloc(n * f));
+    let (la, lb) = (lo(&fill(n * c)), lo(&fill(f * c)));
     let gemm_flops = 2.0 * (n * f * c) as f64;
-    let mut gemm =
-        |p: Precision| gemm_flops / per_call(&g, 20, || g.gemm(&mut gc, &ga, &gb, n, f, c, false, true, 1.0, 0.0, p));
-    let (bf16_rate, fp32_rate) = (gemm(Precision::Bf16), gemm(Precision::Fp32));
+    let bf16_rate = gemm_flops
+        / per_call(&g, 20, || {
+            g.gemm(&mut gc, &la, &lb, n, f, c, false, true, 1.0, 0.0, Precision::Bf16)
+        });
+    let fp32_rate = gemm_flops
+        / per_call(&g, 20, || {
+            g.gemm(&mut gc, &ga, &gb, n, f, c, false, true, 1.0, 0.0, Precision::Fp32)
+        });
     println!(
         "BENCH floor_copy_bandwidth {:.0} GB/s (device-to-device copy, read + write)",
         bw / 1e9
     );
     println!(
-        "BENCH floor_gemm_bf16 {:.1} TFLOP/s ({n}x{f}x{c}, the backend's gemm: cuBLASLt FAST_16BF on fp32 buffers)",
+        "BENCH floor_gemm_bf16 {:.1} TFLOP/s ({n}x{f}x{c}, the backend's gemm on bf16 operands, fp32 out)",
         bf16_rate / 1e12
     );
     println!("BENCH floor_gemm_fp32 {:.1} TFLOP/s ({n}x{f}x{c})", fp32_rate / 1e12);
-    // The same GEMM shapes with the operands stored in bf16 (what bf16 storage would give)
-    // against the backend's gemm on fp32 buffers holding bf16 values (cuBLASLt
-    // FAST_16BF): how much of the GEMM time the fp32 storage costs.
+    // The step's GEMM shapes: the backend's gemm on 16-bit operands (what a bf16 step runs)
+    // against plain cublasGemmEx on bf16 (the floor), and against the same product on fp32
+    // buffers holding bf16 values (cuBLASLt FAST_16BF: the path before 16-bit storage).
     for (what, mnk) in [("ffn-in", (f, n, c)), ("ffn-out", (c, n, f)), ("qkvo", (c, n, c))] {
         let native = deepcut_fast::backend::cuda::gemm::bf16_gemm_rate_at(&g, mnk, true, 10)
             .expect("bf16 GEMM with fp32 output");
         let (mm, nn, kk) = mnk;
-        let (a, b, mut out) = (up(&fill(nn * kk)), up(&fill(mm * kk)), g.alloc(nn * mm));
-        let ours = 2.0 * (mm * nn * kk) as f64
+        let flops = 2.0 * (mm * nn * kk) as f64;
+        let mut out = g.alloc(nn * mm);
+        let (a16, b16) = (lo(&fill(nn * kk)), lo(&fill(mm * kk)));
+        let ours = flops
+            / per_call(&g, 20, || {
+                g.gemm(&mut out, &a16, &b16, nn, mm, kk, false, true, 1.0, 0.0, Precision::Bf16)
+            });
+        let (a, b) = (up(&fill(nn * kk)), up(&fill(mm * kk)));
+        let fp32_buffers = flops
             / per_call(&g, 20, || {
                 g.gemm(&mut out, &a, &b, nn, mm, kk, false, true, 1.0, 0.0, Precision::Bf16)
             });
         println!(
-            "BENCH gemm_{what}_bf16_storage {:.1} TFLOP/s native bf16 operands, {:.1} TFLOP/s ours on fp32 buffers \
-             ({:.0}%; {nn}x{mm}x{kk})",
-            native / 1e12,
+            "BENCH gemm_{what}_bf16 {:.1} TFLOP/s ours on 16-bit operands ({:.0}% of cublasGemmEx's {:.1}); \
+             {:.1} TFLOP/s on fp32 buffers ({nn}x{mm}x{kk})",
             ours / 1e12,
-            100.0 * ours / native
+            100.0 * ours / native,
+            native / 1e12,
+            fp32_buffers / 1e12
         );
     }
     println!("kernels at {}", shape.describe());

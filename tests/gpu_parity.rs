@@ -12,7 +12,10 @@
 //! Tolerances (relative L2 error of the whole tensor, `common::rel_l2`):
 //! - fp32 kernels: 1e-5 (SPEC section 7);
 //! - `quantize` (bf16/fp16 rounding) and `copy`: bit-identical (NaN payloads aside);
-//! - the whole step with bf16 emulated on both sides: 1e-2 (SPEC section 7's bf16 bound);
+//! - the whole step in bf16 (16-bit storage on the GPU, its fp32 emulation on the CPU):
+//!   2e-2 (see TOL_STEP_16);
+//! - ops on 16-bit buffers against the same ops on fp32 buffers holding the same values:
+//!   bit-identical;
 //! - ops whose GPU kernel adds in the CPU's order with no multiply to contract (bias and
 //!   column sums, scatter-adds, embedding sums, copies, dropout masks): bit-identical;
 //! - the whole training step composes ~100 ops: 1e-4 (the fp32-mode bound).
@@ -360,7 +363,14 @@ fn gemms_ran_cublaslt_and_the_fallback_agrees() {
         gemm_all_transposes_body(g);
         gemm_on_rounded_inputs_body(g);
         gemm_bias_check(g, what);
+        for prec in [Precision::Bf16, Precision::Fp16] {
+            rounded_storage_gemms(g, prec); // 16-bit operands and outputs, bias epilogue
+        }
     };
+    assert!(
+        stores_16bit(&g, Precision::Bf16) && stores_16bit(&g, Precision::Fp16),
+        "CUDA's alloc_rounded buffers are 16-bit"
+    );
     check_all(&g, "gemm_bias (cuBLASLt)");
     for (bias, kind) in [(false, "gemm"), (true, "gemm_bias")] {
         let (with, without) = g.cublaslt_plans(bias).expect("cuBLASLt opened");
@@ -969,6 +979,361 @@ fn rounding_outputs_are_the_quantized_outputs_body<G: Backend>(g: &G) {
     check(&Cpu, "cpu");
 }
 
+// ---- 16-bit storage --------------------------------------------------------------------------
+
+// `alloc_rounded` buffers (16-bit storage on CUDA in bf16 / fp16) against fp32 buffers
+// holding the same rounded values: every op the encoder runs on them gives the same bits
+// (the kernels are the same, only loads and stores change), and the GEMMs, whose 16-bit
+// operands cuBLAS reads natively, the CPU's products. On the CPU both kinds are fp32
+// buffers: this then only checks the test.
+parity_test!(rounded_storage_matches_fp32_storage, rounded_storage_body);
+fn rounded_storage_body<G: Backend>(g: &G) {
+    for prec in [Precision::Bf16, Precision::Fp16] {
+        rounded_storage_ops(g, prec);
+        rounded_storage_gemms(g, prec);
+    }
+}
+
+/// A buffer made with `alloc_rounded` holding x rounded (what the contract lets it hold).
+fn up_lo<B: Backend>(be: &B, x: &[f32], prec: Precision) -> B::Buf {
+    let mut b = be.alloc_rounded(x.len() + SLACK, prec);
+    be.upload(&mut b, &rounded(x, prec));
+    b
+}
+
+fn rounded(x: &[f32], prec: Precision) -> Vec<f32> {
+    x.iter().map(|&v| round_to(v, prec)).collect()
+}
+
+fn same_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+        panic!(
+            "{what}: differs at {i} of {}: {:e} against {:e}",
+            got.len(),
+            got[i],
+            want[i]
+        );
+    }
+}
+
+fn rounded_storage_ops<G: Backend>(be: &G, prec: Precision) {
+    let tag = format!("{} {prec} storage", be.name());
+    let (n, c) = (67, 96);
+    let len = n * c;
+    let mut rng = Rng(401);
+    let x = rng.vec(len, 3.0);
+    let rx = rounded(&x, prec);
+    // memory: upload and download keep the values, copies convert (into 16-bit storage
+    // rounding as quantize does, so quantize after it changes nothing), zero zeroes
+    let lo = up_lo(be, &x, prec);
+    same_bits(&format!("{tag}: upload then download"), &be.download(&lo, len), &rx);
+    let mut a = be.alloc_rounded(len, prec);
+    be.copy(&mut a, &up(be, &x), len);
+    be.quantize(&mut a, len, prec);
+    same_bits(&format!("{tag}: copy fp32 -> rounded"), &be.download(&a, len), &rx);
+    let mut f = be.alloc(len);
+    be.copy(&mut f, &lo, len);
+    same_bits(&format!("{tag}: copy rounded -> fp32"), &be.download(&f, len), &rx);
+    be.copy(&mut a, &lo, len);
+    be.quantize(&mut a, len, prec);
+    same_bits(
+        &format!("{tag}: copy rounded -> rounded, quantize"),
+        &be.download(&a, len),
+        &rx,
+    );
+    be.zero(&mut a, len);
+    assert!(be.download(&a, len).iter().all(|v| v.to_bits() == 0), "{tag}: zero");
+
+    // the encoder's element-wise ops with their 16-bit operands in either storage
+    let (res, w, bias, dy) = (rng.vec(len, 1.0), rng.vec(c, 1.0), rng.vec(c, 0.5), rng.vec(len, 1.0));
+    let rres = rounded(&res, prec);
+    let (dx, dw, db, ddy) = (up(be, &x), up(be, &w), up(be, &bias), up(be, &dy));
+    let drop = Dropout::new(0.1, 5, 2, 7);
+    let ops = |lo_storage: bool| -> Vec<Vec<f32>> {
+        let mk = |len: usize| {
+            if lo_storage {
+                be.alloc_rounded(len, prec)
+            } else {
+                be.alloc(len)
+            }
+        };
+        let resid = if lo_storage {
+            up_lo(be, &res, prec)
+        } else {
+            up(be, &rres)
+        };
+        let mut outs = Vec::new();
+        let (mut o, mut mean, mut rstd) = (mk(len), be.alloc(n), be.alloc(n));
+        be.dropout_layernorm_fwd(
+            &mut o,
+            &mut mean,
+            &mut rstd,
+            &dx,
+            drop,
+            Some(&resid),
+            &dw,
+            &db,
+            n,
+            c,
+            1e-5,
+            prec,
+        );
+        outs.push(be.download(&o, len));
+        let (mut dsum, mut dinp, mut gw, mut gb) = (be.alloc(len), mk(len), be.alloc(c), be.alloc(c));
+        be.dropout_layernorm_bwd(
+            &mut dsum,
+            Some(&mut dinp),
+            &mut gw,
+            &mut gb,
+            &ddy,
+            &dx,
+            drop,
+            Some(&resid),
+            &dw,
+            &mean,
+            &rstd,
+            n,
+            c,
+            prec,
+        );
+        outs.extend([
+            be.download(&dsum, len),
+            be.download(&dinp, len),
+            be.download(&gw, c),
+            be.download(&gb, c),
+        ]);
+        let mut gbias = be.alloc(c);
+        be.bias_grad(&mut gbias, &dinp, n, c);
+        outs.push(be.download(&gbias, c));
+        let mut g = mk(len);
+        be.bias_gelu_fwd(&mut g, &dx, &db, n, c, prec);
+        outs.push(be.download(&g, len));
+        let (mut dg, mut gbg) = (mk(len), be.alloc(c));
+        be.bias_gelu_bwd(&mut dg, &mut gbg, &ddy, &dx, &db, n, c, prec);
+        outs.extend([be.download(&dg, len), be.download(&gbg, c)]);
+        let mut h = mk(len);
+        be.dropout_fwd(&mut h, &dx, len, drop, prec);
+        outs.push(be.download(&h, len));
+        let mut h2 = mk(len);
+        be.dropout_fwd(&mut h2, &resid, len, drop, prec); // a 16-bit input too
+        outs.push(be.download(&h2, len));
+        let idx: Vec<i32> = (0..40).map(|i| (i * 7 % n) as i32).collect();
+        let mut z = be.alloc(40 * c);
+        be.gather_rows(&mut z, &resid, &up_i(be, &idx), 40, c);
+        outs.push(be.download(&z, 40 * c));
+        let (l, labels) = (
+            13,
+            (0..n).map(|i| if i % 5 == 0 { IGNORE_INDEX } else { (i % 13) as i32 }),
+        );
+        let logits = up(be, &rng_vec(902, n * l, 2.0));
+        let mut dl = mk(n * l);
+        be.softmax_ce_bwd(&mut dl, &logits, &up_i(be, &labels.collect::<Vec<_>>()), n, l, 0.03);
+        be.quantize(&mut dl, n * l, prec);
+        outs.push(be.download(&dl, n * l));
+        outs
+    };
+    let (want, got) = (ops(false), ops(true));
+    let names = [
+        "dropout_layernorm_fwd out",
+        "dropout_layernorm_bwd dsum",
+        "dropout_layernorm_bwd dinp",
+        "dropout_layernorm_bwd dweight",
+        "dropout_layernorm_bwd dbias",
+        "bias_grad of a rounded buffer",
+        "bias_gelu_fwd",
+        "bias_gelu_bwd dinp",
+        "bias_gelu_bwd dbias",
+        "dropout_fwd",
+        "dropout_fwd of a rounded input",
+        "gather_rows of a rounded source",
+        "softmax_ce_bwd",
+    ];
+    assert_eq!(names.len(), want.len());
+    for ((name, g), w) in names.iter().zip(&got).zip(&want) {
+        same_bits(&format!("{tag}: {name}"), g, w);
+    }
+
+    // attention: all of q, k, v, out, dout, dq, dk, dv in 16 bits, or all fp32 (rounded)
+    let (b, t, hh, d) = (2, 37, 2, 32);
+    let na = b * t * hh * d;
+    let mask: Vec<f32> = (0..b * t)
+        .map(|i| if i % t < [t, 20][i / t] { 1.0 } else { 0.0 })
+        .collect();
+    let qkv: Vec<Vec<f32>> = (0..4).map(|s| rng_vec(500 + s, na, 1.5)).collect();
+    let att = |lo_storage: bool| -> Vec<Vec<f32>> {
+        let put = |x: &[f32]| {
+            if lo_storage {
+                up_lo(be, x, prec)
+            } else {
+                up(be, &rounded(x, prec))
+            }
+        };
+        let mk = |len: usize| {
+            if lo_storage {
+                be.alloc_rounded(len, prec)
+            } else {
+                be.alloc(len)
+            }
+        };
+        let (q, k, v, dout, m) = (put(&qkv[0]), put(&qkv[1]), put(&qkv[2]), put(&qkv[3]), up(be, &mask));
+        let (mut out, mut lse) = (mk(na), be.alloc(b * hh * t));
+        be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &m, b, t, hh, d, drop, prec);
+        let (mut dq, mut dk, mut dv) = (mk(na), mk(na), mk(na));
+        be.attention_bwd(
+            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &m, b, t, hh, d, drop, prec,
+        );
+        [&out, &lse, &dq, &dk, &dv]
+            .iter()
+            .map(|x| be.download(x, if std::ptr::eq(*x, &lse) { b * hh * t } else { na }))
+            .collect()
+    };
+    let (want, got) = (att(false), att(true));
+    for ((name, g), w) in ["out", "lse", "dq", "dk", "dv"].iter().zip(&got).zip(&want) {
+        same_bits(&format!("{tag}: attention {name}"), g, w);
+    }
+
+    // AdamW writing the GEMM copy into 16-bit storage
+    let sizes = [5usize, 3000];
+    let adam = |lo_storage: bool| -> Vec<Vec<f32>> {
+        let mut bufs: Vec<[G::Buf; 4]> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &m)| {
+                let vv: Vec<f32> = rng_vec(600 + i as u64, m, 1e-3).iter().map(|x| x.abs()).collect();
+                [
+                    up(be, &rng_vec(610 + i as u64, m, 1.0)),
+                    up(be, &rng_vec(620 + i as u64, m, 0.1)),
+                    be.alloc(m),
+                    up(be, &vv),
+                ]
+            })
+            .collect();
+        let mut lows: Vec<G::Buf> = sizes
+            .iter()
+            .map(|&m| {
+                if lo_storage {
+                    be.alloc_rounded(m, prec)
+                } else {
+                    be.alloc(m)
+                }
+            })
+            .collect();
+        let mut slots: Vec<ParamSlot<'_, G::Buf>> = bufs
+            .iter_mut()
+            .zip(lows.iter_mut())
+            .zip(sizes)
+            .map(|(([p, gr, m, v], low), n)| ParamSlot {
+                param: p,
+                grad: gr,
+                m,
+                v,
+                n,
+                decays: true,
+                low: Some(low),
+            })
+            .collect();
+        be.adamw_all(&mut slots, AdamW::with_lr(1e-3), 1, 1.0, prec);
+        std::mem::drop(slots);
+        lows.iter().zip(sizes).map(|(l, m)| be.download(l, m)).collect()
+    };
+    let (want, got) = (adam(false), adam(true));
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        same_bits(&format!("{tag}: adamw_all rounded copy {i}"), g, w);
+    }
+    eprintln!("{tag}: memory ops, layernorm, gelu, dropout, gather, softmax-CE, attention and AdamW copies match fp32 storage bit for bit");
+}
+
+/// Whether `alloc_rounded(.., prec)` buffers of this backend are stored in 16 bits (a copy
+/// into one rounds): CUDA yes, the CPU no.
+fn stores_16bit<B: Backend>(be: &B, prec: Precision) -> bool {
+    let x = [1.0f32 + 1.0 / 4096.0]; // not a bf16 nor an fp16 value
+    let mut b = be.alloc_rounded(1, prec);
+    be.copy(&mut b, &up(be, &x), 1);
+    be.download(&b, 1)[0] != x[0]
+}
+
+/// Seeded values without threading an Rng through closures.
+fn rng_vec(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    Rng(seed).vec(n, scale)
+}
+
+/// GEMMs on `alloc_rounded` operands against the CPU's product of the same values: fp32
+/// outputs (alpha, beta), and 16-bit outputs with and without the bias epilogue (within
+/// the output's own rounding: one 16-bit ulp, where the GPU's fp32 sum and the CPU's
+/// straddle a rounding boundary).
+fn rounded_storage_gemms<G: Backend>(be: &G, prec: Precision) {
+    let tag = format!("{} {prec} storage", be.name());
+    let out_tol = match prec {
+        Precision::Bf16 => 4e-3,
+        _ => 5e-4,
+    };
+    let mut rng = Rng(411);
+    for (m, n, k) in [(37, 29, 51), (64, 96, 48), (1, 13, 384)] {
+        let (a, b, bias, c0) = (
+            rng.vec(m * k, 1.0),
+            rng.vec(k * n, 1.0),
+            rng.vec(n, 1.0),
+            rng.vec(m * n, 1.0),
+        );
+        let (ra, rb) = (rounded(&a, prec), rounded(&b, prec));
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let what = format!("{tag}: gemm m={m} n={n} k={k} ta={ta} tb={tb}");
+            let (la, lb) = (up_lo(be, &a, prec), up_lo(be, &b, prec));
+            let mut c = up(be, &c0);
+            be.gemm(&mut c, &la, &lb, m, n, k, ta, tb, 0.5, 1.0, prec);
+            // the CPU's product of the same values, into want (alpha, beta)
+            let (ca, cb) = (up(&Cpu, &ra), up(&Cpu, &rb));
+            let cpu = |want: &mut Vec<f32>, alpha: f32, beta: f32| {
+                Cpu.gemm(want, &ca, &cb, m, n, k, ta, tb, alpha, beta, prec)
+            };
+            let mut want = up(&Cpu, &c0);
+            cpu(&mut want, 0.5, 1.0);
+            compare(
+                &format!("{what} fp32 out"),
+                &be.download(&c, m * n),
+                &Cpu.download(&want, m * n),
+                TOL_KERNEL,
+            );
+            let mut c16 = be.alloc_rounded(m * n, prec);
+            be.gemm(&mut c16, &la, &lb, m, n, k, ta, tb, 1.0, 0.0, prec);
+            let mut want = Cpu.alloc(m * n);
+            cpu(&mut want, 1.0, 0.0);
+            let want16 = rounded(&Cpu.download(&want, m * n), prec);
+            let got = be.download(&c16, m * n);
+            compare(&format!("{what} {prec} out"), &got, &want16, out_tol);
+            if stores_16bit(be, prec) {
+                let off = got
+                    .iter()
+                    .filter(|&&v| v.to_bits() != round_to(v, prec).to_bits())
+                    .count();
+                assert_eq!(off, 0, "{what}: {off} values of a 16-bit output are not {prec} values");
+            }
+            be.gemm_bias(&mut c16, &la, &lb, &up(be, &bias), m, n, k, ta, tb, prec);
+            let mut want = Cpu.alloc(m * n);
+            Cpu.gemm_bias(
+                &mut want,
+                &up(&Cpu, &ra),
+                &up(&Cpu, &rb),
+                &up(&Cpu, &bias),
+                m,
+                n,
+                k,
+                ta,
+                tb,
+                prec,
+            );
+            let want16 = rounded(&Cpu.download(&want, m * n), prec);
+            compare(
+                &format!("{what} gemm_bias {prec} out"),
+                &be.download(&c16, m * n),
+                &want16,
+                out_tol,
+            );
+        }
+    }
+}
+
 parity_test!(dropout_masks_are_the_cpu_masks, dropout_masks_are_the_cpu_masks_body);
 fn dropout_masks_are_the_cpu_masks_body<G: Backend>(g: &G) {
     let n = 4099; // not a multiple of 4: the last Philox group is partial
@@ -1486,6 +1851,15 @@ mod step {
         match gpu(test) {
             Some(g) => {
                 eprintln!("whole {prec} step on {}", g.name());
+                // in bf16 / fp16 the step's activations live in 16 bits (alloc_rounded)
+                let m = model(g, 1).with_precision(prec);
+                let want = if prec == Precision::Fp32 { "fp32" } else { "16-bit" };
+                let got = match m.hidden() {
+                    cuda::CudaBuf::F32(_) => "fp32",
+                    cuda::CudaBuf::Half(_, p) if *p == prec => "16-bit",
+                    cuda::CudaBuf::Half(..) => "16-bit of another type",
+                };
+                assert_eq!(got, want, "{prec} model: storage of its hidden states");
                 whole_step(|| Cuda::new(0).expect("the device opened a moment ago"), prec, tol)
             }
             None => whole_step(|| Cpu, prec, tol),
@@ -1497,8 +1871,8 @@ mod step {
         whole_step_on_device("whole_deepcut_step_matches_cpu", Precision::Fp32, TOL_STEP);
     }
 
-    /// The same step with bf16 emulated on both sides (kernels/quantize.cu against
-    /// cpu/quantize.rs at the same points, tensor-core attention against its twin): the
+    /// The same step in bf16 (16-bit buffers and tensor cores on the GPU against the CPU's
+    /// rounding at the same points, tensor-core attention against its twin): the
     /// roundings agree except where an fp32 difference in the last bits moves a value across
     /// a bf16 rounding boundary (one bf16 ulp, 2^-8 relative, on a few values). Those flips
     /// propagate through the step like rounding errors do, and most of all into the query

@@ -667,7 +667,10 @@ fn run_fp16_counts_skipped_steps_and_the_loss_scale_in_report_json() {
     let o = bin().args(&args).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("precision fp16 emulated"), "{err}");
+    assert!(
+        err.contains("precision fp16 (GEMM and attention inputs in fp16"),
+        "{err}"
+    );
     let r = report(&out, "report.json");
     let p = &r["precision"];
     let skipped = p["skipped_steps"].as_u64().unwrap();

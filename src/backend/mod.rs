@@ -118,13 +118,13 @@ pub fn infonce_loss_host(per_row: &[f32], valid_count: usize) -> f32 {
 /// `--precision`). Master weights, gradients, optimiser state, LayerNorm statistics,
 /// softmax, logsumexp and losses are fp32 in every mode.
 ///
-/// Both backends keep fp32 buffers and *emulate* the reduced precisions: `quantize`
-/// rounds a buffer to the nearest bf16 / fp16 value (ties to even, fp16 overflow to
-/// +-inf) in place, at every point where a mixed-precision engine stores a GEMM (or
-/// attention) input in 16 bits, and the GEMMs then accumulate those values in fp32. The
-/// numbers are those of bf16-input / fp32-accumulate GEMMs. The memory is fp32's; the CPU
-/// computes at fp32 speed, the CUDA backend runs those GEMMs on tensor cores (`gemm`'s
-/// `inputs`).
+/// Values are rounded to the nearest bf16 / fp16 value (ties to even, fp16 overflow to
+/// +-inf) at every point where a mixed-precision engine stores a GEMM (or attention) input
+/// in 16 bits (`quantize`, or an op's `rounding`), and the GEMMs then accumulate those
+/// values in fp32: the numbers of bf16-input / fp32-accumulate GEMMs. The CPU *emulates*
+/// this on fp32 buffers at fp32 speed; the CUDA backend stores those buffers in 16 bits
+/// (`alloc_rounded`) and runs the GEMMs and attention on tensor cores, with the same
+/// values.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -154,10 +154,8 @@ impl Precision {
     pub fn describe(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
-            Precision::Bf16 => "bf16 emulated (GEMM and attention inputs rounded to bf16, fp32 accumulation)",
-            Precision::Fp16 => {
-                "fp16 emulated (GEMM and attention inputs rounded to fp16, fp32 accumulation, dynamic loss scaling)"
-            }
+            Precision::Bf16 => "bf16 (GEMM and attention inputs in bf16, fp32 accumulation)",
+            Precision::Fp16 => "fp16 (GEMM and attention inputs in fp16, fp32 accumulation, dynamic loss scaling)",
         }
     }
 }
@@ -266,6 +264,16 @@ pub trait Backend {
     // ---- memory -------------------------------------------------------------------
     /// A zeroed buffer of `n` floats.
     fn alloc(&self, n: usize) -> Self::Buf;
+    /// A zeroed buffer of `n` floats whose every value is seen rounded to `precision`: each
+    /// op that writes it rounds to `precision` (its `rounding`), or every op that reads it
+    /// rounds what it reads (a GEMM's or the attention core's 16-bit `inputs`). A backend
+    /// may then store it in 16 bits: the CUDA backend does (half the memory and traffic,
+    /// GEMM operands in cuBLASLt's native format, results unchanged); the CPU keeps fp32,
+    /// as `alloc`. `Precision::Fp32` is `alloc`.
+    fn alloc_rounded(&self, n: usize, precision: Precision) -> Self::Buf {
+        let _ = precision;
+        self.alloc(n)
+    }
     fn alloc_i32(&self, n: usize) -> Self::IBuf;
     fn upload(&self, dst: &mut Self::Buf, src: &[f32]);
     fn upload_i32(&self, dst: &mut Self::IBuf, src: &[i32]);
@@ -273,7 +281,8 @@ pub trait Backend {
     fn zero(&self, buf: &mut Self::Buf, n: usize);
     /// dst[..n] += src[..n]
     fn add_inplace(&self, dst: &mut Self::Buf, src: &Self::Buf, n: usize);
-    /// dst[..n] = src[..n] (bit for bit).
+    /// dst[..n] = src[..n]: bit for bit, or rounded as `quantize` would when dst is an
+    /// `alloc_rounded` buffer that a backend stores in 16 bits.
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, n: usize);
     /// x[..n] rounded in place to the nearest `precision` value, ties to even, as a store
     /// to a bf16 / fp16 buffer and a load back to fp32 give: fp16 overflow (|x| >= 65520)

@@ -200,6 +200,14 @@ impl BenchBackend for Cuda {
                 "kernels/attention_mma.cu, mma.sync on tensor cores"
             },
             "infonce": self.infonce_path(precision, hidden),
+            "storage": if precision == Precision::Fp32 {
+                "fp32".to_string()
+            } else {
+                format!(
+                    "{precision}: GEMM and attention operands, their rounded outputs and the GEMM weight copies \
+                     in 16 bits (Backend::alloc_rounded); weights, gradients, optimiser state and statistics fp32"
+                )
+            },
         })
     }
 }

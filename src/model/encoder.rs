@@ -15,8 +15,11 @@
 //! the op that writes such a buffer can round as it stores (LayerNorm, GELU and dropout,
 //! forward and backward: their `rounding` argument), it does, and no separate pass runs;
 //! the attention core rounds what it reads (q, k, v, its incoming gradient) and writes its
-//! outputs (att, dq, dk, dv) rounded. In fp32 nothing is rounded and there are no copies:
-//! the fp32 path is unchanged.
+//! outputs (att, dq, dk, dv) rounded. Those buffers, and the weight copies, are allocated
+//! with `Backend::alloc_rounded`: a backend may store them in 16 bits (the CUDA backend
+//! does: half the memory and traffic, GEMM operands in their native type) with the same
+//! results, since every value in them is seen rounded. In fp32 nothing is rounded and there
+//! are no copies: the fp32 path is unchanged.
 use crate::backend::{embedding_order, Backend, Dropout, Precision, IGNORE_INDEX};
 use crate::model::checkpoint::{HostTensor, HostWeights};
 use crate::model::config::ModelConfig;
@@ -485,9 +488,34 @@ impl<B: Backend> Model<B> {
             gemm_weights.push(&mut c.w);
         }
         for w in gemm_weights {
-            w.low = (precision != Precision::Fp32).then(|| be.alloc(w.numel()));
+            w.low = (precision != Precision::Fp32).then(|| be.alloc_rounded(w.numel(), precision));
         }
         p.low_fresh = false;
+        // The activations every reader sees rounded (module docs) may live in 16 bits
+        // (`Backend::alloc_rounded`): what the GEMMs and the attention core read, and what
+        // they write only for a reader that rounds (q, k, v, datt).
+        let (n, c, f, l) = (
+            self.max_tokens,
+            self.dims.hidden,
+            self.dims.ffn,
+            self.dims.labels.max(1),
+        );
+        let low = |len: usize| be.alloc_rounded(len, precision);
+        let a = &mut self.acts;
+        a.x0 = low(n * c);
+        a.head_in = low(n * c);
+        for la in &mut a.layers {
+            for buf in [&mut la.q, &mut la.k, &mut la.v, &mut la.att, &mut la.x1, &mut la.x2] {
+                *buf = low(n * c);
+            }
+            la.g = low(n * f);
+        }
+        let s = &mut self.scratch;
+        for buf in [&mut s.dtmp, &mut s.dq, &mut s.dk, &mut s.dv, &mut s.datt] {
+            *buf = low(n * c);
+        }
+        s.df = low(n * f);
+        s.dlogits = low(n * l);
         self
     }
 
@@ -831,8 +859,9 @@ impl<B: Backend> Model<B> {
                     precision,
                 );
                 be.bias_grad(&mut cls.b.g, &s.dlogits, n, l);
+                // (into dsum, an fp32 buffer: the dropout's gradient is not rounded)
                 be.gemm(
-                    &mut s.dtmp,
+                    &mut s.dsum,
                     &s.dlogits,
                     cls.w.gemm_w(),
                     n,
@@ -845,7 +874,7 @@ impl<B: Backend> Model<B> {
                     precision,
                 );
                 let drop = dropout_for(mode, d.classifier_dropout, d.site_classifier());
-                be.dropout_bwd(&mut s.dx, &s.dtmp, n * c, drop, Precision::Fp32);
+                be.dropout_bwd(&mut s.dx, &s.dsum, n * c, drop, Precision::Fp32);
             }
         }
         if let Some(dh) = dhidden {
@@ -1017,20 +1046,20 @@ impl<B: Backend> Model<B> {
             std::mem::swap(&mut s.dx, &mut s.dsum);
         }
 
-        // x0 = dropout(LN(emb))
+        // x0 = dropout(LN(emb)), in fp32 (dsum, then dx: neither gradient is rounded)
         let _emb = be.profile_range(format_args!("embeddings bwd"));
         be.dropout_bwd(
-            &mut s.dtmp,
+            &mut s.dsum,
             &s.dx,
             n * c,
             dropout(d.hidden_dropout, Dims::site_embeddings()),
             Precision::Fp32,
         );
         be.layernorm_bwd(
-            &mut s.dsum,
+            &mut s.dx,
             &mut p.emb_ln.w.g,
             &mut p.emb_ln.b.g,
-            &s.dtmp,
+            &s.dsum,
             &a.emb,
             None,
             &p.emb_ln.w.w,
@@ -1043,7 +1072,7 @@ impl<B: Backend> Model<B> {
             &mut p.wte.g,
             &mut p.wpe.g,
             &mut p.wtt.g,
-            &s.dsum,
+            &s.dx,
             &a.ids,
             &a.pos,
             &a.types,

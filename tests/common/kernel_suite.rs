@@ -71,9 +71,27 @@ fn fill(len: usize, seed: usize) -> Vec<f32> {
 /// The receiver of each kernel: (name, work, a closure that enqueues one call).
 pub type Runner<'r> = dyn FnMut(&str, Work, &mut dyn FnMut()) + 'r;
 
+/// Bytes per element of an `alloc_rounded(.., Bf16)` buffer on `be`: 2 where the backend
+/// stores it in 16 bits (CUDA), 4 where it keeps fp32 (the CPU); a copy into one rounds
+/// exactly when it is 16-bit.
+fn rounded_width<B: Backend>(be: &B) -> usize {
+    let x = [1.0f32 + 1.0 / 4096.0]; // not a bf16 value
+    let mut src = be.alloc(1);
+    be.upload(&mut src, &x);
+    let mut b = be.alloc_rounded(1, Precision::Bf16);
+    be.copy(&mut b, &src, 1);
+    if be.download(&b, 1)[0] == x[0] {
+        4
+    } else {
+        2
+    }
+}
+
 /// Calls `run(name, work, op)` once per kernel family, where `op()` enqueues one call of
-/// it on `be` (buffers set up before, kept across calls). Attention is timed in fp32 and
-/// in bf16 (CUDA cores and tensor cores on CUDA); FLOPs are counted as benches/ops.rs
+/// it on `be` (buffers set up before, kept across calls), with its operands stored as a
+/// bf16 step stores them (`alloc_rounded`: what the GEMMs and the attention core read;
+/// 16-bit on CUDA) and its byte count from that. Attention is timed in fp32 (fp32 buffers)
+/// and in bf16 (CUDA cores and tensor cores on CUDA); FLOPs are counted as benches/ops.rs
 /// counts them (forward 4 b t^2 c, backward 2.5x that).
 pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
     let (b, t, h, d, f, l) = (s.b, s.t, s.h, s.d, s.f, s.labels);
@@ -89,6 +107,16 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
         buf
     };
     let bytes = |floats: usize| Work::Bytes(4 * floats as u64);
+    // elements of fp32 buffers and of 16-bit (bf16 step) buffers
+    let w16 = rounded_width(be);
+    let mixed = |f32s: usize, lows: usize| Work::Bytes((4 * f32s + w16 * lows) as u64);
+    let lo = |x: &[f32]| {
+        let mut buf = be.alloc_rounded(x.len(), Precision::Bf16);
+        let r: Vec<f32> = x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        be.upload(&mut buf, &r);
+        buf
+    };
+    let lo_zero = |len: usize| be.alloc_rounded(len, Precision::Bf16);
     let drop = Dropout::new(0.1, 1, 1, 1);
 
     // attention
@@ -102,19 +130,50 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
     let (mut out, mut lse) = (be.alloc(n * c), be.alloc(b * h * t));
     let (mut dq, mut dk, mut dv) = (be.alloc(n * c), be.alloc(n * c), be.alloc(n * c));
     let att = 4 * (b * t * t * c) as u64;
-    for p in [Precision::Fp32, Precision::Bf16] {
-        run(&format!("attention_fwd/{p}"), Work::Flops(att), &mut || {
-            be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &mask, b, t, h, d, drop, p)
+    run("attention_fwd/fp32", Work::Flops(att), &mut || {
+        be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &mask, b, t, h, d, drop, Precision::Fp32)
+    });
+    run("attention_bwd/fp32", Work::Flops(att * 5 / 2), &mut || {
+        be.attention_bwd(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &dout,
+            &q,
+            &k,
+            &v,
+            &out,
+            &lse,
+            &mask,
+            b,
+            t,
+            h,
+            d,
+            drop,
+            Precision::Fp32,
+        )
+    });
+    {
+        let bf = Precision::Bf16;
+        let (q, k, v, dout) = (
+            lo(&fill(n * c, 3)),
+            lo(&fill(n * c, 4)),
+            lo(&fill(n * c, 5)),
+            lo(&fill(n * c, 6)),
+        );
+        let (mut out, mut dq, mut dk, mut dv) = (lo_zero(n * c), lo_zero(n * c), lo_zero(n * c), lo_zero(n * c));
+        run("attention_fwd/bf16", Work::Flops(att), &mut || {
+            be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &mask, b, t, h, d, drop, bf)
         });
-        run(&format!("attention_bwd/{p}"), Work::Flops(att * 5 / 2), &mut || {
+        run("attention_bwd/bf16", Work::Flops(att * 5 / 2), &mut || {
             be.attention_bwd(
-                &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &mask, b, t, h, d, drop, p,
+                &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &mask, b, t, h, d, drop, bf,
             )
         });
     }
 
-    // the linear layers' GEMM + bias (cuBLASLt epilogue on CUDA), bf16 inputs
-    let (xa, wb, bias_f) = (up(&fill(n * c, 21)), up(&fill(f * c, 22)), up(&fill(f, 23)));
+    // the linear layers' GEMM + bias (cuBLASLt epilogue on CUDA), bf16 operands, fp32 out
+    let (xa, wb, bias_f) = (lo(&fill(n * c, 21)), lo(&fill(f * c, 22)), up(&fill(f, 23)));
     let mut yf = be.alloc(n * f);
     run(
         "gemm_bias/bf16 ffn-in",
@@ -123,14 +182,11 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
     );
 
     // element-wise and row kernels
-    let (x, res, w, bias) = (
-        up(&fill(n * c, 7)),
-        up(&fill(n * c, 8)),
-        up(&fill(c, 9)),
-        up(&fill(c, 10)),
-    );
-    let (mut y, mut mean, mut rstd) = (be.alloc(n * c), be.alloc(n), be.alloc(n));
-    run("layernorm_fwd/residual", bytes(3 * n * c), &mut || {
+    let (x, w, bias) = (up(&fill(n * c, 7)), up(&fill(c, 9)), up(&fill(c, 10)));
+    // as the step stores them: the residual stream and the LayerNorm's output in 16 bits
+    let res = lo(&fill(n * c, 8));
+    let (mut y, mut mean, mut rstd) = (lo_zero(n * c), be.alloc(n), be.alloc(n));
+    run("layernorm_fwd/residual", mixed(n * c, 2 * n * c), &mut || {
         be.layernorm_fwd(
             &mut y,
             &mut mean,
@@ -146,12 +202,12 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
         )
     });
     let (mut dx, mut dw, mut db) = (be.alloc(n * c), be.alloc(c), be.alloc(c));
-    run("layernorm_bwd/residual", bytes(4 * n * c), &mut || {
+    run("layernorm_bwd/residual", mixed(3 * n * c, n * c), &mut || {
         be.layernorm_bwd(&mut dx, &mut dw, &mut db, &dout, &x, Some(&res), &w, &mean, &rstd, n, c)
     });
     // the encoder's residual LayerNorms: the hidden dropout of their input fused in
     let hdrop = Dropout::new(0.1, 1, 1, 2);
-    run("dropout_layernorm_fwd/residual", bytes(3 * n * c), &mut || {
+    run("dropout_layernorm_fwd/residual", mixed(n * c, 2 * n * c), &mut || {
         be.dropout_layernorm_fwd(
             &mut y,
             &mut mean,
@@ -167,52 +223,57 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
             Precision::Bf16,
         )
     });
-    let mut dsum = be.alloc(n * c);
-    run("dropout_layernorm_bwd/residual", bytes(5 * n * c), &mut || {
-        be.dropout_layernorm_bwd(
-            &mut dsum,
-            Some(&mut dx),
-            &mut dw,
-            &mut db,
-            &dout,
-            &x,
-            hdrop,
-            Some(&res),
-            &w,
-            &mean,
-            &rstd,
-            n,
-            c,
-            Precision::Bf16,
-        )
-    });
+    let (mut dsum, mut dtmp) = (be.alloc(n * c), lo_zero(n * c));
+    run(
+        "dropout_layernorm_bwd/residual",
+        mixed(3 * n * c, 2 * n * c),
+        &mut || {
+            be.dropout_layernorm_bwd(
+                &mut dsum,
+                Some(&mut dtmp),
+                &mut dw,
+                &mut db,
+                &dout,
+                &x,
+                hdrop,
+                Some(&res),
+                &w,
+                &mean,
+                &rstd,
+                n,
+                c,
+                Precision::Bf16,
+            )
+        },
+    );
     let (xf, bf) = (up(&fill(n * f, 11)), up(&fill(f, 12)));
-    let (mut dxf, mut dbf) = (be.alloc(n * f), be.alloc(f));
-    run("bias_gelu_fwd", bytes(2 * n * f), &mut || {
-        be.bias_gelu_fwd(&mut yf, &xf, &bf, n, f, Precision::Bf16)
+    let (mut gf, mut dxf, mut dbf) = (lo_zero(n * f), lo_zero(n * f), be.alloc(f));
+    run("bias_gelu_fwd", mixed(n * f, n * f), &mut || {
+        be.bias_gelu_fwd(&mut gf, &xf, &bf, n, f, Precision::Bf16)
     });
-    run("bias_gelu_bwd", bytes(3 * n * f), &mut || {
+    run("bias_gelu_bwd", mixed(2 * n * f, n * f), &mut || {
         be.bias_gelu_bwd(&mut dxf, &mut dbf, &yf, &xf, &bf, n, f, Precision::Bf16)
     });
-    run("dropout_fwd", bytes(2 * n * c), &mut || {
+    run("dropout_fwd", mixed(n * c, n * c), &mut || {
         be.dropout_fwd(&mut y, &x, n * c, drop, Precision::Bf16)
     });
+    let mut yq = be.alloc(n * c);
     let mut y2 = be.alloc(2 * n * c);
     run("dropout_duplicate", bytes(3 * n * c), &mut || {
         be.dropout_duplicate(&mut y2, &x, n * c, drop)
     });
     run("quantize/bf16", bytes(2 * n * c), &mut || {
-        be.quantize(&mut y, n * c, Precision::Bf16)
+        be.quantize(&mut yq, n * c, Precision::Bf16)
     });
-    run("add_bias", bytes(2 * n * c), &mut || be.add_bias(&mut y, &bias, n, c));
-    run("bias_grad", bytes(n * c), &mut || be.bias_grad(&mut db, &x, n, c));
+    run("add_bias", bytes(2 * n * c), &mut || be.add_bias(&mut yq, &bias, n, c));
+    run("bias_grad", mixed(0, n * c), &mut || be.bias_grad(&mut db, &dtmp, n, c));
     let logits = up(&fill(n * l, 13));
     let lab = up_i(&(0..n as i32).map(|i| i % l as i32).collect::<Vec<_>>());
-    let (mut losses, mut dlogits) = (be.alloc(n), be.alloc(n * l));
+    let (mut losses, mut dlogits) = (be.alloc(n), lo_zero(n * l));
     run("softmax_ce_fwd", bytes(n * l + 2 * n), &mut || {
         be.softmax_ce_fwd(&mut losses, &logits, &lab, n, l)
     });
-    run("softmax_ce_bwd", bytes(2 * n * l + n), &mut || {
+    run("softmax_ce_bwd", mixed(n * l + n, n * l), &mut || {
         be.softmax_ce_bwd(&mut dlogits, &logits, &lab, n, l, 1e-3)
     });
     let vocab = s.vocab;
@@ -223,7 +284,7 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
     let (ids, pos, types) = (up_i(&hid), up_i(&hpos), up_i(&htypes));
     let (wte, wpe, wtt) = (up(&fill(vocab * c, 14)), up(&fill((t + 2) * c, 15)), up(&fill(c, 16)));
     run("embedding_fwd", bytes(4 * n * c), &mut || {
-        be.embedding_fwd(&mut y, &ids, &pos, &types, &wte, &wpe, &wtt, n, c)
+        be.embedding_fwd(&mut yq, &ids, &pos, &types, &wte, &wpe, &wtt, n, c)
     });
     let (mut dwte, mut dwpe, mut dwtt) = (be.alloc(vocab * c), be.alloc((t + 2) * c), be.alloc(c));
     run("embedding_bwd", bytes(4 * n * c), &mut || {

@@ -1,6 +1,7 @@
 // A CPU stand-in for the cuBLAS and cuBLASLt calls of the engine (tests/cuda_emu): handles,
 // stream and math mode, cublasSgemm_v2 and cublasGemmEx, column-major as cuBLAS; and the
-// cuBLASLt matmul with its descriptors, layouts, heuristic and the BIAS epilogue (this file
+// cuBLASLt matmul with its descriptors, layouts (fp32, bf16, fp16), heuristic and the BIAS
+// epilogue with an fp32 bias (this file
 // is built once and installed as both libcublas.so and libcublasLt.so). GemmEx with a
 // CUBLAS_COMPUTE_32F_FAST_16BF / _16F compute type rounds every A and B element to bf16 /
 // fp16 first, as tensor cores read them: a caller that passes values not representable in
@@ -99,7 +100,7 @@ cublasStatus_t cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const vo
 
 // ---- cuBLASLt -------------------------------------------------------------------------------
 // Descriptor attributes and values as cublasLt.h numbers them.
-enum { DESC_TRANSA = 3, DESC_TRANSB = 4, DESC_EPILOGUE = 7, DESC_BIAS_POINTER = 8 };
+enum { DESC_TRANSA = 3, DESC_TRANSB = 4, DESC_EPILOGUE = 7, DESC_BIAS_POINTER = 8, DESC_BIAS_DATA_TYPE = 26 };
 enum { EPILOGUE_DEFAULT = 1, EPILOGUE_BIAS = 4 };
 
 struct LtDesc {
@@ -145,6 +146,11 @@ cublasStatus_t cublasLtMatmulDescSetAttribute(LtDesc* d, int attr, const void* b
             if (size != sizeof(void*)) return 7;  // INVALID_VALUE
             memcpy(&d->bias, buf, sizeof(void*));
             return 0;
+        case DESC_BIAS_DATA_TYPE: {  // the engine's bias is always its fp32 master vector
+            int t;
+            memcpy(&t, buf, 4);
+            return t == R_32F ? 0 : 15;
+        }
         default: return 15;
     }
 }

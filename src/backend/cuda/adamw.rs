@@ -1,6 +1,6 @@
 //! AdamW, per tensor and fused over all tensors, and the global gradient norm
 //! (kernels/adamw.cu). CPU twin: cpu/adamw.rs.
-use super::{check, ensure, grid_1d, int, need, Cuda, BLOCK};
+use super::{check, ensure, grid_1d, int, need, Cuda, CudaBuf, BLOCK};
 use crate::backend::cpu::adamw::REDUCE_CHUNK;
 use crate::backend::{AdamW, ParamSlot, Precision};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -149,34 +149,47 @@ fn addr<T: DevicePtr<f32>>(cu: &Cuda, buf: &T) -> u64 {
 /// non-decaying tensors use decay 1, which is what 1 - lr * 0 gives), and each slot's
 /// rounded copy written in the same pass with kernels/quantize.cu's rounding.
 pub fn adamw_all(
-    cu: &Cuda, slots: &mut [ParamSlot<'_, CudaSlice<f32>>], hp: AdamW, step: u64, grad_scale: f32,
-    low_precision: Precision,
+    cu: &Cuda, slots: &mut [ParamSlot<'_, CudaBuf>], hp: AdamW, step: u64, grad_scale: f32, low_precision: Precision,
 ) {
     let args = AdamArgs::new(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, step);
     let _r = cu.range("adamw_all");
     let mut host = Vec::with_capacity(slots.len());
     let mut blocks = 0usize;
+    // the storage of every rounded copy (one launch writes them all alike)
+    let mut low_storage: Option<Precision> = None;
     for s in slots.iter_mut().filter(|s| s.n > 0) {
+        let w = "adamw_all";
+        let (param, grad) = (s.param.f32_mut(w), s.grad.f32(w));
+        let (m, v) = (s.m.f32_mut(w), s.v.f32_mut(w));
         for (len, what) in [
-            (s.param.len(), "param"),
-            (s.grad.len(), "grad"),
-            (s.m.len(), "m"),
-            (s.v.len(), "v"),
+            (param.len(), "param"),
+            (grad.len(), "grad"),
+            (m.len(), "m"),
+            (v.len(), "v"),
         ] {
             need(len, s.n, what);
         }
         let param_low = match s.low.as_deref_mut() {
             Some(low) => {
                 need(low.len(), s.n, "low");
-                addr_mut(cu, low)
+                let p = low.precision();
+                assert!(
+                    low_storage.replace(p).is_none_or(|q| q == p),
+                    "adamw_all: the rounded copies are stored in different types"
+                );
+                assert!(
+                    p == Precision::Fp32 || p == low_precision,
+                    "adamw_all: a {p} copy rounded to {low_precision}"
+                );
+                low.addr(&cu.stream)
             }
             None => 0,
         };
         host.push(AdamTensor {
-            param: addr_mut(cu, s.param),
-            grad: addr(cu, s.grad),
-            m: addr_mut(cu, s.m),
-            v: addr_mut(cu, s.v),
+            param: addr_mut(cu, param),
+            grad: addr(cu, grad),
+            m: addr_mut(cu, m),
+            v: addr_mut(cu, v),
             param_bf16: 0,
             param_low,
             n: s.n as i64,
@@ -196,16 +209,18 @@ pub fn adamw_all(
         Precision::Bf16 => 1,
         Precision::Fp16 => 2,
     };
+    let low_t = super::round_code(low_storage.unwrap_or(Precision::Fp32));
     let mut guard = cu.scratch.lock().unwrap();
     let t = table(cu, &mut guard.adam_tables, host, "adamw_all table upload");
     let mut l = cu.stream.launch_builder(cu.func("adamw_multi_f32"));
-    l.arg(t).arg(&nt).arg(&args).arg(&grad_scale).arg(&low_mode);
+    l.arg(t).arg(&nt).arg(&args).arg(&grad_scale).arg(&low_mode).arg(&low_t);
     // SAFETY: (const AdamTensor* tensors, int nt, AdamArgs a, float grad_scale, int
-    // low_mode); block b
-    // updates elements of the one tensor whose first_block..first_block + ceil(n/2048)
-    // holds b, below its n; every pointer in the table is a live buffer of this backend
-    // holding at least n floats (param_low too, or null; checked above); the slots' borrows keep them alive and
-    // unaliased until the call returns, and freeing is stream-ordered after the kernel.
+    // low_mode, int low_t); block b updates elements of the one tensor whose
+    // first_block..first_block + ceil(n/2048) holds b, below its n; every pointer in the
+    // table is a live buffer of this backend holding at least n floats (param_low n
+    // elements of low_t's storage, or null; checked above); the slots' borrows keep them
+    // alive and unaliased until the call returns, and freeing is stream-ordered after the
+    // kernel.
     check(unsafe { l.launch(blocks_of(blocks)) }, "adamw_multi_f32");
 }
 

@@ -1,6 +1,6 @@
 //! Fused multi-head self-attention: kernels/attention.cu (fp32, CUDA cores) and
 //! kernels/attention_mma.cu (bf16 / fp16 inputs, tensor cores). CPU twin: cpu/attention.rs.
-use super::{check, ensure, int, need, Cuda, DropoutArgs};
+use super::{check, ensure, int, need, Cuda, CudaBuf, DropoutArgs};
 use crate::backend::{Dropout, Precision};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -13,8 +13,8 @@ const MMA_ROWS: usize = 64;
 const MMA_WARPS: usize = 4;
 
 /// Every entry point of kernels/attention_mma.cu: the parameters of each are those of its
-/// fp32 twin (`attention_fwd_mma_bf16_d64` <-> `attention_fwd_f32`; tests/cuda_build.rs
-/// checks it), so the launches below push the same arguments.
+/// fp32 twin (`attention_fwd_mma_bf16_d64` <-> `attention_fwd_f32`) and `io` last
+/// (tests/cuda_build.rs checks it), so the launches below push the same arguments, then io.
 const MMA_KERNELS: [&str; 18] = [
     "attention_fwd_mma_bf16_d32",
     "attention_fwd_mma_bf16_d64",
@@ -59,6 +59,22 @@ fn mma_kernel(kernel: &str, inputs: Precision, b: usize, t: usize, h: usize, d: 
     (name, cfg)
 }
 
+/// The tensor-core kernels' `io`: 1 when the activation buffers are stored in 16 bits (all
+/// of them, of the precision `inputs` names), 0 when they are fp32. Panics naming `what`
+/// on a mix, or on 16-bit storage of another type than `inputs`.
+fn io_code(what: &str, bufs: &[&CudaBuf], inputs: Precision) -> i32 {
+    let p = bufs[0].precision();
+    assert!(
+        bufs.iter().all(|b| b.precision() == p),
+        "{what}: the activation buffers are stored in different types"
+    );
+    match p {
+        Precision::Fp32 => 0,
+        p if p == inputs => 1,
+        p => panic!("{what}: {p} buffers with {inputs} inputs"),
+    }
+}
+
 fn cfg(b: usize, t: usize, h: usize, smem_floats: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (t.div_ceil(WARPS) as u32, h as u32, b as u32),
@@ -84,12 +100,11 @@ fn check_sizes(what: &str, bufs: &[usize], mask: usize, b: usize, t: usize, h: u
 
 /// out = softmax(q k^T / sqrt(d) + key mask) v with dropout on the probabilities; lse
 /// [b, h, t] saved. q, k, v, out [b, t, h*d]; mask [b, t]. `inputs` bf16 / fp16: the
-/// tensor-core kernel.
+/// tensor-core kernel, on fp32 buffers or on 16-bit ones of that type (all four alike).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd(
-    cu: &Cuda, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>,
-    v: &CudaSlice<f32>, mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
-    inputs: Precision,
+    cu: &Cuda, out: &mut CudaBuf, lse: &mut CudaSlice<f32>, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf,
+    mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
 ) {
     if b * t * h == 0 {
         return;
@@ -108,18 +123,28 @@ pub fn attention_fwd(
     let (bi, ti, hi, di) = (int(b, "b"), int(t, "t"), int(h, "h"), int(d, "d"));
     let args = DropoutArgs::from(dropout);
     if inputs != Precision::Fp32 {
+        let io = io_code("attention_fwd", &[out, q, k, v], inputs);
         let (name, cfg) = mma_kernel("fwd", inputs, b, t, h, d);
+        let s = &cu.stream;
+        let (po, pq, pk, pv) = (out.addr(s), q.addr(s), k.addr(s), v.addr(s));
         let mut l = cu.stream.launch_builder(cu.func(name));
-        l.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(mask);
-        l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args);
-        // SAFETY: the same signature, reads and writes as attention_fwd_f32 below; shared
-        // memory is static (< 20 KiB for d <= 128).
+        l.arg(&po).arg(lse).arg(&pq).arg(&pk).arg(&pv).arg(mask);
+        l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args).arg(&io);
+        // SAFETY: the same signature, reads and writes as attention_fwd_f32 below, out, q,
+        // k and v untyped and then `int io` (1: they are 16-bit buffers, checked above);
+        // shared memory is static (< 20 KiB for d <= 128).
         check(unsafe { l.launch(cfg) }, name);
         return;
     }
+    let w = "attention_fwd (fp32)";
     let smem = 2 * TILE * (d + 1) + WARPS * d + TILE;
     let mut l = cu.stream.launch_builder(cu.func("attention_fwd_f32"));
-    l.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(mask);
+    l.arg(out.f32_mut(w))
+        .arg(lse)
+        .arg(q.f32(w))
+        .arg(k.f32(w))
+        .arg(v.f32(w))
+        .arg(mask);
     l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args);
     // SAFETY: (float* out, float* lse, const float* q, const float* k, const float* v, const
     // float* mask, int b, int t, int h, int d, DropoutArgs drop); block (query tile, head,
@@ -134,9 +159,9 @@ pub fn attention_fwd(
 /// `inputs` bf16 / fp16.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
-    cu: &Cuda, dq: &mut CudaSlice<f32>, dk: &mut CudaSlice<f32>, dv: &mut CudaSlice<f32>, dout: &CudaSlice<f32>,
-    q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, out: &CudaSlice<f32>, lse: &CudaSlice<f32>,
-    mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
+    cu: &Cuda, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf,
+    v: &CudaBuf, out: &CudaBuf, lse: &CudaSlice<f32>, mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize,
+    dropout: Dropout, inputs: Precision,
 ) {
     if b * t * h == 0 {
         return;
@@ -166,18 +191,51 @@ pub fn attention_bwd(
     let mut guard = cu.scratch.lock().unwrap();
     let dvec = ensure(&cu.stream, &mut guard.f32_b, b * h * t);
 
-    // (kernel name, launch shape) of the dq and the dk/dv kernel
-    let (dq_kernel, dkdv_kernel) = if inputs == Precision::Fp32 {
-        let cfg_dq = cfg(b, t, h, 2 * TILE * (d + 1) + 2 * WARPS * d + TILE);
-        let cfg_dkdv = cfg(b, t, h, 2 * TILE * (d + 1) + 2 * WARPS * d + 2 * TILE);
-        (("attention_bwd_dq_f32", cfg_dq), ("attention_bwd_dkdv_f32", cfg_dkdv))
-    } else {
-        (
+    if inputs != Precision::Fp32 {
+        let io = io_code("attention_bwd", &[dq, dk, dv, dout, q, k, v, out], inputs);
+        let (dq_kernel, dkdv_kernel) = (
             mma_kernel("bwd_dq", inputs, b, t, h, d),
             mma_kernel("bwd_dkdv", inputs, b, t, h, d),
-        )
-    };
-    let mut l = cu.stream.launch_builder(cu.func(dq_kernel.0));
+        );
+        let s = &cu.stream;
+        let (pq, pk, pv, pg, po) = (q.addr(s), k.addr(s), v.addr(s), dout.addr(s), out.addr(s));
+        let (pdq, pdk, pdv) = (dq.addr(s), dk.addr(s), dv.addr(s));
+        let mut l = cu.stream.launch_builder(cu.func(dq_kernel.0));
+        l.arg(&pdq)
+            .arg(&mut *dvec)
+            .arg(&pg)
+            .arg(&pq)
+            .arg(&pk)
+            .arg(&pv)
+            .arg(&po)
+            .arg(lse)
+            .arg(mask);
+        l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args).arg(&io);
+        // SAFETY: as attention_bwd_dq_f32 below, the activations untyped and then `int io`
+        // (1: they are 16-bit buffers, checked above).
+        check(unsafe { l.launch(dq_kernel.1) }, dq_kernel.0);
+        let mut l = cu.stream.launch_builder(cu.func(dkdv_kernel.0));
+        l.arg(&pdk)
+            .arg(&pdv)
+            .arg(&pg)
+            .arg(&pq)
+            .arg(&pk)
+            .arg(&pv)
+            .arg(lse)
+            .arg(&*dvec)
+            .arg(mask);
+        l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args).arg(&io);
+        // SAFETY: as attention_bwd_dkdv_f32 below, the activations untyped and then `int io`;
+        // dvec written by the launch before on the same stream.
+        check(unsafe { l.launch(dkdv_kernel.1) }, dkdv_kernel.0);
+        return;
+    }
+    let w = "attention_bwd (fp32)";
+    let (dq, dk, dv) = (dq.f32_mut(w), dk.f32_mut(w), dv.f32_mut(w));
+    let (dout, q, k, v, out) = (dout.f32(w), q.f32(w), k.f32(w), v.f32(w), out.f32(w));
+    let cfg_dq = cfg(b, t, h, 2 * TILE * (d + 1) + 2 * WARPS * d + TILE);
+    let cfg_dkdv = cfg(b, t, h, 2 * TILE * (d + 1) + 2 * WARPS * d + 2 * TILE);
+    let mut l = cu.stream.launch_builder(cu.func("attention_bwd_dq_f32"));
     l.arg(dq)
         .arg(&mut *dvec)
         .arg(dout)
@@ -190,12 +248,12 @@ pub fn attention_bwd(
     l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args);
     // SAFETY: (float* dq, float* dvec, const float* dout, const float* q, const float* k,
     // const float* v, const float* out, const float* lse, const float* mask, int b, int t,
-    // int h, int d, DropoutArgs drop), as attention_bwd_dq_mma_*; each block writes its
+    // int h, int d, DropoutArgs drop); each block writes its
     // query rows of dq and dvec [b*h*t] (ensure), reads rows < t of its head; sizes checked
     // above.
-    check(unsafe { l.launch(dq_kernel.1) }, dq_kernel.0);
+    check(unsafe { l.launch(cfg_dq) }, "attention_bwd_dq_f32");
 
-    let mut l = cu.stream.launch_builder(cu.func(dkdv_kernel.0));
+    let mut l = cu.stream.launch_builder(cu.func("attention_bwd_dkdv_f32"));
     l.arg(dk)
         .arg(dv)
         .arg(dout)
@@ -208,8 +266,8 @@ pub fn attention_bwd(
     l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args);
     // SAFETY: (float* dk, float* dv, const float* dout, const float* q, const float* k,
     // const float* v, const float* lse, const float* dvec, const float* mask, int b, int t,
-    // int h, int d, DropoutArgs drop), as attention_bwd_dkdv_mma_*; each block writes its
+    // int h, int d, DropoutArgs drop); each block writes its
     // key rows of dk and dv, reads rows < t of its head and dvec written by the launch
     // before on the same stream.
-    check(unsafe { l.launch(dkdv_kernel.1) }, dkdv_kernel.0);
+    check(unsafe { l.launch(cfg_dkdv) }, "attention_bwd_dkdv_f32");
 }

@@ -12,6 +12,7 @@
 //! The GELU epilogues are not used: cuBLASLt's GELU is the tanh approximation, BERT's is
 //! the erf form (kernels/gelu.cu).
 use super::Cuda;
+use super::CudaBuf;
 use crate::backend::Precision;
 use cudarc::cublaslt::{result, sys};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
@@ -28,8 +29,9 @@ fn workspace_bytes(major: u32) -> usize {
     }
 }
 
-/// (m, n, k, ta, tb, inputs, bias epilogue) of a row-major GEMM.
-type Key = (usize, usize, usize, bool, bool, Precision, bool);
+/// (m, n, k, ta, tb, inputs, bias epilogue, storage of a and b, storage of c) of a
+/// row-major GEMM.
+type Key = (usize, usize, usize, bool, bool, Precision, bool, Precision, Precision);
 
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
@@ -99,15 +101,14 @@ impl Lt {
     /// the caller falls back.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
-        &mut self, cu: &Cuda, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>, m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32, beta: f32,
-        inputs: Precision,
+        &mut self, cu: &Cuda, c: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, bias: Option<&CudaSlice<f32>>, m: usize,
+        n: usize, k: usize, ta: bool, tb: bool, alpha: f32, beta: f32, inputs: Precision,
     ) -> bool {
         if k == 0 {
             return false;
         }
         let Some((desc, la, lb, lc, algo)) = self
-            .plan((m, n, k, ta, tb, inputs, bias.is_some()))
+            .plan((m, n, k, ta, tb, inputs, bias.is_some(), a.precision(), c.precision()))
             .map(|p| (p.desc, p.a, p.b, p.c, p.algo))
         else {
             return false;
@@ -115,13 +116,11 @@ impl Lt {
         let (handle, ws_len) = (self.handle, self.workspace.len());
         let (pw, _rw) = self.workspace.device_ptr_mut(&cu.stream);
         let pbias = bias.map(|b| b.device_ptr(&cu.stream));
-        let (pa, _ra) = a.device_ptr(&cu.stream);
-        let (pb, _rb) = b.device_ptr(&cu.stream);
-        let (pc, _rc) = c.device_ptr_mut(&cu.stream);
+        let (pa, pb, pc) = (a.addr(&cu.stream), b.addr(&cu.stream), c.addr(&cu.stream));
         // SAFETY: the bias pointer attribute (a plan with the BIAS epilogue, made only for
         // calls with a bias) is a CUdeviceptr read when the matmul is enqueued below; the
-        // layouts of the plan describe exactly the m*k, k*n and m*n fp32 elements the call
-        // touches and bias[..n] (sizes checked by the caller); alpha and beta are fp32 host
+        // layouts of the plan describe exactly the m*k, k*n and m*n elements the call
+        // touches, of the types of a, b and c (part of the plan's key) and bias[..n] (sizes checked by the caller); alpha and beta are fp32 host
         // scalars (host pointer mode, the default); the workspace is this handle's own and
         // ws_len long.
         let r = unsafe {
@@ -180,13 +179,21 @@ impl Drop for Lt {
 /// cuBLASLt's operand A is our b and its B our a, as in `gemm::gemm`; the names below are
 /// ours: `a` is the layout of our a.
 fn make_plan(handle: sys::cublasLtHandle_t, key: Key, workspace: usize) -> Option<Plan> {
-    let (m, n, k, ta, tb, inputs, bias) = key;
-    let compute = match inputs {
-        Precision::Fp32 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-        Precision::Bf16 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
-        Precision::Fp16 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16F,
+    let (m, n, k, ta, tb, inputs, bias, operands, c_storage) = key;
+    // 16-bit operands are read as such (fp32 accumulation); fp32 operands holding 16-bit
+    // values are converted by cuBLAS under the FAST compute types
+    let compute = match (operands, inputs) {
+        (Precision::Fp32, Precision::Bf16) => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        (Precision::Fp32, Precision::Fp16) => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16F,
+        _ => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
     };
     let f32_t = sys::cudaDataType_t::CUDA_R_32F;
+    let lt_type = |p: Precision| match p {
+        Precision::Fp32 => sys::cudaDataType_t::CUDA_R_32F,
+        Precision::Bf16 => sys::cudaDataType_t::CUDA_R_16BF,
+        Precision::Fp16 => sys::cudaDataType_t::CUDA_R_16F,
+    };
+    let (ab_t, c_t) = (lt_type(operands), lt_type(c_storage));
     let desc = result::create_matmul_desc(compute, f32_t).ok()?;
     let mut plan = Plan {
         desc,
@@ -210,13 +217,17 @@ fn make_plan(handle: sys::cublasLtHandle_t, key: Key, workspace: usize) -> Optio
             sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
         };
         set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue as i32)?;
+        if bias && c_storage != Precision::Fp32 {
+            // the bias is the fp32 master vector; a 16-bit D would otherwise imply a 16-bit bias
+            set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, f32_t as i32)?;
+        }
         // column-major as stored: our b is [n, k] (tb) or [k, n]; our a is [k, m] (ta) or
         // [m, k]; C^T is n x m
         let (b_rows, b_cols) = if tb { (k, n) } else { (n, k) };
         let (a_rows, a_cols) = if ta { (m, k) } else { (k, m) };
-        plan.b = result::create_matrix_layout(f32_t, b_rows as u64, b_cols as u64, b_rows as i64).ok()?;
-        plan.a = result::create_matrix_layout(f32_t, a_rows as u64, a_cols as u64, a_rows as i64).ok()?;
-        plan.c = result::create_matrix_layout(f32_t, n as u64, m as u64, n as i64).ok()?;
+        plan.b = result::create_matrix_layout(ab_t, b_rows as u64, b_cols as u64, b_rows as i64).ok()?;
+        plan.a = result::create_matrix_layout(ab_t, a_rows as u64, a_cols as u64, a_rows as i64).ok()?;
+        plan.c = result::create_matrix_layout(c_t, n as u64, m as u64, n as i64).ok()?;
         let pref = result::create_matmul_pref().ok()?;
         // SAFETY: the preference takes the workspace limit as a u64 (size_t); the layouts
         // and descriptor were created above.

@@ -1,13 +1,13 @@
 //! Bias + GELU (kernels/gelu.cu). CPU twin: cpu/gelu.rs.
 use super::gemm::col_sums_into;
-use super::{check, grid_1d, int, need, round_code, Cuda, BLOCK};
+use super::{check, grid_1d, int, need, round_code, Cuda, CudaBuf, BLOCK};
 use crate::backend::Precision;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-/// out = gelu(inp + bias) (erf form), rows of width c, rounded to `rounding`.
+/// out = gelu(inp + bias) (erf form), rows of width c, rounded to `rounding`; out and inp
+/// in any storage.
 pub fn bias_gelu_fwd(
-    cu: &Cuda, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, c: usize,
-    rounding: Precision,
+    cu: &Cuda, out: &mut CudaBuf, inp: &CudaBuf, bias: &CudaSlice<f32>, n: usize, c: usize, rounding: Precision,
 ) {
     let total = n * c;
     if total == 0 {
@@ -19,11 +19,20 @@ pub fn bias_gelu_fwd(
     need(bias.len(), c, "bias_gelu_fwd bias");
     let (ni, ci) = (int(n, "gelu n"), int(c, "gelu c"));
     int(total, "gelu n*c");
+    let (po, to, pi, ti) = (out.addr(&cu.stream), out.code(), inp.addr(&cu.stream), inp.code());
     let mut l = cu.stream.launch_builder(cu.func("bias_gelu_fwd_f32"));
     let round = round_code(rounding);
-    l.arg(out).arg(inp).arg(bias).arg(&ni).arg(&ci).arg(&round);
-    // SAFETY: (float* out, const float* inp, const float* bias, int n, int c, int round); one thread
-    // per element < n*c, bias[..c]; sizes checked above.
+    l.arg(&po)
+        .arg(&to)
+        .arg(&pi)
+        .arg(&ti)
+        .arg(bias)
+        .arg(&ni)
+        .arg(&ci)
+        .arg(&round);
+    // SAFETY: (void* out, int out_t, const void* inp, int inp_t, const float* bias, int n,
+    // int c, int round); one thread per element < n*c of out and inp (each of its type's
+    // storage), bias[..c]; sizes checked above.
     check(unsafe { l.launch(grid_1d(total, BLOCK)) }, "bias_gelu_fwd_f32");
 }
 
@@ -31,8 +40,8 @@ pub fn bias_gelu_fwd(
 /// sums of dinp as written.
 #[allow(clippy::too_many_arguments)]
 pub fn bias_gelu_bwd(
-    cu: &Cuda, dinp: &mut CudaSlice<f32>, dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaSlice<f32>,
-    bias: &CudaSlice<f32>, n: usize, c: usize, rounding: Precision,
+    cu: &Cuda, dinp: &mut CudaBuf, dbias: &mut CudaSlice<f32>, dout: &CudaBuf, inp: &CudaBuf, bias: &CudaSlice<f32>,
+    n: usize, c: usize, rounding: Precision,
 ) {
     let total = n * c;
     if total == 0 {
@@ -45,17 +54,15 @@ pub fn bias_gelu_bwd(
     need(bias.len(), c, "bias_gelu_bwd bias");
     let (ni, ci) = (int(n, "gelu n"), int(c, "gelu c"));
     int(total, "gelu n*c");
+    let (pd, td) = (dinp.addr(&cu.stream), dinp.code());
+    let (pg, tg, pi, ti) = (dout.addr(&cu.stream), dout.code(), inp.addr(&cu.stream), inp.code());
     let mut l = cu.stream.launch_builder(cu.func("bias_gelu_bwd_dinp_f32"));
     let round = round_code(rounding);
-    l.arg(&mut *dinp)
-        .arg(dout)
-        .arg(inp)
-        .arg(bias)
-        .arg(&ni)
-        .arg(&ci)
-        .arg(&round);
-    // SAFETY: (float* dinp, const float* dout, const float* inp, const float* bias, int n,
-    // int c, int round); one thread per element < n*c; sizes checked above.
+    l.arg(&pd).arg(&td).arg(&pg).arg(&tg).arg(&pi).arg(&ti);
+    l.arg(bias).arg(&ni).arg(&ci).arg(&round);
+    // SAFETY: (void* dinp, int dinp_t, const void* dout, int dout_t, const void* inp, int
+    // inp_t, const float* bias, int n, int c, int round); one thread per element < n*c of
+    // dinp, dout and inp (each of its type's storage); sizes checked above.
     check(unsafe { l.launch(grid_1d(total, BLOCK)) }, "bias_gelu_bwd_dinp_f32");
-    col_sums_into(cu, dbias, dinp, n, c);
+    col_sums_into(cu, dbias, &*dinp, n, c);
 }

@@ -1,7 +1,8 @@
-//! GEMM through cuBLASLt (blaslt.rs; cuBLAS where it has no algorithm or is absent), and
-//! the bias / column-sum / in-place add kernels of kernels/gemm.cu. CPU twin: cpu/gemm.rs.
+//! GEMM through cuBLASLt (blaslt.rs; cuBLAS where it has no algorithm or is absent), on
+//! fp32 or 16-bit storage, and the bias / column-sum / in-place add kernels of
+//! kernels/gemm.cu. CPU twin: cpu/gemm.rs.
 use super::blaslt::Lt;
-use super::{check, grid_1d, int, need, Cuda, BLOCK};
+use super::{check, grid_1d, int, need, Cuda, CudaBuf, BLOCK};
 use crate::backend::cpu::gemm::REDUCE_ROWS;
 use crate::backend::Precision;
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
@@ -10,12 +11,16 @@ use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 /// c[m,n] = alpha * op(a) op(b) + beta * c, row-major; `ta`/`tb` mean a is stored [k,m],
-/// b is stored [n,k]. `inputs` (the trait's promise that a and b hold values of that
-/// precision) picks the math: fp32 is `cublasSgemm` in the default math mode (no TF32);
-/// bf16 / fp16 is `cublasGemmEx` on the same fp32 buffers with compute type
-/// CUBLAS_COMPUTE_32F_FAST_16BF / _16F: cuBLAS converts the operands to 16 bits (exact for
-/// such values) and multiplies on tensor cores with fp32 accumulation, so the product is
-/// the CPU's up to summation order, at tensor-core speed (operands still travel as fp32).
+/// b is stored [n,k]. The storage of a and b, then `inputs` (the trait's promise that they
+/// hold values of that precision), picks the math:
+/// - a, b stored in 16 bits (the bf16 / fp16 modes' activations and weight copies): bf16 /
+///   fp16 operands as cuBLAS reads them natively, compute type CUBLAS_COMPUTE_32F (fp32
+///   accumulation on tensor cores), c fp32 or 16-bit (rounded to nearest even on store);
+/// - fp32 buffers, `inputs` fp32: `cublasSgemm` in the default math mode (no TF32);
+/// - fp32 buffers, `inputs` bf16 / fp16: compute type CUBLAS_COMPUTE_32F_FAST_16BF / _16F,
+///   cuBLAS converts the operands to 16 bits (exact for such values).
+///
+/// All three give the CPU's product up to summation order.
 ///
 /// cuBLAS is column-major. A row-major [r, s] buffer read column-major is its transpose,
 /// so the row-major product C = op(A) op(B) is computed as the column-major
@@ -26,20 +31,20 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKerne
 ///   [k,m] (ta) it reads as op(A) (T, ldb = m);
 /// - cuBLAS's (M, N, K) = (n, m, k) and ldc = n.
 ///
-/// cuBLASLt runs it (the same math: compute type 32F, or 32F_FAST_16BF / _16F, on fp32
-/// buffers) when it has a plan for the shape; this cuBLAS path is the fallback.
+/// cuBLASLt runs it when it has a plan for the shape; this cuBLAS path is the fallback.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
-    cu: &Cuda, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, m: usize, n: usize, k: usize, ta: bool,
-    tb: bool, alpha: f32, beta: f32, inputs: Precision,
+    cu: &Cuda, c: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32,
+    beta: f32, inputs: Precision,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    let _r = cu.range(match inputs {
-        Precision::Fp32 => "gemm",
-        Precision::Bf16 => "gemm_bf16_tc",
-        Precision::Fp16 => "gemm_fp16_tc",
+    let operands = operand_storage("gemm", c, a, b);
+    let _r = cu.range(match (operands, inputs) {
+        (Precision::Fp32, Precision::Fp32) => "gemm",
+        (Precision::Bf16, _) | (Precision::Fp32, Precision::Bf16) => "gemm_bf16_tc",
+        (Precision::Fp16, _) | (Precision::Fp32, Precision::Fp16) => "gemm_fp16_tc",
     });
     need(c.len(), m * n, "gemm c");
     need(a.len(), m * k, "gemm a");
@@ -50,6 +55,30 @@ pub fn gemm(
         return;
     }
     gemm_cublas(cu, c, a, b, m, n, k, ta, tb, alpha, beta, inputs);
+}
+
+/// The storage of a GEMM's operands a and b, which must agree (cuBLAS multiplies two
+/// operands of one type); fp32 operands write an fp32 c. Panics naming `what` otherwise.
+fn operand_storage(what: &str, c: &CudaBuf, a: &CudaBuf, b: &CudaBuf) -> Precision {
+    let (pa, pb, pc) = (a.precision(), b.precision(), c.precision());
+    assert!(
+        pa == pb,
+        "{what}: operands stored as {pa} and {pb}; both must be stored alike"
+    );
+    assert!(
+        pa != Precision::Fp32 || pc == Precision::Fp32,
+        "{what}: fp32 operands with a {pc} output"
+    );
+    pa
+}
+
+/// The cuBLAS data type of a buffer's storage.
+pub(super) fn data_type(p: Precision) -> cudaDataType_t {
+    match p {
+        Precision::Fp32 => cudaDataType_t::CUDA_R_32F,
+        Precision::Bf16 => cudaDataType_t::CUDA_R_16BF,
+        Precision::Fp16 => cudaDataType_t::CUDA_R_16F,
+    }
 }
 
 /// `f` on the backend's cuBLASLt (opened on first use); false without it (no library, or
@@ -68,11 +97,11 @@ fn with_lt(cu: &Cuda, f: impl FnOnce(&mut Lt) -> bool) -> bool {
     }
 }
 
-/// `gemm` on cuBLAS: `cublasSgemm`, or `cublasGemmEx` for 16-bit inputs.
+/// `gemm` on cuBLAS: `cublasSgemm` for fp32, else `cublasGemmEx` with the operands' types.
 #[allow(clippy::too_many_arguments)]
 fn gemm_cublas(
-    cu: &Cuda, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, m: usize, n: usize, k: usize, ta: bool,
-    tb: bool, alpha: f32, beta: f32, inputs: Precision,
+    cu: &Cuda, c: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32,
+    beta: f32, inputs: Precision,
 ) {
     let cfg = GemmConfig {
         transa: if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
@@ -86,24 +115,25 @@ fn gemm_cublas(
         beta,
         ldc: int(n, "gemm ldc"),
     };
-    let compute = match inputs {
-        Precision::Fp32 => {
+    let operands = operand_storage("gemm", c, a, b);
+    let compute = match (operands, inputs) {
+        (Precision::Fp32, Precision::Fp32) => {
+            let w = "cublasSgemm";
             // SAFETY: the leading dimensions and sizes above describe exactly the m*k, k*n
             // and m*n elements the call touches, and each buffer holds at least that many
-            // (checked above).
-            check(unsafe { cu.blas.gemm(cfg, b, a, c) }, "cublasSgemm");
+            // (checked by the caller).
+            check(unsafe { cu.blas.gemm(cfg, b.f32(w), a.f32(w), c.f32_mut(w)) }, w);
             return;
         }
-        Precision::Bf16 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
-        Precision::Fp16 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16F,
+        (Precision::Fp32, Precision::Bf16) => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        (Precision::Fp32, Precision::Fp16) => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16F,
+        _ => cublasComputeType_t::CUBLAS_COMPUTE_32F,
     };
-    let (pb, _rb) = b.device_ptr(&cu.stream);
-    let (pa, _ra) = a.device_ptr(&cu.stream);
-    let (pc, _rc) = c.device_ptr_mut(&cu.stream);
-    let f32_t = cudaDataType_t::CUDA_R_32F;
+    let (pb, pa, pc) = (b.addr(&cu.stream), a.addr(&cu.stream), c.addr(&cu.stream));
+    let (t_ab, t_c) = (data_type(operands), data_type(c.precision()));
     // SAFETY: the same operands, sizes and leading dimensions as the Sgemm branch (checked
-    // above), all three buffers fp32 as the types say; alpha and beta are fp32 host
-    // scalars, as the CUBLAS_COMPUTE_32F_* compute types require (the handle is in host
+    // by the caller), each buffer of the type given with it; alpha and beta are fp32 host
+    // scalars, as the CUBLAS_COMPUTE_32F* compute types require (the handle is in host
     // pointer mode, cudarc's default).
     let r = unsafe {
         cudarc::cublas::result::gemm_ex(
@@ -115,14 +145,14 @@ fn gemm_cublas(
             cfg.k,
             (&alpha) as *const f32 as *const _,
             pb as *const _,
-            f32_t,
+            t_ab,
             cfg.lda,
             pa as *const _,
-            f32_t,
+            t_ab,
             cfg.ldb,
             (&beta) as *const f32 as *const _,
             pc as *mut _,
-            f32_t,
+            t_c,
             cfg.ldc,
             compute,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -135,12 +165,13 @@ fn gemm_cublas(
 /// the GEMM's epilogue (blaslt.rs), else `gemm` and `add_bias`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bias(
-    cu: &Cuda, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, bias: &CudaSlice<f32>, m: usize,
-    n: usize, k: usize, ta: bool, tb: bool, inputs: Precision,
+    cu: &Cuda, c: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, bias: &CudaSlice<f32>, m: usize, n: usize, k: usize,
+    ta: bool, tb: bool, inputs: Precision,
 ) {
     if m == 0 || n == 0 {
         return;
     }
+    operand_storage("gemm_bias", c, a, b);
     need(c.len(), m * n, "gemm_bias c");
     need(a.len(), m * k, "gemm_bias a");
     need(b.len(), k * n, "gemm_bias b");
@@ -153,12 +184,28 @@ pub fn gemm_bias(
             return;
         }
     }
-    gemm_cublas(cu, c, a, b, m, n, k, ta, tb, 1.0, 0.0, inputs);
-    add_bias(cu, c, bias, m, n);
+    if c.precision() == Precision::Fp32 {
+        gemm_cublas(cu, c, a, b, m, n, k, ta, tb, 1.0, 0.0, inputs);
+        add_bias(cu, c, bias, m, n);
+        return;
+    }
+    // A 16-bit c is rounded once, after the bias, as the epilogue rounds it: the product and
+    // the bias meet in an fp32 scratch buffer first (two passes more, on this fallback only).
+    let slot = |g: &mut super::Scratch| g.gemm_f32.take();
+    let mut tmp = CudaBuf::F32(match slot(&mut cu.scratch.lock().unwrap()) {
+        Some(t) if t.len() >= m * n => t,
+        _ => check(cu.stream.alloc_zeros::<f32>(m * n), "gemm_bias scratch"),
+    });
+    gemm_cublas(cu, &mut tmp, a, b, m, n, k, ta, tb, 1.0, 0.0, inputs);
+    add_bias(cu, &mut tmp, bias, m, n);
+    super::quantize::copy(cu, c, &tmp, m * n);
+    if let CudaBuf::F32(t) = tmp {
+        cu.scratch.lock().unwrap().gemm_f32 = Some(t);
+    }
 }
 
-/// out[r, :] += bias for r < rows.
-pub fn add_bias(cu: &Cuda, out: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, cols: usize) {
+/// out[r, :] += bias for r < rows (out in any storage).
+pub fn add_bias(cu: &Cuda, out: &mut CudaBuf, bias: &CudaSlice<f32>, rows: usize, cols: usize) {
     let total = rows * cols;
     if total == 0 {
         return;
@@ -168,16 +215,18 @@ pub fn add_bias(cu: &Cuda, out: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows
     need(bias.len(), cols, "add_bias bias");
     let (ri, ci) = (int(rows, "add_bias rows"), int(cols, "add_bias cols"));
     int(total, "add_bias rows*cols");
+    let (po, to) = (out.addr(&cu.stream), out.code());
     let mut l = cu.stream.launch_builder(cu.func("add_bias_f32"));
-    l.arg(out).arg(bias).arg(&ri).arg(&ci);
-    // SAFETY: (float* out, const float* bias, int rows, int cols); one thread per element
-    // of out[..rows*cols], reading bias[..cols]; sizes checked above.
+    l.arg(&po).arg(&to).arg(bias).arg(&ri).arg(&ci);
+    // SAFETY: (void* out, int out_t, const float* bias, int rows, int cols); one thread per
+    // element of out[..rows*cols] (of out_t's type), reading bias[..cols]; sizes checked
+    // above.
     check(unsafe { l.launch(grid_1d(total, BLOCK)) }, "add_bias_f32");
 }
 
 /// dst[j] += sum over rows of src[r, j], deterministically: REDUCE_ROWS-row partials
 /// summed in row order, then added to dst in chunk order (the CPU's `col_sums_into`).
-pub(super) fn col_sums_into(cu: &Cuda, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, rows: usize, cols: usize) {
+pub(super) fn col_sums_into(cu: &Cuda, dst: &mut CudaSlice<f32>, src: &CudaBuf, rows: usize, cols: usize) {
     if rows == 0 || cols == 0 {
         return;
     }
@@ -190,9 +239,10 @@ pub(super) fn col_sums_into(cu: &Cuda, dst: &mut CudaSlice<f32>, src: &CudaSlice
     launch_col_partials_add(cu, dst, partial, chunks, cols);
 }
 
-/// partial[k, j] = sum of src[r, j] over the k-th chunk of REDUCE_ROWS rows.
+/// partial[k, j] = sum of src[r, j] over the k-th chunk of REDUCE_ROWS rows (src in any
+/// storage).
 pub(super) fn launch_col_sum_partials(
-    cu: &Cuda, partial: &mut CudaSlice<f32>, src: &CudaSlice<f32>, rows: usize, cols: usize,
+    cu: &Cuda, partial: &mut CudaSlice<f32>, src: &CudaBuf, rows: usize, cols: usize,
 ) {
     let chunks = rows.div_ceil(REDUCE_ROWS);
     need(partial.len(), chunks * cols, "col_sum_partials partial");
@@ -203,11 +253,13 @@ pub(super) fn launch_col_sum_partials(
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
+    let (ps, ts) = (src.addr(&cu.stream), src.code());
     let mut l = cu.stream.launch_builder(cu.func("col_sum_partials_f32"));
-    l.arg(partial).arg(src).arg(&ri).arg(&ci);
-    // SAFETY: (float* partial, const float* src, int rows, int cols); thread (j, k) reads
-    // column j of rows of chunk k of src[..rows*cols] and writes partial[k*cols + j];
-    // partial holds chunks*cols floats (checked above; src by the caller).
+    l.arg(partial).arg(&ps).arg(&ts).arg(&ri).arg(&ci);
+    // SAFETY: (float* partial, const void* src, int src_t, int rows, int cols); thread (j,
+    // k) reads column j of rows of chunk k of src[..rows*cols] (of src_t's type) and writes
+    // partial[k*cols + j]; partial holds chunks*cols floats (checked above; src by the
+    // caller).
     check(unsafe { l.launch(cfg) }, "col_sum_partials_f32");
 }
 
@@ -226,7 +278,7 @@ pub(super) fn launch_col_partials_add(
 }
 
 /// dbias += sum over rows of dout.
-pub fn bias_grad(cu: &Cuda, dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, rows: usize, cols: usize) {
+pub fn bias_grad(cu: &Cuda, dbias: &mut CudaSlice<f32>, dout: &CudaBuf, rows: usize, cols: usize) {
     let _r = cu.range("bias_grad");
     col_sums_into(cu, dbias, dout, rows, cols);
 }

@@ -1,7 +1,7 @@
 //! LayerNorm with an optional fused residual add and the input's dropout fused in
 //! (kernels/layernorm.cu). CPU twin: cpu/layernorm.rs.
 use super::gemm::launch_col_partials_add;
-use super::{check, ensure, int, need, round_code, Cuda, DropoutArgs};
+use super::{check, ensure, int, need, round_code, Cuda, CudaBuf, DropoutArgs};
 use crate::backend::cpu::gemm::REDUCE_ROWS;
 use crate::backend::{Dropout, Precision};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -18,12 +18,13 @@ fn row_cfg(n: usize) -> LaunchConfig {
 }
 
 /// out = LayerNorm(dropout(inp) + residual) over rows of width c (rounded to `rounding`;
-/// `Dropout::OFF`: no dropout); mean and 1/std saved per row.
+/// `Dropout::OFF`: no dropout); mean and 1/std saved per row. out, inp and residual in
+/// any storage.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_fwd(
-    cu: &Cuda, out: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, inp: &CudaSlice<f32>,
-    dropout: Dropout, residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize,
-    c: usize, eps: f32, rounding: Precision,
+    cu: &Cuda, out: &mut CudaBuf, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, inp: &CudaBuf,
+    dropout: Dropout, residual: Option<&CudaBuf>, weight: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, c: usize,
+    eps: f32, rounding: Precision,
 ) {
     if n == 0 {
         return;
@@ -40,13 +41,17 @@ pub fn layernorm_fwd(
     need(bias.len(), c, "layernorm_fwd bias");
     let (ni, ci) = (int(n, "layernorm n"), int(c, "layernorm c"));
     int(n * c, "layernorm n*c");
-    let null: u64 = 0;
+    let (po, to, pi, ti) = (out.addr(&cu.stream), out.code(), inp.addr(&cu.stream), inp.code());
+    let (pr, tr) = residual.map_or((0, 0), |r| (r.addr(&cu.stream), r.code()));
     let mut l = cu.stream.launch_builder(cu.func("layernorm_fwd_f32"));
-    l.arg(out).arg(mean).arg(rstd).arg(inp);
-    match residual {
-        Some(r) => l.arg(r),
-        None => l.arg(&null),
-    };
+    l.arg(&po)
+        .arg(&to)
+        .arg(mean)
+        .arg(rstd)
+        .arg(&pi)
+        .arg(&ti)
+        .arg(&pr)
+        .arg(&tr);
     let round = round_code(rounding);
     let drop = DropoutArgs::from(dropout);
     l.arg(weight)
@@ -56,23 +61,23 @@ pub fn layernorm_fwd(
         .arg(&eps)
         .arg(&round)
         .arg(&drop);
-    // SAFETY: (float* out, float* mean, float* rstd, const float* inp, const float*
-    // residual (null: none), const float* weight, const float* bias, int n, int c, float
-    // eps, int round, DropoutArgs drop); block r < n reads row r of inp (and residual),
-    // weight and bias [c], writes row r of out, mean[r], rstd[r]; sizes checked above.
+    // SAFETY: (void* out, int out_t, float* mean, float* rstd, const void* inp, int inp_t,
+    // const void* residual (null: none), int res_t, const float* weight, const float* bias,
+    // int n, int c, float eps, int round, DropoutArgs drop); block r < n reads row r of inp
+    // (and residual), weight and bias [c], writes row r of out, mean[r], rstd[r], each
+    // buffer of its type's storage; sizes checked above.
     check(unsafe { l.launch(row_cfg(n)) }, "layernorm_fwd_f32");
 }
 
 /// dsum = d loss / d(dropout(inp) + residual) (overwritten); with `dinp`, the gradient of
 /// inp through the mask too (rounded to `rounding`), in the same pass; dweight, dbias
 /// accumulated, with the CPU's fixed chunking (REDUCE_ROWS rows per partial, partials added
-/// in order).
+/// in order). dinp, inp and residual in any storage.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_bwd(
-    cu: &Cuda, dsum: &mut CudaSlice<f32>, dinp: Option<&mut CudaSlice<f32>>, dweight: &mut CudaSlice<f32>,
-    dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaSlice<f32>, dropout: Dropout,
-    residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>, n: usize,
-    c: usize, rounding: Precision,
+    cu: &Cuda, dsum: &mut CudaSlice<f32>, dinp: Option<&mut CudaBuf>, dweight: &mut CudaSlice<f32>,
+    dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaBuf, dropout: Dropout, residual: Option<&CudaBuf>,
+    weight: &CudaSlice<f32>, mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>, n: usize, c: usize, rounding: Precision,
 ) {
     if n == 0 {
         return;
@@ -98,21 +103,20 @@ pub fn layernorm_bwd(
     need(rstd.len(), n, "layernorm_bwd rstd");
     let (ni, ci) = (int(n, "layernorm n"), int(c, "layernorm c"));
     int(n * c, "layernorm n*c");
-    let null: u64 = 0;
-
     let drop = DropoutArgs::from(dropout);
     let round = round_code(rounding);
+    let (pd, td) = dinp.map_or((0, 0), |d| (d.addr(&cu.stream), d.code()));
+    let (pi, ti) = (inp.addr(&cu.stream), inp.code());
+    let (pr, tr) = residual.map_or((0, 0), |r| (r.addr(&cu.stream), r.code()));
     let mut l = cu.stream.launch_builder(cu.func("layernorm_bwd_dinp_f32"));
-    l.arg(&mut *dsum);
-    match dinp {
-        Some(d) => l.arg(d),
-        None => l.arg(&null),
-    };
-    l.arg(dout).arg(inp);
-    match residual {
-        Some(r) => l.arg(r),
-        None => l.arg(&null),
-    };
+    l.arg(&mut *dsum)
+        .arg(&pd)
+        .arg(&td)
+        .arg(dout)
+        .arg(&pi)
+        .arg(&ti)
+        .arg(&pr)
+        .arg(&tr);
     l.arg(weight)
         .arg(mean)
         .arg(rstd)
@@ -120,11 +124,11 @@ pub fn layernorm_bwd(
         .arg(&ci)
         .arg(&drop)
         .arg(&round);
-    // SAFETY: (float* dsum, float* dinp (null: none), const float* dout, const float* inp,
-    // const float* residual (null: none), const float* weight, const float* mean, const
-    // float* rstd, int n, int c, DropoutArgs drop, int round); block r < n reads row r of
-    // dout, inp, residual and mean/rstd[r], writes row r of dsum and dinp; sizes checked
-    // above.
+    // SAFETY: (float* dsum, void* dinp (null: none), int dinp_t, const float* dout, const
+    // void* inp, int inp_t, const void* residual (null: none), int res_t, const float*
+    // weight, const float* mean, const float* rstd, int n, int c, DropoutArgs drop, int
+    // round); block r < n reads row r of dout, inp, residual and mean/rstd[r], writes row r
+    // of dsum and dinp, each buffer of its type's storage; sizes checked above.
     check(unsafe { l.launch(row_cfg(n)) }, "layernorm_bwd_dinp_f32");
 
     let chunks = n.div_ceil(REDUCE_ROWS);
@@ -138,17 +142,18 @@ pub fn layernorm_bwd(
         shared_mem_bytes: 0,
     };
     let mut l = cu.stream.launch_builder(cu.func("layernorm_bwd_param_partials_f32"));
-    l.arg(&mut *pw).arg(&mut *pb).arg(dout).arg(inp);
-    match residual {
-        Some(r) => l.arg(r),
-        None => l.arg(&null),
-    };
+    l.arg(&mut *pw)
+        .arg(&mut *pb)
+        .arg(dout)
+        .arg(&pi)
+        .arg(&ti)
+        .arg(&pr)
+        .arg(&tr);
     l.arg(mean).arg(rstd).arg(&ni).arg(&ci).arg(&drop);
-    // SAFETY: (float* pw, float* pb, const float* dout, const float* inp, const float*
-    // residual, const float* mean, const float* rstd, int n, int c, DropoutArgs drop);
-    // thread (j, k) reads
-    // column j of the rows of chunk k and writes pw/pb[k*c + j]; pw and pb hold chunks*c
-    // floats (ensure), the rest is checked above.
+    // SAFETY: (float* pw, float* pb, const float* dout, const void* inp, int inp_t, const
+    // void* residual, int res_t, const float* mean, const float* rstd, int n, int c,
+    // DropoutArgs drop); thread (j, k) reads column j of the rows of chunk k and writes
+    // pw/pb[k*c + j]; pw and pb hold chunks*c floats (ensure), the rest is checked above.
     check(unsafe { l.launch(cfg) }, "layernorm_bwd_param_partials_f32");
     launch_col_partials_add(cu, dweight, pw, chunks, c);
     launch_col_partials_add(cu, dbias, pb, chunks, c);

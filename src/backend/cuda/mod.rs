@@ -1,6 +1,6 @@
-//! The CUDA backend: the [`Backend`] trait on one GPU, fp32 mode (buffers are
-//! `CudaSlice<f32>`), kernels from kernels/*.cu (compiled by build.rs with NVRTC and
-//! embedded), GEMMs through cuBLAS.
+//! The CUDA backend: the [`Backend`] trait on one GPU (buffers are [`CudaBuf`]: fp32, or
+//! 16-bit storage for `alloc_rounded`), kernels from kernels/*.cu (compiled by build.rs
+//! with NVRTC and embedded), GEMMs through cuBLASLt.
 //!
 //! Status: written and compiled (every kernel by NVRTC, this code by rustc) but not yet
 //! run on a GPU; tests/gpu_parity.rs holds the evidence to collect. Until it has passed on
@@ -17,12 +17,11 @@
 //! - One stream; cudarc's per-buffer event tracking is switched off (it only matters with
 //!   several streams). Ops enqueue work and return; `download` and `sum_squares` are the
 //!   only synchronising calls, as the trait intends.
-//! - GEMMs: fp32 mode is `cublasSgemm` with the default math mode (no TF32), so fp32 mode
-//!   is fp32. In bf16 / fp16 mode the encoder promises the GEMM inputs are rounded
-//!   (`Backend::gemm`'s `inputs`) and the GEMMs run on tensor cores through `cublasGemmEx`
-//!   (CUBLAS_COMPUTE_32F_FAST_16BF / _16F) on the fp32 buffers: exact products, fp32
-//!   accumulation. `gemm_bias` runs cuBLASLt with the bias epilogue (blaslt.rs; the GELU
-//!   epilogue is the tanh approximation, not BERT's erf, so GELU stays a kernel).
+//! - GEMMs (gemm.rs, blaslt.rs): fp32 mode is fp32 (compute type 32F, no TF32). In bf16 /
+//!   fp16 mode the operands are 16-bit buffers read natively on tensor cores with fp32
+//!   accumulation (fp32 buffers holding rounded values also work: the FAST_16BF / _16F
+//!   compute types convert them). `gemm_bias` rides the bias in cuBLASLt's epilogue (the
+//!   GELU epilogue is the tanh approximation, not BERT's erf, so GELU stays a kernel).
 //! - Attention: fp32 mode runs kernels/attention.cu on CUDA cores; bf16 / fp16 mode runs
 //!   kernels/attention_mma.cu, whose every product is an mma.sync on tensor cores, with the
 //!   probabilities and score gradients rounded where cpu/attention.rs rounds them.
@@ -31,11 +30,12 @@
 //! - Ops cannot return errors (the trait has no error channel): a CUDA error during an op
 //!   panics with the op's name and CUDA's message. Setting up ([`Cuda::new`]) returns
 //!   [`Error::Device`] instead.
-//! - bf16 variants of the activation kernels are compiled (`*_bf16`) but have no
-//!   launcher: bf16 *storage* needs a bf16 buffer type in the trait first. Until then
-//!   `--precision bf16|fp16` keeps fp32 buffers here as on the CPU: `quantize`
-//!   (kernels/quantize.cu) rounds the GEMM and attention inputs and the GEMMs use tensor
-//!   cores on them; bf16 numbers and bf16 GEMM math, fp32 memory traffic and footprint.
+//! - 16-bit storage: in bf16 / fp16 the encoder allocates what the GEMMs and attention
+//!   read (and the weight copies they read) with `alloc_rounded`, which is 16-bit here:
+//!   the kernels that touch those buffers take each as an address and a storage code
+//!   (kernels/common.cuh `ld` / `st`) and compute in fp32, so the values are those of the
+//!   CPU's fp32 emulation, bit for bit (tests/gpu_parity.rs
+//!   `rounded_storage_matches_fp32_storage`), at half the memory and traffic.
 //! - NVTX: every op opens a range named after it when libnvToolsExt is present (NVTX v2;
 //!   CUDA 12 toolkits still ship it, header-only NVTX 3 installs do not and then there are
 //!   no ranges). Layer-level ranges belong in the model: see [`Cuda::range`].
@@ -127,6 +127,8 @@ struct Scratch {
     f64_a: Option<CudaSlice<f64>>,
     f64_b: Option<CudaSlice<f64>>,
     f64_c: Option<CudaSlice<f64>>,
+    /// The fp32 product of `gemm_bias`'s cuBLAS fallback into a 16-bit output.
+    gemm_f32: Option<CudaSlice<f32>>,
     /// InfoNCE's per-class sums [m + 1, c] (16-bit backward).
     f64_d: Option<CudaSlice<f64>>,
     /// The tensor tables of the fused optimiser kernels, kept on the device while the
@@ -147,7 +149,72 @@ fn ensure<'a, T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     slot.as_mut().unwrap()
 }
 
-/// The fp32 CUDA backend on one device.
+/// A buffer of this backend: fp32, or 16-bit storage of bf16 / fp16 values
+/// (`Backend::alloc_rounded`, the activations and GEMM weight copies of the bf16 / fp16
+/// modes: half the memory and traffic of fp32, and GEMM operands cuBLASLt reads natively).
+/// Ops that accept 16-bit buffers pass the kernel each one's address and storage code
+/// ([`CudaBuf::code`]; kernels/common.cuh `ld` / `st`); the others take fp32 only
+/// ([`CudaBuf::f32`]) and panic, naming the op, when handed a 16-bit buffer.
+pub enum CudaBuf {
+    F32(CudaSlice<f32>),
+    /// bf16 or fp16 bit patterns, as the precision says (never `Precision::Fp32`).
+    Half(CudaSlice<u16>, Precision),
+}
+
+impl CudaBuf {
+    /// Elements (not bytes).
+    pub fn len(&self) -> usize {
+        match self {
+            CudaBuf::F32(s) => s.len(),
+            CudaBuf::Half(s, _) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The storage type: `Precision::Fp32` for fp32 buffers.
+    pub fn precision(&self) -> Precision {
+        match self {
+            CudaBuf::F32(_) => Precision::Fp32,
+            CudaBuf::Half(_, p) => *p,
+        }
+    }
+
+    /// The storage code the kernels take next to the address (0 fp32, 1 bf16, 2 fp16).
+    pub fn code(&self) -> i32 {
+        round_code(self.precision())
+    }
+
+    /// The fp32 storage, for ops that take fp32 only; panics naming `what` otherwise.
+    pub fn f32(&self, what: &str) -> &CudaSlice<f32> {
+        match self {
+            CudaBuf::F32(s) => s,
+            CudaBuf::Half(_, p) => panic!("{what}: a {p} buffer where this op takes fp32 only"),
+        }
+    }
+
+    /// `f32`, writable.
+    pub fn f32_mut(&mut self, what: &str) -> &mut CudaSlice<f32> {
+        match self {
+            CudaBuf::F32(s) => s,
+            CudaBuf::Half(_, p) => panic!("{what}: a {p} buffer where this op takes fp32 only"),
+        }
+    }
+
+    /// The device address, as a kernel argument (`void*` next to its `code`). The backend's
+    /// one stream orders every use, so no event is recorded (tracking is off).
+    pub fn addr(&self, stream: &Arc<CudaStream>) -> u64 {
+        use cudarc::driver::DevicePtr;
+        match self {
+            CudaBuf::F32(s) => s.device_ptr(stream).0,
+            CudaBuf::Half(s, _) => s.device_ptr(stream).0,
+        }
+    }
+}
+
+/// The CUDA backend on one device.
 pub struct Cuda {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
@@ -405,7 +472,7 @@ impl Cuda {
 }
 
 impl Backend for Cuda {
-    type Buf = CudaSlice<f32>;
+    type Buf = CudaBuf;
     type IBuf = CudaSlice<i32>;
 
     fn profile_range(&self, name: std::fmt::Arguments<'_>) -> RangeGuard {
@@ -419,7 +486,7 @@ impl Backend for Cuda {
     fn name(&self) -> String {
         let i = &self.info;
         format!(
-            "cuda:{} ({}, sm_{}{}, {} MiB, fp32, kernels {} by NVRTC {})",
+            "cuda:{} ({}, sm_{}{}, {} MiB, kernels {} by NVRTC {})",
             i.ordinal,
             i.name,
             i.major,
@@ -429,15 +496,31 @@ impl Backend for Cuda {
             images::NVRTC_VERSION
         )
     }
-    fn alloc(&self, n: usize) -> CudaSlice<f32> {
-        check(self.stream.alloc_zeros::<f32>(n.max(1)), "alloc")
+    fn alloc(&self, n: usize) -> CudaBuf {
+        CudaBuf::F32(check(self.stream.alloc_zeros::<f32>(n.max(1)), "alloc"))
+    }
+    /// 16-bit storage in bf16 / fp16 (zero bits are +0.0 in both).
+    fn alloc_rounded(&self, n: usize, precision: Precision) -> CudaBuf {
+        match precision {
+            Precision::Fp32 => self.alloc(n),
+            p => CudaBuf::Half(check(self.stream.alloc_zeros::<u16>(n.max(1)), "alloc_rounded"), p),
+        }
     }
     fn alloc_i32(&self, n: usize) -> CudaSlice<i32> {
         check(self.stream.alloc_zeros::<i32>(n.max(1)), "alloc_i32")
     }
-    fn upload(&self, dst: &mut CudaSlice<f32>, src: &[f32]) {
-        if !src.is_empty() {
-            check(self.stream.memcpy_htod(src, &mut dst.slice_mut(..src.len())), "upload");
+    fn upload(&self, dst: &mut CudaBuf, src: &[f32]) {
+        if src.is_empty() {
+            return;
+        }
+        need(dst.len(), src.len(), "upload");
+        match dst {
+            CudaBuf::F32(d) => check(self.stream.memcpy_htod(src, &mut d.slice_mut(..src.len())), "upload"),
+            CudaBuf::Half(d, p) => {
+                let bits = quantize::to_bits(src, *p);
+                // from pageable memory: staged before the call returns, so `bits` may drop
+                check(self.stream.memcpy_htod(&bits, &mut d.slice_mut(..src.len())), "upload");
+            }
         }
     }
     fn upload_i32(&self, dst: &mut CudaSlice<i32>, src: &[i32]) {
@@ -448,170 +531,290 @@ impl Backend for Cuda {
             );
         }
     }
-    fn download(&self, src: &CudaSlice<f32>, n: usize) -> Vec<f32> {
+    fn download(&self, src: &CudaBuf, n: usize) -> Vec<f32> {
         if n == 0 {
             return Vec::new();
         }
-        let v = check(self.stream.clone_dtoh(&src.slice(..n)), "download");
-        self.synchronize();
-        v
-    }
-    fn zero(&self, buf: &mut CudaSlice<f32>, n: usize) {
-        if n > 0 {
-            check(self.stream.memset_zeros(&mut buf.slice_mut(..n)), "zero");
+        need(src.len(), n, "download");
+        match src {
+            CudaBuf::F32(s) => {
+                let v = check(self.stream.clone_dtoh(&s.slice(..n)), "download");
+                self.synchronize();
+                v
+            }
+            CudaBuf::Half(s, p) => {
+                let bits = check(self.stream.clone_dtoh(&s.slice(..n)), "download");
+                self.synchronize();
+                quantize::from_bits(&bits, *p)
+            }
         }
     }
-    fn add_inplace(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, n: usize) {
-        gemm::add_inplace(self, dst, src, n)
+    fn zero(&self, buf: &mut CudaBuf, n: usize) {
+        if n == 0 {
+            return;
+        }
+        need(buf.len(), n, "zero");
+        match buf {
+            CudaBuf::F32(b) => check(self.stream.memset_zeros(&mut b.slice_mut(..n)), "zero"),
+            CudaBuf::Half(b, _) => check(self.stream.memset_zeros(&mut b.slice_mut(..n)), "zero"),
+        }
     }
-    fn copy(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, n: usize) {
+    fn add_inplace(&self, dst: &mut CudaBuf, src: &CudaBuf, n: usize) {
+        gemm::add_inplace(self, dst.f32_mut("add_inplace dst"), src.f32("add_inplace src"), n)
+    }
+    fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf, n: usize) {
         quantize::copy(self, dst, src, n)
     }
-    fn quantize(&self, x: &mut CudaSlice<f32>, n: usize, precision: Precision) {
+    fn quantize(&self, x: &mut CudaBuf, n: usize, precision: Precision) {
         quantize::quantize(self, x, n, precision)
     }
     fn gemm(
-        &self, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, m: usize, n: usize, k: usize, ta: bool,
-        tb: bool, alpha: f32, beta: f32, inputs: Precision,
+        &self, c: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32,
+        beta: f32, inputs: Precision,
     ) {
         gemm::gemm(self, c, a, b, m, n, k, ta, tb, alpha, beta, inputs)
     }
-    fn add_bias(&self, out: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, cols: usize) {
-        gemm::add_bias(self, out, bias, rows, cols)
+    fn add_bias(&self, out: &mut CudaBuf, bias: &CudaBuf, rows: usize, cols: usize) {
+        gemm::add_bias(self, out, bias.f32("add_bias bias"), rows, cols)
     }
     fn gemm_bias(
-        &self, c: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, bias: &CudaSlice<f32>, m: usize,
-        n: usize, k: usize, ta: bool, tb: bool, inputs: Precision,
+        &self, c: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, bias: &CudaBuf, m: usize, n: usize, k: usize, ta: bool,
+        tb: bool, inputs: Precision,
     ) {
-        gemm::gemm_bias(self, c, a, b, bias, m, n, k, ta, tb, inputs)
+        gemm::gemm_bias(self, c, a, b, bias.f32("gemm_bias bias"), m, n, k, ta, tb, inputs)
     }
-    fn bias_grad(&self, dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, rows: usize, cols: usize) {
-        gemm::bias_grad(self, dbias, dout, rows, cols)
+    fn bias_grad(&self, dbias: &mut CudaBuf, dout: &CudaBuf, rows: usize, cols: usize) {
+        gemm::bias_grad(self, dbias.f32_mut("bias_grad dbias"), dout, rows, cols)
     }
     fn embedding_fwd(
-        &self, out: &mut CudaSlice<f32>, ids: &CudaSlice<i32>, pos: &CudaSlice<i32>, types: &CudaSlice<i32>,
-        wte: &CudaSlice<f32>, wpe: &CudaSlice<f32>, wtt: &CudaSlice<f32>, n: usize, c: usize,
+        &self, out: &mut CudaBuf, ids: &CudaSlice<i32>, pos: &CudaSlice<i32>, types: &CudaSlice<i32>, wte: &CudaBuf,
+        wpe: &CudaBuf, wtt: &CudaBuf, n: usize, c: usize,
     ) {
-        embedding::embedding_fwd(self, out, ids, pos, types, wte, wpe, wtt, n, c)
+        let w = "embedding_fwd";
+        embedding::embedding_fwd(
+            self,
+            out.f32_mut(w),
+            ids,
+            pos,
+            types,
+            wte.f32(w),
+            wpe.f32(w),
+            wtt.f32(w),
+            n,
+            c,
+        )
     }
     fn embedding_bwd(
-        &self, dwte: &mut CudaSlice<f32>, dwpe: &mut CudaSlice<f32>, dwtt: &mut CudaSlice<f32>, dout: &CudaSlice<f32>,
-        ids: &CudaSlice<i32>, pos: &CudaSlice<i32>, types: &CudaSlice<i32>, order: &CudaSlice<i32>, n: usize, c: usize,
+        &self, dwte: &mut CudaBuf, dwpe: &mut CudaBuf, dwtt: &mut CudaBuf, dout: &CudaBuf, ids: &CudaSlice<i32>,
+        pos: &CudaSlice<i32>, types: &CudaSlice<i32>, order: &CudaSlice<i32>, n: usize, c: usize,
     ) {
-        embedding::embedding_bwd(self, dwte, dwpe, dwtt, dout, ids, pos, types, order, n, c)
+        let w = "embedding_bwd";
+        embedding::embedding_bwd(
+            self,
+            dwte.f32_mut(w),
+            dwpe.f32_mut(w),
+            dwtt.f32_mut(w),
+            dout.f32(w),
+            ids,
+            pos,
+            types,
+            order,
+            n,
+            c,
+        )
     }
     fn dropout_layernorm_fwd(
-        &self, out: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, inp: &CudaSlice<f32>,
-        dropout: Dropout, residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize,
-        c: usize, eps: f32, rounding: Precision,
+        &self, out: &mut CudaBuf, mean: &mut CudaBuf, rstd: &mut CudaBuf, inp: &CudaBuf, dropout: Dropout,
+        residual: Option<&CudaBuf>, weight: &CudaBuf, bias: &CudaBuf, n: usize, c: usize, eps: f32,
+        rounding: Precision,
     ) {
+        let w = "layernorm_fwd";
         layernorm::layernorm_fwd(
-            self, out, mean, rstd, inp, dropout, residual, weight, bias, n, c, eps, rounding,
+            self,
+            out,
+            mean.f32_mut(w),
+            rstd.f32_mut(w),
+            inp,
+            dropout,
+            residual,
+            weight.f32(w),
+            bias.f32(w),
+            n,
+            c,
+            eps,
+            rounding,
         )
     }
     fn dropout_layernorm_bwd(
-        &self, dsum: &mut CudaSlice<f32>, dinp: Option<&mut CudaSlice<f32>>, dweight: &mut CudaSlice<f32>,
-        dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaSlice<f32>, dropout: Dropout,
-        residual: Option<&CudaSlice<f32>>, weight: &CudaSlice<f32>, mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>,
-        n: usize, c: usize, rounding: Precision,
+        &self, dsum: &mut CudaBuf, dinp: Option<&mut CudaBuf>, dweight: &mut CudaBuf, dbias: &mut CudaBuf,
+        dout: &CudaBuf, inp: &CudaBuf, dropout: Dropout, residual: Option<&CudaBuf>, weight: &CudaBuf, mean: &CudaBuf,
+        rstd: &CudaBuf, n: usize, c: usize, rounding: Precision,
     ) {
+        let w = "layernorm_bwd";
         layernorm::layernorm_bwd(
-            self, dsum, dinp, dweight, dbias, dout, inp, dropout, residual, weight, mean, rstd, n, c, rounding,
+            self,
+            dsum.f32_mut(w),
+            dinp,
+            dweight.f32_mut(w),
+            dbias.f32_mut(w),
+            dout.f32(w),
+            inp,
+            dropout,
+            residual,
+            weight.f32(w),
+            mean.f32(w),
+            rstd.f32(w),
+            n,
+            c,
+            rounding,
         )
     }
-    fn bias_gelu_fwd(
-        &self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, c: usize,
-        rounding: Precision,
-    ) {
-        gelu::bias_gelu_fwd(self, out, inp, bias, n, c, rounding)
+    fn bias_gelu_fwd(&self, out: &mut CudaBuf, inp: &CudaBuf, bias: &CudaBuf, n: usize, c: usize, rounding: Precision) {
+        gelu::bias_gelu_fwd(self, out, inp, bias.f32("bias_gelu_fwd bias"), n, c, rounding)
     }
     fn bias_gelu_bwd(
-        &self, dinp: &mut CudaSlice<f32>, dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>, n: usize, c: usize, rounding: Precision,
+        &self, dinp: &mut CudaBuf, dbias: &mut CudaBuf, dout: &CudaBuf, inp: &CudaBuf, bias: &CudaBuf, n: usize,
+        c: usize, rounding: Precision,
     ) {
-        gelu::bias_gelu_bwd(self, dinp, dbias, dout, inp, bias, n, c, rounding)
+        let w = "bias_gelu_bwd";
+        gelu::bias_gelu_bwd(self, dinp, dbias.f32_mut(w), dout, inp, bias.f32(w), n, c, rounding)
     }
     fn attention_fwd(
-        &self, out: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>, mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout,
-        inputs: Precision,
+        &self, out: &mut CudaBuf, lse: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, mask: &CudaBuf, b: usize,
+        t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
     ) {
-        attention::attention_fwd(self, out, lse, q, k, v, mask, b, t, h, d, dropout, inputs)
-    }
-    fn attention_bwd(
-        &self, dq: &mut CudaSlice<f32>, dk: &mut CudaSlice<f32>, dv: &mut CudaSlice<f32>, dout: &CudaSlice<f32>,
-        q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, out: &CudaSlice<f32>, lse: &CudaSlice<f32>,
-        mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
-    ) {
-        attention::attention_bwd(
-            self, dq, dk, dv, dout, q, k, v, out, lse, mask, b, t, h, d, dropout, inputs,
+        let w = "attention_fwd";
+        attention::attention_fwd(
+            self,
+            out,
+            lse.f32_mut(w),
+            q,
+            k,
+            v,
+            mask.f32(w),
+            b,
+            t,
+            h,
+            d,
+            dropout,
+            inputs,
         )
     }
-    fn dropout_fwd(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, n: usize, d: Dropout, rounding: Precision) {
+    fn attention_bwd(
+        &self, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf,
+        v: &CudaBuf, out: &CudaBuf, lse: &CudaBuf, mask: &CudaBuf, b: usize, t: usize, h: usize, d: usize,
+        dropout: Dropout, inputs: Precision,
+    ) {
+        let w = "attention_bwd";
+        attention::attention_bwd(
+            self,
+            dq,
+            dk,
+            dv,
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse.f32(w),
+            mask.f32(w),
+            b,
+            t,
+            h,
+            d,
+            dropout,
+            inputs,
+        )
+    }
+    fn dropout_fwd(&self, out: &mut CudaBuf, inp: &CudaBuf, n: usize, d: Dropout, rounding: Precision) {
         dropout::dropout_fwd(self, out, inp, n, d, rounding)
     }
-    fn dropout_bwd(&self, dinp: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, n: usize, d: Dropout, rounding: Precision) {
+    fn dropout_bwd(&self, dinp: &mut CudaBuf, dout: &CudaBuf, n: usize, d: Dropout, rounding: Precision) {
         dropout::dropout_bwd(self, dinp, dout, n, d, rounding)
     }
-    fn dropout_duplicate(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, n: usize, d: Dropout) {
-        dropout::dropout_duplicate(self, out, inp, n, d)
+    fn dropout_duplicate(&self, out: &mut CudaBuf, inp: &CudaBuf, n: usize, d: Dropout) {
+        let w = "dropout_duplicate";
+        dropout::dropout_duplicate(self, out.f32_mut(w), inp.f32(w), n, d)
     }
-    fn dropout_duplicate_bwd(&self, dinp: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, n: usize, d: Dropout) {
-        dropout::dropout_duplicate_bwd(self, dinp, dout, n, d)
+    fn dropout_duplicate_bwd(&self, dinp: &mut CudaBuf, dout: &CudaBuf, n: usize, d: Dropout) {
+        let w = "dropout_duplicate_bwd";
+        dropout::dropout_duplicate_bwd(self, dinp.f32_mut(w), dout.f32(w), n, d)
     }
-    fn softmax_ce_fwd(
-        &self, losses: &mut CudaSlice<f32>, logits: &CudaSlice<f32>, labels: &CudaSlice<i32>, n: usize, v: usize,
-    ) {
-        softmax_ce::softmax_ce_fwd(self, losses, logits, labels, n, v)
+    fn softmax_ce_fwd(&self, losses: &mut CudaBuf, logits: &CudaBuf, labels: &CudaSlice<i32>, n: usize, v: usize) {
+        let w = "softmax_ce_fwd";
+        softmax_ce::softmax_ce_fwd(self, losses.f32_mut(w), logits.f32(w), labels, n, v)
     }
     fn softmax_ce_bwd(
-        &self, dlogits: &mut CudaSlice<f32>, logits: &CudaSlice<f32>, labels: &CudaSlice<i32>, n: usize, v: usize,
-        scale: f32,
+        &self, dlogits: &mut CudaBuf, logits: &CudaBuf, labels: &CudaSlice<i32>, n: usize, v: usize, scale: f32,
     ) {
-        softmax_ce::softmax_ce_bwd(self, dlogits, logits, labels, n, v, scale)
+        let w = "softmax_ce_bwd";
+        softmax_ce::softmax_ce_bwd(self, dlogits, logits.f32(w), labels, n, v, scale)
     }
-    fn gather_rows(&self, out: &mut CudaSlice<f32>, src: &CudaSlice<f32>, idx: &CudaSlice<i32>, m: usize, c: usize) {
-        rows::gather_rows(self, out, src, idx, m, c)
+    fn gather_rows(&self, out: &mut CudaBuf, src: &CudaBuf, idx: &CudaSlice<i32>, m: usize, c: usize) {
+        rows::gather_rows(self, out.f32_mut("gather_rows out"), src, idx, m, c)
     }
-    fn scatter_add_rows(
-        &self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, idx: &CudaSlice<i32>, m: usize, c: usize,
-    ) {
-        rows::scatter_add_rows(self, dst, src, idx, m, c)
+    fn scatter_add_rows(&self, dst: &mut CudaBuf, src: &CudaBuf, idx: &CudaSlice<i32>, m: usize, c: usize) {
+        let w = "scatter_add_rows";
+        rows::scatter_add_rows(self, dst.f32_mut(w), src.f32(w), idx, m, c)
     }
-    fn l2norm_fwd(
-        &self, out: &mut CudaSlice<f32>, norm: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, m: usize, c: usize,
-    ) {
-        l2norm::l2norm_fwd(self, out, norm, inp, m, c)
+    fn l2norm_fwd(&self, out: &mut CudaBuf, norm: &mut CudaBuf, inp: &CudaBuf, m: usize, c: usize) {
+        let w = "l2norm_fwd";
+        l2norm::l2norm_fwd(self, out.f32_mut(w), norm.f32_mut(w), inp.f32(w), m, c)
     }
-    fn l2norm_bwd(
-        &self, dinp: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, out: &CudaSlice<f32>, norm: &CudaSlice<f32>, m: usize,
-        c: usize,
-    ) {
-        l2norm::l2norm_bwd(self, dinp, dout, out, norm, m, c)
+    fn l2norm_bwd(&self, dinp: &mut CudaBuf, dout: &CudaBuf, out: &CudaBuf, norm: &CudaBuf, m: usize, c: usize) {
+        let w = "l2norm_bwd";
+        l2norm::l2norm_bwd(self, dinp.f32_mut(w), dout.f32(w), out.f32(w), norm.f32(w), m, c)
     }
     fn infonce_fwd(
-        &self, loss: &mut CudaSlice<f32>, lse: &mut CudaSlice<f32>, z: &CudaSlice<f32>, labels: &CudaSlice<i32>,
-        anchor: &CudaSlice<i32>, partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions, inputs: Precision,
+        &self, loss: &mut CudaBuf, lse: &mut CudaBuf, z: &CudaBuf, labels: &CudaSlice<i32>, anchor: &CudaSlice<i32>,
+        partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions, inputs: Precision,
     ) {
-        infonce::infonce_fwd(self, loss, lse, z, labels, anchor, partner, m, c, opts, inputs)
+        let w = "infonce_fwd";
+        infonce::infonce_fwd(
+            self,
+            loss.f32_mut(w),
+            lse.f32_mut(w),
+            z.f32(w),
+            labels,
+            anchor,
+            partner,
+            m,
+            c,
+            opts,
+            inputs,
+        )
     }
     fn infonce_bwd(
-        &self, dz: &mut CudaSlice<f32>, z: &CudaSlice<f32>, lse: &CudaSlice<f32>, labels: &CudaSlice<i32>,
-        anchor: &CudaSlice<i32>, partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions, scale: f32,
-        inputs: Precision,
+        &self, dz: &mut CudaBuf, z: &CudaBuf, lse: &CudaBuf, labels: &CudaSlice<i32>, anchor: &CudaSlice<i32>,
+        partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions, scale: f32, inputs: Precision,
     ) {
-        infonce::infonce_bwd(self, dz, z, lse, labels, anchor, partner, m, c, opts, scale, inputs)
+        let w = "infonce_bwd";
+        infonce::infonce_bwd(
+            self,
+            dz.f32_mut(w),
+            z.f32(w),
+            lse.f32(w),
+            labels,
+            anchor,
+            partner,
+            m,
+            c,
+            opts,
+            scale,
+            inputs,
+        )
     }
     fn adamw(
-        &self, param: &mut CudaSlice<f32>, grad: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>,
-        n: usize, hp: AdamW, step: u64, grad_scale: f32,
+        &self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, n: usize, hp: AdamW, step: u64,
+        grad_scale: f32,
     ) {
+        let w = "adamw";
         adamw::adamw(
             self,
-            param,
-            grad,
-            m,
-            v,
+            param.f32_mut(w),
+            grad.f32(w),
+            m.f32_mut(w),
+            v.f32_mut(w),
             n,
             hp.lr,
             hp.beta1,
@@ -623,15 +826,15 @@ impl Backend for Cuda {
         )
     }
     fn adamw_all(
-        &self, slots: &mut [ParamSlot<'_, CudaSlice<f32>>], hp: AdamW, step: u64, grad_scale: f32,
-        low_precision: Precision,
+        &self, slots: &mut [ParamSlot<'_, CudaBuf>], hp: AdamW, step: u64, grad_scale: f32, low_precision: Precision,
     ) {
         adamw::adamw_all(self, slots, hp, step, grad_scale, low_precision)
     }
-    fn sum_squares(&self, x: &CudaSlice<f32>, n: usize) -> f64 {
-        adamw::sum_squares(self, x, n)
+    fn sum_squares(&self, x: &CudaBuf, n: usize) -> f64 {
+        adamw::sum_squares(self, x.f32("sum_squares"), n)
     }
-    fn sum_squares_all(&self, xs: &[(&CudaSlice<f32>, usize)]) -> f64 {
-        adamw::sum_squares_all(self, xs)
+    fn sum_squares_all(&self, xs: &[(&CudaBuf, usize)]) -> f64 {
+        let xs: Vec<(&CudaSlice<f32>, usize)> = xs.iter().map(|&(x, n)| (x.f32("sum_squares_all"), n)).collect();
+        adamw::sum_squares_all(self, &xs)
     }
 }

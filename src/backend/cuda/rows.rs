@@ -1,5 +1,5 @@
 //! Row gather and scatter-add (kernels/rows.cu). CPU twin: cpu/rows.rs.
-use super::{check, int, need, Cuda};
+use super::{check, int, need, Cuda, CudaBuf};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 fn rows_cfg(m: usize) -> LaunchConfig {
@@ -10,10 +10,8 @@ fn rows_cfg(m: usize) -> LaunchConfig {
     }
 }
 
-/// out[r, :] = src[idx[r], :] for r < m.
-pub fn gather_rows(
-    cu: &Cuda, out: &mut CudaSlice<f32>, src: &CudaSlice<f32>, idx: &CudaSlice<i32>, m: usize, c: usize,
-) {
+/// out[r, :] = src[idx[r], :] for r < m (src in any storage).
+pub fn gather_rows(cu: &Cuda, out: &mut CudaSlice<f32>, src: &CudaBuf, idx: &CudaSlice<i32>, m: usize, c: usize) {
     if m == 0 || c == 0 {
         return;
     }
@@ -22,10 +20,11 @@ pub fn gather_rows(
     need(idx.len(), m, "gather_rows idx");
     let (mi, ci) = (int(m, "gather_rows m"), int(c, "gather_rows c"));
     let mut l = cu.stream.launch_builder(cu.func("gather_rows_f32"));
-    l.arg(out).arg(src).arg(idx).arg(&mi).arg(&ci);
-    // SAFETY: (float* out, const float* src, const int* idx, int m, int c); block r < m
-    // copies row idx[r] of src (in range by contract) to out[r*c..][..c]; out and idx are
-    // checked above.
+    let (ps, ts) = (src.addr(&cu.stream), src.code());
+    l.arg(out).arg(&ps).arg(&ts).arg(idx).arg(&mi).arg(&ci);
+    // SAFETY: (float* out, const void* src, int src_t, const int* idx, int m, int c); block
+    // r < m copies row idx[r] of src (in range by contract, of src_t's storage) to
+    // out[r*c..][..c]; out and idx are checked above.
     check(unsafe { l.launch(rows_cfg(m)) }, "gather_rows_f32");
 }
 

@@ -1,6 +1,6 @@
 //! Softmax cross-entropy with an ignore index (kernels/softmax_ce.cu). CPU twin:
 //! cpu/softmax_ce.rs.
-use super::{check, grid_1d, int, need, Cuda, BLOCK};
+use super::{check, grid_1d, int, need, Cuda, CudaBuf, BLOCK};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 /// losses[r] = -log softmax(logits[r])[labels[r]], 0 where the label is IGNORE_INDEX.
@@ -24,10 +24,10 @@ pub fn softmax_ce_fwd(
     check(unsafe { l.launch(grid_1d(n * 32, BLOCK)) }, "softmax_ce_fwd_f32");
 }
 
-/// dlogits = scale * (softmax(logits) - onehot(label)), zero rows when ignored.
+/// dlogits = scale * (softmax(logits) - onehot(label)), zero rows when ignored; dlogits in
+/// any storage (rounded into 16 bits).
 pub fn softmax_ce_bwd(
-    cu: &Cuda, dlogits: &mut CudaSlice<f32>, logits: &CudaSlice<f32>, labels: &CudaSlice<i32>, n: usize, v: usize,
-    scale: f32,
+    cu: &Cuda, dlogits: &mut CudaBuf, logits: &CudaSlice<f32>, labels: &CudaSlice<i32>, n: usize, v: usize, scale: f32,
 ) {
     if n == 0 {
         return;
@@ -39,8 +39,16 @@ pub fn softmax_ce_bwd(
     let (ni, vi) = (int(n, "softmax_ce n"), int(v, "softmax_ce v"));
     int(n * 32, "softmax_ce threads");
     let mut l = cu.stream.launch_builder(cu.func("softmax_ce_bwd_f32"));
-    l.arg(dlogits).arg(logits).arg(labels).arg(&ni).arg(&vi).arg(&scale);
-    // SAFETY: (float* dlogits, const float* logits, const int* labels, int n, int v, float
-    // scale); warp r < n reads logits row r, writes dlogits row r; sizes checked above.
+    let (pd, td) = (dlogits.addr(&cu.stream), dlogits.code());
+    l.arg(&pd)
+        .arg(&td)
+        .arg(logits)
+        .arg(labels)
+        .arg(&ni)
+        .arg(&vi)
+        .arg(&scale);
+    // SAFETY: (void* dlogits, int dlogits_t, const float* logits, const int* labels, int n,
+    // int v, float scale); warp r < n reads logits row r, writes dlogits row r (of
+    // dlogits_t's storage); sizes checked above.
     check(unsafe { l.launch(grid_1d(n * 32, BLOCK)) }, "softmax_ce_bwd_f32");
 }
