@@ -22,8 +22,8 @@ struct AdamArgs {
 // clipping factor (and fp16's loss-scale division) folded in, the gradient left untouched.
 //   param *= decay; m += w1 (g - m); v = beta2 v + w2 g^2;
 //   param -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
-__device__ __forceinline__ void adamw_element(float* param, const float* grad, float* m, float* v, bf16* param_bf16,
-                                              long long i, const AdamArgs& a, float decay, float grad_scale) {
+__device__ __forceinline__ void adamw_element(float* param, const float* grad, float* m, float* v, long long i,
+                                              const AdamArgs& a, float decay, float grad_scale) {
     float g = grad[i] * grad_scale;
     float p = param[i] * decay;
     float mi = m[i];
@@ -34,16 +34,15 @@ __device__ __forceinline__ void adamw_element(float* param, const float* grad, f
     m[i] = mi;
     v[i] = vi;
     param[i] = p;
-    if (param_bf16) param_bf16[i] = __float2bfloat16_rn(p);
 }
 
-// One AdamW step on fp32 master weights, moments fp32. When `param_bf16` is not null the
-// bf16 copy of the updated weight is written in the same pass (mixed precision).
-extern "C" __global__ void adamw_f32(float* param, const float* grad, float* m, float* v, bf16* param_bf16, int n,
-                                     AdamArgs a, float grad_scale) {
+// One AdamW step on fp32 master weights, moments fp32 (the fused adamw_multi_f32 below also
+// writes the GEMMs' rounded weight copies).
+extern "C" __global__ void adamw_f32(float* param, const float* grad, float* m, float* v, int n, AdamArgs a,
+                                     float grad_scale) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    adamw_element(param, grad, m, v, param_bf16, i, a, a.decay, grad_scale);
+    adamw_element(param, grad, m, v, i, a, a.decay, grad_scale);
 }
 
 // ---- one launch over every parameter tensor -------------------------------------------------
@@ -59,7 +58,6 @@ struct AdamTensor {
     const float* grad;
     float* m;
     float* v;
-    bf16* param_bf16;  // null: no bf16 copy
     void* param_low;   // null: none; else the updated weight rounded by low_mode (LOW_*), stored as low_t
     long long n;
     int first_block;
@@ -95,7 +93,7 @@ extern "C" __global__ void adamw_multi_f32(const AdamTensor* tensors, int nt, Ad
     long long end = min(start + MULTI_CHUNK, t.n);
     float decay = t.decays ? a.decay : 1.0f;
     for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
-        adamw_element(t.param, t.grad, t.m, t.v, t.param_bf16, i, a, decay, grad_scale);
+        adamw_element(t.param, t.grad, t.m, t.v, i, a, decay, grad_scale);
         if (t.param_low) st(t.param_low, low_t, i, round_as(t.param[i], low_mode));
     }
 }

@@ -125,10 +125,6 @@ extern "C" __global__ void attention_fwd_f32(float* out, float* lse, const float
                                              const float* mask, int b, int t, int h, int d, DropoutArgs drop) {
     attention_fwd<float>(out, lse, q, k, v, mask, b, t, h, d, drop);
 }
-extern "C" __global__ void attention_fwd_bf16(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
-                                              const float* mask, int b, int t, int h, int d, DropoutArgs drop) {
-    attention_fwd<bf16>(out, lse, q, k, v, mask, b, t, h, d, drop);
-}
 
 // Backward, part 1: dQ (overwritten) and D = rowsum(dO * O) [b, h, t] for part 2.
 // With f the dropout factors and P recomputed as exp(S - lse):
@@ -216,11 +212,6 @@ extern "C" __global__ void attention_bwd_dq_f32(float* dq, float* dvec, const fl
                                                 const float* k, const float* v, const float* out, const float* lse,
                                                 const float* mask, int b, int t, int h, int d, DropoutArgs drop) {
     attention_bwd_dq<float>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
-}
-extern "C" __global__ void attention_bwd_dq_bf16(bf16* dq, float* dvec, const bf16* dout, const bf16* q,
-                                                 const bf16* k, const bf16* v, const bf16* out, const float* lse,
-                                                 const float* mask, int b, int t, int h, int d, DropoutArgs drop) {
-    attention_bwd_dq<bf16>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop);
 }
 
 // Backward, part 2: dK, dV (overwritten), one warp per key row j, tiles of 32 queries:
@@ -312,10 +303,4 @@ extern "C" __global__ void attention_bwd_dkdv_f32(float* dk, float* dv, const fl
                                                   const float* k, const float* v, const float* lse, const float* dvec,
                                                   const float* mask, int b, int t, int h, int d, DropoutArgs drop) {
     attention_bwd_dkdv<float>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
-}
-extern "C" __global__ void attention_bwd_dkdv_bf16(bf16* dk, bf16* dv, const bf16* dout, const bf16* q,
-                                                   const bf16* k, const bf16* v, const float* lse, const float* dvec,
-                                                   const float* mask, int b, int t, int h, int d,
-                                                   DropoutArgs drop) {
-    attention_bwd_dkdv<bf16>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop);
 }

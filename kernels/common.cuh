@@ -4,8 +4,9 @@
 //
 // Conventions (as the CPU twins in src/backend/cpu): row-major, sizes passed explicitly,
 // parameter gradients accumulate (+=), activation gradients are overwritten. Activations
-// may be fp32 or bf16 (template parameter T); statistics, softmax, logsumexp, losses,
-// parameter gradients and optimiser state are fp32 (SPEC section 7).
+// may be stored in fp32, bf16 or fp16 (a storage code next to the pointer, `ld` / `st`
+// below); statistics, softmax, logsumexp, losses, parameter gradients and optimiser state
+// are fp32 (SPEC section 7).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

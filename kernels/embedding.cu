@@ -17,10 +17,6 @@ extern "C" __global__ void embedding_fwd_f32(float* out, const int* ids, const i
                                              const float* wte, const float* wpe, const float* wtt, int n, int c) {
     embedding_fwd<float>(out, ids, pos, types, wte, wpe, wtt, n, c);
 }
-extern "C" __global__ void embedding_fwd_bf16(bf16* out, const int* ids, const int* pos, const int* types,
-                                              const float* wte, const float* wpe, const float* wtt, int n, int c) {
-    embedding_fwd<bf16>(out, ids, pos, types, wte, wpe, wtt, n, c);
-}
 
 // Scatter-add of dout [n, c] into the three tables (accumulates), deterministically: for
 // every table row, the tokens that use it are added in token order, as on the CPU, by the
@@ -38,8 +34,4 @@ __device__ void embedding_bwd(float* dwte, float* dwpe, float* dwtt, const T* do
 extern "C" __global__ void embedding_bwd_f32(float* dwte, float* dwpe, float* dwtt, const float* dout, const int* ids,
                                              const int* pos, const int* types, const int* order, int n, int c) {
     embedding_bwd<float>(dwte, dwpe, dwtt, dout, ids, pos, types, order, n, c);
-}
-extern "C" __global__ void embedding_bwd_bf16(float* dwte, float* dwpe, float* dwtt, const bf16* dout, const int* ids,
-                                              const int* pos, const int* types, const int* order, int n, int c) {
-    embedding_bwd<bf16>(dwte, dwpe, dwtt, dout, ids, pos, types, order, n, c);
 }

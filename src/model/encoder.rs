@@ -347,6 +347,35 @@ fn dropout_for(mode: Mode, p: f32, site: u32) -> Dropout {
     }
 }
 
+/// Backward of a linear layer y = x W^T + b (W [out, inp]) from dy [n, out], in this
+/// order: W.g += dy^T x; b.g += the column sums of dy (skipped when `bias` is false: a
+/// fused op already summed them, as bias_gelu_bwd does); dx = dy W + dx_beta dx (beta 1
+/// adds into a residual gradient in the GEMM instead of a separate pass). The GEMMs read
+/// the weights' rounded copy in 16-bit modes (`Param::gemm_w`).
+#[allow(clippy::too_many_arguments)]
+fn linear_bwd<B: Backend>(
+    be: &B, lin: &mut Affine<B>, bias: bool, dy: &B::Buf, x: &B::Buf, dx: &mut B::Buf, dx_beta: f32, n: usize,
+    inp: usize, out: usize, precision: Precision,
+) {
+    be.gemm(&mut lin.w.g, dy, x, out, inp, n, true, false, 1.0, 1.0, precision);
+    if bias {
+        be.bias_grad(&mut lin.b.g, dy, n, out);
+    }
+    be.gemm(
+        dx,
+        dy,
+        lin.w.gemm_w(),
+        n,
+        inp,
+        out,
+        false,
+        false,
+        1.0,
+        dx_beta,
+        precision,
+    );
+}
+
 pub struct Model<B: Backend> {
     pub be: B,
     pub dims: Dims,
@@ -862,34 +891,21 @@ impl<B: Backend> Model<B> {
                 let _head = be.profile_range(format_args!("head bwd"));
                 let l = d.labels;
                 be.softmax_ce_bwd(&mut s.dlogits, &a.logits, &a.labels, n, l, ce_scale);
-                be.quantize(&mut s.dlogits, n * l, precision); // the GEMMs below read it
-                                                               // dW_c += dlogits^T head_in ; db_c += sum dlogits ; dhead_in = dlogits W_c
-                be.gemm(
-                    &mut cls.w.g,
+                // rounded: the GEMMs below read it
+                be.quantize(&mut s.dlogits, n * l, precision);
+                // dW_c, db_c; dhead_in into dsum, an fp32 buffer (the dropout's gradient
+                // is not rounded)
+                linear_bwd(
+                    be,
+                    cls,
+                    true,
                     &s.dlogits,
                     &a.head_in,
-                    l,
-                    c,
-                    n,
-                    true,
-                    false,
-                    1.0,
-                    1.0,
-                    precision,
-                );
-                be.bias_grad(&mut cls.b.g, &s.dlogits, n, l);
-                // (into dsum, an fp32 buffer: the dropout's gradient is not rounded)
-                be.gemm(
                     &mut s.dsum,
-                    &s.dlogits,
-                    cls.w.gemm_w(),
+                    0.0,
                     n,
                     c,
                     l,
-                    false,
-                    false,
-                    1.0,
-                    0.0,
                     precision,
                 );
                 let drop = dropout_for(mode, d.classifier_dropout, d.site_classifier());
@@ -924,31 +940,17 @@ impl<B: Backend> Model<B> {
                 precision,
             );
             // f2 = g W_o^T + b_o
-            be.gemm(
-                &mut lp.out.w.g,
+            linear_bwd(
+                be,
+                &mut lp.out,
+                true,
                 &s.dtmp,
                 &la.g,
-                c,
-                f,
-                n,
-                true,
-                false,
-                1.0,
-                1.0,
-                precision,
-            );
-            be.bias_grad(&mut lp.out.b.g, &s.dtmp, n, c);
-            be.gemm(
                 &mut s.dg,
-                &s.dtmp,
-                lp.out.w.gemm_w(),
+                0.0,
                 n,
                 f,
                 c,
-                false,
-                false,
-                1.0,
-                0.0,
                 precision,
             );
             be.quantize(&mut s.dg, n * f, precision);
@@ -963,32 +965,20 @@ impl<B: Backend> Model<B> {
                 f,
                 precision,
             );
-            be.gemm(
-                &mut lp.inter.w.g,
+            // f1 = x1 W_i^T (its bias summed above); dx1 = the residual path (dsum) + df W_i,
+            // the sum in the GEMM's beta term instead of a separate pass over [n, c]; dsum
+            // then holds dx1 and the two swap roles
+            linear_bwd(
+                be,
+                &mut lp.inter,
+                false,
                 &s.df,
                 &la.x1,
-                f,
-                c,
-                n,
-                true,
-                false,
-                1.0,
-                1.0,
-                precision,
-            );
-            // dx1 = residual path (dsum) + df W_i, the sum in the GEMM's beta term instead of
-            // a separate pass over [n, c]; dsum then holds dx1 and the two swap roles
-            be.gemm(
                 &mut s.dsum,
-                &s.df,
-                lp.inter.w.gemm_w(),
+                1.0,
                 n,
                 c,
                 f,
-                false,
-                false,
-                1.0,
-                1.0,
                 precision,
             );
             std::mem::swap(&mut s.dx, &mut s.dsum);
@@ -1010,31 +1000,17 @@ impl<B: Backend> Model<B> {
                 precision,
             );
             // ao = att W_ao^T + b_ao
-            be.gemm(
-                &mut lp.attn_out.w.g,
+            linear_bwd(
+                be,
+                &mut lp.attn_out,
+                true,
                 &s.dtmp,
                 &la.att,
-                c,
-                c,
-                n,
-                true,
-                false,
-                1.0,
-                1.0,
-                precision,
-            );
-            be.bias_grad(&mut lp.attn_out.b.g, &s.dtmp, n, c);
-            be.gemm(
                 &mut s.datt,
-                &s.dtmp,
-                lp.attn_out.w.gemm_w(),
+                0.0,
                 n,
                 c,
                 c,
-                false,
-                false,
-                1.0,
-                0.0,
                 precision,
             );
             // (datt unrounded: the attention core rounds what it reads)
@@ -1042,26 +1018,12 @@ impl<B: Backend> Model<B> {
             be.attention_bwd(
                 &mut s.dq, &mut s.dk, &mut s.dv, &s.datt, &la.q, &la.k, &la.v, &la.att, &la.lse, &a.mask, b, t, h, hd,
                 drop_p, precision,
-            ); // dq, dk, dv written rounded
-               // q/k/v = x_in W^T + b: parameter grads, then dx_in = the residual path (dsum)
-               // plus the three paths, accumulated by the GEMMs into dsum (no separate add
-               // pass), which then becomes dx
+            );
+            // (dq, dk, dv written rounded.) q/k/v = x_in W^T + b: parameter grads, then
+            // dx_in = the residual path (dsum) plus the three paths, accumulated by the GEMMs
+            // into dsum (no separate add pass), which then becomes dx
             for (dy, w) in [(&s.dq, &mut lp.q), (&s.dk, &mut lp.k), (&s.dv, &mut lp.v)] {
-                be.gemm(&mut w.w.g, dy, x_in, c, c, n, true, false, 1.0, 1.0, precision);
-                be.bias_grad(&mut w.b.g, dy, n, c);
-                be.gemm(
-                    &mut s.dsum,
-                    dy,
-                    w.w.gemm_w(),
-                    n,
-                    c,
-                    c,
-                    false,
-                    false,
-                    1.0,
-                    1.0,
-                    precision,
-                );
+                linear_bwd(be, w, true, dy, x_in, &mut s.dsum, 1.0, n, c, c, precision);
             }
             std::mem::swap(&mut s.dx, &mut s.dsum);
         }

@@ -40,8 +40,7 @@ impl AdamArgs {
 }
 
 /// One AdamW step (PyTorch semantics) on param, m, v [n] with gradient grad * grad_scale;
-/// step is 1-based. The kernel can also write a bf16 copy of the weights in the same pass;
-/// fp32 master weights only here, so null.
+/// step is 1-based. (`adamw_all` also writes the GEMMs' rounded weight copies.)
 #[allow(clippy::too_many_arguments)]
 pub fn adamw(
     cu: &Cuda, param: &mut CudaSlice<f32>, grad: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>,
@@ -61,19 +60,17 @@ pub fn adamw(
         need(len, n, what);
     }
     let ni = int(n, "adamw n");
-    let null: u64 = 0;
     let mut l = cu.stream.launch_builder(cu.func("adamw_f32"));
     l.arg(param)
         .arg(grad)
         .arg(m)
         .arg(v)
-        .arg(&null)
         .arg(&ni)
         .arg(&args)
         .arg(&grad_scale);
-    // SAFETY: (float* param, const float* grad, float* m, float* v, bf16* param_bf16 (null:
-    // no copy), int n, AdamArgs a, float grad_scale); one thread per element < n; all four
-    // buffers hold n floats (checked above).
+    // SAFETY: (float* param, const float* grad, float* m, float* v, int n, AdamArgs a, float
+    // grad_scale); one thread per element < n; all four buffers hold n floats (checked
+    // above).
     check(unsafe { l.launch(grid_1d(n, BLOCK)) }, "adamw_f32");
 }
 
@@ -88,14 +85,13 @@ pub(super) struct AdamTensor {
     grad: u64,
     m: u64,
     v: u64,
-    param_bf16: u64,
     param_low: u64,
     n: i64,
     first_block: i32,
     decays: i32,
 }
-// SAFETY: #[repr(C)] plain data with the field order and types of the CUDA struct (six
-// pointers, long long, two ints: 64 bytes, 8-aligned, no padding).
+// SAFETY: #[repr(C)] plain data with the field order and types of the CUDA struct (five
+// pointers, long long, two ints: 56 bytes, 8-aligned, no padding).
 unsafe impl DeviceRepr for AdamTensor {}
 
 /// kernels/adamw.cu's SquaresTensor: one tensor of the fused squared-norm reduction.
@@ -190,7 +186,6 @@ pub fn adamw_all(
             grad: addr(cu, grad),
             m: addr_mut(cu, m),
             v: addr_mut(cu, v),
-            param_bf16: 0,
             param_low,
             n: s.n as i64,
             first_block: int(blocks, "adamw_all blocks"),

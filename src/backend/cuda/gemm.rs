@@ -54,7 +54,7 @@ pub fn gemm(
     }) {
         return;
     }
-    gemm_cublas(cu, c, a, b, m, n, k, ta, tb, alpha, beta, inputs);
+    gemm_cublas(cu, c, a, b, m, n, k, ta, tb, alpha, beta, inputs, operands);
 }
 
 /// The storage of a GEMM's operands a and b, which must agree (cuBLAS multiplies two
@@ -73,7 +73,7 @@ fn operand_storage(what: &str, c: &CudaBuf, a: &CudaBuf, b: &CudaBuf) -> Precisi
 }
 
 /// The cuBLAS data type of a buffer's storage.
-pub(super) fn data_type(p: Precision) -> cudaDataType_t {
+fn data_type(p: Precision) -> cudaDataType_t {
     match p {
         Precision::Fp32 => cudaDataType_t::CUDA_R_32F,
         Precision::Bf16 => cudaDataType_t::CUDA_R_16BF,
@@ -97,11 +97,12 @@ fn with_lt(cu: &Cuda, f: impl FnOnce(&mut Lt) -> bool) -> bool {
     }
 }
 
-/// `gemm` on cuBLAS: `cublasSgemm` for fp32, else `cublasGemmEx` with the operands' types.
+/// `gemm` on cuBLAS: `cublasSgemm` for fp32, else `cublasGemmEx` with the operands' types
+/// (`operands`: their storage, `operand_storage` of the caller).
 #[allow(clippy::too_many_arguments)]
 fn gemm_cublas(
     cu: &Cuda, c: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32,
-    beta: f32, inputs: Precision,
+    beta: f32, inputs: Precision, operands: Precision,
 ) {
     let cfg = GemmConfig {
         transa: if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
@@ -115,7 +116,6 @@ fn gemm_cublas(
         beta,
         ldc: int(n, "gemm ldc"),
     };
-    let operands = operand_storage("gemm", c, a, b);
     let compute = match (operands, inputs) {
         (Precision::Fp32, Precision::Fp32) => {
             let w = "cublasSgemm";
@@ -171,7 +171,7 @@ pub fn gemm_bias(
     if m == 0 || n == 0 {
         return;
     }
-    operand_storage("gemm_bias", c, a, b);
+    let operands = operand_storage("gemm_bias", c, a, b);
     need(c.len(), m * n, "gemm_bias c");
     need(a.len(), m * k, "gemm_bias a");
     need(b.len(), k * n, "gemm_bias b");
@@ -185,7 +185,7 @@ pub fn gemm_bias(
         }
     }
     if c.precision() == Precision::Fp32 {
-        gemm_cublas(cu, c, a, b, m, n, k, ta, tb, 1.0, 0.0, inputs);
+        gemm_cublas(cu, c, a, b, m, n, k, ta, tb, 1.0, 0.0, inputs, operands);
         add_bias(cu, c, bias, m, n);
         return;
     }
@@ -196,7 +196,7 @@ pub fn gemm_bias(
         Some(t) if t.len() >= m * n => t,
         _ => check(cu.stream.alloc_zeros::<f32>(m * n), "gemm_bias scratch"),
     });
-    gemm_cublas(cu, &mut tmp, a, b, m, n, k, ta, tb, 1.0, 0.0, inputs);
+    gemm_cublas(cu, &mut tmp, a, b, m, n, k, ta, tb, 1.0, 0.0, inputs, operands);
     add_bias(cu, &mut tmp, bias, m, n);
     super::quantize::copy(cu, c, &tmp, m * n);
     if let CudaBuf::F32(t) = tmp {
