@@ -83,8 +83,15 @@ __device__ __forceinline__ int tensor_of_block(const Desc* t, int nt, int b) {
 
 // low_t: the storage type of every param_low (common.cuh `st`: 0 fp32 holding rounded
 // values, 1 bf16, 2 fp16, the GEMM copies of the bf16 / fp16 modes).
+// stats: null, or the decision of sum_partials_multi_f64 (ClipStats in src/backend/mod.rs):
+// stats[2] != 0 skips the update, else stats[3] replaces grad_scale. The clipping factor
+// is then decided on the device and the host never waits for the norm.
 extern "C" __global__ void adamw_multi_f32(const AdamTensor* tensors, int nt, AdamArgs a, float grad_scale,
-                                           int low_mode, int low_t) {
+                                           const float* stats, int low_mode, int low_t) {
+    if (stats) {
+        if (stats[2] != 0.0f) return;  // uniform over the grid: no block reaches a barrier
+        grad_scale = stats[3];
+    }
     __shared__ int ti;
     if (threadIdx.x == 0) ti = tensor_of_block(tensors, nt, (int)blockIdx.x);
     __syncthreads();
@@ -128,8 +135,15 @@ extern "C" __global__ void sum_squares_multi_partials_f32(double* partials, cons
 // out[0] = sum over tensors (in order) of the in-order sum of that tensor's partials. One
 // block: thread k sums tensors k, k + blockDim, ... (each sequentially, as
 // sum_partials_f64 does), then thread 0 adds the tensors' sums in order.
+//
+// stats non-null: thread 0 also makes Backend::clip_adamw_all's decision (its CPU form is
+// the trait's default in src/backend/mod.rs, the same f64 operations): norm = sqrt(out) /
+// loss_scale; skipped if the norm is not finite or stats[2] already says skipped (sticky);
+// else grad_scale = f * (1 / loss_scale), f = clip / norm above clip, else 1. Written as
+// ClipStats: norm hi, norm lo, skipped, grad_scale; adamw_multi_f32 reads the last two.
 extern "C" __global__ void sum_partials_multi_f64(double* out, double* per_tensor, const double* partials,
-                                                  const SquaresTensor* tensors, int nt) {
+                                                  const SquaresTensor* tensors, int nt, float* stats, float clip,
+                                                  float loss_scale) {
     for (int k = threadIdx.x; k < nt; k += blockDim.x) {
         double s = 0.0;
         for (int c = 0; c < tensors[k].nblocks; ++c) s += partials[tensors[k].first_block + c];
@@ -140,6 +154,17 @@ extern "C" __global__ void sum_partials_multi_f64(double* out, double* per_tenso
         double s = 0.0;
         for (int k = 0; k < nt; ++k) s += per_tensor[k];
         out[0] = s;
+        if (stats) {
+            double norm = sqrt(s) / (double)loss_scale;
+            bool finite = isfinite(norm);
+            bool skipped = stats[2] != 0.0f || !finite;
+            float f = norm > (double)clip ? (float)((double)clip / norm) : 1.0f;
+            float hi = (float)norm;
+            stats[0] = hi;
+            stats[1] = finite ? (float)(norm - (double)hi) : 0.0f;
+            stats[2] = skipped ? 1.0f : 0.0f;
+            stats[3] = skipped ? 0.0f : f * (1.0f / loss_scale);
+        }
     }
 }
 

@@ -147,8 +147,21 @@ def run_torch(a, ours):
         if i >= a.warmup:
             times.append(dt)
     assert torch.isfinite(loss), "PyTorch step produced a non-finite loss"
+    # deepcut-fast times its steps pipelined (the next step enqueued before the last one's
+    # numbers are read); PyTorch's eager loop is timed per step above, and here back to
+    # back with one synchronisation at the end, its best case. The better of the two is
+    # PyTorch's step time.
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        loss = step()
+    if cuda:
+        torch.cuda.synchronize()
+    back_to_back = (time.perf_counter() - t0) / a.steps
     times.sort()
-    med = statistics.median(times)
+    per_step = statistics.median(times)
+    med = min(per_step, back_to_back)
     tokens = (2 * bf + br) * t
     res = {
         "torch": torch.__version__,
@@ -157,6 +170,10 @@ def run_torch(a, ours):
         "threads": torch.get_num_threads(),
         "step_time_s": {"median": med, "min": times[0], "max": times[-1],
                         "p10": quantile(times, 0.1), "p90": quantile(times, 0.9)},
+        "per_step_median_s": per_step,
+        "back_to_back_step_s": back_to_back,
+        "timing": "the better of the per-step median (synchronised around each step) and the mean of "
+                  "--steps steps run back to back",
         "tokens_per_s": tokens / med,
         "achieved_tflops": ours["flops_per_step"] / med / 1e12,
         "loadavg_start": load_start,
@@ -221,6 +238,7 @@ def main():
         ("", "deepcut-fast", f"PyTorch {theirs['torch']}"),
         ("precision", ours["precision"], theirs["precision"]),
         ("median step (s)", f"{o['median']:.4f}", f"{t['median']:.4f}"),
+        ("PyTorch back to back (s)", "", f"{theirs['back_to_back_step_s']:.4f}"),
         ("p10 / p90 (s)", f"{o['p10']:.4f} / {o['p90']:.4f}", f"{t['p10']:.4f} / {t['p90']:.4f}"),
         ("tokens/s", f"{ours['tokens_per_s']:.0f}", f"{theirs['tokens_per_s']:.0f}"),
         ("model TFLOP/s", f"{ours['achieved_tflops']:.3f}", f"{theirs['achieved_tflops']:.3f}"),

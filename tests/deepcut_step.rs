@@ -5,10 +5,11 @@
 mod common;
 use common::{rel_l2, window, Rng};
 use deepcut_fast::backend::cpu::Cpu;
-use deepcut_fast::backend::{Denominator, InfoNceOptions, OwnView, IGNORE_INDEX};
+use deepcut_fast::backend::{Denominator, InfoNceOptions, OwnView, Precision, IGNORE_INDEX};
 use deepcut_fast::data::{PositionStyle, Window};
 use deepcut_fast::model::{Dims, Mode, Model};
-use deepcut_fast::unlearn::deepcut::{assemble, step, Anchors, Contrast};
+use deepcut_fast::train::optim::{LossScaling, OptimConfig, Optimizer};
+use deepcut_fast::unlearn::deepcut::{assemble, step, step_enqueue, Anchors, Contrast, Readback};
 
 fn windows() -> Vec<Window> {
     let i = IGNORE_INDEX;
@@ -53,29 +54,8 @@ fn assembly_pairs_views_and_masks_forget_ce() {
 
 #[test]
 fn deepcut_step_gradient_matches_finite_differences() {
-    let dims = Dims {
-        vocab: 10,
-        max_pos: 8,
-        type_vocab: 2,
-        hidden: 8,
-        layers: 1,
-        heads: 2,
-        ffn: 12,
-        labels: 3,
-        eps: 1e-5,
-        hidden_dropout: 0.1,
-        attn_dropout: 0.1,
-        classifier_dropout: 0.1,
-    };
-    let mut rng = Rng(31);
-    let mut model = Model::new(Cpu, dims.clone(), 64, |name, shape| {
-        let n: usize = shape.iter().product();
-        if name.ends_with("LayerNorm.weight") {
-            (0..n).map(|_| 1.0 + 0.2 * rng.uniform()).collect()
-        } else {
-            rng.vec(n, 0.5)
-        }
-    });
+    let mut model = small_model(31, 1, Precision::Fp32);
+    let dims = model.dims.clone();
     let w = windows();
     let (batch, z) = assemble(&w, &[0, 1], &[2, 3], 0, PositionStyle::Absolute, 0, Anchors::All);
     let opts = InfoNceOptions {
@@ -113,5 +93,143 @@ fn deepcut_step_gradient_matches_finite_differences() {
         }
         let e = rel_l2(&a, &nmr);
         assert!(e < 1e-2, "{name}: rel err {e:.2e}\n analytic {a:?}\n numeric {nmr:?}");
+    }
+}
+
+/// A tiny model with random weights (LayerNorm scales near 1) and dropout on.
+fn small_model(seed: u64, layers: usize, precision: Precision) -> Model<Cpu> {
+    let dims = Dims {
+        vocab: 10,
+        max_pos: 8,
+        type_vocab: 2,
+        hidden: 8,
+        layers,
+        heads: 2,
+        ffn: 12,
+        labels: 3,
+        eps: 1e-5,
+        hidden_dropout: 0.1,
+        attn_dropout: 0.1,
+        classifier_dropout: 0.1,
+    };
+    let mut rng = Rng(seed);
+    Model::new(Cpu, dims, 64, |name, shape| {
+        let n: usize = shape.iter().product();
+        if name.ends_with("LayerNorm.weight") {
+            (0..n).map(|_| 1.0 + 0.2 * rng.uniform()).collect()
+        } else {
+            rng.vec(n, 0.5)
+        }
+    })
+    .with_precision(precision)
+}
+
+/// Issue #6: `step_enqueue` (the device decides the clipping, the numbers come back a step
+/// late through a `Readback`) trains exactly as `step` + `Optimizer::update`: the same
+/// losses, learning rates and norms, and the same weights bit for bit, in every precision
+/// (fp16's loss-scaled update is `update` itself). The learning rate is high enough that
+/// clipping at 2 is active on some steps and not on others.
+#[test]
+fn pipelined_steps_equal_step_then_update() {
+    let w = windows();
+    let opts = InfoNceOptions::default();
+    for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
+        let cfg = OptimConfig {
+            lr: 1e-2,
+            weight_decay: 0.01,
+            warmup: 1,
+            total: 6,
+            clip: 2.0,
+        };
+        let scaling = LossScaling {
+            init: 1024.0,
+            growth_interval: 2,
+        };
+        let batches: [(&[usize], &[usize]); 3] = [(&[0, 1], &[2, 3]), (&[1, 2], &[3, 0]), (&[3], &[0, 1, 2])];
+        let mut sync_model = small_model(8, 2, precision);
+        let mut sync_opt = Optimizer::new(&sync_model, cfg).with_precision(precision, scaling);
+        let mut cb = Contrast::new(&sync_model.be, 64, 8);
+        let mut want = vec![];
+        for s in 0..6u64 {
+            let (f, r) = batches[s as usize % 3];
+            let (batch, z) = assemble(&w, f, r, 0, PositionStyle::Absolute, 0, Anchors::All);
+            sync_model.set_loss_scale(sync_opt.loss_scale());
+            let l = step(
+                &mut sync_model,
+                &mut cb,
+                &batch,
+                &z,
+                opts,
+                0.5,
+                Mode::Train { seed: 4, step: s },
+            );
+            let u = sync_opt.update(&mut sync_model).expect("finite");
+            want.push((l.ce, l.contrast, l.total, u.lr, u.grad_norm, u.loss_scale));
+        }
+        let mut model = small_model(8, 2, precision);
+        let mut opt = Optimizer::new(&model, cfg).with_precision(precision, scaling);
+        let mut cb = Contrast::new(&model.be, 64, 8);
+        let mut ring = [Readback::new(&model.be, 64), Readback::new(&model.be, 64)];
+        let mut got = vec![];
+        let mut finish = |rb: &mut Readback<Cpu>, be: &Cpu| {
+            let f = rb.finish(be).expect("in flight");
+            let u = f.update.expect("finite");
+            let l = f.losses;
+            got.push((l.ce, l.contrast, l.total, u.lr, u.grad_norm, u.loss_scale));
+        };
+        for s in 0..6u64 {
+            let (f, r) = batches[s as usize % 3];
+            let (batch, z) = assemble(&w, f, r, 0, PositionStyle::Absolute, 0, Anchors::All);
+            model.set_loss_scale(opt.loss_scale());
+            let slot = (s % 2) as usize;
+            step_enqueue(
+                &mut model,
+                &mut cb,
+                &batch,
+                &z,
+                opts,
+                0.5,
+                Mode::Train { seed: 4, step: s },
+                &mut opt,
+                &mut ring[slot],
+            )
+            .expect("enqueued");
+            assert!(ring[slot].in_flight());
+            if s > 0 {
+                finish(&mut ring[1 - slot], &model.be);
+            }
+        }
+        finish(&mut ring[1], &model.be);
+        assert!(
+            ring.iter_mut().all(|r| r.finish(&model.be).is_none()),
+            "{precision}: nothing left in flight"
+        );
+        assert_eq!(got.len(), want.len());
+        let mut clipped = 0;
+        for (s, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                (g.0, g.1, g.2, g.3, g.5),
+                (e.0, e.1, e.2, e.3, e.5),
+                "{precision} step {s}: losses, lr, scale"
+            );
+            // the norm crosses an fp32 buffer as a hi + lo pair: f64 to about 2^-48
+            assert!(
+                (g.4 - e.4).abs() <= 1e-13 * e.4,
+                "{precision} step {s}: norm {} vs {}",
+                g.4,
+                e.4
+            );
+            clipped += (e.4 > cfg.clip as f64) as usize;
+        }
+        assert!(
+            clipped > 0 && clipped < 6,
+            "{precision}: clipping must be active on some steps only ({clipped} of 6)"
+        );
+        for ((name, _, a), (_, _, b)) in model.export().iter().zip(sync_model.export()) {
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{precision}: {name} differs from the synchronous update"
+            );
+        }
     }
 }

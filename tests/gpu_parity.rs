@@ -27,7 +27,8 @@ use common::{rel_l2, Rng};
 use deepcut_fast::backend::cpu::{quantize::round_to, Cpu};
 use deepcut_fast::backend::cuda::{self, Cuda};
 use deepcut_fast::backend::{
-    embedding_order, AdamW, Backend, Denominator, Dropout, InfoNceOptions, OwnView, ParamSlot, Precision, IGNORE_INDEX,
+    clip_factor, embedding_order, AdamW, Backend, ClipStats, Denominator, Dropout, InfoNceOptions, OwnView, ParamSlot,
+    Precision, IGNORE_INDEX,
 };
 
 const TOL_KERNEL: f64 = 1e-5;
@@ -1677,6 +1678,134 @@ fn fused_adamw_and_norm_over_many_tensors_body<G: Backend>(g: &G) {
     }
 }
 
+// `clip_adamw_all` (issue #6: the clipping decided by the reduction's last thread, AdamW
+// reading that decision; nothing copied back) against the same backend's host decision
+// (`sum_squares_all`, then `adamw_all` with the scale the host forms): bit for bit, with
+// the clip active and not, with and without a loss scale. Then against the CPU's. Then a
+// NaN gradient: nothing updated, the skip sticky for a finite step after it. The staged
+// copies (`download_start` / `download_wait`, page-locked on CUDA) bring the stats back.
+parity_test!(
+    clip_adamw_all_decides_on_the_device_as_the_host_does,
+    clip_adamw_all_body
+);
+fn clip_adamw_all_body<G: Backend>(g: &G) {
+    let sizes = [1usize, 0, 2049, 4097, 70_001, 7];
+    let mut rng = Rng(114);
+    let init: Vec<[Vec<f32>; 4]> = sizes
+        .iter()
+        .map(|&n| {
+            let v: Vec<f32> = rng.vec(n, 1e-3).iter().map(|x| x.abs()).collect();
+            [rng.vec(n, 1.0), rng.vec(n, 0.1), rng.vec(n, 0.01), v]
+        })
+        .collect();
+    let hp = AdamW {
+        weight_decay: 0.01,
+        ..AdamW::with_lr(3e-4)
+    };
+    // device: true = clip_adamw_all, false = the host's decision; returns the weights and
+    // moments, and the stats (device) or the host's (norm, grad scale)
+    #[allow(clippy::too_many_arguments)]
+    fn go<B: Backend>(
+        be: &B, init: &[[Vec<f32>; 4]], sizes: &[usize], hp: AdamW, clip: f32, ls: f32, device: bool, nan: bool,
+    ) -> (Vec<Vec<f32>>, ClipStats) {
+        let mut bufs: Vec<[B::Buf; 4]> = init.iter().map(|t| t.clone().map(|x| up(be, &x))).collect();
+        if nan {
+            let mut gr = init[3][1].clone();
+            gr[1234] = f32::NAN;
+            be.upload(&mut bufs[3][1], &gr);
+        }
+        let mut stats = be.alloc(ClipStats::LEN);
+        let mut staged = be.staging(ClipStats::LEN);
+        let mut last = None;
+        // twice: the second step reuses the tables (and, after a NaN, must stay skipped)
+        for step in 1..=2u64 {
+            if nan && step == 2 {
+                be.upload(&mut bufs[3][1], &init[3][1]);
+            }
+            let grads: Vec<(&B::Buf, usize)> = bufs.iter().zip(sizes).map(|(b, &n)| (&b[1], n)).collect();
+            let host_norm = (!device).then(|| be.sum_squares_all(&grads).sqrt() / ls as f64);
+            drop(grads);
+            let mut slots: Vec<ParamSlot<'_, B::Buf>> = bufs
+                .iter_mut()
+                .enumerate()
+                .map(|(i, [p, gr, m, v])| ParamSlot {
+                    param: p,
+                    grad: gr,
+                    m,
+                    v,
+                    n: sizes[i],
+                    decays: i % 2 == 0,
+                    low: None,
+                })
+                .collect();
+            last = Some(match host_norm {
+                None => {
+                    be.clip_adamw_all(&mut slots, hp, step, clip, ls, Precision::Fp32, &mut stats);
+                    be.download_start(&mut staged, &stats, ClipStats::LEN);
+                    ClipStats::read(be.download_wait(&staged, ClipStats::LEN))
+                }
+                Some(norm) => {
+                    let gs = clip_factor(norm, clip) * (1.0 / ls);
+                    be.adamw_all(&mut slots, hp, step, gs, Precision::Fp32);
+                    ClipStats {
+                        norm,
+                        skipped: false,
+                        grad_scale: gs,
+                    }
+                }
+            });
+        }
+        let out = bufs
+            .iter()
+            .zip(sizes)
+            .flat_map(|(b, &n)| [be.download(&b[0], n), be.download(&b[2], n), be.download(&b[3], n)])
+            .collect();
+        (out, last.unwrap())
+    }
+    let mut clipped = [false, false];
+    for (clip, ls) in [(1.0f32, 1.0f32), (1e6, 1.0), (1.0, 1024.0), (1e6, 1024.0)] {
+        let (dev, sd) = go(g, &init, &sizes, hp, clip, ls, true, false);
+        let (host, sh) = go(g, &init, &sizes, hp, clip, ls, false, false);
+        let tag = format!("clip {clip}, loss scale {ls}");
+        assert!(!sd.skipped, "{tag}: skipped a finite step");
+        assert_eq!(
+            sd.grad_scale.to_bits(),
+            sh.grad_scale.to_bits(),
+            "{tag}: gradient scale"
+        );
+        assert!(
+            (sd.norm - sh.norm).abs() <= 1e-14 * sh.norm,
+            "{tag}: norm {} vs {}",
+            sd.norm,
+            sh.norm
+        );
+        for (i, (a, b)) in dev.iter().zip(&host).enumerate() {
+            same_bits(&format!("{tag}: tensor {} {}", i / 3, ["param", "m", "v"][i % 3]), a, b);
+        }
+        let (cpu, sc) = go(&Cpu, &init, &sizes, hp, clip, ls, true, false);
+        assert!(
+            (sd.norm - sc.norm).abs() <= 1e-12 * sc.norm,
+            "{tag}: norm {} vs the CPU's {}",
+            sd.norm,
+            sc.norm
+        );
+        for (i, (a, b)) in dev.iter().zip(&cpu).enumerate() {
+            compare(&format!("{tag}: tensor {} against the CPU", i / 3), a, b, TOL_KERNEL);
+        }
+        clipped[(sh.grad_scale != 1.0 / ls) as usize] = true;
+    }
+    assert_eq!(clipped, [true, true], "both sides of the clip were taken");
+    let (dev, sd) = go(g, &init, &sizes, hp, 1.0, 1.0, true, true);
+    assert!(sd.skipped, "a NaN gradient, then a finite one: the skip sticks");
+    for (i, (a, t)) in dev
+        .iter()
+        .zip(init.iter().flat_map(|t| [&t[0], &t[2], &t[3]]))
+        .enumerate()
+    {
+        same_bits(&format!("after a NaN gradient: tensor {} untouched", i / 3), a, t);
+    }
+}
+
 // ---- a whole DeepCUT step -----------------------------------------------------------------------
 
 mod step {
@@ -1684,7 +1813,7 @@ mod step {
     use deepcut_fast::data::{PositionStyle, Window};
     use deepcut_fast::model::{Dims, Mode, Model};
     use deepcut_fast::train::optim::{LossScaling, OptimConfig, Optimizer};
-    use deepcut_fast::unlearn::deepcut::{assemble, step, Anchors, Contrast};
+    use deepcut_fast::unlearn::deepcut::{assemble, step, step_enqueue, Anchors, Contrast, Readback};
 
     /// The optimiser of the step tests: clipped at 1, so clipping takes part.
     const OPTIM: OptimConfig = OptimConfig {
@@ -1780,18 +1909,22 @@ mod step {
         }
     }
 
-    /// Issue #6: no allocation inside a step and no needless synchronisation. After two
-    /// warm-up steps, three bf16 DeepCUT steps with their optimiser updates on the CUDA
-    /// backend allocate and free nothing on the device and copy back exactly three values
-    /// per step (the token CE losses, the InfoNCE per-row losses, the gradient norm), each
-    /// after the work it needs is enqueued. Counted by the emulator's driver, so it runs
-    /// only there (the child of cuda_backend_on_the_cpu_emulator).
+    /// Issue #6: no allocation and no host-device synchronisation inside a step. After two
+    /// warm-up steps, three bf16 DeepCUT steps enqueued as `run` enqueues them
+    /// (`step_enqueue`: the step, its loss copies and the device-side clipped AdamW) on
+    /// the CUDA backend allocate and free nothing on the device, wait for nothing, and
+    /// start exactly three copies back per step (token CE losses, InfoNCE per-row losses,
+    /// the optimiser's ClipStats), into page-locked memory (a copy into pageable memory
+    /// counts as a synchronisation: a real driver blocks on it). Finishing the previous
+    /// step, after the next is enqueued, is where the host waits: three event waits.
+    /// Counted by the emulator's driver, so it runs only there (the child of
+    /// cuda_backend_on_the_cpu_emulator).
     #[test]
-    fn a_step_allocates_nothing_and_reads_back_three_values() {
+    fn a_step_allocates_nothing_and_never_waits_for_the_device() {
         let Some(_) = emu_stats() else {
             loud(
-                "SKIPPED: a_step_allocates_nothing_and_reads_back_three_values counts driver calls, which only the \
-                  CPU emulator (tests/cuda_emu) can do; cuda_backend_on_the_cpu_emulator runs it there",
+                "SKIPPED: a_step_allocates_nothing_and_never_waits_for_the_device counts driver calls, which only \
+                 the CPU emulator (tests/cuda_emu) can do; cuda_backend_on_the_cpu_emulator runs it there",
             );
             return;
         };
@@ -1801,9 +1934,13 @@ mod step {
         let mut m = model(g, 5).with_precision(Precision::Bf16);
         let mut cb = Contrast::new(&m.be, 256, dims().hidden);
         let mut opt = Optimizer::new(&m, OPTIM);
+        let mut ring = [Readback::new(&m.be, 256), Readback::new(&m.be, 256)];
         let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], 0, PositionStyle::Absolute, 0, Anchors::All);
-        let mut one = |s: u64| {
-            let l = step(
+        let (mut enq, mut fin) = ([0u64; 6], [0u64; 6]);
+        for s in 1..=5u64 {
+            let slot = (s % 2) as usize;
+            let a = emu_stats().unwrap();
+            step_enqueue(
                 &mut m,
                 &mut cb,
                 &batch,
@@ -1811,38 +1948,133 @@ mod step {
                 InfoNceOptions::default(),
                 0.3,
                 Mode::Train { seed: 9, step: s },
-            );
-            assert!(l.anchors > 0);
-            opt.update(&mut m).expect("finite");
-        };
-        one(1);
-        one(2);
-        let a = emu_stats().unwrap();
-        for s in 3..6 {
-            one(s);
+                &mut opt,
+                &mut ring[slot],
+            )
+            .expect("enqueued");
+            let b = emu_stats().unwrap();
+            if s > 1 {
+                let f = ring[1 - slot].finish(&m.be).expect("in flight");
+                assert!(f.losses.anchors > 0);
+                f.update.expect("finite");
+            }
+            let c = emu_stats().unwrap();
+            if s >= 3 {
+                for i in 0..6 {
+                    enq[i] += b[i] - a[i];
+                    fin[i] += c[i] - b[i];
+                }
+            }
         }
-        let b = emu_stats().unwrap();
-        let per = |i: usize| (b[i] - a[i]) as f64 / 3.0;
+        let per = |x: &[u64; 6], i: usize| x[i] as f64 / 3.0;
         eprintln!(
-            "per bf16 DeepCUT step on the CUDA backend: {} allocations, {} frees, {} uploads, {} read-backs, {} \
-             synchronisations, {} kernel launches",
-            per(0),
-            per(1),
-            per(2),
-            per(3),
-            per(4),
-            per(5)
+            "per bf16 DeepCUT step on the CUDA backend, enqueued: {} allocations, {} frees, {} uploads, {} copies \
+             back, {} synchronisations, {} kernel launches; finishing the step before: {} synchronisations",
+            per(&enq, 0),
+            per(&enq, 1),
+            per(&enq, 2),
+            per(&enq, 3),
+            per(&enq, 4),
+            per(&enq, 5),
+            per(&fin, 4),
         );
+        assert_eq!((enq[0], enq[1]), (0, 0), "device allocations / frees inside steps");
+        assert_eq!(enq[4], 0, "synchronisations while enqueueing steps");
+        assert_eq!(enq[3], 9, "copies back in three steps: three per step");
         assert_eq!(
-            (b[0] - a[0], b[1] - a[1]),
-            (0, 0),
-            "device allocations / frees inside steps"
+            (fin[0], fin[1], fin[3], fin[5]),
+            (0, 0, 0, 0),
+            "finishing a step only reads"
         );
-        assert_eq!(b[3] - a[3], 9, "read-backs in three steps: three per step");
+        assert!(fin[4] <= 9, "finishing: at most one wait per copy back");
+        // the synchronous step reads back with waits: the counter sees them
+        let a = emu_stats().unwrap();
+        step(
+            &mut m,
+            &mut cb,
+            &batch,
+            &z,
+            InfoNceOptions::default(),
+            0.3,
+            Mode::Train { seed: 9, step: 6 },
+        );
+        opt.update(&mut m).expect("finite");
+        let b = emu_stats().unwrap();
         assert!(
-            b[4] - a[4] <= 9,
-            "synchronisations in three steps: at most one per read-back"
+            b[4] - a[4] >= 3,
+            "the synchronous step's three read-backs are synchronisations"
         );
+    }
+
+    /// Three pipelined steps (`step_enqueue`, numbers finished a step late) against three
+    /// `step` + `update` on the same device: the same losses, the same weights bit for
+    /// bit (the device's clipping decision is the host's, in the same f64 operations).
+    #[test]
+    fn pipelined_steps_match_synchronous_steps_on_device() {
+        match gpu("pipelined_steps_match_synchronous_steps_on_device") {
+            Some(g) => {
+                drop(g);
+                pipelined_against_synchronous(|| Cuda::new(0).expect("the device opened a moment ago"))
+            }
+            None => pipelined_against_synchronous(|| Cpu),
+        }
+    }
+
+    fn pipelined_against_synchronous<G: Backend>(make: impl Fn() -> G) {
+        let mut rng = Rng(78);
+        let w = windows(&mut rng);
+        let opts = InfoNceOptions::default();
+        let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], 0, PositionStyle::Absolute, 0, Anchors::All);
+        let mut sm = model(make(), 5).with_precision(Precision::Bf16);
+        let mut scb = Contrast::new(&sm.be, 256, dims().hidden);
+        let mut sopt = Optimizer::new(&sm, OPTIM);
+        let mut want = vec![];
+        for s in 1..=3u64 {
+            let l = step(
+                &mut sm,
+                &mut scb,
+                &batch,
+                &z,
+                opts,
+                0.3,
+                Mode::Train { seed: 9, step: s },
+            );
+            let u = sopt.update(&mut sm).expect("finite");
+            want.push((l.ce, l.contrast, u.grad_norm));
+        }
+        let mut m = model(make(), 5).with_precision(Precision::Bf16);
+        let mut cb = Contrast::new(&m.be, 256, dims().hidden);
+        let mut opt = Optimizer::new(&m, OPTIM);
+        let mut ring = [Readback::new(&m.be, 256), Readback::new(&m.be, 256)];
+        let mut got = vec![];
+        for s in 1..=4u64 {
+            let slot = (s % 2) as usize;
+            if s <= 3 {
+                step_enqueue(
+                    &mut m,
+                    &mut cb,
+                    &batch,
+                    &z,
+                    opts,
+                    0.3,
+                    Mode::Train { seed: 9, step: s },
+                    &mut opt,
+                    &mut ring[slot],
+                )
+                .expect("enqueued");
+            }
+            if s > 1 {
+                let f = ring[1 - slot].finish(&m.be).expect("in flight");
+                got.push((f.losses.ce, f.losses.contrast, f.update.expect("finite").grad_norm));
+            }
+        }
+        for (s, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!((a.0, a.1), (b.0, b.1), "step {s}: losses");
+            assert!((a.2 - b.2).abs() <= 1e-14 * b.2, "step {s}: norm {} vs {}", a.2, b.2);
+        }
+        for ((name, _, a), (_, _, b)) in m.export().iter().zip(sm.export()) {
+            same_bits(&format!("pipelined {name}"), a, &b);
+        }
     }
 
     /// `whole_step` on the GPU, or (after a loud skip) CPU against CPU to check the test.

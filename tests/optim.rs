@@ -2,7 +2,7 @@
 mod common;
 use common::Rng;
 use deepcut_fast::backend::cpu::{adamw, Cpu};
-use deepcut_fast::backend::{AdamW, Backend, ParamSlot, Precision};
+use deepcut_fast::backend::{clip_factor, AdamW, Backend, ClipStats, ParamSlot, Precision};
 
 /// Three steps on a 5-vector, lr 0.01, betas (0.9, 0.999), eps 1e-8, weight decay 0.1.
 /// Expected values from torch 2.15 (CPU, fp32):
@@ -197,4 +197,85 @@ fn fused_update_writes_the_rounded_copy() {
         assert!(want.iter().zip(&low).all(|(a, b)| a.to_bits() == b.to_bits()), "{prec}");
         assert!(low.iter().zip(&p).any(|(a, b)| a != b), "{prec}: the copy is rounded");
     }
+}
+
+/// `clip_adamw_all` (the clipping decided where the gradients are, issue #6) against the
+/// host's decision: `adamw_all` with clip / norm folded into the gradient scale when the
+/// norm is above `clip` and 1 below, loss scale unscaled first; the `ClipStats` it leaves
+/// say the unscaled norm and the scale. A non-finite gradient updates nothing, and the
+/// skip sticks: a later call with finite gradients on the same stats updates nothing
+/// either, while fresh stats do.
+#[test]
+fn clip_adamw_all_decides_as_the_host_and_a_skip_sticks() {
+    let mut rng = Rng(15);
+    let sizes = [300usize, 0, 5000, 17];
+    let hp = AdamW::with_lr(1e-3);
+    // one optimiser step from zero moments: `clip_adamw_all` with `stats`, or, without,
+    // `adamw_all` at `want_scale`
+    let update =
+        |p: &mut Vec<Vec<f32>>, g: &[Vec<f32>], stats: Option<&mut Vec<f32>>, clip: f32, ls: f32, want_scale: f32| {
+            let (mut m, mut v): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
+                sizes.iter().map(|&n| vec![0.0; n]).collect(),
+                sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            );
+            let mut slots: Vec<ParamSlot<'_, Vec<f32>>> = p
+                .iter_mut()
+                .zip(g)
+                .zip(m.iter_mut().zip(v.iter_mut()))
+                .enumerate()
+                .map(|(i, ((param, grad), (m, v)))| ParamSlot {
+                    param,
+                    grad,
+                    m,
+                    v,
+                    n: sizes[i],
+                    decays: i % 2 == 0,
+                    low: None,
+                })
+                .collect();
+            match stats {
+                Some(stats) => Cpu.clip_adamw_all(&mut slots, hp, 2, clip, ls, Precision::Fp32, stats),
+                None => Cpu.adamw_all(&mut slots, hp, 2, want_scale, Precision::Fp32),
+            }
+        };
+    let run = |p: &mut Vec<Vec<f32>>, g: &[Vec<f32>], stats: &mut Vec<f32>, clip: f32, ls: f32| {
+        update(p, g, Some(stats), clip, ls, f32::NAN)
+    };
+    let p0: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n, 1.0)).collect();
+    let g: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n, 0.5)).collect();
+    let grads: Vec<(&Vec<f32>, usize)> = g.iter().zip(sizes).collect();
+    let raw = Cpu.sum_squares_all(&grads).sqrt();
+    for (clip, ls) in [(0.5f32, 1.0f32), (1e6, 1.0), (0.5, 1024.0), (1e6, 1024.0)] {
+        let norm = raw / ls as f64;
+        let want_scale = clip_factor(norm, clip) * (1.0 / ls);
+        assert_eq!(
+            want_scale == 1.0 / ls,
+            norm <= clip as f64,
+            "clip {clip}: the case it claims"
+        );
+        let mut want = p0.clone();
+        update(&mut want, &g, None, clip, ls, want_scale);
+        let mut got = p0.clone();
+        let mut stats = vec![0.0; ClipStats::LEN];
+        run(&mut got, &g, &mut stats, clip, ls);
+        assert_eq!(got, want, "clip {clip}, loss scale {ls}");
+        let st = ClipStats::read(&stats);
+        assert!(!st.skipped && st.grad_scale == want_scale);
+        assert!((st.norm - norm).abs() <= 1e-14 * norm, "{} vs {norm}", st.norm);
+    }
+    // a NaN gradient: nothing moves, and the skip sticks for finite gradients after it
+    let mut bad = g.clone();
+    bad[2][77] = f32::NAN;
+    let mut stats = vec![0.0; ClipStats::LEN];
+    let mut p = p0.clone();
+    run(&mut p, &bad, &mut stats, 1.0, 1.0);
+    assert_eq!(p, p0, "a non-finite norm updates nothing");
+    let st = ClipStats::read(&stats);
+    assert!(st.skipped && st.norm.is_nan());
+    run(&mut p, &g, &mut stats, 1.0, 1.0);
+    assert_eq!(p, p0, "the skip sticks");
+    assert!(ClipStats::read(&stats).skipped);
+    let mut fresh = vec![0.0; ClipStats::LEN];
+    run(&mut p, &g, &mut fresh, 1.0, 1.0);
+    assert_ne!(p, p0, "fresh stats update");
 }

@@ -251,6 +251,9 @@ pub trait Backend {
     type Buf;
     /// A buffer of i32 (token ids, positions, labels).
     type IBuf;
+    /// Host memory a `download_start` copies into without the host waiting: page-locked
+    /// on CUDA (a copy to pageable memory blocks until it lands), a `Vec` on the CPU.
+    type Staging;
 
     fn name(&self) -> String;
 
@@ -278,6 +281,17 @@ pub trait Backend {
     fn upload(&self, dst: &mut Self::Buf, src: &[f32]);
     fn upload_i32(&self, dst: &mut Self::IBuf, src: &[i32]);
     fn download(&self, src: &Self::Buf, n: usize) -> Vec<f32>;
+    /// Host memory for `download_start` of up to `n` floats. Allocate it outside the step
+    /// (page-locked allocation is slow and may synchronise the device).
+    fn staging(&self, n: usize) -> Self::Staging;
+    /// Starts copying src[..n] (an fp32 buffer) into `dst`, ordered after all the work
+    /// enqueued so far, and returns without waiting for it on a GPU: how a step hands its
+    /// losses back without a host-device synchronisation inside the step. Read the values
+    /// with `download_wait`; `dst` must not be started again before that.
+    fn download_start(&self, dst: &mut Self::Staging, src: &Self::Buf, n: usize);
+    /// The values of the last `download_start` into `src`, waiting for that copy (and so
+    /// the work enqueued before it) only.
+    fn download_wait<'a>(&self, src: &'a Self::Staging, n: usize) -> &'a [f32];
     fn zero(&self, buf: &mut Self::Buf, n: usize);
     /// dst[..n] += src[..n]
     fn add_inplace(&self, dst: &mut Self::Buf, src: &Self::Buf, n: usize);
@@ -503,5 +517,78 @@ pub trait Backend {
     /// back (one synchronisation per step instead of one per tensor), bit for bit the same.
     fn sum_squares_all(&self, xs: &[(&Self::Buf, usize)]) -> f64 {
         xs.iter().map(|&(x, n)| self.sum_squares(x, n)).sum()
+    }
+    /// Global-norm clipping and `adamw_all`, decided where the gradients are, so a GPU
+    /// step needs no host round trip (issue #6). With `norm` = sqrt(`sum_squares_all` of
+    /// the slots' gradients) / `loss_scale` (f64) and `f` = `clip / norm` if `norm > clip`,
+    /// else 1 (rounded to f32): `adamw_all` with `grad_scale = f * (1 / loss_scale)`,
+    /// exactly what `Optimizer::update` does on the host. Unless the norm is not finite or
+    /// `stats` already says so: then nothing is updated, and every later call skips too
+    /// (the flag is sticky: the host learns of it a step late and must not have the next
+    /// step apply). `stats` [`ClipStats::LEN`] is written; `ClipStats::read` decodes it.
+    /// The default decides on the host; the CUDA backend in the reduction's last thread.
+    #[allow(clippy::too_many_arguments)]
+    fn clip_adamw_all(
+        &self, slots: &mut [ParamSlot<'_, Self::Buf>], hp: AdamW, step: u64, clip: f32, loss_scale: f32,
+        low_precision: Precision, stats: &mut Self::Buf,
+    ) {
+        let grads: Vec<(&Self::Buf, usize)> = slots.iter().map(|s| (s.grad, s.n)).collect();
+        let norm = self.sum_squares_all(&grads).sqrt() / loss_scale as f64;
+        let skipped = self.download(stats, ClipStats::LEN)[2] != 0.0 || !norm.is_finite();
+        let grad_scale = if skipped {
+            0.0
+        } else {
+            clip_factor(norm, clip) * (1.0 / loss_scale)
+        };
+        if !skipped {
+            self.adamw_all(slots, hp, step, grad_scale, low_precision);
+        }
+        self.upload(stats, &ClipStats::encode(norm, skipped, grad_scale));
+    }
+}
+
+/// The clipping factor of a global gradient norm: clip / norm (in f64, rounded to f32)
+/// above `clip`, else 1. One definition for the host's decision and the CPU twin of
+/// kernels/adamw.cu's device-side one.
+pub fn clip_factor(norm: f64, clip: f32) -> f32 {
+    if norm > clip as f64 {
+        (clip as f64 / norm) as f32
+    } else {
+        1.0
+    }
+}
+
+/// What `Backend::clip_adamw_all` leaves in its `stats` buffer: the unscaled global
+/// gradient norm as an f32 pair (hi + lo, so an f64 survives an fp32 buffer to about
+/// 2^-48), whether the step was skipped (a non-finite norm now or before), and the
+/// gradient scale AdamW applied.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClipStats {
+    pub norm: f64,
+    pub skipped: bool,
+    pub grad_scale: f32,
+}
+
+impl ClipStats {
+    pub const LEN: usize = 4;
+
+    /// The layout kernels/adamw.cu `sum_partials_multi_f64` writes.
+    pub fn encode(norm: f64, skipped: bool, grad_scale: f32) -> [f32; 4] {
+        let hi = norm as f32;
+        let lo = if norm.is_finite() {
+            (norm - hi as f64) as f32
+        } else {
+            0.0
+        };
+        [hi, lo, skipped as i32 as f32, grad_scale]
+    }
+
+    pub fn read(v: &[f32]) -> ClipStats {
+        let (hi, lo) = (v[0] as f64, v[1] as f64);
+        ClipStats {
+            norm: if hi.is_finite() { hi + lo } else { hi },
+            skipped: v[2] != 0.0,
+            grad_scale: v[3],
+        }
     }
 }

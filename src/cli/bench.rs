@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::infer::{max_window, model_from_weights, position_style};
 use crate::model::{random_init, ModelConfig};
 use crate::train::optim::{LossScaling, OptimConfig, Optimizer};
-use crate::unlearn::deepcut::{self, Anchors, Contrast};
+use crate::unlearn::deepcut::{self, Anchors, Contrast, Readback};
 use clap::Args;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -523,7 +523,7 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             lr: 5e-5,
             weight_decay: 0.01,
             warmup: 0,
-            total,
+            total: total + 1,
             clip: 1.0,
         },
     )
@@ -535,12 +535,39 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
     let mut times = Vec::with_capacity(args.steps);
     let mut losses = vec![];
     let mut anchors = 0;
-    for step in 0..total {
-        model.be.sync();
-        let t0 = Instant::now();
+    // Steps run as `run` runs them (deepcut::step_enqueue): step s + 1 is enqueued before
+    // step s's numbers are waited for, so on a GPU the device never waits for the host.
+    // A step's time is the interval between the moments its numbers and the previous
+    // step's came back: in steady state, the time the device takes per step (on the CPU,
+    // which computes as it enqueues, the next step's compute time). The first interval
+    // also holds the pipeline's filling, one more reason for --warmup. One extra step runs
+    // untimed at the end: finishing the last step without a next one in flight would time
+    // only the wait on a GPU and nothing on the CPU.
+    let mut ring = [
+        Readback::new(&model.be, shape.tokens()),
+        Readback::new(&model.be, shape.tokens()),
+    ];
+    let mut done = |rb: &mut Readback<B>, be: &B, s: u64, last: &mut Instant| -> Result<()> {
+        let f = rb.finish(be).expect("a step in flight");
+        f.update?;
+        let now = Instant::now();
+        if s >= args.warmup as u64 && s < total {
+            times.push((now - *last).as_secs_f64());
+        }
+        if s < total {
+            anchors = f.losses.anchors;
+            losses.push(f.losses);
+        }
+        *last = now;
+        Ok(())
+    };
+    model.be.sync();
+    let mut last = Instant::now();
+    for step in 0..=total {
         let (batch, z) = deepcut::assemble(&windows, &forget, &retain, pad, style, 0, Anchors::All);
         model.set_loss_scale(opt.loss_scale());
-        let l = deepcut::step(
+        let slot = (step % 2) as usize;
+        deepcut::step_enqueue(
             &mut model,
             &mut contrast,
             &batch,
@@ -548,16 +575,14 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             opts,
             gamma,
             crate::model::Mode::Train { seed: args.seed, step },
-        );
-        opt.update(&mut model)?;
-        model.be.sync();
-        let dt = t0.elapsed().as_secs_f64();
-        if step >= args.warmup as u64 {
-            times.push(dt);
+            &mut opt,
+            &mut ring[slot],
+        )?;
+        if step > 0 {
+            done(&mut ring[1 - slot], &model.be, step - 1, &mut last)?;
         }
-        anchors = l.anchors;
-        losses.push(l);
     }
+    done(&mut ring[(total % 2) as usize], &model.be, total, &mut last)?;
     let device_memory = model.be.device_memory_used();
     // Measured again after the steps: on a shared machine one measurement can land in a
     // busy moment; the reference is the better of the two.
@@ -626,6 +651,9 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             "verified": model.be.verified(),
             "paths": model.be.paths(precision, shape.hidden),
             "step_time_s": spread.to_json(),
+            "step_timing": "pipelined as run trains: step s + 1 enqueued before step s's losses are waited for; \
+                            a step's time is the interval between two consecutive steps' numbers coming back",
+            "host_syncs_per_step": if opt.scaler.is_some() { 1 } else { 0 },
             "tokens_per_s": tokens as f64 / spread.median,
             "flops_per_step": flops.total(),
             "flops_breakdown": {

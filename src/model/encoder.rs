@@ -849,6 +849,19 @@ impl<B: Backend> Model<B> {
 
     /// Per-token cross-entropy [n] of the last forward pass (0 on ignored tokens).
     pub fn token_losses(&mut self) -> Vec<f32> {
+        let n = self.token_losses_enqueue();
+        self.be.download(&self.acts.losses, n)
+    }
+
+    /// `token_losses` started into `dst` (`Backend::download_start`) without waiting;
+    /// returns n, the count to `download_wait` for.
+    pub fn token_losses_start(&mut self, dst: &mut B::Staging) -> usize {
+        let n = self.token_losses_enqueue();
+        self.be.download_start(dst, &self.acts.losses, n);
+        n
+    }
+
+    fn token_losses_enqueue(&mut self) -> usize {
         let (b, t, _) = self.current();
         let n = b * t;
         let _r = self.be.profile_range(format_args!("loss: cross-entropy"));
@@ -859,15 +872,13 @@ impl<B: Backend> Model<B> {
             n,
             self.dims.labels,
         );
-        self.be.download(&self.acts.losses, n)
+        n
     }
 
     /// Mean cross-entropy over labelled tokens (HF's CrossEntropyLoss(ignore_index=-100)).
     /// Summed in f64 on the host so the value does not depend on the thread count.
     pub fn ce_loss(&mut self, batch: &HostBatch) -> f32 {
-        let losses = self.token_losses();
-        let count = batch.labelled().max(1);
-        (losses.iter().map(|&x| x as f64).sum::<f64>() / count as f64) as f32
+        mean_ce(&self.token_losses(), batch.labelled())
     }
 
     /// Backward pass of the last forward. The loss is `ce_scale * sum(token CE)` (pass
@@ -1063,4 +1074,10 @@ impl<B: Backend> Model<B> {
             c,
         );
     }
+}
+
+/// The mean of per-token CE losses over `labelled` tokens (`Model::ce_loss`), summed in
+/// f64 so the value does not depend on the thread count; 0 tokens give 0.
+pub fn mean_ce(token_losses: &[f32], labelled: usize) -> f32 {
+    (token_losses.iter().map(|&x| x as f64).sum::<f64>() / labelled.max(1) as f64) as f32
 }

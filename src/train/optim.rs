@@ -2,8 +2,9 @@
 //! (SPEC section 4), and fp16 dynamic loss scaling (SPEC section 7). Moments live on the
 //! backend next to the weights; master weights and moments are fp32 on every backend.
 use super::schedule::{decays, linear_warmup_decay};
-use crate::backend::{AdamW, Backend, ParamSlot, Precision};
+use crate::backend::{clip_factor, AdamW, Backend, ClipStats, ParamSlot, Precision};
 use crate::error::{Error, Result};
+use crate::model::encoder::Params;
 use crate::model::Model;
 use serde::{Deserialize, Serialize};
 
@@ -123,6 +124,18 @@ pub struct Optimizer<B: Backend> {
     pub step: u64,
     /// fp16 dynamic loss scaling; None in fp32 and bf16.
     pub scaler: Option<LossScaler>,
+    /// `Backend::clip_adamw_all`'s decision of the last enqueued update (ClipStats).
+    stats: B::Buf,
+}
+
+/// An update `Optimizer::update_enqueue` left in flight; `Optimizer::finish` completes it.
+#[derive(Clone, Copy, Debug)]
+pub enum Enqueued {
+    /// Decided on the host (fp16 loss scaling): already complete.
+    Done(UpdateStats),
+    /// Decided on the device: the norm, and whether the device skipped, come with the
+    /// staged `ClipStats`. `step` is the update's 1-based number, for the error message.
+    Device { lr: f32, loss_scale: f32, step: u64 },
 }
 
 /// What one update did.
@@ -147,6 +160,7 @@ impl<B: Backend> Optimizer<B> {
             v: sizes.iter().map(|&n| be.alloc(n)).collect(),
             step: 0,
             scaler: None,
+            stats: be.alloc(ClipStats::LEN),
         }
     }
 
@@ -231,40 +245,14 @@ impl<B: Backend> Optimizer<B> {
         }
         let lr = linear_warmup_decay(self.cfg.lr, self.step, self.cfg.warmup, self.cfg.total);
         self.step += 1;
-        let clip = if norm > self.cfg.clip as f64 {
-            (self.cfg.clip as f64 / norm) as f32
-        } else {
-            1.0
-        };
         // The gradients are read as g * clip / loss_scale inside AdamW (no pass of their
         // own). Dividing by the scale, a power of two, is exact, so this is the same f32 as
         // unscaling, then clipping, in place.
-        let grad_scale = clip * (1.0 / loss_scale);
+        let grad_scale = clip_factor(norm, self.cfg.clip) * (1.0 / loss_scale);
         let precision = model.precision();
-        let hp = AdamW {
-            weight_decay: self.cfg.weight_decay,
-            ..AdamW::with_lr(lr)
-        };
-        let mut slots: Vec<ParamSlot<'_, B::Buf>> = model
-            .params
-            .iter_mut()
-            .into_iter()
-            .zip(self.m.iter_mut().zip(self.v.iter_mut()))
-            .map(|(p, (m, v))| {
-                let n = p.numel();
-                let decays = decays(&p.name);
-                let (param, grad, low) = p.update_parts();
-                ParamSlot {
-                    param,
-                    grad,
-                    m,
-                    v,
-                    n,
-                    decays,
-                    low,
-                }
-            })
-            .collect();
+        let hp = self.hyper(lr);
+        let (m, v) = (&mut self.m, &mut self.v);
+        let mut slots = slots(&mut model.params, m, v);
         let _r = model.be.profile_range(format_args!("optimizer: adamw"));
         // the rounded GEMM copies are written in the same pass, so the next forward pass
         // need not round the weights again
@@ -277,6 +265,76 @@ impl<B: Backend> Optimizer<B> {
             skipped: false,
             loss_scale,
         })
+    }
+
+    /// `update` without waiting for the device (issue #6: no host-device synchronisation
+    /// inside a step): the norm, the clipping and the non-finite check happen on the
+    /// device (`Backend::clip_adamw_all`, the same decisions in the same arithmetic) and
+    /// its `ClipStats` start back into `staged`. `finish` then gives what `update` would
+    /// have returned, the same weights and moments bit for bit, or its error; a non-finite
+    /// norm leaves the weights untouched as `update` does, and this and every later
+    /// enqueued update apply nothing (the caller learns of it one step late).
+    ///
+    /// With fp16 loss scaling this is `update` itself: whether to skip decides the next
+    /// step's loss scale before its backward pass is enqueued, so the host needs the
+    /// overflow check now, one synchronisation per step, as PyTorch's GradScaler.step
+    /// (found_inf.item()) has too.
+    pub fn update_enqueue(&mut self, model: &mut Model<B>, staged: &mut B::Staging) -> Result<Enqueued> {
+        if self.scaler.is_some() {
+            return self.update(model).map(Enqueued::Done);
+        }
+        let lr = linear_warmup_decay(self.cfg.lr, self.step, self.cfg.warmup, self.cfg.total);
+        self.step += 1;
+        let precision = model.precision();
+        let hp = self.hyper(lr);
+        let (m, v) = (&mut self.m, &mut self.v);
+        let mut slots = slots(&mut model.params, m, v);
+        let _r = model.be.profile_range(format_args!("optimizer: clip + adamw"));
+        model.be.clip_adamw_all(
+            &mut slots,
+            hp,
+            self.step,
+            self.cfg.clip,
+            1.0,
+            precision,
+            &mut self.stats,
+        );
+        drop(slots);
+        // skipped or not, the copies match the master weights (a skip changes neither)
+        model.mark_gemm_weights_fresh();
+        model.be.download_start(staged, &self.stats, ClipStats::LEN);
+        Ok(Enqueued::Device {
+            lr,
+            loss_scale: 1.0,
+            step: self.step,
+        })
+    }
+
+    /// Completes an `update_enqueue`: waits for its staged `ClipStats` (if the device
+    /// decided) and gives `update`'s result.
+    pub fn finish(be: &B, e: Enqueued, staged: &B::Staging) -> Result<UpdateStats> {
+        match e {
+            Enqueued::Done(s) => Ok(s),
+            Enqueued::Device { lr, loss_scale, step } => {
+                let st = ClipStats::read(be.download_wait(staged, ClipStats::LEN));
+                if st.skipped {
+                    return Err(Error::Numeric(format!("gradient norm is {} at step {step}", st.norm)));
+                }
+                Ok(UpdateStats {
+                    lr,
+                    grad_norm: st.norm,
+                    skipped: false,
+                    loss_scale,
+                })
+            }
+        }
+    }
+
+    fn hyper(&self, lr: f32) -> AdamW {
+        AdamW {
+            weight_decay: self.cfg.weight_decay,
+            ..AdamW::with_lr(lr)
+        }
     }
 
     /// Moments on the host (for checkpoints), in parameter order.
@@ -296,4 +354,29 @@ impl<B: Backend> Optimizer<B> {
         }
         self.step = step;
     }
+}
+
+/// Every parameter with its moments, as the fused optimiser step takes them.
+fn slots<'a, B: Backend>(
+    params: &'a mut Params<B>, m: &'a mut [B::Buf], v: &'a mut [B::Buf],
+) -> Vec<ParamSlot<'a, B::Buf>> {
+    params
+        .iter_mut()
+        .into_iter()
+        .zip(m.iter_mut().zip(v.iter_mut()))
+        .map(|(p, (m, v))| {
+            let n = p.numel();
+            let decays = decays(&p.name);
+            let (param, grad, low) = p.update_parts();
+            ParamSlot {
+                param,
+                grad,
+                m,
+                v,
+                n,
+                decays,
+                low,
+            }
+        })
+        .collect()
 }

@@ -3,9 +3,12 @@
 //! rows), CE on retain tokens, class-masked InfoNCE over the L2-normalised final hidden
 //! states of all labelled tokens with the forget tokens as anchors, one backward pass
 //! with the contrastive gradient entering at the final hidden states.
-use crate::backend::{infonce_loss_host, Backend, InfoNceOptions, IGNORE_INDEX};
+use crate::backend::{infonce_loss_host, Backend, ClipStats, InfoNceOptions, IGNORE_INDEX};
 use crate::data::{Batch, PositionStyle, Window};
+use crate::error::Result;
+use crate::model::encoder::mean_ce;
 use crate::model::{Mode, Model};
+use crate::train::optim::{Enqueued, Optimizer, UpdateStats};
 use serde::{Deserialize, Serialize};
 
 /// Which forget tokens are anchors (`--anchors`).
@@ -126,6 +129,114 @@ pub fn assemble(
 pub fn step<B: Backend>(
     model: &mut Model<B>, cb: &mut Contrast<B>, batch: &Batch, z: &ZRows, opts: InfoNceOptions, gamma: f32, mode: Mode,
 ) -> StepLosses {
+    let count = enqueue(model, cb, batch, z, opts, gamma, mode);
+    let m = z.idx.len();
+    // The losses come back only now, with the whole step enqueued: on a GPU reading them
+    // between forward and backward would stall the device twice per step. Neither buffer
+    // is written by the backward pass.
+    let ce = model.ce_loss(&batch.inputs);
+    let lf = infonce_loss_host(&model.be.download(&cb.loss, m), count);
+    StepLosses {
+        ce,
+        contrast: lf,
+        total: ce + gamma * lf,
+        anchors: count,
+    }
+}
+
+/// Host memory one pipelined step's numbers come back to (`step_enqueue`): the token CE
+/// losses, InfoNCE's per-row losses and the optimiser's `ClipStats`. Two alternate while
+/// one step is in flight as the next is enqueued.
+pub struct Readback<B: Backend> {
+    ce: B::Staging,
+    contrast: B::Staging,
+    stats: B::Staging,
+    pending: Option<Pending>,
+}
+
+/// What a `Readback` holds the values of, and what turns them into losses.
+struct Pending {
+    n: usize,
+    m: usize,
+    labelled: usize,
+    anchors: usize,
+    gamma: f32,
+    update: Enqueued,
+}
+
+/// A finished pipelined step: its losses, and its update's stats or error.
+pub struct Finished {
+    pub losses: StepLosses,
+    pub update: Result<UpdateStats>,
+}
+
+impl<B: Backend> Readback<B> {
+    /// For steps of up to `max_tokens` tokens (a batch's b * t; Z rows are fewer).
+    pub fn new(be: &B, max_tokens: usize) -> Self {
+        Readback {
+            ce: be.staging(max_tokens),
+            contrast: be.staging(max_tokens),
+            stats: be.staging(ClipStats::LEN),
+            pending: None,
+        }
+    }
+
+    /// Whether a step is in flight here (enqueued and not yet finished).
+    pub fn in_flight(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Waits for the step in flight here and returns its numbers; None if there is none.
+    /// Exactly what `step` and `Optimizer::update` return for the same step.
+    pub fn finish(&mut self, be: &B) -> Option<Finished> {
+        let p = self.pending.take()?;
+        let ce = mean_ce(be.download_wait(&self.ce, p.n), p.labelled);
+        let lf = infonce_loss_host(be.download_wait(&self.contrast, p.m), p.anchors);
+        Some(Finished {
+            losses: StepLosses {
+                ce,
+                contrast: lf,
+                total: ce + p.gamma * lf,
+                anchors: p.anchors,
+            },
+            update: Optimizer::<B>::finish(be, p.update, &self.stats),
+        })
+    }
+}
+
+/// `step` and `opt.update_enqueue`, with no host-device synchronisation (issue #6): the
+/// losses and the update's stats start back into `rb`, whose `finish` returns them. Enqueue
+/// the next step before finishing this one and the device never waits for the host. An
+/// `Err` is an fp16 update's (decided at once); `rb` must not hold a step in flight.
+#[allow(clippy::too_many_arguments)]
+pub fn step_enqueue<B: Backend>(
+    model: &mut Model<B>, cb: &mut Contrast<B>, batch: &Batch, z: &ZRows, opts: InfoNceOptions, gamma: f32, mode: Mode,
+    opt: &mut Optimizer<B>, rb: &mut Readback<B>,
+) -> Result<()> {
+    assert!(
+        rb.pending.is_none(),
+        "step_enqueue: the readback still holds a step in flight"
+    );
+    let anchors = enqueue(model, cb, batch, z, opts, gamma, mode);
+    let m = z.idx.len();
+    let n = model.token_losses_start(&mut rb.ce);
+    model.be.download_start(&mut rb.contrast, &cb.loss, m);
+    let update = opt.update_enqueue(model, &mut rb.stats)?;
+    rb.pending = Some(Pending {
+        n,
+        m,
+        labelled: batch.labelled(),
+        anchors,
+        gamma,
+        update,
+    });
+    Ok(())
+}
+
+/// Everything of `step` but reading the losses back; returns the count of valid anchors.
+fn enqueue<B: Backend>(
+    model: &mut Model<B>, cb: &mut Contrast<B>, batch: &Batch, z: &ZRows, opts: InfoNceOptions, gamma: f32, mode: Mode,
+) -> usize {
     let _step = model.be.profile_range(format_args!("deepcut step"));
     let m = z.idx.len();
     let c = model.dims.hidden;
@@ -184,15 +295,5 @@ pub fn step<B: Backend>(
         0.0
     };
     model.backward(ce_scale, Some(&cb.dhidden));
-    // The losses come back only now, with the whole step enqueued: on a GPU reading them
-    // between forward and backward would stall the device twice per step. Neither buffer
-    // is written by the backward pass.
-    let ce = model.ce_loss(&batch.inputs);
-    let lf = infonce_loss_host(&model.be.download(&cb.loss, m), count);
-    StepLosses {
-        ce,
-        contrast: lf,
-        total: ce + gamma * lf,
-        anchors: count,
-    }
+    count
 }

@@ -1,7 +1,7 @@
 //! The `run` driver: original model (fine-tuned first when the given model has no head
 //! for the data's labels), forget set, reference metrics, the unlearning loop with its
 //! stopping rule and checkpoints, final metrics, the run folder.
-use super::deepcut::{self, Anchors, Contrast, StepLosses};
+use super::deepcut::{self, Anchors, Contrast, Readback, StepLosses};
 use super::methods;
 use super::sisa;
 use super::Method;
@@ -537,6 +537,70 @@ pub fn run<B: Backend>(
 }
 
 /// The step loop of every method except retrain and sisa.
+/// A step of the unlearning loop once enqueued: finished already (the baselines, which
+/// read their losses as they go) or in flight in a DeepCUT readback slot.
+enum Started {
+    Ready(deepcut::Finished),
+    Flying(usize),
+}
+
+/// The error of a loss that is not finite at step `at`.
+fn check_losses(losses: &StepLosses, at: u64, ckpt_dir: &std::path::Path) -> Result<()> {
+    for (name, v) in [("cross-entropy", losses.ce), ("contrastive", losses.contrast)] {
+        if !v.is_finite() {
+            return Err(Error::Numeric(format!(
+                "{name} loss is {v} at step {at}; stopped, {}",
+                checkpoint::last_good(ckpt_dir)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An update's error, said with the step's (finite) losses when known.
+fn overflowed(e: Error, losses: Option<&StepLosses>, ckpt_dir: &std::path::Path) -> Error {
+    let with = losses.map_or(String::new(), |l| {
+        format!(
+            ", with finite losses (cross-entropy loss {}, contrastive loss {})",
+            l.ce, l.contrast
+        )
+    });
+    Error::Numeric(format!(
+        "{e}{with}: the backward pass overflowed (learning rate too high?); stopped, {}",
+        checkpoint::last_good(ckpt_dir)
+    ))
+}
+
+/// Records finished step `at` (1-based) in the loop state and the progress bar, or gives
+/// the error of a non-finite loss or gradient norm.
+fn record<B: Backend>(
+    state: &mut LoopState, at: u64, f: deepcut::Finished, opt: &Optimizer<B>, pb: &indicatif::ProgressBar,
+    ckpt_dir: &std::path::Path,
+) -> Result<()> {
+    let losses = f.losses;
+    check_losses(&losses, at, ckpt_dir)?;
+    let upd = f.update.map_err(|e| overflowed(e, Some(&losses), ckpt_dir))?;
+    state.steps.push(StepRecord {
+        step: at,
+        ce: losses.ce,
+        contrast: losses.contrast,
+        total: losses.total,
+        lr: upd.lr,
+        grad_norm: (!upd.skipped).then_some(upd.grad_norm),
+        loss_scale: opt.scaler.is_some().then_some(upd.loss_scale),
+        skipped: upd.skipped,
+    });
+    state.loss_scaler = opt.scaler.clone();
+    pb.inc(1);
+    pb.set_message(format!(
+        "ce {:.4} contrast {:.4}{}",
+        losses.ce,
+        losses.contrast,
+        scale_message(&upd, opt.scaler.as_ref())
+    ));
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn unlearn_loop<B: Backend>(
     inp: &RunInputs, cfg: &RunConfig, orig: &Classifier, model: &mut crate::model::Model<B>, windows: &[Window],
@@ -588,84 +652,100 @@ fn unlearn_loop<B: Backend>(
     let save = |model: &crate::model::Model<B>, opt: &Optimizer<B>, state: &LoopState| {
         checkpoint::save(&ckpt_dir, model, opt, &json!({"config": cfg_json, "state": state}))
     };
+    // DeepCUT steps are pipelined (issue #6): step t is enqueued, then step t - 1's losses
+    // and update stats are waited for, so the device goes on with t while the host
+    // records t - 1 and assembles t + 1. Two readbacks alternate. A step whose numbers are
+    // needed at once (a stopping-rule check, a checkpoint, the last step; every fp16 step,
+    // whose update already waited for the device) is finished before going on, so
+    // checkpoints and checks see every step up to their own.
+    let max_tokens = (2 * cfg.bf + cfg.br) * cfg.max_len;
+    let mut ring = [
+        Readback::new(&model.be, max_tokens),
+        Readback::new(&model.be, max_tokens),
+    ];
+    let mut flying: Option<usize> = None;
+    let failed = |pb: &indicatif::ProgressBar, e: Error| {
+        pb.finish_and_clear();
+        e
+    };
     while !state.done && state.step < budget {
         let step = state.step;
         let mode = Mode::Train { seed: cfg.seed, step };
         model.set_loss_scale(opt.loss_scale());
         let fb = fs.next_batch();
         let rb = rs.next_batch();
-        let losses: StepLosses = match cfg.method {
+        let started = match cfg.method {
             Method::Deepcut => {
                 let (batch, z) = deepcut::assemble(windows, &fb, &rb, pad, style, o_id, cfg.anchors);
                 state.tokens += batch.n_tokens() as u64;
-                deepcut::step(model, &mut contrast, &batch, &z, cfg.infonce(), cfg.gamma, mode)
+                let slot = (step % 2) as usize;
+                deepcut::step_enqueue(
+                    model,
+                    &mut contrast,
+                    &batch,
+                    &z,
+                    cfg.infonce(),
+                    cfg.gamma,
+                    mode,
+                    &mut opt,
+                    &mut ring[slot],
+                )
+                .map_err(|e| failed(&pb, overflowed(e, None, &ckpt_dir)))?;
+                Started::Flying(slot)
             }
-            Method::Finetune => methods::finetune_step(model, windows, &rb, pad, style, mode),
-            Method::GradientAscent => methods::gradient_ascent_step(model, windows, &fb, pad, style, mode),
-            Method::NeggradPlus => methods::neggrad_plus_step(model, windows, &fb, &rb, pad, style, cfg.beta, mode),
-            Method::RandomLabels => methods::random_labels_step(
-                model,
-                windows,
-                &fb,
-                &rb,
-                pad,
-                style,
-                orig.labels.len(),
-                cfg.seed,
-                step,
-                mode,
-            ),
-            Method::Retrain | Method::Sisa => unreachable!("retrain and sisa are handled by the caller"),
+            method => {
+                let losses = match method {
+                    Method::Finetune => methods::finetune_step(model, windows, &rb, pad, style, mode),
+                    Method::GradientAscent => methods::gradient_ascent_step(model, windows, &fb, pad, style, mode),
+                    Method::NeggradPlus => {
+                        methods::neggrad_plus_step(model, windows, &fb, &rb, pad, style, cfg.beta, mode)
+                    }
+                    Method::RandomLabels => methods::random_labels_step(
+                        model,
+                        windows,
+                        &fb,
+                        &rb,
+                        pad,
+                        style,
+                        orig.labels.len(),
+                        cfg.seed,
+                        step,
+                        mode,
+                    ),
+                    Method::Deepcut | Method::Retrain | Method::Sisa => {
+                        unreachable!("deepcut is above; retrain and sisa are handled by the caller")
+                    }
+                };
+                let rows: Vec<usize> = match method {
+                    Method::Finetune => rb.clone(),
+                    Method::GradientAscent => fb.clone(),
+                    _ => fb.iter().chain(&rb).copied().collect(),
+                };
+                state.tokens += rows.iter().map(|&i| windows[i].ids.len() as u64).sum::<u64>();
+                // the losses are checked before the update, which they would poison
+                check_losses(&losses, step + 1, &ckpt_dir).map_err(|e| failed(&pb, e))?;
+                let update = opt.update(model);
+                Started::Ready(deepcut::Finished { losses, update })
+            }
         };
-        if cfg.method != Method::Deepcut {
-            let rows: Vec<usize> = match cfg.method {
-                Method::Finetune => rb.clone(),
-                Method::GradientAscent => fb.clone(),
-                _ => fb.iter().chain(&rb).copied().collect(),
-            };
-            state.tokens += rows.iter().map(|&i| windows[i].ids.len() as u64).sum::<u64>();
-        }
-        for (name, v) in [("cross-entropy", losses.ce), ("contrastive", losses.contrast)] {
-            if !v.is_finite() {
-                pb.finish_and_clear();
-                return Err(Error::Numeric(format!(
-                    "{name} loss is {v} at step {}; stopped, {}",
-                    step + 1,
-                    checkpoint::last_good(&ckpt_dir)
-                )));
-            }
-        }
-        let upd = opt.update(model).map_err(|e| {
-            Error::Numeric(format!(
-                "{e}, with finite losses (cross-entropy loss {}, contrastive loss {}): the backward pass \
-                     overflowed (learning rate too high?); stopped, {}",
-                losses.ce,
-                losses.contrast,
-                checkpoint::last_good(&ckpt_dir)
-            ))
-        })?;
         // `state.step` counts attempted steps (batches drawn, skipped fp16 steps included):
         // the budget, the stopping rule and the dropout keys follow it.
         state.step += 1;
-        state.steps.push(StepRecord {
-            step: state.step,
-            ce: losses.ce,
-            contrast: losses.contrast,
-            total: losses.total,
-            lr: upd.lr,
-            grad_norm: (!upd.skipped).then_some(upd.grad_norm),
-            loss_scale: opt.scaler.is_some().then_some(upd.loss_scale),
-            skipped: upd.skipped,
-        });
-        state.loss_scaler = opt.scaler.clone();
-        pb.inc(1);
-        pb.set_message(format!(
-            "ce {:.4} contrast {:.4}{}",
-            losses.ce,
-            losses.contrast,
-            scale_message(&upd, opt.scaler.as_ref())
-        ));
-        if cfg.steps.is_none() && state.step.is_multiple_of(cfg.check_every) {
+        if let Some(prev) = flying.take() {
+            let f = ring[prev].finish(&model.be).expect("a step in flight");
+            record(state, state.step - 1, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?;
+        }
+        let check = cfg.steps.is_none() && state.step.is_multiple_of(cfg.check_every);
+        let save_now = state.step.is_multiple_of(cfg.checkpoint_every) || state.step == budget;
+        match started {
+            Started::Ready(f) => record(state, state.step, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?,
+            Started::Flying(slot) if check || save_now || opt.scaler.is_some() => {
+                let f = ring[slot].finish(&model.be).expect("the step just enqueued");
+                record(state, state.step, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?
+            }
+            Started::Flying(slot) => flying = Some(slot),
+        }
+        if check {
             let te = Instant::now();
             let f1 = evaluate_split(orig, model, forget_sents, cfg.max_len)?.f1;
             state.eval_seconds += te.elapsed().as_secs_f64();
@@ -688,10 +768,16 @@ fn unlearn_loop<B: Backend>(
         state.forget_stream = Some(fs.state());
         state.retain_stream = Some(rs.state());
         state.seconds = seconds_before + t0.elapsed().as_secs_f64();
-        if state.step.is_multiple_of(cfg.checkpoint_every) || state.done || state.step == budget {
+        if save_now || state.done {
+            debug_assert!(flying.is_none(), "a checkpoint with a step in flight");
             save(model, &opt, state)?;
         }
         crate::util::maybe_abort_after(state.step);
+    }
+    if let Some(prev) = flying.take() {
+        // not reached (the last step is finished at once); kept so no step is ever lost
+        let f = ring[prev].finish(&model.be).expect("a step in flight");
+        record(state, state.step, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?;
     }
     pb.finish_and_clear();
     if state.stop_reason.is_empty() {

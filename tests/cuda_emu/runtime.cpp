@@ -275,6 +275,17 @@ extern "C" void emu_stats(unsigned long long* out) {
     for (int i = 0; i < ST_COUNT; ++i) out[i] = stats[i];
 }
 
+// cuMemHostAlloc's blocks: start -> length.
+static std::mutex pinned_mu;
+static std::map<char*, size_t> pinned;
+static bool is_pinned(void* d, size_t n) {
+    std::lock_guard<std::mutex> g(pinned_mu);
+    auto it = pinned.upper_bound((char*)d);
+    if (it == pinned.begin()) return false;
+    --it;
+    return (char*)d + n <= it->first + it->second;
+}
+
 extern "C" {
 CUresult cuInit(unsigned int) { return OK; }
 CUresult cuDriverGetVersion(int* v) {
@@ -414,12 +425,32 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream) 
 }
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
     ++stats[ST_DTOH];
+    ++stats[ST_SYNC];  // waits for the stream, then the copy
     memcpy(d, (const void*)s, n);
     return OK;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) {
     ++stats[ST_DTOH];
+    // into pageable memory a real driver returns only once the copy has landed, that is
+    // after the work before it: a synchronisation, which a step must not have
+    if (!is_pinned(d, n)) ++stats[ST_SYNC];
     memcpy(d, (const void*)s, n);
+    return OK;
+}
+// page-locked host memory: the emulator only remembers where it is (for the rule above)
+CUresult cuMemHostAlloc(void** p, size_t n, unsigned int) {
+    *p = malloc(n ? n : 1);
+    if (!*p) return ERR_OUT_OF_MEMORY;
+    std::lock_guard<std::mutex> g(pinned_mu);
+    pinned[(char*)*p] = n;
+    return OK;
+}
+CUresult cuMemFreeHost(void* p) {
+    {
+        std::lock_guard<std::mutex> g(pinned_mu);
+        pinned.erase((char*)p);
+    }
+    free(p);
     return OK;
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {

@@ -27,6 +27,7 @@ pub struct Cpu;
 impl Backend for Cpu {
     type Buf = Vec<f32>;
     type IBuf = Vec<i32>;
+    type Staging = Vec<f32>;
 
     fn name(&self) -> String {
         format!("cpu (fp32, {} threads)", rayon::current_num_threads())
@@ -45,6 +46,15 @@ impl Backend for Cpu {
     }
     fn download(&self, src: &Vec<f32>, n: usize) -> Vec<f32> {
         src[..n].to_vec()
+    }
+    fn staging(&self, n: usize) -> Vec<f32> {
+        vec![0.0; n]
+    }
+    fn download_start(&self, dst: &mut Vec<f32>, src: &Vec<f32>, n: usize) {
+        dst[..n].copy_from_slice(&src[..n]);
+    }
+    fn download_wait<'a>(&self, src: &'a Vec<f32>, n: usize) -> &'a [f32] {
+        &src[..n]
     }
     fn zero(&self, buf: &mut Vec<f32>, n: usize) {
         buf[..n].fill(0.0);

@@ -2,7 +2,7 @@
 //! (kernels/adamw.cu). CPU twin: cpu/adamw.rs.
 use super::{check, ensure, grid_1d, int, need, Cuda, CudaBuf, BLOCK};
 use crate::backend::cpu::adamw::REDUCE_CHUNK;
-use crate::backend::{AdamW, ParamSlot, Precision};
+use crate::backend::{AdamW, Backend, ParamSlot, Precision};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// Scalars of one step as kernels/adamw.cu's AdamArgs.
@@ -147,6 +147,15 @@ fn addr<T: DevicePtr<f32>>(cu: &Cuda, buf: &T) -> u64 {
 pub fn adamw_all(
     cu: &Cuda, slots: &mut [ParamSlot<'_, CudaBuf>], hp: AdamW, step: u64, grad_scale: f32, low_precision: Precision,
 ) {
+    adamw_multi(cu, slots, hp, step, grad_scale, 0, low_precision)
+}
+
+/// `adamw_all`, with `stats` (a device address, or 0) holding sum_partials_multi_f64's
+/// clipping decision: the kernel then skips, or takes its gradient scale from there.
+fn adamw_multi(
+    cu: &Cuda, slots: &mut [ParamSlot<'_, CudaBuf>], hp: AdamW, step: u64, grad_scale: f32, stats: u64,
+    low_precision: Precision,
+) {
     let args = AdamArgs::new(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, step);
     let _r = cu.range("adamw_all");
     let mut host = Vec::with_capacity(slots.len());
@@ -208,9 +217,16 @@ pub fn adamw_all(
     let mut guard = cu.scratch.lock().unwrap();
     let t = table(cu, &mut guard.adam_tables, host, "adamw_all table upload");
     let mut l = cu.stream.launch_builder(cu.func("adamw_multi_f32"));
-    l.arg(t).arg(&nt).arg(&args).arg(&grad_scale).arg(&low_mode).arg(&low_t);
-    // SAFETY: (const AdamTensor* tensors, int nt, AdamArgs a, float grad_scale, int
-    // low_mode, int low_t); block b updates elements of the one tensor whose
+    l.arg(t)
+        .arg(&nt)
+        .arg(&args)
+        .arg(&grad_scale)
+        .arg(&stats)
+        .arg(&low_mode)
+        .arg(&low_t);
+    // SAFETY: (const AdamTensor* tensors, int nt, AdamArgs a, float grad_scale, const
+    // float* stats, int low_mode, int low_t); stats is null or a live buffer of
+    // ClipStats::LEN floats (the caller's); block b updates elements of the one tensor whose
     // first_block..first_block + ceil(n/2048) holds b, below its n; every pointer in the
     // table is a live buffer of this backend holding at least n floats (param_low n
     // elements of low_t's storage, or null; checked above); the slots' borrows keep them
@@ -229,6 +245,45 @@ fn addr_mut<T: DevicePtrMut<f32>>(cu: &Cuda, buf: &mut T) -> u64 {
 /// order on the host, bit for bit, with one synchronisation instead of one per tensor.
 pub fn sum_squares_all(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)]) -> f64 {
     let _r = cu.range("sum_squares_all");
+    if !squares(cu, xs, None) {
+        return 0.0;
+    }
+    let guard = cu.scratch.lock().unwrap();
+    let out = guard.f64_b.as_ref().expect("squares filled it");
+    let v = check(cu.stream.clone_dtoh(&out.slice(..1)), "sum_squares_all download");
+    cu.synchronize();
+    v[0]
+}
+
+/// `Backend::clip_adamw_all`: the reductions of `sum_squares_all`, whose last thread
+/// decides the clipping into `stats`, then `adamw_all` reading that decision. Three
+/// launches, nothing copied back: the host goes on to the next step at once.
+#[allow(clippy::too_many_arguments)]
+pub fn clip_adamw_all(
+    cu: &Cuda, slots: &mut [ParamSlot<'_, CudaBuf>], hp: AdamW, step: u64, clip: f32, loss_scale: f32,
+    low_precision: Precision, stats: &mut CudaBuf,
+) {
+    let _r = cu.range("clip_adamw_all");
+    let w = "clip_adamw_all stats";
+    let st = stats.f32_mut(w);
+    need(st.len(), crate::backend::ClipStats::LEN, w);
+    let st = addr_mut(cu, st);
+    let grads: Vec<(&CudaSlice<f32>, usize)> = slots.iter().map(|s| (s.grad.f32("clip_adamw_all"), s.n)).collect();
+    if !squares(cu, &grads, Some((st, clip, loss_scale))) {
+        // no gradient at all (no parameters): norm 0, nothing to update
+        let prev = cu.download(stats, crate::backend::ClipStats::LEN);
+        let v = crate::backend::ClipStats::encode(0.0, prev[2] != 0.0, 1.0 / loss_scale);
+        cu.upload(stats, &v);
+        return;
+    }
+    drop(grads);
+    adamw_multi(cu, slots, hp, step, 0.0, st, low_precision);
+}
+
+/// Enqueues `sum_squares_all`'s two reductions into the scratch f64_b[0], and with `clip`
+/// = (stats address, clip, loss scale) the clipping decision into stats. False (nothing
+/// enqueued) when every tensor is empty.
+fn squares(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)], clip: Option<(u64, f32, f32)>) -> bool {
     let mut host = Vec::with_capacity(xs.len());
     let mut blocks = 0usize;
     for &(x, n) in xs.iter().filter(|(_, n)| *n > 0) {
@@ -243,7 +298,7 @@ pub fn sum_squares_all(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)]) -> f64 {
         blocks += nb;
     }
     if host.is_empty() {
-        return 0.0;
+        return false;
     }
     int(blocks, "sum_squares_all partials");
     let nt = host.len();
@@ -261,11 +316,21 @@ pub fn sum_squares_all(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)]) -> f64 {
     // REDUCE_CHUNK elements of its tensor below n (live buffers of at least n floats,
     // checked above) and writes partials[b]; partials holds `blocks` doubles (ensure).
     check(unsafe { l.launch(blocks_of(blocks)) }, "sum_squares_multi_partials_f32");
+    let (stats, clip, loss_scale) = clip.unwrap_or((0, 0.0, 1.0));
     let mut l = cu.stream.launch_builder(cu.func("sum_partials_multi_f64"));
-    l.arg(&mut *out).arg(&mut *per_tensor).arg(&*partials).arg(t).arg(&nti);
+    l.arg(&mut *out)
+        .arg(&mut *per_tensor)
+        .arg(&*partials)
+        .arg(t)
+        .arg(&nti)
+        .arg(&stats)
+        .arg(&clip)
+        .arg(&loss_scale);
     // SAFETY: (double* out, double* per_tensor, const double* partials, const
-    // SquaresTensor* tensors, int nt); one block reads partials[..blocks] as the table
-    // says, writes per_tensor[..nt] and out[0]; sizes from ensure.
+    // SquaresTensor* tensors, int nt, float* stats, float clip, float loss_scale); one
+    // block reads partials[..blocks] as the table says, writes per_tensor[..nt] and
+    // out[0]; sizes from ensure; stats is null or a live buffer of ClipStats::LEN floats
+    // (clip_adamw_all checked it).
     check(
         unsafe {
             l.launch(LaunchConfig {
@@ -276,9 +341,7 @@ pub fn sum_squares_all(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)]) -> f64 {
         },
         "sum_partials_multi_f64",
     );
-    let v = check(cu.stream.clone_dtoh(&out.slice(..1)), "sum_squares_all download");
-    cu.synchronize();
-    v[0]
+    true
 }
 
 /// sum(x[..n]^2) in f64: REDUCE_CHUNK-element partials (a fixed tree per block), summed in

@@ -474,6 +474,7 @@ impl Cuda {
 impl Backend for Cuda {
     type Buf = CudaBuf;
     type IBuf = CudaSlice<i32>;
+    type Staging = cudarc::driver::PinnedHostSlice<f32>;
 
     fn profile_range(&self, name: std::fmt::Arguments<'_>) -> RangeGuard {
         if self.nvtx {
@@ -548,6 +549,30 @@ impl Backend for Cuda {
                 quantize::from_bits(&bits, *p)
             }
         }
+    }
+    fn staging(&self, n: usize) -> Self::Staging {
+        // flags 0, not cudarc's default write-combined: the host reads this memory, and
+        // reads from write-combined memory are uncached
+        // SAFETY: the memory starts uninitialised; only download_wait reads it, after a
+        // download_start has filled the first n it returns.
+        check(
+            unsafe { self.stream.context().alloc_pinned_with_flags::<f32>(n.max(1), 0) },
+            "staging (page-locked host memory)",
+        )
+    }
+    fn download_start(&self, dst: &mut Self::Staging, src: &CudaBuf, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let s = src.f32("download_start");
+        need(s.len(), n, "download_start src");
+        need(dst.len(), n, "download_start staging");
+        // cudarc orders the copy after the staging's last use and records the staging's
+        // event after it: download_wait waits for that event only
+        check(self.stream.memcpy_dtoh(&s.slice(..n), dst), "download_start");
+    }
+    fn download_wait<'a>(&self, src: &'a Self::Staging, n: usize) -> &'a [f32] {
+        &check(src.as_slice(), "download_wait")[..n]
     }
     fn zero(&self, buf: &mut CudaBuf, n: usize) {
         if n == 0 {
@@ -836,5 +861,11 @@ impl Backend for Cuda {
     fn sum_squares_all(&self, xs: &[(&CudaBuf, usize)]) -> f64 {
         let xs: Vec<(&CudaSlice<f32>, usize)> = xs.iter().map(|&(x, n)| (x.f32("sum_squares_all"), n)).collect();
         adamw::sum_squares_all(self, &xs)
+    }
+    fn clip_adamw_all(
+        &self, slots: &mut [ParamSlot<'_, CudaBuf>], hp: AdamW, step: u64, clip: f32, loss_scale: f32,
+        low_precision: Precision, stats: &mut CudaBuf,
+    ) {
+        adamw::clip_adamw_all(self, slots, hp, step, clip, loss_scale, low_precision, stats)
     }
 }
