@@ -386,6 +386,48 @@ fn gemms_ran_cublaslt_and_the_fallback_agrees() {
     assert_eq!(g.cublaslt_plans(false), None, "the fallback opened cuBLASLt");
 }
 
+/// The page-locked staging of uploads (src/backend/cuda/uploads.rs): with 1 KiB halves,
+/// 300 uploads of awkward sizes into fp32, 16-bit and i32 buffers switch halves dozens of
+/// times, and some are larger than a half (the pageable path). Every buffer then holds
+/// what was uploaded into it last, so no staged copy read a half after it was reused.
+#[test]
+fn uploads_through_page_locked_staging_arrive_intact() {
+    let Some(g) = gpu("uploads_through_page_locked_staging_arrive_intact") else {
+        return;
+    };
+    let g = g.with_upload_staging(1024);
+    let mut rng = Rng(117);
+    let sizes = [1usize, 7, 64, 255, 256, 257, 300, 1000];
+    let mut f: Vec<_> = sizes.iter().map(|&n| g.alloc(n)).collect();
+    let mut h: Vec<_> = sizes.iter().map(|&n| g.alloc_rounded(n, Precision::Bf16)).collect();
+    let mut ints: Vec<_> = sizes.iter().map(|&n| g.alloc_i32(n)).collect();
+    let mut want_f: Vec<Vec<f32>> = vec![vec![]; sizes.len()];
+    let mut want_i: Vec<Vec<i32>> = vec![vec![]; sizes.len()];
+    for round in 0..100 {
+        for (k, &n) in sizes.iter().enumerate() {
+            if (round + k) % 3 != 0 {
+                continue;
+            }
+            let x = rng.vec(n, 4.0);
+            g.upload(&mut f[k], &x);
+            let mut r = x.clone();
+            Cpu.quantize(&mut r, n, Precision::Bf16);
+            g.upload(&mut h[k], &x);
+            let ix: Vec<i32> = (0..n).map(|_| rng.below(1 << 20) as i32 - (1 << 19)).collect();
+            g.upload_i32(&mut ints[k], &ix);
+            want_f[k] = x;
+            want_i[k] = ix;
+        }
+    }
+    for (k, &n) in sizes.iter().enumerate() {
+        same_bits(&format!("fp32 upload of {n}"), &g.download(&f[k], n), &want_f[k]);
+        let mut r = want_f[k].clone();
+        Cpu.quantize(&mut r, n, Precision::Bf16);
+        same_bits(&format!("bf16 upload of {n}"), &g.download(&h[k], n), &r);
+        assert_eq!(g.download_i32(&ints[k], n), want_i[k], "i32 upload of {n}");
+    }
+}
+
 parity_test!(bias_ops_and_inplace_add, bias_ops_and_inplace_add_body);
 fn bias_ops_and_inplace_add_body<G: Backend>(g: &G) {
     let (rows, cols) = (131, 77);
@@ -1914,8 +1956,9 @@ mod step {
     /// (`step_enqueue`: the step, its loss copies and the device-side clipped AdamW) on
     /// the CUDA backend allocate and free nothing on the device, wait for nothing, and
     /// start exactly three copies back per step (token CE losses, InfoNCE per-row losses,
-    /// the optimiser's ClipStats), into page-locked memory (a copy into pageable memory
-    /// counts as a synchronisation: a real driver blocks on it). Finishing the previous
+    /// the optimiser's ClipStats), into page-locked memory; the batch's uploads come from
+    /// page-locked staging too. (The emulator counts a copy to or from pageable memory as
+    /// a synchronisation: a real driver blocks on one back, and may on one up.) Finishing the previous
     /// step, after the next is enqueued, is where the host waits: three event waits.
     /// Counted by the emulator's driver, so it runs only there (the child of
     /// cuda_backend_on_the_cpu_emulator).
@@ -1981,6 +2024,10 @@ mod step {
         assert_eq!((enq[0], enq[1]), (0, 0), "device allocations / frees inside steps");
         assert_eq!(enq[4], 0, "synchronisations while enqueueing steps");
         assert_eq!(enq[3], 9, "copies back in three steps: three per step");
+        assert!(
+            enq[2] >= 3 * 8,
+            "the batch is uploaded each step (ids, positions, types, order, labels, mask, z rows)"
+        );
         assert_eq!(
             (fin[0], fin[1], fin[3], fin[5]),
             (0, 0, 0, 0),

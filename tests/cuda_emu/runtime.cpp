@@ -415,11 +415,15 @@ CUresult cuMemsetD32Async(CUdeviceptr p, unsigned int v, size_t n, CUstream) {
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
     ++stats[ST_HTOD];
+    ++stats[ST_SYNC];  // "a stream sync is performed before the copy is initiated"
     memcpy((void*)d, s, n);
     return OK;
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream) {
     ++stats[ST_HTOD];
+    // from pageable memory "the driver may synchronize with the stream" to stage it:
+    // counted as the synchronisation it may be
+    if (!is_pinned((void*)s, n)) ++stats[ST_SYNC];
     memcpy((void*)d, s, n);
     return OK;
 }

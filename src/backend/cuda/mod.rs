@@ -15,8 +15,10 @@
 //!   first use, so a machine without CUDA runs the same binary on the CPU backend.
 //!   [`availability`] checks each library before anything could panic in cudarc's loader.
 //! - One stream; cudarc's per-buffer event tracking is switched off (it only matters with
-//!   several streams). Ops enqueue work and return; `download` and `sum_squares` are the
-//!   only synchronising calls, as the trait intends.
+//!   several streams). Ops enqueue work and return; `download`, `sum_squares(_all)` and
+//!   `download_wait` are the only calls that wait for the device, as the trait intends.
+//!   Uploads go through page-locked staging (uploads.rs) and copies back can too
+//!   (`download_start`), so a training step enqueues without ever waiting.
 //! - GEMMs (gemm.rs, blaslt.rs): fp32 mode is fp32 (compute type 32F, no TF32). In bf16 /
 //!   fp16 mode the operands are 16-bit buffers read natively on tensor cores with fp32
 //!   accumulation (fp32 buffers holding rounded values also work: the FAST_16BF / _16F
@@ -53,6 +55,7 @@ pub mod layernorm;
 pub mod quantize;
 pub mod rows;
 pub mod softmax_ce;
+mod uploads;
 
 use super::{AdamW, Backend, Dropout, InfoNceOptions, ParamSlot, Precision, RangeGuard};
 use crate::error::{Error, Result};
@@ -231,6 +234,8 @@ pub struct Cuda {
     /// keeps the streaming SIMT kernels (`Cuda::without_infonce_smem16`).
     use_smem16: bool,
     scratch: Mutex<Scratch>,
+    /// Page-locked staging of `upload` / `upload_i32` (uploads.rs).
+    uploads: Mutex<uploads::Uploads>,
     info: DeviceInfo,
     nvtx: bool,
 }
@@ -390,6 +395,7 @@ impl Cuda {
         // SAFETY: only tries to dlopen libnvToolsExt.
         let nvtx = unsafe { cudarc::nvtx::sys::is_culib_present() };
         Ok(Cuda {
+            uploads: Mutex::new(uploads::Uploads::new(stream.clone(), uploads::HALF_BYTES)),
             stream,
             blas,
             lt: Mutex::new(None),
@@ -438,6 +444,22 @@ impl Cuda {
         infonce::path(self, inputs, c)
     }
 
+    /// src[..n] on the host (tests; the trait reads back floats only).
+    pub fn download_i32(&self, src: &CudaSlice<i32>, n: usize) -> Vec<i32> {
+        need(src.len(), n, "download_i32");
+        let v = check(self.stream.clone_dtoh(&src.slice(..n)), "download_i32");
+        self.synchronize();
+        v
+    }
+
+    /// This backend with `bytes` per half of the page-locked upload staging (16 MiB by
+    /// default): small values make tests go through the switch between halves and the
+    /// pageable path for large copies.
+    pub fn with_upload_staging(mut self, bytes: usize) -> Self {
+        self.uploads = Mutex::new(uploads::Uploads::new(self.stream.clone(), bytes));
+        self
+    }
+
     /// This backend with InfoNCE's 16-bit modes on the streaming SIMT kernels (tensor-core
     /// similarities only), never the shared-memory kernels: the path for hidden sizes too
     /// wide for shared memory, for tests.
@@ -462,6 +484,22 @@ impl Cuda {
     /// libnvToolsExt. For the model's per-layer ranges (`nsys profile` shows them).
     pub fn range(&self, name: &str) -> Option<cudarc::nvtx::Range> {
         self.nvtx.then(|| cudarc::nvtx::scoped_range(name))
+    }
+
+    /// dst[..src.len()] = src, enqueued from page-locked memory (uploads.rs) so the host
+    /// never waits on it; a copy too large for the staging goes from pageable memory.
+    fn upload_to<T: DeviceRepr + bytemuck::Pod>(&self, dst: &mut CudaSlice<T>, src: &[T], what: &str) {
+        use cudarc::driver::DevicePtrMut;
+        let addr = dst.device_ptr_mut(&self.stream).0;
+        // SAFETY: dst holds at least src.len() elements (the callers' `need`), and frees
+        // are ordered on this stream after the copy.
+        let staged = check(
+            unsafe { self.uploads.lock().unwrap().copy(addr, bytemuck::cast_slice(src)) },
+            what,
+        );
+        if !staged {
+            check(self.stream.memcpy_htod(src, &mut dst.slice_mut(..src.len())), what);
+        }
     }
 
     fn func(&self, name: &str) -> &CudaFunction {
@@ -516,20 +554,16 @@ impl Backend for Cuda {
         }
         need(dst.len(), src.len(), "upload");
         match dst {
-            CudaBuf::F32(d) => check(self.stream.memcpy_htod(src, &mut d.slice_mut(..src.len())), "upload"),
-            CudaBuf::Half(d, p) => {
-                let bits = quantize::to_bits(src, *p);
-                // from pageable memory: staged before the call returns, so `bits` may drop
-                check(self.stream.memcpy_htod(&bits, &mut d.slice_mut(..src.len())), "upload");
-            }
+            CudaBuf::F32(d) => self.upload_to(d, src, "upload"),
+            // staged (page-locked or the driver's pageable staging) before the call
+            // returns, so `bits` may drop
+            CudaBuf::Half(d, p) => self.upload_to(d, &quantize::to_bits(src, *p), "upload"),
         }
     }
     fn upload_i32(&self, dst: &mut CudaSlice<i32>, src: &[i32]) {
         if !src.is_empty() {
-            check(
-                self.stream.memcpy_htod(src, &mut dst.slice_mut(..src.len())),
-                "upload_i32",
-            );
+            need(dst.len(), src.len(), "upload_i32");
+            self.upload_to(dst, src, "upload_i32");
         }
     }
     fn download(&self, src: &CudaBuf, n: usize) -> Vec<f32> {
