@@ -375,8 +375,13 @@ elif [ -n "$CLI" ] && command -v nsys >/dev/null; then
     rc=$?
     timeout "$(cap 60)" nsys stats --report nvtx_sum --format csv --output - "$LOGS/step.nsys-rep" >"$LOGS/nvtx.csv" 2>>"$LOGS/nsys.log"
     head -n 25 "$LOGS/nvtx.csv"
-    ranges=$(grep -cE 'layer [0-9]+ (fwd|bwd)|optimizer: adamw|loss: infonce' "$LOGS/nvtx.csv")
+    ranges=$(grep -cE 'layer [0-9]+ (fwd|bwd)|optimizer: (clip \+ )?adamw|loss: infonce' "$LOGS/nvtx.csv")
     row "nsys NVTX ranges" "$([ "$rc" = 0 ] && [ "$ranges" -gt 0 ] && echo ok || echo "rc=$rc")" "$ranges named layer/loss/optimizer ranges; $LOGS/nvtx.csv"
+    # where the host waited (the steps themselves should not: issue #6); the bench's GEMM-rate
+    # measurement and its final read-backs synchronise too, so this is an upper bound
+    timeout "$(cap 60)" nsys stats --report cuda_api_sum --format csv --output - "$LOGS/step.nsys-rep" >"$LOGS/cuda-api.csv" 2>>"$LOGS/nsys.log"
+    waits=$(grep -E 'Synchronize|MemcpyDtoH_v2|MemcpyHtoD_v2' "$LOGS/cuda-api.csv" | awk -F, '{gsub(/"/,""); printf "%s %s; ", $NF, $3}')
+    row "nsys host waits (5 steps + bench)" "info" "${waits:-none}; $LOGS/cuda-api.csv"
 else
     row "nsys NVTX ranges" "SKIP" "nsys not on PATH"
 fi
