@@ -14,7 +14,8 @@
 #      cores);
 #   3. the same InfoNCE in PyTorch on the same GPU at 4k, 16k, 64k columns
 #      (scripts/infonce_torch.py), when torch is importable;
-#   4. a short DeepCUT run on GPU and on CPU with the same seed (--device cuda / cpu), in
+#   4. the CLI's device self-check (`bench --device auto`, fp32 and bf16: does auto take the
+#      GPU?), then a short DeepCUT run on GPU and on CPU with the same seed (--device cuda / cpu), in
 #      fp32 and in bf16 (the CPU twin of the tensor-core path),
 #      on DEEPCUT_CHECK_MODEL (default tests/golden/roberta-wnut17) and DEEPCUT_CHECK_DATA
 #      (default: the WNUT17 slice that --build writes to target/gpu-check/data);
@@ -286,6 +287,18 @@ fi
 
 # ---- 4. a short DeepCUT run, GPU and CPU, same seed --------------------------------------------
 CLI=$(find_bin deepcut-fast)
+# the CLI's own device self-check (src/cli/selfcheck.rs): does --device auto take this GPU?
+if [ -n "$CLI" ] && enough "self-check"; then
+    for prec in fp32 bf16; do
+        timeout "$(cap 60)" "$CLI" bench --device auto --precision "$prec" --preset minilm-l6 --bf 1 --br 1 --seq-len 16 \
+            --steps 1 --warmup 0 --matmul-size 256 >"$LOGS/selfcheck-$prec.json" 2>"$LOGS/selfcheck-$prec.log"
+        res=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); c=d.get("self_check") or "";
+ok=d["backend"].startswith("cuda") and "passed" in c
+print(("PASS " if ok else "FAIL ") + (c.split(": ", 1)[-1] if ok else d["backend"]))' "$LOGS/selfcheck-$prec.json" 2>/dev/null)
+        [ -n "$res" ] || res="FAIL no bench JSON; $(grep -m1 -E 'self-check|device auto' "$LOGS/selfcheck-$prec.log")"
+        row "self-check, --device auto ($prec)" "${res%% *}" "$(cut -c1-150 <<<"${res#* }")"
+    done
+fi
 : "${DEEPCUT_CHECK_MODEL:=tests/golden/roberta-wnut17}"
 [ -d target/gpu-check/data ] && : "${DEEPCUT_CHECK_DATA:=target/gpu-check/data}"
 if ! enough "deepcut run gpu vs cpu"; then

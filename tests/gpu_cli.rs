@@ -150,3 +150,71 @@ fn bench_on_cuda_reports_device_numbers() {
     let gemm = j["paths"]["gemm"].as_str().unwrap_or_default();
     assert!(gemm.starts_with("cuBLASLt"), "{}", j["paths"]);
 }
+
+/// The device self-check (src/cli/selfcheck.rs): `--device auto` runs a whole DeepCUT step
+/// on the GPU and the CPU and takes the GPU when they agree (the bench then says it was
+/// verified); with a disagreement injected (DEEPCUT_SELF_CHECK_FAULT=1) auto falls back
+/// to the CPU saying why, and `--device cuda` refuses with the same reason, unless
+/// DEEPCUT_SKIP_SELF_CHECK=1 (and then the JSON says the results are unverified).
+#[test]
+fn the_self_check_decides_whether_the_gpu_is_used() {
+    let libs = device_libs();
+    let bench = |device: &str, env: &[(&str, &str)]| {
+        let mut c = cli(&libs);
+        c.arg("bench").args(common::tiny_bench_args(device, "bf16", 1));
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().expect("run deepcut-fast");
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        let j: Option<Value> = serde_json::from_slice(&o.stdout).ok();
+        (o.status.success(), err, j)
+    };
+    let (ok, err, j) = bench("auto", &[]);
+    assert!(ok, "{err}");
+    assert!(err.contains("self-check passed"), "{err}");
+    let j = j.expect("bench JSON");
+    assert!(
+        j["backend"].as_str().unwrap().starts_with("cuda"),
+        "auto took the GPU: {}",
+        j["backend"]
+    );
+    assert_eq!(j["verified"], true);
+    assert!(
+        j["self_check"].as_str().is_some_and(|s| s.contains("passed")),
+        "{}",
+        j["self_check"]
+    );
+
+    let fault = [("DEEPCUT_SELF_CHECK_FAULT", "1")];
+    let (ok, err, j) = bench("auto", &fault);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("self-check failed") && err.contains("differs from the CPU reference"),
+        "{err}"
+    );
+    assert!(
+        j.expect("bench JSON")["backend"].as_str().unwrap().starts_with("cpu"),
+        "auto fell back"
+    );
+
+    let (ok, err, _) = bench("cuda", &fault);
+    assert!(!ok, "--device cuda ran despite a failed self-check");
+    assert!(
+        err.contains("self-check failed") && err.contains("DEEPCUT_SKIP_SELF_CHECK"),
+        "{err}"
+    );
+
+    let (ok, err, j) = bench(
+        "cuda",
+        &[("DEEPCUT_SELF_CHECK_FAULT", "1"), ("DEEPCUT_SKIP_SELF_CHECK", "1")],
+    );
+    assert!(ok, "{err}");
+    let j = j.expect("bench JSON");
+    assert_eq!(j["verified"], false);
+    assert!(
+        j["note"].as_str().is_some_and(|s| s.contains("unverified")),
+        "{}",
+        j["note"]
+    );
+}

@@ -166,7 +166,7 @@ impl BenchBackend for Cuda {
                 n,
                 tflops: flops / 1e12,
                 path: "cublasGemmEx bf16 inputs, fp32 compute".into(),
-                verified: false,
+                verified: self.verified(),
             }],
             Err(e) => {
                 eprintln!("bench: bf16 GEMM rate not measured: {e}");
@@ -175,7 +175,7 @@ impl BenchBackend for Cuda {
         }
     }
     fn verified(&self) -> bool {
-        false
+        super::selfcheck::passed().is_some()
     }
     fn paths(&self, precision: Precision, hidden: usize) -> Value {
         json!({
@@ -682,8 +682,9 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             "loadavg_start": load_start,
             "loadavg_end": loadavg(),
             "unix_time": crate::util::unix_time(),
+            "self_check": super::selfcheck::passed().map(|c| c.describe()),
             "note": if model.be.verified() { Value::Null } else {
-                json!("the CUDA backend has not yet run on a GPU: these numbers are unverified")
+                json!("the CUDA backend's self-check did not run (DEEPCUT_SKIP_SELF_CHECK=1): correctness unverified")
             },
         }),
     ];

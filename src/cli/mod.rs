@@ -5,6 +5,7 @@ mod compare;
 mod eval;
 mod predict;
 mod run;
+pub mod selfcheck;
 mod train;
 
 use crate::backend::Precision;
@@ -43,7 +44,8 @@ enum Command {
 /// Options every command that runs a model shares.
 #[derive(Args, Clone, Debug)]
 pub struct DeviceArgs {
-    /// auto | cpu | cuda[:N]. auto uses a GPU when one is usable, else the CPU backend.
+    /// auto | cpu | cuda[:N]. auto uses a GPU when one is usable and passes the self-check
+    /// (one DeepCUT step against the CPU backend), else the CPU backend.
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// CPU threads (default: all cores).
@@ -117,15 +119,25 @@ impl DeviceArgs {
         };
         match self.device.clone().as_str() {
             "cpu" => cpu(self),
-            // Until scripts/gpu-check.sh has passed on a GPU, auto does not pick the CUDA
-            // backend: a user must not get unverified kernels without asking for them.
+            // auto picks a GPU only if it passes the self-check (selfcheck.rs): a user must
+            // not get results from kernels that disagree with the CPU reference there
             "auto" => {
-                if crate::backend::cuda::is_available() {
-                    eprintln!("device auto: a GPU is usable, but the CUDA backend has not been verified on a GPU yet; using the CPU backend (--device cuda forces the GPU)");
-                } else {
+                if !crate::backend::cuda::is_available() {
                     eprintln!("device auto: no usable GPU; using the CPU backend");
+                    return cpu(self);
                 }
-                cpu(self)
+                let precision = flag.unwrap_or(Precision::Bf16);
+                match selfcheck::check(0, precision) {
+                    Ok(msg) => {
+                        self.precision = precision;
+                        eprintln!("device auto: {msg}{}", detail(precision));
+                        Ok(Device::Cuda(0))
+                    }
+                    Err(why) => {
+                        eprintln!("device auto: a GPU is usable but {why}; using the CPU backend");
+                        cpu(self)
+                    }
+                }
             }
             d if d == "cuda" || d.starts_with("cuda:") => {
                 let ordinal = match d.strip_prefix("cuda:") {
@@ -136,15 +148,15 @@ impl DeviceArgs {
                 };
                 // SPEC section 7: bf16 is the CUDA default
                 self.precision = flag.unwrap_or(Precision::Bf16);
-                let fp32 = if self.precision == Precision::Fp32 {
-                    "fp32; "
-                } else {
-                    ""
-                };
-                eprintln!(
-                    "backend: cuda:{ordinal} ({fp32}not yet verified on a GPU){}",
-                    detail(self.precision)
-                );
+                // without a device, opening it later says why (the driver's message)
+                if crate::backend::cuda::is_available() {
+                    let msg = selfcheck::check(ordinal, self.precision).map_err(|why| {
+                        Error::Device(format!(
+                            "--device {d}: {why}. Use --device cpu, or set DEEPCUT_SKIP_SELF_CHECK=1 to run on this GPU anyway"
+                        ))
+                    })?;
+                    eprintln!("backend: {msg}{}", detail(self.precision));
+                }
                 Ok(Device::Cuda(ordinal))
             }
             d => Err(Error::invalid(format!("--device {d}: expected auto, cpu or cuda[:N]"))),
@@ -265,7 +277,8 @@ mod tests {
     }
 
     /// SPEC section 7: bf16 by default on CUDA, fp32 on the CPU; `--precision` wins on both.
-    /// (init does not open the device, so this runs without a GPU.)
+    /// (Without a GPU init does not open the device, so this runs here; with one, the
+    /// self-check runs first.)
     #[test]
     fn precision_defaults_by_device() {
         assert_eq!(resolved("cpu", None), (Device::Cpu, Precision::Fp32));
@@ -276,7 +289,9 @@ mod tests {
             (Device::Cuda(0), Precision::Fp32)
         );
         assert_eq!(resolved("cpu", Some(Precision::Fp16)), (Device::Cpu, Precision::Fp16));
-        // auto never picks the unverified CUDA backend, so it gets the CPU's default
-        assert_eq!(resolved("auto", None).1, Precision::Fp32);
+        // without a GPU auto is the CPU, with the CPU's default
+        if !crate::backend::cuda::is_available() {
+            assert_eq!(resolved("auto", None), (Device::Cpu, Precision::Fp32));
+        }
     }
 }

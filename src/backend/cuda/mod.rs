@@ -2,9 +2,10 @@
 //! 16-bit storage for `alloc_rounded`), kernels from kernels/*.cu (compiled by build.rs
 //! with NVRTC and embedded), GEMMs through cuBLASLt.
 //!
-//! Status: written and compiled (every kernel by NVRTC, this code by rustc) but not yet
-//! run on a GPU; tests/gpu_parity.rs holds the evidence to collect. Until it has passed on
-//! a real device, treat every number this backend produces as unverified.
+//! Status: written and compiled (every kernel by NVRTC, this code by rustc), checked on
+//! the CPU emulator of tests/cuda_emu, not yet run on a GPU; tests/gpu_parity.rs holds the
+//! evidence to collect. The CLI runs a self-check against the CPU backend before it uses
+//! a device (src/cli/selfcheck.rs), so a GPU on which this backend is wrong is refused.
 //!
 //! Layout mirrors the CPU backend: one file per op family with free functions of the
 //! same name and argument order as the CPU twins (`cuda::layernorm::layernorm_fwd` <->
