@@ -22,7 +22,8 @@ use crate::error::{Error, Result};
 use crate::infer::{max_window, model_from_weights, position_style};
 use crate::model::{random_init, ModelConfig};
 use crate::train::optim::{LossScaling, OptimConfig, Optimizer};
-use crate::unlearn::deepcut::{self, Anchors, Contrast, Readback};
+use crate::train::readback::Ring;
+use crate::unlearn::deepcut::{self, Anchors, Contrast};
 use clap::Args;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -543,12 +544,9 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
     // also holds the pipeline's filling, one more reason for --warmup. One extra step runs
     // untimed at the end: finishing the last step without a next one in flight would time
     // only the wait on a GPU and nothing on the CPU.
-    let mut ring = [
-        Readback::new(&model.be, shape.tokens()),
-        Readback::new(&model.be, shape.tokens()),
-    ];
-    let mut done = |rb: &mut Readback<B>, be: &B, s: u64, last: &mut Instant| -> Result<()> {
-        let f = rb.finish(be).expect("a step in flight");
+    let mut ring = Ring::new(&model.be, shape.tokens());
+    let mut done = |ring: &mut Ring<B>, be: &B, s: u64, last: &mut Instant| -> Result<()> {
+        let f = ring.finish(s, be).expect("a step in flight");
         f.update?;
         let now = Instant::now();
         if s >= args.warmup as u64 && s < total {
@@ -566,7 +564,6 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
     for step in 0..=total {
         let (batch, z) = deepcut::assemble(&windows, &forget, &retain, pad, style, 0, Anchors::All);
         model.set_loss_scale(opt.loss_scale());
-        let slot = (step % 2) as usize;
         deepcut::step_enqueue(
             &mut model,
             &mut contrast,
@@ -576,13 +573,13 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             gamma,
             crate::model::Mode::Train { seed: args.seed, step },
             &mut opt,
-            &mut ring[slot],
+            ring.slot(step),
         )?;
         if step > 0 {
-            done(&mut ring[1 - slot], &model.be, step - 1, &mut last)?;
+            done(&mut ring, &model.be, step - 1, &mut last)?;
         }
     }
-    done(&mut ring[(total % 2) as usize], &model.be, total, &mut last)?;
+    done(&mut ring, &model.be, total, &mut last)?;
     let device_memory = model.be.device_memory_used();
     // Measured again after the steps: on a shared machine one measurement can land in a
     // busy moment; the reference is the better of the two.

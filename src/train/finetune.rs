@@ -3,6 +3,7 @@
 //! epoch, best model kept, checkpoints for --resume.
 use super::checkpoint;
 use super::optim::{LossScaler, LossScaling, OptimConfig, Optimizer};
+use super::readback::{Finished, Ring};
 use crate::backend::{Backend, Precision};
 use crate::data::{bucketed_batches, Batch, Encoder, LabelMap, Sentence};
 use crate::error::{Error, Result};
@@ -233,13 +234,17 @@ pub fn finetune<B: Backend>(
     }
     let t_start = std::time::Instant::now();
     let seconds_before = rec.seconds;
+    let mut ring = Ring::new(&model.be, fc.batch * fc.max_len);
     while epoch < fc.epochs {
         let t_epoch = std::time::Instant::now();
         let batches = bucketed_batches(&lengths, fc.batch, fc.seed, epoch as u64);
         let pb = progress(batches.len() as u64, &format!("epoch {}", epoch + 1), quiet);
         pb.set_position(batch_in_epoch as u64);
-        let mut loss_sum = 0f64;
-        let mut loss_n = 0usize;
+        let mut sums = (0f64, 0usize);
+        // Steps are pipelined (issue #6): step s's loss and update stats are read after
+        // step s + 1 is enqueued (train::readback), except where a checkpoint, the end of
+        // the epoch or fp16's loss scaler needs them at once.
+        let mut flying: Option<u64> = None;
         while batch_in_epoch < batches.len() {
             let batch = Batch::gather(&windows, &batches[batch_in_epoch], pad, style);
             // Dropout is keyed by the attempted step (equal to the applied one unless an
@@ -248,35 +253,26 @@ pub fn finetune<B: Backend>(
             model.forward(&batch.inputs, Mode::Train { seed: fc.seed, step });
             model.zero_grads();
             model.backward(opt.loss_scale() / batch.labelled().max(1) as f32, None);
-            // read after backward is enqueued (no device stall mid-step; backward leaves
-            // the losses as forward wrote them); a non-finite loss stops before the update
-            let loss = model.ce_loss(&batch.inputs);
-            if !loss.is_finite() {
-                return Err(Error::Numeric(format!(
-                    "cross-entropy loss is {loss} at step {} (epoch {}); stopped, {}",
-                    step + 1,
-                    epoch + 1,
-                    checkpoint::last_good(&ckpt_dir)
-                )));
-            }
-            let upd = opt.update(&mut model).map_err(|e| {
-                Error::Numeric(format!(
-                    "{e} (epoch {}), with a finite cross-entropy loss {loss}: the backward pass overflowed \
-                     (learning rate too high?); stopped, {}",
-                    epoch + 1,
-                    checkpoint::last_good(&ckpt_dir)
-                ))
-            })?;
+            // the loss is read after backward is enqueued (backward leaves the losses as
+            // forward wrote them), with the update, a step later
+            ring.slot(step)
+                .start(&mut model, batch.labelled(), None, &mut opt)
+                .map_err(|e| overflowed(e, None, epoch, &ckpt_dir))?;
             rec.steps += 1;
             rec.tokens += batch.n_tokens() as u64;
-            rec.step_losses.push(loss);
-            loss_sum += loss as f64;
-            loss_n += 1;
             batch_in_epoch += 1;
-            rec.loss_scaler = opt.scaler.clone();
-            pb.inc(1);
-            pb.set_message(format!("loss {loss:.4}{}", scale_message(&upd, opt.scaler.as_ref())));
-            if rec.steps.is_multiple_of(fc.checkpoint_every) {
+            if let Some(prev) = flying.take() {
+                let f = ring.finish(prev, &model.be).expect("a step in flight");
+                record_step(f, prev, epoch, &mut rec, &mut sums, &opt, &pb, &ckpt_dir)?;
+            }
+            let save_now = rec.steps.is_multiple_of(fc.checkpoint_every);
+            if save_now || batch_in_epoch == batches.len() || opt.scaler.is_some() {
+                let f = ring.finish(step, &model.be).expect("the step just enqueued");
+                record_step(f, step, epoch, &mut rec, &mut sums, &opt, &pb, &ckpt_dir)?;
+            } else {
+                flying = Some(step);
+            }
+            if save_now {
                 rec.seconds = seconds_before + t_start.elapsed().as_secs_f64();
                 let state =
                     json!({"config": config_json, "record": rec, "epoch": epoch, "batch_in_epoch": batch_in_epoch});
@@ -284,6 +280,7 @@ pub fn finetune<B: Backend>(
             }
             crate::util::maybe_abort_after(rec.steps);
         }
+        let (loss_sum, loss_n) = sums;
         pb.finish_and_clear();
         let dev = evaluate_split(&clf, &mut model, &data.dev, fc.max_len)?;
         let train_loss = loss_sum / loss_n.max(1) as f64;
@@ -321,6 +318,46 @@ pub fn finetune<B: Backend>(
     let (_, best, _) = crate::model::load_model_dir(&model_dir)?;
     clf.weights = best;
     Ok((clf, rec))
+}
+
+/// An update's error in fine-tuning, said with the step's (finite) loss when known.
+fn overflowed(e: Error, loss: Option<f32>, epoch: usize, ckpt_dir: &Path) -> Error {
+    let with = loss.map_or(String::new(), |l| format!(", with a finite cross-entropy loss {l}"));
+    Error::Numeric(format!(
+        "{e} (epoch {}){with}: the backward pass overflowed (learning rate too high?); stopped, {}",
+        epoch + 1,
+        checkpoint::last_good(ckpt_dir)
+    ))
+}
+
+/// Records finished fine-tuning step `step` (0-based) of `epoch` (0-based), or gives the
+/// error of a non-finite loss or gradient norm.
+#[allow(clippy::too_many_arguments)]
+fn record_step<B: Backend>(
+    f: Finished, step: u64, epoch: usize, rec: &mut FinetuneResult, sums: &mut (f64, usize), opt: &Optimizer<B>,
+    pb: &indicatif::ProgressBar, ckpt_dir: &Path,
+) -> Result<()> {
+    let loss = f.losses.ce;
+    if !loss.is_finite() {
+        pb.finish_and_clear();
+        return Err(Error::Numeric(format!(
+            "cross-entropy loss is {loss} at step {} (epoch {}); stopped, {}",
+            step + 1,
+            epoch + 1,
+            checkpoint::last_good(ckpt_dir)
+        )));
+    }
+    let upd = f.update.map_err(|e| {
+        pb.finish_and_clear();
+        overflowed(e, Some(loss), epoch, ckpt_dir)
+    })?;
+    rec.step_losses.push(loss);
+    sums.0 += loss as f64;
+    sums.1 += 1;
+    rec.loss_scaler = opt.scaler.clone();
+    pb.inc(1);
+    pb.set_message(format!("loss {loss:.4}{}", scale_message(&upd, opt.scaler.as_ref())));
+    Ok(())
 }
 
 /// The progress-bar suffix of a step with fp16 loss scaling ("" without): the scale the

@@ -3,4 +3,5 @@
 pub mod checkpoint;
 pub mod finetune;
 pub mod optim;
+pub mod readback;
 pub mod schedule;

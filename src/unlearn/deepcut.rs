@@ -3,12 +3,13 @@
 //! rows), CE on retain tokens, class-masked InfoNCE over the L2-normalised final hidden
 //! states of all labelled tokens with the forget tokens as anchors, one backward pass
 //! with the contrastive gradient entering at the final hidden states.
-use crate::backend::{infonce_loss_host, Backend, ClipStats, InfoNceOptions, IGNORE_INDEX};
+use crate::backend::{infonce_loss_host, Backend, InfoNceOptions, IGNORE_INDEX};
 use crate::data::{Batch, PositionStyle, Window};
 use crate::error::Result;
-use crate::model::encoder::mean_ce;
 use crate::model::{Mode, Model};
-use crate::train::optim::{Enqueued, Optimizer, UpdateStats};
+use crate::train::optim::Optimizer;
+use crate::train::readback::Contrastive;
+pub use crate::train::readback::{Finished, Readback, StepLosses};
 use serde::{Deserialize, Serialize};
 
 /// Which forget tokens are anchors (`--anchors`).
@@ -44,16 +45,6 @@ pub struct ZRows {
     pub labels: Vec<i32>,
     pub anchor: Vec<i32>,
     pub partner: Vec<i32>,
-}
-
-/// Losses of one step.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
-pub struct StepLosses {
-    pub ce: f32,
-    pub contrast: f32,
-    pub total: f32,
-    /// Anchors that entered L_f.
-    pub anchors: usize,
 }
 
 impl<B: Backend> Contrast<B> {
@@ -144,66 +135,6 @@ pub fn step<B: Backend>(
     }
 }
 
-/// Host memory one pipelined step's numbers come back to (`step_enqueue`): the token CE
-/// losses, InfoNCE's per-row losses and the optimiser's `ClipStats`. Two alternate while
-/// one step is in flight as the next is enqueued.
-pub struct Readback<B: Backend> {
-    ce: B::Staging,
-    contrast: B::Staging,
-    stats: B::Staging,
-    pending: Option<Pending>,
-}
-
-/// What a `Readback` holds the values of, and what turns them into losses.
-struct Pending {
-    n: usize,
-    m: usize,
-    labelled: usize,
-    anchors: usize,
-    gamma: f32,
-    update: Enqueued,
-}
-
-/// A finished pipelined step: its losses, and its update's stats or error.
-pub struct Finished {
-    pub losses: StepLosses,
-    pub update: Result<UpdateStats>,
-}
-
-impl<B: Backend> Readback<B> {
-    /// For steps of up to `max_tokens` tokens (a batch's b * t; Z rows are fewer).
-    pub fn new(be: &B, max_tokens: usize) -> Self {
-        Readback {
-            ce: be.staging(max_tokens),
-            contrast: be.staging(max_tokens),
-            stats: be.staging(ClipStats::LEN),
-            pending: None,
-        }
-    }
-
-    /// Whether a step is in flight here (enqueued and not yet finished).
-    pub fn in_flight(&self) -> bool {
-        self.pending.is_some()
-    }
-
-    /// Waits for the step in flight here and returns its numbers; None if there is none.
-    /// Exactly what `step` and `Optimizer::update` return for the same step.
-    pub fn finish(&mut self, be: &B) -> Option<Finished> {
-        let p = self.pending.take()?;
-        let ce = mean_ce(be.download_wait(&self.ce, p.n), p.labelled);
-        let lf = infonce_loss_host(be.download_wait(&self.contrast, p.m), p.anchors);
-        Some(Finished {
-            losses: StepLosses {
-                ce,
-                contrast: lf,
-                total: ce + p.gamma * lf,
-                anchors: p.anchors,
-            },
-            update: Optimizer::<B>::finish(be, p.update, &self.stats),
-        })
-    }
-}
-
 /// `step` and `opt.update_enqueue`, with no host-device synchronisation (issue #6): the
 /// losses and the update's stats start back into `rb`, whose `finish` returns them. Enqueue
 /// the next step before finishing this one and the device never waits for the host. An
@@ -214,23 +145,16 @@ pub fn step_enqueue<B: Backend>(
     opt: &mut Optimizer<B>, rb: &mut Readback<B>,
 ) -> Result<()> {
     assert!(
-        rb.pending.is_none(),
+        !rb.in_flight(),
         "step_enqueue: the readback still holds a step in flight"
     );
     let anchors = enqueue(model, cb, batch, z, opts, gamma, mode);
-    let m = z.idx.len();
-    let n = model.token_losses_start(&mut rb.ce);
-    model.be.download_start(&mut rb.contrast, &cb.loss, m);
-    let update = opt.update_enqueue(model, &mut rb.stats)?;
-    rb.pending = Some(Pending {
-        n,
-        m,
-        labelled: batch.labelled(),
+    let c = Contrastive {
+        rows: z.idx.len(),
         anchors,
         gamma,
-        update,
-    });
-    Ok(())
+    };
+    rb.start(model, batch.labelled(), Some((&cb.loss, c)), opt)
 }
 
 /// Everything of `step` but reading the losses back; returns the count of valid anchors.

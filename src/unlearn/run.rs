@@ -1,7 +1,7 @@
 //! The `run` driver: original model (fine-tuned first when the given model has no head
 //! for the data's labels), forget set, reference metrics, the unlearning loop with its
 //! stopping rule and checkpoints, final metrics, the run folder.
-use super::deepcut::{self, Anchors, Contrast, Readback, StepLosses};
+use super::deepcut::{self, Anchors, Contrast, StepLosses};
 use super::methods;
 use super::sisa;
 use super::Method;
@@ -16,6 +16,7 @@ use crate::model::{copy_tokenizer_files, save_model_dir, HostWeights, Mode};
 use crate::train::checkpoint;
 use crate::train::finetune::{finetune, scale_message, Base, FinetuneConfig};
 use crate::train::optim::{precision_json, LossScaler, LossScaling, OptimConfig, Optimizer};
+use crate::train::readback::Ring;
 use crate::util::{peak_memory_bytes, progress, write_atomic, Fnv};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -538,10 +539,10 @@ pub fn run<B: Backend>(
 
 /// The step loop of every method except retrain and sisa.
 /// A step of the unlearning loop once enqueued: finished already (the baselines, which
-/// read their losses as they go) or in flight in a DeepCUT readback slot.
+/// read their losses as they go) or in flight in its DeepCUT readback slot.
 enum Started {
     Ready(deepcut::Finished),
-    Flying(usize),
+    Flying,
 }
 
 /// The error of a loss that is not finite at step `at`.
@@ -659,11 +660,9 @@ fn unlearn_loop<B: Backend>(
     // whose update already waited for the device) is finished before going on, so
     // checkpoints and checks see every step up to their own.
     let max_tokens = (2 * cfg.bf + cfg.br) * cfg.max_len;
-    let mut ring = [
-        Readback::new(&model.be, max_tokens),
-        Readback::new(&model.be, max_tokens),
-    ];
-    let mut flying: Option<usize> = None;
+    let mut ring = Ring::new(&model.be, max_tokens);
+    // the step (0-based) in flight, if any
+    let mut flying: Option<u64> = None;
     let failed = |pb: &indicatif::ProgressBar, e: Error| {
         pb.finish_and_clear();
         e
@@ -678,7 +677,6 @@ fn unlearn_loop<B: Backend>(
             Method::Deepcut => {
                 let (batch, z) = deepcut::assemble(windows, &fb, &rb, pad, style, o_id, cfg.anchors);
                 state.tokens += batch.n_tokens() as u64;
-                let slot = (step % 2) as usize;
                 deepcut::step_enqueue(
                     model,
                     &mut contrast,
@@ -688,10 +686,10 @@ fn unlearn_loop<B: Backend>(
                     cfg.gamma,
                     mode,
                     &mut opt,
-                    &mut ring[slot],
+                    ring.slot(step),
                 )
                 .map_err(|e| failed(&pb, overflowed(e, None, &ckpt_dir)))?;
-                Started::Flying(slot)
+                Started::Flying
             }
             method => {
                 let losses = match method {
@@ -732,18 +730,18 @@ fn unlearn_loop<B: Backend>(
         // the budget, the stopping rule and the dropout keys follow it.
         state.step += 1;
         if let Some(prev) = flying.take() {
-            let f = ring[prev].finish(&model.be).expect("a step in flight");
-            record(state, state.step - 1, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?;
+            let f = ring.finish(prev, &model.be).expect("a step in flight");
+            record(state, prev + 1, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?;
         }
         let check = cfg.steps.is_none() && state.step.is_multiple_of(cfg.check_every);
         let save_now = state.step.is_multiple_of(cfg.checkpoint_every) || state.step == budget;
         match started {
             Started::Ready(f) => record(state, state.step, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?,
-            Started::Flying(slot) if check || save_now || opt.scaler.is_some() => {
-                let f = ring[slot].finish(&model.be).expect("the step just enqueued");
+            Started::Flying if check || save_now || opt.scaler.is_some() => {
+                let f = ring.finish(step, &model.be).expect("the step just enqueued");
                 record(state, state.step, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?
             }
-            Started::Flying(slot) => flying = Some(slot),
+            Started::Flying => flying = Some(step),
         }
         if check {
             let te = Instant::now();
@@ -776,8 +774,8 @@ fn unlearn_loop<B: Backend>(
     }
     if let Some(prev) = flying.take() {
         // not reached (the last step is finished at once); kept so no step is ever lost
-        let f = ring[prev].finish(&model.be).expect("a step in flight");
-        record(state, state.step, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?;
+        let f = ring.finish(prev, &model.be).expect("a step in flight");
+        record(state, prev + 1, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?;
     }
     pb.finish_and_clear();
     if state.stop_reason.is_empty() {

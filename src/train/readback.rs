@@ -1,0 +1,148 @@
+//! A training step's numbers coming back without the host waiting (issue #6: no
+//! host-device synchronisation inside a step). After a step's backward pass is enqueued,
+//! `Readback::start` enqueues its CE losses, its update (`Optimizer::update_enqueue`: the
+//! clipping decided on the device) and copies of both into page-locked memory; the loop
+//! then enqueues the next step before `finish` waits for these numbers, so the device
+//! always has the next step queued. Two readbacks alternate (`Ring`). fine-tuning
+//! (`train`, the retrain baseline, SISA) and DeepCUT (`deepcut::step_enqueue`, which adds
+//! InfoNCE's per-row losses) go through it.
+use super::optim::{Enqueued, Optimizer, UpdateStats};
+use crate::backend::{infonce_loss_host, Backend};
+use crate::error::Result;
+use crate::model::encoder::mean_ce;
+use crate::model::Model;
+use serde::{Deserialize, Serialize};
+
+/// Losses of one step: the mean CE over labelled tokens, the contrastive term (0 without
+/// one) and their weighted sum, and the anchors that entered the contrastive term.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct StepLosses {
+    pub ce: f32,
+    pub contrast: f32,
+    pub total: f32,
+    /// Anchors that entered L_f.
+    pub anchors: usize,
+}
+
+/// Host memory one step's numbers come back to.
+pub struct Readback<B: Backend> {
+    ce: B::Staging,
+    contrast: B::Staging,
+    stats: B::Staging,
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    n: usize,
+    labelled: usize,
+    /// The contrastive term, when the step has one.
+    contrast: Option<Contrastive>,
+    update: Enqueued,
+}
+
+/// A step's contrastive term as `Readback::start` takes it: InfoNCE's per-row losses
+/// [rows] (0 off the valid anchors), the count of valid anchors (L_f is their mean) and
+/// its weight gamma in the total.
+#[derive(Clone, Copy, Debug)]
+pub struct Contrastive {
+    pub rows: usize,
+    pub anchors: usize,
+    pub gamma: f32,
+}
+
+/// A finished step: its losses, and its update's stats or error.
+pub struct Finished {
+    pub losses: StepLosses,
+    pub update: Result<UpdateStats>,
+}
+
+impl<B: Backend> Readback<B> {
+    /// For steps of up to `max_tokens` tokens (a batch's b * t; contrastive rows are fewer).
+    pub fn new(be: &B, max_tokens: usize) -> Self {
+        Readback {
+            ce: be.staging(max_tokens),
+            contrast: be.staging(max_tokens),
+            stats: be.staging(crate::backend::ClipStats::LEN),
+            pending: None,
+        }
+    }
+
+    /// Whether a step is in flight here (started and not yet finished).
+    pub fn in_flight(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// After the step's backward pass: enqueues its CE losses (`labelled` tokens carry
+    /// CE) and, with a contrastive term, a copy of its per-row losses `rows_losses`; then
+    /// the update. An `Err` is an fp16 update's, decided at once. Panics if a step is
+    /// still in flight here.
+    pub fn start(
+        &mut self, model: &mut Model<B>, labelled: usize, contrast: Option<(&B::Buf, Contrastive)>,
+        opt: &mut Optimizer<B>,
+    ) -> Result<()> {
+        assert!(
+            self.pending.is_none(),
+            "Readback::start: a step is still in flight here"
+        );
+        let n = model.token_losses_start(&mut self.ce);
+        if let Some((rows_losses, c)) = contrast {
+            model.be.download_start(&mut self.contrast, rows_losses, c.rows);
+        }
+        let update = opt.update_enqueue(model, &mut self.stats)?;
+        self.pending = Some(Pending {
+            n,
+            labelled,
+            contrast: contrast.map(|(_, c)| c),
+            update,
+        });
+        Ok(())
+    }
+
+    /// Waits for the step in flight here and returns its numbers (None if there is none):
+    /// what the synchronous `Model::ce_loss`, `infonce_loss_host` and `Optimizer::update`
+    /// give for the same step.
+    pub fn finish(&mut self, be: &B) -> Option<Finished> {
+        let p = self.pending.take()?;
+        let ce = mean_ce(be.download_wait(&self.ce, p.n), p.labelled);
+        let losses = match p.contrast {
+            None => StepLosses {
+                ce,
+                total: ce,
+                ..StepLosses::default()
+            },
+            Some(c) => {
+                let lf = infonce_loss_host(be.download_wait(&self.contrast, c.rows), c.anchors);
+                StepLosses {
+                    ce,
+                    contrast: lf,
+                    total: ce + c.gamma * lf,
+                    anchors: c.anchors,
+                }
+            }
+        };
+        Some(Finished {
+            losses,
+            update: Optimizer::<B>::finish(be, p.update, &self.stats),
+        })
+    }
+}
+
+/// Two readbacks taking steps in turn: `slot(step)` is where step `step` goes, and the
+/// other one holds the step before it.
+pub struct Ring<B: Backend>(pub [Readback<B>; 2]);
+
+impl<B: Backend> Ring<B> {
+    pub fn new(be: &B, max_tokens: usize) -> Self {
+        Ring([Readback::new(be, max_tokens), Readback::new(be, max_tokens)])
+    }
+
+    /// The readback of step `step` (0-based, any counter that goes up by one per step).
+    pub fn slot(&mut self, step: u64) -> &mut Readback<B> {
+        &mut self.0[(step % 2) as usize]
+    }
+
+    /// Finishes the step in flight in the slot of `step`, if any.
+    pub fn finish(&mut self, step: u64, be: &B) -> Option<Finished> {
+        self.slot(step).finish(be)
+    }
+}
