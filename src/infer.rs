@@ -122,6 +122,14 @@ pub fn argmax<T: PartialOrd>(row: &[T]) -> usize {
 /// Runs `model` (evaluation mode: no dropout) over `windows` of `sentences`, batches of
 /// at most `model.max_tokens()` tokens sorted by length (little padding), and collects
 /// per-word logits in input order and per-sentence losses.
+/// One evaluation batch's logits and token losses on their way back: staged copies, and
+/// the batch's windows and padded length.
+struct EvalSlot<B: Backend> {
+    logits: B::Staging,
+    losses: B::Staging,
+    batch: Option<(Vec<usize>, usize)>,
+}
+
 pub fn run_windows<B: Backend>(
     model: &mut Model<B>, sentences: &[Sentence], windows: &[Window], pad_id: u32, style: PositionStyle,
 ) -> Outputs {
@@ -133,14 +141,23 @@ pub fn run_windows<B: Backend>(
     let max_len = windows.iter().map(|w| w.ids.len()).max().unwrap_or(1).max(1);
     let rows = (model.max_tokens() / max_len).max(1);
     let lengths: Vec<usize> = windows.iter().map(|w| w.ids.len()).collect();
-    for idx in sequential_batches(&lengths, rows) {
-        let batch = Batch::gather(windows, &idx, pad_id, style);
-        model.forward(&batch.inputs, Mode::Eval);
-        let out = model.logits_host();
-        let losses = model.token_losses();
-        tokens += batch.n_tokens();
-        let t = batch.inputs.t;
-        for (r, &wi) in batch.windows.iter().enumerate() {
+    // Batch i's logits and losses come back through page-locked memory while batch i + 1
+    // runs: its forward pass is enqueued before batch i's numbers are waited for, so on a
+    // GPU the device does not sit idle while the host gathers batches and files logits.
+    let cap = rows * max_len;
+    let mut slots: [EvalSlot<B>; 2] = [0, 1].map(|_| EvalSlot {
+        logits: model.be.staging(cap * l),
+        losses: model.be.staging(cap),
+        batch: None,
+    });
+    let mut file = |slot: &mut EvalSlot<B>, be: &B| {
+        let Some((rows_windows, t)) = slot.batch.take() else {
+            return;
+        };
+        let n = rows_windows.len() * t;
+        let out = be.download_wait(&slot.logits, n * l);
+        let losses = be.download_wait(&slot.losses, n);
+        for (r, &wi) in rows_windows.iter().enumerate() {
             let w = &windows[wi];
             for (k, &pos) in w.word_pos.iter().enumerate() {
                 let word = w.first_word + k;
@@ -152,6 +169,19 @@ pub fn run_windows<B: Backend>(
                 }
             }
         }
+    };
+    for (i, idx) in sequential_batches(&lengths, rows).into_iter().enumerate() {
+        let batch = Batch::gather(windows, &idx, pad_id, style);
+        model.forward(&batch.inputs, Mode::Eval);
+        let slot = &mut slots[i % 2];
+        model.logits_start(&mut slot.logits);
+        model.token_losses_start(&mut slot.losses);
+        tokens += batch.n_tokens();
+        slot.batch = Some((batch.windows, batch.inputs.t));
+        file(&mut slots[1 - i % 2], &model.be);
+    }
+    for slot in &mut slots {
+        file(slot, &model.be);
     }
     let mean_loss = loss_sum
         .iter()

@@ -847,6 +847,15 @@ impl<B: Backend> Model<B> {
         self.be.download(&self.acts.logits, b * t * self.dims.labels)
     }
 
+    /// `logits_host` started into `dst` (`Backend::download_start`) without waiting;
+    /// returns n * l, the count to `download_wait` for.
+    pub fn logits_start(&self, dst: &mut B::Staging) -> usize {
+        let (b, t, _) = self.current();
+        let nl = b * t * self.dims.labels;
+        self.be.download_start(dst, &self.acts.logits, nl);
+        nl
+    }
+
     /// Per-token cross-entropy [n] of the last forward pass (0 on ignored tokens).
     pub fn token_losses(&mut self) -> Vec<f32> {
         let n = self.token_losses_enqueue();
