@@ -202,6 +202,13 @@ if [ "${1:-}" = "--e2e" ]; then
     gunzip "$E2E/deepcut-fast.gz" "$E2E/model/model.safetensors.gz" && chmod +x "$E2E/deepcut-fast"
     echo "== gpu-check --e2e $(date -u +%Y-%m-%dT%H:%MZ)"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1
+    # a self-check that is too strict for this card must not cost the measurement: the run
+    # goes ahead without it (and says so), and the F1s against PyTorch below still judge it
+    if ! "$E2E/deepcut-fast" bench --device cuda --preset minilm-l6 --bf 1 --br 1 --seq-len 16 --steps 1 --warmup 0 \
+        --matmul-size 256 >/dev/null 2>"$LOGS/e2e-selfcheck.log"; then
+        echo "the self-check refused this GPU ($(grep -m1 'self-check' "$LOGS/e2e-selfcheck.log")); running without it"
+        export DEEPCUT_SKIP_SELF_CHECK=1
+    fi
     timeout "$(cap 300)" "$E2E/deepcut-fast" run --model "$E2E/model" --data "$E2E/data" --forget-ratio 0.10 --seed 0 \
         --device cuda --precision bf16 --quiet --force --out "$LOGS/e2e-run" ${DEEPCUT_E2E_ARGS:-} 2>&1 | tee "$LOGS/e2e-run.log" | tail -n 12
     [ -f "$LOGS/e2e-run/report.json" ] || { echo "the GPU run wrote no report: $LOGS/e2e-run.log" >&2; exit 1; }
@@ -297,7 +304,15 @@ ok=d["backend"].startswith("cuda") and "passed" in c
 print(("PASS " if ok else "FAIL ") + (c.split(": ", 1)[-1] if ok else d["backend"]))' "$LOGS/selfcheck-$prec.json" 2>/dev/null)
         [ -n "$res" ] || res="FAIL no bench JSON; $(grep -m1 -E 'self-check|device auto' "$LOGS/selfcheck-$prec.log")"
         row "self-check, --device auto ($prec)" "${res%% *}" "$(cut -c1-150 <<<"${res#* }")"
+        [ "${res%% *}" = PASS ] || SELF_CHECK_FAILED=1
     done
+    # a self-check too strict for this card must not cost the measurements below: they run
+    # without it (bench then marks its JSON unverified), and the runs' F1 against the CPU
+    # still judge correctness
+    if [ -n "${SELF_CHECK_FAILED:-}" ]; then
+        export DEEPCUT_SKIP_SELF_CHECK=1
+        row "self-check skipped below" "info" "DEEPCUT_SKIP_SELF_CHECK=1 for the runs and benches (see the rows above)"
+    fi
 fi
 : "${DEEPCUT_CHECK_MODEL:=tests/golden/roberta-wnut17}"
 [ -d target/gpu-check/data ] && : "${DEEPCUT_CHECK_DATA:=target/gpu-check/data}"
