@@ -559,9 +559,14 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
         *last = now;
         Ok(())
     };
+    // The host's side of each step: assembling the batch and enqueueing every launch. On a
+    // GPU, when this comes near the step time the host is the bottleneck (launch overhead:
+    // the case for CUDA graphs); on the CPU it is the whole step.
+    let mut host = Vec::with_capacity(args.steps);
     model.be.sync();
     let mut last = Instant::now();
     for step in 0..=total {
+        let t_host = Instant::now();
         let (batch, z) = deepcut::assemble(&windows, &forget, &retain, pad, style, 0, Anchors::All);
         model.set_loss_scale(opt.loss_scale());
         deepcut::step_enqueue(
@@ -575,6 +580,9 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             &mut opt,
             ring.slot(step),
         )?;
+        if step >= args.warmup as u64 && step < total {
+            host.push(t_host.elapsed().as_secs_f64());
+        }
         if step > 0 {
             done(&mut ring, &model.be, step - 1, &mut last)?;
         }
@@ -650,6 +658,9 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             "step_time_s": spread.to_json(),
             "step_timing": "pipelined as run trains: step s + 1 enqueued before step s's losses are waited for; \
                             a step's time is the interval between two consecutive steps' numbers coming back",
+            // host time to assemble and enqueue a step; near step_time_s on a GPU = launch-bound
+            "host_enqueue_s": Spread::of(&host).to_json(),
+            "host_enqueue_fraction": Spread::of(&host).median / spread.median,
             "host_syncs_per_step": if opt.scaler.is_some() { 1 } else { 0 },
             "tokens_per_s": tokens as f64 / spread.median,
             "flops_per_step": flops.total(),
@@ -693,7 +704,7 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
     }
     let report = Value::Object(report);
     eprintln!(
-        "bench {} bf {} br {} seq {}: median {:.4} s/step (p10 {:.4}, p90 {:.4}), {:.0} tokens/s, {:.3} TFLOP/s, \
+        "bench {} bf {} br {} seq {}: median {:.4} s/step (p10 {:.4}, p90 {:.4}; host enqueue {:.4}), {:.0} tokens/s, {:.3} TFLOP/s, \
          MFU {:.1}% of the measured {:.3} TFLOP/s {} GEMM ({}), peak RSS {:.2} GiB, load {}",
         args.model_name(),
         args.bf,
@@ -702,6 +713,7 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
         spread.median,
         spread.p10,
         spread.p90,
+        Spread::of(&host).median,
         tokens as f64 / spread.median,
         achieved,
         100.0 * achieved / reference.tflops,
