@@ -537,7 +537,6 @@ pub fn run<B: Backend>(
     Ok(())
 }
 
-/// The step loop of every method except retrain and sisa.
 /// A step of the unlearning loop once enqueued: finished already (the baselines, which
 /// read their losses as they go) or in flight in its DeepCUT readback slot.
 enum Started {
@@ -602,6 +601,7 @@ fn record<B: Backend>(
     Ok(())
 }
 
+/// The step loop of every method except retrain and sisa.
 #[allow(clippy::too_many_arguments)]
 fn unlearn_loop<B: Backend>(
     inp: &RunInputs, cfg: &RunConfig, orig: &Classifier, model: &mut crate::model::Model<B>, windows: &[Window],
