@@ -218,3 +218,65 @@ fn the_self_check_decides_whether_the_gpu_is_used() {
         j["note"]
     );
 }
+
+/// CUDA 13's cuBLAS under its own names only (`libcublas.so.13`, `libcublasLt.so.13`, as
+/// PyTorch's cu13 wheels ship it): the CLI, whose bindings look for the CUDA 12 names,
+/// links them under those names in a folder of this user's and re-executes itself with it
+/// on LD_LIBRARY_PATH (src/backend/cuda/libs.rs), and `--device cuda` runs. Played with the
+/// emulator's libraries renamed, so it runs only there.
+#[test]
+fn cuda13_cublas_is_found_under_its_own_name() {
+    if deepcut_fast::backend::cuda::availability().is_ok() {
+        eprintln!(
+            "SKIPPED: cuda13_cublas_is_found_under_its_own_name renames the CPU emulator's libraries; this machine \
+             has a real driver"
+        );
+        return;
+    }
+    let emu = common::cuda_emu::build().unwrap_or_else(|e| panic!("{e}"));
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = tmp.path().join("lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    for (name, from) in [
+        ("libcuda.so", "libcuda.so"),
+        ("libcuda.so.1", "libcuda.so"),
+        ("libnvToolsExt.so", "libnvToolsExt.so"),
+        ("libcublas.so.13", "libcublas.so"),
+        ("libcublasLt.so.13", "libcublasLt.so"),
+    ] {
+        std::os::unix::fs::symlink(emu.join(from), lib.join(name)).unwrap();
+    }
+    let cache = tmp.path().join("cache");
+    let o = fixture::bin()
+        .arg("bench")
+        .args(common::tiny_bench_args("cuda", "bf16", 1))
+        .env("LD_LIBRARY_PATH", &lib)
+        .env("XDG_CACHE_HOME", &cache)
+        .env_remove("DEEPCUT_LIBSHIM")
+        .output()
+        .expect("run deepcut-fast");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("linked under the CUDA 12 names"), "{err}");
+    assert_eq!(
+        err.matches("linked under the CUDA 12 names").count(),
+        1,
+        "re-executed once: {err}"
+    );
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(j["backend"].as_str().unwrap().starts_with("cuda"), "{}", j["backend"]);
+    let shim = std::fs::read_dir(cache.join("deepcut-fast"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        std::fs::read_link(shim.join("libcublas.so")).unwrap(),
+        lib.join("libcublas.so.13")
+    );
+    assert_eq!(
+        std::fs::read_link(shim.join("libcublasLt.so")).unwrap(),
+        lib.join("libcublasLt.so.13")
+    );
+}

@@ -122,6 +122,7 @@ impl DeviceArgs {
             // auto picks a GPU only if it passes the self-check (selfcheck.rs): a user must
             // not get results from kernels that disagree with the CPU reference there
             "auto" => {
+                crate::backend::cuda::libs::ensure_cublas_names();
                 if !crate::backend::cuda::is_available() {
                     eprintln!("device auto: no usable GPU; using the CPU backend");
                     return cpu(self);
@@ -148,6 +149,7 @@ impl DeviceArgs {
                 };
                 // SPEC section 7: bf16 is the CUDA default
                 self.precision = flag.unwrap_or(Precision::Bf16);
+                crate::backend::cuda::libs::ensure_cublas_names();
                 // without a device, opening it later says why (the driver's message)
                 if crate::backend::cuda::is_available() {
                     let msg = selfcheck::check(ordinal, self.precision).map_err(|why| {

@@ -53,6 +53,7 @@ pub mod images;
 pub mod infonce;
 pub mod l2norm;
 pub mod layernorm;
+pub mod libs;
 pub mod quantize;
 pub mod rows;
 pub mod softmax_ce;
@@ -108,8 +109,8 @@ fn preflight() -> std::result::Result<(), String> {
     // SAFETY: as above.
     if !unsafe { cudarc::cublas::sys::is_culib_present() } {
         return Err(
-            "libcublas.so not found: install the CUDA toolkit or the nvidia-cublas-cu12 wheel \
-                    and add its lib folder to LD_LIBRARY_PATH"
+            "libcublas.so not found (nor CUDA 13's libcublas.so.13 where the CLI looks): install \
+                    the CUDA toolkit or the nvidia-cublas-cu12 wheel and add its lib folder to LD_LIBRARY_PATH"
                 .into(),
         );
     }

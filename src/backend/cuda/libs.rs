@@ -1,0 +1,200 @@
+//! cuBLAS from CUDA 13 under the names the CUDA 12 bindings look for. cudarc (built with
+//! CUDA 12 bindings) opens `libcublas.so`, `libcublas.so.12`, ... but a machine whose only
+//! cuBLAS is CUDA 13's may have just `libcublas.so.13` (PyTorch's cu13 wheels, a runtime
+//! without the toolkit's unversioned links). The functions this backend calls have the same
+//! ABI in both. So before a command opens a GPU, [`ensure_cublas_names`] looks for such a
+//! library, links it under the unversioned names in a private folder, and re-executes the
+//! binary with that folder first on LD_LIBRARY_PATH: the dynamic loader reads that variable
+//! only when a process starts.
+use std::path::{Path, PathBuf};
+
+/// Set in the re-executed process (to the shim folder), so it never re-executes again.
+const MARK: &str = "DEEPCUT_LIBSHIM";
+
+/// If there is a driver, cuBLAS is not loadable under cudarc's names and a
+/// `libcublas.so.N` / `libcublasLt.so.N` with N >= 13 exists where CUDA libraries live,
+/// re-executes this process with links to them first on LD_LIBRARY_PATH (and says so).
+/// Returns otherwise, changing nothing: without a driver, with cuBLAS found, in the
+/// re-executed process, or when anything fails (the device check then says what is missing).
+pub fn ensure_cublas_names() {
+    if std::env::var_os(MARK).is_some() {
+        return;
+    }
+    // SAFETY: only try to dlopen the libraries under their usual names.
+    let (driver, cublas, lt) = unsafe {
+        (
+            cudarc::driver::sys::is_culib_present(),
+            cudarc::cublas::sys::is_culib_present(),
+            cudarc::cublaslt::sys::is_culib_present(),
+        )
+    };
+    if !driver || (cublas && lt) {
+        return;
+    }
+    let dirs = library_dirs();
+    let (Some(blas), Some(blas_lt)) = (newest(&dirs, "libcublas"), newest(&dirs, "libcublasLt")) else {
+        return;
+    };
+    let Some(shim) = shim_dir(&blas, &blas_lt) else {
+        return;
+    };
+    let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    let path = if path.is_empty() {
+        shim.display().to_string()
+    } else {
+        format!("{}:{path}", shim.display())
+    };
+    eprintln!(
+        "note: cuBLAS found only as {} and {}: linked under the CUDA 12 names in {}",
+        blas.display(),
+        blas_lt.display(),
+        shim.display()
+    );
+    let (Ok(exe), args) = (std::env::current_exe(), std::env::args_os().skip(1)) else {
+        return;
+    };
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(exe)
+        .args(args)
+        .env("LD_LIBRARY_PATH", path)
+        .env(MARK, &shim)
+        .exec();
+    eprintln!("note: could not re-execute with the linked cuBLAS: {err}");
+}
+
+/// Where CUDA libraries live: LD_LIBRARY_PATH, the toolkit's folders, and the lib folders
+/// of the `nvidia` Python wheels (PyTorch brings cuBLAS that way).
+fn library_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var("LD_LIBRARY_PATH")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(d) = std::env::var_os(var) {
+            dirs.push(Path::new(&d).join("lib64"));
+        }
+    }
+    dirs.push("/usr/local/cuda/lib64".into());
+    let mut prefixes: Vec<PathBuf> = ["VIRTUAL_ENV", "CONDA_PREFIX"]
+        .iter()
+        .filter_map(|v| std::env::var_os(v).map(PathBuf::from))
+        .collect();
+    // the Python on PATH (a venv's or pyenv's bin/ folder's parent), then the usual places
+    for d in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        if d.ends_with("bin") {
+            prefixes.extend(d.parent().map(Path::to_path_buf));
+        }
+    }
+    prefixes.extend(["/usr/local", "/usr", "/opt/conda"].map(PathBuf::from));
+    if let Some(home) = std::env::var_os("HOME") {
+        let home = PathBuf::from(home);
+        prefixes.push(home.join(".local"));
+        prefixes.extend(subdirs(&home.join(".pyenv/versions")));
+    }
+    let mut site = vec![PathBuf::from("/usr/lib/python3/dist-packages")];
+    for p in prefixes {
+        for py in subdirs(&p.join("lib"))
+            .into_iter()
+            .filter(|d| name_of(d).starts_with("python3"))
+        {
+            site.push(py.join("site-packages"));
+            site.push(py.join("dist-packages"));
+        }
+    }
+    for s in site {
+        for pkg in subdirs(&s.join("nvidia")) {
+            dirs.push(pkg.join("lib"));
+        }
+    }
+    dirs
+}
+
+fn subdirs(d: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(d) else {
+        return vec![];
+    };
+    let mut v: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    v.sort();
+    v
+}
+
+fn name_of(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The `{stem}.so.N` with the largest N >= 13 in `dirs` (the first folder wins a tie).
+fn newest(dirs: &[PathBuf], stem: &str) -> Option<PathBuf> {
+    let prefix = format!("{stem}.so.");
+    let mut best: Option<(u32, PathBuf)> = None;
+    for d in dirs {
+        let Ok(rd) = std::fs::read_dir(d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(major) = name.strip_prefix(&prefix).and_then(|v| v.parse::<u32>().ok()) else {
+                continue;
+            };
+            if major >= 13 && best.as_ref().is_none_or(|(m, _)| major > *m) {
+                best = Some((major, e.path()));
+            }
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+/// A folder of this user's (under ~/.cache, not a shared temporary folder another user
+/// could have prepared) holding `libcublas.so` and `libcublasLt.so` linked to the two
+/// libraries; one per pair of targets, reused.
+fn shim_dir(blas: &Path, blas_lt: &Path) -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
+    let mut h = crate::util::Fnv::default();
+    h.eat(blas.as_os_str().as_encoded_bytes())
+        .eat(blas_lt.as_os_str().as_encoded_bytes());
+    let dir = cache.join("deepcut-fast").join(format!("libshim-{:016x}", h.finish()));
+    std::fs::create_dir_all(&dir).ok()?;
+    for (name, target) in [("libcublas.so", blas), ("libcublasLt.so", blas_lt)] {
+        let link = dir.join(name);
+        if std::fs::read_link(&link).ok().as_deref() != Some(target) {
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(target, &link).ok()?;
+        }
+    }
+    Some(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The largest major version from 13 up, exact `stem.so.N` names only (not a full
+    /// `.so.13.0.1` version, not another library's), the first folder winning a tie.
+    #[test]
+    fn newest_takes_the_largest_major_from_13() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        for f in [
+            "libcublas.so.12",
+            "libcublas.so.13",
+            "libcublas.so.14.0.1",
+            "libcublasLt.so.15",
+        ] {
+            std::fs::write(a.join(f), b"").unwrap();
+        }
+        std::fs::write(b.join("libcublas.so.13"), b"").unwrap();
+        let dirs = vec![a.clone(), b.clone(), t.path().join("missing")];
+        assert_eq!(newest(&dirs, "libcublas"), Some(a.join("libcublas.so.13")));
+        assert_eq!(newest(&dirs, "libcublasLt"), Some(a.join("libcublasLt.so.15")));
+        assert_eq!(newest(&dirs[1..], "libcublasLt"), None);
+        std::fs::write(b.join("libcublas.so.14"), b"").unwrap();
+        assert_eq!(newest(&dirs, "libcublas"), Some(b.join("libcublas.so.14")));
+    }
+}
