@@ -15,7 +15,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use deepcut_fast::backend::cpu::{
     adamw, attention, dropout, embedding, gelu, gemm, infonce, l2norm, layernorm, rows, softmax_ce, Cpu,
 };
-use deepcut_fast::backend::{Backend, Dropout, InfoNceOptions, Precision};
+use deepcut_fast::backend::{AdamW, Backend, ClipStats, Dropout, InfoNceOptions, ParamSlot, Precision};
 use std::time::Duration;
 
 // The MiniLM step shape.
@@ -367,6 +367,36 @@ fn optimiser(c: &mut Criterion) {
         Throughput::Bytes(bytes(PARAMS)),
         || {
             std::hint::black_box(adamw::sum_squares(&g, PARAMS));
+        },
+    );
+    // the optimiser as a step runs it: global norm, clip, AdamW (the gradient read twice)
+    let mut stats = vec![0f32; ClipStats::LEN];
+    let mut step = 3;
+    bench(
+        c,
+        "clip_adamw_all",
+        "22.6M params",
+        Throughput::Bytes(bytes(8 * PARAMS)),
+        || {
+            step += 1;
+            let mut slots = [ParamSlot {
+                param: &mut p,
+                grad: &g,
+                m: &mut m,
+                v: &mut v,
+                n: PARAMS,
+                decays: true,
+                low: None,
+            }];
+            Cpu.clip_adamw_all(
+                &mut slots,
+                AdamW::with_lr(1e-5),
+                step,
+                1.0,
+                1.0,
+                Precision::Fp32,
+                &mut stats,
+            )
         },
     );
 }

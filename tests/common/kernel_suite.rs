@@ -309,4 +309,20 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
     run("sum_squares", bytes(np), &mut || {
         let _ = be.sum_squares(&gr, np);
     });
+    // the step's optimiser as run trains: the norm, the clip decided on the backend, AdamW
+    // (the gradient read twice: 5 reads, 3 writes per element)
+    let mut stats = be.alloc(deepcut_fast::backend::ClipStats::LEN);
+    run("clip_adamw_all", bytes(8 * np), &mut || {
+        step += 1;
+        let mut slots = [deepcut_fast::backend::ParamSlot {
+            param: &mut pm,
+            grad: &gr,
+            m: &mut m1,
+            v: &mut v1,
+            n: np,
+            decays: true,
+            low: None,
+        }];
+        be.clip_adamw_all(&mut slots, hp, step, 1.0, 1.0, Precision::Fp32, &mut stats)
+    });
 }
