@@ -105,12 +105,16 @@ pub fn peak_memory_bytes() -> u64 {
 /// Fault injection for the kill-and-resume tests: when DEEPCUT_ABORT_AFTER_STEP=N is set,
 /// the process exits abruptly (status 86, no cleanup, like a kill) after step N.
 pub fn maybe_abort_after(step: u64) {
-    if let Ok(v) = std::env::var("DEEPCUT_ABORT_AFTER_STEP") {
-        if v.parse::<u64>().ok() == Some(step) {
-            eprintln!("DEEPCUT_ABORT_AFTER_STEP={step}: aborting");
-            std::process::exit(86);
-        }
+    if abort_due(step) {
+        eprintln!("DEEPCUT_ABORT_AFTER_STEP={step}: aborting");
+        std::process::exit(86);
     }
+}
+
+/// Whether `maybe_abort_after(step)` will abort (a loop first lets its background
+/// checkpoint write finish, so the tests kill a run at a known checkpoint).
+pub fn abort_due(step: u64) -> bool {
+    std::env::var("DEEPCUT_ABORT_AFTER_STEP").is_ok_and(|v| v.parse::<u64>().ok() == Some(step))
 }
 
 /// FNV-1a, 64 bits: a stable fingerprint of bytes (cache keys, manifests); not for

@@ -203,3 +203,79 @@ fn a_model_whose_logits_overflow_stops_at_step_1_naming_the_cross_entropy() {
     assert_eq!(failed_step(&err), 1, "{err}");
     assert!(err.contains("no checkpoint had been written"), "{err}");
 }
+
+/// The background checkpoint writer (what `run` and `train` use, so training does not
+/// wait for the disk) writes the very file `save` writes, rotates the previous one as
+/// `save` does, refuses non-finite weights the same way (naming the checkpoint whose write
+/// it first lets finish), and a writer dropped with a write in flight completes it.
+#[test]
+fn the_background_writer_writes_what_save_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("sync"), tmp.path().join("async"));
+    let cfg = ModelConfig::from_json(fixture::tiny_config_json(), Path::new("config.json")).unwrap();
+    let ocfg = OptimConfig {
+        lr: 1e-3,
+        weight_decay: 0.0,
+        warmup: 0,
+        total: 10,
+        clip: 1.0,
+    };
+    let mut w = random_init(&cfg, Some(3), 1);
+    let model = model_from_weights(Cpu, &cfg, &w, 3, 64);
+    let opt = Optimizer::new(&model, ocfg);
+    let mut writer = checkpoint::Writer::new();
+    for step in 1..=2 {
+        let state = serde_json::json!({ "step": step });
+        checkpoint::save(&a, &model, &opt, &state).unwrap();
+        writer.save(&b, &model, &opt, &state).unwrap();
+    }
+    writer.wait().unwrap();
+    assert!(!writer.busy());
+    for name in [checkpoint::CURRENT, checkpoint::PREVIOUS] {
+        same_checkpoint(&a.join(name), &b.join(name));
+    }
+    // non-finite weights: refused before anything is written, the message naming the
+    // checkpoint on disk
+    w.get_mut("classifier.weight").unwrap().data[0] = f32::INFINITY;
+    let bad = model_from_weights(Cpu, &cfg, &w, 3, 64);
+    let before = std::fs::read(b.join(checkpoint::CURRENT)).unwrap();
+    let err = writer
+        .save(&b, &bad, &Optimizer::new(&bad, ocfg), &serde_json::json!({"step": 3}))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the last good checkpoint is"), "{err}");
+    assert_eq!(std::fs::read(b.join(checkpoint::CURRENT)).unwrap(), before);
+    // dropped right after a save: the write completes
+    let c = tmp.path().join("dropped");
+    {
+        let mut w2 = checkpoint::Writer::new();
+        w2.save(&c, &model, &opt, &serde_json::json!({"step": 1})).unwrap();
+    }
+    checkpoint::save(&a, &model, &opt, &serde_json::json!({"step": 1})).unwrap();
+    same_checkpoint(&c.join(checkpoint::CURRENT), &a.join(checkpoint::CURRENT));
+}
+
+/// The same tensors (names, shapes, bytes) and the same metadata (safetensors writes a
+/// map's keys in no fixed order, so files are compared by content).
+fn same_checkpoint(x: &Path, y: &Path) {
+    let (bx, by) = (std::fs::read(x).unwrap(), std::fs::read(y).unwrap());
+    let (tx, ty) = (
+        SafeTensors::deserialize(&bx).unwrap(),
+        SafeTensors::deserialize(&by).unwrap(),
+    );
+    let mut names = tx.names();
+    names.sort();
+    let mut other = ty.names();
+    other.sort();
+    assert_eq!(names, other, "{}: tensor names", x.display());
+    for n in names {
+        let (a, b) = (tx.tensor(n).unwrap(), ty.tensor(n).unwrap());
+        assert!(
+            a.shape() == b.shape() && a.data() == b.data(),
+            "{}: tensor {n}",
+            x.display()
+        );
+    }
+    let meta = |b: &[u8]| SafeTensors::read_metadata(b).unwrap().1.metadata().clone();
+    assert_eq!(meta(&bx), meta(&by), "{}: metadata", x.display());
+}

@@ -99,8 +99,11 @@ pub struct RunArgs {
     /// Check the stopping rule every this many steps.
     #[arg(long, default_value_t = 2)]
     check_every: u64,
-    #[arg(long, default_value_t = 10)]
-    checkpoint_every: u64,
+    /// Write a checkpoint every this many steps. Default: every 10 steps, skipping one
+    /// while the previous is still being written (written in the background, so training
+    /// never waits for the disk); given, exactly every N steps.
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
     /// Epochs of the original's fine-tuning (when --model has no head) and of retrain.
     #[arg(long, default_value_t = FinetuneConfig::default().epochs)]
     train_epochs: usize,
@@ -141,7 +144,7 @@ pub fn run(mut a: RunArgs) -> Result<()> {
         && positive(a.lr)
         && (a.gamma == 0.0 || positive(a.gamma))
         && a.check_every > 0
-        && a.checkpoint_every > 0;
+        && a.checkpoint_every != Some(0);
     if !options_ok {
         return Err(Error::invalid(
             "--tau and --lr must be positive, --gamma non-negative (all three finite), --check-every and --checkpoint-every at least 1",
@@ -229,7 +232,8 @@ pub fn run(mut a: RunArgs) -> Result<()> {
         max_forget_epochs: a.max_forget_epochs,
         steps: a.steps,
         check_every: a.check_every,
-        checkpoint_every: a.checkpoint_every,
+        checkpoint_every: a.checkpoint_every.unwrap_or(10),
+        checkpoint_skip_busy: a.checkpoint_every.is_none(),
         max_len: a.max_len,
         seed: a.seed,
         shards,

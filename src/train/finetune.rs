@@ -235,6 +235,8 @@ pub fn finetune<B: Backend>(
     let t_start = std::time::Instant::now();
     let seconds_before = rec.seconds;
     let mut ring = Ring::new(&model.be, fc.batch * fc.max_len);
+    // checkpoints are written in the background while the steps go on
+    let mut writer = checkpoint::Writer::new();
     while epoch < fc.epochs {
         let t_epoch = std::time::Instant::now();
         let batches = bucketed_batches(&lengths, fc.batch, fc.seed, epoch as u64);
@@ -257,18 +259,18 @@ pub fn finetune<B: Backend>(
             // forward wrote them), with the update, a step later
             ring.slot(step)
                 .start(&mut model, batch.labelled(), None, &mut opt)
-                .map_err(|e| overflowed(e, None, epoch, &ckpt_dir))?;
+                .map_err(|e| overflowed(e, None, epoch, &ckpt_dir, &mut writer))?;
             rec.steps += 1;
             rec.tokens += batch.n_tokens() as u64;
             batch_in_epoch += 1;
             if let Some(prev) = flying.take() {
                 let f = ring.finish(prev, &model.be).expect("a step in flight");
-                record_step(f, prev, epoch, &mut rec, &mut sums, &opt, &pb, &ckpt_dir)?;
+                record_step(f, prev, epoch, &mut rec, &mut sums, &opt, &pb, &ckpt_dir, &mut writer)?;
             }
             let save_now = rec.steps.is_multiple_of(fc.checkpoint_every);
             if save_now || batch_in_epoch == batches.len() || opt.scaler.is_some() {
                 let f = ring.finish(step, &model.be).expect("the step just enqueued");
-                record_step(f, step, epoch, &mut rec, &mut sums, &opt, &pb, &ckpt_dir)?;
+                record_step(f, step, epoch, &mut rec, &mut sums, &opt, &pb, &ckpt_dir, &mut writer)?;
             } else {
                 flying = Some(step);
             }
@@ -276,9 +278,12 @@ pub fn finetune<B: Backend>(
                 rec.seconds = seconds_before + t_start.elapsed().as_secs_f64();
                 let state =
                     json!({"config": config_json, "record": rec, "epoch": epoch, "batch_in_epoch": batch_in_epoch});
-                checkpoint::save(&ckpt_dir, &model, &opt, &state)?;
+                writer.save(&ckpt_dir, &model, &opt, &state)?;
             }
-            crate::util::maybe_abort_after(rec.steps);
+            if crate::util::abort_due(rec.steps) {
+                writer.wait()?;
+                crate::util::maybe_abort_after(rec.steps);
+            }
         }
         let (loss_sum, loss_n) = sums;
         pb.finish_and_clear();
@@ -312,8 +317,10 @@ pub fn finetune<B: Backend>(
         batch_in_epoch = 0;
         rec.seconds = seconds_before + t_start.elapsed().as_secs_f64();
         let state = json!({"config": config_json, "record": rec, "epoch": epoch, "batch_in_epoch": 0});
-        checkpoint::save(&ckpt_dir, &model, &opt, &state)?;
+        writer.save(&ckpt_dir, &model, &opt, &state)?;
     }
+    // the last checkpoint is complete before training reports
+    writer.wait()?;
     // The best epoch's weights are what this returns (and what out/model holds).
     let (_, best, _) = crate::model::load_model_dir(&model_dir)?;
     clf.weights = best;
@@ -321,12 +328,12 @@ pub fn finetune<B: Backend>(
 }
 
 /// An update's error in fine-tuning, said with the step's (finite) loss when known.
-fn overflowed(e: Error, loss: Option<f32>, epoch: usize, ckpt_dir: &Path) -> Error {
+fn overflowed(e: Error, loss: Option<f32>, epoch: usize, ckpt_dir: &Path, writer: &mut checkpoint::Writer) -> Error {
     let with = loss.map_or(String::new(), |l| format!(", with a finite cross-entropy loss {l}"));
     Error::Numeric(format!(
         "{e} (epoch {}){with}: the backward pass overflowed (learning rate too high?); stopped, {}",
         epoch + 1,
-        checkpoint::last_good(ckpt_dir)
+        checkpoint::last_good_after(writer, ckpt_dir)
     ))
 }
 
@@ -335,7 +342,7 @@ fn overflowed(e: Error, loss: Option<f32>, epoch: usize, ckpt_dir: &Path) -> Err
 #[allow(clippy::too_many_arguments)]
 fn record_step<B: Backend>(
     f: Finished, step: u64, epoch: usize, rec: &mut FinetuneResult, sums: &mut (f64, usize), opt: &Optimizer<B>,
-    pb: &indicatif::ProgressBar, ckpt_dir: &Path,
+    pb: &indicatif::ProgressBar, ckpt_dir: &Path, writer: &mut checkpoint::Writer,
 ) -> Result<()> {
     let loss = f.losses.ce;
     if !loss.is_finite() {
@@ -344,12 +351,12 @@ fn record_step<B: Backend>(
             "cross-entropy loss is {loss} at step {} (epoch {}); stopped, {}",
             step + 1,
             epoch + 1,
-            checkpoint::last_good(ckpt_dir)
+            checkpoint::last_good_after(writer, ckpt_dir)
         )));
     }
     let upd = f.update.map_err(|e| {
         pb.finish_and_clear();
-        overflowed(e, Some(loss), epoch, ckpt_dir)
+        overflowed(e, Some(loss), epoch, ckpt_dir, writer)
     })?;
     rec.step_losses.push(loss);
     sums.0 += loss as f64;

@@ -46,6 +46,10 @@ pub struct RunConfig {
     pub steps: Option<u64>,
     pub check_every: u64,
     pub checkpoint_every: u64,
+    /// Skip a periodic checkpoint while the previous one is still being written (the
+    /// default; an explicit --checkpoint-every clears it).
+    #[serde(default)]
+    pub checkpoint_skip_busy: bool,
     pub max_len: usize,
     pub seed: u64,
     /// Precision of activations and GEMM inputs of every model of the run (SPEC section 7).
@@ -545,12 +549,14 @@ enum Started {
 }
 
 /// The error of a loss that is not finite at step `at`.
-fn check_losses(losses: &StepLosses, at: u64, ckpt_dir: &std::path::Path) -> Result<()> {
+fn check_losses(
+    losses: &StepLosses, at: u64, ckpt_dir: &std::path::Path, writer: &mut checkpoint::Writer,
+) -> Result<()> {
     for (name, v) in [("cross-entropy", losses.ce), ("contrastive", losses.contrast)] {
         if !v.is_finite() {
             return Err(Error::Numeric(format!(
                 "{name} loss is {v} at step {at}; stopped, {}",
-                checkpoint::last_good(ckpt_dir)
+                checkpoint::last_good_after(writer, ckpt_dir)
             )));
         }
     }
@@ -558,7 +564,9 @@ fn check_losses(losses: &StepLosses, at: u64, ckpt_dir: &std::path::Path) -> Res
 }
 
 /// An update's error, said with the step's (finite) losses when known.
-fn overflowed(e: Error, losses: Option<&StepLosses>, ckpt_dir: &std::path::Path) -> Error {
+fn overflowed(
+    e: Error, losses: Option<&StepLosses>, ckpt_dir: &std::path::Path, writer: &mut checkpoint::Writer,
+) -> Error {
     let with = losses.map_or(String::new(), |l| {
         format!(
             ", with finite losses (cross-entropy loss {}, contrastive loss {})",
@@ -567,7 +575,7 @@ fn overflowed(e: Error, losses: Option<&StepLosses>, ckpt_dir: &std::path::Path)
     });
     Error::Numeric(format!(
         "{e}{with}: the backward pass overflowed (learning rate too high?); stopped, {}",
-        checkpoint::last_good(ckpt_dir)
+        checkpoint::last_good_after(writer, ckpt_dir)
     ))
 }
 
@@ -575,11 +583,11 @@ fn overflowed(e: Error, losses: Option<&StepLosses>, ckpt_dir: &std::path::Path)
 /// the error of a non-finite loss or gradient norm.
 fn record<B: Backend>(
     state: &mut LoopState, at: u64, f: deepcut::Finished, opt: &Optimizer<B>, pb: &indicatif::ProgressBar,
-    ckpt_dir: &std::path::Path,
+    ckpt_dir: &std::path::Path, writer: &mut checkpoint::Writer,
 ) -> Result<()> {
     let losses = f.losses;
-    check_losses(&losses, at, ckpt_dir)?;
-    let upd = f.update.map_err(|e| overflowed(e, Some(&losses), ckpt_dir))?;
+    check_losses(&losses, at, ckpt_dir, writer)?;
+    let upd = f.update.map_err(|e| overflowed(e, Some(&losses), ckpt_dir, writer))?;
     state.steps.push(StepRecord {
         step: at,
         ce: losses.ce,
@@ -650,8 +658,10 @@ fn unlearn_loop<B: Backend>(
     pb.set_position(state.step);
     let t0 = Instant::now();
     let seconds_before = state.seconds;
-    let save = |model: &crate::model::Model<B>, opt: &Optimizer<B>, state: &LoopState| {
-        checkpoint::save(&ckpt_dir, model, opt, &json!({"config": cfg_json, "state": state}))
+    // checkpoints are written in the background while the steps go on
+    let mut writer = checkpoint::Writer::new();
+    let save = |w: &mut checkpoint::Writer, model: &crate::model::Model<B>, opt: &Optimizer<B>, state: &LoopState| {
+        w.save(&ckpt_dir, model, opt, &json!({"config": cfg_json, "state": state}))
     };
     // DeepCUT steps are pipelined (issue #6): step t is enqueued, then step t - 1's losses
     // and update stats are waited for, so the device goes on with t while the host
@@ -688,7 +698,7 @@ fn unlearn_loop<B: Backend>(
                     &mut opt,
                     ring.slot(step),
                 )
-                .map_err(|e| failed(&pb, overflowed(e, None, &ckpt_dir)))?;
+                .map_err(|e| failed(&pb, overflowed(e, None, &ckpt_dir, &mut writer)))?;
                 Started::Flying
             }
             method => {
@@ -721,7 +731,7 @@ fn unlearn_loop<B: Backend>(
                 };
                 state.tokens += rows.iter().map(|&i| windows[i].ids.len() as u64).sum::<u64>();
                 // the losses are checked before the update, which they would poison
-                check_losses(&losses, step + 1, &ckpt_dir).map_err(|e| failed(&pb, e))?;
+                check_losses(&losses, step + 1, &ckpt_dir, &mut writer).map_err(|e| failed(&pb, e))?;
                 let update = opt.update(model);
                 Started::Ready(deepcut::Finished { losses, update })
             }
@@ -731,15 +741,21 @@ fn unlearn_loop<B: Backend>(
         state.step += 1;
         if let Some(prev) = flying.take() {
             let f = ring.finish(prev, &model.be).expect("a step in flight");
-            record(state, prev + 1, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?;
+            record(state, prev + 1, f, &opt, &pb, &ckpt_dir, &mut writer).map_err(|e| failed(&pb, e))?;
         }
         let check = cfg.steps.is_none() && state.step.is_multiple_of(cfg.check_every);
-        let save_now = state.step.is_multiple_of(cfg.checkpoint_every) || state.step == budget;
+        // By default a periodic checkpoint is skipped while the previous one is still being
+        // written: on a GPU ten steps take less than writing one (~1 s for MiniLM), and
+        // training must not wait for the disk. --checkpoint-every makes them exact.
+        let periodic = state.step.is_multiple_of(cfg.checkpoint_every) && !(cfg.checkpoint_skip_busy && writer.busy());
+        let save_now = periodic || state.step == budget;
         match started {
-            Started::Ready(f) => record(state, state.step, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?,
+            Started::Ready(f) => {
+                record(state, state.step, f, &opt, &pb, &ckpt_dir, &mut writer).map_err(|e| failed(&pb, e))?
+            }
             Started::Flying if check || save_now || opt.scaler.is_some() => {
                 let f = ring.finish(step, &model.be).expect("the step just enqueued");
-                record(state, state.step, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?
+                record(state, state.step, f, &opt, &pb, &ckpt_dir, &mut writer).map_err(|e| failed(&pb, e))?
             }
             Started::Flying => flying = Some(step),
         }
@@ -768,14 +784,19 @@ fn unlearn_loop<B: Backend>(
         state.seconds = seconds_before + t0.elapsed().as_secs_f64();
         if save_now || state.done {
             debug_assert!(flying.is_none(), "a checkpoint with a step in flight");
-            save(model, &opt, state)?;
+            save(&mut writer, model, &opt, state)?;
         }
-        crate::util::maybe_abort_after(state.step);
+        if crate::util::abort_due(state.step) {
+            writer.wait()?;
+            crate::util::maybe_abort_after(state.step);
+        }
     }
+    // the last checkpoint is complete before the run reports
+    writer.wait()?;
     if let Some(prev) = flying.take() {
         // not reached (the last step is finished at once); kept so no step is ever lost
         let f = ring.finish(prev, &model.be).expect("a step in flight");
-        record(state, prev + 1, f, &opt, &pb, &ckpt_dir).map_err(|e| failed(&pb, e))?;
+        record(state, prev + 1, f, &opt, &pb, &ckpt_dir, &mut writer).map_err(|e| failed(&pb, e))?;
     }
     pb.finish_and_clear();
     if state.stop_reason.is_empty() {
