@@ -207,7 +207,8 @@ fn a_model_whose_logits_overflow_stops_at_step_1_naming_the_cross_entropy() {
 /// The background checkpoint writer (what `run` and `train` use, so training does not
 /// wait for the disk) writes the very file `save` writes, rotates the previous one as
 /// `save` does, refuses non-finite weights the same way (naming the checkpoint whose write
-/// it first lets finish), and a writer dropped with a write in flight completes it.
+/// it first lets finish), writes `save_with`'s other file first (fine-tuning's best model),
+/// and a writer dropped with a write in flight completes it.
 #[test]
 fn the_background_writer_writes_what_save_writes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -245,6 +246,33 @@ fn the_background_writer_writes_what_save_writes() {
         .to_string();
     assert!(err.contains("the last good checkpoint is"), "{err}");
     assert_eq!(std::fs::read(b.join(checkpoint::CURRENT)).unwrap(), before);
+    // save_with: its first write lands before the checkpoint, and if it fails the
+    // checkpoint is not written and the error comes back
+    let d = tmp.path().join("with");
+    let marker = d.join("best-model-written");
+    let m2 = marker.clone();
+    writer
+        .save_with(&d, &model, &opt, &serde_json::json!({"step": 1}), move || {
+            assert!(
+                !m2.parent().unwrap().join(checkpoint::CURRENT).exists(),
+                "the checkpoint came first"
+            );
+            std::fs::write(&m2, b"").map_err(|e| deepcut_fast::Error::io(&m2, e))
+        })
+        .unwrap();
+    writer.wait().unwrap();
+    assert!(marker.exists() && d.join(checkpoint::CURRENT).exists());
+    let e = tmp.path().join("with-error");
+    writer
+        .save_with(&e, &model, &opt, &serde_json::json!({"step": 1}), || {
+            Err(deepcut_fast::Error::invalid("disk full"))
+        })
+        .unwrap();
+    assert!(writer.wait().unwrap_err().to_string().contains("disk full"));
+    assert!(
+        !e.join(checkpoint::CURRENT).exists(),
+        "no checkpoint after a failed first write"
+    );
     // dropped right after a save: the write completes
     let c = tmp.path().join("dropped");
     {

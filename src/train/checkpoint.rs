@@ -133,8 +133,21 @@ impl Writer {
     /// it. Errors: the previous write's, or the snapshot's (a non-finite value).
     pub fn save<B: Backend>(&mut self, dir: &Path, model: &Model<B>, opt: &Optimizer<B>, state: &Value) -> Result<()> {
         self.wait()?;
+        self.save_with(dir, model, opt, state, || Ok(()))
+    }
+
+    /// `save`, with `first` written before the checkpoint on the same thread (fine-tuning's
+    /// best model so far): the checkpoint that records it never lands before it does.
+    pub fn save_with<B: Backend>(
+        &mut self, dir: &Path, model: &Model<B>, opt: &Optimizer<B>, state: &Value,
+        first: impl FnOnce() -> Result<()> + Send + 'static,
+    ) -> Result<()> {
+        self.wait()?;
         let snap = Snapshot::take(dir, model, opt, state)?;
-        self.pending = Some(std::thread::spawn(move || snap.write()));
+        self.pending = Some(std::thread::spawn(move || {
+            first()?;
+            snap.write()
+        }));
         Ok(())
     }
 

@@ -235,7 +235,8 @@ pub fn finetune<B: Backend>(
     let t_start = std::time::Instant::now();
     let seconds_before = rec.seconds;
     let mut ring = Ring::new(&model.be, fc.batch * fc.max_len);
-    // checkpoints are written in the background while the steps go on
+    // checkpoints, and the best model so far, are written in the background while the
+    // steps go on
     let mut writer = checkpoint::Writer::new();
     while epoch < fc.epochs {
         let t_epoch = std::time::Instant::now();
@@ -306,20 +307,33 @@ pub fn finetune<B: Backend>(
             rec.best_dev_f1 = dev.f1;
             rec.best_epoch = epoch + 1;
         }
+        let mut best_model = None;
         if (fc.select == Select::Best && rec.best_epoch == epoch + 1)
             || (fc.select == Select::Last && epoch + 1 == fc.epochs)
         {
-            clf.weights = model.to_host();
-            save_model_dir(&model_dir, &clf.cfg, &clf.weights)?;
-            copy_tokenizer_files(tokenizer_dir, &model_dir)?;
+            // written in the background before this epoch's checkpoint (90 MB for MiniLM,
+            // mostly fsync), so the checkpoint that records it lands after it
+            let (dir, cfg, weights, tok) = (
+                model_dir.clone(),
+                clf.cfg.clone(),
+                model.to_host(),
+                tokenizer_dir.to_path_buf(),
+            );
+            best_model = Some(move || -> Result<()> {
+                save_model_dir(&dir, &cfg, &weights)?;
+                copy_tokenizer_files(&tok, &dir).map(|_| ())
+            });
         }
         epoch += 1;
         batch_in_epoch = 0;
         rec.seconds = seconds_before + t_start.elapsed().as_secs_f64();
         let state = json!({"config": config_json, "record": rec, "epoch": epoch, "batch_in_epoch": 0});
-        writer.save(&ckpt_dir, &model, &opt, &state)?;
+        match best_model.take() {
+            Some(write) => writer.save_with(&ckpt_dir, &model, &opt, &state, write)?,
+            None => writer.save(&ckpt_dir, &model, &opt, &state)?,
+        }
     }
-    // the last checkpoint is complete before training reports
+    // the last checkpoint and the best model are complete before training reports
     writer.wait()?;
     // The best epoch's weights are what this returns (and what out/model holds).
     let (_, best, _) = crate::model::load_model_dir(&model_dir)?;
