@@ -111,8 +111,8 @@ pub fn maybe_abort_after(step: u64) {
     }
 }
 
-/// Whether `maybe_abort_after(step)` will abort (a loop first lets its background
-/// checkpoint write finish, so the tests kill a run at a known checkpoint).
+/// Whether `maybe_abort_after(step)` will abort (`checkpoint::Writer::maybe_abort_after`
+/// first lets its write finish, so the tests kill a run at a known checkpoint).
 pub fn abort_due(step: u64) -> bool {
     std::env::var("DEEPCUT_ABORT_AFTER_STEP").is_ok_and(|v| v.parse::<u64>().ok() == Some(step))
 }

@@ -611,6 +611,7 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             .unwrap_or_else(|| fp32.clone()),
     };
     let spread = Spread::of(&times);
+    let host = Spread::of(&host);
     let flops = shape.flops();
     let tokens = shape.tokens();
     let achieved = flops.total() / spread.median / 1e12;
@@ -659,8 +660,8 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             "step_timing": "pipelined as run trains: step s + 1 enqueued before step s's losses are waited for; \
                             a step's time is the interval between two consecutive steps' numbers coming back",
             // host time to assemble and enqueue a step; near step_time_s on a GPU = launch-bound
-            "host_enqueue_s": Spread::of(&host).to_json(),
-            "host_enqueue_fraction": Spread::of(&host).median / spread.median,
+            "host_enqueue_s": host.to_json(),
+            "host_enqueue_fraction": host.median / spread.median,
             "host_syncs_per_step": if opt.scaler.is_some() { 1 } else { 0 },
             "tokens_per_s": tokens as f64 / spread.median,
             "flops_per_step": flops.total(),
@@ -713,7 +714,7 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
         spread.median,
         spread.p10,
         spread.p90,
-        Spread::of(&host).median,
+        host.median,
         tokens as f64 / spread.median,
         achieved,
         100.0 * achieved / reference.tflops,

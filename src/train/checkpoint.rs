@@ -151,6 +151,16 @@ impl Writer {
         Ok(())
     }
 
+    /// The kill tests' fault injection (`util::maybe_abort_after`), once the write in
+    /// flight is complete: the process is killed after a known checkpoint.
+    pub fn maybe_abort_after(&mut self, step: u64) -> Result<()> {
+        if crate::util::abort_due(step) {
+            self.wait()?;
+            crate::util::maybe_abort_after(step);
+        }
+        Ok(())
+    }
+
     /// Waits for the checkpoint being written; its error, if any.
     pub fn wait(&mut self) -> Result<()> {
         match self.pending.take() {

@@ -281,10 +281,7 @@ pub fn finetune<B: Backend>(
                     json!({"config": config_json, "record": rec, "epoch": epoch, "batch_in_epoch": batch_in_epoch});
                 writer.save(&ckpt_dir, &model, &opt, &state)?;
             }
-            if crate::util::abort_due(rec.steps) {
-                writer.wait()?;
-                crate::util::maybe_abort_after(rec.steps);
-            }
+            writer.maybe_abort_after(rec.steps)?;
         }
         let (loss_sum, loss_n) = sums;
         pb.finish_and_clear();
@@ -307,10 +304,13 @@ pub fn finetune<B: Backend>(
             rec.best_dev_f1 = dev.f1;
             rec.best_epoch = epoch + 1;
         }
-        let mut best_model = None;
-        if (fc.select == Select::Best && rec.best_epoch == epoch + 1)
-            || (fc.select == Select::Last && epoch + 1 == fc.epochs)
-        {
+        let write_model = (fc.select == Select::Best && rec.best_epoch == epoch + 1)
+            || (fc.select == Select::Last && epoch + 1 == fc.epochs);
+        epoch += 1;
+        batch_in_epoch = 0;
+        rec.seconds = seconds_before + t_start.elapsed().as_secs_f64();
+        let state = json!({"config": config_json, "record": rec, "epoch": epoch, "batch_in_epoch": 0});
+        if write_model {
             // written in the background before this epoch's checkpoint (90 MB for MiniLM,
             // mostly fsync), so the checkpoint that records it lands after it
             let (dir, cfg, weights, tok) = (
@@ -319,18 +319,12 @@ pub fn finetune<B: Backend>(
                 model.to_host(),
                 tokenizer_dir.to_path_buf(),
             );
-            best_model = Some(move || -> Result<()> {
+            writer.save_with(&ckpt_dir, &model, &opt, &state, move || {
                 save_model_dir(&dir, &cfg, &weights)?;
                 copy_tokenizer_files(&tok, &dir).map(|_| ())
-            });
-        }
-        epoch += 1;
-        batch_in_epoch = 0;
-        rec.seconds = seconds_before + t_start.elapsed().as_secs_f64();
-        let state = json!({"config": config_json, "record": rec, "epoch": epoch, "batch_in_epoch": 0});
-        match best_model.take() {
-            Some(write) => writer.save_with(&ckpt_dir, &model, &opt, &state, write)?,
-            None => writer.save(&ckpt_dir, &model, &opt, &state)?,
+            })?;
+        } else {
+            writer.save(&ckpt_dir, &model, &opt, &state)?;
         }
     }
     // the last checkpoint and the best model are complete before training reports

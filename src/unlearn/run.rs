@@ -786,18 +786,12 @@ fn unlearn_loop<B: Backend>(
             debug_assert!(flying.is_none(), "a checkpoint with a step in flight");
             save(&mut writer, model, &opt, state)?;
         }
-        if crate::util::abort_due(state.step) {
-            writer.wait()?;
-            crate::util::maybe_abort_after(state.step);
-        }
+        writer.maybe_abort_after(state.step)?;
     }
     // the last checkpoint is complete before the run reports
     writer.wait()?;
-    if let Some(prev) = flying.take() {
-        // not reached (the last step is finished at once); kept so no step is ever lost
-        let f = ring.finish(prev, &model.be).expect("a step in flight");
-        record(state, prev + 1, f, &opt, &pb, &ckpt_dir, &mut writer).map_err(|e| failed(&pb, e))?;
-    }
+    // the loop ends on a finished step: the last of the budget, or a check that stopped it
+    debug_assert!(flying.is_none(), "a step left in flight");
     pb.finish_and_clear();
     if state.stop_reason.is_empty() {
         state.stop_reason = match cfg.steps {
