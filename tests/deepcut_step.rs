@@ -9,7 +9,8 @@ use deepcut_fast::backend::{Denominator, InfoNceOptions, OwnView, Precision, IGN
 use deepcut_fast::data::{PositionStyle, Window};
 use deepcut_fast::model::{Dims, Mode, Model};
 use deepcut_fast::train::optim::{LossScaling, OptimConfig, Optimizer};
-use deepcut_fast::unlearn::deepcut::{assemble, step, step_enqueue, Anchors, Contrast, Readback};
+use deepcut_fast::train::readback::Ring;
+use deepcut_fast::unlearn::deepcut::{assemble, step, step_enqueue, Anchors, Contrast};
 
 fn windows() -> Vec<Window> {
     let i = IGNORE_INDEX;
@@ -169,10 +170,10 @@ fn pipelined_steps_equal_step_then_update() {
         let mut model = small_model(8, 2, precision);
         let mut opt = Optimizer::new(&model, cfg).with_precision(precision, scaling);
         let mut cb = Contrast::new(&model.be, 64, 8);
-        let mut ring = [Readback::new(&model.be, 64), Readback::new(&model.be, 64)];
+        let mut ring = Ring::new(&model.be, 64);
         let mut got = vec![];
-        let mut finish = |rb: &mut Readback<Cpu>, be: &Cpu| {
-            let f = rb.finish(be).expect("in flight");
+        let mut finish = |ring: &mut Ring<Cpu>, s: u64, be: &Cpu| {
+            let f = ring.finish(s, be).expect("in flight");
             let u = f.update.expect("finite");
             let l = f.losses;
             got.push((l.ce, l.contrast, l.total, u.lr, u.grad_norm, u.loss_scale));
@@ -181,7 +182,6 @@ fn pipelined_steps_equal_step_then_update() {
             let (f, r) = batches[s as usize % 3];
             let (batch, z) = assemble(&w, f, r, 0, PositionStyle::Absolute, 0, Anchors::All);
             model.set_loss_scale(opt.loss_scale());
-            let slot = (s % 2) as usize;
             step_enqueue(
                 &mut model,
                 &mut cb,
@@ -191,17 +191,17 @@ fn pipelined_steps_equal_step_then_update() {
                 0.5,
                 Mode::Train { seed: 4, step: s },
                 &mut opt,
-                &mut ring[slot],
+                ring.slot(s),
             )
             .expect("enqueued");
-            assert!(ring[slot].in_flight());
+            assert!(ring.slot(s).in_flight());
             if s > 0 {
-                finish(&mut ring[1 - slot], &model.be);
+                finish(&mut ring, s - 1, &model.be);
             }
         }
-        finish(&mut ring[1], &model.be);
+        finish(&mut ring, 5, &model.be);
         assert!(
-            ring.iter_mut().all(|r| r.finish(&model.be).is_none()),
+            (0..2).all(|s| ring.finish(s, &model.be).is_none()),
             "{precision}: nothing left in flight"
         );
         assert_eq!(got.len(), want.len());

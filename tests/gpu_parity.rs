@@ -1638,6 +1638,25 @@ fn adamw_and_gradient_norm_body<G: Backend>(g: &G) {
     assert!(e < 1e-12, "sum_squares: GPU {sg} CPU {sc}");
 }
 
+/// Param, grad, m and v (v >= 0) of each size, as the fused optimiser tests start from.
+fn adam_tensors(rng: &mut Rng, sizes: &[usize]) -> Vec<[Vec<f32>; 4]> {
+    sizes
+        .iter()
+        .map(|&n| {
+            let v: Vec<f32> = rng.vec(n, 1e-3).iter().map(|x| x.abs()).collect();
+            [rng.vec(n, 1.0), rng.vec(n, 0.1), rng.vec(n, 0.01), v]
+        })
+        .collect()
+}
+
+/// Param, m and v of each tensor (`adam_tensors`' layout on `be`) back on the host, in order.
+fn adam_state<B: Backend>(be: &B, bufs: &[[B::Buf; 4]], sizes: &[usize]) -> Vec<Vec<f32>> {
+    bufs.iter()
+        .zip(sizes)
+        .flat_map(|(b, &n)| [be.download(&b[0], n), be.download(&b[2], n), be.download(&b[3], n)])
+        .collect()
+}
+
 // The fused optimiser calls (one launch of adamw_multi_f32 over every tensor; one copy back
 // for the squared norm) against the CPU's per-tensor loop, on tensors of awkward sizes (an
 // empty one, one element, chunk boundaries of both kernels, a large one), mixed weight
@@ -1650,14 +1669,7 @@ parity_test!(
 fn fused_adamw_and_norm_over_many_tensors_body<G: Backend>(g: &G) {
     let sizes = [1usize, 0, 2047, 2048, 2049, 4096, 4097, 131_071, 7];
     let decays = [true, false, true, true, false, true, false, true, false];
-    let mut rng = Rng(113);
-    let init: Vec<[Vec<f32>; 4]> = sizes
-        .iter()
-        .map(|&n| {
-            let v: Vec<f32> = rng.vec(n, 1e-3).iter().map(|x| x.abs()).collect();
-            [rng.vec(n, 1.0), rng.vec(n, 0.1), rng.vec(n, 0.01), v]
-        })
-        .collect();
+    let init = adam_tensors(&mut Rng(113), &sizes);
     fn go<B: Backend>(be: &B, init: &[[Vec<f32>; 4]], sizes: &[usize], decays: &[bool]) -> (Vec<Vec<f32>>, Vec<f64>) {
         let mut bufs: Vec<[B::Buf; 4]> = init.iter().map(|t| t.clone().map(|x| up(be, &x))).collect();
         let mut norms = Vec::new();
@@ -1696,11 +1708,7 @@ fn fused_adamw_and_norm_over_many_tensors_body<G: Backend>(g: &G) {
                 "adamw_all tensor {i}: the rounded copy is not the rounded weights"
             );
         }
-        let out = bufs
-            .iter()
-            .zip(sizes)
-            .flat_map(|(b, &n)| [be.download(&b[0], n), be.download(&b[2], n), be.download(&b[3], n)])
-            .collect();
+        let out = adam_state(be, &bufs, sizes);
         (out, norms)
     }
     let (rg, ng) = go(g, &init, &sizes, &decays);
@@ -1732,14 +1740,7 @@ parity_test!(
 );
 fn clip_adamw_all_body<G: Backend>(g: &G) {
     let sizes = [1usize, 0, 2049, 4097, 70_001, 7];
-    let mut rng = Rng(114);
-    let init: Vec<[Vec<f32>; 4]> = sizes
-        .iter()
-        .map(|&n| {
-            let v: Vec<f32> = rng.vec(n, 1e-3).iter().map(|x| x.abs()).collect();
-            [rng.vec(n, 1.0), rng.vec(n, 0.1), rng.vec(n, 0.01), v]
-        })
-        .collect();
+    let init = adam_tensors(&mut Rng(114), &sizes);
     let hp = AdamW {
         weight_decay: 0.01,
         ..AdamW::with_lr(3e-4)
@@ -1797,11 +1798,7 @@ fn clip_adamw_all_body<G: Backend>(g: &G) {
                 }
             });
         }
-        let out = bufs
-            .iter()
-            .zip(sizes)
-            .flat_map(|(b, &n)| [be.download(&b[0], n), be.download(&b[2], n), be.download(&b[3], n)])
-            .collect();
+        let out = adam_state(be, &bufs, sizes);
         (out, last.unwrap())
     }
     let mut clipped = [false, false];
@@ -1855,7 +1852,8 @@ mod step {
     use deepcut_fast::data::{PositionStyle, Window};
     use deepcut_fast::model::{Dims, Mode, Model};
     use deepcut_fast::train::optim::{LossScaling, OptimConfig, Optimizer};
-    use deepcut_fast::unlearn::deepcut::{assemble, step, step_enqueue, Anchors, Contrast, Readback};
+    use deepcut_fast::train::readback::Ring;
+    use deepcut_fast::unlearn::deepcut::{assemble, step, step_enqueue, Anchors, Contrast};
 
     /// The optimiser of the step tests: clipped at 1, so clipping takes part.
     const OPTIM: OptimConfig = OptimConfig {
@@ -1977,11 +1975,10 @@ mod step {
         let mut m = model(g, 5).with_precision(Precision::Bf16);
         let mut cb = Contrast::new(&m.be, 256, dims().hidden);
         let mut opt = Optimizer::new(&m, OPTIM);
-        let mut ring = [Readback::new(&m.be, 256), Readback::new(&m.be, 256)];
+        let mut ring = Ring::new(&m.be, 256);
         let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], 0, PositionStyle::Absolute, 0, Anchors::All);
         let (mut enq, mut fin) = ([0u64; 6], [0u64; 6]);
         for s in 1..=5u64 {
-            let slot = (s % 2) as usize;
             let a = emu_stats().unwrap();
             step_enqueue(
                 &mut m,
@@ -1992,12 +1989,12 @@ mod step {
                 0.3,
                 Mode::Train { seed: 9, step: s },
                 &mut opt,
-                &mut ring[slot],
+                ring.slot(s),
             )
             .expect("enqueued");
             let b = emu_stats().unwrap();
             if s > 1 {
-                let f = ring[1 - slot].finish(&m.be).expect("in flight");
+                let f = ring.finish(s - 1, &m.be).expect("in flight");
                 assert!(f.losses.anchors > 0);
                 f.update.expect("finite");
             }
@@ -2092,10 +2089,9 @@ mod step {
         let mut m = model(make(), 5).with_precision(Precision::Bf16);
         let mut cb = Contrast::new(&m.be, 256, dims().hidden);
         let mut opt = Optimizer::new(&m, OPTIM);
-        let mut ring = [Readback::new(&m.be, 256), Readback::new(&m.be, 256)];
+        let mut ring = Ring::new(&m.be, 256);
         let mut got = vec![];
         for s in 1..=4u64 {
-            let slot = (s % 2) as usize;
             if s <= 3 {
                 step_enqueue(
                     &mut m,
@@ -2106,12 +2102,12 @@ mod step {
                     0.3,
                     Mode::Train { seed: 9, step: s },
                     &mut opt,
-                    &mut ring[slot],
+                    ring.slot(s),
                 )
                 .expect("enqueued");
             }
             if s > 1 {
-                let f = ring[1 - slot].finish(&m.be).expect("in flight");
+                let f = ring.finish(s - 1, &m.be).expect("in flight");
                 got.push((f.losses.ce, f.losses.contrast, f.update.expect("finite").grad_norm));
             }
         }

@@ -129,7 +129,7 @@ impl<B: Backend> Readback<B> {
 
 /// Two readbacks taking steps in turn: `slot(step)` is where step `step` goes, and the
 /// other one holds the step before it.
-pub struct Ring<B: Backend>(pub [Readback<B>; 2]);
+pub struct Ring<B: Backend>([Readback<B>; 2]);
 
 impl<B: Backend> Ring<B> {
     pub fn new(be: &B, max_tokens: usize) -> Self {
