@@ -6,6 +6,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use deepcut_fast::backend::cpu::Cpu;
 use deepcut_fast::model::{Dims, HostBatch, Mode, Model};
+use deepcut_fast::util::Lcg;
 
 /// The all-MiniLM-L6-v2 shape with a 13-label head (WNUT17).
 fn minilm_dims() -> Dims {
@@ -16,13 +17,10 @@ fn minilm_dims() -> Dims {
 fn step(c: &mut Criterion) {
     let dims = minilm_dims();
     let (b, t) = (32, 128);
-    let mut seed = 1u64;
+    let mut rng = Lcg::with_increment(1, 1);
     let mut model = Model::new(Cpu, dims.clone(), b * t, |_, shape| {
         (0..shape.iter().product::<usize>())
-            .map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
-            })
+            .map(|_| (rng.next_unit() - 0.5) * 0.04)
             .collect()
     });
     let batch = HostBatch::synthetic(b, t, dims.vocab, dims.labels, 0);

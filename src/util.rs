@@ -117,6 +117,48 @@ pub fn abort_due(step: u64) -> bool {
     std::env::var("DEEPCUT_ABORT_AFTER_STEP").is_ok_and(|v| v.parse::<u64>().ok() == Some(step))
 }
 
+/// Knuth's MMIX 64-bit linear congruential generator: the cheap, stable value stream
+/// behind synthetic benches, goldens and the GPU self-check, where only reproducibility
+/// matters (data order uses `data::rng`'s ChaCha streams). Callers take different bits
+/// of the state; the sequences are fixed, so bench inputs and goldens never move.
+#[derive(Clone, Debug)]
+pub struct Lcg {
+    state: u64,
+    increment: u64,
+}
+
+impl Lcg {
+    pub fn new(seed: u64) -> Lcg {
+        Lcg::with_increment(seed, 1442695040888963407)
+    }
+    /// The same multiplier with another increment (the model-weight streams of the
+    /// step benches use 1).
+    pub fn with_increment(seed: u64, increment: u64) -> Lcg {
+        Lcg { state: seed, increment }
+    }
+    /// Advances and returns the whole new state.
+    pub fn next_state(&mut self) -> u64 {
+        self.state = self
+            .state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(self.increment);
+        self.state
+    }
+    /// Advances and returns the top 31 bits.
+    pub fn next_u31(&mut self) -> u64 {
+        self.next_state() >> 33
+    }
+    /// Advances and returns a value in [0, 1) from the top 24 bits.
+    pub fn next_unit(&mut self) -> f32 {
+        (self.next_state() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Advances and returns a value in 0..n, scaled from `next_unit` (slightly uneven
+    /// for large n; for test inputs only).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.next_unit() * n as f32) as usize).min(n - 1)
+    }
+}
+
 /// FNV-1a, 64 bits: a stable fingerprint of bytes (cache keys, manifests); not for
 /// security. The same bytes give the same value on every machine and build.
 pub struct Fnv(u64);

@@ -21,6 +21,7 @@ use deepcut_fast::backend::{Backend, InfoNceOptions, Precision};
 mod kernel_suite;
 use deepcut_fast::model::{Dims, HostBatch, Mode, Model};
 use deepcut_fast::train::optim::{LossScaling, OptimConfig, Optimizer};
+use deepcut_fast::util::Lcg;
 use kernel_suite::{Shape, Work};
 use std::time::Instant;
 
@@ -48,13 +49,10 @@ fn minilm_dims() -> Dims {
 fn step_time<B: Backend>(be: B, steps: usize, sync: impl Fn(&B), precision: Precision) -> f64 {
     let dims = minilm_dims();
     let (b, t) = (32, 128);
-    let mut seed = 1u64;
+    let mut rng = Lcg::with_increment(1, 1);
     let mut model = Model::new(be, dims.clone(), b * t, |_, shape| {
         (0..shape.iter().product::<usize>())
-            .map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
-            })
+            .map(|_| (rng.next_unit() - 0.5) * 0.04)
             .collect()
     })
     .with_precision(precision);

@@ -385,11 +385,8 @@ impl Spread {
 
 /// The synthetic windows: `rows` sequences of `t` tokens (see the module comment).
 fn synthetic_windows(rows: usize, t: usize, vocab: usize, labels: usize, pad: u32, seed: u64) -> Vec<Window> {
-    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
-    let mut next = move || {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        x >> 33
-    };
+    let mut rng = crate::util::Lcg::new(seed ^ 0x9E37_79B9_7F4A_7C15);
+    let mut next = move || rng.next_u31();
     (0..rows)
         .map(|_| {
             let mut ids = Vec::with_capacity(t);

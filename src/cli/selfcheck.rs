@@ -14,6 +14,7 @@ use crate::data::{PositionStyle, Window};
 use crate::model::{Dims, Mode, Model};
 use crate::train::optim::{OptimConfig, Optimizer};
 use crate::unlearn::deepcut::{self, Anchors, Contrast};
+use crate::util::Lcg;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -154,23 +155,6 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
-/// A deterministic stream of values in [0, 1) (an LCG: the check needs no statistics,
-/// only the same inputs on both backends).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() * n as f32) as usize).min(n - 1)
-    }
-}
-
 /// What one step gave: the losses, then every gradient and every updated weight, in
 /// parameter order.
 struct Outcome {
@@ -200,7 +184,7 @@ fn one_step<B: Backend>(be: B, precision: Precision, head_dim: usize) -> Outcome
         attn_dropout: 0.1,
         classifier_dropout: 0.1,
     };
-    let mut rng = Lcg(17 + head_dim as u64);
+    let mut rng = Lcg::new(17 + head_dim as u64);
     // rows of 6 to 29 tokens: the batch pads to the longest, so the key mask takes part
     let windows: Vec<Window> = (0..6)
         .map(|r| {
@@ -225,9 +209,9 @@ fn one_step<B: Backend>(be: B, precision: Precision, head_dim: usize) -> Outcome
     let mut model = Model::new(be, dims.clone(), 256, |name, shape| {
         let n: usize = shape.iter().product();
         if name.ends_with("LayerNorm.weight") {
-            (0..n).map(|_| 1.0 + 0.1 * (rng.next() - 0.5)).collect()
+            (0..n).map(|_| 1.0 + 0.1 * (rng.next_unit() - 0.5)).collect()
         } else {
-            (0..n).map(|_| 0.4 * (rng.next() - 0.5)).collect()
+            (0..n).map(|_| 0.4 * (rng.next_unit() - 0.5)).collect()
         }
     })
     .with_precision(precision);

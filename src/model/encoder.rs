@@ -311,9 +311,9 @@ impl HostBatch {
             t,
             ..Default::default()
         };
-        let mut x = seed.wrapping_add(12345);
+        let mut rng = crate::util::Lcg::new(seed.wrapping_add(12345));
         for _ in 0..b * t {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let x = rng.next_state();
             batch.input_ids.push(((x >> 33) % vocab as u64) as i32);
             batch.labels.push(((x >> 20) % labels.max(1) as u64) as i32);
         }

@@ -463,11 +463,8 @@ pub fn infonce_bwd(
 /// with 'O' (0) on ~80% of rows. Returns (z, labels, anchor, partner); the anchors
 /// number 2 * (m / 6).
 pub fn synthetic_rows(m: usize, c: usize) -> (Vec<f32>, Vec<i32>, Vec<i32>, Vec<i32>) {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        x >> 33
-    };
+    let mut rng = crate::util::Lcg::new(0x9E37_79B9_7F4A_7C15);
+    let mut next = move || rng.next_u31();
     let nf = m / 6;
     let mut labels = vec![0i32; m];
     let (mut anchor, mut partner) = (vec![0i32; m], vec![-1i32; m]);
