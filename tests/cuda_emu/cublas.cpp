@@ -7,6 +7,8 @@
 // fp16 first, as tensor cores read them: a caller that passes values not representable in
 // 16 bits (breaking Backend::gemm's promise) gets a visibly different product.
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -36,10 +38,28 @@ static void store(void* p, int type, size_t i, float v) {
     }
 }
 
+// CUDA_EMU_NO_WORK=1 (runtime.cpp): GEMMs are checked and counted, not computed. This
+// library is loaded under both cuBLAS names, so each copy prints the calls it served.
+static unsigned long long blas_calls, lt_calls;
+static void print_gemms() {
+    if (blas_calls) fprintf(stderr, "cuda_emu counters: cublas gemms %llu\n", blas_calls);
+    if (lt_calls) fprintf(stderr, "cuda_emu counters: cublasLt matmuls %llu\n", lt_calls);
+}
+static bool no_work() {
+    static const bool on = [] {
+        const char* v = getenv("CUDA_EMU_NO_WORK");
+        bool set = v && *v && strcmp(v, "0") != 0;
+        if (set) atexit(print_gemms);
+        return set;
+    }();
+    return on;
+}
+
 static cublasStatus_t gemm(int ta, int tb, int m, int n, int k, float alpha, const void* a, int at, int lda,
                            const void* b, int bt, int ldb, float beta, void* c, int ct, int ldc, int round,
                            const float* bias = nullptr) {
     if (m < 0 || n < 0 || k < 0) return 7;
+    if (no_work()) return 0;
     auto rd = [round](float x) {
         if (round == COMPUTE_32F_FAST_16BF) return __bfloat162float(__float2bfloat16_rn(x));
         if (round == COMPUTE_32F_FAST_16F) return __half2float(__float2half_rn(x));
@@ -88,11 +108,13 @@ cublasStatus_t cublasGetPointerMode_v2(void*, int* m) {
 cublasStatus_t cublasSetWorkspace_v2(void*, void*, size_t) { return 0; }
 cublasStatus_t cublasSgemm_v2(void*, int ta, int tb, int m, int n, int k, const float* alpha, const float* a, int lda,
                               const float* b, int ldb, const float* beta, float* c, int ldc) {
+    ++blas_calls;
     return gemm(ta, tb, m, n, k, *alpha, a, R_32F, lda, b, R_32F, ldb, *beta, c, R_32F, ldc, COMPUTE_32F);
 }
 cublasStatus_t cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const void* alpha, const void* a, int at,
                             int lda, const void* b, int bt, int ldb, const void* beta, void* c, int ct, int ldc,
                             int compute, int) {
+    ++blas_calls;
     return gemm(ta, tb, m, n, k, *(const float*)alpha, a, at, lda, b, bt, ldb, *(const float*)beta, c, ct, ldc,
                 compute);
 }
@@ -185,6 +207,7 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(void*, LtDesc*, LtLayout*, LtLayou
 cublasStatus_t cublasLtMatmul(void*, LtDesc* d, const void* alpha, const void* a, LtLayout* la, const void* b,
                               LtLayout* lb, const void* beta, const void* c, LtLayout* lc, void* dd, LtLayout* ld,
                               const void* algo, void*, size_t, void*) {
+    ++lt_calls;
     if (!algo || c != dd || lc->rows != ld->rows || lc->cols != ld->cols) return 7;
     const int m = (int)ld->rows, n = (int)ld->cols;
     const int k = (int)(d->transa == N_OP ? la->cols : la->rows);

@@ -61,6 +61,13 @@ inline T __shfl_xor_sync(unsigned int mask, T v, int o) {
     return __shfl_sync(mask, v, emu_lane() ^ o);
 }
 
+// Blocks run one after another on one OS thread, so a fence has nothing to order; the
+// atomic is a real one all the same (tests may launch from several threads).
+inline void __threadfence() {}
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }
+
 struct uint2 {
     unsigned int x, y;
 };

@@ -227,29 +227,38 @@ static void launch(EmuThunk thunk, void** params, emu_dim3 grid, emu_dim3 block,
     std::lock_guard<std::mutex> lock(one_launch_at_a_time);
     int n = (int)(block.x * block.y * block.z);
     EmuThreadState saved = emu_state;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-                BlockRun r;
-                r.thunk = thunk;
-                r.params = params;
-                r.grid = grid;
-                r.block = block;
-                r.bidx = emu_dim3{bx, by, bz};
-                r.nthreads = n;
-                r.bar.expected = n;
-                for (int w = 0; w * 32 < n; ++w) {
-                    Bar b;
-                    b.expected = std::min(32, n - w * 32);
-                    r.warp_bars.push_back(b);
-                }
-                r.shfl.assign(((n + 31) / 32) * 32, 0);
-                r.gather.assign(((n + 31) / 32) * 32 * 64, 0);
-                r.or_slots.assign(n, 0);
-                // 0xAB: uninitialised shared memory is garbage, not zeros, as on a GPU
-                r.smem.assign(smem + 16, (char)0xAB);
-                run_block(r);
-            }
+    // A GPU runs blocks in no promised order. The emulator runs them one at a time, in
+    // launch order, or (CUDA_EMU_BLOCK_ORDER=reverse) last block first, so a kernel that
+    // depends on the order (a "last block" that assumes which one it is) shows in parity.
+    static const bool reverse = [] {
+        const char* v = getenv("CUDA_EMU_BLOCK_ORDER");
+        return v && strcmp(v, "reverse") == 0;
+    }();
+    const unsigned long long total = (unsigned long long)grid.x * grid.y * grid.z;
+    for (unsigned long long q = 0; q < total; ++q) {
+        const unsigned long long o = reverse ? total - 1 - q : q;
+        const unsigned bx = (unsigned)(o % grid.x), by = (unsigned)(o / grid.x % grid.y),
+                       bz = (unsigned)(o / ((unsigned long long)grid.x * grid.y));
+        BlockRun r;
+        r.thunk = thunk;
+        r.params = params;
+        r.grid = grid;
+        r.block = block;
+        r.bidx = emu_dim3{bx, by, bz};
+        r.nthreads = n;
+        r.bar.expected = n;
+        for (int w = 0; w * 32 < n; ++w) {
+            Bar b;
+            b.expected = std::min(32, n - w * 32);
+            r.warp_bars.push_back(b);
+        }
+        r.shfl.assign(((n + 31) / 32) * 32, 0);
+        r.gather.assign(((n + 31) / 32) * 32 * 64, 0);
+        r.or_slots.assign(n, 0);
+        // 0xAB: uninitialised shared memory is garbage, not zeros, as on a GPU
+        r.smem.assign(smem + 16, (char)0xAB);
+        run_block(r);
+    }
     emu_state = saved;
 }
 
@@ -271,6 +280,37 @@ static int dummy_ctx, dummy_stream, dummy_event, dummy_module;
 // bounded number of synchronisations" (tests/gpu_parity.rs): read with emu_stats.
 enum { ST_ALLOC, ST_FREE, ST_HTOD, ST_DTOH, ST_SYNC, ST_LAUNCH, ST_COUNT };
 static unsigned long long stats[ST_COUNT];
+// CUDA_EMU_NO_WORK=1: launches and GEMMs are checked and counted but not executed, so a
+// command's time is the host's own cost of enqueueing its work (the engine, cudarc, and
+// this library's bookkeeping, no driver): the measurement behind BENCHMARKS.md's "host
+// cost of a step". Results are meaningless in this mode; at exit it prints the counters.
+static unsigned long long device_ops;  // async memsets and device-to-device copies
+// per kernel, in no-work mode; never destroyed, as print_counters reads it at exit
+static std::map<EmuThunk, unsigned long long>& launches_of() {
+    static auto* m = new std::map<EmuThunk, unsigned long long>;
+    return *m;
+}
+static void print_counters() {
+    std::vector<std::pair<unsigned long long, std::string>> per;
+    for (auto& [thunk, n] : launches_of())
+        for (auto& [name, t] : registry())
+            if (t == thunk) per.emplace_back(n, name);
+    std::sort(per.rbegin(), per.rend());
+    for (auto& [n, name] : per) fprintf(stderr, "cuda_emu launches of %s: %llu\n", name.c_str(), n);
+    fprintf(stderr,
+            "cuda_emu counters: launches %llu, memsets and device copies %llu, uploads %llu, downloads %llu, "
+            "syncs %llu, allocs %llu\n",
+            stats[ST_LAUNCH], device_ops, stats[ST_HTOD], stats[ST_DTOH], stats[ST_SYNC], stats[ST_ALLOC]);
+}
+static int emu_no_work() {
+    static const int on = [] {
+        const char* v = getenv("CUDA_EMU_NO_WORK");
+        bool set = v && *v && strcmp(v, "0") != 0;
+        if (set) atexit(print_counters);
+        return set ? 1 : 0;
+    }();
+    return on;
+}
 extern "C" void emu_stats(unsigned long long* out) {
     for (int i = 0; i < ST_COUNT; ++i) out[i] = stats[i];
 }
@@ -406,11 +446,14 @@ CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
     return OK;
 }
 CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, CUstream) {
-    memset((void*)p, v, n);
+    ++device_ops;
+    if (!emu_no_work()) memset((void*)p, v, n);
     return OK;
 }
 CUresult cuMemsetD32Async(CUdeviceptr p, unsigned int v, size_t n, CUstream) {
-    for (size_t i = 0; i < n; ++i) ((unsigned int*)p)[i] = v;
+    ++device_ops;
+    if (!emu_no_work())
+        for (size_t i = 0; i < n; ++i) ((unsigned int*)p)[i] = v;
     return OK;
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
@@ -424,6 +467,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream) 
     // from pageable memory "the driver may synchronize with the stream" to stage it:
     // counted as the synchronisation it may be
     if (!is_pinned((void*)s, n)) ++stats[ST_SYNC];
+    else if (emu_no_work()) return OK;  // a DMA the host does not wait for
     memcpy((void*)d, s, n);
     return OK;
 }
@@ -438,6 +482,7 @@ CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) {
     // into pageable memory a real driver returns only once the copy has landed, that is
     // after the work before it: a synchronisation, which a step must not have
     if (!is_pinned(d, n)) ++stats[ST_SYNC];
+    else if (emu_no_work()) return OK;
     memcpy(d, (const void*)s, n);
     return OK;
 }
@@ -462,7 +507,8 @@ CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
     return OK;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) {
-    memmove((void*)d, (const void*)s, n);
+    ++device_ops;
+    if (!emu_no_work()) memmove((void*)d, (const void*)s, n);
     return OK;
 }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
@@ -522,6 +568,11 @@ CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned
         }
     }
     ++stats[ST_LAUNCH];
+    if (emu_no_work()) {
+        std::lock_guard<std::mutex> lock(dyn_smem_mutex);
+        ++launches_of()[(EmuThunk)f];
+        return OK;
+    }
     launch((EmuThunk)f, params, emu_dim3{gx, gy, gz}, emu_dim3{bx, by, bz}, smem);
     return OK;
 }
