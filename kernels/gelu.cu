@@ -1,5 +1,5 @@
 // Bias + GELU (erf form, BERT's "gelu"). CPU twin: src/backend/cpu/gelu.rs. The bias
-// gradient is a column sum of dinp: col_sum_partials + col_partials_add of kernels/gemm.cu.
+// gradient is a column sum of dinp: col_sums_f32 of kernels/gemm.cu.
 #include "common.cuh"
 
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }

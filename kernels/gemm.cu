@@ -1,5 +1,5 @@
 // The GEMM family's own kernels (the products themselves go through cuBLAS): bias add,
-// bias gradient (column sums) and in-place add. CPU twin: src/backend/cpu/gemm.rs and the
+// bias gradient (column sums, also LayerNorm's parameter gradients) and in-place add. CPU twin: src/backend/cpu/gemm.rs and the
 // add_inplace of src/backend/cpu/mod.rs.
 #include "common.cuh"
 
@@ -17,26 +17,20 @@ extern "C" __global__ void add_bias_f32(void* out, int out_t, const float* bias,
 }
 
 // partial[k, j] = sum of src[r, j] over rows r of chunk k (REDUCE_ROWS rows, in order),
-// src in its storage type. Grid: (ceil(cols / blockDim.x), ceil(rows / REDUCE_ROWS)); one
-// thread per column.
-extern "C" __global__ void col_sum_partials_f32(float* partial, const void* src, int src_t, int rows, int cols) {
+// src in its storage type, then dst[j] += the partials in chunk order, by the last block
+// of each column block (common.cuh last_block_of_column): one launch per reduction. Grid:
+// (ceil(cols / blockDim.x), ceil(rows / REDUCE_ROWS)); one thread per column.
+extern "C" __global__ void col_sums_f32(float* dst, float* partial, unsigned* counters, const void* src, int src_t,
+                                        int rows, int cols) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     int k = blockIdx.y;
-    if (j >= cols) return;
-    int r0 = k * REDUCE_ROWS, r1 = min(rows, r0 + REDUCE_ROWS);
-    float acc = 0.0f;
-    for (int r = r0; r < r1; ++r) acc += ld(src, src_t, (size_t)r * cols + j);
-    partial[(size_t)k * cols + j] = acc;
-}
-
-// dst[j] += partial[0, j], then += partial[1, j], ... (accumulates, as parameter
-// gradients do). One thread per column.
-extern "C" __global__ void col_partials_add_f32(float* dst, const float* partial, int nchunks, int cols) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= cols) return;
-    float d = dst[j];
-    for (int k = 0; k < nchunks; ++k) d += partial[(size_t)k * cols + j];
-    dst[j] = d;
+    if (j < cols) {
+        int r0 = k * REDUCE_ROWS, r1 = min(rows, r0 + REDUCE_ROWS);
+        float acc = 0.0f;
+        for (int r = r0; r < r1; ++r) acc += ld(src, src_t, (size_t)r * cols + j);
+        partial[(size_t)k * cols + j] = acc;
+    }
+    if (last_block_of_column(counters) && j < cols) add_partials(dst, partial, gridDim.y, cols, j);
 }
 
 // dst[..n] += src[..n]

@@ -53,8 +53,7 @@ extern "C" __global__ void layernorm_fwd_f32(void* out, int out_t, float* mean, 
 //   dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat));
 // dinp (when not null) = round_as(factor * dx, round), the gradient of inp through the
 // mask, as dropout_bwd_f32 would write it from dsum. One block per row. The parameter
-// gradients are two further launches (layernorm_bwd_param_partials, then
-// col_partials_add_f32 of kernels/gemm.cu twice).
+// gradients are one further launch (layernorm_bwd_params_f32).
 extern "C" __global__ void layernorm_bwd_dinp_f32(float* dsum, void* dinp, int dinp_t, const float* dout,
                                                   const void* inp, int inp_t, const void* residual, int res_t,
                                                   const float* weight, const float* mean, const float* rstd, int n,
@@ -83,23 +82,31 @@ extern "C" __global__ void layernorm_bwd_dinp_f32(float* dsum, void* dinp, int d
 }
 
 // Per chunk k of REDUCE_ROWS rows: pw[k, j] = sum_r g[r, j] xhat[r, j], pb[k, j] = sum_r g[r, j],
-// rows in order (the CPU's per-chunk partials). Grid: (ceil(c / blockDim.x), nchunks).
-extern "C" __global__ void layernorm_bwd_param_partials_f32(float* pw, float* pb, const float* dout, const void* inp,
-                                                            int inp_t, const void* residual, int res_t,
-                                                            const float* mean, const float* rstd, int n, int c,
-                                                            DropoutArgs drop) {
+// rows in order (the CPU's per-chunk partials); then, by the last block of each column
+// block, dweight[j] += pw[0, j] + ... and dbias[j] += pb[0, j] + ... in chunk order (the
+// last-block pattern of common.cuh's last_block_of_column, as kernels/gemm.cu col_sums_f32).
+// Grid: (ceil(c / blockDim.x), nchunks); counters [gridDim.x], zero before and after.
+extern "C" __global__ void layernorm_bwd_params_f32(float* dweight, float* dbias, float* pw, float* pb,
+                                                    unsigned* counters, const float* dout, const void* inp,
+                                                    int inp_t, const void* residual, int res_t, const float* mean,
+                                                    const float* rstd, int n, int c, DropoutArgs drop) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     int k = blockIdx.y;
-    if (j >= c) return;
-    int r0 = k * REDUCE_ROWS, r1 = min(n, r0 + REDUCE_ROWS);
-    float dw = 0.0f, db = 0.0f;
-    for (int r = r0; r < r1; ++r) {
-        size_t i = (size_t)r * c + j;
-        float xh = (ln_input(inp, inp_t, residual, res_t, i, drop) - mean[r]) * rstd[r];
-        float g = dout[i];
-        dw += g * xh;
-        db += g;
+    if (j < c) {
+        int r0 = k * REDUCE_ROWS, r1 = min(n, r0 + REDUCE_ROWS);
+        float dw = 0.0f, db = 0.0f;
+        for (int r = r0; r < r1; ++r) {
+            size_t i = (size_t)r * c + j;
+            float xh = (ln_input(inp, inp_t, residual, res_t, i, drop) - mean[r]) * rstd[r];
+            float g = dout[i];
+            dw += g * xh;
+            db += g;
+        }
+        pw[(size_t)k * c + j] = dw;
+        pb[(size_t)k * c + j] = db;
     }
-    pw[(size_t)k * c + j] = dw;
-    pb[(size_t)k * c + j] = db;
+    if (last_block_of_column(counters) && j < c) {
+        add_partials(dweight, pw, gridDim.y, c, j);
+        add_partials(dbias, pb, gridDim.y, c, j);
+    }
 }

@@ -180,14 +180,42 @@ fn cuda_backend_on_the_cpu_emulator() {
     let dir = common::cuda_emu::build().unwrap_or_else(|e| panic!("{e}"));
     let nvtx_log = dir.join("nvtx.log");
     let _ = std::fs::remove_file(&nvtx_log);
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--test-threads", "1", "--skip", "cuda_backend_on_the_cpu_emulator"])
-        .env("LD_LIBRARY_PATH", common::cuda_emu::library_path(&dir))
-        .env("DEEPCUT_NVTX_LOG", &nvtx_log)
-        .env("DEEPCUT_REQUIRE_GPU", "1")
-        .env("DEEPCUT_CUDA_EMU", "1")
-        .output()
-        .expect("re-run this test binary");
+    // Twice, side by side: blocks in launch order, and last block first. A GPU promises no
+    // block order, so a kernel that depends on it fails one of the two.
+    let child = |order: &str, nvtx: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+        c.args(["--test-threads", "1", "--skip", "cuda_backend_on_the_cpu_emulator"])
+            .env("LD_LIBRARY_PATH", common::cuda_emu::library_path(&dir))
+            .env("DEEPCUT_REQUIRE_GPU", "1")
+            .env("DEEPCUT_CUDA_EMU", "1")
+            .env("CUDA_EMU_BLOCK_ORDER", order)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(log) = nvtx {
+            c.env("DEEPCUT_NVTX_LOG", log);
+        }
+        c.spawn().expect("re-run this test binary")
+    };
+    let reversed = child("reverse", None);
+    let out = child("launch", Some(&nvtx_log))
+        .wait_with_output()
+        .expect("the child's output");
+    let rev = reversed.wait_with_output().expect("the reversed child's output");
+    let rev_stdout = String::from_utf8_lossy(&rev.stdout);
+    let rev_summary = rev_stdout
+        .lines()
+        .filter(|l| l.starts_with("test result"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    loud(&format!(
+        "CUDA backend on the CPU emulator, blocks last first: {rev_summary}"
+    ));
+    assert!(
+        rev.status.success(),
+        "the CUDA backend failed on the CPU emulator with blocks run last first \
+         (CUDA_EMU_BLOCK_ORDER=reverse): a kernel depends on the order of its blocks:\n{rev_stdout}\n{}",
+        String::from_utf8_lossy(&rev.stderr)
+    );
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -1636,6 +1664,47 @@ fn adamw_and_gradient_norm_body<G: Backend>(g: &G) {
     let e = (sg - sc).abs() / sc;
     eprintln!("sum_squares: GPU {sg:e} CPU {sc:e} relative {e:.1e}");
     assert!(e < 1e-12, "sum_squares: GPU {sg} CPU {sc}");
+}
+
+// Model::zero_grads: one launch of zero_multi_f32 over every gradient. Each tensor is
+// zeroed up to its n and not beyond (the slack after n keeps its values); sizes cross the
+// REDUCE_CHUNK chunks and include an empty tensor; a second call with other sizes must
+// replace the cached device table, a third with the first sizes must not use a stale one.
+parity_test!(zero_all_zeroes_each_tensor_up_to_n, zero_all_body);
+fn zero_all_body<G: Backend>(g: &G) {
+    let mut rng = Rng(404);
+    let len = 10_007 + SLACK;
+    let data: Vec<Vec<f32>> = (0..7).map(|_| rng.vec(len, 1.0)).collect();
+    fn go<B: Backend>(be: &B, data: &[Vec<f32>], rounds: &[[usize; 7]]) -> Vec<Vec<f32>> {
+        let mut out = Vec::new();
+        for sizes in rounds {
+            let mut bufs: Vec<B::Buf> = data.iter().map(|d| up(be, d)).collect();
+            let mut xs: Vec<(&mut B::Buf, usize)> = bufs.iter_mut().zip(sizes).map(|(b, &n)| (b, n)).collect();
+            be.zero_all(&mut xs);
+            out.extend(bufs.iter().map(|b| be.download(b, data[0].len())));
+        }
+        out
+    }
+    let rounds = [
+        [0, 1, 4095, 4096, 4097, 10_007, 33],
+        [10_007, 0, 8192, 5, 4096, 1, 4097],
+        [0, 1, 4095, 4096, 4097, 10_007, 33],
+    ];
+    let (rg, rc) = (go(g, &data, &rounds), go(&Cpu, &data, &rounds));
+    for (k, (a, b)) in rg.iter().zip(&rc).enumerate() {
+        let (round, t) = (k / 7, k % 7);
+        let n = rounds[round][t];
+        assert!(
+            a[..n].iter().all(|&x| x == 0.0),
+            "zero_all round {round} tensor {t}: not all of x[..{n}] is 0"
+        );
+        assert_eq!(
+            a[n..],
+            data[t][n..],
+            "zero_all round {round} tensor {t}: wrote past n = {n}"
+        );
+        compare(&format!("zero_all round {round} tensor {t}"), a, b, 0.0);
+    }
 }
 
 /// Param, grad, m and v (v >= 0) of each size, as the fused optimiser tests start from.

@@ -293,6 +293,14 @@ pub trait Backend {
     /// the work enqueued before it) only.
     fn download_wait<'a>(&self, src: &'a Self::Staging, n: usize) -> &'a [f32];
     fn zero(&self, buf: &mut Self::Buf, n: usize);
+    /// `zero` of every (buffer, n): the gradients before a step. The default is that
+    /// loop; the CUDA backend zeroes them all in one launch (kernels/adamw.cu
+    /// `zero_multi_f32`) instead of one memset per tensor.
+    fn zero_all(&self, xs: &mut [(&mut Self::Buf, usize)]) {
+        for (x, n) in xs.iter_mut() {
+            self.zero(x, *n);
+        }
+    }
     /// dst[..n] += src[..n]
     fn add_inplace(&self, dst: &mut Self::Buf, src: &Self::Buf, n: usize);
     /// dst[..n] = src[..n]: bit for bit, or rounded as `quantize` would when dst is an

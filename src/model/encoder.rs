@@ -649,11 +649,16 @@ impl<B: Backend> Model<B> {
     }
 
     pub fn zero_grads(&mut self) {
-        let be = &self.be;
-        for p in self.params.iter_mut() {
-            let n = p.numel();
-            be.zero(&mut p.g, n);
-        }
+        let mut grads: Vec<(&mut B::Buf, usize)> = self
+            .params
+            .iter_mut()
+            .into_iter()
+            .map(|p| {
+                let n = p.numel();
+                (&mut p.g, n)
+            })
+            .collect();
+        self.be.zero_all(&mut grads);
     }
 
     /// Runs the encoder (and the head, when there is one) on `batch`.

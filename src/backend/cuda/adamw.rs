@@ -280,27 +280,56 @@ pub fn clip_adamw_all(
     adamw_multi(cu, slots, hp, step, 0.0, st, low_precision);
 }
 
+/// The SquaresTensor table of (address, buffer length, n) tensors, empty ones left out, and
+/// its number of REDUCE_CHUNK chunks.
+fn squares_table(xs: &[(u64, usize, usize)], what: &str) -> (Vec<SquaresTensor>, usize) {
+    let mut host = Vec::with_capacity(xs.len());
+    let mut blocks = 0usize;
+    for &(x, len, n) in xs.iter().filter(|&&(_, _, n)| n > 0) {
+        need(len, n, what);
+        let nb = n.div_ceil(REDUCE_CHUNK);
+        host.push(SquaresTensor {
+            x,
+            n: n as i64,
+            first_block: int(blocks, what),
+            nblocks: int(nb, what),
+        });
+        blocks += nb;
+    }
+    int(blocks, what);
+    (host, blocks)
+}
+
+/// `Backend::zero_all`: x[..n] = 0 for every tensor, one launch of `zero_multi_f32` over
+/// the same table as the gradient norm's (so a training step uploads it once).
+pub fn zero_all(cu: &Cuda, xs: &mut [(&mut CudaSlice<f32>, usize)]) {
+    let xs: Vec<(u64, usize, usize)> = xs.iter_mut().map(|(x, n)| (addr_mut(cu, *x), x.len(), *n)).collect();
+    let (host, blocks) = squares_table(&xs, "zero_all");
+    if host.is_empty() {
+        return;
+    }
+    let _r = cu.range("zero_grads");
+    let nti = int(host.len(), "zero_all tensors");
+    let mut guard = cu.scratch.lock().unwrap();
+    let s = &mut *guard;
+    let t = table(cu, &mut s.squares_tables, host, "zero_all table upload");
+    let mut l = cu.stream.launch_builder(cu.func("zero_multi_f32"));
+    l.arg(t).arg(&nti);
+    // SAFETY: (const SquaresTensor* tensors, int nt); block b writes zeros to its tensor's
+    // REDUCE_CHUNK chunk below n; every x is a live buffer of at least n floats (checked
+    // in squares_table) and the table has one chunk per block.
+    check(unsafe { l.launch(blocks_of(blocks)) }, "zero_multi_f32");
+}
+
 /// Enqueues `sum_squares_all`'s two reductions into the scratch f64_b[0], and with `clip`
 /// = (stats address, clip, loss scale) the clipping decision into stats. False (nothing
 /// enqueued) when every tensor is empty.
 fn squares(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)], clip: Option<(u64, f32, f32)>) -> bool {
-    let mut host = Vec::with_capacity(xs.len());
-    let mut blocks = 0usize;
-    for &(x, n) in xs.iter().filter(|(_, n)| *n > 0) {
-        need(x.len(), n, "sum_squares_all x");
-        let nb = n.div_ceil(REDUCE_CHUNK);
-        host.push(SquaresTensor {
-            x: addr(cu, x),
-            n: n as i64,
-            first_block: int(blocks, "sum_squares_all partials"),
-            nblocks: int(nb, "sum_squares_all partials"),
-        });
-        blocks += nb;
-    }
+    let xs: Vec<(u64, usize, usize)> = xs.iter().map(|&(x, n)| (addr(cu, x), x.len(), n)).collect();
+    let (host, blocks) = squares_table(&xs, "sum_squares_all");
     if host.is_empty() {
         return false;
     }
-    int(blocks, "sum_squares_all partials");
     let nt = host.len();
     let nti = int(nt, "sum_squares_all tensors");
     let mut guard = cu.scratch.lock().unwrap();

@@ -225,7 +225,8 @@ pub fn add_bias(cu: &Cuda, out: &mut CudaBuf, bias: &CudaSlice<f32>, rows: usize
 }
 
 /// dst[j] += sum over rows of src[r, j], deterministically: REDUCE_ROWS-row partials
-/// summed in row order, then added to dst in chunk order (the CPU's `col_sums_into`).
+/// summed in row order, then added to dst in chunk order (the CPU's `col_sums_into`), all
+/// in one launch of `col_sums_f32`.
 pub(super) fn col_sums_into(cu: &Cuda, dst: &mut CudaSlice<f32>, src: &CudaBuf, rows: usize, cols: usize) {
     if rows == 0 || cols == 0 {
         return;
@@ -233,48 +234,43 @@ pub(super) fn col_sums_into(cu: &Cuda, dst: &mut CudaSlice<f32>, src: &CudaBuf, 
     need(dst.len(), cols, "column sums dst");
     need(src.len(), rows * cols, "column sums src");
     let chunks = rows.div_ceil(REDUCE_ROWS);
-    let mut guard = cu.scratch.lock().unwrap();
-    let partial = super::ensure(&cu.stream, &mut guard.f32_a, chunks * cols);
-    launch_col_sum_partials(cu, partial, src, rows, cols);
-    launch_col_partials_add(cu, dst, partial, chunks, cols);
-}
-
-/// partial[k, j] = sum of src[r, j] over the k-th chunk of REDUCE_ROWS rows (src in any
-/// storage).
-pub(super) fn launch_col_sum_partials(
-    cu: &Cuda, partial: &mut CudaSlice<f32>, src: &CudaBuf, rows: usize, cols: usize,
-) {
-    let chunks = rows.div_ceil(REDUCE_ROWS);
-    need(partial.len(), chunks * cols, "col_sum_partials partial");
+    let cfg = column_grid(cols, chunks, BLOCK);
     let (ri, ci) = (int(rows, "rows"), int(cols, "cols"));
     int(rows * cols, "rows*cols");
-    let cfg = LaunchConfig {
-        grid_dim: (cols.div_ceil(BLOCK as usize) as u32, chunks as u32, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let mut guard = cu.scratch.lock().unwrap();
+    let s = &mut *guard;
+    let partial = super::ensure(&cu.stream, &mut s.f32_a, chunks * cols);
+    let counters = super::ensure(&cu.stream, &mut s.counters, cfg.grid_dim.0 as usize);
     let (ps, ts) = (src.addr(&cu.stream), src.code());
-    let mut l = cu.stream.launch_builder(cu.func("col_sum_partials_f32"));
-    l.arg(partial).arg(&ps).arg(&ts).arg(&ri).arg(&ci);
-    // SAFETY: (float* partial, const void* src, int src_t, int rows, int cols); thread (j,
-    // k) reads column j of rows of chunk k of src[..rows*cols] (of src_t's type) and writes
-    // partial[k*cols + j]; partial holds chunks*cols floats (checked above; src by the
-    // caller).
-    check(unsafe { l.launch(cfg) }, "col_sum_partials_f32");
+    let mut l = cu.stream.launch_builder(cu.func("col_sums_f32"));
+    l.arg(dst)
+        .arg(partial)
+        .arg(counters)
+        .arg(&ps)
+        .arg(&ts)
+        .arg(&ri)
+        .arg(&ci);
+    // SAFETY: (float* dst, float* partial, unsigned* counters, const void* src, int src_t,
+    // int rows, int cols); block (x, k) reads column block x of the rows of chunk k of
+    // src[..rows*cols] (of src_t's type; the caller's buffer, checked above), writes
+    // partial[k*cols + j] (chunks*cols floats, ensure) and counts in counters[x] (grid x
+    // entries, ensure: zero, and left zero by every launch); the last block of column block
+    // x updates dst[j] for its columns j < cols (dst holds cols, checked above).
+    check(unsafe { l.launch(cfg) }, "col_sums_f32");
 }
 
-/// dst[j] += partial[0, j] + ... in chunk order.
-pub(super) fn launch_col_partials_add(
-    cu: &Cuda, dst: &mut CudaSlice<f32>, partial: &CudaSlice<f32>, chunks: usize, cols: usize,
-) {
-    need(partial.len(), chunks * cols, "col_partials_add partial");
-    need(dst.len(), cols, "col_partials_add dst");
-    let (ki, ci) = (int(chunks, "chunks"), int(cols, "cols"));
-    let mut l = cu.stream.launch_builder(cu.func("col_partials_add_f32"));
-    l.arg(dst).arg(partial).arg(&ki).arg(&ci);
-    // SAFETY: (float* dst, const float* partial, int nchunks, int cols); thread j < cols
-    // reads partial[k*cols + j] for k < chunks and updates dst[j]; sizes checked above.
-    check(unsafe { l.launch(grid_1d(cols, BLOCK)) }, "col_partials_add_f32");
+/// The grid of the one-launch column reductions: (column blocks of `block` threads,
+/// row chunks).
+pub(super) fn column_grid(cols: usize, chunks: usize, block: u32) -> LaunchConfig {
+    assert!(
+        chunks <= 65_535,
+        "column sums: {chunks} row chunks exceed the grid's 65535"
+    );
+    LaunchConfig {
+        grid_dim: (cols.div_ceil(block as usize) as u32, chunks as u32, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// dbias += sum over rows of dout.

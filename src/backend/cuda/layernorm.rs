@@ -1,6 +1,6 @@
 //! LayerNorm with an optional fused residual add and the input's dropout fused in
 //! (kernels/layernorm.cu). CPU twin: cpu/layernorm.rs.
-use super::gemm::launch_col_partials_add;
+use super::gemm::column_grid;
 use super::{check, ensure, int, need, round_code, Cuda, CudaBuf, DropoutArgs};
 use crate::backend::cpu::gemm::REDUCE_ROWS;
 use crate::backend::{Dropout, Precision};
@@ -132,29 +132,29 @@ pub fn layernorm_bwd(
     check(unsafe { l.launch(row_cfg(n)) }, "layernorm_bwd_dinp_f32");
 
     let chunks = n.div_ceil(REDUCE_ROWS);
+    let cfg = column_grid(c, chunks, 128);
     let mut guard = cu.scratch.lock().unwrap();
     let s = &mut *guard;
     let pw = ensure(&cu.stream, &mut s.f32_a, chunks * c);
     let pb = ensure(&cu.stream, &mut s.f32_b, chunks * c);
-    let cfg = LaunchConfig {
-        grid_dim: (c.div_ceil(128) as u32, chunks as u32, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut l = cu.stream.launch_builder(cu.func("layernorm_bwd_param_partials_f32"));
-    l.arg(&mut *pw)
+    let counters = ensure(&cu.stream, &mut s.counters, cfg.grid_dim.0 as usize);
+    let mut l = cu.stream.launch_builder(cu.func("layernorm_bwd_params_f32"));
+    l.arg(dweight)
+        .arg(dbias)
+        .arg(&mut *pw)
         .arg(&mut *pb)
+        .arg(&mut *counters)
         .arg(dout)
         .arg(&pi)
         .arg(&ti)
         .arg(&pr)
         .arg(&tr);
     l.arg(mean).arg(rstd).arg(&ni).arg(&ci).arg(&drop);
-    // SAFETY: (float* pw, float* pb, const float* dout, const void* inp, int inp_t, const
-    // void* residual, int res_t, const float* mean, const float* rstd, int n, int c,
-    // DropoutArgs drop); thread (j, k) reads column j of the rows of chunk k and writes
-    // pw/pb[k*c + j]; pw and pb hold chunks*c floats (ensure), the rest is checked above.
-    check(unsafe { l.launch(cfg) }, "layernorm_bwd_param_partials_f32");
-    launch_col_partials_add(cu, dweight, pw, chunks, c);
-    launch_col_partials_add(cu, dbias, pb, chunks, c);
+    // SAFETY: (float* dweight, float* dbias, float* pw, float* pb, unsigned* counters,
+    // const float* dout, const void* inp, int inp_t, const void* residual, int res_t, const
+    // float* mean, const float* rstd, int n, int c, DropoutArgs drop); block (x, k) reads
+    // column block x of the rows of chunk k and writes pw/pb[k*c + j] (chunks*c floats,
+    // ensure), counts in counters[x] (grid x entries, ensure: zero, left zero); the last
+    // block of column block x updates dweight/dbias[j] for j < c; the rest is checked above.
+    check(unsafe { l.launch(cfg) }, "layernorm_bwd_params_f32");
 }

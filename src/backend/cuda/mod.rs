@@ -126,6 +126,9 @@ struct Scratch {
     f32_b: Option<CudaSlice<f32>>,
     /// InfoNCE |P_i|, validity and class representatives.
     i32_a: Option<CudaSlice<i32>>,
+    /// The column reductions' per-column-block counters (kernels/common.cuh
+    /// `last_block_of_column`): zero when allocated, and each launch leaves them zero.
+    counters: Option<CudaSlice<u32>>,
     i32_b: Option<CudaSlice<i32>>,
     i32_c: Option<CudaSlice<i32>>,
     /// sum_squares partials and result; the per-tensor sums of sum_squares_all.
@@ -618,6 +621,17 @@ impl Backend for Cuda {
         match buf {
             CudaBuf::F32(b) => check(self.stream.memset_zeros(&mut b.slice_mut(..n)), "zero"),
             CudaBuf::Half(b, _) => check(self.stream.memset_zeros(&mut b.slice_mut(..n)), "zero"),
+        }
+    }
+    fn zero_all(&self, xs: &mut [(&mut CudaBuf, usize)]) {
+        if xs.iter().all(|(x, _)| matches!(x, CudaBuf::F32(_))) {
+            let mut xs: Vec<(&mut CudaSlice<f32>, usize)> =
+                xs.iter_mut().map(|(x, n)| (x.f32_mut("zero_all"), *n)).collect();
+            adamw::zero_all(self, &mut xs);
+        } else {
+            for (x, n) in xs.iter_mut() {
+                self.zero(x, *n);
+            }
         }
     }
     fn add_inplace(&self, dst: &mut CudaBuf, src: &CudaBuf, n: usize) {
