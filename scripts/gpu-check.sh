@@ -24,7 +24,8 @@
 #   5. `deepcut-fast bench --precision bf16` next to the same DeepCUT step in PyTorch at the
 #      roberta-base shape, bf/br 8/32 and 32/128 (scripts/compare-torch.py --device cuda),
 #      when torch and transformers import;
-#   6. three bench steps under `nsys profile`, and the NVTX range summary, when nsys exists.
+#   6. three bench steps under `nsys profile`, and the NVTX range summary, when nsys exists;
+#   7. the CPU backend's MiniLM step at 4 threads and at all of the machine's cores.
 #
 # Without a GPU, `LD_LIBRARY_PATH=$PWD/target/tmp/cuda-emu scripts/gpu-check.sh` runs it on the
 # CPU emulator of tests/cuda_emu (built by `cargo test --test gpu_parity`) to check the script
@@ -413,6 +414,23 @@ elif [ -n "$CLI" ] && command -v nsys >/dev/null; then
     row "nsys host waits (5 steps + bench)" "info" "${waits:-none}; $LOGS/cuda-api.csv"
 else
     row "nsys NVTX ranges" "SKIP" "nsys not on PATH"
+fi
+
+# ---- 7. the CPU backend on this machine's cores (issue #6 item 5) --------------------------------
+# matrixmultiply threads a GEMM over at most 4 cores; above 4 threads the model GEMMs are
+# split by rows over every thread (src/backend/cpu/gemm.rs configure_threads). The MiniLM
+# step at 4 threads and at all of them says what that split gives on a many-core machine.
+if ! enough "cpu step, 4 vs all threads"; then
+    :
+elif [ -n "$CLI" ]; then
+    all=$(nproc)
+    res=""
+    for t in 4 "$all"; do
+        timeout "$(cap 60)" "$CLI" bench --device cpu --threads "$t" --preset minilm-l6 --bf 8 --br 32 --seq-len 128 \
+            --steps 3 --warmup 1 --matmul-size 1024 >"$LOGS/cpu-bench-$t.json" 2>"$LOGS/cpu-bench-$t.log"
+        res+="$t threads: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.3f s/step, %d tokens/s" % (d["step_time_s"]["median"], d["tokens_per_s"]))' "$LOGS/cpu-bench-$t.json" 2>/dev/null || echo "failed, $LOGS/cpu-bench-$t.log"); "
+    done
+    row "cpu step minilm 8/32/128 fp32" "info" "$res"
 fi
 
 echo

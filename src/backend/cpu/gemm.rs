@@ -1,11 +1,53 @@
 //! GEMM and bias ops (CPU twin of the cuBLASLt wrapper).
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Rayon threads the model GEMMs split their rows over; 0 (the default): none, and
+/// matrixmultiply threads each GEMM itself. Set by [`configure_threads`].
+static SPLIT_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Rows of the output each part of a split GEMM gets at least (a few of matrixmultiply's
+/// row blocks, so packing B again per part stays small next to the part's products).
+const MIN_SPLIT_ROWS: usize = 64;
+/// Split edges fall on multiples of this many rows: a multiple of every register tile
+/// height of matrixmultiply's kernels.
+const SPLIT_ALIGN: usize = 64;
+
+/// Sets how the model GEMMs use `threads` threads; call before the first GEMM (the CLI
+/// does, with --threads or rayon's default). matrixmultiply threads a GEMM over at most 4
+/// cores, so up to 4 threads it does the threading; with more, each model GEMM is split
+/// into row blocks of its output over rayon's pool, each block one single-threaded
+/// matrixmultiply call, so a 16- or 64-core machine uses every core. Every output element
+/// is the same products summed in the same order either way: the bits do not change.
+pub fn configure_threads(threads: usize) {
+    let split = if threads > 4 { threads } else { 0 };
+    // matrixmultiply reads this once, at its first threaded GEMM
+    std::env::set_var(
+        "MATMUL_NUM_THREADS",
+        if split > 0 { 1 } else { threads.max(1) }.to_string(),
+    );
+    SPLIT_THREADS.store(split, Ordering::Relaxed);
+}
 
 /// c[m,n] = alpha * op(a) op(b) + beta * c (row-major; `ta`/`tb` mean a is stored [k,m],
 /// b is stored [n,k]). matrixmultiply takes arbitrary strides, so transposes cost nothing.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32, beta: f32,
+) {
+    let parts = SPLIT_THREADS
+        .load(Ordering::Relaxed)
+        .min(m.max(n) / MIN_SPLIT_ROWS)
+        .max(1);
+    gemm_in_parts(c, a, b, m, n, k, ta, tb, alpha, beta, parts);
+}
+
+/// [`gemm`] with the wider side of the output split into `parts` row blocks computed side
+/// by side (1: one matrixmultiply call).
+#[allow(clippy::too_many_arguments)]
+fn gemm_in_parts(
+    c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32, beta: f32,
+    parts: usize,
 ) {
     assert!(
         c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
@@ -23,41 +65,90 @@ pub fn gemm(
     // SAFETY: the asserts above bound every index the strides can reach.
     unsafe {
         if n > m {
-            matrixmultiply::sgemm(
+            sgemm_rows(
+                parts,
                 n,
                 k,
                 m,
                 alpha,
-                b.as_ptr(),
-                csb,
-                rsb,
-                a.as_ptr(),
-                csa,
-                rsa,
+                (b.as_ptr(), csb, rsb),
+                (a.as_ptr(), csa, rsa),
                 beta,
-                c.as_mut_ptr(),
-                1,
-                n as isize,
+                (c.as_mut_ptr(), 1, n as isize),
             );
         } else {
-            matrixmultiply::sgemm(
+            sgemm_rows(
+                parts,
                 m,
                 k,
                 n,
                 alpha,
-                a.as_ptr(),
-                rsa,
-                csa,
-                b.as_ptr(),
-                rsb,
-                csb,
+                (a.as_ptr(), rsa, csa),
+                (b.as_ptr(), rsb, csb),
                 beta,
-                c.as_mut_ptr(),
-                n as isize,
-                1,
+                (c.as_mut_ptr(), n as isize, 1),
             );
         }
     }
+}
+
+/// matrixmultiply's sgemm (C[m, n] = alpha A[m, k] B[k, n] + beta C, each a pointer with
+/// its row and column strides), its m rows split into `parts` blocks run on rayon's pool.
+/// The blocks write disjoint rows of C and read A and B only; each element's sum over k
+/// is the unsplit call's.
+///
+/// # Safety
+/// The strides must keep every element of A, B and C inside its allocation, and C must
+/// not overlap A or B.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_rows(
+    parts: usize, m: usize, k: usize, n: usize, alpha: f32, a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize), beta: f32, c: (*mut f32, isize, isize),
+) {
+    // Addresses, not pointers, so the closure may run on rayon's threads (raw pointers are
+    // not Send): A and B are only read, and the blocks write disjoint rows of C.
+    let (pa, pb, pc) = (a.0 as usize, b.0 as usize, c.0 as usize);
+    let block = |r0: usize, r1: usize| {
+        // SAFETY: rows r0..r1 of A and C lie inside the matrices the caller vouches for
+        // (r0 < m; with k = 0 A is not read)
+        unsafe {
+            matrixmultiply::sgemm(
+                r1 - r0,
+                k,
+                n,
+                alpha,
+                (pa as *const f32).offset(r0 as isize * a.1),
+                a.1,
+                a.2,
+                pb as *const f32,
+                b.1,
+                b.2,
+                beta,
+                (pc as *mut f32).offset(r0 as isize * c.1),
+                c.1,
+                c.2,
+            )
+        }
+    };
+    if parts <= 1 {
+        return block(0, m);
+    }
+    // Block edges at multiples of SPLIT_ALIGN rows: matrixmultiply's register tiles then
+    // fall where they fall in the whole call, so no tile becomes a partial (masked) one
+    // whose beta C term rounds differently; the last block keeps the whole call's tail.
+    let edge = |p: usize| {
+        if p == parts {
+            m
+        } else {
+            m * p / parts / SPLIT_ALIGN * SPLIT_ALIGN
+        }
+    };
+    (0..parts).into_par_iter().for_each(|p| {
+        let (r0, r1) = (edge(p), edge(p + 1));
+        if r1 > r0 {
+            block(r0, r1);
+        }
+    });
 }
 
 /// out[r, :] += bias
@@ -184,5 +275,43 @@ pub fn gemm_view(c: &mut [f32], a: View, b: View, m: usize, n: usize, k: usize, 
             n as isize,
             1,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Splitting a GEMM's rows over threads (more than 4 threads) must not change a bit:
+    /// both orientations (m >= n and n > m), every transpose, beta 0 and not, k of 0, 1
+    /// and odd, part counts that do and do not divide the rows.
+    #[test]
+    fn split_gemms_give_the_unsplit_bits() {
+        let mut x = crate::util::Lcg::new(5);
+        let mut vals = |len: usize| -> Vec<f32> { (0..len).map(|_| x.next_unit() - 0.5).collect() };
+        for (m, n, k) in [
+            (197, 130, 37),
+            (130, 197, 37),
+            (300, 64, 1),
+            (64, 300, 0),
+            (129, 129, 65),
+        ] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                for beta in [0.0, 0.75] {
+                    let (a, b, c0) = (vals(m * k), vals(k * n), vals(m * n));
+                    let mut whole = c0.clone();
+                    gemm_in_parts(&mut whole, &a, &b, m, n, k, ta, tb, 1.25, beta, 1);
+                    for parts in [2, 3, 7] {
+                        let mut split = c0.clone();
+                        gemm_in_parts(&mut split, &a, &b, m, n, k, ta, tb, 1.25, beta, parts);
+                        let same = whole.iter().zip(&split).all(|(p, q)| p.to_bits() == q.to_bits());
+                        assert!(
+                            same,
+                            "m {m} n {n} k {k} ta {ta} tb {tb} beta {beta}: {parts} parts differ"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
