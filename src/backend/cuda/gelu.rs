@@ -1,6 +1,7 @@
 //! Bias + GELU (kernels/gelu.cu). CPU twin: cpu/gelu.rs.
-use super::gemm::col_sums_into;
-use super::{check, grid_1d, int, need, round_code, Cuda, CudaBuf, BLOCK};
+use super::gemm::column_grid;
+use super::{check, ensure, grid_1d, int, need, round_code, Cuda, CudaBuf, BLOCK};
+use crate::backend::cpu::gemm::REDUCE_ROWS;
 use crate::backend::Precision;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
@@ -37,7 +38,7 @@ pub fn bias_gelu_fwd(
 }
 
 /// dinp = dout * gelu'(inp + bias) (overwritten, rounded to `rounding`); dbias += column
-/// sums of dinp as written.
+/// sums of dinp as written. One launch of `bias_gelu_bwd_f32`.
 #[allow(clippy::too_many_arguments)]
 pub fn bias_gelu_bwd(
     cu: &Cuda, dinp: &mut CudaBuf, dbias: &mut CudaSlice<f32>, dout: &CudaBuf, inp: &CudaBuf, bias: &CudaSlice<f32>,
@@ -54,15 +55,26 @@ pub fn bias_gelu_bwd(
     need(bias.len(), c, "bias_gelu_bwd bias");
     let (ni, ci) = (int(n, "gelu n"), int(c, "gelu c"));
     int(total, "gelu n*c");
+    need(dbias.len(), c, "bias_gelu_bwd dbias");
+    let chunks = n.div_ceil(REDUCE_ROWS);
+    let cfg = column_grid(c, chunks, BLOCK);
     let (pd, td) = (dinp.addr(&cu.stream), dinp.code());
     let (pg, tg, pi, ti) = (dout.addr(&cu.stream), dout.code(), inp.addr(&cu.stream), inp.code());
-    let mut l = cu.stream.launch_builder(cu.func("bias_gelu_bwd_dinp_f32"));
     let round = round_code(rounding);
+    let mut guard = cu.scratch.lock().unwrap();
+    let s = &mut *guard;
+    let partial = ensure(&cu.stream, &mut s.f32_a, chunks * c);
+    let counters = ensure(&cu.stream, &mut s.counters, cfg.grid_dim.0 as usize);
+    let mut l = cu.stream.launch_builder(cu.func("bias_gelu_bwd_f32"));
     l.arg(&pd).arg(&td).arg(&pg).arg(&tg).arg(&pi).arg(&ti);
     l.arg(bias).arg(&ni).arg(&ci).arg(&round);
+    l.arg(dbias).arg(&mut *partial).arg(&mut *counters);
     // SAFETY: (void* dinp, int dinp_t, const void* dout, int dout_t, const void* inp, int
-    // inp_t, const float* bias, int n, int c, int round); one thread per element < n*c of
-    // dinp, dout and inp (each of its type's storage); sizes checked above.
-    check(unsafe { l.launch(grid_1d(total, BLOCK)) }, "bias_gelu_bwd_dinp_f32");
-    col_sums_into(cu, dbias, &*dinp, n, c);
+    // inp_t, const float* bias, int n, int c, int round, float* dbias, float* partial,
+    // unsigned* counters); block (x, k) reads and writes column block x of the rows of chunk
+    // k of dinp, dout and inp (n*c elements, each of its type's storage) and bias[..c],
+    // writes partial[k*c + j] (chunks*c floats, ensure), counts in counters[x] (grid x
+    // entries, ensure: zero, left zero); the last block of column block x updates dbias[j]
+    // for j < c (c floats); sizes checked above.
+    check(unsafe { l.launch(cfg) }, "bias_gelu_bwd_f32");
 }
