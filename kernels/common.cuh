@@ -209,13 +209,15 @@ __device__ void scatter_add_sorted(float* dst, const T* src, const int* idx, con
 // the result is bit for bit the CPU's. counters [gridDim.x]: zero before the launch, zero
 // after it. This replaced a second launch (col_partials_add) per bias or LayerNorm
 // parameter gradient: 63 of a MiniLM step's 191 launches.
-__device__ __forceinline__ bool last_block_of_column(unsigned* counters) {
+// `counter`: this column block's (counters[blockIdx.x], or per tensor of a multi-tensor
+// grid), counting the gridDim.y row-chunk blocks.
+__device__ __forceinline__ bool last_block_of_column(unsigned* counter) {
     __shared__ bool last;
     __threadfence();  // this block's partials are visible to the device before it is counted
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1u) == gridDim.y - 1;
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.y - 1;
     __syncthreads();
-    if (last && threadIdx.x == 0) counters[blockIdx.x] = 0;  // for the next launch (stream order)
+    if (last && threadIdx.x == 0) *counter = 0;  // for the next launch (stream order)
     return last;
 }
 

@@ -48,5 +48,5 @@ extern "C" __global__ void bias_gelu_bwd_f32(void* dinp, int dinp_t, const void*
         }
         partial[(size_t)k * c + j] = acc;
     }
-    if (last_block_of_column(counters) && j < c) add_partials(dbias, partial, gridDim.y, c, j);
+    if (last_block_of_column(counters + blockIdx.x) && j < c) add_partials(dbias, partial, gridDim.y, c, j);
 }

@@ -16,21 +16,34 @@ extern "C" __global__ void add_bias_f32(void* out, int out_t, const float* bias,
     st(out, out_t, i, ld(out, out_t, i) + bias[i % cols]);
 }
 
-// partial[k, j] = sum of src[r, j] over rows r of chunk k (REDUCE_ROWS rows, in order),
-// src in its storage type, then dst[j] += the partials in chunk order, by the last block
-// of each column block (common.cuh last_block_of_column): one launch per reduction. Grid:
-// (ceil(cols / blockDim.x), ceil(rows / REDUCE_ROWS)); one thread per column.
-extern "C" __global__ void col_sums_f32(float* dst, float* partial, unsigned* counters, const void* src, int src_t,
-                                        int rows, int cols) {
+// Up to COL_SUMS_MAX column reductions of the same shape in one launch (a layer's q, k and
+// v bias gradients), passed by value; blockIdx.z picks the tensor.
+#define COL_SUMS_MAX 4
+struct ColSums {
+    float* dst[COL_SUMS_MAX];
+    const void* src[COL_SUMS_MAX];
+};
+
+// For tensor z = blockIdx.z: partial_z[k, j] = sum of src_z[r, j] over rows r of chunk k
+// (REDUCE_ROWS rows, in order), src in its storage type, then dst_z[j] += the partials in
+// chunk order, by the last block of each column block (common.cuh last_block_of_column).
+// Grid: (ceil(cols / blockDim.x), ceil(rows / REDUCE_ROWS), tensors); one thread per
+// column. partial: tensors x chunks x cols; counters: tensors x gridDim.x.
+extern "C" __global__ void col_sums_f32(ColSums t, int src_t, float* partial, unsigned* counters, int rows,
+                                        int cols) {
+    const int z = blockIdx.z;
+    const void* src = t.src[z];
+    float* part = partial + (size_t)z * gridDim.y * cols;
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     int k = blockIdx.y;
     if (j < cols) {
         int r0 = k * REDUCE_ROWS, r1 = min(rows, r0 + REDUCE_ROWS);
         float acc = 0.0f;
         for (int r = r0; r < r1; ++r) acc += ld(src, src_t, (size_t)r * cols + j);
-        partial[(size_t)k * cols + j] = acc;
+        part[(size_t)k * cols + j] = acc;
     }
-    if (last_block_of_column(counters) && j < cols) add_partials(dst, partial, gridDim.y, cols, j);
+    if (last_block_of_column(counters + (size_t)z * gridDim.x + blockIdx.x) && j < cols)
+        add_partials(t.dst[z], part, gridDim.y, cols, j);
 }
 
 // dst[..n] += src[..n]

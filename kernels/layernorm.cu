@@ -105,7 +105,7 @@ extern "C" __global__ void layernorm_bwd_params_f32(float* dweight, float* dbias
         pw[(size_t)k * c + j] = dw;
         pb[(size_t)k * c + j] = db;
     }
-    if (last_block_of_column(counters) && j < c) {
+    if (last_block_of_column(counters + blockIdx.x) && j < c) {
         add_partials(dweight, pw, gridDim.y, c, j);
         add_partials(dbias, pb, gridDim.y, c, j);
     }

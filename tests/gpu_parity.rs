@@ -819,6 +819,49 @@ fn dropout_layernorm_fused_body<G: Backend>(g: &G) {
     }
 }
 
+// A layer's q, k, v bias gradients in one launch (`bias_grads`): five tensors (a launch of
+// four, then one), rows over three chunks, two column blocks; bit for bit the one-at-a-time
+// `bias_grad` on the same device, and the CPU's sums.
+parity_test!(bias_grads_of_many_tensors, bias_grads_body);
+fn bias_grads_body<G: Backend>(g: &G) {
+    let (rows, cols) = (150, 300);
+    let mut rng = Rng(505);
+    let douts: Vec<Vec<f32>> = (0..5).map(|_| rng.vec(rows * cols, 1.0)).collect();
+    let starts: Vec<Vec<f32>> = (0..5).map(|_| rng.vec(cols, 0.5)).collect();
+    fn go<B: Backend>(
+        be: &B, douts: &[Vec<f32>], starts: &[Vec<f32>], rows: usize, cols: usize, many: bool,
+    ) -> Vec<Vec<f32>> {
+        let dy: Vec<B::Buf> = douts.iter().map(|d| up(be, d)).collect();
+        let mut db: Vec<B::Buf> = starts.iter().map(|d| up(be, d)).collect();
+        if many {
+            let mut pairs: Vec<(&mut B::Buf, &B::Buf)> = db.iter_mut().zip(&dy).collect();
+            be.bias_grads(&mut pairs, rows, cols);
+        } else {
+            for (d, y) in db.iter_mut().zip(&dy) {
+                be.bias_grad(d, y, rows, cols);
+            }
+        }
+        db.iter().map(|d| be.download(d, cols)).collect()
+    }
+    let many = go(g, &douts, &starts, rows, cols, true);
+    let one = go(g, &douts, &starts, rows, cols, false);
+    let cpu = go(&Cpu, &douts, &starts, rows, cols, false);
+    for t in 0..5 {
+        compare(
+            &format!("bias_grads tensor {t} against bias_grad on the device"),
+            &many[t],
+            &one[t],
+            0.0,
+        );
+        compare(
+            &format!("bias_grads tensor {t} against the CPU"),
+            &many[t],
+            &cpu[t],
+            TOL_KERNEL,
+        );
+    }
+}
+
 parity_test!(bias_gelu_forward_backward, bias_gelu_forward_backward_body);
 fn bias_gelu_forward_backward_body<G: Backend>(g: &G) {
     // three row chunks (the last short) and two column blocks (the last partial) of the

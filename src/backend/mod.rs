@@ -343,6 +343,13 @@ pub trait Backend {
     fn add_bias(&self, out: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize);
     /// dbias += sum over rows of dout[rows, cols].
     fn bias_grad(&self, dbias: &mut Self::Buf, dout: &Self::Buf, rows: usize, cols: usize);
+    /// `bias_grad` of every (dbias, dout) pair, all [rows, cols] (a layer's q, k and v
+    /// biases). The default is that loop; the CUDA backend sums them in one launch.
+    fn bias_grads(&self, pairs: &mut [(&mut Self::Buf, &Self::Buf)], rows: usize, cols: usize) {
+        for (dbias, dout) in pairs.iter_mut() {
+            self.bias_grad(dbias, dout, rows, cols);
+        }
+    }
 
     // ---- layers ---------------------------------------------------------------------
     // `rounding` (layernorm_fwd, bias_gelu_fwd/bwd, dropout_fwd/bwd): the output is written

@@ -1048,8 +1048,14 @@ impl<B: Backend> Model<B> {
             // dx_in = the residual path (dsum) plus the three paths, accumulated by the GEMMs
             // into dsum (no separate add pass), which then becomes dx
             for (dy, w) in [(&s.dq, &mut lp.q), (&s.dk, &mut lp.k), (&s.dv, &mut lp.v)] {
-                linear_bwd(be, w, true, dy, x_in, &mut s.dsum, 1.0, n, c, c, precision);
+                linear_bwd(be, w, false, dy, x_in, &mut s.dsum, 1.0, n, c, c, precision);
             }
+            // their three bias gradients in one call (one launch on CUDA)
+            be.bias_grads(
+                &mut [(&mut lp.q.b.g, &s.dq), (&mut lp.k.b.g, &s.dk), (&mut lp.v.b.g, &s.dv)],
+                n,
+                c,
+            );
             std::mem::swap(&mut s.dx, &mut s.dsum);
         }
 

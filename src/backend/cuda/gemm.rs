@@ -8,7 +8,7 @@ use crate::backend::Precision;
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// c[m,n] = alpha * op(a) op(b) + beta * c, row-major; `ta`/`tb` mean a is stored [k,m],
 /// b is stored [n,k]. The storage of a and b, then `inputs` (the trait's promise that they
@@ -228,35 +228,69 @@ pub fn add_bias(cu: &Cuda, out: &mut CudaBuf, bias: &CudaSlice<f32>, rows: usize
 /// summed in row order, then added to dst in chunk order (the CPU's `col_sums_into`), all
 /// in one launch of `col_sums_f32`.
 pub(super) fn col_sums_into(cu: &Cuda, dst: &mut CudaSlice<f32>, src: &CudaBuf, rows: usize, cols: usize) {
-    if rows == 0 || cols == 0 {
+    col_sums_many(cu, &mut [(dst, src)], rows, cols)
+}
+
+/// kernels/gemm.cu's ColSums: the (dst, src) pairs of one `col_sums_f32` launch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct ColSums {
+    dst: [u64; COL_SUMS_MAX],
+    src: [u64; COL_SUMS_MAX],
+}
+// SAFETY: #[repr(C)] plain data with the field order and types of the CUDA struct (eight
+// pointers, 64 bytes).
+unsafe impl DeviceRepr for ColSums {}
+
+/// COL_SUMS_MAX of kernels/gemm.cu.
+const COL_SUMS_MAX: usize = 4;
+
+/// `col_sums_into` for every (dst, src) pair, all [rows, cols] with sources of one storage
+/// type: one launch per COL_SUMS_MAX pairs (a layer's q, k and v bias gradients in one).
+pub(super) fn col_sums_many(cu: &Cuda, pairs: &mut [(&mut CudaSlice<f32>, &CudaBuf)], rows: usize, cols: usize) {
+    if rows == 0 || cols == 0 || pairs.is_empty() {
         return;
     }
-    need(dst.len(), cols, "column sums dst");
-    need(src.len(), rows * cols, "column sums src");
+    let code = pairs[0].1.code();
+    for (dst, src) in pairs.iter() {
+        need(dst.len(), cols, "column sums dst");
+        need(src.len(), rows * cols, "column sums src");
+        assert_eq!(
+            src.code(),
+            code,
+            "column sums: sources of one launch share a storage type"
+        );
+    }
     let chunks = rows.div_ceil(REDUCE_ROWS);
-    let cfg = column_grid(cols, chunks, BLOCK);
     let (ri, ci) = (int(rows, "rows"), int(cols, "cols"));
     int(rows * cols, "rows*cols");
-    let mut guard = cu.scratch.lock().unwrap();
-    let s = &mut *guard;
-    let partial = super::ensure(&cu.stream, &mut s.f32_a, chunks * cols);
-    let counters = super::ensure(&cu.stream, &mut s.counters, cfg.grid_dim.0 as usize);
-    let (ps, ts) = (src.addr(&cu.stream), src.code());
-    let mut l = cu.stream.launch_builder(cu.func("col_sums_f32"));
-    l.arg(dst)
-        .arg(partial)
-        .arg(counters)
-        .arg(&ps)
-        .arg(&ts)
-        .arg(&ri)
-        .arg(&ci);
-    // SAFETY: (float* dst, float* partial, unsigned* counters, const void* src, int src_t,
-    // int rows, int cols); block (x, k) reads column block x of the rows of chunk k of
-    // src[..rows*cols] (of src_t's type; the caller's buffer, checked above), writes
-    // partial[k*cols + j] (chunks*cols floats, ensure) and counts in counters[x] (grid x
-    // entries, ensure: zero, and left zero by every launch); the last block of column block
-    // x updates dst[j] for its columns j < cols (dst holds cols, checked above).
-    check(unsafe { l.launch(cfg) }, "col_sums_f32");
+    for group in pairs.chunks_mut(COL_SUMS_MAX) {
+        let mut cfg = column_grid(cols, chunks, BLOCK);
+        cfg.grid_dim.2 = group.len() as u32;
+        let mut t = ColSums {
+            dst: [0; COL_SUMS_MAX],
+            src: [0; COL_SUMS_MAX],
+        };
+        for (i, (dst, src)) in group.iter_mut().enumerate() {
+            let (p, _sync) = dst.device_ptr_mut(&cu.stream);
+            t.dst[i] = p;
+            t.src[i] = src.addr(&cu.stream);
+        }
+        let mut guard = cu.scratch.lock().unwrap();
+        let s = &mut *guard;
+        let partial = super::ensure(&cu.stream, &mut s.f32_a, group.len() * chunks * cols);
+        let counters = super::ensure(&cu.stream, &mut s.counters, group.len() * cfg.grid_dim.0 as usize);
+        let mut l = cu.stream.launch_builder(cu.func("col_sums_f32"));
+        l.arg(&t).arg(&code).arg(partial).arg(counters).arg(&ri).arg(&ci);
+        // SAFETY: (ColSums t, int src_t, float* partial, unsigned* counters, int rows, int
+        // cols); block (x, k, z) reads column block x of the rows of chunk k of src_z
+        // [..rows*cols] (of src_t's type; checked above), writes partial[(z*chunks + k)*cols
+        // + j] (tensors*chunks*cols floats, ensure) and counts in counters[z*gridx + x]
+        // (tensors*gridx entries, ensure: zero, and left zero by every launch); the last
+        // block of column block x updates dst_z[j] for j < cols (cols floats, checked above);
+        // z < the group's length, whose entries are all set.
+        check(unsafe { l.launch(cfg) }, "col_sums_f32");
+    }
 }
 
 /// The grid of the one-launch column reductions: (column blocks of `block` threads,

@@ -661,6 +661,14 @@ impl Backend for Cuda {
     fn bias_grad(&self, dbias: &mut CudaBuf, dout: &CudaBuf, rows: usize, cols: usize) {
         gemm::bias_grad(self, dbias.f32_mut("bias_grad dbias"), dout, rows, cols)
     }
+    fn bias_grads(&self, pairs: &mut [(&mut CudaBuf, &CudaBuf)], rows: usize, cols: usize) {
+        let _r = self.range("bias_grad");
+        let mut pairs: Vec<(&mut CudaSlice<f32>, &CudaBuf)> = pairs
+            .iter_mut()
+            .map(|(d, s)| (d.f32_mut("bias_grads dbias"), &**s))
+            .collect();
+        gemm::col_sums_many(self, &mut pairs, rows, cols)
+    }
     fn embedding_fwd(
         &self, out: &mut CudaBuf, ids: &CudaSlice<i32>, pos: &CudaSlice<i32>, types: &CudaSlice<i32>, wte: &CudaBuf,
         wpe: &CudaBuf, wtt: &CudaBuf, n: usize, c: usize,
