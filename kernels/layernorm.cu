@@ -82,31 +82,38 @@ extern "C" __global__ void layernorm_bwd_dinp_f32(float* dsum, void* dinp, int d
 }
 
 // Per chunk k of REDUCE_ROWS rows: pw[k, j] = sum_r g[r, j] xhat[r, j], pb[k, j] = sum_r g[r, j],
-// rows in order (the CPU's per-chunk partials); then, by the last block of each column
-// block, dweight[j] += pw[0, j] + ... and dbias[j] += pb[0, j] + ... in chunk order (the
-// last-block pattern of common.cuh's last_block_of_column, as kernels/gemm.cu col_sums_f32).
-// Grid: (ceil(c / blockDim.x), nchunks); counters [gridDim.x], zero before and after.
-extern "C" __global__ void layernorm_bwd_params_f32(float* dweight, float* dbias, float* pw, float* pb,
-                                                    unsigned* counters, const float* dout, const void* inp,
-                                                    int inp_t, const void* residual, int res_t, const float* mean,
+// rows in order (the CPU's per-chunk partials); with dinp_bias (not null) also pp[k, j] =
+// sum_r dinp[r, j] as stored by layernorm_bwd_dinp_f32 (the bias gradient of the linear
+// layer whose output inp is, col_sums_f32's sum). Then, by the last block of each column
+// block, dweight[j] += pw[0, j] + ..., dbias[j] += pb[0, j] + ... (and dinp_bias[j] += pp
+// ...) in chunk order (the last-block pattern of common.cuh's last_block_of_column, as
+// kernels/gemm.cu col_sums_f32). Grid: (ceil(c / blockDim.x), nchunks); counters
+// [gridDim.x], zero before and after.
+extern "C" __global__ void layernorm_bwd_params_f32(float* dweight, float* dbias, float* dinp_bias, const void* dinp,
+                                                    int dinp_t, float* pw, float* pb, float* pp, unsigned* counters,
+                                                    const float* dout, const void* inp, int inp_t,
+                                                    const void* residual, int res_t, const float* mean,
                                                     const float* rstd, int n, int c, DropoutArgs drop) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     int k = blockIdx.y;
     if (j < c) {
         int r0 = k * REDUCE_ROWS, r1 = min(n, r0 + REDUCE_ROWS);
-        float dw = 0.0f, db = 0.0f;
+        float dw = 0.0f, db = 0.0f, dp = 0.0f;
         for (int r = r0; r < r1; ++r) {
             size_t i = (size_t)r * c + j;
             float xh = (ln_input(inp, inp_t, residual, res_t, i, drop) - mean[r]) * rstd[r];
             float g = dout[i];
             dw += g * xh;
             db += g;
+            if (dinp_bias) dp += ld(dinp, dinp_t, i);
         }
         pw[(size_t)k * c + j] = dw;
         pb[(size_t)k * c + j] = db;
+        if (dinp_bias) pp[(size_t)k * c + j] = dp;
     }
     if (last_block_of_column(counters + blockIdx.x) && j < c) {
         add_partials(dweight, pw, gridDim.y, c, j);
         add_partials(dbias, pb, gridDim.y, c, j);
+        if (dinp_bias) add_partials(dinp_bias, pp, gridDim.y, c, j);
     }
 }

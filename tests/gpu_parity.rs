@@ -716,9 +716,11 @@ fn dropout_layernorm_fused_body<G: Backend>(g: &G) {
         );
         let (mut dsum, mut dinp, mut dw, mut db) = (be.alloc(n * c), be.alloc(n * c), be.alloc(c), be.alloc(c));
         let g = up(be, dout);
+        let mut dinp_bias = up(be, b); // accumulates onto what is there
         be.dropout_layernorm_bwd(
             &mut dsum,
             Some(&mut dinp),
+            Some(&mut dinp_bias),
             &mut dw,
             &mut db,
             &g,
@@ -740,6 +742,7 @@ fn dropout_layernorm_fused_body<G: Backend>(g: &G) {
             be.download(&dinp, n * c),
             be.download(&dw, c),
             be.download(&db, c),
+            be.download(&dinp_bias, c),
         ]
     }
     #[allow(clippy::too_many_arguments)]
@@ -780,6 +783,8 @@ fn dropout_layernorm_fused_body<G: Backend>(g: &G) {
             c,
         );
         be.dropout_bwd(&mut dinp, &dsum, n * c, d, p);
+        let mut dinp_bias = up(be, b);
+        be.bias_grad(&mut dinp_bias, &dinp, n, c);
         vec![
             be.download(&out, n * c),
             be.download(&mean, n),
@@ -788,9 +793,10 @@ fn dropout_layernorm_fused_body<G: Backend>(g: &G) {
             be.download(&dinp, n * c),
             be.download(&dw, c),
             be.download(&db, c),
+            be.download(&dinp_bias, c),
         ]
     }
-    let names = ["out", "mean", "rstd", "dsum", "dinp", "dweight", "dbias"];
+    let names = ["out", "mean", "rstd", "dsum", "dinp", "dweight", "dbias", "dinp_bias"];
     for res in [None, Some(&res[..])] {
         let tag = if res.is_some() { "with residual" } else { "no residual" };
         let rc = fused(&Cpu, &x, res, &w, &b, &dout, d, n, c, Precision::Fp32);
@@ -1197,9 +1203,11 @@ fn rounded_storage_ops<G: Backend>(be: &G, prec: Precision) {
         );
         outs.push(be.download(&o, len));
         let (mut dsum, mut dinp, mut gw, mut gb) = (be.alloc(len), mk(len), be.alloc(c), be.alloc(c));
+        let mut gdb = be.alloc(c);
         be.dropout_layernorm_bwd(
             &mut dsum,
             Some(&mut dinp),
+            Some(&mut gdb),
             &mut gw,
             &mut gb,
             &ddy,
@@ -1218,6 +1226,7 @@ fn rounded_storage_ops<G: Backend>(be: &G, prec: Precision) {
             be.download(&dinp, len),
             be.download(&gw, c),
             be.download(&gb, c),
+            be.download(&gdb, c),
         ]);
         let mut gbias = be.alloc(c);
         be.bias_grad(&mut gbias, &dinp, n, c);
@@ -1256,6 +1265,7 @@ fn rounded_storage_ops<G: Backend>(be: &G, prec: Precision) {
         "dropout_layernorm_bwd dinp",
         "dropout_layernorm_bwd dweight",
         "dropout_layernorm_bwd dbias",
+        "dropout_layernorm_bwd dinp_bias (a rounded dinp's column sums)",
         "bias_grad of a rounded buffer",
         "bias_gelu_fwd",
         "bias_gelu_bwd dinp",

@@ -390,7 +390,7 @@ pub trait Backend {
     ) {
         let (off, fp32) = (Dropout::OFF, Precision::Fp32);
         self.dropout_layernorm_bwd(
-            dinp, None, dweight, dbias, dout, inp, off, residual, weight, mean, rstd, n, c, fp32,
+            dinp, None, None, dweight, dbias, dout, inp, off, residual, weight, mean, rstd, n, c, fp32,
         )
     }
     /// out = LayerNorm(dropout(inp) + residual): `dropout_fwd` (fp32) and `layernorm_fwd`
@@ -406,12 +406,15 @@ pub trait Backend {
     /// Backward of `dropout_layernorm_fwd`: dsum (overwritten) = d loss / d(dropout(inp) +
     /// residual), the residual's gradient; dinp, when given (overwritten) = `dropout_bwd`
     /// of dsum, rounded as `rounding` says, written in the same pass; dweight, dbias
-    /// accumulated. Bit for bit `layernorm_bwd` then `dropout_bwd`.
+    /// accumulated. Bit for bit `layernorm_bwd` then `dropout_bwd`. `dinp_bias` (only with
+    /// dinp): += the column sums of dinp as written, `bias_grad` of the linear layer whose
+    /// output inp is (on CUDA in the parameter gradients' launch, not one of its own).
     #[allow(clippy::too_many_arguments)]
     fn dropout_layernorm_bwd(
-        &self, dsum: &mut Self::Buf, dinp: Option<&mut Self::Buf>, dweight: &mut Self::Buf, dbias: &mut Self::Buf,
-        dout: &Self::Buf, inp: &Self::Buf, dropout: Dropout, residual: Option<&Self::Buf>, weight: &Self::Buf,
-        mean: &Self::Buf, rstd: &Self::Buf, n: usize, c: usize, rounding: Precision,
+        &self, dsum: &mut Self::Buf, dinp: Option<&mut Self::Buf>, dinp_bias: Option<&mut Self::Buf>,
+        dweight: &mut Self::Buf, dbias: &mut Self::Buf, dout: &Self::Buf, inp: &Self::Buf, dropout: Dropout,
+        residual: Option<&Self::Buf>, weight: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, n: usize, c: usize,
+        rounding: Precision,
     );
     /// out = gelu(inp + bias) (erf form), rows of width c.
     fn bias_gelu_fwd(

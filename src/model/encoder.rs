@@ -947,10 +947,12 @@ impl<B: Backend> Model<B> {
             let la = &a.layers[li];
             let x_in = if li == 0 { &a.x0 } else { &a.layers[li - 1].x2 };
             let lp = &mut p.layers[li];
-            // x2 = LN(dropout(f2) + x1): dsum to x1, dtmp (rounded) to f2
+            // x2 = LN(dropout(f2) + x1): dsum to x1, dtmp (rounded) to f2, and f2's bias
+            // gradient (the column sums of dtmp) in the same call
             be.dropout_layernorm_bwd(
                 &mut s.dsum,
                 Some(&mut s.dtmp),
+                Some(&mut lp.out.b.g),
                 &mut lp.ln2.w.g,
                 &mut lp.ln2.b.g,
                 &s.dx,
@@ -964,11 +966,11 @@ impl<B: Backend> Model<B> {
                 c,
                 precision,
             );
-            // f2 = g W_o^T + b_o
+            // f2 = g W_o^T + b_o (b_o's gradient summed above)
             linear_bwd(
                 be,
                 &mut lp.out,
-                true,
+                false,
                 &s.dtmp,
                 &la.g,
                 &mut s.dg,
@@ -1007,10 +1009,12 @@ impl<B: Backend> Model<B> {
                 precision,
             );
             std::mem::swap(&mut s.dx, &mut s.dsum);
-            // x1 = LN(dropout(ao) + x_in): dsum to x_in, dtmp (rounded) to ao
+            // x1 = LN(dropout(ao) + x_in): dsum to x_in, dtmp (rounded) to ao, and ao's
+            // bias gradient
             be.dropout_layernorm_bwd(
                 &mut s.dsum,
                 Some(&mut s.dtmp),
+                Some(&mut lp.attn_out.b.g),
                 &mut lp.ln1.w.g,
                 &mut lp.ln1.b.g,
                 &s.dx,
@@ -1024,11 +1028,11 @@ impl<B: Backend> Model<B> {
                 c,
                 precision,
             );
-            // ao = att W_ao^T + b_ao
+            // ao = att W_ao^T + b_ao (b_ao's gradient summed above)
             linear_bwd(
                 be,
                 &mut lp.attn_out,
-                true,
+                false,
                 &s.dtmp,
                 &la.att,
                 &mut s.datt,

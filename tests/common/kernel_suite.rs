@@ -223,14 +223,16 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
             Precision::Bf16,
         )
     });
-    let (mut dsum, mut dtmp) = (be.alloc(n * c), lo_zero(n * c));
+    let (mut dsum, mut dtmp, mut dpb) = (be.alloc(n * c), lo_zero(n * c), be.alloc(c));
+    // as the encoder calls it: the preceding linear layer's bias gradient in the same call
     run(
         "dropout_layernorm_bwd/residual",
-        mixed(3 * n * c, 2 * n * c),
+        mixed(3 * n * c, 3 * n * c), // dinp is read back for its column sums
         &mut || {
             be.dropout_layernorm_bwd(
                 &mut dsum,
                 Some(&mut dtmp),
+                Some(&mut dpb),
                 &mut dw,
                 &mut db,
                 &dout,

@@ -105,14 +105,19 @@ impl Backend for Cpu {
         layernorm::layernorm_fwd(out, mean, rstd, inp, dropout, res, weight, bias, n, c, eps, rounding)
     }
     fn dropout_layernorm_bwd(
-        &self, dsum: &mut Vec<f32>, dinp: Option<&mut Vec<f32>>, dweight: &mut Vec<f32>, dbias: &mut Vec<f32>,
-        dout: &Vec<f32>, inp: &Vec<f32>, dropout: Dropout, residual: Option<&Vec<f32>>, weight: &Vec<f32>,
-        mean: &Vec<f32>, rstd: &Vec<f32>, n: usize, c: usize, rounding: Precision,
+        &self, dsum: &mut Vec<f32>, mut dinp: Option<&mut Vec<f32>>, dinp_bias: Option<&mut Vec<f32>>,
+        dweight: &mut Vec<f32>, dbias: &mut Vec<f32>, dout: &Vec<f32>, inp: &Vec<f32>, dropout: Dropout,
+        residual: Option<&Vec<f32>>, weight: &Vec<f32>, mean: &Vec<f32>, rstd: &Vec<f32>, n: usize, c: usize,
+        rounding: Precision,
     ) {
+        assert!(
+            dinp_bias.is_none() || dinp.is_some(),
+            "dropout_layernorm_bwd: dinp_bias needs dinp"
+        );
         let res = residual.map(|r| r.as_slice());
         layernorm::layernorm_bwd(
             dsum,
-            dinp.map(|d| d.as_mut_slice()),
+            dinp.as_deref_mut().map(|d| d.as_mut_slice()),
             dweight,
             dbias,
             dout,
@@ -125,7 +130,10 @@ impl Backend for Cpu {
             n,
             c,
             rounding,
-        )
+        );
+        if let (Some(db), Some(d)) = (dinp_bias, dinp) {
+            gemm::bias_grad(db, d, n, c);
+        }
     }
     fn bias_gelu_fwd(
         &self, out: &mut Vec<f32>, inp: &Vec<f32>, bias: &Vec<f32>, n: usize, c: usize, rounding: Precision,

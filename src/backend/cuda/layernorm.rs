@@ -4,7 +4,7 @@ use super::gemm::column_grid;
 use super::{check, ensure, int, need, round_code, Cuda, CudaBuf, DropoutArgs};
 use crate::backend::cpu::gemm::REDUCE_ROWS;
 use crate::backend::{Dropout, Precision};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 /// Threads per row block.
 const LN_BLOCK: u32 = 128;
@@ -72,12 +72,14 @@ pub fn layernorm_fwd(
 /// dsum = d loss / d(dropout(inp) + residual) (overwritten); with `dinp`, the gradient of
 /// inp through the mask too (rounded to `rounding`), in the same pass; dweight, dbias
 /// accumulated, with the CPU's fixed chunking (REDUCE_ROWS rows per partial, partials added
-/// in order). dinp, inp and residual in any storage.
+/// in order), and with `dinp_bias` the column sums of dinp as stored too, in the same
+/// launch. dinp, inp and residual in any storage.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_bwd(
-    cu: &Cuda, dsum: &mut CudaSlice<f32>, dinp: Option<&mut CudaBuf>, dweight: &mut CudaSlice<f32>,
-    dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaBuf, dropout: Dropout, residual: Option<&CudaBuf>,
-    weight: &CudaSlice<f32>, mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>, n: usize, c: usize, rounding: Precision,
+    cu: &Cuda, dsum: &mut CudaSlice<f32>, dinp: Option<&mut CudaBuf>, dinp_bias: Option<&mut CudaSlice<f32>>,
+    dweight: &mut CudaSlice<f32>, dbias: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaBuf, dropout: Dropout,
+    residual: Option<&CudaBuf>, weight: &CudaSlice<f32>, mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>, n: usize,
+    c: usize, rounding: Precision,
 ) {
     if n == 0 {
         return;
@@ -88,6 +90,13 @@ pub fn layernorm_bwd(
     }
     if let Some(d) = &dinp {
         need(d.len(), n * c, "layernorm_bwd dinp");
+    }
+    assert!(
+        dinp_bias.is_none() || dinp.is_some(),
+        "layernorm_bwd: dinp_bias needs dinp"
+    );
+    if let Some(b) = &dinp_bias {
+        need(b.len(), c, "layernorm_bwd dinp_bias");
     }
     if let Some(r) = residual {
         need(r.len(), n * c, "layernorm_bwd residual");
@@ -137,12 +146,25 @@ pub fn layernorm_bwd(
     let s = &mut *guard;
     let pw = ensure(&cu.stream, &mut s.f32_a, chunks * c);
     let pb = ensure(&cu.stream, &mut s.f32_b, chunks * c);
+    let pp = ensure(
+        &cu.stream,
+        &mut s.f32_c,
+        if dinp_bias.is_some() { chunks * c } else { 1 },
+    );
     let counters = ensure(&cu.stream, &mut s.counters, cfg.grid_dim.0 as usize);
+    let pdb = dinp_bias.map_or(0, |b| {
+        let (p, _sync) = b.device_ptr_mut(&cu.stream);
+        p
+    });
     let mut l = cu.stream.launch_builder(cu.func("layernorm_bwd_params_f32"));
     l.arg(dweight)
         .arg(dbias)
+        .arg(&pdb)
+        .arg(&pd)
+        .arg(&td)
         .arg(&mut *pw)
         .arg(&mut *pb)
+        .arg(&mut *pp)
         .arg(&mut *counters)
         .arg(dout)
         .arg(&pi)
@@ -150,11 +172,13 @@ pub fn layernorm_bwd(
         .arg(&pr)
         .arg(&tr);
     l.arg(mean).arg(rstd).arg(&ni).arg(&ci).arg(&drop);
-    // SAFETY: (float* dweight, float* dbias, float* pw, float* pb, unsigned* counters,
-    // const float* dout, const void* inp, int inp_t, const void* residual, int res_t, const
-    // float* mean, const float* rstd, int n, int c, DropoutArgs drop); block (x, k) reads
-    // column block x of the rows of chunk k and writes pw/pb[k*c + j] (chunks*c floats,
-    // ensure), counts in counters[x] (grid x entries, ensure: zero, left zero); the last
-    // block of column block x updates dweight/dbias[j] for j < c; the rest is checked above.
+    // SAFETY: (float* dweight, float* dbias, float* dinp_bias (null: none), const void*
+    // dinp, int dinp_t, float* pw, float* pb, float* pp, unsigned* counters, const float*
+    // dout, const void* inp, int inp_t, const void* residual, int res_t, const float* mean,
+    // const float* rstd, int n, int c, DropoutArgs drop); block (x, k) reads column block x
+    // of the rows of chunk k (of dinp too, n*c of its storage, when dinp_bias is set) and
+    // writes pw/pb (and pp with dinp_bias)[k*c + j] (chunks*c floats each, ensure), counts
+    // in counters[x] (grid x entries, ensure: zero, left zero); the last block of column
+    // block x updates dweight/dbias (and dinp_bias)[j] for j < c; the rest is checked above.
     check(unsafe { l.launch(cfg) }, "layernorm_bwd_params_f32");
 }

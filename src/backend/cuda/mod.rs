@@ -124,6 +124,8 @@ struct Scratch {
     f32_a: Option<CudaSlice<f32>>,
     /// LayerNorm's bias partials; attention's D vector; InfoNCE's column accumulator.
     f32_b: Option<CudaSlice<f32>>,
+    /// LayerNorm's partials of its input gradient's column sums (`dinp_bias`).
+    f32_c: Option<CudaSlice<f32>>,
     /// InfoNCE |P_i|, validity and class representatives.
     i32_a: Option<CudaSlice<i32>>,
     /// The column reductions' per-column-block counters (kernels/common.cuh
@@ -729,15 +731,16 @@ impl Backend for Cuda {
         )
     }
     fn dropout_layernorm_bwd(
-        &self, dsum: &mut CudaBuf, dinp: Option<&mut CudaBuf>, dweight: &mut CudaBuf, dbias: &mut CudaBuf,
-        dout: &CudaBuf, inp: &CudaBuf, dropout: Dropout, residual: Option<&CudaBuf>, weight: &CudaBuf, mean: &CudaBuf,
-        rstd: &CudaBuf, n: usize, c: usize, rounding: Precision,
+        &self, dsum: &mut CudaBuf, dinp: Option<&mut CudaBuf>, dinp_bias: Option<&mut CudaBuf>, dweight: &mut CudaBuf,
+        dbias: &mut CudaBuf, dout: &CudaBuf, inp: &CudaBuf, dropout: Dropout, residual: Option<&CudaBuf>,
+        weight: &CudaBuf, mean: &CudaBuf, rstd: &CudaBuf, n: usize, c: usize, rounding: Precision,
     ) {
         let w = "layernorm_bwd";
         layernorm::layernorm_bwd(
             self,
             dsum.f32_mut(w),
             dinp,
+            dinp_bias.map(|b| b.f32_mut(w)),
             dweight.f32_mut(w),
             dbias.f32_mut(w),
             dout.f32(w),
