@@ -217,7 +217,10 @@ __device__ __forceinline__ bool last_block_of_column(unsigned* counter) {
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.y - 1;
     __syncthreads();
-    if (last && threadIdx.x == 0) *counter = 0;  // for the next launch (stream order)
+    if (last) {
+        __threadfence();  // and the others' partials are read only after they were counted
+        if (threadIdx.x == 0) *counter = 0;  // for the next launch (stream order)
+    }
     return last;
 }
 
