@@ -384,10 +384,10 @@ elif [ -n "$CLI" ] && python3 -c 'import torch, transformers' 2>/dev/null; then
             --json "$LOGS/compare-torch-$bf-$br.json" >"$LOGS/compare-torch-$bf-$br.log" 2>&1
         rc=$?
         tail -n 12 "$LOGS/compare-torch-$bf-$br.log"
-        res=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); o=d.get("ours",d); print(round(d.get("ratio",float("nan")),2), round(100*o.get("mfu",float("nan")),1), round(100*o.get("host_enqueue_fraction",float("nan"))))' "$LOGS/compare-torch-$bf-$br.json" 2>/dev/null)
-        [ -n "$res" ] || res="? ? ?"
-        read -r r_ratio r_mfu r_host <<<"$res"
-        row "step vs PyTorch roberta $bf/$br" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "ratio ours/torch $r_ratio, MFU $r_mfu%, host enqueue $r_host% of the step; $LOGS/compare-torch-$bf-$br.log"
+        res=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); o=d.get("ours",d); c=o.get("device_calls_per_step") or {}; print(round(d.get("ratio",float("nan")),2), round(100*o.get("mfu",float("nan")),1), round(100*o.get("host_enqueue_fraction",float("nan"))), "%s+%s" % (c.get("kernel_launches","?"), c.get("gemms","?")))' "$LOGS/compare-torch-$bf-$br.json" 2>/dev/null)
+        [ -n "$res" ] || res="? ? ? ?"
+        read -r r_ratio r_mfu r_host r_calls <<<"$res"
+        row "step vs PyTorch roberta $bf/$br" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "ratio ours/torch $r_ratio, MFU $r_mfu%, host enqueue $r_host% of the step ($r_calls launches+GEMMs); $LOGS/compare-torch-$bf-$br.log"
     done
 else
     row "step vs PyTorch" "SKIP" "needs the CLI and torch+transformers"

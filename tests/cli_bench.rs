@@ -108,6 +108,7 @@ fn tiny_run_reports_consistent_numbers() {
         "losses",
         "loadavg_start",
         "loadavg_end",
+        "device_calls_per_step",
         "unix_time",
         "note",
     ] {
@@ -119,6 +120,7 @@ fn tiny_run_reports_consistent_numbers() {
     assert!(j["backend"].as_str().unwrap().starts_with("cpu"));
     assert_eq!(j["threads"], 2);
     assert!(j["device_memory_bytes"].is_null(), "the CPU has no device memory");
+    assert!(j["device_calls_per_step"].is_null(), "the CPU enqueues no device calls");
     assert_eq!(j["model_config"]["hidden_size"], 32);
 
     // shapes

@@ -88,6 +88,11 @@ pub trait BenchBackend: Backend {
     fn paths(&self, _precision: Precision, _hidden: usize) -> Value {
         Value::Null
     }
+    /// (kernel launches, GEMM calls) enqueued so far, where the backend enqueues work on a
+    /// device; None on the CPU.
+    fn enqueued_calls(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// One measured matmul rate.
@@ -177,6 +182,9 @@ impl BenchBackend for Cuda {
     }
     fn verified(&self) -> bool {
         super::selfcheck::passed().is_some()
+    }
+    fn enqueued_calls(&self) -> Option<(u64, u64)> {
+        Some(Cuda::enqueued_calls(self))
     }
     fn paths(&self, precision: Precision, hidden: usize) -> Value {
         json!({
@@ -560,9 +568,17 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
     // GPU, when this comes near the step time the host is the bottleneck (launch overhead:
     // the case for CUDA graphs); on the CPU it is the whole step.
     let mut host = Vec::with_capacity(args.steps);
+    // launches and GEMM calls of the timed steps' enqueueing (steps warmup..total)
+    let mut calls = (None, None);
     model.be.sync();
     let mut last = Instant::now();
     for step in 0..=total {
+        if step == args.warmup as u64 {
+            calls.0 = model.be.enqueued_calls();
+        }
+        if step == total {
+            calls.1 = model.be.enqueued_calls();
+        }
         let t_host = Instant::now();
         let (batch, z) = deepcut::assemble(&windows, &forget, &retain, pad, style, 0, Anchors::All);
         model.set_loss_scale(opt.loss_scale());
@@ -609,6 +625,13 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
     };
     let spread = Spread::of(&times);
     let host = Spread::of(&host);
+    let calls_per_step = match calls {
+        (Some((l0, g0)), Some((l1, g1))) if args.steps > 0 => json!({
+            "kernel_launches": (l1 - l0) as f64 / args.steps as f64,
+            "gemms": (g1 - g0) as f64 / args.steps as f64,
+        }),
+        _ => Value::Null,
+    };
     let flops = shape.flops();
     let tokens = shape.tokens();
     let achieved = flops.total() / spread.median / 1e12;
@@ -659,6 +682,9 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             // host time to assemble and enqueue a step; near step_time_s on a GPU = launch-bound
             "host_enqueue_s": host.to_json(),
             "host_enqueue_fraction": host.median / spread.median,
+            // what the host enqueues per step (null on the CPU): host_enqueue_s over their
+            // sum is the host's cost per call
+            "device_calls_per_step": calls_per_step,
             "host_syncs_per_step": if opt.scaler.is_some() { 1 } else { 0 },
             "tokens_per_s": tokens as f64 / spread.median,
             "flops_per_step": flops.total(),

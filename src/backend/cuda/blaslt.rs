@@ -113,6 +113,7 @@ impl Lt {
         else {
             return false;
         };
+        cu.count_gemm();
         let (handle, ws_len) = (self.handle, self.workspace.len());
         let (pw, _rw) = self.workspace.device_ptr_mut(&cu.stream);
         let pbias = bias.map(|b| b.device_ptr(&cu.stream));

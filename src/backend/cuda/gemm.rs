@@ -104,6 +104,7 @@ fn gemm_cublas(
     cu: &Cuda, c: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32,
     beta: f32, inputs: Precision, operands: Precision,
 ) {
+    cu.count_gemm();
     let cfg = GemmConfig {
         transa: if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
         transb: if ta { CUBLAS_OP_T } else { CUBLAS_OP_N },

@@ -64,6 +64,7 @@ use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Threads per block of the element-wise kernels.
@@ -245,6 +246,9 @@ pub struct Cuda {
     uploads: Mutex<uploads::Uploads>,
     info: DeviceInfo,
     nvtx: bool,
+    /// Kernel launches and GEMM calls enqueued so far (`Cuda::enqueued_calls`).
+    launches: AtomicU64,
+    gemms: AtomicU64,
 }
 
 /// Panics unless a buffer of `len` elements holds the `need` an op will touch: the host-side
@@ -420,6 +424,8 @@ impl Cuda {
                 image_target: targets.join("+"),
             },
             nvtx,
+            launches: AtomicU64::new(0),
+            gemms: AtomicU64::new(0),
         })
     }
 
@@ -509,7 +515,22 @@ impl Cuda {
         }
     }
 
+    /// (kernel launches, GEMM calls) enqueued on this device so far: `bench` reports them
+    /// per step, so a GPU run shows what the host pays per call (`host_enqueue_s` over
+    /// them) and whether launch overhead is worth CUDA graphs.
+    pub fn enqueued_calls(&self) -> (u64, u64) {
+        (
+            self.launches.load(Ordering::Relaxed),
+            self.gemms.load(Ordering::Relaxed),
+        )
+    }
+    /// Counts one GEMM call (cuBLASLt or cuBLAS), from gemm.rs and blaslt.rs.
+    pub(crate) fn count_gemm(&self) {
+        self.gemms.fetch_add(1, Ordering::Relaxed);
+    }
     fn func(&self, name: &str) -> &CudaFunction {
+        // every launch looks its kernel up here once
+        self.launches.fetch_add(1, Ordering::Relaxed);
         self.funcs
             .get(name)
             .unwrap_or_else(|| panic!("CUDA kernel {name} is not in the loaded modules (kernels/*.cu)"))
