@@ -41,10 +41,8 @@ extern "C" __global__ void bias_gelu_bwd_f32(void* dinp, int dinp_t, const void*
         float acc = 0.0f;
         for (int r = r0; r < r1; ++r) {
             size_t i = (size_t)r * c + j;
-            // rounded as stored, so the sum adds exactly what a later read of dinp gives
-            float v = round_as(ld(dout, dout_t, i) * gelu_grad(ld(inp, inp_t, i) + b), round);
-            st(dinp, dinp_t, i, v);
-            acc += v;
+            st(dinp, dinp_t, i, round_as(ld(dout, dout_t, i) * gelu_grad(ld(inp, inp_t, i) + b), round));
+            acc += ld(dinp, dinp_t, i);  // as stored: what the weight-gradient GEMM reads
         }
         partial[(size_t)k * c + j] = acc;
     }

@@ -1,6 +1,6 @@
 // The GEMM family's own kernels (the products themselves go through cuBLAS): bias add,
-// bias gradient (column sums, also LayerNorm's parameter gradients) and in-place add. CPU twin: src/backend/cpu/gemm.rs and the
-// add_inplace of src/backend/cpu/mod.rs.
+// bias gradients (column sums) and in-place add. CPU twin: src/backend/cpu/gemm.rs and
+// the add_inplace of src/backend/cpu/mod.rs.
 #include "common.cuh"
 
 // Rows per partial sum in column reductions: REDUCE_ROWS of src/backend/cpu/gemm.rs. Each
