@@ -1,7 +1,6 @@
 //! Bias + GELU (kernels/gelu.cu). CPU twin: cpu/gelu.rs.
 use super::gemm::column_grid;
 use super::{check, ensure, grid_1d, int, need, round_code, Cuda, CudaBuf, BLOCK};
-use crate::backend::cpu::gemm::REDUCE_ROWS;
 use crate::backend::Precision;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
@@ -56,8 +55,7 @@ pub fn bias_gelu_bwd(
     let (ni, ci) = (int(n, "gelu n"), int(c, "gelu c"));
     int(total, "gelu n*c");
     need(dbias.len(), c, "bias_gelu_bwd dbias");
-    let chunks = n.div_ceil(REDUCE_ROWS);
-    let cfg = column_grid(c, chunks, BLOCK);
+    let (cfg, chunks) = column_grid(n, c, BLOCK);
     let (pd, td) = (dinp.addr(&cu.stream), dinp.code());
     let (pg, tg, pi, ti) = (dout.addr(&cu.stream), dout.code(), inp.addr(&cu.stream), inp.code());
     let round = round_code(rounding);

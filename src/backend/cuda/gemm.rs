@@ -225,13 +225,6 @@ pub fn add_bias(cu: &Cuda, out: &mut CudaBuf, bias: &CudaSlice<f32>, rows: usize
     check(unsafe { l.launch(grid_1d(total, BLOCK)) }, "add_bias_f32");
 }
 
-/// dst[j] += sum over rows of src[r, j], deterministically: REDUCE_ROWS-row partials
-/// summed in row order, then added to dst in chunk order (the CPU's `col_sums_into`), all
-/// in one launch of `col_sums_f32`.
-pub(super) fn col_sums_into(cu: &Cuda, dst: &mut CudaSlice<f32>, src: &CudaBuf, rows: usize, cols: usize) {
-    col_sums_many(cu, &mut [(dst, src)], rows, cols)
-}
-
 /// kernels/gemm.cu's ColSums: the (dst, src) pairs of one `col_sums_f32` launch.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -246,8 +239,10 @@ unsafe impl DeviceRepr for ColSums {}
 /// COL_SUMS_MAX of kernels/gemm.cu.
 const COL_SUMS_MAX: usize = 4;
 
-/// `col_sums_into` for every (dst, src) pair, all [rows, cols] with sources of one storage
-/// type: one launch per COL_SUMS_MAX pairs (a layer's q, k and v bias gradients in one).
+/// dst[j] += sum over rows of src[r, j] for every (dst, src) pair, all [rows, cols] with
+/// sources of one storage type, deterministically: REDUCE_ROWS-row partials summed in row
+/// order, then added to dst in chunk order (the CPU's `col_sums_into`); one launch of
+/// `col_sums_f32` per COL_SUMS_MAX pairs (a layer's q, k and v bias gradients in one).
 pub(super) fn col_sums_many(cu: &Cuda, pairs: &mut [(&mut CudaSlice<f32>, &CudaBuf)], rows: usize, cols: usize) {
     if rows == 0 || cols == 0 || pairs.is_empty() {
         return;
@@ -262,11 +257,10 @@ pub(super) fn col_sums_many(cu: &Cuda, pairs: &mut [(&mut CudaSlice<f32>, &CudaB
             "column sums: sources of one launch share a storage type"
         );
     }
-    let chunks = rows.div_ceil(REDUCE_ROWS);
     let (ri, ci) = (int(rows, "rows"), int(cols, "cols"));
     int(rows * cols, "rows*cols");
+    let (mut cfg, chunks) = column_grid(rows, cols, BLOCK);
     for group in pairs.chunks_mut(COL_SUMS_MAX) {
-        let mut cfg = column_grid(cols, chunks, BLOCK);
         cfg.grid_dim.2 = group.len() as u32;
         let mut t = ColSums {
             dst: [0; COL_SUMS_MAX],
@@ -294,24 +288,26 @@ pub(super) fn col_sums_many(cu: &Cuda, pairs: &mut [(&mut CudaSlice<f32>, &CudaB
     }
 }
 
-/// The grid of the one-launch column reductions: (column blocks of `block` threads,
-/// row chunks).
-pub(super) fn column_grid(cols: usize, chunks: usize, block: u32) -> LaunchConfig {
+/// The grid of the one-launch column reductions over [rows, cols] (column blocks of
+/// `block` threads, chunks of REDUCE_ROWS rows), and its number of row chunks.
+pub(super) fn column_grid(rows: usize, cols: usize, block: u32) -> (LaunchConfig, usize) {
+    let chunks = rows.div_ceil(REDUCE_ROWS);
     assert!(
         chunks <= 65_535,
         "column sums: {chunks} row chunks exceed the grid's 65535"
     );
-    LaunchConfig {
+    let cfg = LaunchConfig {
         grid_dim: (cols.div_ceil(block as usize) as u32, chunks as u32, 1),
         block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
-    }
+    };
+    (cfg, chunks)
 }
 
 /// dbias += sum over rows of dout.
 pub fn bias_grad(cu: &Cuda, dbias: &mut CudaSlice<f32>, dout: &CudaBuf, rows: usize, cols: usize) {
     let _r = cu.range("bias_grad");
-    col_sums_into(cu, dbias, dout, rows, cols);
+    col_sums_many(cu, &mut [(dbias, dout)], rows, cols);
 }
 
 /// dst[..n] += src[..n]

@@ -2,7 +2,6 @@
 //! (kernels/layernorm.cu). CPU twin: cpu/layernorm.rs.
 use super::gemm::column_grid;
 use super::{check, ensure, int, need, round_code, Cuda, CudaBuf, DropoutArgs};
-use crate::backend::cpu::gemm::REDUCE_ROWS;
 use crate::backend::{Dropout, Precision};
 use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
 
@@ -71,9 +70,9 @@ pub fn layernorm_fwd(
 
 /// dsum = d loss / d(dropout(inp) + residual) (overwritten); with `dinp`, the gradient of
 /// inp through the mask too (rounded to `rounding`), in the same pass; dweight, dbias
-/// accumulated, with the CPU's fixed chunking (REDUCE_ROWS rows per partial, partials added
-/// in order), and with `dinp_bias` the column sums of dinp as stored too, in the same
-/// launch. dinp, inp and residual in any storage.
+/// accumulated, with the CPU's fixed chunking (cpu::gemm::REDUCE_ROWS rows per partial,
+/// partials added in order), and with `dinp_bias` the column sums of dinp as stored too,
+/// in the same launch. dinp, inp and residual in any storage.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_bwd(
     cu: &Cuda, dsum: &mut CudaSlice<f32>, dinp: Option<&mut CudaBuf>, dinp_bias: Option<&mut CudaSlice<f32>>,
@@ -140,8 +139,7 @@ pub fn layernorm_bwd(
     // of dsum and dinp, each buffer of its type's storage; sizes checked above.
     check(unsafe { l.launch(row_cfg(n)) }, "layernorm_bwd_dinp_f32");
 
-    let chunks = n.div_ceil(REDUCE_ROWS);
-    let cfg = column_grid(c, chunks, 128);
+    let (cfg, chunks) = column_grid(n, c, 128);
     let mut guard = cu.scratch.lock().unwrap();
     let s = &mut *guard;
     let pw = ensure(&cu.stream, &mut s.f32_a, chunks * c);

@@ -647,15 +647,10 @@ impl Backend for Cuda {
         }
     }
     fn zero_all(&self, xs: &mut [(&mut CudaBuf, usize)]) {
-        if xs.iter().all(|(x, _)| matches!(x, CudaBuf::F32(_))) {
-            let mut xs: Vec<(&mut CudaSlice<f32>, usize)> =
-                xs.iter_mut().map(|(x, n)| (x.f32_mut("zero_all"), *n)).collect();
-            adamw::zero_all(self, &mut xs);
-        } else {
-            for (x, n) in xs.iter_mut() {
-                self.zero(x, *n);
-            }
-        }
+        // gradients, always fp32 (SPEC section 7)
+        let mut xs: Vec<(&mut CudaSlice<f32>, usize)> =
+            xs.iter_mut().map(|(x, n)| (x.f32_mut("zero_all"), *n)).collect();
+        adamw::zero_all(self, &mut xs);
     }
     fn add_inplace(&self, dst: &mut CudaBuf, src: &CudaBuf, n: usize) {
         gemm::add_inplace(self, dst.f32_mut("add_inplace dst"), src.f32("add_inplace src"), n)
