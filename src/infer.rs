@@ -119,9 +119,6 @@ pub fn argmax<T: PartialOrd>(row: &[T]) -> usize {
     best
 }
 
-/// Runs `model` (evaluation mode: no dropout) over `windows` of `sentences`, batches of
-/// at most `model.max_tokens()` tokens sorted by length (little padding), and collects
-/// per-word logits in input order and per-sentence losses.
 /// One evaluation batch's logits and token losses on their way back: staged copies, and
 /// the batch's windows and padded length.
 struct EvalSlot<B: Backend> {
@@ -130,6 +127,9 @@ struct EvalSlot<B: Backend> {
     batch: Option<(Vec<usize>, usize)>,
 }
 
+/// Runs `model` (evaluation mode: no dropout) over `windows` of `sentences`, batches of
+/// at most `model.max_tokens()` tokens sorted by length (little padding), and collects
+/// per-word logits in input order and per-sentence losses.
 pub fn run_windows<B: Backend>(
     model: &mut Model<B>, sentences: &[Sentence], windows: &[Window], pad_id: u32, style: PositionStyle,
 ) -> Outputs {
