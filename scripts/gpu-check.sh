@@ -43,6 +43,9 @@
 # target/release/deps/. Logs go to target/gpu-check-logs/, and with $OUT set (the device
 # tool) also to $OUT/gpu-check-logs.tgz with the table in $OUT/summary.txt.
 #
+# compute-sanitizer (memcheck, racecheck) over the kernel parity tests on the card, when a
+# session has device time left after the check: `scripts/gpu-check.sh --sanitize` (same carry).
+#
 # The end-to-end comparison of issue #6 (the WNUT17 / MiniLM / ratio 0.10 unlearning run, on the
 # GPU against PyTorch on the same GPU) needs the fine-tuned model and the full data on the GPU
 # machine, which do not fit next to the test binaries in one 64 MiB carry. So it is a second
@@ -221,6 +224,39 @@ if [ "${1:-}" = "--e2e" ]; then
         cp "$LOGS/e2e-run/report.json" "$OUT/e2e-run-report.json" 2>/dev/null
     fi
     echo "== gpu-check --e2e done ($(elapsed)); logs in $LOGS"
+    exit 0
+fi
+
+if [ "${1:-}" = "--sanitize" ]; then
+    # NVIDIA's compute-sanitizer over the kernel parity tests on the card: memcheck (every
+    # device access inside its allocation) and racecheck (shared-memory hazards). The CPU
+    # emulator runs the same tests under AddressSanitizer and ThreadSanitizer in every CI
+    # (tests/gpu_parity.rs cuda_backend_under_memcheck_and_racecheck); this is the real
+    # hardware's word. The whole-step tests are skipped: they run the same kernels again,
+    # and a sanitized step takes minutes.
+    [ -n "$PARITY" ] || { echo "--sanitize: no gpu_parity binary: run scripts/gpu-check.sh --build" >&2; exit 1; }
+    CS=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null | head -1)
+    [ -n "$CS" ] || { echo "--sanitize: no compute-sanitizer on this machine" >&2; exit 1; }
+    echo "== gpu-check --sanitize $(date -u +%Y-%m-%dT%H:%MZ) with $CS"
+    for tool in memcheck racecheck; do
+        enough "compute-sanitizer $tool" || continue
+        timeout "$(cap 240)" "$CS" --tool "$tool" --error-exitcode 3 --print-limit 20 \
+            "$PARITY" --test-threads 1 --skip step:: --skip cuda_backend_ --skip sanitizers_ \
+            >"$LOGS/sanitize-$tool.log" 2>&1
+        rc=$?
+        summary=$(grep -E '(ERROR SUMMARY|RACECHECK SUMMARY)' "$LOGS/sanitize-$tool.log" | tail -1)
+        tests=$(grep '^test result:' "$LOGS/sanitize-$tool.log" | tail -1)
+        case $rc in
+            0) row "compute-sanitizer $tool" "PASS" "${summary:-no summary}; ${tests:-?}" ;;
+            124) row "compute-sanitizer $tool" "TIMEOUT" "$LOGS/sanitize-$tool.log" ;;
+            *) row "compute-sanitizer $tool" "FAIL" "rc $rc; ${summary:-?}; $LOGS/sanitize-$tool.log"
+               grep -m 20 -E '=========  (Invalid|Error|Race|.*hazard)' "$LOGS/sanitize-$tool.log" ;;
+        esac
+    done
+    printf '%s\n' "${ROWS[@]}" | tee "$LOGS/sanitize-summary.txt"
+    if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+        cp "$LOGS"/sanitize-*.log "$LOGS/sanitize-summary.txt" "$OUT/" 2>/dev/null
+    fi
     exit 0
 fi
 

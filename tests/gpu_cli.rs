@@ -163,6 +163,59 @@ fn bench_on_cuda_reports_device_numbers() {
     }
 }
 
+/// A bf16 `bench --device cuda` step at the MiniLM preset's shapes (hidden 384, 12 heads of
+/// 32, FFN 1536, vocabulary 30522; one forget and two retain sentences of 45 tokens) on the
+/// AddressSanitizer build of the emulator (tests/cuda_emu, "Sanitizer builds"): every
+/// launch and GEMM of a real model's step, with its real grid, stays inside its buffers.
+/// The parity tests' memcheck run (tests/gpu_parity.rs) covers every op at small awkward
+/// shapes; this is the shape the engine ships for. On a GPU, compute-sanitizer's job
+/// (`scripts/gpu-check.sh --sanitize`).
+#[test]
+fn a_bf16_step_at_the_minilm_shape_under_memcheck() {
+    if let Ok(d) = deepcut_fast::backend::cuda::availability() {
+        eprintln!(
+            "a_bf16_step_at_the_minilm_shape_under_memcheck: not run, a real device is present \
+             ({d}); scripts/gpu-check.sh --sanitize runs compute-sanitizer there"
+        );
+        return;
+    }
+    let mut c = fixture::bin();
+    c.args([
+        "bench",
+        "--device",
+        "cuda",
+        "--preset",
+        "minilm-l6",
+        "--precision",
+        "bf16",
+        "--bf",
+        "1",
+        "--br",
+        "2",
+        "--seq-len",
+        "45",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--matmul-size",
+        "64",
+    ]);
+    common::cuda_emu::sanitized(&mut c, common::cuda_emu::Sanitizer::Address).unwrap_or_else(|e| panic!("{e}"));
+    let o = c.output().expect("run deepcut-fast");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    if let Some(report) = common::cuda_emu::sanitizer_report(&stderr) {
+        panic!("AddressSanitizer on the emulator, a MiniLM-shape bf16 step:\n{report}");
+    }
+    assert!(o.status.success(), "{stderr}");
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(j["backend"].as_str().unwrap().contains("cuda"), "{}", j["backend"]);
+    assert_eq!(j["hidden"].as_u64(), Some(384), "{j}");
+    for k in ["ce", "contrast", "total"] {
+        assert!(j["losses"]["last"][k].as_f64().is_some_and(f64::is_finite), "loss {k}");
+    }
+}
+
 /// The device self-check (src/cli/selfcheck.rs): `--device auto` runs a whole DeepCUT step
 /// on the GPU and the CPU and takes the GPU when they agree (the bench then says it was
 /// verified); with a disagreement injected (DEEPCUT_SELF_CHECK_FAULT=1) auto falls back

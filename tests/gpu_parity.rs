@@ -280,6 +280,164 @@ fn cuda_backend_on_the_cpu_emulator() {
     ));
 }
 
+/// Every parity test again on two instrumented builds of the emulator (tests/cuda_emu,
+/// "Sanitizer builds"), side by side:
+/// - AddressSanitizer + UBSan, device buffers and dynamic shared memory at their exact
+///   sizes: a kernel, launcher or GEMM that touches memory outside what it was given fails
+///   (compute-sanitizer's memcheck, without a GPU);
+/// - ThreadSanitizer over the kernels, each thread of a block its own fiber and
+///   `__syncthreads` the only thing that orders memory (a warp shuffle orders none): two
+///   threads of a block that touch the same shared or global memory with no barrier
+///   between them fail, however the emulator happened to schedule them
+///   (compute-sanitizer's racecheck).
+///
+/// `sanitizers_catch_planted_bugs` shows each one failing on a kernel written to fail.
+#[test]
+fn cuda_backend_under_memcheck_and_racecheck() {
+    use common::cuda_emu::Sanitizer;
+    if std::env::var("DEEPCUT_CUDA_EMU").is_ok() {
+        return; // the child itself
+    }
+    if let Ok(d) = cuda::availability() {
+        loud(&format!(
+            "cuda_backend_under_memcheck_and_racecheck: not run, a real device is present ({d}); \
+             run compute-sanitizer there"
+        ));
+        return;
+    }
+    let children: Vec<_> = [Sanitizer::Address, Sanitizer::Thread]
+        .into_iter()
+        .map(|san| {
+            // the parity tests, not the tests that spawn children or plant bugs
+            let skip = ["cuda_backend_", "sanitizers_catch", "launch_planted"];
+            let mut c = sanitized_child(san, &skip.map(|t| ["--skip", t]).concat());
+            (san, c.spawn().expect("re-run this test binary"))
+        })
+        .collect();
+    for (san, child) in children {
+        let out = child.wait_with_output().expect("the child's output");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        let passed = stdout
+            .lines()
+            .filter(|l| l.starts_with("test ") && l.ends_with(" ok"))
+            .count();
+        let report = common::cuda_emu::sanitizer_report(&stderr);
+        assert!(
+            out.status.success() && report.is_none(),
+            "the CUDA backend under {san:?}Sanitizer on the emulator:\n{}\n{stdout}",
+            report.unwrap_or_else(|| stderr.to_string())
+        );
+        assert!(
+            // (a floor: most of the suite ran, not a few tests before a silent stop)
+            stderr.contains("CPU emulator of a CUDA device") && passed >= 25,
+            "the {san:?}Sanitizer child did not run the parity tests on the emulator \
+             ({passed} passed):\n{stdout}\n{stderr}"
+        );
+        loud(&format!(
+            "CUDA backend on the emulator under {san:?}Sanitizer: {passed} tests passed, no report"
+        ));
+    }
+}
+
+/// This test binary, run again as a child on the `san` build of the emulator with the
+/// sanitizer's runtime preloaded, and libtest arguments `args`.
+fn sanitized_child(san: common::cuda_emu::Sanitizer, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.args(["--test-threads", "1"])
+        .args(args)
+        .env("DEEPCUT_REQUIRE_GPU", "1")
+        .env("DEEPCUT_CUDA_EMU", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    common::cuda_emu::sanitized(&mut c, san).unwrap_or_else(|e| panic!("{e}"));
+    c
+}
+
+/// The sanitizer builds find what they are for: each planted bug (tests/cuda_emu/planted.cu)
+/// is reported by its sanitizer, naming the kernel, and the same kernel with its barrier
+/// is reported by neither.
+#[test]
+fn sanitizers_catch_planted_bugs() {
+    use common::cuda_emu::Sanitizer;
+    if std::env::var("DEEPCUT_CUDA_EMU").is_ok() {
+        return; // the child itself
+    }
+    if let Ok(d) = cuda::availability() {
+        loud(&format!(
+            "sanitizers_catch_planted_bugs: not run, a real device is present ({d})"
+        ));
+        return;
+    }
+    let cases = [
+        (
+            Sanitizer::Address,
+            "planted_write_past_the_end",
+            Some("heap-buffer-overflow"),
+        ),
+        (Sanitizer::Thread, "planted_missing_syncthreads", Some("data race")),
+        (Sanitizer::Thread, "planted_shuffle_as_a_fence", Some("data race")),
+        (Sanitizer::Address, "planted_control_with_syncthreads", None),
+        (Sanitizer::Thread, "planted_control_with_syncthreads", None),
+    ];
+    for (san, kernel, want) in cases {
+        let out = sanitized_child(san, &["--exact", "launch_planted_kernel", "--nocapture"])
+            .env("DEEPCUT_PLANTED_KERNEL", kernel)
+            .output()
+            .expect("re-run this test binary");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let report = common::cuda_emu::sanitizer_report(&stderr);
+        match (want, report) {
+            (Some(kind), Some(r)) => {
+                assert!(
+                    r.contains(kind) && r.contains(kernel),
+                    "{san:?}Sanitizer reported {kernel}, but not as `{kind}` in it:\n{r}"
+                );
+                loud(&format!("{san:?}Sanitizer on the emulator reports {kernel}: {kind}"));
+            }
+            (Some(kind), None) => panic!("{san:?}Sanitizer did not report {kernel} (`{kind}` planted):\n{stderr}"),
+            (None, Some(r)) => panic!("{san:?}Sanitizer reported the correct {kernel}:\n{r}"),
+            (None, None) => assert!(
+                out.status.success() && stderr.contains(&format!("launched planted kernel {kernel}")),
+                "{kernel} did not run to the end under {san:?}Sanitizer:\n{stderr}"
+            ),
+        }
+    }
+}
+
+/// Child of `sanitizers_catch_planted_bugs`: launches DEEPCUT_PLANTED_KERNEL on the emulator
+/// (blocks of 64 threads, n = 64); does nothing in any other run.
+#[test]
+fn launch_planted_kernel() {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let Ok(kernel) = std::env::var("DEEPCUT_PLANTED_KERNEL") else {
+        return;
+    };
+    let ctx = cudarc::driver::CudaContext::new(0).expect("the emulator's device");
+    let stream = ctx.default_stream();
+    // the emulator ignores the image and finds kernels by name
+    let module = ctx
+        .load_module(cudarc::nvrtc::Ptx::from_src("// tests/cuda_emu/planted.cu"))
+        .expect("a module");
+    let f = module.load_function(&kernel).expect("the planted kernel");
+    let n = 64usize;
+    let mut out = stream.alloc_zeros::<f32>(n).expect("alloc");
+    let n_arg = n as i32;
+    let cfg = LaunchConfig {
+        // two blocks where a thread index past n is the bug
+        grid_dim: (if kernel.contains("past_the_end") { 2 } else { 1 }, 1, 1),
+        block_dim: (n as u32, 1, 1),
+        shared_mem_bytes: (n * 4) as u32,
+    };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&mut out).arg(&n_arg);
+    unsafe { l.launch(cfg) }.expect("launch");
+    let host = stream.clone_dtoh(&out).expect("copy back");
+    eprintln!("launched planted kernel {kernel}: out[0] = {}", host[0]);
+}
+
 // ---- linear algebra -----------------------------------------------------------------------
 
 parity_test!(gemm_all_transposes, gemm_all_transposes_body);

@@ -12,17 +12,104 @@ use std::process::Command;
 /// per process: tests running side by side must not rebuild a library another one is
 /// loading.
 pub fn build() -> Result<PathBuf, String> {
-    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    BUILT.get_or_init(build_now).clone()
+    build_with(Sanitizer::None)
 }
 
-fn build_now() -> Result<PathBuf, String> {
+/// How the emulator is instrumented (tests/cuda_emu/runtime.cpp, "Sanitizer builds").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sanitizer {
+    None,
+    /// AddressSanitizer and UBSan over kernels, runtime and cuBLAS, with device buffers and
+    /// dynamic shared memory at their exact sizes: memcheck.
+    Address,
+    /// ThreadSanitizer over the kernels, each thread of a block a TSan fiber: racecheck.
+    Thread,
+}
+
+impl Sanitizer {
+    fn folder(self) -> &'static str {
+        match self {
+            Sanitizer::None => "cuda-emu",
+            Sanitizer::Address => "cuda-emu-asan",
+            Sanitizer::Thread => "cuda-emu-tsan",
+        }
+    }
+
+    /// The sanitizer's runtime, which a process that loads this build must preload
+    /// (`LD_PRELOAD`): the Rust test binary itself is not instrumented.
+    pub fn runtime(self) -> Result<Option<PathBuf>, String> {
+        let lib = match self {
+            Sanitizer::None => return Ok(None),
+            Sanitizer::Address => "libasan.so",
+            Sanitizer::Thread => "libtsan.so",
+        };
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let out = Command::new(&cxx)
+            .arg(format!("-print-file-name={lib}"))
+            .output()
+            .map_err(|e| format!("{cxx} -print-file-name={lib}: {e}"))?;
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if path.is_absolute() && path.exists() {
+            Ok(Some(path))
+        } else {
+            Err(format!("{cxx} has no {lib} (install the compiler's sanitizer runtime)"))
+        }
+    }
+}
+
+/// Makes `cmd` run on the `san` build of the emulator: its folder first on LD_LIBRARY_PATH,
+/// the sanitizer's runtime preloaded, and options under which a report fails the process
+/// (AddressSanitizer, UBSan) or is printed for `sanitizer_report` (ThreadSanitizer).
+pub fn sanitized(cmd: &mut Command, san: Sanitizer) -> Result<(), String> {
+    let dir = build_with(san)?;
+    cmd.env("LD_LIBRARY_PATH", library_path(&dir));
+    if let Some(rt) = san.runtime()? {
+        cmd.env("LD_PRELOAD", rt);
+    }
+    // the Rust side is not instrumented: its allocations are not ours to judge, and the
+    // interceptors (memcpy, ...) are judged only where the kernels call them, since the
+    // Rust side synchronises through atomics TSan does not see
+    cmd.env("ASAN_OPTIONS", "detect_leaks=0:halt_on_error=1:abort_on_error=0")
+        .env("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1")
+        .env(
+            "TSAN_OPTIONS",
+            "halt_on_error=0:report_signal_unsafe=0:ignore_noninstrumented_modules=1",
+        );
+    Ok(())
+}
+
+/// The first sanitizer report in a process's `stderr`, from its banner on, if any.
+pub fn sanitizer_report(stderr: &str) -> Option<String> {
+    const BANNERS: [&str; 4] = [
+        "ERROR: AddressSanitizer",
+        "WARNING: ThreadSanitizer",
+        "runtime error:",
+        "ERROR: LeakSanitizer",
+    ];
+    let at = BANNERS.iter().filter_map(|b| stderr.find(b)).min()?;
+    let start = stderr[..at].rfind('\n').map_or(0, |i| i + 1);
+    Some(stderr[start..].chars().take(6000).collect())
+}
+
+/// `build` for one instrumentation; each has its own folder.
+pub fn build_with(san: Sanitizer) -> Result<PathBuf, String> {
+    type Built = std::sync::OnceLock<Result<PathBuf, String>>;
+    static BUILT: [Built; 3] = [Built::new(), Built::new(), Built::new()];
+    let i = match san {
+        Sanitizer::None => 0,
+        Sanitizer::Address => 1,
+        Sanitizer::Thread => 2,
+    };
+    BUILT[i].get_or_init(|| build_now(san)).clone()
+}
+
+fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
     if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
         // runtime.cpp switches fiber stacks with x86-64 System V assembly
         return Err("the CUDA emulator (tests/cuda_emu) is written for x86-64 Linux".into());
     }
     let repo = super::repo();
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu");
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(san.folder());
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let emu = repo.join("tests/cuda_emu");
     let sources: Vec<PathBuf> = std::fs::read_dir(repo.join("kernels"))
@@ -35,6 +122,8 @@ fn build_now() -> Result<PathBuf, String> {
         .cloned()
         .collect();
     kernels.sort();
+    // kernels with planted bugs, for the sanitizer builds' own test
+    kernels.push(emu.join("planted.cu"));
     let mut inputs: Vec<PathBuf> = kernels.clone();
     // the shared headers (common.cuh, mma.cuh, ...)
     inputs.extend(
@@ -55,6 +144,8 @@ fn build_now() -> Result<PathBuf, String> {
         .iter()
         .map(|f| emu.join(f)),
     );
+    // this file: the flags
+    inputs.push(repo.join("tests/common/cuda_emu.rs"));
     let cublaslt = out.join("libcublasLt.so");
     let (cuda, cublas, nvtx) = (
         out.join("libcuda.so"),
@@ -73,7 +164,36 @@ fn build_now() -> Result<PathBuf, String> {
         }
     }
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let base = |cmd: &mut Command| {
+    // What each kind of file is built with: `Kernel` the kernels/*.cu translation units,
+    // `Runtime` runtime.cpp (and the final link of libcuda.so), `Blas` cublas.cpp / nvtx.cpp.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Part {
+        Kernel,
+        Runtime,
+        Blas,
+    }
+    let base = |cmd: &mut Command, part: Part| {
+        match (san, part) {
+            (Sanitizer::None, _) => {}
+            (Sanitizer::Address, _) => {
+                cmd.args([
+                    "-fsanitize=address,undefined",
+                    "-fno-sanitize=vptr",
+                    "-fno-omit-frame-pointer",
+                    "-g",
+                    "-DEMU_ASAN=1",
+                ]);
+            }
+            // Only the kernels are instrumented: the runtime's own scheduler state is
+            // shared by every fiber by design, and it tells TSan what orders what.
+            (Sanitizer::Thread, Part::Kernel) => {
+                cmd.args(["-fsanitize=thread", "-g"]);
+            }
+            (Sanitizer::Thread, Part::Runtime) => {
+                cmd.args(["-DEMU_TSAN=1", "-g"]);
+            }
+            (Sanitizer::Thread, Part::Blas) => {}
+        }
         cmd.args([
             "-std=c++20",
             "-O2",
@@ -107,7 +227,7 @@ fn build_now() -> Result<PathBuf, String> {
         std::fs::write(&cc, text).map_err(|e| format!("{}: {e}", cc.display()))?;
         let obj = out.join(format!("{stem}.o"));
         let mut cmd = Command::new(&cxx);
-        base(&mut cmd);
+        base(&mut cmd, Part::Kernel);
         cmd.arg("-include")
             .arg(emu.join("cuda_emu.h"))
             .arg("-c")
@@ -122,7 +242,7 @@ fn build_now() -> Result<PathBuf, String> {
     let staged = |p: &Path| p.with_extension("so.tmp");
     for (src, lib) in [("cublas.cpp", &cublas), ("nvtx.cpp", &nvtx)] {
         let mut cmd = Command::new(&cxx);
-        base(&mut cmd);
+        base(&mut cmd, Part::Blas);
         cmd.arg("-shared").arg(emu.join(src)).arg("-o").arg(staged(lib));
         jobs.push((format!("tests/cuda_emu/{src}"), spawn(cmd)?));
     }
@@ -131,14 +251,24 @@ fn build_now() -> Result<PathBuf, String> {
     }
     // cublas.cpp also holds the cuBLASLt calls: the same library under cuBLASLt's name
     std::fs::copy(staged(&cublas), staged(&cublaslt)).map_err(|e| format!("{}: {e}", cublaslt.display()))?;
+    // runtime.cpp compiled on its own: in the ThreadSanitizer build the link below is
+    // instrumented (the kernels call into libtsan) and the runtime must not be
+    let runtime = out.join("runtime.o");
     let mut cmd = Command::new(&cxx);
-    base(&mut cmd);
+    base(&mut cmd, Part::Runtime);
+    cmd.arg("-c").arg(emu.join("runtime.cpp")).arg("-o").arg(&runtime);
+    wait("tests/cuda_emu/runtime.cpp", spawn(cmd)?)?;
+    let mut cmd = Command::new(&cxx);
+    base(&mut cmd, Part::Runtime);
+    if san == Sanitizer::Thread {
+        cmd.arg("-fsanitize=thread");
+    }
     cmd.arg("-shared")
-        .arg(emu.join("runtime.cpp"))
+        .arg(&runtime)
         .args(&objects)
         .arg("-o")
         .arg(staged(&cuda));
-    wait("tests/cuda_emu/runtime.cpp", spawn(cmd)?)?;
+    wait("linking libcuda.so for the emulator", spawn(cmd)?)?;
     for lib in [&cublas, &cublaslt, &nvtx, &cuda] {
         std::fs::rename(staged(lib), lib).map_err(|e| format!("{}: {e}", lib.display()))?;
     }

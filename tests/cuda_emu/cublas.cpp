@@ -75,8 +75,8 @@ static cublasStatus_t gemm(int ta, int tb, int m, int n, int k, float alpha, con
             bc[(size_t)j * k + l] = rd(load(b, bt, tb == N_OP ? l + (size_t)j * ldb : j + (size_t)l * ldb));
     for (int j = 0; j < n; ++j)
         for (int i = 0; i < m; ++i) {
-            const float* x = &ar[(size_t)i * k];
-            const float* y = &bc[(size_t)j * k];
+            const float* x = ar.data() + (size_t)i * k;  // (k = 0: an empty product)
+            const float* y = bc.data() + (size_t)j * k;
             float acc = 0.0f;
             for (int l = 0; l < k; ++l) acc += x[l] * y[l];
             size_t o = i + (size_t)j * ldc;

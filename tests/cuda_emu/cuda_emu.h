@@ -2,8 +2,9 @@
 // (tests/cuda_emu, driven by tests/common/cuda_emu.rs). Included before every kernel file.
 //
 // Execution model (runtime.cpp): one launch runs its blocks one after another; the threads
-// of a block are real OS threads, so __syncthreads is a barrier over the block and the
-// warp shuffles exchange values through a per-warp barrier. `__shared__` variables become
+// of a block are fibers on the launching thread, switched only where they wait, so
+// __syncthreads is a barrier over the block and the warp shuffles exchange values through
+// a per-warp barrier. `__shared__` variables become
 // function statics, shared by every thread; that is per-block memory because blocks never
 // run at the same time. Arithmetic is the C++ compiler's fp32 (no FMA contraction), so a
 // kernel's numbers are what its code says, not what a GPU's instruction selection gives.

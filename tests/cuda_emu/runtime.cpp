@@ -7,7 +7,8 @@
 // Device memory is host memory (a CUdeviceptr is the host address); every call is
 // synchronous, so streams and events are no-ops; modules ignore the image they are given
 // and cuModuleGetFunction looks the kernel up by name among the compiled kernel files.
-// What it cannot show: real GPU timing, races that need true parallel warps, driver and
+// What it cannot show: real GPU timing, effects of truly parallel blocks (fences, the
+// memory model; races within a block are the ThreadSanitizer build's, below), driver and
 // compiler behaviour of real hardware, cuBLAS's own kernels (tests/cuda_emu/cublas.cpp).
 #include <atomic>
 #include <algorithm>
@@ -21,6 +22,26 @@
 #include <vector>
 
 #include "cuda_emu.h"
+
+// Sanitizer builds (tests/common/cuda_emu.rs `Sanitizer`). EMU_ASAN: everything is built
+// with AddressSanitizer (and UBSan), so a kernel or GEMM that reads or writes outside its
+// device buffer, its shared memory or its stack fails where it happens, as
+// compute-sanitizer's memcheck would on a GPU; for that, device memory and dynamic shared
+// memory are allocated at exactly the size asked for. EMU_TSAN: the kernels are built
+// with ThreadSanitizer and this file tells it what orders what: each thread of a block is
+// its own TSan fiber, __syncthreads orders memory across the block (a warp's shuffle
+// orders none: it exchanges registers), and one block comes after another. Two threads of a block that touch the same memory with no barrier
+// between them are reported, as compute-sanitizer's racecheck would: the fiber schedule
+// (which runs a thread until it waits) can no longer hide a missing __syncthreads.
+#if defined(EMU_ASAN)
+#include <sanitizer/common_interface_defs.h>
+constexpr bool EMU_EXACT_SIZES = true;
+#else
+constexpr bool EMU_EXACT_SIZES = false;
+#endif
+#if defined(EMU_TSAN)
+#include <sanitizer/tsan_interface.h>
+#endif
 
 #if !defined(__x86_64__) || !defined(__linux__)
 #error "tests/cuda_emu switches fiber stacks with x86-64 System V assembly (emu_switch)"
@@ -66,6 +87,8 @@ struct Fiber {
     bool done = false;
     const Bar* waiting = nullptr;  // the barrier this thread waits at, and its generation then
     unsigned long long wait_gen = 0;
+    void* tsan = nullptr;  // EMU_TSAN: this thread's TSan fiber
+    void* fake = nullptr;  // EMU_ASAN: this fiber's fake stack while switched out
 };
 
 BlockRun* cur = nullptr;
@@ -73,6 +96,17 @@ int cur_tid = 0;
 void* sched_sp = nullptr;
 std::vector<Fiber> fibers;
 unsigned long long progress = 0;  // arrivals at barriers and finished threads
+#if defined(EMU_ASAN)
+const void* sched_bottom = nullptr;  // the scheduler's stack, as ASan learns it on the first switch
+size_t sched_size = 0;
+#endif
+#if defined(EMU_TSAN)
+void* sched_tsan = nullptr;  // the launching thread's own TSan context
+// What orders blocks (racecheck's scope is a block, as compute-sanitizer's is): the
+// scheduler releases `block_gate` before a block and every thread acquires it on entry;
+// every thread releases `block_done` on exit and the scheduler acquires it after the block.
+char block_gate, block_done;
+#endif
 }  // namespace
 
 // Switches stacks: saves the callee-saved registers on the current stack, stores its
@@ -104,21 +138,61 @@ emu_switch:
 )");
 
 namespace {
-void yield() { emu_switch(&fibers[cur_tid].sp, sched_sp); }
+// Scheduler -> thread t, and back when the thread waits or ends; sanitizers are told of
+// each stack switch.
+void enter(Fiber& f) {
+#if defined(EMU_TSAN)
+    __tsan_switch_to_fiber(f.tsan, __tsan_switch_to_fiber_no_sync);
+#endif
+#if defined(EMU_ASAN)
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(&fake, f.stack, STACK);
+#endif
+    emu_switch(&sched_sp, f.sp);
+#if defined(EMU_ASAN)
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
 
-void bar_wait(Bar& b) {
+// In a thread: back to the scheduler (`exiting`: never to return).
+void leave(Fiber& f, bool exiting) {
+#if defined(EMU_TSAN)
+    __tsan_switch_to_fiber(sched_tsan, __tsan_switch_to_fiber_no_sync);
+#endif
+#if defined(EMU_ASAN)
+    __sanitizer_start_switch_fiber(exiting ? nullptr : &f.fake, sched_bottom, sched_size);
+#endif
+    emu_switch(&f.sp, sched_sp);
+#if defined(EMU_ASAN)
+    __sanitizer_finish_switch_fiber(f.fake, &sched_bottom, &sched_size);
+#endif
+    (void)exiting;
+}
+
+void yield() { leave(fibers[cur_tid], false); }
+
+// `orders_memory`: __syncthreads, which orders memory (for ThreadSanitizer, EMU_TSAN); a
+// warp's shuffle exchanges registers only and orders nothing (__syncwarp would).
+void bar_wait(Bar& b, bool orders_memory) {
+#if defined(EMU_TSAN)
+    if (orders_memory) __tsan_release(&b);  // what this thread did before the barrier ...
+#endif
     unsigned long long g = b.gen;
     ++progress;
     if (++b.arrived == b.expected) {
         b.arrived = 0;
         ++b.gen;
-        return;
+    } else {
+        Fiber& f = fibers[cur_tid];
+        f.waiting = &b;
+        f.wait_gen = g;
+        while (b.gen == g) yield();
+        f.waiting = nullptr;
     }
-    Fiber& f = fibers[cur_tid];
-    f.waiting = &b;
-    f.wait_gen = g;
-    while (b.gen == g) yield();
-    f.waiting = nullptr;
+#if defined(EMU_TSAN)
+    if (orders_memory) __tsan_acquire(&b);  // ... comes before what every thread does after
+#endif
+    (void)orders_memory;
 }
 
 void bar_drop(Bar& b) {
@@ -131,16 +205,25 @@ void bar_drop(Bar& b) {
 
 // First frame of every fiber (entered by emu_switch's ret); never returns.
 void fiber_entry() {
+#if defined(EMU_ASAN)
+    __sanitizer_finish_switch_fiber(nullptr, &sched_bottom, &sched_size);
+#endif
+#if defined(EMU_TSAN)
+    __tsan_acquire(&block_gate);
+#endif
     BlockRun* r = cur;
     int tid = cur_tid;
     r->thunk(r->params);
+#if defined(EMU_TSAN)
+    __tsan_release(&block_done);
+#endif
     // an exited thread leaves every barrier it could still be counted in
     r->or_slots[tid] = 0;
     bar_drop(r->warp_bars[tid / 32]);
     bar_drop(r->bar);
     fibers[tid].done = true;
     ++progress;
-    emu_switch(&fibers[tid].sp, sched_sp);
+    leave(fibers[tid], true);
     abort();  // a finished fiber is never resumed
 }
 
@@ -159,6 +242,9 @@ void run_block(BlockRun& r) {
     for (int t = 0; t < n; ++t) {
         Fiber& f = fibers[t];
         if (!f.stack) f.stack = (char*)malloc(STACK);
+#if defined(EMU_TSAN)
+        if (!f.tsan) f.tsan = __tsan_create_fiber(0);
+#endif
         f.done = false;
         f.waiting = nullptr;
         // a fresh stack as emu_switch leaves it: six callee-saved registers (zero) and the
@@ -170,6 +256,10 @@ void run_block(BlockRun& r) {
         for (int k = 0; k < 6; ++k) *--sp = nullptr;
         f.sp = sp;
     }
+#if defined(EMU_TSAN)
+    sched_tsan = __tsan_get_current_fiber();
+    __tsan_release(&block_gate);
+#endif
     int live = n;
     while (live > 0) {
         unsigned long long before = progress;
@@ -177,7 +267,7 @@ void run_block(BlockRun& r) {
             Fiber& f = fibers[t];
             if (f.done || (f.waiting && f.waiting->gen == f.wait_gen)) continue;  // still blocked
             set_thread_state(r, t);
-            emu_switch(&sched_sp, f.sp);
+            enter(f);
             if (f.done) --live;
         }
         if (live > 0 && progress == before) {
@@ -186,18 +276,21 @@ void run_block(BlockRun& r) {
             abort();
         }
     }
+#if defined(EMU_TSAN)
+    __tsan_acquire(&block_done);
+#endif
     cur = nullptr;
 }
 }  // namespace
 
-extern "C" void __syncthreads() { bar_wait(cur->bar); }
+extern "C" void __syncthreads() { bar_wait(cur->bar, true); }
 
 extern "C" int __syncthreads_or(int pred) {
     cur->or_slots[cur_tid] = pred != 0;
-    bar_wait(cur->bar);
+    bar_wait(cur->bar, true);
     int any = 0;
     for (int i = 0; i < cur->nthreads; ++i) any |= cur->or_slots[i];
-    bar_wait(cur->bar);
+    bar_wait(cur->bar, true);
     return any;
 }
 
@@ -206,21 +299,21 @@ extern "C" int emu_lane() { return cur_tid & 31; }
 extern "C" uint64_t emu_shfl64(uint64_t v, int src_lane) {
     int warp = cur_tid / 32;
     cur->shfl[cur_tid] = v;
-    bar_wait(cur->warp_bars[warp]);
+    bar_wait(cur->warp_bars[warp], false);
     uint64_t r = cur->shfl[warp * 32 + src_lane];
-    bar_wait(cur->warp_bars[warp]);
+    bar_wait(cur->warp_bars[warp], false);
     return r;
 }
 
 extern "C" void emu_warp_gather(const void* mine, int bytes, void* all) {
     int warp = cur_tid / 32;
     memcpy(&cur->gather[(size_t)cur_tid * 64], mine, (size_t)bytes);
-    bar_wait(cur->warp_bars[warp]);
+    bar_wait(cur->warp_bars[warp], false);
     memcpy(all, &cur->gather[(size_t)warp * 32 * 64], 32 * 64);
-    bar_wait(cur->warp_bars[warp]);
+    bar_wait(cur->warp_bars[warp], false);
 }
 
-extern "C" void* emu_dyn_smem() { return cur->smem.data(); }
+extern "C" void* emu_dyn_smem() { return cur->smem.empty() ? nullptr : cur->smem.data(); }
 
 static void launch(EmuThunk thunk, void** params, emu_dim3 grid, emu_dim3 block, size_t smem) {
     static std::mutex one_launch_at_a_time;
@@ -256,7 +349,7 @@ static void launch(EmuThunk thunk, void** params, emu_dim3 grid, emu_dim3 block,
         r.gather.assign(((n + 31) / 32) * 32 * 64, 0);
         r.or_slots.assign(n, 0);
         // 0xAB: uninitialised shared memory is garbage, not zeros, as on a GPU
-        r.smem.assign(smem + 16, (char)0xAB);
+        r.smem.assign(smem + (EMU_EXACT_SIZES ? 0 : 16), (char)0xAB);
         run_block(r);
     }
     emu_state = saved;
@@ -423,8 +516,9 @@ CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
 
 static CUresult alloc(CUdeviceptr* p, size_t n) {
     ++stats[ST_ALLOC];
-    void* m = aligned_alloc(256, ((n + 255) / 256) * 256 + 256);
-    if (!m) return ERR_OUT_OF_MEMORY;
+    // (EMU_ASAN: exactly n bytes, so ASan's redzone starts where the buffer ends)
+    void* m = nullptr;
+    if (posix_memalign(&m, 256, EMU_EXACT_SIZES ? (n ? n : 1) : ((n + 255) / 256) * 256 + 256)) return ERR_OUT_OF_MEMORY;
     memset(m, 0xCD, n);  // fresh device memory is garbage, not zeros
     *p = (CUdeviceptr)m;
     return OK;

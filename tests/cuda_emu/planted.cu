@@ -1,0 +1,37 @@
+// Kernels with one planted bug each, built into the emulator only (never into the engine):
+// tests/gpu_parity.rs `sanitizers_catch_planted_bugs` launches them under the sanitizer
+// builds and requires each report, so a sanitizer run that reports nothing has shown
+// something. One block of `n` threads, `n` floats of dynamic shared memory, `out` of n.
+
+// Reads a neighbour's shared-memory slot with no __syncthreads after the writes: racecheck.
+extern "C" __global__ void planted_missing_syncthreads(float* out, int n) {
+    extern __shared__ float smem[];
+    const int t = threadIdx.x;
+    smem[t] = (float)t;
+    out[t] = smem[(t + 1) % n];
+}
+
+// Orders a neighbour's shared-memory write by a warp shuffle alone, with no __syncwarp: a
+// shuffle exchanges registers and orders no memory, so this is a race too (racecheck).
+extern "C" __global__ void planted_shuffle_as_a_fence(float* out, int n) {
+    extern __shared__ float smem[];
+    const int t = threadIdx.x;
+    smem[t] = (float)t;
+    const float v = __shfl_sync(0xffffffffu, (float)t, (t + 1) & 31);
+    out[t] = v + smem[t ^ 1];
+}
+
+// Stores one element past the end of `out` (`<=` for `<`): memcheck.
+extern "C" __global__ void planted_write_past_the_end(float* out, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i <= n) out[i] = 1.0f;
+}
+
+// The first kernel with its barrier: the control, which neither sanitizer may report.
+extern "C" __global__ void planted_control_with_syncthreads(float* out, int n) {
+    extern __shared__ float smem[];
+    const int t = threadIdx.x;
+    smem[t] = (float)t;
+    __syncthreads();
+    out[t] = smem[(t + 1) % n];
+}
