@@ -163,24 +163,40 @@ fn bench_on_cuda_reports_device_numbers() {
     }
 }
 
-/// A bf16 `bench --device cuda` step at the MiniLM preset's shapes (hidden 384, 12 heads of
-/// 32, FFN 1536, vocabulary 30522; one forget and two retain sentences of 45 tokens) on the
-/// AddressSanitizer build of the emulator (tests/cuda_emu, "Sanitizer builds"): every
-/// launch and GEMM of a real model's step, with its real grid, stays inside its buffers.
+/// The CLI's GPU work on the AddressSanitizer build of the emulator (tests/cuda_emu,
+/// "Sanitizer builds"; every device buffer at exactly its size), so every launch and GEMM
+/// of a whole command, with its real grid, stays inside its buffers:
+/// - a bf16 `run --device cuda` of the small RoBERTa on the WNUT17 slice (evaluation
+///   windows of every length, the pipelined DeepCUT steps, the membership-inference
+///   features, the report);
+/// - a bf16 `bench` step at the MiniLM preset's shapes (hidden 384, 12 heads of 32, FFN
+///   1536, vocabulary 30522; one forget and two retain sentences of 45 tokens).
+///
 /// The parity tests' memcheck run (tests/gpu_parity.rs) covers every op at small awkward
-/// shapes; this is the shape the engine ships for. On a GPU, compute-sanitizer's job
-/// (`scripts/gpu-check.sh --sanitize`).
+/// shapes; these are the paths and shapes the engine ships. On a GPU, compute-sanitizer's
+/// job (`scripts/gpu-check.sh --sanitize`).
 #[test]
-fn a_bf16_step_at_the_minilm_shape_under_memcheck() {
+fn cli_on_cuda_under_memcheck() {
     if let Ok(d) = deepcut_fast::backend::cuda::availability() {
         eprintln!(
-            "a_bf16_step_at_the_minilm_shape_under_memcheck: not run, a real device is present \
-             ({d}); scripts/gpu-check.sh --sanitize runs compute-sanitizer there"
+            "cli_on_cuda_under_memcheck: not run, a real device is present ({d}); \
+             scripts/gpu-check.sh --sanitize runs compute-sanitizer there"
         );
         return;
     }
-    let mut c = fixture::bin();
-    c.args([
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = fixture::build(tmp.path());
+    let model = common::repo().join("tests/golden/roberta-wnut17");
+    let out = tmp.path().join("asan-run");
+    let run = fixture::run_args_on(
+        "cuda",
+        &model,
+        &fx.data,
+        &out,
+        3,
+        &["--seed", "3", "--precision", "bf16"],
+    );
+    let bench: Vec<String> = [
         "bench",
         "--device",
         "cuda",
@@ -200,19 +216,48 @@ fn a_bf16_step_at_the_minilm_shape_under_memcheck() {
         "0",
         "--matmul-size",
         "64",
-    ]);
-    common::cuda_emu::sanitized(&mut c, common::cuda_emu::Sanitizer::Address).unwrap_or_else(|e| panic!("{e}"));
-    let o = c.output().expect("run deepcut-fast");
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    if let Some(report) = common::cuda_emu::sanitizer_report(&stderr) {
-        panic!("AddressSanitizer on the emulator, a MiniLM-shape bf16 step:\n{report}");
-    }
-    assert!(o.status.success(), "{stderr}");
-    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(j["backend"].as_str().unwrap().contains("cuda"), "{}", j["backend"]);
-    assert_eq!(j["hidden"].as_u64(), Some(384), "{j}");
-    for k in ["ce", "contrast", "total"] {
-        assert!(j["losses"]["last"][k].as_f64().is_some_and(f64::is_finite), "loss {k}");
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    // side by side: each is one process on one core
+    let children: Vec<_> = [("run", run), ("bench", bench)]
+        .into_iter()
+        .map(|(what, args)| {
+            let mut c = fixture::bin();
+            c.args(&args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            common::cuda_emu::sanitized(&mut c, common::cuda_emu::Sanitizer::Address).unwrap_or_else(|e| panic!("{e}"));
+            (what, c.spawn().expect("run deepcut-fast"))
+        })
+        .collect();
+    for (what, child) in children {
+        let o = child.wait_with_output().expect("deepcut-fast's output");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        if let Some(report) = common::cuda_emu::sanitizer_report(&stderr) {
+            panic!("AddressSanitizer on the emulator, bf16 `{what}`:\n{report}");
+        }
+        assert!(o.status.success(), "bf16 `{what}` on the ASan emulator:\n{stderr}");
+        let j: Value = if what == "run" {
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json")).unwrap()
+        } else {
+            serde_json::from_slice(&o.stdout).unwrap()
+        };
+        if what == "run" {
+            let backend = j["config"]["backend"].as_str().unwrap_or_default();
+            assert!(backend.starts_with("cuda"), "run backend `{backend}`");
+            for split in ["forget", "retain", "dev", "test"] {
+                assert!(j["metrics"][split]["f1"].as_f64().is_some(), "{split} F1");
+            }
+        } else {
+            assert!(j["backend"].as_str().unwrap().contains("cuda"), "{}", j["backend"]);
+            assert_eq!(j["hidden"].as_u64(), Some(384), "{j}");
+            for k in ["ce", "contrast", "total"] {
+                assert!(j["losses"]["last"][k].as_f64().is_some_and(f64::is_finite), "loss {k}");
+            }
+        }
+        eprintln!("AddressSanitizer on the emulator: bf16 `{what}` on cuda, no report");
     }
 }
 
