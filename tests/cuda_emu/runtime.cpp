@@ -137,6 +137,20 @@ emu_switch:
     .size emu_switch, .-emu_switch
 )");
 
+// CUDA_EMU_FILL=nan: fresh device memory and every block's dynamic shared memory are all-ones
+// bytes, a NaN in fp32, bf16 and fp16, instead of the default finite garbage (0xCD, 0xAB).
+// A kernel that reads memory nobody wrote and hides it arithmetically (0 * x, a masked
+// sum) then shows it: on a GPU that memory may hold NaN and 0 * NaN is NaN.
+// (Static __shared__ variables are function statics, not refilled: they start a block on
+// the previous block's values.)
+static unsigned char fill_byte(unsigned char usual) {
+    static const bool nan = [] {
+        const char* v = getenv("CUDA_EMU_FILL");
+        return v && strcmp(v, "nan") == 0;
+    }();
+    return nan ? 0xFF : usual;
+}
+
 namespace {
 // Scheduler -> thread t, and back when the thread waits or ends; sanitizers are told of
 // each stack switch.
@@ -349,7 +363,7 @@ static void launch(EmuThunk thunk, void** params, emu_dim3 grid, emu_dim3 block,
         r.gather.assign(((n + 31) / 32) * 32 * 64, 0);
         r.or_slots.assign(n, 0);
         // 0xAB: uninitialised shared memory is garbage, not zeros, as on a GPU
-        r.smem.assign(smem + (EMU_EXACT_SIZES ? 0 : 16), (char)0xAB);
+        r.smem.assign(smem + (EMU_EXACT_SIZES ? 0 : 16), (char)fill_byte(0xAB));
         run_block(r);
     }
     emu_state = saved;
@@ -519,7 +533,7 @@ static CUresult alloc(CUdeviceptr* p, size_t n) {
     // (EMU_ASAN: exactly n bytes, so ASan's redzone starts where the buffer ends)
     void* m = nullptr;
     if (posix_memalign(&m, 256, EMU_EXACT_SIZES ? (n ? n : 1) : ((n + 255) / 256) * 256 + 256)) return ERR_OUT_OF_MEMORY;
-    memset(m, 0xCD, n);  // fresh device memory is garbage, not zeros
+    memset(m, fill_byte(0xCD), n);  // fresh device memory is garbage, not zeros
     *p = (CUdeviceptr)m;
     return OK;
 }
