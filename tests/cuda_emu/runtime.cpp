@@ -23,16 +23,17 @@
 
 #include "cuda_emu.h"
 
-// Sanitizer builds (tests/common/cuda_emu.rs `Sanitizer`). EMU_ASAN: everything is built
-// with AddressSanitizer (and UBSan), so a kernel or GEMM that reads or writes outside its
-// device buffer, its shared memory or its stack fails where it happens, as
-// compute-sanitizer's memcheck would on a GPU; for that, device memory and dynamic shared
-// memory are allocated at exactly the size asked for. EMU_TSAN: the kernels are built
-// with ThreadSanitizer and this file tells it what orders what: each thread of a block is
-// its own TSan fiber, __syncthreads orders memory across the block (a warp's shuffle
-// orders none: it exchanges registers), and one block comes after another. Two threads of a block that touch the same memory with no barrier
-// between them are reported, as compute-sanitizer's racecheck would: the fiber schedule
-// (which runs a thread until it waits) can no longer hide a missing __syncthreads.
+// Sanitizer builds (tests/common/cuda_emu.rs `Sanitizer`).
+// EMU_ASAN: everything is built with AddressSanitizer (and UBSan), so a kernel or GEMM that
+// reads or writes outside its device buffer, its shared memory or its stack fails where it
+// happens, as compute-sanitizer's memcheck would on a GPU; for that, device memory and
+// dynamic shared memory are allocated at exactly the size asked for.
+// EMU_TSAN: the kernels are built with ThreadSanitizer and this file tells it what orders
+// what: each thread of a block is its own TSan fiber, __syncthreads orders memory across
+// the block (a warp's shuffle orders none: it exchanges registers), and one block comes
+// after another. Two threads of a block that touch the same memory with no barrier between
+// them are reported, as compute-sanitizer's racecheck would: the fiber schedule (which runs
+// a thread until it waits) can no longer hide a missing __syncthreads.
 #if defined(EMU_ASAN)
 #include <sanitizer/common_interface_defs.h>
 constexpr bool EMU_EXACT_SIZES = true;
