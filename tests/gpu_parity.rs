@@ -183,14 +183,11 @@ fn cuda_backend_on_the_cpu_emulator() {
     // Twice, side by side: blocks in launch order, and last block first. A GPU promises no
     // block order, so a kernel that depends on it fails one of the two.
     let child = |order: &str, nvtx: Option<&std::path::Path>| {
-        let mut c = std::process::Command::new(std::env::current_exe().unwrap());
-        c.args(["--test-threads", "1", "--skip", "cuda_backend_on_the_cpu_emulator"])
-            .env("LD_LIBRARY_PATH", common::cuda_emu::library_path(&dir))
-            .env("DEEPCUT_REQUIRE_GPU", "1")
-            .env("DEEPCUT_CUDA_EMU", "1")
-            .env("CUDA_EMU_BLOCK_ORDER", order)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+        let mut c = emu_child(
+            common::cuda_emu::Sanitizer::None,
+            &["--skip", "cuda_backend_on_the_cpu_emulator"],
+        );
+        c.env("CUDA_EMU_BLOCK_ORDER", order);
         if let Some(log) = nvtx {
             c.env("DEEPCUT_NVTX_LOG", log);
         }
@@ -310,7 +307,7 @@ fn cuda_backend_under_memcheck_and_racecheck() {
         .map(|san| {
             // the parity tests, not the tests that spawn children or plant bugs
             let skip = ["cuda_backend_", "sanitizers_catch", "launch_planted"];
-            let mut c = sanitized_child(san, &skip.map(|t| ["--skip", t]).concat());
+            let mut c = emu_child(san, &skip.map(|t| ["--skip", t]).concat());
             (san, c.spawn().expect("re-run this test binary"))
         })
         .collect();
@@ -342,9 +339,9 @@ fn cuda_backend_under_memcheck_and_racecheck() {
     }
 }
 
-/// This test binary, run again as a child on the `san` build of the emulator with the
-/// sanitizer's runtime preloaded, and libtest arguments `args`.
-fn sanitized_child(san: common::cuda_emu::Sanitizer, args: &[&str]) -> std::process::Command {
+/// This test binary, run again as a child on the `san` build of the emulator (with the
+/// sanitizer's runtime preloaded, if any) and libtest arguments `args`.
+fn emu_child(san: common::cuda_emu::Sanitizer, args: &[&str]) -> std::process::Command {
     let mut c = std::process::Command::new(std::env::current_exe().unwrap());
     c.args(["--test-threads", "1"])
         .args(args)
@@ -388,7 +385,7 @@ fn sanitizers_catch_planted_bugs() {
         (Sanitizer::Thread, "planted_control_with_syncthreads", None),
     ];
     for (san, kernel, want) in cases {
-        let out = sanitized_child(san, &["--exact", "launch_planted_kernel", "--nocapture"])
+        let out = emu_child(san, &["--exact", "launch_planted_kernel", "--nocapture"])
             .env("DEEPCUT_PLANTED_KERNEL", kernel)
             .output()
             .expect("re-run this test binary");

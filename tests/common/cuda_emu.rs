@@ -58,14 +58,16 @@ impl Sanitizer {
 }
 
 /// Makes `cmd` run on the `san` build of the emulator: its folder first on LD_LIBRARY_PATH,
-/// the sanitizer's runtime preloaded, and options under which a report fails the process
-/// (AddressSanitizer, UBSan) or is printed for `sanitizer_report` (ThreadSanitizer).
+/// and for a sanitizer build its runtime preloaded, with options under which a report fails
+/// the process (AddressSanitizer, UBSan) or is printed for `sanitizer_report`
+/// (ThreadSanitizer).
 pub fn sanitized(cmd: &mut Command, san: Sanitizer) -> Result<(), String> {
     let dir = build_with(san)?;
     cmd.env("LD_LIBRARY_PATH", library_path(&dir));
-    if let Some(rt) = san.runtime()? {
-        cmd.env("LD_PRELOAD", rt);
-    }
+    let Some(rt) = san.runtime()? else {
+        return Ok(());
+    };
+    cmd.env("LD_PRELOAD", rt);
     // the Rust side is not instrumented: its allocations are not ours to judge, and the
     // interceptors (memcpy, ...) are judged only where the kernels call them, since the
     // Rust side synchronises through atomics TSan does not see
@@ -95,12 +97,7 @@ pub fn sanitizer_report(stderr: &str) -> Option<String> {
 pub fn build_with(san: Sanitizer) -> Result<PathBuf, String> {
     type Built = std::sync::OnceLock<Result<PathBuf, String>>;
     static BUILT: [Built; 3] = [Built::new(), Built::new(), Built::new()];
-    let i = match san {
-        Sanitizer::None => 0,
-        Sanitizer::Address => 1,
-        Sanitizer::Thread => 2,
-    };
-    BUILT[i].get_or_init(|| build_now(san)).clone()
+    BUILT[san as usize].get_or_init(|| build_now(san)).clone()
 }
 
 fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
