@@ -394,6 +394,7 @@ fn optimiser(c: &mut Criterion) {
                 step,
                 1.0,
                 1.0,
+                None,
                 Precision::Fp32,
                 &mut stats,
             )

@@ -84,8 +84,8 @@ __device__ __forceinline__ int tensor_of_block(const Desc* t, int nt, int b) {
 // low_t: the storage type of every param_low (common.cuh `st`: 0 fp32 holding rounded
 // values, 1 bf16, 2 fp16, the GEMM copies of the bf16 / fp16 modes).
 // stats: null, or the decision of sum_partials_multi_f64 (ClipStats in src/backend/mod.rs):
-// stats[2] != 0 skips the update, else stats[3] replaces grad_scale. The clipping factor
-// is then decided on the device and the host never waits for the norm.
+// a nonzero state stats[2] skips the update, else stats[3] replaces grad_scale. The
+// clipping factor is then decided on the device and the host never waits for the norm.
 extern "C" __global__ void adamw_multi_f32(const AdamTensor* tensors, int nt, AdamArgs a, float grad_scale,
                                            const float* stats, int low_mode, int low_t) {
     if (stats) {
@@ -137,13 +137,21 @@ extern "C" __global__ void sum_squares_multi_partials_f32(double* partials, cons
 // sum_partials_f64 does), then thread 0 adds the tensors' sums in order.
 //
 // stats non-null: thread 0 also makes Backend::clip_adamw_all's decision (its CPU form is
-// the trait's default in src/backend/mod.rs, the same f64 operations): norm = sqrt(out) /
-// loss_scale; skipped if the norm is not finite or stats[2] already says skipped (sticky);
-// else grad_scale = f * (1 / loss_scale), f = clip / norm above clip, else 1. Written as
-// ClipStats: norm hi, norm lo, skipped, grad_scale; adamw_multi_f32 reads the last two.
+// the trait's default and ClipState::decide in src/backend/mod.rs, the same f64 operations
+// and the same order of tests): norm = sqrt(out) / loss_scale; the state is
+//   1 failed      if stats[2] already says failed (any code but 0, 2, 3; sticky),
+//   3 stale       else if overflows_seen >= 0 (fp16 loss scaling) and the overflow count
+//                 stats[4] differs from it (an overflow the host has not seen halved the
+//                 scale these gradients carry),
+//   0 applied     else if the norm is finite,
+//   2 overflowed  else if overflows_seen >= 0 and loss_scale > 1 (stats[4] counts it),
+//   1 failed      else;
+// grad_scale = f * (1 / loss_scale) when applied (f = clip / norm above clip, else 1), 0
+// otherwise. Written as ClipStats: norm hi, norm lo, state, grad_scale, overflows;
+// adamw_multi_f32 reads the state and grad_scale.
 extern "C" __global__ void sum_partials_multi_f64(double* out, double* per_tensor, const double* partials,
                                                   const SquaresTensor* tensors, int nt, float* stats, float clip,
-                                                  float loss_scale) {
+                                                  float loss_scale, int overflows_seen) {
     for (int k = threadIdx.x; k < nt; k += blockDim.x) {
         double s = 0.0;
         for (int c = 0; c < tensors[k].nblocks; ++c) s += partials[tensors[k].first_block + c];
@@ -157,13 +165,22 @@ extern "C" __global__ void sum_partials_multi_f64(double* out, double* per_tenso
         if (stats) {
             double norm = sqrt(s) / (double)loss_scale;
             bool finite = isfinite(norm);
-            bool skipped = stats[2] != 0.0f || !finite;
+            bool scaling = overflows_seen >= 0;
+            float overflows = stats[4];
+            float state;
+            int before = (int)stats[2];
+            if (before != 0 && before != 2 && before != 3) state = 1.0f;
+            else if (scaling && overflows != (float)overflows_seen) state = 3.0f;
+            else if (finite) state = 0.0f;
+            else if (scaling && loss_scale > 1.0f) state = 2.0f;
+            else state = 1.0f;
             float f = norm > (double)clip ? (float)((double)clip / norm) : 1.0f;
             float hi = (float)norm;
             stats[0] = hi;
             stats[1] = finite ? (float)(norm - (double)hi) : 0.0f;
-            stats[2] = skipped ? 1.0f : 0.0f;
-            stats[3] = skipped ? 0.0f : f * (1.0f / loss_scale);
+            stats[2] = state;
+            stats[3] = state == 0.0f ? f * (1.0f / loss_scale) : 0.0f;
+            stats[4] = state == 2.0f ? overflows + 1.0f : overflows;
         }
     }
 }

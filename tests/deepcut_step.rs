@@ -8,8 +8,8 @@ use deepcut_fast::backend::cpu::Cpu;
 use deepcut_fast::backend::{Denominator, InfoNceOptions, OwnView, Precision, IGNORE_INDEX};
 use deepcut_fast::data::{PositionStyle, Window};
 use deepcut_fast::model::{Dims, Mode, Model};
-use deepcut_fast::train::optim::{LossScaling, OptimConfig, Optimizer};
-use deepcut_fast::train::readback::Ring;
+use deepcut_fast::train::optim::{LossScaler, LossScaling, OptimConfig, Optimizer, UpdateStats};
+use deepcut_fast::train::readback::{Ring, StepLosses};
 use deepcut_fast::unlearn::deepcut::{assemble, step, step_enqueue, Anchors, Contrast};
 
 fn windows() -> Vec<Window> {
@@ -125,111 +125,256 @@ fn small_model(seed: u64, layers: usize, precision: Precision) -> Model<Cpu> {
     .with_precision(precision)
 }
 
-/// Issue #6: `step_enqueue` (the device decides the clipping, the numbers come back a step
-/// late through a `Readback`) trains exactly as `step` + `Optimizer::update`: the same
-/// losses, learning rates and norms, and the same weights bit for bit, in every precision
-/// (fp16's loss-scaled update is `update` itself). The learning rate is high enough that
-/// clipping at 2 is active on some steps and not on others.
-#[test]
-fn pipelined_steps_equal_step_then_update() {
+/// What one step gave: losses (CE, contrastive, total), learning rate, gradient norm (NaN
+/// when skipped), loss scale, skipped.
+type StepNumbers = (f32, f32, f32, f32, f64, f32, bool);
+
+/// What `pipelined_equals_synchronous` saw: the synchronous run's loss scaler, the steps
+/// whose norm was above the clip, and the steps the pipelined loop enqueued twice.
+struct Seen {
+    scaler: Option<LossScaler>,
+    clipped: usize,
+    redone: usize,
+}
+
+/// Runs `steps` DeepCUT steps of a small model twice, as `step` + `Optimizer::update` and
+/// pipelined as `run` does (`step_enqueue`, each step finished after the next is enqueued
+/// with `Ring::finish_before`, and enqueued again when it says so), and asserts they
+/// trained the same: losses, learning rates, loss scales and skips equal, norms to f64
+/// precision, weights, moments and the loss scaler's state and history bit for bit.
+fn pipelined_equals_synchronous(precision: Precision, scaling: LossScaling, steps: u64) -> Seen {
     let w = windows();
     let opts = InfoNceOptions::default();
-    for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
-        let cfg = OptimConfig {
-            lr: 1e-2,
-            weight_decay: 0.01,
-            warmup: 1,
-            total: 6,
-            clip: 2.0,
+    let cfg = OptimConfig {
+        lr: 1e-2,
+        weight_decay: 0.01,
+        warmup: 1,
+        total: steps,
+        clip: 2.0,
+    };
+    let batches: [(&[usize], &[usize]); 3] = [(&[0, 1], &[2, 3]), (&[1, 2], &[3, 0]), (&[3], &[0, 1, 2])];
+    let numbers = |l: &StepLosses, u: &UpdateStats| -> StepNumbers {
+        (l.ce, l.contrast, l.total, u.lr, u.grad_norm, u.loss_scale, u.skipped)
+    };
+    let mut sync_model = small_model(8, 2, precision);
+    let mut sync_opt = Optimizer::new(&sync_model, cfg).with_precision(precision, scaling);
+    let mut cb = Contrast::new(&sync_model.be, 64, 8);
+    let mut want = vec![];
+    for s in 0..steps {
+        let (f, r) = batches[s as usize % 3];
+        let (batch, z) = assemble(&w, f, r, 0, PositionStyle::Absolute, 0, Anchors::All);
+        sync_model.set_loss_scale(sync_opt.loss_scale());
+        let l = step(
+            &mut sync_model,
+            &mut cb,
+            &batch,
+            &z,
+            opts,
+            0.5,
+            Mode::Train { seed: 4, step: s },
+        );
+        let u = sync_opt.update(&mut sync_model).expect("finite");
+        want.push(numbers(&l, &u));
+    }
+    let mut model = small_model(8, 2, precision);
+    let mut opt = Optimizer::new(&model, cfg).with_precision(precision, scaling);
+    let mut cb = Contrast::new(&model.be, 64, 8);
+    let mut ring = Ring::new(&model.be, 64);
+    let mut got = vec![];
+    let enqueue =
+        |model: &mut Model<Cpu>, cb: &mut Contrast<Cpu>, opt: &mut Optimizer<Cpu>, ring: &mut Ring<Cpu>, s| {
+            let (f, r) = batches[s as usize % 3];
+            let (batch, z) = assemble(&w, f, r, 0, PositionStyle::Absolute, 0, Anchors::All);
+            model.set_loss_scale(opt.loss_scale());
+            let mode = Mode::Train { seed: 4, step: s };
+            step_enqueue(model, cb, &batch, &z, opts, 0.5, mode, opt, ring.slot(s));
+            assert!(ring.slot(s).in_flight());
         };
+    let mut redone = 0;
+    for s in 0..steps {
+        enqueue(&mut model, &mut cb, &mut opt, &mut ring, s);
+        if s > 0 {
+            let (f, again) = ring.finish_before(s - 1, &model.be, &mut opt);
+            got.push(numbers(&f.losses, &f.update.expect("finite")));
+            if again {
+                redone += 1;
+                enqueue(&mut model, &mut cb, &mut opt, &mut ring, s);
+            }
+        }
+    }
+    let f = ring.finish(steps - 1, &model.be, &mut opt).expect("in flight");
+    got.push(numbers(&f.losses, &f.update.expect("finite")));
+    assert!(
+        (0..2).all(|s| ring.finish(s, &model.be, &mut opt).is_none()),
+        "{precision}: nothing left in flight"
+    );
+    assert_eq!(got.len(), want.len());
+    let mut clipped = 0;
+    for (s, (g, e)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            (g.0, g.1, g.2, g.3, g.5, g.6),
+            (e.0, e.1, e.2, e.3, e.5, e.6),
+            "{precision} step {s}: losses, lr, scale, skipped"
+        );
+        // the norm crosses an fp32 buffer as a hi + lo pair: f64 to about 2^-48
+        assert!(
+            (g.4 - e.4).abs() <= 1e-13 * e.4 || (e.6 && g.4.is_nan() && e.4.is_nan()),
+            "{precision} step {s}: norm {} vs {}",
+            g.4,
+            e.4
+        );
+        clipped += (e.4 > cfg.clip as f64) as usize;
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for ((name, _, a), (_, _, b)) in model.export().iter().zip(sync_model.export()) {
+        assert!(
+            bits(a) == bits(&b),
+            "{precision}: {name} differs from the synchronous update"
+        );
+    }
+    let (m, v) = opt.export(&model);
+    let (sm, sv) = sync_opt.export(&sync_model);
+    for (a, b) in m.iter().chain(&v).zip(sm.iter().chain(&sv)) {
+        assert!(bits(a) == bits(b), "{precision}: AdamW moments differ");
+    }
+    assert_eq!(opt.step, sync_opt.step, "{precision}: applied steps");
+    assert_eq!(opt.scaler, sync_opt.scaler, "{precision}: loss scaler");
+    Seen {
+        scaler: sync_opt.scaler,
+        clipped,
+        redone,
+    }
+}
+
+/// Issue #6: `step_enqueue` (the device decides the clipping, the numbers come back a step
+/// late through a `Readback`) trains exactly as `step` + `Optimizer::update`: the same
+/// losses, learning rates and norms, and the same weights bit for bit, in every precision.
+/// The learning rate is high enough that clipping at 2 is active on some steps and not on
+/// others.
+#[test]
+fn pipelined_steps_equal_step_then_update() {
+    for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
         let scaling = LossScaling {
             init: 1024.0,
             growth_interval: 2,
         };
-        let batches: [(&[usize], &[usize]); 3] = [(&[0, 1], &[2, 3]), (&[1, 2], &[3, 0]), (&[3], &[0, 1, 2])];
-        let mut sync_model = small_model(8, 2, precision);
-        let mut sync_opt = Optimizer::new(&sync_model, cfg).with_precision(precision, scaling);
-        let mut cb = Contrast::new(&sync_model.be, 64, 8);
-        let mut want = vec![];
-        for s in 0..6u64 {
-            let (f, r) = batches[s as usize % 3];
-            let (batch, z) = assemble(&w, f, r, 0, PositionStyle::Absolute, 0, Anchors::All);
-            sync_model.set_loss_scale(sync_opt.loss_scale());
-            let l = step(
-                &mut sync_model,
-                &mut cb,
-                &batch,
-                &z,
-                opts,
-                0.5,
-                Mode::Train { seed: 4, step: s },
-            );
-            let u = sync_opt.update(&mut sync_model).expect("finite");
-            want.push((l.ce, l.contrast, l.total, u.lr, u.grad_norm, u.loss_scale));
-        }
-        let mut model = small_model(8, 2, precision);
-        let mut opt = Optimizer::new(&model, cfg).with_precision(precision, scaling);
-        let mut cb = Contrast::new(&model.be, 64, 8);
-        let mut ring = Ring::new(&model.be, 64);
-        let mut got = vec![];
-        let mut finish = |ring: &mut Ring<Cpu>, s: u64, be: &Cpu| {
-            let f = ring.finish(s, be).expect("in flight");
-            let u = f.update.expect("finite");
-            let l = f.losses;
-            got.push((l.ce, l.contrast, l.total, u.lr, u.grad_norm, u.loss_scale));
-        };
-        for s in 0..6u64 {
-            let (f, r) = batches[s as usize % 3];
-            let (batch, z) = assemble(&w, f, r, 0, PositionStyle::Absolute, 0, Anchors::All);
-            model.set_loss_scale(opt.loss_scale());
-            step_enqueue(
-                &mut model,
-                &mut cb,
-                &batch,
-                &z,
-                opts,
-                0.5,
-                Mode::Train { seed: 4, step: s },
-                &mut opt,
-                ring.slot(s),
-            )
-            .expect("enqueued");
-            assert!(ring.slot(s).in_flight());
-            if s > 0 {
-                finish(&mut ring, s - 1, &model.be);
+        let seen = pipelined_equals_synchronous(precision, scaling, 6);
+        assert!(
+            seen.clipped > 0 && seen.clipped < 6,
+            "{precision}: clipping must be active on some steps only ({} of 6)",
+            seen.clipped
+        );
+        assert_eq!(seen.redone, 0, "{precision}: no overflow, nothing enqueued twice");
+    }
+}
+
+/// fp16 without waiting for the overflow check: each step is enqueued at the loss scale
+/// the step before leaves if it applies. When that step overflowed instead, the device
+/// skips the next one as stale and the loop enqueues it again at the halved scale; the
+/// training is `update`'s bit for bit (skips, halvings, growths, weights, moments). The
+/// first scale is high enough to overflow several times, growth every 2 clean steps
+/// overflows again.
+#[test]
+fn pipelined_fp16_redoes_the_step_after_an_overflow_and_equals_update() {
+    let scaling = LossScaling {
+        init: 2f32.powi(INIT_LOG2),
+        growth_interval: 2,
+    };
+    let seen = pipelined_equals_synchronous(Precision::Fp16, scaling, 14);
+    let sc = seen.scaler.expect("fp16 has a loss scaler");
+    let reasons: Vec<&str> = sc.history.iter().map(|c| c.reason.as_str()).collect();
+    eprintln!("loss scale 2^{INIT_LOG2}: {reasons:?}, {} redone", seen.redone);
+    assert!(sc.skipped_steps >= 2, "{reasons:?}");
+    assert!(reasons.contains(&"growth"), "{reasons:?}");
+    let after_growth = reasons.windows(2).any(|w| w == ["growth", "overflow"]);
+    assert!(after_growth, "an overflow after a growth: {reasons:?}");
+    // every overflow but one finished with nothing after it in flight had its next step
+    // enqueued twice
+    assert!(
+        seen.redone as u64 + 1 >= sc.skipped_steps && seen.redone >= 1,
+        "{} redone for {} skips",
+        seen.redone,
+        sc.skipped_steps
+    );
+}
+
+const INIT_LOG2: i32 = 20;
+
+/// The fp16 decisions behind the pipelined loops, on gradients set by hand: updates
+/// enqueued back to back (finite, overflowing, finite) finish as applied, overflowed
+/// (skipped, the scale halved to 1) and stale (nothing applied, the optimiser as before it);
+/// an overflow at loss scale 1 is then the error `update` gives, at the same attempted step.
+/// The weights are `update`'s bit for bit.
+#[test]
+fn pipelined_fp16_optimiser_decides_as_update_down_to_the_error_at_scale_one() {
+    use deepcut_fast::backend::{Backend, ClipStats};
+    use deepcut_fast::train::optim::Finish;
+    let cfg = OptimConfig {
+        lr: 1e-2,
+        weight_decay: 0.01,
+        warmup: 0,
+        total: 10,
+        clip: 1.0,
+    };
+    let scaling = LossScaling {
+        init: 2.0,
+        growth_interval: 2000,
+    };
+    let set_grads = |model: &mut Model<Cpu>, overflow: bool| {
+        let be = &model.be;
+        for (i, p) in model.params.iter_mut().into_iter().enumerate() {
+            let mut g: Vec<f32> = (0..p.numel()).map(|k| ((k * 7 + i) % 13) as f32 * 1e-3).collect();
+            if overflow && i == 3 {
+                g[0] = f32::INFINITY;
             }
+            be.upload(&mut p.g, &g);
         }
-        finish(&mut ring, 5, &model.be);
+    };
+    let mut sync = small_model(3, 1, Precision::Fp16);
+    let mut sopt = Optimizer::new(&sync, cfg).with_precision(Precision::Fp16, scaling);
+    set_grads(&mut sync, false);
+    assert!(!sopt.update(&mut sync).unwrap().skipped);
+    set_grads(&mut sync, true);
+    assert!(sopt.update(&mut sync).unwrap().skipped);
+    set_grads(&mut sync, true);
+    let want = sopt.update(&mut sync).expect_err("overflow at scale 1").to_string();
+
+    let mut model = small_model(3, 1, Precision::Fp16);
+    let mut opt = Optimizer::new(&model, cfg).with_precision(Precision::Fp16, scaling);
+    let mut staged: Vec<_> = (0..4).map(|_| model.be.staging(ClipStats::LEN)).collect();
+    let mut enqueued = vec![];
+    for (k, overflow) in [false, true, false].into_iter().enumerate() {
+        set_grads(&mut model, overflow);
+        enqueued.push(opt.update_enqueue(&mut model, &mut staged[k]));
+    }
+    let finish = |opt: &mut Optimizer<Cpu>, k: usize, e| opt.finish(&Cpu, e, &staged[k]);
+    match finish(&mut opt, 0, enqueued[0]).unwrap() {
+        Finish::Update(u) => assert!(!u.skipped && u.loss_scale == 2.0),
+        Finish::Stale => panic!("update 1 stale"),
+    }
+    match finish(&mut opt, 1, enqueued[1]).unwrap() {
+        Finish::Update(u) => assert!(u.skipped && u.grad_norm.is_nan() && u.loss_scale == 2.0),
+        Finish::Stale => panic!("update 2 stale"),
+    }
+    assert_eq!(
+        (opt.step, opt.loss_scale()),
+        (1, 1.0),
+        "back to one applied step, halved"
+    );
+    assert!(matches!(finish(&mut opt, 2, enqueued[2]).unwrap(), Finish::Stale));
+    assert_eq!((opt.step, opt.loss_scale()), (1, 1.0), "a stale update changes nothing");
+    set_grads(&mut model, true);
+    let e = opt.update_enqueue(&mut model, &mut staged[3]);
+    let got = opt
+        .finish(&model.be, e, &staged[3])
+        .expect_err("overflow at scale 1")
+        .to_string();
+    assert_eq!(got, want);
+    assert_eq!(opt.scaler, sopt.scaler);
+    for ((name, _, a), (_, _, b)) in model.export().iter().zip(sync.export()) {
         assert!(
-            (0..2).all(|s| ring.finish(s, &model.be).is_none()),
-            "{precision}: nothing left in flight"
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name} differs from update's"
         );
-        assert_eq!(got.len(), want.len());
-        let mut clipped = 0;
-        for (s, (g, e)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(
-                (g.0, g.1, g.2, g.3, g.5),
-                (e.0, e.1, e.2, e.3, e.5),
-                "{precision} step {s}: losses, lr, scale"
-            );
-            // the norm crosses an fp32 buffer as a hi + lo pair: f64 to about 2^-48
-            assert!(
-                (g.4 - e.4).abs() <= 1e-13 * e.4,
-                "{precision} step {s}: norm {} vs {}",
-                g.4,
-                e.4
-            );
-            clipped += (e.4 > cfg.clip as f64) as usize;
-        }
-        assert!(
-            clipped > 0 && clipped < 6,
-            "{precision}: clipping must be active on some steps only ({clipped} of 6)"
-        );
-        for ((name, _, a), (_, _, b)) in model.export().iter().zip(sync_model.export()) {
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{precision}: {name} differs from the synchronous update"
-            );
-        }
     }
 }

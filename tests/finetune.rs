@@ -11,22 +11,35 @@ use deepcut_fast::eval::evaluate::Dataset;
 use deepcut_fast::infer::model_from_weights;
 use deepcut_fast::model::Mode;
 use deepcut_fast::train::finetune::{finetune, Base, FinetuneConfig};
-use deepcut_fast::train::optim::{OptimConfig, Optimizer};
+use deepcut_fast::train::optim::{LossScaling, OptimConfig, Optimizer};
 
 /// One epoch of 8 batches (48 sentences bucketed by length, at most 8 a batch) with a
 /// checkpoint every 3 steps: steps 1, 2, 4, 5 and 7 are read a step late, 3 and 6 (the
 /// checkpoints) and 8 (the epoch's end) at once. Every step's loss and the
-/// final weights are the synchronous loop's, bit for bit, in fp32 and bf16 (whose update
-/// decides the clipping on the backend) and fp16 (whose update waits, loss scaling).
+/// final weights are the synchronous loop's, bit for bit, in fp32, bf16 and fp16 (every
+/// update decided on the backend), and in fp16 from a loss scale of 2^24 with growth every
+/// 2 steps, which overflows: a step enqueued before the overflow of the one before it was
+/// known runs again at the halved scale, and the skips and the scaler's history are the
+/// synchronous loop's too.
 #[test]
 fn pipelined_fine_tuning_equals_the_synchronous_loop() {
     let tmp = tempfile::tempdir().unwrap();
     let fx = fixture::build(tmp.path());
     let base = Base::load(&fx.base).unwrap();
     let data = Dataset::load(&fx.data).unwrap();
-    for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
+    let overflowing = LossScaling {
+        init: 2f32.powi(24),
+        growth_interval: 2,
+    };
+    let cases = [
+        (Precision::Fp32, None),
+        (Precision::Bf16, None),
+        (Precision::Fp16, None),
+        (Precision::Fp16, Some(overflowing)),
+    ];
+    for (k, (precision, scaling)) in cases.into_iter().enumerate() {
         let clf = base.classifier(&fx.labels, 3).unwrap();
-        let fc = FinetuneConfig {
+        let mut fc = FinetuneConfig {
             epochs: 1,
             lr: 2e-3,
             batch: 8,
@@ -35,7 +48,10 @@ fn pipelined_fine_tuning_equals_the_synchronous_loop() {
             precision,
             ..FinetuneConfig::default()
         };
-        let out = tmp.path().join(format!("out-{precision}"));
+        if let Some(ls) = scaling {
+            fc.loss_scaling = ls;
+        }
+        let out = tmp.path().join(format!("out-{k}-{precision}"));
         let start = base.classifier(&fx.labels, 3).unwrap(); // the same head: same seed
         let (got, rec) = finetune(Cpu, start, &fx.base, &fx.train, &data, &fc, &out, false, true).unwrap();
 
@@ -85,6 +101,12 @@ fn pipelined_fine_tuning_equals_the_synchronous_loop() {
             assert_eq!(a.to_bits(), b.to_bits(), "{precision} step {}: loss {a} vs {b}", s + 1);
         }
         assert!(losses[7] < losses[0], "{precision}: it trained ({losses:?})");
+        assert_eq!(rec.loss_scaler, opt.scaler, "{precision}: loss scaler");
+        if scaling.is_some() {
+            let sc = opt.scaler.as_ref().unwrap();
+            assert!(sc.skipped_steps >= 1, "2^24 must overflow: {sc:?}");
+            assert!(sc.skipped_steps < 8, "and steps must apply: {sc:?}");
+        }
         let want = model.to_host();
         for (name, t) in &got.weights.tensors {
             let w = &want.tensors[name];

@@ -540,28 +540,33 @@ pub trait Backend {
     /// step needs no host round trip (issue #6). With `norm` = sqrt(`sum_squares_all` of
     /// the slots' gradients) / `loss_scale` (f64) and `f` = `clip / norm` if `norm > clip`,
     /// else 1 (rounded to f32): `adamw_all` with `grad_scale = f * (1 / loss_scale)`,
-    /// exactly what `Optimizer::update` does on the host. Unless the norm is not finite or
-    /// `stats` already says so: then nothing is updated, and every later call skips too
-    /// (the flag is sticky: the host learns of it a step late and must not have the next
-    /// step apply). `stats` [`ClipStats::LEN`] is written; `ClipStats::read` decodes it.
-    /// The default decides on the host; the CUDA backend in the reduction's last thread.
+    /// exactly what `Optimizer::update` does on the host, unless `ClipState::decide` (from
+    /// what `stats` held before, `overflows_seen` and the norm) says to skip: then nothing
+    /// is updated. A failure sticks (the host learns of it a step late and the next step
+    /// must not apply); with fp16 loss scaling (`overflows_seen` = the overflows the host
+    /// has been told of) an overflow is counted in `stats`, and every update enqueued
+    /// before the host saw it is stale and skipped too, since its gradients carry the loss
+    /// scale the overflow halved. `stats` [`ClipStats::LEN`] is written; `ClipStats::read`
+    /// decodes it. The default decides on the host; the CUDA backend in the reduction's
+    /// last thread (kernels/adamw.cu `sum_partials_multi_f64`).
     #[allow(clippy::too_many_arguments)]
     fn clip_adamw_all(
         &self, slots: &mut [ParamSlot<'_, Self::Buf>], hp: AdamW, step: u64, clip: f32, loss_scale: f32,
-        low_precision: Precision, stats: &mut Self::Buf,
+        overflows_seen: Option<u32>, low_precision: Precision, stats: &mut Self::Buf,
     ) {
         let grads: Vec<(&Self::Buf, usize)> = slots.iter().map(|s| (s.grad, s.n)).collect();
         let norm = self.sum_squares_all(&grads).sqrt() / loss_scale as f64;
-        let skipped = self.download(stats, ClipStats::LEN)[2] != 0.0 || !norm.is_finite();
-        let grad_scale = if skipped {
-            0.0
-        } else {
+        let before = self.download(stats, ClipStats::LEN);
+        let (state, overflows) = ClipState::decide(&before, overflows_seen, norm, loss_scale);
+        let grad_scale = if state == ClipState::Applied {
             clip_factor(norm, clip) * (1.0 / loss_scale)
+        } else {
+            0.0
         };
-        if !skipped {
+        if state == ClipState::Applied {
             self.adamw_all(slots, hp, step, grad_scale, low_precision);
         }
-        self.upload(stats, &ClipStats::encode(norm, skipped, grad_scale));
+        self.upload(stats, &ClipStats::encode(norm, state, grad_scale, overflows));
     }
 }
 
@@ -576,37 +581,107 @@ pub fn clip_factor(norm: f64, clip: f32) -> f32 {
     }
 }
 
+/// What `Backend::clip_adamw_all` decided for one update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClipState {
+    /// The update applied.
+    Applied,
+    /// A non-finite norm (or, with fp16 loss scaling, an overflow at loss scale 1), now or
+    /// at an earlier update on the same stats: nothing updated, and nothing will be.
+    Failed,
+    /// fp16 loss scaling: the gradients overflowed; skipped, and the host halves the scale.
+    Overflowed,
+    /// fp16 loss scaling: enqueued before the host learned of an overflow, so its gradients
+    /// carry a loss scale that has since been halved; skipped, to be computed again.
+    Stale,
+}
+
+impl ClipState {
+    /// The decision `Backend::clip_adamw_all` makes on the device, as the host writes it:
+    /// from the stats of the previous update (`before`), the overflows the host has seen
+    /// (`Some` with fp16 loss scaling) and this update's unscaled norm. Returns the state
+    /// and the overflow count to store. kernels/adamw.cu `sum_partials_multi_f64` is the
+    /// same decision in CUDA.
+    pub fn decide(before: &[f32], overflows_seen: Option<u32>, norm: f64, loss_scale: f32) -> (ClipState, f32) {
+        let prev = ClipStats::read(before);
+        let state = if prev.state == ClipState::Failed {
+            ClipState::Failed
+        } else if overflows_seen.is_some_and(|s| prev.overflows != s as f32) {
+            ClipState::Stale
+        } else if norm.is_finite() {
+            ClipState::Applied
+        } else if overflows_seen.is_some() && loss_scale > 1.0 {
+            ClipState::Overflowed
+        } else {
+            ClipState::Failed
+        };
+        let overflows = prev.overflows + (state == ClipState::Overflowed) as i32 as f32;
+        (state, overflows)
+    }
+
+    /// Nothing was updated.
+    pub fn skipped(self) -> bool {
+        self != ClipState::Applied
+    }
+
+    /// The code in `ClipStats` (kernels/adamw.cu writes the same numbers).
+    fn code(self) -> f32 {
+        match self {
+            ClipState::Applied => 0.0,
+            ClipState::Failed => 1.0,
+            ClipState::Overflowed => 2.0,
+            ClipState::Stale => 3.0,
+        }
+    }
+
+    fn from_code(c: f32) -> ClipState {
+        match c as i32 {
+            0 => ClipState::Applied,
+            2 => ClipState::Overflowed,
+            3 => ClipState::Stale,
+            _ => ClipState::Failed,
+        }
+    }
+}
+
 /// What `Backend::clip_adamw_all` leaves in its `stats` buffer: the unscaled global
 /// gradient norm as an f32 pair (hi + lo, so an f64 survives an fp32 buffer to about
-/// 2^-48), whether the step was skipped (a non-finite norm now or before), and the
-/// gradient scale AdamW applied.
+/// 2^-48), the decision (`ClipState`, as a code; nonzero = skipped), the gradient scale
+/// AdamW applied, and the overflows counted so far (fp16 loss scaling).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClipStats {
     pub norm: f64,
-    pub skipped: bool,
+    pub state: ClipState,
     pub grad_scale: f32,
+    pub overflows: f32,
 }
 
 impl ClipStats {
-    pub const LEN: usize = 4;
+    pub const LEN: usize = 5;
 
     /// The layout kernels/adamw.cu `sum_partials_multi_f64` writes.
-    pub fn encode(norm: f64, skipped: bool, grad_scale: f32) -> [f32; 4] {
+    pub fn encode(norm: f64, state: ClipState, grad_scale: f32, overflows: f32) -> [f32; 5] {
         let hi = norm as f32;
         let lo = if norm.is_finite() {
             (norm - hi as f64) as f32
         } else {
             0.0
         };
-        [hi, lo, skipped as i32 as f32, grad_scale]
+        [hi, lo, state.code(), grad_scale, overflows]
     }
 
     pub fn read(v: &[f32]) -> ClipStats {
         let (hi, lo) = (v[0] as f64, v[1] as f64);
         ClipStats {
             norm: if hi.is_finite() { hi + lo } else { hi },
-            skipped: v[2] != 0.0,
+            state: ClipState::from_code(v[2]),
             grad_scale: v[3],
+            overflows: v[4],
         }
+    }
+
+    /// Nothing was updated.
+    pub fn skipped(&self) -> bool {
+        self.state.skipped()
     }
 }

@@ -6,8 +6,8 @@
 //! A step is exactly what `run` does per step: `deepcut::assemble` (host), forward over
 //! [forget view a | forget view b | retain] with dropout on, CE on retain tokens,
 //! class-masked InfoNCE over the L2-normalised labelled tokens, one backward pass,
-//! global-norm clipping and AdamW (`Optimizer::update`), then a device synchronisation,
-//! so a GPU step is timed to its end.
+//! global-norm clipping and AdamW decided on the device (`Optimizer::update_enqueue`),
+//! pipelined as `run` pipelines its steps (how that is timed: the comment in `bench`).
 //!
 //! Synthetic data (a step's cost does not depend on the values, only on the shapes and,
 //! for the contrastive term, on how the labels split into classes): every sequence is
@@ -20,7 +20,7 @@ use crate::backend::{cpu::Cpu, cuda::Cuda, Backend, InfoNceOptions, Precision, I
 use crate::data::Window;
 use crate::error::{Error, Result};
 use crate::infer::{max_window, model_from_weights, position_style};
-use crate::model::{random_init, ModelConfig};
+use crate::model::{random_init, Model, ModelConfig};
 use crate::train::optim::{LossScaling, OptimConfig, Optimizer};
 use crate::train::readback::Ring;
 use crate::unlearn::deepcut::{self, Anchors, Contrast};
@@ -550,8 +550,9 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
     // untimed at the end: finishing the last step without a next one in flight would time
     // only the wait on a GPU and nothing on the CPU.
     let mut ring = Ring::new(&model.be, shape.tokens());
-    let mut done = |ring: &mut Ring<B>, be: &B, s: u64, last: &mut Instant| -> Result<()> {
-        let f = ring.finish(s, be).expect("a step in flight");
+    // Returns whether step s + 1, in flight, must be enqueued again (an fp16 overflow of s).
+    let mut done = |ring: &mut Ring<B>, be: &B, opt: &mut Optimizer<B>, s: u64, last: &mut Instant| -> Result<bool> {
+        let (f, redo) = ring.finish_before(s, be, opt);
         f.update?;
         let now = Instant::now();
         if s >= args.warmup as u64 && s < total {
@@ -562,7 +563,7 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             losses.push(f.losses);
         }
         *last = now;
-        Ok(())
+        Ok(redo)
     };
     // The host's side of each step: assembling the batch and enqueueing every launch. On a
     // GPU, when this comes near the step time the host is the bottleneck (launch overhead:
@@ -581,26 +582,21 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
         }
         let t_host = Instant::now();
         let (batch, z) = deepcut::assemble(&windows, &forget, &retain, pad, style, 0, Anchors::All);
-        model.set_loss_scale(opt.loss_scale());
-        deepcut::step_enqueue(
-            &mut model,
-            &mut contrast,
-            &batch,
-            &z,
-            opts,
-            gamma,
-            crate::model::Mode::Train { seed: args.seed, step },
-            &mut opt,
-            ring.slot(step),
-        )?;
+        let enqueue = |model: &mut Model<B>, contrast: &mut Contrast<B>, opt: &mut Optimizer<B>, ring: &mut Ring<B>| {
+            model.set_loss_scale(opt.loss_scale());
+            let mode = crate::model::Mode::Train { seed: args.seed, step };
+            deepcut::step_enqueue(model, contrast, &batch, &z, opts, gamma, mode, opt, ring.slot(step));
+        };
+        enqueue(&mut model, &mut contrast, &mut opt, &mut ring);
         if step >= args.warmup as u64 && step < total {
             host.push(t_host.elapsed().as_secs_f64());
         }
-        if step > 0 {
-            done(&mut ring, &model.be, step - 1, &mut last)?;
+        if step > 0 && done(&mut ring, &model.be, &mut opt, step - 1, &mut last)? {
+            // fp16: step - 1 overflowed, so this step ran with the loss scale it halved
+            enqueue(&mut model, &mut contrast, &mut opt, &mut ring);
         }
     }
-    done(&mut ring, &model.be, total, &mut last)?;
+    done(&mut ring, &model.be, &mut opt, total, &mut last)?;
     let device_memory = model.be.device_memory_used();
     // Measured again after the steps: on a shared machine one measurement can land in a
     // busy moment; the reference is the better of the two.

@@ -9,7 +9,7 @@ use crate::data::{bucketed_batches, Batch, Encoder, LabelMap, Sentence};
 use crate::error::{Error, Result};
 use crate::eval::evaluate::{evaluate_split, Dataset};
 use crate::infer::{model_from_weights, Classifier};
-use crate::model::{copy_tokenizer_files, init_head, save_model_dir, HostWeights, Mode, ModelConfig};
+use crate::model::{copy_tokenizer_files, init_head, save_model_dir, HostWeights, Mode, Model, ModelConfig};
 use crate::util::progress;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -245,32 +245,40 @@ pub fn finetune<B: Backend>(
         pb.set_position(batch_in_epoch as u64);
         let mut sums = (0f64, 0usize);
         // Steps are pipelined (issue #6): step s's loss and update stats are read after
-        // step s + 1 is enqueued (train::readback), except where a checkpoint, the end of
-        // the epoch or fp16's loss scaler needs them at once.
+        // step s + 1 is enqueued (train::readback), except where a checkpoint or the end
+        // of the epoch needs them at once. With fp16 loss scaling, s + 1 is enqueued at the
+        // scale s leaves if it applies; in the rare step s that overflows, s + 1 is
+        // enqueued again (`Ring::finish_before`).
         let mut flying: Option<u64> = None;
         while batch_in_epoch < batches.len() {
             let batch = Batch::gather(&windows, &batches[batch_in_epoch], pad, style);
             // Dropout is keyed by the attempted step (equal to the applied one unless an
             // fp16 step was skipped), so a batch after a skipped step draws fresh masks.
             let step = rec.steps;
-            model.forward(&batch.inputs, Mode::Train { seed: fc.seed, step });
-            model.zero_grads();
-            model.backward(opt.loss_scale() / batch.labelled().max(1) as f32, None);
-            // the loss is read after backward is enqueued (backward leaves the losses as
-            // forward wrote them), with the update, a step later
-            ring.slot(step)
-                .start(&mut model, batch.labelled(), None, &mut opt)
-                .map_err(|e| overflowed(e, None, epoch, &ckpt_dir, &mut writer))?;
+            let enqueue = |model: &mut Model<B>, opt: &mut Optimizer<B>, ring: &mut Ring<B>| {
+                model.forward(&batch.inputs, Mode::Train { seed: fc.seed, step });
+                model.zero_grads();
+                model.backward(opt.loss_scale() / batch.labelled().max(1) as f32, None);
+                // the loss is read after backward is enqueued (backward leaves the losses
+                // as forward wrote them), with the update, a step later
+                ring.slot(step).start(model, batch.labelled(), None, opt);
+            };
+            enqueue(&mut model, &mut opt, &mut ring);
             rec.steps += 1;
             rec.tokens += batch.n_tokens() as u64;
             batch_in_epoch += 1;
             if let Some(prev) = flying.take() {
-                let f = ring.finish(prev, &model.be).expect("a step in flight");
+                let (f, again) = ring.finish_before(prev, &model.be, &mut opt);
                 record_step(f, prev, epoch, &mut rec, &mut sums, &opt, &pb, &ckpt_dir, &mut writer)?;
+                if again {
+                    // fp16: step prev overflowed, so this step ran with the loss scale
+                    // that halved; the device skipped it
+                    enqueue(&mut model, &mut opt, &mut ring);
+                }
             }
             let save_now = rec.steps.is_multiple_of(fc.checkpoint_every);
-            if save_now || batch_in_epoch == batches.len() || opt.scaler.is_some() {
-                let f = ring.finish(step, &model.be).expect("the step just enqueued");
+            if save_now || batch_in_epoch == batches.len() {
+                let f = ring.finish(step, &model.be, &mut opt).expect("the step just enqueued");
                 record_step(f, step, epoch, &mut rec, &mut sums, &opt, &pb, &ckpt_dir, &mut writer)?;
             } else {
                 flying = Some(step);

@@ -2,7 +2,7 @@
 //! (SPEC section 4), and fp16 dynamic loss scaling (SPEC section 7). Moments live on the
 //! backend next to the weights; master weights and moments are fp32 on every backend.
 use super::schedule::{decays, linear_warmup_decay};
-use crate::backend::{clip_factor, AdamW, Backend, ClipStats, ParamSlot, Precision};
+use crate::backend::{clip_factor, AdamW, Backend, ClipState, ClipStats, ParamSlot, Precision};
 use crate::error::{Error, Result};
 use crate::model::encoder::Params;
 use crate::model::Model;
@@ -96,6 +96,40 @@ impl LossScaler {
             history: vec![],
         }
     }
+
+    /// Attempted step `attempt` (1-based) overflowed: it is skipped and the scale halved.
+    /// An error at scale 1, where halving cannot help.
+    fn overflowed(&mut self, attempt: u64, norm: f64) -> Result<()> {
+        if self.scale <= 1.0 {
+            return Err(Error::Numeric(format!(
+                "fp16 gradients overflow (norm {norm}) even at loss scale {} at step {attempt}",
+                self.scale
+            )));
+        }
+        self.scale /= 2.0;
+        self.clean_steps = 0;
+        self.skipped_steps += 1;
+        self.history.push(ScaleChange {
+            attempt,
+            scale: self.scale,
+            reason: "overflow".into(),
+        });
+        Ok(())
+    }
+
+    /// Attempted step `attempt` applied: the scale doubles after `growth_interval` of them.
+    fn applied(&mut self, attempt: u64) {
+        self.clean_steps += 1;
+        if self.clean_steps >= self.cfg.growth_interval && self.scale < LossScaling::MAX_SCALE {
+            self.scale *= 2.0;
+            self.clean_steps = 0;
+            self.history.push(ScaleChange {
+                attempt,
+                scale: self.scale,
+                reason: "growth".into(),
+            });
+        }
+    }
 }
 
 /// The `precision` object of a report: the precision, and for fp16 the loss scaling
@@ -126,16 +160,56 @@ pub struct Optimizer<B: Backend> {
     pub scaler: Option<LossScaler>,
     /// `Backend::clip_adamw_all`'s decision of the last enqueued update (ClipStats).
     stats: B::Buf,
+    /// fp16: the overflows `finish` has reported since this optimiser was made (the
+    /// device counts them in `stats`; an update enqueued before the host saw one is stale).
+    overflows_seen: u32,
 }
 
 /// An update `Optimizer::update_enqueue` left in flight; `Optimizer::finish` completes it.
+/// The norm, and whether the device skipped, come with the staged `ClipStats`. `step` is
+/// the update's 1-based number, for the error message.
 #[derive(Clone, Copy, Debug)]
-pub enum Enqueued {
-    /// Decided on the host (fp16 loss scaling): already complete.
-    Done(UpdateStats),
-    /// Decided on the device: the norm, and whether the device skipped, come with the
-    /// staged `ClipStats`. `step` is the update's 1-based number, for the error message.
-    Device { lr: f32, loss_scale: f32, step: u64 },
+pub struct Enqueued {
+    lr: f32,
+    loss_scale: f32,
+    step: u64,
+    /// The optimiser's state before this update, which assumed the update applies;
+    /// `finish` goes back to it if the device says it did not.
+    before: Before,
+}
+
+/// The optimiser's schedule and loss-scaler counters at one moment.
+#[derive(Clone, Copy, Debug)]
+struct Before {
+    step: u64,
+    scaler: Option<ScalerCounters>,
+}
+
+/// fp16: a `LossScaler`'s numbers, and the length of its history.
+#[derive(Clone, Copy, Debug)]
+struct ScalerCounters {
+    scale: f32,
+    clean_steps: u64,
+    skipped_steps: u64,
+    history: usize,
+}
+
+impl Before {
+    /// The attempted step (1-based, skipped ones included) the update after this moment is.
+    fn attempt(&self) -> u64 {
+        self.step + self.scaler.map_or(0, |s| s.skipped_steps) + 1
+    }
+}
+
+/// What a finished update did.
+#[derive(Clone, Copy, Debug)]
+pub enum Finish {
+    /// Applied, or (fp16) skipped for an overflow: what `Optimizer::update` returns.
+    Update(UpdateStats),
+    /// fp16: computed with a loss scale an earlier step's overflow has halved since; the
+    /// device applied nothing and the optimiser is as if it never ran. The caller enqueues
+    /// the same step again.
+    Stale,
 }
 
 /// What one update did.
@@ -161,6 +235,7 @@ impl<B: Backend> Optimizer<B> {
             step: 0,
             scaler: None,
             stats: be.alloc(ClipStats::LEN),
+            overflows_seen: 0,
         }
     }
 
@@ -204,20 +279,7 @@ impl<B: Backend> Optimizer<B> {
         if let Some(sc) = &mut self.scaler {
             let attempt = self.step + sc.skipped_steps + 1;
             if !norm.is_finite() {
-                if sc.scale <= 1.0 {
-                    return Err(Error::Numeric(format!(
-                        "fp16 gradients overflow (norm {norm}) even at loss scale {} at step {attempt}",
-                        sc.scale
-                    )));
-                }
-                sc.scale /= 2.0;
-                sc.clean_steps = 0;
-                sc.skipped_steps += 1;
-                sc.history.push(ScaleChange {
-                    attempt,
-                    scale: sc.scale,
-                    reason: "overflow".into(),
-                });
+                sc.overflowed(attempt, norm)?;
                 return Ok(UpdateStats {
                     lr: linear_warmup_decay(self.cfg.lr, self.step, self.cfg.warmup, self.cfg.total),
                     grad_norm: f64::NAN,
@@ -226,16 +288,7 @@ impl<B: Backend> Optimizer<B> {
                 });
             }
             norm /= loss_scale as f64;
-            sc.clean_steps += 1;
-            if sc.clean_steps >= sc.cfg.growth_interval && sc.scale < LossScaling::MAX_SCALE {
-                sc.scale *= 2.0;
-                sc.clean_steps = 0;
-                sc.history.push(ScaleChange {
-                    attempt,
-                    scale: sc.scale,
-                    reason: "growth".into(),
-                });
-            }
+            sc.applied(attempt);
         }
         if !norm.is_finite() {
             return Err(Error::Numeric(format!(
@@ -268,25 +321,41 @@ impl<B: Backend> Optimizer<B> {
     }
 
     /// `update` without waiting for the device (issue #6: no host-device synchronisation
-    /// inside a step): the norm, the clipping and the non-finite check happen on the
-    /// device (`Backend::clip_adamw_all`, the same decisions in the same arithmetic) and
-    /// its `ClipStats` start back into `staged`. `finish` then gives what `update` would
-    /// have returned, the same weights and moments bit for bit, or its error; a non-finite
-    /// norm leaves the weights untouched as `update` does, and this and every later
-    /// enqueued update apply nothing (the caller learns of it one step late).
+    /// inside a step): the norm, the clipping, the non-finite check and fp16's overflow
+    /// check happen on the device (`Backend::clip_adamw_all`, the same decisions in the
+    /// same arithmetic) and its `ClipStats` start back into `staged`. `finish` then gives
+    /// what `update` would have returned, the same weights and moments bit for bit, or its
+    /// error; a non-finite norm leaves the weights untouched as `update` does, and this
+    /// and every later enqueued update apply nothing (the caller learns of it one step
+    /// late).
     ///
-    /// With fp16 loss scaling this is `update` itself: whether to skip decides the next
-    /// step's loss scale before its backward pass is enqueued, so the host needs the
-    /// overflow check now, one synchronisation per step, as PyTorch's GradScaler.step
-    /// (found_inf.item()) has too.
-    pub fn update_enqueue(&mut self, model: &mut Model<B>, staged: &mut B::Staging) -> Result<Enqueued> {
-        if self.scaler.is_some() {
-            return self.update(model).map(Enqueued::Done);
+    /// With fp16 loss scaling the next step's backward pass needs this one's outcome (an
+    /// overflow halves its loss scale). Rather than wait for it, as PyTorch's
+    /// GradScaler.step does (found_inf.item()), the optimiser assumes the update applies
+    /// (the schedule, the scaler's clean-step count and growth move on at once) and
+    /// `finish` puts that right in the rare step that overflowed; the step enqueued after
+    /// it was computed with the old scale, so the device skips it as stale
+    /// (`Finish::Stale`) and the caller enqueues it again. The steps, scales, weights
+    /// and moments are those of `update` bit for bit.
+    pub fn update_enqueue(&mut self, model: &mut Model<B>, staged: &mut B::Staging) -> Enqueued {
+        let loss_scale = self.loss_scale();
+        let before = Before {
+            step: self.step,
+            scaler: self.scaler.as_ref().map(|sc| ScalerCounters {
+                scale: sc.scale,
+                clean_steps: sc.clean_steps,
+                skipped_steps: sc.skipped_steps,
+                history: sc.history.len(),
+            }),
+        };
+        if let Some(sc) = &mut self.scaler {
+            sc.applied(before.attempt());
         }
         let lr = linear_warmup_decay(self.cfg.lr, self.step, self.cfg.warmup, self.cfg.total);
         self.step += 1;
         let precision = model.precision();
         let hp = self.hyper(lr);
+        let seen = self.scaler.is_some().then_some(self.overflows_seen);
         let (m, v) = (&mut self.m, &mut self.v);
         let mut slots = slots(&mut model.params, m, v);
         let _r = model.be.profile_range(format_args!("optimizer: clip + adamw"));
@@ -295,7 +364,8 @@ impl<B: Backend> Optimizer<B> {
             hp,
             self.step,
             self.cfg.clip,
-            1.0,
+            loss_scale,
+            seen,
             precision,
             &mut self.stats,
         );
@@ -303,30 +373,68 @@ impl<B: Backend> Optimizer<B> {
         // skipped or not, the copies match the master weights (a skip changes neither)
         model.mark_gemm_weights_fresh();
         model.be.download_start(staged, &self.stats, ClipStats::LEN);
-        Ok(Enqueued::Device {
+        Enqueued {
             lr,
-            loss_scale: 1.0,
+            loss_scale,
             step: self.step,
-        })
+            before,
+        }
     }
 
-    /// Completes an `update_enqueue`: waits for its staged `ClipStats` (if the device
-    /// decided) and gives `update`'s result.
-    pub fn finish(be: &B, e: Enqueued, staged: &B::Staging) -> Result<UpdateStats> {
-        match e {
-            Enqueued::Done(s) => Ok(s),
-            Enqueued::Device { lr, loss_scale, step } => {
-                let st = ClipStats::read(be.download_wait(staged, ClipStats::LEN));
-                if st.skipped {
-                    return Err(Error::Numeric(format!("gradient norm is {} at step {step}", st.norm)));
-                }
-                Ok(UpdateStats {
-                    lr,
-                    grad_norm: st.norm,
-                    skipped: false,
-                    loss_scale,
-                })
+    /// Completes an `update_enqueue`: waits for its staged `ClipStats` and gives `update`'s
+    /// result, or says the update was stale. Updates must be finished in the order they
+    /// were enqueued.
+    pub fn finish(&mut self, be: &B, e: Enqueued, staged: &B::Staging) -> Result<Finish> {
+        let st = ClipStats::read(be.download_wait(staged, ClipStats::LEN));
+        let done = |lr, grad_norm, skipped| {
+            Finish::Update(UpdateStats {
+                lr,
+                grad_norm,
+                skipped,
+                loss_scale: e.loss_scale,
+            })
+        };
+        let b = e.before;
+        let fp16 = b.scaler.is_some();
+        match st.state {
+            ClipState::Applied => Ok(done(e.lr, st.norm, false)),
+            ClipState::Stale if fp16 => Ok(Finish::Stale),
+            ClipState::Overflowed if fp16 => {
+                // back to before this update (and whatever was enqueued after it, which the
+                // device skips as stale), then as `update` handles an overflow
+                self.restore(b);
+                let sc = self.scaler.as_mut().expect("fp16 updates have a scaler");
+                sc.overflowed(b.attempt(), st.norm)?;
+                self.overflows_seen += 1;
+                let lr = linear_warmup_decay(self.cfg.lr, self.step, self.cfg.warmup, self.cfg.total);
+                Ok(done(lr, f64::NAN, true))
             }
+            ClipState::Failed => {
+                // as `update` leaves the optimiser when it fails
+                self.restore(b);
+                Err(Error::Numeric(if fp16 && !st.norm.is_finite() && e.loss_scale <= 1.0 {
+                    format!(
+                        "fp16 gradients overflow (norm {}) even at loss scale {} at step {}",
+                        st.norm,
+                        e.loss_scale,
+                        b.attempt()
+                    )
+                } else {
+                    format!("gradient norm is {} at step {}", st.norm, e.step)
+                }))
+            }
+            state => unreachable!("{state:?} without fp16 loss scaling"),
+        }
+    }
+
+    /// Back to the schedule and scaler counters of `b` (the history cut back to its length).
+    fn restore(&mut self, b: Before) {
+        self.step = b.step;
+        if let (Some(sc), Some(c)) = (&mut self.scaler, b.scaler) {
+            sc.scale = c.scale;
+            sc.clean_steps = c.clean_steps;
+            sc.skipped_steps = c.skipped_steps;
+            sc.history.truncate(c.history);
         }
     }
 

@@ -3,10 +3,11 @@
 //! `Readback::start` enqueues its CE losses, its update (`Optimizer::update_enqueue`: the
 //! clipping decided on the device) and copies of both into page-locked memory; the loop
 //! then enqueues the next step before `finish` waits for these numbers, so the device
-//! always has the next step queued. Two readbacks alternate (`Ring`). fine-tuning
-//! (`train`, the retrain baseline, SISA) and DeepCUT (`deepcut::step_enqueue`, which adds
-//! InfoNCE's per-row losses) go through it.
-use super::optim::{Enqueued, Optimizer, UpdateStats};
+//! always has the next step queued. Two readbacks alternate (`Ring`);
+//! `Ring::finish_before` also says when an fp16 overflow made the next step stale, to be
+//! enqueued again. fine-tuning (`train`, the retrain baseline, SISA) and DeepCUT
+//! (`deepcut::step_enqueue`, which adds InfoNCE's per-row losses) go through it.
+use super::optim::{Enqueued, Finish, Optimizer, UpdateStats};
 use crate::backend::{infonce_loss_host, Backend};
 use crate::error::Result;
 use crate::model::encoder::mean_ce;
@@ -54,6 +55,16 @@ pub struct Contrastive {
 pub struct Finished {
     pub losses: StepLosses,
     pub update: Result<UpdateStats>,
+    /// fp16: the update was stale (`Finish::Stale`): nothing applied, `update` says
+    /// skipped, and the step is to be enqueued again.
+    pub stale: bool,
+}
+
+impl Finished {
+    /// fp16: the update overflowed (skipped, and the loss scale halved).
+    pub fn overflowed(&self) -> bool {
+        !self.stale && matches!(self.update, Ok(u) if u.skipped)
+    }
 }
 
 impl<B: Backend> Readback<B> {
@@ -74,12 +85,11 @@ impl<B: Backend> Readback<B> {
 
     /// After the step's backward pass: enqueues its CE losses (`labelled` tokens carry
     /// CE) and, with a contrastive term, a copy of its per-row losses `rows_losses`; then
-    /// the update. An `Err` is an fp16 update's, decided at once. Panics if a step is
-    /// still in flight here.
+    /// the update. Panics if a step is still in flight here.
     pub fn start(
         &mut self, model: &mut Model<B>, labelled: usize, contrast: Option<(&B::Buf, Contrastive)>,
         opt: &mut Optimizer<B>,
-    ) -> Result<()> {
+    ) {
         assert!(
             self.pending.is_none(),
             "Readback::start: a step is still in flight here"
@@ -88,20 +98,19 @@ impl<B: Backend> Readback<B> {
         if let Some((rows_losses, c)) = contrast {
             model.be.download_start(&mut self.contrast, rows_losses, c.rows);
         }
-        let update = opt.update_enqueue(model, &mut self.stats)?;
+        let update = opt.update_enqueue(model, &mut self.stats);
         self.pending = Some(Pending {
             n,
             labelled,
             contrast: contrast.map(|(_, c)| c),
             update,
         });
-        Ok(())
     }
 
     /// Waits for the step in flight here and returns its numbers (None if there is none):
     /// what the synchronous `Model::ce_loss`, `infonce_loss_host` and `Optimizer::update`
-    /// give for the same step.
-    pub fn finish(&mut self, be: &B) -> Option<Finished> {
+    /// give for the same step. Steps must be finished in the order they were started.
+    pub fn finish(&mut self, be: &B, opt: &mut Optimizer<B>) -> Option<Finished> {
         let p = self.pending.take()?;
         let ce = mean_ce(be.download_wait(&self.ce, p.n), p.labelled);
         let losses = match p.contrast {
@@ -120,10 +129,18 @@ impl<B: Backend> Readback<B> {
                 }
             }
         };
-        Some(Finished {
-            losses,
-            update: Optimizer::<B>::finish(be, p.update, &self.stats),
-        })
+        let (update, stale) = match opt.finish(be, p.update, &self.stats) {
+            Ok(Finish::Update(u)) => (Ok(u), false),
+            Ok(Finish::Stale) => (
+                Ok(UpdateStats {
+                    skipped: true,
+                    ..UpdateStats::default()
+                }),
+                true,
+            ),
+            Err(e) => (Err(e), false),
+        };
+        Some(Finished { losses, update, stale })
     }
 }
 
@@ -141,8 +158,36 @@ impl<B: Backend> Ring<B> {
         &mut self.0[(step % 2) as usize]
     }
 
-    /// Finishes the step in flight in the slot of `step`, if any.
-    pub fn finish(&mut self, step: u64, be: &B) -> Option<Finished> {
-        self.slot(step).finish(be)
+    /// Finishes the step in flight in the slot of `step`, if any. With the step before it
+    /// finished first (`finish_before`), it is never stale.
+    pub fn finish(&mut self, step: u64, be: &B, opt: &mut Optimizer<B>) -> Option<Finished> {
+        let f = self.slot(step).finish(be, opt)?;
+        assert!(
+            !f.stale,
+            "step {step} finished stale: the step before it was not finished first"
+        );
+        Some(f)
+    }
+
+    /// Finishes step `prev` while step `next = prev + 1` is in flight in the other slot. If
+    /// `prev` overflowed (fp16), `next` was computed with the loss scale the overflow
+    /// halved: the device skipped it, and this finishes it as well and returns true: the
+    /// caller enqueues `next` again, as its first attempt, with `opt.loss_scale()`.
+    pub fn finish_before(&mut self, prev: u64, be: &B, opt: &mut Optimizer<B>) -> (Finished, bool) {
+        let f = self.slot(prev).finish(be, opt).expect("a step in flight");
+        assert!(
+            !f.stale,
+            "step {prev} finished stale: the step before it was not finished first"
+        );
+        let next = prev + 1;
+        if !f.overflowed() || !self.slot(next).in_flight() {
+            return (f, false);
+        }
+        let g = self.slot(next).finish(be, opt).expect("in flight");
+        assert!(
+            g.stale,
+            "step {next}, enqueued before step {prev}'s overflow was known, was not skipped"
+        );
+        (f, true)
     }
 }

@@ -5,7 +5,6 @@
 //! with the contrastive gradient entering at the final hidden states.
 use crate::backend::{infonce_loss_host, Backend, InfoNceOptions, IGNORE_INDEX};
 use crate::data::{Batch, PositionStyle, Window};
-use crate::error::Result;
 use crate::model::{Mode, Model};
 use crate::train::optim::Optimizer;
 use crate::train::readback::Contrastive;
@@ -137,14 +136,15 @@ pub fn step<B: Backend>(
 
 /// `step` and `opt.update_enqueue`, with no host-device synchronisation (issue #6): the
 /// losses and the update's stats start back into `rb`, whose `finish` returns them. Enqueue
-/// the next step before finishing this one and the device never waits for the host. An
-/// `Err` is an fp16 update's (decided at once); `rb` must not hold a step in flight
-/// (`Readback::start` panics).
+/// the next step before finishing this one and the device never waits for the host
+/// (`Ring::finish_before` says when an fp16 overflow makes the next step run again). `rb`
+/// must not hold a step in flight (`Readback::start` panics). The loss scale is
+/// `model.loss_scale()`, which the caller sets from `opt.loss_scale()`.
 #[allow(clippy::too_many_arguments)]
 pub fn step_enqueue<B: Backend>(
     model: &mut Model<B>, cb: &mut Contrast<B>, batch: &Batch, z: &ZRows, opts: InfoNceOptions, gamma: f32, mode: Mode,
     opt: &mut Optimizer<B>, rb: &mut Readback<B>,
-) -> Result<()> {
+) {
     let anchors = enqueue(model, cb, batch, z, opts, gamma, mode);
     let c = Contrastive {
         rows: z.idx.len(),

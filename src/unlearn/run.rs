@@ -666,9 +666,10 @@ fn unlearn_loop<B: Backend>(
     // DeepCUT steps are pipelined (issue #6): step t is enqueued, then step t - 1's losses
     // and update stats are waited for, so the device goes on with t while the host
     // records t - 1 and assembles t + 1. Two readbacks alternate. A step whose numbers are
-    // needed at once (a stopping-rule check, a checkpoint, the last step; every fp16 step,
-    // whose update already waited for the device) is finished before going on, so
-    // checkpoints and checks see every step up to their own.
+    // needed at once (a stopping-rule check, a checkpoint, the last step) is finished
+    // before going on, so checkpoints and checks see every step up to their own. With
+    // fp16 loss scaling, t is enqueued at the scale t - 1 leaves if it applies; in the
+    // rare step t - 1 that overflows, t is enqueued again (`Ring::finish_before`).
     let max_tokens = (2 * cfg.bf + cfg.br) * cfg.max_len;
     let mut ring = Ring::new(&model.be, max_tokens);
     // the step (0-based) in flight, if any
@@ -683,22 +684,23 @@ fn unlearn_loop<B: Backend>(
         model.set_loss_scale(opt.loss_scale());
         let fb = fs.next_batch();
         let rb = rs.next_batch();
+        let enqueue = |model: &mut crate::model::Model<B>,
+                       contrast: &mut Contrast<B>,
+                       opt: &mut Optimizer<B>,
+                       ring: &mut Ring<B>,
+                       (batch, z): &(crate::data::Batch, deepcut::ZRows)| {
+            model.set_loss_scale(opt.loss_scale());
+            let slot = ring.slot(step);
+            deepcut::step_enqueue(model, contrast, batch, z, cfg.infonce(), cfg.gamma, mode, opt, slot);
+        };
+        // the DeepCUT step in flight: kept until it is finished, in case it has to run again
+        let mut enqueued = None;
         let started = match cfg.method {
             Method::Deepcut => {
-                let (batch, z) = deepcut::assemble(windows, &fb, &rb, pad, style, o_id, cfg.anchors);
-                state.tokens += batch.n_tokens() as u64;
-                deepcut::step_enqueue(
-                    model,
-                    &mut contrast,
-                    &batch,
-                    &z,
-                    cfg.infonce(),
-                    cfg.gamma,
-                    mode,
-                    &mut opt,
-                    ring.slot(step),
-                )
-                .map_err(|e| failed(&pb, overflowed(e, None, &ckpt_dir, &mut writer)))?;
+                let bz = deepcut::assemble(windows, &fb, &rb, pad, style, o_id, cfg.anchors);
+                state.tokens += bz.0.n_tokens() as u64;
+                enqueue(model, &mut contrast, &mut opt, &mut ring, &bz);
+                enqueued = Some(bz);
                 Started::Flying
             }
             method => {
@@ -733,15 +735,25 @@ fn unlearn_loop<B: Backend>(
                 // the losses are checked before the update, which they would poison
                 check_losses(&losses, step + 1, &ckpt_dir, &mut writer).map_err(|e| failed(&pb, e))?;
                 let update = opt.update(model);
-                Started::Ready(deepcut::Finished { losses, update })
+                Started::Ready(deepcut::Finished {
+                    losses,
+                    update,
+                    stale: false,
+                })
             }
         };
         // `state.step` counts attempted steps (batches drawn, skipped fp16 steps included):
         // the budget, the stopping rule and the dropout keys follow it.
         state.step += 1;
         if let Some(prev) = flying.take() {
-            let f = ring.finish(prev, &model.be).expect("a step in flight");
+            let (f, again) = ring.finish_before(prev, &model.be, &mut opt);
             record(state, prev + 1, f, &opt, &pb, &ckpt_dir, &mut writer).map_err(|e| failed(&pb, e))?;
+            if again {
+                // fp16: step prev overflowed, so this step ran with the loss scale that
+                // halved; the device skipped it
+                let bz = enqueued.as_ref().expect("only DeepCUT steps are in flight");
+                enqueue(model, &mut contrast, &mut opt, &mut ring, bz);
+            }
         }
         let check = cfg.steps.is_none() && state.step.is_multiple_of(cfg.check_every);
         // By default a periodic checkpoint is skipped while the previous one is still being
@@ -753,8 +765,8 @@ fn unlearn_loop<B: Backend>(
             Started::Ready(f) => {
                 record(state, state.step, f, &opt, &pb, &ckpt_dir, &mut writer).map_err(|e| failed(&pb, e))?
             }
-            Started::Flying if check || save_now || opt.scaler.is_some() => {
-                let f = ring.finish(step, &model.be).expect("the step just enqueued");
+            Started::Flying if check || save_now => {
+                let f = ring.finish(step, &model.be, &mut opt).expect("the step just enqueued");
                 record(state, state.step, f, &opt, &pb, &ckpt_dir, &mut writer).map_err(|e| failed(&pb, e))?
             }
             Started::Flying => flying = Some(step),

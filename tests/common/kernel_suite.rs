@@ -325,6 +325,6 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
             decays: true,
             low: None,
         }];
-        be.clip_adamw_all(&mut slots, hp, step, 1.0, 1.0, Precision::Fp32, &mut stats)
+        be.clip_adamw_all(&mut slots, hp, step, 1.0, 1.0, None, Precision::Fp32, &mut stats)
     });
 }

@@ -261,7 +261,7 @@ pub fn sum_squares_all(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)]) -> f64 {
 #[allow(clippy::too_many_arguments)]
 pub fn clip_adamw_all(
     cu: &Cuda, slots: &mut [ParamSlot<'_, CudaBuf>], hp: AdamW, step: u64, clip: f32, loss_scale: f32,
-    low_precision: Precision, stats: &mut CudaBuf,
+    overflows_seen: Option<u32>, low_precision: Precision, stats: &mut CudaBuf,
 ) {
     let _r = cu.range("clip_adamw_all");
     let w = "clip_adamw_all stats";
@@ -269,11 +269,17 @@ pub fn clip_adamw_all(
     need(st.len(), crate::backend::ClipStats::LEN, w);
     let st = addr_mut(cu, st);
     let grads: Vec<(&CudaSlice<f32>, usize)> = slots.iter().map(|s| (s.grad.f32("clip_adamw_all"), s.n)).collect();
-    if !squares(cu, &grads, Some((st, clip, loss_scale))) {
+    let seen = match overflows_seen {
+        Some(n) => int(n as usize, "clip_adamw_all overflows seen"),
+        None => -1,
+    };
+    if !squares(cu, &grads, Some((st, clip, loss_scale, seen))) {
         // no gradient at all (no parameters): norm 0, nothing to update
-        let prev = cu.download(stats, crate::backend::ClipStats::LEN);
-        let v = crate::backend::ClipStats::encode(0.0, prev[2] != 0.0, 1.0 / loss_scale);
-        cu.upload(stats, &v);
+        use crate::backend::{ClipState, ClipStats};
+        let prev = cu.download(stats, ClipStats::LEN);
+        let (state, overflows) = ClipState::decide(&prev, overflows_seen, 0.0, loss_scale);
+        let scale = if state.skipped() { 0.0 } else { 1.0 / loss_scale };
+        cu.upload(stats, &ClipStats::encode(0.0, state, scale, overflows));
         return;
     }
     drop(grads);
@@ -322,9 +328,10 @@ pub fn zero_all(cu: &Cuda, xs: &mut [(&mut CudaSlice<f32>, usize)]) {
 }
 
 /// Enqueues `sum_squares_all`'s two reductions into the scratch f64_b[0], and with `clip`
-/// = (stats address, clip, loss scale) the clipping decision into stats. False (nothing
+/// = (stats address, clip, loss scale, overflows seen or -1) the clipping decision into
+/// stats. False (nothing
 /// enqueued) when every tensor is empty.
-fn squares(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)], clip: Option<(u64, f32, f32)>) -> bool {
+fn squares(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)], clip: Option<(u64, f32, f32, i32)>) -> bool {
     let xs: Vec<(u64, usize, usize)> = xs.iter().map(|&(x, n)| (addr(cu, x), x.len(), n)).collect();
     let (host, blocks) = squares_table(&xs, "sum_squares_all");
     if host.is_empty() {
@@ -345,7 +352,7 @@ fn squares(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)], clip: Option<(u64, f32, f
     // REDUCE_CHUNK elements of its tensor below n (live buffers of at least n floats,
     // checked above) and writes partials[b]; partials holds `blocks` doubles (ensure).
     check(unsafe { l.launch(blocks_of(blocks)) }, "sum_squares_multi_partials_f32");
-    let (stats, clip, loss_scale) = clip.unwrap_or((0, 0.0, 1.0));
+    let (stats, clip, loss_scale, overflows_seen) = clip.unwrap_or((0, 0.0, 1.0, -1));
     let mut l = cu.stream.launch_builder(cu.func("sum_partials_multi_f64"));
     l.arg(&mut *out)
         .arg(&mut *per_tensor)
@@ -354,12 +361,13 @@ fn squares(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)], clip: Option<(u64, f32, f
         .arg(&nti)
         .arg(&stats)
         .arg(&clip)
-        .arg(&loss_scale);
+        .arg(&loss_scale)
+        .arg(&overflows_seen);
     // SAFETY: (double* out, double* per_tensor, const double* partials, const
-    // SquaresTensor* tensors, int nt, float* stats, float clip, float loss_scale); one
-    // block reads partials[..blocks] as the table says, writes per_tensor[..nt] and
-    // out[0]; sizes from ensure; stats is null or a live buffer of ClipStats::LEN floats
-    // (clip_adamw_all checked it).
+    // SquaresTensor* tensors, int nt, float* stats, float clip, float loss_scale, int
+    // overflows_seen); one block reads partials[..blocks] as the table says, writes
+    // per_tensor[..nt] and out[0]; sizes from ensure; stats is null or a live buffer of
+    // ClipStats::LEN floats (clip_adamw_all checked it).
     check(
         unsafe {
             l.launch(LaunchConfig {

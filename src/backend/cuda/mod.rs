@@ -941,8 +941,18 @@ impl Backend for Cuda {
     }
     fn clip_adamw_all(
         &self, slots: &mut [ParamSlot<'_, CudaBuf>], hp: AdamW, step: u64, clip: f32, loss_scale: f32,
-        low_precision: Precision, stats: &mut CudaBuf,
+        overflows_seen: Option<u32>, low_precision: Precision, stats: &mut CudaBuf,
     ) {
-        adamw::clip_adamw_all(self, slots, hp, step, clip, loss_scale, low_precision, stats)
+        adamw::clip_adamw_all(
+            self,
+            slots,
+            hp,
+            step,
+            clip,
+            loss_scale,
+            overflows_seen,
+            low_precision,
+            stats,
+        )
     }
 }
