@@ -168,13 +168,7 @@ fn gpu_parity_status() {
 /// timing, real-hardware races or cuBLAS's own kernels, which scripts/gpu-check.sh does.
 #[test]
 fn cuda_backend_on_the_cpu_emulator() {
-    if std::env::var("DEEPCUT_CUDA_EMU").is_ok() {
-        return; // the child itself
-    }
-    if let Ok(d) = cuda::availability() {
-        loud(&format!(
-            "cuda_backend_on_the_cpu_emulator: not needed, a real device is present ({d})"
-        ));
+    if !emulator_parent("cuda_backend_on_the_cpu_emulator", "") {
         return;
     }
     let dir = common::cuda_emu::build().unwrap_or_else(|e| panic!("{e}"));
@@ -292,14 +286,10 @@ fn cuda_backend_on_the_cpu_emulator() {
 #[test]
 fn cuda_backend_under_memcheck_and_racecheck() {
     use common::cuda_emu::Sanitizer;
-    if std::env::var("DEEPCUT_CUDA_EMU").is_ok() {
-        return; // the child itself
-    }
-    if let Ok(d) = cuda::availability() {
-        loud(&format!(
-            "cuda_backend_under_memcheck_and_racecheck: not run, a real device is present ({d}); \
-             run compute-sanitizer there"
-        ));
+    if !emulator_parent(
+        "cuda_backend_under_memcheck_and_racecheck",
+        "; run compute-sanitizer there (scripts/gpu-check.sh --sanitize)",
+    ) {
         return;
     }
     let children: Vec<_> = [Sanitizer::Address, Sanitizer::Thread]
@@ -339,6 +329,20 @@ fn cuda_backend_under_memcheck_and_racecheck() {
     }
 }
 
+/// Whether a test that re-runs this binary on the CPU emulator (`emu_child`) runs here: not
+/// in that child itself, and not where a real device is present, which it then says
+/// (`test` is the test's name, `instead` what to run on the device).
+fn emulator_parent(test: &str, instead: &str) -> bool {
+    if std::env::var("DEEPCUT_CUDA_EMU").is_ok() {
+        return false; // the child itself
+    }
+    if let Ok(d) = cuda::availability() {
+        loud(&format!("{test}: not run, a real device is present ({d}){instead}"));
+        return false;
+    }
+    true
+}
+
 /// This test binary, run again as a child on the `san` build of the emulator (with the
 /// sanitizer's runtime preloaded, if any) and libtest arguments `args`.
 fn emu_child(san: common::cuda_emu::Sanitizer, args: &[&str]) -> std::process::Command {
@@ -350,8 +354,9 @@ fn emu_child(san: common::cuda_emu::Sanitizer, args: &[&str]) -> std::process::C
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     if san == common::cuda_emu::Sanitizer::Thread {
-        // and fresh device and dynamic shared memory all NaN (runtime.cpp): a read of memory
-        // nobody wrote, hidden by a multiplication by zero, shows in the parity numbers
+        // and fresh device memory and every block's shared memory all NaN (runtime.cpp): a
+        // read of memory nobody wrote, hidden by a multiplication by zero, shows in the
+        // parity numbers
         c.env("CUDA_EMU_FILL", "nan");
     }
     common::cuda_emu::sanitized(&mut c, san).unwrap_or_else(|e| panic!("{e}"));
@@ -364,13 +369,7 @@ fn emu_child(san: common::cuda_emu::Sanitizer, args: &[&str]) -> std::process::C
 #[test]
 fn sanitizers_catch_planted_bugs() {
     use common::cuda_emu::Sanitizer;
-    if std::env::var("DEEPCUT_CUDA_EMU").is_ok() {
-        return; // the child itself
-    }
-    if let Ok(d) = cuda::availability() {
-        loud(&format!(
-            "sanitizers_catch_planted_bugs: not run, a real device is present ({d})"
-        ));
+    if !emulator_parent("sanitizers_catch_planted_bugs", "") {
         return;
     }
     let cases = [
@@ -407,6 +406,37 @@ fn sanitizers_catch_planted_bugs() {
             ),
         }
     }
+}
+
+/// The emulator's NaN fill reaches static `__shared__` variables too (runtime.cpp
+/// `refill_static_shared`): a kernel that adds into one it never zeroed
+/// (tests/cuda_emu/planted.cu) gives NaN under CUDA_EMU_FILL=nan, where without the fill
+/// the statics' zeros hide it, and the same kernel with its zeroing stays finite. (The
+/// ThreadSanitizer child runs the whole parity suite with that fill.)
+#[test]
+fn nan_fill_reaches_static_shared_memory() {
+    use common::cuda_emu::Sanitizer;
+    if !emulator_parent("nan_fill_reaches_static_shared_memory", "") {
+        return;
+    }
+    for (kernel, fill, want) in [
+        ("planted_static_shared_never_zeroed", false, "1"),
+        ("planted_static_shared_never_zeroed", true, "NaN"),
+        ("planted_static_shared_zeroed", true, "1"),
+    ] {
+        let mut c = emu_child(Sanitizer::None, &["--exact", "launch_planted_kernel", "--nocapture"]);
+        c.env("DEEPCUT_PLANTED_KERNEL", kernel);
+        if fill {
+            c.env("CUDA_EMU_FILL", "nan");
+        }
+        let out = c.output().expect("re-run this test binary");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.contains(&format!("launched planted kernel {kernel}: out[0] = {want}\n")),
+            "{kernel} (fill {fill}): expected out[0] = {want}:\n{stderr}"
+        );
+    }
+    loud("the emulator's NaN fill shows a static __shared__ array read before it is written");
 }
 
 /// Child of `sanitizers_catch_planted_bugs`: launches DEEPCUT_PLANTED_KERNEL on the emulator

@@ -255,12 +255,30 @@ fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
     base(&mut cmd, Part::Runtime);
     cmd.arg("-c").arg(emu.join("runtime.cpp")).arg("-o").arg(&runtime);
     wait("tests/cuda_emu/runtime.cpp", spawn(cmd)?)?;
+    // Static __shared__ variables are function statics: zero-initialised, in the kernel
+    // objects' .bss. This linker script gathers them into one section between two symbols,
+    // so the runtime can refill them before each block (CUDA_EMU_FILL=nan), as it does
+    // the dynamic shared memory; otherwise a block starts on the values the block before
+    // it left, or on zeros, and a kernel that reads them before writing passes.
+    let script = out.join("static_shared.ld");
+    let inputs: String = objects
+        .iter()
+        .map(|o| format!("    */{}(.bss .bss.*)\n", o.file_name().unwrap().to_string_lossy()))
+        .collect();
+    let text = format!(
+        "/* written by tests/common/cuda_emu.rs: the kernels' static __shared__ variables */\n\
+         SECTIONS\n{{\n  .emu_static_shared (NOLOAD) : ALIGN(64)\n  {{\n    \
+         __emu_static_shared_start = .;\n{inputs}    __emu_static_shared_end = .;\n  }}\n}}\n\
+         INSERT AFTER .bss;\n"
+    );
+    std::fs::write(&script, text).map_err(|e| format!("{}: {e}", script.display()))?;
     let mut cmd = Command::new(&cxx);
     base(&mut cmd, Part::Runtime);
     if san == Sanitizer::Thread {
         cmd.arg("-fsanitize=thread");
     }
     cmd.arg("-shared")
+        .arg(format!("-Wl,-T,{}", script.display()))
         .arg(&runtime)
         .args(&objects)
         .arg("-o")

@@ -6,7 +6,7 @@
 // __syncthreads is a barrier over the block and the warp shuffles exchange values through
 // a per-warp barrier. `__shared__` variables become
 // function statics, shared by every thread; that is per-block memory because blocks never
-// run at the same time. Arithmetic is the C++ compiler's fp32 (no FMA contraction), so a
+// run at the same time (with CUDA_EMU_FILL=nan they are refilled before each block). Arithmetic is the C++ compiler's fp32 (no FMA contraction), so a
 // kernel's numbers are what its code says, not what a GPU's instruction selection gives.
 #pragma once
 #include <math.h>

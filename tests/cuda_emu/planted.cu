@@ -35,3 +35,25 @@ extern "C" __global__ void planted_control_with_syncthreads(float* out, int n) {
     __syncthreads();
     out[t] = smem[(t + 1) % n];
 }
+
+// Adds into a static __shared__ array it never zeroed. On a GPU a block's shared memory
+// starts as whatever was there; the emulator's statics start as zeros (the first block) or
+// as the previous block's values, which hides the bug unless CUDA_EMU_FILL=nan refills
+// them before each block (out then NaN).
+extern "C" __global__ void planted_static_shared_never_zeroed(float* out, int n) {
+    __shared__ float acc[64];
+    const int t = threadIdx.x;
+    acc[t] += (float)t;
+    __syncthreads();
+    out[t] = acc[(t + 1) % n];
+}
+
+// The same with the zeroing: the control, finite under the refill.
+extern "C" __global__ void planted_static_shared_zeroed(float* out, int n) {
+    __shared__ float acc[64];
+    const int t = threadIdx.x;
+    acc[t] = 0.0f;
+    acc[t] += (float)t;
+    __syncthreads();
+    out[t] = acc[(t + 1) % n];
+}

@@ -138,18 +138,28 @@ emu_switch:
     .size emu_switch, .-emu_switch
 )");
 
-// CUDA_EMU_FILL=nan: fresh device memory and every block's dynamic shared memory are all-ones
-// bytes, a NaN in fp32, bf16 and fp16, instead of the default finite garbage (0xCD, 0xAB).
-// A kernel that reads memory nobody wrote and hides it arithmetically (0 * x, a masked
-// sum) then shows it: on a GPU that memory may hold NaN and 0 * NaN is NaN.
-// (Static __shared__ variables are function statics, not refilled: they start a block on
-// the previous block's values.)
-static unsigned char fill_byte(unsigned char usual) {
+// CUDA_EMU_FILL=nan: fresh device memory and every block's shared memory, dynamic and
+// static, are all-ones bytes, a NaN in fp32, bf16 and fp16, instead of the default finite
+// garbage (0xCD, 0xAB; static __shared__ variables, function statics, otherwise start a
+// block on the values the previous block left, or on zeros). A kernel that reads memory
+// nobody wrote and hides it arithmetically (0 * x, a masked sum) then shows it: on a GPU
+// that memory may hold NaN and 0 * NaN is NaN.
+static bool fill_nan() {
     static const bool nan = [] {
         const char* v = getenv("CUDA_EMU_FILL");
         return v && strcmp(v, "nan") == 0;
     }();
-    return nan ? 0xFF : usual;
+    return nan;
+}
+static unsigned char fill_byte(unsigned char usual) { return fill_nan() ? 0xFF : usual; }
+
+// The kernels' static __shared__ variables: the link puts every kernel object's .bss here
+// (tests/common/cuda_emu.rs writes the linker script).
+extern "C" char __emu_static_shared_start[], __emu_static_shared_end[];
+static void refill_static_shared() {
+#if !defined(EMU_ASAN)  // (AddressSanitizer keeps redzones between those variables)
+    if (fill_nan()) memset(__emu_static_shared_start, 0xFF, __emu_static_shared_end - __emu_static_shared_start);
+#endif
 }
 
 namespace {
@@ -365,6 +375,7 @@ static void launch(EmuThunk thunk, void** params, emu_dim3 grid, emu_dim3 block,
         r.or_slots.assign(n, 0);
         // 0xAB: uninitialised shared memory is garbage, not zeros, as on a GPU
         r.smem.assign(smem + (EMU_EXACT_SIZES ? 0 : 16), (char)fill_byte(0xAB));
+        refill_static_shared();
         run_block(r);
     }
     emu_state = saved;
