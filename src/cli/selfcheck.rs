@@ -1,6 +1,7 @@
 //! The device self-check behind `--device auto` and `--device cuda`: before a command runs
 //! on a GPU, one whole DeepCUT step (forward with dropout, CE and class-masked InfoNCE,
-//! backward, clipped AdamW) of a tiny random model runs on it and on the CPU backend from
+//! backward, clipped AdamW decided on the device and read back as `run` does it; in fp16
+//! with loss scaling) of a tiny random model runs on it and on the CPU backend from
 //! the same inputs, at the command's precision and at both head sizes real encoders use
 //! (32: MiniLM; 64: BERT / RoBERTa base), with padded rows. The GPU is used only if every
 //! gradient and updated weight agrees with the CPU reference (tests/gpu_parity.rs's
@@ -12,7 +13,8 @@ use crate::backend::cuda::Cuda;
 use crate::backend::{Backend, InfoNceOptions, Precision, IGNORE_INDEX};
 use crate::data::{PositionStyle, Window};
 use crate::model::{Dims, Mode, Model};
-use crate::train::optim::{OptimConfig, Optimizer};
+use crate::train::optim::{LossScaling, OptimConfig, Optimizer};
+use crate::train::readback::Readback;
 use crate::unlearn::deepcut::{self, Anchors, Contrast};
 use crate::util::Lcg;
 use std::sync::OnceLock;
@@ -95,6 +97,12 @@ pub fn self_check(ordinal: usize, precision: Precision) -> Result<SelfCheck, Str
             got.grads[0].1[0] += 1.0;
         }
         let want = one_step(Cpu, precision, head_dim);
+        if got.update != want.update {
+            return Err(format!(
+                "head size {head_dim}, {precision}: the update was {} on the GPU, {} on the CPU",
+                got.update, want.update
+            ));
+        }
         let mut check = |what: String, e: f64| -> Result<(), String> {
             if !e.is_finite() || e > tol {
                 return Err(format!(
@@ -158,6 +166,8 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 /// What one step gave: the losses, then every gradient and every updated weight, in
 /// parameter order.
 struct Outcome {
+    /// What the update did: "applied", or why not.
+    update: String,
     losses: Vec<f32>,
     grads: Vec<(String, Vec<f32>)>,
     weights: Vec<(String, Vec<f32>)>,
@@ -216,6 +226,8 @@ fn one_step<B: Backend>(be: B, precision: Precision, head_dim: usize) -> Outcome
     })
     .with_precision(precision);
     let mut cb = Contrast::new(&model.be, 256, dims.hidden);
+    // the optimiser as `run` drives it: the update decided on the device (clipping, and in
+    // fp16 the loss scale and its overflow check), its numbers read back through staging
     let mut opt = Optimizer::new(
         &model,
         OptimConfig {
@@ -224,6 +236,13 @@ fn one_step<B: Backend>(be: B, precision: Precision, head_dim: usize) -> Outcome
             warmup: 0,
             total: 10,
             clip: 1.0,
+        },
+    )
+    .with_precision(
+        precision,
+        LossScaling {
+            init: 1024.0,
+            growth_interval: 2000,
         },
     );
     let (batch, z) = deepcut::assemble(
@@ -235,7 +254,9 @@ fn one_step<B: Backend>(be: B, precision: Precision, head_dim: usize) -> Outcome
         0,
         Anchors::All,
     );
-    let l = deepcut::step(
+    model.set_loss_scale(opt.loss_scale());
+    let mut rb = Readback::new(&model.be, 256);
+    deepcut::step_enqueue(
         &mut model,
         &mut cb,
         &batch,
@@ -243,13 +264,39 @@ fn one_step<B: Backend>(be: B, precision: Precision, head_dim: usize) -> Outcome
         InfoNceOptions::default(),
         0.5,
         Mode::Train { seed: 5, step: 0 },
+        &mut opt,
+        &mut rb,
     );
+    let f = rb.finish(&model.be, &mut opt).expect("the step just started");
+    let update = match f.update {
+        Ok(u) if u.skipped => "skipped (an fp16 overflow)".to_string(),
+        Ok(_) => "applied".to_string(),
+        Err(e) => format!("refused: {e}"),
+    };
+    let l = f.losses;
     let grads = model.export_grads();
-    // an error here is a non-finite norm: NaN weights then fail the comparison
-    let _ = opt.update(&mut model);
     Outcome {
+        update,
         losses: vec![l.ce, l.contrast],
         grads,
         weights: model.export().into_iter().map(|(n, _, w)| (n, w)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference step applies its update at every precision and head size (a skipped
+    /// or refused update would leave the weights' comparison with nothing to compare).
+    #[test]
+    fn the_reference_step_applies_its_update() {
+        for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
+            for head_dim in [32, 64] {
+                let o = one_step(Cpu, precision, head_dim);
+                assert_eq!(o.update, "applied", "{precision}, head size {head_dim}");
+                assert!(o.losses.iter().all(|l| l.is_finite()));
+            }
+        }
     }
 }
