@@ -249,6 +249,15 @@ fn precision_flag_reaches_the_step() {
             "{p}: skipped_steps {}",
             j["skipped_steps"]
         );
+        // no precision waits for the device inside a step; fp16 says how many steps ran
+        // again after an overflow
+        assert_eq!(j["host_syncs_per_step"], 0, "{p}");
+        assert_eq!(
+            j["fp16_steps_rerun"].is_u64(),
+            p == "fp16",
+            "{p}: {}",
+            j["fp16_steps_rerun"]
+        );
         let (a, b) = (first(&j), first(&f32_run));
         assert!(
             a != b,
