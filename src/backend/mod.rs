@@ -559,13 +559,12 @@ pub trait Backend {
         let before = self.download(stats, ClipStats::LEN);
         let (state, overflows) = ClipState::decide(&before, overflows_seen, norm, loss_scale);
         let grad_scale = if state == ClipState::Applied {
-            clip_factor(norm, clip) * (1.0 / loss_scale)
+            let gs = clip_factor(norm, clip) * (1.0 / loss_scale);
+            self.adamw_all(slots, hp, step, gs, low_precision);
+            gs
         } else {
             0.0
         };
-        if state == ClipState::Applied {
-            self.adamw_all(slots, hp, step, grad_scale, low_precision);
-        }
         self.upload(stats, &ClipStats::encode(norm, state, grad_scale, overflows));
     }
 }

@@ -101,10 +101,7 @@ impl LossScaler {
     /// An error at scale 1, where halving cannot help.
     fn overflowed(&mut self, attempt: u64, norm: f64) -> Result<()> {
         if self.scale <= 1.0 {
-            return Err(Error::Numeric(format!(
-                "fp16 gradients overflow (norm {norm}) even at loss scale {} at step {attempt}",
-                self.scale
-            )));
+            return Err(overflow_at_scale_one(norm, self.scale, attempt));
         }
         self.scale /= 2.0;
         self.clean_steps = 0;
@@ -130,6 +127,14 @@ impl LossScaler {
             });
         }
     }
+}
+
+/// fp16 gradients that overflow at loss scale `scale` <= 1, where halving cannot help:
+/// the error `update` and `finish` give for attempted step `attempt`.
+fn overflow_at_scale_one(norm: f64, scale: f32, attempt: u64) -> Error {
+    Error::Numeric(format!(
+        "fp16 gradients overflow (norm {norm}) even at loss scale {scale} at step {attempt}"
+    ))
 }
 
 /// The `precision` object of a report: the precision, and for fp16 the loss scaling
@@ -166,13 +171,11 @@ pub struct Optimizer<B: Backend> {
 }
 
 /// An update `Optimizer::update_enqueue` left in flight; `Optimizer::finish` completes it.
-/// The norm, and whether the device skipped, come with the staged `ClipStats`. `step` is
-/// the update's 1-based number, for the error message.
+/// The norm, and whether the device skipped, come with the staged `ClipStats`.
 #[derive(Clone, Copy, Debug)]
 pub struct Enqueued {
     lr: f32,
     loss_scale: f32,
-    step: u64,
     /// The optimiser's state before this update, which assumed the update applies;
     /// `finish` goes back to it if the device says it did not.
     before: Before,
@@ -373,12 +376,7 @@ impl<B: Backend> Optimizer<B> {
         // skipped or not, the copies match the master weights (a skip changes neither)
         model.mark_gemm_weights_fresh();
         model.be.download_start(staged, &self.stats, ClipStats::LEN);
-        Enqueued {
-            lr,
-            loss_scale,
-            step: self.step,
-            before,
-        }
+        Enqueued { lr, loss_scale, before }
     }
 
     /// Completes an `update_enqueue`: waits for its staged `ClipStats` and gives `update`'s
@@ -412,16 +410,12 @@ impl<B: Backend> Optimizer<B> {
             ClipState::Failed => {
                 // as `update` leaves the optimiser when it fails
                 self.restore(b);
-                Err(Error::Numeric(if fp16 && !st.norm.is_finite() && e.loss_scale <= 1.0 {
-                    format!(
-                        "fp16 gradients overflow (norm {}) even at loss scale {} at step {}",
-                        st.norm,
-                        e.loss_scale,
-                        b.attempt()
-                    )
+                Err(if fp16 && !st.norm.is_finite() && e.loss_scale <= 1.0 {
+                    overflow_at_scale_one(st.norm, e.loss_scale, b.attempt())
                 } else {
-                    format!("gradient norm is {} at step {}", st.norm, e.step)
-                }))
+                    // the update's 1-based number
+                    Error::Numeric(format!("gradient norm is {} at step {}", st.norm, b.step + 1))
+                })
             }
             state => unreachable!("{state:?} without fp16 loss scaling"),
         }

@@ -55,16 +55,20 @@ pub struct Contrastive {
 pub struct Finished {
     pub losses: StepLosses,
     pub update: Result<UpdateStats>,
-    /// fp16: the update was stale (`Finish::Stale`): nothing applied, `update` says
-    /// skipped, and the step is to be enqueued again.
-    pub stale: bool,
 }
 
 impl Finished {
     /// fp16: the update overflowed (skipped, and the loss scale halved).
     pub fn overflowed(&self) -> bool {
-        !self.stale && matches!(self.update, Ok(u) if u.skipped)
+        matches!(self.update, Ok(u) if u.skipped)
     }
+}
+
+/// What waiting for a step gave: the step, or (fp16, `Finish::Stale`) nothing applied
+/// and the step to be enqueued again.
+enum Outcome {
+    Done(Finished),
+    Stale,
 }
 
 impl<B: Backend> Readback<B> {
@@ -109,8 +113,17 @@ impl<B: Backend> Readback<B> {
 
     /// Waits for the step in flight here and returns its numbers (None if there is none):
     /// what the synchronous `Model::ce_loss`, `infonce_loss_host` and `Optimizer::update`
-    /// give for the same step. Steps must be finished in the order they were started.
+    /// give for the same step. Steps must be finished in the order they were started; a
+    /// step is stale only when the one before it overflowed and was not finished first
+    /// (`Ring::finish_before` does), and that panics.
     pub fn finish(&mut self, be: &B, opt: &mut Optimizer<B>) -> Option<Finished> {
+        match self.finish_outcome(be, opt)? {
+            Outcome::Done(f) => Some(f),
+            Outcome::Stale => panic!("a step finished stale: the step before it was not finished first"),
+        }
+    }
+
+    fn finish_outcome(&mut self, be: &B, opt: &mut Optimizer<B>) -> Option<Outcome> {
         let p = self.pending.take()?;
         let ce = mean_ce(be.download_wait(&self.ce, p.n), p.labelled);
         let losses = match p.contrast {
@@ -129,18 +142,12 @@ impl<B: Backend> Readback<B> {
                 }
             }
         };
-        let (update, stale) = match opt.finish(be, p.update, &self.stats) {
-            Ok(Finish::Update(u)) => (Ok(u), false),
-            Ok(Finish::Stale) => (
-                Ok(UpdateStats {
-                    skipped: true,
-                    ..UpdateStats::default()
-                }),
-                true,
-            ),
-            Err(e) => (Err(e), false),
+        let update = match opt.finish(be, p.update, &self.stats) {
+            Ok(Finish::Update(u)) => Ok(u),
+            Ok(Finish::Stale) => return Some(Outcome::Stale),
+            Err(e) => Err(e),
         };
-        Some(Finished { losses, update, stale })
+        Some(Outcome::Done(Finished { losses, update }))
     }
 }
 
@@ -158,15 +165,9 @@ impl<B: Backend> Ring<B> {
         &mut self.0[(step % 2) as usize]
     }
 
-    /// Finishes the step in flight in the slot of `step`, if any. With the step before it
-    /// finished first (`finish_before`), it is never stale.
+    /// Finishes the step in flight in the slot of `step`, if any (`Readback::finish`).
     pub fn finish(&mut self, step: u64, be: &B, opt: &mut Optimizer<B>) -> Option<Finished> {
-        let f = self.slot(step).finish(be, opt)?;
-        assert!(
-            !f.stale,
-            "step {step} finished stale: the step before it was not finished first"
-        );
-        Some(f)
+        self.slot(step).finish(be, opt)
     }
 
     /// Finishes step `prev` while step `next = prev + 1` is in flight in the other slot. If
@@ -174,18 +175,14 @@ impl<B: Backend> Ring<B> {
     /// halved: the device skipped it, and this finishes it as well and returns true: the
     /// caller enqueues `next` again, as its first attempt, with `opt.loss_scale()`.
     pub fn finish_before(&mut self, prev: u64, be: &B, opt: &mut Optimizer<B>) -> (Finished, bool) {
-        let f = self.slot(prev).finish(be, opt).expect("a step in flight");
-        assert!(
-            !f.stale,
-            "step {prev} finished stale: the step before it was not finished first"
-        );
+        let f = self.finish(prev, be, opt).expect("a step in flight");
         let next = prev + 1;
         if !f.overflowed() || !self.slot(next).in_flight() {
             return (f, false);
         }
-        let g = self.slot(next).finish(be, opt).expect("in flight");
+        let g = self.slot(next).finish_outcome(be, opt).expect("in flight");
         assert!(
-            g.stale,
+            matches!(g, Outcome::Stale),
             "step {next}, enqueued before step {prev}'s overflow was known, was not skipped"
         );
         (f, true)

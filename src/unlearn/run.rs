@@ -735,11 +735,7 @@ fn unlearn_loop<B: Backend>(
                 // the losses are checked before the update, which they would poison
                 check_losses(&losses, step + 1, &ckpt_dir, &mut writer).map_err(|e| failed(&pb, e))?;
                 let update = opt.update(model);
-                Started::Ready(deepcut::Finished {
-                    losses,
-                    update,
-                    stale: false,
-                })
+                Started::Ready(deepcut::Finished { losses, update })
             }
         };
         // `state.step` counts attempted steps (batches drawn, skipped fp16 steps included):

@@ -329,8 +329,7 @@ pub fn zero_all(cu: &Cuda, xs: &mut [(&mut CudaSlice<f32>, usize)]) {
 
 /// Enqueues `sum_squares_all`'s two reductions into the scratch f64_b[0], and with `clip`
 /// = (stats address, clip, loss scale, overflows seen or -1) the clipping decision into
-/// stats. False (nothing
-/// enqueued) when every tensor is empty.
+/// stats. False (nothing enqueued) when every tensor is empty.
 fn squares(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)], clip: Option<(u64, f32, f32, i32)>) -> bool {
     let xs: Vec<(u64, usize, usize)> = xs.iter().map(|&(x, n)| (addr(cu, x), x.len(), n)).collect();
     let (host, blocks) = squares_table(&xs, "sum_squares_all");
