@@ -32,7 +32,12 @@ struct emu_dim3 {
 struct EmuThreadState {
     emu_dim3 tid, bid, bdim, gdim;
 };
-extern thread_local EmuThreadState emu_state;
+// initial-exec: read %fs-relative, without a __tls_get_addr call per threadIdx. Besides
+// speed, ThreadSanitizer's __tls_get_addr interceptor guesses the size of a dynamic TLS
+// block from the bytes before it when the block's address is 16 past a page (its glibc
+// <= 2.18 heuristic): now and then it reset the shadow of a garbage range and killed the
+// process ("failed to allocate 0x1fd58a5abb000 bytes").
+extern thread_local EmuThreadState emu_state __attribute__((tls_model("initial-exec")));
 #define threadIdx (emu_state.tid)
 #define blockIdx (emu_state.bid)
 #define blockDim (emu_state.bdim)

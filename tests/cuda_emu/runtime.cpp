@@ -48,7 +48,7 @@ constexpr bool EMU_EXACT_SIZES = false;
 #error "tests/cuda_emu switches fiber stacks with x86-64 System V assembly (emu_switch)"
 #endif
 
-thread_local EmuThreadState emu_state;
+thread_local EmuThreadState emu_state __attribute__((tls_model("initial-exec")));
 
 // ---- kernel registry ----------------------------------------------------------------------------
 static std::map<std::string, EmuThunk>& registry() {
