@@ -280,7 +280,9 @@ fn cuda_backend_on_the_cpu_emulator() {
 ///   `__syncthreads` the only thing that orders memory (a warp shuffle orders none): two
 ///   threads of a block that touch the same shared or global memory with no barrier
 ///   between them fail, however the emulator happened to schedule them
-///   (compute-sanitizer's racecheck).
+///   (compute-sanitizer's racecheck); and so do two of any 4 consecutive blocks of a grid
+///   that touch the same memory with no atomic between them (each block in its own slot:
+///   tests/cuda_emu/runtime.cpp, "Slots").
 ///
 /// `sanitizers_catch_planted_bugs` shows each one failing on a kernel written to fail.
 #[test]
@@ -380,8 +382,20 @@ fn sanitizers_catch_planted_bugs() {
         ),
         (Sanitizer::Thread, "planted_missing_syncthreads", Some("data race")),
         (Sanitizer::Thread, "planted_shuffle_as_a_fence", Some("data race")),
+        // races between the blocks of one launch (the ThreadSanitizer build's slots)
+        (
+            Sanitizer::Thread,
+            "planted_blocks_add_without_atomics",
+            Some("data race"),
+        ),
+        (
+            Sanitizer::Thread,
+            "planted_last_block_ticket_before_its_partial",
+            Some("data race"),
+        ),
         (Sanitizer::Address, "planted_control_with_syncthreads", None),
         (Sanitizer::Thread, "planted_control_with_syncthreads", None),
+        (Sanitizer::Thread, "planted_last_block_control", None),
     ];
     for (san, kernel, want) in cases {
         let out = emu_child(san, &["--exact", "launch_planted_kernel", "--nocapture"])
@@ -400,10 +414,17 @@ fn sanitizers_catch_planted_bugs() {
             }
             (Some(kind), None) => panic!("{san:?}Sanitizer did not report {kernel} (`{kind}` planted):\n{stderr}"),
             (None, Some(r)) => panic!("{san:?}Sanitizer reported the correct {kernel}:\n{r}"),
-            (None, None) => assert!(
-                out.status.success() && stderr.contains(&format!("launched planted kernel {kernel}")),
-                "{kernel} did not run to the end under {san:?}Sanitizer:\n{stderr}"
-            ),
+            (None, None) => {
+                // (the last-block control sums the 4 blocks' partials 1 + 2 + 3 + 4)
+                let ran = match kernel {
+                    "planted_last_block_control" => format!("launched planted kernel {kernel}: out[0] = 10\n"),
+                    _ => format!("launched planted kernel {kernel}"),
+                };
+                assert!(
+                    out.status.success() && stderr.contains(&ran),
+                    "{kernel} did not run to the end under {san:?}Sanitizer:\n{stderr}"
+                )
+            }
         }
     }
 }
@@ -440,7 +461,8 @@ fn nan_fill_reaches_static_shared_memory() {
 }
 
 /// Child of `sanitizers_catch_planted_bugs`: launches DEEPCUT_PLANTED_KERNEL on the emulator
-/// (blocks of 64 threads, n = 64); does nothing in any other run.
+/// (blocks of 64 threads, n = 64; 4 blocks for the kernels about blocks); does nothing in any
+/// other run.
 #[test]
 fn launch_planted_kernel() {
     use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -458,8 +480,14 @@ fn launch_planted_kernel() {
     let mut out = stream.alloc_zeros::<f32>(n).expect("alloc");
     let n_arg = n as i32;
     let cfg = LaunchConfig {
-        // two blocks where a thread index past n is the bug
-        grid_dim: (if kernel.contains("past_the_end") { 2 } else { 1 }, 1, 1),
+        // two blocks where a thread index past n is the bug; four where blocks race
+        grid_dim: if kernel.contains("past_the_end") {
+            (2, 1, 1)
+        } else if kernel.contains("blocks") || kernel.contains("last_block") {
+            (1, 4, 1)
+        } else {
+            (1, 1, 1)
+        },
         block_dim: (n as u32, 1, 1),
         shared_mem_bytes: (n * 4) as u32,
     };

@@ -35,6 +35,16 @@ impl Sanitizer {
         }
     }
 
+    /// How many copies of every kernel the build links in: the blocks ThreadSanitizer is told
+    /// run at the same time (tests/cuda_emu/runtime.cpp, "Slots"). The other builds order
+    /// every block after the one before, as blocks really run in the emulator.
+    fn slots(self) -> usize {
+        match self {
+            Sanitizer::Thread => 4,
+            _ => 1,
+        }
+    }
+
     /// The sanitizer's runtime, which a process that loads this build must preload
     /// (`LD_PRELOAD`): the Rust test binary itself is not instrumented.
     pub fn runtime(self) -> Result<Option<PathBuf>, String> {
@@ -191,7 +201,7 @@ fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
             }
             (Sanitizer::Thread, Part::Blas) => {}
         }
-        cmd.args([
+        cmd.arg(format!("-DEMU_SLOTS={}", san.slots())).args([
             "-std=c++20",
             "-O2",
             "-fPIC",
@@ -206,33 +216,47 @@ fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
             .arg(repo.join("kernels"));
     };
     // Each kernel file as its own translation unit: the extern __shared__ arrays become the
-    // launch's dynamic shared memory, and every entry point is registered by name.
-    let mut jobs = Vec::new();
-    let mut objects = Vec::new();
+    // launch's dynamic shared memory, and every entry point is registered by name. Its code
+    // (with the headers it includes) sits in an anonymous namespace, so the statics of its
+    // inline helpers (common.cuh's `__shared__` flags) are its own, and it is compiled once
+    // per slot (-DEMU_SLOT): each copy of a kernel has its own static shared memory.
+    let slots = san.slots();
+    let mut jobs: Vec<(String, Command)> = Vec::new();
+    let mut objects: Vec<Vec<PathBuf>> = vec![Vec::new(); slots];
     for k in &kernels {
         let stem = k.file_stem().unwrap().to_string_lossy().to_string();
         let src = std::fs::read_to_string(k).map_err(|e| format!("{}: {e}", k.display()))?;
-        let mut text = src.replace(
-            "extern __shared__ float smem[];",
-            "float* smem = (float*)emu_dyn_smem();",
+        let body = src
+            .replace(
+                "extern __shared__ float smem[];",
+                "float* smem = (float*)emu_dyn_smem();",
+            )
+            .replace("extern \"C\" __global__", "__global__");
+        // (the emulator's CUDA headers include system headers: outside the namespace)
+        let mut text = format!(
+            "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\nnamespace {{\n#line 1 \"{}\"\n{body}\n",
+            k.display()
         );
-        text.push('\n');
         for name in entry_points(&src) {
             text.push_str(&format!("EMU_REGISTER({name})\n"));
         }
+        text.push_str("}  // namespace\n");
         let cc = out.join(format!("{stem}.cc"));
         std::fs::write(&cc, text).map_err(|e| format!("{}: {e}", cc.display()))?;
-        let obj = out.join(format!("{stem}.o"));
-        let mut cmd = Command::new(&cxx);
-        base(&mut cmd, Part::Kernel);
-        cmd.arg("-include")
-            .arg(emu.join("cuda_emu.h"))
-            .arg("-c")
-            .arg(&cc)
-            .arg("-o")
-            .arg(&obj);
-        jobs.push((k.display().to_string(), spawn(cmd)?));
-        objects.push(obj);
+        for (slot, objs) in objects.iter_mut().enumerate() {
+            let obj = out.join(format!("{stem}.{slot}.o"));
+            let mut cmd = Command::new(&cxx);
+            base(&mut cmd, Part::Kernel);
+            cmd.arg(format!("-DEMU_SLOT={slot}"))
+                .arg("-include")
+                .arg(emu.join("cuda_emu.h"))
+                .arg("-c")
+                .arg(&cc)
+                .arg("-o")
+                .arg(&obj);
+            jobs.push((k.display().to_string(), cmd));
+            objs.push(obj);
+        }
     }
     // Each library is linked under a temporary name and renamed into place once all four
     // exist, so no process ever opens a half-written one.
@@ -241,35 +265,43 @@ fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
         let mut cmd = Command::new(&cxx);
         base(&mut cmd, Part::Blas);
         cmd.arg("-shared").arg(emu.join(src)).arg("-o").arg(staged(lib));
-        jobs.push((format!("tests/cuda_emu/{src}"), spawn(cmd)?));
+        jobs.push((format!("tests/cuda_emu/{src}"), cmd));
     }
-    for (what, child) in jobs {
-        wait(&what, child)?;
-    }
-    // cublas.cpp also holds the cuBLASLt calls: the same library under cuBLASLt's name
-    std::fs::copy(staged(&cublas), staged(&cublaslt)).map_err(|e| format!("{}: {e}", cublaslt.display()))?;
     // runtime.cpp compiled on its own: in the ThreadSanitizer build the link below is
     // instrumented (the kernels call into libtsan) and the runtime must not be
     let runtime = out.join("runtime.o");
     let mut cmd = Command::new(&cxx);
     base(&mut cmd, Part::Runtime);
     cmd.arg("-c").arg(emu.join("runtime.cpp")).arg("-o").arg(&runtime);
-    wait("tests/cuda_emu/runtime.cpp", spawn(cmd)?)?;
+    jobs.push(("tests/cuda_emu/runtime.cpp".into(), cmd));
+    run_all(jobs)?;
+    // cublas.cpp also holds the cuBLASLt calls: the same library under cuBLASLt's name
+    std::fs::copy(staged(&cublas), staged(&cublaslt)).map_err(|e| format!("{}: {e}", cublaslt.display()))?;
     // Static __shared__ variables are function statics: zero-initialised, in the kernel
-    // objects' .bss. This linker script gathers them into one section between two symbols,
-    // so the runtime can refill them before each block (CUDA_EMU_FILL=nan), as it does
-    // the dynamic shared memory; otherwise a block starts on the values the block before
-    // it left, or on zeros, and a kernel that reads them before writing passes.
+    // objects' .bss. This linker script gathers each slot's into one section between two
+    // symbols, so the runtime can refill them before each block (CUDA_EMU_FILL=nan), as it
+    // does the dynamic shared memory; otherwise a block starts on the values the block
+    // before it left, or on zeros, and a kernel that reads them before writing passes. All
+    // eight slots' symbols are defined (the runtime refers to them all); past `slots` the
+    // ranges are empty.
     let script = out.join("static_shared.ld");
-    let inputs: String = objects
-        .iter()
-        .map(|o| format!("    */{}(.bss .bss.*)\n", o.file_name().unwrap().to_string_lossy()))
+    let mut sections = String::new();
+    for (slot, objs) in objects.iter().enumerate() {
+        let inputs: String = objs
+            .iter()
+            .map(|o| format!("    */{}(.bss .bss.*)\n", o.file_name().unwrap().to_string_lossy()))
+            .collect();
+        sections.push_str(&format!(
+            "  .emu_static_shared_{slot} (NOLOAD) : ALIGN(64)\n  {{\n    \
+             __emu_static_shared_start_{slot} = .;\n{inputs}    __emu_static_shared_end_{slot} = .;\n  }}\n"
+        ));
+    }
+    let empty: String = (slots..8)
+        .map(|s| format!("  __emu_static_shared_start_{s} = .;\n  __emu_static_shared_end_{s} = .;\n"))
         .collect();
     let text = format!(
         "/* written by tests/common/cuda_emu.rs: the kernels' static __shared__ variables */\n\
-         SECTIONS\n{{\n  .emu_static_shared (NOLOAD) : ALIGN(64)\n  {{\n    \
-         __emu_static_shared_start = .;\n{inputs}    __emu_static_shared_end = .;\n  }}\n}}\n\
-         INSERT AFTER .bss;\n"
+         SECTIONS\n{{\n{sections}{empty}}}\nINSERT AFTER .bss;\n"
     );
     std::fs::write(&script, text).map_err(|e| format!("{}: {e}", script.display()))?;
     let mut cmd = Command::new(&cxx);
@@ -280,7 +312,7 @@ fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
     cmd.arg("-shared")
         .arg(format!("-Wl,-T,{}", script.display()))
         .arg(&runtime)
-        .args(&objects)
+        .args(objects.iter().flatten())
         .arg("-o")
         .arg(staged(&cuda));
     wait("linking libcuda.so for the emulator", spawn(cmd)?)?;
@@ -309,6 +341,25 @@ fn entry_points(src: &str) -> Vec<String> {
 
 fn mtime(p: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Runs the compiler `jobs` (what each builds, its command), two per core at most (the
+/// ThreadSanitizer build has four copies of every kernel file), and fails with the first
+/// failure's compiler output.
+fn run_all(jobs: Vec<(String, Command)>) -> Result<(), String> {
+    let width = 2 * std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut running: std::collections::VecDeque<(String, std::process::Child)> = Default::default();
+    for (what, cmd) in jobs {
+        if running.len() >= width {
+            let (w, child) = running.pop_front().unwrap();
+            wait(&w, child)?;
+        }
+        running.push_back((what, spawn(cmd)?));
+    }
+    for (w, child) in running {
+        wait(&w, child)?;
+    }
+    Ok(())
 }
 
 fn spawn(mut cmd: Command) -> Result<std::process::Child, String> {

@@ -6,7 +6,11 @@
 // __syncthreads is a barrier over the block and the warp shuffles exchange values through
 // a per-warp barrier. `__shared__` variables become
 // function statics, shared by every thread; that is per-block memory because blocks never
-// run at the same time (with CUDA_EMU_FILL=nan they are refilled before each block). Arithmetic is the C++ compiler's fp32 (no FMA contraction), so a
+// run at the same time (with CUDA_EMU_FILL=nan they are refilled before each block). Each
+// kernel file is compiled EMU_SLOTS times (-DEMU_SLOT=0, 1, ...; the ThreadSanitizer build
+// has 4 slots, the others 1), its code in an anonymous namespace, so each slot's copy of a
+// kernel has its own statics and blocks in different slots share no shared memory
+// (runtime.cpp, "Slots"). Arithmetic is the C++ compiler's fp32 (no FMA contraction), so a
 // kernel's numbers are what its code says, not what a GPU's instruction selection gives.
 #pragma once
 #include <math.h>
@@ -25,6 +29,12 @@
 #define __align__(n) __attribute__((aligned(n)))
 // Kernels test this to swap inline PTX (mma.sync) for the emulator's version.
 #define DEEPCUT_CUDA_EMU 1
+#ifndef EMU_SLOTS
+#define EMU_SLOTS 1
+#endif
+#ifndef EMU_SLOT
+#define EMU_SLOT 0
+#endif
 
 struct emu_dim3 {
     unsigned int x, y, z;
@@ -68,7 +78,11 @@ inline T __shfl_xor_sync(unsigned int mask, T v, int o) {
 }
 
 // Blocks run one after another on one OS thread, so a fence has nothing to order; the
-// atomic is a real one all the same (tests may launch from several threads).
+// atomic is a real one all the same (tests may launch from several threads). Under
+// ThreadSanitizer the atomic orders what the blocks that add to it did before (acq_rel,
+// stronger than CUDA's relaxed atomicAdd): a block that writes partials for the "last
+// block" to read must still order them before its atomic with a __syncthreads, but a
+// missing __threadfence is not seen.
 inline void __threadfence() {}
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <typename T>
@@ -105,10 +119,11 @@ inline typename std::common_type<A, B>::type max(A a, B b) {
     return (C)a < (C)b ? (C)b : (C)a;
 }
 
-// Registers kernel `name` with the emulated driver (cuModuleGetFunction finds it by name):
-// a thunk unpacks cuLaunchKernel's argument pointers into the kernel's parameters.
+// Registers slot EMU_SLOT's copy of kernel `name` with the emulated driver
+// (cuModuleGetFunction finds it by name): a thunk unpacks cuLaunchKernel's argument
+// pointers into the kernel's parameters.
 typedef void (*EmuThunk)(void** params);
-extern "C" void emu_register(const char* name, EmuThunk thunk);
+extern "C" void emu_register(const char* name, int slot, EmuThunk thunk);
 template <typename... A, size_t... I>
 inline void emu_call_impl(void (*f)(A...), void** p, std::index_sequence<I...>) {
     f(*static_cast<typename std::remove_reference<A>::type*>(p[I])...);
@@ -119,7 +134,7 @@ inline void emu_call(void (*f)(A...), void** p) {
 }
 #define EMU_REGISTER(name)                                                           \
     static void emu_thunk_##name(void** p) { emu_call(name, p); }                    \
-    static int emu_reg_##name = (emu_register(#name, emu_thunk_##name), 0);
+    static int emu_reg_##name = (emu_register(#name, EMU_SLOT, emu_thunk_##name), 0);
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 with c as both C and D:
 // the warp's fragments are gathered, decoded with the PTX ISA layout (kernels/mma.cuh), and

@@ -1,7 +1,8 @@
 // Kernels with one planted bug each, built into the emulator only (never into the engine):
 // tests/gpu_parity.rs `sanitizers_catch_planted_bugs` launches them under the sanitizer
 // builds and requires each report, so a sanitizer run that reports nothing has shown
-// something. One block of `n` threads, `n` floats of dynamic shared memory, `out` of n.
+// something. One block of `n` threads (unless said otherwise), `n` floats of dynamic shared
+// memory, `out` of n.
 
 // Reads a neighbour's shared-memory slot with no __syncthreads after the writes: racecheck.
 extern "C" __global__ void planted_missing_syncthreads(float* out, int n) {
@@ -56,4 +57,42 @@ extern "C" __global__ void planted_static_shared_zeroed(float* out, int n) {
     acc[t] += (float)t;
     __syncthreads();
     out[t] = acc[(t + 1) % n];
+}
+
+// Every block adds 1 to out[0] with a plain read-modify-write, no atomic: racecheck sees it
+// only if blocks are not ordered one after another (the ThreadSanitizer build's slots).
+// Launched on a grid of (1, 4, 1), as the two below.
+extern "C" __global__ void planted_blocks_add_without_atomics(float* out, int n) {
+    if (threadIdx.x == 0) out[0] += 1.0f;
+}
+
+// The last-block pattern of common.cuh (`last_block_of_column`: each block writes a
+// partial, takes a ticket, and the block that takes the last one sums the partials), with
+// the planted bug: thread 1 writes the block's partial and thread 0 takes the ticket with no
+// __syncthreads between them, so the last block's sum is not ordered after that partial.
+// out[1 + y] holds block y's partial, out[n - 1] the ticket counter (as unsigned, zero).
+extern "C" __global__ void planted_last_block_ticket_before_its_partial(float* out, int n) {
+    __shared__ bool last;
+    unsigned* counter = (unsigned*)&out[n - 1];
+    if (threadIdx.x == 1) out[1 + blockIdx.y] = (float)(blockIdx.y + 1);
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (last && threadIdx.x == 0) {
+        float s = 0.0f;
+        for (unsigned y = 0; y < gridDim.y; ++y) s += out[1 + y];
+        out[0] = s;
+    }
+}
+
+// The control: the same with common.cuh's own `last_block_of_column`, which orders the
+// partial before the ticket; out[0] = 1 + 2 + 3 + 4 = 10 on a grid of 4 blocks.
+#include "common.cuh"
+extern "C" __global__ void planted_last_block_control(float* out, int n) {
+    unsigned* counter = (unsigned*)&out[n - 1];
+    if (threadIdx.x == 1) out[1 + blockIdx.y] = (float)(blockIdx.y + 1);
+    if (last_block_of_column(counter) && threadIdx.x == 0) {
+        float s = 0.0f;
+        for (unsigned y = 0; y < gridDim.y; ++y) s += out[1 + y];
+        out[0] = s;
+    }
 }

@@ -7,8 +7,8 @@
 // Device memory is host memory (a CUdeviceptr is the host address); every call is
 // synchronous, so streams and events are no-ops; modules ignore the image they are given
 // and cuModuleGetFunction looks the kernel up by name among the compiled kernel files.
-// What it cannot show: real GPU timing, effects of truly parallel blocks (fences, the
-// memory model; races within a block are the ThreadSanitizer build's, below), driver and
+// What it cannot show: real GPU timing, the hardware's memory model (fences; races within a
+// block and between nearby blocks are the ThreadSanitizer build's, below), driver and
 // compiler behaviour of real hardware, cuBLAS's own kernels (tests/cuda_emu/cublas.cpp).
 #include <atomic>
 #include <algorithm>
@@ -30,10 +30,13 @@
 // dynamic shared memory are allocated at exactly the size asked for.
 // EMU_TSAN: the kernels are built with ThreadSanitizer and this file tells it what orders
 // what: each thread of a block is its own TSan fiber, __syncthreads orders memory across
-// the block (a warp's shuffle orders none: it exchanges registers), and one block comes
-// after another. Two threads of a block that touch the same memory with no barrier between
-// them are reported, as compute-sanitizer's racecheck would: the fiber schedule (which runs
-// a thread until it waits) can no longer hide a missing __syncthreads.
+// the block (a warp's shuffle orders none: it exchanges registers), and a block comes after
+// the blocks 4 or more before it, not after the 3 just before (see "Slots"). Two threads of
+// a block that touch the same memory with no barrier between them are reported, as
+// compute-sanitizer's racecheck would: the fiber schedule (which runs a thread until it
+// waits) can no longer hide a missing __syncthreads; and so are two nearby blocks that
+// touch the same memory with no atomic between them (which racecheck, whose scope is a
+// block, would not report).
 #if defined(EMU_ASAN)
 #include <sanitizer/common_interface_defs.h>
 constexpr bool EMU_EXACT_SIZES = true;
@@ -51,11 +54,26 @@ constexpr bool EMU_EXACT_SIZES = false;
 thread_local EmuThreadState emu_state __attribute__((tls_model("initial-exec")));
 
 // ---- kernel registry ----------------------------------------------------------------------------
-static std::map<std::string, EmuThunk>& registry() {
-    static std::map<std::string, EmuThunk> r;
+// One entry per kernel name: the thunk of each slot's copy of the kernel (EMU_SLOTS copies of
+// every kernel object are linked in, each with its own static __shared__ variables; see
+// "Slots" below). A CUfunction is a pointer to its entry.
+struct EmuKernel {
+    std::string name;
+    EmuThunk slot[EMU_SLOTS] = {};
+};
+static std::map<std::string, EmuKernel>& registry() {
+    static std::map<std::string, EmuKernel> r;
     return r;
 }
-extern "C" void emu_register(const char* name, EmuThunk thunk) { registry()[name] = thunk; }
+extern "C" void emu_register(const char* name, int slot, EmuThunk thunk) {
+    if (slot < 0 || slot >= EMU_SLOTS) {
+        fprintf(stderr, "cuda_emu: %s registered for slot %d of %d\n", name, slot, EMU_SLOTS);
+        abort();
+    }
+    EmuKernel& k = registry()[name];
+    k.name = name;
+    k.slot[slot] = thunk;
+}
 
 // ---- the block engine ---------------------------------------------------------------------------
 // The threads of a block are fibers (own stacks, emu_switch) on the launching OS thread, switched only at
@@ -69,19 +87,6 @@ struct Bar {
     unsigned long long gen = 0;
 };
 
-struct BlockRun {
-    EmuThunk thunk;
-    void** params;
-    emu_dim3 grid, block, bidx;
-    int nthreads;
-    Bar bar;
-    std::vector<Bar> warp_bars;
-    std::vector<uint64_t> shfl;
-    std::vector<unsigned char> gather;  // emu_warp_gather: 64 bytes per thread
-    std::vector<int> or_slots;
-    std::vector<char> smem;
-};
-
 struct Fiber {
     void* sp = nullptr;  // saved stack pointer while switched out
     char* stack = nullptr;
@@ -92,10 +97,41 @@ struct Fiber {
     void* fake = nullptr;  // EMU_ASAN: this fiber's fake stack while switched out
 };
 
+// Slots: a block runs in one of EMU_SLOTS slots (block q of a launch, in the order the
+// blocks run, in slot q mod EMU_SLOTS), each with its own fibers (stacks, TSan fibers),
+// barriers, scratch, dynamic shared memory and copy of the kernels (so of their static
+// __shared__ variables). Blocks still run one after another; the slots are for
+// ThreadSanitizer (EMU_TSAN, 4 slots; the other builds have 1), which is told that a
+// block comes after the blocks EMU_SLOTS or more before it and after every earlier launch,
+// but not after the blocks in between: to it, up to EMU_SLOTS blocks run at the same
+// time, as on a GPU, so two blocks that touch the same memory without an atomic ordering
+// them are reported. Reusing a slot's memory needs the order that memory had (a slot's
+// stacks and shared memory are fresh to the next block that uses them), hence the window.
+struct BlockRun {
+    int slot;
+    EmuThunk thunk;
+    void** params;
+    emu_dim3 grid, block, bidx;
+    int nthreads;
+    Bar bar;
+    std::vector<Bar> warp_bars;
+    std::vector<uint64_t> shfl;
+    std::vector<unsigned char> gather;  // emu_warp_gather: 64 bytes per thread
+    std::vector<int> or_slots;
+    std::vector<char> smem;
+    std::vector<Fiber> fibers;  // one per thread, kept from block to block of this slot
+#if defined(EMU_TSAN)
+    // The scheduler releases `gate` before a block and every thread acquires it on entry;
+    // every thread releases `done` on exit, and the scheduler acquires it before the slot's
+    // next block and at the end of the launch.
+    char gate, done;
+#endif
+};
+BlockRun slots[EMU_SLOTS];
+
 BlockRun* cur = nullptr;
 int cur_tid = 0;
 void* sched_sp = nullptr;
-std::vector<Fiber> fibers;
 unsigned long long progress = 0;  // arrivals at barriers and finished threads
 #if defined(EMU_ASAN)
 const void* sched_bottom = nullptr;  // the scheduler's stack, as ASan learns it on the first switch
@@ -103,10 +139,6 @@ size_t sched_size = 0;
 #endif
 #if defined(EMU_TSAN)
 void* sched_tsan = nullptr;  // the launching thread's own TSan context
-// What orders blocks (racecheck's scope is a block, as compute-sanitizer's is): the
-// scheduler releases `block_gate` before a block and every thread acquires it on entry;
-// every thread releases `block_done` on exit and the scheduler acquires it after the block.
-char block_gate, block_done;
 #endif
 }  // namespace
 
@@ -153,13 +185,30 @@ static bool fill_nan() {
 }
 static unsigned char fill_byte(unsigned char usual) { return fill_nan() ? 0xFF : usual; }
 
-// The kernels' static __shared__ variables: the link puts every kernel object's .bss here
-// (tests/common/cuda_emu.rs writes the linker script).
-extern "C" char __emu_static_shared_start[], __emu_static_shared_end[];
-static void refill_static_shared() {
+// The kernels' static __shared__ variables: the link puts slot s's copy of every kernel
+// object's .bss between __emu_static_shared_start_s and _end_s (tests/common/cuda_emu.rs
+// writes the linker script, which defines all eight pairs, empty past EMU_SLOTS).
+#define EMU_STATIC_SHARED(s) extern "C" char __emu_static_shared_start_##s[], __emu_static_shared_end_##s[];
+EMU_STATIC_SHARED(0)
+EMU_STATIC_SHARED(1)
+EMU_STATIC_SHARED(2)
+EMU_STATIC_SHARED(3)
+EMU_STATIC_SHARED(4)
+EMU_STATIC_SHARED(5)
+EMU_STATIC_SHARED(6)
+EMU_STATIC_SHARED(7)
+static_assert(EMU_SLOTS >= 1 && EMU_SLOTS <= 8, "the linker script defines eight slots' symbols");
+static void refill_static_shared(int slot) {
 #if !defined(EMU_ASAN)  // (AddressSanitizer keeps redzones between those variables)
-    if (fill_nan()) memset(__emu_static_shared_start, 0xFF, __emu_static_shared_end - __emu_static_shared_start);
+    static char* const range[8][2] = {
+        {__emu_static_shared_start_0, __emu_static_shared_end_0}, {__emu_static_shared_start_1, __emu_static_shared_end_1},
+        {__emu_static_shared_start_2, __emu_static_shared_end_2}, {__emu_static_shared_start_3, __emu_static_shared_end_3},
+        {__emu_static_shared_start_4, __emu_static_shared_end_4}, {__emu_static_shared_start_5, __emu_static_shared_end_5},
+        {__emu_static_shared_start_6, __emu_static_shared_end_6}, {__emu_static_shared_start_7, __emu_static_shared_end_7},
+    };
+    if (fill_nan()) memset(range[slot][0], 0xFF, range[slot][1] - range[slot][0]);
 #endif
+    (void)slot;
 }
 
 namespace {
@@ -194,7 +243,7 @@ void leave(Fiber& f, bool exiting) {
     (void)exiting;
 }
 
-void yield() { leave(fibers[cur_tid], false); }
+void yield() { leave(cur->fibers[cur_tid], false); }
 
 // `orders_memory`: __syncthreads, which orders memory (for ThreadSanitizer, EMU_TSAN); a
 // warp's shuffle exchanges registers only and orders nothing (__syncwarp would).
@@ -208,7 +257,7 @@ void bar_wait(Bar& b, bool orders_memory) {
         b.arrived = 0;
         ++b.gen;
     } else {
-        Fiber& f = fibers[cur_tid];
+        Fiber& f = cur->fibers[cur_tid];
         f.waiting = &b;
         f.wait_gen = g;
         while (b.gen == g) yield();
@@ -233,22 +282,22 @@ void fiber_entry() {
 #if defined(EMU_ASAN)
     __sanitizer_finish_switch_fiber(nullptr, &sched_bottom, &sched_size);
 #endif
-#if defined(EMU_TSAN)
-    __tsan_acquire(&block_gate);
-#endif
     BlockRun* r = cur;
     int tid = cur_tid;
+#if defined(EMU_TSAN)
+    __tsan_acquire(&r->gate);
+#endif
     r->thunk(r->params);
 #if defined(EMU_TSAN)
-    __tsan_release(&block_done);
+    __tsan_release(&r->done);
 #endif
     // an exited thread leaves every barrier it could still be counted in
     r->or_slots[tid] = 0;
     bar_drop(r->warp_bars[tid / 32]);
     bar_drop(r->bar);
-    fibers[tid].done = true;
+    r->fibers[tid].done = true;
     ++progress;
-    leave(fibers[tid], true);
+    leave(r->fibers[tid], true);
     abort();  // a finished fiber is never resumed
 }
 
@@ -262,6 +311,7 @@ void set_thread_state(const BlockRun& r, int tid) {
 
 void run_block(BlockRun& r) {
     int n = r.nthreads;
+    std::vector<Fiber>& fibers = r.fibers;
     if ((int)fibers.size() < n) fibers.resize(n);
     cur = &r;
     for (int t = 0; t < n; ++t) {
@@ -283,7 +333,7 @@ void run_block(BlockRun& r) {
     }
 #if defined(EMU_TSAN)
     sched_tsan = __tsan_get_current_fiber();
-    __tsan_release(&block_gate);
+    __tsan_release(&r.gate);
 #endif
     int live = n;
     while (live > 0) {
@@ -301,9 +351,6 @@ void run_block(BlockRun& r) {
             abort();
         }
     }
-#if defined(EMU_TSAN)
-    __tsan_acquire(&block_done);
-#endif
     cur = nullptr;
 }
 }  // namespace
@@ -340,7 +387,7 @@ extern "C" void emu_warp_gather(const void* mine, int bytes, void* all) {
 
 extern "C" void* emu_dyn_smem() { return cur->smem.empty() ? nullptr : cur->smem.data(); }
 
-static void launch(EmuThunk thunk, void** params, emu_dim3 grid, emu_dim3 block, size_t smem) {
+static void launch(const EmuKernel* k, void** params, emu_dim3 grid, emu_dim3 block, size_t smem) {
     static std::mutex one_launch_at_a_time;
     std::lock_guard<std::mutex> lock(one_launch_at_a_time);
     int n = (int)(block.x * block.y * block.z);
@@ -357,14 +404,21 @@ static void launch(EmuThunk thunk, void** params, emu_dim3 grid, emu_dim3 block,
         const unsigned long long o = reverse ? total - 1 - q : q;
         const unsigned bx = (unsigned)(o % grid.x), by = (unsigned)(o / grid.x % grid.y),
                        bz = (unsigned)(o / ((unsigned long long)grid.x * grid.y));
-        BlockRun r;
-        r.thunk = thunk;
+        BlockRun& r = slots[q % EMU_SLOTS];
+#if defined(EMU_TSAN)
+        // the slot's previous block is over before its memory is refilled and reused
+        __tsan_acquire(&r.done);
+#endif
+        r.slot = (int)(q % EMU_SLOTS);
+        r.thunk = k->slot[r.slot];
         r.params = params;
         r.grid = grid;
         r.block = block;
         r.bidx = emu_dim3{bx, by, bz};
         r.nthreads = n;
+        r.bar = Bar{};
         r.bar.expected = n;
+        r.warp_bars.clear();
         for (int w = 0; w * 32 < n; ++w) {
             Bar b;
             b.expected = std::min(32, n - w * 32);
@@ -373,11 +427,16 @@ static void launch(EmuThunk thunk, void** params, emu_dim3 grid, emu_dim3 block,
         r.shfl.assign(((n + 31) / 32) * 32, 0);
         r.gather.assign(((n + 31) / 32) * 32 * 64, 0);
         r.or_slots.assign(n, 0);
-        // 0xAB: uninitialised shared memory is garbage, not zeros, as on a GPU
-        r.smem.assign(smem + (EMU_EXACT_SIZES ? 0 : 16), (char)fill_byte(0xAB));
-        refill_static_shared();
+        // 0xAB: uninitialised shared memory is garbage, not zeros, as on a GPU. A fresh
+        // vector each block, so AddressSanitizer's redzone starts where the launch's size ends.
+        r.smem = std::vector<char>(smem + (EMU_EXACT_SIZES ? 0 : 16), (char)fill_byte(0xAB));
+        refill_static_shared(r.slot);
         run_block(r);
     }
+#if defined(EMU_TSAN)
+    // stream order: the next launch, and the host after this one, come after every block
+    for (BlockRun& r : slots) __tsan_acquire(&r.done);
+#endif
     emu_state = saved;
 }
 
@@ -405,15 +464,13 @@ static unsigned long long stats[ST_COUNT];
 // cost of a step". Results are meaningless in this mode; at exit it prints the counters.
 static unsigned long long device_ops;  // async memsets and device-to-device copies
 // per kernel, in no-work mode; never destroyed, as print_counters reads it at exit
-static std::map<EmuThunk, unsigned long long>& launches_of() {
-    static auto* m = new std::map<EmuThunk, unsigned long long>;
+static std::map<const EmuKernel*, unsigned long long>& launches_of() {
+    static auto* m = new std::map<const EmuKernel*, unsigned long long>;
     return *m;
 }
 static void print_counters() {
     std::vector<std::pair<unsigned long long, std::string>> per;
-    for (auto& [thunk, n] : launches_of())
-        for (auto& [name, t] : registry())
-            if (t == thunk) per.emplace_back(n, name);
+    for (auto& [k, n] : launches_of()) per.emplace_back(n, k->name);
     std::sort(per.rbegin(), per.rend());
     for (auto& [n, name] : per) fprintf(stderr, "cuda_emu launches of %s: %llu\n", name.c_str(), n);
     fprintf(stderr,
@@ -647,7 +704,12 @@ CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
         fprintf(stderr, "cuda_emu: no kernel named %s was compiled\n", name);
         return ERR_NOT_FOUND;
     }
-    *f = (CUfunction)it->second;
+    for (int s = 0; s < EMU_SLOTS; ++s)
+        if (!it->second.slot[s]) {
+            fprintf(stderr, "cuda_emu: kernel %s has no copy for slot %d\n", name, s);
+            return ERR_NOT_FOUND;
+        }
+    *f = (CUfunction)&it->second;
     return OK;
 }
 // As on a GPU, a launch may ask for more than 48 KiB of dynamic shared memory only after
@@ -690,10 +752,10 @@ CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned
     ++stats[ST_LAUNCH];
     if (emu_no_work()) {
         std::lock_guard<std::mutex> lock(dyn_smem_mutex);
-        ++launches_of()[(EmuThunk)f];
+        ++launches_of()[(const EmuKernel*)f];
         return OK;
     }
-    launch((EmuThunk)f, params, emu_dim3{gx, gy, gz}, emu_dim3{bx, by, bz}, smem);
+    launch((const EmuKernel*)f, params, emu_dim3{gx, gy, gz}, emu_dim3{bx, by, bz}, smem);
     return OK;
 }
 CUresult cuGetErrorString(CUresult e, const char** s) {
