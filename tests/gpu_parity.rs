@@ -360,6 +360,10 @@ fn emu_child(san: common::cuda_emu::Sanitizer, args: &[&str]) -> std::process::C
         // read of memory nobody wrote, hidden by a multiplication by zero, shows in the
         // parity numbers
         c.env("CUDA_EMU_FILL", "nan");
+        // and the blocks of a column of a (columns, row chunks) grid one after another, so
+        // that those meeting in a last-block reduction fall in ThreadSanitizer's window of
+        // unordered blocks (runtime.cpp)
+        c.env("CUDA_EMU_BLOCK_ORDER", "y-first");
     }
     common::cuda_emu::sanitized(&mut c, san).unwrap_or_else(|e| panic!("{e}"));
     c
@@ -393,6 +397,7 @@ fn sanitizers_catch_planted_bugs() {
             "planted_last_block_ticket_before_its_partial",
             Some("data race"),
         ),
+        (Sanitizer::Thread, "planted_last_block_without_fence", Some("data race")),
         (Sanitizer::Address, "planted_control_with_syncthreads", None),
         (Sanitizer::Thread, "planted_control_with_syncthreads", None),
         (Sanitizer::Thread, "planted_last_block_control", None),

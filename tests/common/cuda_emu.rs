@@ -194,7 +194,7 @@ fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
             // Only the kernels are instrumented: the runtime's own scheduler state is
             // shared by every fiber by design, and it tells TSan what orders what.
             (Sanitizer::Thread, Part::Kernel) => {
-                cmd.args(["-fsanitize=thread", "-g"]);
+                cmd.args(["-fsanitize=thread", "-g", "-DEMU_TSAN_KERNELS=1"]);
             }
             (Sanitizer::Thread, Part::Runtime) => {
                 cmd.args(["-DEMU_TSAN=1", "-g"]);

@@ -78,13 +78,23 @@ inline T __shfl_xor_sync(unsigned int mask, T v, int o) {
 }
 
 // Blocks run one after another on one OS thread, so a fence has nothing to order; the
-// atomic is a real one all the same (tests may launch from several threads). Under
-// ThreadSanitizer the atomic orders what the blocks that add to it did before (acq_rel,
-// stronger than CUDA's relaxed atomicAdd): a block that writes partials for the "last
-// block" to read must still order them before its atomic with a __syncthreads, but a
-// missing __threadfence is not seen.
+// atomic is a real one all the same (tests may launch from several threads).
+// The ThreadSanitizer build (EMU_TSAN_KERNELS) models CUDA's memory model instead: atomicAdd
+// is relaxed and orders nothing (runtime.cpp does it, unseen by TSan), and every
+// __threadfence releases to and acquires from one device-wide fence object. So a block that
+// writes partials for the "last block" to read must fence them before its ticket, or the
+// last block's reads race with them; fences then order more than CUDA's (any two fences
+// synchronise), so a last block that forgets its own fence after the ticket goes unseen
+// when it fenced before it.
+#if defined(EMU_TSAN_KERNELS)
+extern "C" void emu_threadfence();
+extern "C" unsigned int emu_atomic_add_relaxed(unsigned int* p, unsigned int v);
+inline void __threadfence() { emu_threadfence(); }
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return emu_atomic_add_relaxed(p, v); }
+#else
 inline void __threadfence() {}
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+#endif
 template <typename T>
 inline T __ldcg(const T* p) { return *p; }
 

@@ -61,9 +61,17 @@ extern "C" __global__ void planted_static_shared_zeroed(float* out, int n) {
 
 // Every block adds 1 to out[0] with a plain read-modify-write, no atomic: racecheck sees it
 // only if blocks are not ordered one after another (the ThreadSanitizer build's slots).
-// Launched on a grid of (1, 4, 1), as the two below.
+// Launched on a grid of (1, 4, 1), as the last-block kernels below.
 extern "C" __global__ void planted_blocks_add_without_atomics(float* out, int n) {
     if (threadIdx.x == 0) out[0] += 1.0f;
+}
+
+// out[0] = the sum of the grid's partials out[1 ..= gridDim.y], in block order: the last
+// block's work in the three kernels below.
+__device__ void sum_partials(float* out) {
+    float s = 0.0f;
+    for (unsigned y = 0; y < gridDim.y; ++y) s += out[1 + y];
+    out[0] = s;
 }
 
 // The last-block pattern of common.cuh (`last_block_of_column`: each block writes a
@@ -77,22 +85,28 @@ extern "C" __global__ void planted_last_block_ticket_before_its_partial(float* o
     if (threadIdx.x == 1) out[1 + blockIdx.y] = (float)(blockIdx.y + 1);
     if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.y - 1;
     __syncthreads();
-    if (last && threadIdx.x == 0) {
-        float s = 0.0f;
-        for (unsigned y = 0; y < gridDim.y; ++y) s += out[1 + y];
-        out[0] = s;
-    }
+    if (last && threadIdx.x == 0) sum_partials(out);
+}
+
+// The same with the __syncthreads but no __threadfence before the ticket: on a GPU the last
+// block may read a partial that is not yet visible to it (CUDA Programming Guide, "Memory
+// Fence Functions"; atomicAdd is relaxed). The ThreadSanitizer build's relaxed atomics and
+// fences (cuda_emu.h) leave the partials unordered before the last block's sum.
+extern "C" __global__ void planted_last_block_without_fence(float* out, int n) {
+    __shared__ bool last;
+    unsigned* counter = (unsigned*)&out[n - 1];
+    if (threadIdx.x == 1) out[1 + blockIdx.y] = (float)(blockIdx.y + 1);
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (last && threadIdx.x == 0) sum_partials(out);
 }
 
 // The control: the same with common.cuh's own `last_block_of_column`, which orders the
-// partial before the ticket; out[0] = 1 + 2 + 3 + 4 = 10 on a grid of 4 blocks.
+// partial before the ticket (barrier and fence); out[0] = 1 + 2 + 3 + 4 = 10 on a grid of 4 blocks.
 #include "common.cuh"
 extern "C" __global__ void planted_last_block_control(float* out, int n) {
     unsigned* counter = (unsigned*)&out[n - 1];
     if (threadIdx.x == 1) out[1 + blockIdx.y] = (float)(blockIdx.y + 1);
-    if (last_block_of_column(counter) && threadIdx.x == 0) {
-        float s = 0.0f;
-        for (unsigned y = 0; y < gridDim.y; ++y) s += out[1 + y];
-        out[0] = s;
-    }
+    if (last_block_of_column(counter) && threadIdx.x == 0) sum_partials(out);
 }

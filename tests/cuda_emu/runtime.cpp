@@ -35,8 +35,9 @@
 // a block that touch the same memory with no barrier between them are reported, as
 // compute-sanitizer's racecheck would: the fiber schedule (which runs a thread until it
 // waits) can no longer hide a missing __syncthreads; and so are two nearby blocks that
-// touch the same memory with no atomic between them (which racecheck, whose scope is a
-// block, would not report).
+// touch the same memory with nothing ordering them (which racecheck, whose scope is a
+// block, would not report), atomics being relaxed and __threadfence the only order
+// between blocks (cuda_emu.h).
 #if defined(EMU_ASAN)
 #include <sanitizer/common_interface_defs.h>
 constexpr bool EMU_EXACT_SIZES = true;
@@ -104,7 +105,7 @@ struct Fiber {
 // ThreadSanitizer (EMU_TSAN, 4 slots; the other builds have 1), which is told that a
 // block comes after the blocks EMU_SLOTS or more before it and after every earlier launch,
 // but not after the blocks in between: to it, up to EMU_SLOTS blocks run at the same
-// time, as on a GPU, so two blocks that touch the same memory without an atomic ordering
+// time, as on a GPU, so two blocks that touch the same memory without a fence ordering
 // them are reported. Reusing a slot's memory needs the order that memory had (a slot's
 // stacks and shared memory are fresh to the next block that uses them), hence the window.
 struct BlockRun {
@@ -357,6 +358,20 @@ void run_block(BlockRun& r) {
 
 extern "C" void __syncthreads() { bar_wait(cur->bar, true); }
 
+#if defined(EMU_TSAN)
+// cuda_emu.h: the ThreadSanitizer build's __threadfence and relaxed atomicAdd (this file
+// is not instrumented, so TSan sees the fence object's release and acquire and not the
+// atomic's access).
+static char device_fence;
+extern "C" void emu_threadfence() {
+    __tsan_release(&device_fence);
+    __tsan_acquire(&device_fence);
+}
+extern "C" unsigned int emu_atomic_add_relaxed(unsigned int* p, unsigned int v) {
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+#endif
+
 extern "C" int __syncthreads_or(int pred) {
     cur->or_slots[cur_tid] = pred != 0;
     bar_wait(cur->bar, true);
@@ -393,17 +408,28 @@ static void launch(const EmuKernel* k, void** params, emu_dim3 grid, emu_dim3 bl
     int n = (int)(block.x * block.y * block.z);
     EmuThreadState saved = emu_state;
     // A GPU runs blocks in no promised order. The emulator runs them one at a time, in
-    // launch order, or (CUDA_EMU_BLOCK_ORDER=reverse) last block first, so a kernel that
-    // depends on the order (a "last block" that assumes which one it is) shows in parity.
-    static const bool reverse = [] {
+    // launch order (x fastest), or (CUDA_EMU_BLOCK_ORDER=reverse) last block first, so a
+    // kernel that depends on the order (a "last block" that assumes which one it is) shows
+    // in parity; or (=y-first) y fastest, which the ThreadSanitizer child uses: the blocks
+    // of one column of a (columns, row chunks) grid, which meet in common.cuh's
+    // last_block_of_column, then run next to each other, inside its window of unordered
+    // blocks (see "Slots").
+    enum Order { X_FIRST, REVERSE, Y_FIRST };
+    static const Order order = [] {
         const char* v = getenv("CUDA_EMU_BLOCK_ORDER");
-        return v && strcmp(v, "reverse") == 0;
+        if (v && strcmp(v, "reverse") == 0) return REVERSE;
+        if (v && strcmp(v, "y-first") == 0) return Y_FIRST;
+        return X_FIRST;
     }();
     const unsigned long long total = (unsigned long long)grid.x * grid.y * grid.z;
     for (unsigned long long q = 0; q < total; ++q) {
-        const unsigned long long o = reverse ? total - 1 - q : q;
-        const unsigned bx = (unsigned)(o % grid.x), by = (unsigned)(o / grid.x % grid.y),
-                       bz = (unsigned)(o / ((unsigned long long)grid.x * grid.y));
+        const unsigned long long o = order == REVERSE ? total - 1 - q : q;
+        unsigned bx = (unsigned)(o % grid.x), by = (unsigned)(o / grid.x % grid.y);
+        if (order == Y_FIRST) {
+            by = (unsigned)(o % grid.y);
+            bx = (unsigned)(o / grid.y % grid.x);
+        }
+        const unsigned bz = (unsigned)(o / ((unsigned long long)grid.x * grid.y));
         BlockRun& r = slots[q % EMU_SLOTS];
 #if defined(EMU_TSAN)
         // the slot's previous block is over before its memory is refilled and reused
