@@ -172,14 +172,20 @@ fn bench_on_cuda_reports_device_numbers() {
 /// - a bf16 `bench` step at the MiniLM preset's shapes (hidden 384, 12 heads of 32, FFN
 ///   1536, vocabulary 30522; one forget and two retain sentences of 45 tokens).
 ///
+/// And the same `bench` step on the ThreadSanitizer build (blocks y-first, memory NaN-filled
+/// as in tests/gpu_parity.rs): at these shapes the column reductions have up to 6 column
+/// blocks of up to 3 row chunks (64 rows each), whose last block must see every chunk's
+/// partial (barrier and fence before the ticket), and no two nearby blocks may write the
+/// same memory.
+///
 /// The parity tests' memcheck run (tests/gpu_parity.rs) covers every op at small awkward
 /// shapes; these are the paths and shapes the engine ships. On a GPU, compute-sanitizer's
 /// job (`scripts/gpu-check.sh --sanitize`).
 #[test]
-fn cli_on_cuda_under_memcheck() {
+fn cli_on_cuda_under_memcheck_and_racecheck() {
     if let Ok(d) = deepcut_fast::backend::cuda::availability() {
         eprintln!(
-            "cli_on_cuda_under_memcheck: not run, a real device is present ({d}); \
+            "cli_on_cuda_under_memcheck_and_racecheck: not run, a real device is present ({d}); \
              scripts/gpu-check.sh --sanitize runs compute-sanitizer there"
         );
         return;
@@ -221,24 +227,35 @@ fn cli_on_cuda_under_memcheck() {
     .map(|a| a.to_string())
     .collect();
     // side by side: each is one process on one core
-    let children: Vec<_> = [("run", run), ("bench", bench)]
-        .into_iter()
-        .map(|(what, args)| {
-            let mut c = fixture::bin();
-            c.args(&args)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped());
-            common::cuda_emu::sanitized(&mut c, common::cuda_emu::Sanitizer::Address).unwrap_or_else(|e| panic!("{e}"));
-            (what, c.spawn().expect("run deepcut-fast"))
-        })
-        .collect();
-    for (what, child) in children {
+    use common::cuda_emu::Sanitizer;
+    let children: Vec<_> = [
+        ("run", run, Sanitizer::Address),
+        ("bench", bench.clone(), Sanitizer::Address),
+        ("bench", bench, Sanitizer::Thread),
+    ]
+    .into_iter()
+    .map(|(what, args, san)| {
+        let mut c = fixture::bin();
+        c.args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if san == Sanitizer::Thread {
+            c.env("CUDA_EMU_FILL", "nan").env("CUDA_EMU_BLOCK_ORDER", "y-first");
+        }
+        common::cuda_emu::sanitized(&mut c, san).unwrap_or_else(|e| panic!("{e}"));
+        (what, san, c.spawn().expect("run deepcut-fast"))
+    })
+    .collect();
+    for (what, san, child) in children {
         let o = child.wait_with_output().expect("deepcut-fast's output");
         let stderr = String::from_utf8_lossy(&o.stderr);
         if let Some(report) = common::cuda_emu::sanitizer_report(&stderr) {
-            panic!("AddressSanitizer on the emulator, bf16 `{what}`:\n{report}");
+            panic!("{san:?}Sanitizer on the emulator, bf16 `{what}`:\n{report}");
         }
-        assert!(o.status.success(), "bf16 `{what}` on the ASan emulator:\n{stderr}");
+        assert!(
+            o.status.success(),
+            "bf16 `{what}` on the {san:?}Sanitizer emulator:\n{stderr}"
+        );
         if what == "run" {
             let j: Value =
                 serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json")).unwrap();
@@ -255,7 +272,7 @@ fn cli_on_cuda_under_memcheck() {
                 assert!(j["losses"]["last"][k].as_f64().is_some_and(f64::is_finite), "loss {k}");
             }
         }
-        eprintln!("AddressSanitizer on the emulator: bf16 `{what}` on cuda, no report");
+        eprintln!("{san:?}Sanitizer on the emulator: bf16 `{what}` on cuda, no report");
     }
 }
 
