@@ -172,8 +172,8 @@ fn bench_on_cuda_reports_device_numbers() {
 /// - a bf16 `bench` step at the MiniLM preset's shapes (hidden 384, 12 heads of 32, FFN
 ///   1536, vocabulary 30522; one forget and two retain sentences of 45 tokens).
 ///
-/// And the same `bench` step on the ThreadSanitizer build (blocks y-first, memory NaN-filled
-/// as in tests/gpu_parity.rs): at these shapes the column reductions have up to 6 column
+/// And the same `bench` step on the ThreadSanitizer build (blocks y-first, memory NaN-filled:
+/// common::cuda_emu::sanitized): at these shapes the column reductions have up to 6 column
 /// blocks of up to 3 row chunks (64 rows each), whose last block must see every chunk's
 /// partial (barrier and fence before the ticket), and no two nearby blocks may write the
 /// same memory.
@@ -239,9 +239,6 @@ fn cli_on_cuda_under_memcheck_and_racecheck() {
         c.args(&args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        if san == Sanitizer::Thread {
-            c.env("CUDA_EMU_FILL", "nan").env("CUDA_EMU_BLOCK_ORDER", "y-first");
-        }
         common::cuda_emu::sanitized(&mut c, san).unwrap_or_else(|e| panic!("{e}"));
         (what, san, c.spawn().expect("run deepcut-fast"))
     })

@@ -281,7 +281,8 @@ fn cuda_backend_on_the_cpu_emulator() {
 ///   threads of a block that touch the same shared or global memory with no barrier
 ///   between them fail, however the emulator happened to schedule them
 ///   (compute-sanitizer's racecheck); and so do two of any 4 consecutive blocks of a grid
-///   that touch the same memory with no atomic between them (each block in its own slot:
+///   that touch the same memory with nothing ordering them, atomics being relaxed and
+///   `__threadfence` the only order between blocks (each block in its own slot:
 ///   tests/cuda_emu/runtime.cpp, "Slots").
 ///
 /// `sanitizers_catch_planted_bugs` shows each one failing on a kernel written to fail.
@@ -355,16 +356,6 @@ fn emu_child(san: common::cuda_emu::Sanitizer, args: &[&str]) -> std::process::C
         .env("DEEPCUT_CUDA_EMU", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    if san == common::cuda_emu::Sanitizer::Thread {
-        // and fresh device memory and every block's shared memory all NaN (runtime.cpp): a
-        // read of memory nobody wrote, hidden by a multiplication by zero, shows in the
-        // parity numbers
-        c.env("CUDA_EMU_FILL", "nan");
-        // and the blocks of a column of a (columns, row chunks) grid one after another, so
-        // that those meeting in a last-block reduction fall in ThreadSanitizer's window of
-        // unordered blocks (runtime.cpp)
-        c.env("CUDA_EMU_BLOCK_ORDER", "y-first");
-    }
     common::cuda_emu::sanitized(&mut c, san).unwrap_or_else(|e| panic!("{e}"));
     c
 }

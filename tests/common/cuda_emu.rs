@@ -70,7 +70,13 @@ impl Sanitizer {
 /// Makes `cmd` run on the `san` build of the emulator: its folder first on LD_LIBRARY_PATH,
 /// and for a sanitizer build its runtime preloaded, with options under which a report fails
 /// the process (AddressSanitizer, UBSan) or is printed for `sanitizer_report`
-/// (ThreadSanitizer).
+/// (ThreadSanitizer). The ThreadSanitizer build also runs with
+/// - fresh device memory and every block's shared memory all NaN (runtime.cpp,
+///   CUDA_EMU_FILL): a read of memory nobody wrote, hidden by a multiplication by zero,
+///   shows in the numbers;
+/// - blocks y fastest (CUDA_EMU_BLOCK_ORDER): the blocks of a column of a (columns, row
+///   chunks) grid, which meet in a last-block reduction, fall in its window of unordered
+///   blocks.
 pub fn sanitized(cmd: &mut Command, san: Sanitizer) -> Result<(), String> {
     let dir = build_with(san)?;
     cmd.env("LD_LIBRARY_PATH", library_path(&dir));
@@ -78,6 +84,9 @@ pub fn sanitized(cmd: &mut Command, san: Sanitizer) -> Result<(), String> {
         return Ok(());
     };
     cmd.env("LD_PRELOAD", rt);
+    if san == Sanitizer::Thread {
+        cmd.env("CUDA_EMU_FILL", "nan").env("CUDA_EMU_BLOCK_ORDER", "y-first");
+    }
     // the Rust side is not instrumented: its allocations are not ours to judge, and the
     // interceptors (memcpy, ...) are judged only where the kernels call them, since the
     // Rust side synchronises through atomics TSan does not see

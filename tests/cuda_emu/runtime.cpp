@@ -109,7 +109,6 @@ struct Fiber {
 // them are reported. Reusing a slot's memory needs the order that memory had (a slot's
 // stacks and shared memory are fresh to the next block that uses them), hence the window.
 struct BlockRun {
-    int slot;
     EmuThunk thunk;
     void** params;
     emu_dim3 grid, block, bidx;
@@ -430,13 +429,13 @@ static void launch(const EmuKernel* k, void** params, emu_dim3 grid, emu_dim3 bl
             bx = (unsigned)(o / grid.y % grid.x);
         }
         const unsigned bz = (unsigned)(o / ((unsigned long long)grid.x * grid.y));
-        BlockRun& r = slots[q % EMU_SLOTS];
+        const int slot = (int)(q % EMU_SLOTS);
+        BlockRun& r = slots[slot];
 #if defined(EMU_TSAN)
         // the slot's previous block is over before its memory is refilled and reused
         __tsan_acquire(&r.done);
 #endif
-        r.slot = (int)(q % EMU_SLOTS);
-        r.thunk = k->slot[r.slot];
+        r.thunk = k->slot[slot];
         r.params = params;
         r.grid = grid;
         r.block = block;
@@ -456,7 +455,7 @@ static void launch(const EmuKernel* k, void** params, emu_dim3 grid, emu_dim3 bl
         // 0xAB: uninitialised shared memory is garbage, not zeros, as on a GPU. A fresh
         // vector each block, so AddressSanitizer's redzone starts where the launch's size ends.
         r.smem = std::vector<char>(smem + (EMU_EXACT_SIZES ? 0 : 16), (char)fill_byte(0xAB));
-        refill_static_shared(r.slot);
+        refill_static_shared(slot);
         run_block(r);
     }
 #if defined(EMU_TSAN)
