@@ -432,24 +432,30 @@ fi
 # ---- 6. NVTX ranges under Nsight Systems (issue #5 item 6) ---------------------------------------
 # Three bench steps under nsys; the NVTX summary should list forward / layer N fwd / backward /
 # loss / optimizer ranges. The report lands in $LOGS/step.nsys-rep for a closer look.
+# nsys: $DEEPCUT_NSYS, else the one on PATH. (Not searched for elsewhere: the copy some images
+# keep inside Nsight Compute could not make a report on gVisor machines, and would spend the
+# check's minutes.) Which NVTX library the ranges go through is in the bench JSON (paths.nvtx).
+NSYS=${DEEPCUT_NSYS:-$(command -v nsys)}
+NVTX_LIB=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print((d.get("ours",d).get("paths") or {}).get("nvtx"))' \
+    "$LOGS/compare-torch-8-32.json" 2>/dev/null)
 if ! enough "nsys NVTX ranges"; then
     :
-elif [ -n "$CLI" ] && command -v nsys >/dev/null; then
-    echo "== nsys (minilm-l6 bench, 3 steps)"
-    timeout "$(cap 90)" nsys profile --trace=cuda,nvtx --force-overwrite=true -o "$LOGS/step" "$CLI" bench --preset minilm-l6 \
+elif [ -n "$CLI" ] && [ -n "$NSYS" ]; then
+    echo "== nsys (minilm-l6 bench, 3 steps; $NSYS; NVTX library ${NVTX_LIB:-unknown})"
+    timeout "$(cap 90)" "$NSYS" profile --trace=cuda,nvtx --force-overwrite=true -o "$LOGS/step" "$CLI" bench --preset minilm-l6 \
         --steps 3 --warmup 1 --device cuda --precision bf16 --matmul-size 1024 >"$LOGS/nsys.log" 2>&1
     rc=$?
-    timeout "$(cap 60)" nsys stats --report nvtx_sum --format csv --output - "$LOGS/step.nsys-rep" >"$LOGS/nvtx.csv" 2>>"$LOGS/nsys.log"
+    timeout "$(cap 60)" "$NSYS" stats --report nvtx_sum --format csv --output - "$LOGS/step.nsys-rep" >"$LOGS/nvtx.csv" 2>>"$LOGS/nsys.log"
     head -n 25 "$LOGS/nvtx.csv"
     ranges=$(grep -cE 'layer [0-9]+ (fwd|bwd)|optimizer: (clip \+ )?adamw|loss: infonce' "$LOGS/nvtx.csv")
-    row "nsys NVTX ranges" "$([ "$rc" = 0 ] && [ "$ranges" -gt 0 ] && echo ok || echo "rc=$rc")" "$ranges named layer/loss/optimizer ranges; $LOGS/nvtx.csv"
+    row "nsys NVTX ranges" "$([ "$rc" = 0 ] && [ "$ranges" -gt 0 ] && echo ok || echo "rc=$rc")" "$ranges named layer/loss/optimizer ranges (NVTX library ${NVTX_LIB:-unknown}); $LOGS/nvtx.csv"
     # where the host waited (the steps themselves should not: issue #6); the bench's GEMM-rate
     # measurement and its final read-backs synchronise too, so this is an upper bound
-    timeout "$(cap 60)" nsys stats --report cuda_api_sum --format csv --output - "$LOGS/step.nsys-rep" >"$LOGS/cuda-api.csv" 2>>"$LOGS/nsys.log"
+    timeout "$(cap 60)" "$NSYS" stats --report cuda_api_sum --format csv --output - "$LOGS/step.nsys-rep" >"$LOGS/cuda-api.csv" 2>>"$LOGS/nsys.log"
     waits=$(grep -E 'Synchronize|MemcpyDtoH_v2|MemcpyHtoD_v2' "$LOGS/cuda-api.csv" | awk -F, '{gsub(/"/,""); printf "%s %s; ", $NF, $3}')
     row "nsys host waits (5 steps + bench)" "info" "${waits:-none}; $LOGS/cuda-api.csv"
 else
-    row "nsys NVTX ranges" "SKIP" "nsys not on PATH"
+    row "nsys NVTX ranges" "SKIP" "no nsys found; the bench's NVTX library: ${NVTX_LIB:-unknown}"
 fi
 
 # ---- 7. the CPU backend on this machine's cores (issue #6 item 5) --------------------------------

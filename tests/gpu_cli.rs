@@ -149,6 +149,13 @@ fn bench_on_cuda_reports_device_numbers() {
     assert!(gemm_bias.starts_with("cuBLASLt"), "{}", j["paths"]);
     let gemm = j["paths"]["gemm"].as_str().unwrap_or_default();
     assert!(gemm.starts_with("cuBLASLt"), "{}", j["paths"]);
+    // the NVTX library the ranges went through: on the emulator its stand-in, found by name
+    // on the loader's path (a real machine's is reported as found, or null without one)
+    if libs.is_some() {
+        assert_eq!(j["paths"]["nvtx"], "libnvToolsExt.so", "{}", j["paths"]);
+    } else {
+        eprintln!("NVTX library: {}", j["paths"]["nvtx"]);
+    }
     // what a step enqueues: per layer 6 GEMMs forward and 12 backward, and the
     // classifier's 1 + 2; the kernel launches, 12 per layer and 26 others in a bf16 step
     // (the emulator's count; a real card could pick another InfoNCE path). A change that

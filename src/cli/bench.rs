@@ -217,6 +217,8 @@ impl BenchBackend for Cuda {
                      in 16 bits (Backend::alloc_rounded); weights, gradients, optimiser state and statistics fp32"
                 )
             },
+            // the NVTX library the ranges go through (null: nsys shows no ranges)
+            "nvtx": self.nvtx_library(),
         })
     }
 }

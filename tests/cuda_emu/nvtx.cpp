@@ -1,7 +1,8 @@
-// A stand-in for libnvToolsExt (tests/cuda_emu): records the NVTX ranges the CUDA backend
-// opens (cudarc's scoped_range: nvtxRangeStartEx / nvtxRangeEnd) and, at exit, writes one
+// A stand-in for an NVTX library (tests/cuda_emu): records the NVTX ranges the CUDA backend
+// opens (src/backend/cuda/nvtx.rs: nvtxRangeStartA / nvtxRangeEnd) and, at exit, writes one
 // line per event to the file named by DEEPCUT_NVTX_LOG ("start NAME" / "end NAME"), so a
-// test can check that the ranges nsys would show exist and all close.
+// test can check that the ranges nsys would show exist and all close. (tests/nvtx.rs checks
+// the same calls against a real NVTX library and a tool built on NVIDIA's headers.)
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -9,17 +10,6 @@
 #include <mutex>
 #include <string>
 #include <vector>
-
-struct EventAttributes {  // nvtxEventAttributes_v2
-    uint16_t version, size;
-    uint32_t category;
-    int32_t color_type;
-    uint32_t color;
-    int32_t payload_type, reserved0;
-    uint64_t payload;
-    int32_t message_type;
-    const char* message;
-};
 
 namespace {
 struct Log {
@@ -41,9 +31,9 @@ Log log_;
 }  // namespace
 
 extern "C" {
-uint64_t nvtxRangeStartEx(const EventAttributes* a) {
+uint64_t nvtxRangeStartA(const char* m) {
     std::lock_guard<std::mutex> l(log_.m);
-    std::string name = a && a->message_type == 1 && a->message ? a->message : "?";
+    std::string name = m ? m : "?";
     uint64_t id = log_.next++;
     log_.open[id] = name;
     log_.lines.push_back("start " + name);
@@ -54,15 +44,5 @@ void nvtxRangeEnd(uint64_t id) {
     auto it = log_.open.find(id);
     log_.lines.push_back("end " + (it == log_.open.end() ? std::string("?unknown id") : it->second));
     if (it != log_.open.end()) log_.open.erase(it);
-}
-int nvtxRangePushA(const char* m) {
-    std::lock_guard<std::mutex> l(log_.m);
-    log_.lines.push_back(std::string("push ") + (m ? m : "?"));
-    return 0;
-}
-int nvtxRangePop() {
-    std::lock_guard<std::mutex> l(log_.m);
-    log_.lines.push_back("pop");
-    return 0;
 }
 }

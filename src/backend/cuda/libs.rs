@@ -64,7 +64,7 @@ pub fn ensure_cublas_names() {
 
 /// Where CUDA libraries live: LD_LIBRARY_PATH, the toolkit's folders, and the lib folders
 /// of the `nvidia` Python wheels (PyTorch brings cuBLAS that way).
-fn library_dirs() -> Vec<PathBuf> {
+pub(super) fn library_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var("LD_LIBRARY_PATH")
         .unwrap_or_default()
         .split(':')

@@ -54,6 +54,7 @@ pub mod infonce;
 pub mod l2norm;
 pub mod layernorm;
 pub mod libs;
+pub mod nvtx;
 pub mod quantize;
 pub mod rows;
 pub mod softmax_ce;
@@ -245,7 +246,8 @@ pub struct Cuda {
     /// Page-locked staging of `upload` / `upload_i32` (uploads.rs).
     uploads: Mutex<uploads::Uploads>,
     info: DeviceInfo,
-    nvtx: bool,
+    /// The NVTX library, when this machine has one (nvtx.rs).
+    nvtx: Option<&'static nvtx::Nvtx>,
     /// Kernel launches and GEMM calls enqueued so far (`Cuda::enqueued_calls`).
     launches: AtomicU64,
     gemms: AtomicU64,
@@ -403,8 +405,7 @@ impl Cuda {
                 .map_err(device_err(name))?;
             dyn_smem.insert(name, room);
         }
-        // SAFETY: only tries to dlopen libnvToolsExt.
-        let nvtx = unsafe { cudarc::nvtx::sys::is_culib_present() };
+        let nvtx = nvtx::Nvtx::get();
         Ok(Cuda {
             uploads: Mutex::new(uploads::Uploads::new(stream.clone(), uploads::HALF_BYTES)),
             stream,
@@ -493,10 +494,15 @@ impl Cuda {
         Some(total.saturating_sub(free) as u64)
     }
 
-    /// An NVTX range named `name`, closed when the returned guard drops; None without
-    /// libnvToolsExt. For the model's per-layer ranges (`nsys profile` shows them).
-    pub fn range(&self, name: &str) -> Option<cudarc::nvtx::Range> {
-        self.nvtx.then(|| cudarc::nvtx::scoped_range(name))
+    /// The NVTX library this backend's ranges go through (nvtx.rs), if any.
+    pub fn nvtx_library(&self) -> Option<&'static str> {
+        self.nvtx.map(|n| n.from.as_str())
+    }
+
+    /// An NVTX range named `name`, closed when the returned guard drops; None without an
+    /// NVTX library (nvtx.rs). For the ops' ranges (`nsys profile` shows them).
+    pub fn range(&self, name: &str) -> Option<nvtx::Range> {
+        self.nvtx.map(|n| n.range(name))
     }
 
     /// dst[..src.len()] = src, enqueued from page-locked memory (uploads.rs) so the host
@@ -543,10 +549,9 @@ impl Backend for Cuda {
     type Staging = cudarc::driver::PinnedHostSlice<f32>;
 
     fn profile_range(&self, name: std::fmt::Arguments<'_>) -> RangeGuard {
-        if self.nvtx {
-            RangeGuard::new(Box::new(cudarc::nvtx::scoped_range(name.to_string())))
-        } else {
-            RangeGuard::none()
+        match self.nvtx {
+            Some(n) => RangeGuard::new(Box::new(n.range(&name.to_string()))),
+            None => RangeGuard::none(),
         }
     }
 
