@@ -348,64 +348,132 @@ fn the_self_check_decides_whether_the_gpu_is_used() {
     );
 }
 
-/// CUDA 13's cuBLAS under its own names only (`libcublas.so.13`, `libcublasLt.so.13`, as
-/// PyTorch's cu13 wheels ship it): the CLI, whose bindings look for the CUDA 12 names,
-/// links them under those names in a folder of this user's and re-executes itself with it
-/// on LD_LIBRARY_PATH (src/backend/cuda/libs.rs), and `--device cuda` runs. Played with the
-/// emulator's libraries renamed, so it runs only there.
-#[test]
-fn cuda13_cublas_is_found_under_its_own_name() {
-    if deepcut_fast::backend::cuda::availability().is_ok() {
-        eprintln!(
-            "SKIPPED: cuda13_cublas_is_found_under_its_own_name renames the CPU emulator's libraries; this machine \
-             has a real driver"
-        );
-        return;
+/// The emulator's libraries linked into `dir` under the given names: (name, emulator file).
+fn link_emulator(emu: &Path, dir: &Path, names: &[(&str, &str)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, from) in names {
+        std::os::unix::fs::symlink(emu.join(from), dir.join(name)).unwrap();
     }
-    let emu = common::cuda_emu::build().unwrap_or_else(|e| panic!("{e}"));
-    let tmp = tempfile::tempdir().unwrap();
-    let lib = tmp.path().join("lib");
-    std::fs::create_dir_all(&lib).unwrap();
-    for (name, from) in [
-        ("libcuda.so", "libcuda.so"),
-        ("libcuda.so.1", "libcuda.so"),
-        ("libnvToolsExt.so", "libnvToolsExt.so"),
-        ("libcublas.so.13", "libcublas.so"),
-        ("libcublasLt.so.13", "libcublasLt.so"),
-    ] {
-        std::os::unix::fs::symlink(emu.join(from), lib.join(name)).unwrap();
-    }
-    let cache = tmp.path().join("cache");
-    let o = fixture::bin()
-        .arg("bench")
+}
+
+/// The driver and NVTX of the emulator, without any cuBLAS.
+const DRIVER_ONLY: [(&str, &str); 3] = [
+    ("libcuda.so", "libcuda.so"),
+    ("libcuda.so.1", "libcuda.so"),
+    ("libnvToolsExt.so", "libnvToolsExt.so"),
+];
+
+/// `bench --device cuda` with `env`, the shim cache in `cache`: (succeeded, stderr, JSON).
+fn bench_with_libs(env: &[(&str, &Path)], driver: &str, cache: &Path) -> (bool, String, Option<Value>) {
+    let mut c = fixture::bin();
+    c.arg("bench")
         .args(common::tiny_bench_args("cuda", "bf16", 1))
-        .env("LD_LIBRARY_PATH", &lib)
-        .env("XDG_CACHE_HOME", &cache)
+        .env("XDG_CACHE_HOME", cache)
+        .env("CUDA_EMU_DRIVER_VERSION", driver)
         .env_remove("DEEPCUT_LIBSHIM")
-        .output()
-        .expect("run deepcut-fast");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
-    assert!(err.contains("linked under the CUDA 12 names"), "{err}");
-    assert_eq!(
-        err.matches("linked under the CUDA 12 names").count(),
-        1,
-        "re-executed once: {err}"
-    );
-    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(j["backend"].as_str().unwrap().starts_with("cuda"), "{}", j["backend"]);
+        .env_remove("VIRTUAL_ENV");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().expect("run deepcut-fast");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    (o.status.success(), err, serde_json::from_slice(&o.stdout).ok())
+}
+
+/// The shim folder the CLI made under `cache`, and where its two links point.
+fn shim_links(cache: &Path) -> (PathBuf, PathBuf) {
     let shim = std::fs::read_dir(cache.join("deepcut-fast"))
         .unwrap()
         .next()
         .unwrap()
         .unwrap()
         .path();
-    assert_eq!(
+    (
         std::fs::read_link(shim.join("libcublas.so")).unwrap(),
-        lib.join("libcublas.so.13")
-    );
-    assert_eq!(
         std::fs::read_link(shim.join("libcublasLt.so")).unwrap(),
-        lib.join("libcublasLt.so.13")
+    )
+}
+
+fn emulator_only(test: &str) -> Option<PathBuf> {
+    if deepcut_fast::backend::cuda::availability().is_ok() {
+        eprintln!("SKIPPED: {test} renames the CPU emulator's libraries; this machine has a real driver");
+        return None;
+    }
+    Some(common::cuda_emu::build().unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// CUDA 13's cuBLAS under its own names only (`libcublas.so.13`, `libcublasLt.so.13`, as
+/// PyTorch's cu13 wheels ship it), under a CUDA 13 driver: the CLI, whose bindings look for
+/// the CUDA 12 names, links them under those names in a folder of this user's and
+/// re-executes itself with it on LD_LIBRARY_PATH (src/backend/cuda/libs.rs), and `--device
+/// cuda` runs. Under a CUDA 12 driver, which cannot run cuBLAS 13, it does not link them and
+/// says what is missing. Played with the emulator's libraries renamed, so it runs only there.
+#[test]
+fn cuda13_cublas_is_found_under_its_own_name() {
+    let Some(emu) = emulator_only("cuda13_cublas_is_found_under_its_own_name") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = tmp.path().join("lib");
+    link_emulator(&emu, &lib, &DRIVER_ONLY);
+    link_emulator(
+        &emu,
+        &lib,
+        &[
+            ("libcublas.so.13", "libcublas.so"),
+            ("libcublasLt.so.13", "libcublasLt.so"),
+        ],
+    );
+    let cache = tmp.path().join("cache");
+    let (ok, err, j) = bench_with_libs(&[("LD_LIBRARY_PATH", &lib)], "13000", &cache);
+    assert!(ok, "{err}");
+    assert_eq!(
+        err.matches("linked under the CUDA 12 names").count(),
+        1,
+        "re-executed once: {err}"
+    );
+    let j = j.expect("bench JSON");
+    assert!(j["backend"].as_str().unwrap().starts_with("cuda"), "{}", j["backend"]);
+    assert_eq!(
+        shim_links(&cache),
+        (lib.join("libcublas.so.13"), lib.join("libcublasLt.so.13"))
+    );
+
+    let cache12 = tmp.path().join("cache12");
+    let (ok, err, _) = bench_with_libs(&[("LD_LIBRARY_PATH", &lib)], "12090", &cache12);
+    assert!(!ok, "cuBLAS 13 under a CUDA 12 driver: {err}");
+    assert!(!err.contains("linked under"), "{err}");
+    assert!(err.contains("libcublas.so not found"), "{err}");
+}
+
+/// cuBLAS 12 in a Python environment only (`VIRTUAL_ENV/lib/python3.X/site-packages/nvidia/
+/// cublas/lib`, as PyTorch's cu12 wheels install it without a toolkit), off the loader's
+/// path: the CLI finds it there, links it, and `--device cuda` runs.
+#[test]
+fn cuda12_wheel_cublas_is_found_off_the_loader_path() {
+    let Some(emu) = emulator_only("cuda12_wheel_cublas_is_found_off_the_loader_path") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = tmp.path().join("lib");
+    link_emulator(&emu, &lib, &DRIVER_ONLY);
+    let venv = tmp.path().join("venv");
+    let wheel = venv.join("lib/python3.12/site-packages/nvidia/cublas/lib");
+    link_emulator(
+        &emu,
+        &wheel,
+        &[
+            ("libcublas.so.12", "libcublas.so"),
+            ("libcublasLt.so.12", "libcublasLt.so"),
+        ],
+    );
+    let cache = tmp.path().join("cache");
+    let (ok, err, j) = bench_with_libs(&[("LD_LIBRARY_PATH", &lib), ("VIRTUAL_ENV", &venv)], "12090", &cache);
+    assert!(ok, "{err}");
+    assert!(err.contains("linked under the CUDA 12 names"), "{err}");
+    assert!(j.expect("bench JSON")["backend"].as_str().unwrap().starts_with("cuda"));
+    assert_eq!(
+        shim_links(&cache),
+        (wheel.join("libcublas.so.12"), wheel.join("libcublasLt.so.12"))
     );
 }

@@ -1,19 +1,25 @@
-//! cuBLAS from CUDA 13 under the names the CUDA 12 bindings look for. cudarc (built with
-//! CUDA 12 bindings) opens `libcublas.so`, `libcublas.so.12`, ... but a machine whose only
-//! cuBLAS is CUDA 13's may have just `libcublas.so.13` (PyTorch's cu13 wheels, a runtime
-//! without the toolkit's unversioned links). The functions this backend calls have the same
-//! ABI in both. So before a command opens a GPU, [`ensure_cublas_names`] looks for such a
-//! library, links it under the unversioned names in a private folder, and re-executes the
-//! binary with that folder first on LD_LIBRARY_PATH: the dynamic loader reads that variable
-//! only when a process starts.
+//! cuBLAS where the dynamic loader does not look, under the names the CUDA 12 bindings look
+//! for. cudarc (built with CUDA 12 bindings) opens `libcublas.so`, `libcublas.so.12`, ...
+//! through the loader's search path. Two common machines have a cuBLAS it cannot open:
+//! - one whose only cuBLAS is CUDA 13's `libcublas.so.13` (PyTorch's cu13 wheels, a runtime
+//!   without the toolkit's unversioned links): the functions this backend calls have the
+//!   same ABI in both;
+//! - one whose cuBLAS 12 lives in a Python environment's `nvidia/cublas/lib` (PyTorch's cu12
+//!   wheels, with no toolkit), off the loader's path.
+//!
+//! So before a command opens a GPU, [`ensure_cublas_names`] looks for a `libcublas.so.N` and
+//! `libcublasLt.so.N` pair (N from 12 up to what the driver runs), links it under the
+//! unversioned names in a private folder, and re-executes the binary with that folder first
+//! on LD_LIBRARY_PATH: the dynamic loader reads that variable only when a process starts.
 use std::path::{Path, PathBuf};
 
 /// Set in the re-executed process (to the shim folder), so it never re-executes again.
 const MARK: &str = "DEEPCUT_LIBSHIM";
 
 /// If there is a driver, cuBLAS is not loadable under cudarc's names and a
-/// `libcublas.so.N` / `libcublasLt.so.N` with N >= 13 exists where CUDA libraries live,
-/// re-executes this process with links to them first on LD_LIBRARY_PATH (and says so).
+/// `libcublas.so.N` / `libcublasLt.so.N` pair exists where CUDA libraries live (N from 12 up
+/// to the driver's CUDA major version: a CUDA 12 driver cannot run cuBLAS 13), re-executes
+/// this process with links to them first on LD_LIBRARY_PATH (and says so).
 /// Returns otherwise, changing nothing: without a driver, with cuBLAS found, in the
 /// re-executed process, or when anything fails (the device check then says what is missing).
 pub fn ensure_cublas_names() {
@@ -31,8 +37,13 @@ pub fn ensure_cublas_names() {
     if !driver || (cublas && lt) {
         return;
     }
-    let dirs = library_dirs();
-    let (Some(blas), Some(blas_lt)) = (newest(&dirs, "libcublas"), newest(&dirs, "libcublasLt")) else {
+    let mut version = 0;
+    // SAFETY: the driver is present (above); cuDriverGetVersion needs no cuInit and writes
+    // one int.
+    let known =
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) } == cudarc::driver::sys::CUresult::CUDA_SUCCESS;
+    let driver_major = (known && version > 0).then_some(version as u32 / 1000);
+    let Some((blas, blas_lt)) = cublas_pair(&library_dirs(), driver_major) else {
         return;
     };
     let Some(shim) = shim_dir(&blas, &blas_lt) else {
@@ -126,25 +137,41 @@ fn name_of(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// The `{stem}.so.N` with the largest N >= 13 in `dirs` (the first folder wins a tie).
-fn newest(dirs: &[PathBuf], stem: &str) -> Option<PathBuf> {
-    let prefix = format!("{stem}.so.");
-    let mut best: Option<(u32, PathBuf)> = None;
+/// The oldest cuBLAS major version the backend's bindings (CUDA 12.6 API) work with.
+const MIN_MAJOR: u32 = 12;
+
+/// The `libcublas.so.N` / `libcublasLt.so.N` pair in one of `dirs` with the largest N from
+/// [`MIN_MAJOR`] up to `max_major` (the driver's; no cap when unknown), exact `.so.N` names
+/// only; the first folder wins a tie. Both from one folder, so never two versions mixed.
+fn cublas_pair(dirs: &[PathBuf], max_major: Option<u32>) -> Option<(PathBuf, PathBuf)> {
+    let mut best: Option<(u32, PathBuf, PathBuf)> = None;
     for d in dirs {
         let Ok(rd) = std::fs::read_dir(d) else {
             continue;
         };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(major) = name.strip_prefix(&prefix).and_then(|v| v.parse::<u32>().ok()) else {
-                continue;
-            };
-            if major >= 13 && best.as_ref().is_none_or(|(m, _)| major > *m) {
-                best = Some((major, e.path()));
+        let mut majors: Vec<u32> = rd
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix("libcublas.so.").and_then(|v| v.parse::<u32>().ok())
+            })
+            .filter(|&n| n >= MIN_MAJOR && max_major.is_none_or(|m| n <= m))
+            .collect();
+        majors.sort_unstable();
+        for n in majors.into_iter().rev() {
+            let (blas, lt) = (
+                d.join(format!("libcublas.so.{n}")),
+                d.join(format!("libcublasLt.so.{n}")),
+            );
+            if lt.exists() {
+                if best.as_ref().is_none_or(|(m, _, _)| n > *m) {
+                    best = Some((n, blas, lt));
+                }
+                break;
             }
         }
     }
-    best.map(|(_, p)| p)
+    best.map(|(_, b, l)| (b, l))
 }
 
 /// A folder of this user's (under ~/.cache, not a shared temporary folder another user
@@ -173,28 +200,52 @@ fn shim_dir(blas: &Path, blas_lt: &Path) -> Option<PathBuf> {
 mod tests {
     use super::*;
 
-    /// The largest major version from 13 up, exact `stem.so.N` names only (not a full
-    /// `.so.13.0.1` version, not another library's), the first folder winning a tie.
+    /// The largest major version from 12 up to the driver's, with its cuBLASLt in the same
+    /// folder; exact `.so.N` names only (not `.so.13.0.1`, not another library's); the first
+    /// folder wins a tie.
     #[test]
-    fn newest_takes_the_largest_major_from_13() {
+    fn cublas_pair_takes_the_largest_major_the_driver_runs() {
         let t = tempfile::tempdir().unwrap();
-        let (a, b) = (t.path().join("a"), t.path().join("b"));
-        std::fs::create_dir_all(&a).unwrap();
-        std::fs::create_dir_all(&b).unwrap();
-        for f in [
-            "libcublas.so.12",
-            "libcublas.so.13",
-            "libcublas.so.14.0.1",
-            "libcublasLt.so.15",
-        ] {
-            std::fs::write(a.join(f), b"").unwrap();
+        let (a, b, c) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
+        for d in [&a, &b, &c] {
+            std::fs::create_dir_all(d).unwrap();
         }
-        std::fs::write(b.join("libcublas.so.13"), b"").unwrap();
-        let dirs = vec![a.clone(), b.clone(), t.path().join("missing")];
-        assert_eq!(newest(&dirs, "libcublas"), Some(a.join("libcublas.so.13")));
-        assert_eq!(newest(&dirs, "libcublasLt"), Some(a.join("libcublasLt.so.15")));
-        assert_eq!(newest(&dirs[1..], "libcublasLt"), None);
-        std::fs::write(b.join("libcublas.so.14"), b"").unwrap();
-        assert_eq!(newest(&dirs, "libcublas"), Some(b.join("libcublas.so.14")));
+        let touch = |d: &Path, names: &[&str]| {
+            for f in names {
+                std::fs::write(d.join(f), b"").unwrap();
+            }
+        };
+        // a: a 12 pair, a 13 without its Lt, an 11 pair, a full version name
+        touch(
+            &a,
+            &[
+                "libcublas.so.12",
+                "libcublasLt.so.12",
+                "libcublas.so.13",
+                "libcublas.so.11",
+                "libcublasLt.so.11",
+                "libcublas.so.14.0.1",
+                "libcublasLt.so.14.0.1",
+            ],
+        );
+        // b: a 13 pair; c: a 13 pair too (b comes first)
+        touch(&b, &["libcublas.so.13", "libcublasLt.so.13"]);
+        touch(&c, &["libcublas.so.13", "libcublasLt.so.13"]);
+        let dirs = vec![t.path().join("missing"), a.clone(), b.clone(), c.clone()];
+        let pair = |d: &Path, n: u32| {
+            Some((
+                d.join(format!("libcublas.so.{n}")),
+                d.join(format!("libcublasLt.so.{n}")),
+            ))
+        };
+        assert_eq!(cublas_pair(&dirs, None), pair(&b, 13));
+        assert_eq!(cublas_pair(&dirs, Some(13)), pair(&b, 13));
+        // a CUDA 12 driver: never cuBLAS 13
+        assert_eq!(cublas_pair(&dirs, Some(12)), pair(&a, 12));
+        assert_eq!(cublas_pair(&dirs, Some(11)), None);
+        assert_eq!(cublas_pair(&dirs[2..], Some(12)), None);
+        touch(&c, &["libcublas.so.14", "libcublasLt.so.14"]);
+        assert_eq!(cublas_pair(&dirs, None), pair(&c, 14));
+        assert_eq!(cublas_pair(&dirs, Some(13)), pair(&b, 13));
     }
 }

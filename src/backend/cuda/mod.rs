@@ -111,8 +111,9 @@ fn preflight() -> std::result::Result<(), String> {
     // SAFETY: as above.
     if !unsafe { cudarc::cublas::sys::is_culib_present() } {
         return Err(
-            "libcublas.so not found (nor CUDA 13's libcublas.so.13 where the CLI looks): install \
-                    the CUDA toolkit or the nvidia-cublas-cu12 wheel and add its lib folder to LD_LIBRARY_PATH"
+            "libcublas.so not found, nor a libcublas.so.N / libcublasLt.so.N pair this driver runs where the CLI \
+             looks (LD_LIBRARY_PATH, the CUDA toolkit, the nvidia wheels of the python3 on PATH): install the \
+             CUDA toolkit or the nvidia-cublas-cu12 wheel, or add its lib folder to LD_LIBRARY_PATH"
                 .into(),
         );
     }
