@@ -146,18 +146,26 @@ pub const BLOCK_GROUPS: usize = 16;
 
 crate::backend::cpu::simd::multiversion! {
     /// Factors of elements 4 group .. 4 (group + BLOCK_GROUPS): BLOCK_GROUPS Philox4x32-10
-    /// calls side by side (counter words in lane arrays, so the rounds vectorise), then the
-    /// keep decisions. `out` holds 4 * BLOCK_GROUPS floats.
+    /// calls side by side, then the keep decisions. `out` holds 4 * BLOCK_GROUPS floats.
+    ///
+    /// The counter words live in u64 lanes, as 32-bit values whose upper halves are don't
+    /// care: a round needs (M * low 32 bits of c) as a 64-bit product, which is exactly the
+    /// vector instruction (pmuludq reads the low halves only), hi = product >> 32 comes out
+    /// clean, and lo = the product itself (its upper half is junk nobody reads: a later XOR
+    /// and multiply use only low halves, and the outputs are truncated). So a round is two
+    /// multiplies, two shifts and two 3-way XORs per lane, with no packing between 32- and
+    /// 64-bit lanes. The same words as [`philox4x32_10`], bit for bit (tests).
     fn fill_block(group: u64, key: [u32; 2], stream: [u32; 2], p: f32, scale: f32, out: &mut [f32]) {
         const L: usize = BLOCK_GROUPS;
-        let mut c0 = [0u32; L];
-        let mut c1 = [0u32; L];
-        let mut c2 = [stream[0]; L];
-        let mut c3 = [stream[1]; L];
+        const LOW: u64 = 0xFFFF_FFFF;
+        let mut c0 = [0u64; L];
+        let mut c1 = [0u64; L];
+        let mut c2 = [stream[0] as u64; L];
+        let mut c3 = [stream[1] as u64; L];
         for l in 0..L {
             let g = group + l as u64;
-            c0[l] = g as u32;
-            c1[l] = (g >> 32) as u32;
+            c0[l] = g & LOW;
+            c1[l] = g >> 32;
         }
         let (mut k0, mut k1) = (key[0], key[1]);
         for round in 0..10 {
@@ -165,13 +173,14 @@ crate::backend::cpu::simd::multiversion! {
                 k0 = k0.wrapping_add(W0);
                 k1 = k1.wrapping_add(W1);
             }
+            let (k0w, k1w) = (k0 as u64, k1 as u64);
             for l in 0..L {
-                let p0 = (M0 as u64) * (c0[l] as u64);
-                let p1 = (M1 as u64) * (c2[l] as u64);
-                let n0 = ((p1 >> 32) as u32) ^ c1[l] ^ k0;
-                let n2 = ((p0 >> 32) as u32) ^ c3[l] ^ k1;
-                c1[l] = p1 as u32;
-                c3[l] = p0 as u32;
+                let p0 = (M0 as u64) * (c0[l] & LOW);
+                let p1 = (M1 as u64) * (c2[l] & LOW);
+                let n0 = (p1 >> 32) ^ c1[l] ^ k0w;
+                let n2 = (p0 >> 32) ^ c3[l] ^ k1w;
+                c1[l] = p1;
+                c3[l] = p0;
                 c0[l] = n0;
                 c2[l] = n2;
             }
@@ -179,7 +188,7 @@ crate::backend::cpu::simd::multiversion! {
         let out = &mut out[..4 * L];
         for l in 0..L {
             for (w, c) in [c0[l], c1[l], c2[l], c3[l]].into_iter().enumerate() {
-                let u = (c >> 8) as f32 * (1.0 / 16_777_216.0);
+                let u = ((c as u32) >> 8) as f32 * (1.0 / 16_777_216.0);
                 out[4 * l + w] = if u >= p { scale } else { 0.0 };
             }
         }
