@@ -394,12 +394,14 @@ fn shim_links(cache: &Path) -> (PathBuf, PathBuf) {
     )
 }
 
+/// The emulator's folder ([`device_libs`]), or None (the test is skipped, and says so) on a
+/// machine with a real driver.
 fn emulator_only(test: &str) -> Option<PathBuf> {
-    if deepcut_fast::backend::cuda::availability().is_ok() {
+    let emu = device_libs();
+    if emu.is_none() {
         eprintln!("SKIPPED: {test} renames the CPU emulator's libraries; this machine has a real driver");
-        return None;
     }
-    Some(common::cuda_emu::build().unwrap_or_else(|e| panic!("{e}")))
+    emu
 }
 
 /// CUDA 13's cuBLAS under its own names only (`libcublas.so.13`, `libcublasLt.so.13`, as

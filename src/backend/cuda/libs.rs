@@ -149,25 +149,15 @@ fn cublas_pair(dirs: &[PathBuf], max_major: Option<u32>) -> Option<(PathBuf, Pat
         let Ok(rd) = std::fs::read_dir(d) else {
             continue;
         };
-        let mut majors: Vec<u32> = rd
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.strip_prefix("libcublas.so.").and_then(|v| v.parse::<u32>().ok())
-            })
-            .filter(|&n| n >= MIN_MAJOR && max_major.is_none_or(|m| n <= m))
-            .collect();
-        majors.sort_unstable();
-        for n in majors.into_iter().rev() {
-            let (blas, lt) = (
-                d.join(format!("libcublas.so.{n}")),
-                d.join(format!("libcublasLt.so.{n}")),
-            );
-            if lt.exists() {
-                if best.as_ref().is_none_or(|(m, _, _)| n > *m) {
-                    best = Some((n, blas, lt));
-                }
-                break;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(n) = name.strip_prefix("libcublas.so.").and_then(|v| v.parse::<u32>().ok()) else {
+                continue;
+            };
+            let lt = d.join(format!("libcublasLt.so.{n}"));
+            let fits = n >= MIN_MAJOR && max_major.is_none_or(|m| n <= m) && lt.exists();
+            if fits && best.as_ref().is_none_or(|(m, _, _)| n > *m) {
+                best = Some((n, e.path(), lt));
             }
         }
     }

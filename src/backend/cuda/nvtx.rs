@@ -53,8 +53,9 @@ impl Nvtx {
                 }
                 return loaded;
             }
-            let found = NAMES.iter().map(PathBuf::from);
-            found
+            NAMES
+                .iter()
+                .map(PathBuf::from)
                 .chain(candidates(&super::libs::library_dirs()))
                 .find_map(|p| Nvtx::open(&p))
         })
