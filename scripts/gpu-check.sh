@@ -4,6 +4,8 @@
 # and carried over, and prints a short table last. Budget: DEEPCUT_CHECK_BUDGET seconds (500),
 # within one device call of 600 s; on an H100 the whole check should take under 5 minutes.
 #
+#   0. `deepcut-fast devices`: the driver, cuBLAS, NVTX and kernel image the CLI opens (its
+#      cuBLAS link folder, where it needs one, goes on the test binaries' LD_LIBRARY_PATH);
 #   1. GPU-vs-CPU parity: every CUDA op against its CPU twin and a whole DeepCUT step
 #      (tests/gpu_parity.rs), with DEEPCUT_REQUIRE_GPU=1 so a missing GPU fails instead
 #      of skipping;
@@ -173,28 +175,20 @@ for root in "${NVROOTS[@]}"; do
 done
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$LIBS"
 # cudarc (CUDA 12 bindings) opens libcublas.so / libcublasLt.so or their .so.12; where only
-# CUDA 13's .so.13 exist (PyTorch cu13 wheels), offer them under the unversioned names.
-has_lib() {
-    ldconfig -p 2>/dev/null | grep -qE "$1\.so(\.12)? " && return 0
-    local d
-    for d in ${LD_LIBRARY_PATH//:/ }; do
-        [ -e "$d/$1.so" ] || [ -e "$d/$1.so.12" ] && return 0
-    done
-    return 1
-}
-for lib in libcublas libcublasLt; do
-    has_lib "$lib" && continue
-    for d in ${LD_LIBRARY_PATH//:/ }; do
-        for f in "$d/$lib".so.1[3-9]; do
-            if [ -e "$f" ]; then
-                mkdir -p "$LOGS/libshim" && ln -sf "$(readlink -f "$f")" "$LOGS/libshim/$lib.so"
-                case ":$LD_LIBRARY_PATH:" in *":$LOGS/libshim:"*) ;; *) export LD_LIBRARY_PATH="$LOGS/libshim:$LD_LIBRARY_PATH" ;; esac
-                echo "note: using $f as $lib.so"
-                break 2
-            fi
-        done
-    done
-done
+# another cuBLAS exists (CUDA 13's .so.13 from PyTorch's cu13 wheels, a venv's cuBLAS 12), the
+# CLI links a pair the driver runs under those names (src/backend/cuda/libs.rs) and says where
+# in `deepcut-fast devices`; the test binaries get that folder first on LD_LIBRARY_PATH.
+# (The --e2e CLI does the same for itself.)
+CLI=$(find_bin deepcut-fast)
+if [ -n "$CLI" ]; then
+    timeout 60 "$CLI" devices --no-self-check --json "$LOGS/devices.json" >"$LOGS/devices.txt" 2>&1
+    SHIM=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["cuda"]["cublas"]["shim"] or "")' \
+        "$LOGS/devices.json" 2>/dev/null)
+    if [ -n "$SHIM" ]; then
+        export LD_LIBRARY_PATH="$SHIM:$LD_LIBRARY_PATH"
+        echo "note: cuBLAS linked under the CUDA 12 names in $SHIM"
+    fi
+fi
 export DEEPCUT_REQUIRE_GPU=1
 export NVIDIA_TF32_OVERRIDE=0  # fp32 parity: never let the driver turn sgemm into TF32
 
@@ -266,6 +260,7 @@ rm -rf "$LOGS"/run-* "$LOGS"/compare-torch-* "$LOGS"/*.log "$LOGS"/*.csv "$LOGS"
 echo "== gpu-check $(date -u +%Y-%m-%dT%H:%MZ)"
 GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
 echo "GPU: ${GPU:-nvidia-smi not available}"
+[ -f "$LOGS/devices.txt" ] && cat "$LOGS/devices.txt"  # what the CLI opens: driver, cuBLAS, NVTX, kernels
 command -v nvcc >/dev/null && nvcc --version | tail -1
 
 # ---- 1. parity ---------------------------------------------------------------------------------
@@ -330,7 +325,6 @@ else
 fi
 
 # ---- 4. a short DeepCUT run, GPU and CPU, same seed --------------------------------------------
-CLI=$(find_bin deepcut-fast)
 # the CLI's own device self-check (src/cli/selfcheck.rs): does --device auto take this GPU?
 if [ -n "$CLI" ] && enough "self-check"; then
     for prec in fp32 bf16; do

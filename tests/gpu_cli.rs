@@ -380,14 +380,19 @@ fn bench_with_libs(env: &[(&str, &Path)], driver: &str, cache: &Path) -> (bool, 
     (o.status.success(), err, serde_json::from_slice(&o.stdout).ok())
 }
 
-/// The shim folder the CLI made under `cache`, and where its two links point.
-fn shim_links(cache: &Path) -> (PathBuf, PathBuf) {
-    let shim = std::fs::read_dir(cache.join("deepcut-fast"))
+/// The shim folder the CLI made under `cache`.
+fn shim_dir(cache: &Path) -> PathBuf {
+    std::fs::read_dir(cache.join("deepcut-fast"))
         .unwrap()
         .next()
         .unwrap()
         .unwrap()
-        .path();
+        .path()
+}
+
+/// Where the two links of the shim folder the CLI made under `cache` point.
+fn shim_links(cache: &Path) -> (PathBuf, PathBuf) {
+    let shim = shim_dir(cache);
     (
         std::fs::read_link(shim.join("libcublas.so")).unwrap(),
         std::fs::read_link(shim.join("libcublasLt.so")).unwrap(),
@@ -440,6 +445,32 @@ fn cuda13_cublas_is_found_under_its_own_name() {
         shim_links(&cache),
         (lib.join("libcublas.so.13"), lib.join("libcublasLt.so.13"))
     );
+    // `devices` reports the link folder (scripts/gpu-check.sh puts it on the test binaries'
+    // LD_LIBRARY_PATH) and the files behind it
+    let o = fixture::bin()
+        .args(["devices", "--no-self-check", "--json", "-"])
+        .env("XDG_CACHE_HOME", &cache)
+        .env("CUDA_EMU_DRIVER_VERSION", "13000")
+        .env("LD_LIBRARY_PATH", &lib)
+        .env_remove("DEEPCUT_LIBSHIM")
+        .env_remove("VIRTUAL_ENV")
+        .output()
+        .expect("run deepcut-fast");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d: Value = serde_json::from_slice(&o.stdout).expect("devices JSON");
+    assert_eq!(
+        d["cuda"]["cublas"]["shim"],
+        shim_dir(&cache).display().to_string(),
+        "{d}"
+    );
+    assert_eq!(d["cuda"]["driver"]["cuda_version"], "13.0");
+    for (key, file) in [("library", "libcublas.so"), ("lt", "libcublasLt.so")] {
+        assert_eq!(
+            d["cuda"]["cublas"][key],
+            emu.join(file).canonicalize().unwrap().display().to_string(),
+            "{key}: {d}"
+        );
+    }
 
     let cache12 = tmp.path().join("cache12");
     let (ok, err, _) = bench_with_libs(&[("LD_LIBRARY_PATH", &lib)], "12090", &cache12);
@@ -477,5 +508,132 @@ fn cuda12_wheel_cublas_is_found_off_the_loader_path() {
     assert_eq!(
         shim_links(&cache),
         (wheel.join("libcublas.so.12"), wheel.join("libcublasLt.so.12"))
+    );
+}
+
+/// `devices` on a GPU (or the emulator): the driver, cuBLAS and cuBLASLt files opened, GPU 0
+/// with the kernel image it loaded and a passed self-check, and `auto` picking it; with a
+/// disagreement injected, the self-check fails, says what differed, and `auto` is the CPU,
+/// as `--device auto` then decides. The table says the same to a person.
+#[test]
+fn devices_reports_the_gpu_and_what_auto_picks() {
+    let libs = device_libs();
+    let devices = |env: &[(&str, &str)], json: bool| {
+        let mut c = cli(&libs);
+        c.arg("devices");
+        if json {
+            c.args(["--json", "-"]);
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().expect("run deepcut-fast");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let d: Value = serde_json::from_str(&devices(&[], true)).expect("devices JSON");
+    eprintln!("{d}");
+    assert_eq!(d["cuda"]["available"], true, "{d}");
+    for key in ["library", "lt"] {
+        let f = d["cuda"]["cublas"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("cublas.{key}: {d}"));
+        assert!(Path::new(f).is_file(), "cublas.{key} {f}");
+    }
+    assert!(
+        d["cuda"]["driver"]["library"]
+            .as_str()
+            .is_some_and(|f| Path::new(f).is_file()),
+        "{d}"
+    );
+    assert!(d["cuda"]["driver"]["cuda_version"]
+        .as_str()
+        .is_some_and(|v| v.contains('.')));
+    let g = &d["cuda"]["gpus"][0];
+    assert_eq!(g["error"], Value::Null, "{g}");
+    let image = g["kernel_image"].as_str().unwrap();
+    assert!(
+        d["kernels"]["targets"].as_array().unwrap().iter().any(|t| t == image),
+        "GPU 0 loaded {image}, not one of the built-in targets: {d}"
+    );
+    assert_eq!(g["self_check"]["passed"], true, "{g}");
+    assert_eq!(g["self_check"]["precision"], "bf16");
+    let worst = g["self_check"]["worst"].as_f64().unwrap();
+    assert!(worst < g["self_check"]["tolerance"].as_f64().unwrap(), "{g}");
+    assert_eq!(d["auto"]["device"], "cuda:0", "{d}");
+    assert_eq!(d["auto"]["precision"], "bf16");
+
+    let fault = [("DEEPCUT_SELF_CHECK_FAULT", "1")];
+    let d: Value = serde_json::from_str(&devices(&fault, true)).expect("devices JSON");
+    let g = &d["cuda"]["gpus"][0];
+    assert_eq!(g["self_check"]["passed"], false, "{g}");
+    assert!(
+        g["self_check"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("differs from the CPU reference")),
+        "{g}"
+    );
+    assert_eq!(d["auto"]["device"], "cpu", "{d}");
+    assert!(
+        d["auto"]["why"].as_str().unwrap().contains("failed the self-check"),
+        "{d}"
+    );
+
+    let table = devices(&[], false);
+    eprintln!("{table}");
+    assert!(table.contains("self-check bf16: passed"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("--device auto") && l.contains("cuda:0")),
+        "{table}"
+    );
+    let table = devices(&fault, false);
+    assert!(table.contains("self-check bf16: FAILED"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("--device auto") && l.contains("cpu")),
+        "{table}"
+    );
+}
+
+/// `devices` where the loader finds no driver: no GPU, `auto` is the CPU and says why, and
+/// the kernels built in are listed all the same. Needs a machine without a driver (CI's):
+/// a real driver is found whatever LD_LIBRARY_PATH says.
+#[test]
+fn devices_without_a_driver_picks_the_cpu() {
+    if deepcut_fast::backend::cuda::availability().is_ok() {
+        eprintln!("SKIPPED: devices_without_a_driver_picks_the_cpu needs a machine without an NVIDIA driver");
+        return;
+    }
+    let empty = tempfile::tempdir().unwrap();
+    let o = fixture::bin()
+        .args(["devices", "--json", "-"])
+        .env("LD_LIBRARY_PATH", empty.path())
+        .output()
+        .expect("run deepcut-fast");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d: Value = serde_json::from_slice(&o.stdout).expect("devices JSON");
+    assert_eq!(d["cuda"]["available"], false, "{d}");
+    assert!(
+        d["cuda"]["why_not"].as_str().unwrap().contains("libcuda.so not found"),
+        "{d}"
+    );
+    assert_eq!(d["cuda"]["driver"]["library"], Value::Null);
+    assert_eq!(d["cuda"]["gpus"], serde_json::json!([]));
+    assert_eq!(d["auto"]["device"], "cpu");
+    assert_eq!(d["auto"]["precision"], "fp32");
+    assert!(d["auto"]["why"].as_str().unwrap().contains("no usable GPU"), "{d}");
+    assert_eq!(
+        d["kernels"]["compiled"],
+        deepcut_fast::backend::cuda::images::NOT_COMPILED.is_none(),
+        "{d}"
+    );
+    let targets = d["kernels"]["targets"].as_array().unwrap();
+    assert_eq!(
+        targets.is_empty(),
+        deepcut_fast::backend::cuda::images::NOT_COMPILED.is_some(),
+        "{d}"
     );
 }

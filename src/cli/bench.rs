@@ -120,7 +120,7 @@ impl MatmulRate {
 }
 
 /// CPU model name from /proc/cpuinfo ("unknown CPU" elsewhere).
-fn cpu_model() -> String {
+pub(super) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

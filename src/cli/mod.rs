@@ -2,6 +2,7 @@
 //! progress go to stderr, results to files (and readable tables to stdout).
 mod bench;
 mod compare;
+mod devices;
 mod eval;
 mod predict;
 mod run;
@@ -39,6 +40,9 @@ enum Command {
     /// Time full DeepCUT training steps on synthetic tokens (random-init weights) and
     /// print step time, tokens/s, FLOPs, TFLOP/s, MFU and peak memory as JSON.
     Bench(bench::BenchArgs),
+    /// What this binary and machine can run on: kernel images, CPU, CUDA driver, the cuBLAS
+    /// and NVTX files opened, each GPU with its self-check, and what `--device auto` picks.
+    Devices(devices::DevicesArgs),
 }
 
 /// Options every command that runs a model shares.
@@ -253,6 +257,7 @@ pub fn main() -> i32 {
         Command::Run(a) => run::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Devices(a) => devices::run(a),
     };
     match res {
         Ok(()) => 0,

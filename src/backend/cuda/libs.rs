@@ -37,12 +37,7 @@ pub fn ensure_cublas_names() {
     if !driver || (cublas && lt) {
         return;
     }
-    let mut version = 0;
-    // SAFETY: the driver is present (above); cuDriverGetVersion needs no cuInit and writes
-    // one int.
-    let known =
-        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) } == cudarc::driver::sys::CUresult::CUDA_SUCCESS;
-    let driver_major = (known && version > 0).then_some(version as u32 / 1000);
+    let driver_major = driver_version().map(|(major, _)| major);
     let Some((blas, blas_lt)) = cublas_pair(&library_dirs(), driver_major) else {
         return;
     };
@@ -71,6 +66,72 @@ pub fn ensure_cublas_names() {
         .env(MARK, &shim)
         .exec();
     eprintln!("note: could not re-execute with the linked cuBLAS: {err}");
+}
+
+/// The CUDA version the driver supports, (major, minor) (13.0 for 13000); None without a
+/// driver or when it does not say.
+pub fn driver_version() -> Option<(u32, u32)> {
+    // SAFETY: only tries to dlopen the driver under its usual names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return None;
+    }
+    let mut version = 0;
+    // SAFETY: the driver is present (above); cuDriverGetVersion needs no cuInit and writes
+    // one int.
+    let known =
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) } == cudarc::driver::sys::CUresult::CUDA_SUCCESS;
+    (known && version > 0).then_some((version as u32 / 1000, version as u32 % 1000 / 10))
+}
+
+/// The CUDA libraries this process has open (`deepcut-fast devices` reports them): each the
+/// file the dynamic loader mapped, links resolved; None where the library is absent.
+#[derive(Clone, Debug, Default)]
+pub struct Loaded {
+    pub driver: Option<PathBuf>,
+    pub cublas: Option<PathBuf>,
+    pub cublas_lt: Option<PathBuf>,
+    /// The folder of links [`ensure_cublas_names`] put first on LD_LIBRARY_PATH when it
+    /// re-executed this process, if it did.
+    pub shim: Option<PathBuf>,
+}
+
+/// Opens the driver, cuBLAS and cuBLASLt under the names the backend's bindings use (each
+/// only if present; they stay open, as the bindings keep them) and says which files they are.
+pub fn loaded() -> Loaded {
+    use cudarc::{cublas, cublaslt, driver};
+    // SAFETY: dlopen under the bindings' own names, each only when present (`culib` panics
+    // otherwise); loading runs the libraries' initialisers, as any CUDA use does.
+    unsafe {
+        if driver::sys::is_culib_present() {
+            driver::sys::culib();
+        }
+        if cublas::sys::is_culib_present() {
+            cublas::sys::culib();
+        }
+        if cublaslt::sys::is_culib_present() {
+            cublaslt::sys::culib();
+        }
+    }
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    Loaded {
+        driver: mapped(&maps, "libcuda"),
+        cublas: mapped(&maps, "libcublas"),
+        cublas_lt: mapped(&maps, "libcublasLt"),
+        shim: std::env::var_os(MARK).map(PathBuf::from),
+    }
+}
+
+/// The file in a /proc/PID/maps text whose name is `stem.so` or `stem.so.*`.
+fn mapped(maps: &str, stem: &str) -> Option<PathBuf> {
+    let prefix = format!("{stem}.so");
+    maps.lines()
+        .filter_map(|l| l.find('/').map(|i| Path::new(&l[i..])))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n == prefix || n.starts_with(&format!("{prefix}.")))
+        })
+        .map(Path::to_path_buf)
 }
 
 /// Where CUDA libraries live: LD_LIBRARY_PATH, the toolkit's folders, and the lib folders
@@ -189,6 +250,34 @@ fn shim_dir(blas: &Path, blas_lt: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mapped library is found by its stem only: libcublas is not libcublasLt, libcuda is
+    /// not libcudart, and a path with spaces is kept whole.
+    #[test]
+    fn mapped_finds_a_library_by_its_stem() {
+        let maps = "\
+7f00-7f01 r--p 00000000 08:01 11 /usr/lib/x86_64-linux-gnu/libcudart.so.12.9.79
+7f01-7f02 r-xp 00001000 08:01 12 /opt/my env/nvidia/cu13/lib/libcublasLt.so.13
+7f02-7f03 r-xp 00001000 08:01 13 /opt/my env/nvidia/cu13/lib/libcublas.so.13
+7f03-7f04 rw-p 00000000 00:00 0 [heap]
+7f04-7f05 r-xp 00001000 08:01 14 /usr/lib/x86_64-linux-gnu/libcuda.so.580.95.05
+7f05-7f06 r-xp 00001000 08:01 15 /usr/lib/libcudax.so
+";
+        let p = |s: &str| Some(PathBuf::from(s));
+        assert_eq!(
+            mapped(maps, "libcuda"),
+            p("/usr/lib/x86_64-linux-gnu/libcuda.so.580.95.05")
+        );
+        assert_eq!(
+            mapped(maps, "libcublas"),
+            p("/opt/my env/nvidia/cu13/lib/libcublas.so.13")
+        );
+        assert_eq!(
+            mapped(maps, "libcublasLt"),
+            p("/opt/my env/nvidia/cu13/lib/libcublasLt.so.13")
+        );
+        assert_eq!(mapped(maps, "libnvrtc"), None);
+    }
 
     /// The largest major version from 12 up to the driver's, with its cuBLASLt in the same
     /// folder; exact `.so.N` names only (not `.so.13.0.1`, not another library's); the first
