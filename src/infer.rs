@@ -2,7 +2,7 @@
 //! subword's, SPEC section 2) and per-sentence mean token loss (membership inference,
 //! SPEC section 6). Shared by `predict`, `eval` and the reports of `train` and `run`.
 use crate::backend::Backend;
-use crate::data::{sequential_batches, Batch, Encoder, LabelMap, PositionStyle, Sentence, Window};
+use crate::data::{token_batches, Batch, Encoder, LabelMap, PositionStyle, Sentence, Window};
 use crate::error::{Error, Result};
 use crate::model::{load_model_dir, Dims, HostWeights, Mode, Model, ModelConfig, ModelType};
 use std::path::Path;
@@ -128,8 +128,10 @@ struct EvalSlot<B: Backend> {
 }
 
 /// Runs `model` (evaluation mode: no dropout) over `windows` of `sentences`, batches of
-/// at most `model.max_tokens()` tokens sorted by length (little padding), and collects
-/// per-word logits in input order and per-sentence losses.
+/// at most `model.max_tokens()` tokens padded (fewer where the backend prefers:
+/// `Backend::eval_batch_tokens`), sorted by length (little padding, and many
+/// short windows to a batch), and collects per-word logits in input order and
+/// per-sentence losses.
 pub fn run_windows<B: Backend>(
     model: &mut Model<B>, sentences: &[Sentence], windows: &[Window], pad_id: u32, style: PositionStyle,
 ) -> Outputs {
@@ -138,13 +140,11 @@ pub fn run_windows<B: Backend>(
     let mut loss_sum = vec![0f64; sentences.len()];
     let mut loss_count = vec![0usize; sentences.len()];
     let mut tokens = 0;
-    let max_len = windows.iter().map(|w| w.ids.len()).max().unwrap_or(1).max(1);
-    let rows = (model.max_tokens() / max_len).max(1);
     let lengths: Vec<usize> = windows.iter().map(|w| w.ids.len()).collect();
     // Batch i's logits and losses come back through page-locked memory while batch i + 1
     // runs: its forward pass is enqueued before batch i's numbers are waited for, so on a
     // GPU the device does not sit idle while the host gathers batches and files logits.
-    let cap = rows * max_len;
+    let cap = model.max_tokens();
     let mut slots: [EvalSlot<B>; 2] = [0, 1].map(|_| EvalSlot {
         logits: model.be.staging(cap * l),
         losses: model.be.staging(cap),
@@ -170,7 +170,10 @@ pub fn run_windows<B: Backend>(
             }
         }
     };
-    for (i, idx) in sequential_batches(&lengths, rows).into_iter().enumerate() {
+    let budget = model
+        .max_tokens()
+        .min(model.be.eval_batch_tokens().unwrap_or(usize::MAX));
+    for (i, idx) in token_batches(&lengths, budget).into_iter().enumerate() {
         let batch = Batch::gather(windows, &idx, pad_id, style);
         model.forward(&batch.inputs, Mode::Eval);
         let slot = &mut slots[i % 2];

@@ -1,7 +1,5 @@
 //! Padded batches, position ids, bucketed/sequential batch orders, resumable streams.
-use deepcut_fast::data::{
-    bucketed_batches, sequential_batches, Batch, PositionStyle, Stream, StreamState, Window, IGNORE,
-};
+use deepcut_fast::data::{bucketed_batches, token_batches, Batch, PositionStyle, Stream, StreamState, Window, IGNORE};
 
 fn window(ids: &[u32]) -> Window {
     let mut labels = vec![IGNORE; ids.len()];
@@ -102,14 +100,44 @@ fn data_batch_bucketed_is_portable() {
 }
 const PINNED_BUCKETS: [&[usize]; 4] = [&[9, 2, 0], &[4, 8, 7], &[5], &[3, 1, 6]];
 
+/// Evaluation batches: sorted by length (ties by index), each as many items as fit the token
+/// budget padded to its longest, every item once; an item over the budget goes alone.
 #[test]
-fn data_batch_sequential_sorted_by_length() {
+fn data_batch_token_batches_fill_the_budget() {
     let len = [5, 1, 4, 1, 5, 9, 2, 6];
+    // 12 tokens: 1,1,2 (3 x 2 = 6; a 4th at length 4 would be 16); 4,5 (10; a third 5: 15);
+    // 5,6 (12); 9 alone
     assert_eq!(
-        sequential_batches(&len, 3),
-        vec![vec![1, 3, 6], vec![2, 0, 4], vec![7, 5]]
+        token_batches(&len, 12),
+        vec![vec![1, 3, 6], vec![2, 0], vec![4, 7], vec![5]]
     );
-    assert!(sequential_batches(&[], 3).is_empty());
+    // a budget of one longest item: one batch of everything sorted only if it fits
+    assert_eq!(token_batches(&len, 72), vec![vec![1, 3, 6, 2, 0, 4, 7, 5]]);
+    // an item over the budget goes alone
+    assert_eq!(token_batches(&[3, 20, 3], 10), vec![vec![0, 2], vec![1]]);
+    assert!(token_batches(&[], 12).is_empty());
+    // every batch within the budget (or a single item), every item once, lengths sorted
+    let len: Vec<usize> = (0..1000).map(|i| 3 + (i * 7919) % 125).collect();
+    let b = token_batches(&len, 6144);
+    let mut seen: Vec<usize> = b.concat();
+    let flat = seen.clone();
+    assert!(flat.windows(2).all(|w| (len[w[0]], w[0]) < (len[w[1]], w[1])));
+    seen.sort_unstable();
+    assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+    for batch in &b {
+        let t = batch.iter().map(|&i| len[i]).max().unwrap();
+        assert!(batch.len() * t <= 6144, "{} rows of {t}", batch.len());
+    }
+    // and full: a batch ends only where the next item would not fit
+    for w in b.windows(2) {
+        let next = len[w[1][0]];
+        assert!((w[0].len() + 1) * next > 6144);
+    }
+    // the row cap
+    let short = vec![1usize; 10_000];
+    let b = token_batches(&short, 1 << 20);
+    assert!(b.iter().all(|x| x.len() <= deepcut_fast::data::batch::MAX_EVAL_ROWS));
+    assert_eq!(b[0].len(), deepcut_fast::data::batch::MAX_EVAL_ROWS);
 }
 
 #[test]

@@ -264,6 +264,14 @@ pub trait Backend {
         RangeGuard::none()
     }
 
+    /// Tokens per evaluation batch (forward only, nothing kept for a backward) this backend
+    /// runs fastest at, when fewer than a model is planned for: on the CPU the activations
+    /// of a smaller batch stay in the caches from one op to the next. None: as many as
+    /// planned (a GPU wants full batches).
+    fn eval_batch_tokens(&self) -> Option<usize> {
+        None
+    }
+
     // ---- memory -------------------------------------------------------------------
     /// A zeroed buffer of `n` floats.
     fn alloc(&self, n: usize) -> Self::Buf;

@@ -125,13 +125,30 @@ pub fn bucketed_batches(lengths: &[usize], batch: usize, seed: u64, epoch: u64) 
     batches
 }
 
-/// Evaluation order: items sorted by length (ties by index), cut into batches of
-/// `batch`. No randomness; every item once.
-pub fn sequential_batches(lengths: &[usize], batch: usize) -> Vec<Vec<usize>> {
-    let batch = batch.max(1);
+/// Most rows of an evaluation batch: far above what a token budget gives at real lengths,
+/// and well inside the grid limits of the CUDA kernels (65,535 in y and z).
+pub const MAX_EVAL_ROWS: usize = 4096;
+
+/// Evaluation order: items sorted by length (ties by index), each batch as many items as
+/// fit `max_tokens` once padded to its longest (at most [`MAX_EVAL_ROWS`]; an item longer
+/// than `max_tokens` alone). Short sentences thus come in large batches, not in batches
+/// sized for the longest sentence of the set. No randomness; every item once.
+pub fn token_batches(lengths: &[usize], max_tokens: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| (lengths[i], i));
-    order.chunks(batch).map(<[usize]>::to_vec).collect()
+    let mut batches: Vec<Vec<usize>> = vec![];
+    let mut cur: Vec<usize> = vec![];
+    for i in order {
+        // ascending lengths: item i is the longest of the batch it joins
+        if !cur.is_empty() && ((cur.len() + 1) * lengths[i].max(1) > max_tokens || cur.len() == MAX_EVAL_ROWS) {
+            batches.push(std::mem::take(&mut cur));
+        }
+        cur.push(i);
+    }
+    if !cur.is_empty() {
+        batches.push(cur);
+    }
+    batches
 }
 
 /// Where a [`Stream`] is: everything needed, with the same item set and batch size,

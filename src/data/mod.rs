@@ -9,7 +9,7 @@ pub mod labels;
 pub mod rng;
 pub mod split;
 
-pub use batch::{bucketed_batches, sequential_batches, Batch, PositionStyle, Stream, StreamState};
+pub use batch::{bucketed_batches, token_batches, Batch, PositionStyle, Stream, StreamState};
 pub use conll::{read_conll, write_conll, Sentence};
 pub use encode::{Encoder, SpecialIds, TokenizerKind, Window, DEFAULT_MAX_LEN, IGNORE};
 pub use labels::LabelMap;

@@ -32,6 +32,12 @@ impl Backend for Cpu {
     fn name(&self) -> String {
         format!("cpu (fp32, {} threads)", rayon::current_num_threads())
     }
+    /// 512 tokens a thread, at least 1024: MiniLM's FFN activations of 1024 tokens are 6 MiB.
+    /// `eval` of WNUT17 (5,690 sentences, 2 threads) took 15.1 s in batches of up to 8,192
+    /// tokens, 13.9 s at 1,024-1,536, 15.2 s at 512 (BENCHMARKS.md).
+    fn eval_batch_tokens(&self) -> Option<usize> {
+        Some((512 * rayon::current_num_threads()).max(1024))
+    }
     fn alloc(&self, n: usize) -> Vec<f32> {
         vec![0.0; n]
     }
