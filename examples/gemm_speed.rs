@@ -6,10 +6,22 @@ use deepcut_fast::backend::cpu::gemm::gemm;
 use std::time::Instant;
 fn main() {
     let shapes = [
+        // forward (x W^T)
         (6144, 384, 384, false, true),
         (6144, 1536, 384, false, true),
         (6144, 384, 1536, false, true),
+        // input gradients (dy W)
+        (6144, 384, 384, false, false),
+        (6144, 1536, 384, false, false),
+        (6144, 384, 1536, false, false),
+        // weight gradients (dy^T x)
         (384, 384, 6144, true, false),
+        (1536, 384, 6144, true, false),
+        (384, 1536, 6144, true, false),
+        // an evaluation batch of 1,024 tokens
+        (1024, 384, 384, false, true),
+        (1024, 1536, 384, false, true),
+        (1024, 384, 1536, false, true),
         (2048, 2048, 2048, false, true),
     ];
     for (m, n, k, ta, tb) in shapes {
