@@ -263,6 +263,24 @@ echo "GPU: ${GPU:-nvidia-smi not available}"
 [ -f "$LOGS/devices.txt" ] && cat "$LOGS/devices.txt"  # what the CLI opens: driver, cuBLAS, NVTX, kernels
 command -v nvcc >/dev/null && nvcc --version | tail -1
 
+# ---- 0. what the CLI opens ------------------------------------------------------------------------
+if [ -z "$CLI" ]; then
+    row "devices" "MISSING" "no deepcut-fast binary"
+elif [ -s "$LOGS/devices.json" ]; then
+    row "devices" "info" "$(python3 - "$LOGS/devices.json" <<'PY' 2>/dev/null || echo "unreadable: $LOGS/devices.json"
+import json, os, sys
+d = json.load(open(sys.argv[1])); c = d["cuda"]
+name = lambda p: os.path.basename(p) if p else "none"
+g = c["gpus"][0] if c["gpus"] else {}
+print(f'driver CUDA {c["driver"]["cuda_version"]}; {name(c["cublas"]["library"])}'
+      f'{" (linked)" if c["cublas"]["shim"] else ""}; NVTX {name(c["nvtx"])}; '
+      f'GPU 0 {g.get("name", "none")}, kernels {g.get("kernel_image") or g.get("error") or c["why_not"]}')
+PY
+)"
+else
+    row "devices" "FAIL" "$(tail -1 "$LOGS/devices.txt" 2>/dev/null)"
+fi
+
 # ---- 1. parity ---------------------------------------------------------------------------------
 if [ -z "$PARITY" ]; then
     row "parity (tests/gpu_parity.rs)" "MISSING" "no gpu_parity binary: run scripts/gpu-check.sh --build on a Rust machine"
