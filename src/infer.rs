@@ -141,10 +141,14 @@ pub fn run_windows<B: Backend>(
     let mut loss_count = vec![0usize; sentences.len()];
     let mut tokens = 0;
     let lengths: Vec<usize> = windows.iter().map(|w| w.ids.len()).collect();
+    let budget = model
+        .max_tokens()
+        .min(model.be.eval_batch_tokens().unwrap_or(usize::MAX));
     // Batch i's logits and losses come back through page-locked memory while batch i + 1
     // runs: its forward pass is enqueued before batch i's numbers are waited for, so on a
     // GPU the device does not sit idle while the host gathers batches and files logits.
-    let cap = model.max_tokens();
+    // a batch holds at most `budget` tokens, or one window longer than that
+    let cap = budget.max(lengths.iter().copied().max().unwrap_or(0));
     let mut slots: [EvalSlot<B>; 2] = [0, 1].map(|_| EvalSlot {
         logits: model.be.staging(cap * l),
         losses: model.be.staging(cap),
@@ -170,9 +174,6 @@ pub fn run_windows<B: Backend>(
             }
         }
     };
-    let budget = model
-        .max_tokens()
-        .min(model.be.eval_batch_tokens().unwrap_or(usize::MAX));
     for (i, idx) in token_batches(&lengths, budget).into_iter().enumerate() {
         let batch = Batch::gather(windows, &idx, pad_id, style);
         model.forward(&batch.inputs, Mode::Eval);

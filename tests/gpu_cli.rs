@@ -365,9 +365,18 @@ const DRIVER_ONLY: [(&str, &str); 3] = [
 
 /// `bench --device cuda` with `env`, the shim cache in `cache`: (succeeded, stderr, JSON).
 fn bench_with_libs(env: &[(&str, &Path)], driver: &str, cache: &Path) -> (bool, String, Option<Value>) {
+    let mut args = vec!["bench".to_string()];
+    args.extend(common::tiny_bench_args("cuda", "bf16", 1));
+    cli_with_libs(&args, env, driver, cache)
+}
+
+/// The CLI with `args` and `env`, under a CUDA `driver` version of the emulator, the shim
+/// cache in `cache` and no shim or venv inherited: (succeeded, stderr, JSON on stdout).
+fn cli_with_libs<S: AsRef<std::ffi::OsStr>>(
+    args: &[S], env: &[(&str, &Path)], driver: &str, cache: &Path,
+) -> (bool, String, Option<Value>) {
     let mut c = fixture::bin();
-    c.arg("bench")
-        .args(common::tiny_bench_args("cuda", "bf16", 1))
+    c.args(args)
         .env("XDG_CACHE_HOME", cache)
         .env("CUDA_EMU_DRIVER_VERSION", driver)
         .env_remove("DEEPCUT_LIBSHIM")
@@ -447,17 +456,14 @@ fn cuda13_cublas_is_found_under_its_own_name() {
     );
     // `devices` reports the link folder (scripts/gpu-check.sh puts it on the test binaries'
     // LD_LIBRARY_PATH) and the files behind it
-    let o = fixture::bin()
-        .args(["devices", "--no-self-check", "--json", "-"])
-        .env("XDG_CACHE_HOME", &cache)
-        .env("CUDA_EMU_DRIVER_VERSION", "13000")
-        .env("LD_LIBRARY_PATH", &lib)
-        .env_remove("DEEPCUT_LIBSHIM")
-        .env_remove("VIRTUAL_ENV")
-        .output()
-        .expect("run deepcut-fast");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let d: Value = serde_json::from_slice(&o.stdout).expect("devices JSON");
+    let (ok, err, d) = cli_with_libs(
+        &["devices", "--no-self-check", "--json", "-"],
+        &[("LD_LIBRARY_PATH", &lib)],
+        "13000",
+        &cache,
+    );
+    assert!(ok, "{err}");
+    let d = d.expect("devices JSON");
     assert_eq!(
         d["cuda"]["cublas"]["shim"],
         shim_dir(&cache).display().to_string(),

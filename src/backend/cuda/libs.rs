@@ -123,13 +123,13 @@ pub fn loaded() -> Loaded {
 
 /// The file in a /proc/PID/maps text whose name is `stem.so` or `stem.so.*`.
 fn mapped(maps: &str, stem: &str) -> Option<PathBuf> {
-    let prefix = format!("{stem}.so");
+    let (exact, versioned) = (format!("{stem}.so"), format!("{stem}.so."));
     maps.lines()
         .filter_map(|l| l.find('/').map(|i| Path::new(&l[i..])))
         .find(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n == prefix || n.starts_with(&format!("{prefix}.")))
+                .is_some_and(|n| n == exact || n.starts_with(&versioned))
         })
         .map(Path::to_path_buf)
 }
