@@ -33,14 +33,13 @@ fn bench_data(c: &mut Criterion) {
         })
     });
     g.throughput(Throughput::Elements(n_tokens as u64));
-    let pad = enc.special_ids().pad;
     g.bench_function("bucket_and_pad_batches_32", |b| {
         b.iter(|| {
             let lengths: Vec<usize> = windows.iter().map(|w| w.len()).collect();
             let batches = bucketed_batches(&lengths, 32, 0, 0);
             batches
                 .iter()
-                .map(|idx| Batch::gather(&windows, idx, pad, PositionStyle::Absolute).b)
+                .map(|idx| Batch::gather(&windows, idx, PositionStyle::Absolute).b)
                 .sum::<usize>()
         })
     });
@@ -54,7 +53,7 @@ fn bench_data(c: &mut Criterion) {
             let batches = bucketed_batches(&lengths, 32, 0, 0);
             batches
                 .iter()
-                .map(|idx| Batch::gather(&w, idx, pad, PositionStyle::Absolute).b)
+                .map(|idx| Batch::gather(&w, idx, PositionStyle::Absolute).b)
                 .sum::<usize>()
         })
     });

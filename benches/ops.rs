@@ -185,8 +185,8 @@ fn layers(c: &mut Criterion) {
     });
 
     // attention: q = k = v = x, all keys real, dropout 0.1 on the probabilities
-    let mask = vec![1f32; N];
-    let mut lse = vec![0f32; B * H * T];
+    let seqs: Vec<i32> = (0..=B).map(|r| (r * T) as i32).collect(); // B full sequences, packed
+    let mut lse = vec![0f32; N * H];
     let att_flops = (4 * B * T * T * C) as u64;
     bench(
         c,
@@ -200,8 +200,9 @@ fn layers(c: &mut Criterion) {
                 &x,
                 &x,
                 &x,
-                &mask,
+                &seqs,
                 B,
+                N,
                 T,
                 H,
                 D,
@@ -228,8 +229,9 @@ fn layers(c: &mut Criterion) {
                 &x,
                 &o,
                 &lse,
-                &mask,
+                &seqs,
                 B,
+                N,
                 T,
                 H,
                 D,

@@ -1,6 +1,6 @@
 // Tensor-core attention for the bf16 and fp16 modes (SPEC section 7: 16-bit matmul inputs,
-// fp32 accumulation, fp32 softmax and logsumexp). Same contract, layout, dropout counters
-// and work split into three kernels as kernels/attention.cu (the fp32 SIMT kernels), but
+// fp32 accumulation, fp32 softmax and logsumexp). Same contract, packed (varlen) layout,
+// dropout counters and work split into three kernels as kernels/attention.cu (the fp32 SIMT kernels), but
 // every product runs on mma.sync m16n8k16 (kernels/mma.cuh). CPU twin:
 // src/backend/cpu/attention.rs with `inputs` bf16 / fp16, which rounds at the same places:
 //
@@ -34,8 +34,9 @@
 #define AM_LOG2E 1.4426950408889634f
 #define AM_LN2 0.6931471805599453f
 
-__device__ __forceinline__ size_t am_off(int bi, int i, int hi, int t, int h, int d) {
-    return ((size_t)(bi * t + i) * h + hi) * d;
+// Element 0 of head hi of token s0 + i (packed layout, kernels/attention.cu).
+__device__ __forceinline__ size_t am_off(int s0, int i, int hi, int h, int d) {
+    return ((size_t)(s0 + i) * h + hi) * d;
 }
 // The dropout factor of probability (i, j) of head (bi, hi). Not inlined: the fully unrolled
 // tile loops would otherwise carry one copy of Philox per element (megabytes of SASS).
@@ -64,22 +65,22 @@ __device__ __forceinline__ float am_val(const void* x, bool io, size_t i) {
     return io ? ld(x, ((int)Tag::CODE), i) : round16(((const float*)x)[i], Tag());
 }
 
-// Rows r0 .. r0 + AM_TILE of head (bi, hi) of x, rounded to 16 bits, into dst (zeros past
-// row t and column d).
+// Rows r0 .. r0 + AM_TILE of head hi of the sequence at token s0 (length len) of x, rounded
+// to 16 bits, into dst (zeros past row len and column d).
 template <typename Tag, int DP>
-__device__ __forceinline__ void am_load_tile(unsigned short (*dst)[DP + 8], const void* x, int bi, int hi, int r0,
-                                             int t, int h, int d, bool io) {
+__device__ __forceinline__ void am_load_tile(unsigned short (*dst)[DP + 8], const void* x, int s0, int hi, int r0,
+                                             int len, int h, int d, bool io) {
     for (int idx = threadIdx.x; idx < AM_TILE * DP; idx += blockDim.x) {
         const int rr = idx / DP, e = idx - rr * DP, r = r0 + rr;
-        dst[rr][e] = r < t && e < d ? am_bits<Tag>(x, io, am_off(bi, r, hi, t, h, d) + e) : (unsigned short)0;
+        dst[rr][e] = r < len && e < d ? am_bits<Tag>(x, io, am_off(s0, r, hi, h, d) + e) : (unsigned short)0;
     }
 }
 
-// The A fragments of this warp's 16 rows (row0 ..) of head (bi, hi) of x over the padded
-// head dim: a[kk] covers columns 16 kk .. 16 kk + 15.
+// The A fragments of this warp's 16 rows (row0 ..) of head hi of the sequence at token s0
+// (length len) of x over the padded head dim: a[kk] covers columns 16 kk .. 16 kk + 15.
 template <typename Tag, int DP>
-__device__ __forceinline__ void am_load_a(unsigned (&a)[DP / 16][4], const void* x, int bi, int hi, int row0, int t,
-                                          int h, int d, bool io) {
+__device__ __forceinline__ void am_load_a(unsigned (&a)[DP / 16][4], const void* x, int s0, int hi, int row0,
+                                          int len, int h, int d, bool io) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
 #pragma unroll
     for (int kk = 0; kk < DP / 16; ++kk)
@@ -87,8 +88,8 @@ __device__ __forceinline__ void am_load_a(unsigned (&a)[DP / 16][4], const void*
         for (int r = 0; r < 4; ++r) {
             const int row = row0 + g + (r & 1) * 8, col = kk * 16 + c2 + (r >> 1) * 8;
             unsigned short lo = 0, hi2 = 0;
-            if (row < t) {
-                const size_t o = am_off(bi, row, hi, t, h, d);
+            if (row < len) {
+                const size_t o = am_off(s0, row, hi, h, d);
                 if (col < d) lo = am_bits<Tag>(x, io, o + col);
                 if (col + 1 < d) hi2 = am_bits<Tag>(x, io, o + col + 1);
             }
@@ -167,16 +168,16 @@ __device__ __forceinline__ float quad_max(float x) {
 }
 
 // Writes this warp's 16 x DP accumulator rows row0 .. (times mul[half]), rounded to 16
-// bits, to head (bi, hi) of y, rows < t and columns < d.
+// bits, to head hi of the sequence at token s0 of y, rows < len and columns < d.
 template <typename Tag, int DP>
-__device__ __forceinline__ void am_store(void* y, const float (&acc)[DP / 8][4], const float (&mul)[2], int bi,
-                                         int hi, int row0, int t, int h, int d, bool io) {
+__device__ __forceinline__ void am_store(void* y, const float (&acc)[DP / 8][4], const float (&mul)[2], int s0,
+                                         int hi, int row0, int len, int h, int d, bool io) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int row = row0 + g + 8 * half;
-        if (row >= t) continue;
-        const size_t o = am_off(bi, row, hi, t, h, d);
+        if (row >= len) continue;
+        const size_t o = am_off(s0, row, hi, h, d);
 #pragma unroll
         for (int nd = 0; nd < DP / 8; ++nd)
 #pragma unroll
@@ -195,17 +196,19 @@ __device__ __forceinline__ void am_store(void* y, const float (&acc)[DP / 8][4],
 // Grid (ceil(t / AM_ROWS), h, b), block AM_WARPS * 32 threads, static shared memory.
 template <typename Tag, int DP>
 __device__ void attention_fwd_mma(void* out, float* lse, const void* q, const void* k, const void* v,
-                                  const float* mask, int b, int t, int h, int d, DropoutArgs drop, int io) {
+                                  const int* seqs, int b, int t, int h, int d, DropoutArgs drop, int io) {
     __shared__ __align__(16) unsigned short ks[AM_TILE][DP + 8];
     __shared__ __align__(16) unsigned short vs[AM_TILE][DP + 8];
     __shared__ float mk[AM_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
     const int hi = blockIdx.y, bi = blockIdx.z;
+    const int s0 = seqs[bi], len = seqs[bi + 1] - s0;
+    if ((int)blockIdx.x * AM_ROWS >= len) return;  // block-uniform: no row of this sequence
     const int row0 = blockIdx.x * AM_ROWS + warp * 16;
     const float scale = 1.0f / sqrtf((float)d);
     const bool dropping = drop.p > 0.0f;
     unsigned qa[DP / 16][4];
-    am_load_a<Tag, DP>(qa, q, bi, hi, row0, t, h, d, io);
+    am_load_a<Tag, DP>(qa, q, s0, hi, row0, len, h, d, io);
     float acc[DP / 8][4];
 #pragma unroll
     for (int nd = 0; nd < DP / 8; ++nd)
@@ -215,16 +218,16 @@ __device__ void attention_fwd_mma(void* out, float* lse, const void* q, const vo
     // part of the row sum l (relative to 2^M).
     float big[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
 
-    for (int j0 = 0; j0 < t; j0 += AM_TILE) {
+    for (int j0 = 0; j0 < len; j0 += AM_TILE) {
         __syncthreads();  // the previous tile is consumed
-        am_load_tile<Tag, DP>(ks, k, bi, hi, j0, t, h, d, io);
-        am_load_tile<Tag, DP>(vs, v, bi, hi, j0, t, h, d, io);
+        am_load_tile<Tag, DP>(ks, k, s0, hi, j0, len, h, d, io);
+        am_load_tile<Tag, DP>(vs, v, s0, hi, j0, len, h, d, io);
         if (threadIdx.x < AM_TILE) {
             const int j = j0 + threadIdx.x;
-            mk[threadIdx.x] = j < t ? mask[bi * t + j] : 0.0f;
+            mk[threadIdx.x] = j < len ? 1.0f : 0.0f;
         }
         __syncthreads();
-        if (row0 >= t) continue;  // warp-uniform: no real row
+        if (row0 >= len) continue;  // warp-uniform: no row of the sequence
         float s[AM_TILE / 8][4];
         am_rows_times_tile_t<Tag, DP>(s, qa, ks);
         float tmax[2] = {NEG_INF, NEG_INF};
@@ -239,7 +242,7 @@ __device__ void attention_fwd_mma(void* out, float* lse, const void* q, const vo
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const float nb = ceilf(quad_max(tmax[half]));
-            if (nb > big[half]) {  // false for a tile whose keys are all padding (nb = -inf)
+            if (nb > big[half]) {  // false for a tile with no key of the sequence (nb = -inf)
                 if (big[half] != NEG_INF) {
                     const float f = ldexpf(1.0f, (int)(big[half] - nb));  // exact
                     l[half] *= f;
@@ -270,50 +273,51 @@ __device__ void attention_fwd_mma(void* out, float* lse, const void* q, const vo
         am_c_to_a<Tag>(pa, s);
         am_acc_times_tile<Tag, DP>(acc, pa, vs);
     }
-    if (row0 >= t) return;
-    // A row whose keys are all padding has no softmax: zeros and lse = -inf (as attention.cu).
+    if (row0 >= len) return;
     float inv[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         l[half] = quad_sum(l[half]);
         inv[half] = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
         const int row = row0 + g + 8 * half;
-        if ((lane & 3) == 0 && row < t)
-            lse[((size_t)bi * h + hi) * t + row] = l[half] > 0.0f ? (big[half] + log2f(l[half])) * AM_LN2 : NEG_INF;
+        if ((lane & 3) == 0 && row < len)
+            lse[(size_t)(s0 + row) * h + hi] = l[half] > 0.0f ? (big[half] + log2f(l[half])) * AM_LN2 : NEG_INF;
     }
-    am_store<Tag, DP>(out, acc, inv, bi, hi, row0, t, h, d, io);
+    am_store<Tag, DP>(out, acc, inv, s0, hi, row0, len, h, d, io);
 }
 
-// Backward, part 1: dQ (overwritten) and D = rowsum(dO * O) [b, h, t] for part 2.
+// Backward, part 1: dQ (overwritten) and D = rowsum(dO * O) [n, h] for part 2.
 // Grid and block as the forward kernel.
 template <typename Tag, int DP>
 __device__ void attention_bwd_dq_mma(void* dq, float* dvec, const void* dout, const void* q, const void* k,
-                                     const void* v, const void* out, const float* lse, const float* mask, int b,
+                                     const void* v, const void* out, const float* lse, const int* seqs, int b,
                                      int t, int h, int d, DropoutArgs drop, int io) {
     __shared__ __align__(16) unsigned short ks[AM_TILE][DP + 8];
     __shared__ __align__(16) unsigned short vs[AM_TILE][DP + 8];
     __shared__ float mk[AM_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
     const int hi = blockIdx.y, bi = blockIdx.z;
+    const int s0 = seqs[bi], len = seqs[bi + 1] - s0;
+    if ((int)blockIdx.x * AM_ROWS >= len) return;  // block-uniform: no row of this sequence
     const int row0 = blockIdx.x * AM_ROWS + warp * 16;
     const float scale = 1.0f / sqrtf((float)d);
     const bool dropping = drop.p > 0.0f;
     unsigned qa[DP / 16][4], ga[DP / 16][4];
-    am_load_a<Tag, DP>(qa, q, bi, hi, row0, t, h, d, io);
-    am_load_a<Tag, DP>(ga, dout, bi, hi, row0, t, h, d, io);
+    am_load_a<Tag, DP>(qa, q, s0, hi, row0, len, h, d, io);
+    am_load_a<Tag, DP>(ga, dout, s0, hi, row0, len, h, d, io);
     float dd[2], ls2[2];  // D and lse * log2(e) of rows g and g + 8
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int row = row0 + g + 8 * half;
         float part = 0.0f;
-        if (row < t) {
-            const size_t o = am_off(bi, row, hi, t, h, d);
+        if (row < len) {
+            const size_t o = am_off(s0, row, hi, h, d);
             for (int e = lane & 3; e < d; e += 4) part += am_val<Tag>(dout, io, o + e) * am_val<Tag>(out, io, o + e);
         }
         dd[half] = quad_sum(part);
-        const size_t r = ((size_t)bi * h + hi) * t + row;
-        ls2[half] = row < t ? lse[r] * AM_LOG2E : NEG_INF;
-        if ((lane & 3) == 0 && row < t) dvec[r] = dd[half];
+        const size_t r = (size_t)(s0 + row) * h + hi;
+        ls2[half] = row < len ? lse[r] * AM_LOG2E : NEG_INF;
+        if ((lane & 3) == 0 && row < len) dvec[r] = dd[half];
     }
     float acc[DP / 8][4];
 #pragma unroll
@@ -321,16 +325,16 @@ __device__ void attention_bwd_dq_mma(void* dq, float* dvec, const void* dout, co
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[nd][r] = 0.0f;
 
-    for (int j0 = 0; j0 < t; j0 += AM_TILE) {
+    for (int j0 = 0; j0 < len; j0 += AM_TILE) {
         __syncthreads();
-        am_load_tile<Tag, DP>(ks, k, bi, hi, j0, t, h, d, io);
-        am_load_tile<Tag, DP>(vs, v, bi, hi, j0, t, h, d, io);
+        am_load_tile<Tag, DP>(ks, k, s0, hi, j0, len, h, d, io);
+        am_load_tile<Tag, DP>(vs, v, s0, hi, j0, len, h, d, io);
         if (threadIdx.x < AM_TILE) {
             const int j = j0 + threadIdx.x;
-            mk[threadIdx.x] = j < t ? mask[bi * t + j] : 0.0f;
+            mk[threadIdx.x] = j < len ? 1.0f : 0.0f;
         }
         __syncthreads();
-        if (row0 >= t) continue;
+        if (row0 >= len) continue;
         float s[AM_TILE / 8][4], dp[AM_TILE / 8][4];
         am_rows_times_tile_t<Tag, DP>(s, qa, ks);
         am_rows_times_tile_t<Tag, DP>(dp, ga, vs);
@@ -355,34 +359,36 @@ __device__ void attention_bwd_dq_mma(void* dq, float* dvec, const void* dout, co
         am_c_to_a<Tag>(sa, s);
         am_acc_times_tile<Tag, DP>(acc, sa, ks);
     }
-    if (row0 >= t) return;
+    if (row0 >= len) return;
     const float one[2] = {1.0f, 1.0f};
-    am_store<Tag, DP>(dq, acc, one, bi, hi, row0, t, h, d, io);
+    am_store<Tag, DP>(dq, acc, one, s0, hi, row0, len, h, d, io);
 }
 
 // Backward, part 2: dK, dV (overwritten); each warp owns 16 key rows and streams tiles of
-// AM_TILE queries. A padding key has p = 0 in every row: its dK, dV are zero.
+// AM_TILE queries.
 // Grid and block as the forward kernel.
 template <typename Tag, int DP>
 __device__ void attention_bwd_dkdv_mma(void* dk, void* dv, const void* dout, const void* q, const void* k,
-                                       const void* v, const float* lse, const float* dvec, const float* mask, int b,
+                                       const void* v, const float* lse, const float* dvec, const int* seqs, int b,
                                        int t, int h, int d, DropoutArgs drop, int io) {
     __shared__ __align__(16) unsigned short qs[AM_TILE][DP + 8];
     __shared__ __align__(16) unsigned short gs[AM_TILE][DP + 8];
     __shared__ float ls2[AM_TILE], dd[AM_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
     const int hi = blockIdx.y, bi = blockIdx.z;
+    const int s0 = seqs[bi], len = seqs[bi + 1] - s0;
+    if ((int)blockIdx.x * AM_ROWS >= len) return;  // block-uniform: no row of this sequence
     const int row0 = blockIdx.x * AM_ROWS + warp * 16;
     const float scale = 1.0f / sqrtf((float)d);
     const bool dropping = drop.p > 0.0f;
     unsigned ka[DP / 16][4], va[DP / 16][4];
-    am_load_a<Tag, DP>(ka, k, bi, hi, row0, t, h, d, io);
-    am_load_a<Tag, DP>(va, v, bi, hi, row0, t, h, d, io);
+    am_load_a<Tag, DP>(ka, k, s0, hi, row0, len, h, d, io);
+    am_load_a<Tag, DP>(va, v, s0, hi, row0, len, h, d, io);
     bool key_on[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int j = row0 + g + 8 * half;
-        key_on[half] = j < t && mask[bi * t + j] > 0.5f;
+        key_on[half] = j < len;
     }
     float adk[DP / 8][4], adv[DP / 8][4];
 #pragma unroll
@@ -390,18 +396,18 @@ __device__ void attention_bwd_dkdv_mma(void* dk, void* dv, const void* dout, con
 #pragma unroll
         for (int r = 0; r < 4; ++r) adk[nd][r] = adv[nd][r] = 0.0f;
 
-    for (int i0 = 0; i0 < t; i0 += AM_TILE) {
+    for (int i0 = 0; i0 < len; i0 += AM_TILE) {
         __syncthreads();
-        am_load_tile<Tag, DP>(qs, q, bi, hi, i0, t, h, d, io);
-        am_load_tile<Tag, DP>(gs, dout, bi, hi, i0, t, h, d, io);
+        am_load_tile<Tag, DP>(qs, q, s0, hi, i0, len, h, d, io);
+        am_load_tile<Tag, DP>(gs, dout, s0, hi, i0, len, h, d, io);
         if (threadIdx.x < AM_TILE) {
             const int i = i0 + threadIdx.x;
-            const size_t r = ((size_t)bi * h + hi) * t + i;
-            ls2[threadIdx.x] = i < t ? lse[r] * AM_LOG2E : NEG_INF;
-            dd[threadIdx.x] = i < t ? dvec[r] : 0.0f;
+            const size_t r = (size_t)(s0 + i) * h + hi;
+            ls2[threadIdx.x] = i < len ? lse[r] * AM_LOG2E : NEG_INF;
+            dd[threadIdx.x] = i < len ? dvec[r] : 0.0f;
         }
         __syncthreads();
-        if (row0 >= t) continue;
+        if (row0 >= len) continue;
         float st[AM_TILE / 8][4], dpt[AM_TILE / 8][4];  // S^T and dP^T: key rows x query columns
         am_rows_times_tile_t<Tag, DP>(st, ka, qs);
         am_rows_times_tile_t<Tag, DP>(dpt, va, gs);
@@ -428,113 +434,113 @@ __device__ void attention_bwd_dkdv_mma(void* dk, void* dv, const void* dout, con
         am_acc_times_tile<Tag, DP>(adv, pa, gs);
         am_acc_times_tile<Tag, DP>(adk, sa, qs);
     }
-    if (row0 >= t) return;
+    if (row0 >= len) return;
     const float one[2] = {1.0f, 1.0f};
-    am_store<Tag, DP>(dk, adk, one, bi, hi, row0, t, h, d, io);
-    am_store<Tag, DP>(dv, adv, one, bi, hi, row0, t, h, d, io);
+    am_store<Tag, DP>(dk, adk, one, s0, hi, row0, len, h, d, io);
+    am_store<Tag, DP>(dv, adv, one, s0, hi, row0, len, h, d, io);
 }
 
 // ---- entry points: {fwd, bwd_dq, bwd_dkdv} x {bf16, f16} x padded head dim {32, 64, 128} ----
 // The parameters of kernels/attention.cu's fp32 twins, the activations untyped, and io.
 extern "C" __global__ void attention_fwd_mma_bf16_d32(void* out, float* lse, const void* q, const void* k,
-                                                   const void* v, const float* mask, int b, int t, int h, int d,
+                                                   const void* v, const int* seqs, int b, int t, int h, int d,
                                                    DropoutArgs drop, int io) {
-    attention_fwd_mma<Bf16Tag, 32>(out, lse, q, k, v, mask, b, t, h, d, drop, io);
+    attention_fwd_mma<Bf16Tag, 32>(out, lse, q, k, v, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_bwd_dq_mma_bf16_d32(void* dq, float* dvec, const void* dout, const void* q,
                                                       const void* k, const void* v, const void* out,
-                                                      const float* lse, const float* mask, int b, int t, int h, int d,
+                                                      const float* lse, const int* seqs, int b, int t, int h, int d,
                                                       DropoutArgs drop, int io) {
-    attention_bwd_dq_mma<Bf16Tag, 32>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop, io);
+    attention_bwd_dq_mma<Bf16Tag, 32>(dq, dvec, dout, q, k, v, out, lse, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_bwd_dkdv_mma_bf16_d32(void* dk, void* dv, const void* dout, const void* q,
                                                         const void* k, const void* v, const float* lse,
-                                                        const float* dvec, const float* mask, int b, int t, int h,
+                                                        const float* dvec, const int* seqs, int b, int t, int h,
                                                         int d, DropoutArgs drop, int io) {
-    attention_bwd_dkdv_mma<Bf16Tag, 32>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop, io);
+    attention_bwd_dkdv_mma<Bf16Tag, 32>(dk, dv, dout, q, k, v, lse, dvec, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_fwd_mma_bf16_d64(void* out, float* lse, const void* q, const void* k,
-                                                   const void* v, const float* mask, int b, int t, int h, int d,
+                                                   const void* v, const int* seqs, int b, int t, int h, int d,
                                                    DropoutArgs drop, int io) {
-    attention_fwd_mma<Bf16Tag, 64>(out, lse, q, k, v, mask, b, t, h, d, drop, io);
+    attention_fwd_mma<Bf16Tag, 64>(out, lse, q, k, v, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_bwd_dq_mma_bf16_d64(void* dq, float* dvec, const void* dout, const void* q,
                                                       const void* k, const void* v, const void* out,
-                                                      const float* lse, const float* mask, int b, int t, int h, int d,
+                                                      const float* lse, const int* seqs, int b, int t, int h, int d,
                                                       DropoutArgs drop, int io) {
-    attention_bwd_dq_mma<Bf16Tag, 64>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop, io);
+    attention_bwd_dq_mma<Bf16Tag, 64>(dq, dvec, dout, q, k, v, out, lse, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_bwd_dkdv_mma_bf16_d64(void* dk, void* dv, const void* dout, const void* q,
                                                         const void* k, const void* v, const float* lse,
-                                                        const float* dvec, const float* mask, int b, int t, int h,
+                                                        const float* dvec, const int* seqs, int b, int t, int h,
                                                         int d, DropoutArgs drop, int io) {
-    attention_bwd_dkdv_mma<Bf16Tag, 64>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop, io);
+    attention_bwd_dkdv_mma<Bf16Tag, 64>(dk, dv, dout, q, k, v, lse, dvec, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_fwd_mma_bf16_d128(void* out, float* lse, const void* q, const void* k,
-                                                   const void* v, const float* mask, int b, int t, int h, int d,
+                                                   const void* v, const int* seqs, int b, int t, int h, int d,
                                                    DropoutArgs drop, int io) {
-    attention_fwd_mma<Bf16Tag, 128>(out, lse, q, k, v, mask, b, t, h, d, drop, io);
+    attention_fwd_mma<Bf16Tag, 128>(out, lse, q, k, v, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_bwd_dq_mma_bf16_d128(void* dq, float* dvec, const void* dout, const void* q,
                                                       const void* k, const void* v, const void* out,
-                                                      const float* lse, const float* mask, int b, int t, int h, int d,
+                                                      const float* lse, const int* seqs, int b, int t, int h, int d,
                                                       DropoutArgs drop, int io) {
-    attention_bwd_dq_mma<Bf16Tag, 128>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop, io);
+    attention_bwd_dq_mma<Bf16Tag, 128>(dq, dvec, dout, q, k, v, out, lse, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_bwd_dkdv_mma_bf16_d128(void* dk, void* dv, const void* dout, const void* q,
                                                         const void* k, const void* v, const float* lse,
-                                                        const float* dvec, const float* mask, int b, int t, int h,
+                                                        const float* dvec, const int* seqs, int b, int t, int h,
                                                         int d, DropoutArgs drop, int io) {
-    attention_bwd_dkdv_mma<Bf16Tag, 128>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop, io);
+    attention_bwd_dkdv_mma<Bf16Tag, 128>(dk, dv, dout, q, k, v, lse, dvec, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_fwd_mma_f16_d32(void* out, float* lse, const void* q, const void* k,
-                                                   const void* v, const float* mask, int b, int t, int h, int d,
+                                                   const void* v, const int* seqs, int b, int t, int h, int d,
                                                    DropoutArgs drop, int io) {
-    attention_fwd_mma<F16Tag, 32>(out, lse, q, k, v, mask, b, t, h, d, drop, io);
+    attention_fwd_mma<F16Tag, 32>(out, lse, q, k, v, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_bwd_dq_mma_f16_d32(void* dq, float* dvec, const void* dout, const void* q,
                                                       const void* k, const void* v, const void* out,
-                                                      const float* lse, const float* mask, int b, int t, int h, int d,
+                                                      const float* lse, const int* seqs, int b, int t, int h, int d,
                                                       DropoutArgs drop, int io) {
-    attention_bwd_dq_mma<F16Tag, 32>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop, io);
+    attention_bwd_dq_mma<F16Tag, 32>(dq, dvec, dout, q, k, v, out, lse, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_bwd_dkdv_mma_f16_d32(void* dk, void* dv, const void* dout, const void* q,
                                                         const void* k, const void* v, const float* lse,
-                                                        const float* dvec, const float* mask, int b, int t, int h,
+                                                        const float* dvec, const int* seqs, int b, int t, int h,
                                                         int d, DropoutArgs drop, int io) {
-    attention_bwd_dkdv_mma<F16Tag, 32>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop, io);
+    attention_bwd_dkdv_mma<F16Tag, 32>(dk, dv, dout, q, k, v, lse, dvec, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_fwd_mma_f16_d64(void* out, float* lse, const void* q, const void* k,
-                                                   const void* v, const float* mask, int b, int t, int h, int d,
+                                                   const void* v, const int* seqs, int b, int t, int h, int d,
                                                    DropoutArgs drop, int io) {
-    attention_fwd_mma<F16Tag, 64>(out, lse, q, k, v, mask, b, t, h, d, drop, io);
+    attention_fwd_mma<F16Tag, 64>(out, lse, q, k, v, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_bwd_dq_mma_f16_d64(void* dq, float* dvec, const void* dout, const void* q,
                                                       const void* k, const void* v, const void* out,
-                                                      const float* lse, const float* mask, int b, int t, int h, int d,
+                                                      const float* lse, const int* seqs, int b, int t, int h, int d,
                                                       DropoutArgs drop, int io) {
-    attention_bwd_dq_mma<F16Tag, 64>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop, io);
+    attention_bwd_dq_mma<F16Tag, 64>(dq, dvec, dout, q, k, v, out, lse, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_bwd_dkdv_mma_f16_d64(void* dk, void* dv, const void* dout, const void* q,
                                                         const void* k, const void* v, const float* lse,
-                                                        const float* dvec, const float* mask, int b, int t, int h,
+                                                        const float* dvec, const int* seqs, int b, int t, int h,
                                                         int d, DropoutArgs drop, int io) {
-    attention_bwd_dkdv_mma<F16Tag, 64>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop, io);
+    attention_bwd_dkdv_mma<F16Tag, 64>(dk, dv, dout, q, k, v, lse, dvec, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_fwd_mma_f16_d128(void* out, float* lse, const void* q, const void* k,
-                                                   const void* v, const float* mask, int b, int t, int h, int d,
+                                                   const void* v, const int* seqs, int b, int t, int h, int d,
                                                    DropoutArgs drop, int io) {
-    attention_fwd_mma<F16Tag, 128>(out, lse, q, k, v, mask, b, t, h, d, drop, io);
+    attention_fwd_mma<F16Tag, 128>(out, lse, q, k, v, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_bwd_dq_mma_f16_d128(void* dq, float* dvec, const void* dout, const void* q,
                                                       const void* k, const void* v, const void* out,
-                                                      const float* lse, const float* mask, int b, int t, int h, int d,
+                                                      const float* lse, const int* seqs, int b, int t, int h, int d,
                                                       DropoutArgs drop, int io) {
-    attention_bwd_dq_mma<F16Tag, 128>(dq, dvec, dout, q, k, v, out, lse, mask, b, t, h, d, drop, io);
+    attention_bwd_dq_mma<F16Tag, 128>(dq, dvec, dout, q, k, v, out, lse, seqs, b, t, h, d, drop, io);
 }
 extern "C" __global__ void attention_bwd_dkdv_mma_f16_d128(void* dk, void* dv, const void* dout, const void* q,
                                                         const void* k, const void* v, const float* lse,
-                                                        const float* dvec, const float* mask, int b, int t, int h,
+                                                        const float* dvec, const int* seqs, int b, int t, int h,
                                                         int d, DropoutArgs drop, int io) {
-    attention_bwd_dkdv_mma<F16Tag, 128>(dk, dv, dout, q, k, v, lse, dvec, mask, b, t, h, d, drop, io);
+    attention_bwd_dkdv_mma<F16Tag, 128>(dk, dv, dout, q, k, v, lse, dvec, seqs, b, t, h, d, drop, io);
 }

@@ -120,20 +120,21 @@ pub fn argmax<T: PartialOrd>(row: &[T]) -> usize {
 }
 
 /// One evaluation batch's logits and token losses on their way back: staged copies, and
-/// the batch's windows and padded length.
+/// the batch's windows and their token offsets.
 struct EvalSlot<B: Backend> {
     logits: B::Staging,
     losses: B::Staging,
-    batch: Option<(Vec<usize>, usize)>,
+    /// The windows of the batch in flight and its sequence offsets.
+    batch: Option<(Vec<usize>, Vec<i32>)>,
 }
 
 /// Runs `model` (evaluation mode: no dropout) over `windows` of `sentences`, batches of
-/// at most `model.max_tokens()` tokens padded (fewer where the backend prefers:
-/// `Backend::eval_batch_tokens`), sorted by length (little padding, and many
-/// short windows to a batch), and collects per-word logits in input order and
+/// at most `model.max_tokens()` tokens (packed; fewer where the backend prefers:
+/// `Backend::eval_batch_tokens`), sorted by length (many short windows to a batch, of
+/// alike lengths), and collects per-word logits in input order and
 /// per-sentence losses.
 pub fn run_windows<B: Backend>(
-    model: &mut Model<B>, sentences: &[Sentence], windows: &[Window], pad_id: u32, style: PositionStyle,
+    model: &mut Model<B>, sentences: &[Sentence], windows: &[Window], style: PositionStyle,
 ) -> Outputs {
     let l = model.dims.labels;
     let mut logits: Vec<Vec<f32>> = sentences.iter().map(|s| vec![0.0; s.words.len() * l]).collect();
@@ -155,33 +156,34 @@ pub fn run_windows<B: Backend>(
         batch: None,
     });
     let mut file = |slot: &mut EvalSlot<B>, be: &B| {
-        let Some((rows_windows, t)) = slot.batch.take() else {
+        let Some((rows_windows, seqs)) = slot.batch.take() else {
             return;
         };
-        let n = rows_windows.len() * t;
+        let n = *seqs.last().expect("b + 1 offsets") as usize;
         let out = be.download_wait(&slot.logits, n * l);
         let losses = be.download_wait(&slot.losses, n);
         for (r, &wi) in rows_windows.iter().enumerate() {
             let w = &windows[wi];
+            let s0 = seqs[r] as usize;
             for (k, &pos) in w.word_pos.iter().enumerate() {
                 let word = w.first_word + k;
-                let src = &out[(r * t + pos) * l..(r * t + pos + 1) * l];
+                let src = &out[(s0 + pos) * l..(s0 + pos + 1) * l];
                 logits[w.sentence][word * l..(word + 1) * l].copy_from_slice(src);
                 if w.labels[pos] >= 0 {
-                    loss_sum[w.sentence] += losses[r * t + pos] as f64;
+                    loss_sum[w.sentence] += losses[s0 + pos] as f64;
                     loss_count[w.sentence] += 1;
                 }
             }
         }
     };
     for (i, idx) in token_batches(&lengths, budget).into_iter().enumerate() {
-        let batch = Batch::gather(windows, &idx, pad_id, style);
+        let batch = Batch::gather(windows, &idx, style);
         model.forward(&batch.inputs, Mode::Eval);
         let slot = &mut slots[i % 2];
         model.logits_start(&mut slot.logits);
         model.token_losses_start(&mut slot.losses);
         tokens += batch.n_tokens();
-        slot.batch = Some((batch.windows, batch.inputs.t));
+        slot.batch = Some((batch.windows, batch.inputs.seqs));
         file(&mut slots[1 - i % 2], &model.be);
     }
     for slot in &mut slots {
@@ -209,19 +211,13 @@ pub fn run_sentences<B: Backend>(
     let windows = clf
         .encoder
         .encode_sentences(sentences, with_labels.then_some(&clf.labels), max_len)?;
-    Ok(run_windows(
-        model,
-        sentences,
-        &windows,
-        clf.encoder.special_ids().pad,
-        clf.position_style(),
-    ))
+    Ok(run_windows(model, sentences, &windows, clf.position_style()))
 }
 
 /// Final hidden states [m, c] of every labelled token of `windows` (evaluation mode), with
 /// their label ids: the embeddings the report's PCA picture shows.
 pub fn labelled_hidden<B: Backend>(
-    model: &mut Model<B>, windows: &[Window], pad_id: u32, style: PositionStyle,
+    model: &mut Model<B>, windows: &[Window], style: PositionStyle,
 ) -> (Vec<f32>, Vec<i32>) {
     let c = model.dims.hidden;
     let max_len = windows.iter().map(|w| w.ids.len()).max().unwrap_or(1).max(1);
@@ -229,7 +225,7 @@ pub fn labelled_hidden<B: Backend>(
     let (mut out, mut labels) = (vec![], vec![]);
     let all: Vec<usize> = (0..windows.len()).collect();
     for idx in all.chunks(rows) {
-        let batch = Batch::gather(windows, idx, pad_id, style);
+        let batch = Batch::gather(windows, idx, style);
         model.forward(&batch.inputs, Mode::Eval);
         let h = model.hidden_host();
         for (i, &y) in batch.inputs.labels.iter().enumerate() {

@@ -1,4 +1,4 @@
-//! Padded batches, position ids, bucketed/sequential batch orders, resumable streams.
+//! Packed batches, position ids, bucketed/sequential batch orders, resumable streams.
 use deepcut_fast::data::{bucketed_batches, token_batches, Batch, PositionStyle, Stream, StreamState, Window, IGNORE};
 
 fn window(ids: &[u32]) -> Window {
@@ -16,18 +16,40 @@ fn window(ids: &[u32]) -> Window {
 }
 
 #[test]
-fn data_batch_pads_to_longest_window() {
+fn data_batch_packs_windows_without_padding() {
     let a = window(&[101, 5, 6, 102]);
     let b = window(&[101, 9, 102]);
-    let batch = Batch::new(&[&a, &b], 0, PositionStyle::Absolute);
+    let batch = Batch::new(&[&a, &b], PositionStyle::Absolute);
     assert_eq!((batch.b, batch.t), (2, 4));
-    assert_eq!(batch.input_ids, [101, 5, 6, 102, 101, 9, 102, 0]);
-    assert_eq!(batch.attention_mask, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]);
-    assert_eq!(batch.position_ids, [0, 1, 2, 3, 0, 1, 2, 3]);
-    assert_eq!(batch.type_ids, [0; 8]);
-    assert_eq!(batch.labels, [IGNORE, 7, IGNORE, IGNORE, IGNORE, 7, IGNORE, IGNORE]);
+    assert_eq!(batch.seqs, [0, 4, 7]);
+    assert_eq!(batch.input_ids, [101, 5, 6, 102, 101, 9, 102]);
+    assert_eq!(batch.position_ids, [0, 1, 2, 3, 0, 1, 2]);
+    assert_eq!(batch.type_ids, [0; 7]);
+    assert_eq!(batch.labels, [IGNORE, 7, IGNORE, IGNORE, IGNORE, 7, IGNORE]);
     assert_eq!(batch.windows, [0, 1]);
     assert_eq!(batch.n_tokens(), 7);
+    assert_eq!((batch.span(0), batch.span(1)), (0..4, 4..7));
+    assert_eq!(batch.check(), Ok(()));
+}
+
+#[test]
+fn data_batch_check_names_what_is_malformed() {
+    let a = window(&[101, 5, 6, 102]);
+    let good = Batch::new(&[&a, &a], PositionStyle::Absolute).inputs;
+    let bad = |f: &dyn Fn(&mut deepcut_fast::model::HostBatch)| {
+        let mut x = good.clone();
+        f(&mut x);
+        x.check().unwrap_err()
+    };
+    assert!(bad(&|x| x.seqs = vec![0, 4]).contains("2 sequence offsets for 2 sequences"));
+    assert!(bad(&|x| x.seqs[2] = 7).contains("not 0 to n = 8"));
+    assert!(bad(&|x| {
+        x.t = 10;
+        x.seqs[1] = 9
+    })
+    .contains("sequence 1 has -1 tokens"));
+    assert!(bad(&|x| x.t = 3).contains("sequence 0 has 4 tokens (t = 3)"));
+    assert!(bad(&|x| x.labels.pop().map_or((), |_| ())).contains("labels holds 7 entries for 8 tokens"));
 }
 
 #[test]
@@ -36,19 +58,19 @@ fn data_batch_roberta_positions_match_transformers() {
     let a = window(&[0, 713, 16, 2]);
     let b = window(&[0, 50, 2]);
     let all = [b.clone(), a.clone()];
-    let batch = Batch::gather(&all, &[1, 0], 1, PositionStyle::Roberta { pad_id: 1 });
-    assert_eq!(batch.input_ids, [0, 713, 16, 2, 0, 50, 2, 1]);
-    assert_eq!(batch.position_ids, [2, 3, 4, 5, 2, 3, 4, 1]);
+    let batch = Batch::gather(&all, &[1, 0], PositionStyle::Roberta { pad_id: 1 });
+    assert_eq!(batch.input_ids, [0, 713, 16, 2, 0, 50, 2]);
+    assert_eq!(batch.position_ids, [2, 3, 4, 5, 2, 3, 4]);
     assert_eq!(batch.windows, [1, 0]);
     // Literally transformers: a real token equal to the pad id is numbered as padding.
     let c = window(&[0, 1, 7, 2]);
-    let batch = Batch::new(&[&c], 1, PositionStyle::Roberta { pad_id: 1 });
+    let batch = Batch::new(&[&c], PositionStyle::Roberta { pad_id: 1 });
     assert_eq!(batch.position_ids, [2, 1, 3, 4]);
 }
 
 #[test]
 fn data_batch_empty_batch() {
-    let batch = Batch::new(&[], 0, PositionStyle::Absolute);
+    let batch = Batch::new(&[], PositionStyle::Absolute);
     assert_eq!((batch.b, batch.t), (0, 0));
     assert!(batch.input_ids.is_empty());
 }
@@ -101,18 +123,19 @@ fn data_batch_bucketed_is_portable() {
 const PINNED_BUCKETS: [&[usize]; 4] = [&[9, 2, 0], &[4, 8, 7], &[5], &[3, 1, 6]];
 
 /// Evaluation batches: sorted by length (ties by index), each as many items as fit the token
-/// budget padded to its longest, every item once; an item over the budget goes alone.
+/// budget (packed: the sum of their lengths), every item once; an item over the budget goes
+/// alone.
 #[test]
 fn data_batch_token_batches_fill_the_budget() {
     let len = [5, 1, 4, 1, 5, 9, 2, 6];
-    // 12 tokens: 1,1,2 (3 x 2 = 6; a 4th at length 4 would be 16); 4,5 (10; a third 5: 15);
-    // 5,6 (12); 9 alone
+    // 12 tokens: 1,1,2,4 (8; a 5 would make 13); 5,5 (10; a 6: 16); 6 (a 9: 15); 9
     assert_eq!(
         token_batches(&len, 12),
-        vec![vec![1, 3, 6], vec![2, 0], vec![4, 7], vec![5]]
+        vec![vec![1, 3, 6, 2], vec![0, 4], vec![7], vec![5]]
     );
-    // a budget of one longest item: one batch of everything sorted only if it fits
-    assert_eq!(token_batches(&len, 72), vec![vec![1, 3, 6, 2, 0, 4, 7, 5]]);
+    // the total: one batch of everything sorted only if it fits
+    assert_eq!(token_batches(&len, 33), vec![vec![1, 3, 6, 2, 0, 4, 7, 5]]);
+    assert_eq!(token_batches(&len, 32).len(), 2);
     // an item over the budget goes alone
     assert_eq!(token_batches(&[3, 20, 3], 10), vec![vec![0, 2], vec![1]]);
     assert!(token_batches(&[], 12).is_empty());
@@ -124,14 +147,14 @@ fn data_batch_token_batches_fill_the_budget() {
     assert!(flat.windows(2).all(|w| (len[w[0]], w[0]) < (len[w[1]], w[1])));
     seen.sort_unstable();
     assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+    let sum = |batch: &[usize]| batch.iter().map(|&i| len[i]).sum::<usize>();
     for batch in &b {
-        let t = batch.iter().map(|&i| len[i]).max().unwrap();
-        assert!(batch.len() * t <= 6144, "{} rows of {t}", batch.len());
+        assert!(sum(batch) <= 6144, "{} tokens", sum(batch));
     }
     // and full: a batch ends only where the next item would not fit
     for w in b.windows(2) {
         let next = len[w[1][0]];
-        assert!((w[0].len() + 1) * next > 6144);
+        assert!(sum(&w[0]) + next > 6144);
     }
     // the row cap
     let short = vec![1usize; 10_000];

@@ -25,12 +25,26 @@ fn windows() -> Vec<Window> {
 #[test]
 fn assembly_pairs_views_and_masks_forget_ce() {
     let w = windows();
-    let (batch, z) = assemble(&w, &[0, 1], &[2, 3], 0, PositionStyle::Absolute, 0, Anchors::All);
+    let (batch, z) = assemble(&w, &[0, 1], &[2, 3], PositionStyle::Absolute, 0, Anchors::All);
     assert_eq!(batch.b, 6);
-    let t = batch.t;
+    // packed: [view a: 5 + 4 tokens | view b: 5 + 4 | retain: 6 + 3]
+    assert_eq!(batch.seqs, [0, 5, 9, 14, 18, 24, 27]);
     // forget rows (both views) carry no CE label; retain rows keep theirs
-    assert!(batch.inputs.labels[..4 * t].iter().all(|&y| y == IGNORE_INDEX));
-    assert_eq!(batch.inputs.labels[4 * t + 1], 0);
+    assert!(batch.inputs.labels[..18].iter().all(|&y| y == IGNORE_INDEX));
+    assert_eq!(
+        batch.inputs.labels[18..],
+        [
+            IGNORE_INDEX,
+            0,
+            IGNORE_INDEX,
+            2,
+            0,
+            IGNORE_INDEX,
+            IGNORE_INDEX,
+            2,
+            IGNORE_INDEX
+        ]
+    );
     // 5 labelled forget tokens per view, 3 + 1 retain tokens
     assert_eq!(z.idx.len(), 5 + 5 + 4);
     for k in 0..5 {
@@ -39,13 +53,13 @@ fn assembly_pairs_views_and_masks_forget_ce() {
         assert_eq!(z.labels[k], z.labels[5 + k]);
         assert_eq!(
             z.idx[5 + k] as usize,
-            z.idx[k] as usize + 2 * t,
-            "view b is the same token two rows later"
+            z.idx[k] as usize + 9,
+            "view b is the same token, one view (9 tokens) later"
         );
     }
     assert!(z.anchor[..10].iter().all(|&a| a == 1) && z.anchor[10..].iter().all(|&a| a == 0));
     assert!(z.partner[10..].iter().all(|&p| p == -1));
-    let (_, ze) = assemble(&w, &[0, 1], &[2, 3], 0, PositionStyle::Absolute, 0, Anchors::Entities);
+    let (_, ze) = assemble(&w, &[0, 1], &[2, 3], PositionStyle::Absolute, 0, Anchors::Entities);
     assert_eq!(
         ze.anchor.iter().sum::<i32>(),
         6,
@@ -58,7 +72,7 @@ fn deepcut_step_gradient_matches_finite_differences() {
     let mut model = small_model(31, 1, Precision::Fp32);
     let dims = model.dims.clone();
     let w = windows();
-    let (batch, z) = assemble(&w, &[0, 1], &[2, 3], 0, PositionStyle::Absolute, 0, Anchors::All);
+    let (batch, z) = assemble(&w, &[0, 1], &[2, 3], PositionStyle::Absolute, 0, Anchors::All);
     let opts = InfoNceOptions {
         tau: 0.5,
         denominator: Denominator::SameClass,
@@ -162,7 +176,7 @@ fn pipelined_equals_synchronous(precision: Precision, scaling: LossScaling, step
     let mut want = vec![];
     for s in 0..steps {
         let (f, r) = batches[s as usize % 3];
-        let (batch, z) = assemble(&w, f, r, 0, PositionStyle::Absolute, 0, Anchors::All);
+        let (batch, z) = assemble(&w, f, r, PositionStyle::Absolute, 0, Anchors::All);
         sync_model.set_loss_scale(sync_opt.loss_scale());
         let l = step(
             &mut sync_model,
@@ -184,7 +198,7 @@ fn pipelined_equals_synchronous(precision: Precision, scaling: LossScaling, step
     let enqueue =
         |model: &mut Model<Cpu>, cb: &mut Contrast<Cpu>, opt: &mut Optimizer<Cpu>, ring: &mut Ring<Cpu>, s| {
             let (f, r) = batches[s as usize % 3];
-            let (batch, z) = assemble(&w, f, r, 0, PositionStyle::Absolute, 0, Anchors::All);
+            let (batch, z) = assemble(&w, f, r, PositionStyle::Absolute, 0, Anchors::All);
             model.set_loss_scale(opt.loss_scale());
             let mode = Mode::Train { seed: 4, step: s };
             step_enqueue(model, cb, &batch, &z, opts, 0.5, mode, opt, ring.slot(s));

@@ -60,7 +60,7 @@ fn pipelined_fine_tuning_equals_the_synchronous_loop() {
             .encode_sentences(&fx.train, Some(&clf.labels), fc.max_len)
             .unwrap();
         let lengths: Vec<usize> = windows.iter().map(|w| w.ids.len()).collect();
-        let (pad, style) = (clf.encoder.special_ids().pad, clf.position_style());
+        let style = clf.position_style();
         let batches = bucketed_batches(&lengths, fc.batch, fc.seed, 0);
         assert_eq!(
             batches.len(),
@@ -83,7 +83,7 @@ fn pipelined_fine_tuning_equals_the_synchronous_loop() {
         .with_precision(precision, fc.loss_scaling);
         let mut losses = vec![];
         for (i, rows) in batches.iter().enumerate() {
-            let batch = Batch::gather(&windows, rows, pad, style);
+            let batch = Batch::gather(&windows, rows, style);
             model.forward(
                 &batch.inputs,
                 Mode::Train {

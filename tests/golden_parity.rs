@@ -1,7 +1,7 @@
 //! The CPU encoder against Hugging Face transformers (golden values written by
 //! scripts/golden.py, computed in float64 from float32 weights): logits, loss, final
 //! hidden states and the gradient of every parameter of tiny random BERT and RoBERTa
-//! token classifiers on a padded batch of unequal lengths; and the real all-MiniLM-L6-v2
+//! token classifiers on a batch of unequal lengths (padded there, packed here); and the real all-MiniLM-L6-v2
 //! on a few sentences. Tolerances (relative L2 over whole tensors): 1e-5 forward, 1e-4
 //! gradients (the contract).
 mod common;
@@ -20,23 +20,51 @@ fn build(cfg: &ModelConfig, w: &HostWeights, labels: usize, max_tokens: usize) -
     })
 }
 
-fn batch_of(g: &Golden, with_labels: bool) -> HostBatch {
+/// The golden batch (transformers' padded [b, t] with its attention mask), packed as the
+/// engine runs it, and the padded positions of its real tokens, in packed order: the rows
+/// of transformers' per-token outputs to compare with (its padding rows are not outputs).
+fn batch_of(g: &Golden, with_labels: bool) -> (HostBatch, Vec<usize>) {
     let shape = g.shape("input_ids").to_vec();
     let (b, t) = (shape[0], shape[1]);
+    let mask = g.i("attention_mask");
     let ids = g.i("input_ids");
-    HostBatch {
+    let pos = if g.i64s.contains_key("position_ids") {
+        g.i("position_ids")
+    } else {
+        (0..b * t).map(|i| (i % t) as i32).collect()
+    };
+    let labels = if with_labels { g.i("labels") } else { vec![-100; b * t] };
+    let mut batch = HostBatch {
         b,
         t,
-        attention_mask: g.i("attention_mask").iter().map(|&x| x as f32).collect(),
-        position_ids: if g.i64s.contains_key("position_ids") {
-            g.i("position_ids")
-        } else {
-            (0..b * t).map(|i| (i % t) as i32).collect()
-        },
-        type_ids: vec![0; b * t],
-        labels: if with_labels { g.i("labels") } else { vec![-100; b * t] },
-        input_ids: ids,
+        seqs: vec![0],
+        ..Default::default()
+    };
+    let mut real = vec![];
+    for r in 0..b {
+        let len = mask[r * t..(r + 1) * t].iter().filter(|&&m| m == 1).count();
+        assert!(
+            mask[r * t..r * t + len].iter().all(|&m| m == 1),
+            "row {r}: padding only at the end"
+        );
+        for i in r * t..r * t + len {
+            real.push(i);
+            batch.input_ids.push(ids[i]);
+            batch.position_ids.push(pos[i]);
+            batch.type_ids.push(0);
+            batch.labels.push(labels[i]);
+        }
+        batch.seqs.push(real.len() as i32);
     }
+    assert!(real.len() < b * t, "the golden batch has padding to leave out");
+    (batch, real)
+}
+
+/// Rows `real` (width w) of a padded golden tensor.
+fn rows(x: &[f32], real: &[usize], w: usize) -> Vec<f32> {
+    real.iter()
+        .flat_map(|&i| x[i * w..(i + 1) * w].iter().copied())
+        .collect()
 }
 
 fn tiny_model_matches(dir: &Path, prefix: &str) {
@@ -44,13 +72,13 @@ fn tiny_model_matches(dir: &Path, prefix: &str) {
     assert!(has_head);
     let labels = cfg.id2label.as_ref().unwrap().len();
     let g = Golden::load(&dir.join("golden.safetensors"));
-    let batch = batch_of(&g, true);
+    let (batch, real) = batch_of(&g, true);
     let mut model = build(&cfg, &w, labels, batch.tokens());
     model.forward(&batch, Mode::Eval);
 
-    let e = rel_l2(&model.hidden_host(), g.f("hidden"));
+    let e = rel_l2(&model.hidden_host(), &rows(g.f("hidden"), &real, model.dims.hidden));
     assert!(e < 1e-5, "{}: hidden rel err {e:.2e}", dir.display());
-    let e = rel_l2(&model.logits_host(), g.f("logits"));
+    let e = rel_l2(&model.logits_host(), &rows(g.f("logits"), &real, labels));
     assert!(e < 1e-5, "{}: logits rel err {e:.2e}", dir.display());
     let loss = model.ce_loss(&batch);
     let want = g.f("loss")[0];
@@ -104,9 +132,12 @@ fn minilm_hidden_states_match_transformers() {
     let (cfg, w, has_head) = load_model_dir(&common::shared().join("models/all-MiniLM-L6-v2")).unwrap();
     assert!(!has_head);
     let g = Golden::load(&common::repo().join("tests/golden/minilm/hidden.safetensors"));
-    let batch = batch_of(&g, false);
+    let (batch, real) = batch_of(&g, false);
     let mut model = build(&cfg, &w, 0, batch.tokens());
     model.forward(&batch, Mode::Eval);
-    let e = rel_l2(&model.hidden_host(), g.f("last_hidden_state"));
+    let e = rel_l2(
+        &model.hidden_host(),
+        &rows(g.f("last_hidden_state"), &real, model.dims.hidden),
+    );
     assert!(e < 1e-5, "MiniLM hidden rel err {e:.2e}");
 }

@@ -1111,21 +1111,24 @@ fn bias_gelu_forward_backward_body<G: Backend>(g: &G) {
     }
 }
 
-// Attention with padding (lengths t, 20, 1) and sizes that fill no tile exactly, in fp32
+// Attention over packed sequences of unequal lengths (t, 20, 1, 0 in turn: one shorter than
+// a tile, one of a single token, an empty one) and sizes that fill no tile exactly, in fp32
 // (CUDA cores) and in bf16 / fp16 (tensor cores, head dims padded to 32, 64 and 128).
 parity_test!(
-    attention_forward_backward_with_padding_and_dropout,
-    attention_forward_backward_with_padding_and_dropout_body
+    attention_forward_backward_packed_with_dropout,
+    attention_forward_backward_packed_with_dropout_body
 );
-fn attention_forward_backward_with_padding_and_dropout_body<G: Backend>(g: &G) {
+fn attention_forward_backward_packed_with_dropout_body<G: Backend>(g: &G) {
     let mut rng = Rng(106);
-    for (b, t, h, d) in [(3, 37, 3, 24), (2, 70, 2, 64), (1, 9, 4, 128), (2, 33, 2, 32)] {
+    for (b, t, h, d) in [(4, 37, 3, 24), (2, 70, 2, 64), (1, 9, 4, 128), (3, 33, 2, 32)] {
         for p in [0.0, 0.1] {
-            let n = b * t * h * d;
-            let lens = [t, 20.min(t), 1];
-            let mask: Vec<f32> = (0..b * t)
-                .map(|i| if i % t < lens[i / t % 3] { 1.0 } else { 0.0 })
-                .collect();
+            let lens = [t, 20.min(t), 1, 0];
+            let mut seqs = vec![0i32];
+            for r in 0..b {
+                seqs.push(seqs[r] + lens[r % 4] as i32);
+            }
+            let tokens = seqs[b] as usize;
+            let n = tokens * h * d;
             let (q, k, v, dout) = (rng.vec(n, 1.5), rng.vec(n, 1.5), rng.vec(n, 1.0), rng.vec(n, 1.0));
             let drop = if p > 0.0 {
                 Dropout::new(p, 7, 3, 2)
@@ -1134,14 +1137,17 @@ fn attention_forward_backward_with_padding_and_dropout_body<G: Backend>(g: &G) {
             };
             #[allow(clippy::too_many_arguments)]
             fn go<B: Backend>(
-                be: &B, q: &[f32], k: &[f32], v: &[f32], dout: &[f32], mask: &[f32], fwd: Option<(&[f32], &[f32])>,
+                be: &B, q: &[f32], k: &[f32], v: &[f32], dout: &[f32], seqs: &[i32], fwd: Option<(&[f32], &[f32])>,
                 s: (usize, usize, usize, usize), drop: Dropout, prec: Precision,
             ) -> Vec<Vec<f32>> {
                 let (b, t, h, d) = s;
-                let n = b * t * h * d;
-                let (dq_, dk_, dv_, dm) = (up(be, q), up(be, k), up(be, v), up(be, mask));
-                let (mut out, mut lse) = (be.alloc(n), be.alloc(b * h * t));
-                be.attention_fwd(&mut out, &mut lse, &dq_, &dk_, &dv_, &dm, b, t, h, d, drop, prec);
+                let tokens = seqs[b] as usize;
+                let n = tokens * h * d;
+                let (dq_, dk_, dv_, dm) = (up(be, q), up(be, k), up(be, v), up_i(be, seqs));
+                let (mut out, mut lse) = (be.alloc(n), be.alloc(tokens * h));
+                be.attention_fwd(
+                    &mut out, &mut lse, &dq_, &dk_, &dv_, &dm, b, tokens, t, h, d, drop, prec,
+                );
                 // backward from the CPU's forward outputs, so it is tested on its own
                 let given = fwd.map(|(o, l)| (up(be, o), up(be, l)));
                 let (o_in, l_in) = match &given {
@@ -1161,6 +1167,7 @@ fn attention_forward_backward_with_padding_and_dropout_body<G: Backend>(g: &G) {
                     l_in,
                     &dm,
                     b,
+                    tokens,
                     t,
                     h,
                     d,
@@ -1169,7 +1176,7 @@ fn attention_forward_backward_with_padding_and_dropout_body<G: Backend>(g: &G) {
                 );
                 vec![
                     be.download(&out, n),
-                    be.download(&lse, b * h * t),
+                    be.download(&lse, tokens * h),
                     be.download(&gq, n),
                     be.download(&gk, n),
                     be.download(&gv, n),
@@ -1182,9 +1189,9 @@ fn attention_forward_backward_with_padding_and_dropout_body<G: Backend>(g: &G) {
                     Precision::Bf16 => TOL_ATT_BF16,
                     Precision::Fp16 => TOL_ATT_FP16,
                 };
-                let rc = go(&Cpu, &q, &k, &v, &dout, &mask, None, s, drop, prec);
-                let rg = go(g, &q, &k, &v, &dout, &mask, Some((&rc[0], &rc[1])), s, drop, prec);
-                let rg2 = go(g, &q, &k, &v, &dout, &mask, Some((&rc[0], &rc[1])), s, drop, prec);
+                let rc = go(&Cpu, &q, &k, &v, &dout, &seqs, None, s, drop, prec);
+                let rg = go(g, &q, &k, &v, &dout, &seqs, Some((&rc[0], &rc[1])), s, drop, prec);
+                let rg2 = go(g, &q, &k, &v, &dout, &seqs, Some((&rc[0], &rc[1])), s, drop, prec);
                 for (i, what) in ["out", "lse", "dq", "dk", "dv"].iter().enumerate() {
                     let tag = format!("attention {prec} {what} b={b} t={t} h={h} d={d} p={p}");
                     compare(&tag, &rg[i], &rc[i], tol);
@@ -1201,7 +1208,7 @@ fn attention_forward_backward_with_padding_and_dropout_body<G: Backend>(g: &G) {
                         &r(&k),
                         &r(&v),
                         &r(&dout),
-                        &mask,
+                        &seqs,
                         None,
                         s,
                         drop,
@@ -1496,10 +1503,9 @@ fn rounded_storage_ops<G: Backend>(be: &G, prec: Precision) {
 
     // attention: all of q, k, v, out, dout, dq, dk, dv in 16 bits, or all fp32 (rounded)
     let (b, t, hh, d) = (2, 37, 2, 32);
-    let na = b * t * hh * d;
-    let mask: Vec<f32> = (0..b * t)
-        .map(|i| if i % t < [t, 20][i / t] { 1.0 } else { 0.0 })
-        .collect();
+    let seqs = [0, 37, 57]; // two packed sequences, of 37 and 20 tokens
+    let tokens = 57;
+    let na = tokens * hh * d;
     let qkv: Vec<Vec<f32>> = (0..4).map(|s| rng_vec(500 + s, na, 1.5)).collect();
     let att = |lo_storage: bool| -> Vec<Vec<f32>> {
         let put = |x: &[f32]| {
@@ -1516,14 +1522,14 @@ fn rounded_storage_ops<G: Backend>(be: &G, prec: Precision) {
                 be.alloc(len)
             }
         };
-        let (q, k, v, dout, m) = (put(&qkv[0]), put(&qkv[1]), put(&qkv[2]), put(&qkv[3]), up(be, &mask));
-        let (mut out, mut lse) = (mk(na), be.alloc(b * hh * t));
-        be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &m, b, t, hh, d, drop, prec);
+        let (q, k, v, dout, m) = (put(&qkv[0]), put(&qkv[1]), put(&qkv[2]), put(&qkv[3]), up_i(be, &seqs));
+        let (mut out, mut lse) = (mk(na), be.alloc(tokens * hh));
+        be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &m, b, tokens, t, hh, d, drop, prec);
         let (mut dq, mut dk, mut dv) = (mk(na), mk(na), mk(na));
         be.attention_bwd(
-            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &m, b, t, hh, d, drop, prec,
+            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &m, b, tokens, t, hh, d, drop, prec,
         );
-        let mut outs = vec![be.download(&out, na), be.download(&lse, b * hh * t)];
+        let mut outs = vec![be.download(&out, na), be.download(&lse, tokens * hh)];
         outs.extend([&dq, &dk, &dv].map(|x| be.download(x, na)));
         outs
     };
@@ -2352,7 +2358,7 @@ mod step {
             );
         let mut out = Vec::new();
         for s in 1..=2u64 {
-            let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], 0, PositionStyle::Absolute, 0, Anchors::All);
+            let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], PositionStyle::Absolute, 0, Anchors::All);
             m.set_loss_scale(opt.loss_scale());
             let l = step(&mut m, &mut cb, &batch, &z, opts, 0.3, Mode::Train { seed: 9, step: s });
             assert!(l.anchors > 0, "the batch must have valid anchors");
@@ -2421,7 +2427,7 @@ mod step {
         };
         let mut opt = Optimizer::new(&m, OPTIM).with_precision(prec, scaling);
         let mut ring = Ring::new(&m.be, 256);
-        let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], 0, PositionStyle::Absolute, 0, Anchors::All);
+        let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], PositionStyle::Absolute, 0, Anchors::All);
         let (mut enq, mut fin) = ([0u64; 6], [0u64; 6]);
         for s in 1..=5u64 {
             let a = emu_stats().unwrap();
@@ -2521,7 +2527,7 @@ mod step {
         let mut rng = Rng(78);
         let w = windows(&mut rng);
         let opts = InfoNceOptions::default();
-        let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], 0, PositionStyle::Absolute, 0, Anchors::All);
+        let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], PositionStyle::Absolute, 0, Anchors::All);
         let fp16 = LossScaling {
             init: 2f32.powi(24),
             growth_interval: 2,

@@ -247,28 +247,28 @@ fn bias_gelu_grad() {
 }
 
 #[test]
-fn attention_grad_with_padding_and_dropout() {
-    let (b, t, h, d) = (2, 5, 2, 3);
+fn attention_grad_packed_sequences_and_dropout() {
+    // three packed sequences of 5, 3 and 1 tokens (and an empty one): n = 9, t = 5
+    let (b, t, h, d) = (4, 5, 2, 3);
+    let seqs = [0, 5, 8, 8, 9];
+    let n = 9;
     let c = h * d;
     let mut rng = Rng(4);
     let (q, k, v, r) = (
-        rng.vec(b * t * c, 1.0),
-        rng.vec(b * t * c, 1.0),
-        rng.vec(b * t * c, 1.0),
-        rng.vec(b * t * c, 1.0),
+        rng.vec(n * c, 1.0),
+        rng.vec(n * c, 1.0),
+        rng.vec(n * c, 1.0),
+        rng.vec(n * c, 1.0),
     );
-    let mask: Vec<f32> = (0..b * t)
-        .map(|i| if i % t < [5, 3][i / t] { 1.0 } else { 0.0 })
-        .collect();
+    let fwd = |q: &[f32], k: &[f32], v: &[f32], seqs: &[i32], b: usize, n: usize, drop: Dropout| {
+        let (mut out, mut lse) = (vec![0.0; n * c], vec![0.0; n * h]);
+        attention::attention_fwd(&mut out, &mut lse, q, k, v, seqs, b, n, t, h, d, drop, Precision::Fp32);
+        (out, lse)
+    };
     for drop in [Dropout::OFF, Dropout::new(0.3, 7, 1, 2)] {
-        let f = |q: &[f32], k: &[f32], v: &[f32]| {
-            let (mut out, mut lse) = (vec![0.0; b * t * c], vec![0.0; b * h * t]);
-            attention::attention_fwd(&mut out, &mut lse, q, k, v, &mask, b, t, h, d, drop, Precision::Fp32);
-            probe(&out, &r)
-        };
-        let (mut out, mut lse) = (vec![0.0; b * t * c], vec![0.0; b * h * t]);
-        attention::attention_fwd(&mut out, &mut lse, &q, &k, &v, &mask, b, t, h, d, drop, Precision::Fp32);
-        let (mut dq, mut dk, mut dv) = (vec![0.0; b * t * c], vec![0.0; b * t * c], vec![0.0; b * t * c]);
+        let f = |q: &[f32], k: &[f32], v: &[f32]| probe(&fwd(q, k, v, &seqs, b, n, drop).0, &r);
+        let (out, lse) = fwd(&q, &k, &v, &seqs, b, n, drop);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; n * c], vec![0.0; n * c], vec![0.0; n * c]);
         attention::attention_bwd(
             &mut dq,
             &mut dk,
@@ -279,8 +279,9 @@ fn attention_grad_with_padding_and_dropout() {
             &v,
             &out,
             &lse,
-            &mask,
+            &seqs,
             b,
+            n,
             t,
             h,
             d,
@@ -290,29 +291,30 @@ fn attention_grad_with_padding_and_dropout() {
         check("attention dq", &dq, &numeric_grad(&q, |x| f(x, &k, &v)));
         check("attention dk", &dk, &numeric_grad(&k, |x| f(&q, x, &v)));
         check("attention dv", &dv, &numeric_grad(&v, |x| f(&q, &k, x)));
-        // padded keys must not influence any output
-        let mut k2 = k.clone();
-        for j in 3..t {
-            for x in &mut k2[(t + j) * c..(t + j + 1) * c] {
-                *x += 5.0;
-            }
+        // the keys and values of sequence 1 (tokens 5..8) must not reach sequences 0 and 2
+        let (mut k2, mut v2) = (k.clone(), v.clone());
+        for x in k2[5 * c..8 * c].iter_mut().chain(v2[5 * c..8 * c].iter_mut()) {
+            *x += 5.0;
         }
-        let (mut out2, mut lse2) = (vec![0.0; b * t * c], vec![0.0; b * h * t]);
-        attention::attention_fwd(
-            &mut out2,
-            &mut lse2,
-            &q,
-            &k2,
-            &v,
-            &mask,
-            b,
-            t,
-            h,
-            d,
-            drop,
-            Precision::Fp32,
-        );
-        assert_eq!(out, out2, "padding keys leaked into the output");
+        let (out2, _) = fwd(&q, &k2, &v2, &seqs, b, n, drop);
+        for tok in (0..5).chain(8..9) {
+            assert_eq!(
+                out[tok * c..(tok + 1) * c],
+                out2[tok * c..(tok + 1) * c],
+                "token {tok}: another sequence leaked in"
+            );
+        }
+        assert_ne!(out[5 * c..8 * c], out2[5 * c..8 * c], "sequence 1 ignores its own keys");
+    }
+    // without dropout, a packed sequence gets exactly what it gets alone
+    let (out, lse) = fwd(&q, &k, &v, &seqs, b, n, Dropout::OFF);
+    for r in 0..b {
+        let (s0, s1) = (seqs[r] as usize, seqs[r + 1] as usize);
+        let part = |x: &[f32]| x[s0 * c..s1 * c].to_vec();
+        let len = s1 - s0;
+        let (o1, l1) = fwd(&part(&q), &part(&k), &part(&v), &[0, len as i32], 1, len, Dropout::OFF);
+        assert_eq!(o1, out[s0 * c..s1 * c], "sequence {r} packed vs alone");
+        assert_eq!(l1, lse[s0 * h..s1 * h], "sequence {r} lse packed vs alone");
     }
 }
 

@@ -33,21 +33,18 @@ fn tiny_batch() -> HostBatch {
         t,
         ..Default::default()
     };
+    // two packed sequences, of 5 and 3 tokens
+    batch.seqs.push(0);
     for (s, &len) in lens.iter().enumerate() {
-        for i in 0..t {
-            let real = i < len;
-            batch
-                .input_ids
-                .push(if real { (3 * s + 2 * i + 1) as i32 % 11 } else { 0 });
-            batch.attention_mask.push(if real { 1.0 } else { 0.0 });
+        for i in 0..len {
+            batch.input_ids.push((3 * s + 2 * i + 1) as i32 % 11);
             batch.position_ids.push(i as i32);
             batch.type_ids.push((i % 2) as i32);
-            batch.labels.push(if real && i != 0 {
-                ((s + i) % 3) as i32
-            } else {
-                IGNORE_INDEX
-            });
+            batch
+                .labels
+                .push(if i != 0 { ((s + i) % 3) as i32 } else { IGNORE_INDEX });
         }
+        batch.seqs.push(batch.input_ids.len() as i32);
     }
     batch
 }

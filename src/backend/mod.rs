@@ -435,24 +435,28 @@ pub trait Backend {
         &self, dinp: &mut Self::Buf, dbias: &mut Self::Buf, dout: &Self::Buf, inp: &Self::Buf, bias: &Self::Buf,
         n: usize, c: usize, rounding: Precision,
     );
-    /// Multi-head self-attention core. q, k, v, out: [b, t, h*d] (heads interleaved as
-    /// the HF linear layers produce them); mask [b, t] (1 real, 0 padding key);
-    /// lse [b, h, t] saved for the backward pass. Dropout on the probabilities.
+    /// Multi-head self-attention core over packed sequences (FlashAttention's "varlen"):
+    /// q, k, v, out [n, h*d] hold b sequences one after another, no padding: sequence r is
+    /// tokens seqs[r] .. seqs[r+1] (seqs [b+1], seqs[0] = 0, seqs[b] = n), heads interleaved
+    /// as the HF linear layers produce them; each token attends to the tokens of its own
+    /// sequence. t >= every sequence's length (the longest): it bounds the work split and
+    /// strides the dropout counter ((r h + hi) t + i) t + j of probability (i, j) of head hi
+    /// of sequence r. lse [n, h] saved for the backward pass. Dropout on the probabilities.
     /// `inputs` bf16 / fp16: q, k, v (and in backward dout, out) are read rounded to 16
     /// bits, the products take 16-bit inputs (tensor cores on CUDA), the probabilities and
     /// score gradients are rounded before the products that read them, and out (dq, dk, dv)
     /// are written rounded (cpu/attention.rs says exactly where); fp32: all fp32.
     #[allow(clippy::too_many_arguments)]
     fn attention_fwd(
-        &self, out: &mut Self::Buf, lse: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, mask: &Self::Buf,
-        b: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
+        &self, out: &mut Self::Buf, lse: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf,
+        seqs: &Self::IBuf, b: usize, n: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
     );
     /// Gradients of q, k, v (overwritten), recomputing probabilities from lse.
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(
         &self, dq: &mut Self::Buf, dk: &mut Self::Buf, dv: &mut Self::Buf, dout: &Self::Buf, q: &Self::Buf,
-        k: &Self::Buf, v: &Self::Buf, out: &Self::Buf, lse: &Self::Buf, mask: &Self::Buf, b: usize, t: usize, h: usize,
-        d: usize, dropout: Dropout, inputs: Precision,
+        k: &Self::Buf, v: &Self::Buf, out: &Self::Buf, lse: &Self::Buf, seqs: &Self::IBuf, b: usize, n: usize,
+        t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
     );
     /// out = inp * mask / (1-p), mask from Philox (identity when p = 0).
     fn dropout_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize, dropout: Dropout, rounding: Precision);

@@ -585,7 +585,7 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             calls.1 = model.be.enqueued_calls();
         }
         let t_host = Instant::now();
-        let (batch, z) = deepcut::assemble(&windows, &forget, &retain, pad, style, 0, Anchors::All);
+        let (batch, z) = deepcut::assemble(&windows, &forget, &retain, style, 0, Anchors::All);
         let enqueue = |model: &mut Model<B>, contrast: &mut Contrast<B>, opt: &mut Optimizer<B>, ring: &mut Ring<B>| {
             model.set_loss_scale(opt.loss_scale());
             let mode = crate::model::Mode::Train { seed: args.seed, step };

@@ -3,7 +3,7 @@
 //! backward, clipped AdamW decided on the device and read back as `run` does it; in fp16
 //! with loss scaling) of a tiny random model runs on it and on the CPU backend from
 //! the same inputs, at the command's precision and at both head sizes real encoders use
-//! (32: MiniLM; 64: BERT / RoBERTa base), with padded rows. The GPU is used only if every
+//! (32: MiniLM; 64: BERT / RoBERTa base), with sequences of unequal lengths packed. The GPU is used only if every
 //! gradient and updated weight agrees with the CPU reference (tests/gpu_parity.rs's
 //! whole-step tolerances). It takes well under a second on a GPU; it is what lets `auto`
 //! pick a GPU that nobody checked by hand, and what stops a broken driver, toolkit or card
@@ -195,7 +195,7 @@ fn one_step<B: Backend>(be: B, precision: Precision, head_dim: usize) -> Outcome
         classifier_dropout: 0.1,
     };
     let mut rng = Lcg::new(17 + head_dim as u64);
-    // rows of 6 to 29 tokens: the batch pads to the longest, so the key mask takes part
+    // sequences of 6 to 29 tokens, packed: each attends within its own span
     let windows: Vec<Window> = (0..6)
         .map(|r| {
             let len = 6 + (r * 11) % 24;
@@ -249,7 +249,6 @@ fn one_step<B: Backend>(be: B, precision: Precision, head_dim: usize) -> Outcome
         &windows,
         &[0, 1],
         &[2, 3, 4, 5],
-        0,
         PositionStyle::Absolute,
         0,
         Anchors::All,

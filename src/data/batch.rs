@@ -1,5 +1,5 @@
-//! Padded batches of windows, length-bucketed batch orders, and resumable streams.
-use super::encode::{Window, IGNORE};
+//! Packed batches of windows, length-bucketed batch orders, and resumable streams.
+use super::encode::Window;
 use super::rng::{keyed_rng, shuffle, Purpose};
 use crate::error::{Error, Result};
 use crate::model::HostBatch;
@@ -8,17 +8,17 @@ use serde::{Deserialize, Serialize};
 /// How position ids are numbered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PositionStyle {
-    /// BERT: 0, 1, ..., t-1 on every row, padding included.
+    /// BERT: 0, 1, ..., L-1 on every sequence.
     Absolute,
     /// RoBERTa: transformers' `create_position_ids_from_input_ids` — real tokens count
     /// up from `pad_id + 1`, padding tokens get `pad_id` (the config's `pad_token_id`).
     Roberta { pad_id: u32 },
 }
 
-/// A padded batch: the model's input ([`HostBatch`], row-major `[b, t]` per-token fields:
-/// ids padded with the tokenizer's pad id, mask 1.0/0.0, positions per [`PositionStyle`],
-/// type ids 0, labels at each word's first subword and [`IGNORE`] elsewhere) plus which
-/// window each row holds. Derefs to the `HostBatch`.
+/// A packed batch: the model's input ([`HostBatch`]: the windows' tokens one after another,
+/// no padding, `seqs` their offsets; positions per [`PositionStyle`], type ids 0, labels at
+/// each word's first subword and [`IGNORE`](super::encode::IGNORE) elsewhere) plus which window each sequence
+/// holds. Derefs to the `HostBatch`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
     pub inputs: HostBatch,
@@ -35,40 +35,40 @@ impl std::ops::Deref for Batch {
 }
 
 impl Batch {
-    /// Pad `windows` to the longest of them; `windows[r]` becomes row r.
-    pub fn new(windows: &[&Window], pad_id: u32, style: PositionStyle) -> Batch {
+    /// Pack `windows`; `windows[r]` becomes sequence r.
+    pub fn new(windows: &[&Window], style: PositionStyle) -> Batch {
         let index: Vec<usize> = (0..windows.len()).collect();
-        Self::build(windows, index, pad_id, style)
+        Self::build(windows, index, style)
     }
 
     /// The batch of `all[idx[0]], all[idx[1]], ...`, with `windows = idx`.
     /// Panics if an index is out of range (indices come from the batchers, not users).
-    pub fn gather(all: &[Window], idx: &[usize], pad_id: u32, style: PositionStyle) -> Batch {
+    pub fn gather(all: &[Window], idx: &[usize], style: PositionStyle) -> Batch {
         let rows: Vec<&Window> = idx.iter().map(|&i| &all[i]).collect();
-        Self::build(&rows, idx.to_vec(), pad_id, style)
+        Self::build(&rows, idx.to_vec(), style)
     }
 
-    fn build(rows: &[&Window], index: Vec<usize>, pad_id: u32, style: PositionStyle) -> Batch {
+    fn build(rows: &[&Window], index: Vec<usize>, style: PositionStyle) -> Batch {
         let b = rows.len();
         let t = rows.iter().map(|w| w.ids.len()).max().unwrap_or(0);
+        let n: usize = rows.iter().map(|w| w.ids.len()).sum();
         let mut batch = HostBatch {
             b,
             t,
-            input_ids: vec![pad_id as i32; b * t],
-            attention_mask: vec![0.0; b * t],
-            position_ids: vec![0; b * t],
-            type_ids: vec![0; b * t],
-            labels: vec![IGNORE; b * t],
+            seqs: Vec::with_capacity(b + 1),
+            input_ids: Vec::with_capacity(n),
+            position_ids: vec![0; n],
+            type_ids: vec![0; n],
+            labels: Vec::with_capacity(n),
         };
-        for (r, w) in rows.iter().enumerate() {
-            let row = r * t..r * t + w.ids.len();
-            for (dst, &id) in batch.input_ids[row.clone()].iter_mut().zip(&w.ids) {
-                *dst = id as i32;
-            }
-            batch.attention_mask[row.clone()].fill(1.0);
-            batch.labels[row].copy_from_slice(&w.labels);
-            let pos = &mut batch.position_ids[r * t..(r + 1) * t];
-            fill_positions(pos, &batch.input_ids[r * t..(r + 1) * t], style);
+        batch.seqs.push(0);
+        for w in rows {
+            let s0 = batch.input_ids.len();
+            batch.input_ids.extend(w.ids.iter().map(|&id| id as i32));
+            batch.labels.extend_from_slice(&w.labels);
+            let s1 = batch.input_ids.len();
+            fill_positions(&mut batch.position_ids[s0..s1], &batch.input_ids[s0..s1], style);
+            batch.seqs.push(s1 as i32);
         }
         Batch {
             inputs: batch,
@@ -76,13 +76,18 @@ impl Batch {
         }
     }
 
-    /// Number of real (non-padding) tokens.
+    /// Number of tokens (all real: the batch is packed).
     pub fn n_tokens(&self) -> usize {
-        self.attention_mask.iter().filter(|&&m| m > 0.0).count()
+        self.tokens()
+    }
+
+    /// Token range of sequence r.
+    pub fn span(&self, r: usize) -> std::ops::Range<usize> {
+        self.seqs[r] as usize..self.seqs[r + 1] as usize
     }
 }
 
-/// Position ids of one row of `ids`.
+/// Position ids of one sequence of `ids`.
 fn fill_positions(pos: &mut [i32], ids: &[i32], style: PositionStyle) {
     match style {
         PositionStyle::Absolute => pos.iter_mut().enumerate().for_each(|(i, p)| *p = i as i32),
@@ -101,7 +106,8 @@ fn fill_positions(pos: &mut [i32], ids: &[i32], style: PositionStyle) {
 }
 
 /// Items per sort chunk, in batches: large enough that batches are nearly uniform in
-/// length (little padding), small enough that batch composition stays random.
+/// length (the GPU attention grid is sized for the longest), small enough that batch
+/// composition stays random.
 const CHUNK_BATCHES: usize = 50;
 
 /// Length-bucketed training order over items `0..lengths.len()`: shuffle, cut into
@@ -130,20 +136,23 @@ pub fn bucketed_batches(lengths: &[usize], batch: usize, seed: u64, epoch: u64) 
 pub const MAX_EVAL_ROWS: usize = 4096;
 
 /// Evaluation order: items sorted by length (ties by index), each batch as many items as
-/// fit `max_tokens` once padded to its longest (at most [`MAX_EVAL_ROWS`]; an item longer
-/// than `max_tokens` alone). Short sentences thus come in large batches, not in batches
-/// sized for the longest sentence of the set. No randomness; every item once.
+/// fit `max_tokens` in all (batches are packed: a batch costs the sum of its lengths; at
+/// most [`MAX_EVAL_ROWS`] items; an item longer than `max_tokens` alone). Sorting keeps the
+/// sequences of a batch alike in length, which the GPU's attention grid (sized for the
+/// longest) likes. No randomness; every item once.
 pub fn token_batches(lengths: &[usize], max_tokens: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| (lengths[i], i));
     let mut batches: Vec<Vec<usize>> = vec![];
     let mut cur: Vec<usize> = vec![];
+    let mut sum = 0;
     for i in order {
-        // ascending lengths: item i is the longest of the batch it joins
-        if !cur.is_empty() && ((cur.len() + 1) * lengths[i].max(1) > max_tokens || cur.len() == MAX_EVAL_ROWS) {
+        if !cur.is_empty() && (sum + lengths[i] > max_tokens || cur.len() == MAX_EVAL_ROWS) {
             batches.push(std::mem::take(&mut cur));
+            sum = 0;
         }
         cur.push(i);
+        sum += lengths[i];
     }
     if !cur.is_empty() {
         batches.push(cur);

@@ -100,7 +100,7 @@ pub struct Encoder {
 
 impl Encoder {
     /// Load `tokenizer.json`. Truncation and padding stored in the file are switched off
-    /// (windows are cut here, batches padded later). For byte-level BPE the ByteLevel
+    /// (windows are cut here and packed into batches, never padded). For byte-level BPE the ByteLevel
     /// pre-tokenizer gets `add_prefix_space = true`, as transformers does for pre-split
     /// words with `add_prefix_space=True`.
     pub fn from_file(path: &Path) -> Result<Encoder> {

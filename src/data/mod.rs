@@ -1,5 +1,5 @@
 //! NER data: CoNLL files, label maps, tokenisation into windows, forget/retain splits,
-//! padded batches and resumable batch streams (SPEC sections 1, 2, 4).
+//! packed batches and resumable batch streams (SPEC sections 1, 2, 4).
 //!
 //! Nothing here knows about models beyond their tokenizer and pad id.
 pub mod batch;

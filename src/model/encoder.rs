@@ -263,7 +263,8 @@ struct Acts<B: Backend> {
     /// `backend::embedding_order` of ids, pos, types [3n], for the embedding backward.
     emb_order: B::IBuf,
     labels: B::IBuf,
-    mask: B::Buf,
+    /// Sequence offsets [b+1] of the packed batch (`HostBatch::seqs`).
+    seqs: B::IBuf,
     emb: B::Buf,      // [n, c] sum of the three embeddings
     emb_ln: B::Buf,   // [n, c]
     emb_mean: B::Buf, // [n]
@@ -289,13 +290,19 @@ struct GradScratch<B: Backend> {
     dlogits: B::Buf, // [n, l]
 }
 
-/// One batch on the host: b sequences padded to t tokens.
+/// One batch on the host: b sequences packed one after another with no padding
+/// (FlashAttention's "varlen" layout): sequence r is tokens seqs[r] .. seqs[r+1] of the
+/// per-token fields, which all hold n = seqs[b] entries. Every op but attention works on
+/// the n tokens as rows; attention keeps each token within its sequence. A batch of short
+/// sentences then costs its real tokens, not b times the longest.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct HostBatch {
     pub b: usize,
+    /// The longest sequence (every length is <= t).
     pub t: usize,
+    /// Token offsets of the sequences [b+1]: seqs[0] = 0, seqs[b] = n.
+    pub seqs: Vec<i32>,
     pub input_ids: Vec<i32>,
-    pub attention_mask: Vec<f32>,
     pub position_ids: Vec<i32>,
     pub type_ids: Vec<i32>,
     /// Label id per token, IGNORE_INDEX where no loss is taken.
@@ -303,8 +310,8 @@ pub struct HostBatch {
 }
 
 impl HostBatch {
-    /// A full (unpadded) batch of pseudo-random tokens and labels, for benches: a step's
-    /// cost does not depend on the values (models/README.md).
+    /// A batch of b sequences of t pseudo-random tokens and labels each, for benches: a
+    /// step's cost does not depend on the values (models/README.md).
     pub fn synthetic(b: usize, t: usize, vocab: usize, labels: usize, seed: u64) -> HostBatch {
         let mut batch = HostBatch {
             b,
@@ -317,14 +324,53 @@ impl HostBatch {
             batch.input_ids.push(((x >> 33) % vocab as u64) as i32);
             batch.labels.push(((x >> 20) % labels.max(1) as u64) as i32);
         }
-        batch.attention_mask = vec![1.0; b * t];
+        batch.seqs = (0..=b).map(|r| (r * t) as i32).collect();
         batch.position_ids = (0..b * t).map(|i| (i % t) as i32).collect();
         batch.type_ids = vec![0; b * t];
         batch
     }
 
+    /// Number of tokens, n (all real: the batch is packed).
     pub fn tokens(&self) -> usize {
-        self.b * self.t
+        self.input_ids.len()
+    }
+
+    /// Length of sequence r.
+    pub fn len_of(&self, r: usize) -> usize {
+        (self.seqs[r + 1] - self.seqs[r]) as usize
+    }
+
+    /// Checks what the kernels index by: b + 1 offsets from 0 to n, none decreasing, no
+    /// sequence longer than t, every per-token field n long. The CUDA kernels trust the
+    /// offsets (reading them back would cost a synchronisation), so a batch is checked here
+    /// on the host before it is uploaded.
+    pub fn check(&self) -> Result<(), String> {
+        let n = self.input_ids.len();
+        if self.seqs.len() != self.b + 1 {
+            return Err(format!("{} sequence offsets for {} sequences", self.seqs.len(), self.b));
+        }
+        if self.seqs[0] != 0 || self.seqs[self.b] as usize != n {
+            return Err(format!(
+                "offsets run from {} to {}, not 0 to n = {n}",
+                self.seqs[0], self.seqs[self.b]
+            ));
+        }
+        for r in 0..self.b {
+            let len = self.seqs[r + 1] - self.seqs[r];
+            if len < 0 || len as usize > self.t {
+                return Err(format!("sequence {r} has {len} tokens (t = {})", self.t));
+            }
+        }
+        for (name, len) in [
+            ("position_ids", self.position_ids.len()),
+            ("type_ids", self.type_ids.len()),
+            ("labels", self.labels.len()),
+        ] {
+            if len != n {
+                return Err(format!("{name} holds {len} entries for {n} tokens"));
+            }
+        }
+        Ok(())
     }
     /// Number of tokens that carry a label.
     pub fn labelled(&self) -> usize {
@@ -383,8 +429,9 @@ pub struct Model<B: Backend> {
     acts: Acts<B>,
     scratch: GradScratch<B>,
     max_tokens: usize,
-    /// Shape and mode of the last forward pass (backward replays its dropout masks).
-    cur: Option<(usize, usize, Mode)>,
+    /// Shape (sequences, tokens, longest) and mode of the last forward pass (backward
+    /// replays its dropout masks).
+    cur: Option<(usize, usize, usize, Mode)>,
     precision: Precision,
     /// What the training steps multiply their loss-gradient seeds by (fp16 dynamic loss
     /// scaling, set each step from `Optimizer::loss_scale`); 1 otherwise.
@@ -394,7 +441,7 @@ pub struct Model<B: Backend> {
 impl<B: Backend> Model<B> {
     /// Builds the model, asking `init(name, shape)` for each parameter's values
     /// (in `Dims::param_specs` order), and plans activations for batches of up to
-    /// `max_tokens` tokens (b * t).
+    /// `max_tokens` tokens (packed: n real tokens, however many sequences).
     pub fn new(be: B, dims: Dims, max_tokens: usize, mut init: impl FnMut(&str, &[usize]) -> Vec<f32>) -> Self {
         let mut all = dims.param_specs().into_iter().map(|(name, shape)| {
             let data = init(&name, &shape);
@@ -467,7 +514,7 @@ impl<B: Backend> Model<B> {
             types: be.alloc_i32(n),
             emb_order: be.alloc_i32(3 * n),
             labels: be.alloc_i32(n),
-            mask: be.alloc(n),
+            seqs: be.alloc_i32(n + 1),
             emb: be.alloc(n * c),
             emb_ln: be.alloc(n * c),
             emb_mean: be.alloc(n),
@@ -663,11 +710,13 @@ impl<B: Backend> Model<B> {
 
     /// Runs the encoder (and the head, when there is one) on `batch`.
     pub fn forward(&mut self, batch: &HostBatch, mode: Mode) {
-        let (b, t) = (batch.b, batch.t);
-        let n = b * t;
+        if let Err(e) = batch.check() {
+            panic!("forward: malformed batch: {e}");
+        }
+        let (b, n, t) = (batch.b, batch.tokens(), batch.t);
         assert!(
-            n <= self.max_tokens,
-            "batch of {n} tokens exceeds the planned {}",
+            n <= self.max_tokens && b <= self.max_tokens,
+            "batch of {n} tokens in {b} sequences exceeds the planned {}",
             self.max_tokens
         );
         self.refresh_gemm_weights();
@@ -686,7 +735,7 @@ impl<B: Backend> Model<B> {
             &embedding_order(&batch.input_ids, &batch.position_ids, &batch.type_ids),
         );
         be.upload_i32(&mut a.labels, &batch.labels);
-        be.upload(&mut a.mask, &batch.attention_mask);
+        be.upload_i32(&mut a.seqs, &batch.seqs);
 
         let _fwd = be.profile_range(format_args!("forward"));
         let emb_range = be.profile_range(format_args!("embeddings fwd"));
@@ -727,8 +776,9 @@ impl<B: Backend> Model<B> {
                 &la.q,
                 &la.k,
                 &la.v,
-                &a.mask,
+                &a.seqs,
                 b,
+                n,
                 t,
                 h,
                 hd,
@@ -828,10 +878,10 @@ impl<B: Backend> Model<B> {
                 precision,
             );
         }
-        self.cur = Some((b, t, mode));
+        self.cur = Some((b, n, t, mode));
     }
 
-    fn current(&self) -> (usize, usize, Mode) {
+    fn current(&self) -> (usize, usize, usize, Mode) {
         self.cur.expect("forward must run before this call")
     }
 
@@ -842,21 +892,21 @@ impl<B: Backend> Model<B> {
 
     /// Final hidden states of the last forward pass, on the host.
     pub fn hidden_host(&self) -> Vec<f32> {
-        let (b, t, _) = self.current();
-        self.be.download(self.hidden(), b * t * self.dims.hidden)
+        let (_, n, _, _) = self.current();
+        self.be.download(self.hidden(), n * self.dims.hidden)
     }
 
     /// Logits [n, l] of the last forward pass, on the host.
     pub fn logits_host(&self) -> Vec<f32> {
-        let (b, t, _) = self.current();
-        self.be.download(&self.acts.logits, b * t * self.dims.labels)
+        let (_, n, _, _) = self.current();
+        self.be.download(&self.acts.logits, n * self.dims.labels)
     }
 
     /// `logits_host` started into `dst` (`Backend::download_start`) without waiting;
     /// returns n * l, the count to `download_wait` for.
     pub fn logits_start(&self, dst: &mut B::Staging) -> usize {
-        let (b, t, _) = self.current();
-        let nl = b * t * self.dims.labels;
+        let (_, n, _, _) = self.current();
+        let nl = n * self.dims.labels;
         self.be.download_start(dst, &self.acts.logits, nl);
         nl
     }
@@ -876,8 +926,7 @@ impl<B: Backend> Model<B> {
     }
 
     fn token_losses_enqueue(&mut self) -> usize {
-        let (b, t, _) = self.current();
-        let n = b * t;
+        let (_, n, _, _) = self.current();
         let _r = self.be.profile_range(format_args!("loss: cross-entropy"));
         self.be.softmax_ce_fwd(
             &mut self.acts.losses,
@@ -900,8 +949,7 @@ impl<B: Backend> Model<B> {
     /// hidden states is `dhidden` [n, c] (the contrastive term enters here).
     /// Parameter gradients are accumulated; call `zero_grads` first.
     pub fn backward(&mut self, ce_scale: f32, dhidden: Option<&B::Buf>) {
-        let (b, t, mode) = self.current();
-        let n = b * t;
+        let (b, n, t, mode) = self.current();
         let d = self.dims.clone();
         let (c, f, h, hd) = (d.hidden, d.ffn, d.heads, d.head_dim());
         let be = &self.be;
@@ -1045,8 +1093,8 @@ impl<B: Backend> Model<B> {
             // (datt unrounded: the attention core rounds what it reads)
             let drop_p = dropout(d.attn_dropout, Dims::site_attn_probs(li));
             be.attention_bwd(
-                &mut s.dq, &mut s.dk, &mut s.dv, &s.datt, &la.q, &la.k, &la.v, &la.att, &la.lse, &a.mask, b, t, h, hd,
-                drop_p, precision,
+                &mut s.dq, &mut s.dk, &mut s.dv, &s.datt, &la.q, &la.k, &la.v, &la.att, &la.lse, &a.seqs, b, n, t, h,
+                hd, drop_p, precision,
             );
             // (dq, dk, dv written rounded.) q/k/v = x_in W^T + b: parameter grads, then
             // dx_in = the residual path (dsum) plus the three paths, accumulated by the GEMMs

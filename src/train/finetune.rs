@@ -185,7 +185,6 @@ pub fn finetune<B: Backend>(
     }
     let windows = clf.encoder.encode_sentences(train, Some(&clf.labels), fc.max_len)?;
     let lengths: Vec<usize> = windows.iter().map(|w| w.ids.len()).collect();
-    let pad = clf.encoder.special_ids().pad;
     let style = clf.position_style();
     let per_epoch = bucketed_batches(&lengths, fc.batch, fc.seed, 0).len() as u64;
     let total = per_epoch * fc.epochs as u64;
@@ -251,7 +250,7 @@ pub fn finetune<B: Backend>(
         // enqueued again (`Ring::finish_before`).
         let mut flying: Option<u64> = None;
         while batch_in_epoch < batches.len() {
-            let batch = Batch::gather(&windows, &batches[batch_in_epoch], pad, style);
+            let batch = Batch::gather(&windows, &batches[batch_in_epoch], style);
             // Dropout is keyed by the attempted step (equal to the applied one unless an
             // fp16 step was skipped), so a batch after a skipped step draws fresh masks.
             let step = rec.steps;

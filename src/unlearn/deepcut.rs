@@ -39,7 +39,7 @@ pub struct Contrast<B: Backend> {
 
 /// Host-side layout of one step's contrastive rows.
 pub struct ZRows {
-    /// Row of the flattened [b*t] batch each Z row comes from.
+    /// Token of the packed batch each Z row comes from.
     pub idx: Vec<i32>,
     pub labels: Vec<i32>,
     pub anchor: Vec<i32>,
@@ -68,14 +68,13 @@ impl<B: Backend> Contrast<B> {
 /// The batch of a DeepCUT step and its contrastive rows. `forget` and `retain` index
 /// `windows`. Forget rows keep their gold labels for the class masks but carry no CE.
 pub fn assemble(
-    windows: &[Window], forget: &[usize], retain: &[usize], pad: u32, style: PositionStyle, o_id: i32, anchors: Anchors,
+    windows: &[Window], forget: &[usize], retain: &[usize], style: PositionStyle, o_id: i32, anchors: Anchors,
 ) -> (Batch, ZRows) {
     let bf = forget.len();
     let mut rows: Vec<usize> = forget.to_vec();
     rows.extend_from_slice(forget);
     rows.extend_from_slice(retain);
-    let mut batch = Batch::gather(windows, &rows, pad, style);
-    let t = batch.t;
+    let mut batch = Batch::gather(windows, &rows, style);
     let gold = batch.inputs.labels.clone();
     let mut z = ZRows {
         idx: vec![],
@@ -90,12 +89,12 @@ pub fn assemble(
         if r == bf {
             first_view_b = z.idx.len();
         }
-        for p in 0..t {
-            let y = gold[r * t + p];
+        for tok in batch.span(r) {
+            let y = gold[tok];
             if y == IGNORE_INDEX {
                 continue;
             }
-            z.idx.push((r * t + p) as i32);
+            z.idx.push(tok as i32);
             z.labels.push(y);
             let is_forget = r < 2 * bf;
             z.anchor
@@ -109,7 +108,8 @@ pub fn assemble(
         z.partner[per_view + k] = k as i32;
     }
     // CE only on retain rows.
-    batch.inputs.labels[..2 * bf * t].fill(IGNORE_INDEX);
+    let forget_tokens = batch.seqs[2 * bf] as usize;
+    batch.inputs.labels[..forget_tokens].fill(IGNORE_INDEX);
     (batch, z)
 }
 

@@ -20,10 +20,10 @@ fn ce_pass<B: Backend>(model: &mut Model<B>, batch: &Batch, sign: f32, mode: Mod
 
 /// finetune: CE on retain only.
 pub fn finetune_step<B: Backend>(
-    model: &mut Model<B>, windows: &[Window], retain: &[usize], pad: u32, style: PositionStyle, mode: Mode,
+    model: &mut Model<B>, windows: &[Window], retain: &[usize], style: PositionStyle, mode: Mode,
 ) -> StepLosses {
     model.zero_grads();
-    let ce = ce_pass(model, &Batch::gather(windows, retain, pad, style), 1.0, mode);
+    let ce = ce_pass(model, &Batch::gather(windows, retain, style), 1.0, mode);
     StepLosses {
         ce,
         contrast: 0.0,
@@ -34,10 +34,10 @@ pub fn finetune_step<B: Backend>(
 
 /// gradient-ascent: maximise CE on forget (minimise -CE).
 pub fn gradient_ascent_step<B: Backend>(
-    model: &mut Model<B>, windows: &[Window], forget: &[usize], pad: u32, style: PositionStyle, mode: Mode,
+    model: &mut Model<B>, windows: &[Window], forget: &[usize], style: PositionStyle, mode: Mode,
 ) -> StepLosses {
     model.zero_grads();
-    let ce_f = ce_pass(model, &Batch::gather(windows, forget, pad, style), -1.0, mode);
+    let ce_f = ce_pass(model, &Batch::gather(windows, forget, style), -1.0, mode);
     StepLosses {
         ce: ce_f,
         contrast: 0.0,
@@ -49,11 +49,11 @@ pub fn gradient_ascent_step<B: Backend>(
 /// neggrad+: CE(retain) - beta * CE(forget), two passes accumulating gradients.
 #[allow(clippy::too_many_arguments)]
 pub fn neggrad_plus_step<B: Backend>(
-    model: &mut Model<B>, windows: &[Window], forget: &[usize], retain: &[usize], pad: u32, style: PositionStyle,
-    beta: f32, mode: Mode,
+    model: &mut Model<B>, windows: &[Window], forget: &[usize], retain: &[usize], style: PositionStyle, beta: f32,
+    mode: Mode,
 ) -> StepLosses {
     model.zero_grads();
-    let ce_r = ce_pass(model, &Batch::gather(windows, retain, pad, style), 1.0, mode);
+    let ce_r = ce_pass(model, &Batch::gather(windows, retain, style), 1.0, mode);
     // the second pass draws its own dropout masks (another step key)
     let mode_f = match mode {
         Mode::Train { seed, step } => Mode::Train {
@@ -62,7 +62,7 @@ pub fn neggrad_plus_step<B: Backend>(
         },
         m => m,
     };
-    let ce_f = ce_pass(model, &Batch::gather(windows, forget, pad, style), -beta, mode_f);
+    let ce_f = ce_pass(model, &Batch::gather(windows, forget, style), -beta, mode_f);
     StepLosses {
         ce: ce_r,
         contrast: ce_f,
@@ -74,16 +74,16 @@ pub fn neggrad_plus_step<B: Backend>(
 /// random-labels: CE over [forget with uniformly random wrong labels | retain].
 #[allow(clippy::too_many_arguments)]
 pub fn random_labels_step<B: Backend>(
-    model: &mut Model<B>, windows: &[Window], forget: &[usize], retain: &[usize], pad: u32, style: PositionStyle,
+    model: &mut Model<B>, windows: &[Window], forget: &[usize], retain: &[usize], style: PositionStyle,
     n_labels: usize, seed: u64, step: u64, mode: Mode,
 ) -> StepLosses {
     model.zero_grads();
     let mut rows = forget.to_vec();
     rows.extend_from_slice(retain);
-    let mut batch = Batch::gather(windows, &rows, pad, style);
-    let t = batch.t;
+    let mut batch = Batch::gather(windows, &rows, style);
+    let forget_tokens = batch.seqs[forget.len()] as usize;
     let mut rng = keyed_rng(seed, Purpose::RandomLabels, step);
-    for y in batch.inputs.labels[..forget.len() * t].iter_mut() {
+    for y in batch.inputs.labels[..forget_tokens].iter_mut() {
         if *y != IGNORE_INDEX && n_labels > 1 {
             // a label drawn uniformly among the n-1 wrong ones
             let r = below(&mut rng, n_labels as u64 - 1) as i32;

@@ -324,7 +324,7 @@ pub fn run<B: Backend>(
         .filter(|&i| !is_forget[windows[i].sentence])
         .collect();
     let forget_windows: Vec<Window> = forget_w.iter().map(|&i| windows[i].clone()).collect();
-    let (pad, style) = (orig.encoder.special_ids().pad, orig.position_style());
+    let style = orig.position_style();
     let t_eval = Instant::now();
     let cache = inp
         .eval_cache
@@ -332,7 +332,7 @@ pub fn run<B: Backend>(
         .unwrap_or_else(|| inp.out.join("checkpoints").join("eval-cache"));
     let ref_original = cached_eval_model(&orig, &mut model, &data, &inp.forget, cfg.max_len, &cache, "original")?;
     let orig_eval_seconds = t_eval.elapsed().as_secs_f64();
-    let (emb_before, emb_labels) = labelled_hidden(&mut model, &forget_windows, pad, style);
+    let (emb_before, emb_labels) = labelled_hidden(&mut model, &forget_windows, style);
     let target = ref_original["dev"]["f1"].as_f64().unwrap_or(0.0);
     eprintln!(
         "original: forget F1 {:.4}, retain F1 {:.4}, dev F1 {:.4}, test F1 {:.4}, MIA AUC {:.4}",
@@ -435,7 +435,7 @@ pub fn run<B: Backend>(
     let (ev, emb_after) = match &unlearned {
         Final::Model(clf) => {
             let ev = evaluate(clf, &mut model, &data, Some(&inp.forget), true, cfg.max_len)?;
-            (ev, labelled_hidden(&mut model, &forget_windows, pad, style).0)
+            (ev, labelled_hidden(&mut model, &forget_windows, style).0)
         }
         // An ensemble has no one embedding space: report.html says so instead of a picture.
         Final::Sisa(u) => (
@@ -652,7 +652,7 @@ fn unlearn_loop<B: Backend>(
         }
     }
     let o_id = orig.labels.id("O").map_or(-1, |i| i as i32);
-    let (pad, style) = (orig.encoder.special_ids().pad, orig.position_style());
+    let style = orig.position_style();
     let mut contrast = Contrast::new(&model.be, (2 * cfg.bf + cfg.br) * cfg.max_len, model.dims.hidden);
     let pb = progress(budget, cfg.method.name(), inp.quiet);
     pb.set_position(state.step);
@@ -697,7 +697,7 @@ fn unlearn_loop<B: Backend>(
         let mut enqueued = None;
         let started = match cfg.method {
             Method::Deepcut => {
-                let bz = deepcut::assemble(windows, &fb, &rb, pad, style, o_id, cfg.anchors);
+                let bz = deepcut::assemble(windows, &fb, &rb, style, o_id, cfg.anchors);
                 state.tokens += bz.0.n_tokens() as u64;
                 enqueue(model, &mut contrast, &mut opt, &mut ring, &bz);
                 enqueued = Some(bz);
@@ -705,17 +705,14 @@ fn unlearn_loop<B: Backend>(
             }
             method => {
                 let losses = match method {
-                    Method::Finetune => methods::finetune_step(model, windows, &rb, pad, style, mode),
-                    Method::GradientAscent => methods::gradient_ascent_step(model, windows, &fb, pad, style, mode),
-                    Method::NeggradPlus => {
-                        methods::neggrad_plus_step(model, windows, &fb, &rb, pad, style, cfg.beta, mode)
-                    }
+                    Method::Finetune => methods::finetune_step(model, windows, &rb, style, mode),
+                    Method::GradientAscent => methods::gradient_ascent_step(model, windows, &fb, style, mode),
+                    Method::NeggradPlus => methods::neggrad_plus_step(model, windows, &fb, &rb, style, cfg.beta, mode),
                     Method::RandomLabels => methods::random_labels_step(
                         model,
                         windows,
                         &fb,
                         &rb,
-                        pad,
                         style,
                         orig.labels.len(),
                         cfg.seed,

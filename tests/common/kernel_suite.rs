@@ -126,12 +126,27 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
         up(&fill(n * c, 5)),
         up(&fill(n * c, 6)),
     );
-    let mask = up(&vec![1.0; n]);
-    let (mut out, mut lse) = (be.alloc(n * c), be.alloc(b * h * t));
+    // b full sequences of t tokens, packed
+    let seqs = up_i(&(0..=b).map(|r| (r * t) as i32).collect::<Vec<_>>());
+    let (mut out, mut lse) = (be.alloc(n * c), be.alloc(n * h));
     let (mut dq, mut dk, mut dv) = (be.alloc(n * c), be.alloc(n * c), be.alloc(n * c));
     let att = 4 * (b * t * t * c) as u64;
     run("attention_fwd/fp32", Work::Flops(att), &mut || {
-        be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &mask, b, t, h, d, drop, Precision::Fp32)
+        be.attention_fwd(
+            &mut out,
+            &mut lse,
+            &q,
+            &k,
+            &v,
+            &seqs,
+            b,
+            n,
+            t,
+            h,
+            d,
+            drop,
+            Precision::Fp32,
+        )
     });
     run("attention_bwd/fp32", Work::Flops(att * 5 / 2), &mut || {
         be.attention_bwd(
@@ -144,8 +159,9 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
             &v,
             &out,
             &lse,
-            &mask,
+            &seqs,
             b,
+            n,
             t,
             h,
             d,
@@ -163,11 +179,11 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
         );
         let (mut out, mut dq, mut dk, mut dv) = (lo_zero(n * c), lo_zero(n * c), lo_zero(n * c), lo_zero(n * c));
         run("attention_fwd/bf16", Work::Flops(att), &mut || {
-            be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &mask, b, t, h, d, drop, bf)
+            be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &seqs, b, n, t, h, d, drop, bf)
         });
         run("attention_bwd/bf16", Work::Flops(att * 5 / 2), &mut || {
             be.attention_bwd(
-                &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &mask, b, t, h, d, drop, bf,
+                &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &seqs, b, n, t, h, d, drop, bf,
             )
         });
     }

@@ -1,12 +1,19 @@
-//! Multi-head self-attention core with a key padding mask and dropout on the
-//! probabilities. CPU twin of kernels/attention.cu (which tiles FlashAttention-style and
-//! never stores the t x t matrix; here one head's t x t scores live only inside its task).
+//! Multi-head self-attention core over packed variable-length sequences, with dropout on
+//! the probabilities. CPU twin of kernels/attention.cu (which tiles FlashAttention-style
+//! and never stores the L x L matrix; here one head's L x L scores live only inside its
+//! task).
 //!
-//! Layout: q, k, v, out are [b, t, h*d], heads interleaved exactly as the HF query/key/value
-//! linear layers produce them, so no transposes are needed around the op: each head's
-//! GEMMs read its [t, d] block in place through strided views.
-//! lse [b, h, t] is the per-row logsumexp of the scaled, masked scores; backward
-//! recomputes the probabilities from it. Scores use scale 1/sqrt(d) as in BERT.
+//! Layout (FlashAttention's "varlen"): q, k, v, out are [n, h*d], the b sequences packed
+//! one after another with no padding: sequence r is tokens seqs[r] .. seqs[r+1] (seqs
+//! [b+1], seqs[0] = 0, seqs[b] = n). Every token of a sequence attends to every token of
+//! it and to nothing else, so no key mask is needed and no work is spent on padding: a
+//! batch of short sentences costs its real tokens, not b times the longest. Heads are
+//! interleaved exactly as the HF query/key/value linear layers produce them, so no
+//! transposes are needed around the op: each head's GEMMs read its [L, d] block in place
+//! through strided views. lse [n, h] is the per-row logsumexp of the scaled scores;
+//! backward recomputes the probabilities from it. Scores use scale 1/sqrt(d) as in BERT.
+//! t is the longest sequence: the dropout counter of probability (i, j) of head hi of
+//! sequence r is ((r h + hi) t + i) t + j.
 //!
 //! Precision (`inputs`): in fp32 the softmax is the natural-exp one above. In bf16 / fp16
 //! this is the twin of kernels/attention_mma.cu (tensor cores) and rounds where it does:
@@ -48,32 +55,53 @@ fn prob_index(bi: usize, hi: usize, i: usize, j: usize, t: usize, h: usize) -> u
     (((bi * h + hi) * t + i) * t + j) as u64
 }
 
-/// Head `hi` of sequence `bi` in a [b, t, h*d] tensor, as a [t, d] view.
-fn head(x: &[f32], bi: usize, hi: usize, t: usize, h: usize, d: usize) -> View<'_> {
+/// Head `hi` of the sequence starting at token `s0` of a packed [n, h*d] tensor, as an
+/// [L, d] view (the caller bounds the rows).
+fn head(x: &[f32], s0: usize, hi: usize, h: usize, d: usize) -> View<'_> {
     View {
         data: x,
-        offset: bi * t * h * d + hi * d,
+        offset: s0 * h * d + hi * d,
         row_stride: h * d,
         col_stride: 1,
     }
 }
 
-/// Copies a dense [t, d] block into head `hi` of sequence `bi` of a [b, t, h*d] tensor.
-fn scatter_head(x: &mut [f32], src: &[f32], bi: usize, hi: usize, t: usize, h: usize, d: usize) {
+/// Copies a dense [L, d] block into head `hi` of the sequence starting at token `s0`.
+fn scatter_head(x: &mut [f32], src: &[f32], s0: usize, hi: usize, h: usize, d: usize) {
     let c = h * d;
-    for i in 0..t {
-        let base = (bi * t + i) * c + hi * d;
-        x[base..base + d].copy_from_slice(&src[i * d..(i + 1) * d]);
+    for (i, row) in src.chunks(d).enumerate() {
+        let base = (s0 + i) * c + hi * d;
+        x[base..base + d].copy_from_slice(row);
     }
 }
 
+/// Start and length of every sequence of `seqs` [b+1], checked against n tokens and the
+/// longest length t (the dropout counter's stride).
+pub(crate) fn spans(seqs: &[i32], b: usize, n: usize, t: usize) -> Vec<(usize, usize)> {
+    assert!(
+        seqs.len() > b,
+        "attention: seqs holds {} offsets, {} sequences need {}",
+        seqs.len(),
+        b,
+        b + 1
+    );
+    assert_eq!(seqs[0], 0, "attention: seqs[0] must be 0");
+    assert_eq!(seqs[b] as usize, n, "attention: seqs[b] = {} but n = {n}", seqs[b]);
+    (0..b)
+        .map(|r| {
+            let (s0, s1) = (seqs[r], seqs[r + 1]);
+            assert!(s1 >= s0, "attention: seqs decreases at sequence {r}");
+            let len = (s1 - s0) as usize;
+            assert!(len <= t, "attention: sequence {r} has {len} tokens, more than t = {t}");
+            (s0 as usize, len)
+        })
+        .collect()
+}
+
 multiversion! {
-    /// Row i of s [t, t] (scaled scores) becomes softmax over real keys (masked keys
-    /// exactly 0) times the dropout factors in `fac` [t]; returns the row's logsumexp.
-    fn softmax_dropout_row(row: &mut [f32], mask: &[f32], fac: &[f32], dropout_on: bool) -> f32 {
-        for (x, &m) in row.iter_mut().zip(mask) {
-            *x = if m > 0.5 { *x } else { f32::NEG_INFINITY };
-        }
+    /// Row i of s [L, L] (scaled scores) becomes softmax times the dropout factors in
+    /// `fac` [L]; returns the row's logsumexp.
+    fn softmax_dropout_row(row: &mut [f32], fac: &[f32], dropout_on: bool) -> f32 {
         let mx = simd::max(row);
         for x in row.iter_mut() {
             *x = simd::exp(*x - mx);
@@ -95,11 +123,10 @@ multiversion! {
 
 multiversion! {
     /// Backward, first pass over row i: from the recomputed scaled scores `p` (in place),
-    /// p = exp(s - lse) on real keys and 0 on masked ones, and pf = p * fac.
-    fn probs_row(p: &mut [f32], pf: &mut [f32], mask: &[f32], fac: &[f32], lse: f32) {
-        for ((x, y), (&m, &f)) in p.iter_mut().zip(pf.iter_mut()).zip(mask.iter().zip(fac)) {
-            let e = simd::exp(*x - lse);
-            *x = if m > 0.5 { e } else { 0.0 };
+    /// p = exp(s - lse), and pf = p * fac.
+    fn probs_row(p: &mut [f32], pf: &mut [f32], fac: &[f32], lse: f32) {
+        for ((x, y), &f) in p.iter_mut().zip(pf.iter_mut()).zip(fac) {
+            *x = simd::exp(*x - lse);
             *y = *x * f;
         }
     }
@@ -115,43 +142,30 @@ multiversion! {
 }
 
 /// Forward row in bf16 / fp16 (kernels/attention_mma.cu): the scaled scores in `row` become
-/// round(p f) with p = 2^(s log2 e - M) over real keys (0 on masked ones); returns lse and
-/// 1 / l, by which the row of P V is multiplied. A row without real keys gives zeros and
-/// lse = -inf, as the kernel.
-fn softmax_row_rounded(row: &mut [f32], mask: &[f32], fac: &[f32], dropout_on: bool, prec: Precision) -> (f32, f32) {
+/// round(p f) with p = 2^(s log2 e - M); returns lse and 1 / l, by which the row of P V is
+/// multiplied.
+fn softmax_row_rounded(row: &mut [f32], fac: &[f32], dropout_on: bool, prec: Precision) -> (f32, f32) {
     let mut mx = f32::NEG_INFINITY;
-    for (x, &m) in row.iter_mut().zip(mask) {
-        *x = if m > 0.5 { *x * LOG2_E } else { f32::NEG_INFINITY };
+    for x in row.iter_mut() {
+        *x *= LOG2_E;
         mx = mx.max(*x);
-    }
-    if mx == f32::NEG_INFINITY {
-        row.fill(0.0);
-        return (f32::NEG_INFINITY, 0.0);
     }
     let big = mx.ceil();
     let mut l = 0f32;
     for (x, &f) in row.iter_mut().zip(fac) {
-        let p = if *x == f32::NEG_INFINITY {
-            0.0
-        } else {
-            (*x - big).exp2()
-        };
+        let p = (*x - big).exp2();
         l += p;
         *x = round_to(if dropout_on { p * f } else { p }, prec);
     }
     ((big + l.log2()) * LN_2, 1.0 / l)
 }
 
-/// Backward, first pass over row i in bf16 / fp16: p = 2^(s log2 e - lse log2 e) on real
-/// keys (in place of the scaled scores), pf = round(p f).
-fn probs_row_rounded(p: &mut [f32], pf: &mut [f32], mask: &[f32], fac: &[f32], lse: f32, prec: Precision) {
+/// Backward, first pass over row i in bf16 / fp16: p = 2^(s log2 e - lse log2 e) (in place
+/// of the scaled scores), pf = round(p f).
+fn probs_row_rounded(p: &mut [f32], pf: &mut [f32], fac: &[f32], lse: f32, prec: Precision) {
     let ls2 = lse * LOG2_E;
-    for ((x, y), (&m, &f)) in p.iter_mut().zip(pf.iter_mut()).zip(mask.iter().zip(fac)) {
-        *x = if m > 0.5 && lse != f32::NEG_INFINITY {
-            (*x * LOG2_E - ls2).exp2()
-        } else {
-            0.0
-        };
+    for ((x, y), &f) in p.iter_mut().zip(pf.iter_mut()).zip(fac) {
+        *x = (*x * LOG2_E - ls2).exp2();
         *y = round_to(*x * f, prec);
     }
 }
@@ -169,17 +183,22 @@ struct FwdScratch {
     fac: Vec<f32>,
 }
 
-/// Per (sequence, head): S = Q K^T / sqrt(d), P = softmax(S) over real keys, P' = P with
-/// dropout, O = P' V. The t x t block exists only inside one task. `inputs`: see the
-/// module comment.
+/// Per (sequence, head): S = Q K^T / sqrt(d), P = softmax(S), P' = P with dropout,
+/// O = P' V. The L x L block exists only inside one task. `inputs`: see the module comment.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd(
-    out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32], mask: &[f32], b: usize, t: usize, h: usize,
-    d: usize, dropout: Dropout, inputs: Precision,
+    out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32], seqs: &[i32], b: usize, n: usize, t: usize,
+    h: usize, d: usize, dropout: Dropout, inputs: Precision,
 ) {
+    let spans = spans(seqs, b, n, t);
     let scale = 1.0 / (d as f32).sqrt();
     let on = dropout.is_on();
-    let (q, k, v) = (rounded(q, inputs), rounded(k, inputs), rounded(v, inputs));
+    let c = h * d;
+    let (q, k, v) = (
+        rounded(&q[..n * c], inputs),
+        rounded(&k[..n * c], inputs),
+        rounded(&v[..n * c], inputs),
+    );
     let (q, k, v) = (&q[..], &k[..], &v[..]);
     let results: Vec<(Vec<f32>, Vec<f32>)> = (0..b * h)
         .into_par_iter()
@@ -190,40 +209,41 @@ pub fn attention_fwd(
             },
             |scr, task| {
                 let (bi, hi) = (task / h, task % h);
-                let m = &mask[bi * t..(bi + 1) * t];
-                let s = &mut scr.s;
-                // S [t, t] = scale * Q_h K_h^T
+                let (s0, len) = spans[bi];
+                let s = &mut scr.s[..len * len];
+                let fac = &mut scr.fac[..len];
+                // S [L, L] = scale * Q_h K_h^T
                 gemm_view(
                     s,
-                    head(q, bi, hi, t, h, d),
-                    head(k, bi, hi, t, h, d).t(),
-                    t,
-                    t,
+                    head(q, s0, hi, h, d),
+                    head(k, s0, hi, h, d).t(),
+                    len,
+                    len,
                     d,
                     scale,
                     0.0,
                 );
-                let mut lh = vec![0f32; t];
-                let mut inv_l = vec![1f32; t];
-                for (i, row) in s.chunks_mut(t).enumerate() {
+                let mut lh = vec![0f32; len];
+                let mut inv_l = vec![1f32; len];
+                for (i, row) in s.chunks_mut(len.max(1)).enumerate() {
                     if on {
-                        dropout.fill_factors(prob_index(bi, hi, i, 0, t, h), &mut scr.fac);
+                        dropout.fill_factors(prob_index(bi, hi, i, 0, t, h), fac);
                     }
                     if inputs == Precision::Fp32 {
-                        lh[i] = softmax_dropout_row(row, m, &scr.fac, on);
+                        lh[i] = softmax_dropout_row(row, fac, on);
                     } else {
-                        (lh[i], inv_l[i]) = softmax_row_rounded(row, m, &scr.fac, on, inputs);
+                        (lh[i], inv_l[i]) = softmax_row_rounded(row, fac, on, inputs);
                     }
                 }
-                // O_h [t, d] = P' V_h
-                let mut oh = vec![0f32; t * d];
+                // O_h [L, d] = P' V_h
+                let mut oh = vec![0f32; len * d];
                 gemm_view(
                     &mut oh,
-                    View::rows(s, 0, t),
-                    head(v, bi, hi, t, h, d),
-                    t,
+                    View::rows(s, 0, len),
+                    head(v, s0, hi, h, d),
+                    len,
                     d,
-                    t,
+                    len,
                     1.0,
                     0.0,
                 );
@@ -238,13 +258,16 @@ pub fn attention_fwd(
         .collect();
     for (task, (oh, lh)) in results.into_iter().enumerate() {
         let (bi, hi) = (task / h, task % h);
-        scatter_head(out, &oh, bi, hi, t, h, d);
-        lse[(bi * h + hi) * t..(bi * h + hi + 1) * t].copy_from_slice(&lh);
+        let s0 = spans[bi].0;
+        scatter_head(out, &oh, s0, hi, h, d);
+        for (i, &l) in lh.iter().enumerate() {
+            lse[(s0 + i) * h + hi] = l;
+        }
     }
 }
 
 /// Per-task scratch of the backward pass: P, P with dropout, the dropout factors and dP
-/// (then dS), each [t, t].
+/// (then dS), each [L, L] (allocated [t, t]).
 struct BwdScratch {
     p: Vec<f32>,
     pf: Vec<f32>,
@@ -258,23 +281,24 @@ struct BwdScratch {
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], q: &[f32], k: &[f32], v: &[f32], out: &[f32],
-    lse: &[f32], mask: &[f32], b: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
+    lse: &[f32], seqs: &[i32], b: usize, n: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
 ) {
+    let spans = spans(seqs, b, n, t);
     let scale = 1.0 / (d as f32).sqrt();
     let c = h * d;
     let (q, k, v, dout, out) = (
-        rounded(q, inputs),
-        rounded(k, inputs),
-        rounded(v, inputs),
-        rounded(dout, inputs),
-        rounded(out, inputs),
+        rounded(&q[..n * c], inputs),
+        rounded(&k[..n * c], inputs),
+        rounded(&v[..n * c], inputs),
+        rounded(&dout[..n * c], inputs),
+        rounded(&out[..n * c], inputs),
     );
     let (q, k, v, dout, out) = (&q[..], &k[..], &v[..], &dout[..], &out[..]);
-    // D [b*t, h] = dO . O per row and head, in one streaming pass (inside the tasks these
+    // D [n, h] = dO . O per row and head, in one streaming pass (inside the tasks these
     // strided reads missed the cache; the sums are the same).
-    let dvec: Vec<f32> = dout[..b * t * c]
+    let dvec: Vec<f32> = dout
         .par_chunks(c)
-        .zip(out[..b * t * c].par_chunks(c))
+        .zip(out.par_chunks(c))
         .flat_map_iter(|(g, o)| g.chunks(d).zip(o.chunks(d)).map(|(g, o)| dot(g, o)))
         .collect();
     type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
@@ -289,34 +313,44 @@ pub fn attention_bwd(
             },
             |scr, task| {
                 let (bi, hi) = (task / h, task % h);
-                let m = &mask[bi * t..(bi + 1) * t];
-                let lh = &lse[(bi * h + hi) * t..(bi * h + hi + 1) * t];
+                let (s0, len) = spans[bi];
+                let ll = len * len;
                 let (qh, kh, vh, doh) = (
-                    head(q, bi, hi, t, h, d),
-                    head(k, bi, hi, t, h, d),
-                    head(v, bi, hi, t, h, d),
-                    head(dout, bi, hi, t, h, d),
+                    head(q, s0, hi, h, d),
+                    head(k, s0, hi, h, d),
+                    head(v, s0, hi, h, d),
+                    head(dout, s0, hi, h, d),
                 );
                 // P recomputed from the saved logsumexp, and P with dropout
-                gemm_view(&mut scr.p, qh, kh.t(), t, t, d, scale, 0.0);
-                for (i, &li) in lh.iter().enumerate() {
-                    let r = i * t..(i + 1) * t;
+                gemm_view(&mut scr.p[..ll], qh, kh.t(), len, len, d, scale, 0.0);
+                for i in 0..len {
+                    let li = lse[(s0 + i) * h + hi];
+                    let r = i * len..(i + 1) * len;
                     dropout.fill_factors(prob_index(bi, hi, i, 0, t, h), &mut scr.fac[r.clone()]);
                     let (p, pf, fac) = (&mut scr.p[r.clone()], &mut scr.pf[r.clone()], &scr.fac[r]);
                     if inputs == Precision::Fp32 {
-                        probs_row(p, pf, m, fac, li);
+                        probs_row(p, pf, fac, li);
                     } else {
-                        probs_row_rounded(p, pf, m, fac, li, inputs);
+                        probs_row_rounded(p, pf, fac, li, inputs);
                     }
                 }
                 // dV_h = (P f)^T dO_h
-                let mut dvh = vec![0f32; t * d];
-                gemm_view(&mut dvh, View::rows(&scr.pf, 0, t).t(), doh, t, d, t, 1.0, 0.0);
+                let mut dvh = vec![0f32; len * d];
+                gemm_view(
+                    &mut dvh,
+                    View::rows(&scr.pf[..ll], 0, len).t(),
+                    doh,
+                    len,
+                    d,
+                    len,
+                    1.0,
+                    0.0,
+                );
                 // dP = dO_h V_h^T, then dS in place
-                gemm_view(&mut scr.ds, doh, vh.t(), t, t, d, 1.0, 0.0);
-                for i in 0..t {
-                    let di = dvec[(bi * t + i) * h + hi];
-                    let r = i * t..(i + 1) * t;
+                gemm_view(&mut scr.ds[..ll], doh, vh.t(), len, len, d, 1.0, 0.0);
+                for i in 0..len {
+                    let di = dvec[(s0 + i) * h + hi];
+                    let r = i * len..(i + 1) * len;
                     let (ds, p, fac) = (&mut scr.ds[r.clone()], &scr.p[r.clone()], &scr.fac[r]);
                     if inputs == Precision::Fp32 {
                         dscores_row(ds, p, fac, di, scale);
@@ -325,21 +359,22 @@ pub fn attention_bwd(
                     }
                 }
                 // dQ_h = dS K_h, dK_h = dS^T Q_h
-                let (mut dqh, mut dkh) = (vec![0f32; t * d], vec![0f32; t * d]);
-                let ds = View::rows(&scr.ds, 0, t);
-                gemm_view(&mut dqh, ds, kh, t, d, t, 1.0, 0.0);
-                gemm_view(&mut dkh, ds.t(), qh, t, d, t, 1.0, 0.0);
+                let (mut dqh, mut dkh) = (vec![0f32; len * d], vec![0f32; len * d]);
+                let ds = View::rows(&scr.ds[..ll], 0, len);
+                gemm_view(&mut dqh, ds, kh, len, d, len, 1.0, 0.0);
+                gemm_view(&mut dkh, ds.t(), qh, len, d, len, 1.0, 0.0);
                 (dqh, dkh, dvh)
             },
         )
         .collect();
     for (task, (mut dqh, mut dkh, mut dvh)) in results.into_iter().enumerate() {
         let (bi, hi) = (task / h, task % h);
+        let s0 = spans[bi].0;
         for g in [&mut dqh, &mut dkh, &mut dvh] {
             round_in_place(g, inputs);
         }
-        scatter_head(dq, &dqh, bi, hi, t, h, d);
-        scatter_head(dk, &dkh, bi, hi, t, h, d);
-        scatter_head(dv, &dvh, bi, hi, t, h, d);
+        scatter_head(dq, &dqh, s0, hi, h, d);
+        scatter_head(dk, &dkh, s0, hi, h, d);
+        scatter_head(dv, &dvh, s0, hi, h, d);
     }
 }

@@ -153,17 +153,19 @@ impl Backend for Cpu {
         gelu::bias_gelu_bwd(dinp, dbias, dout, inp, bias, n, c, rounding)
     }
     fn attention_fwd(
-        &self, out: &mut Vec<f32>, lse: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, mask: &Vec<f32>,
-        b: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
+        &self, out: &mut Vec<f32>, lse: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, seqs: &Vec<i32>,
+        b: usize, n: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
     ) {
-        attention::attention_fwd(out, lse, q, k, v, mask, b, t, h, d, dropout, inputs)
+        attention::attention_fwd(out, lse, q, k, v, seqs, b, n, t, h, d, dropout, inputs)
     }
     fn attention_bwd(
         &self, dq: &mut Vec<f32>, dk: &mut Vec<f32>, dv: &mut Vec<f32>, dout: &Vec<f32>, q: &Vec<f32>, k: &Vec<f32>,
-        v: &Vec<f32>, out: &Vec<f32>, lse: &Vec<f32>, mask: &Vec<f32>, b: usize, t: usize, h: usize, d: usize,
-        dropout: Dropout, inputs: Precision,
+        v: &Vec<f32>, out: &Vec<f32>, lse: &Vec<f32>, seqs: &Vec<i32>, b: usize, n: usize, t: usize, h: usize,
+        d: usize, dropout: Dropout, inputs: Precision,
     ) {
-        attention::attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, mask, b, t, h, d, dropout, inputs)
+        attention::attention_bwd(
+            dq, dk, dv, dout, q, k, v, out, lse, seqs, b, n, t, h, d, dropout, inputs,
+        )
     }
     fn dropout_fwd(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize, d: Dropout, rounding: Precision) {
         dropout::dropout_fwd(out, inp, n, d, rounding)

@@ -83,44 +83,56 @@ fn cfg(b: usize, t: usize, h: usize, smem_floats: usize) -> LaunchConfig {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn check_sizes(what: &str, bufs: &[usize], mask: usize, b: usize, t: usize, h: usize, d: usize) {
-    assert!(
-        d <= MAX_HEAD_DIM,
-        "{what}: head dim {d} > {MAX_HEAD_DIM} is not supported by kernels/attention.cu"
-    );
-    let n = b * t * h * d;
-    int(n, "attention b*t*h*d");
-    int(b * h * t * t, "attention dropout counter b*h*t*t");
-    for &len in bufs {
-        need(len, n, what);
-    }
-    need(mask, b * t, what);
+/// The shape of a packed (varlen) attention call: b sequences of at most t tokens, n
+/// tokens in all, h heads of width d (`Backend::attention_fwd`).
+#[derive(Clone, Copy, Debug)]
+pub struct Packed {
+    pub b: usize,
+    pub n: usize,
+    pub t: usize,
+    pub h: usize,
+    pub d: usize,
 }
 
-/// out = softmax(q k^T / sqrt(d) + key mask) v with dropout on the probabilities; lse
-/// [b, h, t] saved. q, k, v, out [b, t, h*d]; mask [b, t]. `inputs` bf16 / fp16: the
-/// tensor-core kernel, on fp32 buffers or on 16-bit ones of that type (all four alike).
+impl Packed {
+    /// Checks the sizes the kernels index by: every activation buffer holds n * h * d, lse
+    /// (and D) n * h, seqs b + 1 offsets, the dropout counter fits 64 bits and the rest
+    /// the kernels' int arithmetic. The offsets themselves are the host's (the batcher
+    /// builds them, `cpu::attention::spans` states the contract) and are not read back.
+    fn check(&self, what: &str, bufs: &[usize], lse: usize, seqs: usize) -> (i32, i32, i32, i32) {
+        let Packed { b, n, t, h, d } = *self;
+        assert!(
+            d <= MAX_HEAD_DIM,
+            "{what}: head dim {d} > {MAX_HEAD_DIM} is not supported by kernels/attention.cu"
+        );
+        assert!(n <= b * t, "{what}: {n} tokens in {b} sequences of at most {t}");
+        int(n * h * d, "attention n*h*d");
+        int(b * h * t, "attention b*h*t");
+        for &len in bufs {
+            need(len, n * h * d, what);
+        }
+        need(lse, n * h, what);
+        need(seqs, b + 1, what);
+        (int(b, "b"), int(t, "t"), int(h, "h"), int(d, "d"))
+    }
+}
+
+/// out = softmax(q k^T / sqrt(d)) v within each packed sequence, with dropout on the
+/// probabilities; lse [n, h] saved. q, k, v, out [n, h*d]; seqs [b+1] (`Backend::
+/// attention_fwd`). `inputs` bf16 / fp16: the tensor-core kernel, on fp32 buffers or on
+/// 16-bit ones of that type (all four alike).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd(
     cu: &Cuda, out: &mut CudaBuf, lse: &mut CudaSlice<f32>, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf,
-    mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
+    seqs: &CudaSlice<i32>, shape: Packed, dropout: Dropout, inputs: Precision,
 ) {
-    if b * t * h == 0 {
+    let Packed { b, n, t, h, d } = shape;
+    if n * h == 0 {
         return;
     }
     let _r = cu.range("attention_fwd");
-    check_sizes(
-        "attention_fwd",
-        &[out.len(), q.len(), k.len(), v.len()],
-        mask.len(),
-        b,
-        t,
-        h,
-        d,
-    );
-    need(lse.len(), b * h * t, "attention_fwd lse");
-    let (bi, ti, hi, di) = (int(b, "b"), int(t, "t"), int(h, "h"), int(d, "d"));
+    let bufs = [out.len(), q.len(), k.len(), v.len()];
+    let (bi, ti, hi, di) = shape.check("attention_fwd", &bufs, lse.len(), seqs.len());
     let args = DropoutArgs::from(dropout);
     if inputs != Precision::Fp32 {
         let io = io_code("attention_fwd", &[out, q, k, v], inputs);
@@ -128,7 +140,7 @@ pub fn attention_fwd(
         let s = &cu.stream;
         let (po, pq, pk, pv) = (out.addr(s), q.addr(s), k.addr(s), v.addr(s));
         let mut l = cu.stream.launch_builder(cu.func(name));
-        l.arg(&po).arg(lse).arg(&pq).arg(&pk).arg(&pv).arg(mask);
+        l.arg(&po).arg(lse).arg(&pq).arg(&pk).arg(&pv).arg(seqs);
         l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args).arg(&io);
         // SAFETY: the same signature, reads and writes as attention_fwd_f32 below, out, q,
         // k and v untyped and then `int io` (1: they are 16-bit buffers, checked above);
@@ -144,13 +156,13 @@ pub fn attention_fwd(
         .arg(q.f32(w))
         .arg(k.f32(w))
         .arg(v.f32(w))
-        .arg(mask);
+        .arg(seqs);
     l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args);
     // SAFETY: (float* out, float* lse, const float* q, const float* k, const float* v, const
-    // float* mask, int b, int t, int h, int d, DropoutArgs drop); block (query tile, head,
-    // sequence) reads rows < t of its head of q, k, v and mask[bi*t..][..t], writes its
-    // query rows of out and lse; sizes checked above; dynamic shared memory as the kernel's
-    // comment specifies (< 48 KiB for d <= 128).
+    // int* seqs, int b, int t, int h, int d, DropoutArgs drop); block (query tile, head,
+    // sequence) reads the rows seqs[bi] .. seqs[bi+1] (< n, the batcher's offsets) of its
+    // head of q, k, v, writes its query rows of out and lse; sizes checked above; dynamic
+    // shared memory as the kernel's comment specifies (< 48 KiB for d <= 128).
     check(unsafe { l.launch(cfg(b, t, h, smem)) }, "attention_fwd_f32");
 }
 
@@ -160,36 +172,28 @@ pub fn attention_fwd(
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     cu: &Cuda, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf,
-    v: &CudaBuf, out: &CudaBuf, lse: &CudaSlice<f32>, mask: &CudaSlice<f32>, b: usize, t: usize, h: usize, d: usize,
-    dropout: Dropout, inputs: Precision,
+    v: &CudaBuf, out: &CudaBuf, lse: &CudaSlice<f32>, seqs: &CudaSlice<i32>, shape: Packed, dropout: Dropout,
+    inputs: Precision,
 ) {
-    if b * t * h == 0 {
+    let Packed { b, n, t, h, d } = shape;
+    if n * h == 0 {
         return;
     }
     let _r = cu.range("attention_bwd");
-    check_sizes(
-        "attention_bwd",
-        &[
-            dq.len(),
-            dk.len(),
-            dv.len(),
-            dout.len(),
-            q.len(),
-            k.len(),
-            v.len(),
-            out.len(),
-        ],
-        mask.len(),
-        b,
-        t,
-        h,
-        d,
-    );
-    need(lse.len(), b * h * t, "attention_bwd lse");
-    let (bi, ti, hi, di) = (int(b, "b"), int(t, "t"), int(h, "h"), int(d, "d"));
+    let bufs = [
+        dq.len(),
+        dk.len(),
+        dv.len(),
+        dout.len(),
+        q.len(),
+        k.len(),
+        v.len(),
+        out.len(),
+    ];
+    let (bi, ti, hi, di) = shape.check("attention_bwd", &bufs, lse.len(), seqs.len());
     let args = DropoutArgs::from(dropout);
     let mut guard = cu.scratch.lock().unwrap();
-    let dvec = ensure(&cu.stream, &mut guard.f32_b, b * h * t);
+    let dvec = ensure(&cu.stream, &mut guard.f32_b, n * h);
 
     if inputs != Precision::Fp32 {
         let io = io_code("attention_bwd", &[dq, dk, dv, dout, q, k, v, out], inputs);
@@ -209,7 +213,7 @@ pub fn attention_bwd(
             .arg(&pv)
             .arg(&po)
             .arg(lse)
-            .arg(mask);
+            .arg(seqs);
         l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args).arg(&io);
         // SAFETY: as attention_bwd_dq_f32 below, the activations untyped and then `int io`
         // (1: they are 16-bit buffers, checked above).
@@ -223,7 +227,7 @@ pub fn attention_bwd(
             .arg(&pv)
             .arg(lse)
             .arg(&*dvec)
-            .arg(mask);
+            .arg(seqs);
         l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args).arg(&io);
         // SAFETY: as attention_bwd_dkdv_f32 below, the activations untyped and then `int io`;
         // dvec written by the launch before on the same stream.
@@ -244,13 +248,12 @@ pub fn attention_bwd(
         .arg(v)
         .arg(out)
         .arg(lse)
-        .arg(mask);
+        .arg(seqs);
     l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args);
     // SAFETY: (float* dq, float* dvec, const float* dout, const float* q, const float* k,
-    // const float* v, const float* out, const float* lse, const float* mask, int b, int t,
-    // int h, int d, DropoutArgs drop); each block writes its
-    // query rows of dq and dvec [b*h*t] (ensure), reads rows < t of its head; sizes checked
-    // above.
+    // const float* v, const float* out, const float* lse, const int* seqs, int b, int t,
+    // int h, int d, DropoutArgs drop); each block writes its query rows of dq and dvec
+    // [n, h] (ensure), reads the rows of its sequence and head; sizes checked above.
     check(unsafe { l.launch(cfg_dq) }, "attention_bwd_dq_f32");
 
     let mut l = cu.stream.launch_builder(cu.func("attention_bwd_dkdv_f32"));
@@ -262,12 +265,12 @@ pub fn attention_bwd(
         .arg(v)
         .arg(lse)
         .arg(&*dvec)
-        .arg(mask);
+        .arg(seqs);
     l.arg(&bi).arg(&ti).arg(&hi).arg(&di).arg(&args);
     // SAFETY: (float* dk, float* dv, const float* dout, const float* q, const float* k,
-    // const float* v, const float* lse, const float* dvec, const float* mask, int b, int t,
-    // int h, int d, DropoutArgs drop); each block writes its
-    // key rows of dk and dv, reads rows < t of its head and dvec written by the launch
-    // before on the same stream.
+    // const float* v, const float* lse, const float* dvec, const int* seqs, int b, int t,
+    // int h, int d, DropoutArgs drop); each block writes its key rows of dk and dv, reads
+    // the rows of its sequence and head and dvec written by the launch before on the
+    // same stream.
     check(unsafe { l.launch(cfg_dkdv) }, "attention_bwd_dkdv_f32");
 }

@@ -788,32 +788,20 @@ impl Backend for Cuda {
         gelu::bias_gelu_bwd(self, dinp, dbias.f32_mut(w), dout, inp, bias.f32(w), n, c, rounding)
     }
     fn attention_fwd(
-        &self, out: &mut CudaBuf, lse: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, mask: &CudaBuf, b: usize,
-        t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
+        &self, out: &mut CudaBuf, lse: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, seqs: &CudaSlice<i32>,
+        b: usize, n: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
     ) {
         let w = "attention_fwd";
-        attention::attention_fwd(
-            self,
-            out,
-            lse.f32_mut(w),
-            q,
-            k,
-            v,
-            mask.f32(w),
-            b,
-            t,
-            h,
-            d,
-            dropout,
-            inputs,
-        )
+        let shape = attention::Packed { b, n, t, h, d };
+        attention::attention_fwd(self, out, lse.f32_mut(w), q, k, v, seqs, shape, dropout, inputs)
     }
     fn attention_bwd(
         &self, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf,
-        v: &CudaBuf, out: &CudaBuf, lse: &CudaBuf, mask: &CudaBuf, b: usize, t: usize, h: usize, d: usize,
-        dropout: Dropout, inputs: Precision,
+        v: &CudaBuf, out: &CudaBuf, lse: &CudaBuf, seqs: &CudaSlice<i32>, b: usize, n: usize, t: usize, h: usize,
+        d: usize, dropout: Dropout, inputs: Precision,
     ) {
         let w = "attention_bwd";
+        let shape = attention::Packed { b, n, t, h, d };
         attention::attention_bwd(
             self,
             dq,
@@ -825,11 +813,8 @@ impl Backend for Cuda {
             v,
             out,
             lse.f32(w),
-            mask.f32(w),
-            b,
-            t,
-            h,
-            d,
+            seqs,
+            shape,
             dropout,
             inputs,
         )
