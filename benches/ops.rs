@@ -247,22 +247,23 @@ fn layers(c: &mut Criterion) {
     bench(c, "dropout_bwd", "n,c", Throughput::Bytes(bytes(2 * N * C)), || {
         dropout::dropout_bwd(&mut dinp, &x, N * C, drop(), Precision::Fp32)
     });
-    // the forget rows' two views: B_f = 8 sequences
-    let nf = 8 * T * C;
-    let mut dup = vec![0f32; 2 * nf];
+    // the step's embedding dropout: B_f = 8 forget sequences embedded once, written twice
+    // (views a and b), and the B - 16 retain sequences
+    let (nf, ne) = (8 * T * C, (B - 8) * T * C);
+    let mut dup = vec![0f32; ne + nf];
     bench(
         c,
         "dropout_duplicate",
-        "8 seq",
-        Throughput::Bytes(bytes(3 * nf)),
-        || dropout::dropout_duplicate(&mut dup, &x[..nf], nf, drop()),
+        "b48 (8 repeated)",
+        Throughput::Bytes(bytes(2 * ne + nf)),
+        || dropout::dropout_duplicate(&mut dup, &x[..ne], nf, ne, drop(), Precision::Fp32),
     );
     bench(
         c,
         "dropout_duplicate_bwd",
-        "8 seq",
-        Throughput::Bytes(bytes(3 * nf)),
-        || dropout::dropout_duplicate_bwd(&mut out, &dup, nf, drop()),
+        "b48 (8 repeated)",
+        Throughput::Bytes(bytes(2 * ne + nf)),
+        || dropout::dropout_duplicate_bwd(&mut out, &dup, nf, ne, drop()),
     );
 
     let labels: Vec<i32> = (0..N).map(|i| (i % L) as i32).collect();

@@ -33,38 +33,69 @@ extern "C" __global__ void dropout_bwd_f32(void* dinp, int dinp_t, const void* d
     dropout_apply(dinp, dinp_t, dout, dout_t, n, d, round);
 }
 
-// The two dropout views of the forget rows from one read of their input:
-// out[0..n] = inp * factor(i), out[n..2n] = inp * factor(n + i), i.e. dropout_fwd over
-// [inp | inp] (view b's elements come after view a's, as in the batch
-// [forget a | forget b | retain]). One thread per input element.
-template <typename T>
-__device__ void dropout_duplicate(T* out, const T* inp, int n, DropoutArgs d) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float x = to_f32(inp[i]);
-    float fa = dropout_factor(d, (unsigned long long)i);
-    float fb = dropout_factor(d, (unsigned long long)(n + i));
-    out[i] = from_f32<T>(fa * x);
-    out[n + i] = from_f32<T>(fb * x);
+// The factors of out elements o0 .. o0 + 3 (o0 need not be a multiple of 4): one Philox
+// call when they form one counter group, one per element otherwise.
+__device__ __forceinline__ void factors4(const DropoutArgs& d, long long o0, float (&f)[4]) {
+    if ((o0 & 3) == 0) {
+        uint4 w = dropout_words(d, (unsigned long long)(o0 >> 2));
+#pragma unroll
+        for (int u = 0; u < 4; ++u) f[u] = factor_of_word(d, word_at(w, u));
+    } else {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) f[u] = dropout_factor(d, (unsigned long long)(o0 + u));
+    }
 }
 
-extern "C" __global__ void dropout_duplicate_f32(float* out, const float* inp, int n, DropoutArgs d) {
-    dropout_duplicate<float>(out, inp, n, d);
+// The factors of input elements i0 .. i0 + 3 of the dropout-duplicate pass: fa at their
+// view-a places (i, used where i < n_dup), fb at n_dup + i (view b and the rest); 1 when
+// the dropout is off.
+__device__ __forceinline__ void dup_factors(const DropoutArgs& d, int n_dup, long long i0, float (&fa)[4],
+                                            float (&fb)[4]) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) fa[u] = fb[u] = 1.0f;
+    if (!(d.p > 0.0f)) return;
+    factors4(d, n_dup + i0, fb);
+    if (i0 < n_dup) factors4(d, i0, fa);
 }
 
-// Backward of dropout_duplicate: both views' gradients meet in one input gradient,
-// dinp[i] = dout[i] * factor(i) + dout[n + i] * factor(n + i) (overwritten).
-template <typename T>
-__device__ void dropout_duplicate_bwd(T* dinp, const T* dout, int n, DropoutArgs d) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float fa = dropout_factor(d, (unsigned long long)i);
-    float fb = dropout_factor(d, (unsigned long long)(n + i));
-    float a = to_f32(dout[i]) * fa;
-    float b = to_f32(dout[n + i]) * fb;
-    dinp[i] = from_f32<T>(a + b);
+// The dropout-duplicate pass of a DeepCUT step: inp [n] (the embeddings of [forget |
+// retain] tokens), whose first n_dup elements are needed twice (views a and b of the forget
+// sequences, independent masks), read once: out [n + n_dup] = dropout of [inp[..n_dup] |
+// inp[..n_dup] | inp[n_dup..n]], each element masked by its index in out, rounded as
+// `round` says; bit for bit dropout_fwd over the doubled input. One thread per group of
+// four input elements: it writes them at o = n_dup + i (view b and the rest) and, where
+// i < n_dup, at o = i (view a).
+extern "C" __global__ void dropout_duplicate_f32(void* out, int out_t, const void* inp, int inp_t, int n_dup, int n,
+                                                 DropoutArgs d, int round) {
+    const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (i0 >= n) return;
+    float fa[4], fb[4];
+    dup_factors(d, n_dup, i0, fa, fb);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const long long i = i0 + u;
+        if (i >= n) break;
+        const float x = ld(inp, inp_t, i);
+        st(out, out_t, n_dup + i, round_as(fb[u] * x, round));
+        if (i < n_dup) st(out, out_t, i, round_as(fa[u] * x, round));
+    }
 }
 
-extern "C" __global__ void dropout_duplicate_bwd_f32(float* dinp, const float* dout, int n, DropoutArgs d) {
-    dropout_duplicate_bwd<float>(dinp, dout, n, d);
+// Backward of dropout_duplicate: dinp [n] (overwritten) = dout [n + n_dup] through the
+// masks, the two views' gradients of a duplicated element summed (a + b, as the CPU twin):
+// dinp[i] = dout[i] f(i) + dout[n_dup + i] f(n_dup + i) for i < n_dup, dout[n_dup + i]
+// f(n_dup + i) after. One thread per group of four elements of dinp.
+extern "C" __global__ void dropout_duplicate_bwd_f32(void* dinp, int dinp_t, const void* dout, int dout_t,
+                                                     int n_dup, int n, DropoutArgs d) {
+    const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (i0 >= n) return;
+    float fa[4], fb[4];
+    dup_factors(d, n_dup, i0, fa, fb);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const long long i = i0 + u;
+        if (i >= n) break;
+        const float b = ld(dout, dout_t, n_dup + i) * fb[u];
+        st(dinp, dinp_t, i, i < n_dup ? ld(dout, dout_t, i) * fa[u] + b : b);
+    }
 }

@@ -112,6 +112,40 @@ fn deepcut_step_gradient_matches_finite_differences() {
 }
 
 /// A tiny model with random weights (LayerNorm scales near 1) and dropout on.
+/// The forget sentences embedded once and both views made by the dropout-duplicate pass
+/// (`HostBatch::dup`, what `assemble` asks for) against the same batch embedded view by
+/// view: the forward pass is bit for bit the same (the masks are those of the views' token
+/// indices either way), the gradients the same up to summation order (the two views'
+/// gradients meet before the embedding LayerNorm's backward instead of after).
+#[test]
+fn forget_views_share_one_embedding_with_the_same_step() {
+    let w = windows();
+    let (batch, z) = assemble(&w, &[0, 1], &[2, 3], PositionStyle::Absolute, 0, Anchors::All);
+    assert_eq!(batch.inputs.dup, 2);
+    let mut apart = batch.clone();
+    apart.inputs.dup = 0;
+    let opts = InfoNceOptions::default();
+    let mode = Mode::Train { seed: 9, step: 4 };
+    let run = |b: &deepcut_fast::data::Batch| {
+        let mut model = small_model(41, 2, Precision::Fp32);
+        let mut cb = Contrast::new(&model.be, 64, model.dims.hidden);
+        let losses = step(&mut model, &mut cb, b, &z, opts, 0.5, mode);
+        (losses, model.hidden_host(), model.export_grads())
+    };
+    let (l1, h1, g1) = run(&batch);
+    let (l2, h2, g2) = run(&apart);
+    assert_eq!(h1, h2, "final hidden states");
+    assert_eq!((l1.ce, l1.contrast), (l2.ce, l2.contrast), "losses");
+    for ((name, a), (_, b)) in g1.iter().zip(&g2) {
+        let e = rel_l2(a, b);
+        assert!(e < 1e-6, "{name}: {e:.2e}");
+    }
+    // a batch that claims a repeat it does not hold is refused before it reaches a kernel
+    let mut bad = batch.clone();
+    bad.inputs.input_ids[0] += 1;
+    assert!(bad.inputs.check().unwrap_err().contains("not token for token repeats"));
+}
+
 fn small_model(seed: u64, layers: usize, precision: Precision) -> Model<Cpu> {
     let dims = Dims {
         vocab: 10,

@@ -1682,33 +1682,49 @@ fn rounded_storage_gemms<G: Backend>(be: &G, prec: Precision) {
 parity_test!(dropout_masks_are_the_cpu_masks, dropout_masks_are_the_cpu_masks_body);
 fn dropout_masks_are_the_cpu_masks_body<G: Backend>(g: &G) {
     let n = 4099; // not a multiple of 4: the last Philox group is partial
+    let nd = 1501; // repeated by dropout_duplicate: view b and the rest start mid-group
     let mut rng = Rng(107);
-    let (x, dy, dy2) = (rng.vec(n, 1.0), rng.vec(n, 1.0), rng.vec(2 * n, 1.0));
+    let (x, dy, dy2) = (rng.vec(n, 1.0), rng.vec(n, 1.0), rng.vec(n + nd, 1.0));
     for drop in [
         Dropout::new(0.1, 42, 5, 3),
         Dropout::new(0.5, u64::MAX - 3, 1 << 40, 17),
         Dropout::OFF,
     ] {
-        fn go<B: Backend>(be: &B, x: &[f32], dy: &[f32], dy2: &[f32], n: usize, d: Dropout) -> Vec<Vec<f32>> {
+        #[allow(clippy::too_many_arguments)]
+        fn go<B: Backend>(
+            be: &B, x: &[f32], dy: &[f32], dy2: &[f32], n: usize, nd: usize, d: Dropout,
+        ) -> Vec<Vec<f32>> {
             let (dx_, ddy, ddy2) = (up(be, x), up(be, dy), up(be, dy2));
-            let (mut out, mut dinp, mut dup, mut ddup) = (be.alloc(n), be.alloc(n), be.alloc(2 * n), be.alloc(n));
+            let (mut out, mut dinp, mut dup, mut ddup) = (be.alloc(n), be.alloc(n), be.alloc(n + nd), be.alloc(n));
             be.dropout_fwd(&mut out, &dx_, n, d, Precision::Fp32);
             be.dropout_bwd(&mut dinp, &ddy, n, d, Precision::Fp32);
-            be.dropout_duplicate(&mut dup, &dx_, n, d);
-            be.dropout_duplicate_bwd(&mut ddup, &ddy2, n, d);
+            be.dropout_duplicate(&mut dup, &dx_, nd, n, d, Precision::Fp32);
+            be.dropout_duplicate_bwd(&mut ddup, &ddy2, nd, n, d);
+            // the model's case: written rounded into 16-bit storage
+            let mut dup16 = be.alloc_rounded(n + nd, Precision::Bf16);
+            be.dropout_duplicate(&mut dup16, &dx_, nd, n, d, Precision::Bf16);
             vec![
                 be.download(&out, n),
                 be.download(&dinp, n),
-                be.download(&dup, 2 * n),
+                be.download(&dup, n + nd),
+                be.download(&dup16, n + nd),
                 be.download(&ddup, n),
             ]
         }
-        let (rg, rc) = (go(g, &x, &dy, &dy2, n, drop), go(&Cpu, &x, &dy, &dy2, n, drop));
-        for (i, what) in ["dropout_fwd", "dropout_bwd", "dropout_duplicate"].iter().enumerate() {
+        let (rg, rc) = (go(g, &x, &dy, &dy2, n, nd, drop), go(&Cpu, &x, &dy, &dy2, n, nd, drop));
+        for (i, what) in [
+            "dropout_fwd",
+            "dropout_bwd",
+            "dropout_duplicate",
+            "dropout_duplicate bf16",
+        ]
+        .iter()
+        .enumerate()
+        {
             compare(&format!("{what} p={}", drop.p), &rg[i], &rc[i], 0.0);
         }
         // one add of two products: FMA contraction may change the last bits
-        compare(&format!("dropout_duplicate_bwd p={}", drop.p), &rg[3], &rc[3], 1e-6);
+        compare(&format!("dropout_duplicate_bwd p={}", drop.p), &rg[4], &rc[4], 1e-6);
     }
 }
 

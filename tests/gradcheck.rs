@@ -342,25 +342,38 @@ fn dropout_grad_and_rate() {
 
 #[test]
 fn dropout_duplicate_is_dropout_of_the_doubled_input() {
-    // n not a multiple of 4 (view b starts inside a Philox counter group) nor of the chunk
+    // n and n_dup not multiples of 4 (view b and the rest start inside a Philox counter
+    // group) nor of the chunk; none, some and all of the input repeated
     let n = 4099;
     let mut rng = Rng(15);
-    let (x, r) = (rng.vec(n, 1.0), rng.vec(2 * n, 1.0));
+    let x = rng.vec(n, 1.0);
     let d = Dropout::new(0.3, 11, 2, 5);
-    let doubled: Vec<f32> = x.iter().chain(&x).copied().collect();
-    let mut expect = vec![0.0; 2 * n];
-    dropout::dropout_fwd(&mut expect, &doubled, 2 * n, d, Precision::Fp32);
-    let mut out = vec![0.0; 2 * n];
-    dropout::dropout_duplicate(&mut out, &x, n, d);
-    assert_eq!(out, expect);
-    assert_ne!(out[..n], out[n..], "the two views must have different masks");
-    // backward: the adjoint, sum over both views of r * mask
-    let mut dr = vec![0.0; 2 * n];
-    dropout::dropout_bwd(&mut dr, &r, 2 * n, d, Precision::Fp32);
-    let expect: Vec<f32> = (0..n).map(|i| dr[i] + dr[n + i]).collect();
-    let mut dx = vec![0.0; n];
-    dropout::dropout_duplicate_bwd(&mut dx, &r, n, d);
-    assert_eq!(dx, expect);
+    for (nd, rounding) in [
+        (1501, Precision::Fp32),
+        (1501, Precision::Bf16),
+        (0, Precision::Fp32),
+        (n, Precision::Fp16),
+    ] {
+        let doubled: Vec<f32> = x[..nd].iter().chain(&x).copied().collect();
+        let mut expect = vec![0.0; n + nd];
+        dropout::dropout_fwd(&mut expect, &doubled, n + nd, d, rounding);
+        let mut out = vec![0.0; n + nd];
+        dropout::dropout_duplicate(&mut out, &x, nd, n, d, rounding);
+        assert_eq!(out, expect, "n_dup {nd} {rounding}");
+        if nd > 0 {
+            assert_ne!(out[..nd], out[nd..2 * nd], "the two views must have different masks");
+        }
+        // backward: the adjoint, the two views' r * mask summed where the input is repeated
+        let r = rng.vec(n + nd, 1.0);
+        let mut dr = vec![0.0; n + nd];
+        dropout::dropout_bwd(&mut dr, &r, n + nd, d, Precision::Fp32);
+        let expect: Vec<f32> = (0..n)
+            .map(|i| if i < nd { dr[i] + dr[nd + i] } else { dr[nd + i] })
+            .collect();
+        let mut dx = vec![0.0; n];
+        dropout::dropout_duplicate_bwd(&mut dx, &r, nd, n, d);
+        assert_eq!(dx, expect, "n_dup {nd} backward");
+    }
 }
 
 #[test]

@@ -462,13 +462,17 @@ pub trait Backend {
     fn dropout_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize, dropout: Dropout, rounding: Precision);
     /// dinp = dout * mask / (1-p), the mask regenerated.
     fn dropout_bwd(&self, dinp: &mut Self::Buf, dout: &Self::Buf, n: usize, dropout: Dropout, rounding: Precision);
-    /// The two dropout views of the forget rows from one read of inp [n]: out [2n] =
-    /// `dropout_fwd` over [inp | inp], so out[..n] uses element indices 0..n and out[n..]
-    /// indices n..2n of the same mask.
-    fn dropout_duplicate(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize, dropout: Dropout);
-    /// Backward of `dropout_duplicate`: dinp [n] (overwritten) = the sum of both views'
-    /// gradients dout [2n] through their masks.
-    fn dropout_duplicate_bwd(&self, dinp: &mut Self::Buf, dout: &Self::Buf, n: usize, dropout: Dropout);
+    /// The dropout-duplicate pass of a DeepCUT step: the first n_dup elements of inp [n] (the
+    /// forget sequences' embeddings) are needed twice, as views a and b with independent
+    /// masks, and are read once: out [n + n_dup] = `dropout_fwd` over [inp[..n_dup] |
+    /// inp[..n_dup] | inp[n_dup..n]], each element masked by its index in out (so bit for
+    /// bit what `dropout_fwd` of the doubled input gives), rounded as `rounding` says.
+    fn dropout_duplicate(
+        &self, out: &mut Self::Buf, inp: &Self::Buf, n_dup: usize, n: usize, dropout: Dropout, rounding: Precision,
+    );
+    /// Backward of `dropout_duplicate`: dinp [n] (overwritten) = dout [n + n_dup] through
+    /// the masks, the two views' gradients of each duplicated element summed.
+    fn dropout_duplicate_bwd(&self, dinp: &mut Self::Buf, dout: &Self::Buf, n_dup: usize, n: usize, dropout: Dropout);
     /// losses[r] = -log softmax(logits[r])[labels[r]], 0 where labels[r] is IGNORE_INDEX.
     fn softmax_ce_fwd(&self, losses: &mut Self::Buf, logits: &Self::Buf, labels: &Self::IBuf, n: usize, v: usize);
     /// dlogits = scale * (softmax(logits) - onehot(label)), 0 on ignored rows.

@@ -56,6 +56,7 @@ impl Batch {
             b,
             t,
             seqs: Vec::with_capacity(b + 1),
+            dup: 0,
             input_ids: Vec::with_capacity(n),
             position_ids: vec![0; n],
             type_ids: vec![0; n],

@@ -302,6 +302,12 @@ pub struct HostBatch {
     pub t: usize,
     /// Token offsets of the sequences [b+1]: seqs[0] = 0, seqs[b] = n.
     pub seqs: Vec<i32>,
+    /// Sequences 0 .. dup are repeated as sequences dup .. 2 dup, token for token (the
+    /// DeepCUT step's two dropout views of each forget sentence). The model embeds them
+    /// once and the dropout-duplicate pass makes both views from that one embedding
+    /// (`Backend::dropout_duplicate`); every later op sees them as separate sequences with
+    /// their own masks. 0: no repeats.
+    pub dup: usize,
     pub input_ids: Vec<i32>,
     pub position_ids: Vec<i32>,
     pub type_ids: Vec<i32>,
@@ -359,6 +365,26 @@ impl HostBatch {
             let len = self.seqs[r + 1] - self.seqs[r];
             if len < 0 || len as usize > self.t {
                 return Err(format!("sequence {r} has {len} tokens (t = {})", self.t));
+            }
+        }
+        if 2 * self.dup > self.b {
+            return Err(format!("{} repeated sequences in a batch of {}", self.dup, self.b));
+        }
+        let nd = self.seqs[self.dup] as usize;
+        if self.dup > 0 {
+            for r in 0..self.dup {
+                if self.len_of(r) != self.len_of(self.dup + r) {
+                    return Err(format!("sequence {} is not a repeat of sequence {r}", self.dup + r));
+                }
+            }
+            let same = |x: &[i32]| x.len() >= 2 * nd && x[..nd] == x[nd..2 * nd];
+            if !(same(&self.input_ids) && same(&self.position_ids) && same(&self.type_ids)) {
+                return Err(format!(
+                    "sequences {}..{} are not token for token repeats of 0..{}",
+                    self.dup,
+                    2 * self.dup,
+                    self.dup
+                ));
             }
         }
         for (name, len) in [
@@ -432,6 +458,8 @@ pub struct Model<B: Backend> {
     /// Shape (sequences, tokens, longest) and mode of the last forward pass (backward
     /// replays its dropout masks).
     cur: Option<(usize, usize, usize, Mode)>,
+    /// Tokens of the last forward's repeated sequences (`HostBatch::dup`), embedded once.
+    dup_tokens: usize,
     precision: Precision,
     /// What the training steps multiply their loss-gradient seeds by (fp16 dynamic loss
     /// scaling, set each step from `Optimizer::loss_scale`); 1 otherwise.
@@ -545,6 +573,7 @@ impl<B: Backend> Model<B> {
             scratch,
             max_tokens,
             cur: None,
+            dup_tokens: 0,
             precision: Precision::Fp32,
             loss_scale: 1.0,
         }
@@ -726,21 +755,30 @@ impl<B: Backend> Model<B> {
         let be = &self.be;
         let a = &mut self.acts;
         let p = &self.params;
-        be.upload_i32(&mut a.ids, &batch.input_ids);
-        be.upload_i32(&mut a.pos, &batch.position_ids);
-        be.upload_i32(&mut a.types, &batch.type_ids);
-        // the embedding backward's scatter order, sorted here where the indices are on the host
-        be.upload_i32(
-            &mut a.emb_order,
-            &embedding_order(&batch.input_ids, &batch.position_ids, &batch.type_ids),
+        // The embedded tokens: a repeated sequence's tokens once (`HostBatch::dup`).
+        let nd = batch.seqs[batch.dup] as usize;
+        let ne = n - nd;
+        let embedded = |x: &[i32]| -> Vec<i32> { x[..nd].iter().chain(&x[2 * nd..]).copied().collect() };
+        let (ids, pos, types) = (
+            embedded(&batch.input_ids),
+            embedded(&batch.position_ids),
+            embedded(&batch.type_ids),
         );
+        be.upload_i32(&mut a.ids, &ids);
+        be.upload_i32(&mut a.pos, &pos);
+        be.upload_i32(&mut a.types, &types);
+        // the embedding backward's scatter order, sorted here where the indices are on the host
+        be.upload_i32(&mut a.emb_order, &embedding_order(&ids, &pos, &types));
         be.upload_i32(&mut a.labels, &batch.labels);
         be.upload_i32(&mut a.seqs, &batch.seqs);
 
         let _fwd = be.profile_range(format_args!("forward"));
         let emb_range = be.profile_range(format_args!("embeddings fwd"));
-        // Embeddings -> LayerNorm -> dropout
-        be.embedding_fwd(&mut a.emb, &a.ids, &a.pos, &a.types, &p.wte.w, &p.wpe.w, &p.wtt.w, n, c);
+        // Embeddings -> LayerNorm (ne tokens) -> dropout, which writes both views of a
+        // repeated sequence (n tokens)
+        be.embedding_fwd(
+            &mut a.emb, &a.ids, &a.pos, &a.types, &p.wte.w, &p.wpe.w, &p.wtt.w, ne, c,
+        );
         be.layernorm_fwd(
             &mut a.emb_ln,
             &mut a.emb_mean,
@@ -749,13 +787,17 @@ impl<B: Backend> Model<B> {
             None,
             &p.emb_ln.w.w,
             &p.emb_ln.b.w,
-            n,
+            ne,
             c,
             d.eps,
             Precision::Fp32,
         );
         let drop = dropout_for(mode, d.hidden_dropout, Dims::site_embeddings());
-        be.dropout_fwd(&mut a.x0, &a.emb_ln, n * c, drop, precision);
+        if nd > 0 {
+            be.dropout_duplicate(&mut a.x0, &a.emb_ln, nd * c, ne * c, drop, precision);
+        } else {
+            be.dropout_fwd(&mut a.x0, &a.emb_ln, n * c, drop, precision);
+        }
 
         std::mem::drop(emb_range);
         for li in 0..d.layers {
@@ -879,6 +921,7 @@ impl<B: Backend> Model<B> {
             );
         }
         self.cur = Some((b, n, t, mode));
+        self.dup_tokens = nd;
     }
 
     fn current(&self) -> (usize, usize, usize, Mode) {
@@ -1111,15 +1154,17 @@ impl<B: Backend> Model<B> {
             std::mem::swap(&mut s.dx, &mut s.dsum);
         }
 
-        // x0 = dropout(LN(emb)), in fp32 (dsum, then dx: neither gradient is rounded)
+        // x0 = dropout(LN(emb)), in fp32 (dsum, then dx: neither gradient is rounded); the
+        // two views of a repeated sequence meet in its one embedding
         let _emb = be.profile_range(format_args!("embeddings bwd"));
-        be.dropout_bwd(
-            &mut s.dsum,
-            &s.dx,
-            n * c,
-            dropout(d.hidden_dropout, Dims::site_embeddings()),
-            Precision::Fp32,
-        );
+        let nd = self.dup_tokens;
+        let ne = n - nd;
+        let drop_e = dropout(d.hidden_dropout, Dims::site_embeddings());
+        if nd > 0 {
+            be.dropout_duplicate_bwd(&mut s.dsum, &s.dx, nd * c, ne * c, drop_e);
+        } else {
+            be.dropout_bwd(&mut s.dsum, &s.dx, n * c, drop_e, Precision::Fp32);
+        }
         be.layernorm_bwd(
             &mut s.dx,
             &mut p.emb_ln.w.g,
@@ -1130,7 +1175,7 @@ impl<B: Backend> Model<B> {
             &p.emb_ln.w.w,
             &a.emb_mean,
             &a.emb_rstd,
-            n,
+            ne,
             c,
         );
         be.embedding_bwd(
@@ -1142,7 +1187,7 @@ impl<B: Backend> Model<B> {
             &a.pos,
             &a.types,
             &a.emb_order,
-            n,
+            ne,
             c,
         );
     }

@@ -1,6 +1,6 @@
 //! One DeepCUT step (SPEC section 4): forward over [forget view a | forget view b |
-//! retain] as one batch (independent dropout masks, since the two views are different
-//! rows), CE on retain tokens, class-masked InfoNCE over the L2-normalised final hidden
+//! retain] as one batch (the forget sentences embedded once; the dropout-duplicate pass
+//! writes both views with independent masks, and from there they are separate sequences), CE on retain tokens, class-masked InfoNCE over the L2-normalised final hidden
 //! states of all labelled tokens with the forget tokens as anchors, one backward pass
 //! with the contrastive gradient entering at the final hidden states.
 use crate::backend::{infonce_loss_host, Backend, InfoNceOptions, IGNORE_INDEX};
@@ -110,6 +110,8 @@ pub fn assemble(
     // CE only on retain rows.
     let forget_tokens = batch.seqs[2 * bf] as usize;
     batch.inputs.labels[..forget_tokens].fill(IGNORE_INDEX);
+    // view b repeats view a: embedded once, both views made by the dropout-duplicate pass
+    batch.inputs.dup = bf;
     (batch, z)
 }
 

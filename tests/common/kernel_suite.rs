@@ -276,9 +276,11 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
         be.dropout_fwd(&mut y, &x, n * c, drop, Precision::Bf16)
     });
     let mut yq = be.alloc(n * c);
-    let mut y2 = be.alloc(2 * n * c);
-    run("dropout_duplicate", bytes(3 * n * c), &mut || {
-        be.dropout_duplicate(&mut y2, &x, n * c, drop)
+    // a step's embedding dropout: its first sixth (B_f of 2 B_f + B_r sequences) repeated
+    let nd = n * c / 6;
+    let mut y2 = be.alloc_rounded(n * c, Precision::Bf16);
+    run("dropout_duplicate", mixed(n * c - nd, n * c), &mut || {
+        be.dropout_duplicate(&mut y2, &x, nd, n * c - nd, drop, Precision::Bf16)
     });
     run("quantize/bf16", bytes(2 * n * c), &mut || {
         be.quantize(&mut yq, n * c, Precision::Bf16)

@@ -28,34 +28,53 @@ pub fn dropout_bwd(dinp: &mut [f32], dout: &[f32], n: usize, d: Dropout, roundin
     dropout_fwd(dinp, dout, n, d, rounding)
 }
 
-/// Both dropout views of the forget rows from one read of their input:
-/// out[..n] = inp * factor(i), out[n..2n] = inp * factor(n + i), i.e. `dropout_fwd` over
-/// [inp | inp] (view b's elements follow view a's, as in the batch [forget a | forget b |
-/// retain]). out [2n], inp [n].
-pub fn dropout_duplicate(out: &mut [f32], inp: &[f32], n: usize, d: Dropout) {
-    let (a, b) = out[..2 * n].split_at_mut(n);
-    for (view, start) in [(a, 0usize), (b, n)] {
-        view.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
+/// The dropout of a batch whose first `n_dup` elements are needed twice (the DeepCUT step's
+/// forget sequences: views a and b), from one read of its input: out [n + n_dup] =
+/// `dropout_fwd` of [inp[..n_dup] | inp[..n_dup] | inp[n_dup..n]], each element with the
+/// mask of its place in out, rounded to `rounding`. inp [n].
+pub fn dropout_duplicate(out: &mut [f32], inp: &[f32], n_dup: usize, n: usize, d: Dropout, rounding: Precision) {
+    assert!(n_dup <= n, "dropout_duplicate: {n_dup} duplicated of {n}");
+    let (a, rest) = out[..n + n_dup].split_at_mut(n_dup);
+    // view a: out[i] from inp[i]; view b and the rest: out[n_dup + i] from inp[i]
+    for (part, src, start) in [(a, &inp[..n_dup], 0usize), (rest, &inp[..n], n_dup)] {
+        part.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
             let base = ci * CHUNK;
-            d.fill_factors((start + base) as u64, o);
-            for (o, x) in o.iter_mut().zip(&inp[base..]) {
-                *o *= x;
+            if d.is_on() {
+                d.fill_factors((start + base) as u64, o);
+                for (o, x) in o.iter_mut().zip(&src[base..]) {
+                    *o *= x;
+                }
+            } else {
+                o.copy_from_slice(&src[base..base + o.len()]);
             }
+            round_in_place(o, rounding);
         });
     }
 }
 
-/// Backward of `dropout_duplicate`: dinp[i] = dout[i] * factor(i) + dout[n + i] *
-/// factor(n + i) (overwritten). dinp [n], dout [2n].
-pub fn dropout_duplicate_bwd(dinp: &mut [f32], dout: &[f32], n: usize, d: Dropout) {
+/// Backward of `dropout_duplicate`: dinp [n] (overwritten) = dout [n + n_dup] through the
+/// masks, both views' gradients meeting in one: dinp[i] = dout[i] f(i) + dout[n_dup + i]
+/// f(n_dup + i) for i < n_dup, dout[n_dup + i] f(n_dup + i) after.
+pub fn dropout_duplicate_bwd(dinp: &mut [f32], dout: &[f32], n_dup: usize, n: usize, d: Dropout) {
+    assert!(n_dup <= n, "dropout_duplicate_bwd: {n_dup} duplicated of {n}");
     dinp[..n].par_chunks_mut(CHUNK).enumerate().for_each(|(ci, di)| {
         let base = ci * CHUNK;
-        let mut fa = vec![0f32; di.len()];
-        let mut fb = vec![0f32; di.len()];
-        d.fill_factors(base as u64, &mut fa);
-        d.fill_factors((n + base) as u64, &mut fb);
+        let mut fb = vec![1f32; di.len()];
+        if d.is_on() {
+            d.fill_factors((n_dup + base) as u64, &mut fb);
+        }
         for (k, o) in di.iter_mut().enumerate() {
-            *o = dout[base + k] * fa[k] + dout[n + base + k] * fb[k];
+            *o = dout[n_dup + base + k] * fb[k];
+        }
+        let dup = n_dup.saturating_sub(base).min(di.len());
+        if dup > 0 {
+            let mut fa = vec![1f32; dup];
+            if d.is_on() {
+                d.fill_factors(base as u64, &mut fa);
+            }
+            for k in 0..dup {
+                di[k] += dout[base + k] * fa[k];
+            }
         }
     });
 }

@@ -173,11 +173,13 @@ impl Backend for Cpu {
     fn dropout_bwd(&self, dinp: &mut Vec<f32>, dout: &Vec<f32>, n: usize, d: Dropout, rounding: Precision) {
         dropout::dropout_bwd(dinp, dout, n, d, rounding)
     }
-    fn dropout_duplicate(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize, d: Dropout) {
-        dropout::dropout_duplicate(out, inp, n, d)
+    fn dropout_duplicate(
+        &self, out: &mut Vec<f32>, inp: &Vec<f32>, n_dup: usize, n: usize, d: Dropout, rounding: Precision,
+    ) {
+        dropout::dropout_duplicate(out, inp, n_dup, n, d, rounding)
     }
-    fn dropout_duplicate_bwd(&self, dinp: &mut Vec<f32>, dout: &Vec<f32>, n: usize, d: Dropout) {
-        dropout::dropout_duplicate_bwd(dinp, dout, n, d)
+    fn dropout_duplicate_bwd(&self, dinp: &mut Vec<f32>, dout: &Vec<f32>, n_dup: usize, n: usize, d: Dropout) {
+        dropout::dropout_duplicate_bwd(dinp, dout, n_dup, n, d)
     }
     fn softmax_ce_fwd(&self, losses: &mut Vec<f32>, logits: &Vec<f32>, labels: &Vec<i32>, n: usize, v: usize) {
         softmax_ce::softmax_ce_fwd(losses, logits, labels, n, v)

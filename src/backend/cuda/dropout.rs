@@ -1,7 +1,7 @@
 //! Dropout from Philox counters (kernels/dropout.cu). CPU twin: cpu/dropout.rs.
 use super::{check, grid_1d, int, need, round_code, Cuda, CudaBuf, DropoutArgs, BLOCK};
 use crate::backend::{Dropout, Precision};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 /// out = inp * mask / (1-p) (a copy when p = 0), rounded to `rounding`.
 pub fn dropout_fwd(cu: &Cuda, out: &mut CudaBuf, inp: &CudaBuf, n: usize, d: Dropout, rounding: Precision) {
@@ -34,34 +34,65 @@ fn launch_elementwise(
     check(unsafe { l.launch(grid_1d(n.div_ceil(4), BLOCK)) }, kernel);
 }
 
-/// out [2n] = dropout over [inp | inp]: both forget views from one read of inp [n].
-pub fn dropout_duplicate(cu: &Cuda, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, n: usize, d: Dropout) {
+/// out [n + n_dup] = dropout of [inp[..n_dup] | inp[..n_dup] | inp[n_dup..n]] from one read
+/// of inp [n], rounded to `rounding` (`Backend::dropout_duplicate`); any storage.
+pub fn dropout_duplicate(
+    cu: &Cuda, out: &mut CudaBuf, inp: &CudaBuf, n_dup: usize, n: usize, d: Dropout, rounding: Precision,
+) {
     if n == 0 {
         return;
     }
+    let k = "dropout_duplicate_f32";
     let _r = cu.range("dropout_duplicate");
-    need(out.len(), 2 * n, "dropout_duplicate out");
+    assert!(n_dup <= n, "dropout_duplicate: {n_dup} duplicated of {n}");
+    need(out.len(), n + n_dup, "dropout_duplicate out");
     need(inp.len(), n, "dropout_duplicate inp");
-    let (ni, args) = (int(2 * n, "dropout_duplicate 2n") / 2, DropoutArgs::from(d));
-    let mut l = cu.stream.launch_builder(cu.func("dropout_duplicate_f32"));
-    l.arg(out).arg(inp).arg(&ni).arg(&args);
-    // SAFETY: (float* out, const float* inp, int n, DropoutArgs d); thread i < n reads inp[i]
-    // and writes out[i], out[n + i]; out holds 2n floats, inp n (checked above).
-    check(unsafe { l.launch(grid_1d(n, BLOCK)) }, "dropout_duplicate_f32");
+    let (nd, ni, args) = (
+        int(n_dup, "n_dup"),
+        int(n + n_dup, "dropout_duplicate n + n_dup"),
+        DropoutArgs::from(d),
+    );
+    let ni = ni - nd;
+    let round = round_code(rounding);
+    let (po, to, pi, ti) = (out.addr(&cu.stream), out.code(), inp.addr(&cu.stream), inp.code());
+    let mut l = cu.stream.launch_builder(cu.func(k));
+    l.arg(&po)
+        .arg(&to)
+        .arg(&pi)
+        .arg(&ti)
+        .arg(&nd)
+        .arg(&ni)
+        .arg(&args)
+        .arg(&round);
+    // SAFETY: (void* out, int out_t, const void* inp, int inp_t, int n_dup, int n, DropoutArgs
+    // d, int round); the thread of elements i0 .. i0 + 3 < n reads inp there and writes out
+    // at n_dup + i and (i < n_dup) at i; out holds n + n_dup elements, inp n (checked above),
+    // each in its type's storage.
+    check(unsafe { l.launch(grid_1d(n.div_ceil(4), BLOCK)) }, k);
 }
 
-/// dinp [n] (overwritten) = sum of both views' gradients dout [2n] through their masks.
-pub fn dropout_duplicate_bwd(cu: &Cuda, dinp: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, n: usize, d: Dropout) {
+/// dinp [n] (overwritten) = dout [n + n_dup] through the masks, both views' gradients of
+/// the duplicated elements summed (`Backend::dropout_duplicate_bwd`); any storage.
+pub fn dropout_duplicate_bwd(cu: &Cuda, dinp: &mut CudaBuf, dout: &CudaBuf, n_dup: usize, n: usize, d: Dropout) {
     if n == 0 {
         return;
     }
+    let k = "dropout_duplicate_bwd_f32";
     let _r = cu.range("dropout_duplicate_bwd");
+    assert!(n_dup <= n, "dropout_duplicate_bwd: {n_dup} duplicated of {n}");
     need(dinp.len(), n, "dropout_duplicate_bwd dinp");
-    need(dout.len(), 2 * n, "dropout_duplicate_bwd dout");
-    let (ni, args) = (int(2 * n, "dropout_duplicate_bwd 2n") / 2, DropoutArgs::from(d));
-    let mut l = cu.stream.launch_builder(cu.func("dropout_duplicate_bwd_f32"));
-    l.arg(dinp).arg(dout).arg(&ni).arg(&args);
-    // SAFETY: (float* dinp, const float* dout, int n, DropoutArgs d); thread i < n reads
-    // dout[i], dout[n + i] and writes dinp[i]; sizes checked above.
-    check(unsafe { l.launch(grid_1d(n, BLOCK)) }, "dropout_duplicate_bwd_f32");
+    need(dout.len(), n + n_dup, "dropout_duplicate_bwd dout");
+    let (nd, ni, args) = (
+        int(n_dup, "n_dup"),
+        int(n + n_dup, "dropout_duplicate_bwd n + n_dup"),
+        DropoutArgs::from(d),
+    );
+    let ni = ni - nd;
+    let (pd, td, pg, tg) = (dinp.addr(&cu.stream), dinp.code(), dout.addr(&cu.stream), dout.code());
+    let mut l = cu.stream.launch_builder(cu.func(k));
+    l.arg(&pd).arg(&td).arg(&pg).arg(&tg).arg(&nd).arg(&ni).arg(&args);
+    // SAFETY: (void* dinp, int dinp_t, const void* dout, int dout_t, int n_dup, int n,
+    // DropoutArgs d); the thread of elements i0 .. i0 + 3 < n writes dinp there and reads
+    // dout at i (i < n_dup) and n_dup + i; sizes checked above.
+    check(unsafe { l.launch(grid_1d(n.div_ceil(4), BLOCK)) }, k);
 }

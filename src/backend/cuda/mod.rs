@@ -825,13 +825,13 @@ impl Backend for Cuda {
     fn dropout_bwd(&self, dinp: &mut CudaBuf, dout: &CudaBuf, n: usize, d: Dropout, rounding: Precision) {
         dropout::dropout_bwd(self, dinp, dout, n, d, rounding)
     }
-    fn dropout_duplicate(&self, out: &mut CudaBuf, inp: &CudaBuf, n: usize, d: Dropout) {
-        let w = "dropout_duplicate";
-        dropout::dropout_duplicate(self, out.f32_mut(w), inp.f32(w), n, d)
+    fn dropout_duplicate(
+        &self, out: &mut CudaBuf, inp: &CudaBuf, n_dup: usize, n: usize, d: Dropout, rounding: Precision,
+    ) {
+        dropout::dropout_duplicate(self, out, inp, n_dup, n, d, rounding)
     }
-    fn dropout_duplicate_bwd(&self, dinp: &mut CudaBuf, dout: &CudaBuf, n: usize, d: Dropout) {
-        let w = "dropout_duplicate_bwd";
-        dropout::dropout_duplicate_bwd(self, dinp.f32_mut(w), dout.f32(w), n, d)
+    fn dropout_duplicate_bwd(&self, dinp: &mut CudaBuf, dout: &CudaBuf, n_dup: usize, n: usize, d: Dropout) {
+        dropout::dropout_duplicate_bwd(self, dinp, dout, n_dup, n, d)
     }
     fn softmax_ce_fwd(&self, losses: &mut CudaBuf, logits: &CudaBuf, labels: &CudaSlice<i32>, n: usize, v: usize) {
         let w = "softmax_ce_fwd";
