@@ -1,4 +1,5 @@
-//! GFLOP/s of the CPU backend's GEMM at the shapes of a MiniLM step (48 x 128 tokens):
+//! GFLOP/s of the CPU backend's GEMM at the shapes of a MiniLM step (48 x 128 tokens, and
+//! 1,536, about what a packed WNUT17 step holds):
 //! best of 7 calls, per (m, n, k, transposes). `MATMUL_NUM_THREADS` sets its threads.
 //!
 //! cargo run --release --example gemm_speed
@@ -23,6 +24,16 @@ fn main() {
         (1024, 1536, 384, false, true),
         (1024, 384, 1536, false, true),
         (2048, 2048, 2048, false, true),
+        // a real step's 1,536 tokens
+        (1536, 384, 384, false, true),
+        (1536, 1536, 384, false, true),
+        (1536, 384, 1536, false, true),
+        (1536, 384, 384, false, false),
+        (1536, 1536, 384, false, false),
+        (1536, 384, 1536, false, false),
+        (384, 384, 1536, true, false),
+        (1536, 384, 1536, true, false),
+        (384, 1536, 1536, true, false),
     ];
     for (m, n, k, ta, tb) in shapes {
         let a = vec![0.5f32; m * k];
