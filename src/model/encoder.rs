@@ -265,11 +265,12 @@ struct Acts<B: Backend> {
     labels: B::IBuf,
     /// Sequence offsets [b+1] of the packed batch (`HostBatch::seqs`).
     seqs: B::IBuf,
-    emb: B::Buf,      // [n, c] sum of the three embeddings
-    emb_ln: B::Buf,   // [n, c]
-    emb_mean: B::Buf, // [n]
-    emb_rstd: B::Buf, // [n]
-    x0: B::Buf,       // [n, c] after dropout: input of layer 0
+    // emb .. emb_rstd: the embedded tokens (a repeated sequence's once, `HostBatch::dup`)
+    emb: B::Buf,      // [ne, c] sum of the three embeddings
+    emb_ln: B::Buf,   // [ne, c]
+    emb_mean: B::Buf, // [ne]
+    emb_rstd: B::Buf, // [ne]
+    x0: B::Buf,       // [n, c] after dropout (both views of a repeat): input of layer 0
     layers: Vec<LayerActs<B>>,
     head_in: B::Buf, // [n, c] dropout(final hidden)
     logits: B::Buf,  // [n, l]
