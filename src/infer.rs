@@ -182,7 +182,7 @@ pub fn run_windows<B: Backend>(
         let slot = &mut slots[i % 2];
         model.logits_start(&mut slot.logits);
         model.token_losses_start(&mut slot.losses);
-        tokens += batch.n_tokens();
+        tokens += batch.tokens();
         slot.batch = Some((batch.windows, batch.inputs.seqs));
         file(&mut slots[1 - i % 2], &model.be);
     }

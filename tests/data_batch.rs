@@ -27,7 +27,7 @@ fn data_batch_packs_windows_without_padding() {
     assert_eq!(batch.type_ids, [0; 7]);
     assert_eq!(batch.labels, [IGNORE, 7, IGNORE, IGNORE, IGNORE, 7, IGNORE]);
     assert_eq!(batch.windows, [0, 1]);
-    assert_eq!(batch.n_tokens(), 7);
+    assert_eq!(batch.tokens(), 7);
     assert_eq!((batch.span(0), batch.span(1)), (0..4, 4..7));
     assert_eq!(batch.check(), Ok(()));
 }

@@ -26,8 +26,9 @@ pub struct EvalArgs {
     json: Option<PathBuf>,
     #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
     max_len: usize,
-    /// Most tokens per batch (packed: real tokens only); windows are batched by length. The CPU backend runs
-    /// at most 512 a thread (at least 1,024), which keeps its activations in cache.
+    /// Most tokens per batch (packed: real tokens only); windows are batched by length. The
+    /// CPU backend runs at most 512 a thread (at least 1,024), which keeps its activations
+    /// in cache.
     #[arg(long, default_value_t = 8192)]
     batch_tokens: usize,
     #[command(flatten)]

@@ -76,16 +76,6 @@ impl Batch {
             windows: index,
         }
     }
-
-    /// Number of tokens (all real: the batch is packed).
-    pub fn n_tokens(&self) -> usize {
-        self.tokens()
-    }
-
-    /// Token range of sequence r.
-    pub fn span(&self, r: usize) -> std::ops::Range<usize> {
-        self.seqs[r] as usize..self.seqs[r + 1] as usize
-    }
 }
 
 /// Position ids of one sequence of `ids`.

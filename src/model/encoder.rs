@@ -342,9 +342,9 @@ impl HostBatch {
         self.input_ids.len()
     }
 
-    /// Length of sequence r.
-    pub fn len_of(&self, r: usize) -> usize {
-        (self.seqs[r + 1] - self.seqs[r]) as usize
+    /// Token range of sequence r.
+    pub fn span(&self, r: usize) -> std::ops::Range<usize> {
+        self.seqs[r] as usize..self.seqs[r + 1] as usize
     }
 
     /// Checks what the kernels index by: b + 1 offsets from 0 to n, none decreasing, no
@@ -374,7 +374,7 @@ impl HostBatch {
         let nd = self.seqs[self.dup] as usize;
         if self.dup > 0 {
             for r in 0..self.dup {
-                if self.len_of(r) != self.len_of(self.dup + r) {
+                if self.span(r).len() != self.span(self.dup + r).len() {
                     return Err(format!("sequence {} is not a repeat of sequence {r}", self.dup + r));
                 }
             }
@@ -403,6 +403,18 @@ impl HostBatch {
     pub fn labelled(&self) -> usize {
         self.labels.iter().filter(|&&y| y != IGNORE_INDEX).count()
     }
+}
+
+/// The shape and mode of a forward pass, which its backward replays.
+#[derive(Clone, Copy, Debug)]
+struct Pass {
+    /// Sequences, tokens, the longest sequence.
+    b: usize,
+    n: usize,
+    t: usize,
+    /// Tokens of the repeated sequences (`HostBatch::dup`), embedded once.
+    dup_tokens: usize,
+    mode: Mode,
 }
 
 /// Training (dropout on, keyed by seed and step) or evaluation.
@@ -456,11 +468,8 @@ pub struct Model<B: Backend> {
     acts: Acts<B>,
     scratch: GradScratch<B>,
     max_tokens: usize,
-    /// Shape (sequences, tokens, longest) and mode of the last forward pass (backward
-    /// replays its dropout masks).
-    cur: Option<(usize, usize, usize, Mode)>,
-    /// Tokens of the last forward's repeated sequences (`HostBatch::dup`), embedded once.
-    dup_tokens: usize,
+    /// The last forward pass (backward replays its dropout masks).
+    cur: Option<Pass>,
     precision: Precision,
     /// What the training steps multiply their loss-gradient seeds by (fp16 dynamic loss
     /// scaling, set each step from `Optimizer::loss_scale`); 1 otherwise.
@@ -574,7 +583,6 @@ impl<B: Backend> Model<B> {
             scratch,
             max_tokens,
             cur: None,
-            dup_tokens: 0,
             precision: Precision::Fp32,
             loss_scale: 1.0,
         }
@@ -921,11 +929,16 @@ impl<B: Backend> Model<B> {
                 precision,
             );
         }
-        self.cur = Some((b, n, t, mode));
-        self.dup_tokens = nd;
+        self.cur = Some(Pass {
+            b,
+            n,
+            t,
+            dup_tokens: nd,
+            mode,
+        });
     }
 
-    fn current(&self) -> (usize, usize, usize, Mode) {
+    fn current(&self) -> Pass {
         self.cur.expect("forward must run before this call")
     }
 
@@ -936,20 +949,20 @@ impl<B: Backend> Model<B> {
 
     /// Final hidden states of the last forward pass, on the host.
     pub fn hidden_host(&self) -> Vec<f32> {
-        let (_, n, _, _) = self.current();
+        let n = self.current().n;
         self.be.download(self.hidden(), n * self.dims.hidden)
     }
 
     /// Logits [n, l] of the last forward pass, on the host.
     pub fn logits_host(&self) -> Vec<f32> {
-        let (_, n, _, _) = self.current();
+        let n = self.current().n;
         self.be.download(&self.acts.logits, n * self.dims.labels)
     }
 
     /// `logits_host` started into `dst` (`Backend::download_start`) without waiting;
     /// returns n * l, the count to `download_wait` for.
     pub fn logits_start(&self, dst: &mut B::Staging) -> usize {
-        let (_, n, _, _) = self.current();
+        let n = self.current().n;
         let nl = n * self.dims.labels;
         self.be.download_start(dst, &self.acts.logits, nl);
         nl
@@ -970,7 +983,7 @@ impl<B: Backend> Model<B> {
     }
 
     fn token_losses_enqueue(&mut self) -> usize {
-        let (_, n, _, _) = self.current();
+        let n = self.current().n;
         let _r = self.be.profile_range(format_args!("loss: cross-entropy"));
         self.be.softmax_ce_fwd(
             &mut self.acts.losses,
@@ -993,7 +1006,13 @@ impl<B: Backend> Model<B> {
     /// hidden states is `dhidden` [n, c] (the contrastive term enters here).
     /// Parameter gradients are accumulated; call `zero_grads` first.
     pub fn backward(&mut self, ce_scale: f32, dhidden: Option<&B::Buf>) {
-        let (b, n, t, mode) = self.current();
+        let Pass {
+            b,
+            n,
+            t,
+            dup_tokens: nd,
+            mode,
+        } = self.current();
         let d = self.dims.clone();
         let (c, f, h, hd) = (d.hidden, d.ffn, d.heads, d.head_dim());
         let be = &self.be;
@@ -1158,7 +1177,6 @@ impl<B: Backend> Model<B> {
         // x0 = dropout(LN(emb)), in fp32 (dsum, then dx: neither gradient is rounded); the
         // two views of a repeated sequence meet in its one embedding
         let _emb = be.profile_range(format_args!("embeddings bwd"));
-        let nd = self.dup_tokens;
         let ne = n - nd;
         let drop_e = dropout(d.hidden_dropout, Dims::site_embeddings());
         if nd > 0 {

@@ -264,7 +264,7 @@ pub fn finetune<B: Backend>(
             };
             enqueue(&mut model, &mut opt, &mut ring);
             rec.steps += 1;
-            rec.tokens += batch.n_tokens() as u64;
+            rec.tokens += batch.tokens() as u64;
             batch_in_epoch += 1;
             if let Some(prev) = flying.take() {
                 let (f, again) = ring.finish_before(prev, &model.be, &mut opt);

@@ -1,7 +1,8 @@
 //! One DeepCUT step (SPEC section 4): forward over [forget view a | forget view b |
 //! retain] as one batch (the forget sentences embedded once; the dropout-duplicate pass
-//! writes both views with independent masks, and from there they are separate sequences), CE on retain tokens, class-masked InfoNCE over the L2-normalised final hidden
-//! states of all labelled tokens with the forget tokens as anchors, one backward pass
+//! writes both views with independent masks, and from there they are separate sequences),
+//! CE on retain tokens, class-masked InfoNCE over the L2-normalised final hidden states of
+//! all labelled tokens with the forget tokens as anchors, one backward pass
 //! with the contrastive gradient entering at the final hidden states.
 use crate::backend::{infonce_loss_host, Backend, InfoNceOptions, IGNORE_INDEX};
 use crate::data::{Batch, PositionStyle, Window};

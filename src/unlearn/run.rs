@@ -698,7 +698,7 @@ fn unlearn_loop<B: Backend>(
         let started = match cfg.method {
             Method::Deepcut => {
                 let bz = deepcut::assemble(windows, &fb, &rb, style, o_id, cfg.anchors);
-                state.tokens += bz.0.n_tokens() as u64;
+                state.tokens += bz.0.tokens() as u64;
                 enqueue(model, &mut contrast, &mut opt, &mut ring, &bz);
                 enqueued = Some(bz);
                 Started::Flying

@@ -47,12 +47,8 @@ pub fn dropout_duplicate(
     assert!(n_dup <= n, "dropout_duplicate: {n_dup} duplicated of {n}");
     need(out.len(), n + n_dup, "dropout_duplicate out");
     need(inp.len(), n, "dropout_duplicate inp");
-    let (nd, ni, args) = (
-        int(n_dup, "n_dup"),
-        int(n + n_dup, "dropout_duplicate n + n_dup"),
-        DropoutArgs::from(d),
-    );
-    let ni = ni - nd;
+    int(n + n_dup, "dropout_duplicate n + n_dup"); // out's indices are ints too
+    let (nd, ni, args) = (int(n_dup, "n_dup"), int(n, "n"), DropoutArgs::from(d));
     let round = round_code(rounding);
     let (po, to, pi, ti) = (out.addr(&cu.stream), out.code(), inp.addr(&cu.stream), inp.code());
     let mut l = cu.stream.launch_builder(cu.func(k));
@@ -82,12 +78,8 @@ pub fn dropout_duplicate_bwd(cu: &Cuda, dinp: &mut CudaBuf, dout: &CudaBuf, n_du
     assert!(n_dup <= n, "dropout_duplicate_bwd: {n_dup} duplicated of {n}");
     need(dinp.len(), n, "dropout_duplicate_bwd dinp");
     need(dout.len(), n + n_dup, "dropout_duplicate_bwd dout");
-    let (nd, ni, args) = (
-        int(n_dup, "n_dup"),
-        int(n + n_dup, "dropout_duplicate_bwd n + n_dup"),
-        DropoutArgs::from(d),
-    );
-    let ni = ni - nd;
+    int(n + n_dup, "dropout_duplicate_bwd n + n_dup"); // dout's indices are ints too
+    let (nd, ni, args) = (int(n_dup, "n_dup"), int(n, "n"), DropoutArgs::from(d));
     let (pd, td, pg, tg) = (dinp.addr(&cu.stream), dinp.code(), dout.addr(&cu.stream), dout.code());
     let mut l = cu.stream.launch_builder(cu.func(k));
     l.arg(&pd).arg(&td).arg(&pg).arg(&tg).arg(&nd).arg(&ni).arg(&args);
