@@ -228,6 +228,18 @@ fn cuda_backend_on_the_cpu_emulator() {
         stderr.contains("CPU emulator of a CUDA device"),
         "the child did not run on the emulator:\n{stderr}"
     );
+    // every launch was held to its kernel's registers and shared memory (ptxas' report), and
+    // every kernel launched is in that report
+    if common::cuda_emu::kernel_report()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .is_some()
+    {
+        assert!(
+            stderr.contains("cuda_emu: launches held to the registers and shared memory")
+                && !stderr.contains("without a ptxas report entry"),
+            "the emulator did not check the launches against the kernels' ptxas report:\n{stderr}"
+        );
+    }
     // The NVTX ranges nsys would show (issue #5): recorded by the emulator's
     // libnvToolsExt; every range of a DeepCUT step's phases exists and every range closes.
     let log = std::fs::read_to_string(&nvtx_log).expect("the emulator's NVTX log");
@@ -456,9 +468,69 @@ fn nan_fill_reaches_static_shared_memory() {
     loud("the emulator's NaN fill shows a static __shared__ array read before it is written");
 }
 
+/// The emulator refuses a launch a GPU would refuse: a block whose registers exceed the 64 Ki
+/// an SM has for one block (allocated per warp in units of 256: 128 registers a thread fit
+/// 512 threads, 129 do not), and static plus dynamic shared memory above 48 KiB without the
+/// opt-in, each judged by the numbers ptxas gave the kernel (here a made-up report for the
+/// control kernel of tests/cuda_emu/planted.cu, which runs as written in the last case).
+/// With the real report (`sanitized`) every parity test's launch is held to the same rules.
+#[test]
+fn emulator_refuses_launches_a_gpu_would_refuse() {
+    use common::cuda_emu::Sanitizer;
+    if !emulator_parent("emulator_refuses_launches_a_gpu_would_refuse", "") {
+        return;
+    }
+    let kernel = "planted_control_with_syncthreads";
+    let dir = std::env::temp_dir().join(format!("deepcut-emu-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // (threads a block, registers a thread, static shared memory, refused with)
+    let cases = [
+        (512, 128, 0, None),
+        (512, 129, 0, Some("needs 69632 of the 65536")),
+        (1024, 64, 0, None),
+        (1024, 65, 0, Some("needs 73728 of the 65536")),
+        (256, 255, 0, None),
+        (512, 32, 47 * 1024, Some("above 48 KiB, without cuFuncSetAttribute")),
+        (512, 32, 45 * 1024, None),
+    ];
+    for (threads, regs, smem, refused) in cases {
+        let report = dir.join(format!("report-{threads}-{regs}-{smem}.txt"));
+        // sm_80 as given, sm_90 with fewer registers: either target's numbers refuse
+        std::fs::write(
+            &report,
+            format!("{kernel} sm_80 {regs} {smem} 0 0 0\n{kernel} sm_90 32 {smem} 0 0 0\n"),
+        )
+        .unwrap();
+        let out = emu_child(Sanitizer::None, &["--exact", "launch_planted_kernel", "--nocapture"])
+            .env("DEEPCUT_PLANTED_KERNEL", kernel)
+            .env("DEEPCUT_PLANTED_THREADS", threads.to_string())
+            .env("CUDA_EMU_KERNEL_REPORT", &report)
+            .output()
+            .expect("re-run this test binary");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let case = format!("{threads} threads, {regs} registers, {smem} B static shared memory");
+        assert!(
+            stderr.contains("launches held to the registers and shared memory of 1 kernels"),
+            "{case}: the report was not read:\n{stderr}"
+        );
+        match refused {
+            Some(why) => assert!(
+                !out.status.success() && stderr.contains(why) && !stderr.contains("launched planted kernel"),
+                "{case}: the emulator ran a launch a GPU refuses (expected `{why}`):\n{stderr}"
+            ),
+            None => assert!(
+                out.status.success() && stderr.contains(&format!("launched planted kernel {kernel}: out[0] = 1\n")),
+                "{case}: the emulator refused a launch a GPU runs:\n{stderr}"
+            ),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    loud("the emulator refuses launches beyond a block's registers and shared memory, as a GPU does");
+}
+
 /// Child of `sanitizers_catch_planted_bugs`: launches DEEPCUT_PLANTED_KERNEL on the emulator
-/// (blocks of 64 threads, n = 64; 4 blocks for the kernels about blocks); does nothing in any
-/// other run.
+/// (blocks of 64 threads, or DEEPCUT_PLANTED_THREADS, n = the block's threads; 4 blocks for
+/// the kernels about blocks); does nothing in any other run.
 #[test]
 fn launch_planted_kernel() {
     use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -472,7 +544,7 @@ fn launch_planted_kernel() {
         .load_module(cudarc::nvrtc::Ptx::from_src("// tests/cuda_emu/planted.cu"))
         .expect("a module");
     let f = module.load_function(&kernel).expect("the planted kernel");
-    let n = 64usize;
+    let n: usize = std::env::var("DEEPCUT_PLANTED_THREADS").map_or(64, |v| v.parse().expect("a thread count"));
     let mut out = stream.alloc_zeros::<f32>(n).expect("alloc");
     let n_arg = n as i32;
     let cfg = LaunchConfig {

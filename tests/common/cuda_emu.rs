@@ -80,6 +80,9 @@ impl Sanitizer {
 pub fn sanitized(cmd: &mut Command, san: Sanitizer) -> Result<(), String> {
     let dir = build_with(san)?;
     cmd.env("LD_LIBRARY_PATH", library_path(&dir));
+    if let Some(report) = kernel_report()? {
+        cmd.env("CUDA_EMU_KERNEL_REPORT", report);
+    }
     let Some(rt) = san.runtime()? else {
         return Ok(());
     };
@@ -329,6 +332,30 @@ fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
         std::fs::rename(staged(lib), lib).map_err(|e| format!("{}: {e}", lib.display()))?;
     }
     Ok(out)
+}
+
+/// build.rs's ptxas report of this build's kernels (registers and static shared memory per
+/// kernel and target), which the emulator holds every launch to (runtime.cpp, "what a GPU
+/// would refuse to launch"). None when this build compiled no kernels (no NVRTC), which it
+/// says; an error if kernels were required (DEEPCUT_REQUIRE_KERNELS=1, as in CI) and the
+/// report is missing.
+pub fn kernel_report() -> Result<Option<PathBuf>, String> {
+    let path = Path::new(env!("OUT_DIR")).join("kernel-report.txt");
+    if path.is_file() {
+        return Ok(Some(path));
+    }
+    if std::env::var("DEEPCUT_REQUIRE_KERNELS").is_ok_and(|v| v == "1") {
+        return Err(format!(
+            "DEEPCUT_REQUIRE_KERNELS=1 but build.rs wrote no ptxas report at {}",
+            path.display()
+        ));
+    }
+    eprintln!(
+        "cuda_emu: no ptxas report at {} (this build compiled no kernels), so launches are \
+         not checked against the kernels' registers and shared memory",
+        path.display()
+    );
+    Ok(None)
 }
 
 /// LD_LIBRARY_PATH with the emulator's folder `dir` first (cudarc then opens its libraries).

@@ -7,6 +7,8 @@
 // Device memory is host memory (a CUdeviceptr is the host address); every call is
 // synchronous, so streams and events are no-ops; modules ignore the image they are given
 // and cuModuleGetFunction looks the kernel up by name among the compiled kernel files.
+// With CUDA_EMU_KERNEL_REPORT (build.rs's ptxas report) a launch a GPU would refuse for its
+// registers or shared memory is refused here too ("what a GPU would refuse to launch").
 // What it cannot show: real GPU timing, the hardware's memory model (fences; races within a
 // block and between nearby blocks are the ThreadSanitizer build's, below), driver and
 // compiler behaviour of real hardware, cuBLAS's own kernels (tests/cuda_emu/cublas.cpp).
@@ -18,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -475,7 +478,112 @@ typedef void* CUevent;
 typedef void* CUmodule;
 typedef void* CUfunction;
 
-enum { OK = 0, ERR_INVALID_VALUE = 1, ERR_OUT_OF_MEMORY = 2, ERR_NOT_FOUND = 500, ERR_INVALID_DEVICE = 101 };
+enum {
+    OK = 0,
+    ERR_INVALID_VALUE = 1,
+    ERR_OUT_OF_MEMORY = 2,
+    ERR_NOT_FOUND = 500,
+    ERR_INVALID_DEVICE = 101,
+    ERR_LAUNCH_OUT_OF_RESOURCES = 701
+};
+
+// ---- what a GPU would refuse to launch ----------------------------------------------------------
+// The emulator runs any block size, but a GPU refuses a launch whose block needs more
+// registers than an SM has for one block (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES) or more shared
+// memory than it may have. Both depend on what ptxas made of each kernel, which build.rs
+// writes to its report (target/<profile>/kernel-report.txt): with CUDA_EMU_KERNEL_REPORT
+// naming that file, every launch is held to sm_80's and sm_90's numbers for its kernel, so a
+// kernel grown past its launch's block size fails here, not first on a lent GPU.
+struct Resources {
+    std::string target;
+    int regs, static_smem;
+};
+static std::mutex resources_mu;
+// kernel name -> its ptxas numbers per target; null when no report was named
+static std::map<std::string, std::vector<Resources>>* kernel_resources() {
+    static std::map<std::string, std::vector<Resources>>* table = [] {
+        const char* path = getenv("CUDA_EMU_KERNEL_REPORT");
+        if (!path || !*path) return (std::map<std::string, std::vector<Resources>>*)nullptr;
+        FILE* f = fopen(path, "r");
+        if (!f) {
+            fprintf(stderr, "cuda_emu: CUDA_EMU_KERNEL_REPORT %s cannot be read\n", path);
+            abort();
+        }
+        auto* t = new std::map<std::string, std::vector<Resources>>;
+        char line[512];
+        // "name target regs smem stack spill-stores spill-loads [SPILLS]"
+        while (fgets(line, sizeof line, f)) {
+            char name[256], target[32];
+            int regs, smem, stack, st, ld;
+            if (sscanf(line, "%255s %31s %d %d %d %d %d", name, target, &regs, &smem, &stack, &st, &ld) == 7 &&
+                strncmp(target, "sm_", 3) == 0)
+                (*t)[name].push_back(Resources{target, regs, smem});
+        }
+        fclose(f);
+        if (t->empty()) {
+            fprintf(stderr, "cuda_emu: CUDA_EMU_KERNEL_REPORT %s lists no kernel\n", path);
+            abort();
+        }
+        fprintf(stderr, "cuda_emu: launches held to the registers and shared memory of %zu kernels in %s\n",
+                t->size(), path);
+        return t;
+    }();
+    return table;
+}
+// kernels launched that the report does not list but a GPU build would (printed at exit; the
+// emulator's parity run asserts there are none): planted.cu's are the emulator's own
+static std::set<std::string>& unlisted() {
+    static auto* s = new std::set<std::string>;
+    return *s;
+}
+static void print_unlisted() {
+    std::string names;
+    for (auto& n : unlisted())
+        if (n.rfind("planted_", 0) != 0) names += (names.empty() ? "" : ", ") + n;
+    if (!names.empty()) fprintf(stderr, "cuda_emu: kernels launched without a ptxas report entry: %s\n", names.c_str());
+}
+// The static shared memory of a kernel on the emulated device (sm_90), 0 if not listed.
+static int static_smem(const std::string& name) {
+    auto* t = kernel_resources();
+    if (!t) return 0;
+    auto it = t->find(name);
+    if (it == t->end()) return 0;
+    for (auto& r : it->second)
+        if (r.target == "sm_90") return r.static_smem;
+    return 0;
+}
+// The reason the hardware would refuse this launch, or "" if it would run it. Registers are
+// allocated per warp in units of 256 (sm_80 and sm_90), 64 Ki per block at most.
+static std::string launch_refusal(const std::string& name, unsigned threads, unsigned dyn_smem) {
+    auto* t = kernel_resources();
+    if (!t) return "";
+    auto it = t->find(name);
+    if (it == t->end()) {
+        std::lock_guard<std::mutex> g(resources_mu);
+        if (unlisted().empty()) atexit(print_unlisted);
+        unlisted().insert(name);
+        return "";
+    }
+    const unsigned warps = (threads + 31) / 32;
+    for (auto& r : it->second) {
+        const unsigned per_warp = ((unsigned)r.regs * 32 + 255) / 256 * 256;
+        if (warps * per_warp > 65536) {
+            char msg[256];
+            snprintf(msg, sizeof msg,
+                     "%s on %s uses %d registers a thread: a block of %u threads needs %u of the 65536 an SM has "
+                     "for one block",
+                     name.c_str(), r.target.c_str(), r.regs, threads, warps * per_warp);
+            return msg;
+        }
+        if (r.target == "sm_90" && (unsigned)r.static_smem + dyn_smem > 227 * 1024) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "%s on sm_90: %d bytes of static and %u of dynamic shared memory exceed 227 KiB",
+                     name.c_str(), r.static_smem, dyn_smem);
+            return msg;
+        }
+    }
+    return "";
+}
 
 static int dummy_ctx, dummy_stream, dummy_event, dummy_module;
 
@@ -749,14 +857,37 @@ static std::map<CUfunction, int>& dyn_smem_limit() {
 static std::mutex dyn_smem_mutex;
 CUresult cuFuncSetAttribute(CUfunction f, int attr, int v) {
     if (attr == 8) {
-        if (v < 0 || v > 227 * 1024) return ERR_INVALID_VALUE;
+        // as on a GPU, the opt-in covers what static shared memory leaves of 227 KiB
+        if (v < 0 || v > 227 * 1024 - static_smem(((const EmuKernel*)f)->name)) return ERR_INVALID_VALUE;
         std::lock_guard<std::mutex> lock(dyn_smem_mutex);
         dyn_smem_limit()[f] = v;
     }
     return OK;
 }
-CUresult cuFuncGetAttribute(int* v, int, CUfunction) {
-    *v = 0;
+// What a GPU answers from the loaded image (sm_90's numbers in ptxas' report, when named):
+// max threads a block (0), static shared memory (1), registers a thread (4), the dynamic
+// shared memory opt-in (8).
+CUresult cuFuncGetAttribute(int* v, int attr, CUfunction f) {
+    const std::string& name = ((const EmuKernel*)f)->name;
+    int regs = 0;
+    if (auto* t = kernel_resources()) {
+        auto it = t->find(name);
+        if (it != t->end())
+            for (auto& r : it->second)
+                if (r.target == "sm_90") regs = r.regs;
+    }
+    switch (attr) {
+        case 0: *v = regs ? std::min(MAX_THREADS, 65536 / ((regs * 32 + 255) / 256 * 256) * 32) : MAX_THREADS; break;
+        case 1: *v = static_smem(name); break;
+        case 4: *v = regs; break;
+        case 8: {
+            std::lock_guard<std::mutex> lock(dyn_smem_mutex);
+            auto it = dyn_smem_limit().find(f);
+            *v = it == dyn_smem_limit().end() ? 48 * 1024 - static_smem(name) : it->second;
+            break;
+        }
+        default: *v = 0;
+    }
     return OK;
 }
 CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
@@ -768,12 +899,20 @@ CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned
                 bz, smem);
         return ERR_INVALID_VALUE;
     }
-    if (smem > 48 * 1024) {
+    const std::string refusal = launch_refusal(((const EmuKernel*)f)->name, (unsigned)threads, smem);
+    if (!refusal.empty()) {
+        fprintf(stderr, "cuda_emu: a GPU would refuse this launch (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES): %s\n",
+                refusal.c_str());
+        return ERR_LAUNCH_OUT_OF_RESOURCES;
+    }
+    // by default dynamic shared memory gets what static leaves of 48 KiB
+    const unsigned fixed = (unsigned)static_smem(((const EmuKernel*)f)->name);
+    if (smem + fixed > 48 * 1024) {
         std::lock_guard<std::mutex> lock(dyn_smem_mutex);
         auto it = dyn_smem_limit().find(f);
         if (it == dyn_smem_limit().end() || (unsigned)it->second < smem) {
-            fprintf(stderr, "cuda_emu: launch with %u bytes of dynamic shared memory, above 48 KiB, without "
-                    "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) to at least that\n", smem);
+            fprintf(stderr, "cuda_emu: launch with %u bytes of dynamic shared memory (and %u static), above 48 KiB, "
+                    "without cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) to at least that\n", smem, fixed);
             return ERR_INVALID_VALUE;
         }
     }
