@@ -590,6 +590,13 @@ fn parse_ptxas(log: &str, target: &str) -> Vec<KernelStats> {
     out
 }
 
+/// The most threads a block may have at `regs` registers a thread (sm_80/sm_90: 64 Ki
+/// registers a block, allocated per warp in units of 256; 1024 threads at most).
+fn max_block(regs: u32) -> u32 {
+    let per_warp = (regs.max(1) * 32).div_ceil(256) * 256;
+    (65_536 / per_warp * 32).min(1024)
+}
+
 fn report(compiled: &[Compiled], version: &str, loc: &Location) -> String {
     let mut r = String::new();
     let _ = writeln!(r, "deepcut-fast CUDA kernels: ptxas report (written by build.rs)");
@@ -598,19 +605,22 @@ fn report(compiled: &[Compiled], version: &str, loc: &Location) -> String {
     let _ = writeln!(
         r,
         "smem = static shared memory per block; kernels that size shared memory at launch\n\
-         (attention) show only their static part. A spill is local memory traffic: look first.\n"
+         (attention) show only their static part. A spill is local memory traffic: look first.\n\
+         max block = the most threads a block of this kernel may have for its registers (64 Ki a\n\
+         block, allocated per warp in units of 256); a launch with more fails on a GPU and on\n\
+         the tests' CPU emulator, which reads this report.\n"
     );
     let _ = writeln!(
         r,
-        "{:<34} {:<8} {:>5} {:>10} {:>7} {:>12} {:>11}",
-        "kernel", "target", "regs", "smem(B)", "stack", "spill st(B)", "spill ld(B)"
+        "{:<34} {:<8} {:>5} {:>10} {:>7} {:>12} {:>11} {:>9}",
+        "kernel", "target", "regs", "smem(B)", "stack", "spill st(B)", "spill ld(B)", "max block"
     );
     let mut rows: Vec<&KernelStats> = compiled.iter().flat_map(|c| &c.stats).collect();
     rows.sort_by(|a, b| (&a.kernel, &a.target).cmp(&(&b.kernel, &b.target)));
     for k in rows {
         let _ = writeln!(
             r,
-            "{:<34} {:<8} {:>5} {:>10} {:>7} {:>12} {:>11}{}",
+            "{:<34} {:<8} {:>5} {:>10} {:>7} {:>12} {:>11} {:>9}{}",
             k.kernel,
             k.target,
             k.registers,
@@ -618,6 +628,7 @@ fn report(compiled: &[Compiled], version: &str, loc: &Location) -> String {
             k.stack,
             k.spill_stores,
             k.spill_loads,
+            max_block(k.registers),
             if k.spill_stores + k.spill_loads > 0 {
                 "  SPILLS"
             } else {
