@@ -174,6 +174,68 @@ fn bench_on_cuda_reports_device_numbers() {
     }
 }
 
+/// Every launch of a step is one a GPU accepts at the largest shapes the issues measure and
+/// beyond (roberta-base at bf 32 / br 128 / seq 128: 24,576 tokens, InfoNCE over 8,192 rows;
+/// and at seq 512, RoBERTa's longest, 24,576 tokens in 48 sequences), in every precision:
+/// grid limits (65,535 blocks in y and z), block sizes, and each kernel's registers and
+/// shared memory against ptxas' report (tests/cuda_emu, "what a GPU would refuse to
+/// launch"). The emulator's no-work mode checks and counts every launch and GEMM without
+/// running it (and leaves device memory untouched), so these shapes take seconds and
+/// little memory here; the numbers it returns are meaningless and not looked at. Emulator
+/// only: on a GPU, scripts/gpu-check.sh runs these shapes for real.
+#[test]
+fn bench_launches_are_valid_at_the_largest_shapes() {
+    let Some(emu) = emulator_only("bench_launches_are_valid_at_the_largest_shapes") else {
+        return;
+    };
+    let report = common::cuda_emu::kernel_report().unwrap_or_else(|e| panic!("{e}"));
+    for (bf, br, seq) in [("32", "128", "128"), ("8", "32", "512")] {
+        for precision in ["bf16", "fp16", "fp32"] {
+            let mut c = cli(&Some(emu.clone()));
+            c.args([
+                "bench",
+                "--device",
+                "cuda",
+                "--preset",
+                "roberta-base",
+                "--precision",
+                precision,
+            ])
+            .args([
+                "--bf",
+                bf,
+                "--br",
+                br,
+                "--seq-len",
+                seq,
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+            ])
+            .env("CUDA_EMU_NO_WORK", "1")
+            .env("DEEPCUT_SKIP_SELF_CHECK", "1");
+            let o = c.output().expect("run deepcut-fast");
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            let case = format!("roberta-base {bf}/{br}/{seq} {precision}");
+            assert!(
+                o.status.success() && !stderr.contains("would refuse") && !stderr.contains("invalid launch"),
+                "{case}: a launch a GPU would refuse:\n{stderr}"
+            );
+            assert!(
+                stderr.contains("cuda_emu counters: launches"),
+                "{case}: not run in the emulator's no-work mode:\n{stderr}"
+            );
+            if report.is_some() {
+                assert!(
+                    stderr.contains("launches held to the registers and shared memory"),
+                    "{case}: the launches were not checked against ptxas' report:\n{stderr}"
+                );
+            }
+        }
+    }
+}
+
 /// The CLI's GPU work on the AddressSanitizer build of the emulator (tests/cuda_emu,
 /// "Sanitizer builds"; every device buffer at exactly its size), so every launch and GEMM
 /// of a whole command, with its real grid, stays inside its buffers:

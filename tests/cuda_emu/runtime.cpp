@@ -738,7 +738,9 @@ static CUresult alloc(CUdeviceptr* p, size_t n) {
     // (EMU_ASAN: exactly n bytes, so ASan's redzone starts where the buffer ends)
     void* m = nullptr;
     if (posix_memalign(&m, 256, EMU_EXACT_SIZES ? (n ? n : 1) : ((n + 255) / 256) * 256 + 256)) return ERR_OUT_OF_MEMORY;
-    memset(m, fill_byte(0xCD), n);  // fresh device memory is garbage, not zeros
+    // fresh device memory is garbage, not zeros; in no-work mode it stays untouched, so a
+    // model too large for this host's memory can still have its launches checked
+    if (!emu_no_work()) memset(m, fill_byte(0xCD), n);
     *p = (CUdeviceptr)m;
     return OK;
 }
