@@ -14,6 +14,7 @@
 // compiler behaviour of real hardware, cuBLAS's own kernels (tests/cuda_emu/cublas.cpp).
 #include <atomic>
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -594,7 +595,10 @@ static unsigned long long stats[ST_COUNT];
 // CUDA_EMU_NO_WORK=1: launches and GEMMs are checked and counted but not executed, so a
 // command's time is the host's own cost of enqueueing its work (the engine, cudarc, and
 // this library's bookkeeping, no driver): the measurement behind BENCHMARKS.md's "host
-// cost of a step". Results are meaningless in this mode; at exit it prints the counters.
+// cost of a step". Results are meaningless in this mode (device memory starts zeroed and
+// untouched, so shapes beyond this host's memory can have their launches checked:
+// tests/gpu_cli.rs bench_launches_are_valid_at_the_largest_shapes); at exit it prints the
+// counters.
 static unsigned long long device_ops;  // async memsets and device-to-device copies
 // per kernel, in no-work mode; never destroyed, as print_counters reads it at exit
 static std::map<const EmuKernel*, unsigned long long>& launches_of() {
@@ -735,25 +739,38 @@ CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
 
 static CUresult alloc(CUdeviceptr* p, size_t n) {
     ++stats[ST_ALLOC];
+    if (emu_no_work()) {
+        // No-work mode: zeroed memory the host never touches (calloc takes large blocks
+        // fresh from the kernel without writing them), so a model too large for this host's
+        // memory can still have its launches checked, and what is read back is finite.
+        // 256-aligned inside the block, the block's own address just before.
+        char* raw = (char*)calloc(1, n + 8 + 256);
+        if (!raw) return ERR_OUT_OF_MEMORY;
+        char* m = (char*)(((uintptr_t)raw + 8 + 255) & ~(uintptr_t)255);
+        ((char**)m)[-1] = raw;
+        *p = (CUdeviceptr)m;
+        return OK;
+    }
     // (EMU_ASAN: exactly n bytes, so ASan's redzone starts where the buffer ends)
     void* m = nullptr;
     if (posix_memalign(&m, 256, EMU_EXACT_SIZES ? (n ? n : 1) : ((n + 255) / 256) * 256 + 256)) return ERR_OUT_OF_MEMORY;
-    // fresh device memory is garbage, not zeros; in no-work mode it stays untouched, so a
-    // model too large for this host's memory can still have its launches checked
-    if (!emu_no_work()) memset(m, fill_byte(0xCD), n);
+    memset(m, fill_byte(0xCD), n);  // fresh device memory is garbage, not zeros
     *p = (CUdeviceptr)m;
     return OK;
+}
+static void release(CUdeviceptr p) {
+    ++stats[ST_FREE];
+    if (emu_no_work() && p) free(((char**)p)[-1]);
+    else free((void*)p);
 }
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return alloc(p, n); }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) { return alloc(p, n); }
 CUresult cuMemFree_v2(CUdeviceptr p) {
-    ++stats[ST_FREE];
-    free((void*)p);
+    release(p);
     return OK;
 }
 CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
-    ++stats[ST_FREE];
-    free((void*)p);
+    release(p);
     return OK;
 }
 CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
