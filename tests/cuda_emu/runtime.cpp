@@ -820,7 +820,9 @@ CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) {
 }
 // page-locked host memory: the emulator only remembers where it is (for the rule above)
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned int) {
-    *p = malloc(n ? n : 1);
+    // zeroed in no-work mode, where copies into it are skipped: what the host reads back
+    // there is then zeros, never stale bytes a numeric check would stop on
+    *p = emu_no_work() ? calloc(1, n ? n : 1) : malloc(n ? n : 1);
     if (!*p) return ERR_OUT_OF_MEMORY;
     std::lock_guard<std::mutex> g(pinned_mu);
     pinned[(char*)*p] = n;
