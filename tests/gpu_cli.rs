@@ -26,11 +26,7 @@ fn device_libs() -> Option<PathBuf> {
 fn cli(libs: &Option<PathBuf>) -> Command {
     let mut c = fixture::bin();
     if let Some(dir) = libs {
-        c.env("LD_LIBRARY_PATH", common::cuda_emu::library_path(dir));
-        // launches held to the kernels' registers and shared memory, as on a GPU
-        if let Some(report) = common::cuda_emu::kernel_report().unwrap_or_else(|e| panic!("{e}")) {
-            c.env("CUDA_EMU_KERNEL_REPORT", report);
-        }
+        common::cuda_emu::on_emulator(&mut c, dir).unwrap_or_else(|e| panic!("{e}"));
     }
     c
 }

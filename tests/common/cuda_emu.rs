@@ -78,11 +78,7 @@ impl Sanitizer {
 ///   chunks) grid, which meet in a last-block reduction, fall in its window of unordered
 ///   blocks.
 pub fn sanitized(cmd: &mut Command, san: Sanitizer) -> Result<(), String> {
-    let dir = build_with(san)?;
-    cmd.env("LD_LIBRARY_PATH", library_path(&dir));
-    if let Some(report) = kernel_report()? {
-        cmd.env("CUDA_EMU_KERNEL_REPORT", report);
-    }
+    on_emulator(cmd, &build_with(san)?)?;
     let Some(rt) = san.runtime()? else {
         return Ok(());
     };
@@ -332,6 +328,16 @@ fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
         std::fs::rename(staged(lib), lib).map_err(|e| format!("{}: {e}", lib.display()))?;
     }
     Ok(out)
+}
+
+/// Makes `cmd` open the emulator in `dir` (its folder first on LD_LIBRARY_PATH), with every
+/// launch held to the kernels' ptxas report when this build has one ([`kernel_report`]).
+pub fn on_emulator(cmd: &mut Command, dir: &Path) -> Result<(), String> {
+    cmd.env("LD_LIBRARY_PATH", library_path(dir));
+    if let Some(report) = kernel_report()? {
+        cmd.env("CUDA_EMU_KERNEL_REPORT", report);
+    }
+    Ok(())
 }
 
 /// build.rs's ptxas report of this build's kernels (registers and static shared memory per

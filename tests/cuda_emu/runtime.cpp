@@ -543,18 +543,24 @@ static void print_unlisted() {
         if (n.rfind("planted_", 0) != 0) names += (names.empty() ? "" : ", ") + n;
     if (!names.empty()) fprintf(stderr, "cuda_emu: kernels launched without a ptxas report entry: %s\n", names.c_str());
 }
-// The static shared memory of a kernel on the emulated device (sm_90), 0 if not listed.
-static int static_smem(const std::string& name) {
+// A kernel's ptxas numbers on the emulated device (sm_90), or null if not listed.
+static const Resources* sm90(const std::string& name) {
     auto* t = kernel_resources();
-    if (!t) return 0;
+    if (!t) return nullptr;
     auto it = t->find(name);
-    if (it == t->end()) return 0;
+    if (it == t->end()) return nullptr;
     for (auto& r : it->second)
-        if (r.target == "sm_90") return r.static_smem;
-    return 0;
+        if (r.target == "sm_90") return &r;
+    return nullptr;
 }
-// The reason the hardware would refuse this launch, or "" if it would run it. Registers are
-// allocated per warp in units of 256 (sm_80 and sm_90), 64 Ki per block at most.
+static int static_smem(const std::string& name) {
+    const Resources* r = sm90(name);
+    return r ? r->static_smem : 0;
+}
+// Registers a warp takes at `regs` a thread: allocated in units of 256 (sm_80 and sm_90), of
+// 64 Ki a block at most.
+static unsigned regs_per_warp(int regs) { return ((unsigned)regs * 32 + 255) / 256 * 256; }
+// The reason the hardware would refuse this launch, or "" if it would run it.
 static std::string launch_refusal(const std::string& name, unsigned threads, unsigned dyn_smem) {
     auto* t = kernel_resources();
     if (!t) return "";
@@ -567,7 +573,7 @@ static std::string launch_refusal(const std::string& name, unsigned threads, uns
     }
     const unsigned warps = (threads + 31) / 32;
     for (auto& r : it->second) {
-        const unsigned per_warp = ((unsigned)r.regs * 32 + 255) / 256 * 256;
+        const unsigned per_warp = regs_per_warp(r.regs);
         if (warps * per_warp > 65536) {
             char msg[256];
             snprintf(msg, sizeof msg,
@@ -890,15 +896,10 @@ CUresult cuFuncSetAttribute(CUfunction f, int attr, int v) {
 // shared memory opt-in (8).
 CUresult cuFuncGetAttribute(int* v, int attr, CUfunction f) {
     const std::string& name = ((const EmuKernel*)f)->name;
-    int regs = 0;
-    if (auto* t = kernel_resources()) {
-        auto it = t->find(name);
-        if (it != t->end())
-            for (auto& r : it->second)
-                if (r.target == "sm_90") regs = r.regs;
-    }
+    const Resources* res = sm90(name);
+    const int regs = res ? res->regs : 0;
     switch (attr) {
-        case 0: *v = regs ? std::min(MAX_THREADS, 65536 / ((regs * 32 + 255) / 256 * 256) * 32) : MAX_THREADS; break;
+        case 0: *v = regs ? std::min(MAX_THREADS, (int)(65536 / regs_per_warp(regs)) * 32) : MAX_THREADS; break;
         case 1: *v = static_smem(name); break;
         case 4: *v = regs; break;
         case 8: {
@@ -920,14 +921,15 @@ CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned
                 bz, smem);
         return ERR_INVALID_VALUE;
     }
-    const std::string refusal = launch_refusal(((const EmuKernel*)f)->name, (unsigned)threads, smem);
+    const std::string& name = ((const EmuKernel*)f)->name;
+    const std::string refusal = launch_refusal(name, (unsigned)threads, smem);
     if (!refusal.empty()) {
         fprintf(stderr, "cuda_emu: a GPU would refuse this launch (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES): %s\n",
                 refusal.c_str());
         return ERR_LAUNCH_OUT_OF_RESOURCES;
     }
     // by default dynamic shared memory gets what static leaves of 48 KiB
-    const unsigned fixed = (unsigned)static_smem(((const EmuKernel*)f)->name);
+    const unsigned fixed = (unsigned)static_smem(name);
     if (smem + fixed > 48 * 1024) {
         std::lock_guard<std::mutex> lock(dyn_smem_mutex);
         auto it = dyn_smem_limit().find(f);
