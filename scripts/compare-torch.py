@@ -10,8 +10,9 @@ views), CE over the labelled retain tokens, the final hidden states of every lab
 token L2-normalised, class-masked InfoNCE with the forget tokens as anchors
 (scripts/infonce_torch.py: same-class denominator, own view negative, detached columns,
 tau 0.1), loss = CE + 0.3 L_f, backward, clipping at global norm 1.0, AdamW (0.9/0.999,
-eps 1e-8, weight decay 0.01, none on biases and LayerNorm), linear schedule. fp32 on the
-CPU; on CUDA autocast bf16 for the model, the loss in fp32 (SPEC section 7).
+eps 1e-8, weight decay 0.01, none on biases and LayerNorm), linear schedule. The model in
+the engine's --precision (default bf16 on CUDA, fp32 on the CPU): bf16 autocast (CUDA or
+CPU), fp16 autocast (CUDA), else fp32; the loss in fp32 (SPEC section 7).
 
 Synthetic data as the bench's: --seq-len real tokens per sequence (no padding), ids
 uniform over the vocabulary, first and last position unlabelled, others 'O' (class 0)
@@ -22,7 +23,7 @@ same cores; the load average is printed next to each.
 
 Usage:
   python3 scripts/compare-torch.py [--preset minilm-l6] [--bf 8] [--br 32] [--seq-len 128]
-      [--steps 10] [--warmup 2] [--device cpu|cuda] [--threads N]
+      [--steps 10] [--warmup 2] [--device cpu|cuda] [--precision fp32|bf16|fp16] [--threads N]
       [--bin target/release/deepcut-fast] [--json OUT.json]
 """
 import argparse
@@ -116,10 +117,13 @@ def run_torch(a, ours):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))
     base = model.base_model
     cuda = device.type == "cuda"
+    # the engine's precision: bf16 autocast on either device (so this path runs on a CPU
+    # too), fp16 autocast on CUDA, else fp32 (on CUDA without TF32: torch's default)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16 if cuda else None}.get(a.precision)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device_type=device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             h = base(input_ids=ids, attention_mask=mask).last_hidden_state  # [2bf+br, t, c]
             logits = model.classifier(model.dropout(h))
         ce = F.cross_entropy(logits.float().reshape(-1, l), y_ce.reshape(-1), ignore_index=-100)
@@ -166,7 +170,7 @@ def run_torch(a, ours):
     res = {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "precision": "bf16 autocast" if cuda else "fp32",
+        "precision": f"{a.precision} autocast" if amp is not None else "fp32",
         "threads": torch.get_num_threads(),
         "step_time_s": {"median": med, "min": times[0], "max": times[-1],
                         "p10": quantile(times, 0.1), "p90": quantile(times, 0.9)},

@@ -20,9 +20,9 @@ It reads the run's report.json and does the same work with transformers:
 What differs, on purpose: batches are drawn with PyTorch's generator (the same sizes and
 the same streams, not the same sentences), and evaluation runs 64 windows per batch sorted
 by length, the usual PyTorch practice. So the F1 columns are a sanity check (they should
-be close), not a parity test; the seconds compare the same amount of work. On CUDA the
-model runs under bf16 autocast (fp16 with a GradScaler for fp16 runs) and the losses in
-fp32, as SPEC section 7 says; on the CPU everything is fp32.
+be close), not a parity test; the seconds compare the same amount of work. The model
+runs in the run's precision: under bf16 autocast (on CUDA or the CPU), fp16 with a
+GradScaler on CUDA, else fp32; the losses in fp32, as SPEC section 7 says.
 
 Only the InfoNCE defaults are replayed (same-class denominator, own view negative,
 detached columns, all anchors); a run with other options is refused.
@@ -169,16 +169,25 @@ class Runner:
             sys.exit(f"{a.report}: method {un['method']}; only DeepCUT runs are replayed")
         self.un, self.device = un, torch.device(a.device)
         self.cuda = self.device.type == "cuda"
+        # report.json's "precision" is an object ({"precision": "bf16", "describe": ...});
+        # config.unlearning.precision the plain name
         prec = rep.get("precision", un.get("precision", "fp32"))
-        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec) if self.cuda else None
+        if isinstance(prec, dict):
+            prec = prec.get("precision", "fp32")
+        # bf16 autocast on either device (the CPU has it too, so this path runs anywhere);
+        # fp16 needs CUDA (its GradScaler), elsewhere the replay is fp32
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+        self.amp = amp if self.cuda or amp == torch.bfloat16 else None
         self.precision = f"{prec} autocast" if self.amp else "fp32"
         t0 = time.perf_counter()
         model_dir = cfg["model"]
         kind = json.load(open(os.path.join(model_dir, "config.json"))).get("model_type", "")
         extra = {"add_prefix_space": True} if kind in ("roberta", "xlm-roberta") else {}
         self.tok = AutoTokenizer.from_pretrained(model_dir, **extra)
+        # fp32 master weights whatever the checkpoint holds (gpu-check carries a bf16 copy;
+        # some transformers versions load a checkpoint in its own dtype)
         self.model = AutoModelForTokenClassification.from_pretrained(
-            model_dir, attn_implementation="sdpa").to(self.device)
+            model_dir, attn_implementation="sdpa").float().to(self.device)
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         label2id = {v: k for k, v in self.id2label.items()}
         data = cfg["data"]
@@ -221,7 +230,7 @@ class Runner:
         for b0 in range(0, len(items), EVAL_BATCH):
             batch = items[b0 : b0 + EVAL_BATCH]
             ids, lab, mask = pad_batch(batch, self.pad_id, self.device)
-            with torch.autocast(device_type="cuda", dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            with torch.autocast(device_type=self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
                 logits = self.model(input_ids=ids, attention_mask=mask).logits
             logits = logits.float()
             tok_loss = F.cross_entropy(logits.transpose(1, 2), lab, ignore_index=-100, reduction="none")
@@ -273,7 +282,7 @@ class Runner:
         # to lr / (budget - warm) at the last step of the budget (the engine's schedule)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: (s + 1) / warm if s + 1 <= warm else max(0.0, (budget - s) / max(1, budget - warm)))
-        scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        scaler = torch.amp.GradScaler(dev.type, enabled=self.amp == torch.float16)
         gamma, tau, clip = float(un["gamma"]), float(un["tau"]), float(un.get("clip", 1.0))
         checks, tokens = [], 0
         self.sync()
@@ -292,7 +301,7 @@ class Runner:
             anchor[: 2 * bf] = True
             anchor = anchor.flatten()[labelled]
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(device_type="cuda", dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            with torch.autocast(device_type=self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
                 h = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
                 logits = model.classifier(model.dropout(h))
             ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y_ce.reshape(-1), ignore_index=-100)
