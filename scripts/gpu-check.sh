@@ -40,11 +40,12 @@
 #     scripts/gpu-check.sh --build [MODEL_DIR]
 # which runs `cargo test --release --no-run --test gpu_parity --test gpu_bench` with
 # DEEPCUT_REQUIRE_KERNELS=1 and debug info off, builds the CLI, and puts all three, gzipped, in
-# target/gpu-check/ with a WNUT17 slice; with a fine-tuned model (MODEL_DIR, else
-# $DEEPCUT_E2E_MODEL, else runs/original/model: `deepcut-fast train` of all-MiniLM-L6-v2 on
-# WNUT17, BENCHMARKS.md) also step 8's payload: that model in bf16, gzipped, and the full
-# WNUT17. Carry that one folder (~50 MB with the model; the 64 MiB limit counts the work tree
-# too). Then, on the GPU machine, from the repository root:
+# target/gpu-check/ with a WNUT17 slice, and step 8's payload: a model in bf16, gzipped, and
+# the full WNUT17. The model: MODEL_DIR, else $DEEPCUT_E2E_MODEL, else runs/original/model
+# (`deepcut-fast train` of all-MiniLM-L6-v2 on WNUT17, as BENCHMARKS.md's CPU runs used), else
+# ../shared/models/all-MiniLM-L6-v2, which the GPU run then fine-tunes first. Carry that one
+# folder (~47 MB; the 64 MiB limit counts the work tree too). Then, on the GPU machine, from
+# the repository root:
 #     scripts/gpu-check.sh
 # It looks for the binaries in $DEEPCUT_GPU_BIN, target/gpu-check/ (unpacked into
 # target/gpu-check-bin/), then target/release/deps/. Logs go to target/gpu-check-logs/, and
@@ -68,7 +69,14 @@ if [ "${1:-}" = "--build" ] || [ "${1:-}" = "--build-e2e" ]; then
     # The lent machines are H100 / H200 (sm_90): their cubin plus PTX for newer cards keeps
     # the carried folder under the 64 MiB limit (every binary embeds every kernel).
     export DEEPCUT_CUDA_ARCHS="${DEEPCUT_CUDA_ARCHS:-sm_90,compute_90}"
-    model="${2:-${DEEPCUT_E2E_MODEL:-runs/original/model}}"
+    # step 8's model: the one given, else the fine-tuned MiniLM that BENCHMARKS.md's CPU runs
+    # used, else the pretrained all-MiniLM-L6-v2 (the GPU run then fine-tunes it first)
+    model="${2:-${DEEPCUT_E2E_MODEL:-}}"
+    if [ -z "$model" ]; then
+        for m in runs/original/model ../shared/models/all-MiniLM-L6-v2; do
+            [ -f "$m/model.safetensors" ] && { model=$m; break; }
+        done
+    fi
     rm -rf target/gpu-check target/gpu-e2e && mkdir -p target/gpu-check/data
     cargo test --release --no-run --test gpu_parity --test gpu_bench --message-format=json-render-diagnostics \
         | grep -o '"executable":"[^"]*"' | sed 's/"executable":"//; s/"$//' > target/gpu-check/.list
@@ -96,10 +104,11 @@ PY
     # issue #6's end-to-end run (step 8) when a fine-tuned model is at hand: its weights in
     # bf16 (half the bytes; the engine and transformers both load bf16 safetensors), the rest
     # of its folder as it is, and the full WNUT17
-    if [ -f "$model/model.safetensors" ]; then
+    if [ -n "$model" ] && [ -f "$model/model.safetensors" ]; then
+        echo "step 8's model: $model"
         mkdir -p target/gpu-check/e2e/model target/gpu-check/e2e/data
         for f in "$model"/*; do
-            [ "$(basename "$f")" = model.safetensors ] || cp "$f" target/gpu-check/e2e/model/
+            [ -f "$f" ] && [ "$(basename "$f")" != model.safetensors ] && cp "$f" target/gpu-check/e2e/model/
         done
         # plain Python (no numpy / torch here): f32 -> bf16 rounded to nearest even
         python3 - "$model/model.safetensors" target/gpu-check/e2e/model/model.safetensors <<'PY'
@@ -127,10 +136,11 @@ with open(sys.argv[2], "wb") as f:
         f.write(b)
 PY
         cp ../shared/data/wnut17/{train,dev,test}.conll target/gpu-check/e2e/data/
+        chmod -R u+w target/gpu-check/e2e
         gzip -9 target/gpu-check/e2e/model/model.safetensors
     else
-        echo "note: no fine-tuned model at $model (give one: --build MODEL_DIR, or DEEPCUT_E2E_MODEL): the"
-        echo "      check's end-to-end row (issue #6) will say SKIP; \`deepcut-fast train\` makes one"
+        echo "note: no model for step 8 (${model:-none found}; give one: --build MODEL_DIR): the check's"
+        echo "      end-to-end row (issue #6) will say SKIP"
     fi
     # gzip: the carry limit (64 MiB) counts the work tree too; the check unpacks on its machine
     gzip -9 target/gpu-check/gpu_parity target/gpu-check/gpu_bench target/gpu-check/deepcut-fast
@@ -238,7 +248,7 @@ e2e() {
         row "e2e run (wnut17 minilm 0.10)" "$([ "$rc" = 124 ] && echo TIMEOUT || echo FAIL)" "rc=$rc, no report in $limit s; $LOGS/e2e-run.log"
         return 1
     fi
-    row "e2e run (wnut17 minilm 0.10)" "ok" "$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); m=r["metrics"]; c=r["cost"]; print("wall %.1f s, %s steps; F1 forget %.3f retain %.3f test %.3f" % (c.get("wall_seconds", float("nan")), c.get("steps", "?"), m["forget"]["f1"], m["retain"]["f1"], m["test"]["f1"]))' "$LOGS/e2e-run/report.json" 2>/dev/null || echo "report unreadable")"
+    row "e2e run (wnut17 minilm 0.10)" "ok" "$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); m=r["metrics"]; c=r["cost"]; ft=((r.get("original_training") or {}).get("record") or {}).get("seconds"); print("wall %.1f s%s, %s steps; F1 forget %.3f retain %.3f test %.3f" % (c.get("wall_seconds", float("nan")), " (%.1f s of it fine-tuning the original first)" % ft if ft else "", c.get("steps", "?"), m["forget"]["f1"], m["retain"]["f1"], m["test"]["f1"]))' "$LOGS/e2e-run/report.json" 2>/dev/null || echo "report unreadable")"
     if ! enough "e2e vs PyTorch"; then return 1; fi
     if ! python3 -c 'import torch, transformers' 2>/dev/null; then
         row "e2e vs PyTorch" "SKIP" "torch+transformers do not import"
