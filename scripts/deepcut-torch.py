@@ -30,6 +30,8 @@ detached columns, all anchors); a run with other options is refused.
 Usage:
   python3 scripts/deepcut-torch.py --report RUN/report.json [--device cpu|cuda]
       [--threads N] [--json OUT.json]
+  python3 scripts/deepcut-torch.py --report RUN/report.json --plan [--device cpu|cuda]
+      (what would be replayed, as JSON, without torch: tests/torch_scripts.rs)
 """
 import argparse
 import json
@@ -38,13 +40,22 @@ import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from infonce_torch import infonce  # noqa: E402  (the same loss as compare-torch.py)
+# torch, torch.nn.functional and the loss are imported by main() after --plan's early exit,
+# so that what the replay reads from a report is checked where torch is not installed (CI)
+torch = F = infonce = None
 
 EVAL_BATCH = 64
+
+
+def load_torch():
+    global torch, F, infonce
+    import torch as _torch
+    import torch.nn.functional as _F
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from infonce_torch import infonce as _infonce  # the same loss as compare-torch.py
+
+    torch, F, infonce = _torch, _F, _infonce
 
 
 def read_conll(path):
@@ -155,37 +166,93 @@ def auc(members, others):
     return u / (len(members) * len(others))
 
 
+def plan(rep, report, device):
+    """Everything the replay takes from a run's report.json, read and checked without torch
+    (`--plan` prints it): the options it replays, the precision, where the model, data and
+    forget set are, the steps and checks, and our side's seconds and F1s. Exits with a
+    message naming the report where the run cannot be replayed."""
+    def need(cond, what):
+        if not cond:
+            sys.exit(f"{report}: {what}")
+
+    cfg = rep["config"]
+    un = cfg["unlearning"]
+    for key, want in [("contrast_denominator", "same-class"), ("own_view", "negative"),
+                      ("detach_columns", True), ("anchors", "all")]:
+        need(un.get(key, want) == want, f"{key} = {un.get(key)}; only the InfoNCE defaults are replayed")
+    need(rep.get("method", un.get("method", "deepcut")) == "deepcut",
+         f"method {rep.get('method')}; only DeepCUT runs are replayed")
+    # report.json's "precision" is an object ({"precision": "bf16", "describe": ...});
+    # config.unlearning.precision the plain name
+    prec = rep.get("precision", un.get("precision", "fp32"))
+    if isinstance(prec, dict):
+        prec = prec.get("precision", "fp32")
+    need(prec in ("fp32", "bf16", "fp16"), f"precision {prec!r}")
+    # bf16 autocast on either device (the CPU has it too, so this path runs anywhere);
+    # fp16 needs CUDA (its GradScaler), elsewhere the replay is fp32
+    autocast = prec if prec == "bf16" or (prec == "fp16" and device.startswith("cuda")) else None
+    model_dir = cfg["model"]
+    finetune = None
+    if rep.get("original_training"):
+        # --model had no head for the data: the run fine-tuned it first, into OUT/original
+        # (that fine-tune is not replayed; its model is where the unlearning started)
+        model_dir = os.path.join(cfg["out"], "original", "model")
+        finetune = ((rep["original_training"] or {}).get("record") or {}).get("seconds")
+    for f in ("config.json", "model.safetensors"):
+        need(os.path.isfile(os.path.join(model_dir, f)), f"the model it starts from has no {f}: {model_dir}")
+    data = cfg["data"]
+    for split in ("train", "dev", "test"):
+        need(os.path.isfile(os.path.join(data, f"{split}.conll")), f"no {split}.conll in {data}")
+    train_n = len(read_conll(os.path.join(data, "train.conll")))
+    # one 0-based train index per line; `#` starts a comment
+    lines = (ln.split("#", 1)[0].strip() for ln in open(rep["forget"]["file"]))
+    forget = [int(x) for x in lines if x]
+    need(len(forget) == rep["forget"]["count"] and all(0 <= i < train_n for i in forget),
+         f"{rep['forget']['file']} does not hold {rep['forget']['count']} train indices below {train_n}")
+    cost = rep["cost"]
+    ours = {
+        "reference_and_final_eval": cost.get("reference_eval_seconds"),
+        "steps": (cost.get("seconds") or 0) - (cost.get("stopping_rule_eval_seconds") or 0),
+        "stopping_checks": cost.get("stopping_rule_eval_seconds"),
+        "wall": cost.get("wall_seconds"),
+    }
+    # a run that fine-tuned its original first counts that in its wall clock; the replay
+    # starts from the fine-tuned model, so the comparison leaves the fine-tune out
+    if finetune and ours["wall"]:
+        ours["wall"] -= finetune
+    return {
+        "precision": prec,
+        "autocast": autocast,
+        "model_dir": model_dir,
+        "model_type": json.load(open(os.path.join(model_dir, "config.json"))).get("model_type", ""),
+        "data": data,
+        "forget": forget,
+        "train_sentences": train_n,
+        "unlearning": un,
+        "steps": int(cost["steps"]),
+        "check_steps": sorted({int(c["step"]) for c in rep.get("history", {}).get("checks", [])}),
+        "fixed_steps": rep.get("stopping", {}).get("rule") == "fixed steps",
+        "ours_seconds": ours,
+        "finetune_seconds_left_out": finetune,
+        "ours_unlearned": {k: rep["metrics"][k]["f1"] for k in ("forget", "retain", "dev", "test")}
+        | {"mia_auc": rep["metrics"].get("mia_auc")},
+        "reference_original": rep.get("reference", {}).get("original", {}),
+        "backend": cfg.get("backend"),
+    }
+
+
 class Runner:
-    def __init__(self, a, rep):
+    def __init__(self, a, pl):
         from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-        cfg = rep["config"]
-        un = cfg["unlearning"]
-        for key, want in [("contrast_denominator", "same-class"), ("own_view", "negative"),
-                          ("detach_columns", True), ("anchors", "all")]:
-            if un.get(key, want) != want:
-                sys.exit(f"{a.report}: {key} = {un[key]}; only the InfoNCE defaults are replayed")
-        if un.get("method", "deepcut") != "deepcut":
-            sys.exit(f"{a.report}: method {un['method']}; only DeepCUT runs are replayed")
+        un = pl["unlearning"]
         self.un, self.device = un, torch.device(a.device)
         self.cuda = self.device.type == "cuda"
-        # report.json's "precision" is an object ({"precision": "bf16", "describe": ...});
-        # config.unlearning.precision the plain name
-        prec = rep.get("precision", un.get("precision", "fp32"))
-        if isinstance(prec, dict):
-            prec = prec.get("precision", "fp32")
-        # bf16 autocast on either device (the CPU has it too, so this path runs anywhere);
-        # fp16 needs CUDA (its GradScaler), elsewhere the replay is fp32
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
-        self.amp = amp if self.cuda or amp == torch.bfloat16 else None
-        self.precision = f"{prec} autocast" if self.amp else "fp32"
+        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(pl["autocast"])
+        self.precision = f"{pl['precision']} autocast" if self.amp else "fp32"
         t0 = time.perf_counter()
-        model_dir = cfg["model"]
-        if rep.get("original_training"):
-            # --model had no head for the data: the run fine-tuned it first, into OUT/original
-            # (that fine-tune is not replayed; its model is where the unlearning started)
-            model_dir = os.path.join(cfg["out"], "original", "model")
-        kind = json.load(open(os.path.join(model_dir, "config.json"))).get("model_type", "")
+        model_dir = pl["model_dir"]
+        kind = pl["model_type"]
         extra = {"add_prefix_space": True} if kind in ("roberta", "xlm-roberta") else {}
         self.tok = AutoTokenizer.from_pretrained(model_dir, **extra)
         # fp32 master weights whatever the checkpoint holds (gpu-check carries a bf16 copy;
@@ -194,11 +261,9 @@ class Runner:
             model_dir, attn_implementation="sdpa").float().to(self.device)
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         label2id = {v: k for k, v in self.id2label.items()}
-        data = cfg["data"]
+        data = pl["data"]
         split = {s: read_conll(os.path.join(data, f"{s}.conll")) for s in ("train", "dev", "test")}
-        # one 0-based train index per line; `#` starts a comment
-        lines = (ln.split("#", 1)[0].strip() for ln in open(rep["forget"]["file"]))
-        forget_idx = [int(x) for x in lines if x]
+        forget_idx = pl["forget"]
         fset = set(forget_idx)
         self.sets = {
             "forget": [split["train"][i] for i in forget_idx],
@@ -222,9 +287,12 @@ class Runner:
         if self.cuda:
             torch.cuda.synchronize()
 
-    @torch.no_grad()
     def evaluate(self, name):
         """Entity F1 and per-sentence mean token losses of one set, eval mode."""
+        with torch.no_grad():
+            return self._evaluate(name)
+
+    def _evaluate(self, name):
         self.model.eval()
         items = sorted(self.items[name], key=lambda it: len(it[2]))
         sents = self.sets[name]
@@ -336,29 +404,34 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", help="write the comparison here")
+    ap.add_argument("--plan", action="store_true",
+                    help="print what would be replayed (JSON) and stop; needs no torch")
     a = ap.parse_args()
+    rep = json.load(open(a.report))
+    pl = plan(rep, a.report, a.device)
+    if a.plan:
+        print(json.dumps(pl, indent=1))
+        return
+    load_torch()
     if a.threads:
         torch.set_num_threads(a.threads)
-    rep = json.load(open(a.report))
     t_all = time.perf_counter()
-    r = Runner(a, rep)
+    r = Runner(a, pl)
     if r.cuda:
         torch.cuda.reset_peak_memory_stats()
     print(f"PyTorch {torch.__version__} on {a.device} ({r.precision}, {torch.get_num_threads()} threads); "
           f"replaying {a.report}", file=sys.stderr)
     original = r.evaluate_all()
-    cost = rep["cost"]
-    steps = int(cost["steps"])
-    check_steps = {int(c["step"]) for c in rep.get("history", {}).get("checks", [])}
-    un = rep["config"]["unlearning"]
-    if rep.get("stopping", {}).get("rule") == "fixed steps":
+    steps = pl["steps"]
+    check_steps = set(pl["check_steps"])
+    un = pl["unlearning"]
+    if pl["fixed_steps"]:
         budget = steps
     else:
         budget = max(steps, math.ceil(float(un.get("max_forget_epochs", 10)) * len(r.items["forget"]) / int(un["bf"])))
     loop = r.unlearn(steps, check_steps, budget)
     final = r.evaluate_all()
     wall = time.perf_counter() - t_all
-    ours = rep["metrics"]
     res = {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if r.cuda else "cpu",
@@ -383,22 +456,12 @@ def main():
     else:
         import resource
         res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    ours_s = {
-        "reference_and_final_eval": cost.get("reference_eval_seconds"),
-        "steps": (cost.get("seconds") or 0) - (cost.get("stopping_rule_eval_seconds") or 0),
-        "stopping_checks": cost.get("stopping_rule_eval_seconds"),
-        "wall": cost.get("wall_seconds"),
-    }
-    # a run that fine-tuned its original first counts that in its wall clock; the replay
-    # starts from the fine-tuned model, so the comparison leaves the fine-tune out
-    finetune = ((rep.get("original_training") or {}).get("record") or {}).get("seconds")
-    if finetune and ours_s["wall"]:
-        ours_s["wall"] -= finetune
+    ours_s = pl["ours_seconds"]
+    finetune = pl["finetune_seconds_left_out"]
+    if finetune:
         res["ours_finetune_seconds_left_out"] = finetune
         print(f"(the run fine-tuned its original first, {finetune:.1f} s: left out of its wall clock below)")
-    res["ours"] = {"seconds": ours_s, "backend": rep["config"].get("backend"),
-                   "unlearned": {k: ours[k]["f1"] for k in ("forget", "retain", "dev", "test")}}
-    res["ours"]["unlearned"]["mia_auc"] = ours.get("mia_auc")
+    res["ours"] = {"seconds": ours_s, "backend": pl["backend"], "unlearned": pl["ours_unlearned"]}
     res["ratio_wall"] = wall / ours_s["wall"] if ours_s["wall"] else None
     print(f"\n{'':28} {'deepcut-fast':>13} {'PyTorch':>10} {'PyTorch/ours':>13}")
     for k in ("reference_and_final_eval", "steps", "stopping_checks", "wall"):
@@ -412,7 +475,7 @@ def main():
     # The original model is the same weights on both sides, so its evaluation is a check on
     # this script (encoding, windows, F1, AUC): the numbers should agree to rounding (the
     # engine's bf16 / fp16 evaluation rounds, so there they may differ in the 3rd digit).
-    ref = rep.get("reference", {}).get("original", {})
+    ref = pl["reference_original"]
     print(f"\n{'original model':28} {'deepcut-fast':>13} {'PyTorch':>10}")
     for k in ("forget", "retain", "dev", "test", "mia_auc"):
         theirs = ref.get(k, {}).get("f1") if k != "mia_auc" else ref.get("mia_auc")
