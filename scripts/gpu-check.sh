@@ -30,7 +30,7 @@
 #   7. the CPU backend's MiniLM step at 4 threads and at all of the machine's cores;
 #   8. issue #6's end-to-end comparison: the WNUT17 / MiniLM / ratio 0.10 unlearning run with
 #      the shipped defaults, bf16 on the GPU, then replayed in PyTorch on the same GPU, when
-#      --build packed a fine-tuned model (target/gpu-check/e2e).
+#      --build packed a model (target/gpu-check/e2e).
 #
 # Without a GPU, `LD_LIBRARY_PATH=$PWD/target/tmp/cuda-emu scripts/gpu-check.sh` runs it on the
 # CPU emulator of tests/cuda_emu (built by `cargo test --test gpu_parity`) to check the script
@@ -101,14 +101,14 @@ for split, n in (("train", 400), ("dev", 100), ("test", 100)):
     sents = open(f"{src}/{split}.conll").read().split("\n\n")
     open(f"{dst}/{split}.conll", "w").write("\n\n".join(s for s in sents[:n] if s.strip()) + "\n\n")
 PY
-    # issue #6's end-to-end run (step 8) when a fine-tuned model is at hand: its weights in
-    # bf16 (half the bytes; the engine and transformers both load bf16 safetensors), the rest
-    # of its folder as it is, and the full WNUT17
+    # issue #6's end-to-end run (step 8): the model's weights in bf16 (half the bytes; the
+    # engine and transformers both load bf16 safetensors), the rest of its folder's files as
+    # they are, and the full WNUT17
     if [ -n "$model" ] && [ -f "$model/model.safetensors" ]; then
         echo "step 8's model: $model"
         mkdir -p target/gpu-check/e2e/model target/gpu-check/e2e/data
         for f in "$model"/*; do
-            [ -f "$f" ] && [ "$(basename "$f")" != model.safetensors ] && cp "$f" target/gpu-check/e2e/model/
+            if [ -f "$f" ] && [ "$(basename "$f")" != model.safetensors ]; then cp "$f" target/gpu-check/e2e/model/; fi
         done
         # plain Python (no numpy / torch here): f32 -> bf16 rounded to nearest even
         python3 - "$model/model.safetensors" target/gpu-check/e2e/model/model.safetensors <<'PY'
@@ -216,13 +216,12 @@ export NVIDIA_TF32_OVERRIDE=0  # fp32 parity: never let the driver turn sgemm in
 
 # Issue #6's end-to-end comparison: the WNUT17 / MiniLM / ratio 0.10 unlearning run with the
 # shipped defaults, bf16 on the GPU, then the same run replayed in PyTorch on the same GPU
-# (scripts/deepcut-torch.py). Needs the payload --build packs with a fine-tuned model
-# (target/gpu-check/e2e). Arguments: the run's and the replay's time limits (cut to the budget).
+# (scripts/deepcut-torch.py). Needs the payload --build packs (target/gpu-check/e2e). Arguments: the run's and the replay's time limits (cut to the budget).
 e2e() {
     local run_cap=$1 torch_cap=$2 rc
     rm -rf "$LOGS"/e2e-*  # a report left by an earlier call must not stand in for this one
     if [ ! -f target/gpu-check/e2e/model/model.safetensors.gz ]; then
-        row "e2e run (wnut17 minilm 0.10)" "SKIP" "no e2e payload: scripts/gpu-check.sh --build MODEL_DIR (a fine-tuned model)"
+        row "e2e run (wnut17 minilm 0.10)" "SKIP" "no e2e payload in target/gpu-check: scripts/gpu-check.sh --build [MODEL_DIR]"
         return 1
     fi
     [ -n "$CLI" ] || { row "e2e run (wnut17 minilm 0.10)" "MISSING" "no deepcut-fast binary"; return 1; }
@@ -557,7 +556,7 @@ elif [ -n "$CLI" ]; then
 fi
 
 # ---- 8. issue #6's unlearning run end to end, on the GPU and in PyTorch on the same GPU -----------
-# (the function e2e above; SKIP without the payload that --build packs with a fine-tuned model).
+# (the function e2e above; SKIP without the payload that --build packs).
 # Last: it takes whatever the budget has left, up to 150 s for the run and 240 s for PyTorch.
 if enough "e2e run (wnut17 minilm 0.10)"; then
     e2e 150 240
