@@ -8,10 +8,10 @@ mod common;
 use common::fixture::{self, bin, run_args, s};
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
-/// python3, or `None` after saying the test skipped (never a silent pass).
-fn python3() -> Option<Command> {
+/// Whether python3 is here; says the test skipped when not (never a silent pass).
+fn python3_found() -> bool {
     let ok = Command::new("python3")
         .arg("--version")
         .output()
@@ -20,18 +20,22 @@ fn python3() -> Option<Command> {
     if !ok {
         eprintln!("SKIPPED: python3 not found; scripts/deepcut-torch.py --plan not checked");
     }
-    ok.then(|| Command::new("python3"))
+    ok
 }
 
-/// `deepcut-torch.py --report OUT/report.json --plan --device DEVICE`, parsed.
-fn plan(py: Command, out: &Path, device: &str) -> Value {
-    let mut py = py;
+/// `deepcut-torch.py --report OUT/report.json --plan --device DEVICE`, as it ran.
+fn plan_output(out: &Path, device: &str) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/deepcut-torch.py");
-    let o = py
+    Command::new("python3")
         .arg(&script)
         .args(["--report", &s(&out.join("report.json")), "--plan", "--device", device])
         .output()
-        .expect("run python3");
+        .expect("run python3")
+}
+
+/// The plan printed by `plan_output`, which must succeed.
+fn plan(out: &Path, device: &str) -> Value {
+    let o = plan_output(out, device);
     assert!(
         o.status.success(),
         "deepcut-torch.py --plan failed on {}: {}",
@@ -54,7 +58,9 @@ fn close(a: f64, b: f64) -> bool {
 
 #[test]
 fn replay_plan_of_a_bf16_run_that_fine_tuned_its_original_first() {
-    let Some(py) = python3() else { return };
+    if !python3_found() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let fx = fixture::build(dir.path());
     let out = dir.path().join("run-bf16");
@@ -71,7 +77,7 @@ fn replay_plan_of_a_bf16_run_that_fine_tuned_its_original_first() {
         "the fixture's base should need a fine-tune"
     );
 
-    let p = plan(py, &out, "cuda");
+    let p = plan(&out, "cuda");
     assert_eq!(p["precision"], "bf16");
     assert_eq!(p["autocast"], "bf16");
     // the replay starts where the unlearning did: the run's own fine-tuned original
@@ -99,7 +105,9 @@ fn replay_plan_of_a_bf16_run_that_fine_tuned_its_original_first() {
 
 #[test]
 fn replay_plan_of_a_stopping_rule_run_and_of_fp16_on_either_device() {
-    let Some(py) = python3() else { return };
+    if !python3_found() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let fx = fixture::build(dir.path());
 
@@ -116,7 +124,7 @@ fn replay_plan_of_a_stopping_rule_run_and_of_fp16_on_either_device() {
     args.drain(i..i + 2);
     let rep = run(&args);
     assert!(rep["original_training"].is_null());
-    let p = plan(python3().unwrap(), &out, "cuda");
+    let p = plan(&out, "cuda");
     assert_eq!(p["precision"], "fp32");
     assert!(p["autocast"].is_null());
     assert_eq!(p["model_dir"], s(&fx.model));
@@ -139,13 +147,15 @@ fn replay_plan_of_a_stopping_rule_run_and_of_fp16_on_either_device() {
     // fp16: autocast on CUDA (with its GradScaler), fp32 on the CPU
     let out = dir.path().join("run-fp16");
     run(&run_args(&fx.model, &fx.data, &out, 2, &["--precision", "fp16"]));
-    assert_eq!(plan(python3().unwrap(), &out, "cuda")["autocast"], "fp16");
-    assert!(plan(py, &out, "cpu")["autocast"].is_null());
+    assert_eq!(plan(&out, "cuda")["autocast"], "fp16");
+    assert!(plan(&out, "cpu")["autocast"].is_null());
 }
 
 #[test]
 fn replay_refuses_a_run_it_cannot_replay_and_names_the_report() {
-    let Some(py) = python3() else { return };
+    if !python3_found() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let fx = fixture::build(dir.path());
     let out = dir.path().join("run-all");
@@ -156,14 +166,8 @@ fn replay_refuses_a_run_it_cannot_replay_and_names_the_report() {
         1,
         &["--contrast-denominator", "all"],
     ));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/deepcut-torch.py");
     let report = out.join("report.json");
-    let mut py = py;
-    let o = py
-        .arg(&script)
-        .args(["--report", &s(&report), "--plan"])
-        .output()
-        .unwrap();
+    let o = plan_output(&out, "cpu");
     assert!(!o.status.success(), "a non-default InfoNCE option must be refused");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
