@@ -214,6 +214,21 @@ fi
 export DEEPCUT_REQUIRE_GPU=1
 export NVIDIA_TF32_OVERRIDE=0  # fp32 parity: never let the driver turn sgemm into TF32
 
+# A run replayed by scripts/deepcut-torch.py on this GPU (steps 4b and 8): one row, NAME,
+# with the replay's E2E line; OUT.json and OUT.log beside the logs; limit LIMIT s (cut to the
+# budget).
+replay_in_torch() {
+    local name=$1 report=$2 out=$3 limit rc res
+    limit=$(cap "$4")
+    timeout "$limit" python3 scripts/deepcut-torch.py --report "$report" --device cuda \
+        --json "$out.json" >"$out.log" 2>&1
+    rc=$?
+    tail -n 24 "$out.log"
+    res=$(grep '^E2E' "$out.log" | sed 's/^E2E //')
+    row "$name" "$([ "$rc" = 0 ] && echo ok || { [ "$rc" = 124 ] && echo TIMEOUT; } || echo "rc=$rc")" \
+        "${res:-no result (limit $limit s)}; $out.log"
+}
+
 # Issue #6's end-to-end comparison: the WNUT17 / MiniLM / ratio 0.10 unlearning run with the
 # shipped defaults, bf16 on the GPU, then the same run replayed in PyTorch on the same GPU
 # (scripts/deepcut-torch.py). Needs the payload --build packs (target/gpu-check/e2e). Arguments: the run's and the replay's time limits (cut to the budget).
@@ -253,14 +268,7 @@ e2e() {
         row "e2e vs PyTorch" "SKIP" "torch+transformers do not import"
         return 1
     fi
-    limit=$(cap "$torch_cap")
-    timeout "$limit" python3 scripts/deepcut-torch.py --report "$LOGS/e2e-run/report.json" --device cuda \
-        --json "$LOGS/e2e-torch.json" >"$LOGS/e2e-torch.log" 2>&1
-    rc=$?
-    tail -n 24 "$LOGS/e2e-torch.log"
-    local res
-    res=$(grep '^E2E' "$LOGS/e2e-torch.log" | sed 's/^E2E //')
-    row "e2e vs PyTorch" "$([ "$rc" = 0 ] && echo ok || { [ "$rc" = 124 ] && echo TIMEOUT; } || echo "rc=$rc")" "${res:-no result in $limit s}; $LOGS/e2e-torch.log"
+    replay_in_torch "e2e vs PyTorch" "$LOGS/e2e-run/report.json" "$LOGS/e2e-torch" "$torch_cap"
 }
 
 if [ "${1:-}" = "--e2e" ]; then
@@ -474,12 +482,7 @@ if ! enough "run end to end vs PyTorch"; then
     :
 elif [ -f "$LOGS/run-cuda-bf16/report.json" ] && python3 -c 'import torch, transformers' 2>/dev/null; then
     echo "== deepcut-torch (the bf16 GPU run, replayed in PyTorch)"
-    timeout "$(cap 120)" python3 scripts/deepcut-torch.py --report "$LOGS/run-cuda-bf16/report.json" --device cuda \
-        --json "$LOGS/replay-torch.json" >"$LOGS/replay-torch.log" 2>&1
-    rc=$?
-    tail -n 14 "$LOGS/replay-torch.log"
-    res=$(grep '^E2E' "$LOGS/replay-torch.log" | sed 's/^E2E //')
-    row "run end to end vs PyTorch (bf16)" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "${res:-no result}; $LOGS/replay-torch.log"
+    replay_in_torch "run end to end vs PyTorch (bf16)" "$LOGS/run-cuda-bf16/report.json" "$LOGS/replay-torch" 120
 else
     row "run end to end vs PyTorch" "SKIP" "needs the bf16 GPU run and torch+transformers"
 fi
