@@ -230,6 +230,7 @@ def plan(rep, report, device):
         "train_sentences": train_n,
         "unlearning": un,
         "steps": int(cost["steps"]),
+        "ours_tokens": cost.get("tokens"),
         "check_steps": sorted({int(c["step"]) for c in rep.get("history", {}).get("checks", [])}),
         "fixed_steps": rep.get("stopping", {}).get("rule") == "fixed steps",
         "ours_seconds": ours,
@@ -468,7 +469,9 @@ def main():
         o, t = ours_s.get(k), res["seconds"][k]
         ratio = f"{t / o:.2f}x" if o else "-"
         print(f"{k + ' (s)':28} {o if o is None else round(o, 2):>13} {t:>10.2f} {ratio:>13}")
-    print(f"{'steps / tokens':28} {steps:>13} {loop['tokens']:>10}")
+    # the replay draws its own batches (same sizes, its own shuffle), so tokens may differ a little
+    print(f"{'steps':28} {pl['steps']:>13} {steps:>10}")
+    print(f"{'tokens (no padding)':28} {str(pl['ours_tokens']):>13} {loop['tokens']:>10}")
     print(f"\n{'unlearned model':28} {'deepcut-fast':>13} {'PyTorch':>10}")
     for k in ("forget", "retain", "dev", "test", "mia_auc"):
         print(f"{k:28} {res['ours']['unlearned'][k]:>13.4f} {final[k]:>10.4f}")
