@@ -3,7 +3,8 @@
 //! through the loader's search path. Two common machines have a cuBLAS it cannot open:
 //! - one whose only cuBLAS is CUDA 13's `libcublas.so.13` (PyTorch's cu13 wheels, a runtime
 //!   without the toolkit's unversioned links): the functions this backend calls have the
-//!   same ABI in both;
+//!   same ABI in both (tests/cublas_abi.rs checks the values, layouts and functions against
+//!   the headers and libraries it finds; cuBLAS 13.1 and 13.4 agree with the bindings);
 //! - one whose cuBLAS 12 lives in a Python environment's `nvidia/cublas/lib` (PyTorch's cu12
 //!   wheels, with no toolkit), off the loader's path.
 //!
