@@ -528,6 +528,47 @@ fn emulator_refuses_launches_a_gpu_would_refuse() {
     loud("the emulator refuses launches beyond a block's registers and shared memory, as a GPU does");
 }
 
+/// The emulator refuses a shuffle that reads a lane not taking part in it, whose value a GPU
+/// leaves undefined: a lane that has returned, or one past the block's last thread (a block
+/// that is not whole warps); the same warp sum with every lane there runs.
+/// (tests/cuda_emu/planted.cu; every parity test's shuffles are held to the same rule.)
+#[test]
+fn emulator_refuses_shuffles_from_lanes_not_there() {
+    use common::cuda_emu::Sanitizer;
+    if !emulator_parent("emulator_refuses_shuffles_from_lanes_not_there", "") {
+        return;
+    }
+    // (kernel, threads a block, refused with)
+    let cases = [
+        ("planted_warp_sum", 64, None),
+        (
+            "planted_shuffle_from_exited_lanes",
+            64,
+            Some("shuffles from lane 16, which has exited"),
+        ),
+        ("planted_warp_sum", 48, Some("which is past the block's last thread")),
+    ];
+    for (kernel, threads, refused) in cases {
+        let out = emu_child(Sanitizer::None, &["--exact", "launch_planted_kernel", "--nocapture"])
+            .env("DEEPCUT_PLANTED_KERNEL", kernel)
+            .env("DEEPCUT_PLANTED_THREADS", threads.to_string())
+            .output()
+            .expect("re-run this test binary");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match refused {
+            Some(why) => assert!(
+                !out.status.success() && stderr.contains(why) && !stderr.contains("launched planted kernel"),
+                "{kernel} in blocks of {threads}: the emulator did not refuse the shuffle (expected `{why}`):\n{stderr}"
+            ),
+            None => assert!(
+                out.status.success() && stderr.contains(&format!("launched planted kernel {kernel}: out[0] = 496\n")),
+                "{kernel} in blocks of {threads}: expected out[0] = 496:\n{stderr}"
+            ),
+        }
+    }
+    loud("the emulator refuses shuffles that read lanes which have exited or do not exist");
+}
+
 /// Child of `sanitizers_catch_planted_bugs`: launches DEEPCUT_PLANTED_KERNEL on the emulator
 /// (blocks of 64 threads, or DEEPCUT_PLANTED_THREADS, n = the block's threads; 4 blocks for
 /// the kernels about blocks); does nothing in any other run.

@@ -22,6 +22,27 @@ extern "C" __global__ void planted_shuffle_as_a_fence(float* out, int n) {
     out[t] = v + smem[t ^ 1];
 }
 
+// A warp sum by full-mask xor shuffles (common.cuh's warp_sum) after the upper half of
+// every warp has returned: its shuffles read lanes that have exited, whose values are
+// undefined on a GPU; the emulator refuses the read.
+extern "C" __global__ void planted_shuffle_from_exited_lanes(float* out, int n) {
+    const int t = threadIdx.x;
+    if ((t & 31) >= 16) return;
+    float x = (float)t;
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    out[t] = x;
+}
+
+// The same sum with every lane there: the control (out[0] = 0 + 1 + ... + 31 = 496) in a
+// block of whole warps; in a block of 48 threads the second warp's shuffles read lanes
+// past the block's last thread (planted by the launch), refused too.
+extern "C" __global__ void planted_warp_sum(float* out, int n) {
+    const int t = threadIdx.x;
+    float x = (float)(t & 31);
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    out[t] = x;
+}
+
 // Stores one element past the end of `out` (`<=` for `<`): memcheck.
 extern "C" __global__ void planted_write_past_the_end(float* out, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;

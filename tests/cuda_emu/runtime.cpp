@@ -8,7 +8,8 @@
 // synchronous, so streams and events are no-ops; modules ignore the image they are given
 // and cuModuleGetFunction looks the kernel up by name among the compiled kernel files.
 // With CUDA_EMU_KERNEL_REPORT (build.rs's ptxas report) a launch a GPU would refuse for its
-// registers or shared memory is refused here too ("what a GPU would refuse to launch").
+// registers or shared memory is refused here too ("what a GPU would refuse to launch"), and
+// so is a shuffle that reads a lane not taking part in it (emu_shfl64).
 // What it cannot show: real GPU timing, the hardware's memory model (fences; races within a
 // block and between nearby blocks are the ThreadSanitizer build's, below), driver and
 // compiler behaviour of real hardware, cuBLAS's own kernels (tests/cuda_emu/cublas.cpp).
@@ -120,6 +121,10 @@ struct BlockRun {
     Bar bar;
     std::vector<Bar> warp_bars;
     std::vector<uint64_t> shfl;
+    // the shuffle round each lane last wrote `shfl` in (0: none in this block), so a shuffle
+    // that reads a lane not taking part in it (exited, or past the block's last thread) is
+    // caught: on a GPU that value is undefined
+    std::vector<unsigned long long> shfl_round;
     std::vector<unsigned char> gather;  // emu_warp_gather: 64 bytes per thread
     std::vector<int> or_slots;
     std::vector<char> smem;
@@ -388,10 +393,24 @@ extern "C" int emu_lane() { return cur_tid & 31; }
 
 extern "C" uint64_t emu_shfl64(uint64_t v, int src_lane) {
     int warp = cur_tid / 32;
+    Bar& b = cur->warp_bars[warp];
+    // every lane of this shuffle sees the same generation before the barrier; + 1 keeps 0
+    // for "never"
+    const unsigned long long round = b.gen + 1;
     cur->shfl[cur_tid] = v;
-    bar_wait(cur->warp_bars[warp], false);
-    uint64_t r = cur->shfl[warp * 32 + src_lane];
-    bar_wait(cur->warp_bars[warp], false);
+    cur->shfl_round[cur_tid] = round;
+    bar_wait(b, false);
+    const int src = warp * 32 + src_lane;
+    if (cur->shfl_round[src] != round) {
+        // CUDA Programming Guide, Warp Shuffle Functions: "If the target thread is inactive,
+        // the retrieved value is undefined."
+        fprintf(stderr, "cuda_emu: in block (%u,%u,%u) thread %d shuffles from lane %d, which %s: on a GPU "
+                "that value is undefined\n", cur->bidx.x, cur->bidx.y, cur->bidx.z, cur_tid, src_lane,
+                src < cur->nthreads ? "has exited (or is not at this shuffle)" : "is past the block's last thread");
+        abort();
+    }
+    uint64_t r = cur->shfl[src];
+    bar_wait(b, false);
     return r;
 }
 
@@ -454,6 +473,7 @@ static void launch(const EmuKernel* k, void** params, emu_dim3 grid, emu_dim3 bl
             r.warp_bars.push_back(b);
         }
         r.shfl.assign(((n + 31) / 32) * 32, 0);
+        r.shfl_round.assign(((n + 31) / 32) * 32, 0);
         r.gather.assign(((n + 31) / 32) * 32 * 64, 0);
         r.or_slots.assign(n, 0);
         // 0xAB: uninitialised shared memory is garbage, not zeros, as on a GPU. A fresh
