@@ -174,14 +174,20 @@ fn cuda_backend_on_the_cpu_emulator() {
     let dir = common::cuda_emu::build().unwrap_or_else(|e| panic!("{e}"));
     let nvtx_log = dir.join("nvtx.log");
     let _ = std::fs::remove_file(&nvtx_log);
-    // Twice, side by side: blocks in launch order, and last block first. A GPU promises no
-    // block order, so a kernel that depends on it fails one of the two.
+    // Twice, side by side: blocks in launch order with the stream's work run only when the
+    // host waits (the emulator's default, runtime.cpp "Deferred work": a host that reads a
+    // copy's result or rewrites its page-locked source before waiting fails), and last
+    // block first with the work run at once. A GPU promises no block order, so a kernel
+    // that depends on it fails the second.
     let child = |order: &str, nvtx: Option<&std::path::Path>| {
         let mut c = emu_child(
             common::cuda_emu::Sanitizer::None,
             &["--skip", "cuda_backend_on_the_cpu_emulator"],
         );
         c.env("CUDA_EMU_BLOCK_ORDER", order);
+        if order == "reverse" {
+            c.env("CUDA_EMU_DEFER", "0");
+        }
         if let Some(log) = nvtx {
             c.env("DEEPCUT_NVTX_LOG", log);
         }
@@ -192,21 +198,6 @@ fn cuda_backend_on_the_cpu_emulator() {
         .wait_with_output()
         .expect("the child's output");
     let rev = reversed.wait_with_output().expect("the reversed child's output");
-    let rev_stdout = String::from_utf8_lossy(&rev.stdout);
-    let rev_summary = rev_stdout
-        .lines()
-        .filter(|l| l.starts_with("test result"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    loud(&format!(
-        "CUDA backend on the CPU emulator, blocks last first: {rev_summary}"
-    ));
-    assert!(
-        rev.status.success(),
-        "the CUDA backend failed on the CPU emulator with blocks run last first \
-         (CUDA_EMU_BLOCK_ORDER=reverse): a kernel depends on the order of its blocks:\n{rev_stdout}\n{}",
-        String::from_utf8_lossy(&rev.stderr)
-    );
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -222,7 +213,24 @@ fn cuda_backend_on_the_cpu_emulator() {
     ));
     assert!(
         out.status.success(),
-        "the CUDA backend failed on the CPU emulator:\n{stdout}\n{stderr}"
+        "the CUDA backend failed on the CPU emulator (stream work deferred until the host waits, \
+         blocks in launch order):\n{stdout}\n{stderr}"
+    );
+    let rev_stdout = String::from_utf8_lossy(&rev.stdout);
+    let rev_summary = rev_stdout
+        .lines()
+        .filter(|l| l.starts_with("test result"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    loud(&format!(
+        "CUDA backend on the CPU emulator, blocks last first: {rev_summary}"
+    ));
+    assert!(
+        rev.status.success(),
+        "the CUDA backend passed on the CPU emulator but failed with blocks run last first \
+         (CUDA_EMU_BLOCK_ORDER=reverse, stream work at once): a kernel depends on the order of \
+         its blocks:\n{rev_stdout}\n{}",
+        String::from_utf8_lossy(&rev.stderr)
     );
     assert!(
         stderr.contains("CPU emulator of a CUDA device"),
@@ -372,6 +380,31 @@ fn emu_child(san: common::cuda_emu::Sanitizer, args: &[&str]) -> std::process::C
     c
 }
 
+/// The child test `child` (`launch_planted_kernel`, `planted_host_waits`) run on the `san`
+/// build of the emulator with `env`: whether it succeeded, and its stderr.
+fn planted(san: common::cuda_emu::Sanitizer, child: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let out = emu_child(san, &["--exact", child, "--nocapture"])
+        .envs(env.iter().copied())
+        .output()
+        .expect("re-run this test binary");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A planted launch of `kernel` (`planted` above) either refused, with `why` in its stderr,
+/// or run to `out[0] = {ran}`; `case` names it in a failure.
+fn refused_or_ran(case: &str, kernel: &str, (ok, stderr): (bool, String), refused: Option<&str>, ran: &str) {
+    match refused {
+        Some(why) => assert!(
+            !ok && stderr.contains(why) && !stderr.contains("launched planted kernel"),
+            "{case}: the emulator ran what a GPU refuses or leaves undefined (expected `{why}`):\n{stderr}"
+        ),
+        None => assert!(
+            ok && stderr.contains(&format!("launched planted kernel {kernel}: out[0] = {ran}\n")),
+            "{case}: the emulator refused what a GPU runs, or it did not give out[0] = {ran}:\n{stderr}"
+        ),
+    }
+}
+
 /// The sanitizer builds find what they are for: each planted bug (tests/cuda_emu/planted.cu)
 /// is reported by its sanitizer, naming the kernel, and the same kernel with its barrier
 /// is reported by neither.
@@ -406,11 +439,7 @@ fn sanitizers_catch_planted_bugs() {
         (Sanitizer::Thread, "planted_last_block_control", None),
     ];
     for (san, kernel, want) in cases {
-        let out = emu_child(san, &["--exact", "launch_planted_kernel", "--nocapture"])
-            .env("DEEPCUT_PLANTED_KERNEL", kernel)
-            .output()
-            .expect("re-run this test binary");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (ok, stderr) = planted(san, "launch_planted_kernel", &[("DEEPCUT_PLANTED_KERNEL", kernel)]);
         let report = common::cuda_emu::sanitizer_report(&stderr);
         match (want, report) {
             (Some(kind), Some(r)) => {
@@ -429,7 +458,7 @@ fn sanitizers_catch_planted_bugs() {
                     _ => format!("launched planted kernel {kernel}"),
                 };
                 assert!(
-                    out.status.success() && stderr.contains(&ran),
+                    ok && stderr.contains(&ran),
                     "{kernel} did not run to the end under {san:?}Sanitizer:\n{stderr}"
                 )
             }
@@ -453,17 +482,10 @@ fn nan_fill_reaches_static_shared_memory() {
         ("planted_static_shared_never_zeroed", true, "NaN"),
         ("planted_static_shared_zeroed", true, "1"),
     ] {
-        let mut c = emu_child(Sanitizer::None, &["--exact", "launch_planted_kernel", "--nocapture"]);
-        c.env("DEEPCUT_PLANTED_KERNEL", kernel);
-        if fill {
-            c.env("CUDA_EMU_FILL", "nan");
-        }
-        let out = c.output().expect("re-run this test binary");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success() && stderr.contains(&format!("launched planted kernel {kernel}: out[0] = {want}\n")),
-            "{kernel} (fill {fill}): expected out[0] = {want}:\n{stderr}"
-        );
+        let fill_env = if fill { "nan" } else { "" };
+        let env = [("DEEPCUT_PLANTED_KERNEL", kernel), ("CUDA_EMU_FILL", fill_env)];
+        let run = planted(Sanitizer::None, "launch_planted_kernel", &env);
+        refused_or_ran(&format!("{kernel} (fill {fill})"), kernel, run, None, want);
     }
     loud("the emulator's NaN fill shows a static __shared__ array read before it is written");
 }
@@ -501,28 +523,21 @@ fn emulator_refuses_launches_a_gpu_would_refuse() {
             format!("{kernel} sm_80 {regs} {smem} 0 0 0\n{kernel} sm_90 32 {smem} 0 0 0\n"),
         )
         .unwrap();
-        let out = emu_child(Sanitizer::None, &["--exact", "launch_planted_kernel", "--nocapture"])
-            .env("DEEPCUT_PLANTED_KERNEL", kernel)
-            .env("DEEPCUT_PLANTED_THREADS", threads.to_string())
-            .env("CUDA_EMU_KERNEL_REPORT", &report)
-            .output()
-            .expect("re-run this test binary");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (threads_s, report_s) = (threads.to_string(), report.display().to_string());
+        let env = [
+            ("DEEPCUT_PLANTED_KERNEL", kernel),
+            ("DEEPCUT_PLANTED_THREADS", threads_s.as_str()),
+            ("CUDA_EMU_KERNEL_REPORT", report_s.as_str()),
+        ];
+        let run = planted(Sanitizer::None, "launch_planted_kernel", &env);
         let case = format!("{threads} threads, {regs} registers, {smem} B static shared memory");
         assert!(
-            stderr.contains("launches held to the registers and shared memory of 1 kernels"),
-            "{case}: the report was not read:\n{stderr}"
+            run.1
+                .contains("launches held to the registers and shared memory of 1 kernels"),
+            "{case}: the report was not read:\n{}",
+            run.1
         );
-        match refused {
-            Some(why) => assert!(
-                !out.status.success() && stderr.contains(why) && !stderr.contains("launched planted kernel"),
-                "{case}: the emulator ran a launch a GPU refuses (expected `{why}`):\n{stderr}"
-            ),
-            None => assert!(
-                out.status.success() && stderr.contains(&format!("launched planted kernel {kernel}: out[0] = 1\n")),
-                "{case}: the emulator refused a launch a GPU runs:\n{stderr}"
-            ),
-        }
+        refused_or_ran(&case, kernel, run, refused, "1");
     }
     let _ = std::fs::remove_dir_all(&dir);
     loud("the emulator refuses launches beyond a block's registers and shared memory, as a GPU does");
@@ -549,24 +564,78 @@ fn emulator_refuses_shuffles_from_lanes_not_there() {
         ("planted_warp_sum", 48, Some("which is past the block's last thread")),
     ];
     for (kernel, threads, refused) in cases {
-        let out = emu_child(Sanitizer::None, &["--exact", "launch_planted_kernel", "--nocapture"])
-            .env("DEEPCUT_PLANTED_KERNEL", kernel)
-            .env("DEEPCUT_PLANTED_THREADS", threads.to_string())
-            .output()
-            .expect("re-run this test binary");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        match refused {
-            Some(why) => assert!(
-                !out.status.success() && stderr.contains(why) && !stderr.contains("launched planted kernel"),
-                "{kernel} in blocks of {threads}: the emulator did not refuse the shuffle (expected `{why}`):\n{stderr}"
-            ),
-            None => assert!(
-                out.status.success() && stderr.contains(&format!("launched planted kernel {kernel}: out[0] = 496\n")),
-                "{kernel} in blocks of {threads}: expected out[0] = 496:\n{stderr}"
-            ),
-        }
+        let threads_s = threads.to_string();
+        let env = [
+            ("DEEPCUT_PLANTED_KERNEL", kernel),
+            ("DEEPCUT_PLANTED_THREADS", threads_s.as_str()),
+        ];
+        let run = planted(Sanitizer::None, "launch_planted_kernel", &env);
+        refused_or_ran(&format!("{kernel} in blocks of {threads}"), kernel, run, refused, "496");
     }
     loud("the emulator refuses shuffles that read lanes which have exited or do not exist");
+}
+
+/// The emulator runs a stream's work only when the host waits for it (runtime.cpp "Deferred
+/// work"), so the host-side bugs of asynchronous copies show, as they would on a GPU with
+/// the wrong timing: rewriting the page-locked source of an upload before the stream has run
+/// it (the device gets the new value), and reading the page-locked target of a download
+/// before waiting (the host reads what was there before). With everything run at once
+/// (CUDA_EMU_DEFER=0, what the emulator did until then) both pass unseen.
+#[test]
+fn emulator_runs_stream_work_only_when_the_host_waits() {
+    use common::cuda_emu::Sanitizer;
+    if !emulator_parent("emulator_runs_stream_work_only_when_the_host_waits", "") {
+        return;
+    }
+    for (defer, want) in [
+        ("", "device got 9, host read 5 before the wait and 9 after"),
+        ("0", "device got 1, host read 1 before the wait and 1 after"),
+    ] {
+        let env = [("DEEPCUT_PLANTED_HOST", "1"), ("CUDA_EMU_DEFER", defer)];
+        let (ok, stderr) = planted(Sanitizer::None, "planted_host_waits", &env);
+        assert!(
+            ok && stderr.contains(&format!("planted host waits: {want}\n")),
+            "CUDA_EMU_DEFER={defer:?}: expected `{want}`:\n{stderr}"
+        );
+    }
+    loud("the emulator runs stream work only when the host waits: early reads and rewrites of page-locked memory show");
+}
+
+/// Child of `emulator_runs_stream_work_only_when_the_host_waits`: an upload from page-locked
+/// memory whose source is rewritten before any wait, and a download into page-locked memory
+/// read before the wait and after; does nothing in any other run.
+#[test]
+fn planted_host_waits() {
+    use cudarc::driver::{result, DevicePtrMut};
+    if std::env::var("DEEPCUT_PLANTED_HOST").is_err() {
+        return;
+    }
+    let ctx = cudarc::driver::CudaContext::new(0).expect("the emulator's device");
+    let stream = ctx.new_stream().expect("a stream");
+    let mut dev = stream.alloc_zeros::<f32>(1).expect("alloc");
+    let addr = dev.device_ptr_mut(&stream).0;
+    // SAFETY: two page-locked floats, used below and freed once after the stream is drained;
+    // `addr` is a live allocation of one float.
+    unsafe {
+        let host = result::malloc_host(8, 0).expect("page-locked memory") as *mut f32;
+        let (up, down) = (
+            std::slice::from_raw_parts_mut(host, 1),
+            std::slice::from_raw_parts_mut(host.add(1), 1),
+        );
+        up[0] = 1.0;
+        result::memcpy_htod_async(addr, &up[..], stream.cu_stream()).expect("upload");
+        up[0] = 9.0; // the planted bug: the copy above may not have read its source yet
+        stream.synchronize().expect("sync");
+        down[0] = 5.0;
+        result::memcpy_dtoh_async(&mut down[..], addr, stream.cu_stream()).expect("download");
+        let early = down[0]; // the planted bug: read before waiting for the copy
+        stream.synchronize().expect("sync");
+        let got = down[0];
+        // the device's value, read the right way: written by the upload, copied back after a wait
+        let device = stream.clone_dtoh(&dev).expect("copy back")[0];
+        eprintln!("planted host waits: device got {device}, host read {early} before the wait and {got} after");
+        result::free_host(host as _).expect("free");
+    }
 }
 
 /// Child of `sanitizers_catch_planted_bugs`: launches DEEPCUT_PLANTED_KERNEL on the emulator

@@ -7,6 +7,7 @@
 // fp16 first, as tensor cores read them: a caller that passes values not representable in
 // 16 bits (breaking Backend::gemm's promise) gets a visibly different product.
 #include <cmath>
+#include <dlfcn.h>
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
@@ -55,11 +56,62 @@ static bool no_work() {
     return on;
 }
 
+// The emulated driver's queue (runtime.cpp "Deferred work"): a GEMM is stream work, run
+// when the host waits. Found in the libcuda.so this process already has open (the engine
+// opens the driver before cuBLAS); without it GEMMs would run ahead of the kernels queued
+// before them, so that is an error, not a fallback.
+typedef int (*DeferFn)(void (*)(void*), void*);
+static DeferFn defer_fn() {
+    static const DeferFn f = [] {
+        for (const char* name : {"libcuda.so", "libcuda.so.1"}) {
+            if (void* h = dlopen(name, RTLD_NOW | RTLD_NOLOAD))
+                if (void* sym = dlsym(h, "emu_defer")) return (DeferFn)sym;
+        }
+        fprintf(stderr, "cuda_emu: cuBLAS found no emulated libcuda.so open in this process\n");
+        abort();
+        return (DeferFn) nullptr;
+    }();
+    return f;
+}
+
+struct Gemm {
+    int ta, tb, m, n, k;
+    float alpha;
+    const void* a;
+    int at, lda;
+    const void* b;
+    int bt, ldb;
+    float beta;
+    void* c;
+    int ct, ldc, round;
+    const float* bias;
+};
+static void gemm_now(const Gemm& g);
+static void run_gemm(void* p) {
+    Gemm* g = (Gemm*)p;
+    gemm_now(*g);
+    delete g;
+}
+
+// Checks the call now (as cuBLAS does) and queues the product; alpha and beta are read
+// now (host pointer mode).
 static cublasStatus_t gemm(int ta, int tb, int m, int n, int k, float alpha, const void* a, int at, int lda,
                            const void* b, int bt, int ldb, float beta, void* c, int ct, int ldc, int round,
                            const float* bias = nullptr) {
     if (m < 0 || n < 0 || k < 0) return 7;
     if (no_work()) return 0;
+    Gemm* g = new Gemm{ta, tb, m, n, k, alpha, a, at, lda, b, bt, ldb, beta, c, ct, ldc, round, bias};
+    if (!defer_fn()(run_gemm, g)) run_gemm(g);
+    return 0;
+}
+
+static void gemm_now(const Gemm& g) {
+    const int ta = g.ta, tb = g.tb, m = g.m, n = g.n, k = g.k, at = g.at, lda = g.lda, bt = g.bt, ldb = g.ldb,
+              ct = g.ct, ldc = g.ldc, round = g.round;
+    const float alpha = g.alpha, beta = g.beta;
+    const void *a = g.a, *b = g.b;
+    void* c = g.c;
+    const float* bias = g.bias;
     auto rd = [round](float x) {
         if (round == COMPUTE_32F_FAST_16BF) return __bfloat162float(__float2bfloat16_rn(x));
         if (round == COMPUTE_32F_FAST_16F) return __half2float(__float2half_rn(x));
@@ -85,7 +137,6 @@ static cublasStatus_t gemm(int ta, int tb, int m, int n, int k, float alpha, con
             if (bias) v += bias[i];  // the BIAS epilogue: one value per row of D
             store(c, ct, o, v);
         }
-    return 0;
 }
 
 extern "C" {

@@ -142,9 +142,19 @@ template <typename... A>
 inline void emu_call(void (*f)(A...), void** p) {
     emu_call_impl(f, p, std::index_sequence_for<A...>{});
 }
+// The size of each parameter, so a launch the runtime defers can copy the arguments, as
+// cuLaunchKernel does when it is called (runtime.cpp "Deferred work").
+extern "C" void emu_register_params(const char* name, int n, const size_t* sizes);
+template <typename... A>
+inline int emu_register_params_of(const char* name, void (*)(A...)) {
+    static const size_t sizes[] = {0, sizeof(typename std::remove_reference<A>::type)...};
+    emu_register_params(name, (int)sizeof...(A), sizes + 1);
+    return 0;
+}
 #define EMU_REGISTER(name)                                                           \
     static void emu_thunk_##name(void** p) { emu_call(name, p); }                    \
-    static int emu_reg_##name = (emu_register(#name, EMU_SLOT, emu_thunk_##name), 0);
+    static int emu_reg_##name = (emu_register(#name, EMU_SLOT, emu_thunk_##name),    \
+                                 emu_register_params_of(#name, name), 0);
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 with c as both C and D:
 // the warp's fragments are gathered, decoded with the PTX ISA layout (kernels/mma.cuh), and

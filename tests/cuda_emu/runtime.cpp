@@ -4,9 +4,10 @@
 // CUDA backend runs unchanged on the CPU: launchers, cudarc plumbing and kernels execute,
 // so tests/gpu_parity.rs checks all of them against the CPU backend without a GPU.
 //
-// Device memory is host memory (a CUdeviceptr is the host address); every call is
-// synchronous, so streams and events are no-ops; modules ignore the image they are given
-// and cuModuleGetFunction looks the kernel up by name among the compiled kernel files.
+// Device memory is host memory (a CUdeviceptr is the host address); there is one stream,
+// whose work is queued and runs only when the host waits for it ("Deferred work", below),
+// and events are markers a wait drains the queue at; modules ignore the image they are
+// given and cuModuleGetFunction looks the kernel up by name among the compiled kernel files.
 // With CUDA_EMU_KERNEL_REPORT (build.rs's ptxas report) a launch a GPU would refuse for its
 // registers or shared memory is refused here too ("what a GPU would refuse to launch"), and
 // so is a shuffle that reads a lane not taking part in it (emu_shfl64).
@@ -15,12 +16,15 @@
 // compiler behaviour of real hardware, cuBLAS's own kernels (tests/cuda_emu/cublas.cpp).
 #include <atomic>
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
+#include <deque>
+#include <functional>
 #include <mutex>
 #include <set>
 #include <string>
@@ -66,6 +70,7 @@ thread_local EmuThreadState emu_state __attribute__((tls_model("initial-exec")))
 struct EmuKernel {
     std::string name;
     EmuThunk slot[EMU_SLOTS] = {};
+    std::vector<size_t> param_sizes;  // emu_register_params
 };
 static std::map<std::string, EmuKernel>& registry() {
     static std::map<std::string, EmuKernel> r;
@@ -79,6 +84,9 @@ extern "C" void emu_register(const char* name, int slot, EmuThunk thunk) {
     EmuKernel& k = registry()[name];
     k.name = name;
     k.slot[slot] = thunk;
+}
+extern "C" void emu_register_params(const char* name, int n, const size_t* sizes) {
+    registry()[name].param_sizes.assign(sizes, sizes + n);
 }
 
 // ---- the block engine ---------------------------------------------------------------------------
@@ -665,6 +673,56 @@ static bool is_pinned(void* d, size_t n) {
     return (char*)d + n <= it->first + it->second;
 }
 
+// ---- Deferred work ------------------------------------------------------------------------------
+// A GPU runs a stream's work after the call that enqueued it returns, so a host that reads
+// what a copy brings back before waiting for it, or rewrites page-locked memory an
+// enqueued copy has yet to read, or frees what a kernel has yet to use, gets whatever
+// the timing gives it. Run at once, as the emulator first did, every such bug passes. So
+// by default stream work (launches, async copies and memsets, cuBLAS calls, async frees)
+// is queued, in the one order of the emulator's one stream, and runs only when the host
+// waits: a stream, event or context synchronisation, an event or stream query, or a
+// synchronous call (a copy to or from pageable memory, a plain cuMemFree), which runs it
+// all first. That is the latest a GPU could run it, so any missing wait shows in the
+// numbers. What the call reads from the host is read when it is made where CUDA does so
+// (a launch's arguments; an upload from pageable memory, which the driver stages) and
+// when the queue runs where the GPU's DMA does (page-locked memory).
+// CUDA_EMU_DEFER=0 runs everything at once instead; no-work mode never queues.
+static bool deferring() {
+    static const bool on = [] {
+        const char* v = getenv("CUDA_EMU_DEFER");
+        return !emu_no_work() && !(v && strcmp(v, "0") == 0);
+    }();
+    return on;
+}
+static std::mutex queue_mu;
+static std::deque<std::function<void()>> queued;
+// Runs `op` now, or queues it (deferring()).
+static void enqueue(std::function<void()> op) {
+    if (!deferring()) return op();
+    std::lock_guard<std::mutex> g(queue_mu);
+    queued.push_back(std::move(op));
+}
+// Runs everything queued, in order (what a wait for the stream sees done).
+static void drain() {
+    for (;;) {
+        std::function<void()> op;
+        {
+            std::lock_guard<std::mutex> g(queue_mu);
+            if (queued.empty()) return;
+            op = std::move(queued.front());
+            queued.pop_front();
+        }
+        op();
+    }
+}
+// cublas.cpp's GEMMs join the same queue: 1 = queued (`run(ctx)` later, which owns ctx),
+// 0 = the caller runs it now.
+extern "C" int emu_defer(void (*run)(void*), void* ctx) {
+    if (!deferring()) return 0;
+    enqueue([run, ctx] { run(ctx); });
+    return 1;
+}
+
 extern "C" {
 CUresult cuInit(unsigned int) { return OK; }
 // CUDA 12.9 unless CUDA_EMU_DRIVER_VERSION says otherwise (13000: a CUDA 13 driver), for the
@@ -712,7 +770,10 @@ CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice) {
     *c = &dummy_ctx;
     return OK;
 }
-CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return OK; }
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) {
+    drain();
+    return OK;
+}
 CUresult cuCtxSetCurrent(CUcontext) { return OK; }
 CUresult cuCtxGetCurrent(CUcontext* c) {
     *c = &dummy_ctx;
@@ -729,6 +790,7 @@ CUresult cuCtxGetDevice(CUdevice* d) {
 }
 CUresult cuCtxSynchronize() {
     ++stats[ST_SYNC];
+    drain();
     return OK;
 }
 CUresult cuStreamCreate(CUstream* s, unsigned int) {
@@ -742,9 +804,14 @@ CUresult cuStreamCreateWithPriority(CUstream* s, unsigned int, int) {
 CUresult cuStreamDestroy_v2(CUstream) { return OK; }
 CUresult cuStreamSynchronize(CUstream) {
     ++stats[ST_SYNC];
+    drain();
     return OK;
 }
-CUresult cuStreamQuery(CUstream) { return OK; }
+// "complete" after running the queue: a host that polls sees its work done
+CUresult cuStreamQuery(CUstream) {
+    drain();
+    return OK;
+}
 CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned int) { return OK; }
 CUresult cuEventCreate(CUevent* e, unsigned int) {
     *e = &dummy_event;
@@ -754,9 +821,13 @@ CUresult cuEventRecord(CUevent, CUstream) { return OK; }
 CUresult cuEventRecordWithFlags(CUevent, CUstream, unsigned int) { return OK; }
 CUresult cuEventSynchronize(CUevent) {
     ++stats[ST_SYNC];
+    drain();  // all of the queue, not only the work before the event: a wait never comes early
     return OK;
 }
-CUresult cuEventQuery(CUevent) { return OK; }
+CUresult cuEventQuery(CUevent) {
+    drain();
+    return OK;
+}
 CUresult cuEventDestroy_v2(CUevent) { return OK; }
 CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
     *ms = 0.0f;
@@ -792,55 +863,71 @@ static void release(CUdeviceptr p) {
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return alloc(p, n); }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) { return alloc(p, n); }
 CUresult cuMemFree_v2(CUdeviceptr p) {
+    drain();  // synchronous: the work queued before may still use p
     release(p);
     return OK;
 }
 CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
-    release(p);
+    enqueue([p] { release(p); });
     return OK;
 }
 CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+    drain();
     memset((void*)p, v, n);
     return OK;
 }
 CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, CUstream) {
     ++device_ops;
-    if (!emu_no_work()) memset((void*)p, v, n);
+    if (!emu_no_work()) enqueue([=] { memset((void*)p, v, n); });
     return OK;
 }
 CUresult cuMemsetD32Async(CUdeviceptr p, unsigned int v, size_t n, CUstream) {
     ++device_ops;
     if (!emu_no_work())
-        for (size_t i = 0; i < n; ++i) ((unsigned int*)p)[i] = v;
+        enqueue([=] {
+            for (size_t i = 0; i < n; ++i) ((unsigned int*)p)[i] = v;
+        });
     return OK;
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
     ++stats[ST_HTOD];
     ++stats[ST_SYNC];  // "a stream sync is performed before the copy is initiated"
+    drain();
     memcpy((void*)d, s, n);
     return OK;
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream) {
     ++stats[ST_HTOD];
+    if (is_pinned((void*)s, n)) {
+        // a DMA that reads the host memory when the stream gets to it
+        if (!emu_no_work()) enqueue([=] { memcpy((void*)d, s, n); });
+        return OK;
+    }
     // from pageable memory "the driver may synchronize with the stream" to stage it:
-    // counted as the synchronisation it may be
-    if (!is_pinned((void*)s, n)) ++stats[ST_SYNC];
-    else if (emu_no_work()) return OK;  // a DMA the host does not wait for
-    memcpy((void*)d, s, n);
+    // counted as the synchronisation it may be; the bytes are taken now (the staging)
+    ++stats[ST_SYNC];
+    auto staged = std::make_shared<std::vector<char>>((const char*)s, (const char*)s + n);
+    enqueue([=] { memcpy((void*)d, staged->data(), n); });
     return OK;
 }
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
     ++stats[ST_DTOH];
     ++stats[ST_SYNC];  // waits for the stream, then the copy
+    drain();
     memcpy(d, (const void*)s, n);
     return OK;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) {
     ++stats[ST_DTOH];
+    if (is_pinned(d, n)) {
+        // lands in the host memory when the stream gets to it: the host must wait to read it
+        if (!emu_no_work()) enqueue([=] { memcpy(d, (const void*)s, n); });
+        return OK;
+    }
     // into pageable memory a real driver returns only once the copy has landed, that is
     // after the work before it: a synchronisation, which a step must not have
-    if (!is_pinned(d, n)) ++stats[ST_SYNC];
-    else if (emu_no_work()) return OK;
+    ++stats[ST_SYNC];
+    drain();
     memcpy(d, (const void*)s, n);
     return OK;
 }
@@ -855,6 +942,7 @@ CUresult cuMemHostAlloc(void** p, size_t n, unsigned int) {
     return OK;
 }
 CUresult cuMemFreeHost(void* p) {
+    drain();  // lenient: copies still queued from or into p run first
     {
         std::lock_guard<std::mutex> g(pinned_mu);
         pinned.erase((char*)p);
@@ -863,12 +951,13 @@ CUresult cuMemFreeHost(void* p) {
     return OK;
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
+    drain();
     memmove((void*)d, (const void*)s, n);
     return OK;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) {
     ++device_ops;
-    if (!emu_no_work()) memmove((void*)d, (const void*)s, n);
+    if (!emu_no_work()) enqueue([=] { memmove((void*)d, (const void*)s, n); });
     return OK;
 }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
@@ -965,7 +1054,28 @@ CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned
         ++launches_of()[(const EmuKernel*)f];
         return OK;
     }
-    launch((const EmuKernel*)f, params, emu_dim3{gx, gy, gz}, emu_dim3{bx, by, bz}, smem);
+    const EmuKernel* k = (const EmuKernel*)f;
+    const emu_dim3 grid{gx, gy, gz}, block{bx, by, bz};
+    if (!deferring()) {
+        launch(k, params, grid, block, smem);
+        return OK;
+    }
+    // cuLaunchKernel copies the argument values now: the caller's may be gone by the time
+    // the queue runs. 16-byte slots keep every parameter aligned.
+    const std::vector<size_t>& sizes = k->param_sizes;
+    size_t total = 0;
+    std::vector<size_t> at;
+    for (size_t sz : sizes) {
+        at.push_back(total);
+        total += (sz + 15) / 16 * 16;
+    }
+    auto bytes = std::make_shared<std::vector<std::max_align_t>>(total / sizeof(std::max_align_t) + 1);
+    char* base = (char*)bytes->data();
+    for (size_t i = 0; i < sizes.size(); ++i) memcpy(base + at[i], params[i], sizes[i]);
+    auto ptrs = std::make_shared<std::vector<void*>>();
+    for (size_t i = 0; i < sizes.size(); ++i) ptrs->push_back(base + at[i]);
+    // (`bytes` is captured to keep the copied values alive until the launch has run)
+    enqueue([k, bytes, ptrs, grid, block, smem] { launch(k, ptrs->data(), grid, block, smem); });
     return OK;
 }
 CUresult cuGetErrorString(CUresult e, const char** s) {
