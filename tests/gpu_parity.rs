@@ -543,19 +543,22 @@ fn emulator_refuses_launches_a_gpu_would_refuse() {
     loud("the emulator refuses launches beyond a block's registers and shared memory, as a GPU does");
 }
 
-/// The emulator refuses a shuffle that reads a lane not taking part in it, whose value a GPU
-/// leaves undefined: a lane that has returned, or one past the block's last thread (a block
-/// that is not whole warps); the same warp sum with every lane there runs.
-/// (tests/cuda_emu/planted.cu; every parity test's shuffles are held to the same rule.)
+/// The emulator refuses what a GPU leaves undefined in a block's cooperation: a shuffle that
+/// reads a lane not taking part in it (a lane that has returned, or one past the block's
+/// last thread in a block that is not whole warps), and threads meeting at two different
+/// `__syncthreads` (a divergent barrier, compute-sanitizer's synccheck); the same warp sum
+/// with every lane there runs. (tests/cuda_emu/planted.cu; every parity test's shuffles and
+/// barriers are held to the same rules.)
 #[test]
-fn emulator_refuses_shuffles_from_lanes_not_there() {
+fn emulator_refuses_undefined_shuffles_and_barriers() {
     use common::cuda_emu::Sanitizer;
-    if !emulator_parent("emulator_refuses_shuffles_from_lanes_not_there", "") {
+    if !emulator_parent("emulator_refuses_undefined_shuffles_and_barriers", "") {
         return;
     }
     // (kernel, threads a block, refused with)
     let cases = [
         ("planted_warp_sum", 64, None),
+        ("planted_divergent_syncthreads", 64, Some("a divergent barrier")),
         (
             "planted_shuffle_from_exited_lanes",
             64,
@@ -572,7 +575,7 @@ fn emulator_refuses_shuffles_from_lanes_not_there() {
         let run = planted(Sanitizer::None, "launch_planted_kernel", &env);
         refused_or_ran(&format!("{kernel} in blocks of {threads}"), kernel, run, refused, "496");
     }
-    loud("the emulator refuses shuffles that read lanes which have exited or do not exist");
+    loud("the emulator refuses shuffles from lanes which have exited or do not exist, and divergent barriers");
 }
 
 /// The emulator runs a stream's work only when the host waits for it (runtime.cpp "Deferred

@@ -43,6 +43,22 @@ extern "C" __global__ void planted_warp_sum(float* out, int n) {
     out[t] = x;
 }
 
+// The two halves of the block wait at two different __syncthreads: a divergent barrier,
+// undefined on a GPU (compute-sanitizer's synccheck reports it); the emulator refuses it.
+extern "C" __global__ void planted_divergent_syncthreads(float* out, int n) {
+    extern __shared__ float smem[];
+    const int t = threadIdx.x;
+    if (t < n / 2) {
+        smem[t] = (float)t;
+        __syncthreads();
+        out[t] = smem[n / 2 - 1 - t];
+    } else {
+        smem[t] = 2.0f * t;
+        __syncthreads();
+        out[t] = smem[n - 1 - (t - n / 2)] + 1.0f;
+    }
+}
+
 // Stores one element past the end of `out` (`<=` for `<`): memcheck.
 extern "C" __global__ void planted_write_past_the_end(float* out, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;

@@ -10,7 +10,8 @@
 // given and cuModuleGetFunction looks the kernel up by name among the compiled kernel files.
 // With CUDA_EMU_KERNEL_REPORT (build.rs's ptxas report) a launch a GPU would refuse for its
 // registers or shared memory is refused here too ("what a GPU would refuse to launch"), and
-// so is a shuffle that reads a lane not taking part in it (emu_shfl64).
+// so are a shuffle that reads a lane not taking part in it (emu_shfl64) and a divergent
+// __syncthreads (bar_wait).
 // What it cannot show: real GPU timing, the hardware's memory model (fences; races within a
 // block and between nearby blocks are the ThreadSanitizer build's, below), driver and
 // compiler behaviour of real hardware, cuBLAS's own kernels (tests/cuda_emu/cublas.cpp).
@@ -99,6 +100,7 @@ constexpr size_t STACK = 128 * 1024;
 struct Bar {
     int expected = 0, arrived = 0;
     unsigned long long gen = 0;
+    const void* site = nullptr;  // where this generation's first arrival called the barrier
 };
 
 struct Fiber {
@@ -264,10 +266,24 @@ void yield() { leave(cur->fibers[cur_tid], false); }
 
 // `orders_memory`: __syncthreads, which orders memory (for ThreadSanitizer, EMU_TSAN); a
 // warp's shuffle exchanges registers only and orders nothing (__syncwarp would).
-void bar_wait(Bar& b, bool orders_memory) {
+// `site`: for the block's barrier, the code address of the __syncthreads the thread is
+// at. Threads of a block that meet at two different ones are a divergent barrier:
+// undefined on a GPU (it may hang or run on past), reported by compute-sanitizer's
+// synccheck; the emulator's counter would pair them up and hide it, so it stops instead.
+void bar_wait(Bar& b, bool orders_memory, const void* site = nullptr) {
 #if defined(EMU_TSAN)
     if (orders_memory) __tsan_release(&b);  // what this thread did before the barrier ...
 #endif
+    if (site) {
+        if (b.arrived == 0) {
+            b.site = site;
+        } else if (b.site != site) {
+            fprintf(stderr, "cuda_emu: in block (%u,%u,%u) thread %d waits at a different __syncthreads (code at %p) "
+                    "from threads before it (at %p): a divergent barrier, undefined on a GPU\n", cur->bidx.x,
+                    cur->bidx.y, cur->bidx.z, cur_tid, site, b.site);
+            abort();
+        }
+    }
     unsigned long long g = b.gen;
     ++progress;
     if (++b.arrived == b.expected) {
@@ -372,7 +388,7 @@ void run_block(BlockRun& r) {
 }
 }  // namespace
 
-extern "C" void __syncthreads() { bar_wait(cur->bar, true); }
+extern "C" void __syncthreads() { bar_wait(cur->bar, true, __builtin_return_address(0)); }
 
 #if defined(EMU_TSAN)
 // cuda_emu.h: the ThreadSanitizer build's __threadfence and relaxed atomicAdd (this file
@@ -389,11 +405,12 @@ extern "C" unsigned int emu_atomic_add_relaxed(unsigned int* p, unsigned int v) 
 #endif
 
 extern "C" int __syncthreads_or(int pred) {
+    const void* site = __builtin_return_address(0);
     cur->or_slots[cur_tid] = pred != 0;
-    bar_wait(cur->bar, true);
+    bar_wait(cur->bar, true, site);
     int any = 0;
     for (int i = 0; i < cur->nthreads; ++i) any |= cur->or_slots[i];
-    bar_wait(cur->bar, true);
+    bar_wait(cur->bar, true, (const char*)site + 1);  // its second barrier, a site of its own
     return any;
 }
 
