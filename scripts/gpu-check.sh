@@ -57,7 +57,8 @@
 #                                       480 s for PyTorch), when the check's budget cut it;
 #                                       DEEPCUT_E2E_ARGS adds run options (e.g.
 #                                       "--max-forget-epochs 1": 43 steps instead of up to 424)
-#     scripts/gpu-check.sh --sanitize   compute-sanitizer (memcheck, racecheck) over the kernel
+#     scripts/gpu-check.sh --sanitize   compute-sanitizer (memcheck, racecheck, then with the
+#                                       time left synccheck, initcheck) over the kernel
 #                                       parity tests on the card
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -287,16 +288,18 @@ fi
 
 if [ "${1:-}" = "--sanitize" ]; then
     # NVIDIA's compute-sanitizer over the kernel parity tests on the card: memcheck (every
-    # device access inside its allocation) and racecheck (shared-memory hazards). The CPU
-    # emulator runs the same tests under AddressSanitizer and ThreadSanitizer in every CI
-    # (tests/gpu_parity.rs cuda_backend_under_memcheck_and_racecheck); this is the real
-    # hardware's word. The whole-step tests are skipped: they run the same kernels again,
-    # and a sanitized step takes minutes.
+    # device access inside its allocation), racecheck (shared-memory hazards), then, with
+    # the time left, synccheck (barriers and warp syncs every thread must reach) and
+    # initcheck (reads of device memory nothing wrote). The CPU emulator checks the same
+    # tests for each in every CI (AddressSanitizer, ThreadSanitizer, its divergent-barrier
+    # and shuffle checks, its NaN fill: tests/gpu_parity.rs); this is the real hardware's
+    # word. The whole-step tests are skipped: they run the same kernels again, and a
+    # sanitized step takes minutes.
     [ -n "$PARITY" ] || { echo "--sanitize: no gpu_parity binary: run scripts/gpu-check.sh --build" >&2; exit 1; }
     CS=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null | head -1)
     [ -n "$CS" ] || { echo "--sanitize: no compute-sanitizer on this machine" >&2; exit 1; }
     echo "== gpu-check --sanitize $(date -u +%Y-%m-%dT%H:%MZ) with $CS"
-    for tool in memcheck racecheck; do
+    for tool in memcheck racecheck synccheck initcheck; do
         enough "compute-sanitizer $tool" || continue
         timeout "$(cap 240)" "$CS" --tool "$tool" --error-exitcode 3 --print-limit 20 \
             "$PARITY" --test-threads 1 --skip step:: --skip cuda_backend_ --skip sanitizers_ \
