@@ -581,9 +581,10 @@ fn emulator_refuses_undefined_shuffles_and_barriers() {
 /// The emulator runs a stream's work only when the host waits for it (runtime.cpp "Deferred
 /// work"), so the host-side bugs of asynchronous copies show, as they would on a GPU with
 /// the wrong timing: rewriting the page-locked source of an upload before the stream has run
-/// it (the device gets the new value), and reading the page-locked target of a download
-/// before waiting (the host reads what was there before). With everything run at once
-/// (CUDA_EMU_DEFER=0, what the emulator did until then) both pass unseen.
+/// it (the device gets the new value), reading the page-locked target of a download before
+/// waiting (the host reads what was there before), and reading a download enqueued after
+/// the event the host waited for. With everything run at once (CUDA_EMU_DEFER=0, what the
+/// emulator did until then) all three pass unseen.
 #[test]
 fn emulator_runs_stream_work_only_when_the_host_waits() {
     use common::cuda_emu::Sanitizer;
@@ -591,8 +592,16 @@ fn emulator_runs_stream_work_only_when_the_host_waits() {
         return;
     }
     for (defer, want) in [
-        ("", "device got 9, host read 5 before the wait and 9 after"),
-        ("0", "device got 1, host read 1 before the wait and 1 after"),
+        (
+            "",
+            "device got 9, host read 5 before the wait and 9 after; \
+             after an event wait, the copy before the event gave 9 and the copy after it 5",
+        ),
+        (
+            "0",
+            "device got 1, host read 1 before the wait and 1 after; \
+             after an event wait, the copy before the event gave 1 and the copy after it 1",
+        ),
     ] {
         let env = [("DEEPCUT_PLANTED_HOST", "1"), ("CUDA_EMU_DEFER", defer)];
         let (ok, stderr) = planted(Sanitizer::None, "planted_host_waits", &env);
@@ -605,8 +614,9 @@ fn emulator_runs_stream_work_only_when_the_host_waits() {
 }
 
 /// Child of `emulator_runs_stream_work_only_when_the_host_waits`: an upload from page-locked
-/// memory whose source is rewritten before any wait, and a download into page-locked memory
-/// read before the wait and after; does nothing in any other run.
+/// memory whose source is rewritten before any wait, a download into page-locked memory read
+/// before the wait and after, and two downloads on either side of an event the host waits
+/// for; does nothing in any other run.
 #[test]
 fn planted_host_waits() {
     use cudarc::driver::{result, DevicePtrMut};
@@ -617,14 +627,12 @@ fn planted_host_waits() {
     let stream = ctx.new_stream().expect("a stream");
     let mut dev = stream.alloc_zeros::<f32>(1).expect("alloc");
     let addr = dev.device_ptr_mut(&stream).0;
-    // SAFETY: two page-locked floats, used below and freed once after the stream is drained;
+    // SAFETY: four page-locked floats, used below and freed once after the stream is drained;
     // `addr` is a live allocation of one float.
     unsafe {
-        let host = result::malloc_host(8, 0).expect("page-locked memory") as *mut f32;
-        let (up, down) = (
-            std::slice::from_raw_parts_mut(host, 1),
-            std::slice::from_raw_parts_mut(host.add(1), 1),
-        );
+        let host = result::malloc_host(16, 0).expect("page-locked memory") as *mut f32;
+        let one = |i: usize| std::slice::from_raw_parts_mut(host.add(i), 1);
+        let (up, down, before, after) = (one(0), one(1), one(2), one(3));
         up[0] = 1.0;
         result::memcpy_htod_async(addr, &up[..], stream.cu_stream()).expect("upload");
         up[0] = 9.0; // the planted bug: the copy above may not have read its source yet
@@ -634,9 +642,21 @@ fn planted_host_waits() {
         let early = down[0]; // the planted bug: read before waiting for the copy
         stream.synchronize().expect("sync");
         let got = down[0];
+        // a wait for an event covers the work enqueued before it was recorded, not after
+        let event = ctx.new_event(None).expect("an event");
+        (before[0], after[0]) = (5.0, 5.0);
+        result::memcpy_dtoh_async(&mut before[..], addr, stream.cu_stream()).expect("download");
+        event.record(&stream).expect("record");
+        result::memcpy_dtoh_async(&mut after[..], addr, stream.cu_stream()).expect("download");
+        event.synchronize().expect("event sync");
+        let (b, a) = (before[0], after[0]); // the planted bug: `after` is not covered by the wait
+        stream.synchronize().expect("sync");
         // the device's value, read the right way: written by the upload, copied back after a wait
         let device = stream.clone_dtoh(&dev).expect("copy back")[0];
-        eprintln!("planted host waits: device got {device}, host read {early} before the wait and {got} after");
+        eprintln!(
+            "planted host waits: device got {device}, host read {early} before the wait and {got} after; \
+             after an event wait, the copy before the event gave {b} and the copy after it {a}"
+        );
         result::free_host(host as _).expect("free");
     }
 }
@@ -811,6 +831,42 @@ fn gemms_ran_cublaslt_and_the_fallback_agrees() {
     let g = Cuda::new(0).expect("the device opened a moment ago").without_cublaslt();
     check_all(&g, "gemm_bias (fallback)");
     assert_eq!(g.cublaslt_plans(false), None, "the fallback opened cuBLASLt");
+}
+
+/// `download_start` / `download_wait` (how a step's losses and clipping stats come back,
+/// src/train/readback.rs): what `download_wait` returns is the buffer as it was when the
+/// download was started, even with more work enqueued after it that rewrites the buffer,
+/// and for two stagings in flight at once. On the emulator a wait covers only the work
+/// before the event it waits for, as on a GPU, so a wait for an event that was never
+/// recorded (cudarc records a page-locked slice's own event only with event tracking,
+/// which this backend switches off) reads the staging before the copy lands.
+#[test]
+fn downloads_through_staging_wait_for_their_copy() {
+    let Some(g) = gpu("downloads_through_staging_wait_for_their_copy") else {
+        return;
+    };
+    let mut rng = Rng(131);
+    let n = 300;
+    let (x, y) = (rng.vec(n, 2.0), rng.vec(n, 2.0));
+    let mut buf = g.alloc(n);
+    let (mut first, mut second) = (g.staging(n), g.staging(n));
+    for round in 0..3 {
+        g.upload(&mut buf, &x);
+        g.download_start(&mut first, &buf, n);
+        g.upload(&mut buf, &y);
+        g.download_start(&mut second, &buf, n);
+        g.zero(&mut buf, n); // work after both downloads, which neither may see
+        same_bits(
+            &format!("round {round}: the first download"),
+            g.download_wait(&first, n),
+            &x,
+        );
+        same_bits(
+            &format!("round {round}: the second download"),
+            g.download_wait(&second, n),
+            &y,
+        );
+    }
 }
 
 /// The page-locked staging of uploads (src/backend/cuda/uploads.rs): with 1 KiB halves,

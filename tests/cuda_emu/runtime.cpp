@@ -637,7 +637,7 @@ static std::string launch_refusal(const std::string& name, unsigned threads, uns
     return "";
 }
 
-static int dummy_ctx, dummy_stream, dummy_event, dummy_module;
+static int dummy_ctx, dummy_stream, dummy_module;
 
 // What the engine asked of the driver, for tests that hold a step to "no allocation, a
 // bounded number of synchronisations" (tests/gpu_parity.rs): read with emu_stats.
@@ -697,10 +697,11 @@ static bool is_pinned(void* d, size_t n) {
 // the timing gives it. Run at once, as the emulator first did, every such bug passes. So
 // by default stream work (launches, async copies and memsets, cuBLAS calls, async frees)
 // is queued, in the one order of the emulator's one stream, and runs only when the host
-// waits: a stream, event or context synchronisation, an event or stream query, or a
-// synchronous call (a copy to or from pageable memory, a plain cuMemFree), which runs it
-// all first. That is the latest a GPU could run it, so any missing wait shows in the
-// numbers. What the call reads from the host is read when it is made where CUDA does so
+// waits: a stream or context synchronisation, a stream query or a synchronous call (a copy
+// to or from pageable memory, a plain cuMemFree) runs all of it; an event's
+// synchronisation or query runs the work enqueued before the event was last recorded, and
+// no more. That is the latest a GPU could run it, so any missing wait, or a wait for the
+// wrong event, shows in the numbers. What the call reads from the host is read when it is made where CUDA does so
 // (a launch's arguments; an upload from pageable memory, which the driver stages) and
 // when the queue runs where the GPU's DMA does (page-locked memory).
 // CUDA_EMU_DEFER=0 runs everything at once instead; no-work mode never queues.
@@ -712,25 +713,37 @@ static bool deferring() {
     return on;
 }
 static std::mutex queue_mu;
-static std::deque<std::function<void()>> queued;
+// (sequence number, work), numbered from 1 in enqueue order
+static std::deque<std::pair<unsigned long long, std::function<void()>>> queued;
+static unsigned long long enqueued_seq;  // the last number given out
 // Runs `op` now, or queues it (deferring()).
 static void enqueue(std::function<void()> op) {
     if (!deferring()) return op();
     std::lock_guard<std::mutex> g(queue_mu);
-    queued.push_back(std::move(op));
+    queued.emplace_back(++enqueued_seq, std::move(op));
 }
-// Runs everything queued, in order (what a wait for the stream sees done).
-static void drain() {
+// Runs the queued work numbered up to `last`, in order.
+static void drain_to(unsigned long long last) {
     for (;;) {
         std::function<void()> op;
         {
             std::lock_guard<std::mutex> g(queue_mu);
-            if (queued.empty()) return;
-            op = std::move(queued.front());
+            if (queued.empty() || queued.front().first > last) return;
+            op = std::move(queued.front().second);
             queued.pop_front();
         }
         op();
     }
+}
+// Runs everything queued (what a wait for the stream sees done).
+static void drain() { drain_to(~0ull); }
+// Events: each the sequence number of the last work enqueued before it was last recorded
+// (0: never recorded, nothing to wait for).
+static std::map<void*, unsigned long long> event_seq;
+static unsigned long long recorded_at(void* e) {
+    std::lock_guard<std::mutex> g(queue_mu);
+    auto it = event_seq.find(e);
+    return it == event_seq.end() ? 0 : it->second;
 }
 // cublas.cpp's GEMMs join the same queue: 1 = queued (`run(ctx)` later, which owns ctx),
 // 0 = the caller runs it now.
@@ -830,22 +843,37 @@ CUresult cuStreamQuery(CUstream) {
     return OK;
 }
 CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned int) { return OK; }
+// each event its own object, so a wait for one is told from a wait for another
 CUresult cuEventCreate(CUevent* e, unsigned int) {
-    *e = &dummy_event;
+    *e = new char;
+    std::lock_guard<std::mutex> g(queue_mu);
+    event_seq[*e] = 0;
     return OK;
 }
-CUresult cuEventRecord(CUevent, CUstream) { return OK; }
-CUresult cuEventRecordWithFlags(CUevent, CUstream, unsigned int) { return OK; }
-CUresult cuEventSynchronize(CUevent) {
+CUresult cuEventRecord(CUevent e, CUstream) {
+    std::lock_guard<std::mutex> g(queue_mu);
+    event_seq[e] = enqueued_seq;
+    return OK;
+}
+CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned int) { return cuEventRecord(e, s); }
+CUresult cuEventSynchronize(CUevent e) {
     ++stats[ST_SYNC];
-    drain();  // all of the queue, not only the work before the event: a wait never comes early
+    drain_to(recorded_at(e));  // the work before the event, not the work after it
     return OK;
 }
-CUresult cuEventQuery(CUevent) {
-    drain();
+// "complete" after running the work before the event: a host that polls sees it done
+CUresult cuEventQuery(CUevent e) {
+    drain_to(recorded_at(e));
     return OK;
 }
-CUresult cuEventDestroy_v2(CUevent) { return OK; }
+CUresult cuEventDestroy_v2(CUevent e) {
+    {
+        std::lock_guard<std::mutex> g(queue_mu);
+        event_seq.erase(e);
+    }
+    delete (char*)e;
+    return OK;
+}
 CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
     *ms = 0.0f;
     return OK;

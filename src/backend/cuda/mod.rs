@@ -19,7 +19,8 @@
 //!   several streams). Ops enqueue work and return; `download`, `sum_squares(_all)` and
 //!   `download_wait` are the only calls that wait for the device, as the trait intends.
 //!   Uploads go through page-locked staging (uploads.rs) and copies back can too
-//!   (`download_start`), so a training step enqueues without ever waiting.
+//!   (`download_start`), so a training step enqueues without ever waiting. Both record
+//!   and wait for events of their own: with tracking off, cudarc records none for them.
 //! - GEMMs (gemm.rs, blaslt.rs): fp32 mode is fp32 (compute type 32F, no TF32). In bf16 /
 //!   fp16 mode the operands are 16-bit buffers read natively on tensor cores with fp32
 //!   accumulation (fp32 buffers holding rounded values also work: the FAST_16BF / _16F
@@ -544,10 +545,37 @@ impl Cuda {
     }
 }
 
+/// Page-locked host memory a `download_start` copies into, and the event recorded after
+/// that copy, which `download_wait` waits for (once: the one wait per copy back). Not
+/// cudarc's `PinnedHostSlice`: it records its event after a copy only while cudarc tracks
+/// events, which this backend switches off (`Cuda::new`), and a wait for an event never
+/// recorded returns at once, before the copy has landed; its readers wait for that event
+/// again besides.
+pub struct Staging {
+    ptr: *mut f32,
+    len: usize,
+    landed: cudarc::driver::CudaEvent,
+}
+
+// SAFETY: a page-locked block owned by this value alone; it is read only through
+// `download_wait` (after the copy into it landed) and written only by the copies
+// `download_start` enqueues, which take it `&mut`.
+unsafe impl Send for Staging {}
+unsafe impl Sync for Staging {}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // a copy may still be landing in it
+        let _ = self.landed.synchronize();
+        // SAFETY: allocated by malloc_host in `Cuda::staging`, freed once, after its last copy
+        let _ = unsafe { cudarc::driver::result::free_host(self.ptr as _) };
+    }
+}
+
 impl Backend for Cuda {
     type Buf = CudaBuf;
     type IBuf = CudaSlice<i32>;
-    type Staging = cudarc::driver::PinnedHostSlice<f32>;
+    type Staging = Staging;
 
     fn profile_range(&self, name: std::fmt::Arguments<'_>) -> RangeGuard {
         match self.nvtx {
@@ -621,12 +649,16 @@ impl Backend for Cuda {
     fn staging(&self, n: usize) -> Self::Staging {
         // flags 0, not cudarc's default write-combined: the host reads this memory, and
         // reads from write-combined memory are uncached
+        let len = n.max(1);
+        check(self.stream.context().bind_to_thread(), "staging");
         // SAFETY: the memory starts uninitialised; only download_wait reads it, after a
         // download_start has filled the first n it returns.
-        check(
-            unsafe { self.stream.context().alloc_pinned_with_flags::<f32>(n.max(1), 0) },
+        let ptr = check(
+            unsafe { cudarc::driver::result::malloc_host(len * 4, 0) },
             "staging (page-locked host memory)",
-        )
+        ) as *mut f32;
+        let landed = check(self.stream.context().new_event(None), "staging event");
+        Staging { ptr, len, landed }
     }
     fn download_start(&self, dst: &mut Self::Staging, src: &CudaBuf, n: usize) {
         if n == 0 {
@@ -634,13 +666,30 @@ impl Backend for Cuda {
         }
         let s = src.f32("download_start");
         need(s.len(), n, "download_start src");
-        need(dst.len(), n, "download_start staging");
-        // cudarc orders the copy after the staging's last use and records the staging's
-        // event after it: download_wait waits for that event only
-        check(self.stream.memcpy_dtoh(&s.slice(..n), dst), "download_start");
+        need(dst.len, n, "download_start staging");
+        use cudarc::driver::DevicePtr;
+        let (from, _) = s.device_ptr(&self.stream);
+        // SAFETY: dst holds len >= n floats, owned and taken `&mut`, so nothing reads it
+        // until download_wait has waited for this copy; the source holds n (`need`).
+        check(
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    std::slice::from_raw_parts_mut(dst.ptr, n),
+                    from,
+                    self.stream.cu_stream(),
+                )
+            },
+            "download_start",
+        );
+        // download_wait waits for this event only, so the work enqueued after it runs on
+        check(dst.landed.record(&self.stream), "download_start event");
     }
     fn download_wait<'a>(&self, src: &'a Self::Staging, n: usize) -> &'a [f32] {
-        &check(src.as_slice(), "download_wait")[..n]
+        need(src.len, n, "download_wait");
+        check(src.landed.synchronize(), "download_wait");
+        // SAFETY: the copy into the first n floats has landed (the wait above); the slice
+        // borrows src, so no download_start writes it while it lives.
+        unsafe { std::slice::from_raw_parts(src.ptr, n) }
     }
     fn zero(&self, buf: &mut CudaBuf, n: usize) {
         if n == 0 {
