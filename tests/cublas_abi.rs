@@ -11,6 +11,14 @@
 //!
 //! Where no headers or libraries are found they say SKIPPED and why (CI has neither: its
 //! wheels are NVRTC and the runtime headers); a real GPU run checks the rest by computing.
+/// Says it on the test's real stderr, which libtest does not capture (as `eprintln!` is),
+/// so a skip shows in CI's log: a skipped check never passes silently.
+macro_rules! loud {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
 use cudarc::cublas::sys as blas;
 use cudarc::cublaslt::sys as lt;
 use std::collections::BTreeSet;
@@ -237,7 +245,7 @@ fn cublas_include() -> Result<Vec<PathBuf>, String> {
 fn cudarc_values_equal_the_cublas_headers_found_here() {
     let include = match cublas_include() {
         Ok(d) => d,
-        Err(why) => return eprintln!("SKIPPED: {why}; the cuBLAS enum values and layouts are not checked"),
+        Err(why) => return loud!("SKIPPED: {why}; the cuBLAS enum values and layouts are not checked"),
     };
     let dir = tempfile::tempdir().unwrap();
     let mut probe = String::from(
@@ -260,7 +268,7 @@ fn cudarc_values_equal_the_cublas_headers_found_here() {
     let log = String::from_utf8_lossy(&o.stderr);
     if !o.status.success() && log.contains("No such file or directory") {
         let line = log.lines().find(|l| l.contains("No such file")).unwrap_or("");
-        return eprintln!("SKIPPED: the cuBLAS headers in {include:?} are incomplete here ({line})");
+        return loud!("SKIPPED: the cuBLAS headers in {include:?} are incomplete here ({line})");
     }
     assert!(
         o.status.success(),
@@ -282,7 +290,7 @@ fn cudarc_values_equal_the_cublas_headers_found_here() {
         "cuBLAS {} headers in {include:?} differ from cudarc's bindings: {wrong:?}",
         headers["version"]
     );
-    eprintln!(
+    loud!(
         "checked {} values against cuBLAS {} headers in {include:?}",
         all.len(),
         headers["version"]
@@ -323,11 +331,11 @@ fn the_cublas_libraries_found_here_export_every_function_the_backend_calls() {
                 .filter(|f| unsafe { lib.get::<unsafe extern "C" fn()>(f.as_bytes()) }.is_err())
                 .collect();
             assert!(absent.is_empty(), "{} lacks {absent:?}", d.join(name).display());
-            eprintln!("{}: all {} functions present", d.join(name).display(), wanted.len());
+            loud!("{}: all {} functions present", d.join(name).display(), wanted.len());
             checked += 1;
         }
     }
     if checked == 0 {
-        eprintln!("SKIPPED: no libcublas.so.N / libcublasLt.so.N in a toolkit or the python3's nvidia wheels");
+        loud!("SKIPPED: no libcublas.so.N / libcublasLt.so.N in a toolkit or the python3's nvidia wheels");
     }
 }
