@@ -7,18 +7,13 @@
 //! - its values, as cudarc has them, equal those of the cuBLAS headers found here, read by
 //!   a C++ probe (CUDA 12 or 13: the wheels' `nvidia/cu13/include` or `nvidia/cublas/include`
 //!   of the python3 on PATH, a toolkit, or DEEPCUT_CUBLAS_INCLUDE);
-//! - the cuBLAS libraries found the same way export every function the backend calls.
+//! - the cuBLAS libraries found where the backend looks for one (libs.rs `library_dirs`)
+//!   export every function the backend calls.
 //!
 //! Where no headers or libraries are found they say SKIPPED and why (CI has neither: its
 //! wheels are NVRTC and the runtime headers); a real GPU run checks the rest by computing.
-/// Says it on the test's real stderr, which libtest does not capture (as `eprintln!` is),
-/// so a skip shows in CI's log: a skipped check never passes silently.
-macro_rules! loud {
-    ($($t:tt)*) => {{
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
+mod common;
+use common::loud;
 use cudarc::cublas::sys as blas;
 use cudarc::cublaslt::sys as lt;
 use std::collections::BTreeSet;
@@ -245,7 +240,11 @@ fn cublas_include() -> Result<Vec<PathBuf>, String> {
 fn cudarc_values_equal_the_cublas_headers_found_here() {
     let include = match cublas_include() {
         Ok(d) => d,
-        Err(why) => return loud!("SKIPPED: {why}; the cuBLAS enum values and layouts are not checked"),
+        Err(why) => {
+            return loud(&format!(
+                "SKIPPED: {why}; the cuBLAS enum values and layouts are not checked"
+            ))
+        }
     };
     let dir = tempfile::tempdir().unwrap();
     let mut probe = String::from(
@@ -268,7 +267,9 @@ fn cudarc_values_equal_the_cublas_headers_found_here() {
     let log = String::from_utf8_lossy(&o.stderr);
     if !o.status.success() && log.contains("No such file or directory") {
         let line = log.lines().find(|l| l.contains("No such file")).unwrap_or("");
-        return loud!("SKIPPED: the cuBLAS headers in {include:?} are incomplete here ({line})");
+        return loud(&format!(
+            "SKIPPED: the cuBLAS headers in {include:?} are incomplete here ({line})"
+        ));
     }
     assert!(
         o.status.success(),
@@ -290,20 +291,21 @@ fn cudarc_values_equal_the_cublas_headers_found_here() {
         "cuBLAS {} headers in {include:?} differ from cudarc's bindings: {wrong:?}",
         headers["version"]
     );
-    loud!(
+    loud(&format!(
         "checked {} values against cuBLAS {} headers in {include:?}",
         all.len(),
         headers["version"]
-    );
+    ));
 }
 
 #[test]
 fn the_cublas_libraries_found_here_export_every_function_the_backend_calls() {
-    let mut dirs: Vec<PathBuf> = python_dirs()
-        .iter()
-        .flat_map(|p| [p.join("cu13/lib"), p.join("cublas/lib")])
+    // where the backend itself looks for a cuBLAS to link (src/backend/cuda/libs.rs), each
+    // folder once
+    let dirs: BTreeSet<PathBuf> = deepcut_fast::backend::cuda::libs::library_dirs()
+        .into_iter()
+        .filter_map(|d| d.canonicalize().ok())
         .collect();
-    dirs.extend(toolkits().iter().map(|t| t.join("lib64")));
     let mut checked = 0;
     for d in dirs {
         let Ok(rd) = std::fs::read_dir(&d) else { continue };
@@ -331,11 +333,15 @@ fn the_cublas_libraries_found_here_export_every_function_the_backend_calls() {
                 .filter(|f| unsafe { lib.get::<unsafe extern "C" fn()>(f.as_bytes()) }.is_err())
                 .collect();
             assert!(absent.is_empty(), "{} lacks {absent:?}", d.join(name).display());
-            loud!("{}: all {} functions present", d.join(name).display(), wanted.len());
+            loud(&format!(
+                "{}: all {} functions present",
+                d.join(name).display(),
+                wanted.len()
+            ));
             checked += 1;
         }
     }
     if checked == 0 {
-        loud!("SKIPPED: no libcublas.so.N / libcublasLt.so.N in a toolkit or the python3's nvidia wheels");
+        loud("SKIPPED: no libcublas.so.N / libcublasLt.so.N where the backend looks (libs.rs library_dirs)");
     }
 }

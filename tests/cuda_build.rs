@@ -7,14 +7,8 @@
 //!   states, which must be the kernel's own parameter order.
 //!
 //! Numerical parity with the CPU backend needs a GPU: tests/gpu_parity.rs.
-/// Says it on the test's real stderr, which libtest does not capture (as `eprintln!` is),
-/// so a skip shows in the log: a skipped check never passes silently.
-macro_rules! loud {
-    ($($t:tt)*) => {{
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
+mod common;
+use common::loud;
 use deepcut_fast::backend::cuda::images;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -31,7 +25,7 @@ fn every_kernel_file_is_compiled_for_every_target() {
             !required,
             "DEEPCUT_REQUIRE_KERNELS=1 but the kernels were not compiled: {why}"
         );
-        loud!("SKIPPED: kernels not compiled in this build ({why})");
+        loud(&format!("SKIPPED: kernels not compiled in this build ({why})"));
         return;
     }
     let targets: Vec<&str> = {

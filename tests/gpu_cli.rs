@@ -3,16 +3,9 @@
 //! --device cuda`. On a machine with a GPU they run on it; without one, on the CPU
 //! emulator of the CUDA driver (tests/cuda_emu), which runs the CUDA backend's launchers
 //! and kernels for real but says nothing about GPU speed.
-/// Says it on the test's real stderr, which libtest does not capture (as `eprintln!` is),
-/// so a skip shows in the log: a skipped check never passes silently.
-macro_rules! loud {
-    ($($t:tt)*) => {{
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
 mod common;
 use common::fixture;
+use common::loud;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -483,7 +476,9 @@ fn shim_links(cache: &Path) -> (PathBuf, PathBuf) {
 fn emulator_only(test: &str) -> Option<PathBuf> {
     let emu = device_libs();
     if emu.is_none() {
-        loud!("SKIPPED: {test} renames the CPU emulator's libraries; this machine has a real driver");
+        loud(&format!(
+            "SKIPPED: {test} renames the CPU emulator's libraries; this machine has a real driver"
+        ));
     }
     emu
 }
@@ -680,7 +675,7 @@ fn devices_reports_the_gpu_and_what_auto_picks() {
 #[test]
 fn devices_without_a_driver_picks_the_cpu() {
     if deepcut_fast::backend::cuda::availability().is_ok() {
-        loud!("SKIPPED: devices_without_a_driver_picks_the_cpu needs a machine without an NVIDIA driver");
+        loud("SKIPPED: devices_without_a_driver_picks_the_cpu needs a machine without an NVIDIA driver");
         return;
     }
     let empty = tempfile::tempdir().unwrap();

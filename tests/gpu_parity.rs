@@ -23,7 +23,7 @@
 //! Buffers are allocated larger than the ops use (`SLACK`), as the model's planned buffers
 //! are, and inputs that accumulate (parameter gradients) start non-zero.
 mod common;
-use common::{rel_l2, Rng};
+use common::{loud, rel_l2, Rng};
 use deepcut_fast::backend::cpu::{quantize::round_to, Cpu};
 use deepcut_fast::backend::cuda::{self, Cuda};
 use deepcut_fast::backend::{
@@ -52,12 +52,6 @@ const TOL_NCE_DZ_FP16: f64 = 1e-4;
 /// A whole bf16 / fp16 step against its twin (see whole_deepcut_step_in_bf16_matches_cpu).
 const TOL_STEP_16: f64 = 2e-2;
 const SLACK: usize = 7;
-
-/// Printed straight to stderr, past libtest's output capture, so CI logs show it.
-fn loud(msg: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{msg}");
-}
 
 /// The GPU, or None after saying loudly why the test is skipped.
 fn gpu(test: &str) -> Option<Cuda> {

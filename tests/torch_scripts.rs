@@ -4,16 +4,9 @@
 //! torch, so these tests run wherever python3 does (CI has no torch). They catch a report
 //! the replay misreads: the precision object that once stopped every GPU replay, a run that
 //! fine-tuned its original first, the stopping rule's checks.
-/// Says it on the test's real stderr, which libtest does not capture (as `eprintln!` is),
-/// so a skip shows in CI's log: a skipped check never passes silently.
-macro_rules! loud {
-    ($($t:tt)*) => {{
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
 mod common;
 use common::fixture::{self, bin, run_args, s};
+use common::loud;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -26,7 +19,7 @@ fn python3_found() -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !ok {
-        loud!("SKIPPED: python3 not found; scripts/deepcut-torch.py --plan not checked");
+        loud("SKIPPED: python3 not found; scripts/deepcut-torch.py --plan not checked");
     }
     ok
 }

@@ -6,6 +6,13 @@ pub mod cuda_emu;
 pub mod fixture;
 pub mod golden;
 
+/// Printed straight to stderr, past libtest's output capture (which takes `eprintln!`),
+/// so CI logs show it: a skipped check says so, never passing silently.
+pub fn loud(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
 /// Small portable generator for test inputs (xorshift64*).
 pub struct Rng(pub u64);
 impl Rng {

@@ -136,8 +136,9 @@ fn mapped(maps: &str, stem: &str) -> Option<PathBuf> {
 }
 
 /// Where CUDA libraries live: LD_LIBRARY_PATH, the toolkit's folders, and the lib folders
-/// of the `nvidia` Python wheels (PyTorch brings cuBLAS that way).
-pub(super) fn library_dirs() -> Vec<PathBuf> {
+/// of the `nvidia` Python wheels (PyTorch brings cuBLAS that way). Public for
+/// tests/cublas_abi.rs, which checks the cuBLAS libraries found here.
+pub fn library_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var("LD_LIBRARY_PATH")
         .unwrap_or_default()
         .split(':')
