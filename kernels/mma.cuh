@@ -45,6 +45,7 @@ __device__ __forceinline__ unsigned join2(unsigned short lo, unsigned short hi) 
 // Two adjacent 16-bit values (p 4-byte aligned) in one 32-bit shared-memory load.
 __device__ __forceinline__ unsigned load2(const unsigned short* p) {
 #ifdef DEEPCUT_CUDA_EMU
+    emu_aligned(p, 4, "load2 (two 16-bit values as one 32-bit load)");
     unsigned u;
     memcpy(&u, p, 4);  // no type punning in host C++
     return u;
@@ -56,6 +57,7 @@ __device__ __forceinline__ unsigned load2(const unsigned short* p) {
 // Stores two 16-bit values (one pack2 register) at p, 4-byte aligned, in one 32-bit store.
 __device__ __forceinline__ void store2(unsigned short* p, unsigned v) {
 #ifdef DEEPCUT_CUDA_EMU
+    emu_aligned(p, 4, "store2 (two 16-bit values as one 32-bit store)");
     memcpy(p, &v, 4);
 #else
     *reinterpret_cast<unsigned*>(p) = v;

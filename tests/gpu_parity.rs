@@ -572,6 +572,31 @@ fn emulator_refuses_undefined_shuffles_and_barriers() {
     loud("the emulator refuses shuffles from lanes which have exited or do not exist, and divergent barriers");
 }
 
+/// The emulator refuses a wide access at an address that is not a multiple of its width
+/// (two 16-bit values read as one 32-bit word at an odd element, as mma.cuh `load2` reads
+/// the 16-bit attention and InfoNCE tiles), which a GPU faults on and host C++ does
+/// anyway; the same read at an even element runs. (tests/cuda_emu/planted.cu; every parity
+/// test's `load2` / `store2` is held to the same rule.)
+#[test]
+fn emulator_refuses_misaligned_wide_accesses() {
+    use common::cuda_emu::Sanitizer;
+    if !emulator_parent("emulator_refuses_misaligned_wide_accesses", "") {
+        return;
+    }
+    for (kernel, refused) in [
+        ("planted_aligned_load2", None),
+        (
+            "planted_misaligned_load2",
+            Some("which is not 4-byte aligned: a GPU faults"),
+        ),
+    ] {
+        let env = [("DEEPCUT_PLANTED_KERNEL", kernel), ("DEEPCUT_PLANTED_THREADS", "64")];
+        let run = planted(Sanitizer::None, "launch_planted_kernel", &env);
+        refused_or_ran(kernel, kernel, run, refused, "5");
+    }
+    loud("the emulator refuses 32-bit accesses to 16-bit pairs at addresses that are not 4-byte aligned");
+}
+
 /// The emulator runs a stream's work only when the host waits for it (runtime.cpp "Deferred
 /// work"), so the host-side bugs of asynchronous copies show, as they would on a GPU with
 /// the wrong timing: rewriting the page-locked source of an upload before the stream has run

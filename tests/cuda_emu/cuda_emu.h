@@ -58,6 +58,14 @@ extern "C" int __syncthreads_or(int pred);
 extern "C" uint64_t emu_shfl64(uint64_t v, int src_lane);
 extern "C" void* emu_dyn_smem();
 extern "C" int emu_lane();
+// A GPU faults ("misaligned address") on an access wider than its element type whose
+// address is not a multiple of its width; host C++ does it anyway, so the kernels' wide
+// accesses (mma.cuh `load2` / `store2`) ask here first, and a misaligned one aborts naming
+// block, thread and address.
+extern "C" void emu_misaligned(const void* p, int bytes, const char* what);
+inline void emu_aligned(const void* p, int bytes, const char* what) {
+    if ((uintptr_t)p % (uintptr_t)bytes) emu_misaligned(p, bytes, what);
+}
 // Every lane of the calling warp passes `bytes` (<= 64) bytes; `all` [32][64] receives each
 // lane's bytes at lane * 64 (one warp barrier, like a shuffle).
 extern "C" void emu_warp_gather(const void* mine, int bytes, void* all);

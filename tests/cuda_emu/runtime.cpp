@@ -416,6 +416,12 @@ extern "C" int __syncthreads_or(int pred) {
 
 extern "C" int emu_lane() { return cur_tid & 31; }
 
+extern "C" void emu_misaligned(const void* p, int bytes, const char* what) {
+    fprintf(stderr, "cuda_emu: in block (%u,%u,%u) thread %d %s at %p, which is not %d-byte aligned: a GPU "
+            "faults (misaligned address)\n", cur->bidx.x, cur->bidx.y, cur->bidx.z, cur_tid, what, p, bytes);
+    abort();
+}
+
 extern "C" uint64_t emu_shfl64(uint64_t v, int src_lane) {
     int warp = cur_tid / 32;
     Bar& b = cur->warp_bars[warp];
