@@ -311,12 +311,7 @@ fn cuda_backend_under_memcheck_and_racecheck() {
     }
     let children: Vec<_> = [Sanitizer::Address, Sanitizer::Thread]
         .into_iter()
-        .map(|san| {
-            // the parity tests, not the tests that spawn children or plant bugs
-            let skip = ["cuda_backend_", "sanitizers_catch", "launch_planted"];
-            let mut c = emu_child(san, &skip.map(|t| ["--skip", t]).concat());
-            (san, c.spawn().expect("re-run this test binary"))
-        })
+        .map(|san| (san, parity_suite_child(san)))
         .collect();
     for (san, child) in children {
         let out = child.wait_with_output().expect("the child's output");
@@ -324,10 +319,7 @@ fn cuda_backend_under_memcheck_and_racecheck() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
         );
-        let passed = stdout
-            .lines()
-            .filter(|l| l.starts_with("test ") && l.ends_with(" ok"))
-            .count();
+        let passed = passed_tests(&stdout);
         let report = common::cuda_emu::sanitizer_report(&stderr);
         assert!(
             out.status.success() && report.is_none(),
@@ -344,6 +336,79 @@ fn cuda_backend_under_memcheck_and_racecheck() {
             "CUDA backend on the emulator under {san:?}Sanitizer: {passed} tests passed, no report"
         ));
     }
+}
+
+/// Every parity test again with the emulator's kernels compiled with FMA contraction
+/// (common::cuda_emu `Sanitizer::Fma`). NVRTC contracts a*b+c into fused multiply-adds by
+/// default and the plain emulator build never does, so a tolerance that holds only without
+/// contraction would otherwise first fail on a card. The host compiler fuses in other places
+/// than NVRTC: this shows that parity does not hang on where they fall, not NVRTC's numbers.
+#[test]
+fn cuda_backend_with_fma_contraction() {
+    use common::cuda_emu::Sanitizer;
+    if !emulator_parent("cuda_backend_with_fma_contraction", "") {
+        return;
+    }
+    if !cpu_has_fma() {
+        loud("SKIPPED: cuda_backend_with_fma_contraction: this CPU has no FMA instructions");
+        return;
+    }
+    let out = parity_suite_child(Sanitizer::Fma)
+        .wait_with_output()
+        .expect("the child's output");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    let passed = passed_tests(&stdout);
+    assert!(
+        out.status.success() && stderr.contains("CPU emulator of a CUDA device") && passed >= 25,
+        "the CUDA backend with FMA contraction on the emulator ({passed} passed):\n{stdout}\n{stderr}"
+    );
+    // the build did contract: the kernels' objects hold FMA instructions
+    let dir = common::cuda_emu::build_with(Sanitizer::Fma).unwrap_or_else(|e| panic!("{e}"));
+    let obj = dir.join("infonce.0.o");
+    let dis = std::process::Command::new("objdump")
+        .arg("-d")
+        .arg(&obj)
+        .output()
+        .unwrap_or_else(|e| panic!("objdump -d {}: {e}", obj.display()));
+    let fmas = String::from_utf8_lossy(&dis.stdout).matches("vfmadd").count();
+    assert!(
+        fmas > 0,
+        "{} holds no vfmadd: the FMA build contracted nothing",
+        obj.display()
+    );
+    loud(&format!(
+        "CUDA backend on the emulator with FMA contraction: {passed} tests passed ({fmas} vfmadd in infonce alone)"
+    ));
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_fma() -> bool {
+    std::arch::is_x86_feature_detected!("fma")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_fma() -> bool {
+    false
+}
+
+/// The parity tests (not the tests that spawn children or plant bugs), this binary re-run
+/// on the `san` build of the emulator.
+fn parity_suite_child(san: common::cuda_emu::Sanitizer) -> std::process::Child {
+    let skip = ["cuda_backend_", "sanitizers_catch", "launch_planted"];
+    emu_child(san, &skip.map(|t| ["--skip", t]).concat())
+        .spawn()
+        .expect("re-run this test binary")
+}
+
+/// How many tests a libtest run's stdout says passed.
+fn passed_tests(stdout: &str) -> usize {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("test ") && l.ends_with(" ok"))
+        .count()
 }
 
 /// Whether a test that re-runs this binary on the CPU emulator (`emu_child`) runs here: not

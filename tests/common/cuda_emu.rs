@@ -15,7 +15,8 @@ pub fn build() -> Result<PathBuf, String> {
     build_with(Sanitizer::None)
 }
 
-/// How the emulator is instrumented (tests/cuda_emu/runtime.cpp, "Sanitizer builds").
+/// How the emulator is built: plain, instrumented (tests/cuda_emu/runtime.cpp, "Sanitizer
+/// builds"), or with its kernels' arithmetic contracted into FMAs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sanitizer {
     None,
@@ -24,6 +25,12 @@ pub enum Sanitizer {
     Address,
     /// ThreadSanitizer over the kernels, each thread of a block a TSan fiber: racecheck.
     Thread,
+    /// No sanitizer: the kernels compiled with a*b+c contracted into fused multiply-adds
+    /// wherever the compiler likes (-mfma -ffp-contract=fast), as NVRTC compiles them for a
+    /// GPU (its default --fmad=true) and as the plain build (-ffp-contract=off) does not. The
+    /// places differ from NVRTC's, so it shows whether parity hangs on where they fall.
+    /// Needs an x86-64 CPU with FMA.
+    Fma,
 }
 
 impl Sanitizer {
@@ -32,6 +39,7 @@ impl Sanitizer {
             Sanitizer::None => "cuda-emu",
             Sanitizer::Address => "cuda-emu-asan",
             Sanitizer::Thread => "cuda-emu-tsan",
+            Sanitizer::Fma => "cuda-emu-fma",
         }
     }
 
@@ -49,7 +57,7 @@ impl Sanitizer {
     /// (`LD_PRELOAD`): the Rust test binary itself is not instrumented.
     pub fn runtime(self) -> Result<Option<PathBuf>, String> {
         let lib = match self {
-            Sanitizer::None => return Ok(None),
+            Sanitizer::None | Sanitizer::Fma => return Ok(None),
             Sanitizer::Address => "libasan.so",
             Sanitizer::Thread => "libtsan.so",
         };
@@ -114,7 +122,7 @@ pub fn sanitizer_report(stderr: &str) -> Option<String> {
 /// `build` for one instrumentation; each has its own folder.
 pub fn build_with(san: Sanitizer) -> Result<PathBuf, String> {
     type Built = std::sync::OnceLock<Result<PathBuf, String>>;
-    static BUILT: [Built; 3] = [Built::new(), Built::new(), Built::new()];
+    static BUILT: [Built; 4] = [Built::new(), Built::new(), Built::new(), Built::new()];
     BUILT[san as usize].get_or_init(|| build_now(san)).clone()
 }
 
@@ -189,7 +197,10 @@ fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
     }
     let base = |cmd: &mut Command, part: Part| {
         match (san, part) {
-            (Sanitizer::None, _) => {}
+            (Sanitizer::None, _) | (Sanitizer::Fma, Part::Runtime | Part::Blas) => {}
+            (Sanitizer::Fma, Part::Kernel) => {
+                cmd.args(["-mfma", "-ffp-contract=fast"]);
+            }
             (Sanitizer::Address, _) => {
                 cmd.args([
                     "-fsanitize=address,undefined",
@@ -216,8 +227,10 @@ fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
             "-pthread",
             "-w",
             "-fno-fast-math",
-            "-ffp-contract=off",
         ]);
+        if !(san == Sanitizer::Fma && part == Part::Kernel) {
+            cmd.arg("-ffp-contract=off");
+        }
         cmd.arg("-I")
             .arg(emu.join("include"))
             .arg("-I")
