@@ -172,7 +172,10 @@ fn cuda_backend_on_the_cpu_emulator() {
     // host waits (the emulator's default, runtime.cpp "Deferred work": a host that reads a
     // copy's result or rewrites its page-locked source before waiting fails), and last
     // block first with the work run at once. A GPU promises no block order, so a kernel
-    // that depends on it fails the second.
+    // that depends on it fails the second. The first device has memory pools, as a
+    // data-centre GPU has (cudarc allocates and frees in stream order, no wait at a free),
+    // the second none (cudarc's other path: cuMemAlloc, and a stream synchronisation before
+    // each cuMemFree).
     let child = |order: &str, nvtx: Option<&std::path::Path>| {
         let mut c = emu_child(
             common::cuda_emu::Sanitizer::None,
@@ -180,7 +183,7 @@ fn cuda_backend_on_the_cpu_emulator() {
         );
         c.env("CUDA_EMU_BLOCK_ORDER", order);
         if order == "reverse" {
-            c.env("CUDA_EMU_DEFER", "0");
+            c.env("CUDA_EMU_DEFER", "0").env("CUDA_EMU_MEMORY_POOLS", "0");
         }
         if let Some(log) = nvtx {
             c.env("DEEPCUT_NVTX_LOG", log);
@@ -230,6 +233,18 @@ fn cuda_backend_on_the_cpu_emulator() {
         stderr.contains("CPU emulator of a CUDA device"),
         "the child did not run on the emulator:\n{stderr}"
     );
+    // each child took the allocator its device offered
+    let rev_stderr = String::from_utf8_lossy(&rev.stderr);
+    for (who, err, took, not) in [
+        ("in launch order", &*stderr, "cuMemAllocAsync", "cuMemAlloc "),
+        ("last block first", &*rev_stderr, "cuMemAlloc ", "cuMemAllocAsync"),
+    ] {
+        assert!(
+            err.contains(&format!("cuda_emu: allocations by {took}"))
+                && !err.contains(&format!("allocations by {not}")),
+            "the child {who} did not allocate by {took} alone:\n{err}"
+        );
+    }
     // every launch was held to its kernel's registers and shared memory (ptxas' report), and
     // every kernel launched is in that report
     if common::cuda_emu::kernel_report()

@@ -785,6 +785,18 @@ CUresult cuDeviceTotalMem_v2(size_t* b, CUdevice) {
     *b = (size_t)64 << 30;
     return OK;
 }
+// Whether the device says it has memory pools. A data-centre GPU does, and then cudarc
+// allocates with cuMemAllocAsync and frees with cuMemFreeAsync, in stream order, with no
+// wait; without pools (some virtual GPUs) it allocates with cuMemAlloc and, before each
+// cuMemFree, synchronises the stream, which runs all queued work and so hides a host that
+// forgot to wait. The default is the GPU's path; CUDA_EMU_MEMORY_POOLS=0 takes the other.
+static int memory_pools() {
+    static const int on = [] {
+        const char* v = getenv("CUDA_EMU_MEMORY_POOLS");
+        return v && strcmp(v, "0") == 0 ? 0 : 1;
+    }();
+    return on;
+}
 CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
     switch (attr) {
         case 75: *v = 9; break;                       // compute capability major
@@ -798,6 +810,7 @@ CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
         case 97: *v = 227 * 1024; break;              // opt-in shared memory per block
         case 16: *v = 132; break;                     // multiprocessors
         case 10: *v = 32; break;                      // warp size
+        case 115: *v = memory_pools(); break;         // memory pools (stream-ordered allocation)
         default: *v = 0;
     }
     return OK;
@@ -911,8 +924,19 @@ static void release(CUdeviceptr p) {
     if (emu_no_work() && p) free(((char**)p)[-1]);
     else free((void*)p);
 }
-CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return alloc(p, n); }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) { return alloc(p, n); }
+// Says once per process which allocator the engine (cudarc) took, for the tests to check.
+static void say_once(std::atomic<bool>& said, const char* what) {
+    if (!said.exchange(true)) fprintf(stderr, "cuda_emu: %s\n", what);
+}
+static std::atomic<bool> said_sync, said_pool;
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
+    say_once(said_sync, "allocations by cuMemAlloc (no memory pools)");
+    return alloc(p, n);
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) {
+    say_once(said_pool, "allocations by cuMemAllocAsync (memory pools, stream order)");
+    return alloc(p, n);
+}
 CUresult cuMemFree_v2(CUdeviceptr p) {
     drain();  // synchronous: the work queued before may still use p
     release(p);
