@@ -760,6 +760,57 @@ fn planted_host_waits() {
     }
 }
 
+/// The emulator holds the host side to the driver's per-thread contexts: a driver call on a
+/// thread where no context is current fails with CUDA_ERROR_INVALID_CONTEXT, as on a GPU,
+/// and succeeds once the context is bound there. (So the backend used from a thread other
+/// than its own, step::whole_step_on_a_thread_other_than_the_backends_own, shows that every
+/// op binds the context before a raw driver call.)
+#[test]
+fn emulator_refuses_driver_calls_on_a_thread_without_a_context() {
+    use common::cuda_emu::Sanitizer;
+    if !emulator_parent("emulator_refuses_driver_calls_on_a_thread_without_a_context", "") {
+        return;
+    }
+    let env = [("DEEPCUT_PLANTED_CONTEXT", "1")];
+    let (ok, stderr) = planted(Sanitizer::None, "planted_thread_without_context", &env);
+    assert!(
+        ok && stderr.contains("planted context: on a fresh thread Err(")
+            && stderr.contains("CUDA_ERROR_INVALID_CONTEXT")
+            && stderr.contains("; after binding Ok(())\n"),
+        "expected the allocation to fail on a fresh thread and succeed after binding:\n{stderr}"
+    );
+    loud("the emulator refuses driver calls on a thread with no current context, as a driver does");
+}
+
+/// Child of `emulator_refuses_driver_calls_on_a_thread_without_a_context`: a raw driver
+/// allocation on a new thread before and after binding the context there; does nothing in
+/// any other run.
+#[test]
+fn planted_thread_without_context() {
+    use cudarc::driver::result;
+    if std::env::var("DEEPCUT_PLANTED_CONTEXT").is_err() {
+        return;
+    }
+    let ctx = cudarc::driver::CudaContext::new(0).expect("the emulator's device");
+    let try_alloc = || {
+        // SAFETY: 16 bytes, freed at once; nothing reads them
+        unsafe {
+            let p = result::malloc_sync(16)?;
+            result::free_sync(p)
+        }
+    };
+    let (fresh, bound) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let fresh = try_alloc();
+            ctx.bind_to_thread().expect("bind the context");
+            (fresh, try_alloc())
+        })
+        .join()
+        .expect("the other thread")
+    });
+    eprintln!("planted context: on a fresh thread {fresh:?}; after binding {bound:?}");
+}
+
 /// Child of `sanitizers_catch_planted_bugs`: launches DEEPCUT_PLANTED_KERNEL on the emulator
 /// (blocks of 64 threads, or DEEPCUT_PLANTED_THREADS, n = the block's threads; 4 blocks for
 /// the kernels about blocks); does nothing in any other run.
@@ -3004,6 +3055,32 @@ mod step {
     #[test]
     fn whole_deepcut_step_in_fp16_matches_cpu() {
         whole_step_on_device("whole_deepcut_step_in_fp16_matches_cpu", Precision::Fp16, TOL_STEP_16);
+    }
+
+    /// The backend opened on one thread and used on another, as a library user's worker
+    /// thread would use it: the driver's current context is per thread, so each op must
+    /// make the device's context current where it runs (cudarc's safe calls do; the
+    /// backend's raw driver calls and cuBLASLt's must be preceded by one that does). The
+    /// two backends are opened on the test's thread, and the whole bf16 step (uploads,
+    /// GEMMs, kernels, staged downloads, AdamW, every drop) runs on a second one. On the
+    /// emulator a driver call on a thread with no current context fails with
+    /// CUDA_ERROR_INVALID_CONTEXT, as on a GPU.
+    #[test]
+    fn whole_step_on_a_thread_other_than_the_backends_own() {
+        let test = "whole_step_on_a_thread_other_than_the_backends_own";
+        let Some(first) = gpu(test) else {
+            return;
+        };
+        let second = Cuda::new(0).expect("the device opened a moment ago");
+        let opened = std::sync::Mutex::new(vec![first, second]);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let take = || opened.lock().unwrap().pop().expect("one backend per run");
+                whole_step(take, Precision::Bf16, TOL_STEP_16)
+            })
+            .join()
+            .expect("the step on the other thread")
+        });
     }
 
     /// One model per run (the backend is not Clone): `make` gives the device backend.

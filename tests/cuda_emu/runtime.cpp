@@ -536,6 +536,7 @@ enum {
     ERR_OUT_OF_MEMORY = 2,
     ERR_NOT_FOUND = 500,
     ERR_INVALID_DEVICE = 101,
+    ERR_INVALID_CONTEXT = 201,
     ERR_LAUNCH_OUT_OF_RESOURCES = 701
 };
 
@@ -759,6 +760,25 @@ extern "C" int emu_defer(void (*run)(void*), void* ctx) {
     return 1;
 }
 
+// ---- Contexts ----------------------------------------------------------------------------------
+// As in the driver, each host thread has its own stack of current contexts (cuCtxSetCurrent
+// replaces the top, Push / Pop move it), empty on a new thread, and a call that works in a
+// context fails with CUDA_ERROR_INVALID_CONTEXT on a thread where none is current: a
+// backend used from a thread other than the one that opened it must bind the context
+// there first (cudarc's safe calls do; raw driver calls do not). Retaining the primary
+// context makes nothing current. (cuBLAS is a runtime-API library: the runtime makes the
+// device's primary context current on a thread that has none, so cublas.cpp checks nothing.)
+static thread_local std::vector<CUcontext> ctx_stack;
+static CUresult need_ctx(const char* fn) {
+    if (!ctx_stack.empty() && ctx_stack.back()) return OK;
+    fprintf(stderr, "cuda_emu: %s on a thread with no current context: CUDA_ERROR_INVALID_CONTEXT\n", fn);
+    return ERR_INVALID_CONTEXT;
+}
+#define NEED_CTX()                                  \
+    do {                                            \
+        if (CUresult r_ = need_ctx(__func__)) return r_; \
+    } while (0)
+
 extern "C" {
 CUresult cuInit(unsigned int) { return OK; }
 // CUDA 12.9 unless CUDA_EMU_DRIVER_VERSION says otherwise (13000: a CUDA 13 driver), for the
@@ -823,69 +843,95 @@ CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) {
     drain();
     return OK;
 }
-CUresult cuCtxSetCurrent(CUcontext) { return OK; }
-CUresult cuCtxGetCurrent(CUcontext* c) {
-    *c = &dummy_ctx;
+CUresult cuCtxSetCurrent(CUcontext c) {
+    if (ctx_stack.empty()) ctx_stack.push_back(c);
+    else ctx_stack.back() = c;
     return OK;
 }
-CUresult cuCtxPushCurrent_v2(CUcontext) { return OK; }
+CUresult cuCtxGetCurrent(CUcontext* c) {
+    *c = ctx_stack.empty() ? nullptr : ctx_stack.back();
+    return OK;
+}
+CUresult cuCtxPushCurrent_v2(CUcontext c) {
+    ctx_stack.push_back(c);
+    return OK;
+}
 CUresult cuCtxPopCurrent_v2(CUcontext* c) {
-    if (c) *c = &dummy_ctx;
+    if (ctx_stack.empty()) return ERR_INVALID_CONTEXT;
+    if (c) *c = ctx_stack.back();
+    ctx_stack.pop_back();
     return OK;
 }
 CUresult cuCtxGetDevice(CUdevice* d) {
+    NEED_CTX();
     *d = 0;
     return OK;
 }
 CUresult cuCtxSynchronize() {
+    NEED_CTX();
     ++stats[ST_SYNC];
     drain();
     return OK;
 }
 CUresult cuStreamCreate(CUstream* s, unsigned int) {
+    NEED_CTX();
     *s = &dummy_stream;
     return OK;
 }
 CUresult cuStreamCreateWithPriority(CUstream* s, unsigned int, int) {
+    NEED_CTX();
     *s = &dummy_stream;
     return OK;
 }
-CUresult cuStreamDestroy_v2(CUstream) { return OK; }
+CUresult cuStreamDestroy_v2(CUstream) {
+    NEED_CTX();
+    return OK;
+}
 CUresult cuStreamSynchronize(CUstream) {
+    NEED_CTX();
     ++stats[ST_SYNC];
     drain();
     return OK;
 }
 // "complete" after running the queue: a host that polls sees its work done
 CUresult cuStreamQuery(CUstream) {
+    NEED_CTX();
     drain();
     return OK;
 }
-CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned int) { return OK; }
+CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned int) {
+    NEED_CTX();
+    return OK;
+}
 // each event its own object, so a wait for one is told from a wait for another
 CUresult cuEventCreate(CUevent* e, unsigned int) {
+    NEED_CTX();
     *e = new char;
     std::lock_guard<std::mutex> g(queue_mu);
     event_seq[*e] = 0;
     return OK;
 }
 CUresult cuEventRecord(CUevent e, CUstream) {
+    NEED_CTX();
     std::lock_guard<std::mutex> g(queue_mu);
     event_seq[e] = enqueued_seq;
     return OK;
 }
 CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned int) { return cuEventRecord(e, s); }
 CUresult cuEventSynchronize(CUevent e) {
+    NEED_CTX();
     ++stats[ST_SYNC];
     drain_to(recorded_at(e));  // the work before the event, not the work after it
     return OK;
 }
 // "complete" after running the work before the event: a host that polls sees it done
 CUresult cuEventQuery(CUevent e) {
+    NEED_CTX();
     drain_to(recorded_at(e));
     return OK;
 }
 CUresult cuEventDestroy_v2(CUevent e) {
+    NEED_CTX();
     {
         std::lock_guard<std::mutex> g(queue_mu);
         event_seq.erase(e);
@@ -894,6 +940,7 @@ CUresult cuEventDestroy_v2(CUevent e) {
     return OK;
 }
 CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
+    NEED_CTX();
     *ms = 0.0f;
     return OK;
 }
@@ -930,33 +977,40 @@ static void say_once(std::atomic<bool>& said, const char* what) {
 }
 static std::atomic<bool> said_sync, said_pool;
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
+    NEED_CTX();
     say_once(said_sync, "allocations by cuMemAlloc (no memory pools)");
     return alloc(p, n);
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) {
+    NEED_CTX();
     say_once(said_pool, "allocations by cuMemAllocAsync (memory pools, stream order)");
     return alloc(p, n);
 }
 CUresult cuMemFree_v2(CUdeviceptr p) {
+    NEED_CTX();
     drain();  // synchronous: the work queued before may still use p
     release(p);
     return OK;
 }
 CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
+    NEED_CTX();
     enqueue([p] { release(p); });
     return OK;
 }
 CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+    NEED_CTX();
     drain();
     memset((void*)p, v, n);
     return OK;
 }
 CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, CUstream) {
+    NEED_CTX();
     ++device_ops;
     if (!emu_no_work()) enqueue([=] { memset((void*)p, v, n); });
     return OK;
 }
 CUresult cuMemsetD32Async(CUdeviceptr p, unsigned int v, size_t n, CUstream) {
+    NEED_CTX();
     ++device_ops;
     if (!emu_no_work())
         enqueue([=] {
@@ -965,6 +1019,7 @@ CUresult cuMemsetD32Async(CUdeviceptr p, unsigned int v, size_t n, CUstream) {
     return OK;
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
+    NEED_CTX();
     ++stats[ST_HTOD];
     ++stats[ST_SYNC];  // "a stream sync is performed before the copy is initiated"
     drain();
@@ -972,6 +1027,7 @@ CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
     return OK;
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream) {
+    NEED_CTX();
     ++stats[ST_HTOD];
     if (is_pinned((void*)s, n)) {
         // a DMA that reads the host memory when the stream gets to it
@@ -986,6 +1042,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream) 
     return OK;
 }
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
+    NEED_CTX();
     ++stats[ST_DTOH];
     ++stats[ST_SYNC];  // waits for the stream, then the copy
     drain();
@@ -993,6 +1050,7 @@ CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
     return OK;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) {
+    NEED_CTX();
     ++stats[ST_DTOH];
     if (is_pinned(d, n)) {
         // lands in the host memory when the stream gets to it: the host must wait to read it
@@ -1008,6 +1066,7 @@ CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) {
 }
 // page-locked host memory: the emulator only remembers where it is (for the rule above)
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned int) {
+    NEED_CTX();
     // zeroed in no-work mode, where copies into it are skipped: what the host reads back
     // there is then zeros, never stale bytes a numeric check would stop on
     *p = emu_no_work() ? calloc(1, n ? n : 1) : malloc(n ? n : 1);
@@ -1017,6 +1076,7 @@ CUresult cuMemHostAlloc(void** p, size_t n, unsigned int) {
     return OK;
 }
 CUresult cuMemFreeHost(void* p) {
+    NEED_CTX();
     drain();  // lenient: copies still queued from or into p run first
     {
         std::lock_guard<std::mutex> g(pinned_mu);
@@ -1026,26 +1086,34 @@ CUresult cuMemFreeHost(void* p) {
     return OK;
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
+    NEED_CTX();
     drain();
     memmove((void*)d, (const void*)s, n);
     return OK;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) {
+    NEED_CTX();
     ++device_ops;
     if (!emu_no_work()) enqueue([=] { memmove((void*)d, (const void*)s, n); });
     return OK;
 }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
+    NEED_CTX();
     *free_b = (size_t)60 << 30;
     *total = (size_t)64 << 30;
     return OK;
 }
 CUresult cuModuleLoadData(CUmodule* m, const void*) {
+    NEED_CTX();
     *m = &dummy_module;
     return OK;
 }
-CUresult cuModuleUnload(CUmodule) { return OK; }
+CUresult cuModuleUnload(CUmodule) {
+    NEED_CTX();
+    return OK;
+}
 CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+    NEED_CTX();
     auto it = registry().find(name);
     if (it == registry().end()) {
         fprintf(stderr, "cuda_emu: no kernel named %s was compiled\n", name);
@@ -1067,6 +1135,7 @@ static std::map<CUfunction, int>& dyn_smem_limit() {
 }
 static std::mutex dyn_smem_mutex;
 CUresult cuFuncSetAttribute(CUfunction f, int attr, int v) {
+    NEED_CTX();
     if (attr == 8) {
         // as on a GPU, the opt-in covers what static shared memory leaves of 227 KiB
         if (v < 0 || v > 227 * 1024 - static_smem(((const EmuKernel*)f)->name)) return ERR_INVALID_VALUE;
@@ -1079,6 +1148,7 @@ CUresult cuFuncSetAttribute(CUfunction f, int attr, int v) {
 // max threads a block (0), static shared memory (1), registers a thread (4), the dynamic
 // shared memory opt-in (8).
 CUresult cuFuncGetAttribute(int* v, int attr, CUfunction f) {
+    NEED_CTX();
     const std::string& name = ((const EmuKernel*)f)->name;
     const Resources* res = sm90(name);
     const int regs = res ? res->regs : 0;
@@ -1098,6 +1168,7 @@ CUresult cuFuncGetAttribute(int* v, int attr, CUfunction f) {
 }
 CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
                         unsigned int by, unsigned int bz, unsigned int smem, CUstream, void** params, void**) {
+    NEED_CTX();
     unsigned long long threads = (unsigned long long)bx * by * bz;
     if (threads == 0 || threads > (unsigned long long)MAX_THREADS || gx == 0 || gy == 0 || gz == 0 || gy > 65535 ||
         gz > 65535 || smem > 227 * 1024) {
