@@ -342,7 +342,8 @@ name = lambda p: os.path.basename(p) if p else "none"
 g = c["gpus"][0] if c["gpus"] else {}
 print(f'driver CUDA {c["driver"]["cuda_version"]}; {name(c["cublas"]["library"])}'
       f'{" (linked)" if c["cublas"]["shim"] else ""}; NVTX {name(c["nvtx"])}; '
-      f'GPU 0 {g.get("name", "none")}, kernels {g.get("kernel_image") or g.get("error") or c["why_not"]}')
+      f'GPU 0 {g.get("name", "none")}, kernels {g.get("kernel_image") or g.get("error") or c["why_not"]}'
+      f'{", memory pools" if g.get("memory_pools") else ""}')
 PY
 )"
 else

@@ -622,6 +622,7 @@ fn devices_reports_the_gpu_and_what_auto_picks() {
         .is_some_and(|v| v.contains('.')));
     let g = &d["cuda"]["gpus"][0];
     assert_eq!(g["error"], Value::Null, "{g}");
+    assert!(g["memory_pools"].is_boolean(), "{g}");
     let image = g["kernel_image"].as_str().unwrap();
     assert!(
         d["kernels"]["targets"].as_array().unwrap().iter().any(|t| t == image),
@@ -667,6 +668,45 @@ fn devices_reports_the_gpu_and_what_auto_picks() {
             .any(|l| l.starts_with("--device auto") && l.contains("cpu")),
         "{table}"
     );
+
+    // A device that lists memory pools (as data-centre GPUs do, and the emulator by
+    // default) whose stream-ordered allocation fails, as under a GPU proxy that lacks it:
+    // opening it fails, naming the allocator, and auto takes the CPU. Without pools, cudarc
+    // allocates with cuMemAlloc and the device opens. Likewise without page-locked host
+    // memory. (Emulator knobs: not on a real GPU.)
+    if libs.is_none() {
+        return;
+    }
+    let pools =
+        |env: &[(&str, &str)]| -> Value { serde_json::from_str::<Value>(&devices(env, true)).expect("devices JSON") };
+    assert_eq!(pools(&[])["cuda"]["gpus"][0]["memory_pools"], true);
+    let d = pools(&[("CUDA_EMU_ASYNC_ALLOC", "fail")]);
+    let e = d["cuda"]["gpus"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("allocating device memory with cuMemAllocAsync") && e.contains("NOT_SUPPORTED"),
+        "{d}"
+    );
+    assert_eq!(d["auto"]["device"], "cpu", "{d}");
+    let d = pools(&[("CUDA_EMU_ASYNC_ALLOC", "fail"), ("CUDA_EMU_MEMORY_POOLS", "0")]);
+    let g = &d["cuda"]["gpus"][0];
+    assert_eq!(
+        (g["error"].clone(), g["memory_pools"].clone()),
+        (Value::Null, Value::Bool(false)),
+        "{d}"
+    );
+    let table = devices(&[("CUDA_EMU_ASYNC_ALLOC", "fail")], false);
+    assert!(
+        table.contains("cannot be opened: CUDA: allocating device memory with cuMemAllocAsync"),
+        "{table}"
+    );
+    // the same for page-locked host memory, which the staging of uploads and downloads takes
+    let d = pools(&[("CUDA_EMU_HOST_ALLOC", "fail")]);
+    let e = d["cuda"]["gpus"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("allocating page-locked host memory with cuMemHostAlloc") && e.contains("NOT_SUPPORTED"),
+        "{d}"
+    );
+    assert_eq!(d["auto"]["device"], "cpu", "{d}");
 }
 
 /// `devices` where the loader finds no driver: no GPU, `auto` is the CPU and says why, and

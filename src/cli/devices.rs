@@ -143,6 +143,7 @@ fn gpu(ordinal: usize, precision: Precision, self_check: bool) -> Value {
         "compute_capability": format!("{}.{}", i.major, i.minor),
         "memory_bytes": i.memory_bytes,
         "kernel_image": i.image_target,
+        "memory_pools": i.memory_pools,
         "error": null,
         "self_check": check,
     })
@@ -205,10 +206,15 @@ fn table(r: &Value) -> String {
         line(
             &key,
             format!(
-                "{}, compute capability {}, {gib:.1} GiB, kernels {}",
+                "{}, compute capability {}, {gib:.1} GiB, kernels {}, {}",
                 s(&g["name"]),
                 s(&g["compute_capability"]),
-                s(&g["kernel_image"])
+                s(&g["kernel_image"]),
+                if g["memory_pools"] == true {
+                    "memory pools (stream-ordered allocation)"
+                } else {
+                    "no memory pools (cuMemAlloc)"
+                }
             ),
         );
         let sc = &g["self_check"];

@@ -537,6 +537,7 @@ enum {
     ERR_NOT_FOUND = 500,
     ERR_INVALID_DEVICE = 101,
     ERR_INVALID_CONTEXT = 201,
+    ERR_NOT_SUPPORTED = 801,
     ERR_LAUNCH_OUT_OF_RESOURCES = 701
 };
 
@@ -983,6 +984,13 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) {
     NEED_CTX();
+    // CUDA_EMU_ASYNC_ALLOC=fail: a device that lists memory pools but whose stream-ordered
+    // allocation fails (CUDA_ERROR_NOT_SUPPORTED), as under a GPU proxy that lacks it
+    static const bool refuse = [] {
+        const char* v = getenv("CUDA_EMU_ASYNC_ALLOC");
+        return v && strcmp(v, "fail") == 0;
+    }();
+    if (refuse) return ERR_NOT_SUPPORTED;
     say_once(said_pool, "allocations by cuMemAllocAsync (memory pools, stream order)");
     return alloc(p, n);
 }
@@ -1067,6 +1075,12 @@ CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) {
 // page-locked host memory: the emulator only remembers where it is (for the rule above)
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned int) {
     NEED_CTX();
+    // CUDA_EMU_HOST_ALLOC=fail: no page-locked memory to be had (CUDA_ERROR_NOT_SUPPORTED)
+    static const bool refuse = [] {
+        const char* v = getenv("CUDA_EMU_HOST_ALLOC");
+        return v && strcmp(v, "fail") == 0;
+    }();
+    if (refuse) return ERR_NOT_SUPPORTED;
     // zeroed in no-work mode, where copies into it are skipped: what the host reads back
     // there is then zeros, never stale bytes a numeric check would stop on
     *p = emu_no_work() ? calloc(1, n ? n : 1) : malloc(n ? n : 1);

@@ -82,6 +82,10 @@ pub struct DeviceInfo {
     pub memory_bytes: usize,
     /// Target of the images loaded ("sm_90", or "compute_90" when the driver JIT-compiles PTX).
     pub image_target: String,
+    /// The device has memory pools, so device memory is allocated and freed in stream order
+    /// (cuMemAllocAsync / cuMemFreeAsync; data-centre GPUs); otherwise cuMemAlloc, and a
+    /// stream synchronisation before each cuMemFree (cudarc's choice, from the driver).
+    pub memory_pools: bool,
 }
 
 /// Whether this build and this machine can run the CUDA backend, without touching a GPU
@@ -334,6 +338,28 @@ impl Cuda {
         // backend uses one stream, and switches tracking off before allocating anything.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(device_err("creating a stream"))?;
+        // One allocation, memset and free before anything else: a driver that lists memory
+        // pools but refuses stream-ordered allocation (as a sandbox's GPU proxy might) then
+        // fails here, naming the allocator, instead of inside the first op of a run.
+        let memory_pools = ctx.has_async_alloc();
+        stream
+            .alloc_zeros::<u8>(256)
+            .and_then(|probe| {
+                drop(probe);
+                stream.synchronize()
+            })
+            .map_err(device_err(if memory_pools {
+                "allocating device memory with cuMemAllocAsync (the driver says the device has memory pools)"
+            } else {
+                "allocating device memory with cuMemAlloc"
+            }))?;
+        // and page-locked host memory, which the upload and download staging take
+        // SAFETY: a block allocated and freed here, never read or written
+        unsafe {
+            let block = cudarc::driver::result::malloc_host(4096, 0)
+                .map_err(device_err("allocating page-locked host memory with cuMemHostAlloc"))?;
+            cudarc::driver::result::free_host(block).map_err(device_err("freeing page-locked host memory"))?;
+        }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Device(format!("cuBLAS: {e:?}")))?;
         // SAFETY: a valid handle; the default math mode never uses TF32 for sgemm.
         unsafe {
@@ -425,6 +451,7 @@ impl Cuda {
                 minor,
                 memory_bytes,
                 image_target: targets.join("+"),
+                memory_pools,
             },
             nvtx,
             launches: AtomicU64::new(0),
