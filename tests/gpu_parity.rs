@@ -1019,6 +1019,33 @@ fn downloads_through_staging_wait_for_their_copy() {
     }
 }
 
+/// The backend's raw driver calls (the copy out of the page-locked upload staging, and
+/// `download_start`'s copy) as the first thing a thread does with the backend: the driver's
+/// current context is per thread, so each must bind the device's context first (on the
+/// emulator, as on a GPU, a call on a thread with none fails). The buffer and the staging
+/// were made, and the upload staging's halves allocated, on the test's thread.
+#[test]
+fn raw_copies_bind_the_context_on_a_fresh_thread() {
+    let Some(g) = gpu("raw_copies_bind_the_context_on_a_fresh_thread") else {
+        return;
+    };
+    let n = 300;
+    let x = Rng(132).vec(n, 2.0);
+    let y: Vec<f32> = x.iter().map(|v| v * 3.0).collect();
+    let mut buf = g.alloc(n);
+    let mut staging = g.staging(n);
+    g.upload(&mut buf, &x); // the upload staging's halves exist from here on
+    std::thread::scope(|s| s.spawn(|| g.upload(&mut buf, &y)).join())
+        .expect("an upload as a fresh thread's first call");
+    std::thread::scope(|s| s.spawn(|| g.download_start(&mut staging, &buf, n)).join())
+        .expect("a download_start as a fresh thread's first call");
+    same_bits(
+        "uploaded and downloaded on fresh threads",
+        g.download_wait(&staging, n),
+        &y,
+    );
+}
+
 /// The page-locked staging of uploads (src/backend/cuda/uploads.rs): with 1 KiB halves,
 /// 300 uploads of awkward sizes into fp32, 16-bit and i32 buffers switch halves dozens of
 /// times, and some are larger than a half (the pageable path). Every buffer then holds

@@ -696,6 +696,8 @@ impl Backend for Cuda {
         need(dst.len, n, "download_start staging");
         use cudarc::driver::DevicePtr;
         let (from, _) = s.device_ptr(&self.stream);
+        // the raw copy needs the context current on this thread (as in uploads.rs)
+        check(self.stream.context().bind_to_thread(), "download_start");
         // SAFETY: dst holds len >= n floats, owned and taken `&mut`, so nothing reads it
         // until download_wait has waited for this copy; the source holds n (`need`).
         check(

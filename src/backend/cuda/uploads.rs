@@ -54,6 +54,9 @@ impl Uploads {
         if bytes.len() > self.half {
             return Ok(false);
         }
+        // the raw copy below needs the context current on this thread (the driver's is per
+        // thread); cudarc's own calls bind it, and this may be a thread's first call
+        self.stream.context().bind_to_thread()?;
         if self.halves.is_empty() {
             for _ in 0..2 {
                 let left = self.stream.context().new_event(None)?;
