@@ -677,17 +677,22 @@ fn devices_reports_the_gpu_and_what_auto_picks() {
     if libs.is_none() {
         return;
     }
-    let pools =
-        |env: &[(&str, &str)]| -> Value { serde_json::from_str::<Value>(&devices(env, true)).expect("devices JSON") };
-    assert_eq!(pools(&[])["cuda"]["gpus"][0]["memory_pools"], true);
-    let d = pools(&[("CUDA_EMU_ASYNC_ALLOC", "fail")]);
-    let e = d["cuda"]["gpus"][0]["error"].as_str().unwrap_or_default();
-    assert!(
-        e.contains("allocating device memory with cuMemAllocAsync") && e.contains("NOT_SUPPORTED"),
-        "{d}"
-    );
-    assert_eq!(d["auto"]["device"], "cpu", "{d}");
-    let d = pools(&[("CUDA_EMU_ASYNC_ALLOC", "fail"), ("CUDA_EMU_MEMORY_POOLS", "0")]);
+    let json = |env: &[(&str, &str)]| -> Value { serde_json::from_str(&devices(env, true)).expect("devices JSON") };
+    assert_eq!(json(&[])["cuda"]["gpus"][0]["memory_pools"], true);
+    for (knob, refused) in [
+        ("CUDA_EMU_ASYNC_ALLOC", "allocating device memory with cuMemAllocAsync"),
+        // page-locked host memory, which the staging of uploads and downloads takes
+        (
+            "CUDA_EMU_HOST_ALLOC",
+            "allocating page-locked host memory with cuMemHostAlloc",
+        ),
+    ] {
+        let d = json(&[(knob, "fail")]);
+        let e = d["cuda"]["gpus"][0]["error"].as_str().unwrap_or_default();
+        assert!(e.contains(refused) && e.contains("NOT_SUPPORTED"), "{knob}=fail: {d}");
+        assert_eq!(d["auto"]["device"], "cpu", "{knob}=fail: {d}");
+    }
+    let d = json(&[("CUDA_EMU_ASYNC_ALLOC", "fail"), ("CUDA_EMU_MEMORY_POOLS", "0")]);
     let g = &d["cuda"]["gpus"][0];
     assert_eq!(
         (g["error"].clone(), g["memory_pools"].clone()),
@@ -699,14 +704,6 @@ fn devices_reports_the_gpu_and_what_auto_picks() {
         table.contains("cannot be opened: CUDA: allocating device memory with cuMemAllocAsync"),
         "{table}"
     );
-    // the same for page-locked host memory, which the staging of uploads and downloads takes
-    let d = pools(&[("CUDA_EMU_HOST_ALLOC", "fail")]);
-    let e = d["cuda"]["gpus"][0]["error"].as_str().unwrap_or_default();
-    assert!(
-        e.contains("allocating page-locked host memory with cuMemHostAlloc") && e.contains("NOT_SUPPORTED"),
-        "{d}"
-    );
-    assert_eq!(d["auto"]["device"], "cpu", "{d}");
 }
 
 /// `devices` where the loader finds no driver: no GPU, `auto` is the CPU and says why, and

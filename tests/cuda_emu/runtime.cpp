@@ -189,6 +189,12 @@ emu_switch:
     .size emu_switch, .-emu_switch
 )");
 
+// Whether environment variable `name` is set to `value` (the emulator's CUDA_EMU_* knobs).
+static bool env_is(const char* name, const char* value) {
+    const char* v = getenv(name);
+    return v && strcmp(v, value) == 0;
+}
+
 // CUDA_EMU_FILL=nan: fresh device memory and every block's shared memory, dynamic and
 // static, are all-ones bytes, a NaN in fp32, bf16 and fp16, instead of the default finite
 // garbage (0xCD, 0xAB; static __shared__ variables, function statics, otherwise start a
@@ -196,10 +202,7 @@ emu_switch:
 // nobody wrote and hides it arithmetically (0 * x, a masked sum) then shows it: on a GPU
 // that memory may hold NaN and 0 * NaN is NaN.
 static bool fill_nan() {
-    static const bool nan = [] {
-        const char* v = getenv("CUDA_EMU_FILL");
-        return v && strcmp(v, "nan") == 0;
-    }();
+    static const bool nan = env_is("CUDA_EMU_FILL", "nan");
     return nan;
 }
 static unsigned char fill_byte(unsigned char usual) { return fill_nan() ? 0xFF : usual; }
@@ -714,10 +717,7 @@ static bool is_pinned(void* d, size_t n) {
 // when the queue runs where the GPU's DMA does (page-locked memory).
 // CUDA_EMU_DEFER=0 runs everything at once instead; no-work mode never queues.
 static bool deferring() {
-    static const bool on = [] {
-        const char* v = getenv("CUDA_EMU_DEFER");
-        return !emu_no_work() && !(v && strcmp(v, "0") == 0);
-    }();
+    static const bool on = !emu_no_work() && !env_is("CUDA_EMU_DEFER", "0");
     return on;
 }
 static std::mutex queue_mu;
@@ -812,10 +812,7 @@ CUresult cuDeviceTotalMem_v2(size_t* b, CUdevice) {
 // cuMemFree, synchronises the stream, which runs all queued work and so hides a host that
 // forgot to wait. The default is the GPU's path; CUDA_EMU_MEMORY_POOLS=0 takes the other.
 static int memory_pools() {
-    static const int on = [] {
-        const char* v = getenv("CUDA_EMU_MEMORY_POOLS");
-        return v && strcmp(v, "0") == 0 ? 0 : 1;
-    }();
+    static const int on = env_is("CUDA_EMU_MEMORY_POOLS", "0") ? 0 : 1;
     return on;
 }
 CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
@@ -986,10 +983,7 @@ CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) {
     NEED_CTX();
     // CUDA_EMU_ASYNC_ALLOC=fail: a device that lists memory pools but whose stream-ordered
     // allocation fails (CUDA_ERROR_NOT_SUPPORTED), as under a GPU proxy that lacks it
-    static const bool refuse = [] {
-        const char* v = getenv("CUDA_EMU_ASYNC_ALLOC");
-        return v && strcmp(v, "fail") == 0;
-    }();
+    static const bool refuse = env_is("CUDA_EMU_ASYNC_ALLOC", "fail");
     if (refuse) return ERR_NOT_SUPPORTED;
     say_once(said_pool, "allocations by cuMemAllocAsync (memory pools, stream order)");
     return alloc(p, n);
@@ -1076,10 +1070,7 @@ CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) {
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned int) {
     NEED_CTX();
     // CUDA_EMU_HOST_ALLOC=fail: no page-locked memory to be had (CUDA_ERROR_NOT_SUPPORTED)
-    static const bool refuse = [] {
-        const char* v = getenv("CUDA_EMU_HOST_ALLOC");
-        return v && strcmp(v, "fail") == 0;
-    }();
+    static const bool refuse = env_is("CUDA_EMU_HOST_ALLOC", "fail");
     if (refuse) return ERR_NOT_SUPPORTED;
     // zeroed in no-work mode, where copies into it are skipped: what the host reads back
     // there is then zeros, never stale bytes a numeric check would stop on

@@ -40,7 +40,10 @@ pub fn gemm(
     if m == 0 || n == 0 {
         return;
     }
-    bind(cu, "gemm");
+    // cuBLAS and cuBLASLt do not bind the context (cudarc binds only when it makes their
+    // handles); on a thread with none current the CUDA runtime under them would take
+    // device 0's primary context, the wrong device for `cuda:1`
+    cu.bind("gemm");
     let operands = operand_storage("gemm", c, a, b);
     let _r = cu.range(match (operands, inputs) {
         (Precision::Fp32, Precision::Fp32) => "gemm",
@@ -84,14 +87,6 @@ fn data_type(p: Precision) -> cudaDataType_t {
 
 /// `f` on the backend's cuBLASLt (opened on first use); false without it (no library, or
 /// `Cuda::without_cublaslt`) or when `f` finds no plan.
-/// Makes the device's context current on this thread. cuBLAS and cuBLASLt calls do not
-/// (cudarc binds only when it makes their handles), and on a thread with no current
-/// context the CUDA runtime under them would make device 0's primary context current,
-/// the wrong device for `cuda:1`.
-fn bind(cu: &Cuda, what: &str) {
-    check(cu.stream.context().bind_to_thread(), what);
-}
-
 fn with_lt(cu: &Cuda, f: impl FnOnce(&mut Lt) -> bool) -> bool {
     if !cu.use_lt {
         return false;
@@ -181,7 +176,7 @@ pub fn gemm_bias(
     if m == 0 || n == 0 {
         return;
     }
-    bind(cu, "gemm_bias");
+    cu.bind("gemm_bias"); // as in `gemm`
     let operands = operand_storage("gemm_bias", c, a, b);
     need(c.len(), m * n, "gemm_bias c");
     need(a.len(), m * k, "gemm_bias a");

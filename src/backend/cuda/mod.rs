@@ -459,6 +459,13 @@ impl Cuda {
         })
     }
 
+    /// Makes the device's context current on this thread (the driver's is per thread),
+    /// before calls that do not do so themselves: raw driver calls, cuBLAS. cudarc's safe
+    /// calls bind it, but such a call may be the first a thread makes on this backend.
+    fn bind(&self, what: &str) {
+        check(self.stream.context().bind_to_thread(), what);
+    }
+
     pub fn info(&self) -> &DeviceInfo {
         &self.info
     }
@@ -677,7 +684,7 @@ impl Backend for Cuda {
         // flags 0, not cudarc's default write-combined: the host reads this memory, and
         // reads from write-combined memory are uncached
         let len = n.max(1);
-        check(self.stream.context().bind_to_thread(), "staging");
+        self.bind("staging");
         // SAFETY: the memory starts uninitialised; only download_wait reads it, after a
         // download_start has filled the first n it returns.
         let ptr = check(
@@ -696,10 +703,9 @@ impl Backend for Cuda {
         need(dst.len, n, "download_start staging");
         use cudarc::driver::DevicePtr;
         let (from, _) = s.device_ptr(&self.stream);
-        // the raw copy needs the context current on this thread (as in uploads.rs)
-        check(self.stream.context().bind_to_thread(), "download_start");
-        // SAFETY: dst holds len >= n floats, owned and taken `&mut`, so nothing reads it
-        // until download_wait has waited for this copy; the source holds n (`need`).
+        self.bind("download_start"); // for the raw copy
+                                     // SAFETY: dst holds len >= n floats, owned and taken `&mut`, so nothing reads it
+                                     // until download_wait has waited for this copy; the source holds n (`need`).
         check(
             unsafe {
                 cudarc::driver::result::memcpy_dtoh_async(
