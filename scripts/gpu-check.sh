@@ -343,7 +343,9 @@ g = c["gpus"][0] if c["gpus"] else {}
 print(f'driver CUDA {c["driver"]["cuda_version"]}; {name(c["cublas"]["library"])}'
       f'{" (linked)" if c["cublas"]["shim"] else ""}; NVTX {name(c["nvtx"])}; '
       f'GPU 0 {g.get("name", "none")}, kernels {g.get("kernel_image") or g.get("error") or c["why_not"]}'
-      f'{", memory pools" if g.get("memory_pools") else ""}')
+      f'{", memory pools" if g.get("memory_pools") else ""}'
+      f'{", memory by " + g["allocator"] + " (" + g["allocator_note"] + ")" if g.get("allocator_note") else ""}'
+      f'{", pageable host copies (" + g["page_locked_note"] + ")" if g.get("page_locked_note") else ""}')
 PY
 )"
 else

@@ -671,38 +671,113 @@ fn devices_reports_the_gpu_and_what_auto_picks() {
 
     // A device that lists memory pools (as data-centre GPUs do, and the emulator by
     // default) whose stream-ordered allocation fails, as under a GPU proxy that lacks it:
-    // opening it fails, naming the allocator, and auto takes the CPU. Without pools, cudarc
-    // allocates with cuMemAlloc and the device opens. Likewise without page-locked host
-    // memory. (Emulator knobs: not on a real GPU.)
+    // the backend falls back to cuMemAlloc, says why, and the device passes its self-check
+    // and is what auto picks. Asked for stream-ordered allocation there, or without pools,
+    // opening fails, naming the allocator. Without page-locked host memory, host copies go
+    // through pageable memory, said so, and the device passes as well. (Emulator knobs:
+    // not on a real GPU.)
     if libs.is_none() {
         return;
     }
     let json = |env: &[(&str, &str)]| -> Value { serde_json::from_str(&devices(env, true)).expect("devices JSON") };
-    assert_eq!(json(&[])["cuda"]["gpus"][0]["memory_pools"], true);
-    for (knob, refused) in [
-        ("CUDA_EMU_ASYNC_ALLOC", "allocating device memory with cuMemAllocAsync"),
-        // page-locked host memory, which the staging of uploads and downloads takes
+    let g0 = |d: &Value| d["cuda"]["gpus"][0].clone();
+    let d = json(&[]);
+    assert_eq!(
         (
-            "CUDA_EMU_HOST_ALLOC",
-            "allocating page-locked host memory with cuMemHostAlloc",
+            g0(&d)["memory_pools"].clone(),
+            g0(&d)["allocator"].clone(),
+            g0(&d)["allocator_note"].clone()
+        ),
+        (Value::Bool(true), Value::from("cuMemAllocAsync"), Value::Null),
+        "{d}"
+    );
+    let refused = [("CUDA_EMU_ASYNC_ALLOC", "fail")];
+    let d = json(&refused);
+    let g = g0(&d);
+    assert_eq!(
+        (g["error"].clone(), g["allocator"].clone()),
+        (Value::Null, Value::from("cuMemAlloc")),
+        "{d}"
+    );
+    assert!(
+        g["allocator_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("lists memory pools but cuMemAllocAsync failed") && n.contains("NOT_SUPPORTED")),
+        "{d}"
+    );
+    assert_eq!(g["self_check"]["passed"], true, "{d}");
+    assert_eq!(d["auto"]["device"], "cuda:0", "{d}");
+    let table = devices(&refused, false);
+    assert!(
+        table.contains("memory by cuMemAlloc (the device lists memory pools but cuMemAllocAsync failed"),
+        "{table}"
+    );
+    // forced either way, and a value that is neither
+    let d = json(&[("DEEPCUT_CUDA_ALLOCATOR", "plain")]);
+    assert_eq!(
+        (g0(&d)["allocator"].clone(), g0(&d)["allocator_note"].clone()),
+        (Value::from("cuMemAlloc"), Value::from("DEEPCUT_CUDA_ALLOCATOR=plain")),
+        "{d}"
+    );
+    for (env, refused) in [
+        (
+            &[
+                ("CUDA_EMU_ASYNC_ALLOC", "fail"),
+                ("DEEPCUT_CUDA_ALLOCATOR", "stream-ordered"),
+            ][..],
+            "allocating device memory with cuMemAllocAsync",
+        ),
+        (
+            &[
+                ("CUDA_EMU_MEMORY_POOLS", "0"),
+                ("DEEPCUT_CUDA_ALLOCATOR", "stream-ordered"),
+            ],
+            "the driver lists no memory pools",
+        ),
+        (
+            &[("DEEPCUT_CUDA_ALLOCATOR", "pools")],
+            "DEEPCUT_CUDA_ALLOCATOR=pools: expected auto, plain or stream-ordered",
         ),
     ] {
-        let d = json(&[(knob, "fail")]);
-        let e = d["cuda"]["gpus"][0]["error"].as_str().unwrap_or_default();
-        assert!(e.contains(refused) && e.contains("NOT_SUPPORTED"), "{knob}=fail: {d}");
-        assert_eq!(d["auto"]["device"], "cpu", "{knob}=fail: {d}");
+        let d = json(env);
+        let e = g0(&d)["error"].as_str().unwrap_or_default().to_string();
+        assert!(e.contains(refused), "{env:?}: {d}");
+        assert_eq!(d["auto"]["device"], "cpu", "{env:?}: {d}");
     }
-    let d = json(&[("CUDA_EMU_ASYNC_ALLOC", "fail"), ("CUDA_EMU_MEMORY_POOLS", "0")]);
-    let g = &d["cuda"]["gpus"][0];
+    // without page-locked host memory: host copies through pageable memory, said so
+    let d = json(&[("CUDA_EMU_HOST_ALLOC", "fail")]);
+    let g = g0(&d);
     assert_eq!(
-        (g["error"].clone(), g["memory_pools"].clone()),
+        (g["error"].clone(), g["page_locked"].clone()),
         (Value::Null, Value::Bool(false)),
         "{d}"
     );
-    let table = devices(&[("CUDA_EMU_ASYNC_ALLOC", "fail")], false);
     assert!(
-        table.contains("cannot be opened: CUDA: allocating device memory with cuMemAllocAsync"),
+        g["page_locked_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("cuMemHostAlloc failed") && n.contains("NOT_SUPPORTED")),
+        "{d}"
+    );
+    assert_eq!(g["self_check"]["passed"], true, "{d}");
+    assert_eq!(d["auto"]["device"], "cuda:0", "{d}");
+    assert_eq!(json(&[])["cuda"]["gpus"][0]["page_locked"], true);
+    let table = devices(&[("CUDA_EMU_HOST_ALLOC", "fail")], false);
+    assert!(
+        table.contains("host copies through pageable memory, each waiting for the stream: cuMemHostAlloc failed"),
         "{table}"
+    );
+    // without pools: plain allocations, the device's own choice, so no note
+    let d = json(&[("CUDA_EMU_MEMORY_POOLS", "0")]);
+    let g = g0(&d);
+    assert_eq!(
+        (
+            g["error"].clone(),
+            g["memory_pools"].clone(),
+            g["allocator"].clone(),
+            g["allocator_note"].clone()
+        ),
+        (Value::Null, Value::Bool(false), Value::from("cuMemAlloc"), Value::Null),
+        "{d}"
     );
 }
 

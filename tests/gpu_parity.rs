@@ -173,9 +173,11 @@ fn cuda_backend_on_the_cpu_emulator() {
     // copy's result or rewrites its page-locked source before waiting fails), and last
     // block first with the work run at once. A GPU promises no block order, so a kernel
     // that depends on it fails the second. The first device has memory pools, as a
-    // data-centre GPU has (cudarc allocates and frees in stream order, no wait at a free),
-    // the second none (cudarc's other path: cuMemAlloc, and a stream synchronisation before
-    // each cuMemFree).
+    // data-centre GPU has (allocation and free in stream order, no wait at a free); the
+    // second lists pools but refuses stream-ordered allocation, as a sandbox's GPU proxy
+    // might, so the backend falls back to cuMemAlloc, with a stream synchronisation before
+    // each cuMemFree (src/backend/cuda/memory.rs), and the emulator aborts on any
+    // stream-ordered free of such a block.
     let child = |order: &str, nvtx: Option<&std::path::Path>| {
         let mut c = emu_child(
             common::cuda_emu::Sanitizer::None,
@@ -183,7 +185,7 @@ fn cuda_backend_on_the_cpu_emulator() {
         );
         c.env("CUDA_EMU_BLOCK_ORDER", order);
         if order == "reverse" {
-            c.env("CUDA_EMU_DEFER", "0").env("CUDA_EMU_MEMORY_POOLS", "0");
+            c.env("CUDA_EMU_DEFER", "0").env("CUDA_EMU_ASYNC_ALLOC", "fail");
         }
         if let Some(log) = nvtx {
             c.env("DEEPCUT_NVTX_LOG", log);
@@ -191,10 +193,37 @@ fn cuda_backend_on_the_cpu_emulator() {
         c.spawn().expect("re-run this test binary")
     };
     let reversed = child("reverse", None);
+    // And the tests of host copies and whole steps on a driver that gives no page-locked
+    // memory: every upload and copy back then goes through pageable memory, which the
+    // driver copies synchronously (and the emulator counts as a wait).
+    let pageable = emu_child(
+        common::cuda_emu::Sanitizer::None,
+        &["--skip", "cuda_backend_", "staging", "raw_copies", "step"],
+    )
+    .env("CUDA_EMU_HOST_ALLOC", "fail")
+    .spawn()
+    .expect("re-run this test binary");
     let out = child("launch", Some(&nvtx_log))
         .wait_with_output()
         .expect("the child's output");
     let rev = reversed.wait_with_output().expect("the reversed child's output");
+    let pageable = pageable.wait_with_output().expect("the pageable child's output");
+    let (pg_out, pg_err) = (
+        String::from_utf8_lossy(&pageable.stdout),
+        String::from_utf8_lossy(&pageable.stderr),
+    );
+    loud(&format!(
+        "CUDA backend on the CPU emulator without page-locked memory: {} tests passed",
+        passed_tests(&pg_out)
+    ));
+    assert!(
+        pageable.status.success() && passed_tests(&pg_out) >= 8,
+        "host copies and whole steps through pageable memory (CUDA_EMU_HOST_ALLOC=fail):\n{pg_out}\n{pg_err}"
+    );
+    assert!(
+        pg_err.contains("cuda_emu: cuMemHostAlloc refused"),
+        "the pageable child never asked for page-locked memory:\n{pg_err}"
+    );
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -233,8 +262,12 @@ fn cuda_backend_on_the_cpu_emulator() {
         stderr.contains("CPU emulator of a CUDA device"),
         "the child did not run on the emulator:\n{stderr}"
     );
-    // each child took the allocator its device offered
+    // each child took the allocator its device offered: the second only after the refusal
     let rev_stderr = String::from_utf8_lossy(&rev.stderr);
+    assert!(
+        rev_stderr.contains("cuda_emu: cuMemAllocAsync refused"),
+        "the child last block first never tried stream-ordered allocation:\n{rev_stderr}"
+    );
     for (who, err, took, not) in [
         ("in launch order", &*stderr, "cuMemAllocAsync", "cuMemAlloc "),
         ("last block first", &*rev_stderr, "cuMemAlloc ", "cuMemAllocAsync"),
@@ -2850,6 +2883,8 @@ mod step {
 
     fn count_step_calls(prec: Precision) {
         let g = Cuda::new(0).expect("the emulated device");
+        // without page-locked memory (CUDA_EMU_HOST_ALLOC=fail) every host copy is pageable
+        let pageable = g.info().pageable_why.is_some();
         let mut rng = Rng(77);
         let w = windows(&mut rng);
         let mut m = model(g, 5).with_precision(prec);
@@ -2908,7 +2943,16 @@ mod step {
             (0, 0),
             "{prec}: device allocations / frees inside steps"
         );
-        assert_eq!(enq[4], 0, "{prec}: synchronisations while enqueueing steps");
+        if pageable {
+            // each copy may wait for the stream, and nothing else does
+            assert_eq!(
+                enq[4],
+                enq[2] + enq[3],
+                "{prec}, pageable host memory: synchronisations while enqueueing steps"
+            );
+        } else {
+            assert_eq!(enq[4], 0, "{prec}: synchronisations while enqueueing steps");
+        }
         assert_eq!(enq[3], 9, "{prec}: copies back in three steps: three per step");
         assert!(
             enq[2] >= 3 * 8,

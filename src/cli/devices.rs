@@ -144,6 +144,10 @@ fn gpu(ordinal: usize, precision: Precision, self_check: bool) -> Value {
         "memory_bytes": i.memory_bytes,
         "kernel_image": i.image_target,
         "memory_pools": i.memory_pools,
+        "allocator": i.allocator.api(),
+        "allocator_note": i.allocator_note,
+        "page_locked": i.pageable_why.is_none(),
+        "page_locked_note": i.pageable_why,
         "error": null,
         "self_check": check,
     })
@@ -210,13 +214,23 @@ fn table(r: &Value) -> String {
                 s(&g["name"]),
                 s(&g["compute_capability"]),
                 s(&g["kernel_image"]),
-                if g["memory_pools"] == true {
-                    "memory pools (stream-ordered allocation)"
-                } else {
-                    "no memory pools (cuMemAlloc)"
+                match (
+                    g["memory_pools"] == true,
+                    g["allocator"].as_str(),
+                    g["allocator_note"].as_str()
+                ) {
+                    (true, Some("cuMemAllocAsync"), _) => "memory pools (stream-ordered allocation)".to_string(),
+                    (false, _, None) => "no memory pools (cuMemAlloc)".to_string(),
+                    (_, how, note) => format!("memory by {} ({})", how.unwrap_or("?"), note.unwrap_or("?")),
                 }
             ),
         );
+        if let Some(why) = g["page_locked_note"].as_str() {
+            line(
+                "",
+                format!("host copies through pageable memory, each waiting for the stream: {why}"),
+            );
+        }
         let sc = &g["self_check"];
         if sc["passed"] == true {
             line(

@@ -973,10 +973,10 @@ static void release(CUdeviceptr p) {
 static void say_once(std::atomic<bool>& said, const char* what) {
     if (!said.exchange(true)) fprintf(stderr, "cuda_emu: %s\n", what);
 }
-static std::atomic<bool> said_sync, said_pool;
+static std::atomic<bool> said_sync, said_pool, said_refused, said_host_refused;
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     NEED_CTX();
-    say_once(said_sync, "allocations by cuMemAlloc (no memory pools)");
+    say_once(said_sync, "allocations by cuMemAlloc (plain, freed after a synchronisation)");
     return alloc(p, n);
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) {
@@ -984,7 +984,10 @@ CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) {
     // CUDA_EMU_ASYNC_ALLOC=fail: a device that lists memory pools but whose stream-ordered
     // allocation fails (CUDA_ERROR_NOT_SUPPORTED), as under a GPU proxy that lacks it
     static const bool refuse = env_is("CUDA_EMU_ASYNC_ALLOC", "fail");
-    if (refuse) return ERR_NOT_SUPPORTED;
+    if (refuse) {
+        say_once(said_refused, "cuMemAllocAsync refused (CUDA_EMU_ASYNC_ALLOC=fail)");
+        return ERR_NOT_SUPPORTED;
+    }
     say_once(said_pool, "allocations by cuMemAllocAsync (memory pools, stream order)");
     return alloc(p, n);
 }
@@ -996,6 +999,13 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
 }
 CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
     NEED_CTX();
+    // Where stream-ordered allocation is refused, no block came from it: a stream-ordered
+    // free then means the engine freed a cuMemAlloc block the way cudarc frees its own.
+    if (env_is("CUDA_EMU_ASYNC_ALLOC", "fail")) {
+        fprintf(stderr, "cuda_emu: cuMemFreeAsync(%p) on a device whose stream-ordered allocation is refused "
+                        "(CUDA_EMU_ASYNC_ALLOC=fail): the block came from cuMemAlloc\n", (void*)p);
+        abort();
+    }
     enqueue([p] { release(p); });
     return OK;
 }
@@ -1071,7 +1081,10 @@ CUresult cuMemHostAlloc(void** p, size_t n, unsigned int) {
     NEED_CTX();
     // CUDA_EMU_HOST_ALLOC=fail: no page-locked memory to be had (CUDA_ERROR_NOT_SUPPORTED)
     static const bool refuse = env_is("CUDA_EMU_HOST_ALLOC", "fail");
-    if (refuse) return ERR_NOT_SUPPORTED;
+    if (refuse) {
+        say_once(said_host_refused, "cuMemHostAlloc refused (CUDA_EMU_HOST_ALLOC=fail)");
+        return ERR_NOT_SUPPORTED;
+    }
     // zeroed in no-work mode, where copies into it are skipped: what the host reads back
     // there is then zeros, never stale bytes a numeric check would stop on
     *p = emu_no_work() ? calloc(1, n ? n : 1) : malloc(n ? n : 1);

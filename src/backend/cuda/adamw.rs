@@ -111,7 +111,7 @@ unsafe impl DeviceRepr for SquaresTensor {}
 /// it once.
 pub(super) struct Table<T> {
     host: Vec<T>,
-    device: CudaSlice<T>,
+    device: super::DevMem<T>,
 }
 
 /// The device copy of `host`, uploaded only when it differs from the cached one.
@@ -120,7 +120,7 @@ fn table<'a, T: DeviceRepr + PartialEq + Clone>(
 ) -> &'a CudaSlice<T> {
     if slot.as_ref().is_none_or(|t| t.host != host) {
         *slot = None;
-        let device = check(cu.stream.clone_htod(&host), what);
+        let device = check(cu.copy_of(&host), what);
         *slot = Some(Table { host, device });
     }
     &slot.as_ref().unwrap().device
@@ -341,10 +341,10 @@ fn squares(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)], clip: Option<(u64, f32, f
     let mut guard = cu.scratch.lock().unwrap();
     let s = &mut *guard;
     table(cu, &mut s.squares_tables, host, "sum_squares_all table upload");
-    let t = &s.squares_tables.as_ref().unwrap().device;
-    let partials = ensure(&cu.stream, &mut s.f64_a, blocks);
-    let out = ensure(&cu.stream, &mut s.f64_b, 1);
-    let per_tensor = ensure(&cu.stream, &mut s.f64_c, nt);
+    let t: &CudaSlice<_> = &s.squares_tables.as_ref().unwrap().device;
+    let partials = ensure(cu, &mut s.f64_a, blocks);
+    let out = ensure(cu, &mut s.f64_b, 1);
+    let per_tensor = ensure(cu, &mut s.f64_c, nt);
     let mut l = cu.stream.launch_builder(cu.func("sum_squares_multi_partials_f32"));
     l.arg(&mut *partials).arg(t).arg(&nti);
     // SAFETY: (double* partials, const SquaresTensor* tensors, int nt); block b reads
@@ -393,8 +393,8 @@ pub fn sum_squares(cu: &Cuda, x: &CudaSlice<f32>, n: usize) -> f64 {
     let (ni, ki) = (int(n, "sum_squares n"), int(chunks, "sum_squares chunks"));
     let mut guard = cu.scratch.lock().unwrap();
     let s = &mut *guard;
-    let partials = ensure(&cu.stream, &mut s.f64_a, chunks);
-    let out = ensure(&cu.stream, &mut s.f64_b, 1);
+    let partials = ensure(cu, &mut s.f64_a, chunks);
+    let out = ensure(cu, &mut s.f64_b, 1);
     let cfg = LaunchConfig {
         grid_dim: (chunks as u32, 1, 1),
         block_dim: (BLOCK, 1, 1),

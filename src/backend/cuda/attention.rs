@@ -193,7 +193,7 @@ pub fn attention_bwd(
     let (bi, ti, hi, di) = shape.check("attention_bwd", &bufs, lse.len(), seqs.len());
     let args = DropoutArgs::from(dropout);
     let mut guard = cu.scratch.lock().unwrap();
-    let dvec = ensure(&cu.stream, &mut guard.f32_b, n * h);
+    let dvec = ensure(cu, &mut guard.f32_b, n * h);
 
     if inputs != Precision::Fp32 {
         let io = io_code("attention_bwd", &[dq, dk, dv, dout, q, k, v, out], inputs);

@@ -45,7 +45,7 @@ struct Plan {
 /// that shape, use the fallback).
 pub struct Lt {
     handle: sys::cublasLtHandle_t,
-    workspace: CudaSlice<u8>,
+    workspace: super::DevMem<u8>,
     plans: HashMap<Key, Option<Plan>>,
 }
 
@@ -62,7 +62,7 @@ impl Lt {
         }
         let handle = result::create_handle().ok()?;
         // SAFETY: a workspace is scratch cuBLASLt overwrites; its contents never matter.
-        let workspace = match unsafe { cu.stream.alloc::<u8>(workspace_bytes(cu.info.major)) } {
+        let workspace = match unsafe { cu.uninit::<u8>(workspace_bytes(cu.info.major)) } {
             Ok(w) => w,
             Err(_) => {
                 // SAFETY: created just above, used by nothing yet.

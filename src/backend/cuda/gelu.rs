@@ -61,8 +61,8 @@ pub fn bias_gelu_bwd(
     let round = round_code(rounding);
     let mut guard = cu.scratch.lock().unwrap();
     let s = &mut *guard;
-    let partial = ensure(&cu.stream, &mut s.f32_a, chunks * c);
-    let counters = ensure(&cu.stream, &mut s.counters, cfg.grid_dim.0 as usize);
+    let partial = ensure(cu, &mut s.f32_a, chunks * c);
+    let counters = ensure(cu, &mut s.counters, cfg.grid_dim.0 as usize);
     let mut l = cu.stream.launch_builder(cu.func("bias_gelu_bwd_f32"));
     l.arg(&pd).arg(&td).arg(&pg).arg(&tg).arg(&pi).arg(&ti);
     l.arg(bias).arg(&ni).arg(&ci).arg(&round);

@@ -200,7 +200,7 @@ pub fn gemm_bias(
     let slot = |g: &mut super::Scratch| g.gemm_f32.take();
     let mut tmp = CudaBuf::F32(match slot(&mut cu.scratch.lock().unwrap()) {
         Some(t) if t.len() >= m * n => t,
-        _ => check(cu.stream.alloc_zeros::<f32>(m * n), "gemm_bias scratch"),
+        _ => check(cu.zeros::<f32>(m * n), "gemm_bias scratch"),
     });
     gemm_cublas(cu, &mut tmp, a, b, m, n, k, ta, tb, 1.0, 0.0, inputs, operands);
     add_bias(cu, &mut tmp, bias, m, n);
@@ -278,8 +278,8 @@ pub(super) fn col_sums_many(cu: &Cuda, pairs: &mut [(&mut CudaSlice<f32>, &CudaB
         }
         let mut guard = cu.scratch.lock().unwrap();
         let s = &mut *guard;
-        let partial = super::ensure(&cu.stream, &mut s.f32_a, group.len() * chunks * cols);
-        let counters = super::ensure(&cu.stream, &mut s.counters, group.len() * cfg.grid_dim.0 as usize);
+        let partial = super::ensure(cu, &mut s.f32_a, group.len() * chunks * cols);
+        let counters = super::ensure(cu, &mut s.counters, group.len() * cfg.grid_dim.0 as usize);
         let mut l = cu.stream.launch_builder(cu.func("col_sums_f32"));
         l.arg(&t).arg(&code).arg(partial).arg(counters).arg(&ri).arg(&ci);
         // SAFETY: (ColSums t, int src_t, float* partial, unsigned* counters, int rows, int
@@ -350,17 +350,14 @@ pub fn bf16_gemm_rate_at(
     let (mi, ni, ki) = (int(m, "bf16 gemm m"), int(n, "bf16 gemm n"), int(k, "bf16 gemm k"));
     // bf16 1.0 = 0x3f80 and 2^-8 = 0x3b80: finite products, no denormals.
     let a = cu
-        .stream
-        .clone_htod(&vec![0x3f80u16; k * m])
+        .copy_of(&vec![0x3f80u16; k * m])
         .map_err(|e| err("upload", e.to_string()))?;
     let b = cu
-        .stream
-        .clone_htod(&vec![0x3b80u16; k * n])
+        .copy_of(&vec![0x3b80u16; k * n])
         .map_err(|e| err("upload", e.to_string()))?;
     // an fp32 C takes m n floats: as many u16 pairs
     let mut c = cu
-        .stream
-        .alloc_zeros::<u16>(if f32_out { 2 * m * n } else { m * n })
+        .zeros::<u16>(if f32_out { 2 * m * n } else { m * n })
         .map_err(|e| err("allocation", e.to_string()))?;
     let c_type = if f32_out {
         cudaDataType_t::CUDA_R_32F

@@ -136,9 +136,9 @@ pub fn infonce_fwd(
     let (mi, ci) = (int(m, "infonce m"), int(c, "infonce c"));
     let mut guard = cu.scratch.lock().unwrap();
     let s = &mut *guard;
-    let npos = ensure(&cu.stream, &mut s.i32_a, m);
-    let valid = ensure(&cu.stream, &mut s.i32_b, m);
-    let rep = ensure(&cu.stream, &mut s.i32_c, m);
+    let npos = ensure(cu, &mut s.i32_a, m);
+    let valid = ensure(cu, &mut s.i32_b, m);
+    let rep = ensure(cu, &mut s.i32_c, m);
     counts(cu, npos, valid, rep, labels, anchor, partner, m, &args);
     let (name, smem) = match smem16(cu, inputs, c) {
         Some((ty, _, bytes)) => (name_of(cu, format!("infonce_fwd16_{ty}")), bytes),
@@ -185,14 +185,14 @@ pub fn infonce_bwd(
     );
     let mut guard = cu.scratch.lock().unwrap();
     let s = &mut *guard;
-    let npos = ensure(&cu.stream, &mut s.i32_a, m);
-    let valid = ensure(&cu.stream, &mut s.i32_b, m);
-    let rep = ensure(&cu.stream, &mut s.i32_c, m);
+    let npos = ensure(cu, &mut s.i32_a, m);
+    let valid = ensure(cu, &mut s.i32_b, m);
+    let rep = ensure(cu, &mut s.i32_c, m);
     counts(cu, npos, valid, rep, labels, anchor, partner, m, &args);
 
     if let Some((ty, nb, smem)) = smem16(cu, inputs, c) {
         // the linear term's per-class sums, then the anchor rows on tensor cores
-        let sums = ensure(&cu.stream, &mut s.f64_d, (m + 1) * c);
+        let sums = ensure(cu, &mut s.f64_d, (m + 1) * c);
         let mut l = cu.stream.launch_builder(cu.func("infonce_class_sums_f32"));
         l.arg(&mut *sums).arg(z).arg(&*rep).arg(&mi).arg(&ci).arg(&args);
         let cfg = LaunchConfig {
@@ -243,7 +243,7 @@ pub fn infonce_bwd(
     if opts.detach_columns {
         return;
     }
-    let dzc = ensure(&cu.stream, &mut s.f32_b, m * c);
+    let dzc = ensure(cu, &mut s.f32_b, m * c);
     check(
         cu.stream.memset_zeros(&mut dzc.slice_mut(..m * c)),
         "infonce_bwd zero scratch",

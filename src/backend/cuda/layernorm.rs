@@ -142,14 +142,10 @@ pub fn layernorm_bwd(
     let (cfg, chunks) = column_grid(n, c, 128);
     let mut guard = cu.scratch.lock().unwrap();
     let s = &mut *guard;
-    let pw = ensure(&cu.stream, &mut s.f32_a, chunks * c);
-    let pb = ensure(&cu.stream, &mut s.f32_b, chunks * c);
-    let pp = ensure(
-        &cu.stream,
-        &mut s.f32_c,
-        if dinp_bias.is_some() { chunks * c } else { 1 },
-    );
-    let counters = ensure(&cu.stream, &mut s.counters, cfg.grid_dim.0 as usize);
+    let pw = ensure(cu, &mut s.f32_a, chunks * c);
+    let pb = ensure(cu, &mut s.f32_b, chunks * c);
+    let pp = ensure(cu, &mut s.f32_c, if dinp_bias.is_some() { chunks * c } else { 1 });
+    let counters = ensure(cu, &mut s.counters, cfg.grid_dim.0 as usize);
     let pdb = dinp_bias.map_or(0, |b| {
         let (p, _sync) = b.device_ptr_mut(&cu.stream);
         p

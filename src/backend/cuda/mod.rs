@@ -21,6 +21,10 @@
 //!   Uploads go through page-locked staging (uploads.rs) and copies back can too
 //!   (`download_start`), so a training step enqueues without ever waiting. Both record
 //!   and wait for events of their own: with tracking off, cudarc records none for them.
+//! - Device memory (memory.rs): every buffer is a [`DevMem`], from the stream-ordered
+//!   allocator where the device has memory pools and it works (the H100/H200 case), else
+//!   from plain cuMemAlloc, which `Cuda::new` falls back to when the pools refuse (as a
+//!   sandbox's GPU proxy might) and `DEEPCUT_CUDA_ALLOCATOR` can force.
 //! - GEMMs (gemm.rs, blaslt.rs): fp32 mode is fp32 (compute type 32F, no TF32). In bf16 /
 //!   fp16 mode the operands are 16-bit buffers read natively on tensor cores with fp32
 //!   accumulation (fp32 buffers holding rounded values also work: the FAST_16BF / _16F
@@ -55,6 +59,7 @@ pub mod infonce;
 pub mod l2norm;
 pub mod layernorm;
 pub mod libs;
+pub mod memory;
 pub mod nvtx;
 pub mod quantize;
 pub mod rows;
@@ -65,6 +70,7 @@ use super::{AdamW, Backend, Dropout, InfoNceOptions, ParamSlot, Precision, Range
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig};
+use memory::{Allocator, DevMem};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -82,10 +88,65 @@ pub struct DeviceInfo {
     pub memory_bytes: usize,
     /// Target of the images loaded ("sm_90", or "compute_90" when the driver JIT-compiles PTX).
     pub image_target: String,
-    /// The device has memory pools, so device memory is allocated and freed in stream order
-    /// (cuMemAllocAsync / cuMemFreeAsync; data-centre GPUs); otherwise cuMemAlloc, and a
-    /// stream synchronisation before each cuMemFree (cudarc's choice, from the driver).
+    /// The driver lists memory pools (data-centre GPUs do; some virtual GPUs do not).
     pub memory_pools: bool,
+    /// Where device memory comes from (memory.rs): stream-ordered when the device has
+    /// pools and their allocation works, else plain cuMemAlloc.
+    pub allocator: Allocator,
+    /// Why the allocator is not the device's default, when it is not: the pools' refusal,
+    /// or `DEEPCUT_CUDA_ALLOCATOR`.
+    pub allocator_note: Option<String>,
+    /// Why host copies go through pageable memory, when they do: the driver gives no
+    /// page-locked memory. Then each upload may wait for the stream to stage it and each
+    /// download waits for the work before it (correct, not overlapped); None: page-locked
+    /// staging (uploads.rs, [`Staging`]), no wait inside a step.
+    pub pageable_why: Option<String>,
+}
+
+/// One allocation, memset and free of each candidate before anything else, so that a
+/// driver that lists memory pools but refuses stream-ordered allocation (as a sandbox's GPU
+/// proxy might) falls back to cuMemAlloc here, saying so, and one that refuses both fails
+/// here, naming the allocator, instead of inside the first op of a run.
+fn choose_allocator(stream: &Arc<CudaStream>, memory_pools: bool) -> Result<(Allocator, Option<String>)> {
+    let probe = |how: Allocator| -> std::result::Result<(), DriverError> {
+        drop(memory::zeros::<u8>(stream, 256, how)?);
+        stream.synchronize()
+    };
+    let forced = Allocator::from_env().map_err(Error::Device)?;
+    let (first, note) = match forced {
+        Some(Allocator::StreamOrdered) if !memory_pools => {
+            return Err(Error::Device(
+                "DEEPCUT_CUDA_ALLOCATOR=stream-ordered, but the driver lists no memory pools on this device".into(),
+            ))
+        }
+        Some(how) => (how, Some(format!("DEEPCUT_CUDA_ALLOCATOR={}", how.env_value()))),
+        None if memory_pools => (Allocator::StreamOrdered, None),
+        None => (Allocator::Plain, None),
+    };
+    match probe(first) {
+        Ok(()) => Ok((first, note)),
+        // the pools refuse: plain allocations, unless stream-ordered was asked for
+        Err(e) if first == Allocator::StreamOrdered && forced.is_none() => {
+            let why = format!("the device lists memory pools but cuMemAllocAsync failed ({e})");
+            // the failed call may leave its error with the context; a clean synchronise
+            // below shows it did not
+            probe(Allocator::Plain).map_err(|e2| {
+                Error::Device(format!(
+                    "CUDA: allocating device memory with cuMemAlloc: {e2} (after {why})"
+                ))
+            })?;
+            Ok((Allocator::Plain, Some(why)))
+        }
+        Err(e) => Err(Error::Device(format!(
+            "CUDA: allocating device memory with {}{}: {e}",
+            first.api(),
+            if first == Allocator::StreamOrdered {
+                " (the driver says the device has memory pools)"
+            } else {
+                ""
+            }
+        ))),
+    }
 }
 
 /// Whether this build and this machine can run the CUDA backend, without touching a GPU
@@ -129,26 +190,26 @@ fn preflight() -> std::result::Result<(), String> {
 #[derive(Default)]
 struct Scratch {
     /// Column-sum partials; LayerNorm's weight partials.
-    f32_a: Option<CudaSlice<f32>>,
+    f32_a: Option<DevMem<f32>>,
     /// LayerNorm's bias partials; attention's D vector; InfoNCE's column accumulator.
-    f32_b: Option<CudaSlice<f32>>,
+    f32_b: Option<DevMem<f32>>,
     /// LayerNorm's partials of its input gradient's column sums (`dinp_bias`).
-    f32_c: Option<CudaSlice<f32>>,
+    f32_c: Option<DevMem<f32>>,
     /// InfoNCE |P_i|, validity and class representatives.
-    i32_a: Option<CudaSlice<i32>>,
+    i32_a: Option<DevMem<i32>>,
     /// The column reductions' per-column-block counters (kernels/common.cuh
     /// `last_block_of_column`): zero when allocated, and each launch leaves them zero.
-    counters: Option<CudaSlice<u32>>,
-    i32_b: Option<CudaSlice<i32>>,
-    i32_c: Option<CudaSlice<i32>>,
+    counters: Option<DevMem<u32>>,
+    i32_b: Option<DevMem<i32>>,
+    i32_c: Option<DevMem<i32>>,
     /// sum_squares partials and result; the per-tensor sums of sum_squares_all.
-    f64_a: Option<CudaSlice<f64>>,
-    f64_b: Option<CudaSlice<f64>>,
-    f64_c: Option<CudaSlice<f64>>,
+    f64_a: Option<DevMem<f64>>,
+    f64_b: Option<DevMem<f64>>,
+    f64_c: Option<DevMem<f64>>,
     /// The fp32 product of `gemm_bias`'s cuBLAS fallback into a 16-bit output.
-    gemm_f32: Option<CudaSlice<f32>>,
+    gemm_f32: Option<DevMem<f32>>,
     /// InfoNCE's per-class sums [m + 1, c] (16-bit backward).
-    f64_d: Option<CudaSlice<f64>>,
+    f64_d: Option<DevMem<f64>>,
     /// The tensor tables of the fused optimiser kernels, kept on the device while the
     /// parameters they point to stay where they are (kernels/adamw.cu).
     adam_tables: Option<adamw::Table<adamw::AdamTensor>>,
@@ -157,12 +218,12 @@ struct Scratch {
 
 /// A buffer of at least `n` elements in `slot`, reallocated (zeroed) when too small.
 fn ensure<'a, T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-    stream: &Arc<CudaStream>, slot: &'a mut Option<CudaSlice<T>>, n: usize,
+    cu: &Cuda, slot: &'a mut Option<DevMem<T>>, n: usize,
 ) -> &'a mut CudaSlice<T> {
     let n = n.max(1);
     if slot.as_ref().is_none_or(|s| s.len() < n) {
-        *slot = None; // free first (stream-ordered), then allocate
-        *slot = Some(check(stream.alloc_zeros::<T>(n), "scratch allocation"));
+        *slot = None; // free first, then allocate
+        *slot = Some(check(cu.zeros::<T>(n), "scratch allocation"));
     }
     slot.as_mut().unwrap()
 }
@@ -174,9 +235,9 @@ fn ensure<'a, T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 /// ([`CudaBuf::code`]; kernels/common.cuh `ld` / `st`); the others take fp32 only
 /// ([`CudaBuf::f32`]) and panic, naming the op, when handed a 16-bit buffer.
 pub enum CudaBuf {
-    F32(CudaSlice<f32>),
+    F32(DevMem<f32>),
     /// bf16 or fp16 bit patterns, as the precision says (never `Precision::Fp32`).
-    Half(CudaSlice<u16>, Precision),
+    Half(DevMem<u16>, Precision),
 }
 
 impl CudaBuf {
@@ -338,28 +399,20 @@ impl Cuda {
         // backend uses one stream, and switches tracking off before allocating anything.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(device_err("creating a stream"))?;
-        // One allocation, memset and free before anything else: a driver that lists memory
-        // pools but refuses stream-ordered allocation (as a sandbox's GPU proxy might) then
-        // fails here, naming the allocator, instead of inside the first op of a run.
         let memory_pools = ctx.has_async_alloc();
-        stream
-            .alloc_zeros::<u8>(256)
-            .and_then(|probe| {
-                drop(probe);
-                stream.synchronize()
-            })
-            .map_err(device_err(if memory_pools {
-                "allocating device memory with cuMemAllocAsync (the driver says the device has memory pools)"
-            } else {
-                "allocating device memory with cuMemAlloc"
-            }))?;
-        // and page-locked host memory, which the upload and download staging take
+        let (allocator, allocator_note) = choose_allocator(&stream, memory_pools)?;
+        // and page-locked host memory, which the upload and download staging take when the
+        // driver gives it: without, the same copies go through pageable memory (below)
         // SAFETY: a block allocated and freed here, never read or written
-        unsafe {
-            let block = cudarc::driver::result::malloc_host(4096, 0)
-                .map_err(device_err("allocating page-locked host memory with cuMemHostAlloc"))?;
-            cudarc::driver::result::free_host(block).map_err(device_err("freeing page-locked host memory"))?;
-        }
+        let pageable_why = match unsafe { cudarc::driver::result::malloc_host(4096, 0) } {
+            Ok(block) => {
+                // SAFETY: as above
+                unsafe { cudarc::driver::result::free_host(block) }
+                    .map_err(device_err("freeing page-locked host memory"))?;
+                None
+            }
+            Err(e) => Some(format!("cuMemHostAlloc failed ({e})")),
+        };
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Device(format!("cuBLAS: {e:?}")))?;
         // SAFETY: a valid handle; the default math mode never uses TF32 for sgemm.
         unsafe {
@@ -435,7 +488,11 @@ impl Cuda {
         }
         let nvtx = nvtx::Nvtx::get();
         Ok(Cuda {
-            uploads: Mutex::new(uploads::Uploads::new(stream.clone(), uploads::HALF_BYTES)),
+            uploads: Mutex::new(uploads::Uploads::new(
+                stream.clone(),
+                uploads::HALF_BYTES,
+                pageable_why.is_none(),
+            )),
             stream,
             blas,
             lt: Mutex::new(None),
@@ -452,11 +509,34 @@ impl Cuda {
                 memory_bytes,
                 image_target: targets.join("+"),
                 memory_pools,
+                allocator,
+                allocator_note,
+                pageable_why,
             },
             nvtx,
             launches: AtomicU64::new(0),
             gemms: AtomicU64::new(0),
         })
+    }
+
+    /// `n` zeroed elements from this device's allocator.
+    pub(crate) fn zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self, n: usize,
+    ) -> std::result::Result<DevMem<T>, DriverError> {
+        memory::zeros(&self.stream, n, self.info.allocator)
+    }
+
+    /// A device copy of `host` from this device's allocator.
+    pub(crate) fn copy_of<T: DeviceRepr>(&self, host: &[T]) -> std::result::Result<DevMem<T>, DriverError> {
+        memory::from_host(&self.stream, host, self.info.allocator)
+    }
+
+    /// `n` elements from this device's allocator, contents undefined.
+    ///
+    /// # Safety
+    /// As [`memory::uninit`]: written before read.
+    pub(crate) unsafe fn uninit<T: DeviceRepr>(&self, n: usize) -> std::result::Result<DevMem<T>, DriverError> {
+        memory::uninit(&self.stream, n, self.info.allocator)
     }
 
     /// Makes the device's context current on this thread (the driver's is per thread),
@@ -506,7 +586,8 @@ impl Cuda {
     /// default): small values make tests go through the switch between halves and the
     /// pageable path for large copies.
     pub fn with_upload_staging(mut self, bytes: usize) -> Self {
-        self.uploads = Mutex::new(uploads::Uploads::new(self.stream.clone(), bytes));
+        let page_locked = self.info.pageable_why.is_none();
+        self.uploads = Mutex::new(uploads::Uploads::new(self.stream.clone(), bytes, page_locked));
         self
     }
 
@@ -584,14 +665,17 @@ impl Cuda {
 /// cudarc's `PinnedHostSlice`: it records its event after a copy only while cudarc tracks
 /// events, which this backend switches off (`Cuda::new`), and a wait for an event never
 /// recorded returns at once, before the copy has landed; its readers wait for that event
-/// again besides.
+/// again besides. Where the driver gives no page-locked memory
+/// ([`DeviceInfo::pageable_why`]) the block is pageable: the same copy into it is then
+/// synchronous, so the one wait is already over.
 pub struct Staging {
     ptr: *mut f32,
     len: usize,
     landed: cudarc::driver::CudaEvent,
+    page_locked: bool,
 }
 
-// SAFETY: a page-locked block owned by this value alone; it is read only through
+// SAFETY: a host block owned by this value alone; it is read only through
 // `download_wait` (after the copy into it landed) and written only by the copies
 // `download_start` enqueues, which take it `&mut`.
 unsafe impl Send for Staging {}
@@ -601,14 +685,20 @@ impl Drop for Staging {
     fn drop(&mut self) {
         // a copy may still be landing in it
         let _ = self.landed.synchronize();
-        // SAFETY: allocated by malloc_host in `Cuda::staging`, freed once, after its last copy
-        let _ = unsafe { cudarc::driver::result::free_host(self.ptr as _) };
+        if self.page_locked {
+            // SAFETY: allocated by malloc_host in `Cuda::staging`, freed once, after its
+            // last copy
+            let _ = unsafe { cudarc::driver::result::free_host(self.ptr as _) };
+        } else {
+            // SAFETY: a boxed slice of `len` floats leaked in `Cuda::staging`, taken back once
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+        }
     }
 }
 
 impl Backend for Cuda {
     type Buf = CudaBuf;
-    type IBuf = CudaSlice<i32>;
+    type IBuf = DevMem<i32>;
     type Staging = Staging;
 
     fn profile_range(&self, name: std::fmt::Arguments<'_>) -> RangeGuard {
@@ -621,28 +711,35 @@ impl Backend for Cuda {
     fn name(&self) -> String {
         let i = &self.info;
         format!(
-            "cuda:{} ({}, sm_{}{}, {} MiB, kernels {} by NVRTC {})",
+            "cuda:{} ({}, sm_{}{}, {} MiB, kernels {} by NVRTC {}{}{})",
             i.ordinal,
             i.name,
             i.major,
             i.minor,
             i.memory_bytes >> 20,
             i.image_target,
-            images::NVRTC_VERSION
+            images::NVRTC_VERSION,
+            // said only when it is not the device's own choice
+            i.allocator_note
+                .as_ref()
+                .map_or(String::new(), |why| format!(", memory by {}: {why}", i.allocator.api())),
+            i.pageable_why
+                .as_ref()
+                .map_or(String::new(), |why| format!(", pageable host copies: {why}"))
         )
     }
     fn alloc(&self, n: usize) -> CudaBuf {
-        CudaBuf::F32(check(self.stream.alloc_zeros::<f32>(n.max(1)), "alloc"))
+        CudaBuf::F32(check(self.zeros::<f32>(n.max(1)), "alloc"))
     }
     /// 16-bit storage in bf16 / fp16 (zero bits are +0.0 in both).
     fn alloc_rounded(&self, n: usize, precision: Precision) -> CudaBuf {
         match precision {
             Precision::Fp32 => self.alloc(n),
-            p => CudaBuf::Half(check(self.stream.alloc_zeros::<u16>(n.max(1)), "alloc_rounded"), p),
+            p => CudaBuf::Half(check(self.zeros::<u16>(n.max(1)), "alloc_rounded"), p),
         }
     }
-    fn alloc_i32(&self, n: usize) -> CudaSlice<i32> {
-        check(self.stream.alloc_zeros::<i32>(n.max(1)), "alloc_i32")
+    fn alloc_i32(&self, n: usize) -> DevMem<i32> {
+        check(self.zeros::<i32>(n.max(1)), "alloc_i32")
     }
     fn upload(&self, dst: &mut CudaBuf, src: &[f32]) {
         if src.is_empty() {
@@ -656,7 +753,7 @@ impl Backend for Cuda {
             CudaBuf::Half(d, p) => self.upload_to(d, &quantize::to_bits(src, *p), "upload"),
         }
     }
-    fn upload_i32(&self, dst: &mut CudaSlice<i32>, src: &[i32]) {
+    fn upload_i32(&self, dst: &mut DevMem<i32>, src: &[i32]) {
         if !src.is_empty() {
             need(dst.len(), src.len(), "upload_i32");
             self.upload_to(dst, src, "upload_i32");
@@ -685,14 +782,24 @@ impl Backend for Cuda {
         // reads from write-combined memory are uncached
         let len = n.max(1);
         self.bind("staging");
-        // SAFETY: the memory starts uninitialised; only download_wait reads it, after a
-        // download_start has filled the first n it returns.
-        let ptr = check(
-            unsafe { cudarc::driver::result::malloc_host(len * 4, 0) },
-            "staging (page-locked host memory)",
-        ) as *mut f32;
+        let page_locked = self.info.pageable_why.is_none();
+        let ptr = if page_locked {
+            // SAFETY: the memory starts uninitialised; only download_wait reads it, after a
+            // download_start has filled the first n it returns.
+            check(
+                unsafe { cudarc::driver::result::malloc_host(len * 4, 0) },
+                "staging (page-locked host memory)",
+            ) as *mut f32
+        } else {
+            Box::into_raw(vec![0f32; len].into_boxed_slice()) as *mut f32
+        };
         let landed = check(self.stream.context().new_event(None), "staging event");
-        Staging { ptr, len, landed }
+        Staging {
+            ptr,
+            len,
+            landed,
+            page_locked,
+        }
     }
     fn download_start(&self, dst: &mut Self::Staging, src: &CudaBuf, n: usize) {
         if n == 0 {
@@ -703,9 +810,10 @@ impl Backend for Cuda {
         need(dst.len, n, "download_start staging");
         use cudarc::driver::DevicePtr;
         let (from, _) = s.device_ptr(&self.stream);
-        self.bind("download_start"); // for the raw copy
-                                     // SAFETY: dst holds len >= n floats, owned and taken `&mut`, so nothing reads it
-                                     // until download_wait has waited for this copy; the source holds n (`need`).
+        // for the raw copy
+        self.bind("download_start");
+        // SAFETY: dst holds len >= n floats, owned and taken `&mut`, so nothing reads it
+        // until download_wait has waited for this copy; the source holds n (`need`).
         check(
             unsafe {
                 cudarc::driver::result::memcpy_dtoh_async(
@@ -778,7 +886,7 @@ impl Backend for Cuda {
         gemm::col_sums_many(self, &mut pairs, rows, cols)
     }
     fn embedding_fwd(
-        &self, out: &mut CudaBuf, ids: &CudaSlice<i32>, pos: &CudaSlice<i32>, types: &CudaSlice<i32>, wte: &CudaBuf,
+        &self, out: &mut CudaBuf, ids: &DevMem<i32>, pos: &DevMem<i32>, types: &DevMem<i32>, wte: &CudaBuf,
         wpe: &CudaBuf, wtt: &CudaBuf, n: usize, c: usize,
     ) {
         let w = "embedding_fwd";
@@ -796,8 +904,8 @@ impl Backend for Cuda {
         )
     }
     fn embedding_bwd(
-        &self, dwte: &mut CudaBuf, dwpe: &mut CudaBuf, dwtt: &mut CudaBuf, dout: &CudaBuf, ids: &CudaSlice<i32>,
-        pos: &CudaSlice<i32>, types: &CudaSlice<i32>, order: &CudaSlice<i32>, n: usize, c: usize,
+        &self, dwte: &mut CudaBuf, dwpe: &mut CudaBuf, dwtt: &mut CudaBuf, dout: &CudaBuf, ids: &DevMem<i32>,
+        pos: &DevMem<i32>, types: &DevMem<i32>, order: &DevMem<i32>, n: usize, c: usize,
     ) {
         let w = "embedding_bwd";
         embedding::embedding_bwd(
@@ -872,7 +980,7 @@ impl Backend for Cuda {
         gelu::bias_gelu_bwd(self, dinp, dbias.f32_mut(w), dout, inp, bias.f32(w), n, c, rounding)
     }
     fn attention_fwd(
-        &self, out: &mut CudaBuf, lse: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, seqs: &CudaSlice<i32>,
+        &self, out: &mut CudaBuf, lse: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, seqs: &DevMem<i32>,
         b: usize, n: usize, t: usize, h: usize, d: usize, dropout: Dropout, inputs: Precision,
     ) {
         let w = "attention_fwd";
@@ -881,7 +989,7 @@ impl Backend for Cuda {
     }
     fn attention_bwd(
         &self, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf,
-        v: &CudaBuf, out: &CudaBuf, lse: &CudaBuf, seqs: &CudaSlice<i32>, b: usize, n: usize, t: usize, h: usize,
+        v: &CudaBuf, out: &CudaBuf, lse: &CudaBuf, seqs: &DevMem<i32>, b: usize, n: usize, t: usize, h: usize,
         d: usize, dropout: Dropout, inputs: Precision,
     ) {
         let w = "attention_bwd";
@@ -917,20 +1025,20 @@ impl Backend for Cuda {
     fn dropout_duplicate_bwd(&self, dinp: &mut CudaBuf, dout: &CudaBuf, n_dup: usize, n: usize, d: Dropout) {
         dropout::dropout_duplicate_bwd(self, dinp, dout, n_dup, n, d)
     }
-    fn softmax_ce_fwd(&self, losses: &mut CudaBuf, logits: &CudaBuf, labels: &CudaSlice<i32>, n: usize, v: usize) {
+    fn softmax_ce_fwd(&self, losses: &mut CudaBuf, logits: &CudaBuf, labels: &DevMem<i32>, n: usize, v: usize) {
         let w = "softmax_ce_fwd";
         softmax_ce::softmax_ce_fwd(self, losses.f32_mut(w), logits.f32(w), labels, n, v)
     }
     fn softmax_ce_bwd(
-        &self, dlogits: &mut CudaBuf, logits: &CudaBuf, labels: &CudaSlice<i32>, n: usize, v: usize, scale: f32,
+        &self, dlogits: &mut CudaBuf, logits: &CudaBuf, labels: &DevMem<i32>, n: usize, v: usize, scale: f32,
     ) {
         let w = "softmax_ce_bwd";
         softmax_ce::softmax_ce_bwd(self, dlogits, logits.f32(w), labels, n, v, scale)
     }
-    fn gather_rows(&self, out: &mut CudaBuf, src: &CudaBuf, idx: &CudaSlice<i32>, m: usize, c: usize) {
+    fn gather_rows(&self, out: &mut CudaBuf, src: &CudaBuf, idx: &DevMem<i32>, m: usize, c: usize) {
         rows::gather_rows(self, out.f32_mut("gather_rows out"), src, idx, m, c)
     }
-    fn scatter_add_rows(&self, dst: &mut CudaBuf, src: &CudaBuf, idx: &CudaSlice<i32>, m: usize, c: usize) {
+    fn scatter_add_rows(&self, dst: &mut CudaBuf, src: &CudaBuf, idx: &DevMem<i32>, m: usize, c: usize) {
         let w = "scatter_add_rows";
         rows::scatter_add_rows(self, dst.f32_mut(w), src.f32(w), idx, m, c)
     }
@@ -943,8 +1051,8 @@ impl Backend for Cuda {
         l2norm::l2norm_bwd(self, dinp.f32_mut(w), dout.f32(w), out.f32(w), norm.f32(w), m, c)
     }
     fn infonce_fwd(
-        &self, loss: &mut CudaBuf, lse: &mut CudaBuf, z: &CudaBuf, labels: &CudaSlice<i32>, anchor: &CudaSlice<i32>,
-        partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions, inputs: Precision,
+        &self, loss: &mut CudaBuf, lse: &mut CudaBuf, z: &CudaBuf, labels: &DevMem<i32>, anchor: &DevMem<i32>,
+        partner: &DevMem<i32>, m: usize, c: usize, opts: InfoNceOptions, inputs: Precision,
     ) {
         let w = "infonce_fwd";
         infonce::infonce_fwd(
@@ -962,8 +1070,8 @@ impl Backend for Cuda {
         )
     }
     fn infonce_bwd(
-        &self, dz: &mut CudaBuf, z: &CudaBuf, lse: &CudaBuf, labels: &CudaSlice<i32>, anchor: &CudaSlice<i32>,
-        partner: &CudaSlice<i32>, m: usize, c: usize, opts: InfoNceOptions, scale: f32, inputs: Precision,
+        &self, dz: &mut CudaBuf, z: &CudaBuf, lse: &CudaBuf, labels: &DevMem<i32>, anchor: &DevMem<i32>,
+        partner: &DevMem<i32>, m: usize, c: usize, opts: InfoNceOptions, scale: f32, inputs: Precision,
     ) {
         let w = "infonce_bwd";
         infonce::infonce_bwd(

@@ -25,7 +25,7 @@ pub fn quantize(cu: &Cuda, x: &mut CudaBuf, n: usize, precision: Precision) {
     need(x.len(), n, kernel);
     let ni = int(n, "quantize n");
     let mut l = cu.stream.launch_builder(cu.func(kernel));
-    l.arg(x).arg(&ni);
+    l.arg(&mut **x).arg(&ni);
     // SAFETY: (float* x, int n); thread i < n reads and writes x[i]; x holds at least n
     // floats (checked above).
     check(unsafe { l.launch(grid_1d(n, BLOCK)) }, kernel);

@@ -5,7 +5,8 @@
 //! fully asynchronous. So `upload` copies the host data into one of two page-locked
 //! halves and enqueues the copy from there. A half is reused only after the event recorded
 //! when it was last left has completed: in a training loop that is many steps back, so the
-//! wait is instant. Copies larger than a half go the pageable way (model loading).
+//! wait is instant. Copies larger than a half go the pageable way (model loading), and so
+//! does every copy where the driver gives no page-locked memory (`Cuda::new`).
 use cudarc::driver::{result, CudaEvent, CudaStream, DriverError};
 use std::sync::Arc;
 
@@ -25,6 +26,9 @@ pub(super) struct Uploads {
     half: usize,
     /// Allocated on the first upload (none until then).
     halves: Vec<Half>,
+    /// False where the driver gives no page-locked memory: every upload then goes the
+    /// pageable way (`Cuda::new`, `DeviceInfo::pageable_why`).
+    page_locked: bool,
     cur: usize,
     off: usize,
 }
@@ -34,24 +38,26 @@ pub(super) struct Uploads {
 unsafe impl Send for Uploads {}
 
 impl Uploads {
-    pub fn new(stream: Arc<CudaStream>, half: usize) -> Uploads {
+    pub fn new(stream: Arc<CudaStream>, half: usize, page_locked: bool) -> Uploads {
         Uploads {
             stream,
             half,
             halves: Vec::new(),
+            page_locked,
             cur: 0,
             off: 0,
         }
     }
 
     /// Enqueues a copy of `bytes` to the device address `dst` from page-locked memory;
-    /// false (nothing done) when `bytes` is larger than a half.
+    /// false (nothing done) when `bytes` is larger than a half, or there is no page-locked
+    /// memory.
     ///
     /// # Safety
     /// `dst` must be a live device allocation of at least `bytes.len()` bytes, not freed
     /// before the stream has run the copy.
     pub unsafe fn copy(&mut self, dst: u64, bytes: &[u8]) -> Result<bool, DriverError> {
-        if bytes.len() > self.half {
+        if bytes.len() > self.half || !self.page_locked {
             return Ok(false);
         }
         // the raw copy below needs the context current on this thread (the driver's is per
