@@ -691,27 +691,45 @@ fn devices_reports_the_gpu_and_what_auto_picks() {
         (Value::Bool(true), Value::from("cuMemAllocAsync"), Value::Null),
         "{d}"
     );
-    let refused = [("CUDA_EMU_ASYNC_ALLOC", "fail")];
-    let d = json(&refused);
-    let g = g0(&d);
-    assert_eq!(
-        (g["error"].clone(), g["allocator"].clone()),
-        (Value::Null, Value::from("cuMemAlloc")),
-        "{d}"
-    );
-    assert!(
-        g["allocator_note"]
-            .as_str()
-            .is_some_and(|n| n.contains("lists memory pools but cuMemAllocAsync failed") && n.contains("NOT_SUPPORTED")),
-        "{d}"
-    );
-    assert_eq!(g["self_check"]["passed"], true, "{d}");
-    assert_eq!(d["auto"]["device"], "cuda:0", "{d}");
-    let table = devices(&refused, false);
-    assert!(
-        table.contains("memory by cuMemAlloc (the device lists memory pools but cuMemAllocAsync failed"),
-        "{table}"
-    );
+    // each refusal falls back, says why in the JSON and the table, and the device still
+    // passes its self-check and is what auto picks
+    for (knob, (flag, value), (note, why), said) in [
+        (
+            "CUDA_EMU_ASYNC_ALLOC",
+            ("allocator", Value::from("cuMemAlloc")),
+            (
+                "allocator_note",
+                "the device lists memory pools but cuMemAllocAsync failed",
+            ),
+            "memory by cuMemAlloc (the device lists memory pools but cuMemAllocAsync failed",
+        ),
+        (
+            "CUDA_EMU_HOST_ALLOC",
+            ("page_locked", Value::Bool(false)),
+            ("page_locked_note", "cuMemHostAlloc failed"),
+            "host copies through pageable memory, each waiting for the stream: cuMemHostAlloc failed",
+        ),
+    ] {
+        let env = [(knob, "fail")];
+        let d = json(&env);
+        let g = g0(&d);
+        assert_eq!(
+            (g["error"].clone(), g[flag].clone()),
+            (Value::Null, value),
+            "{knob}: {d}"
+        );
+        assert!(
+            g[note]
+                .as_str()
+                .is_some_and(|n| n.contains(why) && n.contains("NOT_SUPPORTED")),
+            "{knob}: {d}"
+        );
+        assert_eq!(g["self_check"]["passed"], true, "{knob}: {d}");
+        assert_eq!(d["auto"]["device"], "cuda:0", "{knob}: {d}");
+        let table = devices(&env, false);
+        assert!(table.contains(said), "{knob}: {table}");
+    }
+    assert_eq!(json(&[])["cuda"]["gpus"][0]["page_locked"], true);
     // forced either way, and a value that is neither
     let d = json(&[("DEEPCUT_CUDA_ALLOCATOR", "plain")]);
     assert_eq!(
@@ -744,28 +762,6 @@ fn devices_reports_the_gpu_and_what_auto_picks() {
         assert!(e.contains(refused), "{env:?}: {d}");
         assert_eq!(d["auto"]["device"], "cpu", "{env:?}: {d}");
     }
-    // without page-locked host memory: host copies through pageable memory, said so
-    let d = json(&[("CUDA_EMU_HOST_ALLOC", "fail")]);
-    let g = g0(&d);
-    assert_eq!(
-        (g["error"].clone(), g["page_locked"].clone()),
-        (Value::Null, Value::Bool(false)),
-        "{d}"
-    );
-    assert!(
-        g["page_locked_note"]
-            .as_str()
-            .is_some_and(|n| n.contains("cuMemHostAlloc failed") && n.contains("NOT_SUPPORTED")),
-        "{d}"
-    );
-    assert_eq!(g["self_check"]["passed"], true, "{d}");
-    assert_eq!(d["auto"]["device"], "cuda:0", "{d}");
-    assert_eq!(json(&[])["cuda"]["gpus"][0]["page_locked"], true);
-    let table = devices(&[("CUDA_EMU_HOST_ALLOC", "fail")], false);
-    assert!(
-        table.contains("host copies through pageable memory, each waiting for the stream: cuMemHostAlloc failed"),
-        "{table}"
-    );
     // without pools: plain allocations, the device's own choice, so no note
     let d = json(&[("CUDA_EMU_MEMORY_POOLS", "0")]);
     let g = g0(&d);
