@@ -298,6 +298,14 @@ if [ "${1:-}" = "--sanitize" ]; then
     [ -n "$PARITY" ] || { echo "--sanitize: no gpu_parity binary: run scripts/gpu-check.sh --build" >&2; exit 1; }
     CS=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null | head -1)
     [ -n "$CS" ] || { echo "--sanitize: no compute-sanitizer on this machine" >&2; exit 1; }
+    # Under gVisor (its kernel reports 4.4.0) compute-sanitizer refuses the device ("Device
+    # not supported", then error 999: the device library's KINDS.md, 2026-11-04), so a run
+    # there would only spend device time. DEEPCUT_SANITIZE_ANYWAY=1 tries regardless.
+    if [ "$(uname -r)" = "4.4.0" ] && [ "${DEEPCUT_SANITIZE_ANYWAY:-0}" != 1 ]; then
+        echo "--sanitize: this machine runs gVisor (kernel $(uname -r)), where compute-sanitizer refuses the device;" \
+             "skipped (DEEPCUT_SANITIZE_ANYWAY=1 to try)" >&2
+        exit 0
+    fi
     echo "== gpu-check --sanitize $(date -u +%Y-%m-%dT%H:%MZ) with $CS"
     for tool in memcheck racecheck synccheck initcheck; do
         enough "compute-sanitizer $tool" || continue
@@ -328,6 +336,8 @@ rm -rf "$LOGS"/run-* "$LOGS"/compare-torch-* "$LOGS"/*.log "$LOGS"/*.csv "$LOGS"
 echo "== gpu-check $(date -u +%Y-%m-%dT%H:%MZ)"
 GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
 echo "GPU: ${GPU:-nvidia-smi not available}"
+# the runtime decides what tools work there (gVisor: no compute-sanitizer, ncu or nsys report)
+echo "kernel $(uname -r)$([ "$(uname -r)" = 4.4.0 ] && echo ' (gVisor)')"
 [ -f "$LOGS/devices.txt" ] && cat "$LOGS/devices.txt"  # what the CLI opens: driver, cuBLAS, NVTX, kernels
 command -v nvcc >/dev/null && nvcc --version | tail -1
 
