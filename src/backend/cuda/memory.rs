@@ -4,7 +4,7 @@
 //! (data-centre GPUs) it allocates with cuMemAllocAsync and frees with cuMemFreeAsync,
 //! otherwise cuMemAlloc / cuMemFree; it offers no way to choose. A GPU reached through a
 //! sandbox's driver proxy may list pools yet refuse stream-ordered allocation (the lent
-//! H200s run under gVisor, where frameworks are seen working but all of them allocate with
+//! H200s may run under gVisor, where frameworks are seen working but all of them allocate with
 //! plain cuMemAlloc). So the backend allocates through [`DevMem`]: cudarc's own allocation
 //! when the stream-ordered allocator works ([`Allocator::StreamOrdered`]), else a block
 //! from cuMemAlloc that cudarc never frees ([`Allocator::Plain`]). `Cuda::new` tries the
