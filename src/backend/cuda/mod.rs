@@ -2,10 +2,11 @@
 //! 16-bit storage for `alloc_rounded`), kernels from kernels/*.cu (compiled by build.rs
 //! with NVRTC and embedded), GEMMs through cuBLASLt.
 //!
-//! Status: written and compiled (every kernel by NVRTC, this code by rustc), checked on
-//! the CPU emulator of tests/cuda_emu, not yet run on a GPU; tests/gpu_parity.rs holds the
-//! evidence to collect. The CLI runs a self-check against the CPU backend before it uses
-//! a device (src/cli/selfcheck.rs), so a GPU on which this backend is wrong is refused.
+//! Status: checked on the CPU emulator of tests/cuda_emu in every CI, and on an H200
+//! (2026-11-30, BENCHMARKS.md "First GPU runs": self-check, runs and 45 of 47 parity
+//! tests pass; two 16-bit bounds do not). The CLI runs a self-check against the CPU
+//! backend before it uses a device (src/cli/selfcheck.rs), so a GPU on which this backend
+//! is wrong is refused.
 //!
 //! Layout mirrors the CPU backend: one file per op family with free functions of the
 //! same name and argument order as the CPU twins (`cuda::layernorm::layernorm_fwd` <->
@@ -605,7 +606,7 @@ impl Cuda {
     }
 
     /// Device memory in use on this GPU (total - free, all processes), for the bench's
-    /// report; None if the driver does not answer. Unverified: not yet run on a GPU.
+    /// report; None if the driver does not answer.
     pub fn memory_used(&self) -> Option<u64> {
         let (free, total) = self.stream.context().mem_get_info().ok()?;
         Some(total.saturating_sub(free) as u64)
