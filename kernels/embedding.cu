@@ -23,7 +23,8 @@ extern "C" __global__ void embedding_fwd_f32(float* out, const int* ids, const i
 // block that starts the row's run in `order` ([3n], the tokens sorted by (index, token) per
 // table, built on the host: scatter_add_sorted in common.cuh). No float atomics: atomicAdd
 // would make the sum's order, and so its last bits, vary run to run.
-// Grid: (n, 3); blockIdx.y picks the table (0 word, 1 position, 2 type).
+// Grid: (n, 3, ceil(c / blockDim.x)); blockIdx.y picks the table (0 word, 1 position, 2
+// type), blockIdx.z the block of columns.
 template <typename T>
 __device__ void embedding_bwd(float* dwte, float* dwpe, float* dwtt, const T* dout, const int* ids, const int* pos,
                               const int* types, const int* order, int n, int c) {

@@ -62,8 +62,9 @@ pub fn embedding_bwd(
     let (ni, ci) = (int(n, "embedding n"), int(c, "embedding c"));
     int(n * c, "embedding n*c");
     int(3 * n, "embedding 3n");
+    // a block per 128 columns of a run: a run's columns are independent sums
     let cfg = LaunchConfig {
-        grid_dim: (n as u32, 3, 1),
+        grid_dim: (n as u32, 3, c.div_ceil(128) as u32),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -79,9 +80,10 @@ pub fn embedding_bwd(
         .arg(&ni)
         .arg(&ci);
     // SAFETY: (float* dwte, float* dwpe, float* dwtt, const float* dout, const int* ids,
-    // const int* pos, const int* types, const int* order, int n, int c); block (k, table)
-    // reads order[table*n..][..n] (a permutation of 0..n by contract) and the dout rows it
-    // names, and updates the table rows named by its index buffer (in range by contract);
+    // const int* pos, const int* types, const int* order, int n, int c); block (k, table, z)
+    // reads order[table*n..][..n] (a permutation of 0..n by contract) and columns
+    // [128 z, 128 z + 128) below c of the dout rows it names, and updates those columns of
+    // the table rows named by its index buffer (in range by contract);
     // dout, the index buffers and order are checked above.
     check(unsafe { l.launch(cfg) }, "embedding_bwd_f32");
 }
