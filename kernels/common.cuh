@@ -137,8 +137,8 @@ __device__ __forceinline__ F block_sum(F x, F* scratch) {
 
 // ---- deterministic scatter-add ----------------------------------------------------------------
 // d[0..c] += the rows src_row(q) for q = q0, q0 + 1, ... < m in that order, block-wide, each
-// thread keeping 4 columns in registers; src_row(q) is a row index, -1 to skip q, or -2
-// to stop. The common part of the two scatter-adds below.
+// thread keeping 4 columns in registers; src_row(q) is a row index, or -1 to skip q.
+// scatter_add_owner's walk (scatter_add_sorted below walks its runs by column).
 template <typename T, typename Rows>
 __device__ __forceinline__ void add_rows_in_order(float* d, const T* src, int c, int q0, int m, Rows src_row) {
     const int stride = blockDim.x * 4;
@@ -151,7 +151,6 @@ __device__ __forceinline__ void add_rows_in_order(float* d, const T* src, int c,
         }
         for (int q = q0; q < m; ++q) {
             const int row = src_row(q);
-            if (row == -2) break;
             if (row < 0) continue;
             const T* s = src + (size_t)row * c;
 #pragma unroll

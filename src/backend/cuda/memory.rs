@@ -100,13 +100,6 @@ impl<T> Drop for DevMem<T> {
     }
 }
 
-impl<T> DevMem<T> {
-    /// The allocator that made this buffer.
-    pub fn allocator(&self) -> Allocator {
-        self.how
-    }
-}
-
 /// `n` elements of `T` from `how`, contents undefined.
 ///
 /// # Safety
