@@ -64,6 +64,26 @@ __device__ __forceinline__ void store2(unsigned short* p, unsigned v) {
 #endif
 }
 
+// Eight 16-bit values at p (16-byte aligned, global or shared memory) in one 16-byte access.
+__device__ __forceinline__ uint4 load16(const unsigned short* p) {
+#ifdef DEEPCUT_CUDA_EMU
+    emu_aligned(p, 16, "load16 (eight 16-bit values as one 16-byte load)");
+    uint4 u;
+    memcpy(&u, p, 16);
+    return u;
+#else
+    return *reinterpret_cast<const uint4*>(p);
+#endif
+}
+__device__ __forceinline__ void store16(unsigned short* p, uint4 v) {
+#ifdef DEEPCUT_CUDA_EMU
+    emu_aligned(p, 16, "store16 (eight 16-bit values as one 16-byte store)");
+    memcpy(p, &v, 16);
+#else
+    *reinterpret_cast<uint4*>(p) = v;
+#endif
+}
+
 // c += a b over the warp (every lane calls it with its fragments).
 __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2], Bf16Tag) {
 #ifdef DEEPCUT_CUDA_EMU

@@ -1967,41 +1967,54 @@ fn rounded_storage_ops<G: Backend>(be: &G, prec: Precision) {
         same_bits(&format!("{tag}: {name}"), g, w);
     }
 
-    // attention: all of q, k, v, out, dout, dq, dk, dv in 16 bits, or all fp32 (rounded)
-    let (b, t, hh, d) = (2, 37, 2, 32);
-    let seqs = [0, 37, 57]; // two packed sequences, of 37 and 20 tokens
-    let tokens = 57;
-    let na = tokens * hh * d;
-    let qkv: Vec<Vec<f32>> = (0..4).map(|s| rng_vec(500 + s, na, 1.5)).collect();
-    let att = |lo_storage: bool| -> Vec<Vec<f32>> {
-        let put = |x: &[f32]| {
-            if lo_storage {
-                up_lo(be, x, prec)
-            } else {
-                up(be, &rounded(x, prec))
-            }
+    // attention: all of q, k, v, out, dout, dq, dk, dv in 16 bits, or all fp32 (rounded).
+    // On CUDA the 16-bit buffers take the kernels' 16-byte tile loads (head dim = the
+    // instantiation's, 32 / 64 / 128), fetched a tile ahead at 32 and 64, the fp32 ones the
+    // element loads: the tiles, so the results, must be the same bits. Packed sequences of
+    // 1-3 tiles of 32 tokens and a partial last tile.
+    for (t, hh, d, lens) in [
+        (37, 2, 32, vec![37, 20]),
+        (70, 2, 64, vec![70, 20, 65]),
+        (40, 1, 128, vec![40, 33]),
+    ] {
+        let b = lens.len();
+        let mut seqs = vec![0i32];
+        for l in &lens {
+            seqs.push(seqs.last().unwrap() + *l as i32);
+        }
+        let tokens = seqs[b] as usize;
+        let na = tokens * hh * d;
+        let qkv: Vec<Vec<f32>> = (0..4).map(|s| rng_vec(500 + s + d as u64, na, 1.5)).collect();
+        let att = |lo_storage: bool| -> Vec<Vec<f32>> {
+            let put = |x: &[f32]| {
+                if lo_storage {
+                    up_lo(be, x, prec)
+                } else {
+                    up(be, &rounded(x, prec))
+                }
+            };
+            let mk = |len: usize| {
+                if lo_storage {
+                    be.alloc_rounded(len, prec)
+                } else {
+                    be.alloc(len)
+                }
+            };
+            let (q, k, v, dout, m) = (put(&qkv[0]), put(&qkv[1]), put(&qkv[2]), put(&qkv[3]), up_i(be, &seqs));
+            let (mut out, mut lse) = (mk(na), be.alloc(tokens * hh));
+            be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &m, b, tokens, t, hh, d, drop, prec);
+            let (mut dq, mut dk, mut dv) = (mk(na), mk(na), mk(na));
+            be.attention_bwd(
+                &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &m, b, tokens, t, hh, d, drop, prec,
+            );
+            let mut outs = vec![be.download(&out, na), be.download(&lse, tokens * hh)];
+            outs.extend([&dq, &dk, &dv].map(|x| be.download(x, na)));
+            outs
         };
-        let mk = |len: usize| {
-            if lo_storage {
-                be.alloc_rounded(len, prec)
-            } else {
-                be.alloc(len)
-            }
-        };
-        let (q, k, v, dout, m) = (put(&qkv[0]), put(&qkv[1]), put(&qkv[2]), put(&qkv[3]), up_i(be, &seqs));
-        let (mut out, mut lse) = (mk(na), be.alloc(tokens * hh));
-        be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &m, b, tokens, t, hh, d, drop, prec);
-        let (mut dq, mut dk, mut dv) = (mk(na), mk(na), mk(na));
-        be.attention_bwd(
-            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &m, b, tokens, t, hh, d, drop, prec,
-        );
-        let mut outs = vec![be.download(&out, na), be.download(&lse, tokens * hh)];
-        outs.extend([&dq, &dk, &dv].map(|x| be.download(x, na)));
-        outs
-    };
-    let (want, got) = (att(false), att(true));
-    for ((name, g), w) in ["out", "lse", "dq", "dk", "dv"].iter().zip(&got).zip(&want) {
-        same_bits(&format!("{tag}: attention {name}"), g, w);
+        let (want, got) = (att(false), att(true));
+        for ((name, g), w) in ["out", "lse", "dq", "dk", "dv"].iter().zip(&got).zip(&want) {
+            same_bits(&format!("{tag}: attention d={d} {name}"), g, w);
+        }
     }
 
     // AdamW writing the GEMM copy into 16-bit storage
