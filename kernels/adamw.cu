@@ -132,9 +132,13 @@ extern "C" __global__ void sum_squares_multi_partials_f32(double* partials, cons
     if (threadIdx.x == 0) partials[blockIdx.x] = s;
 }
 
-// out[0] = sum over tensors (in order) of the in-order sum of that tensor's partials. One
-// block: thread k sums tensors k, k + blockDim, ... (each sequentially, as
-// sum_partials_f64 does), then thread 0 adds the tensors' sums in order.
+// out[0] = sum over tensors (in order) of the in-order sum of that tensor's partials
+// (sum_partials_f64's order, tensor by tensor). Block k sums tensor k's partials into
+// per_tensor[k] (common.cuh sum_in_order; blocks of SUM_BLOCK threads); the last block to
+// finish (common.cuh last_block_of, counter[0]: zero before, left zero) adds them in
+// tensor order in thread 0. Grid: nt blocks. (One thread per tensor walking its partials
+// in global memory made the largest tensor's chain, roberta-base's 38.6M-element word
+// embeddings, the norm's whole time.)
 //
 // stats non-null: thread 0 also makes Backend::clip_adamw_all's decision (its CPU form is
 // the trait's default and ClipState::decide in src/backend/mod.rs, the same f64 operations
@@ -149,18 +153,17 @@ extern "C" __global__ void sum_squares_multi_partials_f32(double* partials, cons
 // grad_scale = f * (1 / loss_scale) when applied (f = clip / norm above clip, else 1), 0
 // otherwise. Written as ClipStats: norm hi, norm lo, state, grad_scale, overflows;
 // adamw_multi_f32 reads the state and grad_scale.
+#define SUM_BLOCK 256
 extern "C" __global__ void sum_partials_multi_f64(double* out, double* per_tensor, const double* partials,
                                                   const SquaresTensor* tensors, int nt, float* stats, float clip,
-                                                  float loss_scale, int overflows_seen) {
-    for (int k = threadIdx.x; k < nt; k += blockDim.x) {
-        double s = 0.0;
-        for (int c = 0; c < tensors[k].nblocks; ++c) s += partials[tensors[k].first_block + c];
-        per_tensor[k] = s;
-    }
-    __syncthreads();
+                                                  float loss_scale, int overflows_seen, unsigned* counter) {
+    __shared__ double tile[SUM_BLOCK];
+    const int k = blockIdx.x;
+    const double mine = sum_in_order(partials + tensors[k].first_block, tensors[k].nblocks, tile);
+    if (threadIdx.x == 0) per_tensor[k] = mine;
+    if (!last_block_of(counter, gridDim.x)) return;
+    const double s = sum_in_order(per_tensor, nt, tile);
     if (threadIdx.x == 0) {
-        double s = 0.0;
-        for (int k = 0; k < nt; ++k) s += per_tensor[k];
         out[0] = s;
         if (stats) {
             double norm = sqrt(s) / (double)loss_scale;
@@ -217,10 +220,10 @@ extern "C" __global__ void sum_squares_partials_f32(double* partials, const floa
     if (threadIdx.x == 0) partials[blockIdx.x] = s;
 }
 
-// out[0] = sum of partials[0..k] in order (one thread; k = n / 4096 is small).
+// out[0] = sum of partials[0..k] in order. One block of SUM_BLOCK threads (common.cuh
+// sum_in_order).
 extern "C" __global__ void sum_partials_f64(double* out, const double* partials, int k) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    double s = 0.0;
-    for (int i = 0; i < k; ++i) s += partials[i];
-    out[0] = s;
+    __shared__ double tile[SUM_BLOCK];
+    const double s = sum_in_order(partials, k, tile);
+    if (threadIdx.x == 0) out[0] = s;
 }

@@ -1980,7 +1980,7 @@ fn rounded_storage_ops<G: Backend>(be: &G, prec: Precision) {
         let b = lens.len();
         let mut seqs = vec![0i32];
         for l in &lens {
-            seqs.push(seqs.last().unwrap() + *l as i32);
+            seqs.push(seqs.last().unwrap() + *l);
         }
         let tokens = seqs[b] as usize;
         let na = tokens * hh * d;
@@ -2532,8 +2532,9 @@ parity_test!(
     fused_adamw_and_norm_over_many_tensors_body
 );
 fn fused_adamw_and_norm_over_many_tensors_body<G: Backend>(g: &G) {
-    let sizes = [1usize, 0, 2047, 2048, 2049, 4096, 4097, 131_071, 7];
-    let decays = [true, false, true, true, false, true, false, true, false];
+    // 1,100,000: 269 partials, more than the 256 a block of the in-order sum stages at once
+    let sizes = [1usize, 0, 2047, 2048, 2049, 4096, 4097, 131_071, 7, 1_100_000];
+    let decays = [true, false, true, true, false, true, false, true, false, true];
     let init = adam_tensors(&mut Rng(113), &sizes);
     fn go<B: Backend>(be: &B, init: &[[Vec<f32>; 4]], sizes: &[usize], decays: &[bool]) -> (Vec<Vec<f32>>, Vec<f64>) {
         let mut bufs: Vec<[B::Buf; 4]> = init.iter().map(|t| t.clone().map(|x| up(be, &x))).collect();
@@ -2546,7 +2547,16 @@ fn fused_adamw_and_norm_over_many_tensors_body<G: Backend>(g: &G) {
         let mut lows: Vec<B::Buf> = sizes.iter().map(|&n| be.alloc(n + SLACK)).collect();
         for (step, keep) in [(1u64, sizes.len()), (2, sizes.len()), (3, sizes.len() - 2)] {
             let grads: Vec<(&B::Buf, usize)> = bufs[..keep].iter().zip(sizes).map(|(b, &n)| (&b[1], n)).collect();
-            norms.push(be.sum_squares_all(&grads));
+            let all = be.sum_squares_all(&grads);
+            // the tensors' own norms added in tensor order, bit for bit (partials in order)
+            let each = grads.iter().fold(0.0f64, |s, &(b, n)| s + be.sum_squares(b, n));
+            assert_eq!(
+                all.to_bits(),
+                each.to_bits(),
+                "{}: sum_squares_all {all} is not the per-tensor sums added in order, {each}",
+                be.name()
+            );
+            norms.push(all);
             let mut slots: Vec<ParamSlot<'_, B::Buf>> = bufs[..keep]
                 .iter_mut()
                 .zip(lows.iter_mut())

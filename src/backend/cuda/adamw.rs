@@ -327,6 +327,9 @@ pub fn zero_all(cu: &Cuda, xs: &mut [(&mut CudaSlice<f32>, usize)]) {
     check(unsafe { l.launch(blocks_of(blocks)) }, "zero_multi_f32");
 }
 
+/// Threads of the in-order partial sums (kernels/adamw.cu `SUM_BLOCK`: their shared tile).
+const SUM_BLOCK: u32 = 256;
+
 /// Enqueues `sum_squares_all`'s two reductions into the scratch f64_b[0], and with `clip`
 /// = (stats address, clip, loss scale, overflows seen or -1) the clipping decision into
 /// stats. False (nothing enqueued) when every tensor is empty.
@@ -345,6 +348,7 @@ fn squares(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)], clip: Option<(u64, f32, f
     let partials = ensure(cu, &mut s.f64_a, blocks);
     let out = ensure(cu, &mut s.f64_b, 1);
     let per_tensor = ensure(cu, &mut s.f64_c, nt);
+    let counter = ensure(cu, &mut s.counters, 1);
     let mut l = cu.stream.launch_builder(cu.func("sum_squares_multi_partials_f32"));
     l.arg(&mut *partials).arg(t).arg(&nti);
     // SAFETY: (double* partials, const SquaresTensor* tensors, int nt); block b reads
@@ -361,17 +365,20 @@ fn squares(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)], clip: Option<(u64, f32, f
         .arg(&stats)
         .arg(&clip)
         .arg(&loss_scale)
-        .arg(&overflows_seen);
+        .arg(&overflows_seen)
+        .arg(&mut *counter);
     // SAFETY: (double* out, double* per_tensor, const double* partials, const
     // SquaresTensor* tensors, int nt, float* stats, float clip, float loss_scale, int
-    // overflows_seen); one block reads partials[..blocks] as the table says, writes
-    // per_tensor[..nt] and out[0]; sizes from ensure; stats is null or a live buffer of
-    // ClipStats::LEN floats (clip_adamw_all checked it).
+    // overflows_seen, unsigned* counter); block k reads tensor k's partials as the table
+    // says (below `blocks`) and writes per_tensor[k], the last block reads per_tensor[..nt]
+    // and writes out[0]; sizes from ensure; counter[0] is zero (ensure's contract) and left
+    // zero; stats is null or a live buffer of ClipStats::LEN floats (clip_adamw_all checked
+    // it). Blocks of SUM_BLOCK threads, the kernel's shared tile.
     check(
         unsafe {
             l.launch(LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (BLOCK, 1, 1),
+                grid_dim: (nt as u32, 1, 1),
+                block_dim: (SUM_BLOCK, 1, 1),
                 shared_mem_bytes: 0,
             })
         },
@@ -381,7 +388,7 @@ fn squares(cu: &Cuda, xs: &[(&CudaSlice<f32>, usize)], clip: Option<(u64, f32, f
 }
 
 /// sum(x[..n]^2) in f64: REDUCE_CHUNK-element partials (a fixed tree per block), summed in
-/// order by one thread, one f64 copied back. Deterministic; differs from the CPU's
+/// order by one block, one f64 copied back. Deterministic; differs from the CPU's
 /// sequential sums only in f64 rounding.
 pub fn sum_squares(cu: &Cuda, x: &CudaSlice<f32>, n: usize) -> f64 {
     if n == 0 {
@@ -407,13 +414,13 @@ pub fn sum_squares(cu: &Cuda, x: &CudaSlice<f32>, n: usize) -> f64 {
     check(unsafe { l.launch(cfg) }, "sum_squares_partials_f32");
     let mut l = cu.stream.launch_builder(cu.func("sum_partials_f64"));
     l.arg(&mut *out).arg(&*partials).arg(&ki);
-    // SAFETY: (double* out, const double* partials, int k); one thread reads partials[..k]
-    // and writes out[0]; sizes from ensure.
+    // SAFETY: (double* out, const double* partials, int k); one block reads partials[..k]
+    // and writes out[0]; sizes from ensure; SUM_BLOCK threads, the kernel's shared tile.
     check(
         unsafe {
             l.launch(LaunchConfig {
                 grid_dim: (1, 1, 1),
-                block_dim: (32, 1, 1),
+                block_dim: (SUM_BLOCK, 1, 1),
                 shared_mem_bytes: 0,
             })
         },
