@@ -51,6 +51,66 @@ __device__ __forceinline__ float round_as(float x, int mode) {
     return mode == 1 ? __bfloat162float(__float2bfloat16_rn(x)) : mode == 2 ? __half2float(__float2half_rn(x)) : x;
 }
 
+// ---- four elements at once ------------------------------------------------------------------
+// A plain value of type V (uint2, uint4) at p, p aligned to sizeof(V): one wide access.
+template <typename V>
+__device__ __forceinline__ V ld_vec(const void* p) {
+#ifdef DEEPCUT_CUDA_EMU
+    emu_aligned(p, (int)sizeof(V), "ld_vec (a wide load)");
+    V v;
+    memcpy(&v, p, sizeof(V));
+    return v;
+#else
+    return *reinterpret_cast<const V*>(p);
+#endif
+}
+template <typename V>
+__device__ __forceinline__ void st_vec(void* p, V v) {
+#ifdef DEEPCUT_CUDA_EMU
+    emu_aligned(p, (int)sizeof(V), "st_vec (a wide store)");
+    memcpy(p, &v, sizeof(V));
+#else
+    *reinterpret_cast<V*>(p) = v;
+#endif
+}
+__device__ __forceinline__ float half_bits_to_f32(unsigned b, int t) {
+    return t == 1 ? __int_as_float((int)(b << 16)) : __half2float(__ushort_as_half((unsigned short)b));
+}
+__device__ __forceinline__ unsigned f32_to_half_bits(float x, int t) {
+    return t == 1 ? (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(x))
+                  : (unsigned)__half_as_ushort(__float2half_rn(x));
+}
+// Whether p (null: no buffer) of storage t can be read four elements at a time from any
+// 4-element boundary: 16 bytes (fp32) or 8 bytes (16-bit) aligned.
+__device__ __forceinline__ bool vec4_ok(const void* p, int t) { return ((size_t)p & (t == 0 ? 15 : 7)) == 0; }
+// v = elements i .. i + 3 of p (storage t, ld's codes) as fp32; i a multiple of 4, p vec4_ok.
+__device__ __forceinline__ void ld4(float (&v)[4], const void* p, int t, size_t i) {
+    if (t == 0) {
+        const uint4 u = ld_vec<uint4>((const float*)p + i);
+        v[0] = __int_as_float((int)u.x);
+        v[1] = __int_as_float((int)u.y);
+        v[2] = __int_as_float((int)u.z);
+        v[3] = __int_as_float((int)u.w);
+    } else {
+        const uint2 u = ld_vec<uint2>((const unsigned short*)p + i);
+        v[0] = half_bits_to_f32(u.x & 0xffffu, t);
+        v[1] = half_bits_to_f32(u.x >> 16, t);
+        v[2] = half_bits_to_f32(u.y & 0xffffu, t);
+        v[3] = half_bits_to_f32(u.y >> 16, t);
+    }
+}
+// Elements i .. i + 3 of p = v, rounded to 16 bits as st does for 16-bit storage.
+__device__ __forceinline__ void st4(void* p, int t, size_t i, const float (&v)[4]) {
+    if (t == 0) {
+        st_vec<uint4>((float*)p + i, make_uint4((unsigned)__float_as_int(v[0]), (unsigned)__float_as_int(v[1]),
+                                                (unsigned)__float_as_int(v[2]), (unsigned)__float_as_int(v[3])));
+    } else {
+        st_vec<uint2>((unsigned short*)p + i,
+                      make_uint2(f32_to_half_bits(v[0], t) | (f32_to_half_bits(v[1], t) << 16),
+                                 f32_to_half_bits(v[2], t) | (f32_to_half_bits(v[3], t) << 16)));
+    }
+}
+
 // ---- Philox4x32-10 (Salmon et al. SC'11), as src/backend/philox.rs ------------------------
 // Counter = [group lo, group hi, stream lo, stream hi], key = [seed lo, seed hi]; element
 // idx uses word idx & 3 of counter group idx >> 2. u = (word >> 8) * 2^-24 is exact in
@@ -290,9 +350,18 @@ __device__ __forceinline__ double sum_in_order(const double* x, long long k, dou
 }
 
 // dst[j] += partial[0, j], then += partial[1, j], ... (accumulates, as parameter gradients
-// do). The partials were written by other blocks: read past L1 (__ldcg).
+// do). The partials were written by other blocks: read past L1 (__ldcg), eight at a time
+// so their loads overlap (the adds stay in order).
 __device__ __forceinline__ void add_partials(float* dst, const float* partial, int nchunks, int cols, int j) {
     float d = dst[j];
-    for (int k = 0; k < nchunks; ++k) d += __ldcg(partial + (size_t)k * cols + j);
+    int k = 0;
+    for (; k + 8 <= nchunks; k += 8) {
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) v[u] = __ldcg(partial + (size_t)(k + u) * cols + j);
+#pragma unroll
+        for (int u = 0; u < 8; ++u) d += v[u];
+    }
+    for (; k < nchunks; ++k) d += __ldcg(partial + (size_t)k * cols + j);
     dst[j] = d;
 }

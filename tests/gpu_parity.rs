@@ -1282,72 +1282,76 @@ parity_test!(
     layernorm_with_and_without_residual_body
 );
 fn layernorm_with_and_without_residual_body<G: Backend>(g: &G) {
-    let (n, c) = (131, 77);
-    let mut rng = Rng(104);
-    let (x, res, w, b, dout, dw0, db0) = (
-        rng.vec(n * c, 2.0).iter().map(|v| v + 0.5).collect::<Vec<f32>>(),
-        rng.vec(n * c, 1.0),
-        rng.vec(c, 1.0).iter().map(|v| 1.0 + 0.3 * v).collect::<Vec<f32>>(),
-        rng.vec(c, 0.5),
-        rng.vec(n * c, 1.0),
-        rng.vec(c, 1.0),
-        rng.vec(c, 1.0),
-    );
-    #[allow(clippy::too_many_arguments)]
-    fn go<B: Backend>(
-        be: &B, x: &[f32], res: Option<&[f32]>, w: &[f32], b: &[f32], dout: &[f32], dw0: &[f32], db0: &[f32],
-        stats: Option<(&[f32], &[f32])>, n: usize, c: usize,
-    ) -> Vec<Vec<f32>> {
-        let (dx, dr, dwt, dbs) = (up(be, x), res.map(|r| up(be, r)), up(be, w), up(be, b));
-        let (mut out, mut mean, mut rstd) = (be.alloc(n * c), be.alloc(n), be.alloc(n));
-        be.layernorm_fwd(
-            &mut out,
-            &mut mean,
-            &mut rstd,
-            &dx,
-            dr.as_ref(),
-            &dwt,
-            &dbs,
-            n,
-            c,
-            1e-5,
-            Precision::Fp32,
+    // c 77: rows start inside a Philox group (the element kernels); 384: the _vec4 row
+    // kernels and the parameter gradient's shared mask draws; 2052: wider than the
+    // _vec4 kernels take, with the shared draws
+    for (n, c) in [(131, 77), (70, 384), (9, 2052)] {
+        let mut rng = Rng(104 + c as u64);
+        let (x, res, w, b, dout, dw0, db0) = (
+            rng.vec(n * c, 2.0).iter().map(|v| v + 0.5).collect::<Vec<f32>>(),
+            rng.vec(n * c, 1.0),
+            rng.vec(c, 1.0).iter().map(|v| 1.0 + 0.3 * v).collect::<Vec<f32>>(),
+            rng.vec(c, 0.5),
+            rng.vec(n * c, 1.0),
+            rng.vec(c, 1.0),
+            rng.vec(c, 1.0),
         );
-        // backward from given statistics (the CPU's), so it is tested on its own
-        let given = stats.map(|(m, r)| (up(be, m), up(be, r)));
-        let (mean_in, rstd_in) = match &given {
-            Some((m, r)) => (m, r),
-            None => (&mean, &rstd),
-        };
-        let (mut dinp, mut dw, mut db) = (be.alloc(n * c), up(be, dw0), up(be, db0));
-        be.layernorm_bwd(
-            &mut dinp,
-            &mut dw,
-            &mut db,
-            &up(be, dout),
-            &dx,
-            dr.as_ref(),
-            &dwt,
-            mean_in,
-            rstd_in,
-            n,
-            c,
-        );
-        vec![
-            be.download(&out, n * c),
-            be.download(&mean, n),
-            be.download(&rstd, n),
-            be.download(&dinp, n * c),
-            be.download(&dw, c),
-            be.download(&db, c),
-        ]
-    }
-    for res in [None, Some(&res[..])] {
-        let rc = go(&Cpu, &x, res, &w, &b, &dout, &dw0, &db0, None, n, c);
-        let rg = go(g, &x, res, &w, &b, &dout, &dw0, &db0, Some((&rc[1], &rc[2])), n, c);
-        let tag = if res.is_some() { "with residual" } else { "no residual" };
-        for (i, what) in ["out", "mean", "rstd", "dinp", "dweight", "dbias"].iter().enumerate() {
-            compare(&format!("layernorm {what} ({tag})"), &rg[i], &rc[i], TOL_KERNEL);
+        #[allow(clippy::too_many_arguments)]
+        fn go<B: Backend>(
+            be: &B, x: &[f32], res: Option<&[f32]>, w: &[f32], b: &[f32], dout: &[f32], dw0: &[f32], db0: &[f32],
+            stats: Option<(&[f32], &[f32])>, n: usize, c: usize,
+        ) -> Vec<Vec<f32>> {
+            let (dx, dr, dwt, dbs) = (up(be, x), res.map(|r| up(be, r)), up(be, w), up(be, b));
+            let (mut out, mut mean, mut rstd) = (be.alloc(n * c), be.alloc(n), be.alloc(n));
+            be.layernorm_fwd(
+                &mut out,
+                &mut mean,
+                &mut rstd,
+                &dx,
+                dr.as_ref(),
+                &dwt,
+                &dbs,
+                n,
+                c,
+                1e-5,
+                Precision::Fp32,
+            );
+            // backward from given statistics (the CPU's), so it is tested on its own
+            let given = stats.map(|(m, r)| (up(be, m), up(be, r)));
+            let (mean_in, rstd_in) = match &given {
+                Some((m, r)) => (m, r),
+                None => (&mean, &rstd),
+            };
+            let (mut dinp, mut dw, mut db) = (be.alloc(n * c), up(be, dw0), up(be, db0));
+            be.layernorm_bwd(
+                &mut dinp,
+                &mut dw,
+                &mut db,
+                &up(be, dout),
+                &dx,
+                dr.as_ref(),
+                &dwt,
+                mean_in,
+                rstd_in,
+                n,
+                c,
+            );
+            vec![
+                be.download(&out, n * c),
+                be.download(&mean, n),
+                be.download(&rstd, n),
+                be.download(&dinp, n * c),
+                be.download(&dw, c),
+                be.download(&db, c),
+            ]
+        }
+        for res in [None, Some(&res[..])] {
+            let rc = go(&Cpu, &x, res, &w, &b, &dout, &dw0, &db0, None, n, c);
+            let rg = go(g, &x, res, &w, &b, &dout, &dw0, &db0, Some((&rc[1], &rc[2])), n, c);
+            let tag = if res.is_some() { "with residual" } else { "no residual" };
+            for (i, what) in ["out", "mean", "rstd", "dinp", "dweight", "dbias"].iter().enumerate() {
+                compare(&format!("layernorm {what} ({tag}, c {c})"), &rg[i], &rc[i], TOL_KERNEL);
+            }
         }
     }
 }
@@ -1358,143 +1362,152 @@ parity_test!(dropout_layernorm_fused, dropout_layernorm_fused_body);
 /// layernorm_fwd; layernorm_bwd then dropout_bwd), in fp32 and with bf16 rounding. c odd:
 /// rows start inside a Philox counter group.
 fn dropout_layernorm_fused_body<G: Backend>(g: &G) {
-    let (n, c) = (131, 77);
-    let mut rng = Rng(105);
-    let (x, res, w, b, dout) = (
-        rng.vec(n * c, 2.0),
-        rng.vec(n * c, 1.0),
-        rng.vec(c, 1.0).iter().map(|v| 1.0 + 0.3 * v).collect::<Vec<f32>>(),
-        rng.vec(c, 0.5),
-        rng.vec(n * c, 1.0),
-    );
-    let d = Dropout::new(0.1, 5, 2, 3);
-    #[allow(clippy::too_many_arguments)]
-    fn fused<B: Backend>(
-        be: &B, x: &[f32], res: Option<&[f32]>, w: &[f32], b: &[f32], dout: &[f32], d: Dropout, n: usize, c: usize,
-        p: Precision,
-    ) -> Vec<Vec<f32>> {
-        let (dx, dr, dwt, dbs) = (up(be, x), res.map(|r| up(be, r)), up(be, w), up(be, b));
-        let (mut out, mut mean, mut rstd) = (be.alloc(n * c), be.alloc(n), be.alloc(n));
-        be.dropout_layernorm_fwd(
-            &mut out,
-            &mut mean,
-            &mut rstd,
-            &dx,
-            d,
-            dr.as_ref(),
-            &dwt,
-            &dbs,
-            n,
-            c,
-            1e-5,
-            p,
+    // c 77: rows start inside a Philox group (the element kernels); 384: the _vec4 row
+    // kernels and the parameter gradient's shared mask draws; 2052: wider than the
+    // _vec4 kernels take, with the shared draws
+    for (n, c) in [(131, 77), (70, 384), (9, 2052)] {
+        let mut rng = Rng(105 + c as u64);
+        let (x, res, w, b, dout) = (
+            rng.vec(n * c, 2.0),
+            rng.vec(n * c, 1.0),
+            rng.vec(c, 1.0).iter().map(|v| 1.0 + 0.3 * v).collect::<Vec<f32>>(),
+            rng.vec(c, 0.5),
+            rng.vec(n * c, 1.0),
         );
-        let (mut dsum, mut dinp, mut dw, mut db) = (be.alloc(n * c), be.alloc(n * c), be.alloc(c), be.alloc(c));
-        let g = up(be, dout);
-        let mut dinp_bias = up(be, b); // accumulates onto what is there
-        be.dropout_layernorm_bwd(
-            &mut dsum,
-            Some(&mut dinp),
-            Some(&mut dinp_bias),
-            &mut dw,
-            &mut db,
-            &g,
-            &dx,
-            d,
-            dr.as_ref(),
-            &dwt,
-            &mean,
-            &rstd,
-            n,
-            c,
-            p,
-        );
-        vec![
-            be.download(&out, n * c),
-            be.download(&mean, n),
-            be.download(&rstd, n),
-            be.download(&dsum, n * c),
-            be.download(&dinp, n * c),
-            be.download(&dw, c),
-            be.download(&db, c),
-            be.download(&dinp_bias, c),
-        ]
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn unfused<B: Backend>(
-        be: &B, x: &[f32], res: Option<&[f32]>, w: &[f32], b: &[f32], dout: &[f32], d: Dropout, n: usize, c: usize,
-        p: Precision,
-    ) -> Vec<Vec<f32>> {
-        let (dx, dr, dwt, dbs) = (up(be, x), res.map(|r| up(be, r)), up(be, w), up(be, b));
-        let mut dropped = be.alloc(n * c);
-        be.dropout_fwd(&mut dropped, &dx, n * c, d, Precision::Fp32);
-        let (mut out, mut mean, mut rstd) = (be.alloc(n * c), be.alloc(n), be.alloc(n));
-        be.layernorm_fwd(
-            &mut out,
-            &mut mean,
-            &mut rstd,
-            &dropped,
-            dr.as_ref(),
-            &dwt,
-            &dbs,
-            n,
-            c,
-            1e-5,
-            p,
-        );
-        let (mut dsum, mut dinp, mut dw, mut db) = (be.alloc(n * c), be.alloc(n * c), be.alloc(c), be.alloc(c));
-        let g = up(be, dout);
-        be.layernorm_bwd(
-            &mut dsum,
-            &mut dw,
-            &mut db,
-            &g,
-            &dropped,
-            dr.as_ref(),
-            &dwt,
-            &mean,
-            &rstd,
-            n,
-            c,
-        );
-        be.dropout_bwd(&mut dinp, &dsum, n * c, d, p);
-        let mut dinp_bias = up(be, b);
-        be.bias_grad(&mut dinp_bias, &dinp, n, c);
-        vec![
-            be.download(&out, n * c),
-            be.download(&mean, n),
-            be.download(&rstd, n),
-            be.download(&dsum, n * c),
-            be.download(&dinp, n * c),
-            be.download(&dw, c),
-            be.download(&db, c),
-            be.download(&dinp_bias, c),
-        ]
-    }
-    let names = ["out", "mean", "rstd", "dsum", "dinp", "dweight", "dbias", "dinp_bias"];
-    for res in [None, Some(&res[..])] {
-        let tag = if res.is_some() { "with residual" } else { "no residual" };
-        let rc = fused(&Cpu, &x, res, &w, &b, &dout, d, n, c, Precision::Fp32);
-        let rg = fused(g, &x, res, &w, &b, &dout, d, n, c, Precision::Fp32);
-        for (i, what) in names.iter().enumerate() {
-            compare(&format!("dropout_layernorm {what} ({tag})"), &rg[i], &rc[i], TOL_KERNEL);
-        }
-        assert!(
-            rg[4].iter().filter(|v| **v == 0.0).count() > n * c / 20,
-            "{tag}: nothing dropped"
-        );
-        for p in [Precision::Fp32, Precision::Bf16] {
-            let (a, b_) = (
-                fused(g, &x, res, &w, &b, &dout, d, n, c, p),
-                unfused(g, &x, res, &w, &b, &dout, d, n, c, p),
+        let d = Dropout::new(0.1, 5, 2, 3);
+        #[allow(clippy::too_many_arguments)]
+        fn fused<B: Backend>(
+            be: &B, x: &[f32], res: Option<&[f32]>, w: &[f32], b: &[f32], dout: &[f32], d: Dropout, n: usize, c: usize,
+            p: Precision,
+        ) -> Vec<Vec<f32>> {
+            let (dx, dr, dwt, dbs) = (up(be, x), res.map(|r| up(be, r)), up(be, w), up(be, b));
+            let (mut out, mut mean, mut rstd) = (be.alloc(n * c), be.alloc(n), be.alloc(n));
+            be.dropout_layernorm_fwd(
+                &mut out,
+                &mut mean,
+                &mut rstd,
+                &dx,
+                d,
+                dr.as_ref(),
+                &dwt,
+                &dbs,
+                n,
+                c,
+                1e-5,
+                p,
             );
+            let (mut dsum, mut dinp, mut dw, mut db) = (be.alloc(n * c), be.alloc(n * c), be.alloc(c), be.alloc(c));
+            let g = up(be, dout);
+            let mut dinp_bias = up(be, b); // accumulates onto what is there
+            be.dropout_layernorm_bwd(
+                &mut dsum,
+                Some(&mut dinp),
+                Some(&mut dinp_bias),
+                &mut dw,
+                &mut db,
+                &g,
+                &dx,
+                d,
+                dr.as_ref(),
+                &dwt,
+                &mean,
+                &rstd,
+                n,
+                c,
+                p,
+            );
+            vec![
+                be.download(&out, n * c),
+                be.download(&mean, n),
+                be.download(&rstd, n),
+                be.download(&dsum, n * c),
+                be.download(&dinp, n * c),
+                be.download(&dw, c),
+                be.download(&db, c),
+                be.download(&dinp_bias, c),
+            ]
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn unfused<B: Backend>(
+            be: &B, x: &[f32], res: Option<&[f32]>, w: &[f32], b: &[f32], dout: &[f32], d: Dropout, n: usize, c: usize,
+            p: Precision,
+        ) -> Vec<Vec<f32>> {
+            let (dx, dr, dwt, dbs) = (up(be, x), res.map(|r| up(be, r)), up(be, w), up(be, b));
+            let mut dropped = be.alloc(n * c);
+            be.dropout_fwd(&mut dropped, &dx, n * c, d, Precision::Fp32);
+            let (mut out, mut mean, mut rstd) = (be.alloc(n * c), be.alloc(n), be.alloc(n));
+            be.layernorm_fwd(
+                &mut out,
+                &mut mean,
+                &mut rstd,
+                &dropped,
+                dr.as_ref(),
+                &dwt,
+                &dbs,
+                n,
+                c,
+                1e-5,
+                p,
+            );
+            let (mut dsum, mut dinp, mut dw, mut db) = (be.alloc(n * c), be.alloc(n * c), be.alloc(c), be.alloc(c));
+            let g = up(be, dout);
+            be.layernorm_bwd(
+                &mut dsum,
+                &mut dw,
+                &mut db,
+                &g,
+                &dropped,
+                dr.as_ref(),
+                &dwt,
+                &mean,
+                &rstd,
+                n,
+                c,
+            );
+            be.dropout_bwd(&mut dinp, &dsum, n * c, d, p);
+            let mut dinp_bias = up(be, b);
+            be.bias_grad(&mut dinp_bias, &dinp, n, c);
+            vec![
+                be.download(&out, n * c),
+                be.download(&mean, n),
+                be.download(&rstd, n),
+                be.download(&dsum, n * c),
+                be.download(&dinp, n * c),
+                be.download(&dw, c),
+                be.download(&db, c),
+                be.download(&dinp_bias, c),
+            ]
+        }
+        let names = ["out", "mean", "rstd", "dsum", "dinp", "dweight", "dbias", "dinp_bias"];
+        for res in [None, Some(&res[..])] {
+            let tag = if res.is_some() { "with residual" } else { "no residual" };
+            let rc = fused(&Cpu, &x, res, &w, &b, &dout, d, n, c, Precision::Fp32);
+            let rg = fused(g, &x, res, &w, &b, &dout, d, n, c, Precision::Fp32);
             for (i, what) in names.iter().enumerate() {
                 compare(
-                    &format!("dropout_layernorm {what} ({tag}, {p}): fused vs unfused"),
-                    &a[i],
-                    &b_[i],
-                    0.0,
+                    &format!("dropout_layernorm {what} ({tag}, c {c})"),
+                    &rg[i],
+                    &rc[i],
+                    TOL_KERNEL,
                 );
+            }
+            assert!(
+                rg[4].iter().filter(|v| **v == 0.0).count() > n * c / 20,
+                "{tag}: nothing dropped"
+            );
+            for p in [Precision::Fp32, Precision::Bf16] {
+                let (a, b_) = (
+                    fused(g, &x, res, &w, &b, &dout, d, n, c, p),
+                    unfused(g, &x, res, &w, &b, &dout, d, n, c, p),
+                );
+                for (i, what) in names.iter().enumerate() {
+                    compare(
+                        &format!("dropout_layernorm {what} ({tag}, {p}): fused vs unfused"),
+                        &a[i],
+                        &b_[i],
+                        0.0,
+                    );
+                }
             }
         }
     }

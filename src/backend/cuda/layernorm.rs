@@ -3,10 +3,20 @@
 use super::gemm::column_grid;
 use super::{check, ensure, int, need, round_code, Cuda, CudaBuf, DropoutArgs};
 use crate::backend::{Dropout, Precision};
-use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-/// Threads per row block.
+/// Threads per row block (kernels/layernorm.cu LN_THREADS).
 const LN_BLOCK: u32 = 128;
+/// The widest row the _vec4 kernels take (kernels/layernorm.cu LN_MAX_C: four groups of
+/// four per thread).
+const LN_MAX_C: usize = 4 * 4 * LN_BLOCK as usize;
+
+/// Whether the row kernels can read rows four elements at a time (kernels/layernorm.cu
+/// `layernorm_fwd_vec4_f32`): width a multiple of 4 up to LN_MAX_C, and each buffer
+/// (address, storage code; address 0: none) aligned to four of its elements.
+fn vec4(c: usize, bufs: &[(u64, i32)]) -> bool {
+    c.is_multiple_of(4) && c <= LN_MAX_C && bufs.iter().all(|&(a, t)| a.is_multiple_of(if t == 0 { 16 } else { 8 }))
+}
 
 fn row_cfg(n: usize) -> LaunchConfig {
     LaunchConfig {
@@ -42,7 +52,13 @@ pub fn layernorm_fwd(
     int(n * c, "layernorm n*c");
     let (po, to, pi, ti) = (out.addr(&cu.stream), out.code(), inp.addr(&cu.stream), inp.code());
     let (pr, tr) = residual.map_or((0, 0), |r| (r.addr(&cu.stream), r.code()));
-    let mut l = cu.stream.launch_builder(cu.func("layernorm_fwd_f32"));
+    let (pw, pb) = (weight.device_ptr(&cu.stream).0, bias.device_ptr(&cu.stream).0);
+    let name = if vec4(c, &[(po, to), (pi, ti), (pr, tr), (pw, 0), (pb, 0)]) {
+        "layernorm_fwd_vec4_f32"
+    } else {
+        "layernorm_fwd_f32"
+    };
+    let mut l = cu.stream.launch_builder(cu.func(name));
     l.arg(&po)
         .arg(&to)
         .arg(mean)
@@ -64,8 +80,9 @@ pub fn layernorm_fwd(
     // const void* residual (null: none), int res_t, const float* weight, const float* bias,
     // int n, int c, float eps, int round, DropoutArgs drop); block r < n reads row r of inp
     // (and residual), weight and bias [c], writes row r of out, mean[r], rstd[r], each
-    // buffer of its type's storage; sizes checked above.
-    check(unsafe { l.launch(row_cfg(n)) }, "layernorm_fwd_f32");
+    // buffer of its type's storage; sizes checked above; the _vec4 kernel only with the
+    // widths and alignments `vec4` checked, LN_BLOCK threads.
+    check(unsafe { l.launch(row_cfg(n)) }, name);
 }
 
 /// dsum = d loss / d(dropout(inp) + residual) (overwritten); with `dinp`, the gradient of
@@ -116,7 +133,17 @@ pub fn layernorm_bwd(
     let (pd, td) = dinp.map_or((0, 0), |d| (d.addr(&cu.stream), d.code()));
     let (pi, ti) = (inp.addr(&cu.stream), inp.code());
     let (pr, tr) = residual.map_or((0, 0), |r| (r.addr(&cu.stream), r.code()));
-    let mut l = cu.stream.launch_builder(cu.func("layernorm_bwd_dinp_f32"));
+    let (ps, pg, pw) = (
+        dsum.device_ptr(&cu.stream).0,
+        dout.device_ptr(&cu.stream).0,
+        weight.device_ptr(&cu.stream).0,
+    );
+    let name = if vec4(c, &[(ps, 0), (pd, td), (pg, 0), (pi, ti), (pr, tr), (pw, 0)]) {
+        "layernorm_bwd_dinp_vec4_f32"
+    } else {
+        "layernorm_bwd_dinp_f32"
+    };
+    let mut l = cu.stream.launch_builder(cu.func(name));
     l.arg(&mut *dsum)
         .arg(&pd)
         .arg(&td)
@@ -136,8 +163,9 @@ pub fn layernorm_bwd(
     // void* inp, int inp_t, const void* residual (null: none), int res_t, const float*
     // weight, const float* mean, const float* rstd, int n, int c, DropoutArgs drop, int
     // round); block r < n reads row r of dout, inp, residual and mean/rstd[r], writes row r
-    // of dsum and dinp, each buffer of its type's storage; sizes checked above.
-    check(unsafe { l.launch(row_cfg(n)) }, "layernorm_bwd_dinp_f32");
+    // of dsum and dinp, each buffer of its type's storage; sizes checked above; the _vec4
+    // kernel only with the widths and alignments `vec4` checked, LN_BLOCK threads.
+    check(unsafe { l.launch(row_cfg(n)) }, name);
 
     let (cfg, chunks) = column_grid(n, c, 128);
     let mut guard = cu.scratch.lock().unwrap();

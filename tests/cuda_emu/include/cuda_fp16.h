@@ -16,3 +16,8 @@ inline unsigned short __half_as_ushort(__half h) {
     __builtin_memcpy(&u, &h.v, 2);
     return u;
 }
+inline __half __ushort_as_half(unsigned short u) {
+    __half h;
+    __builtin_memcpy(&h.v, &u, 2);
+    return h;
+}
