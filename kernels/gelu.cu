@@ -3,6 +3,7 @@
 #include "common.cuh"
 
 #define REDUCE_ROWS 64  // as kernels/gemm.cu and src/backend/cpu/gemm.rs
+#define GELU_ROWS 8     // rows of a column loaded together (bias_gelu_bwd_f32)
 
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 
@@ -22,6 +23,22 @@ extern "C" __global__ void bias_gelu_fwd_f32(void* out, int out_t, const void* i
     st(out, out_t, i, round_as(gelu(ld(inp, inp_t, i) + bias[i % c]), round));
 }
 
+// bias_gelu_fwd_f32 four elements per thread, for c % 4 == 0 and out, inp and bias aligned
+// to four elements (src/backend/cuda/gelu.rs picks it): 8- or 16-byte accesses and 32-bit
+// index arithmetic (the element kernel's 64-bit `i % c` costs more than the GELU).
+extern "C" __global__ void bias_gelu_fwd_vec4_f32(void* out, int out_t, const void* inp, int inp_t,
+                                                  const float* bias, int n, int c, int round) {
+    const unsigned g = blockIdx.x * blockDim.x + threadIdx.x, groups = (unsigned)n * (unsigned)c / 4;
+    if (g >= groups) return;
+    const unsigned j = (g % ((unsigned)c / 4)) * 4;  // the group's first column
+    float x[4], b[4], y[4];
+    ld4(x, inp, inp_t, 4 * (size_t)g);
+    ld4(b, bias, 0, j);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) y[e] = round_as(gelu(x[e] + b[e]), round);
+    st4(out, out_t, 4 * (size_t)g, y);
+}
+
 // dinp = round_as(dout * gelu'(inp + bias), round) (overwritten), and dbias += the column
 // sums of dinp as stored (as the weight gradient GEMM reads it): one launch and one pass,
 // where an element-wise kernel and a column reduction over the dinp it had just written
@@ -39,10 +56,24 @@ extern "C" __global__ void bias_gelu_bwd_f32(void* dinp, int dinp_t, const void*
         const float b = bias[j];
         int r0 = k * REDUCE_ROWS, r1 = min(n, r0 + REDUCE_ROWS);
         float acc = 0.0f;
-        for (int r = r0; r < r1; ++r) {
-            size_t i = (size_t)r * c + j;
-            st(dinp, dinp_t, i, round_as(ld(dout, dout_t, i) * gelu_grad(ld(inp, inp_t, i) + b), round));
-            acc += ld(dinp, dinp_t, i);  // as stored: what the weight-gradient GEMM reads
+        // GELU_ROWS rows at a time, every load before the first store: dinp may alias dout
+        // or inp as far as the compiler knows, so a store between loads made each row wait
+        // for the last (0.113 ms on an H200 at 6,144 x 3,072, 41% of copy bandwidth).
+        for (int r = r0; r < r1; r += GELU_ROWS) {
+            float go[GELU_ROWS], xi[GELU_ROWS];
+#pragma unroll
+            for (int u = 0; u < GELU_ROWS; ++u) {
+                const size_t i = (size_t)(r + u) * c + j;
+                go[u] = r + u < r1 ? ld(dout, dout_t, i) : 0.0f;
+                xi[u] = r + u < r1 ? ld(inp, inp_t, i) : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < GELU_ROWS; ++u) {
+                if (r + u >= r1) break;
+                const float v = round_as(go[u] * gelu_grad(xi[u] + b), round);
+                st(dinp, dinp_t, (size_t)(r + u) * c + j, v);
+                acc += round_as(v, dinp_t);  // as stored: what the weight-gradient GEMM reads
+            }
         }
         partial[(size_t)k * c + j] = acc;
     }

@@ -39,7 +39,15 @@ extern "C" __global__ void col_sums_f32(ColSums t, int src_t, float* partial, un
     if (j < cols) {
         int r0 = k * REDUCE_ROWS, r1 = min(rows, r0 + REDUCE_ROWS);
         float acc = 0.0f;
-        for (int r = r0; r < r1; ++r) acc += ld(src, src_t, (size_t)r * cols + j);
+        int r = r0;
+        for (; r + 8 <= r1; r += 8) {  // eight loads in flight, added in row order
+            float v[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) v[u] = ld(src, src_t, (size_t)(r + u) * cols + j);
+#pragma unroll
+            for (int u = 0; u < 8; ++u) acc += v[u];
+        }
+        for (; r < r1; ++r) acc += ld(src, src_t, (size_t)r * cols + j);
         part[(size_t)k * cols + j] = acc;
     }
     if (last_block_of_column(counters + (size_t)z * gridDim.x + blockIdx.x) && j < cols)

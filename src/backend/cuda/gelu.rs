@@ -2,7 +2,7 @@
 use super::gemm::column_grid;
 use super::{check, ensure, grid_1d, int, need, round_code, Cuda, CudaBuf, BLOCK};
 use crate::backend::Precision;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 
 /// out = gelu(inp + bias) (erf form), rows of width c, rounded to `rounding`; out and inp
 /// in any storage.
@@ -20,7 +20,15 @@ pub fn bias_gelu_fwd(
     let (ni, ci) = (int(n, "gelu n"), int(c, "gelu c"));
     int(total, "gelu n*c");
     let (po, to, pi, ti) = (out.addr(&cu.stream), out.code(), inp.addr(&cu.stream), inp.code());
-    let mut l = cu.stream.launch_builder(cu.func("bias_gelu_fwd_f32"));
+    // four elements a thread where rows split into aligned groups of four (kernels/gelu.cu)
+    let aligned = |a: u64, t: i32| a.is_multiple_of(if t == 0 { 16 } else { 8 });
+    let vec4 = c.is_multiple_of(4) && aligned(po, to) && aligned(pi, ti) && aligned(bias.device_ptr(&cu.stream).0, 0);
+    let (name, threads) = if vec4 {
+        ("bias_gelu_fwd_vec4_f32", total / 4)
+    } else {
+        ("bias_gelu_fwd_f32", total)
+    };
+    let mut l = cu.stream.launch_builder(cu.func(name));
     let round = round_code(rounding);
     l.arg(&po)
         .arg(&to)
@@ -32,8 +40,9 @@ pub fn bias_gelu_fwd(
         .arg(&round);
     // SAFETY: (void* out, int out_t, const void* inp, int inp_t, const float* bias, int n,
     // int c, int round); one thread per element < n*c of out and inp (each of its type's
-    // storage), bias[..c]; sizes checked above.
-    check(unsafe { l.launch(grid_1d(total, BLOCK)) }, "bias_gelu_fwd_f32");
+    // storage), bias[..c]; the _vec4 kernel one per group of four, with c % 4 == 0 and the
+    // alignments checked above; sizes checked above.
+    check(unsafe { l.launch(grid_1d(threads, BLOCK)) }, name);
 }
 
 /// dinp = dout * gelu'(inp + bias) (overwritten, rounded to `rounding`); dbias += column
