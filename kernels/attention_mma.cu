@@ -54,6 +54,83 @@ __device__ __noinline__ void am_factor2(const DropoutArgs& drop, int bi, int hi,
                                          : dropout_factor(drop, idx + 1);
 }
 
+// Philox's four words of counter group `group` (not inlined, as above).
+__device__ __noinline__ uint4 am_words(const DropoutArgs& drop, unsigned long long group) {
+    return dropout_words(drop, group);
+}
+
+// The factors f[half][c] of this lane's fragment elements in the forward and dQ kernels:
+// query row row0 + g + 8 half, key column j + c (j = j0 + nt * 8 + c2, even). With t % 4 ==
+// 0 the lanes q and q ^ 1 of a quad need the same two counter groups (keys j & ~3 .. + 3 of
+// both rows): each draws one (the even lane row g's, the odd lane row g + 8's) and they
+// trade the two words the other needs, one Philox call per lane where am_factor2 took two.
+__device__ __forceinline__ void am_factors_q(const DropoutArgs& drop, int bi, int hi, int row0, int j, int t, int h,
+                                             float (&f)[2][2]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2;
+    if ((t & 3) == 0) {
+        const bool odd = lane & 1;
+        const unsigned long long idx =
+            (((unsigned long long)(bi * h + hi) * t + (row0 + g + (odd ? 8 : 0))) * t) + (j & ~3);
+        const uint4 w = am_words(drop, idx >> 2);
+        const unsigned r0 = __shfl_xor_sync(FULL_MASK, odd ? w.x : w.z, 1);
+        const unsigned r1 = __shfl_xor_sync(FULL_MASK, odd ? w.y : w.w, 1);
+        // even lane: keys j, j + 1 are words 0, 1 (its own row g; row g + 8's from the odd
+        // lane); odd lane: words 2, 3 (row g's from the even lane; its own row g + 8)
+        f[0][0] = factor_of_word(drop, odd ? r0 : w.x);
+        f[0][1] = factor_of_word(drop, odd ? r1 : w.y);
+        f[1][0] = factor_of_word(drop, odd ? w.z : r0);
+        f[1][1] = factor_of_word(drop, odd ? w.w : r1);
+    } else {
+        am_factor2(drop, bi, hi, row0 + g, j, t, h, f[0][0], f[0][1]);
+        am_factor2(drop, bi, hi, row0 + g + 8, j, t, h, f[1][0], f[1][1]);
+    }
+}
+
+// The factors f[nt][half][c] of this lane's fragment elements in the dK / dV kernel: key
+// row row0 + g + 8 half, query i0 + nt * 8 + c2 + c. Here a counter group runs over four
+// key rows, held by the lanes k = g % 4 = 0..3 of the same (g / 4, c2). With t % 4 == 0
+// lane k draws the four groups of its own nt = k and, in four rounds u, lane k takes from
+// lane (k + u) % 4 its word k of that lane's groups (the rotation lets every lane send one
+// value per shuffle): four Philox calls per lane per tile where am_factor made sixteen.
+__device__ __forceinline__ void am_factors_k(const DropoutArgs& drop, int bi, int hi, int row0, int i0, int t, int h,
+                                             float (&f)[AM_TILE / 8][2][2]) {
+    static_assert(AM_TILE / 8 == 4, "one n-tile per lane of a group of four key rows");
+    const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+    const unsigned long long bh = (unsigned long long)(bi * h + hi);
+    if ((t & 3) == 0) {
+        const int k = g & 3;
+        uint4 w[2][2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const unsigned long long i = (unsigned long long)(i0 + k * 8 + c2 + c);
+                w[half][c] = am_words(drop, ((bh * t + i) * t + (row0 + 8 * half + (g & ~3))) >> 2);
+            }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int from = (k + u) & 3, src = (lane & ~12) | (from << 2);
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const unsigned got = __shfl_sync(FULL_MASK, word_at(w[half][c], (k - u) & 3), src);
+                    const float fac = factor_of_word(drop, got);
+#pragma unroll
+                    for (int nt = 0; nt < 4; ++nt) f[nt][half][c] = nt == from ? fac : f[nt][half][c];
+                }
+        }
+    } else {
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+#pragma unroll
+                for (int c = 0; c < 2; ++c)
+                    f[nt][half][c] = am_factor(drop, bi, hi, i0 + nt * 8 + c2 + c, row0 + g + 8 * half, t, h);
+    }
+}
+
 // Element i of an activation buffer as 16-bit bits of Tag's type, and as the fp32 value of
 // those bits: stored in 16 bits (io) it is read as is, stored as fp32 it is rounded.
 template <typename Tag>
@@ -313,19 +390,19 @@ __device__ void attention_fwd_mma(void* out, float* lse, const void* q, const vo
             }
         }
 #pragma unroll
-        for (int nt = 0; nt < AM_TILE / 8; ++nt)
+        for (int nt = 0; nt < AM_TILE / 8; ++nt) {
+            float f[2][2] = {{1.0f, 1.0f}, {1.0f, 1.0f}};
+            if (dropping) am_factors_q(drop, bi, hi, row0, j0 + nt * 8 + c2, t, h, f);
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                float f[2] = {1.0f, 1.0f};
-                if (dropping) am_factor2(drop, bi, hi, row0 + g + 8 * half, j0 + nt * 8 + c2, t, h, f[0], f[1]);
+            for (int half = 0; half < 2; ++half)
 #pragma unroll
                 for (int c = 0; c < 2; ++c) {
                     const float x = s[nt][half * 2 + c];
                     const float p = x == NEG_INF ? 0.0f : exp2f(x - big[half]);
                     l[half] += p;
-                    s[nt][half * 2 + c] = p * f[c];
+                    s[nt][half * 2 + c] = p * f[half][c];
                 }
-            }
+        }
         unsigned pa[AM_TILE / 16][4];
         am_c_to_a<Tag>(pa, s);
         am_acc_times_tile<Tag, DP>(acc, pa, vs);
@@ -416,22 +493,22 @@ __device__ void attention_bwd_dq_mma(void* dq, float* dvec, const void* dout, co
         am_rows_times_tile_t<Tag, DP>(s, qa, ks);
         am_rows_times_tile_t<Tag, DP>(dp, ga, vs);
 #pragma unroll
-        for (int nt = 0; nt < AM_TILE / 8; ++nt)
+        for (int nt = 0; nt < AM_TILE / 8; ++nt) {
+            float f[2][2] = {{1.0f, 1.0f}, {1.0f, 1.0f}};
+            if (dropping) am_factors_q(drop, bi, hi, row0, j0 + nt * 8 + c2, t, h, f);
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                float f[2] = {1.0f, 1.0f};
-                if (dropping) am_factor2(drop, bi, hi, row0 + g + 8 * half, j0 + nt * 8 + c2, t, h, f[0], f[1]);
+            for (int half = 0; half < 2; ++half)
 #pragma unroll
                 for (int c = 0; c < 2; ++c) {
                     const int r = half * 2 + c, col = nt * 8 + c2 + c;
                     float ds = 0.0f;
                     if (mk[col] > 0.5f && ls2[half] != NEG_INF) {
                         const float p = exp2f(s[nt][r] * scale * AM_LOG2E - ls2[half]);
-                        ds = p * (dp[nt][r] * f[c] - dd[half]) * scale;
+                        ds = p * (dp[nt][r] * f[half][c] - dd[half]) * scale;
                     }
                     s[nt][r] = ds;
                 }
-            }
+        }
         unsigned sa[AM_TILE / 16][4];
         am_c_to_a<Tag>(sa, s);
         am_acc_times_tile<Tag, DP>(acc, sa, ks);
@@ -508,6 +585,8 @@ __device__ void attention_bwd_dkdv_mma(void* dk, void* dv, const void* dout, con
         float st[AM_TILE / 8][4], dpt[AM_TILE / 8][4];  // S^T and dP^T: key rows x query columns
         am_rows_times_tile_t<Tag, DP>(st, ka, qs);
         am_rows_times_tile_t<Tag, DP>(dpt, va, gs);
+        float fk[AM_TILE / 8][2][2];
+        if (dropping) am_factors_k(drop, bi, hi, row0, i0, t, h, fk);
 #pragma unroll
         for (int nt = 0; nt < AM_TILE / 8; ++nt)
 #pragma unroll
@@ -516,9 +595,7 @@ __device__ void attention_bwd_dkdv_mma(void* dk, void* dv, const void* dout, con
                 float pf = 0.0f, ds = 0.0f;
                 if (key_on[half] && ls2[col] != NEG_INF) {
                     const float p = exp2f(st[nt][r] * scale * AM_LOG2E - ls2[col]);
-                    const float f =
-                        dropping ? am_factor(drop, bi, hi, i0 + col, row0 + g + 8 * half, t, h)
-                                 : 1.0f;
+                    const float f = dropping ? fk[nt][half][r & 1] : 1.0f;
                     pf = p * f;
                     ds = p * (dpt[nt][r] * f - dd[col]) * scale;
                 }

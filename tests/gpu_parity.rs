@@ -1599,7 +1599,14 @@ parity_test!(
 );
 fn attention_forward_backward_packed_with_dropout_body<G: Backend>(g: &G) {
     let mut rng = Rng(106);
-    for (b, t, h, d) in [(4, 37, 3, 24), (2, 70, 2, 64), (1, 9, 4, 128), (3, 33, 2, 32)] {
+    // t 40 (a multiple of 4): the 16-bit kernels share the dropout draws between lanes
+    for (b, t, h, d) in [
+        (4, 37, 3, 24),
+        (2, 70, 2, 64),
+        (1, 9, 4, 128),
+        (3, 33, 2, 32),
+        (2, 40, 2, 64),
+    ] {
         for p in [0.0, 0.1] {
             let lens = [t, 20.min(t), 1, 0];
             let mut seqs = vec![0i32];
