@@ -9,7 +9,8 @@
 // longest), heads interleaved as the HF linear layers produce them; lse [n, h]. Every
 // token attends to the L tokens of its sequence: no mask, no work on padding. Scale
 // 1/sqrt(d). The dropout counter of probability (i, j) of head (bi, hi) is
-// ((bi*h + hi)*t + i)*t + j. Grids are sized for t; blocks past a sequence's L return.
+// ((bi*h + hi)*tp + i)*tp + j, tp = t rounded up to a multiple of 4 (counter_stride: each
+// row starts a Philox group). Grids are sized for t; blocks past a sequence's L return.
 //
 // Work split (fp32 on CUDA cores; the bf16 / fp16 modes run kernels/attention_mma.cu on
 // tensor cores instead):
@@ -34,8 +35,11 @@ __device__ __forceinline__ size_t head_off(int s0, int i, int hi, int h, int d) 
     return ((size_t)(s0 + i) * h + hi) * d;
 }
 
+// The counters' row length (src/backend/cpu/attention.rs counter_stride).
+__device__ __forceinline__ unsigned long long counter_stride(int t) { return (unsigned long long)((t + 3) & ~3); }
 __device__ __forceinline__ unsigned long long prob_index(int bi, int hi, int i, int j, int t, int h) {
-    return (((unsigned long long)(bi * h + hi) * t + i) * t) + j;
+    const unsigned long long tp = counter_stride(t);
+    return (((unsigned long long)(bi * h + hi) * tp + i) * tp) + j;
 }
 
 // Loads rows r0 .. r0 + ATT_TILE of head hi of the sequence at token s0 (length len) of

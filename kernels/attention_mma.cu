@@ -38,96 +38,67 @@
 __device__ __forceinline__ size_t am_off(int s0, int i, int hi, int h, int d) {
     return ((size_t)(s0 + i) * h + hi) * d;
 }
-// The dropout factor of probability (i, j) of head (bi, hi). Not inlined: the fully unrolled
-// tile loops would otherwise carry one copy of Philox per element (megabytes of SASS).
-__device__ __noinline__ float am_factor(const DropoutArgs& drop, int bi, int hi, int i, int j, int t, int h) {
-    return dropout_factor(drop, (((unsigned long long)(bi * h + hi) * t + i) * t) + j);
-}
-// The factors of (i, j) and (i, j + 1), a fragment's column pair: one Philox call when both
-// fall in the same group of four counters (always when t is a multiple of 4 and j even).
-__device__ __noinline__ void am_factor2(const DropoutArgs& drop, int bi, int hi, int i, int j, int t, int h, float& f0,
-                                        float& f1) {
-    const unsigned long long idx = (((unsigned long long)(bi * h + hi) * t + i) * t) + j;
-    const uint4 w = dropout_words(drop, idx >> 2);
-    f0 = factor_of_word(drop, word_at(w, (int)(idx & 3)));
-    f1 = ((idx + 1) >> 2) == (idx >> 2) ? factor_of_word(drop, word_at(w, (int)((idx + 1) & 3)))
-                                         : dropout_factor(drop, idx + 1);
-}
-
-// Philox's four words of counter group `group` (not inlined, as above).
+// Philox's four words of counter group `group`. Not inlined: the fully unrolled tile loops
+// would otherwise carry a copy of Philox per call site (megabytes of SASS).
 __device__ __noinline__ uint4 am_words(const DropoutArgs& drop, unsigned long long group) {
     return dropout_words(drop, group);
 }
+// Counter group of probabilities (i, j4 .. j4 + 3) of head (bi, hi), j4 a multiple of 4
+// (kernels/attention.cu prob_index: rows of counter_stride(t), a multiple of 4, counters).
+__device__ __forceinline__ unsigned long long am_group(int bi, int hi, int i, int j4, int t, int h) {
+    const unsigned long long tp = (unsigned long long)((t + 3) & ~3);
+    return ((((unsigned long long)(bi * h + hi) * tp + i) * tp) + j4) >> 2;
+}
 
 // The factors f[half][c] of this lane's fragment elements in the forward and dQ kernels:
-// query row row0 + g + 8 half, key column j + c (j = j0 + nt * 8 + c2, even). With t % 4 ==
-// 0 the lanes q and q ^ 1 of a quad need the same two counter groups (keys j & ~3 .. + 3 of
-// both rows): each draws one (the even lane row g's, the odd lane row g + 8's) and they
-// trade the two words the other needs, one Philox call per lane where am_factor2 took two.
+// query row row0 + g + 8 half, key column j + c (j = j0 + nt * 8 + c2, even). The lanes q
+// and q ^ 1 of a quad need the same two counter groups (keys j & ~3 .. + 3 of both rows):
+// each draws one (the even lane row g's, the odd lane row g + 8's) and they trade the two
+// words the other needs: one Philox call per lane per n-tile (a call per pair of elements
+// before).
 __device__ __forceinline__ void am_factors_q(const DropoutArgs& drop, int bi, int hi, int row0, int j, int t, int h,
                                              float (&f)[2][2]) {
     const int lane = threadIdx.x & 31, g = lane >> 2;
-    if ((t & 3) == 0) {
-        const bool odd = lane & 1;
-        const unsigned long long idx =
-            (((unsigned long long)(bi * h + hi) * t + (row0 + g + (odd ? 8 : 0))) * t) + (j & ~3);
-        const uint4 w = am_words(drop, idx >> 2);
-        const unsigned r0 = __shfl_xor_sync(FULL_MASK, odd ? w.x : w.z, 1);
-        const unsigned r1 = __shfl_xor_sync(FULL_MASK, odd ? w.y : w.w, 1);
-        // even lane: keys j, j + 1 are words 0, 1 (its own row g; row g + 8's from the odd
-        // lane); odd lane: words 2, 3 (row g's from the even lane; its own row g + 8)
-        f[0][0] = factor_of_word(drop, odd ? r0 : w.x);
-        f[0][1] = factor_of_word(drop, odd ? r1 : w.y);
-        f[1][0] = factor_of_word(drop, odd ? w.z : r0);
-        f[1][1] = factor_of_word(drop, odd ? w.w : r1);
-    } else {
-        am_factor2(drop, bi, hi, row0 + g, j, t, h, f[0][0], f[0][1]);
-        am_factor2(drop, bi, hi, row0 + g + 8, j, t, h, f[1][0], f[1][1]);
-    }
+    const bool odd = lane & 1;
+    const uint4 w = am_words(drop, am_group(bi, hi, row0 + g + (odd ? 8 : 0), j & ~3, t, h));
+    const unsigned r0 = __shfl_xor_sync(FULL_MASK, odd ? w.x : w.z, 1);
+    const unsigned r1 = __shfl_xor_sync(FULL_MASK, odd ? w.y : w.w, 1);
+    // even lane: keys j, j + 1 are words 0, 1 (its own row g; row g + 8's from the odd
+    // lane); odd lane: words 2, 3 (row g's from the even lane; its own row g + 8)
+    f[0][0] = factor_of_word(drop, odd ? r0 : w.x);
+    f[0][1] = factor_of_word(drop, odd ? r1 : w.y);
+    f[1][0] = factor_of_word(drop, odd ? w.z : r0);
+    f[1][1] = factor_of_word(drop, odd ? w.w : r1);
 }
 
 // The factors f[nt][half][c] of this lane's fragment elements in the dK / dV kernel: key
 // row row0 + g + 8 half, query i0 + nt * 8 + c2 + c. Here a counter group runs over four
-// key rows, held by the lanes k = g % 4 = 0..3 of the same (g / 4, c2). With t % 4 == 0
-// lane k draws the four groups of its own nt = k and, in four rounds u, lane k takes from
-// lane (k + u) % 4 its word k of that lane's groups (the rotation lets every lane send one
-// value per shuffle): four Philox calls per lane per tile where am_factor made sixteen.
+// key rows, held by the lanes k = g % 4 = 0..3 of the same (g / 4, c2). Lane k draws the
+// four groups of its own nt = k and, in four rounds u, takes from lane (k + u) % 4 its
+// word k of that lane's groups (the rotation lets every lane send one value per shuffle):
+// four Philox calls per lane per tile (sixteen before).
 __device__ __forceinline__ void am_factors_k(const DropoutArgs& drop, int bi, int hi, int row0, int i0, int t, int h,
                                              float (&f)[AM_TILE / 8][2][2]) {
     static_assert(AM_TILE / 8 == 4, "one n-tile per lane of a group of four key rows");
-    const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
-    const unsigned long long bh = (unsigned long long)(bi * h + hi);
-    if ((t & 3) == 0) {
-        const int k = g & 3;
-        uint4 w[2][2];
+    const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2, k = g & 3;
+    uint4 w[2][2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+            w[half][c] = am_words(drop, am_group(bi, hi, i0 + k * 8 + c2 + c, row0 + 8 * half + (g & ~3), t, h));
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const int from = (k + u) & 3, src = (lane & ~12) | (from << 2);
 #pragma unroll
         for (int half = 0; half < 2; ++half)
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
-                const unsigned long long i = (unsigned long long)(i0 + k * 8 + c2 + c);
-                w[half][c] = am_words(drop, ((bh * t + i) * t + (row0 + 8 * half + (g & ~3))) >> 2);
+                const unsigned got = __shfl_sync(FULL_MASK, word_at(w[half][c], (k - u) & 3), src);
+                const float fac = factor_of_word(drop, got);
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) f[nt][half][c] = nt == from ? fac : f[nt][half][c];
             }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const int from = (k + u) & 3, src = (lane & ~12) | (from << 2);
-#pragma unroll
-            for (int half = 0; half < 2; ++half)
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const unsigned got = __shfl_sync(FULL_MASK, word_at(w[half][c], (k - u) & 3), src);
-                    const float fac = factor_of_word(drop, got);
-#pragma unroll
-                    for (int nt = 0; nt < 4; ++nt) f[nt][half][c] = nt == from ? fac : f[nt][half][c];
-                }
-        }
-    } else {
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int half = 0; half < 2; ++half)
-#pragma unroll
-                for (int c = 0; c < 2; ++c)
-                    f[nt][half][c] = am_factor(drop, bi, hi, i0 + nt * 8 + c2 + c, row0 + g + 8 * half, t, h);
     }
 }
 

@@ -13,7 +13,7 @@
 //! through strided views. lse [n, h] is the per-row logsumexp of the scaled scores;
 //! backward recomputes the probabilities from it. Scores use scale 1/sqrt(d) as in BERT.
 //! t is the longest sequence: the dropout counter of probability (i, j) of head hi of
-//! sequence r is ((r h + hi) t + i) t + j.
+//! sequence r is ((r h + hi) tp + i) tp + j, tp = t rounded up to a multiple of 4.
 //!
 //! Precision (`inputs`): in fp32 the softmax is the natural-exp one above. In bf16 / fp16
 //! this is the twin of kernels/attention_mma.cu (tensor cores) and rounds where it does:
@@ -49,10 +49,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// Index of probability (i, j) of head (bi, hi), the dropout counter.
+/// Index of probability (i, j) of head (bi, hi), the dropout counter: rows of
+/// [`counter_stride`]`(t)` counters, so every row starts a Philox group of four and the
+/// tensor-core kernels can share one draw among the lanes that hold four neighbours.
 #[inline]
 fn prob_index(bi: usize, hi: usize, i: usize, j: usize, t: usize, h: usize) -> u64 {
-    (((bi * h + hi) * t + i) * t + j) as u64
+    let tp = counter_stride(t);
+    (((bi * h + hi) * tp + i) * tp + j) as u64
+}
+
+/// The attention dropout counters' row length: t rounded up to a multiple of 4.
+pub fn counter_stride(t: usize) -> usize {
+    t.next_multiple_of(4)
 }
 
 /// Head `hi` of the sequence starting at token `s0` of a packed [n, h*d] tensor, as an
