@@ -26,6 +26,8 @@
 #   5. `deepcut-fast bench --precision bf16` next to the same DeepCUT step in PyTorch at the
 #      roberta-base shape, bf/br 8/32 and 32/128 (scripts/compare-torch.py --device cuda),
 #      when torch and transformers import;
+#   5b. the device time of every op and phase of that step (`bench --op-times`, CUDA events
+#      around the NVTX ranges), 8/32 and 32/128: where the time goes, without Nsight;
 #   6. three bench steps under `nsys profile`, and the NVTX range summary, when nsys exists;
 #   7. the CPU backend's MiniLM step at 4 threads and at all of the machine's cores;
 #   8. issue #6's end-to-end comparison: the WNUT17 / MiniLM / ratio 0.10 unlearning run with
@@ -337,7 +339,7 @@ fi
 
 # results of an earlier call (the machine keeps target/ between calls) must not stand in
 # for this one's
-rm -rf "$LOGS"/run-* "$LOGS"/compare-torch-* "$LOGS"/*.log "$LOGS"/*.csv "$LOGS"/step.* "$LOGS"/e2e-* \
+rm -rf "$LOGS"/run-* "$LOGS"/compare-torch-* "$LOGS"/op-times-* "$LOGS"/*.log "$LOGS"/*.csv "$LOGS"/step.* "$LOGS"/e2e-* \
     "$LOGS"/replay-torch.json "$LOGS"/selfcheck-*.json "$LOGS"/cpu-bench-*.json
 echo "== gpu-check $(date -u +%Y-%m-%dT%H:%MZ)"
 GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
@@ -532,6 +534,34 @@ elif [ -n "$CLI" ] && python3 -c 'import torch, transformers' 2>/dev/null; then
     done
 else
     row "step vs PyTorch" "SKIP" "needs the CLI and torch+transformers"
+fi
+
+# ---- 5b. where the step's time goes: device time per op (bench --op-times) ----------------------
+# CUDA events around every op and phase range of the bench's timed steps (src/backend/cuda/
+# optimes.rs): the profile without Nsight (not installed on the lent machines so far). A run of
+# its own, as each range's two event records cost host time the comparison above should not pay.
+if ! enough "op times"; then
+    :
+elif [ -n "$CLI" ]; then
+    for shape in "8 32" "32 128"; do
+        read -r bf br <<<"$shape"
+        enough "op times roberta $bf/$br" || continue
+        echo "== op times (roberta-base, $bf/$br/128, bf16, 3 steps)"
+        timeout "$(cap 90)" "$CLI" bench --device cuda --precision bf16 --preset roberta-base --bf "$bf" --br "$br" \
+            --seq-len 128 --steps 3 --warmup 2 --matmul-size 4096 --op-times >"$LOGS/op-times-$bf-$br.json" \
+            2>"$LOGS/op-times-$bf-$br.log"
+        rc=$?
+        grep -A 16 "op times per step" "$LOGS/op-times-$bf-$br.log"
+        top=$(python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1]))
+ops = [o for o in d["op_times"]["ops"] if not o["inside_another_op"]]
+print("; ".join("%s %.2f ms" % (o["name"], o["ms_per_step"]) for o in ops[:5]),
+      "(step %.1f ms)" % (1e3 * d["step_time_s"]["median"]))' "$LOGS/op-times-$bf-$br.json" 2>/dev/null)
+        row "op times roberta $bf/$br" "$([ "$rc" = 0 ] && [ -n "$top" ] && echo ok || echo "rc=$rc")" "${top:-no op_times}; $LOGS/op-times-$bf-$br.json"
+    done
+else
+    row "op times" "SKIP" "needs the CLI"
 fi
 
 # ---- 6. NVTX ranges under Nsight Systems (issue #5 item 6) ---------------------------------------

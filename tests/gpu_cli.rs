@@ -171,6 +171,77 @@ fn bench_on_cuda_reports_device_numbers() {
     }
 }
 
+/// `bench --op-times`: every op and phase range of the timed steps is timed with device
+/// events and reported per step (on the emulator the events read 0 ms, so this checks what
+/// was timed and how often, not the times); without the flag `op_times` is null, and on
+/// the CPU a string saying it was not timed.
+#[test]
+fn bench_op_times_name_every_op_and_phase() {
+    let libs = device_libs();
+    let bench = |device: &str, extra: &[&str]| -> Value {
+        let o = cli(&libs)
+            .arg("bench")
+            .args(common::tiny_bench_args(device, "bf16", 1))
+            .args(extra)
+            .output()
+            .expect("run deepcut-fast");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        if !extra.is_empty() && device == "cuda" {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains("op times per step"), "{err}");
+        }
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let j = bench("cuda", &["--op-times"]);
+    let layers = j["layers"].as_u64().unwrap() as f64;
+    let t = &j["op_times"];
+    let calls = |kind: &str, name: &str| -> Option<f64> {
+        t[kind]
+            .as_array()
+            .unwrap_or_else(|| panic!("op_times.{kind}: {t}"))
+            .iter()
+            .find(|o| o["name"] == name)
+            .map(|o| {
+                assert!(o["ms_per_step"].as_f64().is_some_and(|m| m >= 0.0), "{o}");
+                o["calls_per_step"].as_f64().unwrap()
+            })
+    };
+    // one forward and one backward per layer and step, whatever the steps' count (2)
+    for op in ["attention_fwd", "attention_bwd", "bias_gelu_fwd", "bias_gelu_bwd"] {
+        assert_eq!(calls("ops", op), Some(layers), "{op}: {t}");
+    }
+    // two residual LayerNorms per layer, and the embeddings'
+    assert_eq!(calls("ops", "layernorm_fwd"), Some(2.0 * layers + 1.0), "{t}");
+    for op in [
+        "infonce_fwd",
+        "infonce_bwd",
+        "embedding_fwd",
+        "embedding_bwd",
+        "clip_adamw_all",
+    ] {
+        assert_eq!(calls("ops", op), Some(1.0), "{op}: {t}");
+    }
+    for li in 0..layers as usize {
+        for dir in ["fwd", "bwd"] {
+            assert_eq!(calls("phases", &format!("layer {li} {dir}")), Some(1.0), "{t}");
+        }
+    }
+    assert_eq!(calls("phases", "deepcut step"), Some(1.0), "{t}");
+    // the optimiser's update runs inside clip_adamw_all's range: marked, so sums skip it
+    let nested = |name: &str| {
+        t["ops"].as_array().unwrap().iter().find(|o| o["name"] == name).unwrap()["inside_another_op"].clone()
+    };
+    assert_eq!(nested("adamw_all"), true, "{t}");
+    assert_eq!(nested("attention_fwd"), false, "{t}");
+    assert!(bench("cuda", &[])["op_times"].is_null());
+    let cpu = bench("cpu", &["--op-times"]);
+    assert!(
+        cpu["op_times"].as_str().is_some_and(|s| s.starts_with("not timed")),
+        "{}",
+        cpu["op_times"]
+    );
+}
+
 /// Every launch of a step is one a GPU accepts at the largest shapes the issues measure and
 /// beyond (roberta-base at bf 32 / br 128 / seq 128: 24,576 tokens, InfoNCE over 8,192 rows;
 /// and at seq 512, RoBERTa's longest, 24,576 tokens in 48 sequences), in every precision:

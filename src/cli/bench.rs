@@ -16,6 +16,7 @@
 //! position labelled, `O` (class 0) with probability 0.8 and otherwise uniform over the
 //! other `--labels - 1` classes (WNUT17-like). scripts/compare-torch.py builds the same.
 use super::{with_backend, DeviceArgs};
+use crate::backend::cuda::optimes::OpTime;
 use crate::backend::{cpu::Cpu, cuda::Cuda, Backend, InfoNceOptions, Precision, IGNORE_INDEX};
 use crate::data::Window;
 use crate::error::{Error, Result};
@@ -58,6 +59,11 @@ pub struct BenchArgs {
     /// Seed of the weights, the tokens and the dropout masks.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also time every op and phase of the timed steps with device events (GPU only;
+    /// `op_times` in the JSON, the longest listed on stderr): where the step's time goes
+    /// without Nsight. Each range then costs two event records on the host.
+    #[arg(long)]
+    op_times: bool,
     /// Size n of the n x n x n fp32 GEMM timed once at startup for the MFU reference
     /// (default 2048 on the CPU, 8192 on a GPU).
     #[arg(long)]
@@ -91,6 +97,14 @@ pub trait BenchBackend: Backend {
     /// (kernel launches, GEMM calls) enqueued so far, where the backend enqueues work on a
     /// device; None on the CPU.
     fn enqueued_calls(&self) -> Option<(u64, u64)> {
+        None
+    }
+    /// Starts or stops timing each op and phase range (`--op-times`); a backend without
+    /// device events ignores it.
+    fn time_ops(&self, _on: bool) {}
+    /// The ranges' device times since timing started, summed by name, longest first; None
+    /// where the backend does not time ops.
+    fn op_times(&self) -> Option<std::result::Result<Vec<OpTime>, String>> {
         None
     }
 }
@@ -185,6 +199,12 @@ impl BenchBackend for Cuda {
     }
     fn enqueued_calls(&self) -> Option<(u64, u64)> {
         Some(Cuda::enqueued_calls(self))
+    }
+    fn time_ops(&self, on: bool) {
+        Cuda::time_ops(self, on)
+    }
+    fn op_times(&self) -> Option<std::result::Result<Vec<OpTime>, String>> {
+        Some(Cuda::op_times(self))
     }
     fn paths(&self, precision: Precision, hidden: usize) -> Value {
         json!({
@@ -580,9 +600,11 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
     for step in 0..=total {
         if step == args.warmup as u64 {
             calls.0 = model.be.enqueued_calls();
+            model.be.time_ops(args.op_times);
         }
         if step == total {
             calls.1 = model.be.enqueued_calls();
+            model.be.time_ops(false);
         }
         let t_host = Instant::now();
         let (batch, z) = deepcut::assemble(&windows, &forget, &retain, style, 0, Anchors::All);
@@ -602,6 +624,8 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
         }
     }
     done(&mut ring, &model.be, &mut opt, total, &mut last)?;
+    // the timed steps' ranges (steps warmup .. total; fp16 reruns included)
+    let op_times = if args.op_times { model.be.op_times() } else { None };
     let device_memory = model.be.device_memory_used();
     // Measured again after the steps: on a shared machine one measurement can land in a
     // busy moment; the reference is the better of the two.
@@ -719,6 +743,7 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
             "loadavg_end": loadavg(),
             "unix_time": crate::util::unix_time(),
             "self_check": super::selfcheck::passed().map(|c| c.describe()),
+            "op_times": op_times_json(&op_times, args.op_times, args.steps, spread.median),
             "note": if model.be.verified() { Value::Null } else {
                 json!("the CUDA backend's self-check did not run (DEEPCUT_SKIP_SELF_CHECK=1): correctness unverified")
             },
@@ -751,5 +776,64 @@ fn bench<B: BenchBackend>(args: &BenchArgs, cfg: &ModelConfig, be: B) -> Result<
         crate::util::peak_memory_bytes() as f64 / (1u64 << 30) as f64,
         load_start
     );
+    if let Some(Ok(times)) = &op_times {
+        print_op_times(times, args.steps, spread.median);
+    }
     Ok(report)
+}
+
+/// `--op-times` in the JSON: per op and per phase, ms and calls per timed step and the
+/// share of the median step; null when not asked for, a string saying why when the backend
+/// does not time ops or its events failed.
+fn op_times_json(
+    times: &Option<std::result::Result<Vec<OpTime>, String>>, asked: bool, steps: usize, step_s: f64,
+) -> Value {
+    let per = steps.max(1) as f64;
+    let list = |phase: bool, t: &[OpTime]| -> Vec<Value> {
+        t.iter()
+            .filter(|o| o.phase == phase)
+            .map(|o| {
+                json!({
+                    "name": o.name,
+                    "inside_another_op": o.nested,
+                    "ms_per_step": o.ms / per,
+                    "calls_per_step": o.calls as f64 / per,
+                    "share_of_step": o.ms / per / 1e3 / step_s,
+                })
+            })
+            .collect()
+    };
+    match times {
+        _ if !asked => Value::Null,
+        None => json!("not timed: this backend has no device events (CPU)"),
+        Some(Err(why)) => json!(format!("not timed: {why}")),
+        Some(Ok(t)) => json!({
+            "what": "device time between CUDA events recorded around each range, summed over the timed steps \
+                     and divided by their number; a phase (layer, loss, optimiser) includes the ops inside it \
+                     and the gaps between them; an op inside another op's range is part of that op's time",
+            "ops": list(false, t),
+            "phases": list(true, t),
+        }),
+    }
+}
+
+/// The longest ops on stderr, with their share of the median step.
+fn print_op_times(times: &[OpTime], steps: usize, step_s: f64) {
+    let per = steps.max(1) as f64;
+    let ops: Vec<&OpTime> = times.iter().filter(|o| !o.phase).collect();
+    let total: f64 = ops.iter().filter(|o| !o.nested).map(|o| o.ms).sum::<f64>() / per;
+    eprintln!(
+        "op times per step (device events; ops sum to {total:.3} ms of a {:.3} ms step):",
+        step_s * 1e3
+    );
+    for o in ops.iter().take(15) {
+        eprintln!(
+            "  {:<28} {:>9.3} ms {:>6.1}%  {:>6.1} calls{}",
+            o.name,
+            o.ms / per,
+            100.0 * o.ms / per / 1e3 / step_s,
+            o.calls as f64 / per,
+            if o.nested { " (inside another op)" } else { "" }
+        );
+    }
 }

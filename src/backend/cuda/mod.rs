@@ -62,6 +62,7 @@ pub mod layernorm;
 pub mod libs;
 pub mod memory;
 pub mod nvtx;
+pub mod optimes;
 pub mod quantize;
 pub mod rows;
 pub mod softmax_ce;
@@ -73,7 +74,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig};
 use memory::{Allocator, DevMem};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Threads per block of the element-wise kernels.
@@ -319,6 +320,17 @@ pub struct Cuda {
     /// Kernel launches and GEMM calls enqueued so far (`Cuda::enqueued_calls`).
     launches: AtomicU64,
     gemms: AtomicU64,
+    /// Whether ranges record timing events (`Cuda::time_ops`), and their events (optimes.rs).
+    timing: AtomicBool,
+    op_timer: Arc<Mutex<optimes::OpTimer>>,
+}
+
+/// An op's range (`Cuda::range`): its NVTX range and, while ops are timed, its events.
+/// Both end when this drops.
+#[must_use = "the range ends when this drops"]
+pub struct OpRange {
+    _nvtx: Option<nvtx::Range>,
+    _timed: Option<optimes::Timed>,
 }
 
 /// Panics unless a buffer of `len` elements holds the `need` an op will touch: the host-side
@@ -517,6 +529,8 @@ impl Cuda {
             nvtx,
             launches: AtomicU64::new(0),
             gemms: AtomicU64::new(0),
+            timing: AtomicBool::new(false),
+            op_timer: Arc::default(),
         })
     }
 
@@ -619,8 +633,30 @@ impl Cuda {
 
     /// An NVTX range named `name`, closed when the returned guard drops; None without an
     /// NVTX library (nvtx.rs). For the ops' ranges (`nsys profile` shows them).
-    pub fn range(&self, name: &str) -> Option<nvtx::Range> {
-        self.nvtx.map(|n| n.range(name))
+    pub fn range(&self, name: &str) -> OpRange {
+        OpRange {
+            _nvtx: self.nvtx.map(|n| n.range(name)),
+            _timed: self.timed(name, false),
+        }
+    }
+
+    fn timed(&self, name: &str, phase: bool) -> Option<optimes::Timed> {
+        if !self.timing.load(Ordering::Relaxed) {
+            return None;
+        }
+        optimes::Timed::open(&self.op_timer, self.stream.context(), &self.stream, name, phase)
+    }
+
+    /// Starts (true) or stops timing every op and phase range with CUDA events (optimes.rs;
+    /// `deepcut-fast bench --op-times`). Ranges open when it stops are still timed.
+    pub fn time_ops(&self, on: bool) {
+        self.timing.store(on, Ordering::Relaxed);
+    }
+
+    /// The device time of each op and phase range since the last call, summed by name,
+    /// longest first; waits for the work it covers. Err: why the events failed.
+    pub fn op_times(&self) -> std::result::Result<Vec<optimes::OpTime>, String> {
+        self.op_timer.lock().unwrap().collect()
     }
 
     /// dst[..src.len()] = src, enqueued from page-locked memory (uploads.rs) so the host
@@ -703,10 +739,14 @@ impl Backend for Cuda {
     type Staging = Staging;
 
     fn profile_range(&self, name: std::fmt::Arguments<'_>) -> RangeGuard {
-        match self.nvtx {
-            Some(n) => RangeGuard::new(Box::new(n.range(&name.to_string()))),
-            None => RangeGuard::none(),
+        if self.nvtx.is_none() && !self.timing.load(Ordering::Relaxed) {
+            return RangeGuard::none();
         }
+        let name = name.to_string();
+        RangeGuard::new(Box::new(OpRange {
+            _nvtx: self.nvtx.map(|n| n.range(&name)),
+            _timed: self.timed(&name, true),
+        }))
     }
 
     fn name(&self) -> String {
