@@ -405,9 +405,35 @@ extern "C" __global__ void infonce_bwd_cols_f32(float* dz, float* dzc, const flo
 
 // Rows r0 .. r0 + 32 of z rounded to 16 bits into dst [32][ldh] (zeros past row m and from
 // element c up to c16). Block-wide; the caller places the barriers.
-template <typename Tag>
+// With c % 4 == 0 and z 16-byte aligned (every engine width), each thread loads 16 bytes
+// (four values) at a time, BATCH loads issued before the first is stored: the pair
+// loop below stores between loads, so each thread's loads of a tile went one at a time
+// (24 global round trips per column tile at c 384, against a few hundred cycles of MMAs).
+// BATCH: 4 in the forward; 2 in the anchor-gradient kernels, whose dz accumulators leave
+// fewer registers (4 took nb24 from 128 to 154 registers: one block an SM instead of two).
+template <typename Tag, int BATCH = 4>
 __device__ __forceinline__ void load_rows16(unsigned short* dst, const float* z, int r0, int m, int c, int c16,
                                             int ldh) {
+    if ((c & 3) == 0 && ((size_t)z & 15) == 0) {  // uniform over the launch
+        const int q = c16 >> 2, total = NCE_TILE * q;  // 4-value groups of the tile
+        for (int base = threadIdx.x; base < total; base += BATCH * blockDim.x) {
+            uint4 v[BATCH];
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+                const int idx = base + u * blockDim.x, rr = idx / q, e = (idx - rr * q) * 4, r = r0 + rr;
+                v[u] = idx < total && r < m && e < c ? ld_vec<uint4>(z + (size_t)r * c + e) : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+                const int idx = base + u * blockDim.x, rr = idx / q, e = (idx - rr * q) * 4;
+                if (idx < total)  // rows are ldh = c16 + 8 halves, 16-byte multiples: 8-byte aligned
+                    st_vec<uint2>(dst + rr * ldh + e,
+                                  make_uint2(pack2<Tag>(__int_as_float((int)v[u].x), __int_as_float((int)v[u].y)),
+                                             pack2<Tag>(__int_as_float((int)v[u].z), __int_as_float((int)v[u].w))));
+            }
+        }
+        return;
+    }
     const int pairs = c16 >> 1;
     for (int idx = threadIdx.x; idx < NCE_TILE * pairs; idx += blockDim.x) {
         const int rr = idx / pairs, e = (idx - rr * pairs) * 2, r = r0 + rr;
@@ -442,7 +468,7 @@ __device__ __forceinline__ void score_tile16(float* st, const unsigned short* za
 
 // Tiles of the 16-bit kernels: the anchor rows za are loaded once by the caller, each
 // column tile into zc; the scores go through st to the SIMT layout of the walk.
-template <typename Tag>
+template <typename Tag, int BATCH = 4>
 struct Smem16Tiles {
     const unsigned short* za;
     unsigned short* zc;
@@ -451,7 +477,7 @@ struct Smem16Tiles {
     int m, c, c16, ldh;
     __device__ __forceinline__ void scores(float s[NCE_RPW], int c0) {
         __syncthreads();  // zc and st of the previous tile are consumed
-        load_rows16<Tag>(zc, z, c0, m, c, c16, ldh);
+        load_rows16<Tag, BATCH>(zc, z, c0, m, c, c16, ldh);
         __syncthreads();
         score_tile16<Tag>(st, za, zc, c16, ldh);
         __syncthreads();
@@ -524,12 +550,12 @@ __device__ void infonce_bwd_rows16(float* dz, const double* sums, const float* z
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
     const int a0 = blockIdx.x * NCE_TILE;
     if (!load_anchor_meta(am, labels, npos, valid, partner, lse, a0, m, a)) return;  // block-uniform
-    load_rows16<Tag>(za, z, a0, m, c, c16, ldh);  // published by the first tile's barriers
+    load_rows16<Tag, 2>(za, z, a0, m, c, c16, ldh);  // published by the first tile's barriers
     const int mb = (warp & 1) * 16, nb0 = (warp >> 1) * NB;
     float acc[NB][4];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.0f;
-    Smem16Tiles<Tag> tiles{za, zc, st, z, m, c, c16, ldh};
+    Smem16Tiles<Tag, 2> tiles{za, zc, st, z, m, c, c16, ldh};
     for (int c0 = 0; c0 < m; c0 += NCE_TILE) {
         __syncthreads();  // yc and ws of the previous tile are consumed
         if (threadIdx.x < NCE_TILE) yc[threadIdx.x] = c0 + (int)threadIdx.x < m ? labels[c0 + threadIdx.x] : 0;
