@@ -160,6 +160,37 @@ __device__ __forceinline__ void am_put(unsigned short (*dst)[DP + 8], const uint
 // d 128, nor in the dK / dV kernel, whose two accumulators leave no room (at d 64 it would
 // take 205 registers, two blocks an SM instead of three).
 #define AM_AHEAD(DP) ((DP) <= 64)
+
+// The tiles at row r0 of x and y into xs and ys: from the registers fetched ahead (fetched
+// now at d 128), or with the element loads when the 16-byte path does not apply (!vec).
+template <typename Tag, int DP>
+__device__ __forceinline__ void am_tiles(unsigned short (*xs)[DP + 8], unsigned short (*ys)[DP + 8],
+                                         uint4 (&xr)[AM_VECS(DP)], uint4 (&yr)[AM_VECS(DP)], const void* x,
+                                         const void* y, bool vec, int s0, int hi, int r0, int len, int h, int d,
+                                         bool io) {
+    if (vec) {
+        if (!AM_AHEAD(DP)) {
+            am_fetch<DP>(xr, x, s0, hi, r0, len, h);
+            am_fetch<DP>(yr, y, s0, hi, r0, len, h);
+        }
+        am_put<DP>(xs, xr);
+        am_put<DP>(ys, yr);
+    } else {
+        am_load_tile<Tag, DP>(xs, x, s0, hi, r0, len, h, d, io);
+        am_load_tile<Tag, DP>(ys, y, s0, hi, r0, len, h, d, io);
+    }
+}
+// Fetches the tiles at row r0 of x and y into registers, where the kernel fetches ahead
+// and r0 is inside the sequence (called for the first tile, then right after each tile's
+// barrier for the next, so the loads overlap the MMAs).
+template <int DP>
+__device__ __forceinline__ void am_fetch_ahead(uint4 (&xr)[AM_VECS(DP)], uint4 (&yr)[AM_VECS(DP)], const void* x,
+                                               const void* y, bool vec, int s0, int hi, int r0, int len, int h) {
+    if (vec && AM_AHEAD(DP) && r0 < len) {
+        am_fetch<DP>(xr, x, s0, hi, r0, len, h);
+        am_fetch<DP>(yr, y, s0, hi, r0, len, h);
+    }
+}
 #define AM_AHEAD(DP) false
 
 // The A fragments of this warp's 16 rows (row0 ..) of head hi of the sequence at token s0
@@ -305,33 +336,17 @@ __device__ void attention_fwd_mma(void* out, float* lse, const void* q, const vo
     float big[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     const bool vec = am_vec_ok<DP>(io, d, k, v);
     uint4 kr[AM_VECS(DP)], vr[AM_VECS(DP)];
-    if (vec && AM_AHEAD(DP)) {
-        am_fetch<DP>(kr, k, s0, hi, 0, len, h);
-        am_fetch<DP>(vr, v, s0, hi, 0, len, h);
-    }
+    am_fetch_ahead<DP>(kr, vr, k, v, vec, s0, hi, 0, len, h);
 
     for (int j0 = 0; j0 < len; j0 += AM_TILE) {
         __syncthreads();  // the previous tile is consumed
-        if (vec) {
-            if (!AM_AHEAD(DP)) {
-                am_fetch<DP>(kr, k, s0, hi, j0, len, h);
-                am_fetch<DP>(vr, v, s0, hi, j0, len, h);
-            }
-            am_put<DP>(ks, kr);
-            am_put<DP>(vs, vr);
-        } else {
-            am_load_tile<Tag, DP>(ks, k, s0, hi, j0, len, h, d, io);
-            am_load_tile<Tag, DP>(vs, v, s0, hi, j0, len, h, d, io);
-        }
+        am_tiles<Tag, DP>(ks, vs, kr, vr, k, v, vec, s0, hi, j0, len, h, d, io);
         if (threadIdx.x < AM_TILE) {
             const int j = j0 + threadIdx.x;
             mk[threadIdx.x] = j < len ? 1.0f : 0.0f;
         }
         __syncthreads();
-        if (vec && AM_AHEAD(DP) && j0 + AM_TILE < len) {  // in flight while this tile is used
-            am_fetch<DP>(kr, k, s0, hi, j0 + AM_TILE, len, h);
-            am_fetch<DP>(vr, v, s0, hi, j0 + AM_TILE, len, h);
-        }
+        am_fetch_ahead<DP>(kr, vr, k, v, vec, s0, hi, j0 + AM_TILE, len, h);  // in flight while this tile is used
         if (row0 >= len) continue;  // warp-uniform: no row of the sequence
         float s[AM_TILE / 8][4];
         am_rows_times_tile_t<Tag, DP>(s, qa, ks);
@@ -432,33 +447,17 @@ __device__ void attention_bwd_dq_mma(void* dq, float* dvec, const void* dout, co
 
     const bool vec = am_vec_ok<DP>(io, d, k, v);
     uint4 kr[AM_VECS(DP)], vr[AM_VECS(DP)];
-    if (vec && AM_AHEAD(DP)) {
-        am_fetch<DP>(kr, k, s0, hi, 0, len, h);
-        am_fetch<DP>(vr, v, s0, hi, 0, len, h);
-    }
+    am_fetch_ahead<DP>(kr, vr, k, v, vec, s0, hi, 0, len, h);
 
     for (int j0 = 0; j0 < len; j0 += AM_TILE) {
         __syncthreads();
-        if (vec) {
-            if (!AM_AHEAD(DP)) {
-                am_fetch<DP>(kr, k, s0, hi, j0, len, h);
-                am_fetch<DP>(vr, v, s0, hi, j0, len, h);
-            }
-            am_put<DP>(ks, kr);
-            am_put<DP>(vs, vr);
-        } else {
-            am_load_tile<Tag, DP>(ks, k, s0, hi, j0, len, h, d, io);
-            am_load_tile<Tag, DP>(vs, v, s0, hi, j0, len, h, d, io);
-        }
+        am_tiles<Tag, DP>(ks, vs, kr, vr, k, v, vec, s0, hi, j0, len, h, d, io);
         if (threadIdx.x < AM_TILE) {
             const int j = j0 + threadIdx.x;
             mk[threadIdx.x] = j < len ? 1.0f : 0.0f;
         }
         __syncthreads();
-        if (vec && AM_AHEAD(DP) && j0 + AM_TILE < len) {
-            am_fetch<DP>(kr, k, s0, hi, j0 + AM_TILE, len, h);
-            am_fetch<DP>(vr, v, s0, hi, j0 + AM_TILE, len, h);
-        }
+        am_fetch_ahead<DP>(kr, vr, k, v, vec, s0, hi, j0 + AM_TILE, len, h);
         if (row0 >= len) continue;
         float s[AM_TILE / 8][4], dp[AM_TILE / 8][4];
         am_rows_times_tile_t<Tag, DP>(s, qa, ks);
@@ -523,24 +522,11 @@ __device__ void attention_bwd_dkdv_mma(void* dk, void* dv, const void* dout, con
 
     const bool vec = am_vec_ok<DP>(io, d, q, dout);
     uint4 qr[AM_VECS(DP)], gr[AM_VECS(DP)];
-    if (vec && AM_AHEAD(DP)) {
-        am_fetch<DP>(qr, q, s0, hi, 0, len, h);
-        am_fetch<DP>(gr, dout, s0, hi, 0, len, h);
-    }
+    am_fetch_ahead<DP>(qr, gr, q, dout, vec, s0, hi, 0, len, h);
 
     for (int i0 = 0; i0 < len; i0 += AM_TILE) {
         __syncthreads();
-        if (vec) {
-            if (!AM_AHEAD(DP)) {
-                am_fetch<DP>(qr, q, s0, hi, i0, len, h);
-                am_fetch<DP>(gr, dout, s0, hi, i0, len, h);
-            }
-            am_put<DP>(qs, qr);
-            am_put<DP>(gs, gr);
-        } else {
-            am_load_tile<Tag, DP>(qs, q, s0, hi, i0, len, h, d, io);
-            am_load_tile<Tag, DP>(gs, dout, s0, hi, i0, len, h, d, io);
-        }
+        am_tiles<Tag, DP>(qs, gs, qr, gr, q, dout, vec, s0, hi, i0, len, h, d, io);
         if (threadIdx.x < AM_TILE) {
             const int i = i0 + threadIdx.x;
             const size_t r = (size_t)(s0 + i) * h + hi;
@@ -548,10 +534,7 @@ __device__ void attention_bwd_dkdv_mma(void* dk, void* dv, const void* dout, con
             dd[threadIdx.x] = i < len ? dvec[r] : 0.0f;
         }
         __syncthreads();
-        if (vec && AM_AHEAD(DP) && i0 + AM_TILE < len) {
-            am_fetch<DP>(qr, q, s0, hi, i0 + AM_TILE, len, h);
-            am_fetch<DP>(gr, dout, s0, hi, i0 + AM_TILE, len, h);
-        }
+        am_fetch_ahead<DP>(qr, gr, q, dout, vec, s0, hi, i0 + AM_TILE, len, h);
         if (row0 >= len) continue;
         float st[AM_TILE / 8][4], dpt[AM_TILE / 8][4];  // S^T and dP^T: key rows x query columns
         am_rows_times_tile_t<Tag, DP>(st, ka, qs);
