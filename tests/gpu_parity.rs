@@ -57,8 +57,22 @@ const TOL_NCE_DZ_FP16: f64 = 1e-4;
 const TOL_STEP_16: f64 = 2e-2;
 const SLACK: usize = 7;
 
-/// The GPU, or None after saying loudly why the test is skipped.
+/// The GPU, or None after saying loudly why the test is skipped, for a test that then runs
+/// its body with the CPU backend in the GPU's place (parity_test!).
 fn gpu(test: &str) -> Option<Cuda> {
+    device(
+        test,
+        "nothing compared; the test body ran with the CPU backend in the GPU's place, to check the test itself",
+    )
+}
+
+/// The GPU, or None after saying loudly why the test is skipped, for a test that needs the
+/// device itself and runs nothing without one.
+fn gpu_only(test: &str) -> Option<Cuda> {
+    device(test, "nothing ran: it needs the CUDA backend itself")
+}
+
+fn device(test: &str, without: &str) -> Option<Cuda> {
     let r = cuda::availability().and_then(|_| Cuda::new(0).map_err(|e| e.to_string()));
     match r {
         Ok(g) => Some(g),
@@ -66,10 +80,7 @@ fn gpu(test: &str) -> Option<Cuda> {
             if std::env::var("DEEPCUT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
                 panic!("{test}: DEEPCUT_REQUIRE_GPU=1 but there is no usable CUDA device: {why}");
             }
-            loud(&format!(
-                "SKIPPED: no usable CUDA device ({why}) [{test}: nothing compared; the test body ran with the \
-                 CPU backend in the GPU's place, to check the test itself]"
-            ));
+            loud(&format!("SKIPPED: no usable CUDA device ({why}) [{test}: {without}]"));
             None
         }
     }
@@ -991,7 +1002,7 @@ fn gemm_bias_check<G: Backend>(g: &G, what: &str) {
 /// (`Cuda::without_cublaslt`: cuBLAS, then add_bias) gives the same products.
 #[test]
 fn gemms_ran_cublaslt_and_the_fallback_agrees() {
-    let Some(g) = gpu("gemms_ran_cublaslt_and_the_fallback_agrees") else {
+    let Some(g) = gpu_only("gemms_ran_cublaslt_and_the_fallback_agrees") else {
         return;
     };
     let check_all = |g: &Cuda, what: &str| {
@@ -1029,7 +1040,7 @@ fn gemms_ran_cublaslt_and_the_fallback_agrees() {
 /// which this backend switches off) reads the staging before the copy lands.
 #[test]
 fn downloads_through_staging_wait_for_their_copy() {
-    let Some(g) = gpu("downloads_through_staging_wait_for_their_copy") else {
+    let Some(g) = gpu_only("downloads_through_staging_wait_for_their_copy") else {
         return;
     };
     let mut rng = Rng(131);
@@ -1063,7 +1074,7 @@ fn downloads_through_staging_wait_for_their_copy() {
 /// were made, and the upload staging's halves allocated, on the test's thread.
 #[test]
 fn raw_copies_bind_the_context_on_a_fresh_thread() {
-    let Some(g) = gpu("raw_copies_bind_the_context_on_a_fresh_thread") else {
+    let Some(g) = gpu_only("raw_copies_bind_the_context_on_a_fresh_thread") else {
         return;
     };
     let n = 300;
@@ -1089,7 +1100,7 @@ fn raw_copies_bind_the_context_on_a_fresh_thread() {
 /// what was uploaded into it last, so no staged copy read a half after it was reused.
 #[test]
 fn uploads_through_page_locked_staging_arrive_intact() {
-    let Some(g) = gpu("uploads_through_page_locked_staging_arrive_intact") else {
+    let Some(g) = gpu_only("uploads_through_page_locked_staging_arrive_intact") else {
         return;
     };
     let g = g.with_upload_staging(1024);
@@ -1717,6 +1728,83 @@ fn attention_forward_backward_packed_with_dropout_body<G: Backend>(g: &G) {
             }
         }
     }
+}
+
+/// What the tensor cores do with the 16-bit inputs the attention and InfoNCE kernels give
+/// them: one mma.sync (kernels/mma_probe.cu) against the exact product (cpu/mma_probe.rs).
+/// Products of normal bf16 / fp16 values must come within a few fp32 ulps of the largest
+/// term (the hardware may accumulate otherwise than round-to-nearest), and fp16 subnormal
+/// inputs (|x| < 2^-14: a probability or softmax weight below 6.1e-5 rounded to fp16)
+/// must count, not be flushed to zero. On the H200 the fp16 attention and InfoNCE
+/// tensor-core paths were about 1000x further from their twins than on the emulator, and
+/// bf16 on the same paths was not: a flush of fp16 subnormals would explain it, and this
+/// test says so on the next GPU (on the emulator, which keeps them, it checks the test).
+#[test]
+fn tensor_core_products_keep_fp16_subnormal_inputs() {
+    use deepcut_fast::backend::cpu::mma_probe::mma_probe as twin;
+    use deepcut_fast::backend::cuda::mma_probe::mma_probe;
+    let Some(g) = gpu_only("tensor_core_products_keep_fp16_subnormal_inputs") else {
+        return;
+    };
+    let mut rng = Rng(907);
+    let bits = |x: f32, p: Precision| -> u16 {
+        match p {
+            Precision::Bf16 => half::bf16::from_f32(x).to_bits(),
+            _ => half::f16::from_f32(x).to_bits(),
+        }
+    };
+    let check = |what: &str, a: &[u16], b: &[u16], p: Precision| {
+        let (got, want) = (mma_probe(&g, a, b, p), twin(a, b, p));
+        let val = |x: u16| match p {
+            Precision::Bf16 => half::bf16::from_bits(x).to_f64(),
+            _ => half::f16::from_bits(x).to_f64(),
+        };
+        let mut worst = 0.0f64;
+        for i in 0..16 {
+            for j in 0..8 {
+                // the largest term: the scale of an fp32 accumulation's rounding
+                let scale = (0..16)
+                    .map(|k| (val(a[i * 16 + k]) * val(b[k * 8 + j])).abs())
+                    .fold(0.0, f64::max);
+                let (x, y) = (got[i * 8 + j] as f64, want[i * 8 + j] as f64);
+                let rel = (x - y).abs() / scale.max(1e-300);
+                worst = worst.max(rel);
+                assert!(
+                    rel <= 2f64.powi(-20),
+                    "{p} {what}: C[{i}][{j}] = {x:e} on the tensor cores, {y:e} exactly (largest term {scale:e}){}",
+                    if x == 0.0 && y != 0.0 {
+                        ": the inputs were flushed to zero"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        eprintln!("tensor cores, {p} {what}: worst error {worst:.1e} of the largest term");
+    };
+    for p in [Precision::Bf16, Precision::Fp16] {
+        let a: Vec<u16> = rng.vec(256, 2.0).iter().map(|&v| bits(v, p)).collect();
+        let b: Vec<u16> = rng.vec(128, 2.0).iter().map(|&v| bits(v, p)).collect();
+        check("normal inputs", &a, &b, p);
+    }
+    // fp16 subnormals in A (bit patterns 1 ..= 0x3ff with either sign: 2^-24 .. 2^-14 -
+    // 2^-24), B normal in [0.5, 2): every product and sum is a normal fp32 number
+    let a: Vec<u16> = (0..256)
+        .map(|_| (1 + rng.below(0x3ff)) as u16 | if rng.below(2) == 1 { 0x8000 } else { 0 })
+        .collect();
+    let b: Vec<u16> = (0..128)
+        .map(|_| bits(0.5 + 1.5 * (rng.uniform() + 1.0) / 2.0, Precision::Fp16))
+        .collect();
+    check("subnormal A", &a, &b, Precision::Fp16);
+    // and in B (the probabilities are A in attention's P V, the weights A in InfoNCE's W z;
+    // both operand slots are checked)
+    let a: Vec<u16> = (0..256)
+        .map(|_| bits(0.5 + 1.5 * (rng.uniform() + 1.0) / 2.0, Precision::Fp16))
+        .collect();
+    let b: Vec<u16> = (0..128)
+        .map(|_| (1 + rng.below(0x3ff)) as u16 | if rng.below(2) == 1 { 0x8000 } else { 0 })
+        .collect();
+    check("subnormal B", &a, &b, Precision::Fp16);
 }
 
 // The ops that round their output for mixed precision (`rounding`): on each backend the
@@ -2423,7 +2511,7 @@ fn infonce_check<G: Backend>(g: &G, path: &str, shapes: &[(usize, usize, usize)]
 /// wide for shared memory, match the same twin (`Cuda::without_infonce_smem16`).
 #[test]
 fn infonce_16bit_simt_path_matches_the_twin() {
-    let Some(g) = gpu("infonce_16bit_simt_path_matches_the_twin") else {
+    let Some(g) = gpu_only("infonce_16bit_simt_path_matches_the_twin") else {
         return;
     };
     let shapes = [(147, 70, 4), (45, 700, 3)];

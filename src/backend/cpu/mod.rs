@@ -13,6 +13,7 @@ pub mod gemm;
 pub mod infonce;
 pub mod l2norm;
 pub mod layernorm;
+pub mod mma_probe;
 pub mod quantize;
 pub mod rows;
 pub mod simd;

@@ -61,6 +61,7 @@ pub mod l2norm;
 pub mod layernorm;
 pub mod libs;
 pub mod memory;
+pub mod mma_probe;
 pub mod nvtx;
 pub mod optimes;
 pub mod quantize;
