@@ -157,8 +157,8 @@ __device__ __forceinline__ void am_put(unsigned short (*dst)[DP + 8], const uint
     }
 }
 // Whether a kernel keeps the next tile's pieces in registers while it computes: not at
-// d 128, nor in the dK / dV kernel, whose two accumulators leave no room (at d 64 it would
-// take 205 registers, two blocks an SM instead of three).
+// d 128, whose kernels are at the register limit already. (At d 32 and 64 it costs
+// registers but no block an SM: registers go in units of 256 a warp.)
 #define AM_AHEAD(DP) ((DP) <= 64)
 
 // The tiles at row r0 of x and y into xs and ys: from the registers fetched ahead (fetched
@@ -191,7 +191,6 @@ __device__ __forceinline__ void am_fetch_ahead(uint4 (&xr)[AM_VECS(DP)], uint4 (
         am_fetch<DP>(yr, y, s0, hi, r0, len, h);
     }
 }
-#define AM_AHEAD(DP) false
 
 // The A fragments of this warp's 16 rows (row0 ..) of head hi of the sequence at token s0
 // (length len) of x over the padded head dim: a[kk] covers columns 16 kk .. 16 kk + 15.
