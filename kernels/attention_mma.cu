@@ -144,7 +144,7 @@ __device__ __forceinline__ void am_fetch(uint4 (&r)[AM_VECS(DP)], const void* x,
     for (int u = 0; u < AM_VECS(DP); ++u) {
         const int idx = threadIdx.x + u * AM_THREADS, rr = idx / (DP / 8), e = (idx % (DP / 8)) * 8;
         const int row = r0 + rr;
-        r[u] = row < len ? load16(static_cast<const unsigned short*>(x) + am_off(s0, row, hi, h, DP) + e)
+        r[u] = row < len ? ld_vec<uint4>(static_cast<const unsigned short*>(x) + am_off(s0, row, hi, h, DP) + e)
                          : make_uint4(0u, 0u, 0u, 0u);
     }
 }
@@ -153,7 +153,7 @@ __device__ __forceinline__ void am_put(unsigned short (*dst)[DP + 8], const uint
 #pragma unroll
     for (int u = 0; u < AM_VECS(DP); ++u) {
         const int idx = threadIdx.x + u * AM_THREADS, rr = idx / (DP / 8), e = (idx % (DP / 8)) * 8;
-        store16(&dst[rr][e], r[u]);  // rows are DP + 8 halves: 16-byte aligned
+        st_vec<uint4>(&dst[rr][e], r[u]);  // rows are DP + 8 halves: 16-byte aligned
     }
 }
 // Whether a kernel keeps the next tile's pieces in registers while it computes: not at

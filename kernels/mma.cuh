@@ -42,47 +42,11 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 __device__ __forceinline__ unsigned join2(unsigned short lo, unsigned short hi) {
     return (unsigned)lo | ((unsigned)hi << 16);
 }
-// Two adjacent 16-bit values (p 4-byte aligned) in one 32-bit shared-memory load.
-__device__ __forceinline__ unsigned load2(const unsigned short* p) {
-#ifdef DEEPCUT_CUDA_EMU
-    emu_aligned(p, 4, "load2 (two 16-bit values as one 32-bit load)");
-    unsigned u;
-    memcpy(&u, p, 4);  // no type punning in host C++
-    return u;
-#else
-    return *reinterpret_cast<const unsigned*>(p);
-#endif
-}
-
-// Stores two 16-bit values (one pack2 register) at p, 4-byte aligned, in one 32-bit store.
-__device__ __forceinline__ void store2(unsigned short* p, unsigned v) {
-#ifdef DEEPCUT_CUDA_EMU
-    emu_aligned(p, 4, "store2 (two 16-bit values as one 32-bit store)");
-    memcpy(p, &v, 4);
-#else
-    *reinterpret_cast<unsigned*>(p) = v;
-#endif
-}
-
-// Eight 16-bit values at p (16-byte aligned, global or shared memory) in one 16-byte access.
-__device__ __forceinline__ uint4 load16(const unsigned short* p) {
-#ifdef DEEPCUT_CUDA_EMU
-    emu_aligned(p, 16, "load16 (eight 16-bit values as one 16-byte load)");
-    uint4 u;
-    memcpy(&u, p, 16);
-    return u;
-#else
-    return *reinterpret_cast<const uint4*>(p);
-#endif
-}
-__device__ __forceinline__ void store16(unsigned short* p, uint4 v) {
-#ifdef DEEPCUT_CUDA_EMU
-    emu_aligned(p, 16, "store16 (eight 16-bit values as one 16-byte store)");
-    memcpy(p, &v, 16);
-#else
-    *reinterpret_cast<uint4*>(p) = v;
-#endif
-}
+// Two adjacent 16-bit values (p 4-byte aligned) in one 32-bit shared-memory load, and
+// the store of two (one pack2 register): common.cuh's wide accesses, which the emulator
+// holds to a GPU's alignment rule.
+__device__ __forceinline__ unsigned load2(const unsigned short* p) { return ld_vec<unsigned>(p); }
+__device__ __forceinline__ void store2(unsigned short* p, unsigned v) { st_vec<unsigned>(p, v); }
 
 // c += a b over the warp (every lane calls it with its fragments).
 __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2], Bf16Tag) {
