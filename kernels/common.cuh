@@ -80,10 +80,9 @@ __device__ __forceinline__ unsigned f32_to_half_bits(float x, int t) {
     return t == 1 ? (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(x))
                   : (unsigned)__half_as_ushort(__float2half_rn(x));
 }
-// Whether p (null: no buffer) of storage t can be read four elements at a time from any
-// 4-element boundary: 16 bytes (fp32) or 8 bytes (16-bit) aligned.
-__device__ __forceinline__ bool vec4_ok(const void* p, int t) { return ((size_t)p & (t == 0 ? 15 : 7)) == 0; }
-// v = elements i .. i + 3 of p (storage t, ld's codes) as fp32; i a multiple of 4, p vec4_ok.
+// v = elements i .. i + 3 of p (storage t, ld's codes) as fp32; i a multiple of 4, p
+// aligned to four elements (16 bytes fp32, 8 bytes 16-bit: the launchers check it,
+// src/backend/cuda/mod.rs vec4_aligned).
 __device__ __forceinline__ void ld4(float (&v)[4], const void* p, int t, size_t i) {
     if (t == 0) {
         const uint4 u = ld_vec<uint4>((const float*)p + i);

@@ -20,7 +20,8 @@ __device__ __forceinline__ float ln_input(const void* inp, int inp_t, const void
 // ---- rows read four elements at a time (the engine's widths: c % 4 == 0, c <= LN_MAX_C) ----
 // The _vec4 kernels below are the element kernels' twins (same parameters, same arithmetic
 // per element, the block sums in another order) for rows whose width is a multiple of 4,
-// at most LN_MAX_C, with vec4_ok buffers (src/backend/cuda/layernorm.rs picks them). Each
+// at most LN_MAX_C, with buffers aligned to four elements (src/backend/cuda/layernorm.rs
+// picks them). Each
 // thread keeps its LN_V groups of four in registers, so a row is read once and the dropout
 // mask drawn once, one Philox call per four elements (the element kernels call Philox for
 // every element at every read: three calls per element forward, on an H200 0.077 ms

@@ -1,6 +1,6 @@
 //! Bias + GELU (kernels/gelu.cu). CPU twin: cpu/gelu.rs.
 use super::gemm::column_grid;
-use super::{check, ensure, grid_1d, int, need, round_code, Cuda, CudaBuf, BLOCK};
+use super::{check, ensure, grid_1d, int, need, round_code, vec4_aligned, Cuda, CudaBuf, BLOCK};
 use crate::backend::Precision;
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 
@@ -21,8 +21,10 @@ pub fn bias_gelu_fwd(
     int(total, "gelu n*c");
     let (po, to, pi, ti) = (out.addr(&cu.stream), out.code(), inp.addr(&cu.stream), inp.code());
     // four elements a thread where rows split into aligned groups of four (kernels/gelu.cu)
-    let aligned = |a: u64, t: i32| a.is_multiple_of(if t == 0 { 16 } else { 8 });
-    let vec4 = c.is_multiple_of(4) && aligned(po, to) && aligned(pi, ti) && aligned(bias.device_ptr(&cu.stream).0, 0);
+    let vec4 = c.is_multiple_of(4)
+        && vec4_aligned(po, to)
+        && vec4_aligned(pi, ti)
+        && vec4_aligned(bias.device_ptr(&cu.stream).0, 0);
     let (name, threads) = if vec4 {
         ("bias_gelu_fwd_vec4_f32", total / 4)
     } else {

@@ -1,7 +1,7 @@
 //! LayerNorm with an optional fused residual add and the input's dropout fused in
 //! (kernels/layernorm.cu). CPU twin: cpu/layernorm.rs.
 use super::gemm::column_grid;
-use super::{check, ensure, int, need, round_code, Cuda, CudaBuf, DropoutArgs};
+use super::{check, ensure, int, need, round_code, vec4_aligned, Cuda, CudaBuf, DropoutArgs};
 use crate::backend::{Dropout, Precision};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
@@ -15,7 +15,7 @@ const LN_MAX_C: usize = 4 * 4 * LN_BLOCK as usize;
 /// `layernorm_fwd_vec4_f32`): width a multiple of 4 up to LN_MAX_C, and each buffer
 /// (address, storage code; address 0: none) aligned to four of its elements.
 fn vec4(c: usize, bufs: &[(u64, i32)]) -> bool {
-    c.is_multiple_of(4) && c <= LN_MAX_C && bufs.iter().all(|&(a, t)| a.is_multiple_of(if t == 0 { 16 } else { 8 }))
+    c.is_multiple_of(4) && c <= LN_MAX_C && bufs.iter().all(|&(a, t)| vec4_aligned(a, t))
 }
 
 fn row_cfg(n: usize) -> LaunchConfig {

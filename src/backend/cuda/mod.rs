@@ -334,6 +334,14 @@ pub struct OpRange {
     _timed: Option<optimes::Timed>,
 }
 
+/// Whether a buffer at device address `addr` with storage code `code` (CudaBuf::code; 0 for
+/// an fp32 slice, address 0 for none) can be read four elements at a time from any
+/// 4-element boundary: 16 bytes aligned in fp32, 8 in 16 bits (kernels/common.cuh ld4 /
+/// st4, the _vec4 kernels' loads and stores).
+fn vec4_aligned(addr: u64, code: i32) -> bool {
+    addr.is_multiple_of(if code == 0 { 16 } else { 8 })
+}
+
 /// Panics unless a buffer of `len` elements holds the `need` an op will touch: the host-side
 /// bound check behind every launch's SAFETY comment.
 fn need(len: usize, need: usize, what: &str) {
@@ -632,8 +640,9 @@ impl Cuda {
         self.nvtx.map(|n| n.from.as_str())
     }
 
-    /// An NVTX range named `name`, closed when the returned guard drops; None without an
-    /// NVTX library (nvtx.rs). For the ops' ranges (`nsys profile` shows them).
+    /// An op's range named `name`, closed when the returned guard drops: an NVTX range when
+    /// this machine has the library (nvtx.rs; `nsys profile` shows them), and timing events
+    /// while `time_ops` is on (optimes.rs).
     pub fn range(&self, name: &str) -> OpRange {
         OpRange {
             _nvtx: self.nvtx.map(|n| n.range(name)),
