@@ -21,11 +21,10 @@ __device__ __forceinline__ float ln_input(const void* inp, int inp_t, const void
 // The _vec4 kernels below are the element kernels' twins (same parameters, same arithmetic
 // per element, the block sums in another order) for rows whose width is a multiple of 4,
 // at most LN_MAX_C, with buffers aligned to four elements (src/backend/cuda/layernorm.rs
-// picks them). Each
-// thread keeps its LN_V groups of four in registers, so a row is read once and the dropout
-// mask drawn once, one Philox call per four elements (the element kernels call Philox for
-// every element at every read: three calls per element forward, on an H200 0.077 ms
-// against 0.032 ms without dropout at 6,144 x 768).
+// picks them). Each thread keeps its LN_V groups of four in registers, so a row is read
+// once and the dropout mask drawn once, one Philox call per four elements (the element
+// kernels call Philox for every element at every read: three calls per element forward,
+// on an H200 0.077 ms against 0.032 ms without dropout at 6,144 x 768).
 #define LN_V 4
 #define LN_THREADS 128  // src/backend/cuda/layernorm.rs LN_BLOCK
 #define LN_MAX_C (4 * LN_V * LN_THREADS)
@@ -220,6 +219,13 @@ extern "C" __global__ void layernorm_bwd_dinp_vec4_f32(float* dsum, void* dinp, 
     }
 }
 
+// f[u] = v for a u known only at run time, by selects: indexing a register array with it
+// would put the array in local memory.
+__device__ __forceinline__ void set_at(float (&f)[4], int u, float v) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f[e] = e == u ? v : f[e];
+}
+
 // Per chunk k of REDUCE_ROWS rows: pw[k, j] = sum_r g[r, j] xhat[r, j], pb[k, j] = sum_r g[r, j],
 // rows in order (the CPU's per-chunk partials); with dinp_bias (not null) also pp[k, j] =
 // sum_r dinp[r, j] as stored by layernorm_bwd_dinp_f32 (the bias gradient of the linear
@@ -252,22 +258,11 @@ extern "C" __global__ void layernorm_bwd_params_f32(float* dweight, float* dbias
                 // from lane (q + t) & 3, which drew row r + ((q + t) & 3): its word for column q
                 const unsigned got =
                     __shfl_sync(FULL_MASK, word_at(w, (q - t) & 3), (threadIdx.x & 28) | ((q + t) & 3));
-                const float fac = factor_of_word(drop, got);
-                const int u = (q + t) & 3;
-                f[0] = u == 0 ? fac : f[0];
-                f[1] = u == 1 ? fac : f[1];
-                f[2] = u == 2 ? fac : f[2];
-                f[3] = u == 3 ? fac : f[3];
+                set_at(f, (q + t) & 3, factor_of_word(drop, got));
             }
         } else if (drop.p > 0.0f && mine) {
 #pragma unroll 1
-            for (int u = 0; u < 4; ++u) {
-                const float fac = dropout_factor(drop, (size_t)(r + u) * c + j);
-                f[0] = u == 0 ? fac : f[0];
-                f[1] = u == 1 ? fac : f[1];
-                f[2] = u == 2 ? fac : f[2];
-                f[3] = u == 3 ? fac : f[3];
-            }
+            for (int u = 0; u < 4; ++u) set_at(f, u, dropout_factor(drop, (size_t)(r + u) * c + j));
         }
         if (!mine) continue;
 #pragma unroll
