@@ -1746,25 +1746,16 @@ fn tensor_core_products_keep_fp16_subnormal_inputs() {
     let Some(g) = gpu_only("tensor_core_products_keep_fp16_subnormal_inputs") else {
         return;
     };
-    let mut rng = Rng(907);
-    let bits = |x: f32, p: Precision| -> u16 {
-        match p {
-            Precision::Bf16 => half::bf16::from_f32(x).to_bits(),
-            _ => half::f16::from_f32(x).to_bits(),
-        }
-    };
+    use deepcut_fast::backend::cuda::quantize::{from_bits, to_bits};
     let check = |what: &str, a: &[u16], b: &[u16], p: Precision| {
         let (got, want) = (mma_probe(&g, a, b, p), twin(a, b, p));
-        let val = |x: u16| match p {
-            Precision::Bf16 => half::bf16::from_bits(x).to_f64(),
-            _ => half::f16::from_bits(x).to_f64(),
-        };
+        let (va, vb) = (from_bits(a, p), from_bits(b, p));
         let mut worst = 0.0f64;
         for i in 0..16 {
             for j in 0..8 {
                 // the largest term: the scale of an fp32 accumulation's rounding
                 let scale = (0..16)
-                    .map(|k| (val(a[i * 16 + k]) * val(b[k * 8 + j])).abs())
+                    .map(|k| (va[i * 16 + k] as f64 * vb[k * 8 + j] as f64).abs())
                     .fold(0.0, f64::max);
                 let (x, y) = (got[i * 8 + j] as f64, want[i * 8 + j] as f64);
                 let rel = (x - y).abs() / scale.max(1e-300);
@@ -1782,29 +1773,28 @@ fn tensor_core_products_keep_fp16_subnormal_inputs() {
         }
         eprintln!("tensor cores, {p} {what}: worst error {worst:.1e} of the largest term");
     };
+    let mut rng = Rng(907);
     for p in [Precision::Bf16, Precision::Fp16] {
-        let a: Vec<u16> = rng.vec(256, 2.0).iter().map(|&v| bits(v, p)).collect();
-        let b: Vec<u16> = rng.vec(128, 2.0).iter().map(|&v| bits(v, p)).collect();
+        let (a, b) = (to_bits(&rng.vec(256, 2.0), p), to_bits(&rng.vec(128, 2.0), p));
         check("normal inputs", &a, &b, p);
     }
-    // fp16 subnormals in A (bit patterns 1 ..= 0x3ff with either sign: 2^-24 .. 2^-14 -
-    // 2^-24), B normal in [0.5, 2): every product and sum is a normal fp32 number
-    let a: Vec<u16> = (0..256)
-        .map(|_| (1 + rng.below(0x3ff)) as u16 | if rng.below(2) == 1 { 0x8000 } else { 0 })
-        .collect();
-    let b: Vec<u16> = (0..128)
-        .map(|_| bits(0.5 + 1.5 * (rng.uniform() + 1.0) / 2.0, Precision::Fp16))
-        .collect();
-    check("subnormal A", &a, &b, Precision::Fp16);
-    // and in B (the probabilities are A in attention's P V, the weights A in InfoNCE's W z;
-    // both operand slots are checked)
-    let a: Vec<u16> = (0..256)
-        .map(|_| bits(0.5 + 1.5 * (rng.uniform() + 1.0) / 2.0, Precision::Fp16))
-        .collect();
-    let b: Vec<u16> = (0..128)
-        .map(|_| (1 + rng.below(0x3ff)) as u16 | if rng.below(2) == 1 { 0x8000 } else { 0 })
-        .collect();
-    check("subnormal B", &a, &b, Precision::Fp16);
+    // fp16 subnormals (bit patterns 1 ..= 0x3ff with either sign: 2^-24 .. 2^-14 - 2^-24)
+    // against normal values in [0.5, 2): every product and sum is a normal fp32 number
+    let mut subnormals = |n: usize| -> Vec<u16> {
+        (0..n)
+            .map(|_| (1 + rng.below(0x3ff)) as u16 | if rng.below(2) == 1 { 0x8000 } else { 0 })
+            .collect()
+    };
+    let (sa, sb) = (subnormals(256), subnormals(128));
+    let normals = |n: usize, seed: u64| -> Vec<u16> {
+        let mut r = Rng(seed);
+        let x: Vec<f32> = (0..n).map(|_| 1.25 + 0.75 * r.uniform()).collect();
+        to_bits(&x, Precision::Fp16)
+    };
+    // in A, then in B (the probabilities are A in attention's P V, the weights A in
+    // InfoNCE's W z; both operand slots are checked)
+    check("subnormal A", &sa, &normals(128, 908), Precision::Fp16);
+    check("subnormal B", &normals(256, 909), &sb, Precision::Fp16);
 }
 
 // The ops that round their output for mixed precision (`rounding`): on each backend the
