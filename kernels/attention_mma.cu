@@ -213,21 +213,33 @@ __device__ __forceinline__ void am_load_a(unsigned (&a)[DP / 16][4], const void*
         }
 }
 
-// B fragment of columns n0 .. n0 + 7 and k rows k0 .. k0 + 15 of the product's right
-// operand, from a tile stored [n][k] (the operand transposed: K for Q K^T): each register
-// is one 32-bit load (rows are DP + 8 halves, an even count, and k0 + c2 is even).
+// B fragments of n-tiles n0 .. n0 + 7 and n0 + 8 .. n0 + 15 (b[0], b[1]) over k rows k0 ..
+// k0 + 15 of the product's right operand, one ldmatrix each (mma.cuh). From a tile stored
+// [n][k] (the operand transposed: K for Q K^T), the four 8 x 8 matrices are (n-tile, k
+// half) in the order (0, 0), (0, 1), (1, 0), (1, 1); from a tile stored [k][n] (V for P V),
+// transposed on the way, (k half, n-tile) in the order (0, 0), (1, 0), (0, 1), (1, 1).
+// Rows are DP + 8 halves (a multiple of 16 bytes) and the tiles 16-byte aligned, so every
+// row address is. (Per lane, 2 instructions for what took 4 32-bit loads from [n][k] and
+// 16 16-bit loads from [k][n].)
 template <int DP>
-__device__ __forceinline__ void am_b_nk(unsigned (&b)[2], const unsigned short (*tile)[DP + 8], int n0, int k0) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
-    b[0] = load2(&tile[n0 + g][k0 + c2]);
-    b[1] = load2(&tile[n0 + g][k0 + c2 + 8]);
+__device__ __forceinline__ void am_b2_nk(unsigned (&b)[2][2], const unsigned short (*tile)[DP + 8], int n0, int k0) {
+    const int lane = threadIdx.x & 31, i = lane >> 3, r = lane & 7;
+    unsigned x[4];
+    ldmatrix_x4(x, &tile[n0 + (i >> 1) * 8 + r][k0 + (i & 1) * 8]);
+    b[0][0] = x[0];
+    b[0][1] = x[1];
+    b[1][0] = x[2];
+    b[1][1] = x[3];
 }
-// The same from a tile stored [k][n] (V for P V).
 template <int DP>
-__device__ __forceinline__ void am_b_kn(unsigned (&b)[2], const unsigned short (*tile)[DP + 8], int n0, int k0) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
-    b[0] = join2(tile[k0 + c2][n0 + g], tile[k0 + c2 + 1][n0 + g]);
-    b[1] = join2(tile[k0 + c2 + 8][n0 + g], tile[k0 + c2 + 9][n0 + g]);
+__device__ __forceinline__ void am_b2_kn(unsigned (&b)[2][2], const unsigned short (*tile)[DP + 8], int n0, int k0) {
+    const int lane = threadIdx.x & 31, i = lane >> 3, r = lane & 7;
+    unsigned x[4];
+    ldmatrix_x4_trans(x, &tile[k0 + (i & 1) * 8 + r][n0 + (i >> 1) * 8]);
+    b[0][0] = x[0];
+    b[0][1] = x[1];
+    b[1][0] = x[2];
+    b[1][1] = x[3];
 }
 
 // The A fragments of a 16 x AM_TILE product held as C fragments (n-tiles of 8 columns).
@@ -247,16 +259,18 @@ template <typename Tag, int DP>
 __device__ __forceinline__ void am_rows_times_tile_t(float (&acc)[AM_TILE / 8][4], const unsigned (&a)[DP / 16][4],
                                                      const unsigned short (*tile)[DP + 8]) {
 #pragma unroll
-    for (int nt = 0; nt < AM_TILE / 8; ++nt) {
+    for (int nt = 0; nt < AM_TILE / 8; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[nt][r] = 0.0f;
 #pragma unroll
+    for (int nt = 0; nt < AM_TILE / 8; nt += 2)
+#pragma unroll
         for (int kk = 0; kk < DP / 16; ++kk) {
-            unsigned b[2];
-            am_b_nk<DP>(b, tile, nt * 8, kk * 16);
-            mma_16816(acc[nt], a[kk], b, Tag());
+            unsigned b[2][2];
+            am_b2_nk<DP>(b, tile, nt * 8, kk * 16);
+            mma_16816(acc[nt], a[kk], b[0], Tag());
+            mma_16816(acc[nt + 1], a[kk], b[1], Tag());
         }
-    }
 }
 
 // acc[16 x DP] += A[16 x AM_TILE] (registers) times the tile [AM_TILE][DP].
@@ -264,12 +278,13 @@ template <typename Tag, int DP>
 __device__ __forceinline__ void am_acc_times_tile(float (&acc)[DP / 8][4], const unsigned (&a)[AM_TILE / 16][4],
                                                   const unsigned short (*tile)[DP + 8]) {
 #pragma unroll
-    for (int nd = 0; nd < DP / 8; ++nd)
+    for (int nd = 0; nd < DP / 8; nd += 2)
 #pragma unroll
         for (int kk = 0; kk < AM_TILE / 16; ++kk) {
-            unsigned b[2];
-            am_b_kn<DP>(b, tile, nd * 8, kk * 16);
-            mma_16816(acc[nd], a[kk], b, Tag());
+            unsigned b[2][2];
+            am_b2_kn<DP>(b, tile, nd * 8, kk * 16);
+            mma_16816(acc[nd], a[kk], b[0], Tag());
+            mma_16816(acc[nd + 1], a[kk], b[1], Tag());
         }
 }
 

@@ -71,3 +71,61 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
+
+// ---- fragments straight from shared memory (ldmatrix) -----------------------------------
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: four 8 x 8 matrices of 16-bit values;
+// lane 8 i + r passes the address of row r of matrix i (16 bytes, 16-byte aligned), and
+// register i of lane l receives matrix i's (row l / 4, columns 2 (l % 4), + 1), lower
+// column in the low half; with .trans, (rows 2 (l % 4), + 1 of column l / 4): the matrix
+// transposed. So one instruction yields a whole A fragment (matrices = the four 8 x 8
+// quarters in a[] order), or the B fragments of two n-tiles, where the 32-bit loads above
+// take 4 (A), 2 (B from [n][k]) or 4 16-bit loads (B from [k][n]) per register.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const unsigned short* row) {
+#ifdef DEEPCUT_CUDA_EMU
+    emu_ldmatrix(r, 0, row);
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const unsigned short* row) {
+#ifdef DEEPCUT_CUDA_EMU
+    emu_ldmatrix(r, 1, row);
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+
+// ---- global to shared memory without registers (cp.async, sm_80+) -----------------------
+// 16 bytes from global src to shared dst (both 16-byte aligned), in the background: the
+// copies a thread issued since its last commit form a group; wait<N> returns once all but
+// the N newest groups have landed (in this thread's view: a barrier must follow before
+// other threads read them). .cg: cached in L2 only, the data is read once per block.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#ifdef DEEPCUT_CUDA_EMU
+    emu_cp_async(dst, src, 16);
+#else
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef DEEPCUT_CUDA_EMU
+    emu_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef DEEPCUT_CUDA_EMU
+    emu_cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}

@@ -69,6 +69,11 @@ inline void emu_aligned(const void* p, int bytes, const char* what) {
 // Every lane of the calling warp passes `bytes` (<= 64) bytes; `all` [32][64] receives each
 // lane's bytes at lane * 64 (one warp barrier, like a shuffle).
 extern "C" void emu_warp_gather(const void* mine, int bytes, void* all);
+// kernels/mma.cuh's ldmatrix_x4[_trans] (trans 0 / 1) and cp.async (runtime.cpp).
+extern "C" void emu_ldmatrix(unsigned* out, int trans, const void* row);
+extern "C" void emu_cp_async(void* dst, const void* src, int bytes);
+extern "C" void emu_cp_async_commit();
+extern "C" void emu_cp_async_wait(int newest_pending);
 
 template <typename T>
 inline T __shfl_sync(unsigned int, T v, int src) {

@@ -111,6 +111,16 @@ struct Fiber {
     unsigned long long wait_gen = 0;
     void* tsan = nullptr;  // EMU_TSAN: this thread's TSan fiber
     void* fake = nullptr;  // EMU_ASAN: this fiber's fake stack while switched out
+    // cp.async copies this thread issued and that have not landed (emu_cp_async): group -1
+    // until committed, then the thread's commit count at that time
+    struct AsyncCopy {
+        void* dst;
+        const void* src;
+        int bytes;
+        long group;
+    };
+    std::vector<AsyncCopy> async;
+    long async_groups = 0;
 };
 
 // Slots: a block runs in one of EMU_SLOTS slots (block q of a launch, in the order the
@@ -358,6 +368,8 @@ void run_block(BlockRun& r) {
 #endif
         f.done = false;
         f.waiting = nullptr;
+        f.async.clear();
+        f.async_groups = 0;
         // a fresh stack as emu_switch leaves it: six callee-saved registers (zero) and the
         // return address fiber_entry, placed so that fiber_entry starts with rsp = 8 mod 16
         // as after a call
@@ -454,6 +466,55 @@ extern "C" void emu_warp_gather(const void* mine, int bytes, void* all) {
     bar_wait(cur->warp_bars[warp], false);
     memcpy(all, &cur->gather[(size_t)warp * 32 * 64], 32 * 64);
     bar_wait(cur->warp_bars[warp], false);
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (kernels/mma.cuh): every lane passes
+// its row address; all rows are read between the warp's two barriers, so no lane's later
+// store can reach them, as the instruction reads them at once on a GPU.
+extern "C" void emu_ldmatrix(unsigned* out, int trans, const void* row) {
+    if ((uintptr_t)row % 16) emu_misaligned(row, 16, "ldmatrix (a row address)");
+    int warp = cur_tid / 32, lane = cur_tid & 31;
+    memcpy(&cur->gather[(size_t)cur_tid * 64], &row, sizeof row);
+    bar_wait(cur->warp_bars[warp], false);
+    for (int i = 0; i < 4; ++i) {
+        unsigned short v[2];
+        for (int h = 0; h < 2; ++h) {
+            // the stored matrix's (row, column) this lane's half h holds
+            const int mr = trans ? 2 * (lane & 3) + h : lane >> 2, mc = trans ? lane >> 2 : 2 * (lane & 3) + h;
+            const unsigned short* p;
+            memcpy(&p, &cur->gather[(size_t)(warp * 32 + 8 * i + mr) * 64], sizeof p);
+            v[h] = p[mc];
+        }
+        out[i] = (unsigned)v[0] | ((unsigned)v[1] << 16);
+    }
+    bar_wait(cur->warp_bars[warp], false);
+}
+
+// cp.async (kernels/mma.cuh): the copy is only recorded, and made when the issuing thread's
+// cp_async_wait lets its group land, so a kernel that reads the destination before its
+// wait and barrier reads what was there before (NaN under CUDA_EMU_FILL=nan) and fails its
+// parity test, where an immediate copy would hide the missing wait.
+extern "C" void emu_cp_async(void* dst, const void* src, int bytes) {
+    if ((uintptr_t)dst % (uintptr_t)bytes) emu_misaligned(dst, bytes, "cp.async (its shared destination)");
+    if ((uintptr_t)src % (uintptr_t)bytes) emu_misaligned(src, bytes, "cp.async (its global source)");
+    cur->fibers[cur_tid].async.push_back({dst, src, bytes, -1});
+}
+extern "C" void emu_cp_async_commit() {
+    Fiber& f = cur->fibers[cur_tid];
+    for (auto& c : f.async)
+        if (c.group < 0) c.group = f.async_groups;
+    ++f.async_groups;
+}
+extern "C" void emu_cp_async_wait(int newest_pending) {
+    Fiber& f = cur->fibers[cur_tid];
+    std::vector<Fiber::AsyncCopy> left;
+    for (auto& c : f.async) {
+        if (c.group >= 0 && c.group < f.async_groups - newest_pending)
+            memcpy(c.dst, c.src, (size_t)c.bytes);
+        else
+            left.push_back(c);
+    }
+    f.async.swap(left);
 }
 
 extern "C" void* emu_dyn_smem() { return cur->smem.empty() ? nullptr : cur->smem.data(); }
