@@ -194,8 +194,12 @@ __device__ __forceinline__ int load_anchor_meta(AnchorMeta& am, const int* label
 // The forward's walk over the column tiles, whatever computes a tile: `tiles.scores(s, c0)`
 // adds the dot products of the anchor tile with columns c0 .. c0+32 to s[u] (row 4w + u,
 // column lane), beginning with a barrier (which publishes yc). Online logsumexp over D_i
-// per row (running max and sum, fp32) and the linear term sum_{p in P_i} s_ip (f64);
-// writes loss and lse of the tile's rows: L_i, logsumexp on valid anchors, 0 elsewhere.
+// (running max and sum, fp32) and the linear term sum_{p in P_i} s_ip (f64); writes loss
+// and lse of the tile's rows: L_i, logsumexp on valid anchors, 0 elsewhere.
+// Each lane keeps its own running max and sum over its columns (j = lane mod 32) and the
+// lanes combine once, at the end: one exp per element and no shuffle per tile (a warp max
+// and sum per row and tile, 10 shuffles and 2 exps per element's share, cost more than the
+// tile's tensor-core products at c 384).
 template <typename Tiles>
 __device__ __forceinline__ void infonce_fwd_walk(Tiles& tiles, float* loss, float* lse, const int* labels,
                                                  const int* npos, const AnchorMeta& am, int* yc, int any, int a0,
@@ -223,23 +227,24 @@ __device__ __forceinline__ void infonce_fwd_walk(Tiles& tiles, float* loss, floa
             const bool in_d = j < m && j != i && j != am.excl[r] && (a.denom_all || same);
             const bool in_p = j < m && !same;
             if (in_p) psum[u] += (double)sv;
-            const float tmax = warp_max(in_d ? sv : NEG_INF);
-            if (tmax == NEG_INF) continue;  // warp-uniform: nothing of D_i in this tile
-            const float m_new = fmaxf(mrun[u], tmax);
-            const float tsum = warp_sum(in_d ? expf(sv - m_new) : 0.0f);
-            lrun[u] = lrun[u] * expf(mrun[u] - m_new) + tsum;
-            mrun[u] = m_new;
+            if (in_d) {  // (m, l) <- (max(m, sv), l e^(m - max) + e^(sv - max)), one exp
+                const float hi = fmaxf(mrun[u], sv), e = expf(fminf(mrun[u], sv) - hi);
+                lrun[u] = sv > mrun[u] ? lrun[u] * e + 1.0f : lrun[u] + e;
+                mrun[u] = hi;
+            }
         }
     }
 #pragma unroll
     for (int u = 0; u < NCE_RPW; ++u) {
         const double ps = warp_sum(psum[u]);
+        const float mx = warp_max(mrun[u]);
+        const float l = warp_sum(mrun[u] == NEG_INF ? 0.0f : lrun[u] * expf(mrun[u] - mx));
         const int r = warp * NCE_RPW + u, i = a0 + r;
         if (lane != 0 || i >= m) continue;
-        if (am.valid[r]) {
-            const float l = mrun[u] + logf(lrun[u]);
-            lse[i] = l;
-            loss[i] = (float)((double)l - ps / (double)npos[i]);
+        if (am.valid[r]) {  // |D_i| > 0: mx is finite
+            const float lv = mx + logf(l);
+            lse[i] = lv;
+            loss[i] = (float)((double)lv - ps / (double)npos[i]);
         } else {
             lse[i] = 0.0f;
             loss[i] = 0.0f;
@@ -385,13 +390,16 @@ extern "C" __global__ void infonce_bwd_cols_f32(float* dz, float* dzc, const flo
     }
 }
 
-// ---- bf16 / fp16: both z tiles in shared memory, every product on tensor cores ----------
-// The launcher's default in the 16-bit modes (src/backend/cuda/infonce.rs `smem16`). A block
-// keeps its 32 anchor rows and the current 32 column rows of z in dynamic shared memory,
-// rounded to 16 bits over the whole width: [32][ldh] each, ldh = c16 + 8 halves with c16 =
-// c rounded up to 16 and zero-filled (the + 8 keeps the fragment loads free of bank
-// conflicts when c16 is a multiple of 64). Against the SIMT kernels above, a column tile
-// is read from L2 once per anchor tile instead of three times, in 16 bits, and the anchor
+// ---- bf16 / fp16: z rounded once, tiles in shared memory, every product on tensor cores --
+// The launcher's default in the 16-bit modes (src/backend/cuda/infonce.rs `smem16`).
+// infonce_round16_* first writes zr: z rounded to 16 bits, rows of ldh = c16 + 8 halves
+// (c16 = c rounded up to 16, zeros from c on) and a multiple of 32 rows (zero rows past m).
+// A tile of 32 rows of zr is then one contiguous, 16-byte aligned block, which the kernels
+// copy to shared memory by cp.async: no registers, no bounds checks, half the bytes of
+// fp32 z, no rounding in the loop. A block keeps its 32 anchor rows (za) for the whole walk
+// and streams the column tiles through `nbuf` buffers (zc): with 2, the next tile's copy is
+// in flight while the current one is multiplied. Fragments come by ldmatrix (mma.cuh); the
+// + 8 halves a row put the 8 rows an ldmatrix reads at once in distinct banks. The anchor
 // gradient's products run on tensor cores too:
 //   W_ij = round16([j in D_i] exp(s_ij - lse_i)),  acc_i = sum_j W_ij round16(z_j)  (fp32)
 //   dz_i = scale * ((acc_i - mu_i) / tau),  mu_i = mean of round16(z_p) over P_i (f64)
@@ -402,120 +410,156 @@ extern "C" __global__ void infonce_bwd_cols_f32(float* dz, float* dzc, const flo
 // 4 NB fp32 registers per thread, so one instantiation per NB (c16 <= 32 NB).
 #define NCE16_PAD 8
 #define NCE16_WLD (NCE_TILE + 8)  // row stride of the 16-bit W tile, in halves
+#define NCE16_KQ 4                // the score tile's K range is split in quarters over warps
 
-// Rows r0 .. r0 + 32 of z rounded to 16 bits into dst [32][ldh] (zeros past row m and from
-// element c up to c16). Block-wide; the caller places the barriers.
-// With c % 4 == 0 and z 16-byte aligned (every engine width), each thread loads 16 bytes
-// (four values) at a time, BATCH loads issued before the first is stored: the pair
-// loop below stores between loads, so each thread's loads of a tile went one at a time
-// (24 global round trips per column tile at c 384, against a few hundred cycles of MMAs).
-// BATCH: 4 in the forward; 2 in the anchor-gradient kernels, whose dz accumulators leave
-// fewer registers (4 took nb24 from 128 to 154 registers: one block an SM instead of two).
-template <typename Tag, int BATCH = 4>
-__device__ __forceinline__ void load_rows16(unsigned short* dst, const float* z, int r0, int m, int c, int c16,
-                                            int ldh) {
-    if ((c & 3) == 0 && ((size_t)z & 15) == 0) {  // uniform over the launch
-        const int q = c16 >> 2, total = NCE_TILE * q;  // 4-value groups of the tile
-        for (int base = threadIdx.x; base < total; base += BATCH * blockDim.x) {
-            uint4 v[BATCH];
+// zr [rows][ldh] = z [m][c] rounded to 16 bits, zeros past row m and from element c; rows a
+// multiple of 32. One thread per 8 elements (one 16-byte store); grid-stride.
+template <typename Tag>
+__device__ void infonce_round16(unsigned short* zr, const float* z, int m, int c, int rows, int ldh) {
+    const int q = ldh >> 3;  // 8-element groups a row
+    const long long total = (long long)rows * q;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const int r = (int)(idx / q), e = (int)(idx - (long long)r * q) * 8;
+        float v[8];
 #pragma unroll
-            for (int u = 0; u < BATCH; ++u) {
-                const int idx = base + u * blockDim.x, rr = idx / q, e = (idx - rr * q) * 4, r = r0 + rr;
-                v[u] = idx < total && r < m && e < c ? ld_vec<uint4>(z + (size_t)r * c + e) : make_uint4(0u, 0u, 0u, 0u);
-            }
-#pragma unroll
-            for (int u = 0; u < BATCH; ++u) {
-                const int idx = base + u * blockDim.x, rr = idx / q, e = (idx - rr * q) * 4;
-                if (idx < total)  // rows are ldh = c16 + 8 halves, 16-byte multiples: 8-byte aligned
-                    st_vec<uint2>(dst + rr * ldh + e,
-                                  make_uint2(pack2<Tag>(__int_as_float((int)v[u].x), __int_as_float((int)v[u].y)),
-                                             pack2<Tag>(__int_as_float((int)v[u].z), __int_as_float((int)v[u].w))));
-            }
-        }
-        return;
-    }
-    const int pairs = c16 >> 1;
-    for (int idx = threadIdx.x; idx < NCE_TILE * pairs; idx += blockDim.x) {
-        const int rr = idx / pairs, e = (idx - rr * pairs) * 2, r = r0 + rr;
-        const float* zr = z + (size_t)r * c;
-        const float lo = (r < m && e < c) ? zr[e] : 0.0f;
-        const float hi = (r < m && e + 1 < c) ? zr[e + 1] : 0.0f;
-        store2(dst + rr * ldh + e, pack2<Tag>(lo, hi));
+        for (int u = 0; u < 8; ++u) v[u] = r < m && e + u < c ? z[(size_t)r * c + e + u] : 0.0f;
+        st_vec<uint4>(zr + (size_t)r * ldh + e, make_uint4(pack2<Tag>(v[0], v[1]), pack2<Tag>(v[2], v[3]),
+                                                           pack2<Tag>(v[4], v[5]), pack2<Tag>(v[6], v[7])));
     }
 }
+extern "C" __global__ void infonce_round16_bf16(unsigned short* zr, const float* z, int m, int c, int rows, int ldh) {
+    infonce_round16<Bf16Tag>(zr, z, m, c, rows, ldh);
+}
+extern "C" __global__ void infonce_round16_f16(unsigned short* zr, const float* z, int m, int c, int rows, int ldh) {
+    infonce_round16<F16Tag>(zr, z, m, c, rows, ldh);
+}
 
-// st [32][NCE_LD] = za zc^T over the 16-bit rows, fp32 accumulation: warp w computes the
-// 16 x 8 block at rows 16 (w >> 2), columns 8 (w & 3), k in steps of 16 (mma.cuh layout).
+// The 32 rows of zr from row r0 into dst [32][ldh], 16 bytes a copy (cp.async; the caller
+// commits and waits).
+__device__ __forceinline__ void copy_tile16(unsigned short* dst, const unsigned short* zr, int r0, int ldh) {
+    const int n = NCE_TILE * ldh / 8;
+    const unsigned short* src = zr + (size_t)r0 * ldh;
+    for (int q = threadIdx.x; q < n; q += blockDim.x) cp_async16(dst + q * 8, src + (size_t)q * 8);
+}
+
+// st4[kq] [32][NCE_LD] = the part of za zc^T over K quarter kq (fp32 accumulation): warp w
+// computes rows 16 (w & 1) .. + 16, all 32 columns (4 n-tiles), over the 16-wide k steps
+// of quarter kq = w >> 1. Per k step one ldmatrix for the A fragment and two for the four
+// n-tiles' B fragments feed 4 MMAs (the 16 x 8 block per warp before took 6 32-bit loads
+// per MMA, over the whole K, and its shared-memory reads bounded the kernel).
 template <typename Tag>
-__device__ __forceinline__ void score_tile16(float* st, const unsigned short* za, const unsigned short* zc, int c16,
+__device__ __forceinline__ void score_tile16(float* st4, const unsigned short* za, const unsigned short* zc, int c16,
                                              int ldh) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
-    const int mr = (warp >> 2) * 16, nc = (warp & 3) * 8;
-    const unsigned short* a_lo = za + (mr + g) * ldh + c2;
-    const unsigned short* a_hi = a_lo + 8 * ldh;
-    const unsigned short* b_n = zc + (nc + g) * ldh + c2;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int k0 = 0; k0 < c16; k0 += 16) {
-        const unsigned a[4] = {load2(a_lo + k0), load2(a_hi + k0), load2(a_lo + k0 + 8), load2(a_hi + k0 + 8)};
-        const unsigned b[2] = {load2(b_n + k0), load2(b_n + k0 + 8)};
-        mma_16816(acc, a, b, Tag());
+    const int i8 = lane >> 3, r8 = lane & 7;
+    const int mr = (warp & 1) * 16, kq = warp >> 1;
+    const int steps = c16 >> 4, per = (steps + NCE16_KQ - 1) / NCE16_KQ;
+    const int k_lo = kq * per, k_hi = min(steps, k_lo + per);
+    // this lane's row addresses: A matrices (row half, k half) (0,0) (1,0) (0,1) (1,1), the
+    // order of a[]; B matrices (n-tile, k half) (0,0) (0,1) (1,0) (1,1): two n-tiles' b[]
+    const unsigned short* pa = za + (mr + (i8 & 1) * 8 + r8) * ldh + (i8 >> 1) * 8;
+    const unsigned short* pb = zc + ((i8 >> 1) * 8 + r8) * ldh + (i8 & 1) * 8;
+    float acc[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    for (int ks = k_lo; ks < k_hi; ++ks) {
+        const int k0 = ks * 16;
+        unsigned a[4];
+        ldmatrix_x4(a, pa + k0);
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+            unsigned x[4];
+            ldmatrix_x4(x, pb + p * 16 * ldh + k0);
+            const unsigned b0[2] = {x[0], x[1]}, b1[2] = {x[2], x[3]};
+            mma_16816(acc[2 * p], a, b0, Tag());
+            mma_16816(acc[2 * p + 1], a, b1, Tag());
+        }
     }
-    st[(mr + g) * NCE_LD + nc + c2] = acc[0];
-    st[(mr + g) * NCE_LD + nc + c2 + 1] = acc[1];
-    st[(mr + g + 8) * NCE_LD + nc + c2] = acc[2];
-    st[(mr + g + 8) * NCE_LD + nc + c2 + 1] = acc[3];
+    float* st = st4 + kq * NCE_TILE * NCE_LD;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+        st[(mr + g) * NCE_LD + nt * 8 + c2] = acc[nt][0];
+        st[(mr + g) * NCE_LD + nt * 8 + c2 + 1] = acc[nt][1];
+        st[(mr + g + 8) * NCE_LD + nt * 8 + c2] = acc[nt][2];
+        st[(mr + g + 8) * NCE_LD + nt * 8 + c2 + 1] = acc[nt][3];
+    }
 }
 
-// Tiles of the 16-bit kernels: the anchor rows za are loaded once by the caller, each
-// column tile into zc; the scores go through st to the SIMT layout of the walk.
-template <typename Tag, int BATCH = 4>
+// Tiles of the 16-bit kernels: the anchor rows za and the column tiles zc (nbuf buffers of
+// [32][ldh]) from zr; the scores go through st4 to the SIMT layout of the walk.
+template <typename Tag>
 struct Smem16Tiles {
-    const unsigned short* za;
+    unsigned short* za;
     unsigned short* zc;
-    float* st;
-    const float* z;
-    int m, c, c16, ldh;
+    float* st4;
+    const unsigned short* zr;
+    int m, c16, ldh, nbuf;
+    // The buffer column tile c0 goes to.
+    __device__ __forceinline__ unsigned short* buf(int c0) const {
+        return zc + (size_t)((c0 / NCE_TILE) % nbuf) * NCE_TILE * ldh;
+    }
+    // Before the walk: the anchor rows at a0 and, double-buffered, the first column tile, as
+    // one group.
+    __device__ __forceinline__ void start(int a0) {
+        copy_tile16(za, zr, a0, ldh);
+        if (nbuf == 2) copy_tile16(zc, zr, 0, ldh);
+        cp_async_commit();
+    }
+    // s[u] += the scores of tile c0 (row 4w + u, column lane). The caller's barrier before
+    // the call follows every read of the previous tile (its buffer, st4); the barrier after
+    // the copy lands publishes what the caller wrote before the call (yc).
     __device__ __forceinline__ void scores(float s[NCE_RPW], int c0) {
-        __syncthreads();  // zc and st of the previous tile are consumed
-        load_rows16<Tag, BATCH>(zc, z, c0, m, c, c16, ldh);
+        if (nbuf == 2) {
+            if (c0 + NCE_TILE < m) copy_tile16(buf(c0 + NCE_TILE), zr, c0 + NCE_TILE, ldh);
+            cp_async_commit();   // one group per tile, empty after the last
+            cp_async_wait<1>();  // all but that newest group: tile c0 (and the anchors)
+        } else {
+            copy_tile16(zc, zr, c0, ldh);
+            cp_async_commit();
+            cp_async_wait<0>();
+        }
         __syncthreads();
-        score_tile16<Tag>(st, za, zc, c16, ldh);
+        score_tile16<Tag>(st4, za, buf(c0), c16, ldh);
         __syncthreads();
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        const int plane = NCE_TILE * NCE_LD;
 #pragma unroll
-        for (int u = 0; u < NCE_RPW; ++u) s[u] += st[(warp * NCE_RPW + u) * NCE_LD + lane];
+        for (int u = 0; u < NCE_RPW; ++u) {
+            const int o = (warp * NCE_RPW + u) * NCE_LD + lane;
+            s[u] += ((st4[o] + st4[plane + o]) + st4[2 * plane + o]) + st4[3 * plane + o];
+        }
     }
 };
 
-// As infonce_fwd_f32, the tiles from shared memory. Dynamic shared memory: 2 * 32 * ldh
-// halves. Grid: ceil(m / 32) blocks of 256 threads.
+// As infonce_fwd_f32, over zr (infonce_round16_*). Dynamic shared memory: (1 + nbuf) * 32 *
+// ldh halves. Grid: ceil(m / 32) blocks of 256 threads.
 template <typename Tag>
-__device__ void infonce_fwd16(float* loss, float* lse, const float* z, const int* labels, const int* npos,
-                              const int* valid, const int* partner, int m, int c, InfoNceArgs a) {
-    extern __shared__ float smem[];
-    __shared__ float st[NCE_TILE * NCE_LD];
+__device__ void infonce_fwd16(float* loss, float* lse, const unsigned short* zr, const int* labels, const int* npos,
+                              const int* valid, const int* partner, int m, int c, int nbuf, InfoNceArgs a) {
+    extern __shared__ __align__(16) float smem[];
+    __shared__ float st4[NCE16_KQ * NCE_TILE * NCE_LD];
     __shared__ AnchorMeta am;
     __shared__ int yc[NCE_TILE];
     const int c16 = (c + 15) & ~15, ldh = c16 + NCE16_PAD;
     unsigned short* za = reinterpret_cast<unsigned short*>(smem);
-    unsigned short* zc = za + NCE_TILE * ldh;
     const int a0 = blockIdx.x * NCE_TILE;
     const int any = load_anchor_meta(am, labels, npos, valid, partner, nullptr, a0, m, a);
-    if (any) load_rows16<Tag>(za, z, a0, m, c, c16, ldh);  // published by the walk's barriers
-    Smem16Tiles<Tag> tiles{za, zc, st, z, m, c, c16, ldh};
+    Smem16Tiles<Tag> tiles{za, za + NCE_TILE * ldh, st4, zr, m, c16, ldh, nbuf};
+    if (any) tiles.start(a0);
     infonce_fwd_walk(tiles, loss, lse, labels, npos, am, yc, any, a0, m, a);
 }
 
 // Entry points (explicit parameter lists: tests/cuda_build.rs reads them).
-extern "C" __global__ void infonce_fwd16_bf16(float* loss, float* lse, const float* z, const int* labels,
+extern "C" __global__ void infonce_fwd16_bf16(float* loss, float* lse, const unsigned short* zr, const int* labels,
                                               const int* npos, const int* valid, const int* partner, int m, int c,
-                                              InfoNceArgs a) {
-    infonce_fwd16<Bf16Tag>(loss, lse, z, labels, npos, valid, partner, m, c, a);
+                                              int nbuf, InfoNceArgs a) {
+    infonce_fwd16<Bf16Tag>(loss, lse, zr, labels, npos, valid, partner, m, c, nbuf, a);
 }
-extern "C" __global__ void infonce_fwd16_f16(float* loss, float* lse, const float* z, const int* labels,
+extern "C" __global__ void infonce_fwd16_f16(float* loss, float* lse, const unsigned short* zr, const int* labels,
                                              const int* npos, const int* valid, const int* partner, int m, int c,
-                                             InfoNceArgs a) {
-    infonce_fwd16<F16Tag>(loss, lse, z, labels, npos, valid, partner, m, c, a);
+                                             int nbuf, InfoNceArgs a) {
+    infonce_fwd16<F16Tag>(loss, lse, zr, labels, npos, valid, partner, m, c, nbuf, a);
 }
 
 // The linear term's sums for the 16-bit anchor gradient, f64 over rows in order:
@@ -554,34 +598,38 @@ extern "C" __global__ void infonce_class_sums_f32(double* sums, const float* z, 
 }
 
 // Anchor rows of the 16-bit backward: dz_i = scale * ((acc_i - mu_i) / tau) on valid
-// anchors (other rows are left as the launcher zeroed them). sums: infonce_class_sums_f32.
-// Dynamic shared memory: 2 * 32 * ldh halves. Grid: ceil(m / 32) blocks of 256 threads.
+// anchors (other rows are left as the launcher zeroed them). zr: infonce_round16_*; sums:
+// infonce_class_sums_f32. Dynamic shared memory: (1 + nbuf) * 32 * ldh halves. Grid:
+// ceil(m / 32) blocks of 256 threads.
 template <typename Tag, int NB>
-__device__ void infonce_bwd_rows16(float* dz, const double* sums, const float* z, const float* lse, const int* labels,
-                                   const int* npos, const int* valid, const int* partner, const int* rep, int m, int c,
-                                   InfoNceArgs a) {
-    extern __shared__ float smem[];
-    __shared__ float st[NCE_TILE * NCE_LD];
+__device__ void infonce_bwd_rows16(float* dz, const double* sums, const unsigned short* zr, const float* lse,
+                                   const int* labels, const int* npos, const int* valid, const int* partner,
+                                   const int* rep, int m, int c, int nbuf, InfoNceArgs a) {
+    static_assert(NB % 2 == 0, "n-tiles in pairs, one ldmatrix each");
+    extern __shared__ __align__(16) float smem[];
+    __shared__ float st4[NCE16_KQ * NCE_TILE * NCE_LD];
     __shared__ __align__(16) unsigned short ws[NCE_TILE * NCE16_WLD];
     __shared__ AnchorMeta am;
     __shared__ int yc[NCE_TILE];
     const int c16 = (c + 15) & ~15, ldh = c16 + NCE16_PAD;
     unsigned short* za = reinterpret_cast<unsigned short*>(smem);
-    unsigned short* zc = za + NCE_TILE * ldh;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+    const int i8 = lane >> 3, r8 = lane & 7;
     const int a0 = blockIdx.x * NCE_TILE;
     if (!load_anchor_meta(am, labels, npos, valid, partner, lse, a0, m, a)) return;  // block-uniform
-    load_rows16<Tag, 2>(za, z, a0, m, c, c16, ldh);  // published by the first tile's barriers
+    Smem16Tiles<Tag> tiles{za, za + NCE_TILE * ldh, st4, zr, m, c16, ldh, nbuf};
+    tiles.start(a0);
     const int mb = (warp & 1) * 16, nb0 = (warp >> 1) * NB;
     float acc[NB][4];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.0f;
-    Smem16Tiles<Tag, 2> tiles{za, zc, st, z, m, c, c16, ldh};
+    // this lane's ldmatrix row in the W tile: A matrices (row half, k half) as a[]
+    const unsigned short* pw = ws + (mb + (i8 & 1) * 8 + r8) * NCE16_WLD + (i8 >> 1) * 8;
     for (int c0 = 0; c0 < m; c0 += NCE_TILE) {
-        __syncthreads();  // yc and ws of the previous tile are consumed
+        __syncthreads();  // yc, ws and the buffers of earlier tiles are consumed
         if (threadIdx.x < NCE_TILE) yc[threadIdx.x] = c0 + (int)threadIdx.x < m ? labels[c0 + threadIdx.x] : 0;
         float s[NCE_RPW] = {0.0f, 0.0f, 0.0f, 0.0f};
-        tiles.scores(s, c0);  // zc now holds the column tile
+        tiles.scores(s, c0);
 #pragma unroll
         for (int u = 0; u < NCE_RPW; ++u) {
             const int r = warp * NCE_RPW + u, i = a0 + r, j = c0 + lane;
@@ -589,19 +637,23 @@ __device__ void infonce_bwd_rows16(float* dz, const double* sums, const float* z
             ws[r * NCE16_WLD + lane] = to_bits(in_d ? expf(s[u] * a.inv_tau - am.lse[r]) : 0.0f, Tag());
         }
         __syncthreads();
-        // acc += W [16 rows of this warp, 32 columns] zc [32, this warp's elements]
+        // acc += W [16 rows of this warp, 32 columns] zc [32, this warp's elements]: B from
+        // zc stored [k = column row][n = element], transposed by ldmatrix: matrices (k half,
+        // n-tile) (0,0) (1,0) (0,1) (1,1), two n-tiles' b[] (16 16-bit loads a pair before)
+        const unsigned short* zk = tiles.buf(c0) + ((i8 & 1) * 8 + r8) * ldh + (i8 >> 1) * 8;
 #pragma unroll
         for (int k0 = 0; k0 < NCE_TILE; k0 += 16) {
-            const unsigned short* w_lo = ws + (mb + g) * NCE16_WLD + k0 + c2;
-            const unsigned short* w_hi = w_lo + 8 * NCE16_WLD;
-            const unsigned wa[4] = {load2(w_lo), load2(w_hi), load2(w_lo + 8), load2(w_hi + 8)};
-            const unsigned short* zk = zc + (k0 + c2) * ldh;  // B: k = column row, n = element
+            unsigned wa[4];
+            ldmatrix_x4(wa, pw + k0);
 #pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-                const int e = (nb0 + nb) * 8 + g;
-                if ((nb0 + nb) * 8 >= c16) break;  // warp-uniform
-                const unsigned b[2] = {join2(zk[e], zk[ldh + e]), join2(zk[8 * ldh + e], zk[9 * ldh + e])};
-                mma_16816(acc[nb], wa, b, Tag());
+            for (int nb = 0; nb < NB; nb += 2) {
+                const int e0 = (nb0 + nb) * 8;
+                if (e0 >= c16) break;  // warp-uniform; c16 and e0 are multiples of 16
+                unsigned x[4];
+                ldmatrix_x4_trans(x, zk + k0 * ldh + e0);
+                const unsigned b0[2] = {x[0], x[1]}, b1[2] = {x[2], x[3]};
+                mma_16816(acc[nb], wa, b0, Tag());
+                mma_16816(acc[nb + 1], wa, b1, Tag());
             }
         }
     }
@@ -628,40 +680,40 @@ __device__ void infonce_bwd_rows16(float* dz, const double* sums, const float* z
 
 // Entry points, one per type and accumulator size (explicit parameter lists:
 // tests/cuda_build.rs reads them).
-#define NCE_ROWS16_CALL dz, sums, z, lse, labels, npos, valid, partner, rep, m, c, a
-extern "C" __global__ void infonce_bwd_rows16_bf16_nb12(float* dz, const double* sums, const float* z,
+#define NCE_ROWS16_CALL dz, sums, zr, lse, labels, npos, valid, partner, rep, m, c, nbuf, a
+extern "C" __global__ void infonce_bwd_rows16_bf16_nb12(float* dz, const double* sums, const unsigned short* zr,
                                                          const float* lse, const int* labels, const int* npos,
                                                          const int* valid, const int* partner, const int* rep, int m,
-                                                         int c, InfoNceArgs a) {
+                                                         int c, int nbuf, InfoNceArgs a) {
     infonce_bwd_rows16<Bf16Tag, 12>(NCE_ROWS16_CALL);
 }
-extern "C" __global__ void infonce_bwd_rows16_bf16_nb24(float* dz, const double* sums, const float* z,
+extern "C" __global__ void infonce_bwd_rows16_bf16_nb24(float* dz, const double* sums, const unsigned short* zr,
                                                          const float* lse, const int* labels, const int* npos,
                                                          const int* valid, const int* partner, const int* rep, int m,
-                                                         int c, InfoNceArgs a) {
+                                                         int c, int nbuf, InfoNceArgs a) {
     infonce_bwd_rows16<Bf16Tag, 24>(NCE_ROWS16_CALL);
 }
-extern "C" __global__ void infonce_bwd_rows16_bf16_nb32(float* dz, const double* sums, const float* z,
+extern "C" __global__ void infonce_bwd_rows16_bf16_nb32(float* dz, const double* sums, const unsigned short* zr,
                                                          const float* lse, const int* labels, const int* npos,
                                                          const int* valid, const int* partner, const int* rep, int m,
-                                                         int c, InfoNceArgs a) {
+                                                         int c, int nbuf, InfoNceArgs a) {
     infonce_bwd_rows16<Bf16Tag, 32>(NCE_ROWS16_CALL);
 }
-extern "C" __global__ void infonce_bwd_rows16_f16_nb12(float* dz, const double* sums, const float* z,
+extern "C" __global__ void infonce_bwd_rows16_f16_nb12(float* dz, const double* sums, const unsigned short* zr,
                                                          const float* lse, const int* labels, const int* npos,
                                                          const int* valid, const int* partner, const int* rep, int m,
-                                                         int c, InfoNceArgs a) {
+                                                         int c, int nbuf, InfoNceArgs a) {
     infonce_bwd_rows16<F16Tag, 12>(NCE_ROWS16_CALL);
 }
-extern "C" __global__ void infonce_bwd_rows16_f16_nb24(float* dz, const double* sums, const float* z,
+extern "C" __global__ void infonce_bwd_rows16_f16_nb24(float* dz, const double* sums, const unsigned short* zr,
                                                          const float* lse, const int* labels, const int* npos,
                                                          const int* valid, const int* partner, const int* rep, int m,
-                                                         int c, InfoNceArgs a) {
+                                                         int c, int nbuf, InfoNceArgs a) {
     infonce_bwd_rows16<F16Tag, 24>(NCE_ROWS16_CALL);
 }
-extern "C" __global__ void infonce_bwd_rows16_f16_nb32(float* dz, const double* sums, const float* z,
+extern "C" __global__ void infonce_bwd_rows16_f16_nb32(float* dz, const double* sums, const unsigned short* zr,
                                                          const float* lse, const int* labels, const int* npos,
                                                          const int* valid, const int* partner, const int* rep, int m,
-                                                         int c, InfoNceArgs a) {
+                                                         int c, int nbuf, InfoNceArgs a) {
     infonce_bwd_rows16<F16Tag, 32>(NCE_ROWS16_CALL);
 }

@@ -2508,7 +2508,10 @@ fn infonce_16bit_simt_path_matches_the_twin() {
     for (_, c, _) in shapes {
         for p in [Precision::Bf16, Precision::Fp16] {
             let path = g.infonce_path(p, c);
-            assert!(path.contains("shared memory"), "{p} c={c}: {path}");
+            assert!(
+                path.contains("shared memory") && path.contains("double-buffered"),
+                "{p} c={c}: {path}"
+            );
         }
         assert!(g.infonce_path(Precision::Fp32, c).contains("fp32"));
     }
@@ -2518,6 +2521,27 @@ fn infonce_16bit_simt_path_matches_the_twin() {
     let path = simt.infonce_path(Precision::Bf16, 70);
     assert!(path.contains("CUDA cores") && !path.contains("shared memory"), "{path}");
     infonce_check(&simt, " (SIMT)", &shapes, &[Precision::Bf16, Precision::Fp16]);
+}
+
+/// The 16-bit shared-memory kernels with one column-tile buffer (where two do not fit in
+/// shared memory: the copy of each tile waits for the previous tile's products) match the
+/// same twin as the default double-buffered ones (`Cuda::with_infonce_single_buffer`).
+#[test]
+fn infonce_16bit_single_buffer_matches_the_twin() {
+    let Some(g) = gpu_only("infonce_16bit_single_buffer_matches_the_twin") else {
+        return;
+    };
+    let one = g.with_infonce_single_buffer();
+    for c in [70, 700] {
+        let path = one.infonce_path(Precision::Fp16, c);
+        assert!(path.contains("one column-tile buffer"), "c={c}: {path}");
+    }
+    infonce_check(
+        &one,
+        " (one buffer)",
+        &[(147, 70, 4), (45, 700, 3)],
+        &[Precision::Bf16, Precision::Fp16],
+    );
 }
 
 // ---- optimiser ----------------------------------------------------------------------------------

@@ -252,6 +252,10 @@ fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
                 "extern __shared__ float smem[];",
                 "float* smem = (float*)emu_dyn_smem();",
             )
+            .replace(
+                "extern __shared__ __align__(16) float smem[];",
+                "float* smem = (float*)emu_dyn_smem();", // malloc'd: 16-byte aligned
+            )
             .replace("extern \"C\" __global__", "__global__");
         // (the emulator's CUDA headers include system headers: outside the namespace)
         let mut text = format!(

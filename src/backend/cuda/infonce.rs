@@ -45,27 +45,77 @@ fn tiles(m: usize, smem: usize) -> LaunchConfig {
 /// kernels/infonce.cu (`infonce_bwd_rows16_*_nbN`): hidden sizes up to 32 N.
 const ROWS16_NB: [usize; 3] = [12, 24, 32];
 
-/// Which 16-bit shared-memory kernels run InfoNCE at width c: Some((type, nb, dynamic
-/// shared bytes)) when `inputs` is 16-bit, the path is on, c fits the widest
-/// instantiation and both z tiles fit the device's shared memory; None: the SIMT kernels
+/// The 16-bit shared-memory kernels' plan at width c: kernel type, accumulator blocks nb,
+/// column-tile buffers and dynamic shared bytes.
+#[derive(Clone, Copy, Debug)]
+struct Smem16 {
+    ty: &'static str,
+    nb: usize,
+    nbuf: usize,
+    bytes: usize,
+}
+
+/// Which 16-bit shared-memory kernels run InfoNCE at width c: Some when `inputs` is
+/// 16-bit, the path is on, c fits the widest instantiation and the anchor tile plus one or
+/// (preferably) two column tiles fit the device's shared memory; None: the SIMT kernels
 /// (which compute the same in 16-bit modes, with 32-element chunks streamed from z).
-fn smem16(cu: &Cuda, inputs: Precision, c: usize) -> Option<(&'static str, usize, usize)> {
+fn smem16(cu: &Cuda, inputs: Precision, c: usize) -> Option<Smem16> {
     let ty = match inputs {
         Precision::Fp32 => return None,
         Precision::Bf16 => "bf16",
         Precision::Fp16 => "f16",
     };
+    if !cu.use_smem16 {
+        return None;
+    }
     let c16 = c.div_ceil(16) * 16;
     let nb = *ROWS16_NB.iter().find(|&&nb| c16 <= 32 * nb)?;
-    let bytes = 2 * 32 * (c16 + 8) * 2; // za and zc, [32][c16 + 8] halves each
     let room = |name: String| cu.dyn_smem.get(name.as_str()).copied().unwrap_or(0);
-    let fits = bytes <= room(format!("infonce_fwd16_{ty}")) && bytes <= room(format!("infonce_bwd_rows16_{ty}_nb{nb}"));
-    (cu.use_smem16 && fits).then_some((ty, nb, bytes))
+    let room = room(format!("infonce_fwd16_{ty}")).min(room(format!("infonce_bwd_rows16_{ty}_nb{nb}")));
+    let tile = 32 * zr_ld(c) * 2; // [32][c16 + 8] halves
+    (1..=cu.smem16_buffers.clamp(1, 2))
+        .rev()
+        .map(|nbuf| Smem16 {
+            ty,
+            nb,
+            nbuf,
+            bytes: (1 + nbuf) * tile,
+        })
+        .find(|p| p.bytes <= room)
+}
+
+/// Row stride of zr (`infonce_round16_*`), in halves: c rounded up to 16, plus 8.
+fn zr_ld(c: usize) -> usize {
+    c.div_ceil(16) * 16 + 8
+}
+
+/// zr = z [m, c] rounded to 16 bits (`plan.ty`) in rows of `zr_ld(c)` halves, m rounded
+/// up to 32 rows, zero padded: what the 16-bit shared-memory kernels copy tiles from.
+fn round16<'a>(
+    cu: &Cuda, slot: &'a mut Option<super::DevMem<u16>>, z: &CudaSlice<f32>, m: usize, c: usize, plan: Smem16,
+) -> &'a CudaSlice<u16> {
+    let (rows, ld) = (m.div_ceil(32) * 32, zr_ld(c));
+    let zr = ensure(cu, slot, rows * ld);
+    let (mi, ci, ri, li) = (
+        int(m, "infonce m"),
+        int(c, "infonce c"),
+        int(rows, "infonce rows"),
+        int(ld, "infonce ld"),
+    );
+    int(rows * ld, "infonce zr elements");
+    let name = name_of(cu, format!("infonce_round16_{}", plan.ty));
+    let mut l = cu.stream.launch_builder(cu.func(name));
+    l.arg(&mut *zr).arg(z).arg(&mi).arg(&ci).arg(&ri).arg(&li);
+    // SAFETY: (unsigned short* zr, const float* z, int m, int c, int rows, int ldh); writes
+    // zr [rows][ldh] (ensured above), reads z [m][c] (checked by the caller); the 16-byte
+    // stores are aligned: ldh is a multiple of 8 and zr starts an allocation.
+    check(unsafe { l.launch(grid_1d(rows * ld / 8, 256)) }, name);
+    zr
 }
 
 /// A kernel name from the instantiated set (`Cuda::func` needs the static name).
 fn name_of(cu: &Cuda, name: String) -> &'static str {
-    cu.dyn_smem
+    cu.funcs
         .keys()
         .find(|n| **n == name)
         .copied()
@@ -77,7 +127,14 @@ fn name_of(cu: &Cuda, name: String) -> &'static str {
 pub fn path(cu: &Cuda, inputs: Precision, c: usize) -> &'static str {
     match (inputs, smem16(cu, inputs, c)) {
         (Precision::Fp32, _) => "kernels/infonce.cu, fp32 on CUDA cores",
-        (_, Some(_)) => "kernels/infonce.cu, 16-bit z tiles in shared memory, every product on tensor cores (mma.sync)",
+        (_, Some(Smem16 { nbuf: 2, .. })) => {
+            "kernels/infonce.cu, 16-bit z tiles in shared memory (column tiles double-buffered), every product on \
+             tensor cores (mma.sync)"
+        }
+        (_, Some(_)) => {
+            "kernels/infonce.cu, 16-bit z tiles in shared memory (one column-tile buffer), every product on tensor \
+             cores (mma.sync)"
+        }
         (_, None) => {
             "kernels/infonce.cu, similarities on tensor cores (mma.sync), 16-bit gradient products on CUDA cores"
         }
@@ -140,26 +197,42 @@ pub fn infonce_fwd(
     let valid = ensure(cu, &mut s.i32_b, m);
     let rep = ensure(cu, &mut s.i32_c, m);
     counts(cu, npos, valid, rep, labels, anchor, partner, m, &args);
-    let (name, smem) = match smem16(cu, inputs, c) {
-        Some((ty, _, bytes)) => (name_of(cu, format!("infonce_fwd16_{ty}")), bytes),
-        None => ("infonce_fwd_f32", 0),
+    let Some(plan) = smem16(cu, inputs, c) else {
+        let mut l = cu.stream.launch_builder(cu.func("infonce_fwd_f32"));
+        l.arg(loss)
+            .arg(lse)
+            .arg(z)
+            .arg(labels)
+            .arg(&*npos)
+            .arg(&*valid)
+            .arg(partner);
+        l.arg(&mi).arg(&ci).arg(&args);
+        // SAFETY: (float* loss, float* lse, const float* z, const int* labels, const int*
+        // npos, const int* valid, const int* partner, int m, int c, InfoNceArgs a); block k
+        // reads z rows < m and the per-row arrays [m], writes loss and lse of its 32 rows
+        // below m; sizes checked above and by ensure.
+        check(unsafe { l.launch(tiles(m, 0)) }, "infonce_fwd_f32");
+        return;
     };
+    let zr = round16(cu, &mut s.u16_a, z, m, c, plan);
+    let name = name_of(cu, format!("infonce_fwd16_{}", plan.ty));
+    let nbuf = plan.nbuf as i32;
     let mut l = cu.stream.launch_builder(cu.func(name));
     l.arg(loss)
         .arg(lse)
-        .arg(z)
+        .arg(zr)
         .arg(labels)
         .arg(&*npos)
         .arg(&*valid)
         .arg(partner);
-    l.arg(&mi).arg(&ci).arg(&args);
-    // SAFETY: (float* loss, float* lse, const float* z, const int* labels, const int* npos,
-    // const int* valid, const int* partner, int m, int c, InfoNceArgs a), the same for the
-    // fp32 and the 16-bit kernels; block k reads z rows < m and the per-row arrays [m],
-    // writes loss and lse of its 32 rows below m; sizes checked above and by ensure. The
-    // 16-bit kernel's two [32][c16 + 8] half tiles are the `smem` bytes it is given, within
-    // the room its opt-in set (`smem16`).
-    check(unsafe { l.launch(tiles(m, smem)) }, name);
+    l.arg(&mi).arg(&ci).arg(&nbuf).arg(&args);
+    // SAFETY: (float* loss, float* lse, const unsigned short* zr, const int* labels, const
+    // int* npos, const int* valid, const int* partner, int m, int c, int nbuf, InfoNceArgs
+    // a); block k copies zr rows of its tile and every column tile (zr holds m rounded up
+    // to 32 rows of zr_ld(c) halves: `round16`), reads the per-row arrays [m], writes loss
+    // and lse of its 32 rows below m; its (1 + nbuf) [32][c16 + 8] half tiles are the
+    // `bytes` of dynamic shared memory it is given, within its opt-in (`smem16`).
+    check(unsafe { l.launch(tiles(m, plan.bytes)) }, name);
 }
 
 /// dz [m, c] (overwritten) = scale * d(sum of valid L_i)/dz from the saved lse: anchor
@@ -190,8 +263,9 @@ pub fn infonce_bwd(
     let rep = ensure(cu, &mut s.i32_c, m);
     counts(cu, npos, valid, rep, labels, anchor, partner, m, &args);
 
-    if let Some((ty, nb, smem)) = smem16(cu, inputs, c) {
-        // the linear term's per-class sums, then the anchor rows on tensor cores
+    if let Some(plan) = smem16(cu, inputs, c) {
+        // z rounded, the linear term's per-class sums, then the anchor rows on tensor cores
+        let zr = round16(cu, &mut s.u16_a, z, m, c, plan);
         let sums = ensure(cu, &mut s.f64_d, (m + 1) * c);
         let mut l = cu.stream.launch_builder(cu.func("infonce_class_sums_f32"));
         l.arg(&mut *sums).arg(z).arg(&*rep).arg(&mi).arg(&ci).arg(&args);
@@ -205,25 +279,27 @@ pub fn infonce_bwd(
         // r = m, elements below c; sums holds (m + 1) c doubles (ensure); reads z [m, c]
         // and rep [m], just written by `counts`.
         check(unsafe { l.launch(cfg) }, "infonce_class_sums_f32");
-        let name = name_of(cu, format!("infonce_bwd_rows16_{ty}_nb{nb}"));
+        let name = name_of(cu, format!("infonce_bwd_rows16_{}_nb{}", plan.ty, plan.nb));
+        let nbuf = plan.nbuf as i32;
         let mut l = cu.stream.launch_builder(cu.func(name));
         l.arg(&mut *dz)
             .arg(&*sums)
-            .arg(z)
+            .arg(zr)
             .arg(lse)
             .arg(labels)
             .arg(&*npos)
             .arg(&*valid)
             .arg(partner)
             .arg(&*rep);
-        l.arg(&mi).arg(&ci).arg(&args);
-        // SAFETY: (float* dz, const double* sums, const float* z, const float* lse, const
-        // int* labels, const int* npos, const int* valid, const int* partner, const int*
-        // rep, int m, int c, InfoNceArgs a); block k reads z rows < m, sums rows rep[i]
-        // and m, and writes dz rows of its own tile, elements below c; sizes checked above
-        // and by ensure; `smem` bytes of dynamic shared memory within its opt-in (`smem16`),
-        // and nb 8-wide blocks per warp cover c (`smem16`).
-        check(unsafe { l.launch(tiles(m, smem)) }, name);
+        l.arg(&mi).arg(&ci).arg(&nbuf).arg(&args);
+        // SAFETY: (float* dz, const double* sums, const unsigned short* zr, const float*
+        // lse, const int* labels, const int* npos, const int* valid, const int* partner,
+        // const int* rep, int m, int c, int nbuf, InfoNceArgs a); block k copies zr rows of
+        // its tile and every column tile (m rounded up to 32 rows: `round16`), reads sums
+        // rows rep[i] and m, and writes dz rows of its own tile, elements below c; sizes
+        // checked above and by ensure; `bytes` of dynamic shared memory within its opt-in
+        // (`smem16`), and nb 8-wide blocks per warp cover c (`smem16`).
+        check(unsafe { l.launch(tiles(m, plan.bytes)) }, name);
     } else {
         let mut l = cu.stream.launch_builder(cu.func("infonce_bwd_rows_f32"));
         l.arg(&mut *dz)

@@ -213,6 +213,8 @@ struct Scratch {
     gemm_f32: Option<DevMem<f32>>,
     /// InfoNCE's per-class sums [m + 1, c] (16-bit backward).
     f64_d: Option<DevMem<f64>>,
+    /// InfoNCE's z rounded to 16 bits in padded rows (16-bit kernels, `infonce_round16_*`).
+    u16_a: Option<DevMem<u16>>,
     /// The tensor tables of the fused optimiser kernels, kept on the device while the
     /// parameters they point to stay where they are (kernels/adamw.cu).
     adam_tables: Option<adamw::Table<adamw::AdamTensor>>,
@@ -312,6 +314,9 @@ pub struct Cuda {
     /// InfoNCE's 16-bit kernels with both z tiles in shared memory (the default); false
     /// keeps the streaming SIMT kernels (`Cuda::without_infonce_smem16`).
     use_smem16: bool,
+    /// Column-tile buffers of InfoNCE's 16-bit shared-memory kernels where they fit: 2
+    /// (the next tile's copy overlaps the current tile's products) or 1.
+    smem16_buffers: usize,
     scratch: Mutex<Scratch>,
     /// Page-locked staging of `upload` / `upload_i32` (uploads.rs).
     uploads: Mutex<uploads::Uploads>,
@@ -522,6 +527,7 @@ impl Cuda {
             funcs,
             dyn_smem,
             use_smem16: true,
+            smem16_buffers: 2,
             scratch: Mutex::new(Scratch::default()),
             info: DeviceInfo {
                 ordinal,
@@ -620,6 +626,13 @@ impl Cuda {
     /// wide for shared memory, for tests.
     pub fn without_infonce_smem16(mut self) -> Self {
         self.use_smem16 = false;
+        self
+    }
+
+    /// This backend with InfoNCE's 16-bit shared-memory kernels on one column-tile buffer
+    /// (the path where two do not fit in shared memory), for tests.
+    pub fn with_infonce_single_buffer(mut self) -> Self {
+        self.smem16_buffers = 1;
         self
     }
 
