@@ -2342,6 +2342,10 @@ fn gather_scatter_and_l2norm_body<G: Backend>(g: &G) {
     let mut rng = Rng(109);
     let src = rng.vec(n * c, 1.0);
     let idx: Vec<i32> = (0..m).map(|_| rng.below(n) as i32).collect(); // repeats
+                                                                       // scatter_add_rows' two paths: rows taken once (added directly) and repeated ones
+                                                                       // (added in row order by an owner block)
+    let taken = |k: i32| idx.iter().filter(|&&i| i == k).count();
+    assert!(idx.iter().any(|&k| taken(k) == 1) && idx.iter().any(|&k| taken(k) > 2));
     let (dz, dst0) = (rng.vec(m * c, 1.0), rng.vec(n * c, 1.0));
     let mut x = rng.vec(m * c, 2.0);
     x[3 * c..4 * c].fill(0.0); // a zero row: the norm is clamped to eps

@@ -311,6 +311,29 @@ pub fn kernels<B: Backend>(be: &B, s: Shape, run: &mut Runner<'_>) {
         be.embedding_bwd(&mut dwte, &mut dwpe, &mut dwtt, &dout, &ids, &pos, &types, &order, n, c)
     });
 
+    // the contrastive rows: every token but the first and last of a sequence, gathered from
+    // the hidden states, normalised, and the gradient scattered back (distinct rows, as
+    // DeepCUT's)
+    let zi: Vec<i32> = (0..n as i32)
+        .filter(|i| i % t as i32 != 0 && i % t as i32 != t as i32 - 1)
+        .collect();
+    let m = zi.len();
+    let zidx = up_i(&zi);
+    let (mut zraw, mut z, mut norm, mut dzraw) = (be.alloc(m * c), be.alloc(m * c), be.alloc(m), be.alloc(m * c));
+    let (hidden, dz, mut dhidden) = (lo(&fill(n * c, 18)), up(&fill(m * c, 17)), be.alloc(n * c));
+    run("gather_rows", mixed(m * c, m * c), &mut || {
+        be.gather_rows(&mut zraw, &hidden, &zidx, m, c)
+    });
+    run("l2norm_fwd", bytes(2 * m * c), &mut || {
+        be.l2norm_fwd(&mut z, &mut norm, &zraw, m, c)
+    });
+    run("l2norm_bwd", bytes(3 * m * c), &mut || {
+        be.l2norm_bwd(&mut dzraw, &dz, &z, &norm, m, c)
+    });
+    run("scatter_add_rows", bytes(3 * m * c), &mut || {
+        be.scatter_add_rows(&mut dhidden, &dzraw, &zidx, m, c)
+    });
+
     // the optimiser over all parameters as one tensor: 4 reads, 3 writes per element
     let np = s.params;
     let (mut pm, gr, mut m1, mut v1) = (be.alloc(np), be.alloc(np), be.alloc(np), be.alloc(np));

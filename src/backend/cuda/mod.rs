@@ -215,6 +215,8 @@ struct Scratch {
     f64_d: Option<DevMem<f64>>,
     /// InfoNCE's z rounded to 16 bits in padded rows (16-bit kernels, `infonce_round16_*`).
     u16_a: Option<DevMem<u16>>,
+    /// scatter_add_rows' source rows per destination row.
+    u32_rows: Option<DevMem<u32>>,
     /// The tensor tables of the fused optimiser kernels, kept on the device while the
     /// parameters they point to stay where they are (kernels/adamw.cu).
     adam_tables: Option<adamw::Table<adamw::AdamTensor>>,

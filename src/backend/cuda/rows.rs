@@ -1,5 +1,5 @@
 //! Row gather and scatter-add (kernels/rows.cu). CPU twin: cpu/rows.rs.
-use super::{check, int, need, Cuda, CudaBuf};
+use super::{check, ensure, grid_1d, int, need, Cuda, CudaBuf};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 fn rows_cfg(m: usize) -> LaunchConfig {
@@ -39,10 +39,25 @@ pub fn scatter_add_rows(
     need(src.len(), m * c, "scatter_add_rows src");
     need(idx.len(), m, "scatter_add_rows idx");
     let (mi, ci) = (int(m, "scatter_add_rows m"), int(c, "scatter_add_rows c"));
+    // rows of dst: the counts cover every index in range (0 <= idx < dst rows, by contract)
+    let rows = dst.len() / c;
+    let mut guard = cu.scratch.lock().unwrap();
+    let count = ensure(cu, &mut guard.u32_rows, rows);
+    check(
+        cu.stream.memset_zeros(&mut count.slice_mut(..rows)),
+        "scatter_add_rows zero counts",
+    );
+    let mut l = cu.stream.launch_builder(cu.func("scatter_count_rows_f32"));
+    l.arg(&mut *count).arg(idx).arg(&mi);
+    // SAFETY: (unsigned* count, const int* idx, int m); thread r < m reads idx[r] (checked
+    // above) and increments count[idx[r]], in range by contract (count holds dst's rows).
+    check(unsafe { l.launch(grid_1d(m, 256)) }, "scatter_count_rows_f32");
     let mut l = cu.stream.launch_builder(cu.func("scatter_add_rows_f32"));
-    l.arg(dst).arg(src).arg(idx).arg(&mi).arg(&ci);
-    // SAFETY: (float* dst, const float* src, const int* idx, int m, int c); the owner
-    // block of each destination row reads src rows < m and updates dst row idx[r] (in
-    // range by contract); src and idx are checked above.
+    l.arg(dst).arg(src).arg(idx).arg(&*count).arg(&mi).arg(&ci);
+    // SAFETY: (float* dst, const float* src, const int* idx, const unsigned* count, int m,
+    // int c); block r reads src row r < m and count[idx[r]]; the one block that adds to a
+    // destination row (the only source of a once-taken row, else the owner of the first
+    // occurrence) updates dst row idx[r] (in range by contract); src and idx are checked
+    // above, count was just written for these indices.
     check(unsafe { l.launch(rows_cfg(m)) }, "scatter_add_rows_f32");
 }
