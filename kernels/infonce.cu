@@ -24,7 +24,8 @@
 // - infonce_bwd_rows_f32: per anchor tile, recomputes the tiles with
 //   W_ij = [j in D_i] exp(s_ij - lse_i) - [j in P_i] / |P_i| and accumulates
 //   dz_i = scale / tau * sum_j W_ij z_j into its own rows of dz (zeroed by the launcher).
-//   Or, 16-bit: infonce_class_sums_f32 (the linear term's per-class sums), then
+//   Or, 16-bit: infonce_rep_list_f32 and infonce_class_sums_f32 (the linear term's
+//   per-class sums), then
 //   infonce_bwd_rows16_{bf16,f16}_nbN with the W z products on tensor cores.
 // - infonce_bwd_cols_f32 (only without detached columns): per column tile, the same W
 //   transposed, dz_j += scale / tau * sum_i W_ij z_i over valid anchors i, accumulated in a
@@ -562,39 +563,59 @@ extern "C" __global__ void infonce_fwd16_f16(float* loss, float* lse, const unsi
     infonce_fwd16<F16Tag>(loss, lse, zr, labels, npos, valid, partner, m, c, nbuf, a);
 }
 
-// The linear term's sums for the 16-bit anchor gradient, f64 over rows in order:
-// sums[r, e] = sum of round16(z_j)[e] over the rows j of class representative r (rep[r] =
-// r; other rows are not written), and sums[m, e] = the same over every row. Grid: (m + 1,
-// ceil(c / 128)) blocks of 128 threads (thread = element).
-// The rows are walked in chunks of CS_CHUNK: the chunk's members are picked into shared
-// memory first (one coalesced read of rep), then each thread issues the chunk's loads before
-// adding them in row order. (One row at a time, a dependent rep and z load per row, the
-// all-rows block took about 2 round trips per 4 rows: milliseconds at m 24,000.)
+// The class representatives (rows r with rep[r] = r) into list[0 .. *count), in any order
+// (each one's sums below are its own): count zeroed by the launcher. One thread per row.
+extern "C" __global__ void infonce_rep_list_f32(int* list, unsigned* count, const int* rep, int m) {
+    const int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r < m && rep[r] == r) list[atomicAdd(count, 1u)] = r;
+}
+
+// The linear term's sums for the 16-bit anchor gradient, in f64: sums[r, e] = sum of
+// round16(z_j)[e] over the rows j of class representative r (the *count rows of list;
+// other rows are not written), and sums[m, e] = the same over every row.
+// Grid (G, ceil(c / 32)), block (32, CS_GROUPS): block x computes the sums k = x, x + G, ...
+// of k = 0 .. *count (k = *count: all rows), for the 32 elements of column block y; thread
+// (e', g) sums the chunks g, g + CS_GROUPS, ... of CS_CHUNK rows in row order, and the
+// groups' sums are added in group order: a fixed order, the same bits on every run (the
+// CPU adds rows in plain order: the last f64 bits may differ). A chunk's members are picked
+// into shared memory first, then its loads issued together. (One block per representative
+// and 128 columns, each thread walking every row: m / 32 dependent round trips, about a
+// millisecond at m 24,000, and m + 1 blocks a column block, almost all returning at once.)
 #define CS_CHUNK 32
-extern "C" __global__ void infonce_class_sums_f32(double* sums, const float* z, const int* rep, int m, int c,
-                                                  InfoNceArgs a) {
-    __shared__ int rows[CS_CHUNK];
-    const int r = blockIdx.x, e = blockIdx.y * blockDim.x + threadIdx.x;
-    if (r < m && rep[r] != r) return;  // block-uniform
-    const bool mine = e < c;           // every thread takes part in the barriers
-    double s = 0.0;
-    for (int j0 = 0; j0 < m; j0 += CS_CHUNK) {
-        __syncthreads();  // the previous chunk's rows are read
-        if (threadIdx.x < CS_CHUNK) {
-            const int j = j0 + (int)threadIdx.x;
-            rows[threadIdx.x] = j < m && (r == m || rep[j] == r) ? j : -1;
+#define CS_GROUPS 8
+extern "C" __global__ void infonce_class_sums_f32(double* sums, const float* z, const int* rep, const int* list,
+                                                  const unsigned* count, int m, int c, InfoNceArgs a) {
+    __shared__ int rows[CS_GROUPS][CS_CHUNK];
+    __shared__ double part[CS_GROUPS][32];
+    const int x = threadIdx.x, g = threadIdx.y, e = blockIdx.y * 32 + x;
+    const int n = (int)*count;
+    for (int k = blockIdx.x; k <= n; k += gridDim.x) {  // block-uniform
+        const int r = k < n ? list[k] : m;
+        double s = 0.0;
+        for (int base = 0; base < m; base += CS_GROUPS * CS_CHUNK) {
+            const int j = base + g * CS_CHUNK + x;
+            __syncthreads();  // the previous chunk's rows are read
+            rows[g][x] = j < m && (r == m || rep[j] == r) ? j : -1;
+            __syncthreads();
+            if (e < c) {
+                float v[CS_CHUNK];
+#pragma unroll
+                for (int u = 0; u < CS_CHUNK; ++u) v[u] = rows[g][u] >= 0 ? z[(size_t)rows[g][u] * c + e] : 0.0f;
+#pragma unroll
+                for (int u = 0; u < CS_CHUNK; ++u)
+                    if (rows[g][u] >= 0) s += (double)round_as(v[u], a.round);
+            }
         }
+        part[g][x] = s;
         __syncthreads();
-        if (mine) {
-            float v[CS_CHUNK];
+        if (g == 0 && e < c) {
+            double t = 0.0;
 #pragma unroll
-            for (int u = 0; u < CS_CHUNK; ++u) v[u] = rows[u] >= 0 ? z[(size_t)rows[u] * c + e] : 0.0f;
-#pragma unroll
-            for (int u = 0; u < CS_CHUNK; ++u)
-                if (rows[u] >= 0) s += (double)round_as(v[u], a.round);
+            for (int q = 0; q < CS_GROUPS; ++q) t += part[q][x];
+            sums[(size_t)r * c + e] = t;
         }
+        __syncthreads();  // part is read before the next k writes it
     }
-    if (mine) sums[(size_t)r * c + e] = s;
 }
 
 // Anchor rows of the 16-bit backward: dz_i = scale * ((acc_i - mu_i) / tau) on valid

@@ -267,17 +267,35 @@ pub fn infonce_bwd(
         // z rounded, the linear term's per-class sums, then the anchor rows on tensor cores
         let zr = round16(cu, &mut s.u16_a, z, m, c, plan);
         let sums = ensure(cu, &mut s.f64_d, (m + 1) * c);
+        let list = ensure(cu, &mut s.i32_d, m);
+        let count = ensure(cu, &mut s.u32_count, 1);
+        check(cu.stream.memset_zeros(&mut *count), "infonce_bwd zero count");
+        let mut l = cu.stream.launch_builder(cu.func("infonce_rep_list_f32"));
+        l.arg(&mut *list).arg(&mut *count).arg(&*rep).arg(&mi);
+        // SAFETY: (int* list, unsigned* count, const int* rep, int m); thread r < m reads
+        // rep[r] and appends r to list when rep[r] = r: at most m entries, list holds m
+        // (ensure); count (one, ensured) was zeroed just above.
+        check(unsafe { l.launch(grid_1d(m, 256)) }, "infonce_rep_list_f32");
         let mut l = cu.stream.launch_builder(cu.func("infonce_class_sums_f32"));
-        l.arg(&mut *sums).arg(z).arg(&*rep).arg(&mi).arg(&ci).arg(&args);
+        l.arg(&mut *sums)
+            .arg(z)
+            .arg(&*rep)
+            .arg(&*list)
+            .arg(&*count)
+            .arg(&mi)
+            .arg(&ci)
+            .arg(&args);
+        // 16 blocks a column block, looping over the (few) classes and the total
         let cfg = LaunchConfig {
-            grid_dim: (m as u32 + 1, c.div_ceil(128) as u32, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (16, c.div_ceil(32) as u32, 1),
+            block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: (double* sums, const float* z, const int* rep, int m, int c, InfoNceArgs
-        // a); block (r, y) writes sums[r, 128y ..] for r a representative (rep[r] = r) or
-        // r = m, elements below c; sums holds (m + 1) c doubles (ensure); reads z [m, c]
-        // and rep [m], just written by `counts`.
+        // SAFETY: (double* sums, const float* z, const int* rep, const int* list, const
+        // unsigned* count, int m, int c, InfoNceArgs a); block (x, y) writes sums[r, 32y ..]
+        // (elements below c) for the listed representatives r < m and r = m; sums holds
+        // (m + 1) c doubles (ensure); reads z [m, c], rep [m] and list [*count <= m], just
+        // written by `counts` and infonce_rep_list_f32.
         check(unsafe { l.launch(cfg) }, "infonce_class_sums_f32");
         let name = name_of(cu, format!("infonce_bwd_rows16_{}_nb{}", plan.ty, plan.nb));
         let nbuf = plan.nbuf as i32;

@@ -217,6 +217,9 @@ struct Scratch {
     u16_a: Option<DevMem<u16>>,
     /// scatter_add_rows' source rows per destination row.
     u32_rows: Option<DevMem<u32>>,
+    /// InfoNCE's class representatives (16-bit backward) and their count.
+    i32_d: Option<DevMem<i32>>,
+    u32_count: Option<DevMem<u32>>,
     /// The tensor tables of the fused optimiser kernels, kept on the device while the
     /// parameters they point to stay where they are (kernels/adamw.cu).
     adam_tables: Option<adamw::Table<adamw::AdamTensor>>,
