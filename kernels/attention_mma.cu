@@ -194,10 +194,27 @@ __device__ __forceinline__ void am_fetch_ahead(uint4 (&xr)[AM_VECS(DP)], uint4 (
 
 // The A fragments of this warp's 16 rows (row0 ..) of head hi of the sequence at token s0
 // (length len) of x over the padded head dim: a[kk] covers columns 16 kk .. 16 kk + 15.
+// With 16-bit storage and d == DP (the engine's case) each register is one 4-byte load and
+// all DP / 4 of them are issued together; the general path below guards every element and
+// joins 2-byte loads, which the compiler turned into a branch and a round trip per pair (32
+// round trips before the first MMA of the dQ kernel, which loads two operands).
 template <typename Tag, int DP>
 __device__ __forceinline__ void am_load_a(unsigned (&a)[DP / 16][4], const void* x, int s0, int hi, int row0,
                                           int len, int h, int d, bool io) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
+    if (io && d == DP && ((size_t)x & 3) == 0) {
+        const unsigned short* xs = static_cast<const unsigned short*>(x);
+        const bool ok[2] = {row0 + g < len, row0 + g + 8 < len};
+        // rows past the sequence point at its first row (never loaded): no pointer past it
+        const unsigned short* rp[2] = {xs + am_off(s0, ok[0] ? row0 + g : 0, hi, h, DP) + c2,
+                                       xs + am_off(s0, ok[1] ? row0 + g + 8 : 0, hi, h, DP) + c2};
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+                a[kk][r] = ok[r & 1] ? ld_vec<unsigned>(rp[r & 1] + kk * 16 + (r >> 1) * 8) : 0u;
+        return;
+    }
 #pragma unroll
     for (int kk = 0; kk < DP / 16; ++kk)
 #pragma unroll
@@ -444,7 +461,20 @@ __device__ void attention_bwd_dq_mma(void* dq, float* dvec, const void* dout, co
     for (int half = 0; half < 2; ++half) {
         const int row = row0 + g + 8 * half;
         float part = 0.0f;
-        if (row < len) {
+        if (row < len && io && d == DP) {
+            // the same sum, its loads issued before the first product (a round trip each before)
+            const unsigned short *go = (const unsigned short*)dout + am_off(s0, row, hi, h, DP) + (lane & 3),
+                                 *oo = (const unsigned short*)out + am_off(s0, row, hi, h, DP) + (lane & 3);
+            unsigned short gv[DP / 4], ov[DP / 4];
+#pragma unroll
+            for (int u = 0; u < DP / 4; ++u) {
+                gv[u] = go[4 * u];
+                ov[u] = oo[4 * u];
+            }
+#pragma unroll
+            for (int u = 0; u < DP / 4; ++u)
+                part += half_bits_to_f32(gv[u], Tag::CODE) * half_bits_to_f32(ov[u], Tag::CODE);
+        } else if (row < len) {
             const size_t o = am_off(s0, row, hi, h, d);
             for (int e = lane & 3; e < d; e += 4) part += am_val<Tag>(dout, io, o + e) * am_val<Tag>(out, io, o + e);
         }
