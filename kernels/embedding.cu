@@ -2,15 +2,18 @@
 #include "common.cuh"
 
 // out[r, :] = wte[ids[r]] + wpe[pos[r]] + wtt[types[r]] (tables fp32). One block per row.
+// __restrict__ (out is never a table: the Rust side borrows it mutably): without it every
+// store might change the tables, so each column step's loads waited for the previous store.
 template <typename T>
-__device__ void embedding_fwd(T* out, const int* ids, const int* pos, const int* types, const float* wte,
-                              const float* wpe, const float* wtt, int n, int c) {
+__device__ void embedding_fwd(T* __restrict__ out, const int* ids, const int* pos, const int* types,
+                              const float* __restrict__ wte, const float* __restrict__ wpe,
+                              const float* __restrict__ wtt, int n, int c) {
     int r = blockIdx.x;
     if (r >= n) return;
-    const float* a = wte + (size_t)ids[r] * c;
-    const float* b = wpe + (size_t)pos[r] * c;
-    const float* d = wtt + (size_t)types[r] * c;
-    T* o = out + (size_t)r * c;
+    const float* __restrict__ a = wte + (size_t)ids[r] * c;
+    const float* __restrict__ b = wpe + (size_t)pos[r] * c;
+    const float* __restrict__ d = wtt + (size_t)types[r] * c;
+    T* __restrict__ o = out + (size_t)r * c;
     for (int j = threadIdx.x; j < c; j += blockDim.x) o[j] = from_f32<T>(a[j] + b[j] + d[j]);
 }
 extern "C" __global__ void embedding_fwd_f32(float* out, const int* ids, const int* pos, const int* types,

@@ -4,13 +4,28 @@
 #include "common.cuh"
 
 // out[r, :] = src[idx[r], :] for r < m, src in its storage type (the final hidden states
-// are 16-bit in the bf16 / fp16 modes). One block per output row.
+// are 16-bit in the bf16 / fp16 modes). One block per output row; a thread's loads are
+// issued before its stores (out and src are distinct buffers, but the compiler cannot
+// know: a store between loads made each column step a round trip).
+#define GATHER_MAX 8
 extern "C" __global__ void gather_rows_f32(float* out, const void* src, int src_t, const int* idx, int m, int c) {
     int r = blockIdx.x;
     if (r >= m) return;
     const size_t s = (size_t)idx[r] * c;
     float* o = out + (size_t)r * c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) o[j] = ld(src, src_t, s + j);
+    for (int j0 = threadIdx.x; j0 < c; j0 += GATHER_MAX * blockDim.x) {
+        float v[GATHER_MAX];
+#pragma unroll
+        for (int u = 0; u < GATHER_MAX; ++u) {
+            const int j = j0 + u * blockDim.x;
+            v[u] = j < c ? ld(src, src_t, s + j) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < GATHER_MAX; ++u) {
+            const int j = j0 + u * blockDim.x;
+            if (j < c) o[j] = v[u];
+        }
+    }
 }
 
 // count[idx[r]] += 1 for r < m (count zeroed by the launcher): how many source rows each
