@@ -10,15 +10,19 @@ __device__ void dropout_apply(void* out, int out_t, const void* inp, int inp_t, 
     long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     long long i0 = g * 4;
     if (i0 >= n) return;
+    // the four loads before the first store: a store between them (out may be inp, as far
+    // as the compiler knows) made each a global round trip of its own
+    float x[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) x[u] = i0 + u < n ? ld(inp, inp_t, i0 + u) : 0.0f;
     if (!(d.p > 0.0f)) {
-        for (int u = 0; u < 4 && i0 + u < n; ++u) st(out, out_t, i0 + u, round_as(ld(inp, inp_t, i0 + u), round));
+        for (int u = 0; u < 4 && i0 + u < n; ++u) st(out, out_t, i0 + u, round_as(x[u], round));
         return;
     }
     uint4 w = dropout_words(d, (unsigned long long)g);
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-        if (i0 + u < n)
-            st(out, out_t, i0 + u, round_as(factor_of_word(d, word_at(w, u)) * ld(inp, inp_t, i0 + u), round));
+        if (i0 + u < n) st(out, out_t, i0 + u, round_as(factor_of_word(d, word_at(w, u)) * x[u], round));
     }
 }
 
@@ -69,15 +73,17 @@ extern "C" __global__ void dropout_duplicate_f32(void* out, int out_t, const voi
                                                  DropoutArgs d, int round) {
     const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
     if (i0 >= n) return;
+    float x[4];  // loaded before any store (as dropout_apply)
+#pragma unroll
+    for (int u = 0; u < 4; ++u) x[u] = i0 + u < n ? ld(inp, inp_t, i0 + u) : 0.0f;
     float fa[4], fb[4];
     dup_factors(d, n_dup, i0, fa, fb);
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
         const long long i = i0 + u;
         if (i >= n) break;
-        const float x = ld(inp, inp_t, i);
-        st(out, out_t, n_dup + i, round_as(fb[u] * x, round));
-        if (i < n_dup) st(out, out_t, i, round_as(fa[u] * x, round));
+        st(out, out_t, n_dup + i, round_as(fb[u] * x[u], round));
+        if (i < n_dup) st(out, out_t, i, round_as(fa[u] * x[u], round));
     }
 }
 
@@ -89,13 +95,20 @@ extern "C" __global__ void dropout_duplicate_bwd_f32(void* dinp, int dinp_t, con
                                                      int n_dup, int n, DropoutArgs d) {
     const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
     if (i0 >= n) return;
+    float gb[4], ga[4];  // loaded before any store (as dropout_apply)
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const long long i = i0 + u;
+        gb[u] = i < n ? ld(dout, dout_t, n_dup + i) : 0.0f;
+        ga[u] = i < n_dup ? ld(dout, dout_t, i) : 0.0f;
+    }
     float fa[4], fb[4];
     dup_factors(d, n_dup, i0, fa, fb);
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
         const long long i = i0 + u;
         if (i >= n) break;
-        const float b = ld(dout, dout_t, n_dup + i) * fb[u];
-        st(dinp, dinp_t, i, i < n_dup ? ld(dout, dout_t, i) * fa[u] + b : b);
+        const float b = gb[u] * fb[u];
+        st(dinp, dinp_t, i, i < n_dup ? ga[u] * fa[u] + b : b);
     }
 }
