@@ -686,15 +686,30 @@ __device__ void infonce_bwd_rows16(float* dz, const double* sums, const unsigned
         const double* total = sums + (size_t)m * c;
         const double* own = sums + (size_t)rep[i] * c;
         const double inv_np = 1.0 / (double)npos[i];
+        // 4 blocks' sums loaded before their stores (one store between loads made each
+        // pair of loads a round trip: 2 NB of them per row)
+        static_assert(NB % 4 == 0, "blocks of 4 in the epilogue");
 #pragma unroll
-        for (int nb = 0; nb < NB; ++nb) {
+        for (int nb4 = 0; nb4 < NB; nb4 += 4) {
+            double tot[4][2], cls[4][2];
 #pragma unroll
-            for (int q = 0; q < 2; ++q) {
-                const int e = (nb0 + nb) * 8 + c2 + q;
-                if (e >= c) continue;
-                const double mu = (total[e] - own[e]) * inv_np;
-                dz[(size_t)i * c + e] = a.scale * (float)(((double)acc[nb][half * 2 + q] - mu) * (double)a.inv_tau);
-            }
+            for (int v = 0; v < 4; ++v)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int e = (nb0 + nb4 + v) * 8 + c2 + q;
+                    tot[v][q] = e < c ? total[e] : 0.0;
+                    cls[v][q] = e < c ? own[e] : 0.0;
+                }
+#pragma unroll
+            for (int v = 0; v < 4; ++v)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int e = (nb0 + nb4 + v) * 8 + c2 + q;
+                    if (e >= c) continue;
+                    const double mu = (tot[v][q] - cls[v][q]) * inv_np;
+                    dz[(size_t)i * c + e] =
+                        a.scale * (float)(((double)acc[nb4 + v][half * 2 + q] - mu) * (double)a.inv_tau);
+                }
         }
     }
 }

@@ -74,6 +74,17 @@ extern "C" __global__ void layernorm_fwd_vec4_f32(void* out, int out_t, float* m
             for (int e = 0; e < 4; ++e) s += x[u][e];
         }
     }
+    // the parameters before the row's stores (a store between them made each group's
+    // weight and bias loads a round trip after the previous group's store)
+    float w[LN_V][4], b[LN_V][4];
+#pragma unroll
+    for (int u = 0; u < LN_V; ++u) {
+        const int g = threadIdx.x + u * blockDim.x;
+        if (g < groups) {
+            ld4(w[u], weight, 0, 4 * (size_t)g);
+            ld4(b[u], bias, 0, 4 * (size_t)g);
+        }
+    }
     const float mu = block_sum(s, scratch) / c;
     float q = 0.0f;
 #pragma unroll
@@ -94,11 +105,9 @@ extern "C" __global__ void layernorm_fwd_vec4_f32(void* out, int out_t, float* m
     for (int u = 0; u < LN_V; ++u) {
         const int g = threadIdx.x + u * blockDim.x;
         if (g < groups) {
-            float w[4], b[4], y[4];
-            ld4(w, weight, 0, 4 * (size_t)g);
-            ld4(b, bias, 0, 4 * (size_t)g);
+            float y[4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) y[e] = round_as((x[u][e] - mu) * rs * w[e] + b[e], round);
+            for (int e = 0; e < 4; ++e) y[e] = round_as((x[u][e] - mu) * rs * w[u][e] + b[u][e], round);
             st4(out, out_t, base + 4 * (size_t)g, y);
         }
     }
@@ -179,21 +188,21 @@ extern "C" __global__ void layernorm_bwd_dinp_vec4_f32(float* dsum, void* dinp, 
     const size_t base = (size_t)r * c;
     const int groups = c / 4;
     const float mu = mean[r], rs = rstd[r];
-    float xh[LN_V][4], g[LN_V][4], f[LN_V][4];
+    // w kept from the first pass: reloading it after the second pass's stores waited for them
+    float xh[LN_V][4], g[LN_V][4], f[LN_V][4], w[LN_V][4];
     float s1 = 0.0f, s2 = 0.0f;
 #pragma unroll
     for (int u = 0; u < LN_V; ++u) {
         const int k = threadIdx.x + u * blockDim.x;
         if (k < groups) {
             const size_t i = base + 4 * (size_t)k;
-            float w[4];
             ln_input4(xh[u], f[u], inp, inp_t, residual, res_t, i, drop);
             ld4(g[u], dout, 0, i);
-            ld4(w, weight, 0, 4 * (size_t)k);
+            ld4(w[u], weight, 0, 4 * (size_t)k);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 xh[u][e] = (xh[u][e] - mu) * rs;
-                const float dxh = g[u][e] * w[e];
+                const float dxh = g[u][e] * w[u][e];
                 s1 += dxh;
                 s2 += dxh * xh[u][e];
             }
@@ -206,11 +215,10 @@ extern "C" __global__ void layernorm_bwd_dinp_vec4_f32(float* dsum, void* dinp, 
         const int k = threadIdx.x + u * blockDim.x;
         if (k < groups) {
             const size_t i = base + 4 * (size_t)k;
-            float w[4], dx[4], di[4];
-            ld4(w, weight, 0, 4 * (size_t)k);
+            float dx[4], di[4];
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                dx[e] = rs * (g[u][e] * w[e] - a - xh[u][e] * b);
+                dx[e] = rs * (g[u][e] * w[u][e] - a - xh[u][e] * b);
                 di[e] = round_as(f[u][e] * dx[e], round);
             }
             st4(dsum, 0, i, dx);
