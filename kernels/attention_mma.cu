@@ -115,7 +115,7 @@ __device__ __forceinline__ float am_val(const void* x, bool io, size_t i) {
 
 // Rows r0 .. r0 + AM_TILE of head hi of the sequence at token s0 (length len) of x, rounded
 // to 16 bits, into dst (zeros past row len and column d): one 16-bit load per element, the
-// path for fp32 storage and head dims below DP (am_fetch / am_put below are the engine's).
+// path for fp32 storage and head dims below DP (am_copy_tile below is the engine's).
 template <typename Tag, int DP>
 __device__ __forceinline__ void am_load_tile(unsigned short (*dst)[DP + 8], const void* x, int s0, int hi, int r0,
                                              int len, int h, int d, bool io) {
@@ -125,11 +125,13 @@ __device__ __forceinline__ void am_load_tile(unsigned short (*dst)[DP + 8], cons
     }
 }
 
-// The same tile in 16-byte pieces (8 values), AM_VECS(DP) per thread, for 16-bit storage
-// with d == DP and 16-byte aligned buffers (am_vec_ok): every load of a tile is issued
-// before the first is used, and the kernels fetch the next tile into registers before
-// computing on the current one. (The loop above waits for each 2-byte load in turn: on an
-// H200 that made the forward 0.20 ms at the roberta-base step's shapes, 2% of the GEMM rate.)
+// The same tile in 16-byte pieces (8 values) by cp.async, AM_VECS(DP) per thread, for 16-bit
+// storage with d == DP and 16-byte aligned buffers (am_vec_ok); rows past len are zeroed by
+// plain stores. No registers hold the tile on its way, so the kernels keep the next tile's
+// copy in flight while they compute on the current one at every head size (registers held
+// it before, and not at d 128, whose kernels were at the register limit). (A loop of 2-byte
+// loads, each waited for in turn, made the forward 0.20 ms on an H200 at the roberta-base
+// step's shapes, 2% of the GEMM rate.)
 #define AM_THREADS (AM_WARPS * 32)
 #define AM_VECS(DP) (AM_TILE * (DP) / 8 / AM_THREADS)
 template <int DP>
@@ -137,60 +139,57 @@ __device__ __forceinline__ bool am_vec_ok(bool io, int d, const void* a, const v
     return io && d == DP && (((size_t)a | (size_t)b) & 15) == 0;
 }
 template <int DP>
-__device__ __forceinline__ void am_fetch(uint4 (&r)[AM_VECS(DP)], const void* x, int s0, int hi, int r0, int len,
-                                         int h) {
+__device__ __forceinline__ void am_copy_tile(unsigned short (*dst)[DP + 8], const void* x, int s0, int hi, int r0,
+                                             int len, int h) {
     static_assert(AM_TILE * DP / 8 % AM_THREADS == 0, "whole 16-byte pieces per thread");
 #pragma unroll
     for (int u = 0; u < AM_VECS(DP); ++u) {
         const int idx = threadIdx.x + u * AM_THREADS, rr = idx / (DP / 8), e = (idx % (DP / 8)) * 8;
         const int row = r0 + rr;
-        r[u] = row < len ? ld_vec<uint4>(static_cast<const unsigned short*>(x) + am_off(s0, row, hi, h, DP) + e)
-                         : make_uint4(0u, 0u, 0u, 0u);
+        if (row < len)  // rows are DP + 8 halves: 16-byte aligned
+            cp_async16(&dst[rr][e], static_cast<const unsigned short*>(x) + am_off(s0, row, hi, h, DP) + e);
+        else
+            st_vec<uint4>(&dst[rr][e], make_uint4(0u, 0u, 0u, 0u));
     }
 }
-template <int DP>
-__device__ __forceinline__ void am_put(unsigned short (*dst)[DP + 8], const uint4 (&r)[AM_VECS(DP)]) {
-#pragma unroll
-    for (int u = 0; u < AM_VECS(DP); ++u) {
-        const int idx = threadIdx.x + u * AM_THREADS, rr = idx / (DP / 8), e = (idx % (DP / 8)) * 8;
-        st_vec<uint4>(&dst[rr][e], r[u]);  // rows are DP + 8 halves: 16-byte aligned
-    }
-}
-// Whether a kernel keeps the next tile's pieces in registers while it computes: not at
-// d 128, whose kernels are at the register limit already. (At d 32 and 64 it costs
-// registers but no block an SM: registers go in units of 256 a warp.)
-#define AM_AHEAD(DP) ((DP) <= 64)
 
-// The tiles at row r0 of x and y into xs and ys: from the registers fetched ahead (fetched
-// now at d 128), or with the element loads when the 16-byte path does not apply (!vec).
+// The tiles of AM_TILE rows of x and y (K and V, or Q and dO) a kernel walks, through two
+// shared-memory buffers each: the copy of the next tile is issued when the current one is
+// asked for (cp.async), or, without the 16-byte path, the tile is loaded into buffer 0 by
+// element loads when asked for.
 template <typename Tag, int DP>
-__device__ __forceinline__ void am_tiles(unsigned short (*xs)[DP + 8], unsigned short (*ys)[DP + 8],
-                                         uint4 (&xr)[AM_VECS(DP)], uint4 (&yr)[AM_VECS(DP)], const void* x,
-                                         const void* y, bool vec, int s0, int hi, int r0, int len, int h, int d,
-                                         bool io) {
-    if (vec) {
-        if (!AM_AHEAD(DP)) {
-            am_fetch<DP>(xr, x, s0, hi, r0, len, h);
-            am_fetch<DP>(yr, y, s0, hi, r0, len, h);
+struct AmTiles {
+    unsigned short (*xs)[AM_TILE][DP + 8];  // [2]
+    unsigned short (*ys)[AM_TILE][DP + 8];
+    const void *x, *y;
+    bool vec;
+    int s0, hi, len, h, d;
+    bool io;
+    // Before the walk: the first tiles' copy.
+    __device__ __forceinline__ void start() {
+        if (!vec) return;
+        am_copy_tile<DP>(xs[0], x, s0, hi, 0, len, h);
+        am_copy_tile<DP>(ys[0], y, s0, hi, 0, len, h);
+        cp_async_commit();
+    }
+    // The buffer that holds the tiles at row r0 once the caller's next barrier has passed.
+    // Called right after a barrier that follows every read of the previous tiles.
+    __device__ __forceinline__ int next(int r0) {
+        if (!vec) {
+            am_load_tile<Tag, DP>(xs[0], x, s0, hi, r0, len, h, d, io);
+            am_load_tile<Tag, DP>(ys[0], y, s0, hi, r0, len, h, d, io);
+            return 0;
         }
-        am_put<DP>(xs, xr);
-        am_put<DP>(ys, yr);
-    } else {
-        am_load_tile<Tag, DP>(xs, x, s0, hi, r0, len, h, d, io);
-        am_load_tile<Tag, DP>(ys, y, s0, hi, r0, len, h, d, io);
+        const int b = (r0 / AM_TILE) & 1;
+        if (r0 + AM_TILE < len) {  // into the other buffer, whose tiles were read before the barrier
+            am_copy_tile<DP>(xs[b ^ 1], x, s0, hi, r0 + AM_TILE, len, h);
+            am_copy_tile<DP>(ys[b ^ 1], y, s0, hi, r0 + AM_TILE, len, h);
+        }
+        cp_async_commit();   // one group per tile, empty after the last
+        cp_async_wait<1>();  // all but that newest group: this tile's copies have landed
+        return b;
     }
-}
-// Fetches the tiles at row r0 of x and y into registers, where the kernel fetches ahead
-// and r0 is inside the sequence (called for the first tile, then right after each tile's
-// barrier for the next, so the loads overlap the MMAs).
-template <int DP>
-__device__ __forceinline__ void am_fetch_ahead(uint4 (&xr)[AM_VECS(DP)], uint4 (&yr)[AM_VECS(DP)], const void* x,
-                                               const void* y, bool vec, int s0, int hi, int r0, int len, int h) {
-    if (vec && AM_AHEAD(DP) && r0 < len) {
-        am_fetch<DP>(xr, x, s0, hi, r0, len, h);
-        am_fetch<DP>(yr, y, s0, hi, r0, len, h);
-    }
-}
+};
 
 // The A fragments of this warp's 16 rows (row0 ..) of head hi of the sequence at token s0
 // (length len) of x over the padded head dim: a[kk] covers columns 16 kk .. 16 kk + 15.
@@ -345,8 +344,8 @@ __device__ __forceinline__ void am_store(void* y, const float (&acc)[DP / 8][4],
 template <typename Tag, int DP>
 __device__ void attention_fwd_mma(void* out, float* lse, const void* q, const void* k, const void* v,
                                   const int* seqs, int b, int t, int h, int d, DropoutArgs drop, int io) {
-    __shared__ __align__(16) unsigned short ks[AM_TILE][DP + 8];
-    __shared__ __align__(16) unsigned short vs[AM_TILE][DP + 8];
+    __shared__ __align__(16) unsigned short ks2[2][AM_TILE][DP + 8];
+    __shared__ __align__(16) unsigned short vs2[2][AM_TILE][DP + 8];
     __shared__ float mk[AM_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
     const int hi = blockIdx.y, bi = blockIdx.z;
@@ -365,19 +364,19 @@ __device__ void attention_fwd_mma(void* out, float* lse, const void* q, const vo
     // Per fragment row (g, g + 8): M, the integer exponent offset so far, and this lane's
     // part of the row sum l (relative to 2^M).
     float big[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
-    const bool vec = am_vec_ok<DP>(io, d, k, v);
-    uint4 kr[AM_VECS(DP)], vr[AM_VECS(DP)];
-    am_fetch_ahead<DP>(kr, vr, k, v, vec, s0, hi, 0, len, h);
+    AmTiles<Tag, DP> tiles{ks2, vs2, k, v, am_vec_ok<DP>(io, d, k, v), s0, hi, len, h, d, (bool)io};
+    tiles.start();
 
     for (int j0 = 0; j0 < len; j0 += AM_TILE) {
         __syncthreads();  // the previous tile is consumed
-        am_tiles<Tag, DP>(ks, vs, kr, vr, k, v, vec, s0, hi, j0, len, h, d, io);
+        const int buf = tiles.next(j0);
+        const unsigned short(*ks)[DP + 8] = ks2[buf];
+        const unsigned short(*vs)[DP + 8] = vs2[buf];
         if (threadIdx.x < AM_TILE) {
             const int j = j0 + threadIdx.x;
             mk[threadIdx.x] = j < len ? 1.0f : 0.0f;
         }
         __syncthreads();
-        am_fetch_ahead<DP>(kr, vr, k, v, vec, s0, hi, j0 + AM_TILE, len, h);  // in flight while this tile is used
         if (row0 >= len) continue;  // warp-uniform: no row of the sequence
         float s[AM_TILE / 8][4];
         am_rows_times_tile_t<Tag, DP>(s, qa, ks);
@@ -443,8 +442,8 @@ template <typename Tag, int DP>
 __device__ void attention_bwd_dq_mma(void* dq, float* dvec, const void* dout, const void* q, const void* k,
                                      const void* v, const void* out, const float* lse, const int* seqs, int b,
                                      int t, int h, int d, DropoutArgs drop, int io) {
-    __shared__ __align__(16) unsigned short ks[AM_TILE][DP + 8];
-    __shared__ __align__(16) unsigned short vs[AM_TILE][DP + 8];
+    __shared__ __align__(16) unsigned short ks2[2][AM_TILE][DP + 8];
+    __shared__ __align__(16) unsigned short vs2[2][AM_TILE][DP + 8];
     __shared__ float mk[AM_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
     const int hi = blockIdx.y, bi = blockIdx.z;
@@ -489,19 +488,19 @@ __device__ void attention_bwd_dq_mma(void* dq, float* dvec, const void* dout, co
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[nd][r] = 0.0f;
 
-    const bool vec = am_vec_ok<DP>(io, d, k, v);
-    uint4 kr[AM_VECS(DP)], vr[AM_VECS(DP)];
-    am_fetch_ahead<DP>(kr, vr, k, v, vec, s0, hi, 0, len, h);
+    AmTiles<Tag, DP> tiles{ks2, vs2, k, v, am_vec_ok<DP>(io, d, k, v), s0, hi, len, h, d, (bool)io};
+    tiles.start();
 
     for (int j0 = 0; j0 < len; j0 += AM_TILE) {
         __syncthreads();
-        am_tiles<Tag, DP>(ks, vs, kr, vr, k, v, vec, s0, hi, j0, len, h, d, io);
+        const int buf = tiles.next(j0);
+        const unsigned short(*ks)[DP + 8] = ks2[buf];
+        const unsigned short(*vs)[DP + 8] = vs2[buf];
         if (threadIdx.x < AM_TILE) {
             const int j = j0 + threadIdx.x;
             mk[threadIdx.x] = j < len ? 1.0f : 0.0f;
         }
         __syncthreads();
-        am_fetch_ahead<DP>(kr, vr, k, v, vec, s0, hi, j0 + AM_TILE, len, h);
         if (row0 >= len) continue;
         float s[AM_TILE / 8][4], dp[AM_TILE / 8][4];
         am_rows_times_tile_t<Tag, DP>(s, qa, ks);
@@ -539,8 +538,8 @@ template <typename Tag, int DP>
 __device__ void attention_bwd_dkdv_mma(void* dk, void* dv, const void* dout, const void* q, const void* k,
                                        const void* v, const float* lse, const float* dvec, const int* seqs, int b,
                                        int t, int h, int d, DropoutArgs drop, int io) {
-    __shared__ __align__(16) unsigned short qs[AM_TILE][DP + 8];
-    __shared__ __align__(16) unsigned short gs[AM_TILE][DP + 8];
+    __shared__ __align__(16) unsigned short qs2[2][AM_TILE][DP + 8];
+    __shared__ __align__(16) unsigned short gs2[2][AM_TILE][DP + 8];
     __shared__ float ls2[AM_TILE], dd[AM_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c2 = (lane & 3) * 2;
     const int hi = blockIdx.y, bi = blockIdx.z;
@@ -564,13 +563,14 @@ __device__ void attention_bwd_dkdv_mma(void* dk, void* dv, const void* dout, con
 #pragma unroll
         for (int r = 0; r < 4; ++r) adk[nd][r] = adv[nd][r] = 0.0f;
 
-    const bool vec = am_vec_ok<DP>(io, d, q, dout);
-    uint4 qr[AM_VECS(DP)], gr[AM_VECS(DP)];
-    am_fetch_ahead<DP>(qr, gr, q, dout, vec, s0, hi, 0, len, h);
+    AmTiles<Tag, DP> tiles{qs2, gs2, q, dout, am_vec_ok<DP>(io, d, q, dout), s0, hi, len, h, d, (bool)io};
+    tiles.start();
 
     for (int i0 = 0; i0 < len; i0 += AM_TILE) {
         __syncthreads();
-        am_tiles<Tag, DP>(qs, gs, qr, gr, q, dout, vec, s0, hi, i0, len, h, d, io);
+        const int buf = tiles.next(i0);
+        const unsigned short(*qs)[DP + 8] = qs2[buf];
+        const unsigned short(*gs)[DP + 8] = gs2[buf];
         if (threadIdx.x < AM_TILE) {
             const int i = i0 + threadIdx.x;
             const size_t r = (size_t)(s0 + i) * h + hi;
@@ -578,7 +578,6 @@ __device__ void attention_bwd_dkdv_mma(void* dk, void* dv, const void* dout, con
             dd[threadIdx.x] = i < len ? dvec[r] : 0.0f;
         }
         __syncthreads();
-        am_fetch_ahead<DP>(qr, gr, q, dout, vec, s0, hi, i0 + AM_TILE, len, h);
         if (row0 >= len) continue;
         float st[AM_TILE / 8][4], dpt[AM_TILE / 8][4];  // S^T and dP^T: key rows x query columns
         am_rows_times_tile_t<Tag, DP>(st, ka, qs);
