@@ -63,26 +63,19 @@ extern "C" __global__ void layernorm_fwd_vec4_f32(void* out, int out_t, float* m
     if (r >= n) return;
     const size_t base = (size_t)r * c;
     const int groups = c / 4;
-    float x[LN_V][4], f[4];
+    // the parameters are read with the row, before any store (loaded beside the stores,
+    // each group's weight and bias waited for the previous group's store)
+    float x[LN_V][4], f[4], w[LN_V][4], b[LN_V][4];
     float s = 0.0f;
 #pragma unroll
     for (int u = 0; u < LN_V; ++u) {
         const int g = threadIdx.x + u * blockDim.x;
         if (g < groups) {
             ln_input4(x[u], f, inp, inp_t, residual, res_t, base + 4 * (size_t)g, drop);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s += x[u][e];
-        }
-    }
-    // the parameters before the row's stores (a store between them made each group's
-    // weight and bias loads a round trip after the previous group's store)
-    float w[LN_V][4], b[LN_V][4];
-#pragma unroll
-    for (int u = 0; u < LN_V; ++u) {
-        const int g = threadIdx.x + u * blockDim.x;
-        if (g < groups) {
             ld4(w[u], weight, 0, 4 * (size_t)g);
             ld4(b[u], bias, 0, 4 * (size_t)g);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s += x[u][e];
         }
     }
     const float mu = block_sum(s, scratch) / c;

@@ -42,11 +42,6 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 __device__ __forceinline__ unsigned join2(unsigned short lo, unsigned short hi) {
     return (unsigned)lo | ((unsigned)hi << 16);
 }
-// Two adjacent 16-bit values (p 4-byte aligned) in one 32-bit shared-memory load, and
-// the store of two (one pack2 register): common.cuh's wide accesses, which the emulator
-// holds to a GPU's alignment rule.
-__device__ __forceinline__ unsigned load2(const unsigned short* p) { return ld_vec<unsigned>(p); }
-__device__ __forceinline__ void store2(unsigned short* p, unsigned v) { st_vec<unsigned>(p, v); }
 
 // c += a b over the warp (every lane calls it with its fragments).
 __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2], Bf16Tag) {

@@ -701,10 +701,10 @@ fn emulator_refuses_undefined_shuffles_and_barriers() {
 }
 
 /// The emulator refuses a wide access at an address that is not a multiple of its width
-/// (two 16-bit values read as one 32-bit word at an odd element, as mma.cuh `load2` reads
-/// the 16-bit attention and InfoNCE tiles), which a GPU faults on and host C++ does
-/// anyway; the same read at an even element runs. (tests/cuda_emu/planted.cu; every parity
-/// test's `load2` / `store2` is held to the same rule.)
+/// (two 16-bit values read as one 32-bit word at an odd element, by common.cuh `ld_vec`,
+/// the 16-bit kernels' wide access), which a GPU faults on and host C++ does anyway; the
+/// same read at an even element runs. (tests/cuda_emu/planted.cu; every parity test's
+/// `ld_vec` / `st_vec`, ldmatrix row and cp.async is held to the same rule.)
 #[test]
 fn emulator_refuses_misaligned_wide_accesses() {
     use common::cuda_emu::Sanitizer;

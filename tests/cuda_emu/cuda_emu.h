@@ -60,7 +60,8 @@ extern "C" void* emu_dyn_smem();
 extern "C" int emu_lane();
 // A GPU faults ("misaligned address") on an access wider than its element type whose
 // address is not a multiple of its width; host C++ does it anyway, so the kernels' wide
-// accesses (mma.cuh `load2` / `store2`) ask here first, and a misaligned one aborts naming
+// accesses (common.cuh `ld_vec` / `st_vec`, mma.cuh's ldmatrix and cp.async) ask here first,
+// and a misaligned one aborts naming
 // block, thread and address.
 extern "C" void emu_misaligned(const void* p, int bytes, const char* what);
 inline void emu_aligned(const void* p, int bytes, const char* what) {

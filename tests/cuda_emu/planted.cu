@@ -148,18 +148,18 @@ extern "C" __global__ void planted_last_block_control(float* out, int n) {
     if (last_block_of_column(counter) && threadIdx.x == 0) sum_partials(out);
 }
 
-// Two 16-bit shared-memory values read as one 32-bit word (mma.cuh `load2`, as the 16-bit
-// attention and InfoNCE kernels read their tiles) at element `off`: at an odd element the
-// address is 2 bytes past a word, which a GPU faults on ("misaligned address") and the
-// emulator refuses; at an even one out[0] = off + (off + 1), the control.
-#include "mma.cuh"
+// Two 16-bit shared-memory values read as one 32-bit word (common.cuh `ld_vec`, the wide
+// access of the 16-bit kernels) at element `off`: at an odd element the address is 2 bytes
+// past a word, which a GPU faults on ("misaligned address") and the emulator refuses; at an
+// even one out[0] = off + (off + 1), the control.
+#include "common.cuh"
 __device__ void pair_at(float* out, int off) {
     __shared__ __align__(16) unsigned short h[64];
     const int t = threadIdx.x;
     if (t < 64) h[t] = (unsigned short)t;
     __syncthreads();
     if (t == 0) {
-        const unsigned u = load2(h + off);
+        const unsigned u = ld_vec<unsigned>(h + off);
         out[0] = (float)(u & 0xffffu) + (float)(u >> 16);
     }
 }
