@@ -393,6 +393,12 @@ else
         row "parity (tests/gpu_parity.rs)" "FAIL" "$pass passed, $fail failed; $LOGS/parity.log"
         grep -E 'panicked|relative L2 error|not bit-identical|DEEPCUT_REQUIRE_GPU' "$LOGS/parity.log" | head -20
     fi
+    # which accumulation the tensor cores follow (tensor_core_products_keep_fp16_subnormal_inputs:
+    # of 128 sums, how many each model of src/backend/cpu/mma_probe.rs gives bit for bit)
+    for p in bf16 fp16; do
+        acc=$(grep -o "tensor cores, $p accumulation, .*" "$LOGS/parity.log" | head -1 | sed 's/.*bit-identical to: //')
+        [ -n "$acc" ] && row "tensor-core sums, $p (of 128)" "INFO" "$acc"
+    done
 fi
 
 # ---- 2. throughput -------------------------------------------------------------------------------

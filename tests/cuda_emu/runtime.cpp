@@ -205,6 +205,13 @@ static bool env_is(const char* name, const char* value) {
     return v && strcmp(v, value) == 0;
 }
 
+// CUDA_EMU_MMA=truncate: mma.sync with the tensor cores' truncating accumulation
+// (cuda_emu.h emu_mma_dot_truncated) instead of the CPU twins' fp32 sum.
+extern "C" int emu_mma_truncate() {
+    static const int on = env_is("CUDA_EMU_MMA", "truncate");
+    return on;
+}
+
 // CUDA_EMU_FILL=nan: fresh device memory and every block's shared memory, dynamic and
 // static, are all-ones bytes, a NaN in fp32, bf16 and fp16, instead of the default finite
 // garbage (0xCD, 0xAB; static __shared__ variables, function statics, otherwise start a
