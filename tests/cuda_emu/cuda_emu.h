@@ -170,6 +170,43 @@ inline int emu_register_params_of(const char* name, void (*)(A...)) {
     static int emu_reg_##name = (emu_register(#name, EMU_SLOT, emu_thunk_##name),    \
                                  emu_register_params_of(#name, name), 0);
 
+// The single-precision functions the kernels call, as a GPU's may differ from the host's:
+// with CUDA_EMU_MATH=approx (runtime.cpp emu_math_approx) each result is moved by up to the
+// CUDA Math API's documented error (expf, exp2f, erff 2 ulp; logf, log2f 1 ulp), by an
+// amount picked by a hash of the argument, so the same argument always gives the same
+// result, as on a GPU; results that are exact on both (2^n of an integer, log2 of a power of two, exp 0, 0)
+// are kept. Without it the host's functions (glibc: within 1 ulp, mostly correctly rounded)
+// are what the CPU twins call too. In the kernels' anonymous namespace (tests/common/
+// cuda_emu.rs), where unqualified calls find these before math.h's.
+extern "C" int emu_math_approx();
+inline float emu_ulps(float r, float x, int max_ulp) {
+    if (!emu_math_approx() || !isfinite(r) || r == 0.0f) return r;
+    uint32_t h;
+    memcpy(&h, &x, 4);
+    h *= 0x9E3779B1u;
+    h ^= h >> 15;
+    h *= 0x85EBCA77u;
+    h ^= h >> 13;
+    const int k = (int)(h % (uint32_t)(2 * max_ulp + 1)) - max_ulp;
+    uint32_t rb;
+    memcpy(&rb, &r, 4);
+    const uint32_t mag = rb & 0x7fffffffu;
+    if ((k < 0 && mag < (uint32_t)-k) || mag + (uint32_t)(k > 0 ? k : 0) >= 0x7f800000u) return r;
+    rb = (rb & 0x80000000u) | (mag + (uint32_t)k);
+    memcpy(&r, &rb, 4);
+    return r;
+}
+namespace {
+inline float exp2f(float x) { return x == truncf(x) ? ::exp2f(x) : emu_ulps(::exp2f(x), x, 2); }
+inline float expf(float x) { return x == 0.0f ? 1.0f : emu_ulps(::expf(x), x, 2); }
+inline float logf(float x) { return emu_ulps(::logf(x), x, 1); }
+inline float log2f(float x) {
+    const float r = ::log2f(x);  // an integer for a power of two: exact
+    return r == truncf(r) ? r : emu_ulps(r, x, 1);
+}
+inline float erff(float x) { return emu_ulps(::erff(x), x, 2); }
+}  // namespace
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 with c as both C and D:
 // the warp's fragments are gathered, decoded with the PTX ISA layout (kernels/mma.cuh), and
 // each lane computes its four outputs as c + (sum over k of the exact products, in fp32),

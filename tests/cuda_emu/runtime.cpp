@@ -212,6 +212,13 @@ extern "C" int emu_mma_truncate() {
     return on;
 }
 
+// CUDA_EMU_MATH=approx: expf, exp2f, logf, log2f and erff off by up to their documented
+// error on a GPU (cuda_emu.h emu_ulps) instead of the host's results.
+extern "C" int emu_math_approx() {
+    static const int on = env_is("CUDA_EMU_MATH", "approx");
+    return on;
+}
+
 // CUDA_EMU_FILL=nan: fresh device memory and every block's shared memory, dynamic and
 // static, are all-ones bytes, a NaN in fp32, bf16 and fp16, instead of the default finite
 // garbage (0xCD, 0xAB; static __shared__ variables, function statics, otherwise start a
