@@ -912,6 +912,58 @@ fn launch_planted_kernel() {
     unsafe { l.launch(cfg) }.expect("launch");
     let host = stream.clone_dtoh(&out).expect("copy back");
     eprintln!("launched planted kernel {kernel}: out[0] = {}", host[0]);
+    if kernel == "planted_exp2f" {
+        // against the host's exp2f (what the CPU twins call), in ulps
+        let ulps: Vec<i64> = (0..n)
+            .map(|t| {
+                let want = (-3.0f32 + t as f32 * 0.015625 + 0.001).exp2();
+                (host[t].to_bits() as i64 - want.to_bits() as i64).abs()
+            })
+            .collect();
+        let differ = ulps.iter().filter(|&&u| u != 0).count();
+        eprintln!(
+            "planted_exp2f: {differ} of {n} differ from the host's exp2f, by at most {} ulp",
+            ulps.iter().max().unwrap_or(&0)
+        );
+    }
+}
+
+/// The emulator computes expf, exp2f, logf, log2f and erff as the host does, and with
+/// CUDA_EMU_MATH=approx (the second child of cuda_backend_on_the_cpu_emulator) off by up to
+/// a GPU's documented error: a kernel's exp2f (tests/cuda_emu/planted.cu planted_exp2f)
+/// equals the host's everywhere in the first case and not everywhere, within 2 ulp, in
+/// the second. (So the bounds the second child checks were checked against a GPU's
+/// functions, not silently against the host's.)
+#[test]
+fn emulator_models_a_gpus_functions() {
+    use common::cuda_emu::Sanitizer;
+    if !emulator_parent("emulator_models_a_gpus_functions", "") {
+        return;
+    }
+    for (math, want) in [
+        ("host", "0 of 64 differ"),
+        ("approx", "differ from the host's exp2f, by at most "),
+    ] {
+        let env = [
+            ("DEEPCUT_PLANTED_KERNEL", "planted_exp2f"),
+            ("DEEPCUT_PLANTED_THREADS", "64"),
+            ("CUDA_EMU_MATH", math),
+        ];
+        let (ok, stderr) = planted(Sanitizer::None, "launch_planted_kernel", &env);
+        let line = stderr.lines().find(|l| l.starts_with("planted_exp2f:")).unwrap_or("");
+        assert!(ok && line.contains(want), "CUDA_EMU_MATH={math}: {line}\n{stderr}");
+        if math == "approx" {
+            let differ: usize = line["planted_exp2f: ".len()..]
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let most: i64 = line.rsplit(' ').nth(1).unwrap().parse().unwrap();
+            assert!(differ >= 16 && (1..=2).contains(&most), "CUDA_EMU_MATH=approx: {line}");
+        }
+        loud(&format!("emulator, CUDA_EMU_MATH={math}: {line}"));
+    }
 }
 
 // ---- linear algebra -----------------------------------------------------------------------

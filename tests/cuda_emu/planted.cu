@@ -165,3 +165,11 @@ __device__ void pair_at(float* out, int off) {
 }
 extern "C" __global__ void planted_misaligned_load2(float* out, int n) { pair_at(out, 1); }
 extern "C" __global__ void planted_aligned_load2(float* out, int n) { pair_at(out, 2); }
+
+// Not a bug: exp2f of n arguments that are not integers, out[t] = exp2f(-3 + t / 64), for
+// `emulator_models_a_gpus_functions`: the host's results, or with CUDA_EMU_MATH=approx
+// results up to 2 ulp off, as a GPU's exp2f may be (cuda_emu.h).
+extern "C" __global__ void planted_exp2f(float* out, int n) {
+    const int t = threadIdx.x;
+    if (t < n) out[t] = exp2f(-3.0f + (float)t * 0.015625f + 0.001f);
+}
