@@ -78,7 +78,8 @@ pub fn adamw(
 const MULTI_CHUNK: usize = 2048;
 // The kernels' MULTI_THREADS and REDUCE_THREADS: each thread's elements of its chunk are
 // fixed at compile time (MULTI_CHUNK and the norm's REDUCE_CHUNK multiples of it).
-const _: () = assert!(BLOCK == 256 && MULTI_CHUNK % BLOCK as usize == 0 && REDUCE_CHUNK % BLOCK as usize == 0);
+const _: () =
+    assert!(BLOCK == 256 && MULTI_CHUNK.is_multiple_of(BLOCK as usize) && REDUCE_CHUNK.is_multiple_of(BLOCK as usize));
 
 /// kernels/adamw.cu's AdamTensor: one tensor of the fused AdamW launch.
 #[repr(C)]
