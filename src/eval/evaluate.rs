@@ -4,9 +4,9 @@
 use super::metrics::{entity_report, token_accuracy, EntityReport};
 use super::mia::auc;
 use crate::backend::Backend;
-use crate::data::{read_conll, LabelMap, Sentence};
+use crate::data::{read_conll, LabelMap, Sentence, Window};
 use crate::error::Result;
-use crate::infer::{run_sentences, Classifier};
+use crate::infer::{run_sentences, run_windows, Classifier};
 use crate::model::Model;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -91,6 +91,14 @@ pub fn evaluate_split<B: Backend>(
 ) -> Result<SplitMetrics> {
     let out = run_sentences(clf, model, sentences, max_len)?;
     Ok(SplitMetrics::new(sentences, &out.tags(&clf.labels), out.mean_loss))
+}
+
+/// [`evaluate_split`] of sentences already encoded by `crate::infer::encode_for_run`.
+pub fn evaluate_encoded<B: Backend>(
+    clf: &Classifier, model: &mut Model<B>, sentences: &[Sentence], windows: &[Window],
+) -> SplitMetrics {
+    let out = run_windows(model, sentences, windows, clf.position_style());
+    SplitMetrics::new(sentences, &out.tags(&clf.labels), out.mean_loss)
 }
 
 /// The full set of numbers of `eval` and of the reports.

@@ -9,9 +9,9 @@ use crate::backend::Backend;
 use crate::backend::{Denominator, InfoNceOptions, OwnView, Precision};
 use crate::data::{write_indices, LabelMap, Stream, StreamState, Window};
 use crate::error::{Error, Result};
-use crate::eval::evaluate::{evaluate, evaluate_split, split_train, Dataset, Evaluation};
+use crate::eval::evaluate::{evaluate, evaluate_encoded, split_train, Dataset, Evaluation};
 use crate::eval::mia::privleak;
-use crate::infer::{labelled_hidden, model_from_weights, Classifier};
+use crate::infer::{encode_for_run, labelled_hidden, model_from_weights, Classifier};
 use crate::model::{copy_tokenizer_files, save_model_dir, HostWeights, Mode};
 use crate::train::checkpoint;
 use crate::train::finetune::{finetune, scale_message, Base, FinetuneConfig};
@@ -635,6 +635,8 @@ fn unlearn_loop<B: Backend>(
     let cfg_json = serde_json::to_value(cfg).map_err(|e| Error::invalid(e.to_string()))?;
     let mut fs = Stream::new(forget_w.to_vec(), cfg.bf, cfg.seed)?;
     let mut rs = Stream::new(retain_w.to_vec(), cfg.br, cfg.seed.wrapping_add(1))?;
+    // the stopping rule's sentences, tokenised once for all its checks
+    let check_windows = encode_for_run(orig, forget_sents, cfg.max_len)?;
     if inp.resume {
         if let Some((saved, path)) = checkpoint::load(&ckpt_dir, model, &mut opt)? {
             if saved["config"] != cfg_json {
@@ -766,7 +768,7 @@ fn unlearn_loop<B: Backend>(
         }
         if check {
             let te = Instant::now();
-            let f1 = evaluate_split(orig, model, forget_sents, cfg.max_len)?.f1;
+            let f1 = evaluate_encoded(orig, model, forget_sents, &check_windows).f1;
             state.eval_seconds += te.elapsed().as_secs_f64();
             state.checks.push(Check {
                 step: state.step,
