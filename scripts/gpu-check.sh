@@ -27,7 +27,8 @@
 #      roberta-base shape, bf/br 8/32 and 32/128 (scripts/compare-torch.py --device cuda),
 #      when torch and transformers import;
 #   5b. the device time of every op and phase of that step (`bench --op-times`, CUDA events
-#      around the NVTX ranges), 8/32 and 32/128: where the time goes, without Nsight;
+#      around the NVTX ranges), 8/32 and 32/128, and MiniLM at 8/32 with 32-token
+#      sequences (the unlearning run's small steps): where the time goes, without Nsight;
 #   6. three bench steps under `nsys profile`, and the NVTX range summary, when nsys exists;
 #   7. the CPU backend's MiniLM step at 4 threads and at all of the machine's cores;
 #   8. issue #6's end-to-end comparison: the WNUT17 / MiniLM / ratio 0.10 unlearning run with
@@ -549,22 +550,27 @@ fi
 if ! enough "op times"; then
     :
 elif [ -n "$CLI" ]; then
-    for shape in "8 32" "32 128"; do
-        read -r bf br <<<"$shape"
-        enough "op times roberta $bf/$br" || continue
-        echo "== op times (roberta-base, $bf/$br/128, bf16, 3 steps)"
-        timeout "$(cap 90)" "$CLI" bench --device cuda --precision bf16 --preset roberta-base --bf "$bf" --br "$br" \
-            --seq-len 128 --steps 3 --warmup 2 --matmul-size 4096 --op-times >"$LOGS/op-times-$bf-$br.json" \
-            2>"$LOGS/op-times-$bf-$br.log"
+    # the issue's two roberta-base shapes, and MiniLM at 8/32 with sequences of 32 tokens, the
+    # unlearning run's shape (WNUT17's sentences are ~30 tokens: its steps are small ones)
+    for shape in "roberta-base 8 32 128" "roberta-base 32 128 128" "minilm-l6 8 32 32"; do
+        read -r preset bf br len <<<"$shape"
+        tag="${preset%%-*} $bf/$br/$len"
+        file="op-times-${preset%%-*}-$bf-$br-$len"
+        enough "op times $tag" || continue
+        echo "== op times ($preset, $bf/$br/$len, bf16, 3 steps)"
+        timeout "$(cap 90)" "$CLI" bench --device cuda --precision bf16 --preset "$preset" --bf "$bf" --br "$br" \
+            --seq-len "$len" --steps 3 --warmup 2 --matmul-size 4096 --op-times >"$LOGS/$file.json" \
+            2>"$LOGS/$file.log"
         rc=$?
-        grep -A 16 "op times per step" "$LOGS/op-times-$bf-$br.log"
+        grep -A 16 "op times per step" "$LOGS/$file.log"
+        # the five ops that take the most device time (not those inside another op's range)
         top=$(python3 -c '
 import json, sys
 d = json.load(open(sys.argv[1]))
-ops = [o for o in d["op_times"]["ops"] if not o["inside_another_op"]]
+ops = sorted((o for o in d["op_times"]["ops"] if not o["inside_another_op"]), key=lambda o: -o["ms_per_step"])
 print("; ".join("%s %.2f ms" % (o["name"], o["ms_per_step"]) for o in ops[:5]),
-      "(step %.1f ms)" % (1e3 * d["step_time_s"]["median"]))' "$LOGS/op-times-$bf-$br.json" 2>/dev/null)
-        row "op times roberta $bf/$br" "$([ "$rc" = 0 ] && [ -n "$top" ] && echo ok || echo "rc=$rc")" "${top:-no op_times}; $LOGS/op-times-$bf-$br.json"
+      "(step %.1f ms)" % (1e3 * d["step_time_s"]["median"]))' "$LOGS/$file.json" 2>/dev/null)
+        row "op times $tag" "$([ "$rc" = 0 ] && [ -n "$top" ] && echo ok || echo "rc=$rc")" "${top:-no op_times}; $LOGS/$file.json"
     done
 else
     row "op times" "SKIP" "needs the CLI"
