@@ -264,3 +264,43 @@ fn train_killed_while_writing_resumes_to_the_same_bytes_and_skips_a_torn_checkpo
         "temp files left in the run folder"
     );
 }
+
+/// The default checkpoint schedule (no --checkpoint-every) spaces periodic checkpoints at
+/// least 30 s apart (src/unlearn/run.rs CHECKPOINT_MIN_SECONDS) and always saves the last
+/// step: a 25-step run of a few seconds writes one checkpoint, of step 25, so there is no
+/// previous one; with --checkpoint-every 10 it writes three (10, 20, 25).
+#[test]
+fn default_checkpoints_are_spaced_in_time_and_the_last_step_is_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = fixture::build(tmp.path());
+    let step_of = |dir: &Path, file: &str| -> Option<u64> {
+        let bytes = std::fs::read(dir.join("checkpoints").join(file)).ok()?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let state: Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["state"]).unwrap();
+        state["state"]["step"].as_u64()
+    };
+    for (extra, previous) in [(&[][..], None), (&["--checkpoint-every", "10"][..], Some(20))] {
+        let out = tmp.path().join(format!("run-{}", extra.len()));
+        let t0 = Instant::now();
+        spawn(
+            &fixture::run_args(&fx.model, &fx.data, &out, 25, extra),
+            &tmp.path().join("run.log"),
+        )
+        .finish();
+        let took = t0.elapsed().as_secs_f64();
+        assert!(
+            took < 30.0,
+            "the run took {took:.1} s: too slow to show the default's 30 s spacing"
+        );
+        assert_eq!(
+            step_of(&out, "checkpoint.safetensors"),
+            Some(25),
+            "{extra:?}: the last step is saved"
+        );
+        assert_eq!(
+            step_of(&out, "checkpoint.prev.safetensors"),
+            previous,
+            "{extra:?}: the one before"
+        );
+    }
+}

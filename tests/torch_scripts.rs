@@ -139,9 +139,16 @@ fn replay_plan_of_a_stopping_rule_run_and_of_fp16_on_either_device() {
     assert!(!checks.is_empty(), "a stopping-rule run checks");
     // the checks score the forget set tokenised once (infer::encode_for_run): the last
     // check, at the last step, gives the final evaluation's forget F1
-    assert_eq!(checks.last(), rep["cost"]["steps"].as_u64().as_ref(), "checked every step");
+    assert_eq!(
+        checks.last(),
+        rep["cost"]["steps"].as_u64().as_ref(),
+        "checked every step"
+    );
     let last = rep["history"]["checks"].as_array().unwrap().last().unwrap();
-    assert_eq!(last["forget_f1"], rep["metrics"]["forget"]["f1"], "the last check against the final metrics");
+    assert_eq!(
+        last["forget_f1"], rep["metrics"]["forget"]["f1"],
+        "the last check against the final metrics"
+    );
     assert_eq!(p["check_steps"], serde_json::json!(checks));
     assert_eq!(p["steps"], rep["cost"]["steps"]);
     assert!(p["finetune_seconds_left_out"].is_null());

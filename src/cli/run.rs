@@ -101,7 +101,8 @@ pub struct RunArgs {
     check_every: u64,
     /// Write a checkpoint every this many steps. Default: every 10 steps, skipping one
     /// while the previous is still being written (written in the background, so training
-    /// never waits for the disk); given, exactly every N steps.
+    /// never waits for the disk) or when the last began less than 30 s ago, and at the
+    /// end; given, exactly every N steps.
     #[arg(long)]
     checkpoint_every: Option<u64>,
     /// Epochs of the original's fine-tuning (when --model has no head) and of retrain.
