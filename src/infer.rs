@@ -122,8 +122,9 @@ pub fn argmax<T: PartialOrd>(row: &[T]) -> usize {
 /// One evaluation batch's logits and token losses on their way back: staged copies, and
 /// the batch's windows and their token offsets.
 struct EvalSlot<B: Backend> {
-    logits: B::Staging,
-    losses: B::Staging,
+    /// (size in floats, buffer): `Model::take_staging`'s, given back at the end
+    logits: (usize, B::Staging),
+    losses: (usize, B::Staging),
     /// The windows of the batch in flight and its sequence offsets.
     batch: Option<(Vec<usize>, Vec<i32>)>,
 }
@@ -151,8 +152,8 @@ pub fn run_windows<B: Backend>(
     // a batch holds at most `budget` tokens, or one window longer than that
     let cap = budget.max(lengths.iter().copied().max().unwrap_or(0));
     let mut slots: [EvalSlot<B>; 2] = [0, 1].map(|_| EvalSlot {
-        logits: model.be.staging(cap * l),
-        losses: model.be.staging(cap),
+        logits: model.take_staging(cap * l),
+        losses: model.take_staging(cap),
         batch: None,
     });
     let mut file = |slot: &mut EvalSlot<B>, be: &B| {
@@ -160,8 +161,8 @@ pub fn run_windows<B: Backend>(
             return;
         };
         let n = *seqs.last().expect("b + 1 offsets") as usize;
-        let out = be.download_wait(&slot.logits, n * l);
-        let losses = be.download_wait(&slot.losses, n);
+        let out = be.download_wait(&slot.logits.1, n * l);
+        let losses = be.download_wait(&slot.losses.1, n);
         for (r, &wi) in rows_windows.iter().enumerate() {
             let w = &windows[wi];
             let s0 = seqs[r] as usize;
@@ -180,14 +181,18 @@ pub fn run_windows<B: Backend>(
         let batch = Batch::gather(windows, &idx, style);
         model.forward(&batch.inputs, Mode::Eval);
         let slot = &mut slots[i % 2];
-        model.logits_start(&mut slot.logits);
-        model.token_losses_start(&mut slot.losses);
+        model.logits_start(&mut slot.logits.1);
+        model.token_losses_start(&mut slot.losses.1);
         tokens += batch.tokens();
         slot.batch = Some((batch.windows, batch.inputs.seqs));
         file(&mut slots[1 - i % 2], &model.be);
     }
     for slot in &mut slots {
         file(slot, &model.be);
+    }
+    for slot in slots {
+        model.give_staging(slot.logits);
+        model.give_staging(slot.losses);
     }
     let mean_loss = loss_sum
         .iter()

@@ -3175,6 +3175,76 @@ mod step {
         }
     }
 
+    /// Page-locked host memory the emulator's driver has handed out so far
+    /// (tests/cuda_emu/runtime.cpp `emu_host_allocs`); None off the emulator.
+    fn emu_host_allocs() -> Option<u64> {
+        if std::env::var("DEEPCUT_CUDA_EMU").is_err() {
+            return None;
+        }
+        // SAFETY: as in emu_stats; emu_host_allocs() takes nothing and returns a count.
+        unsafe {
+            let lib = libloading::Library::new("libcuda.so").expect("the emulator's libcuda.so");
+            let f: libloading::Symbol<unsafe extern "C" fn() -> u64> = lib
+                .get(b"emu_host_allocs")
+                .expect("the emulator's emu_host_allocs (an old build?)");
+            Some(f())
+        }
+    }
+
+    /// The stopping rule evaluates the forget set every few steps (`infer::run_windows`):
+    /// its page-locked copy-back buffers are kept by the model between evaluations, so
+    /// only the first allocates any (each is a driver call to lock pages and one to unlock
+    /// them), and the second gives the same logits and losses.
+    #[test]
+    fn evaluations_reuse_their_page_locked_buffers() {
+        use deepcut_fast::data::Sentence;
+        use deepcut_fast::infer::run_windows;
+        let Some(_) = emu_host_allocs() else {
+            loud(
+                "SKIPPED: evaluations_reuse_their_page_locked_buffers counts driver calls, which only the CPU \
+                 emulator (tests/cuda_emu) can do; cuda_backend_on_the_cpu_emulator runs it there",
+            );
+            return;
+        };
+        let w = windows(&mut Rng(78));
+        let sentences: Vec<Sentence> = w
+            .iter()
+            .map(|w| Sentence {
+                words: vec!["w".to_string(); w.word_pos.len()],
+                tags: vec!["O".to_string(); w.word_pos.len()],
+            })
+            .collect();
+        let mut m = model(Cuda::new(0).expect("the emulated device"), 5).with_precision(Precision::Bf16);
+        let mut outs = vec![];
+        let mut allocs = vec![];
+        for _ in 0..3 {
+            let before = emu_host_allocs().unwrap();
+            outs.push(run_windows(&mut m, &sentences, &w, PositionStyle::Absolute));
+            allocs.push(emu_host_allocs().unwrap() - before);
+        }
+        // (without page-locked memory, CUDA_EMU_HOST_ALLOC=fail, the buffers are pageable)
+        let page_locked = m.be.info().pageable_why.is_none();
+        assert_eq!(
+            allocs[0] > 0,
+            page_locked,
+            "the first evaluation allocates its buffers: {allocs:?}"
+        );
+        assert_eq!(
+            &allocs[1..],
+            &[0, 0],
+            "later evaluations allocate page-locked memory: {allocs:?}"
+        );
+        for o in &outs[1..] {
+            assert_eq!(o.logits, outs[0].logits, "the same logits through reused buffers");
+            assert_eq!(
+                format!("{:?}", o.mean_loss),
+                format!("{:?}", outs[0].mean_loss),
+                "the same losses"
+            );
+        }
+        loud(&format!("page-locked allocations by three evaluations: {allocs:?}"));
+    }
+
     /// Issue #6: no allocation and no host-device synchronisation inside a step. After two
     /// warm-up steps, three bf16 DeepCUT steps, and three fp16 ones with loss scaling (whose
     /// overflow check no longer waits), enqueued as `run` enqueues them

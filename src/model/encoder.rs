@@ -474,6 +474,11 @@ pub struct Model<B: Backend> {
     /// What the training steps multiply their loss-gradient seeds by (fp16 dynamic loss
     /// scaling, set each step from `Optimizer::loss_scale`); 1 otherwise.
     loss_scale: f32,
+    /// Staging buffers `infer::run_windows` copies logits and losses back through, with
+    /// their sizes in floats, kept between its calls: the stopping rule evaluates every few
+    /// steps, and on CUDA each new one is page-locked memory (a driver call to lock it and
+    /// one to unlock it).
+    eval_staging: Vec<(usize, B::Staging)>,
 }
 
 impl<B: Backend> Model<B> {
@@ -585,6 +590,25 @@ impl<B: Backend> Model<B> {
             cur: None,
             precision: Precision::Fp32,
             loss_scale: 1.0,
+            eval_staging: Vec::new(),
+        }
+    }
+
+    /// A staging buffer of at least `n` floats (with its size): one given back by
+    /// `give_staging`, else a new one.
+    pub fn take_staging(&mut self, n: usize) -> (usize, B::Staging) {
+        match self.eval_staging.iter().position(|(len, _)| *len >= n) {
+            Some(i) => self.eval_staging.swap_remove(i),
+            None => (n, self.be.staging(n)),
+        }
+    }
+
+    /// Keeps `s` for a later `take_staging`: the four largest are kept.
+    pub fn give_staging(&mut self, s: (usize, B::Staging)) {
+        self.eval_staging.push(s);
+        if self.eval_staging.len() > 4 {
+            self.eval_staging.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
+            self.eval_staging.truncate(4);
         }
     }
 

@@ -1151,9 +1151,13 @@ CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) {
     memcpy(d, (const void*)s, n);
     return OK;
 }
-// page-locked host memory: the emulator only remembers where it is (for the rule above)
+// page-locked host memory: the emulator only remembers where it is (for the rule above),
+// and counts the calls (emu_host_allocs: each is a driver call that locks pages on a GPU)
+static std::atomic<unsigned long long> host_allocs{0};
+extern "C" unsigned long long emu_host_allocs() { return host_allocs.load(); }
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned int) {
     NEED_CTX();
+    ++host_allocs;
     // CUDA_EMU_HOST_ALLOC=fail: no page-locked memory to be had (CUDA_ERROR_NOT_SUPPORTED)
     static const bool refuse = env_is("CUDA_EMU_HOST_ALLOC", "fail");
     if (refuse) {
