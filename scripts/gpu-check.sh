@@ -310,26 +310,40 @@ if [ "${1:-}" = "--sanitize" ]; then
         exit 0
     fi
     echo "== gpu-check --sanitize $(date -u +%Y-%m-%dT%H:%MZ) with $CS"
-    for tool in memcheck racecheck synccheck initcheck; do
-        enough "compute-sanitizer $tool" || continue
-        timeout "$(cap 240)" "$CS" --tool "$tool" --error-exitcode 3 --print-limit 20 \
-            "$PARITY" --test-threads 1 --skip step:: --skip cuda_backend_ --skip sanitizers_ \
-            >"$LOGS/sanitize-$tool.log" 2>&1
-        rc=$?
-        summary=$(grep -E '(ERROR SUMMARY|RACECHECK SUMMARY)' "$LOGS/sanitize-$tool.log" | tail -1)
-        tests=$(grep '^test result:' "$LOGS/sanitize-$tool.log" | tail -1)
-        case $rc in
-            0) row "compute-sanitizer $tool" "PASS" "${summary:-no summary}; ${tests:-?}" ;;
-            # 101: a parity test failed its own check; the sanitizer itself found nothing
-            101) if echo "$summary" | grep -qE 'SUMMARY: 0 (errors|hazards)'; then
-                     row "compute-sanitizer $tool" "CLEAN" "$summary; parity tests that failed their own bounds: ${tests:-?}"
-                 else
-                     row "compute-sanitizer $tool" "FAIL" "rc $rc; ${summary:-?}; $LOGS/sanitize-$tool.log"
-                 fi ;;
-            124) row "compute-sanitizer $tool" "TIMEOUT" "$LOGS/sanitize-$tool.log" ;;
-            *) row "compute-sanitizer $tool" "FAIL" "rc $rc; ${summary:-?}; $LOGS/sanitize-$tool.log"
-               grep -m 20 -E '=========  (Invalid|Error|Race|.*hazard)' "$LOGS/sanitize-$tool.log" ;;
-        esac
+    # Two passes of the four tools: every kernel test but infonce_every_option, then that
+    # one alone. It runs the InfoNCE over every option and shape, which under racecheck took
+    # the rest of a 200 s budget (2026-11-30, H200) and left the tests after it
+    # (alphabetically) and the last two tools unrun; now they come first.
+    for pass in rest infonce_every_option; do
+        for tool in memcheck racecheck synccheck initcheck; do
+            name="compute-sanitizer $tool"
+            if [ "$pass" = rest ]; then
+                filter=(--skip infonce_every_option)
+            else
+                filter=(infonce_every_option --exact)
+                name="$name ($pass)"
+            fi
+            enough "$name" || continue
+            log="$LOGS/sanitize-$tool-$pass.log"
+            timeout "$(cap 240)" "$CS" --tool "$tool" --error-exitcode 3 --print-limit 20 \
+                "$PARITY" --test-threads 1 --skip step:: --skip cuda_backend_ --skip sanitizers_ "${filter[@]}" \
+                >"$log" 2>&1
+            rc=$?
+            summary=$(grep -E '(ERROR SUMMARY|RACECHECK SUMMARY)' "$log" | tail -1)
+            tests=$(grep '^test result:' "$log" | tail -1)
+            case $rc in
+                0) row "$name" "PASS" "${summary:-no summary}; ${tests:-?}" ;;
+                # 101: a parity test failed its own check; the sanitizer itself found nothing
+                101) if echo "$summary" | grep -qE 'SUMMARY: 0 (errors|hazards)'; then
+                         row "$name" "CLEAN" "$summary; parity tests that failed their own bounds: ${tests:-?}"
+                     else
+                         row "$name" "FAIL" "rc $rc; ${summary:-?}; $log"
+                     fi ;;
+                124) row "$name" "TIMEOUT" "$(grep -c '^test .* ok$' "$log") tests passed before the limit; $log" ;;
+                *) row "$name" "FAIL" "rc $rc; ${summary:-?}; $log"
+                   grep -m 20 -E '=========  (Invalid|Error|Race|.*hazard)' "$log" ;;
+            esac
+        done
     done
     printf '%s\n' "${ROWS[@]}" | tee "$LOGS/sanitize-summary.txt"
     if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
