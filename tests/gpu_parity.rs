@@ -201,8 +201,9 @@ fn cuda_backend_on_the_cpu_emulator() {
     // might, so the backend falls back to cuMemAlloc, with a stream synchronisation before
     // each cuMemFree (src/backend/cuda/memory.rs), and the emulator aborts on any
     // stream-ordered free of such a block. The second also computes as a GPU may where the
-    // CPU twins cannot follow it: mma.sync adds its products as tensor cores are reported
-    // to (CUDA_EMU_MMA=truncate: cut, not rounded, 24 bits below the largest), and expf,
+    // CPU twins cannot follow it: mma.sync and the 16-bit GEMMs add their products as tensor
+    // cores are reported to (CUDA_EMU_MMA=truncate: cut, not rounded, 24 bits below the
+    // largest; tests/cuda_emu/mma_model.h), and expf,
     // exp2f, logf, log2f, erff are off by up to their documented ulps (CUDA_EMU_MATH=approx;
     // tests/cuda_emu/cuda_emu.h), where the first adds in fp32 in the twins' order with the
     // host's functions: every bound must hold for both.

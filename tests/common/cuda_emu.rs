@@ -158,6 +158,7 @@ fn build_now(san: Sanitizer) -> Result<PathBuf, String> {
     inputs.extend(
         [
             "cuda_emu.h",
+            "mma_model.h",
             "runtime.cpp",
             "cublas.cpp",
             "nvtx.cpp",

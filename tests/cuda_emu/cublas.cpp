@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#include "mma_model.h"
 
 #include "include/cuda_bf16.h"
 #include "include/cuda_fp16.h"
@@ -105,6 +106,16 @@ static cublasStatus_t gemm(int ta, int tb, int m, int n, int k, float alpha, con
     return 0;
 }
 
+// CUDA_EMU_MMA=truncate: 16-bit GEMMs (tensor cores on a GPU) add their products 16 at a
+// time, in k order, as mma.sync does in that mode (mma_model.h); fp32 GEMMs are unchanged.
+static bool truncating() {
+    static const bool on = [] {
+        const char* v = getenv("CUDA_EMU_MMA");
+        return v && strcmp(v, "truncate") == 0;
+    }();
+    return on;
+}
+
 static void gemm_now(const Gemm& g) {
     const int ta = g.ta, tb = g.tb, m = g.m, n = g.n, k = g.k, at = g.at, lda = g.lda, bt = g.bt, ldb = g.ldb,
               ct = g.ct, ldc = g.ldc, round = g.round;
@@ -117,6 +128,7 @@ static void gemm_now(const Gemm& g) {
         if (round == COMPUTE_32F_FAST_16F) return __half2float(__float2half_rn(x));
         return x;
     };
+    const bool tensor_cores = truncating() && (round != COMPUTE_32F || at != R_32F || bt != R_32F);
     // op(A) as rows [m][k] and op(B) as columns [n][k], converted (and rounded) once
     std::vector<float> ar((size_t)m * k), bc((size_t)n * k);
     for (int i = 0; i < m; ++i)
@@ -130,7 +142,10 @@ static void gemm_now(const Gemm& g) {
             const float* x = ar.data() + (size_t)i * k;  // (k = 0: an empty product)
             const float* y = bc.data() + (size_t)j * k;
             float acc = 0.0f;
-            for (int l = 0; l < k; ++l) acc += x[l] * y[l];
+            if (tensor_cores)
+                for (int l = 0; l < k; l += 16) acc = emu_dot_truncated(acc, x + l, y + l, 1, k - l < 16 ? k - l : 16);
+            else
+                for (int l = 0; l < k; ++l) acc += x[l] * y[l];
             size_t o = i + (size_t)j * ldc;
             float v = alpha * acc;
             if (beta != 0.0f) v += beta * load(c, ct, o);

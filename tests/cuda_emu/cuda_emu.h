@@ -211,43 +211,13 @@ inline float erff(float x) { return emu_ulps(::erff(x), x, 2); }
 // the warp's fragments are gathered, decoded with the PTX ISA layout (kernels/mma.cuh), and
 // each lane computes its four outputs as c + (sum over k of the exact products, in fp32),
 // the order the CPU twins follow. With CUDA_EMU_MMA=truncate (runtime.cpp emu_mma_truncate)
-// it computes them as the tensor cores' undocumented arithmetic is described by those who
-// measured it (Fasi, Higham, Mikaitis, Pranesh, "Numerical behavior of NVIDIA tensor
-// cores", PeerJ CS 2021, V100 / T4 / A100; Khattak, Mikaitis, "Accurate models of NVIDIA
-// tensor cores", 2025, to B200): the exact products and c aligned to the largest of them,
-// each cut (toward zero) to 24 bits below its leading bit, added exactly, the sum cut
-// toward zero to fp32 (emu_mma_dot_truncated). That is the least accurate of the
-// variants reported (no extra alignment bits, all 16 products and c in one group), so a
-// bound that holds against it holds on the hardware. fp16 products carry 22 significant
-// bits and lose their low bits to the alignment; bf16 products carry 16 and mostly do not:
-// the emulator then shows the fp16-only differences the H200 showed.
+// it computes them as tensor cores are reported to (mma_model.h): fp16 products carry 22
+// significant bits and lose their low bits to the alignment; bf16 products carry 16 and
+// mostly do not: the emulator then shows the fp16-only differences the H200 showed.
+#include "mma_model.h"
 extern "C" int emu_mma_truncate();
 inline float emu_mma_dot_truncated(float c, const float* a, const float* b, int bstride) {
-    double t[17];
-    t[0] = (double)c;
-    for (int k = 0; k < 16; ++k) t[k + 1] = (double)a[k] * (double)b[k * bstride];  // exact
-    int emax = INT32_MIN;
-    for (int k = 0; k < 17; ++k) {
-        if (!isfinite(t[k])) {  // inf / NaN: IEEE's answer, as the hardware gives for these
-            float s = 0.0f;
-            for (int q = 0; q < 16; ++q) s += a[q] * b[q * bstride];
-            return c + s;
-        }
-        if (t[k] != 0.0) {
-            int e;
-            frexp(t[k], &e);  // |t| in [2^(e-1), 2^e)
-            if (e > emax) emax = e;
-        }
-    }
-    if (emax == INT32_MIN) return c + 0.0f;
-    // fixed point with its last bit 24 bits below the largest term's leading bit
-    const int lsb = emax - 1 - 23;
-    long long sum = 0;
-    for (int k = 0; k < 17; ++k) sum += (long long)trunc(ldexp(t[k], -lsb));
-    const double exact = ldexp((double)sum, lsb);  // |sum| < 17 * 2^24: exact in a double
-    float r = (float)exact;                          // to nearest, then toward zero
-    if (fabs((double)r) > fabs(exact)) r = nextafterf(r, 0.0f);
-    return r;
+    return emu_dot_truncated(c, a, b, bstride, 16);
 }
 inline float emu_b16_value(unsigned short u, bool bf16) {
     if (bf16) {
