@@ -266,19 +266,40 @@ extern "C" __global__ void layernorm_bwd_params_f32(float* dweight, float* dbias
             for (int u = 0; u < 4; ++u) set_at(f, u, dropout_factor(drop, (size_t)(r + u) * c + j));
         }
         if (!mine) continue;
+        // The four rows' loads first (predicated), then their adds in row order: with a
+        // `break` between rows the compiler issued each row's loads only after the previous
+        // row's adds, a global round trip per row (64 a chunk; SASS, 2026-11-30).
+        float v4[4], g4[4], m4[4], s4[4], p4[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
             const int rr = r + u;
-            if (rr >= r1) break;
-            const size_t i = (size_t)rr * c + j;
-            float v = ld(inp, inp_t, i);
+            if (rr < r1) {
+                const size_t i = (size_t)rr * c + j;
+                v4[u] = ld(inp, inp_t, i);
+                if (residual) p4[u] = ld(residual, res_t, i);
+                g4[u] = dout[i];
+                m4[u] = mean[rr];
+                s4[u] = rstd[rr];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            if (r + u >= r1) break;
+            float v = v4[u];
             if (drop.p > 0.0f) v = f[u] * v;
-            if (residual) v += ld(residual, res_t, i);
-            const float xh = (v - mean[rr]) * rstd[rr];
-            const float g = dout[i];
-            dw += g * xh;
-            db += g;
-            if (dinp_bias) dp += ld(dinp, dinp_t, i);
+            if (residual) v += p4[u];
+            const float xh = (v - m4[u]) * s4[u];
+            dw += g4[u] * xh;
+            db += g4[u];
+        }
+        if (dinp_bias) {  // the linear layer's bias gradient, rows in order
+            float d4[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (r + u < r1) d4[u] = ld(dinp, dinp_t, (size_t)(r + u) * c + j);
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (r + u < r1) dp += d4[u];
         }
     }
     if (mine) {
