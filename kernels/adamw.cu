@@ -128,8 +128,8 @@ extern "C" __global__ void adamw_multi_f32(const AdamTensor* tensors, int nt, Ad
     if (threadIdx.x == 0) ti = tensor_of_block(tensors, nt, (int)blockIdx.x);
     __syncthreads();
     const AdamTensor t = tensors[ti];
-    const long long start = (long long)(blockIdx.x - t.first_block) * MULTI_CHUNK + threadIdx.x;
-    const long long end = min((long long)(blockIdx.x - t.first_block) * MULTI_CHUNK + MULTI_CHUNK, t.n);
+    const long long chunk0 = (long long)(blockIdx.x - t.first_block) * MULTI_CHUNK;
+    const long long start = chunk0 + threadIdx.x, end = min(chunk0 + MULTI_CHUNK, t.n);
     const float decay = t.decays ? a.decay : 1.0f;
     float g[MULTI_PER], p[MULTI_PER], mi[MULTI_PER], vi[MULTI_PER];
 #pragma unroll

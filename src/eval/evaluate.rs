@@ -6,7 +6,7 @@ use super::mia::auc;
 use crate::backend::Backend;
 use crate::data::{read_conll, LabelMap, Sentence, Window};
 use crate::error::Result;
-use crate::infer::{run_sentences, run_windows, Classifier};
+use crate::infer::{encode_for_run, run_windows, Classifier};
 use crate::model::Model;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -89,8 +89,8 @@ impl SplitMetrics {
 pub fn evaluate_split<B: Backend>(
     clf: &Classifier, model: &mut Model<B>, sentences: &[Sentence], max_len: usize,
 ) -> Result<SplitMetrics> {
-    let out = run_sentences(clf, model, sentences, max_len)?;
-    Ok(SplitMetrics::new(sentences, &out.tags(&clf.labels), out.mean_loss))
+    let windows = encode_for_run(clf, sentences, max_len)?;
+    Ok(evaluate_encoded(clf, model, sentences, &windows))
 }
 
 /// [`evaluate_split`] of sentences already encoded by `crate::infer::encode_for_run`.

@@ -642,8 +642,11 @@ fn unlearn_loop<B: Backend>(
     let cfg_json = serde_json::to_value(cfg).map_err(|e| Error::invalid(e.to_string()))?;
     let mut fs = Stream::new(forget_w.to_vec(), cfg.bf, cfg.seed)?;
     let mut rs = Stream::new(retain_w.to_vec(), cfg.br, cfg.seed.wrapping_add(1))?;
-    // the stopping rule's sentences, tokenised once for all its checks
-    let check_windows = encode_for_run(orig, forget_sents, cfg.max_len)?;
+    // the stopping rule's sentences, tokenised once for all its checks (none with --steps)
+    let check_windows = match cfg.steps {
+        None => encode_for_run(orig, forget_sents, cfg.max_len)?,
+        Some(_) => Vec::new(),
+    };
     if inp.resume {
         if let Some((saved, path)) = checkpoint::load(&ckpt_dir, model, &mut opt)? {
             if saved["config"] != cfg_json {

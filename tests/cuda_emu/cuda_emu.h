@@ -216,9 +216,6 @@ inline float erff(float x) { return emu_ulps(::erff(x), x, 2); }
 // mostly do not: the emulator then shows the fp16-only differences the H200 showed.
 #include "mma_model.h"
 extern "C" int emu_mma_truncate();
-inline float emu_mma_dot_truncated(float c, const float* a, const float* b, int bstride) {
-    return emu_dot_truncated(c, a, b, bstride, 16);
-}
 inline float emu_b16_value(unsigned short u, bool bf16) {
     if (bf16) {
         uint32_t w = (uint32_t)u << 16;
@@ -259,7 +256,7 @@ inline void emu_mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned 
     if (emu_mma_truncate()) {
         for (int r = 0; r < 4; ++r) {
             const int row = g + (r >> 1) * 8, col = c2 + (r & 1);
-            c[r] = emu_mma_dot_truncated(c[r], A[row], &B[0][col], 8);
+            c[r] = emu_dot_truncated(c[r], A[row], &B[0][col], 8, 16);
         }
         return;
     }

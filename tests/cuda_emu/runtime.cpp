@@ -206,7 +206,7 @@ static bool env_is(const char* name, const char* value) {
 }
 
 // CUDA_EMU_MMA=truncate: mma.sync with the tensor cores' truncating accumulation
-// (cuda_emu.h emu_mma_dot_truncated) instead of the CPU twins' fp32 sum.
+// (mma_model.h emu_dot_truncated) instead of the CPU twins' fp32 sum.
 extern "C" int emu_mma_truncate() {
     static const int on = env_is("CUDA_EMU_MMA", "truncate");
     return on;

@@ -19,7 +19,7 @@ pub enum MmaSum {
     /// one's leading bit, added exactly, the sum cut toward zero to fp32 (the next group's
     /// C). The reported generations differ in `group` and `extra`; `TRUNCATING` (16, 0),
     /// the least accurate, is the emulator's CUDA_EMU_MMA=truncate
-    /// (tests/cuda_emu/cuda_emu.h emu_mma_dot_truncated).
+    /// (tests/cuda_emu/mma_model.h emu_dot_truncated).
     Truncating { group: usize, extra: i32 },
 }
 
