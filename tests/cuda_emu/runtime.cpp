@@ -737,14 +737,25 @@ static unsigned long long stats[ST_COUNT];
 // tests/gpu_cli.rs bench_launches_are_valid_at_the_largest_shapes); at exit it prints the
 // counters.
 static unsigned long long device_ops;  // async memsets and device-to-device copies
-// per kernel, in no-work mode; never destroyed, as print_counters reads it at exit
-static std::map<const EmuKernel*, unsigned long long>& launches_of() {
-    static auto* m = new std::map<const EmuKernel*, unsigned long long>;
+// per kernel, in no-work mode: launches, the fewest and most blocks of one, threads a block
+// (of the last launch). A launch of fewer blocks than the GPU has SMs, or one whose blocks
+// mostly return at once, shows here without a GPU. Never destroyed, as print_counters
+// reads it at exit.
+struct LaunchCount {
+    unsigned long long n = 0, min_blocks = ~0ull, max_blocks = 0;
+    unsigned threads = 0;
+};
+static std::map<const EmuKernel*, LaunchCount>& launches_of() {
+    static auto* m = new std::map<const EmuKernel*, LaunchCount>;
     return *m;
 }
 static void print_counters() {
     std::vector<std::pair<unsigned long long, std::string>> per;
-    for (auto& [k, n] : launches_of()) per.emplace_back(n, k->name);
+    for (auto& [k, c] : launches_of()) {
+        char shape[96];
+        snprintf(shape, sizeof shape, " (blocks %llu..%llu of %u threads)", c.min_blocks, c.max_blocks, c.threads);
+        per.emplace_back(c.n, k->name + shape);
+    }
     std::sort(per.rbegin(), per.rend());
     for (auto& [n, name] : per) fprintf(stderr, "cuda_emu launches of %s: %llu\n", name.c_str(), n);
     fprintf(stderr,
@@ -1294,7 +1305,12 @@ CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned
     ++stats[ST_LAUNCH];
     if (emu_no_work()) {
         std::lock_guard<std::mutex> lock(dyn_smem_mutex);
-        ++launches_of()[(const EmuKernel*)f];
+        LaunchCount& c = launches_of()[(const EmuKernel*)f];
+        const unsigned long long blocks = (unsigned long long)gx * gy * gz;
+        ++c.n;
+        c.min_blocks = std::min(c.min_blocks, blocks);
+        c.max_blocks = std::max(c.max_blocks, blocks);
+        c.threads = (unsigned)threads;
         return OK;
     }
     const EmuKernel* k = (const EmuKernel*)f;
