@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, one command, for a GPU machine that has the NVIDIA driver, CUDA (cuBLAS),
 # PyTorch and nvcc but no Rust toolchain. It runs test binaries built on a CPU machine
-# and carried over, and prints a short table last. Budget: DEEPCUT_CHECK_BUDGET seconds (540),
-# within one device call of 600 s; on an H100 the check should take about 5 minutes.
+# and carried over, and prints a short table last. Budget: DEEPCUT_CHECK_BUDGET seconds (290:
+# issue #5 asks for under 5 minutes, and a session's 15 device minutes must leave room for a
+# second call); a step that would start with under 15 s left says SKIP in the table. Steps 6,
+# 8 and 7 come last, in that order, and usually fall to the budget: `--e2e` runs step 8
+# alone, and DEEPCUT_CHECK_BUDGET=540 (within a 600 s call) all of them.
 #
 #   0. `deepcut-fast devices`: the driver, cuBLAS, NVTX and kernel image the CLI opens (its
 #      cuBLAS link folder, where it needs one, goes on the test binaries' LD_LIBRARY_PATH);
@@ -30,10 +33,10 @@
 #      around the NVTX ranges), 8/32 and 32/128, and MiniLM at 8/32 with 32-token
 #      sequences (the unlearning run's small steps): where the time goes, without Nsight;
 #   6. three bench steps under `nsys profile`, and the NVTX range summary, when nsys exists;
-#   7. the CPU backend's MiniLM step at 4 threads and at all of the machine's cores;
 #   8. issue #6's end-to-end comparison: the WNUT17 / MiniLM / ratio 0.10 unlearning run with
 #      the shipped defaults, bf16 on the GPU, then replayed in PyTorch on the same GPU, when
-#      --build packed a model (target/gpu-check/e2e).
+#      --build packed a model (target/gpu-check/e2e);
+#   7. the CPU backend's MiniLM step at 4 threads and at all of the machine's cores.
 #
 # Without a GPU, `LD_LIBRARY_PATH=$PWD/target/tmp/cuda-emu scripts/gpu-check.sh` runs it on the
 # CPU emulator of tests/cuda_emu (built by `cargo test --test gpu_parity`) to check the script
@@ -160,9 +163,9 @@ T0=$(date +%s)
 # most 8 files, and the logs are many.
 LOGS=target/gpu-check-logs
 # One device call may run 600 s at most, and a run killed by that prints no table: every
-# step's time limit is cut to what is left of DEEPCUT_CHECK_BUDGET (default 540 s), and a
+# step's time limit is cut to what is left of DEEPCUT_CHECK_BUDGET (default 290 s), and a
 # step that would start with under 15 s left is skipped with a row saying so.
-BUDGET=${DEEPCUT_CHECK_BUDGET:-540}
+BUDGET=${DEEPCUT_CHECK_BUDGET:-290}
 left() { echo $((BUDGET - ($(date +%s) - T0))); }
 cap() { local want=$1 l; l=$(left); [ "$l" -lt "$want" ] && want=$l; [ "$want" -lt 1 ] && want=1; echo "$want"; }
 enough() { [ "$(left)" -ge 15 ] || { row "$1" "SKIP" "time budget ($BUDGET s) spent"; return 1; }; }
@@ -619,7 +622,15 @@ else
     row "nsys NVTX ranges" "SKIP" "no nsys found; the bench's NVTX library: ${NVTX_LIB:-unknown}"
 fi
 
-# ---- 7. the CPU backend on this machine's cores (issue #6 item 5) --------------------------------
+# ---- 8. issue #6's unlearning run end to end, on the GPU and in PyTorch on the same GPU -----------
+# (the function e2e above; SKIP without the payload that --build packs).
+# It takes whatever the budget has left, up to 150 s for the run and 240 s for PyTorch; with
+# the default budget that is usually too little, and a second call (`--e2e`) runs it alone.
+if enough "e2e run (wnut17 minilm 0.10)"; then
+    e2e 150 240
+fi
+
+# ---- 7. the CPU backend on this machine's cores (issue #6 item 5; last: the least telling) -------
 # matrixmultiply threads a GEMM over at most 4 cores; above 4 threads the model GEMMs are
 # split by rows over every thread (src/backend/cpu/gemm.rs configure_threads). The MiniLM
 # step at 4 threads and at all of them says what that split gives on a many-core machine.
@@ -634,13 +645,6 @@ elif [ -n "$CLI" ]; then
         res+="$t threads: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.3f s/step, %d tokens/s" % (d["step_time_s"]["median"], d["tokens_per_s"]))' "$LOGS/cpu-bench-$t.json" 2>/dev/null || echo "failed, $LOGS/cpu-bench-$t.log"); "
     done
     row "cpu step minilm 8/32/128 fp32" "info" "$res"
-fi
-
-# ---- 8. issue #6's unlearning run end to end, on the GPU and in PyTorch on the same GPU -----------
-# (the function e2e above; SKIP without the payload that --build packs).
-# Last: it takes whatever the budget has left, up to 150 s for the run and 240 s for PyTorch.
-if enough "e2e run (wnut17 minilm 0.10)"; then
-    e2e 150 240
 fi
 
 echo
