@@ -173,6 +173,13 @@ fn train_then_run_writes_the_run_folder_and_resumes_exactly() {
     );
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("forget tokens, after unlearning"));
+    // the tiny original never fitted its data (SPEC section 5): both reports say so
+    let orig = &r["reference"]["original"];
+    assert!(orig["retain"]["f1"].as_f64().unwrap() < 0.95);
+    assert_eq!(orig["fits_training_data"], false);
+    let warning = orig["warning"].as_str().expect("a warning in report.json");
+    assert!(warning.contains("does not fit its training data"), "{warning}");
+    assert!(html.contains("does not fit its training data"));
     assert!(!html.contains("<script"), "self-contained, no scripts");
     let (_, w, head) = deepcut_fast::model::load_model_dir(&out.join("model")).unwrap();
     assert!(head && w.num_labels().is_some());
@@ -436,6 +443,14 @@ fn select_last_keeps_the_final_weights() {
         None,
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(keeps_the_last_epoch(&out));
+    let tj: Value = serde_json::from_str(&std::fs::read_to_string(out.join("train.json")).unwrap()).unwrap();
+    assert_eq!(tj["config"]["select"], "last");
+}
+
+/// Whether the model `train` wrote into `out` has the final checkpoint's weights (those
+/// of the last epoch).
+fn keeps_the_last_epoch(out: &Path) -> bool {
     let (_, w, _) = deepcut_fast::model::load_model_dir(&out.join("model")).unwrap();
     let bytes = std::fs::read(out.join("checkpoints/checkpoint.safetensors")).unwrap();
     let ck = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -446,7 +461,90 @@ fn select_last_keeps_the_final_weights() {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    assert_eq!(w.get("classifier.weight").unwrap().data, last);
-    let tj: Value = serde_json::from_str(&std::fs::read_to_string(out.join("train.json")).unwrap()).unwrap();
-    assert_eq!(tj["config"]["select"], "last");
+    w.get("classifier.weight").unwrap().data == last
+}
+
+/// `--select best` (the default) keeps only an epoch whose train F1 reaches `--fit-f1`
+/// (SPEC section 5's 0.95 by default). The tiny fixture never gets there: the last epoch
+/// is kept, every epoch's train F1 was measured, and the run says so. With the threshold
+/// at a measured train F1, the epoch the rule picks from those numbers is kept.
+#[test]
+fn select_best_keeps_an_epoch_that_fits_its_training_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = fixture(tmp.path());
+    let train = |out: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(out),
+            "--epochs",
+            "3",
+            "--batch",
+            "8",
+        ];
+        a.extend_from_slice(extra);
+        let o = run_ok(&a, None);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{err}");
+        let tj: Value = serde_json::from_str(&std::fs::read_to_string(out.join("train.json")).unwrap()).unwrap();
+        (tj, err)
+    };
+    let out = tmp.path().join("t");
+    let (tj, err) = train(&out, &[]);
+    let rec = &tj["record"];
+    assert!(err.contains("no epoch reached train F1 0.95"), "{err}");
+    assert_eq!(
+        (rec["fits"].as_bool(), rec["best_epoch"].as_u64()),
+        (Some(false), Some(3))
+    );
+    assert!(keeps_the_last_epoch(&out));
+    let epochs: Vec<(f64, f64)> = (0..3)
+        .map(|k| {
+            let e = &rec["epochs"][k];
+            (
+                e["dev_f1"].as_f64().unwrap(),
+                e["train_f1"].as_f64().expect("every epoch measured"),
+            )
+        })
+        .collect();
+    // epoch 1's: every later epoch that fits too must beat it on dev to be kept
+    let fit = epochs[0].1;
+    assert!(fit > 0.0 && fit < 0.95, "{epochs:?}");
+
+    // the rule by hand: the best dev F1 among the epochs whose train F1 reaches `fit`
+    let (mut want, mut best) = (0, -1.0);
+    for (k, &(dev, tr)) in epochs.iter().enumerate() {
+        if dev > best && tr >= fit {
+            (want, best) = (k + 1, dev);
+        }
+    }
+    let out2 = tmp.path().join("t2");
+    let (tj, err) = train(&out2, &["--fit-f1", &format!("{fit}")]);
+    assert!(!err.contains("no epoch reached"), "{err}");
+    assert_eq!(tj["record"]["fits"].as_bool(), Some(true));
+    assert_eq!(tj["record"]["best_epoch"].as_u64(), Some(want as u64), "{epochs:?}");
+    eprintln!("train F1 by epoch {epochs:?}; at --fit-f1 {fit}: epoch {want} kept");
+    assert_eq!(keeps_the_last_epoch(&out2), want == 3);
+    assert_eq!(tj["config"]["fit_f1"].as_f64(), Some(fit));
+
+    let o = run_ok(
+        &[
+            "train",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(&tmp.path().join("t3")),
+            "--fit-f1",
+            "1.5",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--fit-f1 1.5"), "{err}");
 }

@@ -210,7 +210,18 @@ fn run_killed_at_every_kind_of_moment_resumes_to_the_same_bytes() {
 fn train_killed_while_writing_resumes_to_the_same_bytes_and_skips_a_torn_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let fx = fixture::build(tmp.path());
-    let args = |out: &Path| fixture::train_args(&fx.base, &fx.data, out, 3, &["--checkpoint-every", "2"]);
+    // --fit-f1 0: the best dev epoch is kept whatever its train F1, so the model is written at
+    // the end of epoch 1 (step 2 below); the tiny model never fits its data, and with the
+    // default threshold only the last epoch would be written
+    let args = |out: &Path| {
+        fixture::train_args(
+            &fx.base,
+            &fx.data,
+            out,
+            3,
+            &["--checkpoint-every", "2", "--fit-f1", "0"],
+        )
+    };
     let full = tmp.path().join("train-full");
     let t0 = Instant::now();
     spawn(&args(&full), &tmp.path().join("full.log")).finish();

@@ -47,7 +47,11 @@ fn metrics_table(r: &Value) -> String {
             f(&r["reference"]["privleak"])
         );
     }
-    s + "</table>"
+    s += "</table>";
+    if let Some(w) = r["reference"]["original"]["warning"].as_str() {
+        s += &format!("<p><b>Warning:</b> {}</p>", esc(w));
+    }
+    s
 }
 
 fn curves(r: &Value) -> String {
@@ -240,6 +244,9 @@ pub fn summary(r: &Value) -> String {
             " (fp16: {} skipped on gradient overflow, final loss scale {})",
             p["skipped_steps"], p["loss_scale_final"]
         );
+    }
+    if let Some(w) = r["reference"]["original"]["warning"].as_str() {
+        s += &format!("\nwarning: {w}");
     }
     s
 }

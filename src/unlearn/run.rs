@@ -14,7 +14,7 @@ use crate::eval::mia::privleak;
 use crate::infer::{encode_for_run, labelled_hidden, model_from_weights, Classifier};
 use crate::model::{copy_tokenizer_files, save_model_dir, HostWeights, Mode};
 use crate::train::checkpoint;
-use crate::train::finetune::{finetune, scale_message, Base, FinetuneConfig};
+use crate::train::finetune::{finetune, scale_message, Base, FinetuneConfig, FIT_F1};
 use crate::train::optim::{precision_json, LossScaler, LossScaling, OptimConfig, Optimizer};
 use crate::train::readback::Ring;
 use crate::util::{peak_memory_bytes, progress, write_atomic, Fnv};
@@ -335,6 +335,9 @@ pub fn run<B: Backend>(
     let orig_eval_seconds = t_eval.elapsed().as_secs_f64();
     let (emb_before, emb_labels) = labelled_hidden(&mut model, &forget_windows, style);
     let target = ref_original["dev"]["f1"].as_f64().unwrap_or(0.0);
+    let orig_retain_f1 = ref_original["retain"]["f1"].as_f64().unwrap_or(f64::NAN);
+    // SPEC section 5: the original fits its training data. The retain set is most of it.
+    let orig_fits = orig_retain_f1 >= FIT_F1;
     eprintln!(
         "original: forget F1 {:.4}, retain F1 {:.4}, dev F1 {:.4}, test F1 {:.4}, MIA AUC {:.4}",
         ref_original["forget"]["f1"].as_f64().unwrap_or(f64::NAN),
@@ -343,6 +346,9 @@ pub fn run<B: Backend>(
         ref_original["test"]["f1"].as_f64().unwrap_or(f64::NAN),
         ref_original["mia_auc"].as_f64().unwrap_or(f64::NAN)
     );
+    if !orig_fits {
+        eprintln!("warning: {}", unfitted_original(orig_retain_f1));
+    }
 
     let mut state = LoopState::default();
     let mut sisa_parts: Option<(sisa::Sisa, Value)> = None;
@@ -447,6 +453,10 @@ pub fn run<B: Backend>(
     };
     let metrics = metrics_json(&ev);
     let mut reference = json!({"original": ref_original});
+    reference["original"]["fits_training_data"] = json!(orig_fits);
+    if !orig_fits {
+        reference["original"]["warning"] = json!(unfitted_original(orig_retain_f1));
+    }
     if let Some((_, ref_sisa)) = &sisa_parts {
         reference["sisa_original"] = ref_sisa.clone();
     }
@@ -540,6 +550,15 @@ pub fn run<B: Backend>(
     eprintln!("{}", crate::report::run_report::summary(&report));
     eprintln!("run folder: {}", inp.out.display());
     Ok(())
+}
+
+/// What a run says of an original whose retain F1 is `f1`, below FIT_F1.
+fn unfitted_original(f1: f64) -> String {
+    format!(
+        "the original's retain F1 is {f1:.4}, below {FIT_F1}: it does not fit its training data (SPEC section 5), so \
+         unlearning has little to remove and the forget metrics say little; fine-tune it further (`deepcut-fast \
+         train`, more epochs)"
+    )
 }
 
 /// A step of the unlearning loop once enqueued: finished already (the baselines, which
