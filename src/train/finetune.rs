@@ -529,15 +529,18 @@ mod tests {
 
     #[test]
     fn best_is_the_best_dev_f1_among_the_epochs_that_fit() {
-        // the original's recipe on WNUT17 as measured (dev F1 by epoch), with the training F1
-        // rising past 0.95 at epoch 7: dev alone keeps epoch 3 (train F1 .74)
+        // the original's recipe on WNUT17 (all-MiniLM-L6-v2, 12 epochs, lr 1e-4, CPU) as
+        // measured: dev F1 and train F1 by epoch (train F1 not measured after epoch 9, where
+        // no dev F1 beat .5748; any value >= .9785 there). Dev alone keeps epoch 3.
         let dev = [
             0.3765, 0.5280, 0.5763, 0.5489, 0.5591, 0.5743, 0.5500, 0.5557, 0.5748, 0.5730, 0.5744, 0.5722,
         ];
-        let train = [0.30, 0.60, 0.74, 0.85, 0.90, 0.93, 0.95, 0.96, 0.97, 0.98, 0.985, 0.985];
+        let train = [
+            0.2758, 0.5709, 0.7417, 0.8256, 0.8760, 0.9180, 0.9468, 0.9707, 0.9785, 0.98, 0.98, 0.98,
+        ];
         let epochs: Vec<(f64, f64)> = dev.iter().copied().zip(train).collect();
         let (kept, measured, rec) = walk(&epochs);
-        assert_eq!(kept, vec![7, 8, 9]);
+        assert_eq!(kept, vec![8, 9]);
         assert_eq!((rec.best_epoch, rec.best_dev_f1, rec.fits), (9, 0.5748, Some(true)));
         // measured only where the choice could change: every epoch until one fits (each
         // beats the none-yet best), then those that beat the best fitting one on dev
