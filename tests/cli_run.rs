@@ -472,7 +472,8 @@ fn keeps_the_last_epoch(out: &Path) -> bool {
 fn select_best_keeps_an_epoch_that_fits_its_training_data() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, data) = fixture(tmp.path());
-    let train = |out: &Path, extra: &[&str]| {
+    // train's output: its status and stderr
+    let train_o = |out: &Path, extra: &[&str]| {
         let mut a = vec![
             "train",
             "--model",
@@ -487,7 +488,10 @@ fn select_best_keeps_an_epoch_that_fits_its_training_data() {
             "8",
         ];
         a.extend_from_slice(extra);
-        let o = run_ok(&a, None);
+        run_ok(&a, None)
+    };
+    let train = |out: &Path, extra: &[&str]| {
+        let o = train_o(out, extra);
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         assert!(o.status.success(), "{err}");
         let tj: Value = serde_json::from_str(&std::fs::read_to_string(out.join("train.json")).unwrap()).unwrap();
@@ -531,20 +535,7 @@ fn select_best_keeps_an_epoch_that_fits_its_training_data() {
     assert_eq!(keeps_the_last_epoch(&out2), want == 3);
     assert_eq!(tj["config"]["fit_f1"].as_f64(), Some(fit));
 
-    let o = run_ok(
-        &[
-            "train",
-            "--model",
-            s(&model),
-            "--data",
-            s(&data),
-            "--out",
-            s(&tmp.path().join("t3")),
-            "--fit-f1",
-            "1.5",
-        ],
-        None,
-    );
+    let o = train_o(&tmp.path().join("t3"), &["--fit-f1", "1.5"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--fit-f1 1.5"), "{err}");
 }

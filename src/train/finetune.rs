@@ -194,6 +194,23 @@ pub struct FinetuneResult {
     pub loss_scaler: Option<LossScaler>,
 }
 
+impl FinetuneResult {
+    /// Before the first epoch: nothing kept yet (a best dev F1 below any).
+    fn empty() -> FinetuneResult {
+        FinetuneResult {
+            epochs: vec![],
+            best_epoch: 0,
+            best_dev_f1: -1.0,
+            fits: None,
+            steps: 0,
+            tokens: 0,
+            seconds: 0.0,
+            step_losses: vec![],
+            loss_scaler: None,
+        }
+    }
+}
+
 /// Fine-tunes `clf` on `train` (sentences), keeps the best dev-F1 weights in
 /// `out/model` (Hugging Face layout), checkpoints into `out/checkpoints`.
 /// Returns the best classifier and the record.
@@ -233,17 +250,7 @@ pub fn finetune<B: Backend>(
     let model_dir = out.join("model");
 
     let config_json = serde_json::to_value(fc).map_err(|e| Error::invalid(e.to_string()))?;
-    let mut rec = FinetuneResult {
-        epochs: vec![],
-        best_epoch: 0,
-        best_dev_f1: -1.0,
-        fits: None,
-        steps: 0,
-        tokens: 0,
-        seconds: 0.0,
-        step_losses: vec![],
-        loss_scaler: None,
-    };
+    let mut rec = FinetuneResult::empty();
     let (mut epoch, mut batch_in_epoch) = (0usize, 0usize);
     if resume {
         if let Some((state, path)) = checkpoint::load(&ckpt_dir, &mut model, &mut opt)? {
@@ -490,27 +497,13 @@ pub fn record_json(rec: &FinetuneResult) -> Value {
 mod tests {
     use super::*;
 
-    fn empty() -> FinetuneResult {
-        FinetuneResult {
-            epochs: vec![],
-            best_epoch: 0,
-            best_dev_f1: -1.0,
-            fits: None,
-            steps: 0,
-            tokens: 0,
-            seconds: 0.0,
-            step_losses: vec![],
-            loss_scaler: None,
-        }
-    }
-
     /// Runs `select_best` over epochs of (dev F1, train F1): (kept epochs in order, epochs
     /// whose train F1 was measured, the record).
     fn walk(epochs: &[(f64, f64)]) -> (Vec<usize>, Vec<usize>, FinetuneResult) {
         walk_at(epochs, FIT_F1)
     }
     fn walk_at(epochs: &[(f64, f64)], fit: f64) -> (Vec<usize>, Vec<usize>, FinetuneResult) {
-        let mut rec = empty();
+        let mut rec = FinetuneResult::empty();
         let (mut kept, mut measured) = (vec![], vec![]);
         for (i, &(dev, train)) in epochs.iter().enumerate() {
             let last = i + 1 == epochs.len();
