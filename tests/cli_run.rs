@@ -423,29 +423,18 @@ fn select_last_keeps_the_final_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, data) = fixture(tmp.path());
     let out = tmp.path().join("t");
-    let o = run_ok(
-        &[
-            "train",
-            "--model",
-            s(&model),
-            "--data",
-            s(&data),
-            "--out",
-            s(&out),
-            "--epochs",
-            "3",
-            "--batch",
-            "8",
-            "--select",
-            "last",
-            "--quiet",
-        ],
-        None,
-    );
+    let o = train_o(&model, &data, &out, &["--select", "last"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(keeps_the_last_epoch(&out));
     let tj: Value = serde_json::from_str(&std::fs::read_to_string(out.join("train.json")).unwrap()).unwrap();
     assert_eq!(tj["config"]["select"], "last");
+}
+
+/// `train` of the fixture's model for 3 epochs into `out` (common::fixture::train_args),
+/// with `extra` options.
+fn train_o(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let a = common::fixture::train_args(model, data, out, 3, extra);
+    run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>(), None)
 }
 
 /// Whether the model `train` wrote into `out` has the final checkpoint's weights (those
@@ -472,26 +461,8 @@ fn keeps_the_last_epoch(out: &Path) -> bool {
 fn select_best_keeps_an_epoch_that_fits_its_training_data() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, data) = fixture(tmp.path());
-    // train's output: its status and stderr
-    let train_o = |out: &Path, extra: &[&str]| {
-        let mut a = vec![
-            "train",
-            "--model",
-            s(&model),
-            "--data",
-            s(&data),
-            "--out",
-            s(out),
-            "--epochs",
-            "3",
-            "--batch",
-            "8",
-        ];
-        a.extend_from_slice(extra);
-        run_ok(&a, None)
-    };
     let train = |out: &Path, extra: &[&str]| {
-        let o = train_o(out, extra);
+        let o = train_o(&model, &data, out, extra);
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         assert!(o.status.success(), "{err}");
         let tj: Value = serde_json::from_str(&std::fs::read_to_string(out.join("train.json")).unwrap()).unwrap();
@@ -535,7 +506,7 @@ fn select_best_keeps_an_epoch_that_fits_its_training_data() {
     assert_eq!(keeps_the_last_epoch(&out2), want == 3);
     assert_eq!(tj["config"]["fit_f1"].as_f64(), Some(fit));
 
-    let o = train_o(&tmp.path().join("t3"), &["--fit-f1", "1.5"]);
+    let o = train_o(&model, &data, &tmp.path().join("t3"), &["--fit-f1", "1.5"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--fit-f1 1.5"), "{err}");
 }

@@ -7,8 +7,8 @@ use super::readback::{Finished, Ring};
 use crate::backend::{Backend, Precision};
 use crate::data::{bucketed_batches, Batch, Encoder, LabelMap, Sentence};
 use crate::error::{Error, Result};
-use crate::eval::evaluate::{evaluate_split, Dataset};
-use crate::infer::{model_from_weights, Classifier};
+use crate::eval::evaluate::{evaluate_encoded, Dataset};
+use crate::infer::{encode_for_run, model_from_weights, Classifier};
 use crate::model::{copy_tokenizer_files, init_head, save_model_dir, HostWeights, Mode, Model, ModelConfig};
 use crate::util::progress;
 use serde::{Deserialize, Serialize};
@@ -230,7 +230,10 @@ pub fn finetune<B: Backend>(
             fc.fit_f1
         )));
     }
+    // encoded once: the training windows also serve the training F1 of `select_best`
+    // (what encode_for_run gives labelled sentences), dev's every epoch's evaluation
     let windows = clf.encoder.encode_sentences(train, Some(&clf.labels), fc.max_len)?;
+    let dev_windows = encode_for_run(&clf, &data.dev, fc.max_len)?;
     let lengths: Vec<usize> = windows.iter().map(|w| w.ids.len()).collect();
     let style = clf.position_style();
     let per_epoch = bucketed_batches(&lengths, fc.batch, fc.seed, 0).len() as u64;
@@ -330,7 +333,7 @@ pub fn finetune<B: Backend>(
         }
         let (loss_sum, loss_n) = sums;
         pb.finish_and_clear();
-        let dev = evaluate_split(&clf, &mut model, &data.dev, fc.max_len)?;
+        let dev = evaluate_encoded(&clf, &mut model, &data.dev, &dev_windows);
         let train_loss = loss_sum / loss_n.max(1) as f64;
         let last = epoch + 1 == fc.epochs;
         let mut train_f1 = None;
@@ -344,7 +347,7 @@ pub fn finetune<B: Backend>(
             }
             Select::Best => {
                 let (kept, f1) = select_best(&mut rec, epoch + 1, dev.f1, last, fc.fit_f1, || {
-                    Ok(evaluate_split(&clf, &mut model, train, fc.max_len)?.f1)
+                    Ok(evaluate_encoded(&clf, &mut model, train, &windows).f1)
                 })?;
                 train_f1 = f1;
                 kept
