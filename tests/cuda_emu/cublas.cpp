@@ -42,10 +42,12 @@ static void store(void* p, int type, size_t i, float v) {
 
 // CUDA_EMU_NO_WORK=1 (runtime.cpp): GEMMs are checked and counted, not computed. This
 // library is loaded under both cuBLAS names, so each copy prints the calls it served.
-static unsigned long long blas_calls, lt_calls;
+static unsigned long long blas_calls, lt_calls, lt_heuristics;
 static void print_gemms() {
     if (blas_calls) fprintf(stderr, "cuda_emu counters: cublas gemms %llu\n", blas_calls);
-    if (lt_calls) fprintf(stderr, "cuda_emu counters: cublasLt matmuls %llu\n", lt_calls);
+    if (lt_calls)
+        fprintf(stderr, "cuda_emu counters: cublasLt matmuls %llu, heuristic queries %llu\n", lt_calls,
+                lt_heuristics);
 }
 static bool no_work() {
     static const bool on = [] {
@@ -262,6 +264,7 @@ cublasStatus_t cublasLtMatmulPreferenceDestroy(void* p) {
 }
 cublasStatus_t cublasLtMatmulAlgoGetHeuristic(void*, LtDesc*, LtLayout*, LtLayout*, LtLayout*, LtLayout*, void*,
                                               int requested, LtHeuristic* results, int* returned) {
+    ++lt_heuristics;
     if (requested < 1) return 7;
     memset(results, 0, sizeof(LtHeuristic));
     results->waves = 1.0f;
