@@ -92,9 +92,9 @@ impl Dropout {
     /// [`BLOCK_GROUPS`] calls run lane-parallel ([`fill_block`], vectorised) from wherever
     /// the range starts; a tail of more than [`TAIL_SCALAR_GROUPS`] groups is one more block
     /// cut to length. Same values as [`Dropout::factor`] element by element. (Blocks used to
-    /// start at multiples of 64 elements only, so the rows of a short attention row range,
-    /// which start at multiples of 4, ran one call at a time: 3% of a CPU fine-tuning
-    /// profile, half of it in the scalar path.)
+    /// start at multiples of 64 elements only, so attention rows, which start at multiples
+    /// of 4, drew one call at a time unless t was a multiple of 64: the draws were 3% of a
+    /// CPU fine-tuning profile, two thirds of it in the scalar path.)
     pub fn fill_factors(&self, start: u64, out: &mut [f32]) {
         if !self.is_on() {
             out.fill(1.0);
