@@ -328,7 +328,9 @@ if [ "${1:-}" = "--sanitize" ]; then
             fi
             enough "$name" || continue
             log="$LOGS/sanitize-$tool-$pass.log"
-            timeout "$(cap 240)" "$CS" --tool "$tool" --error-exitcode 3 --print-limit 20 \
+            # (DEEPCUT_PARITY_SANITIZING=1: each GPU case once, not twice for the run-to-run
+            # comparison; the tool judges every access of the first run)
+            DEEPCUT_PARITY_SANITIZING=1 timeout "$(cap 240)" "$CS" --tool "$tool" --error-exitcode 3 --print-limit 20 \
                 "$PARITY" --test-threads 1 --skip step:: --skip cuda_backend_ --skip sanitizers_ "${filter[@]}" \
                 >"$log" 2>&1
             rc=$?
