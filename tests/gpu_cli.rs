@@ -347,12 +347,11 @@ fn cli_on_cuda_under_memcheck_and_racecheck() {
         3,
         &["--seed", "3", "--precision", "bf16"],
     );
-    // all-MiniLM-L6-v2's config.json with one layer (the preset minilm-l6 is that shape)
-    let minilm = common::shared().join("models/all-MiniLM-L6-v2/config.json");
-    let mut config: Value = serde_json::from_slice(&std::fs::read(&minilm).expect("MiniLM's config.json")).unwrap();
-    config["num_hidden_layers"] = 1.into();
+    // the preset minilm-l6 with one layer
+    let mut config = deepcut_fast::model::ModelConfig::preset("minilm-l6").unwrap();
+    config.num_hidden_layers = 1;
     let one_layer = tmp.path().join("minilm-1-layer.json");
-    std::fs::write(&one_layer, config.to_string()).unwrap();
+    std::fs::write(&one_layer, config.to_json().to_string()).unwrap();
     let bench: Vec<String> = [
         "bench",
         "--device",

@@ -129,8 +129,11 @@ fn up_i<B: Backend>(be: &B, x: &[i32]) -> B::IBuf {
 /// InfoNCE's repeats were a third of the ThreadSanitizer child's time; every other run of
 /// the suite keeps them.
 fn run_to_run() -> bool {
-    std::env::var("DEEPCUT_PARITY_SANITIZING").map_or(true, |v| v != "1")
+    !std::env::var(SANITIZING).is_ok_and(|v| v == "1")
 }
+
+/// The variable `run_to_run` reads and the sanitizer children set.
+const SANITIZING: &str = "DEEPCUT_PARITY_SANITIZING";
 
 /// GPU result against CPU result: finite, and relative L2 below `tol` (0: bit-identical).
 fn compare(what: &str, gpu: &[f32], cpu: &[f32], tol: f64) {
@@ -493,7 +496,7 @@ fn parity_suite_child(san: common::cuda_emu::Sanitizer) -> std::process::Child {
     let skip = ["cuda_backend_", "sanitizers_catch", "launch_planted"];
     let mut child = emu_child(san, &skip.map(|t| ["--skip", t]).concat());
     if matches!(san, Sanitizer::Address | Sanitizer::Thread) {
-        child.env("DEEPCUT_PARITY_SANITIZING", "1"); // `run_to_run`
+        child.env(SANITIZING, "1"); // `run_to_run`
     }
     child.spawn().expect("re-run this test binary")
 }
