@@ -1,12 +1,10 @@
 //! Determinism across thread counts (README, "What the engine guarantees"): on the CPU
 //! backend the same seed gives bit-identical results whatever --threads is (reductions
-//! use fixed chunks; matrixmultiply's threads split output blocks, never a sum).
+//! use fixed chunks; the `gemm` crate's threads split output blocks, never a sum).
 //! Checked through the real binary: `run` and `train` model bytes, `predict` logits.
-//! The fixture's batches are ~600 tokens, so the feed-forward GEMMs (k = 64) pass
-//! matrixmultiply's threading threshold (m*k + k*n >= 2^14) and its 2-thread path runs;
-//! the rayon ops split their rows differently for 1, 2 and 3 threads. With 6 threads
-//! (more than matrixmultiply's 4) the model GEMMs are split by output rows over rayon's
-//! pool instead (cpu/gemm.rs `configure_threads`): the same bits again.
+//! The fixture's batches are ~600 tokens, so the feed-forward GEMMs (~600 x 64 x 32)
+//! pass the crate's threading threshold (m*n*k >= 48*48*256) and run on 2, 3 and 6
+//! threads; the rayon ops split their rows differently for each count.
 mod common;
 use common::fixture::{self, bin, s};
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! Two-component PCA for the report's embedding picture (forget tokens before and after
 //! unlearning). Power iteration with deflation on the c x c covariance (one f64 GEMM of
-//! matrixmultiply, the CPU backend's): deterministic (fixed start vector, fixed iteration
+//! the `gemm` crate, the CPU backend's): deterministic (fixed start vector, fixed iteration
 //! count).
 
 /// Principal axes (2 x c, unit length) of the rows of x [m, c], and the mean.
@@ -29,24 +29,31 @@ fn covariance(x: &[f32], m: usize, c: usize, mean: &[f64]) -> Vec<f64> {
         .collect();
     let rows = d.len() / c.max(1);
     let mut cov = vec![0f64; c * c];
-    // SAFETY: A = D^T is [c, rows] (strides 1, c) and B = D is [rows, c] (strides c, 1),
-    // both within d (rows * c); C is [c, c] row-major within cov.
+    // SAFETY: lhs = D^T is [c, rows] (column stride c, row stride 1) and rhs = D is
+    // [rows, c] (column stride 1, row stride c), both within d (rows * c); dst is [c, c]
+    // row-major within cov. The crate's threads split the output, never a sum: the same
+    // bits on any thread count.
     unsafe {
-        matrixmultiply::dgemm(
+        gemm_crate::gemm(
+            c,
             c,
             rows,
-            c,
-            1.0,
-            d.as_ptr(),
-            1,
-            c as isize,
-            d.as_ptr(),
-            c as isize,
-            1,
-            0.0,
             cov.as_mut_ptr(),
+            1,
+            c as isize,
+            false,
+            d.as_ptr(),
             c as isize,
             1,
+            d.as_ptr(),
+            1,
+            c as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm_crate::Parallelism::Rayon(0),
         );
     }
     cov

@@ -1,154 +1,85 @@
 //! GEMM and bias ops (CPU twin of the cuBLASLt wrapper).
+use gemm_crate::Parallelism;
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// Rayon threads the model GEMMs split their rows over; 0 (the default): none, and
-/// matrixmultiply threads each GEMM itself. Set by [`configure_threads`].
-static SPLIT_THREADS: AtomicUsize = AtomicUsize::new(0);
-
-/// Rows of the output each part of a split GEMM gets at least (a few of matrixmultiply's
-/// row blocks, so packing B again per part stays small next to the part's products).
-const MIN_SPLIT_ROWS: usize = 64;
-/// Split edges fall on multiples of this many rows: a multiple of every register tile
-/// height of matrixmultiply's kernels.
-const SPLIT_ALIGN: usize = 64;
-
-/// Sets how the model GEMMs use `threads` threads; call before the first GEMM (the CLI
-/// does, with --threads or rayon's default). matrixmultiply threads a GEMM over at most 4
-/// cores, so up to 4 threads it does the threading; with more, each model GEMM is split
-/// into row blocks of its output over rayon's pool, each block one single-threaded
-/// matrixmultiply call, so a 16- or 64-core machine uses every core. Every output element
-/// is the same products summed in the same order either way: the bits do not change.
-pub fn configure_threads(threads: usize) {
-    let split = if threads > 4 { threads } else { 0 };
-    // matrixmultiply reads this once, at its first threaded GEMM
-    std::env::set_var(
-        "MATMUL_NUM_THREADS",
-        if split > 0 { 1 } else { threads.max(1) }.to_string(),
-    );
-    SPLIT_THREADS.store(split, Ordering::Relaxed);
-}
 
 /// c[m,n] = alpha * op(a) op(b) + beta * c (row-major; `ta`/`tb` mean a is stored [k,m],
-/// b is stored [n,k]). matrixmultiply takes arbitrary strides, so transposes cost nothing.
+/// b is stored [n,k]). The `gemm` crate takes arbitrary strides, so transposes cost nothing,
+/// and threads a large product over rayon's pool (--threads): its threads split the output
+/// into blocks, never a sum over k, so every element is the same products summed in the
+/// same order for any thread count (tests below, and tests/threads.rs end to end).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32, beta: f32,
 ) {
-    let parts = SPLIT_THREADS
-        .load(Ordering::Relaxed)
-        .min(m.max(n) / MIN_SPLIT_ROWS)
-        .max(1);
-    gemm_in_parts(c, a, b, m, n, k, ta, tb, alpha, beta, parts);
+    gemm_with(c, a, b, m, n, k, ta, tb, alpha, beta, Parallelism::Rayon(0));
 }
 
-/// [`gemm`] with the wider side of the output split into `parts` row blocks computed side
-/// by side (1: one matrixmultiply call).
+/// [`gemm`] with the threading given: `Rayon(0)` is every thread of the current pool,
+/// `None` the calling thread only.
 #[allow(clippy::too_many_arguments)]
-fn gemm_in_parts(
+fn gemm_with(
     c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32, beta: f32,
-    parts: usize,
+    par: Parallelism,
 ) {
     assert!(
         c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
         "gemm: buffer too small"
     );
+    let (rsa, csa) = if ta { (1, m) } else { (k, 1) };
+    let (rsb, csb) = if tb { (1, k) } else { (n, 1) };
+    let a = View {
+        data: a,
+        offset: 0,
+        row_stride: rsa,
+        col_stride: csa,
+    };
+    let b = View {
+        data: b,
+        offset: 0,
+        row_stride: rsb,
+        col_stride: csb,
+    };
+    strided(c, a, b, m, n, k, alpha, beta, par);
+}
+
+/// The one call into the `gemm` crate: c [m, n] dense row-major, a and b strided views
+/// whose every element the caller has bounds-checked (or k = 0: nothing is read).
+#[allow(clippy::too_many_arguments)]
+fn strided(c: &mut [f32], a: View, b: View, m: usize, n: usize, k: usize, alpha: f32, beta: f32, par: Parallelism) {
     if m == 0 || n == 0 {
         return;
     }
-    let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
-    let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
-    // matrixmultiply packs B (k x n) on one thread and A (m x k) on all of them, so the
-    // wider operand goes on the A side: for n > m it computes C^T = B^T A^T into c seen
-    // column-major. Every element is still the same products summed in the same order
-    // (the kernel's k loop is unchanged, a*b = b*a), so both ways give identical bits.
-    // SAFETY: the asserts above bound every index the strides can reach.
+    // With k = 0 nothing is read (c = beta c) and the offsets may point past the end.
+    let (oa, ob) = if k == 0 { (0, 0) } else { (a.offset, b.offset) };
+    // The crate computes dst = alpha_dst * dst + beta_prod * (lhs rhs), reading dst only
+    // when asked: with beta 0, c may hold anything (NaN included) and is not read, as
+    // BLAS does.
+    // SAFETY: every element the strides reach lies inside each slice (the callers check
+    // it); c holds m*n elements (asserted by the callers) and does not overlap a or b
+    // (a `&mut` borrow next to shared ones).
     unsafe {
-        if n > m {
-            sgemm_rows(
-                parts,
-                n,
-                k,
-                m,
-                alpha,
-                (b.as_ptr(), csb, rsb),
-                (a.as_ptr(), csa, rsa),
-                beta,
-                (c.as_mut_ptr(), 1, n as isize),
-            );
-        } else {
-            sgemm_rows(
-                parts,
-                m,
-                k,
-                n,
-                alpha,
-                (a.as_ptr(), rsa, csa),
-                (b.as_ptr(), rsb, csb),
-                beta,
-                (c.as_mut_ptr(), n as isize, 1),
-            );
-        }
+        gemm_crate::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            beta != 0.0,
+            a.data.as_ptr().add(oa),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr().add(ob),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        );
     }
-}
-
-/// matrixmultiply's sgemm (C[m, n] = alpha A[m, k] B[k, n] + beta C, each a pointer with
-/// its row and column strides), its m rows split into `parts` blocks run on rayon's pool.
-/// The blocks write disjoint rows of C and read A and B only; each element's sum over k
-/// is the unsplit call's.
-///
-/// # Safety
-/// The strides must keep every element of A, B and C inside its allocation, and C must
-/// not overlap A or B.
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm_rows(
-    parts: usize, m: usize, k: usize, n: usize, alpha: f32, a: (*const f32, isize, isize),
-    b: (*const f32, isize, isize), beta: f32, c: (*mut f32, isize, isize),
-) {
-    // Addresses, not pointers, so the closure may run on rayon's threads (raw pointers are
-    // not Send): A and B are only read, and the blocks write disjoint rows of C.
-    let (pa, pb, pc) = (a.0 as usize, b.0 as usize, c.0 as usize);
-    let block = |r0: usize, r1: usize| {
-        // SAFETY: rows r0..r1 of A and C lie inside the matrices the caller vouches for
-        // (r0 < m; with k = 0 A is not read)
-        unsafe {
-            matrixmultiply::sgemm(
-                r1 - r0,
-                k,
-                n,
-                alpha,
-                (pa as *const f32).offset(r0 as isize * a.1),
-                a.1,
-                a.2,
-                pb as *const f32,
-                b.1,
-                b.2,
-                beta,
-                (pc as *mut f32).offset(r0 as isize * c.1),
-                c.1,
-                c.2,
-            )
-        }
-    };
-    if parts <= 1 {
-        return block(0, m);
-    }
-    // Block edges at multiples of SPLIT_ALIGN rows: matrixmultiply's register tiles then
-    // fall where they fall in the whole call, so no tile becomes a partial (masked) one
-    // whose beta C term rounds differently; the last block keeps the whole call's tail.
-    let edge = |p: usize| {
-        if p == parts {
-            m
-        } else {
-            m * p / parts / SPLIT_ALIGN * SPLIT_ALIGN
-        }
-    };
-    (0..parts).into_par_iter().for_each(|p| {
-        let (r0, r1) = (edge(p), edge(p + 1));
-        if r1 > r0 {
-            block(r0, r1);
-        }
-    });
 }
 
 /// out[r, :] += bias
@@ -245,7 +176,9 @@ impl<'a> View<'a> {
 }
 
 /// c[m,n] (dense, row-major) = alpha * a[m,k] b[k,n] + beta * c, with a and b any strided
-/// views. Same kernel (and so the same results) as [`gemm`].
+/// views. Same kernels (and so the same results) as [`gemm`], on the calling thread only:
+/// its callers (attention's per-(sequence, head) products) already run one task per
+/// rayon thread.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_view(c: &mut [f32], a: View, b: View, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
     assert!(c.len() >= m * n, "gemm_view: c too small");
@@ -254,64 +187,103 @@ pub fn gemm_view(c: &mut [f32], a: View, b: View, m: usize, n: usize, k: usize, 
     }
     a.check(m, k, "a");
     b.check(k, n, "b");
-    // With k = 0 nothing is read (c = beta c) and the offsets may point past the end.
-    let (oa, ob) = if k == 0 { (0, 0) } else { (a.offset, b.offset) };
-    // SAFETY: `check` bounds every element the strides reach inside each slice; c holds
-    // m*n elements (asserted).
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.data.as_ptr().add(oa),
-            a.row_stride as isize,
-            a.col_stride as isize,
-            b.data.as_ptr().add(ob),
-            b.row_stride as isize,
-            b.col_stride as isize,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
+    strided(c, a, b, m, n, k, alpha, beta, Parallelism::None);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Splitting a GEMM's rows over threads (more than 4 threads) must not change a bit:
-    /// both orientations (m >= n and n > m), every transpose, beta 0 and not, k of 0, 1
-    /// and odd, part counts that do and do not divide the rows.
+    /// Threads must not change a bit: 2, 3 and 7 threads against the calling thread alone,
+    /// for both orientations, every transpose, beta 0 and not (and a NaN-filled c that beta
+    /// 0 must not read), k of 0, 1, 2 (the crate's outer-product path) and odd, one-row and
+    /// one-column outputs (its GEMV paths) and sizes past its cache blocks (k > 512) and
+    /// its threading threshold.
     #[test]
-    fn split_gemms_give_the_unsplit_bits() {
+    fn thread_counts_give_the_same_bits() {
         let mut x = crate::util::Lcg::new(5);
         let mut vals = |len: usize| -> Vec<f32> { (0..len).map(|_| x.next_unit() - 0.5).collect() };
+        let pools: Vec<rayon::ThreadPool> = [2, 3, 7]
+            .iter()
+            .map(|&t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap())
+            .collect();
         for (m, n, k) in [
             (197, 130, 37),
             (130, 197, 37),
             (300, 64, 1),
+            (64, 300, 2),
             (64, 300, 0),
+            (1, 300, 70),
+            (300, 1, 70),
             (129, 129, 65),
+            (700, 450, 1100),
         ] {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 for beta in [0.0, 0.75] {
-                    let (a, b, c0) = (vals(m * k), vals(k * n), vals(m * n));
-                    let mut whole = c0.clone();
-                    gemm_in_parts(&mut whole, &a, &b, m, n, k, ta, tb, 1.25, beta, 1);
-                    for parts in [2, 3, 7] {
-                        let mut split = c0.clone();
-                        gemm_in_parts(&mut split, &a, &b, m, n, k, ta, tb, 1.25, beta, parts);
-                        let same = whole.iter().zip(&split).all(|(p, q)| p.to_bits() == q.to_bits());
+                    let (a, b) = (vals(m * k), vals(k * n));
+                    let c0 = if beta == 0.0 {
+                        vec![f32::NAN; m * n]
+                    } else {
+                        vals(m * n)
+                    };
+                    let mut one = c0.clone();
+                    gemm_with(&mut one, &a, &b, m, n, k, ta, tb, 1.25, beta, Parallelism::None);
+                    assert!(one.iter().all(|v| v.is_finite()), "m {m} n {n} k {k}: not finite");
+                    for pool in &pools {
+                        let mut many = c0.clone();
+                        pool.install(|| gemm(&mut many, &a, &b, m, n, k, ta, tb, 1.25, beta));
+                        let same = one.iter().zip(&many).all(|(p, q)| p.to_bits() == q.to_bits());
                         assert!(
                             same,
-                            "m {m} n {n} k {k} ta {ta} tb {tb} beta {beta}: {parts} parts differ"
+                            "m {m} n {n} k {k} ta {ta} tb {tb} beta {beta}: {} threads differ",
+                            pool.current_num_threads()
                         );
                     }
                 }
             }
+        }
+    }
+
+    /// The crate's alpha / beta are the other way round from BLAS's: check c = alpha op(a)
+    /// op(b) + beta c against sums in f64, with transposes and strided views.
+    #[test]
+    fn gemm_and_gemm_view_compute_alpha_ab_plus_beta_c() {
+        let mut x = crate::util::Lcg::new(9);
+        let mut vals = |len: usize| -> Vec<f32> { (0..len).map(|_| x.next_unit() - 0.5).collect() };
+        let (m, n, k) = (37, 23, 41);
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (a, b, c0) = (vals(m * k), vals(k * n), vals(m * n));
+            let at = |i: usize, p: usize| if ta { a[p * m + i] } else { a[i * k + p] };
+            let bt = |p: usize, j: usize| if tb { b[j * k + p] } else { b[p * n + j] };
+            let mut c = c0.clone();
+            gemm(&mut c, &a, &b, m, n, k, ta, tb, 1.5, -0.5);
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k).map(|p| at(i, p) as f64 * bt(p, j) as f64).sum();
+                    let want = 1.5 * dot - 0.5 * c0[i * n + j] as f64;
+                    let got = c[i * n + j] as f64;
+                    assert!((got - want).abs() < 1e-5, "ta {ta} tb {tb} ({i},{j}): {got} vs {want}");
+                }
+            }
+            // the same product through views of a larger buffer (a at an offset)
+            let mut padded = vec![7.0f32; 5];
+            padded.extend_from_slice(&a);
+            let va = if ta {
+                View::rows(&padded, 5, m).t()
+            } else {
+                View::rows(&padded, 5, k)
+            };
+            let vb = if tb {
+                View::rows(&b, 0, k).t()
+            } else {
+                View::rows(&b, 0, n)
+            };
+            let mut cv = c0.clone();
+            gemm_view(&mut cv, va, vb, m, n, k, 1.5, -0.5);
+            assert!(
+                cv.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "ta {ta} tb {tb}: gemm_view differs from gemm"
+            );
         }
     }
 }
