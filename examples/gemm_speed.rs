@@ -1,6 +1,7 @@
 //! GFLOP/s of the CPU backend's GEMM at the shapes of a MiniLM step (48 x 128 tokens, and
 //! 1,536, about what a packed WNUT17 step holds):
-//! best of 7 calls, per (m, n, k, transposes). `RAYON_NUM_THREADS` sets its threads.
+//! best of 7 calls, per (m, n, k, transposes). `RAYON_NUM_THREADS` (and `MATMUL_NUM_THREADS` for
+//! matrixmultiply) set its threads; `DEEPCUT_CPU_GEMM=matrixmultiply|gemm` picks the library.
 //!
 //! cargo run --release --example gemm_speed
 use deepcut_fast::backend::cpu::gemm::gemm;

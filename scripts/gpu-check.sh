@@ -633,8 +633,10 @@ if enough "e2e run (wnut17 minilm 0.10)"; then
 fi
 
 # ---- 7. the CPU backend on this machine's cores (issue #6 item 5; last: the least telling) -------
-# The CPU GEMMs (the `gemm` crate) and the row ops thread over rayon's pool; the MiniLM
-# step at 4 threads and at all of them says how the CPU backend scales on a many-core machine.
+# On an AVX-512 host the CPU GEMMs are matrixmultiply's, which threads a GEMM over at most 4
+# cores; above 4 threads the model GEMMs are split by rows over every thread
+# (src/backend/cpu/gemm.rs configure_threads). The MiniLM step at 4 threads and at all of
+# them says what that split gives on a many-core machine.
 if ! enough "cpu step, 4 vs all threads"; then
     :
 elif [ -n "$CLI" ]; then

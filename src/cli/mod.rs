@@ -106,6 +106,7 @@ impl DeviceArgs {
             // The global pool can be built once per process; a second call is harmless.
             let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
         }
+        crate::backend::cpu::gemm::configure_threads(rayon::current_num_threads());
         let flag = self.precision_flag;
         let detail = |p: Precision| match p {
             Precision::Fp32 => String::new(),

@@ -1,20 +1,92 @@
 //! GEMM and bias ops (CPU twin of the cuBLASLt wrapper).
+//!
+//! Two GEMM libraries, one picked per machine at the first call ([`kernel`]): on CPUs with
+//! AVX-512, matrixmultiply (its AVX-512 kernel: 401-433 GFLOP/s on 2 cores where the `gemm`
+//! crate's stable build, AVX2 only, gave 241-258); elsewhere the `gemm` crate (on 2 AVX2
+//! cores 167-196 GFLOP/s at the model's shapes against matrixmultiply's 134-174, and
+//! 1.14-1.43x on attention's per-head products). BENCHMARKS.md has both measurements.
+//! Either way a machine always uses the same one, and threads never change a bit.
 use gemm_crate::Parallelism;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+/// Which library computes the CPU GEMMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// matrixmultiply: its own thread pool (at most 4 threads a GEMM), rows split over
+    /// rayon's pool above that.
+    MatrixMultiply,
+    /// The `gemm` crate: threads on rayon's pool.
+    GemmCrate,
+}
+
+/// The library this process uses: `DEEPCUT_CPU_GEMM=matrixmultiply|gemm` if set (for
+/// benchmarks and tests), else matrixmultiply where the CPU has AVX-512F, else `gemm`.
+pub fn kernel() -> Kernel {
+    static KERNEL: OnceLock<Kernel> = OnceLock::new();
+    *KERNEL.get_or_init(|| match std::env::var("DEEPCUT_CPU_GEMM").as_deref() {
+        Ok("matrixmultiply") => Kernel::MatrixMultiply,
+        Ok("gemm") => Kernel::GemmCrate,
+        _ => {
+            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Kernel::MatrixMultiply;
+            }
+            Kernel::GemmCrate
+        }
+    })
+}
+
+/// Rayon threads matrixmultiply's model GEMMs split their rows over; 0 (the default):
+/// none, and matrixmultiply threads each GEMM itself. Set by [`configure_threads`].
+static SPLIT_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Rows of the output each part of a split GEMM gets at least (a few of matrixmultiply's
+/// row blocks, so packing B again per part stays small next to the part's products).
+const MIN_SPLIT_ROWS: usize = 64;
+/// Split edges fall on multiples of this many rows: a multiple of every register tile
+/// height of matrixmultiply's kernels.
+const SPLIT_ALIGN: usize = 64;
+
+/// Sets how the model GEMMs use `threads` threads; call before the first GEMM (the CLI
+/// does, with --threads or rayon's default). matrixmultiply threads a GEMM over at most 4
+/// cores, so up to 4 threads it does the threading; with more, each model GEMM is split
+/// into row blocks of its output over rayon's pool, each block one single-threaded
+/// matrixmultiply call, so a 16- or 64-core machine uses every core. Every output element
+/// is the same products summed in the same order either way: the bits do not change.
+pub fn configure_threads(threads: usize) {
+    let split = if threads > 4 { threads } else { 0 };
+    // matrixmultiply reads this once, at its first threaded GEMM
+    std::env::set_var(
+        "MATMUL_NUM_THREADS",
+        if split > 0 { 1 } else { threads.max(1) }.to_string(),
+    );
+    SPLIT_THREADS.store(split, Ordering::Relaxed);
+}
 
 /// c[m,n] = alpha * op(a) op(b) + beta * c (row-major; `ta`/`tb` mean a is stored [k,m],
-/// b is stored [n,k]). The `gemm` crate takes arbitrary strides, so transposes cost nothing,
-/// and threads a large product over rayon's pool (--threads): its threads split the output
-/// into blocks, never a sum over k, so every element is the same products summed in the
-/// same order for any thread count (tests below, and tests/threads.rs end to end).
+/// b is stored [n,k]). Both libraries take arbitrary strides, so transposes cost nothing;
+/// both thread by splitting output blocks, never a sum over k, so every element is the
+/// same products summed in the same order for any thread count (tests below, and
+/// tests/threads.rs end to end).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32, beta: f32,
 ) {
-    gemm_with(c, a, b, m, n, k, ta, tb, alpha, beta, Parallelism::Rayon(0));
+    match kernel() {
+        Kernel::MatrixMultiply => {
+            let parts = SPLIT_THREADS
+                .load(Ordering::Relaxed)
+                .min(m.max(n) / MIN_SPLIT_ROWS)
+                .max(1);
+            gemm_in_parts(c, a, b, m, n, k, ta, tb, alpha, beta, parts);
+        }
+        Kernel::GemmCrate => gemm_with(c, a, b, m, n, k, ta, tb, alpha, beta, Parallelism::Rayon(0)),
+    }
 }
 
-/// [`gemm`] with the threading given: `Rayon(0)` is every thread of the current pool,
+/// [`gemm`] through the `gemm` crate, with the threading given: `Rayon(0)` is every thread of the current pool,
 /// `None` the calling thread only.
 #[allow(clippy::too_many_arguments)]
 fn gemm_with(
@@ -80,6 +152,115 @@ fn strided(c: &mut [f32], a: View, b: View, m: usize, n: usize, k: usize, alpha:
             par,
         );
     }
+}
+
+/// [`gemm`] with the wider side of the output split into `parts` row blocks computed side
+/// by side (1: one matrixmultiply call).
+#[allow(clippy::too_many_arguments)]
+fn gemm_in_parts(
+    c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32, beta: f32,
+    parts: usize,
+) {
+    assert!(
+        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "gemm: buffer too small"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    // matrixmultiply packs B (k x n) on one thread and A (m x k) on all of them, so the
+    // wider operand goes on the A side: for n > m it computes C^T = B^T A^T into c seen
+    // column-major. Every element is still the same products summed in the same order
+    // (the kernel's k loop is unchanged, a*b = b*a), so both ways give identical bits.
+    // SAFETY: the asserts above bound every index the strides can reach.
+    unsafe {
+        if n > m {
+            sgemm_rows(
+                parts,
+                n,
+                k,
+                m,
+                alpha,
+                (b.as_ptr(), csb, rsb),
+                (a.as_ptr(), csa, rsa),
+                beta,
+                (c.as_mut_ptr(), 1, n as isize),
+            );
+        } else {
+            sgemm_rows(
+                parts,
+                m,
+                k,
+                n,
+                alpha,
+                (a.as_ptr(), rsa, csa),
+                (b.as_ptr(), rsb, csb),
+                beta,
+                (c.as_mut_ptr(), n as isize, 1),
+            );
+        }
+    }
+}
+
+/// matrixmultiply's sgemm (C[m, n] = alpha A[m, k] B[k, n] + beta C, each a pointer with
+/// its row and column strides), its m rows split into `parts` blocks run on rayon's pool.
+/// The blocks write disjoint rows of C and read A and B only; each element's sum over k
+/// is the unsplit call's.
+///
+/// # Safety
+/// The strides must keep every element of A, B and C inside its allocation, and C must
+/// not overlap A or B.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_rows(
+    parts: usize, m: usize, k: usize, n: usize, alpha: f32, a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize), beta: f32, c: (*mut f32, isize, isize),
+) {
+    // Addresses, not pointers, so the closure may run on rayon's threads (raw pointers are
+    // not Send): A and B are only read, and the blocks write disjoint rows of C.
+    let (pa, pb, pc) = (a.0 as usize, b.0 as usize, c.0 as usize);
+    let block = |r0: usize, r1: usize| {
+        // SAFETY: rows r0..r1 of A and C lie inside the matrices the caller vouches for
+        // (r0 < m; with k = 0 A is not read)
+        unsafe {
+            matrixmultiply::sgemm(
+                r1 - r0,
+                k,
+                n,
+                alpha,
+                (pa as *const f32).offset(r0 as isize * a.1),
+                a.1,
+                a.2,
+                pb as *const f32,
+                b.1,
+                b.2,
+                beta,
+                (pc as *mut f32).offset(r0 as isize * c.1),
+                c.1,
+                c.2,
+            )
+        }
+    };
+    if parts <= 1 {
+        return block(0, m);
+    }
+    // Block edges at multiples of SPLIT_ALIGN rows: matrixmultiply's register tiles then
+    // fall where they fall in the whole call, so no tile becomes a partial (masked) one
+    // whose beta C term rounds differently; the last block keeps the whole call's tail.
+    let edge = |p: usize| {
+        if p == parts {
+            m
+        } else {
+            m * p / parts / SPLIT_ALIGN * SPLIT_ALIGN
+        }
+    };
+    (0..parts).into_par_iter().for_each(|p| {
+        let (r0, r1) = (edge(p), edge(p + 1));
+        if r1 > r0 {
+            block(r0, r1);
+        }
+    });
 }
 
 /// out[r, :] += bias
@@ -176,9 +357,9 @@ impl<'a> View<'a> {
 }
 
 /// c[m,n] (dense, row-major) = alpha * a[m,k] b[k,n] + beta * c, with a and b any strided
-/// views. Same kernels (and so the same results) as [`gemm`], on the calling thread only:
-/// its callers (attention's per-(sequence, head) products) already run one task per
-/// rayon thread.
+/// views. Same kernels (and so the same results) as [`gemm`], on the calling thread only
+/// with the `gemm` crate: its callers (attention's per-(sequence, head) products) already
+/// run one task per rayon thread (matrixmultiply does not thread products this small).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_view(c: &mut [f32], a: View, b: View, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
     assert!(c.len() >= m * n, "gemm_view: c too small");
@@ -187,20 +368,44 @@ pub fn gemm_view(c: &mut [f32], a: View, b: View, m: usize, n: usize, k: usize, 
     }
     a.check(m, k, "a");
     b.check(k, n, "b");
-    strided(c, a, b, m, n, k, alpha, beta, Parallelism::None);
+    if kernel() == Kernel::GemmCrate {
+        return strided(c, a, b, m, n, k, alpha, beta, Parallelism::None);
+    }
+    // With k = 0 nothing is read (c = beta c) and the offsets may point past the end.
+    let (oa, ob) = if k == 0 { (0, 0) } else { (a.offset, b.offset) };
+    // SAFETY: `check` bounds every element the strides reach inside each slice; c holds
+    // m*n elements (asserted).
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.data.as_ptr().add(oa),
+            a.row_stride as isize,
+            a.col_stride as isize,
+            b.data.as_ptr().add(ob),
+            b.row_stride as isize,
+            b.col_stride as isize,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Threads must not change a bit: 2, 3 and 7 threads against the calling thread alone,
+    /// The `gemm` crate's threads must not change a bit: 2, 3 and 7 threads against the calling thread alone,
     /// for both orientations, every transpose, beta 0 and not (and a NaN-filled c that beta
     /// 0 must not read), k of 0, 1, 2 (the crate's outer-product path) and odd, one-row and
     /// one-column outputs (its GEMV paths) and sizes past its cache blocks (k > 512) and
     /// its threading threshold.
     #[test]
-    fn thread_counts_give_the_same_bits() {
+    fn gemm_crate_gives_the_same_bits_for_any_thread_count() {
         let mut x = crate::util::Lcg::new(5);
         let mut vals = |len: usize| -> Vec<f32> { (0..len).map(|_| x.next_unit() - 0.5).collect() };
         let pools: Vec<rayon::ThreadPool> = [2, 3, 7]
@@ -231,7 +436,9 @@ mod tests {
                     assert!(one.iter().all(|v| v.is_finite()), "m {m} n {n} k {k}: not finite");
                     for pool in &pools {
                         let mut many = c0.clone();
-                        pool.install(|| gemm(&mut many, &a, &b, m, n, k, ta, tb, 1.25, beta));
+                        pool.install(|| {
+                            gemm_with(&mut many, &a, &b, m, n, k, ta, tb, 1.25, beta, Parallelism::Rayon(0))
+                        });
                         let same = one.iter().zip(&many).all(|(p, q)| p.to_bits() == q.to_bits());
                         assert!(
                             same,
@@ -284,6 +491,39 @@ mod tests {
                 cv.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()),
                 "ta {ta} tb {tb}: gemm_view differs from gemm"
             );
+        }
+    }
+
+    /// Splitting a GEMM's rows over threads (more than 4 threads) must not change a bit:
+    /// both orientations (m >= n and n > m), every transpose, beta 0 and not, k of 0, 1
+    /// and odd, part counts that do and do not divide the rows.
+    #[test]
+    fn split_gemms_give_the_unsplit_bits() {
+        let mut x = crate::util::Lcg::new(5);
+        let mut vals = |len: usize| -> Vec<f32> { (0..len).map(|_| x.next_unit() - 0.5).collect() };
+        for (m, n, k) in [
+            (197, 130, 37),
+            (130, 197, 37),
+            (300, 64, 1),
+            (64, 300, 0),
+            (129, 129, 65),
+        ] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                for beta in [0.0, 0.75] {
+                    let (a, b, c0) = (vals(m * k), vals(k * n), vals(m * n));
+                    let mut whole = c0.clone();
+                    gemm_in_parts(&mut whole, &a, &b, m, n, k, ta, tb, 1.25, beta, 1);
+                    for parts in [2, 3, 7] {
+                        let mut split = c0.clone();
+                        gemm_in_parts(&mut split, &a, &b, m, n, k, ta, tb, 1.25, beta, parts);
+                        let same = whole.iter().zip(&split).all(|(p, q)| p.to_bits() == q.to_bits());
+                        assert!(
+                            same,
+                            "m {m} n {n} k {k} ta {ta} tb {tb} beta {beta}: {parts} parts differ"
+                        );
+                    }
+                }
+            }
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The CPU backend: fp32 everywhere, threads on every core (rayon for element-wise and
-//! row ops, the `gemm` crate's, on rayon's pool too, for GEMMs). It is the reference for every CUDA
+//! row ops; matrixmultiply or the `gemm` crate for GEMMs, gemm.rs). It is the reference for every CUDA
 //! kernel: each op lives in a file named after its kernel family and keeps the kernel's
 //! argument order, and the free functions are what the parity tests call. Hot row loops
 //! run in AVX-512/AVX2 builds picked at run time (simd.rs), bit-identical to the
