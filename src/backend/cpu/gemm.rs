@@ -97,19 +97,15 @@ fn gemm_with(
         c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
         "gemm: buffer too small"
     );
-    let (rsa, csa) = if ta { (1, m) } else { (k, 1) };
-    let (rsb, csb) = if tb { (1, k) } else { (n, 1) };
-    let a = View {
-        data: a,
-        offset: 0,
-        row_stride: rsa,
-        col_stride: csa,
+    let a = if ta {
+        View::rows(a, 0, m).t()
+    } else {
+        View::rows(a, 0, k)
     };
-    let b = View {
-        data: b,
-        offset: 0,
-        row_stride: rsb,
-        col_stride: csb,
+    let b = if tb {
+        View::rows(b, 0, k).t()
+    } else {
+        View::rows(b, 0, n)
     };
     strided(c, a, b, m, n, k, alpha, beta, par);
 }
@@ -399,30 +395,31 @@ pub fn gemm_view(c: &mut [f32], a: View, b: View, m: usize, n: usize, k: usize, 
 mod tests {
     use super::*;
 
-    /// The `gemm` crate's threads must not change a bit: 2, 3 and 7 threads against the calling thread alone,
-    /// for both orientations, every transpose, beta 0 and not (and a NaN-filled c that beta
-    /// 0 must not read), k of 0, 1, 2 (the crate's outer-product path) and odd, one-row and
-    /// one-column outputs (its GEMV paths) and sizes past its cache blocks (k > 512) and
-    /// its threading threshold.
-    #[test]
-    fn gemm_crate_gives_the_same_bits_for_any_thread_count() {
+    /// Every case of the thread tests: both orientations (m >= n and n > m), k of 0, 1, 2
+    /// (the `gemm` crate's outer-product path) and odd, one-row and one-column outputs (its
+    /// GEMV paths), sizes past its cache blocks (k > 512) and both libraries' threading
+    /// thresholds, row counts that 2, 3 and 7 parts do and do not divide.
+    const THREAD_CASES: [(usize, usize, usize); 9] = [
+        (197, 130, 37),
+        (130, 197, 37),
+        (300, 64, 1),
+        (64, 300, 2),
+        (64, 300, 0),
+        (1, 300, 70),
+        (300, 1, 70),
+        (129, 129, 65),
+        (700, 450, 1100),
+    ];
+
+    /// `product(c, a, b, m, n, k, ta, tb, beta, threads)` (alpha 1.25) with 2, 3 and 7
+    /// threads must give the bits of 1 thread, for every [`THREAD_CASES`] shape, every
+    /// transpose and beta 0 (c filled with NaN, which beta 0 must not read) and 0.75.
+    fn assert_threads_keep_bits(
+        product: impl Fn(&mut [f32], &[f32], &[f32], usize, usize, usize, bool, bool, f32, usize),
+    ) {
         let mut x = crate::util::Lcg::new(5);
         let mut vals = |len: usize| -> Vec<f32> { (0..len).map(|_| x.next_unit() - 0.5).collect() };
-        let pools: Vec<rayon::ThreadPool> = [2, 3, 7]
-            .iter()
-            .map(|&t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap())
-            .collect();
-        for (m, n, k) in [
-            (197, 130, 37),
-            (130, 197, 37),
-            (300, 64, 1),
-            (64, 300, 2),
-            (64, 300, 0),
-            (1, 300, 70),
-            (300, 1, 70),
-            (129, 129, 65),
-            (700, 450, 1100),
-        ] {
+        for (m, n, k) in THREAD_CASES {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 for beta in [0.0, 0.75] {
                     let (a, b) = (vals(m * k), vals(k * n));
@@ -432,23 +429,36 @@ mod tests {
                         vals(m * n)
                     };
                     let mut one = c0.clone();
-                    gemm_with(&mut one, &a, &b, m, n, k, ta, tb, 1.25, beta, Parallelism::None);
+                    product(&mut one, &a, &b, m, n, k, ta, tb, beta, 1);
                     assert!(one.iter().all(|v| v.is_finite()), "m {m} n {n} k {k}: not finite");
-                    for pool in &pools {
+                    for threads in [2, 3, 7] {
                         let mut many = c0.clone();
-                        pool.install(|| {
-                            gemm_with(&mut many, &a, &b, m, n, k, ta, tb, 1.25, beta, Parallelism::Rayon(0))
-                        });
+                        product(&mut many, &a, &b, m, n, k, ta, tb, beta, threads);
                         let same = one.iter().zip(&many).all(|(p, q)| p.to_bits() == q.to_bits());
                         assert!(
                             same,
-                            "m {m} n {n} k {k} ta {ta} tb {tb} beta {beta}: {} threads differ",
-                            pool.current_num_threads()
+                            "m {m} n {n} k {k} ta {ta} tb {tb} beta {beta}: {threads} threads differ"
                         );
                     }
                 }
             }
         }
+    }
+
+    /// The `gemm` crate's threads must not change a bit (the calling thread alone against
+    /// pools of 2, 3 and 7).
+    #[test]
+    fn gemm_crate_gives_the_same_bits_for_any_thread_count() {
+        let pools: Vec<rayon::ThreadPool> = (0..=7)
+            .map(|t| rayon::ThreadPoolBuilder::new().num_threads(t.max(1)).build().unwrap())
+            .collect();
+        assert_threads_keep_bits(|c, a, b, m, n, k, ta, tb, beta, threads| {
+            if threads == 1 {
+                gemm_with(c, a, b, m, n, k, ta, tb, 1.25, beta, Parallelism::None)
+            } else {
+                pools[threads].install(|| gemm_with(c, a, b, m, n, k, ta, tb, 1.25, beta, Parallelism::Rayon(0)))
+            }
+        });
     }
 
     /// The crate's alpha / beta are the other way round from BLAS's: check c = alpha op(a)
@@ -494,36 +504,12 @@ mod tests {
         }
     }
 
-    /// Splitting a GEMM's rows over threads (more than 4 threads) must not change a bit:
-    /// both orientations (m >= n and n > m), every transpose, beta 0 and not, k of 0, 1
-    /// and odd, part counts that do and do not divide the rows.
+    /// Splitting matrixmultiply's GEMM rows over threads (more than 4 threads) into 2, 3
+    /// and 7 parts must not change a bit.
     #[test]
     fn split_gemms_give_the_unsplit_bits() {
-        let mut x = crate::util::Lcg::new(5);
-        let mut vals = |len: usize| -> Vec<f32> { (0..len).map(|_| x.next_unit() - 0.5).collect() };
-        for (m, n, k) in [
-            (197, 130, 37),
-            (130, 197, 37),
-            (300, 64, 1),
-            (64, 300, 0),
-            (129, 129, 65),
-        ] {
-            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                for beta in [0.0, 0.75] {
-                    let (a, b, c0) = (vals(m * k), vals(k * n), vals(m * n));
-                    let mut whole = c0.clone();
-                    gemm_in_parts(&mut whole, &a, &b, m, n, k, ta, tb, 1.25, beta, 1);
-                    for parts in [2, 3, 7] {
-                        let mut split = c0.clone();
-                        gemm_in_parts(&mut split, &a, &b, m, n, k, ta, tb, 1.25, beta, parts);
-                        let same = whole.iter().zip(&split).all(|(p, q)| p.to_bits() == q.to_bits());
-                        assert!(
-                            same,
-                            "m {m} n {n} k {k} ta {ta} tb {tb} beta {beta}: {parts} parts differ"
-                        );
-                    }
-                }
-            }
-        }
+        assert_threads_keep_bits(|c, a, b, m, n, k, ta, tb, beta, parts| {
+            gemm_in_parts(c, a, b, m, n, k, ta, tb, 1.25, beta, parts)
+        });
     }
 }
