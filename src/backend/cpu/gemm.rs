@@ -107,13 +107,16 @@ fn gemm_with(
     } else {
         View::rows(b, 0, n)
     };
-    strided(c, a, b, m, n, k, alpha, beta, par);
+    strided(c, n, a, b, m, n, k, alpha, beta, par);
 }
 
-/// The one call into the `gemm` crate: c [m, n] dense row-major, a and b strided views
-/// whose every element the caller has bounds-checked (or k = 0: nothing is read).
+/// The one call into the `gemm` crate: c [m, n] row-major with row stride ldc >= n, a and
+/// b strided views whose every element the caller has bounds-checked (or k = 0: nothing
+/// is read).
 #[allow(clippy::too_many_arguments)]
-fn strided(c: &mut [f32], a: View, b: View, m: usize, n: usize, k: usize, alpha: f32, beta: f32, par: Parallelism) {
+fn strided(
+    c: &mut [f32], ldc: usize, a: View, b: View, m: usize, n: usize, k: usize, alpha: f32, beta: f32, par: Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -123,8 +126,8 @@ fn strided(c: &mut [f32], a: View, b: View, m: usize, n: usize, k: usize, alpha:
     // when asked: with beta 0, c may hold anything (NaN included) and is not read, as
     // BLAS does.
     // SAFETY: every element the strides reach lies inside each slice (the callers check
-    // it); c holds m*n elements (asserted by the callers) and does not overlap a or b
-    // (a `&mut` borrow next to shared ones).
+    // it); c holds (m - 1) ldc + n elements (asserted by the callers) and does not overlap
+    // a or b (a `&mut` borrow next to shared ones).
     unsafe {
         gemm_crate::gemm(
             m,
@@ -132,7 +135,7 @@ fn strided(c: &mut [f32], a: View, b: View, m: usize, n: usize, k: usize, alpha:
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            ldc as isize,
             beta != 0.0,
             a.data.as_ptr().add(oa),
             a.col_stride as isize,
@@ -353,24 +356,34 @@ impl<'a> View<'a> {
 }
 
 /// c[m,n] (dense, row-major) = alpha * a[m,k] b[k,n] + beta * c, with a and b any strided
-/// views. Same kernels (and so the same results) as [`gemm`], on the calling thread only
-/// with the `gemm` crate: its callers (attention's per-(sequence, head) products) already
-/// run one task per rayon thread (matrixmultiply does not thread products this small).
+/// views: [`gemm_view_ldc`] with row stride n.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_view(c: &mut [f32], a: View, b: View, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
-    assert!(c.len() >= m * n, "gemm_view: c too small");
+    gemm_view_ldc(c, n, a, b, m, n, k, alpha, beta)
+}
+
+/// c[m,n] (row-major, row i at c[i ldc..]) = alpha * a[m,k] b[k,n] + beta * c, with a and
+/// b any strided views, so a product can land in one head's columns of a packed [n, h d]
+/// tensor. Same kernels (and so the same results, whatever ldc) as [`gemm`], on the
+/// calling thread only with the `gemm` crate: its callers (attention's per-sequence
+/// products) already run one task per rayon thread (matrixmultiply does not thread
+/// products this small).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_view_ldc(c: &mut [f32], ldc: usize, a: View, b: View, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
     if m == 0 || n == 0 {
         return;
     }
+    assert!(ldc >= n, "gemm_view: row stride {ldc} below the {n} columns");
+    assert!(c.len() >= (m - 1) * ldc + n, "gemm_view: c too small");
     a.check(m, k, "a");
     b.check(k, n, "b");
     if kernel() == Kernel::GemmCrate {
-        return strided(c, a, b, m, n, k, alpha, beta, Parallelism::None);
+        return strided(c, ldc, a, b, m, n, k, alpha, beta, Parallelism::None);
     }
     // With k = 0 nothing is read (c = beta c) and the offsets may point past the end.
     let (oa, ob) = if k == 0 { (0, 0) } else { (a.offset, b.offset) };
     // SAFETY: `check` bounds every element the strides reach inside each slice; c holds
-    // m*n elements (asserted).
+    // (m - 1) ldc + n elements (asserted).
     unsafe {
         matrixmultiply::sgemm(
             m,
@@ -385,7 +398,7 @@ pub fn gemm_view(c: &mut [f32], a: View, b: View, m: usize, n: usize, k: usize, 
             b.col_stride as isize,
             beta,
             c.as_mut_ptr(),
-            n as isize,
+            ldc as isize,
             1,
         );
     }
@@ -501,6 +514,30 @@ mod tests {
                 cv.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()),
                 "ta {ta} tb {tb}: gemm_view differs from gemm"
             );
+            // ... and into columns 3..3+n of rows ldc = n + 10 apart (one head of a packed
+            // tensor): the same bits there, nothing written elsewhere
+            let ldc = n + 10;
+            let mut wide = vec![f32::NAN; 3 + (m - 1) * ldc + n + 4];
+            for i in 0..m {
+                wide[3 + i * ldc..][..n].copy_from_slice(&c0[i * n..(i + 1) * n]);
+            }
+            let before = wide.clone();
+            gemm_view_ldc(&mut wide[3..], ldc, va, vb, m, n, k, 1.5, -0.5);
+            for (e, (got, old)) in wide.iter().zip(&before).enumerate() {
+                let (i, j) = (
+                    (e as isize - 3).div_euclid(ldc as isize),
+                    (e as isize - 3).rem_euclid(ldc as isize),
+                );
+                if e >= 3 && (i as usize) < m && (j as usize) < n {
+                    let want = c[i as usize * n + j as usize];
+                    assert_eq!(got.to_bits(), want.to_bits(), "ta {ta} tb {tb}: ldc product ({i},{j})");
+                } else {
+                    assert!(
+                        got.is_nan() && old.is_nan(),
+                        "ta {ta} tb {tb}: element {e} outside c written"
+                    );
+                }
+            }
         }
     }
 
