@@ -295,40 +295,68 @@ fn bad_options_fail_clearly() {
     }
 }
 
+/// A small MiniLM-shaped CPU bench with `env` set; its JSON.
+fn small_cpu_bench(env: (&str, &str)) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_deepcut-fast"))
+        .env(env.0, env.1)
+        .args([
+            "bench",
+            "--preset",
+            "minilm-l6",
+            "--bf",
+            "2",
+            "--br",
+            "2",
+            "--seq-len",
+            "37",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--matmul-size",
+            "16",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .expect("run deepcut-fast");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// The AVX-512, AVX2 and baseline builds of the element-wise kernels (src/backend/cpu/simd.rs)
 /// give bit-identical steps: the losses of a step taken after an update (so every
-/// forward and backward op, dropout on) are equal to the last bit.
+/// forward and backward op, dropout on) are equal to the last bit. The JSON names the
+/// build that ran.
 #[test]
 fn simd_builds_give_identical_steps() {
-    let run = |level: &str| -> Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_deepcut-fast"))
-            .env("DEEPCUT_SIMD", level)
-            .args([
-                "bench",
-                "--preset",
-                "minilm-l6",
-                "--bf",
-                "2",
-                "--br",
-                "2",
-                "--seq-len",
-                "37",
-                "--steps",
-                "2",
-                "--warmup",
-                "0",
-                "--matmul-size",
-                "16",
-                "--device",
-                "cpu",
-            ])
-            .output()
-            .expect("run deepcut-fast");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let j: Value = serde_json::from_slice(&out.stdout).unwrap();
-        j["losses"].clone()
-    };
-    let base = run("baseline");
-    assert_eq!(run("avx2"), base);
-    assert_eq!(run("native"), base);
+    let base = small_cpu_bench(("DEEPCUT_SIMD", "baseline"));
+    assert_eq!(base["paths"]["simd"], "baseline (no AVX2)", "{}", base["paths"]);
+    let avx2 = small_cpu_bench(("DEEPCUT_SIMD", "avx2"));
+    let native = small_cpu_bench(("DEEPCUT_SIMD", "native"));
+    let named = |j: &Value| j["paths"]["simd"].as_str().unwrap_or_default().to_string();
+    // capped at AVX2: AVX2 where the CPU has it, else the baseline
+    assert!(
+        ["avx2", "baseline (no AVX2)"].contains(&named(&avx2).as_str()),
+        "{}",
+        avx2["paths"]
+    );
+    assert!(
+        ["avx512", "avx2", "baseline (no AVX2)"].contains(&named(&native).as_str()),
+        "{}",
+        native["paths"]
+    );
+    assert_eq!(avx2["losses"], base["losses"]);
+    assert_eq!(native["losses"], base["losses"]);
+}
+
+/// The JSON names the CPU GEMM library, and `DEEPCUT_CPU_GEMM` picks it (each machine
+/// otherwise picks one at run time, so a CPU row means nothing without it).
+#[test]
+fn cpu_gemm_library_is_named() {
+    for (var, name) in [("matrixmultiply", "matrixmultiply"), ("gemm", "gemm crate")] {
+        let j = small_cpu_bench(("DEEPCUT_CPU_GEMM", var));
+        let gemm = j["paths"]["gemm"].as_str().unwrap_or_default();
+        assert!(gemm.starts_with(name), "DEEPCUT_CPU_GEMM={var}: {}", j["paths"]);
+    }
 }

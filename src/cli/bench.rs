@@ -163,6 +163,14 @@ impl BenchBackend for Cpu {
     fn verified(&self) -> bool {
         true
     }
+    /// Which GEMM library and which SIMD build of the element-wise kernels this machine
+    /// picked (both chosen at run time, so a CPU row means nothing without them).
+    fn paths(&self, _precision: Precision, _hidden: usize) -> Value {
+        json!({
+            "gemm": crate::backend::cpu::gemm::kernel().describe(),
+            "simd": crate::backend::cpu::simd::level().name(),
+        })
+    }
 }
 
 impl BenchBackend for Cuda {

@@ -21,6 +21,16 @@ pub enum Kernel {
     GemmCrate,
 }
 
+impl Kernel {
+    /// The library in words, for the bench's JSON.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kernel::MatrixMultiply => "matrixmultiply (its AVX-512 / AVX2 kernels, constconf blocking)",
+            Kernel::GemmCrate => "gemm crate (AVX2 / FMA kernels; threads on rayon's pool)",
+        }
+    }
+}
+
 /// The library this process uses: `DEEPCUT_CPU_GEMM=matrixmultiply|gemm` if set (for
 /// benchmarks and tests), else matrixmultiply where the CPU has AVX-512F, else `gemm`.
 pub fn kernel() -> Kernel {

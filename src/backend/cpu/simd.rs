@@ -22,6 +22,17 @@ pub enum Level {
 }
 
 /// Detected once per process. `DEEPCUT_SIMD=baseline|avx2` caps it (to compare builds).
+impl Level {
+    /// The build of the element-wise kernels in words, for the bench's JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Baseline => "baseline (no AVX2)",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        }
+    }
+}
+
 pub fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
