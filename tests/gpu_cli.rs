@@ -886,6 +886,15 @@ fn devices_without_a_driver_picks_the_cpu() {
     assert_eq!(d["auto"]["device"], "cpu");
     assert_eq!(d["auto"]["precision"], "fp32");
     assert!(d["auto"]["why"].as_str().unwrap().contains("no usable GPU"), "{d}");
+    // the CPU side: which SIMD build and GEMM library this machine picked
+    assert!(
+        ["avx512", "avx2", "baseline"].contains(&d["cpu"]["simd"].as_str().unwrap_or_default()),
+        "{d}"
+    );
+    assert!(
+        ["matrixmultiply", "gemm crate"].contains(&d["cpu"]["gemm"].as_str().unwrap_or_default()),
+        "{d}"
+    );
     assert_eq!(
         d["kernels"]["compiled"],
         deepcut_fast::backend::cuda::images::NOT_COMPILED.is_none(),

@@ -56,11 +56,6 @@ fn gather(flag: Option<Precision>, self_check: bool) -> Value {
     let mut targets: Vec<&str> = images::IMAGES.iter().map(|(_, t, _)| *t).collect();
     targets.sort_unstable();
     targets.dedup();
-    let simd = match crate::backend::cpu::simd::level() {
-        crate::backend::cpu::simd::Level::Avx512 => "avx512",
-        crate::backend::cpu::simd::Level::Avx2 => "avx2",
-        crate::backend::cpu::simd::Level::Baseline => "baseline (sse2)",
-    };
     let loaded = libs::loaded();
     let driver_version = libs::driver_version().map(|(ma, mi)| format!("{ma}.{mi}"));
     let availability = cuda::availability();
@@ -100,7 +95,9 @@ fn gather(flag: Option<Precision>, self_check: bool) -> Value {
         "cpu": {
             "model": super::bench::cpu_model(),
             "threads": rayon::current_num_threads(),
-            "simd": simd,
+            "simd": crate::backend::cpu::simd::level().name(),
+            // picked per machine (src/backend/cpu/gemm.rs kernel())
+            "gemm": crate::backend::cpu::gemm::kernel().name(),
         },
         "cuda": {
             "available": availability.is_ok(),
@@ -172,7 +169,13 @@ fn table(r: &Value) -> String {
     let c = &r["cpu"];
     line(
         "CPU",
-        format!("{}, {} threads, {} loops", s(&c["model"]), c["threads"], s(&c["simd"])),
+        format!(
+            "{}, {} threads, {} loops, {} GEMMs",
+            s(&c["model"]),
+            c["threads"],
+            s(&c["simd"]),
+            s(&c["gemm"])
+        ),
     );
     let cu = &r["cuda"];
     line(

@@ -22,6 +22,14 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    /// The library's name (`devices`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::MatrixMultiply => "matrixmultiply",
+            Kernel::GemmCrate => "gemm crate",
+        }
+    }
+
     /// The library in words, for the bench's JSON.
     pub fn describe(self) -> &'static str {
         match self {

@@ -23,10 +23,10 @@ pub enum Level {
 
 /// Detected once per process. `DEEPCUT_SIMD=baseline|avx2` caps it (to compare builds).
 impl Level {
-    /// The build of the element-wise kernels in words, for the bench's JSON.
+    /// The build of the element-wise kernels in words (`devices`, the bench's JSON).
     pub fn name(self) -> &'static str {
         match self {
-            Level::Baseline => "baseline (no AVX2)",
+            Level::Baseline => "baseline",
             Level::Avx2 => "avx2",
             Level::Avx512 => "avx512",
         }
