@@ -36,7 +36,8 @@
 #   8. issue #6's end-to-end comparison: the WNUT17 / MiniLM / ratio 0.10 unlearning run with
 #      the shipped defaults, bf16 on the GPU, then replayed in PyTorch on the same GPU, when
 #      --build packed a model (target/gpu-check/e2e);
-#   7. the CPU backend's MiniLM step at 4 threads and at all of the machine's cores.
+#   7. the CPU backend's MiniLM step at 4 threads and at all of the machine's cores, with each
+#      CPU GEMM library (matrixmultiply, the `gemm` crate).
 #
 # Without a GPU, `LD_LIBRARY_PATH=$PWD/target/tmp/cuda-emu scripts/gpu-check.sh` runs it on the
 # CPU emulator of tests/cuda_emu (built by `cargo test --test gpu_parity`) to check the script
@@ -633,21 +634,30 @@ if enough "e2e run (wnut17 minilm 0.10)"; then
 fi
 
 # ---- 7. the CPU backend on this machine's cores (issue #6 item 5; last: the least telling) -------
-# On an AVX-512 host the CPU GEMMs are matrixmultiply's, which threads a GEMM over at most 4
-# cores; above 4 threads the model GEMMs are split by rows over every thread
-# (src/backend/cpu/gemm.rs configure_threads). The MiniLM step at 4 threads and at all of
-# them says what that split gives on a many-core machine.
+# The CPU GEMM library is picked per machine (src/backend/cpu/gemm.rs kernel()):
+# matrixmultiply where the CPU has AVX-512 (its AVX-512 kernel; it threads a GEMM over at
+# most 4 cores, so above 4 threads the model GEMMs are split by rows over every thread),
+# the `gemm` crate elsewhere (AVX2 kernels on a stable compiler). The MiniLM step at 4
+# threads and at all of them, with each library forced (DEEPCUT_CPU_GEMM), says whether
+# that choice holds on a many-core AVX-512 host; the row names the one picked by default.
 if ! enough "cpu step, 4 vs all threads"; then
     :
 elif [ -n "$CLI" ]; then
     all=$(nproc)
     res=""
     for t in 4 "$all"; do
-        timeout "$(cap 60)" "$CLI" bench --device cpu --threads "$t" --preset minilm-l6 --bf 8 --br 32 --seq-len 128 \
-            --steps 3 --warmup 1 --matmul-size 1024 >"$LOGS/cpu-bench-$t.json" 2>"$LOGS/cpu-bench-$t.log"
-        res+="$t threads: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.3f s/step, %d tokens/s" % (d["step_time_s"]["median"], d["tokens_per_s"]))' "$LOGS/cpu-bench-$t.json" 2>/dev/null || echo "failed, $LOGS/cpu-bench-$t.log"); "
+        res+="$t threads:"
+        for lib in matrixmultiply gemm; do
+            enough "cpu step ($lib, $t threads)" || break
+            DEEPCUT_CPU_GEMM=$lib timeout "$(cap 60)" "$CLI" bench --device cpu --threads "$t" --preset minilm-l6 \
+                --bf 8 --br 32 --seq-len 128 --steps 3 --warmup 1 --matmul-size 1024 \
+                >"$LOGS/cpu-bench-$t-$lib.json" 2>"$LOGS/cpu-bench-$t-$lib.log"
+            res+=" $lib $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.3f s/step (%d tokens/s, %s)" % (d["step_time_s"]["median"], d["tokens_per_s"], d["paths"]["simd"]))' "$LOGS/cpu-bench-$t-$lib.json" 2>/dev/null || echo "failed, $LOGS/cpu-bench-$t-$lib.log");"
+        done
+        res+=" "
     done
-    row "cpu step minilm 8/32/128 fp32" "info" "$res"
+    picked=$("$CLI" devices --no-self-check --json - 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["cpu"]["gemm"])' 2>/dev/null || echo "?")
+    row "cpu step minilm 8/32/128 fp32" "info" "default GEMM here: $picked; $res"
 fi
 
 echo

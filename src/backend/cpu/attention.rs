@@ -27,9 +27,10 @@
 //!
 //! One task per sequence, its heads in turn, each task with its own scratch ([t, t]
 //! blocks, reused across the tasks of a rayon split) and writing its rows of the outputs
-//! in place: no per-task results to allocate and copy into place afterwards (in a step
-//! that copy was about 0.5% of the time; timed alone, where each call's freed results
-//! went back to the kernel, a quarter of the op); the element-wise passes over a [t, t] block
+//! in place: no per-task results to allocate and copy into place afterwards, and a
+//! sequence's q / k / v rows, which its heads share, read by one core (the MiniLM step at
+//! 48 x 128 tokens: 5% less time than one task per (sequence, head), BENCHMARKS.md); the
+//! element-wise passes over a [t, t] block
 //! are compiled for AVX-512/AVX2 where the CPU has them (simd::multiversion) and use the
 //! vectorisable exp. Every task's result depends only on its inputs, so any thread
 //! count gives the same bits.
