@@ -29,11 +29,10 @@
 //! blocks, reused across the tasks of a rayon split) and writing its rows of the outputs
 //! in place: no per-task results to allocate and copy into place afterwards, and a
 //! sequence's q / k / v rows, which its heads share, read by one core (the MiniLM step at
-//! 48 x 128 tokens: 5% less time than one task per (sequence, head), BENCHMARKS.md); the
-//! element-wise passes over a [t, t] block
-//! are compiled for AVX-512/AVX2 where the CPU has them (simd::multiversion) and use the
-//! vectorisable exp. Every task's result depends only on its inputs, so any thread
-//! count gives the same bits.
+//! 48 x 128 tokens: 5% less time than one task per (sequence, head), BENCHMARKS.md). The
+//! element-wise passes over a [t, t] block are compiled for AVX-512/AVX2 where the CPU has
+//! them (simd::multiversion) and use the vectorisable exp. Every task's result depends
+//! only on its inputs, so any thread count gives the same bits.
 use super::gemm::{gemm_view, gemm_view_ldc, View};
 use super::quantize::{round_in_place, round_to, rounded_copy};
 use super::simd::{self, multiversion};
