@@ -2,6 +2,9 @@
 //! MiniLM step (2 B_f + B_r = 48 sequences of 128 tokens, hidden 384, 12 heads, FFN 1536),
 //! timed alone, times the number of calls per step. The sum is close to what
 //! `deepcut-fast bench` measures (it leaves out the host side: assemble, losses).
+//! Each op runs alone, so one that allocates and frees large buffers per call can pay page
+//! faults here that a step with a warm heap does not (attention's rows did until it wrote
+//! in place): check a surprising row with `perf record` of the `bench` command.
 //!
 //! cargo run --release --example op_speed [-- b t]      (default 48 128)
 use deepcut_fast::backend::cpu::{
