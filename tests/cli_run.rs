@@ -162,6 +162,18 @@ fn train_then_run_writes_the_run_folder_and_resumes_exactly() {
     }
     assert_eq!(r["cost"]["steps"], 5);
     assert_eq!(r["config"]["unlearning"]["tau"].as_f64().unwrap() as f32, 0.1);
+    // the host the costs were measured on
+    let host = &r["config"]["host"];
+    assert!(host["threads"].as_u64().unwrap_or(0) >= 1, "{host}");
+    assert!(
+        ["avx512", "avx2", "baseline"].contains(&host["simd"].as_str().unwrap_or_default()),
+        "{host}"
+    );
+    assert!(
+        ["matrixmultiply", "gemm crate"].contains(&host["gemm"].as_str().unwrap_or_default()),
+        "{host}"
+    );
+    assert!(!host["model"].as_str().unwrap_or_default().is_empty(), "{host}");
     assert_eq!(r["history"]["steps"].as_array().unwrap().len(), 5);
     let forget_txt = std::fs::read_to_string(out.join("forget.txt")).unwrap();
     assert_eq!(

@@ -133,23 +133,14 @@ impl MatmulRate {
     }
 }
 
-/// CPU model name from /proc/cpuinfo ("unknown CPU" elsewhere).
-pub(super) fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string())
-}
-
 impl BenchBackend for Cpu {
     fn sync(&self) {}
     fn device_name(&self) -> String {
-        format!("{} ({} threads)", cpu_model(), rayon::current_num_threads())
+        format!(
+            "{} ({} threads)",
+            crate::backend::cpu::cpu_model(),
+            rayon::current_num_threads()
+        )
     }
     fn device_memory_used(&self) -> Option<u64> {
         None

@@ -92,13 +92,8 @@ fn gather(flag: Option<Precision>, self_check: bool) -> Value {
             "targets": targets,
             "nvrtc": images::NVRTC_VERSION,
         },
-        "cpu": {
-            "model": super::bench::cpu_model(),
-            "threads": rayon::current_num_threads(),
-            "simd": crate::backend::cpu::simd::level().name(),
-            // picked per machine (src/backend/cpu/gemm.rs kernel())
-            "gemm": crate::backend::cpu::gemm::kernel().name(),
-        },
+        // the SIMD build and GEMM library are picked per machine (src/backend/cpu)
+        "cpu": crate::backend::cpu::host(),
         "cuda": {
             "available": availability.is_ok(),
             "why_not": availability.as_ref().err(),

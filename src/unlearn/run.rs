@@ -506,6 +506,8 @@ pub fn run<B: Backend>(
             "model": inp.model, "data": inp.data, "out": inp.out,
             "retrain_ref": inp.retrain_ref,
             "backend": model.backend_line(),
+            // the host's CPU, SIMD build and GEMM library: what the CPU's times depend on
+            "host": crate::backend::cpu::host(),
             "precision": cfg.precision,
             "versions": {"deepcut-fast": env!("CARGO_PKG_VERSION")},
         },

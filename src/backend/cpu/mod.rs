@@ -21,6 +21,31 @@ pub mod softmax_ce;
 
 use super::{AdamW, Backend, Dropout, InfoNceOptions, Precision};
 
+/// CPU model name from /proc/cpuinfo ("unknown CPU" elsewhere).
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_string())
+}
+
+/// The host as the CPU backend sees it: model, rayon threads, the SIMD build of the
+/// element-wise kernels and the GEMM library (both picked at run time), for `devices` and
+/// the run report: CPU times mean little without them.
+pub fn host() -> serde_json::Value {
+    serde_json::json!({
+        "model": cpu_model(),
+        "threads": rayon::current_num_threads(),
+        "simd": simd::level().name(),
+        "gemm": gemm::kernel().name(),
+    })
+}
+
 /// fp32 CPU backend. Buffers are plain vectors.
 #[derive(Default, Clone)]
 pub struct Cpu;
