@@ -3,16 +3,19 @@
 // Indices come from the host batcher and are not checked here.
 #include "common.cuh"
 
-// out[r, :] = src[idx[r], :] for r < m, src in its storage type (the final hidden states
-// are 16-bit in the bf16 / fp16 modes). One block per output row; a thread's loads are
-// issued before its stores (out and src are distinct buffers, but the compiler cannot
-// know: a store between loads made each column step a round trip).
+// out[r, :] = src[idx[r], :] for r < m, each in its storage type: src 16-bit where the
+// final hidden states are (the bf16 / fp16 modes), out fp32 (the contrastive embeddings)
+// or the same 16-bit type as src (an evaluation's kept rows, `Model::forward_rows`: the
+// store rounds a value that is already 16-bit, so it is a copy). One block per output
+// row; a thread's loads are issued before its stores (out and src are distinct buffers,
+// but the compiler cannot know: a store between loads made each column step a round trip).
 #define GATHER_MAX 8
-extern "C" __global__ void gather_rows_f32(float* out, const void* src, int src_t, const int* idx, int m, int c) {
+extern "C" __global__ void gather_rows_f32(void* out, int out_t, const void* src, int src_t, const int* idx, int m,
+                                           int c) {
     int r = blockIdx.x;
     if (r >= m) return;
     const size_t s = (size_t)idx[r] * c;
-    float* o = out + (size_t)r * c;
+    const size_t o = (size_t)r * c;
     for (int j0 = threadIdx.x; j0 < c; j0 += GATHER_MAX * blockDim.x) {
         float v[GATHER_MAX];
 #pragma unroll
@@ -23,7 +26,7 @@ extern "C" __global__ void gather_rows_f32(float* out, const void* src, int src_
 #pragma unroll
         for (int u = 0; u < GATHER_MAX; ++u) {
             const int j = j0 + u * blockDim.x;
-            if (j < c) o[j] = v[u];
+            if (j < c) st(out, out_t, o + j, v[u]);
         }
     }
 }

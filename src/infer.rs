@@ -4,7 +4,7 @@
 use crate::backend::Backend;
 use crate::data::{token_batches, Batch, Encoder, LabelMap, PositionStyle, Sentence, Window};
 use crate::error::{Error, Result};
-use crate::model::{load_model_dir, Dims, HostWeights, Mode, Model, ModelConfig, ModelType};
+use crate::model::{load_model_dir, Dims, HostWeights, Model, ModelConfig, ModelType};
 use std::path::Path;
 
 /// A classifier ready to run: config, labels, tokenizer and weights on the host.
@@ -120,20 +120,22 @@ pub fn argmax<T: PartialOrd>(row: &[T]) -> usize {
 }
 
 /// One evaluation batch's logits and token losses on their way back: staged copies, and
-/// the batch's windows and their token offsets.
+/// the batch's windows.
 struct EvalSlot<B: Backend> {
     /// (size in floats, buffer): `Model::take_staging`'s, given back at the end
     logits: (usize, B::Staging),
     losses: (usize, B::Staging),
-    /// The windows of the batch in flight and its sequence offsets.
-    batch: Option<(Vec<usize>, Vec<i32>)>,
+    /// The windows of the batch in flight and the rows it computed: each window's
+    /// `word_pos` in turn (`Model::forward_rows`).
+    batch: Option<(Vec<usize>, usize)>,
 }
 
 /// Runs `model` (evaluation mode: no dropout) over `windows` of `sentences`, batches of
 /// at most `model.max_tokens()` tokens (packed; fewer where the backend prefers:
 /// `Backend::eval_batch_tokens`), sorted by length (many short windows to a batch, of
 /// alike lengths), and collects per-word logits in input order and
-/// per-sentence losses.
+/// per-sentence losses. Only the rows read here are computed past the last layer's
+/// attention: each word's first sub-word (`Model::forward_rows`).
 pub fn run_windows<B: Backend>(
     model: &mut Model<B>, sentences: &[Sentence], windows: &[Window], style: PositionStyle,
 ) -> Outputs {
@@ -157,34 +159,35 @@ pub fn run_windows<B: Backend>(
         batch: None,
     });
     let mut file = |slot: &mut EvalSlot<B>, be: &B| {
-        let Some((rows_windows, seqs)) = slot.batch.take() else {
+        let Some((rows_windows, m)) = slot.batch.take() else {
             return;
         };
-        let n = *seqs.last().expect("b + 1 offsets") as usize;
-        let out = be.download_wait(&slot.logits.1, n * l);
-        let losses = be.download_wait(&slot.losses.1, n);
-        for (r, &wi) in rows_windows.iter().enumerate() {
+        let out = be.download_wait(&slot.logits.1, m * l);
+        let losses = be.download_wait(&slot.losses.1, m);
+        // row o holds the o-th kept token: the windows' word_pos in turn
+        let mut o = 0;
+        for &wi in &rows_windows {
             let w = &windows[wi];
-            let s0 = seqs[r] as usize;
             for (k, &pos) in w.word_pos.iter().enumerate() {
                 let word = w.first_word + k;
-                let src = &out[(s0 + pos) * l..(s0 + pos + 1) * l];
-                logits[w.sentence][word * l..(word + 1) * l].copy_from_slice(src);
+                logits[w.sentence][word * l..(word + 1) * l].copy_from_slice(&out[o * l..(o + 1) * l]);
                 if w.labels[pos] >= 0 {
-                    loss_sum[w.sentence] += losses[s0 + pos] as f64;
+                    loss_sum[w.sentence] += losses[o] as f64;
                     loss_count[w.sentence] += 1;
                 }
+                o += 1;
             }
         }
     };
     for (i, idx) in token_batches(&lengths, budget).into_iter().enumerate() {
         let batch = Batch::gather(windows, &idx, style);
-        model.forward(&batch.inputs, Mode::Eval);
+        let rows = word_rows(&batch, windows);
+        model.forward_rows(&batch.inputs, &rows);
         let slot = &mut slots[i % 2];
         model.logits_start(&mut slot.logits.1);
         model.token_losses_start(&mut slot.losses.1);
         tokens += batch.tokens();
-        slot.batch = Some((batch.windows, batch.inputs.seqs));
+        slot.batch = Some((batch.windows, rows.len()));
         file(&mut slots[1 - i % 2], &model.be);
     }
     for slot in &mut slots {
@@ -204,6 +207,17 @@ pub fn run_windows<B: Backend>(
         mean_loss,
         tokens,
     }
+}
+
+/// The token rows of `batch` (gathered from `windows`) an evaluation reads: each window's
+/// words' first sub-words (`Window::word_pos`), window after window.
+pub fn word_rows(batch: &Batch, windows: &[Window]) -> Vec<i32> {
+    batch
+        .windows
+        .iter()
+        .zip(&batch.inputs.seqs)
+        .flat_map(|(&wi, &s0)| windows[wi].word_pos.iter().map(move |&pos| s0 + pos as i32))
+        .collect()
 }
 
 /// Tokenises `sentences` with the classifier's tokenizer and runs them.
@@ -238,14 +252,13 @@ pub fn labelled_hidden<B: Backend>(
     let all: Vec<usize> = (0..windows.len()).collect();
     for idx in all.chunks(rows) {
         let batch = Batch::gather(windows, idx, style);
-        model.forward(&batch.inputs, Mode::Eval);
-        let h = model.hidden_host();
-        for (i, &y) in batch.inputs.labels.iter().enumerate() {
-            if y >= 0 {
-                out.extend_from_slice(&h[i * c..(i + 1) * c]);
-                labels.push(y);
-            }
-        }
+        let keep: Vec<i32> = (0..batch.tokens() as i32)
+            .filter(|&i| batch.inputs.labels[i as usize] >= 0)
+            .collect();
+        model.forward_rows(&batch.inputs, &keep);
+        out.extend(model.hidden_host());
+        labels.extend(keep.iter().map(|&i| batch.inputs.labels[i as usize]));
     }
+    debug_assert_eq!(out.len(), labels.len() * c);
     (out, labels)
 }

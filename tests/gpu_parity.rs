@@ -2196,6 +2196,10 @@ fn rounded_storage_ops<G: Backend>(be: &G, prec: Precision) {
         let mut z = be.alloc(40 * c);
         be.gather_rows(&mut z, &resid, &up_i(be, &idx), 40, c);
         outs.push(be.download(&z, 40 * c));
+        // and into a buffer of the source's storage (an evaluation's kept rows)
+        let mut zr = mk(40 * c);
+        be.gather_rows(&mut zr, &resid, &up_i(be, &idx), 40, c);
+        outs.push(be.download(&zr, 40 * c));
         let (l, labels) = (
             13,
             (0..n).map(|i| if i % 5 == 0 { IGNORE_INDEX } else { (i % 13) as i32 }),
@@ -2222,6 +2226,7 @@ fn rounded_storage_ops<G: Backend>(be: &G, prec: Precision) {
         "dropout_fwd",
         "dropout_fwd of a rounded input",
         "gather_rows of a rounded source",
+        "gather_rows of a rounded source into its storage",
         "softmax_ce_bwd",
     ];
     assert_eq!(names.len(), want.len());
@@ -3100,7 +3105,7 @@ fn clip_adamw_all_fp16_body<G: Backend>(g: &G) {
 mod step {
     use super::*;
     use deepcut_fast::data::{PositionStyle, Window};
-    use deepcut_fast::model::{Dims, Mode, Model};
+    use deepcut_fast::model::{Dims, HostBatch, Mode, Model};
     use deepcut_fast::train::optim::{LossScaling, OptimConfig, Optimizer};
     use deepcut_fast::train::readback::Ring;
     use deepcut_fast::unlearn::deepcut::{assemble, step, step_enqueue, Anchors, Contrast};
@@ -3212,6 +3217,86 @@ mod step {
                 .get(b"emu_host_allocs")
                 .expect("the emulator's emu_host_allocs (an old build?)");
             Some(f())
+        }
+    }
+
+    /// `Model::forward_rows`, what every evaluation runs (`infer::run_windows`): the last
+    /// layer's attention output and residual gathered to the kept rows (16-bit storage on
+    /// the GPU in bf16 / fp16), the rest of that layer and the head on those rows alone.
+    /// Each kept row's hidden state, logits and token loss are the full forward's at that
+    /// row: on the CPU the hidden states bit for bit for more than one row (the layer's
+    /// GEMMs sum each output element in the same order whatever the row count; one row
+    /// takes a GEMV path) and the logits within rounding (the head's GEMM, a handful of
+    /// columns, does not); within a GEMM's summation order on the GPU (cuBLASLt picks per
+    /// shape). Rows sets:
+    /// the words' first sub-words (as evaluations keep), all, one, none, and an unsorted
+    /// subset. Then the GPU's kept rows against the CPU's.
+    #[test]
+    fn evaluation_of_kept_rows_matches_the_full_forward() {
+        use deepcut_fast::data::Batch;
+        let w = windows(&mut Rng(79));
+        let idx: Vec<usize> = (0..w.len()).collect();
+        let batch = Batch::gather(&w, &idx, PositionStyle::Absolute);
+        let n = batch.tokens() as i32;
+        let first_subwords = deepcut_fast::infer::word_rows(&batch, &w);
+        assert!(first_subwords.len() > 1 && (first_subwords.len() as i32) < n);
+        let sets: Vec<(&str, Vec<i32>)> = vec![
+            ("first sub-words", first_subwords),
+            ("all rows", (0..n).collect()),
+            ("one row", vec![n / 2]),
+            ("no row", vec![]),
+            ("unsorted", (0..n).rev().step_by(3).chain([1, 0]).collect()),
+        ];
+        // (logits, hidden, token losses) of the kept rows of each set, and of `forward`
+        type Outs = Vec<(Vec<f32>, Vec<f32>, Vec<f32>)>;
+        fn kept<B: Backend>(m: &mut Model<B>, batch: &HostBatch, sets: &[(&str, Vec<i32>)]) -> (Outs, Outs) {
+            let (l, c) = (dims().labels, dims().hidden);
+            m.forward(batch, Mode::Eval);
+            let full = (m.logits_host(), m.hidden_host(), m.token_losses());
+            let mut want = vec![];
+            let mut got = vec![];
+            for (_, rows) in sets {
+                let pick = |x: &[f32], w: usize| -> Vec<f32> {
+                    rows.iter()
+                        .flat_map(|&r| x[r as usize * w..(r as usize + 1) * w].to_vec())
+                        .collect()
+                };
+                want.push((pick(&full.0, l), pick(&full.1, c), pick(&full.2, 1)));
+                m.forward_rows(batch, rows);
+                got.push((m.logits_host(), m.hidden_host(), m.token_losses()));
+            }
+            (want, got)
+        }
+        let on_gpu = gpu_only("evaluation_of_kept_rows_matches_the_full_forward (its CPU half ran)").is_some();
+        for prec in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
+            let (want, got) = kept(&mut model(Cpu, 5).with_precision(prec), &batch.inputs, &sets);
+            for (((name, rows), w), g) in sets.iter().zip(&want).zip(&got) {
+                // the head's GEMM ([rows, labels], a handful of columns) takes another
+                // path at another row count: its logits within rounding (measured <= 4.5e-7)
+                let tol_hidden = if rows.len() == 1 { 1e-6 } else { 0.0 };
+                compare(&format!("CPU {prec}, {name}: hidden"), &g.1, &w.1, tol_hidden);
+                compare(&format!("CPU {prec}, {name}: logits"), &g.0, &w.0, 2e-6);
+                compare(&format!("CPU {prec}, {name}: token losses"), &g.2, &w.2, 2e-6);
+            }
+            if !on_gpu {
+                continue;
+            }
+            let gpu = Cuda::new(0).expect("the device opened a moment ago");
+            let (gwant, ggot) = kept(&mut model(gpu, 5).with_precision(prec), &batch.inputs, &sets);
+            // within the GPU: another row count may be another GEMM algorithm; in 16 bits a
+            // last-bit difference can flip a rounding of the layer's activations
+            let (tol, tol_parity) = if prec == Precision::Fp32 {
+                (1e-6, TOL_STEP)
+            } else {
+                (1e-3, TOL_STEP_16)
+            };
+            for ((((name, _), w), g), c) in sets.iter().zip(&gwant).zip(&ggot).zip(&got) {
+                compare(&format!("GPU {prec}, {name}: logits"), &g.0, &w.0, tol);
+                compare(&format!("GPU {prec}, {name}: hidden"), &g.1, &w.1, tol);
+                compare(&format!("GPU {prec}, {name}: token losses"), &g.2, &w.2, tol);
+                compare(&format!("GPU vs CPU {prec}, {name}: logits"), &g.0, &c.0, tol_parity);
+                compare(&format!("GPU vs CPU {prec}, {name}: hidden"), &g.1, &c.1, tol_parity);
+            }
         }
     }
 

@@ -481,7 +481,9 @@ pub trait Backend {
     );
 
     // ---- DeepCUT contrastive term ---------------------------------------------------------
-    /// out[r, :] = src[idx[r], :] for r < m (out [m, c]): labelled positions into Z.
+    /// out[r, :] = src[idx[r], :] for r < m (out [m, c]): labelled positions into Z, and the
+    /// rows an evaluation keeps (`Model::forward_rows`). `out` may be a rounded buffer
+    /// (`alloc_rounded`) when `src` is one of the same precision: a copy either way.
     fn gather_rows(&self, out: &mut Self::Buf, src: &Self::Buf, idx: &Self::IBuf, m: usize, c: usize);
     /// dst[idx[r], :] += src[r, :] for r < m. Accumulates (dZ joins the head's gradient
     /// of the final hidden states); deterministic even if indices repeat.

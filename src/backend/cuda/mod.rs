@@ -1105,7 +1105,7 @@ impl Backend for Cuda {
         softmax_ce::softmax_ce_bwd(self, dlogits, logits.f32(w), labels, n, v, scale)
     }
     fn gather_rows(&self, out: &mut CudaBuf, src: &CudaBuf, idx: &DevMem<i32>, m: usize, c: usize) {
-        rows::gather_rows(self, out.f32_mut("gather_rows out"), src, idx, m, c)
+        rows::gather_rows(self, out, src, idx, m, c)
     }
     fn scatter_add_rows(&self, dst: &mut CudaBuf, src: &CudaBuf, idx: &DevMem<i32>, m: usize, c: usize) {
         let w = "scatter_add_rows";

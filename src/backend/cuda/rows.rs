@@ -10,21 +10,29 @@ fn rows_cfg(m: usize) -> LaunchConfig {
     }
 }
 
-/// out[r, :] = src[idx[r], :] for r < m (src in any storage).
-pub fn gather_rows(cu: &Cuda, out: &mut CudaSlice<f32>, src: &CudaBuf, idx: &CudaSlice<i32>, m: usize, c: usize) {
+/// out[r, :] = src[idx[r], :] for r < m: src in any storage, out fp32 or src's own 16-bit
+/// storage (a copy of rows that `Model::forward_rows` keeps; never a rounding).
+pub fn gather_rows(cu: &Cuda, out: &mut CudaBuf, src: &CudaBuf, idx: &CudaSlice<i32>, m: usize, c: usize) {
     if m == 0 || c == 0 {
         return;
     }
     let _r = cu.range("gather_rows");
     need(out.len(), m * c, "gather_rows out");
     need(idx.len(), m, "gather_rows idx");
+    assert!(
+        out.code() == 0 || out.code() == src.code(),
+        "gather_rows: a {} out takes rows of that storage only, not {}",
+        out.precision(),
+        src.precision()
+    );
     let (mi, ci) = (int(m, "gather_rows m"), int(c, "gather_rows c"));
     let mut l = cu.stream.launch_builder(cu.func("gather_rows_f32"));
+    let (po, to) = (out.addr(&cu.stream), out.code());
     let (ps, ts) = (src.addr(&cu.stream), src.code());
-    l.arg(out).arg(&ps).arg(&ts).arg(idx).arg(&mi).arg(&ci);
-    // SAFETY: (float* out, const void* src, int src_t, const int* idx, int m, int c); block
-    // r < m copies row idx[r] of src (in range by contract, of src_t's storage) to
-    // out[r*c..][..c]; out and idx are checked above.
+    l.arg(&po).arg(&to).arg(&ps).arg(&ts).arg(idx).arg(&mi).arg(&ci);
+    // SAFETY: (void* out, int out_t, const void* src, int src_t, const int* idx, int m,
+    // int c); block r < m copies row idx[r] of src (in range by contract, of src_t's
+    // storage) to out[r*c..][..c] in out_t's storage; out and idx are checked above.
     check(unsafe { l.launch(rows_cfg(m)) }, "gather_rows_f32");
 }
 
