@@ -788,8 +788,8 @@ impl<B: Backend> Model<B> {
     /// layers but the last run on all n tokens; the last runs its attention core on all of
     /// them and its output projection, LayerNorms, feed-forward and the head on `rows` only.
     /// An evaluation reads the logits of each word's first sub-word (`run_windows`): on
-    /// WNUT17's sentences ~61% of the tokens, which saves ~5% of the pass. No backward
-    /// follows it.
+    /// WNUT17's sentences 62% of the tokens, which takes ~3% off a MiniLM pass on the CPU
+    /// (BENCHMARKS.md, twenty-eighth session). No backward follows it.
     pub fn forward_rows(&mut self, batch: &HostBatch, rows: &[i32]) {
         let n = batch.tokens();
         if let Some(bad) = rows.iter().find(|&&r| r < 0 || r as usize >= n) {
