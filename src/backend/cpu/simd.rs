@@ -21,7 +21,6 @@ pub enum Level {
     Avx512,
 }
 
-/// Detected once per process. `DEEPCUT_SIMD=baseline|avx2` caps it (to compare builds).
 impl Level {
     /// The build of the element-wise kernels in words (`devices`, the bench's JSON).
     pub fn name(self) -> &'static str {
@@ -33,6 +32,7 @@ impl Level {
     }
 }
 
+/// Detected once per process. `DEEPCUT_SIMD=baseline|avx2` caps it (to compare builds).
 pub fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
