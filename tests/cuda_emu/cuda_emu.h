@@ -18,6 +18,7 @@
 #include <string.h>
 #include <type_traits>
 #include <utility>
+#include <cuda_fp16.h>  // emu_half_bits_to_float, for the mma fragments
 
 #define __global__
 #define __device__
@@ -223,9 +224,7 @@ inline float emu_b16_value(unsigned short u, bool bf16) {
         memcpy(&f, &w, 4);
         return f;
     }
-    _Float16 h;
-    memcpy(&h, &u, 2);
-    return (float)h;
+    return emu_half_bits_to_float(u);
 }
 inline void emu_mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2], bool bf16) {
     struct Frag {
@@ -236,23 +235,28 @@ inline void emu_mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned 
     memcpy(mine.b, b, sizeof mine.b);
     unsigned char all[32][64];
     emu_warp_gather(&mine, sizeof mine, all);
+    // Only what this lane reads is decoded: rows g and g + 8 of A (held by lanes 4g..4g+3)
+    // and columns c2, c2 + 1 of B (lanes 4 c2..4 c2 + 7); decoding all 384 values in every
+    // lane was most of the emulator's time in the 16-bit InfoNCE tests.
+    const int lane = emu_lane(), g = lane >> 2, c2 = (lane & 3) * 2;
     float A[16][16], B[16][8];
-    for (int lane = 0; lane < 32; ++lane) {
+    for (int from = 0; from < 32; ++from) {
+        const int fg = from >> 2, fc2 = (from & 3) * 2;
+        const bool a_rows = fg == g, b_cols = fg == c2 || fg == c2 + 1;
+        if (!a_rows && !b_cols) continue;
         Frag f;
-        memcpy(&f, all[lane], sizeof f);
-        const int g = lane >> 2, c2 = (lane & 3) * 2;
-        for (int r = 0; r < 4; ++r) {
-            const int row = g + (r & 1) * 8, col = c2 + (r >> 1) * 8;
+        memcpy(&f, all[from], sizeof f);
+        for (int r = 0; a_rows && r < 4; ++r) {
+            const int row = fg + (r & 1) * 8, col = fc2 + (r >> 1) * 8;
             A[row][col] = emu_b16_value((unsigned short)(f.a[r] & 0xffffu), bf16);
             A[row][col + 1] = emu_b16_value((unsigned short)(f.a[r] >> 16), bf16);
         }
-        for (int r = 0; r < 2; ++r) {
-            const int k = c2 + r * 8;
-            B[k][g] = emu_b16_value((unsigned short)(f.b[r] & 0xffffu), bf16);
-            B[k + 1][g] = emu_b16_value((unsigned short)(f.b[r] >> 16), bf16);
+        for (int r = 0; b_cols && r < 2; ++r) {
+            const int k = fc2 + r * 8;
+            B[k][fg] = emu_b16_value((unsigned short)(f.b[r] & 0xffffu), bf16);
+            B[k + 1][fg] = emu_b16_value((unsigned short)(f.b[r] >> 16), bf16);
         }
     }
-    const int lane = emu_lane(), g = lane >> 2, c2 = (lane & 3) * 2;
     if (emu_mma_truncate()) {
         for (int r = 0; r < 4; ++r) {
             const int row = g + (r >> 1) * 8, col = c2 + (r & 1);

@@ -10,6 +10,29 @@
 #include <math.h>
 #include <stdint.h>
 
+// 2^e for e in the normal range of a double, built from its bits (ldexp / frexp were a
+// third of the emulator's time with CUDA_EMU_MMA=truncate); exact, as they are.
+inline double emu_pow2(int e) {
+    if (e < -1022 || e > 1023) return ldexp(1.0, e);
+    const uint64_t bits = (uint64_t)(e + 1023) << 52;
+    double d;
+    __builtin_memcpy(&d, &bits, 8);
+    return d;
+}
+
+// frexp's exponent of a finite nonzero double: |t| in [2^(e-1), 2^e)
+inline int emu_exponent(double t) {
+    uint64_t bits;
+    __builtin_memcpy(&bits, &t, 8);
+    const int field = (int)((bits >> 52) & 0x7ff);
+    if (field == 0) {  // subnormal (no product of 16-bit values is; kept exact anyway)
+        int e;
+        frexp(t, &e);
+        return e;
+    }
+    return field - 1022;
+}
+
 // c plus the exact products a[q] * b[q * bstride] of 16-bit values (q < n <= 16).
 inline float emu_dot_truncated(float c, const float* a, const float* b, int bstride, int n) {
     double t[17];
@@ -23,8 +46,7 @@ inline float emu_dot_truncated(float c, const float* a, const float* b, int bstr
             return c + s;
         }
         if (t[k] != 0.0) {
-            int e;
-            frexp(t[k], &e);  // |t| in [2^(e-1), 2^e)
+            const int e = emu_exponent(t[k]);  // |t| in [2^(e-1), 2^e)
             if (e > emax) emax = e;
         }
     }
@@ -32,8 +54,9 @@ inline float emu_dot_truncated(float c, const float* a, const float* b, int bstr
     // fixed point with its last bit 24 bits below the largest term's leading bit
     const int lsb = emax - 1 - 23;
     long long sum = 0;
-    for (int k = 0; k <= n; ++k) sum += (long long)trunc(ldexp(t[k], -lsb));
-    const double exact = ldexp((double)sum, lsb);  // |sum| < 17 * 2^24: exact in a double
+    const double scale = emu_pow2(-lsb);
+    for (int k = 0; k <= n; ++k) sum += (long long)trunc(t[k] * scale);  // t * 2^-lsb: exact
+    const double exact = (double)sum * emu_pow2(lsb);  // |sum| < 17 * 2^24: exact in a double
     float r = (float)exact;                          // to nearest, then toward zero
     if (fabs((double)r) > fabs(exact)) r = nextafterf(r, 0.0f);
     return r;

@@ -17,6 +17,7 @@
 // compiler behaviour of real hardware, cuBLAS's own kernels (tests/cuda_emu/cublas.cpp).
 #include <atomic>
 #include <algorithm>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -533,9 +534,59 @@ extern "C" void emu_cp_async_wait(int newest_pending) {
 
 extern "C" void* emu_dyn_smem() { return cur->smem.empty() ? nullptr : cur->smem.data(); }
 
+// CUDA_EMU_PROFILE=1: the emulator's own time per kernel (its launches, blocks and wall
+// seconds), printed at exit, most first: where a slow emulated test spends it (a kernel
+// with many barriers under ThreadSanitizer, ...), which perf cannot attribute across
+// the fibers' stacks.
+struct KernelTime {
+    unsigned long long launches = 0, blocks = 0;
+    double seconds = 0;
+};
+static std::map<std::string, KernelTime>& kernel_times() {
+    static auto* m = new std::map<std::string, KernelTime>;  // never destroyed: read at exit
+    return *m;
+}
+static void print_kernel_times() {
+    std::vector<std::pair<double, std::string>> rows;
+    double total = 0;
+    for (auto& [name, t] : kernel_times()) {
+        char line[256];
+        snprintf(line, sizeof line, "%9.3f s %8llu launches %10llu blocks  %s", t.seconds, t.launches, t.blocks,
+                 name.c_str());
+        rows.emplace_back(t.seconds, line);
+        total += t.seconds;
+    }
+    std::sort(rows.rbegin(), rows.rend());
+    fprintf(stderr, "cuda_emu profile: %.3f s in kernels\n", total);
+    for (auto& [_, line] : rows) fprintf(stderr, "cuda_emu profile: %s\n", line.c_str());
+}
+static bool profiling() {
+    static const bool on = [] {
+        const bool set = env_is("CUDA_EMU_PROFILE", "1");
+        if (set) atexit(print_kernel_times);
+        return set;
+    }();
+    return on;
+}
+
+static void run_blocks(const EmuKernel* k, void** params, emu_dim3 grid, emu_dim3 block, size_t smem);
 static void launch(const EmuKernel* k, void** params, emu_dim3 grid, emu_dim3 block, size_t smem) {
     static std::mutex one_launch_at_a_time;
     std::lock_guard<std::mutex> lock(one_launch_at_a_time);
+    if (!profiling()) {
+        run_blocks(k, params, grid, block, smem);
+        return;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    run_blocks(k, params, grid, block, smem);
+    KernelTime& t = kernel_times()[k->name];
+    ++t.launches;
+    t.blocks += (unsigned long long)grid.x * grid.y * grid.z;
+    t.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// launch's blocks, one after another (the caller holds the launch lock)
+static void run_blocks(const EmuKernel* k, void** params, emu_dim3 grid, emu_dim3 block, size_t smem) {
     int n = (int)(block.x * block.y * block.z);
     EmuThreadState saved = emu_state;
     // A GPU runs blocks in no promised order. The emulator runs them one at a time, in
@@ -866,8 +917,32 @@ static CUresult need_ctx(const char* fn) {
         if (CUresult r_ = need_ctx(__func__)) return r_; \
     } while (0)
 
+// The emulator's hand-written fp16 decode (include/cuda_fp16.h emu_half_bits_to_float)
+// against the compiler's _Float16 widening, every one of the 65536 patterns, bit for bit
+// (NaN: a NaN with the same sign); checked once, when the backend first calls the driver.
+static void check_half_decode() {
+    for (unsigned u = 0; u < 0x10000u; ++u) {
+        _Float16 h;
+        const unsigned short bits16 = (unsigned short)u;
+        memcpy(&h, &bits16, 2);
+        const float want = (float)h, got = emu_half_bits_to_float(bits16);
+        uint32_t w, g;
+        memcpy(&w, &want, 4);
+        memcpy(&g, &got, 4);
+        const bool same = want != want ? (got != got && (w >> 31) == (g >> 31)) : w == g;
+        if (!same) {
+            fprintf(stderr, "cuda_emu: fp16 0x%04x decodes to 0x%08x, _Float16 gives 0x%08x\n", u, g, w);
+            abort();
+        }
+    }
+}
+
 extern "C" {
-CUresult cuInit(unsigned int) { return OK; }
+CUresult cuInit(unsigned int) {
+    static const bool checked = (check_half_decode(), true);
+    (void)checked;
+    return OK;
+}
 // CUDA 12.9 unless CUDA_EMU_DRIVER_VERSION says otherwise (13000: a CUDA 13 driver), for the
 // tests of which cuBLAS the CLI accepts under which driver (tests/gpu_cli.rs).
 CUresult cuDriverGetVersion(int* v) {
