@@ -2582,88 +2582,100 @@ fn infonce_every_option_body<G: Backend>(g: &G) {
     infonce_check(g, "", &shapes, &Precision::ALL);
 }
 
+/// The InfoNCE option sets `infonce_check` runs at its `cell`-th (shape, precision): all
+/// eight, or in the sanitizer children (`run_to_run` false) two complementary ones, every
+/// option's both values at every shape and precision, rotating through the eight sets from
+/// cell to cell. The sanitizers look for accesses outside buffers and unordered ones, which
+/// the options change by the branches and kernels they select, not by their combination;
+/// the full cross product is the plain and reversed emulator children's, and the GPU's.
+/// (Under ThreadSanitizer infonce_every_option took 211 s with all eight.)
+fn infonce_option_sets(cell: usize) -> Vec<InfoNceOptions> {
+    let set = |k: usize| InfoNceOptions {
+        tau: 0.1,
+        denominator: [Denominator::SameClass, Denominator::All][k >> 2 & 1],
+        own_view: [OwnView::Negative, OwnView::Exclude][k >> 1 & 1],
+        detach_columns: [true, false][k & 1],
+    };
+    if run_to_run() {
+        (0..8).map(set).collect()
+    } else {
+        let k = cell % 4;
+        vec![set(k), set(7 - k)]
+    }
+}
+
 /// InfoNCE on the CUDA backend against the twin for every option, at (m, c, classes) in
-/// `shapes` and each precision in `precs`.
+/// `shapes` and each precision in `precs` (`infonce_option_sets`).
 fn infonce_check<G: Backend>(g: &G, path: &str, shapes: &[(usize, usize, usize)], precs: &[Precision]) {
+    #[allow(clippy::too_many_arguments)]
+    fn go<B: Backend>(
+        be: &B, z: &[f32], labels: &[i32], anchor: &[i32], partner: &[i32], lse_in: Option<&[f32]>, m: usize, c: usize,
+        opts: InfoNceOptions, prec: Precision,
+    ) -> Vec<Vec<f32>> {
+        let (dz_, dl, da, dp) = (up(be, z), up_i(be, labels), up_i(be, anchor), up_i(be, partner));
+        let (mut loss, mut lse) = (be.alloc(m), be.alloc(m));
+        be.infonce_fwd(&mut loss, &mut lse, &dz_, &dl, &da, &dp, m, c, opts, prec);
+        let given = lse_in.map(|l| up(be, l));
+        let lse_b = given.as_ref().unwrap_or(&lse);
+        let mut grad = up(be, &vec![9.0; m * c]); // overwritten, not accumulated
+        be.infonce_bwd(&mut grad, &dz_, lse_b, &dl, &da, &dp, m, c, opts, 0.3 / 17.0, prec);
+        vec![be.download(&loss, m), be.download(&lse, m), be.download(&grad, m * c)]
+    }
     let mut rng = Rng(110);
-    for &(m, c, classes) in shapes {
+    for (si, &(m, c, classes)) in shapes.iter().enumerate() {
         let (z, labels, anchor, partner) = infonce_inputs(m, c, classes, &mut rng);
-        for denominator in [Denominator::SameClass, Denominator::All] {
-            for own_view in [OwnView::Negative, OwnView::Exclude] {
-                for detach_columns in [true, false] {
-                    let opts = InfoNceOptions {
-                        tau: 0.1,
-                        denominator,
-                        own_view,
-                        detach_columns,
-                    };
-                    #[allow(clippy::too_many_arguments)]
-                    fn go<B: Backend>(
-                        be: &B, z: &[f32], labels: &[i32], anchor: &[i32], partner: &[i32], lse_in: Option<&[f32]>,
-                        m: usize, c: usize, opts: InfoNceOptions, prec: Precision,
-                    ) -> Vec<Vec<f32>> {
-                        let (dz_, dl, da, dp) = (up(be, z), up_i(be, labels), up_i(be, anchor), up_i(be, partner));
-                        let (mut loss, mut lse) = (be.alloc(m), be.alloc(m));
-                        be.infonce_fwd(&mut loss, &mut lse, &dz_, &dl, &da, &dp, m, c, opts, prec);
-                        let given = lse_in.map(|l| up(be, l));
-                        let lse_b = given.as_ref().unwrap_or(&lse);
-                        let mut grad = up(be, &vec![9.0; m * c]); // overwritten, not accumulated
-                        be.infonce_bwd(&mut grad, &dz_, lse_b, &dl, &da, &dp, m, c, opts, 0.3 / 17.0, prec);
-                        vec![be.download(&loss, m), be.download(&lse, m), be.download(&grad, m * c)]
+        for (pi, &prec) in precs.iter().enumerate() {
+            for opts in infonce_option_sets(si * precs.len() + pi) {
+                // fp32 on CUDA cores; bf16 / fp16 products on tensor cores against the twin
+                // that rounds where they do (fp32 summation order differs)
+                let (tol, tol_dz) = match prec {
+                    Precision::Fp32 => (TOL_KERNEL, TOL_KERNEL),
+                    Precision::Bf16 => (TOL_NCE_16, TOL_NCE_DZ_BF16),
+                    Precision::Fp16 => (TOL_NCE_16, TOL_NCE_DZ_FP16),
+                };
+                let rc = go(&Cpu, &z, &labels, &anchor, &partner, None, m, c, opts, prec);
+                let rg = go(g, &z, &labels, &anchor, &partner, Some(&rc[1]), m, c, opts, prec);
+                let rg2 = run_to_run().then(|| go(g, &z, &labels, &anchor, &partner, Some(&rc[1]), m, c, opts, prec));
+                let tag = format!(
+                    "infonce{path} {prec} m={m} c={c} {:?} {:?} detach={}",
+                    opts.denominator, opts.own_view, opts.detach_columns
+                );
+                for (i, what) in ["loss", "lse", "dz"].iter().enumerate() {
+                    compare(
+                        &format!("{tag} {what}"),
+                        &rg[i],
+                        &rc[i],
+                        if i == 2 { tol_dz } else { tol },
+                    );
+                    if let Some(rg2) = &rg2 {
+                        compare(&format!("{tag} {what}: GPU run to run"), &rg2[i], &rg[i], 0.0);
                     }
-                    // fp32 on CUDA cores; bf16 / fp16 products on tensor cores against the twin
-                    // that rounds where they do (fp32 summation order differs)
-                    for &prec in precs {
-                        let (tol, tol_dz) = match prec {
-                            Precision::Fp32 => (TOL_KERNEL, TOL_KERNEL),
-                            Precision::Bf16 => (TOL_NCE_16, TOL_NCE_DZ_BF16),
-                            Precision::Fp16 => (TOL_NCE_16, TOL_NCE_DZ_FP16),
+                }
+                if prec != Precision::Fp32 {
+                    // the GPU rounds where the twin does: the fp32 loss and gradient on
+                    // the same inputs are several times further from the twin than the
+                    // GPU's (the gradient: p and z rounded for the anchor rows' products)
+                    // (fp16: fp32 itself is closer to an fp16 twin, its rounding 8x
+                    // finer than bf16's, while the tensor cores' truncated sums stay;
+                    // TOL_NCE_DZ_FP16. Least ratios, H200 / truncating emulator: loss
+                    // 4x+ / 2.5x, gradient 3.0x / 1.3x)
+                    let f = go(&Cpu, &z, &labels, &anchor, &partner, None, m, c, opts, Precision::Fp32);
+                    for (i, what) in [(0, "loss"), (2, "dz")] {
+                        let (e_gpu, e_fp32) = (rel_l2(&rg[i], &rc[i]), rel_l2(&f[i], &rc[i]));
+                        let factor = match (prec, i) {
+                            (Precision::Fp16, 0) => 2.0,
+                            (Precision::Fp16, _) => 1.0,
+                            _ => 4.0,
                         };
-                        let rc = go(&Cpu, &z, &labels, &anchor, &partner, None, m, c, opts, prec);
-                        let rg = go(g, &z, &labels, &anchor, &partner, Some(&rc[1]), m, c, opts, prec);
-                        let rg2 =
-                            run_to_run().then(|| go(g, &z, &labels, &anchor, &partner, Some(&rc[1]), m, c, opts, prec));
-                        let tag = format!(
-                            "infonce{path} {prec} m={m} c={c} {denominator:?} {own_view:?} detach={detach_columns}"
+                        eprintln!(
+                            "{tag}: GPU {what} {e_gpu:.1e} from its twin, fp32 {e_fp32:.1e} ({:.1}x)",
+                            e_fp32 / e_gpu.max(1e-30)
                         );
-                        for (i, what) in ["loss", "lse", "dz"].iter().enumerate() {
-                            compare(
-                                &format!("{tag} {what}"),
-                                &rg[i],
-                                &rc[i],
-                                if i == 2 { tol_dz } else { tol },
-                            );
-                            if let Some(rg2) = &rg2 {
-                                compare(&format!("{tag} {what}: GPU run to run"), &rg2[i], &rg[i], 0.0);
-                            }
-                        }
-                        if prec != Precision::Fp32 {
-                            // the GPU rounds where the twin does: the fp32 loss and gradient on
-                            // the same inputs are several times further from the twin than the
-                            // GPU's (the gradient: p and z rounded for the anchor rows' products)
-                            // (fp16: fp32 itself is closer to an fp16 twin, its rounding 8x
-                            // finer than bf16's, while the tensor cores' truncated sums stay;
-                            // TOL_NCE_DZ_FP16. Least ratios, H200 / truncating emulator: loss
-                            // 4x+ / 2.5x, gradient 3.0x / 1.3x)
-                            let f = go(&Cpu, &z, &labels, &anchor, &partner, None, m, c, opts, Precision::Fp32);
-                            for (i, what) in [(0, "loss"), (2, "dz")] {
-                                let (e_gpu, e_fp32) = (rel_l2(&rg[i], &rc[i]), rel_l2(&f[i], &rc[i]));
-                                let factor = match (prec, i) {
-                                    (Precision::Fp16, 0) => 2.0,
-                                    (Precision::Fp16, _) => 1.0,
-                                    _ => 4.0,
-                                };
-                                eprintln!(
-                                    "{tag}: GPU {what} {e_gpu:.1e} from its twin, fp32 {e_fp32:.1e} ({:.1}x)",
-                                    e_fp32 / e_gpu.max(1e-30)
-                                );
-                                assert!(
-                                    factor * e_gpu < e_fp32,
-                                    "{tag}: GPU {what} {e_gpu:.1e} from its twin, not clearly closer than fp32 \
-                                     ({e_fp32:.1e})"
-                                );
-                            }
-                        }
+                        assert!(
+                            factor * e_gpu < e_fp32,
+                            "{tag}: GPU {what} {e_gpu:.1e} from its twin, not clearly closer than fp32 \
+                             ({e_fp32:.1e})"
+                        );
                     }
                 }
             }
@@ -3375,6 +3387,15 @@ mod step {
             );
             return;
         };
+        if !run_to_run() {
+            // the counts are the plain emulator's to check; the sanitizers see the same
+            // pipelined steps in pipelined_steps_match_synchronous_steps_on_device (this
+            // test's ten steps took ThreadSanitizer 102 s)
+            eprintln!(
+                "a_step_allocates_nothing_and_never_waits_for_the_device: counted by the plain emulator, not here"
+            );
+            return;
+        }
         for prec in [Precision::Bf16, Precision::Fp16] {
             count_step_calls(prec);
         }
@@ -3505,11 +3526,17 @@ mod step {
         let w = windows(&mut rng);
         let opts = InfoNceOptions::default();
         let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], PositionStyle::Absolute, 0, Anchors::All);
+        // fp16 from 2^24: four overflows in a row (2^24 .. 2^21 overflow these weights), two
+        // steps applied, a growth, and an overflow again, in 8 attempts. The sanitizer
+        // children (`run_to_run` false) start at 2^21 for 4 attempts: an overflow, two
+        // applied, a growth, an overflow, every transition of the ring and the scaler once,
+        // at half the steps (the 8 took ThreadSanitizer 194 s).
+        let (init, fp16_steps) = if run_to_run() { (24, 8) } else { (21, 4) };
         let fp16 = LossScaling {
-            init: 2f32.powi(24),
+            init: 2f32.powi(init),
             growth_interval: 2,
         };
-        for (prec, steps) in [(Precision::Bf16, 3u64), (Precision::Fp16, 8)] {
+        for (prec, steps) in [(Precision::Bf16, 3u64), (Precision::Fp16, fp16_steps)] {
             let mut sm = model(make(), 5).with_precision(prec);
             let mut scb = Contrast::new(&sm.be, 256, dims().hidden);
             let mut sopt = Optimizer::new(&sm, OPTIM).with_precision(prec, fp16);
@@ -3570,10 +3597,10 @@ mod step {
             if prec == Precision::Fp16 {
                 let sc = sopt.scaler.as_ref().unwrap();
                 eprintln!(
-                    "fp16 from 2^24: {} skipped, {redone} enqueued twice, {:?}",
+                    "fp16 from 2^{init}: {} skipped, {redone} enqueued twice, {:?}",
                     sc.skipped_steps, sc.history
                 );
-                assert!(sc.skipped_steps >= 1 && redone >= 1, "fp16 from 2^24 must overflow");
+                assert!(sc.skipped_steps >= 1 && redone >= 1, "fp16 from 2^{init} must overflow");
                 assert!(want.iter().any(|w| !w.3), "and then apply");
             }
         }
