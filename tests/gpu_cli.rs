@@ -357,8 +357,9 @@ fn cli_on_cuda_under_memcheck_and_racecheck() {
     // (AdamW, the gradient norm's sums of squares, zeroing, conversions) are the same
     // grid-stride loops at any length, and over the 30522 x 384 word embeddings they took
     // 134 s of the child's 160 s in kernels (CUDA_EMU_PROFILE=1)
-    config.vocab_size = 2048;
-    let small_vocab = tmp.path().join("minilm-1-layer-vocab-2048.json");
+    const TSAN_VOCAB: usize = 2048;
+    config.vocab_size = TSAN_VOCAB;
+    let small_vocab = tmp.path().join(format!("minilm-1-layer-vocab-{TSAN_VOCAB}.json"));
     std::fs::write(&small_vocab, config.to_json().to_string()).unwrap();
     let bench_of = |config: &Path| -> Vec<String> {
         [
@@ -425,8 +426,8 @@ fn cli_on_cuda_under_memcheck_and_racecheck() {
             let j: Value = serde_json::from_slice(&o.stdout).unwrap();
             assert!(j["backend"].as_str().unwrap().contains("cuda"), "{}", j["backend"]);
             assert_eq!(j["hidden"].as_u64(), Some(384), "{j}");
-            let vocab = if san == Sanitizer::Thread { 2048 } else { 30522 };
-            assert_eq!(j["vocab"].as_u64(), Some(vocab), "{j}");
+            let vocab = if san == Sanitizer::Thread { TSAN_VOCAB } else { 30522 };
+            assert_eq!(j["vocab"].as_u64(), Some(vocab as u64), "{j}");
             assert_eq!(j["layers"].as_u64(), Some(1), "{j}");
             for k in ["ce", "contrast", "total"] {
                 assert!(j["losses"]["last"][k].as_f64().is_some_and(f64::is_finite), "loss {k}");

@@ -129,10 +129,18 @@ fn up_i<B: Backend>(be: &B, x: &[i32]) -> B::IBuf {
 /// InfoNCE's repeats were a third of the ThreadSanitizer child's time; every other run of
 /// the suite keeps them.
 fn run_to_run() -> bool {
-    !std::env::var(SANITIZING).is_ok_and(|v| v == "1")
+    !sanitizing()
 }
 
-/// The variable `run_to_run` reads and the sanitizer children set.
+/// Whether this run is under a memory or race sanitizer (DEEPCUT_PARITY_SANITIZING=1), which
+/// judges each access itself: besides the repeats (`run_to_run`), the tests then skip what
+/// only multiplies the same accesses (`infonce_option_sets`, the pipelined fp16 steps) or
+/// counts driver calls.
+fn sanitizing() -> bool {
+    std::env::var(SANITIZING).is_ok_and(|v| v == "1")
+}
+
+/// The variable `sanitizing` reads and the sanitizer children set.
 const SANITIZING: &str = "DEEPCUT_PARITY_SANITIZING";
 
 /// GPU result against CPU result: finite, and relative L2 below `tol` (0: bit-identical).
@@ -496,7 +504,7 @@ fn parity_suite_child(san: common::cuda_emu::Sanitizer) -> std::process::Child {
     let skip = ["cuda_backend_", "sanitizers_catch", "launch_planted"];
     let mut child = emu_child(san, &skip.map(|t| ["--skip", t]).concat());
     if matches!(san, Sanitizer::Address | Sanitizer::Thread) {
-        child.env(SANITIZING, "1"); // `run_to_run`
+        child.env(SANITIZING, "1"); // `sanitizing`
     }
     child.spawn().expect("re-run this test binary")
 }
@@ -2583,7 +2591,7 @@ fn infonce_every_option_body<G: Backend>(g: &G) {
 }
 
 /// The InfoNCE option sets `infonce_check` runs at its `cell`-th (shape, precision): all
-/// eight, or in the sanitizer children (`run_to_run` false) two complementary ones, every
+/// eight, or in the sanitizer children (`sanitizing`) two complementary ones, every
 /// option's both values at every shape and precision, rotating through the eight sets from
 /// cell to cell. The sanitizers look for accesses outside buffers and unordered ones, which
 /// the options change by the branches and kernels they select, not by their combination;
@@ -2596,11 +2604,11 @@ fn infonce_option_sets(cell: usize) -> Vec<InfoNceOptions> {
         own_view: [OwnView::Negative, OwnView::Exclude][k >> 1 & 1],
         detach_columns: [true, false][k & 1],
     };
-    if run_to_run() {
-        (0..8).map(set).collect()
-    } else {
+    if sanitizing() {
         let k = cell % 4;
         vec![set(k), set(7 - k)]
+    } else {
+        (0..8).map(set).collect()
     }
 }
 
@@ -3387,7 +3395,7 @@ mod step {
             );
             return;
         };
-        if !run_to_run() {
+        if sanitizing() {
             // the counts are the plain emulator's to check; the sanitizers see the same
             // pipelined steps in pipelined_steps_match_synchronous_steps_on_device (this
             // test's ten steps took ThreadSanitizer 102 s)
@@ -3528,10 +3536,10 @@ mod step {
         let (batch, z) = assemble(&w, &[0, 1, 2], &[3, 4, 5], PositionStyle::Absolute, 0, Anchors::All);
         // fp16 from 2^24: four overflows in a row (2^24 .. 2^21 overflow these weights), two
         // steps applied, a growth, and an overflow again, in 8 attempts. The sanitizer
-        // children (`run_to_run` false) start at 2^21 for 4 attempts: an overflow, two
+        // children (`sanitizing`) start at 2^21 for 4 attempts: an overflow, two
         // applied, a growth, an overflow, every transition of the ring and the scaler once,
         // at half the steps (the 8 took ThreadSanitizer 194 s).
-        let (init, fp16_steps) = if run_to_run() { (24, 8) } else { (21, 4) };
+        let (init, fp16_steps) = if sanitizing() { (21, 4) } else { (24, 8) };
         let fp16 = LossScaling {
             init: 2f32.powi(init),
             growth_interval: 2,

@@ -18,7 +18,8 @@
 #include <string.h>
 #include <type_traits>
 #include <utility>
-#include <cuda_fp16.h>  // emu_half_bits_to_float, for the mma fragments
+#include <cuda_bf16.h>  // the mma fragments' decodes (emu_b16_value)
+#include <cuda_fp16.h>
 
 #define __global__
 #define __device__
@@ -217,14 +218,9 @@ inline float erff(float x) { return emu_ulps(::erff(x), x, 2); }
 // mostly do not: the emulator then shows the fp16-only differences the H200 showed.
 #include "mma_model.h"
 extern "C" int emu_mma_truncate();
+// a fragment's 16-bit value, decoded as the emulator's cuda_bf16.h / cuda_fp16.h decode it
 inline float emu_b16_value(unsigned short u, bool bf16) {
-    if (bf16) {
-        uint32_t w = (uint32_t)u << 16;
-        float f;
-        memcpy(&f, &w, 4);
-        return f;
-    }
-    return emu_half_bits_to_float(u);
+    return bf16 ? __bfloat162float(__nv_bfloat16{u}) : emu_half_bits_to_float(u);
 }
 inline void emu_mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2], bool bf16) {
     struct Frag {
